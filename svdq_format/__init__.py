@@ -1,0 +1,63 @@
+"""svdq_format — the SVDQuant checkpoint format: spec, packing, reference math, I/O.
+
+This package depends on nothing else of svdquant. Quick start::
+
+    import torch, svdq_format as sf
+    layer = sf.SVDQLinear.from_linear(torch.nn.Linear(256, 128), rank=16, precision="int4")
+    sf.save_file({"proj": layer}, "proj.safetensors")
+    layers = sf.load_file("proj.safetensors")
+    sf.validate("proj.safetensors")
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BackendError,
+    FormatError,
+    HeaderError,
+    HubError,
+    LoRAError,
+    ManifestError,
+    QuantizationError,
+    SVDQError,
+    TensorError,
+    UnsupportedError,
+    VersionError,
+)
+from .io import load_file, read_metadata, save_file, validate
+from .linear import EXEC_MODES, SVDQLinear
+from .ops import Backend, available_backends, register_backend, reference_linear, svdq_linear
+from .spec import FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, LayerSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "FORMAT_VERSION",
+    "LAYOUT",
+    "QUANT_METHOD",
+    "EXEC_MODES",
+    "FormatMetadata",
+    "LayerSpec",
+    "SVDQLinear",
+    "save_file",
+    "load_file",
+    "read_metadata",
+    "validate",
+    "Backend",
+    "available_backends",
+    "register_backend",
+    "reference_linear",
+    "svdq_linear",
+    "SVDQError",
+    "FormatError",
+    "HeaderError",
+    "VersionError",
+    "ManifestError",
+    "TensorError",
+    "UnsupportedError",
+    "BackendError",
+    "QuantizationError",
+    "LoRAError",
+    "HubError",
+]

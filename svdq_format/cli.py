@@ -1,0 +1,103 @@
+"""``svdq`` — the command line. Thin: argparse in, library calls out.
+
+Core commands (``inspect``, ``validate``) live here; the commands of the other packages
+(``quantize``, ``demo``, ``lora``, ``convert``, ``push``, ``kernels`` ...) are contributed by
+``register(subparsers)`` functions listed in :data:`_PLUGINS` and imported only when the CLI
+starts, so ``svdq_format`` itself imports nothing of ours at import time.
+
+Errors the library raises on purpose (:class:`~svdq_format.errors.SVDQError`) and missing
+files are printed as one line ``error: ...`` on stderr with exit status 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import SVDQError
+
+__all__ = ["main", "build_parser"]
+
+#: ``module:function`` entries that add subcommands; a missing optional package is skipped.
+_PLUGINS: tuple[str, ...] = (
+    "converters.cli:register",
+    "svdq_kernels.cli:register",
+)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .summary import format_summary, summarize
+
+    summary = summarize(args.path)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .io import validate
+
+    meta = validate(args.path, check_values=not args.headers_only)
+    if not args.quiet:
+        print(f"ok: {args.path}: format_version {meta.format_version}, {len(meta.layers)} layers")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``svdq`` argument parser (plugins included)."""
+    parser = argparse.ArgumentParser(
+        prog="svdq",
+        description="SVDQuant 4-bit checkpoints: inspect, validate, quantize, LoRA, Hub.",
+    )
+    parser.add_argument("--version", action="version", version=f"svdquant {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="summarise a checkpoint file or model directory")
+    p.add_argument("path", help="an SVDQuant .safetensors file or a model directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("validate", help="check a checkpoint against the format spec")
+    p.add_argument("path", help="an SVDQuant .safetensors file or a model directory")
+    p.add_argument("--headers-only", action="store_true", help="skip the value checks (faster)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
+    p.set_defaults(func=_cmd_validate)
+
+    for entry in _PLUGINS:
+        module_name, _, func = entry.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # the optional package is not installed
+            raise
+        getattr(module, func)(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``svdq`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SVDQError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        name = exc.filename if exc.filename is not None else ""
+        print(f"error: {name}: {exc.strerror or exc}".replace(": : ", ": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,514 @@
+"""Read, write and validate SVDQuant safetensors files (docs/format.md §8–§9).
+
+* :func:`save_file` — layers (+ optional extra dense tensors) → one file, atomically: the data
+  goes to a temporary file in the same directory, is flushed and fsync'ed, then renamed over
+  the target, so a crash never leaves a half-written file at ``path``.
+* :func:`load_file` — file → ``{prefix: SVDQLinear}``, tensors memory-mapped (lazy).
+* :func:`validate` — checks everything the spec constrains, for a file or a model directory,
+  and raises a typed :class:`~svdq_format.errors.FormatError` naming file, key and reason.
+
+The safetensors header is parsed by this module *before* safetensors touches the file, so a
+damaged file gives one of our errors, never a crash or a huge allocation. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FormatError, HeaderError, ManifestError, TensorError
+from .linear import SVDQLinear
+from .spec import (
+    METADATA_KEY,
+    FormatMetadata,
+    LayerSpec,
+    expected_tensors,
+    tensor_names,
+)
+
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "SafetensorsHeader",
+    "read_header",
+    "read_metadata",
+    "save_file",
+    "load_file",
+    "load_layer",
+    "validate",
+    "validate_file",
+    "atomic_write",
+    "producer_info",
+]
+
+#: Largest header accepted (safetensors itself allows 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype string → (torch dtype name, itemsize in bytes)
+_ST_DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F64": ("float64", 8),
+}
+
+
+def producer_info() -> dict[str, str]:
+    """``{"name": "svdquant", "version": <package version>}`` for the metadata."""
+    from . import __version__
+
+    return {"name": "svdquant", "version": __version__}
+
+
+# --------------------------------------------------------------------------- header
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's header entry."""
+
+    dtype: str  # torch dtype name
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetensorsHeader:
+    """A parsed, checked safetensors header.
+
+    Attributes:
+        path: The file.
+        tensors: Tensor name → entry (dtype as a torch dtype name, shape, byte offsets).
+        metadata: The ``__metadata__`` string map (empty when absent).
+        data_start: Offset of the byte buffer in the file (8 + header length).
+    """
+
+    path: str
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Checks: the file is long enough, the header length is sane, the header is UTF-8 JSON
+    without duplicate keys, every entry has a known dtype, a non-negative integer shape and
+    offsets that match ``prod(shape) · itemsize``, and the entries tile the data buffer with
+    no holes, overlaps or trailing bytes.
+
+    Raises:
+        HeaderError: naming the file (and the tensor) and what is wrong.
+        FileNotFoundError: the file does not exist.
+    """
+    p = os.fspath(path)
+    size = os.path.getsize(p)
+    if size < 8:
+        raise HeaderError(p, None, f"file is {size} bytes, too short for a safetensors header")
+    with open(p, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise HeaderError(p, None, f"absurd header length {n} (limit {MAX_HEADER_BYTES})")
+        if n > size - 8:
+            raise HeaderError(p, None, f"header length {n} exceeds the file size {size} (truncated?)")
+        raw = f.read(n)
+    try:
+        text = raw.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise HeaderError(p, None, f"header is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise HeaderError(p, None, "header is not a JSON object")
+    meta_obj = obj.pop("__metadata__", {})
+    if not isinstance(meta_obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta_obj.items()
+    ):
+        raise HeaderError(p, "__metadata__", "must be an object of strings")
+    data_start = 8 + n
+    data_len = size - data_start
+    entries: dict[str, TensorEntry] = {}
+    for name, info in obj.items():
+        if not isinstance(info, dict):
+            raise HeaderError(p, name, "header entry is not an object")
+        st_dtype = info.get("dtype")
+        shape = info.get("shape")
+        offsets = info.get("data_offsets")
+        if st_dtype not in _ST_DTYPES:
+            raise HeaderError(p, name, f"unknown dtype {st_dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
+        ) or len(shape) > 8:
+            raise HeaderError(p, name, f"bad shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise HeaderError(p, name, f"bad data_offsets {offsets!r}")
+        begin, end = offsets
+        torch_name, itemsize = _ST_DTYPES[st_dtype]
+        nbytes = math.prod(shape) * itemsize
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise HeaderError(
+                p, name, f"data_offsets {offsets} do not match shape {shape} of {st_dtype} ({nbytes} bytes)"
+            )
+        if end > data_len:
+            raise HeaderError(p, name, f"data ends at byte {end} beyond the data buffer ({data_len} bytes; truncated?)")
+        entries[name] = TensorEntry(torch_name, tuple(shape), begin, end)
+    cursor = 0
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if e.begin != cursor:
+            what = "overlaps the previous tensor" if e.begin < cursor else "leaves a hole before it"
+            raise HeaderError(p, name, f"data_offsets {what}")
+        cursor = e.end
+    if cursor != data_len:
+        raise HeaderError(p, None, f"{data_len - cursor} trailing bytes after the last tensor")
+    return SafetensorsHeader(p, entries, dict(meta_obj), data_start)
+
+
+def read_metadata(path: str | os.PathLike[str], header: SafetensorsHeader | None = None) -> FormatMetadata:
+    """The SVDQuant metadata of one file (parsed and checked against the spec's rules)."""
+    header = header or read_header(path)
+    text = header.metadata.get(METADATA_KEY)
+    if text is None:
+        raise ManifestError(
+            header.path, "__metadata__", f"no {METADATA_KEY!r} entry: not an SVDQuant checkpoint"
+        )
+    return FormatMetadata.loads(text, file=header.path)
+
+
+# --------------------------------------------------------------------------- write
+
+
+def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
+    """Run ``write(tmp_path)`` and atomically rename the result to ``path``.
+
+    The temporary file sits next to ``path`` (same filesystem), is fsync'ed before the rename,
+    and is removed on any failure, so ``path`` is either the old file or the complete new one.
+    """
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some filesystems cannot fsync a directory
+        pass
+
+
+def layer_state(prefix: str, layer: SVDQLinear) -> dict[str, torch.Tensor]:
+    """The tensors of one layer under their full keys, contiguous, on CPU."""
+    names = tensor_names(prefix)
+    out: dict[str, torch.Tensor] = {}
+    for role, (_, _) in expected_tensors(layer.spec).items():
+        t = getattr(layer, role)
+        out[names[role]] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_file(
+    layers: Mapping[str, SVDQLinear],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Write SVDQuant layers to one safetensors file, atomically.
+
+    Args:
+        layers: Layer prefix (e.g. ``"transformer_blocks.0.attn.to_q"``) → layer.
+        path: Target file; replaced atomically if it exists.
+        metadata: Extra JSON-able fields for the SVDQuant metadata (e.g. ``base_model``);
+            cannot override ``format_version``, ``layout``, ``layers`` or ``producer``.
+        extra_tensors: Further tensors stored as they are (e.g. the 16-bit layers of a
+            model); their names must not collide with a layer's tensors.
+
+    Raises:
+        FormatError: a name collision or an invalid layer.
+    """
+    p = os.fspath(path)
+    tensors: dict[str, torch.Tensor] = {}
+    specs: dict[str, LayerSpec] = {}
+    for prefix, layer in layers.items():
+        if not isinstance(layer, SVDQLinear):
+            raise TensorError(p, prefix, f"expected an SVDQLinear, got {type(layer).__name__}")
+        spec = layer.spec
+        spec.check(where=prefix, file=p)
+        specs[prefix] = spec
+        tensors.update(layer_state(prefix, layer))
+    for name, t in (extra_tensors or {}).items():
+        if name in tensors:
+            raise TensorError(p, name, "extra tensor collides with a layer tensor")
+        tensors[name] = t.detach().to("cpu").contiguous()
+    extra = dict(metadata or {})
+    for reserved in ("format_version", "layout", "layers", "producer", "quant_method"):
+        if reserved in extra:
+            raise ManifestError(p, reserved, "is set by svdquant and cannot be given in metadata")
+    meta = FormatMetadata(layers=specs, producer=producer_info(), extra=extra)
+    header_meta = {METADATA_KEY: meta.dumps(), "format": "pt"}
+
+    from safetensors.torch import save_file as _st_save
+
+    atomic_write(p, lambda tmp: _st_save(tensors, tmp, metadata=header_meta))
+
+
+# --------------------------------------------------------------------------- read
+
+
+def _open(path: str, device: str | torch.device):
+    from safetensors import safe_open
+
+    return safe_open(path, framework="pt", device=str(device))
+
+
+def load_layer(
+    handle: Any, prefix: str, spec: LayerSpec, *, device: str | torch.device = "cpu", file: str | None = None
+) -> SVDQLinear:
+    """Build one layer from an open ``safe_open`` handle (tensors checked against the spec)."""
+    layer = SVDQLinear.from_spec(spec, device="meta")
+    names = tensor_names(prefix)
+    for role, (dtypes, shape) in expected_tensors(spec).items():
+        t = handle.get_tensor(names[role])
+        got = str(t.dtype).removeprefix("torch.")
+        if got not in dtypes:
+            raise TensorError(file, names[role], f"dtype {got}, expected {' or '.join(dtypes)}")
+        if tuple(t.shape) != shape:
+            raise TensorError(file, names[role], f"shape {list(t.shape)}, expected {list(shape)}")
+        setattr(layer, role, t.to(device))
+    return layer
+
+
+def load_file(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu", check_values: bool = True
+) -> dict[str, SVDQLinear]:
+    """Load every SVDQuant layer of a file.
+
+    The header and manifest are checked first (:func:`validate_file` rules), tensors are
+    memory-mapped by safetensors and moved to ``device``.
+
+    Args:
+        path: A file written by :func:`save_file` (or any conforming writer).
+        device: Where the layers' tensors go.
+        check_values: Also check values (finite scales, positive smoothing). Costs one pass
+            over the small tensors; the packed codes are never scanned.
+
+    Returns:
+        ``{prefix: SVDQLinear}`` in manifest order.
+
+    Raises:
+        FormatError: (a subclass naming file, key and reason) for anything the spec rules out.
+    """
+    p = os.fspath(path)
+    header = read_header(p)
+    meta = read_metadata(p, header)
+    _check_tensors_against_manifest(header, meta)
+    out: dict[str, SVDQLinear] = {}
+    try:
+        with _open(p, "cpu") as handle:
+            for prefix, spec in meta.layers.items():
+                layer = load_layer(handle, prefix, spec, device="cpu", file=p)
+                if check_values:
+                    _check_values(p, prefix, layer)
+                out[prefix] = layer.to(device) if str(device) != "cpu" else layer
+    except FormatError:
+        raise
+    except Exception as exc:  # safetensors found something our header checks missed
+        raise HeaderError(p, None, f"safetensors could not read the file ({exc})") from None
+    return out
+
+
+# --------------------------------------------------------------------------- validate
+
+
+_ROLES = frozenset(tensor_names("x"))
+
+
+def _check_tensors_against_manifest(
+    header: SafetensorsHeader, meta: FormatMetadata, *, require_all: bool = True
+) -> None:
+    p = header.path
+    prefixes = set(meta.layers)
+    for prefix, spec in meta.layers.items():
+        names = tensor_names(prefix)
+        expected = expected_tensors(spec)
+        for role, (dtypes, shape) in expected.items():
+            entry = header.tensors.get(names[role])
+            if entry is None:
+                if require_all:
+                    raise TensorError(p, names[role], "missing tensor (listed in the manifest)")
+                continue
+            if entry.dtype not in dtypes:
+                raise TensorError(p, names[role], f"dtype {entry.dtype}, expected {' or '.join(dtypes)}")
+            if entry.shape != shape:
+                raise TensorError(p, names[role], f"shape {list(entry.shape)}, expected {list(shape)}")
+        for role in _ROLES - set(expected):
+            if names[role] in header.tensors:
+                raise TensorError(p, names[role], f"unexpected tensor for a {spec.kind}/{spec.precision} layer with rank {spec.rank}, bias={spec.has_bias}")
+    for name in header.tensors:
+        head, _, role = name.rpartition(".")
+        if role == "qweight" and head not in prefixes:
+            raise ManifestError(p, name, "quantized tensor of a layer that is not in the manifest")
+
+
+def _check_values(p: str, prefix: str, layer: SVDQLinear) -> None:
+    names = tensor_names(prefix)
+
+    def first_bad(t: torch.Tensor, mask: torch.Tensor) -> int:
+        return int(mask.flatten().nonzero()[0, 0])
+
+    ws = layer.wscales.float()
+    bad = ~torch.isfinite(ws) | (ws < 0)
+    if bad.any():
+        raise TensorError(p, names["wscales"], f"non-finite or negative scale at index {first_bad(ws, bad)}")
+    if layer.wtscale is not None:
+        ts = float(layer.wtscale)
+        if not math.isfinite(ts) or ts <= 0:
+            raise TensorError(p, names["wtscale"], f"tensor scale must be finite and positive, got {ts}")
+    s = layer.smooth.float()
+    bad = ~torch.isfinite(s) | (s <= 0)
+    if bad.any():
+        raise TensorError(p, names["smooth"], f"smoothing factor not finite and positive at index {first_bad(s, bad)}")
+    for role in ("lora_down", "lora_up", "bias"):
+        t = getattr(layer, role)
+        if t is not None and t.numel():
+            bad = ~torch.isfinite(t.float())
+            if bad.any():
+                raise TensorError(p, names[role], f"non-finite value at index {first_bad(t, bad)}")
+
+
+def validate_file(path: str | os.PathLike[str], *, check_values: bool = True) -> FormatMetadata:
+    """Validate one SVDQuant safetensors file; return its metadata.
+
+    Raises:
+        FormatError: (or a subclass) with file, key and reason; ``FileNotFoundError`` when
+            the file does not exist.
+    """
+    p = os.fspath(path)
+    header = read_header(p)
+    meta = read_metadata(p, header)
+    _check_tensors_against_manifest(header, meta)
+    if check_values:
+        try:
+            with _open(p, "cpu") as handle:
+                for prefix, spec in meta.layers.items():
+                    _check_values(p, prefix, load_layer(handle, prefix, spec, file=p))
+        except FormatError:
+            raise
+        except Exception as exc:  # safetensors found something our header checks missed
+            raise HeaderError(p, None, f"safetensors could not read the file ({exc})") from None
+    return meta
+
+
+def _model_files(directory: Path) -> Iterator[Path]:
+    index = sorted(directory.glob("*.safetensors.index.json"))
+    if index:
+        try:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ManifestError(str(index[0]), "weight_map", f"bad index file ({exc})") from None
+        if not isinstance(weight_map, dict):
+            raise ManifestError(str(index[0]), "weight_map", "must be an object")
+        for name in sorted(set(weight_map.values())):
+            if not isinstance(name, str) or "/" in name or name.startswith("."):
+                raise ManifestError(str(index[0]), "weight_map", f"bad shard name {name!r}")
+            shard = directory / name
+            if not shard.is_file():
+                raise FormatError(str(shard), None, "shard listed in the index is missing")
+            yield shard
+    else:
+        yield from sorted(directory.glob("*.safetensors"))
+
+
+def validate(path: str | os.PathLike[str], *, check_values: bool = True) -> FormatMetadata:
+    """Validate an SVDQuant file or model directory (docs/format.md §9).
+
+    For a directory: every safetensors file (the shards of an index when present) is
+    validated, and ``config.json``'s ``quantization_config`` must carry the same
+    ``format_version``, ``layout`` and layer manifest as the union of the files.
+
+    Returns:
+        The merged metadata (all layers of all files).
+
+    Raises:
+        FormatError: (or a subclass) naming file, key and reason.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(str(p), None, "no such file or directory")
+    if p.is_file():
+        return validate_file(p, check_values=check_values)
+    files = list(_model_files(p))
+    if not files:
+        raise FormatError(str(p), None, "directory holds no .safetensors files")
+    merged: dict[str, LayerSpec] = {}
+    first: FormatMetadata | None = None
+    for f in files:
+        meta = validate_file(f, check_values=check_values)
+        first = first or meta
+        for name, spec in meta.layers.items():
+            if name in merged:
+                raise ManifestError(str(f), name, "layer appears in more than one file")
+            merged[name] = spec
+    assert first is not None
+    config_path = p / "config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise ManifestError(str(config_path), None, f"not valid JSON ({exc})") from None
+        qc = config.get("quantization_config") if isinstance(config, dict) else None
+        if qc is None:
+            raise ManifestError(str(config_path), "quantization_config", "missing")
+        cmeta = FormatMetadata.from_json(qc, file=str(config_path))
+        if cmeta.layers != merged:
+            missing = sorted(set(merged) ^ set(cmeta.layers))
+            diff = missing[0] if missing else next(
+                n for n in merged if merged[n] != cmeta.layers[n]
+            )
+            raise ManifestError(str(config_path), diff, "config.json manifest disagrees with the safetensors files")
+    return FormatMetadata(layers=merged, format_version=first.format_version, layout=first.layout,
+                          producer=first.producer, extra=first.extra)

@@ -1,0 +1,365 @@
+"""The SVDQuant checkpoint format, version 1, as Python types (normative text: docs/format.md).
+
+This module holds the constants of the format, the per-layer manifest entry
+(:class:`LayerSpec`) and the file-level metadata (:class:`FormatMetadata`), and turns them into
+and out of the JSON string stored in every file's safetensors ``__metadata__`` under the key
+``"svdquant"`` (and in ``config.json``'s ``quantization_config`` for model directories).
+
+Compatibility rules (docs/format.md §7): a reader refuses a ``format_version`` newer than
+:data:`FORMAT_VERSION`; unknown *optional* fields are ignored, so later additive changes keep
+the version; a required field that is missing or of the wrong JSON type is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from .errors import ManifestError, VersionError
+from .packing import GROUP_SIZES
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LAYOUT",
+    "QUANT_METHOD",
+    "METADATA_KEY",
+    "PRECISIONS",
+    "KINDS",
+    "GROUP_SIZE",
+    "FLOAT_DTYPES",
+    "Precision",
+    "Kind",
+    "LayerSpec",
+    "FormatMetadata",
+    "tensor_names",
+    "expected_tensors",
+    "dtype_name",
+    "dtype_from_name",
+]
+
+#: The format version this library writes and the newest it reads.
+FORMAT_VERSION = 1
+#: Name of the (only) on-disk layout of version 1: row-major, two codes per byte, low nibble first.
+LAYOUT = "rowmajor-nibble-lo-first"
+#: Value of ``quant_method`` in ``config.json``'s ``quantization_config``.
+QUANT_METHOD = "svdquant"
+#: Key of the JSON string in the safetensors ``__metadata__`` of every file we write.
+METADATA_KEY = "svdquant"
+
+Precision = Literal["int4", "nvfp4"]
+Kind = Literal["w4a4", "w4a16"]
+PRECISIONS: tuple[str, ...] = ("int4", "nvfp4")
+KINDS: tuple[str, ...] = ("w4a4", "w4a16")
+#: Group size along K, fixed by the precision (one table, kept in packing.py).
+GROUP_SIZE: dict[str, int] = GROUP_SIZES
+#: The 16/32-bit float dtypes allowed for smooth, lora_down, lora_up, bias (the compute dtype).
+FLOAT_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+
+_TORCH_DTYPES = {
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "float32": "float32",
+    "uint8": "uint8",
+    "float8_e4m3fn": "float8_e4m3fn",
+}
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"`` (the names used in the manifest)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> Any:
+    """``"bfloat16"`` → ``torch.bfloat16``; raises ``KeyError`` for names outside the format."""
+    import torch
+
+    return getattr(torch, _TORCH_DTYPES[name])
+
+
+def tensor_names(prefix: str) -> dict[str, str]:
+    """The full tensor keys of one quantized linear, by role (see docs/format.md §2)."""
+    return {
+        role: f"{prefix}.{role}"
+        for role in ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Manifest entry of one quantized linear layer ``y = x Wᵀ + b`` (W is N×K).
+
+    Attributes:
+        kind: ``"w4a4"`` (weights and activations 4-bit, the SVDQuant layer) or ``"w4a16"``
+            (weights 4-bit, activations kept in the compute dtype).
+        precision: ``"int4"`` (signed codes, 16-bit scale per 64 along K) or ``"nvfp4"`` (E2M1
+            codes, e4m3 scale per 16 along K, one fp32 tensor scale).
+        in_features: K, a multiple of :attr:`group_size`.
+        out_features: N.
+        rank: r, the rank of the 16-bit low-rank branch (0: no branch, no tensors).
+        dtype: Compute dtype name: dtype of ``smooth``, ``lora_down``, ``lora_up``, ``bias`` and
+            of the layer's output.
+        has_bias: Whether ``<prefix>.bias`` is stored.
+        fused_from: For a layer made by concatenating several linears that share one input
+            along N (q|k|v), the original module names in order; empty otherwise.
+        split_sizes: Output sizes of the fused members (sums to ``out_features``).
+    """
+
+    kind: str
+    precision: str
+    in_features: int
+    out_features: int
+    rank: int
+    dtype: str = "bfloat16"
+    has_bias: bool = False
+    fused_from: tuple[str, ...] = ()
+    split_sizes: tuple[int, ...] = ()
+
+    @property
+    def group_size(self) -> int:
+        """Quantization group size along K: 64 for int4, 16 for nvfp4."""
+        return GROUP_SIZE[self.precision]
+
+    @property
+    def num_groups(self) -> int:
+        """K / group_size."""
+        return self.in_features // self.group_size
+
+    def check(self, *, where: str | None = None, file: str | None = None) -> None:
+        """Raise :class:`ManifestError` if the entry is not self-consistent."""
+
+        def bad(reason: str) -> ManifestError:
+            return ManifestError(file, where, reason)
+
+        if self.kind not in KINDS:
+            raise bad(f"unknown kind {self.kind!r} (expected one of {', '.join(KINDS)})")
+        if self.precision not in PRECISIONS:
+            raise bad(
+                f"unknown precision {self.precision!r} (expected one of {', '.join(PRECISIONS)})"
+            )
+        if self.dtype not in FLOAT_DTYPES:
+            raise bad(f"unknown dtype {self.dtype!r} (expected one of {', '.join(FLOAT_DTYPES)})")
+        for name in ("in_features", "out_features", "rank"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0 or value > 2**31:
+                raise bad(f"{name} must be an integer in [0, 2^31], got {value!r}")
+        if self.in_features == 0 or self.out_features == 0:
+            raise bad("in_features and out_features must be positive")
+        if self.in_features % self.group_size:
+            raise bad(
+                f"in_features {self.in_features} is not a multiple of the {self.precision} "
+                f"group size {self.group_size}"
+            )
+        if self.rank > min(self.in_features, self.out_features) + 4096:
+            raise bad(f"rank {self.rank} is absurd for a {self.out_features}x{self.in_features} layer")
+        if bool(self.fused_from) != bool(self.split_sizes):
+            raise bad("fused_from and split_sizes must be given together")
+        if self.fused_from:
+            if len(self.fused_from) != len(self.split_sizes):
+                raise bad("fused_from and split_sizes differ in length")
+            if any(not _is_int(s) or s <= 0 for s in self.split_sizes):
+                raise bad("split_sizes must be positive integers")
+            if sum(self.split_sizes) != self.out_features:
+                raise bad(
+                    f"split_sizes sum to {sum(self.split_sizes)}, not out_features "
+                    f"{self.out_features}"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict (optional fields omitted when empty)."""
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "precision": self.precision,
+            "group_size": self.group_size,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "dtype": self.dtype,
+            "has_bias": self.has_bias,
+        }
+        if self.fused_from:
+            out["fused_from"] = list(self.fused_from)
+            out["split_sizes"] = list(self.split_sizes)
+        return out
+
+    @classmethod
+    def from_json(
+        cls, obj: Any, *, where: str | None = None, file: str | None = None
+    ) -> LayerSpec:
+        """Parse and check one manifest entry; unknown keys are ignored."""
+        if not isinstance(obj, Mapping):
+            raise ManifestError(file, where, f"layer entry must be a JSON object, got {_jtype(obj)}")
+        required = {
+            "kind": str,
+            "precision": str,
+            "in_features": int,
+            "out_features": int,
+            "rank": int,
+            "dtype": str,
+            "has_bias": bool,
+        }
+        values: dict[str, Any] = {}
+        for name, typ in required.items():
+            if name not in obj:
+                raise ManifestError(file, where, f"missing field {name!r}")
+            value = obj[name]
+            ok = isinstance(value, bool) if typ is bool else (
+                _is_int(value) if typ is int else isinstance(value, typ)
+            )
+            if not ok:
+                raise ManifestError(
+                    file, where, f"field {name!r} must be {typ.__name__}, got {_jtype(value)}"
+                )
+            values[name] = value
+        fused = obj.get("fused_from", [])
+        sizes = obj.get("split_sizes", [])
+        if not isinstance(fused, list) or not all(isinstance(f, str) for f in fused):
+            raise ManifestError(file, where, "fused_from must be a list of strings")
+        if not isinstance(sizes, list) or not all(_is_int(s) for s in sizes):
+            raise ManifestError(file, where, "split_sizes must be a list of integers")
+        spec = cls(fused_from=tuple(fused), split_sizes=tuple(sizes), **values)
+        spec.check(where=where, file=file)
+        if "group_size" in obj and obj["group_size"] != spec.group_size:
+            raise ManifestError(
+                file,
+                where,
+                f"group_size {obj['group_size']!r} does not match precision {spec.precision} "
+                f"(which fixes {spec.group_size})",
+            )
+        return spec
+
+
+def expected_tensors(spec: LayerSpec) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Tensor role → (allowed dtype names, shape) for one layer, exactly as docs/format.md §2."""
+    n, k, r, g = spec.out_features, spec.in_features, spec.rank, spec.num_groups
+    out: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+        "qweight": (("uint8",), (n, k // 2)),
+        "smooth": ((spec.dtype,), (k,)),
+    }
+    if spec.precision == "int4":
+        out["wscales"] = (("bfloat16", "float16"), (n, g))
+    else:
+        out["wscales"] = (("float8_e4m3fn",), (n, g))
+        out["wtscale"] = (("float32",), ())
+    if r > 0:
+        out["lora_down"] = ((spec.dtype,), (r, k))
+        out["lora_up"] = ((spec.dtype,), (n, r))
+    if spec.has_bias:
+        out["bias"] = ((spec.dtype,), (n,))
+    return out
+
+
+@dataclasses.dataclass
+class FormatMetadata:
+    """File-level SVDQuant metadata: what the ``"svdquant"`` JSON string holds.
+
+    Attributes:
+        layers: Layer prefix → manifest entry, for every quantized linear in the file.
+        format_version: Integer schema version (1).
+        layout: Named on-disk layout (:data:`LAYOUT`).
+        producer: Who wrote the file, e.g. ``{"name": "svdquant", "version": "0.1.0"}``.
+        extra: Further JSON-able fields (base model, quantizer settings, ...); kept on
+            read, written back unchanged.
+    """
+
+    layers: dict[str, LayerSpec]
+    format_version: int = FORMAT_VERSION
+    layout: str = LAYOUT
+    producer: dict[str, str] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object (``quant_method`` included), layers sorted by name."""
+        out: dict[str, Any] = dict(self.extra)
+        out.update(
+            {
+                "quant_method": QUANT_METHOD,
+                "format_version": self.format_version,
+                "layout": self.layout,
+                "producer": dict(self.producer),
+                "layers": {name: self.layers[name].to_json() for name in sorted(self.layers)},
+            }
+        )
+        return out
+
+    def dumps(self) -> str:
+        """Compact, deterministic JSON text (what goes into ``__metadata__``)."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, obj: Any, *, file: str | None = None) -> FormatMetadata:
+        """Parse the JSON object; refuses newer versions and unknown layouts."""
+        if not isinstance(obj, Mapping):
+            raise ManifestError(file, METADATA_KEY, f"metadata must be a JSON object, got {_jtype(obj)}")
+        version = obj.get("format_version")
+        if version is None:
+            raise ManifestError(file, "format_version", "missing")
+        if not _is_int(version) or version < 1:
+            raise ManifestError(file, "format_version", f"must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise VersionError(
+                file,
+                "format_version",
+                f"file has format_version {version}, this svdquant reads up to {FORMAT_VERSION}: "
+                "upgrade svdquant (pip install -U svdquant)",
+            )
+        method = obj.get("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise ManifestError(file, "quant_method", f"expected {QUANT_METHOD!r}, got {method!r}")
+        layout = obj.get("layout")
+        if layout != LAYOUT:
+            raise ManifestError(file, "layout", f"unknown layout {layout!r} (expected {LAYOUT!r})")
+        producer = obj.get("producer", {})
+        if not isinstance(producer, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in producer.items()
+        ):
+            raise ManifestError(file, "producer", "must be an object of strings")
+        layers_obj = obj.get("layers")
+        if not isinstance(layers_obj, Mapping):
+            raise ManifestError(file, "layers", f"must be a JSON object, got {_jtype(layers_obj)}")
+        layers = {
+            str(name): LayerSpec.from_json(entry, where=str(name), file=file)
+            for name, entry in layers_obj.items()
+        }
+        known = {"quant_method", "format_version", "layout", "producer", "layers"}
+        extra = {k: v for k, v in obj.items() if k not in known}
+        return cls(
+            layers=layers,
+            format_version=int(version),
+            layout=str(layout),
+            producer=dict(producer),
+            extra=extra,
+        )
+
+    @classmethod
+    def loads(cls, text: str, *, file: str | None = None) -> FormatMetadata:
+        """Parse the JSON text stored under ``__metadata__["svdquant"]``."""
+        try:
+            obj = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise ManifestError(file, METADATA_KEY, f"metadata is not valid JSON ({exc})") from None
+        return cls.from_json(obj, file=file)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _jtype(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number" if not (isinstance(value, float) and math.isnan(value)) else "NaN"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, Mapping) else type(value).__name__

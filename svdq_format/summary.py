@@ -1,0 +1,109 @@
+"""What ``svdq inspect`` reports about a checkpoint: counts, ranks, bytes, bits per parameter."""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .io import _model_files, read_header, read_metadata
+from .spec import tensor_names
+
+__all__ = ["summarize", "format_summary"]
+
+
+def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summarise an SVDQuant file or model directory (headers only, no tensor data read).
+
+    Returns:
+        A JSON-able dict: ``format_version``, ``layout``, ``producer``, ``files``,
+        ``layers`` (count), ``by_kind`` (``"w4a4/int4"`` → count), ``ranks`` (rank → count),
+        ``group_sizes``, ``quantized_params`` (Σ N·K), ``quantized_bytes`` (bytes of the
+        quantized layers' tensors), ``other_tensors``/``other_bytes`` (16-bit rest),
+        ``file_bytes``, ``bits_per_param`` (quantized layers, all their tensors included),
+        ``bf16_bytes`` (the same model in bf16) and ``compression_vs_bf16``.
+    """
+    p = Path(path)
+    files = [p] if p.is_file() else list(_model_files(p))
+    by_kind: collections.Counter[str] = collections.Counter()
+    ranks: collections.Counter[int] = collections.Counter()
+    groups: set[int] = set()
+    q_params = q_bytes = other_bytes = other_count = file_bytes = bf16_bytes = 0
+    meta0 = None
+    for f in files:
+        header = read_header(f)
+        meta = read_metadata(f, header)
+        meta0 = meta0 or meta
+        file_bytes += os.path.getsize(f)
+        owned: set[str] = set()
+        for prefix, spec in meta.layers.items():
+            by_kind[f"{spec.kind}/{spec.precision}"] += 1
+            ranks[spec.rank] += 1
+            groups.add(spec.group_size)
+            q_params += spec.in_features * spec.out_features
+            bf16_bytes += 2 * (spec.in_features * spec.out_features + (spec.out_features if spec.has_bias else 0))
+            for name in tensor_names(prefix).values():
+                entry = header.tensors.get(name)
+                if entry is not None:
+                    owned.add(name)
+                    q_bytes += entry.end - entry.begin
+        for name, entry in header.tensors.items():
+            if name not in owned:
+                other_count += 1
+                other_bytes += entry.end - entry.begin
+                bf16_bytes += 2 * math.prod(entry.shape)
+    if meta0 is None:
+        raise FileNotFoundError(f"{p}: no .safetensors files")
+    stored = q_bytes + other_bytes
+    return {
+        "path": str(p),
+        "format_version": meta0.format_version,
+        "layout": meta0.layout,
+        "producer": meta0.producer,
+        "files": len(files),
+        "layers": sum(by_kind.values()),
+        "by_kind": dict(sorted(by_kind.items())),
+        "ranks": {str(r): c for r, c in sorted(ranks.items())},
+        "group_sizes": sorted(groups),
+        "quantized_params": q_params,
+        "quantized_bytes": q_bytes,
+        "other_tensors": other_count,
+        "other_bytes": other_bytes,
+        "file_bytes": file_bytes,
+        "bits_per_param": (8 * q_bytes / q_params) if q_params else None,
+        "bf16_bytes": bf16_bytes,
+        "compression_vs_bf16": (bf16_bytes / stored) if stored else None,
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)  # unreachable
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Human-readable text of :func:`summarize`'s result."""
+    prod = s["producer"]
+    lines = [
+        f"{s['path']}",
+        f"  format_version  {s['format_version']}   layout {s['layout']}",
+        f"  producer        {prod.get('name', '?')} {prod.get('version', '')}".rstrip(),
+        f"  files           {s['files']}",
+        f"  quantized layers {s['layers']}: "
+        + ", ".join(f"{k} x{v}" for k, v in s["by_kind"].items()),
+        "  ranks           " + ", ".join(f"r={r} x{c}" for r, c in s["ranks"].items()),
+        "  group size      " + ", ".join(str(g) for g in s["group_sizes"]),
+        f"  quantized       {s['quantized_params']:,} params in {_size(s['quantized_bytes'])}"
+        + (f"  ({s['bits_per_param']:.2f} bits/param incl. scales, smoothing, low-rank, bias)"
+           if s["bits_per_param"] else ""),
+        f"  other tensors   {s['other_tensors']} in {_size(s['other_bytes'])}",
+        f"  file size       {_size(s['file_bytes'])}"
+        + (f"  ({s['compression_vs_bf16']:.2f}x smaller than bf16, {_size(s['bf16_bytes'])})"
+           if s["compression_vs_bf16"] else ""),
+    ]
+    return "\n".join(lines)
