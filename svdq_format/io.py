@@ -46,6 +46,7 @@ __all__ = [
     "validate",
     "validate_file",
     "atomic_write",
+    "aligned",
     "producer_info",
 ]
 
@@ -299,6 +300,16 @@ def save_file(
 # --------------------------------------------------------------------------- read
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if its data is 64-byte aligned, else an aligned copy.
+
+    Tensors read from safetensors can start at any byte; BLAS kernels take other code paths
+    (and round differently) on unaligned data, which would break bit-identical
+    save → load → forward. Cloning gives torch's own 64-byte-aligned allocation.
+    """
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def _open(path: str, device: str | torch.device):
     from safetensors import safe_open
 
@@ -318,7 +329,7 @@ def load_layer(
             raise TensorError(file, names[role], f"dtype {got}, expected {' or '.join(dtypes)}")
         if tuple(t.shape) != shape:
             raise TensorError(file, names[role], f"shape {list(t.shape)}, expected {list(shape)}")
-        setattr(layer, role, t.to(device))
+        setattr(layer, role, aligned(t).to(device))
     return layer
 
 
