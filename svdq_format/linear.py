@@ -52,6 +52,8 @@ class SVDQLinear(nn.Module):
         device: Where to allocate the (uninitialised) buffers; ``"meta"`` works.
         fused_from: Names of the linears fused along N into this one (q|k|v), if any.
         split_sizes: Their output sizes.
+        act_shift: Input shift of the 4-bit branch (docs/format.md §6; 0 normally).
+        act_unsigned: Unsigned int4 activation codes (post-GELU inputs; with ``act_shift``).
     """
 
     qweight: torch.Tensor
@@ -77,6 +79,8 @@ class SVDQLinear(nn.Module):
         device: torch.device | str | None = None,
         fused_from: Sequence[str] = (),
         split_sizes: Sequence[int] = (),
+        act_shift: float = 0.0,
+        act_unsigned: bool = False,
     ) -> None:
         super().__init__()
         if precision not in PRECISIONS:
@@ -102,6 +106,8 @@ class SVDQLinear(nn.Module):
         self.dtype = dtype
         self.fused_from = tuple(fused_from)
         self.split_sizes = tuple(split_sizes)
+        self.act_shift = float(act_shift)
+        self.act_unsigned = bool(act_unsigned)
         #: ``"exact"`` (the format's W4A4 math) or ``"fast"`` (FP8 activations); W4A16 ignores it.
         self.mode = "exact"
         #: ``"auto"`` or a registered backend name (see :mod:`svdq_format.ops`).
@@ -126,6 +132,10 @@ class SVDQLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, **kw) if bias else None)
         # Runtime-only per-rank multipliers of the low-rank branch (LoRA strengths); never saved.
         self.register_buffer("lora_scales", None, persistent=False)
+        try:
+            self.spec.check()
+        except Exception as exc:
+            raise UnsupportedError(str(exc)) from None
 
     # ------------------------------------------------------------------ construction
 
@@ -145,6 +155,8 @@ class SVDQLinear(nn.Module):
             device=device,
             fused_from=spec.fused_from,
             split_sizes=spec.split_sizes,
+            act_shift=spec.act_shift,
+            act_unsigned=spec.act_unsigned,
         )
 
     @classmethod
@@ -257,6 +269,8 @@ class SVDQLinear(nn.Module):
             has_bias=self.bias is not None,
             fused_from=self.fused_from,
             split_sizes=self.split_sizes,
+            act_shift=self.act_shift,
+            act_unsigned=self.act_unsigned,
         )
 
     def extra_repr(self) -> str:
@@ -293,6 +307,8 @@ class SVDQLinear(nn.Module):
             precision=self.precision,
             act=self.act,
             lora_scales=self.lora_scales,
+            act_shift=self.act_shift,
+            act_unsigned=self.act_unsigned,
             backend=self.backend,
         )
 

@@ -63,6 +63,8 @@ class LinearCall:
     out_features: int
     rank: int
     has_bias: bool
+    act_shift: float = 0.0
+    act_unsigned: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +183,8 @@ def reference_linear(
     lora_scales: Optional[torch.Tensor],
     precision: str,
     act: str,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
 ) -> torch.Tensor:
     """The normative forward of one SVDQuant linear (docs/format.md §6), in plain torch.
 
@@ -197,6 +201,10 @@ def reference_linear(
             strengths); ``None`` means all ones.
         precision: ``"int4"`` or ``"nvfp4"`` (of the stored residual).
         act: Activation handling, one of :data:`ACT_MODES`.
+        act_shift: Added to ``x`` before smoothing on the 4-bit branch only:
+            ``x̂ = (x + act_shift) / s``.
+        act_unsigned: int4 activations with unsigned codes 0..15 (see
+            :func:`svdq_format.packing.quantize_activations`).
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
@@ -204,14 +212,14 @@ def reference_linear(
     k = x.shape[-1]
     n = qweight.shape[0]
     xf = x.reshape(-1, k).float()
-    xs = xf / smooth.float()
+    xs = (xf + act_shift) / smooth.float() if act_shift else xf / smooth.float()
     wv = _weight_values(qweight, precision)
     g = packing.GROUP_SIZES[precision]
     ws = wscales.float()
     if act in ("int4", "nvfp4"):
         if act != precision:
             raise BackendError(f"activation mode {act!r} does not match weight precision {precision!r}")
-        av, asc = packing.quantize_activations(xs, act)
+        av, asc = packing.quantize_activations(xs, act, unsigned=act_unsigned)
         y = torch.zeros(xf.shape[0], n, dtype=torch.float32, device=x.device)
         # Integer (int4) or quarter-integer (E2M1) products summed over one group are exact in
         # fp32; scales are applied per group and groups are summed in order.
@@ -268,6 +276,8 @@ def _linear_op(
     lora_scales: Optional[torch.Tensor],
     precision: str,
     act: str,
+    act_shift: float,
+    act_unsigned: bool,
     backend: str,
 ) -> torch.Tensor:
     call = LinearCall(
@@ -280,16 +290,20 @@ def _linear_op(
         out_features=qweight.shape[0],
         rank=0 if lora_down is None else lora_down.shape[0],
         has_bias=bias is not None,
+        act_shift=act_shift,
+        act_unsigned=act_unsigned,
     )
     chosen = select_backend(call, backend)
     return chosen.linear(
-        x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act
+        x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision,
+        act, act_shift, act_unsigned,
     )
 
 
 @_linear_op.register_fake
 def _linear_fake(
-    x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act, backend
+    x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
+    act_shift, act_unsigned, backend,
 ):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
@@ -307,6 +321,8 @@ def svdq_linear(
     precision: str,
     act: str,
     lora_scales: Optional[torch.Tensor] = None,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Call the ``svdquant::linear`` op (see :func:`reference_linear` for the arguments)."""
@@ -314,5 +330,5 @@ def svdq_linear(
         raise BackendError(f"unknown activation mode {act!r} (expected one of {ACT_MODES})")
     return torch.ops.svdquant.linear(
         x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
-        precision, act, backend,
+        precision, act, float(act_shift), bool(act_unsigned), backend,
     )

@@ -194,13 +194,14 @@ def dequantize_nvfp4(
 
 
 def quantize_activations(
-    x: torch.Tensor, precision: str
+    x: torch.Tensor, precision: str, *, unsigned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run-time activation quantizer of docs/format.md §5, per token per K-group.
 
     Args:
         x: Smoothed activations ``x / s`` as float32 ``[M, K]``.
         precision: ``"int4"`` (group 64) or ``"nvfp4"`` (group 16).
+        unsigned: int4 only: codes 0..15 with scale ``absmax / 15``; negative inputs clamp to 0.
 
     Returns:
         ``(values, scales)``: ``values`` float32 ``[M, K]`` holding the *code values* (int4
@@ -208,6 +209,15 @@ def quantize_activations(
         activation is ``values · scales`` per group. A non-finite input gives a non-finite
         scale for its group (so its token's output becomes NaN) and zero codes.
     """
+    if precision == "int4" and unsigned:
+        xg = group_view(x, 64).clamp_min(0.0)
+        a = xg.amax(dim=-1) / 15.0
+        ok = (a > 0) & torch.isfinite(a)
+        q = torch.round(xg / torch.where(ok, a, 1.0).unsqueeze(-1))
+        q = torch.where(ok.unsqueeze(-1), q, 0.0).clamp(0, 15)
+        return q.reshape(x.shape), a
+    if unsigned:
+        raise ValueError("unsigned activation codes are only defined for int4")
     if precision == "int4":
         xg = group_view(x, 64)
         a = xg.abs().amax(dim=-1) / INT4_MAX

@@ -105,6 +105,11 @@ class LayerSpec:
         fused_from: For a layer made by concatenating several linears that share one input
             along N (q|k|v), the original module names in order; empty otherwise.
         split_sizes: Output sizes of the fused members (sums to ``out_features``).
+        act_shift: Constant added to the input before smoothing and quantization,
+            ``x̂ = (x + act_shift) / s`` (w4a4 only; 0 normally). Used for inputs that follow a
+            GELU (bounded below by −0.171875) together with ``act_unsigned``.
+        act_unsigned: int4 w4a4 only: activations use unsigned codes 0..15 with scale
+            ``absmax / 15`` (negative x̂ clamp to 0) instead of signed −8..7.
     """
 
     kind: str
@@ -116,6 +121,8 @@ class LayerSpec:
     has_bias: bool = False
     fused_from: tuple[str, ...] = ()
     split_sizes: tuple[int, ...] = ()
+    act_shift: float = 0.0
+    act_unsigned: bool = False
 
     @property
     def group_size(self) -> int:
@@ -154,6 +161,14 @@ class LayerSpec:
             )
         if self.rank > min(self.in_features, self.out_features) + 4096:
             raise bad(f"rank {self.rank} is absurd for a {self.out_features}x{self.in_features} layer")
+        if not isinstance(self.act_shift, (int, float)) or isinstance(self.act_shift, bool) or not math.isfinite(self.act_shift):
+            raise bad(f"act_shift must be a finite number, got {self.act_shift!r}")
+        if not isinstance(self.act_unsigned, bool):
+            raise bad(f"act_unsigned must be a boolean, got {self.act_unsigned!r}")
+        if (self.act_unsigned or self.act_shift) and self.kind != "w4a4":
+            raise bad("act_shift/act_unsigned only apply to w4a4 layers")
+        if self.act_unsigned and self.precision != "int4":
+            raise bad("act_unsigned is only defined for int4")
         if bool(self.fused_from) != bool(self.split_sizes):
             raise bad("fused_from and split_sizes must be given together")
         if self.fused_from:
@@ -182,6 +197,10 @@ class LayerSpec:
         if self.fused_from:
             out["fused_from"] = list(self.fused_from)
             out["split_sizes"] = list(self.split_sizes)
+        if self.act_shift:
+            out["act_shift"] = self.act_shift
+        if self.act_unsigned:
+            out["act_unsigned"] = True
         return out
 
     @classmethod
@@ -219,7 +238,19 @@ class LayerSpec:
             raise ManifestError(file, where, "fused_from must be a list of strings")
         if not isinstance(sizes, list) or not all(_is_int(s) for s in sizes):
             raise ManifestError(file, where, "split_sizes must be a list of integers")
-        spec = cls(fused_from=tuple(fused), split_sizes=tuple(sizes), **values)
+        shift = obj.get("act_shift", 0.0)
+        if not isinstance(shift, (int, float)) or isinstance(shift, bool):
+            raise ManifestError(file, where, f"field 'act_shift' must be number, got {_jtype(shift)}")
+        unsigned = obj.get("act_unsigned", False)
+        if not isinstance(unsigned, bool):
+            raise ManifestError(file, where, f"field 'act_unsigned' must be boolean, got {_jtype(unsigned)}")
+        spec = cls(
+            fused_from=tuple(fused),
+            split_sizes=tuple(sizes),
+            act_shift=float(shift),
+            act_unsigned=unsigned,
+            **values,
+        )
         spec.check(where=where, file=file)
         if "group_size" in obj and obj["group_size"] != spec.group_size:
             raise ManifestError(
