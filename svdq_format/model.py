@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import FormatError, ManifestError, TensorError
-from .io import aligned, atomic_write, producer_info, read_header, read_metadata, save_file
+from .io import TensorReader, atomic_write, producer_info, read_header, read_metadata, save_file
 from .linear import SVDQLinear
 from .spec import FormatMetadata, LayerSpec
 
@@ -149,8 +149,6 @@ def load_model_file(
     Returns:
         The model (modified in place), on ``device``.
     """
-    from safetensors import safe_open
-
     p = os.fspath(path)
     header = read_header(p)
     meta = read_metadata(p, header)
@@ -169,13 +167,13 @@ def load_model_file(
         if unexpected:
             raise TensorError(p, unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
     state: dict[str, torch.Tensor] = {}
-    with safe_open(p, framework="pt", device="cpu") as handle:
-        for key in names & set(expected):
+    with TensorReader(header) as handle:
+        for key in sorted(names & set(expected)):
             t = handle.get_tensor(key)
             ref = expected[key]
             if tuple(t.shape) != tuple(ref.shape):
                 raise TensorError(p, key, f"shape {list(t.shape)}, model expects {list(ref.shape)}")
-            state[key] = aligned(t)
+            state[key] = t
     model.load_state_dict(state, strict=False, assign=True)
     return model.to(device)
 
