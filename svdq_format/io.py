@@ -164,7 +164,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         st_dtype = info.get("dtype")
         shape = info.get("shape")
         offsets = info.get("data_offsets")
-        if st_dtype not in _ST_DTYPES:
+        if not isinstance(st_dtype, str) or st_dtype not in _ST_DTYPES:
             raise HeaderError(p, name, f"unknown dtype {st_dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (fuzzing.py, fakehub.py, ...)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", help="run the long reliability runs (fuzz, kill-during-write)")
 
 
 def pytest_collection_modifyitems(config, items):
