@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError, HeaderError, ManifestError, TensorError
+from .errors import FormatError, HeaderError, ManifestError, TensorError, WriteError
 from .linear import SVDQLinear
 from .spec import (
     METADATA_KEY,
@@ -214,23 +214,33 @@ def read_metadata(path: str | os.PathLike[str], header: SafetensorsHeader | None
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     """Run ``write(tmp_path)`` and atomically rename the result to ``path``.
 
-    The temporary file sits next to ``path`` (same filesystem), is fsync'ed before the rename,
-    and is removed on any failure, so ``path`` is either the old file or the complete new one.
+    The temporary file sits next to ``path`` (same filesystem; hidden, ending in ``.tmp`` so
+    no reader ever picks it up), is fsync'ed before the rename, and is removed on any
+    failure, so ``path`` is either the old file or the complete new one.
+
+    Raises:
+        WriteError: the directory is missing or read-only, the disk is full, or another
+            ``OSError`` happened while writing.
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise WriteError(target, exc.strerror or str(exc)) from None
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(target, exc.strerror or str(exc)) from None
         raise
     try:
         dfd = os.open(directory, os.O_RDONLY)
@@ -240,6 +250,19 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
             os.close(dfd)
     except OSError:  # pragma: no cover - some filesystems cannot fsync a directory
         pass
+
+
+def _write_safetensors(
+    tensors: Mapping[str, torch.Tensor], tmp: str, metadata: dict[str, str], *, target: str
+) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file as _st_save
+
+    try:
+        _st_save(dict(tensors), tmp, metadata=metadata)
+    except SafetensorError as exc:  # e.g. "I/O error: No space left on device (os error 28)"
+        reason = str(exc).removeprefix("Error while serializing: ")
+        raise WriteError(target, reason) from None
 
 
 def layer_state(prefix: str, layer: SVDQLinear) -> dict[str, torch.Tensor]:
@@ -293,9 +316,7 @@ def save_file(
     meta = FormatMetadata(layers=specs, producer=producer_info(), extra=extra)
     header_meta = {METADATA_KEY: meta.dumps(), "format": "pt"}
 
-    from safetensors.torch import save_file as _st_save
-
-    atomic_write(p, lambda tmp: _st_save(tensors, tmp, metadata=header_meta))
+    atomic_write(p, lambda tmp: _write_safetensors(tensors, tmp, header_meta, target=p))
 
 
 # --------------------------------------------------------------------------- read
