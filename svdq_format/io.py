@@ -369,9 +369,9 @@ class TensorReader:
         t = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
         nbytes = entry.end - entry.begin
         if nbytes:
-            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            buf = t.reshape(-1).view(torch.uint8).numpy()
             self._file.seek(self.header.data_start + entry.begin)
-            if self._file.readinto(buf) != nbytes:
+            if self._file.readinto(buf) != nbytes:  # type: ignore[arg-type]  # ndarray is a buffer
                 raise HeaderError(self.header.path, name, "file ends inside the tensor data (truncated)")
         return t
 
