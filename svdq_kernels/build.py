@@ -176,7 +176,7 @@ def nvcc_command(source: Path, output: Path, toolchain: Toolchain) -> list[str]:
     ]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     for lib_dir in cpp_extension.library_paths():
-        cmd += [f"-L{lib_dir}", f"-Xlinker=-rpath,{lib_dir}"]
+        cmd += [f"-L{lib_dir}"]  # libtorch is already loaded when torch.ops.load_library runs
     cmd += ["-lc10", "-lc10_cuda", "-ltorch", "-ltorch_cpu"]
     cmd += [str(source), "-o", str(output)]
     return cmd

@@ -20,11 +20,18 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import weakref
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["fast_linear", "prologue", "gemm", "triton_available"]
+__all__ = ["fast_linear", "prologue", "gemm", "triton_available", "DATAPATHS"]
+
+#: GEMM datapaths (see :func:`gemm`).
+DATAPATHS = ("f16", "fp8")
+#: Datapath of :func:`fast_linear` (``SVDQ_FAST_DATAPATH`` overrides).
+DEFAULT_DATAPATH = os.environ.get("SVDQ_FAST_DATAPATH", "f16")
 
 
 def triton_available() -> bool:
@@ -88,13 +95,15 @@ def _kernels() -> dict[str, Any]:
         triton.Config({"BM": 128, "BN": 256}, num_warps=8, num_stages=3),
         triton.Config({"BM": 64, "BN": 128}, num_warps=4, num_stages=4),
         triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=5),
+        triton.Config({"BM": 128, "BN": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 256}, num_warps=8, num_stages=3),
     ]
 
-    @triton.autotune(configs=gemm_configs, key=["M_BUCKET", "N", "K", "PACKED"])
+    @triton.autotune(configs=gemm_configs, key=["M_BUCKET", "N", "K", "PACKED", "F16", "HAS_LR"])
     @triton.jit
     def gemm_kernel(
-        q_ptr, a_ptr, w_ptr, ws_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET,
-        PACKED: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        q_ptr, a_ptr, w_ptr, wst_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET,
+        PACKED: tl.constexpr, F16: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
         BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -119,13 +128,18 @@ def _kernels() -> dict[str, Any]:
                 wp = tl.load(w_ptr + rn_c[:, None] * (K // 2) + (g * 32 + rkp)[None, :])
                 lo = ((wp & 0xF).to(tl.int8) ^ 8) - 8
                 hi = ((wp >> 4).to(tl.int8) ^ 8) - 8
-                w = tl.join(lo, hi).reshape(BN, 64)
-                wf = w.to(tl.float16).to(tl.float8e4nv)
+                w16 = tl.join(lo, hi).reshape(BN, 64).to(tl.float16)
             else:
-                wf = tl.load(w_ptr + rn_c[:, None] * K + (g * 64 + rk)[None, :])
-            part = tl.dot(a, tl.trans(wf))
-            sc = tl.load(ws_ptr + rn_c * G + g).to(tl.float32)
-            acc += part * sc[None, :]
+                w16 = tl.load(w_ptr + rn_c[:, None] * K + (g * 64 + rk)[None, :]).to(tl.float16)
+            sc = tl.load(wst_ptr + g * N + rn_c).to(tl.float32)
+            if F16:
+                # code x scale is exact in fp16 (<= 11 significant bits), e4m3 -> fp16 is exact:
+                # one fp16 MMA chain over all of K, no per-group promotion needed.
+                wv = w16 * sc.to(tl.float16)[:, None]
+                acc = tl.dot(a.to(tl.float16), tl.trans(wv), acc)
+            else:
+                part = tl.dot(a, tl.trans(w16.to(tl.float8e4nv)))
+                acc += part * sc[None, :]
         asc = tl.load(a_ptr + rm_c)
         acc = acc * asc[:, None]
         if HAS_LR:
@@ -137,10 +151,14 @@ def _kernels() -> dict[str, Any]:
                     lrs = tl.load(lrs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)
                     lr = lr * lrs[None, :]
                 l1 = tl.load(l1_ptr + rn_c[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
+                # lr (fp32) as the sum of three 16-bit parts: ~fp32-accurate tensor-core dots
                 lr_hi = lr.to(l1.dtype)
-                lr_lo = (lr - lr_hi.to(tl.float32)).to(l1.dtype)
+                rest = lr - lr_hi.to(tl.float32)
+                lr_mid = rest.to(l1.dtype)
+                lr_lo = (rest - lr_mid.to(tl.float32)).to(l1.dtype)
                 l1t = tl.trans(l1)
                 acc = tl.dot(lr_hi, l1t, acc)
+                acc = tl.dot(lr_mid, l1t, acc)
                 acc = tl.dot(lr_lo, l1t, acc)
         if HAS_BIAS:
             bias = tl.load(b_ptr + rn_c).to(tl.float32)
@@ -149,6 +167,22 @@ def _kernels() -> dict[str, Any]:
         tl.store(y_ptr + rm_c[:, None] * N + rn_c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     return {"triton": triton, "prologue": prologue_kernel, "gemm": gemm_kernel}
+
+
+_SCALES_T: dict[int, tuple[int, torch.Tensor]] = {}
+
+
+def _scales_t(wscales: torch.Tensor) -> torch.Tensor:
+    """``wscales.t().contiguous()``, cached per tensor object until it is modified or freed."""
+    key = id(wscales)
+    hit = _SCALES_T.get(key)
+    if hit is not None and hit[0] == wscales._version and hit[1].shape == wscales.shape[::-1]:
+        return hit[1]
+    wst = wscales.t().contiguous()
+    if hit is None:
+        weakref.finalize(wscales, _SCALES_T.pop, key, None)
+    _SCALES_T[key] = (wscales._version, wst)
+    return wst
 
 
 def _rank_block(r: int) -> int:
@@ -175,12 +209,12 @@ def prologue(
     q = torch.empty(m, kk, device=x.device, dtype=torch.float8_e4m3fn)
     a = torch.empty(m, device=x.device, dtype=torch.float32)
     lr = torch.empty(m, max(r, 1), device=x.device, dtype=torch.float32) if r else None
-    bm = 16 if m <= 512 else 32
+    bm = 16
     br = _rank_block(r)
     grid = (triton_cdiv(m, bm), max(1, triton_cdiv(r, br)))
     k["prologue"][grid](
         x, smooth, lora_down if r else x, q, a, lr if r else a, m, kk, r, float(act_shift),
-        HAS_LR=bool(r), BM=bm, BK=64, BR=br, num_warps=4,
+        HAS_LR=bool(r), BM=bm, BK=128 if kk % 128 == 0 else 64, BR=br, num_warps=4, num_stages=3,
     )
     return q, a, lr
 
@@ -193,22 +227,31 @@ def gemm(
     q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, wscales: torch.Tensor,
     lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype, packed: bool = True,
+    datapath: str = "f16",
 ) -> torch.Tensor:
     """``y = (q ⊛ W) · a + (lr · diag(lora_scales)) · L1ᵀ + b`` with group-64 promotion.
 
-    ``weight`` is the packed uint8 ``[N, K/2]`` (``packed=True``) or e4m3 codes ``[N, K]``.
+    ``weight`` is the packed uint8 ``[N, K/2]`` (``packed=True``) or int8 codes ``[N, K]``.
+    ``wscales`` is the layer's ``[N, K/64]``; the kernel reads a ``[K/64, N]`` copy (contiguous
+    per-group loads) made once per scales tensor and version (:func:`_scales_t`).
+    ``datapath``: ``"f16"`` — exact ``code × scale`` in fp16, one fp16 MMA chain;
+    ``"fp8"`` — FP8 MMA per 64-group, promoted to fp32 with the group scale (Hopper FP8
+    MMAs accumulate with reduced precision: ~1e-4 relative).
     """
+    if datapath not in DATAPATHS:
+        raise ValueError(f"datapath {datapath!r} is not one of {DATAPATHS}")
     k = _kernels()
     m, kk = q.shape
     n = weight.shape[0]
     r = 0 if (lr is None or lora_up is None) else lr.shape[1]
     y = torch.empty(m, n, device=q.device, dtype=out_dtype)
+    wst = _scales_t(wscales)
     bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
     grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
     k["gemm"][grid](
-        q, a, weight, wscales, lr if r else a, lora_scales if lora_scales is not None else a,
+        q, a, weight, wst, lr if r else a, lora_scales if lora_scales is not None else a,
         lora_up if r else wscales, bias if bias is not None else wscales, y, m, n, kk, r, bucket,
-        PACKED=packed, HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
+        PACKED=packed, F16=datapath == "f16", HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
         HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_M=8,
     )
     return y
@@ -241,6 +284,6 @@ def fast_linear(
         lora_up.contiguous() if has_lr else None,
         bias.contiguous() if bias is not None else None,
         lora_scales.contiguous() if (has_lr and lora_scales is not None) else None,
-        out_dtype=x.dtype,
+        out_dtype=x.dtype, datapath=DEFAULT_DATAPATH,
     )
     return y.reshape(*x.shape[:-1], n)

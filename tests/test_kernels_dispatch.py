@@ -131,3 +131,20 @@ def test_cli_build_list_and_info(capsys, tmp_path, monkeypatch) -> None:
     assert info["nvidia-cutlass"] == "ok" and info["cached_kernels"] == []
     assert main(["kernels", "build", "--config", "nope"]) == 1
     assert "unknown kernel configuration" in capsys.readouterr().err
+
+
+def test_transposed_scales_cache_follows_version_and_lifetime() -> None:
+    import gc
+
+    from svdq_kernels.triton_fast import _SCALES_T, _scales_t
+
+    ws = torch.randn(8, 3)
+    first = _scales_t(ws)
+    assert _scales_t(ws) is first and torch.equal(first, ws.t())
+    ws.mul_(2)  # in-place change bumps the version: recomputed
+    second = _scales_t(ws)
+    assert second is not first and torch.equal(second, ws.t())
+    key = id(ws)
+    del ws
+    gc.collect()
+    assert key not in _SCALES_T
