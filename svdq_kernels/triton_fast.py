@@ -50,7 +50,7 @@ def _kernels() -> dict[str, Any]:
 
     @triton.jit
     def prologue_kernel(
-        x_ptr, s_ptr, l2_ptr, q_ptr, a_ptr, lr_ptr, M, K, R, shift,
+        x_ptr, s_ptr, l2_ptr, q_ptr, a_ptr, lr_ptr, M, K, R, shift, one,
         HAS_LR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -67,7 +67,9 @@ def _kernels() -> dict[str, Any]:
             x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
             if HAS_LR:
                 l2 = tl.load(l2_ptr + rr[:, None] * K + rk[None, :], mask=(rr < R)[:, None], other=0.0)
-                acc = tl.dot(x, tl.trans(l2), acc)
+                # promote every BK: a fresh tensor-core sum added in fp32 (``* one`` keeps the
+                # compiler from folding the add back into one long MMA accumulation chain)
+                acc += tl.dot(x, tl.trans(l2)) * one
             if do_q:
                 s = tl.load(s_ptr + rk).to(tl.float32)
                 xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
@@ -102,7 +104,7 @@ def _kernels() -> dict[str, Any]:
     @triton.autotune(configs=gemm_configs, key=["M_BUCKET", "N", "K", "PACKED", "F16", "HAS_LR"])
     @triton.jit
     def gemm_kernel(
-        q_ptr, a_ptr, w_ptr, wst_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET,
+        q_ptr, a_ptr, w_ptr, wst_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
         PACKED: tl.constexpr, F16: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
         BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
     ):
@@ -121,28 +123,37 @@ def _kernels() -> dict[str, Any]:
         rk = tl.arange(0, 64)
         rkp = tl.arange(0, 32)
         G = K // 64
+        a_ptrs = q_ptr + rm_c[:, None] * K + rk[None, :]
+        if PACKED:
+            w_ptrs = w_ptr + rn_c[:, None] * (K // 2) + rkp[None, :]
+        else:
+            w_ptrs = w_ptr + rn_c[:, None] * K + rk[None, :]
+        s_ptrs = wst_ptr + rn_c
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for g in range(0, G):
-            a = tl.load(q_ptr + rm_c[:, None] * K + (g * 64 + rk)[None, :])
+            a = tl.load(a_ptrs)
             if PACKED:
-                wp = tl.load(w_ptr + rn_c[:, None] * (K // 2) + (g * 32 + rkp)[None, :])
+                wp = tl.load(w_ptrs)
                 lo = ((wp & 0xF).to(tl.int8) ^ 8) - 8
                 hi = ((wp >> 4).to(tl.int8) ^ 8) - 8
-                w16 = tl.join(lo, hi).reshape(BN, 64).to(tl.float16)
+                w8 = tl.join(lo, hi).reshape(BN, 64)
+                w_ptrs += 32
             else:
-                w16 = tl.load(w_ptr + rn_c[:, None] * K + (g * 64 + rk)[None, :]).to(tl.float16)
-            sc = tl.load(wst_ptr + g * N + rn_c).to(tl.float32)
+                w8 = tl.load(w_ptrs)
+                w_ptrs += 64
+            sc = tl.load(s_ptrs).to(tl.float32)
+            # one 64-group per MMA step, promoted to fp32 with the group's weight scale
             if F16:
-                # code x scale is exact in fp16 (<= 11 significant bits), e4m3 -> fp16 is exact:
-                # one fp16 MMA chain over all of K, no per-group promotion needed.
-                wv = w16 * sc.to(tl.float16)[:, None]
-                acc = tl.dot(a.to(tl.float16), tl.trans(wv), acc)
+                part = tl.dot(a.to(tl.float16), tl.trans(w8.to(tl.float16)))
             else:
-                part = tl.dot(a, tl.trans(w16.to(tl.float8e4nv)))
-                acc += part * sc[None, :]
+                part = tl.dot(a, tl.trans(w8.to(tl.float16).to(tl.float8e4nv)))
+            acc += part * sc[None, :]
+            a_ptrs += 64
+            s_ptrs += N
         asc = tl.load(a_ptr + rm_c)
         acc = acc * asc[:, None]
         if HAS_LR:
+            lacc = tl.zeros([BM, BN], dtype=tl.float32)
             for r0 in range(0, R, BR):
                 rr = r0 + tl.arange(0, BR)
                 r_ok = rr < R
@@ -151,22 +162,25 @@ def _kernels() -> dict[str, Any]:
                     lrs = tl.load(lrs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)
                     lr = lr * lrs[None, :]
                 l1 = tl.load(l1_ptr + rn_c[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
-                # lr (fp32) as the sum of three 16-bit parts: ~fp32-accurate tensor-core dots
+                # lr (fp32) = hi + mid + lo (16-bit parts); smallest first so the tensor-core
+                # accumulator never truncates the small parts against a large running sum
                 lr_hi = lr.to(l1.dtype)
                 rest = lr - lr_hi.to(tl.float32)
                 lr_mid = rest.to(l1.dtype)
                 lr_lo = (rest - lr_mid.to(tl.float32)).to(l1.dtype)
                 l1t = tl.trans(l1)
-                acc = tl.dot(lr_hi, l1t, acc)
-                acc = tl.dot(lr_mid, l1t, acc)
-                acc = tl.dot(lr_lo, l1t, acc)
+                part = tl.dot(lr_lo, l1t)
+                part = tl.dot(lr_mid, l1t, part)
+                part = tl.dot(lr_hi, l1t, part)
+                lacc += part * one
+            acc += lacc
         if HAS_BIAS:
             bias = tl.load(b_ptr + rn_c).to(tl.float32)
             acc += bias[None, :]
         mask = (rm < M)[:, None] & (rn < N)[None, :]
         tl.store(y_ptr + rm_c[:, None] * N + rn_c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
-    return {"triton": triton, "prologue": prologue_kernel, "gemm": gemm_kernel}
+    return {"triton": triton, "prologue": prologue_kernel, "gemm": gemm_kernel, "gemm_configs": gemm_configs}
 
 
 _SCALES_T: dict[int, tuple[int, torch.Tensor]] = {}
@@ -213,7 +227,7 @@ def prologue(
     br = _rank_block(r)
     grid = (triton_cdiv(m, bm), max(1, triton_cdiv(r, br)))
     k["prologue"][grid](
-        x, smooth, lora_down if r else x, q, a, lr if r else a, m, kk, r, float(act_shift),
+        x, smooth, lora_down if r else x, q, a, lr if r else a, m, kk, r, float(act_shift), 1.0,
         HAS_LR=bool(r), BM=bm, BK=128 if kk % 128 == 0 else 64, BR=br, num_warps=4, num_stages=3,
     )
     return q, a, lr
@@ -234,9 +248,9 @@ def gemm(
     ``weight`` is the packed uint8 ``[N, K/2]`` (``packed=True``) or int8 codes ``[N, K]``.
     ``wscales`` is the layer's ``[N, K/64]``; the kernel reads a ``[K/64, N]`` copy (contiguous
     per-group loads) made once per scales tensor and version (:func:`_scales_t`).
-    ``datapath``: ``"f16"`` — exact ``code × scale`` in fp16, one fp16 MMA chain;
-    ``"fp8"`` — FP8 MMA per 64-group, promoted to fp32 with the group scale (Hopper FP8
-    MMAs accumulate with reduced precision: ~1e-4 relative).
+    ``datapath``: both promote every 64-group to fp32 with the group scale; ``"f16"`` runs
+    the group's MMA in fp16 (e4m3 and int4 codes are exact in fp16), ``"fp8"`` in FP8
+    (Hopper FP8 MMAs accumulate with reduced precision: ~1e-4 relative).
     """
     if datapath not in DATAPATHS:
         raise ValueError(f"datapath {datapath!r} is not one of {DATAPATHS}")
@@ -250,7 +264,7 @@ def gemm(
     grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
     k["gemm"][grid](
         q, a, weight, wst, lr if r else a, lora_scales if lora_scales is not None else a,
-        lora_up if r else wscales, bias if bias is not None else wscales, y, m, n, kk, r, bucket,
+        lora_up if r else wscales, bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
         PACKED=packed, F16=datapath == "f16", HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
         HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_M=8,
     )
