@@ -292,12 +292,13 @@ def fast_linear(
     x2 = x.reshape(-1, kk).contiguous()
     has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
     down = lora_down.to(x2.dtype).contiguous() if has_lr else None
-    q, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift)
-    y = gemm(
-        q, a, qweight.contiguous(), wscales.contiguous(), lr,
-        lora_up.contiguous() if has_lr else None,
-        bias.contiguous() if bias is not None else None,
-        lora_scales.contiguous() if (has_lr and lora_scales is not None) else None,
-        out_dtype=x.dtype, datapath=DEFAULT_DATAPATH,
-    )
+    with torch.cuda.device(x2.device):  # Triton launches on the current device
+        q, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift)
+        y = gemm(
+            q, a, qweight.contiguous(), wscales.contiguous(), lr,
+            lora_up.contiguous() if has_lr else None,
+            bias.contiguous() if bias is not None else None,
+            lora_scales.contiguous() if (has_lr and lora_scales is not None) else None,
+            out_dtype=x.dtype, datapath=DEFAULT_DATAPATH,
+        )
     return y.reshape(*x.shape[:-1], n)

@@ -148,3 +148,8 @@ def test_transposed_scales_cache_follows_version_and_lifetime() -> None:
     del ws
     gc.collect()
     assert key not in _SCALES_T
+
+
+def test_cli_kernels_without_action_prints_help(capsys) -> None:
+    assert main(["kernels"]) == 2
+    assert "build" in capsys.readouterr().out
