@@ -179,3 +179,24 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "find_nvcc", lambda: None)
     with pytest.raises(BackendError, match="nvcc .* was not found"):
         build.detect_toolchain()
+
+
+def test_legacy_cuda_module_names_map_onto_cuda_bindings() -> None:
+    pytest.importorskip("cuda.bindings")
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from svdq_kernels._cuda_compat import ensure_legacy_cuda_modules\n"
+        "first = ensure_legacy_cuda_modules()\n"
+        "import cuda, cuda.cuda, cuda.cudart, cuda.bindings.driver, cuda.bindings.runtime\n"
+        "assert cuda.cuda is cuda.bindings.driver and cuda.cudart is cuda.bindings.runtime\n"
+        "assert isinstance(cuda.__version__, str)\n"
+        "assert ensure_legacy_cuda_modules() == []\n"
+        "print(sorted(first))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "cuda.cuda" in out.stdout and "cuda.cudart" in out.stdout
