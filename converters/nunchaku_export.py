@@ -33,7 +33,7 @@ from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
-from .nunchaku_import import EXACT_BIAS_KEY, GELU_SHIFT, _is_gelu_fc2, _linear, build_skeleton
+from .nunchaku_import import EXACT_BIAS_KEY, GELU_SHIFT, _is_gelu_fc2, _linear, build_skeleton, group_indicator
 from .nunchaku_names import FUSED, adanorm_splits, from_native
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]
@@ -181,8 +181,6 @@ def _tile(out: _Out, rank: int) -> dict[str, torch.Tensor]:
 
 def _awq(name: str, layer: SVDQLinear, exact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our ``w4a16`` int4 layer → Nunchaku AWQ tensors (zero point 8, exact)."""
-    if layer.rank:
-        raise UnsupportedError(f"layer {name}: a w4a16 layer with a low-rank branch has no Nunchaku AWQ form")
     if not bool((layer.smooth == 1).all()):
         raise UnsupportedError(f"layer {name}: a w4a16 layer with smoothing has no Nunchaku AWQ form")
     if layer.precision != "int4":
@@ -193,6 +191,14 @@ def _awq(name: str, layer: SVDQLinear, exact: dict[str, torch.Tensor]) -> dict[s
     codes_u = (packing.nibbles_to_int4(_codes(layer)).to(torch.int16) + 8).to(torch.uint8)
     scales = layer.wscales
     zeros = (-8 * scales.float()).to(scales.dtype)  # exact: a power of two
+    if layer.rank:  # only the importer's zero-point remainder (per-group sums) folds back
+        g = k // 64
+        if layer.rank != g or not torch.equal(layer.lora_down, group_indicator(g, k, layer.dtype)):
+            raise UnsupportedError(f"layer {name}: a w4a16 layer with a low-rank branch has no Nunchaku AWQ form")
+        want = layer.lora_up.float() - 8 * scales.float()
+        zeros = want.to(scales.dtype)
+        if not torch.equal(zeros.float() + 8 * scales.float(), layer.lora_up.float()):
+            raise UnsupportedError(f"layer {name}: the zero-point remainder is not exact in {scales.dtype}")
     bias = layer.bias
     splits = adanorm_splits(name)
     if splits > 1:

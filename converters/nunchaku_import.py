@@ -42,7 +42,7 @@ from svdq_format.spec import FormatMetadata
 from . import nunchaku_layout as L
 from .nunchaku_names import FUSED, LAYER_ROLES, adanorm_splits, detect_dialect, to_native
 
-__all__ = ["import_nunchaku", "read_nunchaku", "NunchakuFile", "GELU_SHIFT", "EXACT_BIAS_KEY"]
+__all__ = ["import_nunchaku", "read_nunchaku", "build_skeleton", "group_indicator", "NunchakuFile", "GELU_SHIFT", "EXACT_BIAS_KEY"]
 
 #: The constant Nunchaku adds to GELU outputs before unsigned int4 quantization.
 GELU_SHIFT = 0.171875
@@ -269,6 +269,11 @@ def _member_tscale(name: str, lay: _Layer, rows: slice, file: str) -> float | No
 # --------------------------------------------------------------------------- AWQ
 
 
+def group_indicator(groups: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[groups, k]`` with ones on each 64-wide group: ``x · Dᵀ`` = per-group sums of x."""
+    return torch.eye(groups, dtype=dtype).repeat_interleave(k // groups, dim=1)
+
+
 def _awq_layer(
     name: str, t: Mapping[str, torch.Tensor], n: int, k: int, exact_bias: torch.Tensor | None, file: str
 ) -> SVDQLinear:
@@ -307,24 +312,23 @@ def _awq_layer(
                 unbaked = exact_bias.to(dtype)
             bias = unbaked
     s, z = scales.float(), zeros.float()
-    qmax = int(codes_u.max()) if codes_u.numel() else 0
     down = up = None
-    for c in (7, 8):
-        qmin_ok = int(codes_u.min()) - c >= -8 if codes_u.numel() else True
-        if torch.equal(z, -c * s) and qmax - c <= 7 and qmin_ok:
+    for c in (8, 7):  # the usual exact zero points: our signed code = q - c
+        if torch.equal(z, -c * s) and (codes_u.numel() == 0 or int(codes_u.max()) - c <= 7):
             zp = c
             break
     else:
-        zp = 7 if qmax <= 14 else 8
-        delta = z + zp * s  # exact in fp32: z and s are 16-bit floats of nearby magnitude
+        # DeepCompressor rounds the zero (7·scale) separately from the scale: keep codes q - 8
+        # and carry the remainder z + 8·s (exact: one 16-bit number per group) in a low-rank
+        # branch that sums each group of x.
+        zp = 8
+        delta = z + zp * s
         if not torch.equal(delta.to(dtype).float(), delta):
             raise UnsupportedError(
                 f"{file}: layer {name}: AWQ zero points are not an integer multiple of the scales "
                 f"and the remainder is not exact in {dtype}"
             )
-        down = torch.zeros(g, k, dtype=dtype)
-        for j in range(g):
-            down[j, j * 64 : (j + 1) * 64] = 1
+        down = group_indicator(g, k, dtype)
         up = delta.to(dtype)
     codes = packing.int4_to_nibbles(codes_u.to(torch.int16) - zp)
     return _new_layer(
