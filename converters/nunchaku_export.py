@@ -257,8 +257,9 @@ def export_nunchaku(
     Args:
         model_dir: An SVDQuant model directory (``config.json`` + weights).
         out_file: The ``.safetensors`` file to write (atomically).
-        dialect: ``"flux-cpp"`` / ``"sdxl"`` / ``"native"``; default: the one Nunchaku's loader
-            for the model class reads (``flux-cpp`` for FLUX).
+        dialect: ``"flux-cpp"`` / ``"sdxl"`` / ``"native"``; default: the dialect a model
+            imported from Nunchaku came in, else the one Nunchaku's loader for the model class
+            reads (``flux-cpp`` for FLUX).
 
     Returns:
         The written file.
@@ -271,6 +272,9 @@ def export_nunchaku(
     file = os.fspath(model_dir)
     class_name = str(cfg.get("_class_name"))
     nclass, default_dialect = NUNCHAKU_MODEL_CLASSES.get(class_name, (f"Nunchaku{class_name}", "native"))
+    source = meta.extra.get("source") if isinstance(meta.extra.get("source"), dict) else {}
+    if source.get("format") == "nunchaku" and source.get("dialect") and not dialect:
+        dialect = str(source["dialect"])  # write back in the dialect it came from
     dialect = dialect or default_dialect
     model = build_skeleton(cfg, file=file)
     precisions = {x.precision for x in layers.values() if x.kind == "w4a4"}

@@ -13,8 +13,8 @@ activation shift, so:
 * every W4A4 layer gets the largest rank, rounded up to 16, zero-padded;
 * fused or K-concatenated layers and shifted (``act_shift``) layers are refused;
 * nvfp4's fp32 tensor scale becomes ``wtscale · wcscales`` in the 16-bit compute dtype:
-  ``wtscale = bf16(t)``, ``wcscales = bf16(t / wtscale)`` — the only rounding in this export
-  (relative error below 2⁻¹⁶ for bf16), reported in the return value;
+  the pair of 16-bit numbers whose product is nearest ``t`` (:func:`split_tensor_scale`) — the
+  only rounding in this export, reported in the return value;
 * modulation (``w4a16``) layers keep diffusers' row order and bias (the stock module still does
   ``chunk`` and ``1 + scale``).
 """
@@ -39,7 +39,7 @@ from . import nunchaku_layout as L
 from .nunchaku_export import read_model_dir
 from .nunchaku_import import build_skeleton
 
-__all__ = ["export_nunchaku_lite", "lite_config"]
+__all__ = ["export_nunchaku_lite", "lite_config", "split_tensor_scale"]
 
 
 def lite_config(svdq: dict[str, Any] | None, awq: dict[str, Any] | None, dtype: torch.dtype) -> dict[str, Any]:
@@ -50,6 +50,20 @@ def lite_config(svdq: dict[str, Any] | None, awq: dict[str, Any] | None, dtype: 
     if awq:
         out["awq_w4a16"] = awq
     return out
+
+
+def split_tensor_scale(ts: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 scale ``t`` → ``(a, c)`` in ``dtype`` with ``a · c`` as close to ``t`` as possible.
+
+    Tries every significand for ``c`` in [1, 2) and takes the best ``a = dtype(t / c)``: the
+    product of two 16-bit floats carries about twice their precision.
+    """
+    bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]  # stored significand bits
+    cands = (torch.arange(2**bits, 2 ** (bits + 1), dtype=torch.float32) / 2**bits).to(dtype)
+    alphas = (ts / cands.float()).to(dtype)
+    errs = (alphas.float() * cands.float() - ts).abs()
+    best = int(torch.argmin(errs))
+    return alphas[best], cands[best]
 
 
 def _svdq_tensors(name: str, layer: SVDQLinear, module: nn.Linear, rank: int, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], float]:
@@ -67,9 +81,8 @@ def _svdq_tensors(name: str, layer: SVDQLinear, module: nn.Linear, rank: int, dt
     err = 0.0
     if layer.precision == "nvfp4":
         t["wscales"] = L.pack_micro_scales(layer.wscales)
+        wt, wc = split_tensor_scale(layer.wtscale.float(), dtype)
         ts = layer.wtscale.float()
-        wt = ts.to(dtype)
-        wc = (ts / wt.float()).to(dtype)
         err = float(((wt.float() * wc.float() - ts) / ts).abs())
         t["wcscales"] = wc.expand(n).contiguous()
         t["wtscale"] = wt.reshape(1)

@@ -321,7 +321,7 @@ def test_nunchaku_lite_matches_diffusers_loader(tmp_path, monkeypatch, precision
     config = NunchakuLiteQuantizationConfig.from_dict(qc)  # diffusers' own validation
     assert qc["svdq_w4a4"]["rank"] == 16 and qc["svdq_w4a4"]["group_size"] == (16 if precision == "nvfp4" else 64)
     assert set(qc["awq_w4a16"]["targets"]) == {n for n, x in layers.items() if x.kind == "w4a16"}
-    assert report["max_rel_scale_error"] < (2**-15 if precision == "nvfp4" else 1e-30)
+    assert report["max_rel_scale_error"] < (2**-11 if precision == "nvfp4" else 1e-30)  # bf16 pair split
 
     utils = _stub_kernels(monkeypatch)
     model = tiny_flux(128, torch.bfloat16)
