@@ -49,6 +49,21 @@ SINGLE = [
     ("mlp_fc2", "mlp_fc2", "svdq", 1, 4, {"kconcat": 1, "shifted": True}),
     ("norm.linear", "norm.linear", "awq", 3, 1, {"splits": 3}),
 ]
+QWEN = [
+    (None, "attn.to_qkv", "svdq", 3, 1, {"members": ["attn.to_q", "attn.to_k", "attn.to_v"]}),
+    (None, "attn.add_qkv_proj", "svdq", 3, 1, {"members": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]}),
+    (None, "attn.to_out.0", "svdq", 1, 1, {}),
+    (None, "attn.to_add_out", "svdq", 1, 1, {}),
+    (None, "img_mlp.net.0.proj", "svdq", 4, 1, {}),
+    (None, "img_mlp.net.2", "svdq", 1, 4, {"shifted": True}),
+    (None, "txt_mlp.net.0.proj", "svdq", 4, 1, {}),
+    (None, "txt_mlp.net.2", "svdq", 1, 4, {"shifted": True}),
+    (None, "img_mod.1", "awq", 6, 1, {"splits": 6}),
+    (None, "txt_mod.1", "awq", 6, 1, {"splits": 6}),
+]
+QWEN_QUANTIZED = {"transformer_blocks.0": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                                           "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj",
+                                           "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1"]}
 CPP_ROLES = {"down": "lora_down", "up": "lora_up", "smooth": "smooth", "smooth_orig": "smooth_orig"}
 NATIVE_ROLES = {"down": "proj_down", "up": "proj_up", "smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig"}
 QUANTIZED_MODULES = {
@@ -71,6 +86,15 @@ def tiny_flux(inner: int = 64, dtype: torch.dtype = torch.float32):
                                attention_head_dim=head, num_attention_heads=4, joint_attention_dim=64,
                                pooled_projection_dim=32, axes_dims_rope=axes)
     return m.to(dtype).eval()
+
+
+def tiny_qwen():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(patch_size=1, in_channels=16, out_channels=4, num_layers=1,
+                                       attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                       axes_dims_rope=(4, 6, 6)).eval()
 
 
 def _svdq_logical(n, k, precision, dtype, gen, *, members=1, zero_bias=False, alpha=None):
@@ -136,13 +160,16 @@ def _awq_tensors(st):
             "wzeros": ref.pad(st["zeros"].T.contiguous(), (gp, n)), "bias": st["bias"]}
 
 
-def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alpha=None):
-    """A Nunchaku single file for a tiny FLUX; returns the logical layers used to build it."""
-    model = tiny_flux(inner)
+def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alpha=None, arch="flux"):
+    """A Nunchaku single file for a tiny FLUX (or Qwen-Image); returns the logical layers."""
+    model = tiny_flux(inner) if arch == "flux" else tiny_qwen()
+    quantized = QUANTIZED_MODULES if arch == "flux" else QWEN_QUANTIZED
+    blocks = (("transformer_blocks.0", DOUBLE), ("single_transformer_blocks.0", SINGLE)) if arch == "flux" else (
+        ("transformer_blocks.0", QWEN),)
     gen = torch.Generator().manual_seed(seed)
     roles = CPP_ROLES if dialect == "flux-cpp" else NATIVE_ROLES
     tensors, logical = {}, {}
-    for block, table in (("transformer_blocks.0", DOUBLE), ("single_transformer_blocks.0", SINGLE)):
+    for block, table in blocks:
         for cpp, native, kind, nf, kf, extra in table:
             n, k = nf * inner, kf * inner
             name = f"{block}.{cpp if dialect == 'flux-cpp' else native}"
@@ -161,9 +188,9 @@ def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alph
     for key, v in model.state_dict().items():
         block = ".".join(key.split(".")[:2])
         mod = key.rsplit(".", 1)[0]
-        if any(mod == f"{block}.{m}" for m in QUANTIZED_MODULES.get(block, [])):
+        if any(mod == f"{block}.{m}" for m in quantized.get(block, [])):
             continue
-        if dialect == "flux-cpp" and block in QUANTIZED_MODULES:
+        if dialect == "flux-cpp" and block in quantized:
             for d, c in CPP_NORMS.items():
                 key = key.replace(f"{block}.{d}.", f"{block}.{c}.")
         tensors[key] = v.to(dtype).contiguous()
@@ -199,6 +226,8 @@ def _check_forward(out_dir, logical, inner):
             names = [f"{block}.{m}" for m in extra.get("members", [extra.get("target", native)])]
             y = torch.cat([ours[m](x) for m in names], dim=-1)
         worst = max(worst, _rel(y, y_ref))
+    if not kx:
+        return worst, ours
     (xa, la, _), (xb, lb, _) = kx[0], kx[1]
     xb = torch.nn.functional.gelu(2 * xb, approximate="tanh")
     int4 = la["precision"] == "int4"
@@ -233,6 +262,20 @@ def test_import_forward_matches_nunchaku_math(tmp_path, precision, dialect):
     # int4: shifted MLP half; nvfp4: two different tensor scales -> proj_out stays two layers
     assert qc["nunchaku"]["k_concat"]["single_transformer_blocks.0.proj_out"] == [
         "single_transformer_blocks.0.attn.to_out", "single_transformer_blocks.0.mlp_fc2"]
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_import_qwen_image_native(tmp_path, precision):
+    src = tmp_path / "qwen.safetensors"
+    logical = build_file(src, precision=precision, dialect="native", dtype=torch.float32, arch="qwen")
+    out = import_nunchaku(src, tmp_path / "ours")
+    worst, _ = _check_forward(out, logical, 64)
+    assert worst <= 1e-5, worst
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["layers"]["transformer_blocks.0.txt_mlp.net.2"].get("act_unsigned", False) == (precision == "int4")
+    assert qc["nunchaku"]["adanorm"] == {"transformer_blocks.0.img_mod.1": 6, "transformer_blocks.0.txt_mod.1": 6}
+    model = load_model_dir(out)  # every layer has its stock diffusers module
+    assert isinstance(model.transformer_blocks[0].attn.add_v_proj, SVDQLinear)
 
 
 def test_import_merged_proj_out_loads_into_stock_diffusers(tmp_path):
@@ -393,3 +436,22 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert main(["convert", "--to", "nunchaku", str(tmp_path / "ours"), str(tmp_path / "n.safetensors")]) == 0
     assert main(["convert", "--to", "nunchaku-lite", str(tmp_path / "ours"), str(tmp_path / "lite")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_dialect_detection_and_names():
+    from converters.nunchaku_names import detect_dialect, from_native, to_native
+
+    sdxl = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.lora_down",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.smooth"]
+    cpp = ["transformer_blocks.3.mlp_context_fc2.lora_up", "transformer_blocks.3.qkv_proj.smooth"]
+    native = ["transformer_blocks.0.attn.to_qkv.proj_down", "transformer_blocks.0.img_mlp.net.2.smooth_factor"]
+    assert (detect_dialect(sdxl), detect_dialect(cpp), detect_dialect(native)) == ("sdxl", "flux-cpp", "native")
+    assert to_native(sdxl[0], "sdxl") == sdxl[0]
+    assert to_native("transformer_blocks.3.mlp_context_fc2.lora_up", "flux-cpp") == "transformer_blocks.3.ff_context.net.2.lora_up"
+    assert to_native("single_transformer_blocks.2.out_proj.smooth_orig", "flux-cpp") == "single_transformer_blocks.2.attn.to_out.smooth_orig"
+    assert to_native("transformer_blocks.1.norm_added_k.weight", "flux-cpp") == "transformer_blocks.1.attn.norm_added_k.weight"
+    assert to_native("transformer_blocks.0.attn.to_qkv.smooth_factor", "native") == "transformer_blocks.0.attn.to_qkv.smooth"
+    for key, d in [(k, "flux-cpp") for k in cpp] + [(k, "native") for k in native] + [(k, "sdxl") for k in sdxl]:
+        assert from_native(to_native(key, d), d) == key
+    with pytest.raises(UnsupportedError, match="mixes"):
+        detect_dialect(cpp + native)
