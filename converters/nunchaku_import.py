@@ -181,8 +181,8 @@ def _untile(name: str, t: Mapping[str, torch.Tensor], n: int, k: int, file: str)
     if q.dtype not in (torch.int8, torch.uint8) or q.ndim != 2:
         raise bad(f"expected int8 [N, K/2], got {q.dtype} {list(q.shape)}")
     n_pad, k_pad = q.shape[0], 2 * q.shape[1]
-    if n_pad < n or k_pad < k or n_pad % L.TILE_N or k_pad % L.TILE_K:
-        raise bad(f"packed shape {list(q.shape)} does not hold a {n}x{k} layer padded to 128")
+    if (n_pad, k_pad) != (L.round_up(n, L.TILE_N), L.round_up(k, L.TILE_K)):
+        raise bad(f"packed shape {list(q.shape)} is not the {n}x{k} layer of the model padded to 128")
     for role in ("wscales", "smooth"):
         if role not in t:
             raise FormatError(file, f"{name}.{role}", "missing")
@@ -285,6 +285,10 @@ def _awq_layer(
     if tuple(q.shape) != (n // 4, k // 2):
         raise FormatError(file, f"{name}.qweight", f"shape {list(q.shape)}, expected {[n // 4, k // 2]}")
     g = k // 64
+    for role in ("wscales", "wzeros"):
+        shape = tuple(t[role].shape)
+        if len(shape) != 2 or shape[1] != n or shape[0] < g:
+            raise FormatError(file, f"{name}.{role}", f"shape {list(shape)}, expected [{g} (or padded), {n}]")
     codes_u = L.unpack_awq_qweight(q)
     scales = t["wscales"][:g].t().contiguous()
     zeros = t["wzeros"][:g].t().contiguous()

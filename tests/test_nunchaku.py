@@ -23,7 +23,7 @@ from svdq_format import packing
 from svdq_format.errors import SVDQError, UnsupportedError
 from svdq_format.io import load_file, validate
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import WEIGHTS_NAME, load_model_dir, replace_linears, save_model_dir
+from svdq_format.model import WEIGHTS_NAME, load_model_dir, save_model_dir
 
 import nunchaku_reference as ref
 
