@@ -43,7 +43,6 @@ NUNCHAKU_MODEL_CLASSES = {
     "FluxTransformer2DModel": ("NunchakuFluxTransformer2dModel", "flux-cpp"),
     "QwenImageTransformer2DModel": ("NunchakuQwenImageTransformer2DModel", "native"),
     "ZImageTransformer2DModel": ("NunchakuZImageTransformer2DModel", "native"),
-    "SanaTransformer2DModel": ("NunchakuSanaTransformer2DModel", "flux-cpp"),
     "UNet2DConditionModel": ("NunchakuSDXLUNet2DConditionModel", "sdxl"),
 }
 
@@ -271,6 +270,11 @@ def export_nunchaku(
     cfg, meta, layers, extras = read_model_dir(model_dir)
     file = os.fspath(model_dir)
     class_name = str(cfg.get("_class_name"))
+    if class_name not in NUNCHAKU_MODEL_CLASSES and dialect is None:
+        raise UnsupportedError(
+            f"{file}: Nunchaku has no loader for {class_name} here (known: {', '.join(NUNCHAKU_MODEL_CLASSES)}); "
+            "pass dialect= to write the layout anyway"
+        )
     nclass, default_dialect = NUNCHAKU_MODEL_CLASSES.get(class_name, (f"Nunchaku{class_name}", "native"))
     source = meta.extra.get("source") if isinstance(meta.extra.get("source"), dict) else {}
     if source.get("format") == "nunchaku" and source.get("dialect") and not dialect:
