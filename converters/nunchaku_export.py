@@ -34,7 +34,7 @@ from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
 from .nunchaku_import import EXACT_BIAS_KEY, GELU_SHIFT, _is_gelu_fc2, _linear, build_skeleton, group_indicator
-from .nunchaku_names import FUSED, adanorm_splits, from_native
+from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]
 
@@ -230,6 +230,19 @@ def _awq(name: str, layer: SVDQLinear, exact: dict[str, torch.Tensor]) -> dict[s
     return t
 
 
+def _rebuilt_target(name: str, layers: Mapping[str, SVDQLinear]) -> tuple[str, list[str]] | None:
+    """Our stock module → (Nunchaku's rebuilt module, its members), e.g. Z-Image w1/w3 → net.0.proj."""
+    for target, members in list(REBUILT_FUSED.items()) + [(t, (m,)) for t, m in REBUILT_PLAIN.items()]:
+        for m in members:
+            if name == m or name.endswith("." + m):
+                base = name[: -len(m)]
+                full = [base + x for x in members]
+                if all(x in layers for x in full):
+                    return base + target, full
+                raise UnsupportedError(f"layer {name}: Nunchaku fuses {full} into {base + target}; all must be quantized")
+    return None
+
+
 def _check_coverage(model: nn.Module, layers: Mapping[str, SVDQLinear], dialect: str, file: str) -> None:
     """FLUX C++ models quantize every linear inside the transformer blocks: refuse gaps."""
     if dialect != "flux-cpp":
@@ -307,6 +320,15 @@ def export_nunchaku(
         if layer.precision == "int4" and layer.wscales.dtype != layer.dtype:
             raise UnsupportedError(f"layer {name}: int4 scales are {layer.wscales.dtype}, Nunchaku stores them in the compute dtype {layer.dtype}")
         parent, _, leaf = name.rpartition(".")
+        rebuilt = _rebuilt_target(name, layers)
+        if rebuilt is not None:
+            target, members = rebuilt
+            if len(members) == 1:
+                outs[target] = _single(layer)
+            else:
+                outs[target] = _fuse(target, [(m, layers[m]) for m in members])
+            done.update(members)
+            continue
         fused_parent = next((f for f, ms in FUSED.items() if leaf in ms), None)
         if fused_parent is not None:
             members = [f"{parent}.{m}" for m in FUSED[fused_parent]]

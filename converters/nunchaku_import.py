@@ -40,7 +40,7 @@ from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
-from .nunchaku_names import FUSED, LAYER_ROLES, adanorm_splits, detect_dialect, to_native
+from .nunchaku_names import FUSED, LAYER_ROLES, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, detect_dialect, to_native
 
 __all__ = ["import_nunchaku", "read_nunchaku", "build_skeleton", "group_indicator", "NunchakuFile", "GELU_SHIFT", "EXACT_BIAS_KEY"]
 
@@ -344,14 +344,31 @@ def _awq_layer(
 # --------------------------------------------------------------------------- main
 
 
+def _rebuilt(model: nn.Module, name: str, file: str) -> tuple[str, Any] | None:
+    """A module Nunchaku's model class rebuilt (Z-Image SwiGLU) → its stock members, if present."""
+    for suffix, members in REBUILT_FUSED.items():
+        if name == suffix or name.endswith("." + suffix):
+            base = name[: -len(suffix)]
+            if all(_linear(model, base + m, file) is not None for m in members):
+                return ("fused", [base + m for m in members])
+    for suffix, member in REBUILT_PLAIN.items():
+        if name == suffix or name.endswith("." + suffix):
+            if _linear(model, name[: -len(suffix)] + member, file) is not None:
+                return ("plain", name[: -len(suffix)] + member)
+    return None
+
+
 def _plan_targets(model: nn.Module, names: list[str], file: str) -> dict[str, tuple[str, Any]]:
     """Native layer name → (how, detail) where how ∈ plain | fused | kconcat_attn | kconcat_mlp."""
     plan: dict[str, tuple[str, Any]] = {}
     for name in names:
         parent, _, leaf = name.rpartition(".")
         pre = parent + "." if parent else ""
+        rebuilt = _rebuilt(model, name, file)
         if _linear(model, name, file) is not None:
             plan[name] = ("plain", name)
+        elif rebuilt is not None:
+            plan[name] = rebuilt
         elif leaf in FUSED and all(_linear(model, pre + m, file) is not None for m in FUSED[leaf]):
             plan[name] = ("fused", [pre + m for m in FUSED[leaf]])
         elif name.startswith("single_transformer_blocks.") and leaf in ("mlp_fc1",):

@@ -27,6 +27,8 @@ __all__ = [
     "DIALECTS",
     "LAYER_ROLES",
     "FUSED",
+    "REBUILT_FUSED",
+    "REBUILT_PLAIN",
     "ADANORM_SPLITS",
     "detect_dialect",
     "to_native",
@@ -79,6 +81,12 @@ FUSED = {
     "to_qkv": ("to_q", "to_k", "to_v"),
     "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj"),
 }
+
+#: Modules Nunchaku's model classes rebuild, by name suffix. Z-Image runs ``feed_forward``
+#: (``w2(silu(w1 x) * w3 x)``) as a diffusers SwiGLU ``FeedForward``: ``net.0.proj`` rows are
+#: [value = w3; gate = w1], ``net.2`` is ``w2``.
+REBUILT_FUSED = {"feed_forward.net.0.proj": ("feed_forward.w3", "feed_forward.w1")}
+REBUILT_PLAIN = {"feed_forward.net.2": "feed_forward.w2"}
 
 #: AWQ modulation linears whose rows Nunchaku interleaves (``view(splits, N/splits).T``) and
 #: whose "scale" chunks (1 and splits-2) carry a baked ``+1`` in the bias.

@@ -64,6 +64,16 @@ QWEN = [
 QWEN_QUANTIZED = {"transformer_blocks.0": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
                                            "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj",
                                            "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1"]}
+# Z-Image (absolute sizes, dim 192): Nunchaku runs feed_forward as a diffusers SwiGLU FeedForward.
+ZIMAGE = [
+    (None, "attention.to_qkv", "svdq", 576, 192, {"members": ["attention.to_q", "attention.to_k", "attention.to_v"], "nobias": True}),
+    (None, "attention.to_out.0", "svdq", 192, 192, {"nobias": True}),
+    (None, "feed_forward.net.0.proj", "svdq", 1024, 192, {"members": ["feed_forward.w3", "feed_forward.w1"], "nobias": True}),
+    (None, "feed_forward.net.2", "svdq", 192, 512, {"target": "feed_forward.w2", "nobias": True}),
+]
+ZIMAGE_BLOCKS = ("layers.0", "noise_refiner.0", "context_refiner.0")
+ZIMAGE_QUANTIZED = {b: ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
+                        "feed_forward.w2", "feed_forward.w3"] for b in ZIMAGE_BLOCKS}
 CPP_ROLES = {"down": "lora_down", "up": "lora_up", "smooth": "smooth", "smooth_orig": "smooth_orig"}
 NATIVE_ROLES = {"down": "proj_down", "up": "proj_up", "smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig"}
 QUANTIZED_MODULES = {
@@ -97,7 +107,15 @@ def tiny_qwen():
                                        axes_dims_rope=(4, 6, 6)).eval()
 
 
-def _svdq_logical(n, k, precision, dtype, gen, *, members=1, zero_bias=False, alpha=None):
+def tiny_zimage():
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return ZImageTransformer2DModel(dim=192, n_layers=1, n_refiner_layers=1, n_heads=4, n_kv_heads=4,
+                                    cap_feat_dim=64, axes_dims=[16, 16, 16], axes_lens=[64, 32, 32]).eval()
+
+
+def _svdq_logical(n, k, precision, dtype, gen, *, members=1, zero_bias=False, alpha=None, nobias=False):
     g = 16 if precision == "nvfp4" else 64
     r = 16
     lay = {"precision": precision}
@@ -116,6 +134,8 @@ def _svdq_logical(n, k, precision, dtype, gen, *, members=1, zero_bias=False, al
     lay["down"] = (torch.randn(r, k, generator=gen) * 0.05).to(dtype)
     lay["up"] = (torch.randn(n, r, generator=gen) * 0.05).to(dtype)
     lay["bias"] = torch.zeros(n, dtype=dtype) if zero_bias else (torch.randn(n, generator=gen) * 0.1).to(dtype)
+    if nobias:
+        lay["bias"] = None
     return lay
 
 
@@ -136,7 +156,8 @@ def _svdq_tensors(lay, roles):
     t[roles["smooth_orig"]] = t[roles["smooth"]].clone()
     t[roles["down"]] = ref.pack_down(ref.pad(lay["down"], (lay["down"].shape[0], kp)))
     t[roles["up"]] = ref.pack_up(ref.pad(lay["up"], (np_, lay["up"].shape[1])))
-    t["bias"] = ref.pack_vec(ref.pad(lay["bias"], (np_,)))
+    if lay["bias"] is not None:
+        t["bias"] = ref.pack_vec(ref.pad(lay["bias"], (np_,)))
     return t
 
 
@@ -162,16 +183,17 @@ def _awq_tensors(st):
 
 def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alpha=None, arch="flux"):
     """A Nunchaku single file for a tiny FLUX (or Qwen-Image); returns the logical layers."""
-    model = tiny_flux(inner) if arch == "flux" else tiny_qwen()
-    quantized = QUANTIZED_MODULES if arch == "flux" else QWEN_QUANTIZED
-    blocks = (("transformer_blocks.0", DOUBLE), ("single_transformer_blocks.0", SINGLE)) if arch == "flux" else (
-        ("transformer_blocks.0", QWEN),)
+    model = {"flux": lambda: tiny_flux(inner), "qwen": tiny_qwen, "zimage": tiny_zimage}[arch]()
+    quantized = {"flux": QUANTIZED_MODULES, "qwen": QWEN_QUANTIZED, "zimage": ZIMAGE_QUANTIZED}[arch]
+    blocks = {"flux": (("transformer_blocks.0", DOUBLE), ("single_transformer_blocks.0", SINGLE)),
+              "qwen": (("transformer_blocks.0", QWEN),),
+              "zimage": tuple((b, ZIMAGE) for b in ZIMAGE_BLOCKS)}[arch]
     gen = torch.Generator().manual_seed(seed)
     roles = CPP_ROLES if dialect == "flux-cpp" else NATIVE_ROLES
     tensors, logical = {}, {}
     for block, table in blocks:
         for cpp, native, kind, nf, kf, extra in table:
-            n, k = nf * inner, kf * inner
+            n, k = (nf, kf) if arch == "zimage" else (nf * inner, kf * inner)
             name = f"{block}.{cpp if dialect == 'flux-cpp' else native}"
             if kind == "awq":
                 st, perm, delta = _awq_logical(n, k, extra["splits"], dtype, gen)
@@ -181,7 +203,7 @@ def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alph
                 continue
             alpha = single_alpha if (single_alpha and "kconcat" in extra) else None
             lay = _svdq_logical(n, k, precision, dtype, gen, members=len(extra.get("members", [1])),
-                                zero_bias=extra.get("zero_bias", False), alpha=alpha)
+                                zero_bias=extra.get("zero_bias", False), alpha=alpha, nobias=extra.get("nobias", False))
             logical[(block, native)] = ("svdq", lay, None, None, extra)
             for role, t in _svdq_tensors(lay, roles).items():
                 tensors[f"{name}.{role}"] = t
@@ -194,7 +216,7 @@ def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alph
             for d, c in CPP_NORMS.items():
                 key = key.replace(f"{block}.{d}.", f"{block}.{c}.")
         tensors[key] = v.to(dtype).contiguous()
-    meta = {"config": model.to_json_string(), "model_class": "NunchakuFluxTransformer2dModel",
+    meta = {"config": model.to_json_string(), "model_class": f"Nunchaku{type(model).__name__}",
             "quantization_config": json.dumps({"method": "svdquant", "rank": 16}), "comfy_config": "{}"}
     st_save(tensors, str(path), metadata=meta)
     return logical
@@ -278,6 +300,18 @@ def test_import_qwen_image_native(tmp_path, precision):
     assert isinstance(model.transformer_blocks[0].attn.add_v_proj, SVDQLinear)
 
 
+def test_import_zimage_swiglu_feed_forward(tmp_path):
+    src = tmp_path / "zimage.safetensors"
+    logical = build_file(src, precision="int4", dialect="native", dtype=torch.float32, arch="zimage")
+    out = import_nunchaku(src, tmp_path / "ours")
+    worst, ours = _check_forward(out, logical, 192)
+    assert worst <= 1e-5, worst
+    assert {"layers.0.feed_forward.w1", "noise_refiner.0.feed_forward.w3", "context_refiner.0.attention.to_v"} <= set(ours)
+    assert not ours["layers.0.feed_forward.w2"].act_unsigned  # SwiGLU, not a GELU fc2
+    model = load_model_dir(out)
+    assert isinstance(model.layers[0].feed_forward.w2, SVDQLinear)
+
+
 def test_import_merged_proj_out_loads_into_stock_diffusers(tmp_path):
     src = tmp_path / "fp4.safetensors"
     build_file(src, precision="nvfp4", dialect="native", dtype=torch.bfloat16, single_alpha=0.5)
@@ -299,10 +333,11 @@ def _all_tensors(path):
         return {k: h.get_tensor(k) for k in h.keys()}
 
 
-@pytest.mark.parametrize("precision,dialect", [("int4", "flux-cpp"), ("nvfp4", "native")])
-def test_ours_to_nunchaku_to_ours_is_bit_identical(tmp_path, precision, dialect):
+@pytest.mark.parametrize("precision,dialect,arch", [("int4", "flux-cpp", "flux"), ("nvfp4", "native", "flux"),
+                                                   ("int4", "native", "zimage")])
+def test_ours_to_nunchaku_to_ours_is_bit_identical(tmp_path, precision, dialect, arch):
     src = tmp_path / "src.safetensors"
-    build_file(src, precision=precision, dialect=dialect, dtype=torch.bfloat16, seed=3)
+    build_file(src, precision=precision, dialect=dialect, dtype=torch.bfloat16, seed=3, arch=arch)
     ours = import_nunchaku(src, tmp_path / "ours")
     nun = export_nunchaku(ours, tmp_path / "nun.safetensors")
     back = import_nunchaku(nun, tmp_path / "back")
@@ -318,7 +353,7 @@ def test_ours_to_nunchaku_to_ours_is_bit_identical(tmp_path, precision, dialect)
     with safe_open(str(src), "pt") as h:
         assert keys == set(h.keys())  # the same dialect's names as the original file
     assert json.loads(meta["quantization_config"])["rank"] == 16
-    assert json.loads(meta["config"])["_class_name"] == "FluxTransformer2DModel"
+    assert json.loads(meta["config"])["_class_name"] == json.loads((ours / "config.json").read_text())["_class_name"]
 
 
 def _quantized_flux(tmp_path, precision, inner=128):
