@@ -74,6 +74,17 @@ ZIMAGE = [
 ZIMAGE_BLOCKS = ("layers.0", "noise_refiner.0", "context_refiner.0")
 ZIMAGE_QUANTIZED = {b: ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
                         "feed_forward.w2", "feed_forward.w3"] for b in ZIMAGE_BLOCKS}
+# SDXL (C = 128): diffusers module names with a fused self-attention to_qkv, C++ tensor names.
+SDXL = [
+    (None, "attn1.to_qkv", "svdq", 384, 128, {"members": ["attn1.to_q", "attn1.to_k", "attn1.to_v"], "zero_bias": True}),
+    (None, "attn1.to_out.0", "svdq", 128, 128, {}),
+    (None, "attn2.to_q", "svdq", 128, 128, {"zero_bias": True}),
+    (None, "attn2.to_out.0", "svdq", 128, 128, {}),
+    (None, "ff.net.0.proj", "svdq", 1024, 128, {}),
+    (None, "ff.net.2", "svdq", 128, 512, {}),  # after GEGLU: no shift
+]
+SDXL_MODULES = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
+                "ff.net.0.proj", "ff.net.2"]
 CPP_ROLES = {"down": "lora_down", "up": "lora_up", "smooth": "smooth", "smooth_orig": "smooth_orig"}
 NATIVE_ROLES = {"down": "proj_down", "up": "proj_up", "smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig"}
 QUANTIZED_MODULES = {
@@ -105,6 +116,16 @@ def tiny_qwen():
     return QwenImageTransformer2DModel(patch_size=1, in_channels=16, out_channels=4, num_layers=1,
                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
                                        axes_dims_rope=(4, 6, 6)).eval()
+
+
+def tiny_sdxl():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=8).eval()
 
 
 def tiny_zimage():
@@ -183,17 +204,21 @@ def _awq_tensors(st):
 
 def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alpha=None, arch="flux"):
     """A Nunchaku single file for a tiny FLUX (or Qwen-Image); returns the logical layers."""
-    model = {"flux": lambda: tiny_flux(inner), "qwen": tiny_qwen, "zimage": tiny_zimage}[arch]()
-    quantized = {"flux": QUANTIZED_MODULES, "qwen": QWEN_QUANTIZED, "zimage": ZIMAGE_QUANTIZED}[arch]
+    model = {"flux": lambda: tiny_flux(inner), "qwen": tiny_qwen, "zimage": tiny_zimage, "sdxl": tiny_sdxl}[arch]()
+    sdxl_blocks = [n[: -len(".attn1")] for n, _ in model.named_modules() if n.endswith("transformer_blocks.0.attn1")]
+    quantized = {"flux": QUANTIZED_MODULES, "qwen": QWEN_QUANTIZED, "zimage": ZIMAGE_QUANTIZED,
+                 "sdxl": {b: SDXL_MODULES for b in sdxl_blocks}}[arch]
     blocks = {"flux": (("transformer_blocks.0", DOUBLE), ("single_transformer_blocks.0", SINGLE)),
               "qwen": (("transformer_blocks.0", QWEN),),
-              "zimage": tuple((b, ZIMAGE) for b in ZIMAGE_BLOCKS)}[arch]
+              "zimage": tuple((b, ZIMAGE) for b in ZIMAGE_BLOCKS),
+              "sdxl": tuple((b, SDXL) for b in sdxl_blocks)}[arch]
+    quantized_full = {f"{b}.{m}" for b, ms in quantized.items() for m in ms}
     gen = torch.Generator().manual_seed(seed)
-    roles = CPP_ROLES if dialect == "flux-cpp" else NATIVE_ROLES
+    roles = CPP_ROLES if dialect in ("flux-cpp", "sdxl") else NATIVE_ROLES
     tensors, logical = {}, {}
     for block, table in blocks:
         for cpp, native, kind, nf, kf, extra in table:
-            n, k = (nf, kf) if arch == "zimage" else (nf * inner, kf * inner)
+            n, k = (nf, kf) if arch in ("zimage", "sdxl") else (nf * inner, kf * inner)
             name = f"{block}.{cpp if dialect == 'flux-cpp' else native}"
             if kind == "awq":
                 st, perm, delta = _awq_logical(n, k, extra["splits"], dtype, gen)
@@ -210,7 +235,7 @@ def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alph
     for key, v in model.state_dict().items():
         block = ".".join(key.split(".")[:2])
         mod = key.rsplit(".", 1)[0]
-        if any(mod == f"{block}.{m}" for m in quantized.get(block, [])):
+        if mod in quantized_full:
             continue
         if dialect == "flux-cpp" and block in quantized:
             for d, c in CPP_NORMS.items():
@@ -310,6 +335,20 @@ def test_import_zimage_swiglu_feed_forward(tmp_path):
     assert not ours["layers.0.feed_forward.w2"].act_unsigned  # SwiGLU, not a GELU fc2
     model = load_model_dir(out)
     assert isinstance(model.layers[0].feed_forward.w2, SVDQLinear)
+
+
+def test_import_sdxl_dialect(tmp_path):
+    src = tmp_path / "sdxl.safetensors"
+    logical = build_file(src, precision="int4", dialect="sdxl", dtype=torch.float32, arch="sdxl")
+    out = import_nunchaku(src, tmp_path / "ours")
+    worst, ours = _check_forward(out, logical, 128)
+    assert worst <= 1e-5, worst
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["source"]["dialect"] == "sdxl" and len(qc["layers"]) == 4 * 8
+    b = "mid_block.attentions.0.transformer_blocks.0"
+    assert not ours[f"{b}.ff.net.2"].act_unsigned and ours[f"{b}.attn1.to_k"].bias is None
+    model = load_model_dir(out)
+    assert isinstance(model.get_submodule(f"{b}.attn2.to_q"), SVDQLinear)
 
 
 def test_import_merged_proj_out_loads_into_stock_diffusers(tmp_path):
