@@ -33,8 +33,9 @@ from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
-from .nunchaku_import import EXACT_BIAS_KEY, GELU_SHIFT, _is_gelu_fc2, _linear, build_skeleton, group_indicator
-from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native
+from .nunchaku_awq import ours_to_awq
+from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2
+from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, from_native
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]
 
@@ -178,58 +179,6 @@ def _tile(out: _Out, rank: int) -> dict[str, torch.Tensor]:
     return t
 
 
-def _awq(name: str, layer: SVDQLinear, exact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our ``w4a16`` int4 layer → Nunchaku AWQ tensors (zero point 8, exact)."""
-    if not bool((layer.smooth == 1).all()):
-        raise UnsupportedError(f"layer {name}: a w4a16 layer with smoothing has no Nunchaku AWQ form")
-    if layer.precision != "int4":
-        raise UnsupportedError(f"layer {name}: Nunchaku's AWQ layers are int4, this one is {layer.precision}")
-    n, k = layer.out_features, layer.in_features
-    if n % 4 or k % 64:
-        raise UnsupportedError(f"layer {name}: AWQ needs N % 4 == 0 and K % 64 == 0, got {n}x{k}")
-    codes_u = (packing.nibbles_to_int4(_codes(layer)).to(torch.int16) + 8).to(torch.uint8)
-    scales = layer.wscales
-    zeros = (-8 * scales.float()).to(scales.dtype)  # exact: a power of two
-    if layer.rank:  # only the importer's zero-point remainder (per-group sums) folds back
-        g = k // 64
-        if layer.rank != g or not torch.equal(layer.lora_down, group_indicator(g, k, layer.dtype)):
-            raise UnsupportedError(f"layer {name}: a w4a16 layer with a low-rank branch has no Nunchaku AWQ form")
-        want = layer.lora_up.float() - 8 * scales.float()
-        zeros = want.to(scales.dtype)
-        if not torch.equal(zeros.float() + 8 * scales.float(), layer.lora_up.float()):
-            raise UnsupportedError(f"layer {name}: the zero-point remainder is not exact in {scales.dtype}")
-    bias = layer.bias
-    splits = adanorm_splits(name)
-    if splits > 1:
-        if n % splits:
-            raise UnsupportedError(f"layer {name}: {n} outputs do not split into {splits} modulation chunks")
-
-        def interleave(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(splits, n // splits, *x.shape[1:]).transpose(0, 1).reshape(x.shape).contiguous()
-
-        codes_u, scales, zeros = interleave(codes_u), interleave(scales), interleave(zeros)
-        if bias is None:
-            bias = torch.zeros(n, dtype=layer.dtype)
-        chunks = bias.float().reshape(splits, n // splits).clone()
-        for c in {1, splits - 2}:
-            chunks[c] += 1.0
-        baked = chunks.reshape(n).to(layer.dtype)
-        back = baked.float().reshape(splits, n // splits).clone()
-        for c in {1, splits - 2}:
-            back[c] -= 1.0
-        if not torch.equal(back.reshape(n).to(layer.dtype), bias):
-            exact[name] = bias.clone()
-        bias = interleave(baked)
-    t = {
-        "qweight": L.pack_awq_qweight(codes_u),
-        "wscales": scales.t().contiguous(),
-        "wzeros": zeros.t().contiguous(),
-    }
-    if bias is not None:
-        t["bias"] = bias
-    return t
-
-
 def _rebuilt_target(name: str, layers: Mapping[str, SVDQLinear]) -> tuple[str, list[str]] | None:
     """Our stock module → (Nunchaku's rebuilt module, its members), e.g. Z-Image w1/w3 → net.0.proj."""
     for target, members in list(REBUILT_FUSED.items()) + [(t, (m,)) for t, m in REBUILT_PLAIN.items()]:
@@ -314,7 +263,7 @@ def export_nunchaku(
         if layer.fused_from:
             raise UnsupportedError(f"layer {name}: split fused layers into their members before export")
         if layer.kind == "w4a16":
-            awq[name] = _awq(name, layer, exact)
+            awq[name] = ours_to_awq(name, layer, exact)
             done.add(name)
             continue
         if layer.precision == "int4" and layer.wscales.dtype != layer.dtype:
@@ -341,7 +290,7 @@ def export_nunchaku(
                 raise UnsupportedError(f"layer {name}: only {present} of {members} are quantized; Nunchaku fuses all three")
         single = name.startswith("single_transformer_blocks.")
         if single and leaf == "proj_out":
-            block_k = _linear(model, parent + ".proj_mlp", file)
+            block_k = find_linear(model, parent + ".proj_mlp")
             if block_k is None:
                 raise UnsupportedError(f"layer {name}: model has no {parent}.proj_mlp")
             a, b = _split_k(name, layer, layer.in_features - block_k.out_features)
@@ -355,7 +304,7 @@ def export_nunchaku(
             continue
         target = f"{parent}.mlp_fc1" if single and leaf == "proj_mlp" else name
         shifted_kernel = precision == "int4" and (
-            _is_gelu_fc2(model, name) or name == f"{parent}.mlp_fc2" and single
+            is_gelu_fc2(model, name) or name == f"{parent}.mlp_fc2" and single
         )
         if shifted_kernel != bool(layer.act_unsigned) or (layer.act_unsigned and layer.act_shift != GELU_SHIFT):
             raise UnsupportedError(

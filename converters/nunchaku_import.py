@@ -40,14 +40,12 @@ from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
+from .nunchaku_awq import awq_to_ours
+from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2, new_layer
 from .nunchaku_names import FUSED, LAYER_ROLES, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, detect_dialect, to_native
 
-__all__ = ["import_nunchaku", "read_nunchaku", "build_skeleton", "group_indicator", "NunchakuFile", "GELU_SHIFT", "EXACT_BIAS_KEY"]
+__all__ = ["import_nunchaku", "read_nunchaku", "NunchakuFile"]
 
-#: The constant Nunchaku adds to GELU outputs before unsigned int4 quantization.
-GELU_SHIFT = 0.171875
-#: Header key where our exporter keeps biases that Nunchaku's baked ``+1`` would round.
-EXACT_BIAS_KEY = "svdquant_exact_bias"
 
 
 @dataclasses.dataclass
@@ -116,39 +114,6 @@ def read_nunchaku(
 # --------------------------------------------------------------------------- helpers
 
 
-def build_skeleton(config: Mapping[str, Any], *, file: str | None = None) -> nn.Module:
-    """The diffusers model of ``config["_class_name"]`` on the meta device (no memory)."""
-    import diffusers
-
-    name = config.get("_class_name")
-    cls = getattr(diffusers, str(name), None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise UnsupportedError(f"{file}: config names unknown diffusers class {name!r}")
-    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
-    with torch.device("meta"):
-        return cls.from_config(cfg)
-
-
-def _linear(model: nn.Module, name: str, file: str) -> nn.Linear | None:
-    try:
-        m = model.get_submodule(name)
-    except AttributeError:
-        return None
-    return m if isinstance(m, nn.Linear) else None
-
-
-def _is_gelu_fc2(model: nn.Module, name: str) -> bool:
-    """``name`` is ``<ff>.net.2`` of a FeedForward whose first layer is a GELU."""
-    from diffusers.models.activations import GELU
-
-    if not name.endswith(".net.2"):
-        return False
-    try:
-        return isinstance(model.get_submodule(name[: -len("2")] + "0"), GELU)
-    except AttributeError:
-        return False
-
-
 def _trim_rank(down: torch.Tensor | None, up: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Drop rank columns that contribute nothing (zero padding, other members' blocks)."""
     if down is None or up is None:
@@ -209,42 +174,6 @@ def _untile(name: str, t: Mapping[str, torch.Tensor], n: int, k: int, file: str)
     return _Layer(precision, codes, wscales.contiguous(), alpha, wc, smooth, smooth_orig, down, up, bias)
 
 
-def _new_layer(
-    *,
-    precision: str,
-    kind: str,
-    codes: torch.Tensor,
-    wscales: torch.Tensor,
-    wtscale: float | None,
-    smooth: torch.Tensor,
-    down: torch.Tensor | None,
-    up: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    dtype: torch.dtype,
-    act_shift: float = 0.0,
-    act_unsigned: bool = False,
-) -> SVDQLinear:
-    n, k = codes.shape
-    rank = 0 if down is None else down.shape[0]
-    layer = SVDQLinear(
-        k, n, rank=rank, precision=precision, kind=kind, bias=bias is not None, dtype=dtype,
-        scale_dtype=wscales.dtype if precision == "int4" else None,
-        act_shift=act_shift, act_unsigned=act_unsigned,
-    )
-    with torch.no_grad():
-        layer.qweight.copy_(packing.pack_nibbles(codes.contiguous()))
-        layer.wscales.copy_(wscales)
-        if precision == "nvfp4":
-            layer.wtscale.copy_(torch.tensor(wtscale if wtscale is not None else 1.0, dtype=torch.float32))
-        layer.smooth.copy_(smooth)
-        if rank:
-            layer.lora_down.copy_(down)
-            layer.lora_up.copy_(up)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
-
-
 def _member_tscale(name: str, lay: _Layer, rows: slice, file: str) -> float | None:
     """Our fp32 ``wtscale`` of rows ``rows``: Nunchaku's ``alpha`` × the (constant) wcscales."""
     wc = lay.wcscales
@@ -266,81 +195,6 @@ def _member_tscale(name: str, lay: _Layer, rows: slice, file: str) -> float | No
     return float(alpha * part[0])
 
 
-# --------------------------------------------------------------------------- AWQ
-
-
-def group_indicator(groups: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[groups, k]`` with ones on each 64-wide group: ``x · Dᵀ`` = per-group sums of x."""
-    return torch.eye(groups, dtype=dtype).repeat_interleave(k // groups, dim=1)
-
-
-def _awq_layer(
-    name: str, t: Mapping[str, torch.Tensor], n: int, k: int, exact_bias: torch.Tensor | None, file: str
-) -> SVDQLinear:
-    """AWQ W4A16 (asymmetric uint4, zero pre-scaled) → our ``w4a16`` int4 layer."""
-    for role in ("wscales", "wzeros"):
-        if role not in t:
-            raise FormatError(file, f"{name}.{role}", "missing")
-    q = t["qweight"]
-    if tuple(q.shape) != (n // 4, k // 2):
-        raise FormatError(file, f"{name}.qweight", f"shape {list(q.shape)}, expected {[n // 4, k // 2]}")
-    g = k // 64
-    for role in ("wscales", "wzeros"):
-        shape = tuple(t[role].shape)
-        if len(shape) != 2 or shape[1] != n or shape[0] < g:
-            raise FormatError(file, f"{name}.{role}", f"shape {list(shape)}, expected [{g} (or padded), {n}]")
-    codes_u = L.unpack_awq_qweight(q)
-    scales = t["wscales"][:g].t().contiguous()
-    zeros = t["wzeros"][:g].t().contiguous()
-    bias = t.get("bias")
-    dtype = bias.dtype if bias is not None else scales.dtype  # compute dtype
-    splits = adanorm_splits(name)
-    if splits > 1:
-
-        def deinterleave(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(n // splits, splits, *x.shape[1:]).transpose(0, 1).reshape(x.shape).contiguous()
-
-        codes_u, scales, zeros = deinterleave(codes_u), deinterleave(scales), deinterleave(zeros)
-        if bias is not None:
-            bias = deinterleave(bias)
-            chunks = bias.float().reshape(splits, n // splits).clone()
-            for c in {1, splits - 2}:
-                chunks[c] -= 1.0
-            unbaked = chunks.reshape(n).to(dtype)
-            if exact_bias is not None:
-                check = exact_bias.float().reshape(splits, n // splits).clone()
-                for c in {1, splits - 2}:
-                    check[c] += 1.0
-                if not torch.equal(check.reshape(n).to(dtype), bias):
-                    raise FormatError(file, EXACT_BIAS_KEY, f"{name}: stored exact bias does not match the file")
-                unbaked = exact_bias.to(dtype)
-            bias = unbaked
-    s, z = scales.float(), zeros.float()
-    down = up = None
-    for c in (8, 7):  # the usual exact zero points: our signed code = q - c
-        if torch.equal(z, -c * s) and (codes_u.numel() == 0 or int(codes_u.max()) - c <= 7):
-            zp = c
-            break
-    else:
-        # DeepCompressor rounds the zero (7·scale) separately from the scale: keep codes q - 8
-        # and carry the remainder z + 8·s (exact: one 16-bit number per group) in a low-rank
-        # branch that sums each group of x.
-        zp = 8
-        delta = z + zp * s
-        if not torch.equal(delta.to(dtype).float(), delta):
-            raise UnsupportedError(
-                f"{file}: layer {name}: AWQ zero points are not an integer multiple of the scales "
-                f"and the remainder is not exact in {dtype}"
-            )
-        down = group_indicator(g, k, dtype)
-        up = delta.to(dtype)
-    codes = packing.int4_to_nibbles(codes_u.to(torch.int16) - zp)
-    return _new_layer(
-        precision="int4", kind="w4a16", codes=codes, wscales=scales, wtscale=None,
-        smooth=torch.ones(k, dtype=dtype), down=down, up=up, bias=bias, dtype=dtype,
-    )
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -349,11 +203,11 @@ def _rebuilt(model: nn.Module, name: str, file: str) -> tuple[str, Any] | None:
     for suffix, members in REBUILT_FUSED.items():
         if name == suffix or name.endswith("." + suffix):
             base = name[: -len(suffix)]
-            if all(_linear(model, base + m, file) is not None for m in members):
+            if all(find_linear(model, base + m) is not None for m in members):
                 return ("fused", [base + m for m in members])
     for suffix, member in REBUILT_PLAIN.items():
         if name == suffix or name.endswith("." + suffix):
-            if _linear(model, name[: -len(suffix)] + member, file) is not None:
+            if find_linear(model, name[: -len(suffix)] + member) is not None:
                 return ("plain", name[: -len(suffix)] + member)
     return None
 
@@ -365,20 +219,20 @@ def _plan_targets(model: nn.Module, names: list[str], file: str) -> dict[str, tu
         parent, _, leaf = name.rpartition(".")
         pre = parent + "." if parent else ""
         rebuilt = _rebuilt(model, name, file)
-        if _linear(model, name, file) is not None:
+        if find_linear(model, name) is not None:
             plan[name] = ("plain", name)
         elif rebuilt is not None:
             plan[name] = rebuilt
-        elif leaf in FUSED and all(_linear(model, pre + m, file) is not None for m in FUSED[leaf]):
+        elif leaf in FUSED and all(find_linear(model, pre + m) is not None for m in FUSED[leaf]):
             plan[name] = ("fused", [pre + m for m in FUSED[leaf]])
         elif name.startswith("single_transformer_blocks.") and leaf in ("mlp_fc1",):
             block = name.rsplit(".", 1)[0]
-            if _linear(model, block + ".proj_mlp", file) is None:
+            if find_linear(model, block + ".proj_mlp") is None:
                 raise UnsupportedError(f"{file}: layer {name}: model has no {block}.proj_mlp")
             plan[name] = ("plain", block + ".proj_mlp")
         elif name.startswith("single_transformer_blocks.") and (name.endswith(".attn.to_out") or leaf == "mlp_fc2"):
             block = name.split(".attn.to_out")[0] if name.endswith(".attn.to_out") else parent
-            if _linear(model, block + ".proj_out", file) is None:
+            if find_linear(model, block + ".proj_out") is None:
                 raise UnsupportedError(f"{file}: layer {name}: model has no {block}.proj_out")
             plan[name] = ("kconcat_attn" if name.endswith(".attn.to_out") else "kconcat_mlp", block + ".proj_out")
         else:
@@ -434,31 +288,31 @@ def import_nunchaku(
         if t["qweight"].dtype == torch.int32:  # AWQ W4A16
             if how != "plain":
                 raise UnsupportedError(f"{file}: layer {name}: AWQ layer maps to a {how} target")
-            mod = _linear(model, target, file)
-            layers[target] = _awq_layer(name, t, mod.out_features, mod.in_features, exact_bias.get(name), file)
+            mod = find_linear(model, target)
+            layers[target] = awq_to_ours(name, t, mod.out_features, mod.in_features, exact_bias.get(name), file)
             if adanorm_splits(name) > 1:
                 record["adanorm"][target] = adanorm_splits(name)
             continue
         if how == "fused":
-            mods = [_linear(model, m, file) for m in target]
+            mods = [find_linear(model, m) for m in target]
             n, k = sum(m.out_features for m in mods), mods[0].in_features
         elif how.startswith("kconcat"):
-            proj_out = _linear(model, target, file)
+            proj_out = find_linear(model, target)
             block = target.rsplit(".", 1)[0]
-            k_mlp = _linear(model, block + ".proj_mlp", file).out_features
+            k_mlp = find_linear(model, block + ".proj_mlp").out_features
             n = proj_out.out_features
             k = k_mlp if how == "kconcat_mlp" else proj_out.in_features - k_mlp
         else:
-            mod = _linear(model, target, file)
+            mod = find_linear(model, target)
             n, k = mod.out_features, mod.in_features
         lay = _untile(name, t, n, k, file)
         dtype = lay.smooth.dtype
         if lay.smooth_orig is not None and not torch.equal(lay.smooth_orig, lay.smooth):
             record["smooth_fused"].append(name)
-        shifted = lay.precision == "int4" and (how == "kconcat_mlp" or (how == "plain" and _is_gelu_fc2(model, target)))
+        shifted = lay.precision == "int4" and (how == "kconcat_mlp" or (how == "plain" and is_gelu_fc2(model, target)))
         shift = dict(act_shift=GELU_SHIFT, act_unsigned=True) if shifted else {}
         members = target if how == "fused" else [target]
-        sizes = [_linear(model, m, file).out_features for m in members] if how == "fused" else [n]
+        sizes = [find_linear(model, m).out_features for m in members] if how == "fused" else [n]
         offset = 0
         for member, size in zip(members, sizes):
             rows = slice(offset, offset + size)
@@ -467,13 +321,13 @@ def import_nunchaku(
             bias = None if lay.bias is None else lay.bias[rows]
             if how.startswith("kconcat"):
                 bias = lay.bias  # resolved when both halves are known
-            elif _linear(model, member, file).bias is None:
+            elif find_linear(model, member).bias is None:
                 if bias is not None and bool((bias != 0).any()):
                     raise UnsupportedError(f"{file}: layer {name}: non-zero bias for {member}, which has none")
                 bias = None
             elif bias is None:
                 bias = torch.zeros(size, dtype=dtype)
-            new = _new_layer(
+            new = new_layer(
                 precision=lay.precision, kind="w4a4", codes=lay.codes[rows], wscales=lay.wscales[rows],
                 wtscale=_member_tscale(name, lay, rows, file), smooth=lay.smooth, down=down, up=up,
                 bias=bias, dtype=dtype, **shift,
@@ -486,7 +340,7 @@ def import_nunchaku(
         if set(parts) != {"kconcat_attn", "kconcat_mlp"}:
             raise FormatError(file, target, "only one half of a FLUX single-block proj_out is quantized")
         (name_a, a), (name_b, b) = parts["kconcat_attn"], parts["kconcat_mlp"]
-        merged = _merge_k(a, b, has_bias=_linear(model, target, file).bias is not None)
+        merged = _merge_k(a, b, has_bias=find_linear(model, target).bias is not None)
         if merged is not None:
             layers[target] = merged
         else:  # not expressible as one layer: keep both halves under Nunchaku-V2 names
@@ -557,7 +411,7 @@ def _merge_k(a: SVDQLinear, b: SVDQLinear, *, has_bias: bool) -> SVDQLinear | No
         parts = [x.bias for x in (a, b) if x.bias is not None and bool((x.bias != 0).any())]
         bias = parts[0] if parts else torch.zeros(n, dtype=a.dtype)
     codes = torch.cat([packing.unpack_nibbles(a.qweight), packing.unpack_nibbles(b.qweight)], dim=1)
-    return _new_layer(
+    return new_layer(
         precision=a.precision, kind=a.kind, codes=codes, wscales=torch.cat([a.wscales, b.wscales], dim=1),
         wtscale=None if a.wtscale is None else float(a.wtscale), smooth=torch.cat([a.smooth, b.smooth]),
         down=down, up=up, bias=bias, dtype=a.dtype, act_shift=a.act_shift, act_unsigned=a.act_unsigned,

@@ -37,7 +37,7 @@ from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 
 from . import nunchaku_layout as L
 from .nunchaku_export import read_model_dir
-from .nunchaku_import import build_skeleton
+from .nunchaku_common import build_skeleton
 
 __all__ = ["export_nunchaku_lite", "lite_config", "split_tensor_scale"]
 
