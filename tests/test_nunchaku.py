@@ -529,3 +529,32 @@ def test_dialect_detection_and_names():
         assert from_native(to_native(key, d), d) == key
     with pytest.raises(UnsupportedError, match="mixes"):
         detect_dialect(cpp + native)
+
+
+def test_native_quantized_flux_round_trips_through_nunchaku(tmp_path):
+    """Our own nvfp4 FLUX (q/k/v with separate low-rank branches, one proj_out, exact AdaLN biases)."""
+    src, layers = _quantized_flux(tmp_path, "nvfp4", inner=64)
+    cfg = json.loads((src / "config.json").read_text())
+    # Nunchaku's fused q|k|v needs tensor scales whose ratios are exact in bf16: requantize the
+    # residuals of every attention projection with one shared tensor scale.
+    for name, layer in layers.items():
+        if layer.kind == "w4a4":
+            nib, gs, ts = packing.quantize_nvfp4(layer.residual(), tensor_scale=1e-3)
+            layer.qweight.copy_(packing.pack_nibbles(nib))
+            layer.wscales.copy_(gs)
+            layer.wtscale.copy_(ts)
+    model = tiny_flux(64, torch.bfloat16)
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    src = save_model_dir(model, tmp_path / "ours", config={k: v for k, v in cfg.items() if k != "quantization_config"})
+    nun = export_nunchaku(src, tmp_path / "nun.safetensors")
+    with safe_open(str(nun), "pt") as h:
+        meta = h.metadata()
+        assert "transformer_blocks.0.qkv_proj.wcscales" in h.keys()  # flux-cpp names by default
+    assert "svdquant_exact_bias" in meta  # bf16(b + 1) rounds for most random AdaLN biases
+    back = import_nunchaku(nun, tmp_path / "back")
+    a, b = _all_tensors(src / WEIGHTS_NAME), _all_tensors(back / WEIGHTS_NAME)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
