@@ -85,9 +85,9 @@ def awq_to_ours(
             )
         down = group_indicator(g, k, dtype)
         up = delta.to(dtype)
-    codes = packing.int4_to_nibbles(codes_u.to(torch.int16) - zp)
+    qweight = packing.pack_nibbles(packing.int4_to_nibbles(codes_u.to(torch.int16) - zp))
     return new_layer(
-        precision="int4", kind="w4a16", codes=codes, wscales=scales, wtscale=None,
+        precision="int4", kind="w4a16", qweight=qweight, wscales=scales, wtscale=None,
         smooth=torch.ones(k, dtype=dtype), down=down, up=up, bias=bias, dtype=dtype,
     )
 

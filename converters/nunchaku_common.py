@@ -58,7 +58,7 @@ def new_layer(
     *,
     precision: str,
     kind: str,
-    codes: torch.Tensor,
+    qweight: torch.Tensor,
     wscales: torch.Tensor,
     wtscale: float | None,
     smooth: torch.Tensor,
@@ -69,8 +69,8 @@ def new_layer(
     act_shift: float = 0.0,
     act_unsigned: bool = False,
 ) -> SVDQLinear:
-    """An ``SVDQLinear`` holding the given canonical tensors (codes are uint8 nibbles [N, K])."""
-    n, k = codes.shape
+    """An ``SVDQLinear`` holding the given canonical tensors (``qweight``: packed uint8 [N, K/2])."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
     rank = 0 if down is None else down.shape[0]
     layer = SVDQLinear(
         k, n, rank=rank, precision=precision, kind=kind, bias=bias is not None, dtype=dtype,
@@ -78,7 +78,7 @@ def new_layer(
         act_shift=act_shift, act_unsigned=act_unsigned,
     )
     with torch.no_grad():
-        layer.qweight.copy_(packing.pack_nibbles(codes.contiguous()))
+        layer.qweight.copy_(qweight)
         layer.wscales.copy_(wscales)
         if precision == "nvfp4":
             layer.wtscale.copy_(torch.tensor(wtscale if wtscale is not None else 1.0, dtype=torch.float32))

@@ -71,7 +71,8 @@ def read_model_dir(
 
 
 def _codes(layer: SVDQLinear) -> torch.Tensor:
-    return packing.unpack_nibbles(layer.qweight)
+    """Our packed codes uint8 [N, K/2] (the export keeps them packed: Nunchaku moves 32-bit words)."""
+    return layer.qweight
 
 
 class _Out:
@@ -145,9 +146,9 @@ def _split_k(name: str, layer: SVDQLinear, k_attn: int) -> tuple[_Out, _Out]:
     alpha = None if layer.wtscale is None else float(layer.wtscale)
     down, up = layer.lora_down, layer.lora_up
     halves = []
-    for sl, gs in ((slice(0, k_attn), slice(0, k_attn // g)), (slice(k_attn, None), slice(k_attn // g, None))):
-        halves.append(_Out(layer.precision, codes[:, sl], ws[:, gs], layer.smooth[sl],
-                           None if down is None else down[:, sl], up, None, alpha, None, layer.dtype))
+    for lo, hi in ((0, k_attn), (k_attn, layer.in_features)):
+        halves.append(_Out(layer.precision, codes[:, lo // 2 : hi // 2], ws[:, lo // g : hi // g], layer.smooth[lo:hi],
+                           None if down is None else down[:, lo:hi], up, None, alpha, None, layer.dtype))
     halves[1].bias = layer.bias
     halves[0].bias = torch.zeros(layer.out_features, dtype=layer.dtype)
     return halves[0], halves[1]
@@ -155,10 +156,10 @@ def _split_k(name: str, layer: SVDQLinear, k_attn: int) -> tuple[_Out, _Out]:
 
 def _tile(out: _Out, rank: int) -> dict[str, torch.Tensor]:
     """Canonical → Nunchaku tensors, padded to 128 (N, K) and to ``rank``."""
-    n, k = out.codes.shape
+    n, k = out.codes.shape[0], 2 * out.codes.shape[1]
     n_pad, k_pad = L.round_up(n, L.TILE_N), L.round_up(k, L.TILE_K)
     g = packing.GROUP_SIZES[out.precision]
-    t: dict[str, torch.Tensor] = {"qweight": L.pack_qweight(L.pad_to(out.codes, (n_pad, k_pad)))}
+    t: dict[str, torch.Tensor] = {"qweight": L.rowmajor_to_qweight(L.pad_to(out.codes, (n_pad, k_pad // 2)))}
     if out.precision == "nvfp4":
         t["wscales"] = L.pack_micro_scales(L.pad_to(out.wscales, (n_pad, k_pad // g)))
         t["wtscale"] = torch.tensor([out.alpha], dtype=torch.float32)

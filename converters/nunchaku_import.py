@@ -127,7 +127,7 @@ class _Layer:
     """One W4A4 layer un-tiled (canonical order, real sizes)."""
 
     precision: str
-    codes: torch.Tensor  # uint8 nibbles [N, K]
+    qweight: torch.Tensor  # our packed codes, uint8 [N, K/2]
     wscales: torch.Tensor  # [N, G]
     alpha: float | None
     wcscales: torch.Tensor | None  # [N] or None
@@ -155,7 +155,7 @@ def _untile(name: str, t: Mapping[str, torch.Tensor], n: int, k: int, file: str)
     precision = "nvfp4" if ws.dtype == torch.float8_e4m3fn else "int4"
     g = packing.GROUP_SIZES[precision]
     try:
-        codes = L.unpack_qweight(q)[:n, :k]
+        qweight = L.qweight_to_rowmajor(q)[:n, : k // 2]
         if precision == "nvfp4":
             wscales = L.unpack_micro_scales(ws)[:n, : k // g]
         else:
@@ -171,7 +171,7 @@ def _untile(name: str, t: Mapping[str, torch.Tensor], n: int, k: int, file: str)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise bad(f"tensor shapes do not fit the Nunchaku tiling ({exc})") from None
     alpha = float(t["wtscale"].float().reshape(-1)[0]) if "wtscale" in t else None
-    return _Layer(precision, codes, wscales.contiguous(), alpha, wc, smooth, smooth_orig, down, up, bias)
+    return _Layer(precision, qweight, wscales.contiguous(), alpha, wc, smooth, smooth_orig, down, up, bias)
 
 
 def _member_tscale(name: str, lay: _Layer, rows: slice, file: str) -> float | None:
@@ -328,7 +328,7 @@ def import_nunchaku(
             elif bias is None:
                 bias = torch.zeros(size, dtype=dtype)
             new = new_layer(
-                precision=lay.precision, kind="w4a4", codes=lay.codes[rows], wscales=lay.wscales[rows],
+                precision=lay.precision, kind="w4a4", qweight=lay.qweight[rows], wscales=lay.wscales[rows],
                 wtscale=_member_tscale(name, lay, rows, file), smooth=lay.smooth, down=down, up=up,
                 bias=bias, dtype=dtype, **shift,
             )
@@ -410,9 +410,9 @@ def _merge_k(a: SVDQLinear, b: SVDQLinear, *, has_bias: bool) -> SVDQLinear | No
     if has_bias:
         parts = [x.bias for x in (a, b) if x.bias is not None and bool((x.bias != 0).any())]
         bias = parts[0] if parts else torch.zeros(n, dtype=a.dtype)
-    codes = torch.cat([packing.unpack_nibbles(a.qweight), packing.unpack_nibbles(b.qweight)], dim=1)
+    qweight = torch.cat([a.qweight, b.qweight], dim=1)  # K_a is even: bytes never straddle
     return new_layer(
-        precision=a.precision, kind=a.kind, codes=codes, wscales=torch.cat([a.wscales, b.wscales], dim=1),
+        precision=a.precision, kind=a.kind, qweight=qweight, wscales=torch.cat([a.wscales, b.wscales], dim=1),
         wtscale=None if a.wtscale is None else float(a.wtscale), smooth=torch.cat([a.smooth, b.smooth]),
         down=down, up=up, bias=bias, dtype=a.dtype, act_shift=a.act_shift, act_unsigned=a.act_unsigned,
     )

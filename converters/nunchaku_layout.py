@@ -41,6 +41,8 @@ __all__ = [
     "round_up",
     "pack_qweight",
     "unpack_qweight",
+    "rowmajor_to_qweight",
+    "qweight_to_rowmajor",
     "pack_scales",
     "unpack_scales",
     "pack_vector",
@@ -88,23 +90,39 @@ def _check(cond: bool, what: str) -> None:
 # --------------------------------------------------------------------------- W4A4 weights
 
 
+def rowmajor_to_qweight(packed: torch.Tensor) -> torch.Tensor:
+    """Our packed codes uint8 ``[N, K/2]`` → Nunchaku ``qweight`` int8 ``[N, K/2]``.
+
+    Eight consecutive codes along K are one little-endian 32-bit word in *both* layouts (code i
+    in bits 4i..4i+3, i.e. :func:`svdq_format.packing.pack_nibbles` order), so the tiling is a
+    permutation of whole words.
+    """
+    n, half = packed.shape
+    k = 2 * half
+    _check(n % TILE_N == 0 and k % TILE_K == 0, f"qweight {n}x{k} is not padded to 128x128")
+    words = packed.contiguous().view(torch.int32).reshape(n // 128, 8, 2, 8, k // 64, 2, 4)  # nt p ns nl kt ks kl
+    words = words.permute(0, 4, 1, 3, 6, 2, 5).contiguous()  # nt kt p nl kl ns ks
+    return words.view(torch.int8).reshape(n, half)
+
+
+def qweight_to_rowmajor(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rowmajor_to_qweight`: Nunchaku int8 ``[N, K/2]`` → our uint8 ``[N, K/2]``."""
+    n, half = qweight.shape
+    k = 2 * half
+    _check(n % TILE_N == 0 and k % TILE_K == 0, f"qweight {n}x{k} is not padded to 128x128")
+    words = qweight.contiguous().view(torch.int32).reshape(n // 128, k // 64, 8, 8, 4, 2, 2)  # nt kt p nl kl ns ks
+    words = words.permute(0, 2, 5, 3, 1, 6, 4).contiguous()  # nt p ns nl kt ks kl
+    return words.view(torch.uint8).reshape(n, half)
+
+
 def pack_qweight(nibbles: torch.Tensor) -> torch.Tensor:
     """Canonical nibbles uint8 ``[N, K]`` → Nunchaku ``qweight`` int8 ``[N, K/2]``."""
-    n, k = nibbles.shape
-    _check(n % TILE_N == 0 and k % TILE_K == 0, f"qweight {n}x{k} is not padded to 128x128")
-    t = nibbles.reshape(n // 128, 8, 2, 8, k // 64, 2, 4, 8)  # nt p ns nl kt ks kl i
-    t = t.permute(0, 4, 1, 3, 6, 2, 5, 7).reshape(-1)  # nt kt p nl kl ns ks i
-    return packing.pack_nibbles(t).view(n, k // 2).view(torch.int8)
+    return rowmajor_to_qweight(packing.pack_nibbles(nibbles))
 
 
 def unpack_qweight(qweight: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_qweight`: int8 ``[N, K/2]`` → nibbles uint8 ``[N, K]``."""
-    n, half = qweight.shape
-    k = 2 * half
-    _check(n % TILE_N == 0 and k % TILE_K == 0, f"qweight {n}x{k} is not padded to 128x128")
-    t = packing.unpack_nibbles(qweight.contiguous().view(torch.uint8).reshape(-1))
-    t = t.reshape(n // 128, k // 64, 8, 8, 4, 2, 2, 8)  # nt kt p nl kl ns ks i
-    return t.permute(0, 2, 5, 3, 1, 6, 4, 7).reshape(n, k).contiguous()
+    return packing.unpack_nibbles(qweight_to_rowmajor(qweight))
 
 
 # --------------------------------------------------------------------------- scales / vectors

@@ -75,7 +75,7 @@ def _svdq_tensors(name: str, layer: SVDQLinear, module: nn.Linear, rank: int, dt
     if layer.dtype != dtype or (layer.precision == "int4" and layer.wscales.dtype != dtype):
         raise UnsupportedError(f"layer {name}: tensors are not all in the compute dtype {dtype}")
     t: dict[str, torch.Tensor] = {
-        "qweight": L.pack_qweight(packing.unpack_nibbles(layer.qweight)),
+        "qweight": L.rowmajor_to_qweight(layer.qweight),
         "smooth_factor": L.pack_vector(layer.smooth),
     }
     err = 0.0
