@@ -558,3 +558,27 @@ def test_native_quantized_flux_round_trips_through_nunchaku(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+
+
+def test_load_imported_int4_flux_with_k_split_proj_out(tmp_path):
+    from converters.nunchaku_model import KConcatLinear, load_imported_model
+
+    src = tmp_path / "int4.safetensors"
+    logical = build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.float32)
+    out = import_nunchaku(src, tmp_path / "ours")
+    with pytest.raises(SVDQError, match="attn.to_out"):
+        load_model_dir(out)  # the stock loader cannot place the K-split halves
+    model = load_imported_model(out)
+    proj_out = model.single_transformer_blocks[0].proj_out
+    assert isinstance(proj_out, KConcatLinear)
+    la = logical[("single_transformer_blocks.0", "attn.to_out")][1]
+    lb = logical[("single_transformer_blocks.0", "mlp_fc2")][1]
+    torch.manual_seed(2)
+    xa, xb = torch.randn(3, 64), torch.nn.functional.gelu(torch.randn(3, 256), approximate="tanh")
+    y_ref = ref.w4a4_forward(xa, la, 0.0, False) + ref.w4a4_forward(xb, lb, SHIFT, True)
+    assert _rel(proj_out(torch.cat([xa, xb], -1)), y_ref) <= 1e-5
+    with torch.no_grad():
+        y = model(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 64),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3)).sample
+    assert y.shape == (1, 16, 16) and torch.isfinite(y).all()
