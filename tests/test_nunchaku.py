@@ -463,10 +463,10 @@ def test_nunchaku_lite_matches_diffusers_loader(tmp_path, monkeypatch, precision
 
 
 def test_export_refuses_what_nunchaku_cannot_express(tmp_path):
-    src, _ = _quantized_flux(tmp_path, "nvfp4")
+    src, _ = _quantized_flux(tmp_path, "nvfp4", inner=64)
     with pytest.raises(UnsupportedError, match="layer .*to_k.*tensor scale"):
         export_nunchaku(src, tmp_path / "x.safetensors")  # q/k/v have their own fp32 tensor scales
-    src4, _ = _quantized_flux(tmp_path, "int4")
+    src4, _ = _quantized_flux(tmp_path, "int4", inner=64)
     with pytest.raises(UnsupportedError, match=r"layer \S+(proj_out|net\.2)"):
         export_nunchaku(src4, tmp_path / "y.safetensors")  # fc2 quantized without the GELU shift
     f32 = tmp_path / "f32.safetensors"
