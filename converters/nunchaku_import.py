@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from svdq_format import packing
-from svdq_format.errors import FormatError, UnsupportedError
+from svdq_format.errors import FormatError, SVDQError, UnsupportedError
 from svdq_format.io import atomic_write, producer_info, save_file, validate
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
@@ -327,11 +327,14 @@ def import_nunchaku(
                 bias = None
             elif bias is None:
                 bias = torch.zeros(size, dtype=dtype)
-            new = new_layer(
-                precision=lay.precision, kind="w4a4", qweight=lay.qweight[rows], wscales=lay.wscales[rows],
-                wtscale=_member_tscale(name, lay, rows, file), smooth=lay.smooth, down=down, up=up,
-                bias=bias, dtype=dtype, **shift,
-            )
+            tscale = _member_tscale(name, lay, rows, file)
+            try:
+                new = new_layer(
+                    precision=lay.precision, kind="w4a4", qweight=lay.qweight[rows], wscales=lay.wscales[rows],
+                    wtscale=tscale, smooth=lay.smooth, down=down, up=up, bias=bias, dtype=dtype, **shift,
+                )
+            except (SVDQError, RuntimeError) as exc:  # dtypes/shapes our format does not allow
+                raise UnsupportedError(f"{file}: layer {name}: {exc}") from None
             if how.startswith("kconcat"):
                 kparts.setdefault(target, {})[how] = (name, new)
             else:
