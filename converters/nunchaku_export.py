@@ -35,7 +35,7 @@ from svdq_format.spec import FormatMetadata
 from . import nunchaku_layout as L
 from .nunchaku_awq import ours_to_awq
 from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2
-from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, from_native
+from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, from_native, stock_to_unquantized
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]
 
@@ -330,6 +330,7 @@ def export_nunchaku(
     for name, t_awq in awq.items():
         for role, t in t_awq.items():
             tensors[from_native(f"{name}.{role}", dialect)] = t.contiguous()
+    extras, rebuilt_dense = stock_to_unquantized(extras)  # e.g. Z-Image refiners left 16-bit
     for k, t in extras.items():
         key = from_native(k, dialect)
         if key in tensors:
@@ -345,6 +346,8 @@ def export_nunchaku(
                        "scale_dtype": "fp8_e4m3_nan" if fp4 else None, "group_size": 16 if fp4 else 64},
         "rank": rank,
     }
+    if rebuilt_dense:
+        qcfg["skip_refiners"] = True  # Nunchaku's Z-Image loader: refiners rebuilt, not quantized
     comfy = {"model_class": ("Flux" if cfg.get("guidance_embeds") else "FluxSchnell") if class_name == "FluxTransformer2DModel" else class_name,
              "model_config": {}}
     header = {

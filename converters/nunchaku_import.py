@@ -42,7 +42,7 @@ from svdq_format.spec import FormatMetadata
 from . import nunchaku_layout as L
 from .nunchaku_awq import awq_to_ours
 from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2, new_layer
-from .nunchaku_names import FUSED, LAYER_ROLES, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, detect_dialect, to_native
+from .nunchaku_names import FUSED, LAYER_ROLES, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, detect_dialect, to_native, unquantized_to_stock
 
 __all__ = ["import_nunchaku", "read_nunchaku", "NunchakuFile"]
 
@@ -352,6 +352,7 @@ def import_nunchaku(
             layers[name_a], layers[name_b] = a, b
             record["k_concat"][target] = [name_a, name_b]
 
+    extras = unquantized_to_stock(extras, lambda m: find_linear(model, m) is not None)
     expected = _expected_extras(model, layers, record)
     _check_extras(extras, expected, file)
     extra_meta = {

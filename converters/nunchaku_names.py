@@ -19,7 +19,9 @@ is done against the model (:mod:`converters.nunchaku_import`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+import torch
 
 from svdq_format.errors import UnsupportedError
 
@@ -34,6 +36,8 @@ __all__ = [
     "to_native",
     "from_native",
     "adanorm_splits",
+    "unquantized_to_stock",
+    "stock_to_unquantized",
 ]
 
 DIALECTS = ("flux-cpp", "sdxl", "native")
@@ -170,6 +174,46 @@ def from_native(key: str, dialect: str) -> str:
                     break
             module = f"{m.group(1)}.{m.group(2)}.{rest}".rstrip(".")
     return f"{module}.{role}" if module else role
+
+
+def unquantized_to_stock(extras: dict[str, torch.Tensor], model_has: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """Dense (16-bit) tensors of rebuilt modules → the stock modules' tensors (rows split).
+
+    E.g. Z-Image refiners left unquantized (``skip_refiners``):
+    ``feed_forward.net.0.proj.weight`` → ``feed_forward.w3.weight`` + ``feed_forward.w1.weight``.
+    ``model_has(name)`` tells whether the model has that module.
+    """
+    out = {}
+    for key, t in extras.items():
+        module, _, role = key.rpartition(".")
+        done = False
+        for suffix, members in list(REBUILT_FUSED.items()) + [(s, (m,)) for s, m in REBUILT_PLAIN.items()]:
+            if (module == suffix or module.endswith("." + suffix)) and not model_has(module):
+                base = module[: -len(suffix)]
+                if all(model_has(base + m) for m in members):
+                    for m, part in zip(members, t.chunk(len(members), dim=0)):
+                        out[f"{base}{m}.{role}"] = part.contiguous()
+                    done = True
+                    break
+        if not done:
+            out[key] = t
+    return out
+
+
+def stock_to_unquantized(extras: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Inverse of :func:`unquantized_to_stock`; also says whether any module was rebuilt."""
+    out, rebuilt = dict(extras), False
+    for suffix, members in list(REBUILT_FUSED.items()) + [(s, (m,)) for s, m in REBUILT_PLAIN.items()]:
+        for key in list(out):
+            module, _, role = key.rpartition(".")
+            if not (module == members[0] or module.endswith("." + members[0])):
+                continue
+            base = module[: -len(members[0])]
+            keys = [f"{base}{m}.{role}" for m in members]
+            if all(k in out for k in keys):
+                out[f"{base}{suffix}.{role}"] = torch.cat([out.pop(k) for k in keys], dim=0)
+                rebuilt = True
+    return out, rebuilt
 
 
 def adanorm_splits(module: str) -> int:

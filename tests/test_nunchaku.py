@@ -202,7 +202,7 @@ def _awq_tensors(st):
             "wzeros": ref.pad(st["zeros"].T.contiguous(), (gp, n)), "bias": st["bias"]}
 
 
-def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alpha=None, arch="flux"):
+def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alpha=None, arch="flux", skip_refiners=False):
     """A Nunchaku single file for a tiny FLUX (or Qwen-Image); returns the logical layers."""
     model = {"flux": lambda: tiny_flux(inner), "qwen": tiny_qwen, "zimage": tiny_zimage, "sdxl": tiny_sdxl}[arch]()
     sdxl_blocks = [n[: -len(".attn1")] for n, _ in model.named_modules() if n.endswith("transformer_blocks.0.attn1")]
@@ -210,8 +210,10 @@ def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alph
                  "sdxl": {b: SDXL_MODULES for b in sdxl_blocks}}[arch]
     blocks = {"flux": (("transformer_blocks.0", DOUBLE), ("single_transformer_blocks.0", SINGLE)),
               "qwen": (("transformer_blocks.0", QWEN),),
-              "zimage": tuple((b, ZIMAGE) for b in ZIMAGE_BLOCKS),
+              "zimage": tuple((b, ZIMAGE) for b in (ZIMAGE_BLOCKS[:1] if skip_refiners else ZIMAGE_BLOCKS)),
               "sdxl": tuple((b, SDXL) for b in sdxl_blocks)}[arch]
+    if skip_refiners:
+        quantized = {b: ms for b, ms in quantized.items() if b == "layers.0"}
     quantized_full = {f"{b}.{m}" for b, ms in quantized.items() for m in ms}
     gen = torch.Generator().manual_seed(seed)
     roles = CPP_ROLES if dialect in ("flux-cpp", "sdxl") else NATIVE_ROLES
@@ -241,6 +243,11 @@ def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alph
             for d, c in CPP_NORMS.items():
                 key = key.replace(f"{block}.{d}.", f"{block}.{c}.")
         tensors[key] = v.to(dtype).contiguous()
+    if skip_refiners:  # Nunchaku keeps unquantized refiners as its rebuilt SwiGLU FeedForward
+        for b in ZIMAGE_BLOCKS[1:]:
+            ff = f"{b}.feed_forward"
+            tensors[f"{ff}.net.0.proj.weight"] = torch.cat([tensors.pop(f"{ff}.w3.weight"), tensors.pop(f"{ff}.w1.weight")])
+            tensors[f"{ff}.net.2.weight"] = tensors.pop(f"{ff}.w2.weight")
     meta = {"config": model.to_json_string(), "model_class": f"Nunchaku{type(model).__name__}",
             "quantization_config": json.dumps({"method": "svdquant", "rank": 16}), "comfy_config": "{}"}
     st_save(tensors, str(path), metadata=meta)
@@ -582,3 +589,22 @@ def test_load_imported_int4_flux_with_k_split_proj_out(tmp_path):
                   pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
                   img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3)).sample
     assert y.shape == (1, 16, 16) and torch.isfinite(y).all()
+
+
+def test_zimage_unquantized_refiners_round_trip(tmp_path):
+    src = tmp_path / "z.safetensors"
+    build_file(src, precision="int4", dialect="native", dtype=torch.bfloat16, arch="zimage", skip_refiners=True)
+    out = import_nunchaku(src, tmp_path / "ours")
+    ours = _all_tensors(out / WEIGHTS_NAME)
+    model = tiny_zimage()
+    for m in ("w1", "w2", "w3"):
+        key = f"noise_refiner.0.feed_forward.{m}.weight"
+        assert torch.equal(ours[key], model.state_dict()[key].to(torch.bfloat16)), key
+    nun = export_nunchaku(out, tmp_path / "z2.safetensors")
+    with safe_open(str(nun), "pt") as h:
+        assert json.loads(h.metadata()["quantization_config"])["skip_refiners"] is True
+        assert set(h.keys()) == set(_all_tensors(src))
+    back = _all_tensors(import_nunchaku(nun, tmp_path / "back") / WEIGHTS_NAME)
+    assert ours.keys() == back.keys()
+    for k in ours:
+        assert torch.equal(ours[k].reshape(-1).view(torch.uint8), back[k].reshape(-1).view(torch.uint8)), k
