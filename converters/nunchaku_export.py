@@ -35,7 +35,7 @@ from svdq_format.spec import FormatMetadata
 from . import nunchaku_layout as L
 from .nunchaku_awq import ours_to_awq
 from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2
-from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, from_native, stock_to_unquantized
+from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native, stock_to_unquantized
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]
 
@@ -263,6 +263,11 @@ def export_nunchaku(
         layer = layers[name]
         if layer.fused_from:
             raise UnsupportedError(f"layer {name}: split fused layers into their members before export")
+        if (layer.kind == "w4a16") != (adanorm_splits(name) > 1):
+            raise UnsupportedError(
+                f"layer {name}: Nunchaku runs {'only AdaLN modulation layers' if layer.kind == 'w4a16' else 'AdaLN modulation layers'} "
+                f"as AWQ W4A16; this layer is {layer.kind}"
+            )
         if layer.kind == "w4a16":
             awq[name] = ours_to_awq(name, layer, exact)
             done.add(name)
@@ -273,6 +278,8 @@ def export_nunchaku(
         rebuilt = _rebuilt_target(name, layers)
         if rebuilt is not None:
             target, members = rebuilt
+            if any(layers[m].act_shift or layers[m].act_unsigned for m in members):
+                raise UnsupportedError(f"layer {name}: Nunchaku does not shift this layer's activations")
             if len(members) == 1:
                 outs[target] = _single(layer)
             else:
