@@ -1,0 +1,48 @@
+"""``svdq convert``: Nunchaku ↔ SVDQuant, and SVDQuant → diffusers ``nunchaku_lite``.
+
+    svdq convert --from nunchaku IN.safetensors OUT_DIR [--dialect flux-cpp|sdxl|native]
+    svdq convert --to nunchaku OUT_OF_DIR OUT.safetensors [--dialect ...]
+    svdq convert --to nunchaku-lite MODEL_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from svdq_format.errors import UnsupportedError
+
+__all__ = ["register"]
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if bool(args.source_format) == bool(args.target_format):
+        raise UnsupportedError("give exactly one of --from nunchaku or --to nunchaku|nunchaku-lite")
+    if args.source_format == "nunchaku":
+        from .nunchaku_import import import_nunchaku
+
+        out = import_nunchaku(args.input, args.output, dialect=args.dialect)
+        print(f"ok: {args.input} -> {out} (SVDQuant model directory)")
+    elif args.target_format == "nunchaku":
+        from .nunchaku_export import export_nunchaku
+
+        out = export_nunchaku(args.input, args.output, dialect=args.dialect)
+        print(f"ok: {args.input} -> {out} (Nunchaku single file)")
+    else:
+        from .nunchaku_lite import export_nunchaku_lite
+
+        report = export_nunchaku_lite(args.input, args.output)
+        print(f"ok: {args.input} -> {args.output} (nunchaku_lite; max nvfp4 scale rounding "
+              f"{report['max_rel_scale_error']:.2e})")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``svdq convert`` to the CLI."""
+    p = subparsers.add_parser("convert", help="convert between Nunchaku / nunchaku_lite and SVDQuant checkpoints")
+    p.add_argument("--from", dest="source_format", choices=["nunchaku"], help="import from this format")
+    p.add_argument("--to", dest="target_format", choices=["nunchaku", "nunchaku-lite"], help="export to this format")
+    p.add_argument("--dialect", choices=["flux-cpp", "sdxl", "native"], default=None,
+                   help="Nunchaku key dialect (default: detected on import, the model's usual one on export)")
+    p.add_argument("input", help="Nunchaku .safetensors (or org/repo/file.safetensors) for --from; model dir for --to")
+    p.add_argument("output", help="model directory (--from, --to nunchaku-lite) or .safetensors file (--to nunchaku)")
+    p.set_defaults(func=_cmd_convert)

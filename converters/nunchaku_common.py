@@ -1,0 +1,96 @@
+"""Shared pieces of the Nunchaku converters: model skeletons, layer construction, constants."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdq_format import packing
+from svdq_format.errors import UnsupportedError
+from svdq_format.linear import SVDQLinear
+
+__all__ = ["GELU_SHIFT", "EXACT_BIAS_KEY", "build_skeleton", "find_linear", "is_gelu_fc2", "new_layer", "group_indicator"]
+
+#: The constant Nunchaku adds to GELU outputs before unsigned int4 quantization.
+GELU_SHIFT = 0.171875
+#: Header key where our exporter keeps biases that Nunchaku's baked ``+1`` would round.
+EXACT_BIAS_KEY = "svdquant_exact_bias"
+
+
+def build_skeleton(config: Mapping[str, Any], *, file: str | None = None) -> nn.Module:
+    """The diffusers model of ``config["_class_name"]`` on the meta device (no memory)."""
+    import diffusers
+
+    name = config.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise UnsupportedError(f"{file}: config names unknown diffusers class {name!r}")
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    with torch.device("meta"):
+        return cls.from_config(cfg)
+
+
+def find_linear(model: nn.Module, name: str) -> nn.Linear | None:
+    """The ``nn.Linear`` named ``name`` in ``model``, or ``None``."""
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return m if isinstance(m, nn.Linear) else None
+
+
+def is_gelu_fc2(model: nn.Module, name: str) -> bool:
+    """``name`` is ``<ff>.net.2`` of a FeedForward whose first layer is a GELU."""
+    from diffusers.models.activations import GELU
+
+    if not name.endswith(".net.2"):
+        return False
+    try:
+        return isinstance(model.get_submodule(name[: -len("2")] + "0"), GELU)
+    except AttributeError:
+        return False
+
+
+def new_layer(
+    *,
+    precision: str,
+    kind: str,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtscale: float | None,
+    smooth: torch.Tensor,
+    down: torch.Tensor | None,
+    up: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
+) -> SVDQLinear:
+    """An ``SVDQLinear`` holding the given canonical tensors (``qweight``: packed uint8 [N, K/2])."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    rank = 0 if down is None else down.shape[0]
+    layer = SVDQLinear(
+        k, n, rank=rank, precision=precision, kind=kind, bias=bias is not None, dtype=dtype,
+        scale_dtype=wscales.dtype if precision == "int4" else None,
+        act_shift=act_shift, act_unsigned=act_unsigned,
+    )
+    with torch.no_grad():
+        layer.qweight.copy_(qweight)
+        layer.wscales.copy_(wscales)
+        if precision == "nvfp4":
+            layer.wtscale.copy_(torch.tensor(wtscale if wtscale is not None else 1.0, dtype=torch.float32))
+        layer.smooth.copy_(smooth)
+        if rank:
+            layer.lora_down.copy_(down)
+            layer.lora_up.copy_(up)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def group_indicator(groups: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[groups, k]`` with ones on each group: ``x · Dᵀ`` = per-group sums of x."""
+    return torch.eye(groups, dtype=dtype).repeat_interleave(k // groups, dim=1)
