@@ -31,6 +31,11 @@ from .spec import FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, LayerSpe
 
 __version__ = "0.1.0"
 
+# diffusers: ``quant_method: "svdquant"`` (registered when diffusers' quantizers are imported).
+from ._autoregister import install as _install_integrations
+
+_install_integrations()
+
 __all__ = [
     "__version__",
     "FORMAT_VERSION",
