@@ -185,7 +185,7 @@ def pull(
             download kept failing.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import is_offline_mode
+    from huggingface_hub import is_offline_mode
 
     folder = _repo_cache(repo_id, cache_dir)
     offline = local_files_only or is_offline_mode()
@@ -377,6 +377,12 @@ def make_model_card(
 # --------------------------------------------------------------------------- push
 
 
+def _is_weight_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return "/" not in path and name.startswith("diffusion_pytorch_model") and (
+        name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+
+
 def push_to_hub(
     source: Any,
     repo_id: str,
@@ -397,7 +403,9 @@ def push_to_hub(
 
     The directory is validated first (headers, manifest, values): a broken checkpoint is never
     uploaded. Every file of the directory plus a generated ``README.md`` (unless the directory
-    has one) go into a single ``create_commit``, so the repo never shows half an upload.
+    has one) go into a single ``create_commit``, so the repo never shows half an upload; weight
+    files of an earlier upload that the new one lacks (old shards, index) are deleted in the
+    same commit.
 
     Args:
         source: A model directory, or a quantized model (saved to a temporary directory first).
@@ -430,7 +438,7 @@ def push_to_hub(
                                token=token, endpoint=endpoint, create_pr=create_pr, base_model=base_model,
                                license=license, retries=retries, retry_wait=retry_wait)
 
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     from .io import validate
 
@@ -447,9 +455,15 @@ def push_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True)
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-        ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
+        ops: list[Any] = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                          for p in files]
         if card is not None:
             ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))
+        # Weights of an earlier upload that this one does not have (e.g. shards → single file)
+        # would otherwise stay next to the new ones and make the revision inconsistent.
+        new = {op.path_in_repo for op in ops}
+        ops += [CommitOperationDelete(path_in_repo=f) for f in api.list_repo_files(repo_id, revision=branch)
+                if f not in new and _is_weight_file(f)]
         return api.create_commit(
             repo_id,
             operations=ops,

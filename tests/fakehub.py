@@ -96,7 +96,7 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self.fault_log: list[tuple[str, str, str]] = []
         self._faults: list[Fault] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._counter = 0
@@ -178,6 +178,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)"), "commit"),
     ("POST", re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<rev>[^/]+)"), "create_branch"),
     ("GET", re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/revision/(?P<rev>[^/]+)"), "revision"),
+    ("GET", re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)"), "model_info"),
     ("GET", re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?"), "tree"),
     ("GET", re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/refs"), "refs"),
     ("POST", re.compile(r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch"), "lfs_batch"),
@@ -285,8 +286,9 @@ class _Handler(BaseHTTPRequestHandler):
                 root = Commit(self.fake.new_oid(repo_id), None, "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
                 private = payload.get("private") or payload.get("visibility") == "private"
                 self.fake.repos[repo_id] = Repo(repo_id, bool(private), {"main": root.oid}, {root.oid: root})
-        if exists:
-            self._error(409, "You already created this model repo")
+        if exists:  # the real Hub also names the repo's URL in a 409
+            self._json(409, {"error": "You already created this model repo", "url": f"{self.fake.url}/{repo_id}"},
+                       {"X-Error-Message": "You already created this model repo"})
             return
         self._json(200, {"url": f"{self.fake.url}/{repo_id}", "name": repo_id})
 
@@ -414,6 +416,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._json(200, {"id": repo, "modelId": repo, "sha": commit.oid, "private": r.private,
                          "siblings": [{"rfilename": p} for p in sorted(commit.files)]})
+
+    def _do_model_info(self, body: bytes, repo: str) -> None:
+        self._do_revision(body, repo, "main")
 
     def _do_tree(self, body: bytes, repo: str, rev: str, path: str | None) -> None:
         r = self._repo(repo)
