@@ -23,6 +23,7 @@ shard carries the manifest of its own layers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from enum import Enum
@@ -36,7 +37,16 @@ from torch import nn
 from .errors import ManifestError, TensorError, UnsupportedError
 from .io import aligned
 from .linear import SVDQLinear
-from .spec import FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, dtype_from_name, expected_tensors
+from .spec import (
+    FLOAT_DTYPES,
+    FORMAT_VERSION,
+    LAYOUT,
+    QUANT_METHOD,
+    FormatMetadata,
+    dtype_from_name,
+    dtype_name,
+    expected_tensors,
+)
 
 __all__ = ["SVDQuantMethod", "SVDQuantConfig", "SVDQuantizer", "register", "attach_quantizer"]
 
@@ -114,6 +124,10 @@ class SVDQuantConfig(QuantizationConfigMixin):
         return f"SVDQuantConfig(format_version={self.metadata.format_version}, layers={n})"
 
 
+#: SVDQ tensors in the compute dtype (cast by an explicit ``torch_dtype``); codes and scales never are.
+_COMPUTE_ROLES = frozenset({"smooth", "lora_down", "lora_up", "bias"})
+
+
 def _owner(model: nn.Module, param_name: str) -> tuple[SVDQLinear | None, str]:
     module_name, _, role = param_name.rpartition(".")
     try:
@@ -143,6 +157,7 @@ class SVDQuantizer(DiffusersQuantizer):
         self.pre_quantized = True
         self._files: list[str] = []
         self._loaded_keys: list[str] | None = None
+        self._compute_dtype: str | None = None  # set by an explicit torch_dtype
 
     # -- environment -------------------------------------------------------------------------
 
@@ -150,8 +165,16 @@ class SVDQuantizer(DiffusersQuantizer):
         """Nothing to check: the reference backend runs everywhere."""
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
-        """Default dtype: the compute dtype of the quantized layers (when they agree)."""
+        """Default dtype: the compute dtype of the quantized layers (when they agree).
+
+        An explicit ``torch_dtype`` also becomes the compute dtype of the SVDQ layers: their
+        16/32-bit tensors (smooth, low-rank branch, bias) are cast to it, the 4-bit codes and
+        their scales stay exactly as stored.
+        """
         if torch_dtype is not None:
+            if dtype_name(torch_dtype) not in FLOAT_DTYPES:
+                raise UnsupportedError(f"torch_dtype {torch_dtype} is not one of {FLOAT_DTYPES}")
+            self._compute_dtype = dtype_name(torch_dtype)
             return torch_dtype
         dtypes = {spec.dtype for spec in self.quantization_config.metadata.layers.values()}
         return dtype_from_name(dtypes.pop()) if len(dtypes) == 1 else None
@@ -175,7 +198,10 @@ class SVDQuantizer(DiffusersQuantizer):
             if layers != meta.layers:
                 diff = sorted(set(layers) ^ set(meta.layers)) or [n for n in layers if layers[n] != meta.layers[n]]
                 raise ManifestError(where, diff[0], "config.json manifest disagrees with the safetensors files")
-        replace_linears(model, meta.layers, device="meta", file=where)
+        specs = meta.layers
+        if self._compute_dtype is not None:
+            specs = {n: dataclasses.replace(spec, dtype=self._compute_dtype) for n, spec in specs.items()}
+        replace_linears(model, specs, device="meta", file=where)
         if self._loaded_keys is not None:
             expected = set(model.state_dict())
             loaded = set(self._loaded_keys)
@@ -209,7 +235,8 @@ class SVDQuantizer(DiffusersQuantizer):
         module, role = _owner(model, param_name)
         assert module is not None
         raw = state_dict.get(param_name, param_value)
-        expected = expected_tensors(module.spec)
+        stored_spec = self.quantization_config.metadata.layers[param_name.rpartition(".")[0]]
+        expected = expected_tensors(stored_spec)
         if role not in expected:
             raise TensorError(None, param_name, f"unexpected tensor for this {module.kind}/{module.precision} layer")
         dtypes, shape = expected[role]
@@ -218,6 +245,8 @@ class SVDQuantizer(DiffusersQuantizer):
             raise TensorError(None, param_name, f"dtype {got}, expected {' or '.join(dtypes)}")
         if tuple(raw.shape) != shape:
             raise TensorError(None, param_name, f"shape {list(raw.shape)}, expected {list(shape)}")
+        if role in _COMPUTE_ROLES and self._compute_dtype is not None:
+            raw = raw.to(dtype_from_name(self._compute_dtype))
         device = target_device if target_device is not None else "cpu"
         module._buffers[role] = aligned(raw).to(device)
 

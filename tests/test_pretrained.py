@@ -222,3 +222,26 @@ def test_registration_is_lazy():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_explicit_torch_dtype_casts_compute_tensors_not_codes(tmp_path):
+    from tests.hub_helpers import flux_inputs
+
+    model = tiny_flux()  # float32 compute dtype, float16 int4 scales
+    ref = run(model)
+    model.save_pretrained(tmp_path / "a")
+    loaded = type(model).from_pretrained(tmp_path / "a", torch_dtype=torch.bfloat16)
+    assert loaded.x_embedder.weight.dtype == torch.bfloat16
+    for name, layer in svdq_modules(loaded).items():
+        src = svdq_modules(model)[name]
+        assert layer.dtype == torch.bfloat16 and layer.smooth.dtype == torch.bfloat16
+        assert torch.equal(layer.qweight, src.qweight) and torch.equal(layer.wscales, src.wscales)
+        assert torch.equal(layer.lora_up, src.lora_up.to(torch.bfloat16))
+    with torch.no_grad():
+        out = loaded(**{k: v.to(torch.bfloat16) for k, v in flux_inputs().items()}).sample
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() / ref.norm() < 0.1
+    loaded.save_pretrained(tmp_path / "b")
+    assert {s.dtype for s in sf.validate(tmp_path / "b").layers.values()} == {"bfloat16"}
+    with pytest.raises(UnsupportedError, match="torch_dtype torch.int8"):
+        type(model).from_pretrained(tmp_path / "a", torch_dtype=torch.int8)
