@@ -23,6 +23,7 @@ from .errors import (
     TensorError,
     UnsupportedError,
     VersionError,
+    WriteError,
 )
 from .io import load_file, read_metadata, save_file, validate
 from .linear import EXEC_MODES, SVDQLinear
@@ -65,4 +66,5 @@ __all__ = [
     "QuantizationError",
     "LoRAError",
     "HubError",
+    "WriteError",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "QuantizationError",
     "LoRAError",
     "HubError",
+    "WriteError",
 ]
 
 
@@ -86,3 +87,19 @@ class LoRAError(SVDQError, ValueError):
 
 class HubError(SVDQError, RuntimeError):
     """A Hub push or pull failed after retries (the message names repo and file)."""
+
+
+class WriteError(SVDQError, OSError):
+    """Writing a file failed (disk full, read-only or missing directory, no permission).
+
+    Raised by every writer of svdquant; the target file, if it existed, is unchanged and no
+    temporary file is left behind.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: cannot write ({reason}); the previous file is unchanged")
+
+    def __str__(self) -> str:  # OSError would format errno/strerror otherwise
+        return self.args[0]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError, HeaderError, ManifestError, TensorError
+from .errors import FormatError, HeaderError, ManifestError, TensorError, WriteError
 from .linear import SVDQLinear
 from .spec import (
     METADATA_KEY,
@@ -47,6 +47,7 @@ __all__ = [
     "validate_file",
     "atomic_write",
     "aligned",
+    "TensorReader",
     "producer_info",
 ]
 
@@ -163,7 +164,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         st_dtype = info.get("dtype")
         shape = info.get("shape")
         offsets = info.get("data_offsets")
-        if st_dtype not in _ST_DTYPES:
+        if not isinstance(st_dtype, str) or st_dtype not in _ST_DTYPES:
             raise HeaderError(p, name, f"unknown dtype {st_dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
@@ -213,23 +214,33 @@ def read_metadata(path: str | os.PathLike[str], header: SafetensorsHeader | None
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     """Run ``write(tmp_path)`` and atomically rename the result to ``path``.
 
-    The temporary file sits next to ``path`` (same filesystem), is fsync'ed before the rename,
-    and is removed on any failure, so ``path`` is either the old file or the complete new one.
+    The temporary file sits next to ``path`` (same filesystem; hidden, ending in ``.tmp`` so
+    no reader ever picks it up), is fsync'ed before the rename, and is removed on any
+    failure, so ``path`` is either the old file or the complete new one.
+
+    Raises:
+        WriteError: the directory is missing or read-only, the disk is full, or another
+            ``OSError`` happened while writing.
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise WriteError(target, exc.strerror or str(exc)) from None
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(target, exc.strerror or str(exc)) from None
         raise
     try:
         dfd = os.open(directory, os.O_RDONLY)
@@ -239,6 +250,19 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
             os.close(dfd)
     except OSError:  # pragma: no cover - some filesystems cannot fsync a directory
         pass
+
+
+def _write_safetensors(
+    tensors: Mapping[str, torch.Tensor], tmp: str, metadata: dict[str, str], *, target: str
+) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file as _st_save
+
+    try:
+        _st_save(dict(tensors), tmp, metadata=metadata)
+    except SafetensorError as exc:  # e.g. "I/O error: No space left on device (os error 28)"
+        reason = str(exc).removeprefix("Error while serializing: ")
+        raise WriteError(target, reason) from None
 
 
 def layer_state(prefix: str, layer: SVDQLinear) -> dict[str, torch.Tensor]:
@@ -300,9 +324,7 @@ def save_file(
             raise ManifestError(p, key, "header metadata must be a string and cannot replace svdquant/format")
         header_meta[key] = value
 
-    from safetensors.torch import save_file as _st_save
-
-    atomic_write(p, lambda tmp: _st_save(tensors, tmp, metadata=header_meta))
+    atomic_write(p, lambda tmp: _write_safetensors(tensors, tmp, header_meta, target=p))
 
 
 # --------------------------------------------------------------------------- read
@@ -311,23 +333,61 @@ def save_file(
 def aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself if its data is 64-byte aligned, else an aligned copy.
 
-    Tensors read from safetensors can start at any byte; BLAS kernels take other code paths
-    (and round differently) on unaligned data, which would break bit-identical
-    save → load → forward. Cloning gives torch's own 64-byte-aligned allocation.
+    BLAS kernels take other code paths (and round differently) on unaligned data, which would
+    break bit-identical save → load → forward. Cloning gives torch's own aligned allocation.
     """
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
-def _open(path: str, device: str | torch.device):
-    from safetensors import safe_open
+class TensorReader:
+    """Reads the tensors of a checked header with plain file reads (no mmap, no pickle).
 
-    return safe_open(path, framework="pt", device=str(device))
+    Each tensor is read straight into a fresh torch allocation (64-byte aligned, so BLAS
+    rounds the same way as on the tensors that were saved), so the memory used is exactly the
+    tensors asked for: reading a file tensor by tensor never holds more than one tensor
+    beyond what the caller keeps.
+
+    Use as a context manager; :meth:`get_tensor` raises :class:`TensorError` for a name the
+    header lacks and :class:`HeaderError` when the file is shorter than its header says.
+    """
+
+    def __init__(self, header: SafetensorsHeader) -> None:
+        self.header = header
+        self._file = open(header.path, "rb")
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        """Tensor names in header order."""
+        return list(self.header.tensors)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (CPU)."""
+        entry = self.header.tensors.get(name)
+        if entry is None:
+            raise TensorError(self.header.path, name, "missing tensor")
+        t = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
+        nbytes = entry.end - entry.begin
+        if nbytes:
+            buf = t.reshape(-1).view(torch.uint8).numpy()
+            self._file.seek(self.header.data_start + entry.begin)
+            if self._file.readinto(buf) != nbytes:  # type: ignore[arg-type]  # ndarray is a buffer
+                raise HeaderError(self.header.path, name, "file ends inside the tensor data (truncated)")
+        return t
 
 
 def load_layer(
     handle: Any, prefix: str, spec: LayerSpec, *, device: str | torch.device = "cpu", file: str | None = None
 ) -> SVDQLinear:
-    """Build one layer from an open ``safe_open`` handle (tensors checked against the spec)."""
+    """Build one layer from an open :class:`TensorReader` (tensors checked against the spec)."""
     layer = SVDQLinear.from_spec(spec, device="meta")
     names = tensor_names(prefix)
     for role, (dtypes, shape) in expected_tensors(spec).items():
@@ -337,7 +397,7 @@ def load_layer(
             raise TensorError(file, names[role], f"dtype {got}, expected {' or '.join(dtypes)}")
         if tuple(t.shape) != shape:
             raise TensorError(file, names[role], f"shape {list(t.shape)}, expected {list(shape)}")
-        setattr(layer, role, aligned(t).to(device))
+        setattr(layer, role, t.to(device))
     return layer
 
 
@@ -367,7 +427,7 @@ def load_file(
     _check_tensors_against_manifest(header, meta)
     out: dict[str, SVDQLinear] = {}
     try:
-        with _open(p, "cpu") as handle:
+        with TensorReader(header) as handle:
             for prefix, spec in meta.layers.items():
                 layer = load_layer(handle, prefix, spec, device="cpu", file=p)
                 if check_values:
@@ -375,8 +435,8 @@ def load_file(
                 out[prefix] = layer.to(device) if str(device) != "cpu" else layer
     except FormatError:
         raise
-    except Exception as exc:  # safetensors found something our header checks missed
-        raise HeaderError(p, None, f"safetensors could not read the file ({exc})") from None
+    except OSError as exc:
+        raise HeaderError(p, None, f"could not read the file ({exc})") from None
     return out
 
 
@@ -452,13 +512,13 @@ def validate_file(path: str | os.PathLike[str], *, check_values: bool = True) ->
     _check_tensors_against_manifest(header, meta)
     if check_values:
         try:
-            with _open(p, "cpu") as handle:
+            with TensorReader(header) as handle:
                 for prefix, spec in meta.layers.items():
                     _check_values(p, prefix, load_layer(handle, prefix, spec, file=p))
         except FormatError:
             raise
-        except Exception as exc:  # safetensors found something our header checks missed
-            raise HeaderError(p, None, f"safetensors could not read the file ({exc})") from None
+        except OSError as exc:
+            raise HeaderError(p, None, f"could not read the file ({exc})") from None
     return meta
 
 

@@ -114,22 +114,21 @@ class SVDQLinear(nn.Module):
         self.backend = "auto"
 
         ng = in_features // group
-        kw = {"device": device}
-        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, **kw))
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         if precision == "int4":
-            self.register_buffer("wscales", torch.empty(out_features, ng, dtype=scale_dtype, **kw))
+            self.register_buffer("wscales", torch.empty(out_features, ng, dtype=scale_dtype, device=device))
             self.register_buffer("wtscale", None)
         else:
-            self.register_buffer("wscales", torch.empty(out_features, ng, dtype=torch.float8_e4m3fn, **kw))
-            self.register_buffer("wtscale", torch.empty((), dtype=torch.float32, **kw))
-        self.register_buffer("smooth", torch.ones(in_features, dtype=dtype, **kw))
+            self.register_buffer("wscales", torch.empty(out_features, ng, dtype=torch.float8_e4m3fn, device=device))
+            self.register_buffer("wtscale", torch.empty((), dtype=torch.float32, device=device))
+        self.register_buffer("smooth", torch.ones(in_features, dtype=dtype, device=device))
         if rank > 0:
-            self.register_buffer("lora_down", torch.empty(rank, in_features, dtype=dtype, **kw))
-            self.register_buffer("lora_up", torch.empty(out_features, rank, dtype=dtype, **kw))
+            self.register_buffer("lora_down", torch.empty(rank, in_features, dtype=dtype, device=device))
+            self.register_buffer("lora_up", torch.empty(out_features, rank, dtype=dtype, device=device))
         else:
             self.register_buffer("lora_down", None)
             self.register_buffer("lora_up", None)
-        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, **kw) if bias else None)
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         # Runtime-only per-rank multipliers of the low-rank branch (LoRA strengths); never saved.
         self.register_buffer("lora_scales", None, persistent=False)
         try:
@@ -223,11 +222,13 @@ class SVDQLinear(nn.Module):
             u, sv, vh = torch.linalg.svd(w_hat, full_matrices=False)
             up = (u[:, :rank] * sv[:rank]).to(dtype)
             down = (vh[:rank] / s.unsqueeze(0)).to(dtype)
+            assert layer.lora_up is not None and layer.lora_down is not None
             layer.lora_up.copy_(up)
             layer.lora_down.copy_(down)
             residual = w_hat - up.float() @ (down.float() * s.unsqueeze(0))
         layer.set_residual(residual, int4_scales=int4_scales)
         if linear.bias is not None:
+            assert layer.bias is not None
             layer.bias.copy_(linear.bias.detach().to(dtype))
         return layer
 
@@ -245,6 +246,7 @@ class SVDQLinear(nn.Module):
             self.wscales.copy_(scales)
         else:
             nib, gscales, ts = packing.quantize_nvfp4(residual, group_size=16)
+            assert self.wtscale is not None
             self.wscales.copy_(gscales)
             self.wtscale.copy_(ts)
         self.qweight.copy_(packing.pack_nibbles(nib))
@@ -318,6 +320,7 @@ class SVDQLinear(nn.Module):
         nib = packing.unpack_nibbles(self.qweight)
         if self.precision == "int4":
             return packing.dequantize_int4(nib, self.wscales, group_size=64)
+        assert self.wtscale is not None
         return packing.dequantize_nvfp4(nib, self.wscales, self.wtscale, group_size=16)
 
     @torch.no_grad()
@@ -328,7 +331,7 @@ class SVDQLinear(nn.Module):
         are not quantized (exactly the W4A16 function).
         """
         w = self.residual() / self.smooth.float().unsqueeze(0)
-        if self.lora_down is not None and self.rank > 0:
+        if self.lora_down is not None and self.lora_up is not None and self.rank > 0:
             up, down = self.lora_up.float(), self.lora_down.float()
             if self.lora_scales is not None:
                 up = up * self.lora_scales.float()

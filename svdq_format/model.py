@@ -37,6 +37,7 @@ from torch import nn
 from .errors import FormatError, ManifestError, TensorError
 from .io import (
     SafetensorsHeader,
+    TensorReader,
     _check_tensors_against_manifest,
     aligned,
     atomic_write,
@@ -187,8 +188,6 @@ def load_model_file(
     Returns:
         The model (modified in place), on ``device``.
     """
-    from safetensors import safe_open
-
     p = os.fspath(path)
     header = read_header(p)
     meta = read_metadata(p, header)
@@ -205,13 +204,13 @@ def load_model_file(
         if unexpected:
             raise TensorError(p, unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
     state: dict[str, torch.Tensor] = {}
-    with safe_open(p, framework="pt", device="cpu") as handle:
-        for key in names & set(expected):
+    with TensorReader(header) as handle:
+        for key in sorted(names & set(expected)):
             t = handle.get_tensor(key)
             ref = expected[key]
             if tuple(t.shape) != tuple(ref.shape):
                 raise TensorError(p, key, f"shape {list(t.shape)}, model expects {list(ref.shape)}")
-            state[key] = aligned(t)
+            state[key] = t
     model.load_state_dict(state, strict=False, assign=True)
     return model.to(device)
 
@@ -585,8 +584,6 @@ def load_pretrained(
     Raises:
         FormatError: (or a subclass) naming file, key and reason.
     """
-    from safetensors import safe_open
-
     p = Path(path)
     if p.is_file():
         files = [p]
@@ -633,7 +630,7 @@ def load_pretrained(
         raise TensorError(stored[unexpected[0]], unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
     owned = {f"{name}." for name in layers}
     for header in headers:
-        with safe_open(header.path, framework="pt", device="cpu") as handle:
+        with TensorReader(header) as handle:  # plain reads into aligned tensors, one at a time
             for key in header.tensors:
                 t = handle.get_tensor(key)
                 ref = expected[key]
@@ -641,8 +638,8 @@ def load_pretrained(
                     raise TensorError(header.path, key, f"shape {list(t.shape)}, model expects {list(ref.shape)}")
                 is_layer = any(key.startswith(o) for o in owned)
                 if dtype is not None and not is_layer and t.is_floating_point():
-                    t = t.to(dtype)
-                _assign(model, key, aligned(t).to(device))
+                    t = aligned(t.to(dtype))
+                _assign(model, key, t.to(device))
                 del t
     if torch.device(device).type != "cpu":
         model.to(device)  # non-persistent buffers built on the host

@@ -1,0 +1,94 @@
+"""``svdq kernels ...``: prebuild the CUTLASS kernels into the cache, show the kernel setup.
+
+Registered into the ``svdq`` CLI by ``svdq_format.cli`` (entry ``svdq_kernels.cli:register``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from svdq_format.errors import BackendError
+
+__all__ = ["register"]
+
+
+def _check_build_host() -> None:
+    import torch
+
+    if torch.version.cuda is None:
+        raise BackendError(
+            f"this torch build ({torch.__version__}) has no CUDA: kernels link against "
+            "libtorch_cuda; install a CUDA build of torch on the GPU machine and run "
+            "'svdq kernels build' there"
+        )
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .build import build_kernel, detect_toolchain
+    from .configs import DEFAULT_CONFIGS, config_by_name
+
+    configs = [config_by_name(n) for n in args.config] if args.config else list(DEFAULT_CONFIGS)
+    if args.list:
+        for config in configs:
+            print(config.name)
+        return 0
+    _check_build_host()
+    toolchain = detect_toolchain()
+    jobs = args.jobs or max(1, min(len(configs), (os.cpu_count() or 1) // 4))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(
+            lambda c: (c, build_kernel(c, toolchain=toolchain, force=args.force, verbose=args.verbose)),
+            configs,
+        ))
+    for config, res in results:
+        state = "cached" if res.cached else f"built in {res.seconds:.0f} s"
+        print(f"{config.name}: {state}: {res.path}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import registry
+    from .build import cache_dir, detect_toolchain
+
+    info: dict[str, object] = {"cache_dir": str(cache_dir()), "backend": registry.BACKEND_NAME}
+    info["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    for need in ("triton", "nvcc", "nvidia-cutlass"):
+        info[need] = registry.requirement_missing(need) or "ok"
+    try:
+        info["toolchain"] = detect_toolchain().key_fields()
+    except BackendError as exc:
+        info["toolchain"] = f"unavailable: {exc}"
+    root = cache_dir()
+    info["cached_kernels"] = sorted(p.name for p in root.glob("*.so")) if root.is_dir() else []
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``svdq kernels build|info``."""
+    p = subparsers.add_parser("kernels", help="GPU kernels: prebuild the cache, show the setup")
+    sub = p.add_subparsers(dest="kernels_command", metavar="ACTION")
+    b = sub.add_parser("build", help="compile the CUTLASS kernels into the cache (needs nvcc + CUDA torch)")
+    b.add_argument("--config", action="append", metavar="NAME",
+                   help="a kernel configuration name (repeatable; default: all defaults)")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--jobs", type=int, default=0, help="parallel nvcc processes (default: auto)")
+    b.add_argument("--list", action="store_true", help="print the configuration names and exit")
+    b.add_argument("-v", "--verbose", action="store_true", help="print nvcc commands and timings")
+    b.set_defaults(func=_cmd_build)
+    i = sub.add_parser("info", help="cache directory, toolchain, GPU and backend requirements")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=_cmd_info)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -1,0 +1,81 @@
+"""Kernel source generation: CUTLASS kernels emitted by ``cutlass_library`` + our C++ wrappers.
+
+The CUTLASS part of every kernel (collective builders, tile shapes, schedules, epilogue) is
+emitted from Python by nvidia-cutlass's own generator (``cutlass_library.gemm_operation.
+EmitGemmUniversal3xInstance``); the torch-op wrapper around it is a template in
+``svdq_kernels/csrc/``. Nothing here needs CUDA, so CPU CI tests it.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from ._cuda_compat import import_cutlass_library
+from .configs import CutlassGemmConfig
+
+__all__ = ["CSRC_DIR", "emit_cutlass_gemm", "render_source", "csrc_template"]
+
+#: Our C++/CUDA templates and headers.
+CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+
+
+def csrc_template(name: str) -> string.Template:
+    """A ``${NAME}`` template from :data:`CSRC_DIR`."""
+    return string.Template((CSRC_DIR / name).read_text(encoding="utf-8"))
+
+
+def _gemm_operation(config: CutlassGemmConfig):  # -> cutlass_library GemmOperation
+    import_cutlass_library()
+    from cutlass_library import library as L
+    from cutlass_library.gemm_operation import GemmOperation
+
+    math = L.MathInstruction(
+        [64, config.tile_n, 32], L.DataType.s4, L.DataType.e4m3, L.DataType.f32,
+        L.OpcodeClass.TensorOp, L.MathOperation.multiply_add,
+    )
+    tile = L.TileDescription(
+        [config.tile_m, config.tile_n, config.tile_k], config.stages,
+        [config.tile_m // 64 if config.schedule == "pingpong" else 4, 1, 1],
+        math, 90, 90, [config.cluster_m, config.cluster_n, 1],
+    )
+    a = L.TensorDescription(L.DataType.s4, L.LayoutType.RowMajor, 32)        # weights [N, K]
+    b = L.TensorDescription(L.DataType.e4m3, L.LayoutType.ColumnMajor, 16)   # x [M, K] as K x M
+    c = L.TensorDescription(L.DataType.bf16, L.LayoutType.ColumnMajor, 8)    # D^T [N, M]
+    if config.schedule == "cooperative":
+        kernel_schedule = L.KernelScheduleType.TmaWarpSpecializedCooperative
+        epilogue_schedule = L.EpilogueScheduleType.TmaWarpSpecializedCooperative
+    else:
+        kernel_schedule = L.KernelScheduleType.TmaWarpSpecializedPingpong
+        epilogue_schedule = L.EpilogueScheduleType.TmaWarpSpecialized
+    return GemmOperation(
+        L.GemmKind.Universal3x, 90, tile, a, b, c, L.DataType.f32,
+        L.EpilogueFunctor.LinearCombination, L.SwizzlingFunctor.Identity1, None,
+        kernel_schedule, epilogue_schedule, L.TileSchedulerType.Default,
+        mixed_input_mode=L.MixedInputMode.ScaleOnly,
+    )
+
+
+def emit_cutlass_gemm(config: CutlassGemmConfig) -> tuple[str, str]:
+    """Emit the CUTLASS kernel type for ``config``.
+
+    Returns:
+        ``(operation_name, cpp)``: the C++ struct name and its definition (collective
+        builders for mainloop and epilogue, ``GemmUniversal`` kernel).
+    """
+    from cutlass_library.gemm_operation import EmitGemmUniversal3xInstance
+
+    op = _gemm_operation(config)
+    return op.procedural_name(), EmitGemmUniversal3xInstance().emit(op)
+
+
+def render_source(config: CutlassGemmConfig) -> str:
+    """The complete ``.cu`` translation unit for ``config`` (kernel + torch op registration)."""
+    operation_name, cpp = emit_cutlass_gemm(config)
+    header = (
+        f"// svdquant kernel {config.name}\n"
+        f"// config: {sorted(config.as_dict().items())}\n"
+    )
+    return header + csrc_template("cutlass_gemm_s4_fp8.cu.in").substitute(
+        CUTLASS_KERNEL=cpp, OPERATION_NAME=operation_name, OP_NAME=config.name
+    )

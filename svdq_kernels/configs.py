@@ -1,0 +1,103 @@
+"""Kernel configurations: what one compiled CUTLASS kernel is (the cache key's first part).
+
+A configuration is a frozen dataclass; its :meth:`~CutlassGemmConfig.as_dict` is hashed into
+the build-cache key together with the toolchain (:mod:`svdq_kernels.build`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from svdq_format.errors import UnsupportedError
+
+__all__ = ["CutlassGemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "config_by_name"]
+
+#: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
+SCHEDULES = ("cooperative", "pingpong")
+
+
+@dataclasses.dataclass(frozen=True)
+class CutlassGemmConfig:
+    """One CUTLASS 3.x sm90 int4 × FP8 mixed-input GEMM (weights int4, activations e4m3).
+
+    The weights are the kernel's A operand (``[N, K]`` row-major, int4), the activations its B
+    operand (``[M, K]``), the output ``D[M, N]`` bf16. Scales are the stock mixed-input
+    lookup-table scales (``cutlass::Array<float_e4m3_t, 8>`` per ``N × K/group`` entry).
+
+    Attributes:
+        tile_m: CTA tile along the weights' N (the kernel's M).
+        tile_n: CTA tile along the tokens (the kernel's N).
+        tile_k: CTA tile along K (elements); stock CUTLASS needs ``group % tile_k == 0``.
+        cluster_m: Thread-block cluster along the kernel's M.
+        cluster_n: Thread-block cluster along the kernel's N.
+        schedule: ``"cooperative"`` or ``"pingpong"``.
+        stages: Pipeline stages; 0 lets the CUTLASS builder choose (carve-out for the epilogue).
+    """
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    cluster_m: int = 1
+    cluster_n: int = 1
+    schedule: str = "cooperative"
+    stages: int = 0
+
+    kind: str = dataclasses.field(default="cutlass_gemm_s4_fp8", init=False)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UnsupportedError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if self.tile_k not in (64, 128, 256):
+            raise UnsupportedError(f"tile_k {self.tile_k} is not 64, 128 or 256")
+        if self.tile_n not in (16, 32, 64, 128, 256):
+            raise UnsupportedError(f"tile_n {self.tile_n} is not a wgmma N tile (16..256)")
+        min_m = 128 if self.schedule == "cooperative" else 64
+        if self.tile_m % min_m or self.tile_m > 256:
+            raise UnsupportedError(
+                f"tile_m {self.tile_m} must be a multiple of {min_m} (<= 256) for the "
+                f"{self.schedule} schedule"
+            )
+        if self.cluster_m not in (1, 2) or self.cluster_n not in (1, 2):
+            raise UnsupportedError("cluster sizes must be 1 or 2")
+        if self.stages < 0:
+            raise UnsupportedError(f"stages {self.stages} is negative")
+
+    @property
+    def name(self) -> str:
+        """Short unique name; also the torch op name ``torch.ops.svdq_kernels.<name>``."""
+        stages = f"_s{self.stages}" if self.stages else ""
+        return (
+            f"s4fp8_{self.tile_m}x{self.tile_n}x{self.tile_k}_c{self.cluster_m}x{self.cluster_n}"
+            f"_{self.schedule}{stages}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """All fields (the kernel part of the cache key)."""
+        return dataclasses.asdict(self)
+
+    def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
+        """``None`` if this kernel can run the problem, else why not (host-side checks)."""
+        if group % self.tile_k:
+            return f"group {group} is not a multiple of tile_k {self.tile_k} (stock CUTLASS limit)"
+        if k % group:
+            return f"K={k} is not a multiple of the group {group}"
+        if n % 32 or k % 32:
+            return "N and K must be multiples of 32 (TMA alignment of int4 operands)"
+        return None
+
+
+#: What ``svdq kernels build`` compiles by default.
+DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
+    CutlassGemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative"),
+    CutlassGemmConfig(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative"),
+)
+
+
+def config_by_name(name: str) -> CutlassGemmConfig:
+    """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
+    for config in DEFAULT_CONFIGS:
+        if config.name == name:
+            return config
+    known = ", ".join(c.name for c in DEFAULT_CONFIGS)
+    raise UnsupportedError(f"unknown kernel configuration {name!r} (known: {known})")

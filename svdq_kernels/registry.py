@@ -1,0 +1,118 @@
+"""The ``cutlass-sm90`` backend of ``svdquant::linear`` (Hopper), registered on import.
+
+Which call runs on which kernels is one table, :data:`PATHS`, keyed by (weight precision,
+activation mode). Each path names what it needs (``triton``, or ``nvcc`` + ``nvidia-cutlass``
+for CUTLASS-built kernels); :func:`supports` turns anything missing into a one-line reason, so
+the layer falls back to the reference backend with one warning instead of failing.
+
+First version (see docs/kernels.md): only the ``fast`` mode of int4 layers
+(``act="fp8"``) has a kernel, a Triton prologue + Triton group-64 GEMM
+(:mod:`svdq_kernels.triton_fast`). The CUTLASS-generated kernels (:mod:`svdq_kernels.build`)
+are built and cached but not yet on a layer path: stock CUTLASS int4 × FP8 needs K groups of
+at least 128 and rounds ``scale × code`` to FP8, which is not the format's group-64 math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from typing import Callable, Optional
+
+import torch
+
+from svdq_format import ops
+
+from .triton_fast import fast_linear
+
+__all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "supports", "register",
+           "unregister", "requirement_missing"]
+
+#: Registry name (``SVDQ_BACKEND=cutlass-sm90`` / ``layer.backend = "cutlass-sm90"``).
+BACKEND_NAME = "cutlass-sm90"
+#: Above the reference (0): chosen automatically when it accepts a call.
+PRIORITY = 100
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPath:
+    """One implemented (precision, act) combination."""
+
+    name: str
+    linear: Callable[..., torch.Tensor]
+    needs: tuple[str, ...]
+
+
+#: (precision, act) -> kernels. Missing combinations fall back to the reference.
+PATHS: dict[tuple[str, str], KernelPath] = {
+    ("int4", "fp8"): KernelPath("fast-int4 (triton prologue + group-64 fp8 gemm)", fast_linear, ("triton",)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _module_present(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def requirement_missing(need: str) -> Optional[str]:
+    """Why requirement ``need`` (``triton`` | ``nvcc`` | ``nvidia-cutlass``) is unmet, else None."""
+    if need == "triton":
+        return None if _module_present("triton") else "triton is not installed"
+    if need == "nvidia-cutlass":
+        return None if _module_present("cutlass_library") else (
+            "nvidia-cutlass is not installed (pip install 'svdquant[kernels]')")
+    if need == "nvcc":
+        from .build import find_nvcc
+
+        return None if find_nvcc() else "nvcc (CUDA toolkit) was not found"
+    return f"unknown requirement {need!r}"
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def supports(call: ops.LinearCall) -> Optional[str]:
+    """``None`` if this backend runs ``call``, else a one-line reason (see the module doc)."""
+    if os.environ.get("SVDQ_DISABLE_KERNELS"):
+        return "disabled by SVDQ_DISABLE_KERNELS"
+    if call.device.type != "cuda":
+        return f"input is on {call.device.type}, not a CUDA GPU"
+    major, minor = _capability(call.device.index if call.device.index is not None else 0)
+    if (major, minor) != (9, 0):
+        return f"GPU is sm_{major}{minor}; these kernels are for Hopper (sm_90)"
+    path = PATHS.get((call.precision, call.act))
+    if path is None:
+        return (f"no sm90 kernel yet for precision {call.precision!r} with activations "
+                f"{call.act!r} (implemented: int4 fast mode, act='fp8')")
+    if call.dtype not in _DTYPES:
+        return f"compute dtype {call.dtype} (kernels take bfloat16 or float16)"
+    if call.in_features % 64:
+        return f"in_features {call.in_features} is not a multiple of 64"
+    if call.rows == 0:
+        return "empty input"
+    for need in path.needs:
+        reason = requirement_missing(need)
+        if reason:
+            return reason
+    return None
+
+
+def _linear(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
+            precision, act, act_shift=0.0, act_unsigned=False):
+    path = PATHS[(precision, act)]
+    return path.linear(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
+                       lora_scales, precision, act, act_shift, act_unsigned)
+
+
+def register() -> None:
+    """Register (or re-register) the backend in :mod:`svdq_format.ops`."""
+    ops.register_backend(ops.Backend(BACKEND_NAME, _linear, supports, PRIORITY), replace=True)
+
+
+def unregister() -> None:
+    """Remove the backend from the registry."""
+    ops.unregister_backend(BACKEND_NAME)

@@ -1,0 +1,304 @@
+"""The ``fast`` mode on Hopper, first version: two Triton kernels.
+
+1. **Prologue** — one pass over ``x`` (read twice from L2, once from memory) that smooths
+   (``x̂ = (x + shift) / s``), quantizes ``x̂`` to float8_e4m3 per token
+   (``a = absmax / 448``, ``q = rne(x̂ / a)``) **and** computes the low-rank down projection
+   ``lr = x · L2ᵀ`` (fp32, tensor cores, on the raw input).
+2. **GEMM** — ``q`` (e4m3) × int4 weights held packed in memory (canonical layout, no
+   shuffle), nibbles converted to e4m3 codes in the mainloop (exact: −8..7 are e4m3 values),
+   one 64-wide K group per MMA step with promotion to fp32 and the group's weight scale
+   applied once per group (the format's group 64 — exact, no rounding of ``scale × code``).
+   The epilogue applies the token scale ``a``, adds ``lr · L1ᵀ`` (lr split into a 16-bit
+   high and low part, two tensor-core dots: ~fp32 accurate) and the bias, and writes the
+   16-bit output once.
+
+The result equals :func:`svdq_format.ops.reference_linear` with ``act="fp8"`` up to fp32
+summation order. Triton is imported lazily, so importing this module is free on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import weakref
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["fast_linear", "prologue", "gemm", "triton_available", "DATAPATHS"]
+
+#: GEMM datapaths (see :func:`gemm`).
+DATAPATHS = ("f16", "fp8")
+#: Datapath of :func:`fast_linear` (``SVDQ_FAST_DATAPATH`` overrides).
+DEFAULT_DATAPATH = os.environ.get("SVDQ_FAST_DATAPATH", "f16")
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> dict[str, Any]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def prologue_kernel(
+        x_ptr, s_ptr, l2_ptr, q_ptr, a_ptr, lr_ptr, M, K, R, shift, one,
+        HAS_LR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rr = pid_r * BR + tl.arange(0, BR)
+        m_ok = rm < M
+        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
+        do_q = pid_r == 0
+        amax = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, BR], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
+            if HAS_LR:
+                l2 = tl.load(l2_ptr + rr[:, None] * K + rk[None, :], mask=(rr < R)[:, None], other=0.0)
+                # promote every BK: a fresh tensor-core sum added in fp32 (``* one`` keeps the
+                # compiler from folding the add back into one long MMA accumulation chain)
+                acc += tl.dot(x, tl.trans(l2)) * one
+            if do_q:
+                s = tl.load(s_ptr + rk).to(tl.float32)
+                xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
+                ax = tl.where(xs == xs, tl.abs(xs), float("inf"))  # NaN -> inf -> row not ok
+                amax = tl.maximum(amax, tl.max(ax, axis=1))
+        if do_q:
+            a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
+            ok = (a > 0) & (a < float("inf"))
+            a_div = tl.where(ok, a, 1.0)
+            tl.store(a_ptr + rm, a, mask=m_ok)
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
+                s = tl.load(s_ptr + rk).to(tl.float32)
+                xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
+                q = tl.math.div_rn(xs, a_div[:, None])
+                q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+                q = tl.where(ok[:, None], q, 0.0)
+                tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None])
+        if HAS_LR:
+            tl.store(lr_ptr + rm_c[:, None] * R + rr[None, :], acc, mask=m_ok[:, None] & (rr < R)[None, :])
+
+    gemm_configs = [
+        triton.Config({"BM": 128, "BN": 128}, num_warps=8, num_stages=4),
+        triton.Config({"BM": 128, "BN": 256}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 64, "BN": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=5),
+        triton.Config({"BM": 128, "BN": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 256}, num_warps=8, num_stages=3),
+    ]
+
+    @triton.autotune(configs=gemm_configs, key=["M_BUCKET", "N", "K", "PACKED", "F16", "HAS_LR"])
+    @triton.jit
+    def gemm_kernel(
+        q_ptr, a_ptr, w_ptr, wst_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
+        PACKED: tl.constexpr, F16: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        gsz = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsz
+        pid_n = (pid % width) // gsz
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+        rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+        rk = tl.arange(0, 64)
+        rkp = tl.arange(0, 32)
+        G = K // 64
+        a_ptrs = q_ptr + rm_c[:, None] * K + rk[None, :]
+        if PACKED:
+            w_ptrs = w_ptr + rn_c[:, None] * (K // 2) + rkp[None, :]
+        else:
+            w_ptrs = w_ptr + rn_c[:, None] * K + rk[None, :]
+        s_ptrs = wst_ptr + rn_c
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for g in range(0, G):
+            a = tl.load(a_ptrs)
+            if PACKED:
+                wp = tl.load(w_ptrs)
+                lo = ((wp & 0xF).to(tl.int8) ^ 8) - 8
+                hi = ((wp >> 4).to(tl.int8) ^ 8) - 8
+                w8 = tl.join(lo, hi).reshape(BN, 64)
+                w_ptrs += 32
+            else:
+                w8 = tl.load(w_ptrs)
+                w_ptrs += 64
+            sc = tl.load(s_ptrs).to(tl.float32)
+            # one 64-group per MMA step, promoted to fp32 with the group's weight scale
+            if F16:
+                part = tl.dot(a.to(tl.float16), tl.trans(w8.to(tl.float16)))
+            else:
+                part = tl.dot(a, tl.trans(w8.to(tl.float16).to(tl.float8e4nv)))
+            acc += part * sc[None, :]
+            a_ptrs += 64
+            s_ptrs += N
+        asc = tl.load(a_ptr + rm_c)
+        acc = acc * asc[:, None]
+        if HAS_LR:
+            lacc = tl.zeros([BM, BN], dtype=tl.float32)
+            for r0 in range(0, R, BR):
+                rr = r0 + tl.arange(0, BR)
+                r_ok = rr < R
+                lr = tl.load(lr_ptr + rm_c[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
+                if HAS_LRS:
+                    lrs = tl.load(lrs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)
+                    lr = lr * lrs[None, :]
+                l1 = tl.load(l1_ptr + rn_c[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
+                # lr (fp32) = hi + mid + lo (16-bit parts); smallest first so the tensor-core
+                # accumulator never truncates the small parts against a large running sum
+                lr_hi = lr.to(l1.dtype)
+                rest = lr - lr_hi.to(tl.float32)
+                lr_mid = rest.to(l1.dtype)
+                lr_lo = (rest - lr_mid.to(tl.float32)).to(l1.dtype)
+                l1t = tl.trans(l1)
+                part = tl.dot(lr_lo, l1t)
+                part = tl.dot(lr_mid, l1t, part)
+                part = tl.dot(lr_hi, l1t, part)
+                lacc += part * one
+            acc += lacc
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn_c).to(tl.float32)
+            acc += bias[None, :]
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        tl.store(y_ptr + rm_c[:, None] * N + rn_c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return {"triton": triton, "prologue": prologue_kernel, "gemm": gemm_kernel, "gemm_configs": gemm_configs}
+
+
+_SCALES_T: dict[int, tuple[int, torch.Tensor]] = {}
+
+
+def _scales_t(wscales: torch.Tensor) -> torch.Tensor:
+    """``wscales.t().contiguous()``, cached per tensor object until it is modified or freed."""
+    key = id(wscales)
+    hit = _SCALES_T.get(key)
+    if hit is not None and hit[0] == wscales._version and hit[1].shape == wscales.shape[::-1]:
+        return hit[1]
+    wst = wscales.t().contiguous()
+    if hit is None:
+        weakref.finalize(wscales, _SCALES_T.pop, key, None)
+    _SCALES_T[key] = (wscales._version, wst)
+    return wst
+
+
+def _rank_block(r: int) -> int:
+    return max(16, min(128, 1 << max(0, math.ceil(math.log2(max(r, 1))))))
+
+
+def prologue(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], *, act_shift: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Fused smooth + FP8 per-token quantization + ``x · L2ᵀ``.
+
+    Args:
+        x: ``[M, K]`` contiguous, bf16 or fp16.
+        smooth: ``[K]``.
+        lora_down: ``[r, K]`` in ``x.dtype`` or ``None``.
+        act_shift: Added to ``x`` before smoothing.
+
+    Returns:
+        ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, r] float32 or None)``.
+    """
+    k = _kernels()
+    m, kk = x.shape
+    r = 0 if lora_down is None else lora_down.shape[0]
+    q = torch.empty(m, kk, device=x.device, dtype=torch.float8_e4m3fn)
+    a = torch.empty(m, device=x.device, dtype=torch.float32)
+    lr = torch.empty(m, max(r, 1), device=x.device, dtype=torch.float32) if r else None
+    bm = 16
+    br = _rank_block(r)
+    grid = (triton_cdiv(m, bm), max(1, triton_cdiv(r, br)))
+    k["prologue"][grid](
+        x, smooth, lora_down if r else x, q, a, lr if r else a, m, kk, r, float(act_shift), 1.0,
+        HAS_LR=bool(r), BM=bm, BK=128 if kk % 128 == 0 else 64, BR=br, num_warps=4, num_stages=3,
+    )
+    return q, a, lr
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemm(
+    q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, wscales: torch.Tensor,
+    lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype, packed: bool = True,
+    datapath: str = "f16",
+) -> torch.Tensor:
+    """``y = (q ⊛ W) · a + (lr · diag(lora_scales)) · L1ᵀ + b`` with group-64 promotion.
+
+    ``weight`` is the packed uint8 ``[N, K/2]`` (``packed=True``) or int8 codes ``[N, K]``.
+    ``wscales`` is the layer's ``[N, K/64]``; the kernel reads a ``[K/64, N]`` copy (contiguous
+    per-group loads) made once per scales tensor and version (:func:`_scales_t`).
+    ``datapath``: both promote every 64-group to fp32 with the group scale; ``"f16"`` runs
+    the group's MMA in fp16 (e4m3 and int4 codes are exact in fp16), ``"fp8"`` in FP8
+    (Hopper FP8 MMAs accumulate with reduced precision: ~1e-4 relative).
+    """
+    if datapath not in DATAPATHS:
+        raise ValueError(f"datapath {datapath!r} is not one of {DATAPATHS}")
+    k = _kernels()
+    m, kk = q.shape
+    n = weight.shape[0]
+    r = 0 if (lr is None or lora_up is None) else lr.shape[1]
+    y = torch.empty(m, n, device=q.device, dtype=out_dtype)
+    wst = _scales_t(wscales)
+    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
+    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
+    k["gemm"][grid](
+        q, a, weight, wst, lr if r else a, lora_scales if lora_scales is not None else a,
+        lora_up if r else wscales, bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
+        PACKED=packed, F16=datapath == "f16", HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
+        HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_M=8,
+    )
+    return y
+
+
+def fast_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtscale: Optional[torch.Tensor],
+    smooth: torch.Tensor,
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor],
+    precision: str,
+    act: str,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
+) -> torch.Tensor:
+    """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
+    kk = x.shape[-1]
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, kk).contiguous()
+    has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
+    down = lora_down.to(x2.dtype).contiguous() if has_lr else None
+    with torch.cuda.device(x2.device):  # Triton launches on the current device
+        q, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift)
+        y = gemm(
+            q, a, qweight.contiguous(), wscales.contiguous(), lr,
+            lora_up.contiguous() if has_lr else None,
+            bias.contiguous() if bias is not None else None,
+            lora_scales.contiguous() if (has_lr and lora_scales is not None) else None,
+            out_dtype=x.dtype, datapath=DEFAULT_DATAPATH,
+        )
+    return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,155 @@
+"""The cutlass-sm90 backend's registration, refusal reasons, fallback and CLI; CPU only."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import svdq_format as sf
+from svdq_format import ops
+from svdq_format.cli import main
+import svdq_kernels
+from svdq_kernels import registry
+
+
+def _call(**kw) -> ops.LinearCall:
+    base = dict(device=torch.device("cuda", 0), dtype=torch.bfloat16, precision="int4", act="fp8",
+                rows=4608, in_features=3072, out_features=3072, rank=32, has_bias=True)
+    base.update(kw)
+    return ops.LinearCall(**base)
+
+
+@pytest.fixture
+def hopper(monkeypatch: pytest.MonkeyPatch):
+    """Pretend device 0 is an sm_90 GPU (only the capability query is replaced)."""
+    monkeypatch.setattr(registry, "_capability", lambda index: (9, 0))
+    monkeypatch.delenv("SVDQ_BACKEND", raising=False)
+    monkeypatch.delenv("SVDQ_DISABLE_KERNELS", raising=False)
+
+
+def test_import_registers_the_backend_above_the_reference() -> None:
+    assert svdq_kernels.BACKEND_NAME == "cutlass-sm90"
+    names = ops.available_backends()
+    assert names.index("cutlass-sm90") < names.index("reference")
+    assert ops.get_backend("cutlass-sm90").priority > ops.get_backend("reference").priority
+
+
+def test_cpu_tensors_are_refused() -> None:
+    assert "not a CUDA GPU" in registry.supports(_call(device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize(
+    "cap, needle", [((8, 0), "sm_80"), ((8, 9), "sm_89"), ((10, 0), "sm_100")],
+)
+def test_non_hopper_gpus_are_refused(monkeypatch: pytest.MonkeyPatch, cap, needle) -> None:
+    monkeypatch.setattr(registry, "_capability", lambda index: cap)
+    assert needle in registry.supports(_call())
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [({"precision": "nvfp4", "act": "nvfp4"}, "no sm90 kernel yet"),
+     ({"act": "int4"}, "no sm90 kernel yet"), ({"act": "none"}, "no sm90 kernel yet"),
+     ({"dtype": torch.float32}, "float32"), ({"in_features": 96}, "multiple of 64"),
+     ({"rows": 0}, "empty")],
+)
+def test_unsupported_calls_name_the_reason(hopper, kw, needle) -> None:
+    assert needle in registry.supports(_call(**kw))
+
+
+def test_missing_requirements_are_reasons(hopper, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_module_present", lambda name: False)
+    assert registry.supports(_call()) == "triton is not installed"
+    assert "nvidia-cutlass is not installed" in registry.requirement_missing("nvidia-cutlass")
+    monkeypatch.setattr(registry, "_module_present", lambda name: True)
+    assert registry.supports(_call()) is None
+    monkeypatch.setenv("SVDQ_DISABLE_KERNELS", "1")
+    assert "SVDQ_DISABLE_KERNELS" in registry.supports(_call())
+
+
+def test_auto_selection_on_hopper_picks_the_kernel(hopper, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_module_present", lambda name: True)
+    assert ops.select_backend(_call()).name == "cutlass-sm90"
+    monkeypatch.setattr(ops, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="no svdquant GPU kernel"):
+        assert ops.select_backend(_call(act="int4")).name == "reference"
+
+
+def _layer() -> sf.SVDQLinear:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64, dtype=torch.bfloat16)
+    layer = sf.SVDQLinear.from_linear(lin, rank=8)
+    layer.mode = "fast"
+    return layer
+
+
+def test_forced_backend_on_cpu_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "_WARNED", set())
+    layer = _layer()
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    ref = layer(x)  # auto on CPU: reference, silently
+    layer.backend = "cutlass-sm90"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out1 = layer(x)
+        out2 = layer(x)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "cutlass-sm90" in msgs[0] and "not a CUDA GPU" in msgs[0]
+    assert torch.equal(out1, ref) and torch.equal(out2, ref)
+    expected = ops.reference_linear(x, layer.qweight, layer.wscales, None, layer.smooth,
+                                    layer.lora_down, layer.lora_up, layer.bias, None, "int4", "fp8")
+    assert torch.equal(out1, expected)
+
+
+def test_env_forced_backend_falls_back_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "_WARNED", set())
+    monkeypatch.setenv("SVDQ_BACKEND", "cutlass-sm90")
+    layer = _layer()
+    with pytest.warns(RuntimeWarning, match="cutlass-sm90"):
+        layer(torch.randn(3, 128, dtype=torch.bfloat16))
+
+
+def test_cli_build_without_cuda_torch_is_a_clear_error(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert main(["kernels", "build"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "has no CUDA" in err[0]
+
+
+def test_cli_build_list_and_info(capsys, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("cutlass_library")
+    monkeypatch.setenv("SVDQ_KERNEL_CACHE", str(tmp_path))
+    assert main(["kernels", "build", "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names and all(n.startswith("s4fp8_") for n in names)
+    assert main(["kernels", "info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cache_dir"] == str(tmp_path) and info["backend"] == "cutlass-sm90"
+    assert info["nvidia-cutlass"] == "ok" and info["cached_kernels"] == []
+    assert main(["kernels", "build", "--config", "nope"]) == 1
+    assert "unknown kernel configuration" in capsys.readouterr().err
+
+
+def test_transposed_scales_cache_follows_version_and_lifetime() -> None:
+    import gc
+
+    from svdq_kernels.triton_fast import _SCALES_T, _scales_t
+
+    ws = torch.randn(8, 3)
+    first = _scales_t(ws)
+    assert _scales_t(ws) is first and torch.equal(first, ws.t())
+    ws.mul_(2)  # in-place change bumps the version: recomputed
+    second = _scales_t(ws)
+    assert second is not first and torch.equal(second, ws.t())
+    key = id(ws)
+    del ws
+    gc.collect()
+    assert key not in _SCALES_T
+
+
+def test_cli_kernels_without_action_prints_help(capsys) -> None:
+    assert main(["kernels"]) == 2
+    assert "build" in capsys.readouterr().out
