@@ -53,7 +53,10 @@ class _Corrupt(Exception):
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    cause = exc.__cause__
+    if cause is not None and str(cause) and str(cause) not in str(exc):  # e.g. "Error while uploading" ← the HTTP error
+        text += " (" + " ".join(str(cause).split()) + ")"
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _is_permanent(exc: BaseException, *, offline: bool) -> bool:

@@ -15,6 +15,8 @@ Faults are injected with :meth:`FakeHub.inject` and recorded in :attr:`FakeHub.f
 * ``"truncate"`` — GET resolve: a complete response that holds only half the file.
 * ``"wrong_etag"`` — HEAD/GET resolve: an ETag (sha256) that is not the file's.
 * ``"hangup"`` — read the request, then close the socket without answering.
+* ``"corrupt"`` — LFS upload (PUT): one byte of the received body flipped (a damaged
+  transfer); the server's sha256 check must refuse it.
 
 Run it standalone (``python tests/fakehub.py``) to poke at it with ``HF_ENDPOINT``.
 """
@@ -133,7 +135,7 @@ class FakeHub:
 
     def inject(self, kind: str, *, method: str | None = None, path_contains: str | None = None, times: int = 1) -> None:
         """Make the next ``times`` matching requests fail with ``kind`` (see the module doc)."""
-        if kind not in ("500", "drop", "truncate", "wrong_etag", "hangup"):
+        if kind not in ("500", "drop", "truncate", "wrong_etag", "hangup", "corrupt"):
             raise ValueError(f"unknown fault {kind!r}")
         with self._lock:
             self._faults.append(Fault(kind, method, path_contains, times))
@@ -325,6 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"transfer": "basic", "objects": objects})
 
     def _do_lfs_put(self, body: bytes, oid: str) -> None:
+        if body and self.fake._take_fault("PUT", f"/_lfs/{oid}", ("corrupt",)):
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
         if sha256(body) != oid:  # never store bytes under the wrong name
             self._error(400, f"content does not hash to {oid}")
             return

@@ -203,6 +203,21 @@ def test_push_persistent_fault_leaves_remote_untouched(hub, model_dir):
     assert all(sha256(v) == k for k, v in hub.lfs_objects.items())
 
 
+@pytest.mark.parametrize("times", [1, 1000], ids=["once", "always"])
+def test_push_damaged_upload_is_refused_by_the_server(hub, model_dir, times):
+    d, _, _ = model_dir
+    hub.inject("corrupt", method="PUT", path_contains="/_lfs/", times=times)
+    if times == 1:
+        info = push(hub, d)  # retried; the good bytes land
+        assert hub.repos[REPO].branches["main"] == info.oid
+    else:
+        with pytest.raises(HubError, match=r"push .* to tester/tiny-flux-svdq@main: failed after 2 attempts: Error while uploading .*Bad request: content does not hash to [0-9a-f]{64}"):
+            push(hub, d, retries=1)
+        assert set(hub.files(REPO)) == {".gitattributes"}
+    assert hub.fault_log and hub.fault_log[0][0] == "corrupt"
+    assert all(sha256(v) == k for k, v in hub.lfs_objects.items())  # never stored under a wrong name
+
+
 def test_push_refuses_invalid_checkpoint(hub, model_dir, tmp_path):
     d, _, _ = model_dir
     bad = tmp_path / "bad"
