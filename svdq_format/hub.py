@@ -293,8 +293,12 @@ def make_model_card(
     base_model: str | None = None,
     license: str | None = None,
     tags: Sequence[str] = (),
+    subfolder: str | None = None,
 ) -> Any:
     """Generate the model card (a huggingface_hub ``ModelCard``) of an SVDQuant model directory.
+
+    For a pipeline directory, pass the pipeline folder and ``subfolder`` (e.g. ``"transformer"``),
+    the quantized component the card describes.
 
     The YAML header carries ``base_model`` (argument, else the metadata's ``base_model``),
     ``base_model_relation: quantized``, ``library_name: svdquant``, tags and an ``svdquant``
@@ -305,7 +309,8 @@ def make_model_card(
 
     from .spec import FormatMetadata
 
-    d = Path(folder)
+    root = Path(folder)
+    d = root / subfolder if subfolder else root
     cfg = json.loads((d / "config.json").read_text())
     meta = FormatMetadata.from_json(cfg.get("quantization_config"), file=str(d / "config.json"))
     layers = meta.layers.values()
@@ -314,7 +319,7 @@ def make_model_card(
     ranks = sorted({s.rank for s in layers})
     base = base_model or meta.extra.get("base_model")
     class_name = cfg.get("_class_name", "the model")
-    name = repo_id or d.name
+    name = repo_id or root.name
     settings = {k: v for k, v in meta.extra.items() if k != "base_model"}
     data = ModelCardData(
         base_model=base,
@@ -353,12 +358,13 @@ def make_model_card(
     rows += [{"setting": k, "value": json.dumps(v) if not isinstance(v, (str, int, float)) else v}
              for k, v in sorted(settings.items())]
     body.append(_table(rows))
-    fidelity_path = d / FIDELITY_NAME
+    fidelity_path = d / FIDELITY_NAME if (d / FIDELITY_NAME).is_file() else root / FIDELITY_NAME
     if fidelity_path.is_file():
         rows_f = _fidelity_rows(json.loads(fidelity_path.read_text()))
         if rows_f:
             body += ["", "## Fidelity", "", _table(rows_f)]
     repo = name if repo_id else "<repo_id>"
+    sub_arg = f', subfolder="{subfolder}"' if subfolder else ""
     body += [
         "",
         "## How to load",
@@ -367,10 +373,10 @@ def make_model_card(
         "import svdq_format  # registers quant_method \"svdquant\" with diffusers",
         f"from diffusers import {class_name}",
         "",
-        f"model = {class_name}.from_pretrained(\"{repo}\")",
+        f"model = {class_name}.from_pretrained(\"{repo}\"{sub_arg})",
         "```",
         "",
-        "or without diffusers' loader: `svdq_format.hub.from_pretrained(\"" + repo + "\")`; "
+        "or without diffusers' loader: `svdq_format.hub.from_pretrained(\"" + repo + "\"" + sub_arg + ")`; "
         "from the command line: `svdq pull " + repo + "`.",
         "",
     ]
@@ -380,9 +386,25 @@ def make_model_card(
 # --------------------------------------------------------------------------- push
 
 
-def _is_weight_file(path: str) -> bool:
-    name = path.rsplit("/", 1)[-1]
-    return "/" not in path and name.startswith("diffusion_pytorch_model") and (
+def _quantized_dirs(folder: Path) -> list[str]:
+    """``[""]`` for a model directory, else the pipeline component folders holding SVDQuant models."""
+    def is_svdq(d: Path) -> bool:
+        try:
+            qc = json.loads((d / "config.json").read_text()).get("quantization_config")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return isinstance(qc, dict) and qc.get("quant_method") == "svdquant"
+
+    if is_svdq(folder):
+        return [""]
+    if not (folder / "model_index.json").is_file():
+        return []
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and is_svdq(d))
+
+
+def _is_weight_file(path: str, model_dirs: Sequence[str] = ("",)) -> bool:
+    parent, _, name = path.rpartition("/")
+    return parent in model_dirs and name.startswith("diffusion_pytorch_model") and (
         name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
 
 
@@ -403,6 +425,10 @@ def push_to_hub(
     retry_wait: float = 1.0,
 ) -> Any:
     """Publish an SVDQuant model directory (or a quantized model) as one Hub commit.
+
+    ``source`` may also be a diffusers pipeline directory (``model_index.json``) whose
+    components include SVDQuant models (e.g. ``transformer/``); each is validated and the card
+    describes the first.
 
     The directory is validated first (headers, manifest, values): a broken checkpoint is never
     uploaded. Every file of the directory plus a generated ``README.md`` (unless the directory
@@ -448,9 +474,14 @@ def push_to_hub(
     folder = Path(source)
     if not folder.is_dir():
         raise FormatError(str(folder), None, "not a directory")
-    validate(folder)
+    quantized = _quantized_dirs(folder)
+    if not quantized:
+        raise FormatError(str(folder), "config.json", "no SVDQuant model here (nor in a pipeline component folder)")
+    for q in quantized:
+        validate(folder / q if q else folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    card = None if (folder / CARD_NAME).is_file() else str(make_model_card(folder, repo_id=repo_id, base_model=base_model, license=license))
+    card = None if (folder / CARD_NAME).is_file() else str(make_model_card(
+        folder, repo_id=repo_id, base_model=base_model, license=license, subfolder=quantized[0] or None))
     api = HfApi(endpoint=endpoint, token=token)
     branch = revision or "main"
 
@@ -466,7 +497,7 @@ def push_to_hub(
         # would otherwise stay next to the new ones and make the revision inconsistent.
         new = {op.path_in_repo for op in ops}
         ops += [CommitOperationDelete(path_in_repo=f) for f in api.list_repo_files(repo_id, revision=branch)
-                if f not in new and _is_weight_file(f)]
+                if f not in new and _is_weight_file(f, quantized)]
         return api.create_commit(
             repo_id,
             operations=ops,

@@ -276,3 +276,28 @@ def test_push_model_object_and_save_pretrained_push(hub, tmp_path):
     assert hub.repos["tester/from-object"].branches["main"] == info.oid
     digest = hashlib.sha256(files["config.json"]).hexdigest()
     assert digest == sha256(files["config.json"])
+
+
+def test_pipeline_folder_push_and_load_by_subfolder(hub, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from huggingface_hub import ModelCard
+
+    model = tiny_flux()
+    ref = run(model)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=model)
+    pipe.save_pretrained(tmp_path / "pipe")
+    push(hub, tmp_path / "pipe", "tester/tiny-flux-pipeline")
+    remote = hub.files("tester/tiny-flux-pipeline")
+    assert {"model_index.json", "transformer/config.json", "scheduler/scheduler_config.json", "README.md"} <= set(remote)
+    by_id = FluxTransformer2DModel.from_pretrained("tester/tiny-flux-pipeline", subfolder="transformer",
+                                                   cache_dir=str(tmp_path / "dc"))
+    assert torch.equal(run(by_id), ref)
+    ours = svdq_hub.from_pretrained("tester/tiny-flux-pipeline", subfolder="transformer", endpoint=hub.url)
+    assert torch.equal(run(ours), ref)
+    card = ModelCard(remote["README.md"].decode())
+    assert card.data.svdquant["model_class"] == "FluxTransformer2DModel"
+    assert 'from_pretrained("tester/tiny-flux-pipeline", subfolder="transformer")' in card.text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FormatError, match="no SVDQuant model here"):
+        push(hub, tmp_path / "empty", "tester/nothing")
