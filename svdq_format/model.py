@@ -24,6 +24,7 @@ format metadata describing the SVDQ layers (docs/format.md §8).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FormatError, ManifestError, TensorError
+from .errors import FormatError, ManifestError, TensorError, UnsupportedError
 from .io import (
     SafetensorsHeader,
     TensorReader,
@@ -48,7 +49,7 @@ from .io import (
     save_file,
 )
 from .linear import SVDQLinear
-from .spec import FormatMetadata, LayerSpec
+from .spec import FLOAT_DTYPES, FormatMetadata, LayerSpec, dtype_name
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -486,7 +487,8 @@ def checkpoint_files(directory: str | os.PathLike[str]) -> list[Path]:
     d = Path(directory)
     index_path = d / INDEX_NAME
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map") if isinstance(_read_json(index_path), dict) else None
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ManifestError(str(index_path), "weight_map", "missing or not an object of file names")
         files = []
@@ -575,7 +577,9 @@ def load_pretrained(
         path: A model directory (``config.json`` + weights) or a single-file checkpoint.
         model_cls: Class with ``from_config``; default: the diffusers class named in the config.
         device: Target device of every tensor.
-        dtype: Cast the *dense* floating tensors to this dtype (SVDQ layers keep theirs).
+        dtype: Compute dtype to load in: the dense floating tensors are cast to it and it becomes
+            the SVDQ layers' compute dtype (their smooth, low-rank and bias tensors are cast;
+            4-bit codes and scales stay as stored). Default: as stored.
 
     Returns:
         The quantized model in eval mode. diffusers models come back with the svdquant
@@ -619,7 +623,13 @@ def load_pretrained(
     cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
     cls = model_cls if model_cls is not None else _model_class(cfg, where)
     model = _empty_model(cls, cfg)
-    replace_linears(model, layers, device="meta", file=where)
+    if dtype is not None:
+        if dtype_name(dtype) not in FLOAT_DTYPES:
+            raise UnsupportedError(f"dtype {dtype} is not one of {FLOAT_DTYPES}")
+        specs = {n: dataclasses.replace(spec, dtype=dtype_name(dtype)) for n, spec in layers.items()}
+    else:
+        specs = dict(layers)
+    replace_linears(model, specs, device="meta", file=where)
     expected = model.state_dict(keep_vars=True)
     stored = {key: h.path for h in headers for key in h.tensors}
     missing = sorted(set(expected) - set(stored))
@@ -628,7 +638,6 @@ def load_pretrained(
         raise TensorError(where, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
     if unexpected:
         raise TensorError(stored[unexpected[0]], unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
-    owned = {f"{name}." for name in layers}
     for header in headers:
         with TensorReader(header) as handle:  # plain reads into aligned tensors, one at a time
             for key in header.tensors:
@@ -636,17 +645,22 @@ def load_pretrained(
                 ref = expected[key]
                 if tuple(t.shape) != tuple(ref.shape):
                     raise TensorError(header.path, key, f"shape {list(t.shape)}, model expects {list(ref.shape)}")
-                is_layer = any(key.startswith(o) for o in owned)
-                if dtype is not None and not is_layer and t.is_floating_point():
+                head, _, role = key.rpartition(".")
+                is_layer = head in layers
+                if dtype is not None and (not is_layer or role in _COMPUTE_ROLES) and t.is_floating_point():
                     t = aligned(t.to(dtype))
                 _assign(model, key, t.to(device))
                 del t
     if torch.device(device).type != "cpu":
         model.to(device)  # non-persistent buffers built on the host
-    _attach_quantizer(model, FormatMetadata(layers=layers, format_version=first.format_version,
+    _attach_quantizer(model, FormatMetadata(layers=specs, format_version=first.format_version,
                                             layout=first.layout, producer=first.producer,
                                             extra=(cfg_meta or first).extra))
     return model.eval()
+
+
+#: SVDQ tensors in the compute dtype (cast by an explicit ``dtype``); codes and scales never are.
+_COMPUTE_ROLES = frozenset({"smooth", "lora_down", "lora_up", "bias"})
 
 
 def _attach_quantizer(model: nn.Module, meta: FormatMetadata) -> None:

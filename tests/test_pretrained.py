@@ -245,3 +245,14 @@ def test_explicit_torch_dtype_casts_compute_tensors_not_codes(tmp_path):
     assert {s.dtype for s in sf.validate(tmp_path / "b").layers.values()} == {"bfloat16"}
     with pytest.raises(UnsupportedError, match="torch_dtype torch.int8"):
         type(model).from_pretrained(tmp_path / "a", torch_dtype=torch.int8)
+
+
+def test_load_pretrained_dtype_matches_diffusers_torch_dtype(tmp_path):
+    model = tiny_sd3()
+    model.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    theirs = type(model).from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert_same_state(ours, theirs)
+    assert {m.dtype for m in svdq_modules(ours).values()} == {torch.bfloat16}
+    with pytest.raises(UnsupportedError, match="dtype torch.int8"):
+        load_pretrained(tmp_path, dtype=torch.int8)
