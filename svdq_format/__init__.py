@@ -27,10 +27,16 @@ from .errors import (
 )
 from .io import load_file, read_metadata, save_file, validate
 from .linear import EXEC_MODES, SVDQLinear
+from .model import load_pretrained, save_pretrained, save_single_file
 from .ops import Backend, available_backends, register_backend, reference_linear, svdq_linear
 from .spec import FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, LayerSpec
 
 __version__ = "0.1.0"
+
+# diffusers: ``quant_method: "svdquant"`` (registered when diffusers' quantizers are imported).
+from ._autoregister import install as _install_integrations
+
+_install_integrations()
 
 __all__ = [
     "__version__",
@@ -45,6 +51,9 @@ __all__ = [
     "load_file",
     "read_metadata",
     "validate",
+    "save_pretrained",
+    "save_single_file",
+    "load_pretrained",
     "Backend",
     "available_backends",
     "register_backend",

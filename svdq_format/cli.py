@@ -46,6 +46,64 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    info = push_to_hub(
+        args.directory,
+        args.repo_id,
+        revision=args.revision,
+        private=True if args.private else None,
+        commit_message=args.commit_message,
+        token=args.token,
+        endpoint=args.endpoint,
+        base_model=args.base_model,
+        license=args.license,
+    )
+    print(f"pushed {args.directory} to {args.repo_id}@{args.revision or 'main'}: commit {info.oid}")
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .hub import pull
+
+    path = pull(
+        args.repo_id,
+        revision=args.revision,
+        token=args.token,
+        cache_dir=args.cache_dir,
+        local_files_only=args.local_files_only,
+        allow_patterns=args.include or None,
+        endpoint=args.endpoint,
+    )
+    print(path)
+    return 0
+
+
+def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="upload a model directory to the Hugging Face Hub (one commit, with a model card)")
+    p.add_argument("directory", help="SVDQuant model directory (config.json + safetensors)")
+    p.add_argument("repo_id", help="owner/name on the Hub (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    p.add_argument("--commit-message", help="commit message")
+    p.add_argument("--base-model", help="base model repo id for the model card")
+    p.add_argument("--license", help="license for the model card")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN / the saved login)")
+    p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("pull", help="download a model repo into the Hugging Face cache and print its path")
+    p.add_argument("repo_id", help="owner/name on the Hub")
+    p.add_argument("--revision", help="branch, tag or commit (default main)")
+    p.add_argument("--include", action="append", help="glob of files to fetch (repeatable)")
+    p.add_argument("--cache-dir", help="cache directory (default HF_HUB_CACHE)")
+    p.add_argument("--local-files-only", action="store_true", help="use the cache only (offline)")
+    p.add_argument("--token", help="Hub token")
+    p.add_argument("--endpoint", help="Hub URL")
+    p.set_defaults(func=_cmd_pull)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``svdq`` argument parser (plugins included)."""
     parser = argparse.ArgumentParser(
@@ -65,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headers-only", action="store_true", help="skip the value checks (faster)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
     p.set_defaults(func=_cmd_validate)
+
+    _add_hub_commands(sub)
 
     for entry in _PLUGINS:
         module_name, _, func = entry.partition(":")

@@ -281,6 +281,7 @@ def save_file(
     *,
     metadata: Mapping[str, Any] | None = None,
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    header_metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write SVDQuant layers to one safetensors file, atomically.
 
@@ -291,6 +292,9 @@ def save_file(
             cannot override ``format_version``, ``layout``, ``layers`` or ``producer``.
         extra_tensors: Further tensors stored as they are (e.g. the 16-bit layers of a
             model); their names must not collide with a layer's tensors.
+        header_metadata: Further string entries for the safetensors ``__metadata__`` (e.g.
+            ``"config"``, the model config of a single-file checkpoint); cannot replace
+            ``"svdquant"`` or ``"format"``.
 
     Raises:
         FormatError: a name collision or an invalid layer.
@@ -315,6 +319,10 @@ def save_file(
             raise ManifestError(p, reserved, "is set by svdquant and cannot be given in metadata")
     meta = FormatMetadata(layers=specs, producer=producer_info(), extra=extra)
     header_meta = {METADATA_KEY: meta.dumps(), "format": "pt"}
+    for key, value in (header_metadata or {}).items():
+        if key in header_meta or not isinstance(value, str):
+            raise ManifestError(p, key, "header metadata must be a string and cannot replace svdquant/format")
+        header_meta[key] = value
 
     atomic_write(p, lambda tmp: _write_safetensors(tensors, tmp, header_meta, target=p))
 

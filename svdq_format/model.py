@@ -11,12 +11,23 @@ format metadata describing the SVDQ layers (docs/format.md §8).
 * :func:`save_model_file` / :func:`load_model_file` — one-file checkpoint of a whole model.
 * :func:`save_model_dir` / :func:`load_model_dir` — a model directory: ``config.json`` (with
   ``quantization_config``) + ``diffusion_pytorch_model.safetensors``.
+* :func:`save_pretrained` — a model directory in the diffusers layout, sharded when larger than
+  ``max_shard_size`` (``diffusion_pytorch_model-0000i-of-0000n.safetensors`` + index JSON); all
+  tensors of one SVDQ layer stay in one shard and every shard's header carries the manifest of
+  its own layers.
+* :func:`save_single_file` — the whole model in one ``.safetensors`` file with the model config
+  embedded in the header (``__metadata__["config"]``).
+* :func:`load_pretrained` — either form (directory or single file) in one call: the model is
+  built on the meta device and tensors are streamed shard by shard to the target device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,10 +35,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FormatError, ManifestError, TensorError
-from .io import TensorReader, atomic_write, producer_info, read_header, read_metadata, save_file
+from .errors import FormatError, ManifestError, TensorError, UnsupportedError
+from .io import (
+    SafetensorsHeader,
+    TensorReader,
+    _check_tensors_against_manifest,
+    aligned,
+    atomic_write,
+    layer_state,
+    producer_info,
+    read_header,
+    read_metadata,
+    save_file,
+)
 from .linear import SVDQLinear
-from .spec import FormatMetadata, LayerSpec
+from .spec import FLOAT_DTYPES, FormatMetadata, LayerSpec, dtype_name
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -39,11 +61,29 @@ __all__ = [
     "load_model_file",
     "save_model_dir",
     "load_model_dir",
+    "INDEX_NAME",
+    "SINGLE_FILE_CONFIG_KEY",
+    "DEFAULT_MAX_SHARD_SIZE",
+    "parse_size",
+    "model_config",
+    "plan_shards",
+    "checkpoint_files",
+    "save_pretrained",
+    "save_single_file",
+    "load_pretrained",
 ]
 
 #: File name of an unsharded model's weights (the diffusers name).
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
+#: Index of a sharded model directory (the diffusers name).
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+#: Shard file names: ``diffusion_pytorch_model-00001-of-00003.safetensors``.
+SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{total:05d}.safetensors"
+_SHARD_RE = re.compile(r"diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors")
+#: ``__metadata__`` key holding the model config (JSON) of a single-file checkpoint.
+SINGLE_FILE_CONFIG_KEY = "config"
+DEFAULT_MAX_SHARD_SIZE = "10GB"
 
 
 def svdq_modules(model: nn.Module) -> dict[str, SVDQLinear]:
@@ -153,8 +193,6 @@ def load_model_file(
     header = read_header(p)
     meta = read_metadata(p, header)
     # Reuse the file-level checks (dtypes/shapes of every layer tensor, values).
-    from .io import _check_tensors_against_manifest
-
     _check_tensors_against_manifest(header, meta)
     replace_linears(model, meta.layers, device="meta", file=p)
     expected = model.state_dict(keep_vars=True)
@@ -256,3 +294,382 @@ def load_model_dir(
             raise ManifestError(str(cfg_path), "_class_name", f"unknown diffusers class {name!r}")
     model = model_cls.from_config(cfg)
     return load_model_file(model, d / WEIGHTS_NAME, device=device)
+
+
+# --------------------------------------------------------------------------- pretrained layouts
+
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` → 5·10⁹, ``"512MiB"`` → 512·2²⁰, ``1000`` → 1000 (the huggingface_hub units)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise ValueError(f"bad size {size!r} (expected e.g. 5GB, 500MB, 1GiB or an integer)")
+        value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def model_config(model: nn.Module, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able model config to store next to the weights (``quantization_config`` excluded).
+
+    Uses ``config`` when given, else the diffusers/transformers config of the model; private keys
+    other than ``_class_name`` / ``_diffusers_version`` are dropped.
+    """
+    if config is None:
+        to_json = getattr(model, "to_json_string", None)
+        if callable(to_json) and hasattr(model, "config"):
+            config = json.loads(to_json())
+        else:
+            config = dict(getattr(model, "config", None) or {})
+    cfg = {
+        k: v
+        for k, v in dict(config).items()
+        if k != "quantization_config" and (not k.startswith("_") or k in ("_class_name", "_diffusers_version"))
+    }
+    cfg.setdefault("_class_name", type(model).__name__)
+    return json.loads(json.dumps(cfg, default=_json_default))
+
+
+def _split_state(model: nn.Module) -> tuple[dict[str, SVDQLinear], list[tuple[str | None, dict[str, torch.Tensor]]]]:
+    """``(layers, units)``: a unit is one SVDQ layer's tensors or one dense tensor, in model order."""
+    layers = svdq_modules(model)
+    units: list[tuple[str | None, dict[str, torch.Tensor]]] = []
+    owner: dict[str, str] = {}
+    for name, layer in layers.items():
+        for key in layer.state_dict():
+            owner[f"{name}.{key}"] = name
+    seen: set[str] = set()
+    for key, tensor in model.state_dict().items():
+        name = owner.get(key)
+        if name is None:
+            units.append((None, {key: tensor}))
+        elif name not in seen:
+            seen.add(name)
+            units.append((name, layer_state(name, layers[name])))
+    return layers, units
+
+
+def plan_shards(model: nn.Module, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[list[tuple[str | None, dict[str, torch.Tensor]]]]:
+    """Greedy split of a quantized model's state into shards of at most ``max_shard_size`` bytes.
+
+    Units (one SVDQ layer with all its tensors, or one dense tensor) are never split; a unit
+    larger than the limit gets a shard of its own.
+    """
+    limit = parse_size(max_shard_size)
+    shards: list[list[tuple[str | None, dict[str, torch.Tensor]]]] = [[]]
+    size = 0
+    for unit in _split_state(model)[1]:
+        nbytes = sum(t.numel() * t.element_size() for t in unit[1].values())
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(unit)
+        size += nbytes
+    return shards
+
+
+def _write_shard(
+    units: list[tuple[str | None, dict[str, torch.Tensor]]],
+    layers: Mapping[str, SVDQLinear],
+    path: Path,
+    *,
+    metadata: Mapping[str, Any] | None,
+    header_metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    shard_layers = {name: layers[name] for name, _ in units if name is not None}
+    dense = {k: t for name, ts in units if name is None for k, t in ts.items()}
+    save_file(shard_layers, path, metadata=metadata, extra_tensors=dense, header_metadata=header_metadata)
+    return [k for _, ts in units for k in ts]
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a quantized model as a diffusers-layout directory, sharded if needed.
+
+    Layout: ``config.json`` (model config + ``quantization_config`` with the full manifest) and
+    either ``diffusion_pytorch_model.safetensors`` or shards
+    ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` plus
+    ``diffusion_pytorch_model.safetensors.index.json``. Each file is written atomically and
+    carries the SVDQuant metadata of the layers it holds; ``config.json`` is written last, and
+    weight files of an earlier save that are no longer part of the model are removed.
+
+    Args:
+        model: The quantized model (diffusers models give their config themselves).
+        directory: Target directory (created if needed).
+        max_shard_size: Largest shard, bytes or a string like ``"5GB"``.
+        config: Model config to write instead of the model's own.
+        metadata: Extra fields for the format metadata (``base_model``, quantizer settings...).
+
+    Returns:
+        The directory.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(model, config)
+    layers, _ = _split_state(model)
+    shards = plan_shards(model, max_shard_size)
+    written: set[str] = set()
+    if len(shards) == 1:
+        _write_shard(shards[0], layers, d / WEIGHTS_NAME, metadata=metadata)
+        written.add(WEIGHTS_NAME)
+    else:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, units in enumerate(shards, start=1):
+            name = SHARD_NAME.format(index=i, total=len(shards))
+            for key in _write_shard(units, layers, d / name, metadata=metadata):
+                weight_map[key] = name
+            total += sum(t.numel() * t.element_size() for _, ts in units for t in ts.values())
+            written.add(name)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        atomic_write(d / INDEX_NAME, lambda tmp: Path(tmp).write_text(text))
+        written.add(INDEX_NAME)
+    meta = model_metadata(model, extra=metadata)
+    cfg["quantization_config"] = meta.to_json()
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    atomic_write(d / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    for stale in d.iterdir():
+        if stale.name not in written and (stale.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.fullmatch(stale.name)):
+            stale.unlink()
+    return d
+
+
+def save_single_file(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the whole quantized model to one ``.safetensors`` file, config included.
+
+    The model config (with ``_class_name``) is stored as JSON under ``__metadata__["config"]``
+    so :func:`load_pretrained` rebuilds the model from the file alone.
+
+    Returns:
+        The file path.
+    """
+    p = Path(path)
+    cfg = model_config(model, config)
+    layers, units = _split_state(model)
+    _write_shard(units, layers, p, metadata=metadata,
+                 header_metadata={SINGLE_FILE_CONFIG_KEY: json.dumps(cfg, sort_keys=True)})
+    return p
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ManifestError(str(path), None, f"not valid JSON ({exc})") from None
+
+
+def checkpoint_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The weight files of a model directory: the shards named by the index, else the single file."""
+    d = Path(directory)
+    index_path = d / INDEX_NAME
+    if index_path.is_file():
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ManifestError(str(index_path), "weight_map", "missing or not an object of file names")
+        files = []
+        for name in sorted(set(weight_map.values())):
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise ManifestError(str(index_path), "weight_map", f"bad shard name {name!r}")
+            if not (d / name).is_file():
+                raise FormatError(str(d / name), None, "shard listed in the index is missing")
+            files.append(d / name)
+        return files
+    if (d / WEIGHTS_NAME).is_file():
+        return [d / WEIGHTS_NAME]
+    raise FormatError(str(d), WEIGHTS_NAME, "missing: no weights file or index in the model directory")
+
+
+def _checked_headers(files: list[Path]) -> tuple[list[SafetensorsHeader], dict[str, LayerSpec], FormatMetadata]:
+    """Parse every file's header, check its tensors against its own manifest, merge manifests."""
+    headers: list[SafetensorsHeader] = []
+    merged: dict[str, LayerSpec] = {}
+    first: FormatMetadata | None = None
+    owner: dict[str, str] = {}
+    for f in files:
+        header = read_header(f)
+        meta = read_metadata(f, header)
+        _check_tensors_against_manifest(header, meta)
+        for name, spec in meta.layers.items():
+            if name in merged:
+                raise ManifestError(str(f), name, "layer appears in more than one file")
+            merged[name] = spec
+        for key in header.tensors:
+            if key in owner:
+                raise TensorError(str(f), key, f"tensor also stored in {owner[key]}")
+            owner[key] = str(f)
+        headers.append(header)
+        first = first or meta
+    assert first is not None
+    return headers, merged, first
+
+
+def _model_class(cfg: Mapping[str, Any], file: str) -> Any:
+    name = cfg.get("_class_name")
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ManifestError(file, "_class_name", f"unknown diffusers model class {name!r}")
+    return cls
+
+
+def _empty_model(model_cls: Any, cfg: Mapping[str, Any]) -> nn.Module:
+    """Build the model with its parameters on the meta device (no memory, no init)."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # pragma: no cover - accelerate ships with diffusers installs
+        init_empty_weights = contextlib.nullcontext  # type: ignore[assignment]
+    with init_empty_weights():
+        return model_cls.from_config(dict(cfg))
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(value, requires_grad=bool(old is not None and old.requires_grad))
+    else:
+        module._buffers[name] = value
+
+
+def load_pretrained(
+    path: str | os.PathLike[str],
+    model_cls: Any = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load a quantized model from a directory (sharded or not) or a single file, in one call.
+
+    The model is built from its config with parameters on the meta device, the manifest's
+    linears are swapped for ``SVDQLinear``, every header is checked against its manifest and
+    the key sets must match exactly (missing or unexpected tensors raise). Tensors are then
+    read one at a time and moved to ``device``, so host memory holds at most one tensor beyond
+    what the model keeps there.
+
+    Args:
+        path: A model directory (``config.json`` + weights) or a single-file checkpoint.
+        model_cls: Class with ``from_config``; default: the diffusers class named in the config.
+        device: Target device of every tensor.
+        dtype: Compute dtype to load in: the dense floating tensors are cast to it and it becomes
+            the SVDQ layers' compute dtype (their smooth, low-rank and bias tensors are cast;
+            4-bit codes and scales stay as stored). Default: as stored.
+
+    Returns:
+        The quantized model in eval mode. diffusers models come back with the svdquant
+        quantizer attached, so ``model.save_pretrained`` writes this format again.
+
+    Raises:
+        FormatError: (or a subclass) naming file, key and reason.
+    """
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+        header = read_header(p)
+        text = header.metadata.get(SINGLE_FILE_CONFIG_KEY)
+        if text is None:
+            raise ManifestError(str(p), SINGLE_FILE_CONFIG_KEY, "no model config in the header: not a single-file model (pass a directory)")
+        try:
+            cfg = json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(str(p), SINGLE_FILE_CONFIG_KEY, f"not valid JSON ({exc})") from None
+        cfg_meta = None
+        where = str(p)
+    elif p.is_dir():
+        cfg_path = p / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FormatError(str(p), CONFIG_NAME, "missing: not a model directory")
+        cfg = _read_json(cfg_path)
+        if not isinstance(cfg, dict):
+            raise ManifestError(str(cfg_path), None, "config must be a JSON object")
+        qc = cfg.get("quantization_config")
+        if qc is None:
+            raise ManifestError(str(cfg_path), "quantization_config", "missing: not an SVDQuant model")
+        cfg_meta = FormatMetadata.from_json(qc, file=str(cfg_path))
+        files = checkpoint_files(p)
+        where = str(cfg_path)
+    else:
+        raise FormatError(str(p), None, "no such file or directory")
+    headers, layers, first = _checked_headers(files)
+    if cfg_meta is not None and cfg_meta.layers != layers:
+        diff = sorted(set(layers) ^ set(cfg_meta.layers)) or [n for n in layers if layers[n] != cfg_meta.layers[n]]
+        raise ManifestError(where, diff[0], "config.json manifest disagrees with the safetensors files")
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    cls = model_cls if model_cls is not None else _model_class(cfg, where)
+    model = _empty_model(cls, cfg)
+    if dtype is not None:
+        if dtype_name(dtype) not in FLOAT_DTYPES:
+            raise UnsupportedError(f"dtype {dtype} is not one of {FLOAT_DTYPES}")
+        specs = {n: dataclasses.replace(spec, dtype=dtype_name(dtype)) for n, spec in layers.items()}
+    else:
+        specs = dict(layers)
+    replace_linears(model, specs, device="meta", file=where)
+    expected = model.state_dict(keep_vars=True)
+    stored = {key: h.path for h in headers for key in h.tensors}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing:
+        raise TensorError(where, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
+    if unexpected:
+        raise TensorError(stored[unexpected[0]], unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
+    for header in headers:
+        with TensorReader(header) as handle:  # plain reads into aligned tensors, one at a time
+            for key in header.tensors:
+                t = handle.get_tensor(key)
+                ref = expected[key]
+                if tuple(t.shape) != tuple(ref.shape):
+                    raise TensorError(header.path, key, f"shape {list(t.shape)}, model expects {list(ref.shape)}")
+                head, _, role = key.rpartition(".")
+                is_layer = head in layers
+                if dtype is not None and (not is_layer or role in _COMPUTE_ROLES) and t.is_floating_point():
+                    t = aligned(t.to(dtype))
+                _assign(model, key, t.to(device))
+                del t
+    if torch.device(device).type != "cpu":
+        model.to(device)  # non-persistent buffers built on the host
+    _attach_quantizer(model, FormatMetadata(layers=specs, format_version=first.format_version,
+                                            layout=first.layout, producer=first.producer,
+                                            extra=(cfg_meta or first).extra))
+    return model.eval()
+
+
+#: SVDQ tensors in the compute dtype (cast by an explicit ``dtype``); codes and scales never are.
+_COMPUTE_ROLES = frozenset({"smooth", "lora_down", "lora_up", "bias"})
+
+
+def _attach_quantizer(model: nn.Module, meta: FormatMetadata) -> None:
+    """Give a diffusers model the svdquant quantizer (``save_pretrained``/pipelines then work)."""
+    try:
+        from diffusers import ModelMixin
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(model, ModelMixin):
+        from .diffusers import attach_quantizer
+
+        attach_quantizer(model, meta)

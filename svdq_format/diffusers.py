@@ -1,0 +1,344 @@
+"""diffusers integration: ``quant_method: "svdquant"`` for every diffusers model class.
+
+Importing :mod:`svdq_format` registers :class:`SVDQuantConfig` and :class:`SVDQuantizer` into
+diffusers' auto mappings (lazily, when diffusers' quantizer registry is first imported; see
+:mod:`svdq_format._autoregister`). After that the usual calls work on SVDQuant checkpoints::
+
+    import svdq_format  # noqa: F401  (registers the backend)
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained("someone/flux-svdq-int4")  # or a directory
+    model.save_pretrained("out/", max_shard_size="2GB")
+
+Loading is driven by ``config.json``'s ``quantization_config`` (the format metadata, with the
+manifest of every quantized linear): the named linears are swapped for
+:class:`~svdq_format.linear.SVDQLinear` on the meta device before any weight is read, every
+shard header is checked against its manifest, and the checkpoint's keys must match the
+model's exactly (missing or unexpected tensors raise :class:`~svdq_format.errors.TensorError`).
+diffusers then streams the shards one at a time to the target device; quantized tensors keep
+their stored dtypes. ``save_pretrained`` writes the svdquant directory layout
+(:func:`svdq_format.model.save_pretrained`): one layer never straddles two shards and every
+shard carries the manifest of its own layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from enum import Enum
+from typing import Any
+
+import torch
+from diffusers.quantizers.base import DiffusersQuantizer
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+from torch import nn
+
+from .errors import ManifestError, TensorError, UnsupportedError
+from .io import aligned
+from .linear import SVDQLinear
+from .spec import (
+    FLOAT_DTYPES,
+    FORMAT_VERSION,
+    LAYOUT,
+    QUANT_METHOD,
+    FormatMetadata,
+    dtype_from_name,
+    dtype_name,
+    expected_tensors,
+)
+
+__all__ = ["SVDQuantMethod", "SVDQuantConfig", "SVDQuantizer", "register", "attach_quantizer"]
+
+
+class SVDQuantMethod(str, Enum):
+    """The ``quant_method`` value (an enum, as diffusers expects ``.value``)."""
+
+    SVDQUANT = QUANT_METHOD
+
+
+class SVDQuantConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of an SVDQuant model: the format metadata (docs/format.md).
+
+    It is what ``config.json`` stores: ``quant_method``, ``format_version``, ``layout``,
+    ``producer``, ``layers`` (the manifest) and any extra fields (``base_model``, quantizer
+    settings), validated on construction by :class:`~svdq_format.spec.FormatMetadata`.
+
+    Args:
+        layers: Module name → manifest entry (JSON objects).
+        format_version: Format version of the checkpoint.
+        layout: On-disk layout name.
+        producer: Who wrote the checkpoint.
+        quant_method: Must be ``"svdquant"``.
+        **extra: Further metadata fields, kept as they are.
+
+    Raises:
+        ManifestError / VersionError: the metadata is invalid or too new.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, Any] | None = None,
+        format_version: int = FORMAT_VERSION,
+        layout: str = LAYOUT,
+        producer: dict[str, str] | None = None,
+        quant_method: str = QUANT_METHOD,
+        **extra: Any,
+    ) -> None:
+        obj = dict(extra)
+        obj.update(
+            quant_method=str(getattr(quant_method, "value", quant_method)),
+            format_version=format_version,
+            layout=layout,
+            producer=dict(producer or {}),
+            layers=dict(layers or {}),
+        )
+        self.metadata = FormatMetadata.from_json(obj, file="quantization_config")
+        self.quant_method = SVDQuantMethod.SVDQUANT
+
+    @classmethod
+    def from_metadata(cls, meta: FormatMetadata) -> SVDQuantConfig:
+        """The config describing ``meta``."""
+        return cls(**meta.to_json())
+
+    @property
+    def layers(self) -> dict[str, Any]:
+        """The manifest (``LayerSpec`` by module name)."""
+        return self.metadata.layers
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object stored as ``quantization_config``."""
+        return self.metadata.to_json()
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SVDQuantConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        n = len(self.metadata.layers)
+        return f"SVDQuantConfig(format_version={self.metadata.format_version}, layers={n})"
+
+
+#: SVDQ tensors in the compute dtype (cast by an explicit ``torch_dtype``); codes and scales never are.
+_COMPUTE_ROLES = frozenset({"smooth", "lora_down", "lora_up", "bias"})
+
+
+def _owner(model: nn.Module, param_name: str) -> tuple[SVDQLinear | None, str]:
+    module_name, _, role = param_name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return None, role
+    return (module if isinstance(module, SVDQLinear) else None), role
+
+
+class SVDQuantizer(DiffusersQuantizer):
+    """diffusers quantizer for pre-quantized SVDQuant checkpoints (loading and saving).
+
+    Quantizing while loading is not supported: make the checkpoint with the svdquant
+    converters (``svdq quantize``) and load it.
+    """
+
+    requires_calibration = False
+    required_packages = ["safetensors"]
+
+    def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
+        if not kwargs.get("pre_quantized", True):
+            raise UnsupportedError(
+                "svdquant cannot quantize a model while loading it: quantize it with the svdquant "
+                "converters (svdq quantize) and load the result"
+            )
+        super().__init__(quantization_config, **kwargs)
+        self.pre_quantized = True
+        self._files: list[str] = []
+        self._loaded_keys: list[str] | None = None
+        self._compute_dtype: str | None = None  # set by an explicit torch_dtype
+
+    # -- environment -------------------------------------------------------------------------
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to check: the reference backend runs everywhere."""
+
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+        """Default dtype: the compute dtype of the quantized layers (when they agree).
+
+        An explicit ``torch_dtype`` also becomes the compute dtype of the SVDQ layers: their
+        16/32-bit tensors (smooth, low-rank branch, bias) are cast to it, the 4-bit codes and
+        their scales stay exactly as stored.
+        """
+        if torch_dtype is not None:
+            if dtype_name(torch_dtype) not in FLOAT_DTYPES:
+                raise UnsupportedError(f"torch_dtype {torch_dtype} is not one of {FLOAT_DTYPES}")
+            self._compute_dtype = dtype_name(torch_dtype)
+            return torch_dtype
+        dtypes = {spec.dtype for spec in self.quantization_config.metadata.layers.values()}
+        return dtype_from_name(dtypes.pop()) if len(dtypes) == 1 else None
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
+        self._loaded_keys = list(loaded_keys)
+        self._files = [os.fspath(f) for f in checkpoint_files if isinstance(f, (str, os.PathLike))]
+        return loaded_keys
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        from .model import _checked_headers, replace_linears
+
+        meta = self.quantization_config.metadata
+        where = self._files[0] if self._files else "quantization_config"
+        if self._files and all(f.endswith(".safetensors") for f in self._files):
+            from pathlib import Path
+
+            _, layers, _ = _checked_headers([Path(f) for f in self._files])
+            if layers != meta.layers:
+                diff = sorted(set(layers) ^ set(meta.layers)) or [n for n in layers if layers[n] != meta.layers[n]]
+                raise ManifestError(where, diff[0], "config.json manifest disagrees with the safetensors files")
+        specs = meta.layers
+        if self._compute_dtype is not None:
+            specs = {n: dataclasses.replace(spec, dtype=self._compute_dtype) for n, spec in specs.items()}
+        replace_linears(model, specs, device="meta", file=where)
+        if self._loaded_keys is not None:
+            expected = set(model.state_dict())
+            loaded = set(self._loaded_keys)
+            missing, unexpected = sorted(expected - loaded), sorted(loaded - expected)
+            if missing:
+                raise TensorError(where, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
+            if unexpected:
+                raise TensorError(where, unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
+        return model
+
+    def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
+        if missing_keys:
+            raise TensorError(None, sorted(missing_keys)[0], f"missing from the checkpoint ({len(missing_keys)} tensors missing)")
+        return missing_keys
+
+    def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # 64-byte aligned tensors: BLAS then rounds exactly as on the saved model (bit-identical outputs).
+        return {k: aligned(v) if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+
+    def check_if_quantized_param(self, model: nn.Module, param_value: Any, param_name: str,
+                                 state_dict: dict[str, Any], **kwargs: Any) -> bool:
+        return _owner(model, param_name)[0] is not None
+
+    def check_quantized_param_shape(self, param_name: str, current_param: Any, loaded_param: Any) -> bool:
+        raise TensorError(None, param_name, f"shape {list(loaded_param.shape)}, model expects {list(current_param.shape)}")
+
+    def create_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
+                               target_device: Any, state_dict: dict[str, Any],
+                               unexpected_keys: list[str] | None = None, **kwargs: Any) -> None:
+        """Put one SVDQ tensor in place exactly as stored (dtype and shape checked, no cast)."""
+        module, role = _owner(model, param_name)
+        assert module is not None
+        raw = state_dict.get(param_name, param_value)
+        stored_spec = self.quantization_config.metadata.layers[param_name.rpartition(".")[0]]
+        expected = expected_tensors(stored_spec)
+        if role not in expected:
+            raise TensorError(None, param_name, f"unexpected tensor for this {module.kind}/{module.precision} layer")
+        dtypes, shape = expected[role]
+        got = str(raw.dtype).removeprefix("torch.")
+        if got not in dtypes:
+            raise TensorError(None, param_name, f"dtype {got}, expected {' or '.join(dtypes)}")
+        if tuple(raw.shape) != shape:
+            raise TensorError(None, param_name, f"shape {list(raw.shape)}, expected {list(shape)}")
+        if role in _COMPUTE_ROLES and self._compute_dtype is not None:
+            raw = raw.to(dtype_from_name(self._compute_dtype))
+        device = target_device if target_device is not None else "cpu"
+        module._buffers[role] = aligned(raw).to(device)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        _install_save_pretrained(model)
+        return model
+
+    # -- properties --------------------------------------------------------------------------
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model: nn.Module) -> nn.Module:
+        from .model import _set_submodule, svdq_modules
+
+        for name, layer in svdq_modules(model).items():
+            _set_submodule(model, name, layer.to_linear())
+        model.__dict__.pop("save_pretrained", None)
+        if hasattr(model, "register_to_config"):
+            model.register_to_config(quantization_config=None)
+        return model
+
+
+def _save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike[str],
+    is_main_process: bool = True,
+    save_function: Any = None,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    max_shard_size: int | str = "10GB",
+    push_to_hub: bool = False,
+    **kwargs: Any,
+) -> None:
+    """``ModelMixin.save_pretrained`` for SVDQuant models (same arguments, svdquant layout)."""
+    from .model import save_pretrained
+
+    if not safe_serialization:
+        raise UnsupportedError("svdquant models are saved as safetensors only (safe_serialization=True)")
+    if variant is not None:
+        raise UnsupportedError(f"variant={variant!r} is not supported for svdquant models")
+    if not is_main_process:
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    extra = quantizer.quantization_config.metadata.extra if quantizer is not None else {}
+    save_pretrained(model, save_directory, max_shard_size=max_shard_size, metadata=extra)
+    if push_to_hub:
+        from .hub import push_to_hub as _push
+
+        repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+        _push(save_directory, repo_id, private=kwargs.pop("private", None), token=kwargs.pop("token", None),
+              commit_message=kwargs.pop("commit_message", None), create_pr=kwargs.pop("create_pr", False))
+
+
+def _install_save_pretrained(model: nn.Module) -> None:
+    # An instance attribute: pipelines call ``component.save_pretrained`` and get this one.
+    model.save_pretrained = functools.wraps(_save_pretrained)(functools.partial(_save_pretrained, model))  # type: ignore[method-assign]
+
+
+def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantizer:
+    """Mark a diffusers model holding SVDQ layers as svdquant-quantized.
+
+    For models built outside ``from_pretrained`` (by the converters or
+    :func:`svdq_format.model.load_pretrained`): sets ``hf_quantizer``, ``is_quantized`` and the
+    config's ``quantization_config``, so ``save_pretrained``/``push_to_hub`` and pipelines treat
+    the model like one loaded by diffusers.
+    """
+    quantizer = SVDQuantizer(SVDQuantConfig.from_metadata(meta), pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = quantizer.quantization_config.quant_method
+    model.hf_quantizer = quantizer
+    if hasattr(model, "register_to_config"):
+        model.register_to_config(quantization_config=quantizer.quantization_config)
+    _install_save_pretrained(model)
+    return quantizer
+
+
+def register() -> None:
+    """Add ``"svdquant"`` to diffusers' quantizer and config mappings (idempotent)."""
+    from diffusers.quantizers import auto
+
+    auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = SVDQuantizer
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = SVDQuantConfig
+
+
+register()
