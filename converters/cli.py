@@ -14,6 +14,8 @@ __all__ = ["register"]
 
 #: Modules providing ``register(subparsers)``, one per command family.
 COMMAND_MODULES: tuple[str, ...] = (
+    "converters.quantize.cli",
+    "converters.demo",
 )
 
 
