@@ -85,7 +85,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection) -> str:
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
-    h.update(json.dumps(dict(getattr(model, "config", {}) or {}), sort_keys=True, default=str).encode())
+    cfg = getattr(model, "config", None)
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(json.dumps(opts.to_json(), sort_keys=True).encode())
     h.update(json.dumps(selection.kinds, sort_keys=True).encode())
     for name in list(selection.kinds)[:4]:  # a few weights: catches "same config, other weights"
