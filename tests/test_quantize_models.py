@@ -232,3 +232,11 @@ def test_out_of_memory_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(pipeline, "quantize_group", oom)
     with pytest.raises(QuantizationError, match=r"out of memory while quantizing block transformer_blocks\.0"):
         quantize_model(tiny_flux(), "synthetic", rank=4)
+
+
+def test_block_streaming_gives_the_same_result():
+    calib = synthetic_calibration(tiny_flux(), 2, image_tokens=16, text_tokens=8)
+    opts = QuantizeOptions(rank=4, alphas=(0.5,))
+    a = run_quantization(tiny_flux(), calib, options=opts, offload=False).model.state_dict()
+    b = run_quantization(tiny_flux(), calib, options=opts, offload="blocks").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

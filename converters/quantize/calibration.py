@@ -345,6 +345,8 @@ class CalibrationStats:
     layers: dict[str, LayerStats]
     groups: list[list[str]]
     samples: int = 0
+    #: Seconds the calibration pass took (kept so a resumed run reports the full time).
+    seconds: float = 0.0
 
     def group_of(self, name: str) -> list[str]:
         """The input group containing ``name`` (``[name]`` when it shares with nobody)."""
@@ -367,7 +369,8 @@ class CalibrationStats:
             tensors[f"{name}{_SEP}rows"] = st.rows.contiguous()
             tensors[f"{name}{_SEP}keys"] = st.keys.contiguous()
             counts[name] = st.count
-        meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "samples": self.samples})}
+        meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "samples": self.samples,
+                                          "seconds": self.seconds})}
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -386,7 +389,8 @@ class CalibrationStats:
                 )
                 for name, count in info["counts"].items()
             }
-        return cls(layers, [list(g) for g in info["groups"]], int(info.get("samples", 0)))
+        return cls(layers, [list(g) for g in info["groups"]], int(info.get("samples", 0)),
+                   float(info.get("seconds", 0.0)))
 
 
 #: Names of ``nn.ModuleList`` attributes that hold a model's repeated blocks.
@@ -449,10 +453,16 @@ def block_offload(model: nn.Module, device: torch.device | str) -> Iterator[None
             if buf is not None:
                 setattr(mod, bname, buf.to(device))
 
+    def load(mod: nn.Module, _args: tuple) -> None:
+        mod.to(device)
+
+    def unload(mod: nn.Module, _args: tuple, _out: Any) -> None:
+        mod.to("cpu")
+
     place_rest(model)
     for b in blocks:
-        handles.append(b.register_forward_pre_hook(lambda m, a: m.to(device)))
-        handles.append(b.register_forward_hook(lambda m, a, o: m.to("cpu")))
+        handles.append(b.register_forward_pre_hook(load))
+        handles.append(b.register_forward_hook(unload))
     try:
         yield
     finally:

@@ -98,7 +98,9 @@ def quantize_group(
             amax_x = torch.stack([stats.layers[n].absmax for n in names]).amax(dim=0).to(device)
             smooth, alpha, tried = search_smoothing(
                 weights, rows, amax_x, rank=min(ranks), precision=opts.precision, act_quant=act_quant,
-                alphas=opts.alphas, dtype=dtype, scale_dtype=sdt, lowrank=opts.lowrank,
+                alphas=opts.alphas, dtype=dtype, scale_dtype=sdt,
+                # candidates are only compared: the randomised SVD ranks them the same, much faster
+                lowrank="randomized" if opts.lowrank == "auto" else opts.lowrank,
             )
 
     out: dict[str, tuple[SVDQLinear, dict[str, Any]]] = {}

@@ -14,7 +14,7 @@ from .residual import DEFAULT_CLIP_RATIOS
 __all__ = ["QuantizeOptions", "DEFAULT_ALPHAS"]
 
 #: Migration strengths α tried by the smoothing search (plus "no smoothing").
-DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class QuantizeOptions:
     clip_search: bool = True
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
     gptq: bool = False
-    refine_iters: int = 0
+    refine_iters: int = 1
     lowrank: str = "auto"
     w4a16_rank: int = 0
     weight_only: bool = False

@@ -194,6 +194,7 @@ def run_quantization(
     calib_info: dict[str, Any] = {}
     if stats_path is not None and stats_path.is_file():
         stats = CalibrationStats.load(stats_path)
+        timer.add({"calibration": stats.seconds})
         calib_info = {"source": "resumed", "samples": stats.samples}
     else:
         calib = resolve_calibration(model, calibration, num_samples=num_samples, seed=opts.seed)
@@ -213,6 +214,7 @@ def run_quantization(
                         "image tokens per sample, or --device cpu"
                     ) from None
                 raise
+            stats.seconds = timer.seconds["calibration"]
             calib_info = {"source": calib.source, "samples": len(calib)}
         if stats_path is not None:
             with timer.phase("io"):
