@@ -102,7 +102,7 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
     from .quantize import QuantizeOptions, collect_stats, run_quantization, select_layers
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    base = AutoModel.from_pretrained(MODEL_DIR, torch_dtype=torch.float32).eval()
+    base = AutoModel.from_pretrained(MODEL_DIR).eval()
     calib = [
         dict(tok(list(CALIBRATION_SENTENCES[i : i + 8]), padding=True, return_tensors="pt"))
         for i in range(0, len(CALIBRATION_SENTENCES), 8)
@@ -118,8 +118,9 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
     variants = [
         ("SVDQ int4 (rank %d)" % rank, "svdq-int4", dict(rank=rank, precision="int4")),
         ("SVDQ nvfp4 (rank %d)" % rank, "svdq-nvfp4", dict(rank=rank, precision="nvfp4")),
-        ("naive W4A4 int4", "naive-w4a4", dict(rank=0, precision="int4", smoothing=False, clip_search=False)),
-        ("W4A16 int4 (weight-only)", "w4a16", dict(rank=0, precision="int4", smoothing=False,
+        ("naive W4A4 int4", "naive-w4a4", dict(rank=0, precision="int4", smoothing=False, clip_search=False,
+                                            unsigned_acts=False)),
+        ("W4A16 int4 (weight-only)", "w4a16", dict(rank=0, precision="int4", smoothing=False, unsigned_acts=False,
                                                    clip_search=False, weight_only=True)),
     ]
     rows: list[dict[str, Any]] = []

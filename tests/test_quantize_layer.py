@@ -11,7 +11,13 @@ from converters.quantize.layer import layer_fidelity, quantize_group
 from converters.quantize.lowrank import lowrank_factors
 from converters.quantize.options import QuantizeOptions
 from converters.quantize.residual import dequantized_residual, gptq_int4, int4_clip_scales
-from converters.quantize.smoothing import approximate, relative_error, simulated_output, smoothing_vector
+from converters.quantize.smoothing import (
+    approximate,
+    relative_error,
+    shift_correction,
+    simulated_output,
+    smoothing_vector,
+)
 from svdq_format.linear import SVDQLinear
 
 
@@ -147,3 +153,27 @@ def test_refinement_and_gptq_options_run_and_help():
     better = quantize_group([name], {name: lin}, {name: "w4a4"}, stats_for(name, x),
                             QuantizeOptions(rank=16, gptq=True, refine_iters=2))
     assert better[name][1]["error"]["svdq"] < base[name][1]["error"]["svdq"]
+
+
+def test_post_gelu_inputs_use_unsigned_codes_and_the_bias_correction():
+    g = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.gelu(torch.randn(256, 256, generator=g) * 2.0)
+    lin = nn.Linear(256, 128)
+    name = "blocks.0.ff.net.2"
+    st = stats_for(name, x)
+    st.layers[name].minval = float(x.min())
+    res = quantize_group([name], {name: lin}, {name: "w4a4"}, st, QuantizeOptions(rank=8))
+    layer, info = res[name]
+    assert layer.act_unsigned and layer.act_shift == pytest.approx(0.171875) and info["act_shift"] > 0
+    signed = quantize_group([name], {name: lin}, {name: "w4a4"}, st, QuantizeOptions(rank=8, unsigned_acts=False))
+    assert not signed[name][0].act_unsigned
+    assert info["error"]["svdq"] < signed[name][1]["error"]["svdq"]
+    # the scoring function agrees with the real (shifted, unsigned) forward
+    y_sim = simulated_output(x, smooth=layer.smooth.float(), up=layer.lora_up.float(), down=layer.lora_down.float(),
+                             qres=layer.residual(), precision="int4", act_quant=True, act_shift=layer.act_shift)
+    # forward = Q((x+shift)/s)·Q(R)ᵀ + low-rank + stored bias, stored bias = bias − correction
+    y_ref = layer(x) - layer.bias.float() - shift_correction(layer.residual(), layer.smooth.float(), layer.act_shift)
+    assert relative_error(y_sim, y_ref) < 2e-6
+    # inputs that go below the GELU bound never get the shift
+    st.layers[name].minval = -1.0
+    assert not quantize_group([name], {name: lin}, {name: "w4a4"}, st, QuantizeOptions(rank=8))[name][0].act_unsigned

@@ -330,12 +330,14 @@ class LayerStats:
         rows: A random subsample of input rows ``[m, K]`` (m ≤ the row budget), capture dtype.
         keys: The reservoir keys of ``rows`` (smallest keys are kept).
         count: Number of rows seen.
+        minval: Smallest input value seen (decides unsigned activation codes after a GELU).
     """
 
     absmax: torch.Tensor
     rows: torch.Tensor
     keys: torch.Tensor
     count: int = 0
+    minval: float = float("-inf")
 
 
 @dataclasses.dataclass
@@ -364,12 +366,14 @@ class CalibrationStats:
 
         tensors: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
+        mins: dict[str, float] = {}
         for name, st in self.layers.items():
+            mins[name] = st.minval
             tensors[f"{name}{_SEP}absmax"] = st.absmax.contiguous()
             tensors[f"{name}{_SEP}rows"] = st.rows.contiguous()
             tensors[f"{name}{_SEP}keys"] = st.keys.contiguous()
             counts[name] = st.count
-        meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "samples": self.samples,
+        meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "mins": mins, "samples": self.samples,
                                           "seconds": self.seconds})}
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -386,6 +390,7 @@ class CalibrationStats:
                     h.get_tensor(f"{name}{_SEP}rows"),
                     h.get_tensor(f"{name}{_SEP}keys"),
                     int(count),
+                    float(info.get("mins", {}).get(name, float("-inf"))),
                 )
                 for name, count in info["counts"].items()
             }
@@ -509,6 +514,7 @@ def collect_stats(
             k = x.shape[-1]
             flat = x.detach().reshape(-1, k)
             amax = flat.abs().amax(dim=0).float()
+            lo = float(flat.amin())
             if not bool(torch.isfinite(amax).all()):
                 raise QuantizationError(
                     f"layer {name}: NaN or inf activations in calibration sample {state['sample']}"
@@ -527,8 +533,9 @@ def collect_stats(
             new_rows = flat[top.indices.to(flat.device)].to("cpu")
             st = stats.get(name)
             if st is None:
-                stats[name] = LayerStats(amax.cpu(), new_rows, top.values, m)
+                stats[name] = LayerStats(amax.cpu(), new_rows, top.values, m, lo)
                 return
+            st.minval = min(st.minval, lo)
             st.absmax = torch.maximum(st.absmax, amax.cpu())
             all_keys = torch.cat([st.keys, top.values])
             all_rows = torch.cat([st.rows, new_rows])

@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-smoothing", action="store_true", help="no smoothing search (s = 1)")
     p.add_argument("--no-clip-search", action="store_true", help="int4 scales = absmax/7")
     p.add_argument("--gptq", action="store_true", help="GPTQ on the int4 residual (slower)")
-    p.add_argument("--refine", type=int, default=1, metavar="N", help="low-rank refinement iterations")
+    p.add_argument("--refine", type=int, default=3, metavar="N", help="low-rank refinement iterations")
     p.add_argument("--lowrank", choices=("auto", "svd", "randomized"), default="auto")
     p.add_argument("--w4a16-rank", type=int, default=0, help="rank of weight-only (AdaLN) layers")
     p.add_argument("--weight-only", action="store_true", help="quantize every layer W4A16")

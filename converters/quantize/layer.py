@@ -16,10 +16,14 @@ from svdq_format.linear import SVDQLinear
 from .calibration import CalibrationStats
 from .options import QuantizeOptions
 from .residual import gptq_int4, int4_clip_scales
-from .smoothing import approximate, relative_error, search_smoothing
+from .smoothing import approximate, relative_error, search_smoothing, shift_correction
 from .timing import PhaseTimer
 
-__all__ = ["quantize_group", "layer_fidelity", "layer_seed"]
+__all__ = ["quantize_group", "layer_fidelity", "layer_seed", "GELU_SHIFT"]
+
+#: Shift of post-GELU inputs (GELU ≥ −0.1700, rounded up to a short binary fraction) so that
+#: unsigned int4 activation codes (0..15, twice the resolution) apply (docs/format.md §7.2).
+GELU_SHIFT = 0.171875
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -92,13 +96,17 @@ def quantize_group(
     ranks = [min(base_rank, *w.shape) for w in weights]
 
     torch.manual_seed(layer_seed(opts.seed, names[0]))
-    smooth, alpha, tried = None, None, []
-    if opts.smoothing and all(have) and opts.alphas:
+    smooth, alpha, shift, tried = None, None, 0.0, []
+    # unsigned int4 activations for inputs bounded below like a GELU output (scored, not forced)
+    unsigned_ok = (act_quant and opts.precision == "int4" and opts.unsigned_acts and all(have)
+                   and min(stats.layers[n].minval for n in names) >= -GELU_SHIFT)
+    shifts = (0.0, GELU_SHIFT) if unsigned_ok else (0.0,)
+    if all(have) and ((opts.smoothing and opts.alphas) or unsigned_ok):
         with timer.phase("smoothing_search"):
             amax_x = torch.stack([stats.layers[n].absmax for n in names]).amax(dim=0).to(device)
-            smooth, alpha, tried = search_smoothing(
+            smooth, alpha, shift, tried = search_smoothing(
                 weights, rows, amax_x, rank=min(ranks), precision=opts.precision, act_quant=act_quant,
-                alphas=opts.alphas, dtype=dtype, scale_dtype=sdt,
+                alphas=opts.alphas if opts.smoothing else (), dtype=dtype, scale_dtype=sdt, shifts=shifts,
                 # candidates are only compared: the randomised SVD ranks them the same, much faster
                 lowrank="randomized" if opts.lowrank == "auto" else opts.lowrank,
             )
@@ -121,15 +129,19 @@ def quantize_group(
                     scales = int4_clip_scales(ap.residual, importance, ratios=opts.clip_ratios, scale_dtype=sdt)
             layer = SVDQLinear(
                 lin.in_features, lin.out_features, rank=rank, precision=opts.precision, kind=kind,
-                bias=lin.bias is not None, dtype=dtype, scale_dtype=sdt, device=device,
+                bias=lin.bias is not None or bool(shift), dtype=dtype, scale_dtype=sdt, device=device,
+                act_shift=shift, act_unsigned=bool(shift),
             )
             layer.smooth.copy_(ap.smooth.to(dtype))
             if rank > 0:
                 layer.lora_up.copy_(ap.up.to(dtype))
                 layer.lora_down.copy_(ap.down.to(dtype))
             layer.set_residual(residual, int4_scales=scales)
-            if lin.bias is not None:
-                layer.bias.copy_(lin.bias.detach().to(dtype))
+            if layer.bias is not None:
+                b = lin.bias.detach().float() if lin.bias is not None else torch.zeros(lin.out_features, device=device)
+                if shift:
+                    b = b - shift_correction(layer.residual(), ap.smooth, shift)
+                layer.bias.copy_(b.to(dtype))
         info: dict[str, Any] = {
             "layer": name,
             "kind": kind,
@@ -138,8 +150,9 @@ def quantize_group(
             "rank": rank,
             "alpha": alpha,
             "smoothed": smooth is not None,
+            "act_shift": shift,
             "group": list(names),
-            "search": [[a, e] for a, e in tried],
+            "search": [list(t) for t in tried],
         }
         if report and x is not None:
             with timer.phase("report"):

@@ -7,11 +7,9 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["LOWRANK_METHODS", "lowrank_factors", "FULL_SVD_MAX_DIM"]
+__all__ = ["LOWRANK_METHODS", "lowrank_factors"]
 
 LOWRANK_METHODS = ("auto", "svd", "randomized")
-#: ``auto`` uses the exact SVD up to this min(N, K) (cheap there), the randomised one above.
-FULL_SVD_MAX_DIM = 1024
 
 
 def lowrank_factors(
@@ -25,7 +23,7 @@ def lowrank_factors(
         method: ``"svd"`` (exact, ``torch.linalg.svd``), ``"randomized"``
             (``torch.svd_lowrank`` with ``oversample`` extra columns and ``niter`` power
             iterations: same error to well under 1 % on weight spectra, much faster on large
-            layers), or ``"auto"`` (exact up to min(N, K) = 1024).
+            layers), or ``"auto"`` (exact only when min(N, K) ≤ 4·(rank + oversample)).
         niter: Power iterations of the randomised method.
         oversample: Extra sketch columns of the randomised method.
 
@@ -40,7 +38,7 @@ def lowrank_factors(
     if method not in LOWRANK_METHODS:
         raise ValueError(f"low-rank method {method!r} is not one of {LOWRANK_METHODS}")
     if method == "auto":
-        method = "svd" if min(n, k) <= FULL_SVD_MAX_DIM else "randomized"
+        method = "svd" if min(n, k) <= 4 * (rank + oversample) else "randomized"
     with _small_cpu_threads(wf):
         if method == "svd" or rank + oversample >= min(n, k):
             u, s, vh = torch.linalg.svd(wf, full_matrices=False)

@@ -28,7 +28,9 @@ class QuantizeOptions:
         alphas: Migration strengths of the search grid.
         clip_search: int4 per-group clipping search on the residual.
         clip_ratios: Its candidate ratios.
-        gptq: GPTQ on the int4 residual (slower, usually better).
+        unsigned_acts: Try unsigned int4 activations (with the GELU shift) on layers whose
+            inputs never go below −0.171875 (post-GELU), keeping them where they score better.
+        gptq: GPTQ on the int4 residual (needs many calibration rows per input channel).
         refine_iters: Iterative low-rank refinement steps (re-fit L1·L2 to W − Q(R)).
         lowrank: ``"auto"``, ``"svd"`` or ``"randomized"``.
         w4a16_rank: Rank of weight-only (W4A16) layers (AdaLN modulation).
@@ -45,8 +47,9 @@ class QuantizeOptions:
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     clip_search: bool = True
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
+    unsigned_acts: bool = True
     gptq: bool = False
-    refine_iters: int = 1
+    refine_iters: int = 3
     lowrank: str = "auto"
     w4a16_rank: int = 0
     weight_only: bool = False

@@ -29,6 +29,7 @@ __all__ = [
     "approximate",
     "simulated_output",
     "relative_error",
+    "shift_correction",
     "search_smoothing",
 ]
 
@@ -96,8 +97,13 @@ def simulated_output(
     qres: torch.Tensor,
     precision: str,
     act_quant: bool,
+    act_shift: float = 0.0,
 ) -> torch.Tensor:
     """SVDQ layer output (no bias) from dequantized tensors, float32 ``[M, N]``.
+
+    With ``act_shift`` (post-GELU inputs), the 4-bit branch sees ``(x + shift) / s`` with
+    unsigned int4 codes, and the output includes the bias correction ``−Q(R)·(shift/s)`` that
+    the stored bias carries (docs/format.md §7.2).
 
     Args:
         x: Raw inputs ``[M, K]``.
@@ -108,15 +114,22 @@ def simulated_output(
         act_quant: Quantize activations (W4A4) or not (W4A16).
     """
     xf = x.float()
-    xs = xf / smooth
+    xs = (xf + act_shift) / smooth if act_shift else xf / smooth
     if act_quant:
-        vals, scales = packing.quantize_activations(xs, precision)
+        vals, scales = packing.quantize_activations(xs, precision, unsigned=bool(act_shift))
         g = packing.GROUP_SIZES[precision]
         xs = (packing.group_view(vals, g) * scales.unsqueeze(-1)).reshape(xs.shape)
     y = xs @ qres.T
+    if act_shift:
+        y = y - shift_correction(qres, smooth, act_shift)
     if up.shape[1]:
         y = y + (xf @ down.T) @ up.T
     return y
+
+
+def shift_correction(qres: torch.Tensor, smooth: torch.Tensor, act_shift: float) -> torch.Tensor:
+    """``Q(R) · (shift / s)`` ``[N]``: what the shifted 4-bit branch adds, removed via the bias."""
+    return qres @ (act_shift / smooth)
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -138,7 +151,8 @@ def search_smoothing(
     dtype: torch.dtype,
     scale_dtype: torch.dtype,
     lowrank: str = "auto",
-) -> tuple[torch.Tensor | None, float | None, list[tuple[float | None, float]]]:
+    shifts: tuple[float, ...] = (0.0,),
+) -> tuple[torch.Tensor | None, float | None, float, list[tuple[float | None, float, float]]]:
     """Pick the smoothing vector of an input group by the whole-layer output error.
 
     Args:
@@ -147,26 +161,30 @@ def search_smoothing(
         amax_x: Per-channel input absmax ``[K]``.
         rank, precision, act_quant, dtype, scale_dtype, lowrank: As for the final layer.
         alphas: Grid of migration strengths (``s = 1`` is always a candidate).
+        shifts: Activation shifts to try (``0.0``; plus the GELU shift for layers whose
+            inputs never go below it, scored with unsigned int4 codes).
 
     Returns:
-        ``(smooth or None, best α or None, [(α, summed relative error), ...])``; ``None``
+        ``(smooth or None, best α or None, best shift, [(α, shift, error), ...])``; ``None``
         means no smoothing won.
     """
     amax_w = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)
     refs = [x @ w.float().T for x, w in zip(rows, weights)]
-    tried: list[tuple[float | None, float]] = []
-    best: tuple[float, torch.Tensor | None, float | None] = (float("inf"), None, None)
+    tried: list[tuple[float | None, float, float]] = []
+    best: tuple[float, torch.Tensor | None, float | None, float] = (float("inf"), None, None, 0.0)
     for alpha in (None, *alphas):
         s = None if alpha is None else smoothing_vector(amax_x.to(amax_w.device), amax_w, alpha)
-        total = 0.0
+        errs = dict.fromkeys(shifts, 0.0)
         for w, x, ref in zip(weights, rows, refs):
             ap = approximate(w, s, rank, precision=precision, dtype=dtype, scale_dtype=scale_dtype, lowrank=lowrank)
             q = dequantized_residual(ap.residual, precision, scale_dtype=scale_dtype)
-            y = simulated_output(x, smooth=ap.smooth, up=ap.up, down=ap.down, qres=q,
-                                 precision=precision, act_quant=act_quant)
-            total += relative_error(y, ref) ** 2
-        err = total ** 0.5
-        tried.append((alpha, err))
-        if err < best[0]:
-            best = (err, s, alpha)
-    return best[1], best[2], tried
+            for shift in shifts:
+                y = simulated_output(x, smooth=ap.smooth, up=ap.up, down=ap.down, qres=q,
+                                     precision=precision, act_quant=act_quant, act_shift=shift)
+                errs[shift] += relative_error(y, ref) ** 2
+        for shift, total in errs.items():
+            err = total ** 0.5
+            tried.append((alpha, shift, err))
+            if err < best[0]:
+                best = (err, s, alpha, shift)
+    return best[1], best[2], best[3], tried
