@@ -126,11 +126,11 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for label, slug, kw in variants:
         t = time.perf_counter()
-        model = copy.deepcopy(base)
+        model = copy.deepcopy(base).to(torch.bfloat16)  # deployed dtype: 16-bit parts in bf16
         result = run_quantization(model, stats, options=QuantizeOptions(**kw))
         path = out / f"minilm-{slug}.safetensors"
         save_model_file(model, path, metadata={"base_model": "sentence-transformers/all-MiniLM-L6-v2"})
-        fresh = AutoModel.from_config(AutoConfig.from_pretrained(MODEL_DIR)).eval()
+        fresh = AutoModel.from_config(AutoConfig.from_pretrained(MODEL_DIR), dtype=torch.bfloat16).eval()
         reloaded = load_model_file(fresh, path)
         emb = _embed(reloaded, eval_batch)
         cos = (emb * ref).sum(-1)
