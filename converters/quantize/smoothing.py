@@ -70,6 +70,7 @@ def approximate(
     scale_dtype: torch.dtype,
     lowrank: str = "auto",
     refine_iters: int = 0,
+    niter: int = 4,
 ) -> Approximation:
     """Low-rank + residual decomposition of ``W·diag(s)`` (what ``SVDQLinear.from_linear`` does,
     with a choice of SVD method and optional refinement ``L1·L2 ← SVD_r(Ŵ − Q(R))``)."""
@@ -78,10 +79,10 @@ def approximate(
     s = torch.ones(k, device=wf.device) if smooth is None else smooth.to(wf.device)
     s = s.to(dtype).float()
     w_hat = wf * s
-    up, vh = lowrank_factors(w_hat, rank, method=lowrank)
+    up, vh = lowrank_factors(w_hat, rank, method=lowrank, niter=niter)
     for _ in range(refine_iters):
         q = dequantized_residual(w_hat - up @ vh, precision, scale_dtype=scale_dtype)
-        up, vh = lowrank_factors(w_hat - q, rank, method=lowrank)
+        up, vh = lowrank_factors(w_hat - q, rank, method=lowrank, niter=niter)
     up_st = up.to(dtype).float()
     down_st = (vh / s).to(dtype).float()
     residual = w_hat - up_st @ (down_st * s) if rank > 0 else w_hat
@@ -176,7 +177,9 @@ def search_smoothing(
         s = None if alpha is None else smoothing_vector(amax_x.to(amax_w.device), amax_w, alpha)
         errs = dict.fromkeys(shifts, 0.0)
         for w, x, ref in zip(weights, rows, refs):
-            ap = approximate(w, s, rank, precision=precision, dtype=dtype, scale_dtype=scale_dtype, lowrank=lowrank)
+            # candidates are only compared: 2 power iterations rank them like the exact SVD
+            ap = approximate(w, s, rank, precision=precision, dtype=dtype, scale_dtype=scale_dtype,
+                             lowrank=lowrank, niter=2)
             q = dequantized_residual(ap.residual, precision, scale_dtype=scale_dtype)
             for shift in shifts:
                 y = simulated_output(x, smooth=ap.smooth, up=ap.up, down=ap.down, qres=q,
