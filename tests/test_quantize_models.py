@@ -65,7 +65,17 @@ def tiny_pixart():
                                     use_additional_conditions=False)
 
 
-BUILDERS = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart}
+def tiny_sana():
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32,
+                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=32,
+                                  cross_attention_dim=64, caption_channels=64, mlp_ratio=2.5, sample_size=8,
+                                  patch_size=1)
+
+
+BUILDERS = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart, "sana": tiny_sana}
 
 
 def eval_input(model):

@@ -19,7 +19,7 @@ from svdq_format.model import save_model_dir
 from .options import QuantizeOptions
 from .pipeline import QuantizeResult, run_quantization
 
-__all__ = ["STATE_DIR", "FIDELITY_NAME", "load_diffusers_model", "quantize_directory"]
+__all__ = ["STATE_DIR", "FIDELITY_NAME", "check_model_dir", "load_diffusers_model", "quantize_directory"]
 
 #: Resumable state, inside the output directory (removed when the checkpoint is complete).
 STATE_DIR = ".svdq-state"
@@ -28,19 +28,15 @@ FIDELITY_NAME = "fidelity.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16") -> tuple[nn.Module, Path]:
-    """Load the transformer of a local diffusers model (or pipeline) directory.
-
-    Args:
-        src: A model directory (``config.json`` with ``_class_name``) or a pipeline directory
-            with a ``transformer/`` subfolder.
-        dtype: ``bfloat16``, ``float16`` or ``float32``.
+def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
+    """Check that ``src`` is a local diffusers model (or pipeline) directory, reading no weights.
 
     Returns:
-        ``(model, the directory it was loaded from)``.
+        ``(diffusers model class, the directory holding its config.json)``.
 
     Raises:
-        QuantizationError: missing directory, not a diffusers model, unknown class, load error.
+        QuantizationError: missing directory, not a diffusers model, unknown class, already
+            quantized.
     """
     import diffusers
 
@@ -63,6 +59,25 @@ def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16"
         raise QuantizationError(f"{cfg_path}: _class_name {name!r} is not a diffusers model class")
     if isinstance(cfg, dict) and "quantization_config" in cfg:
         raise QuantizationError(f"{cfg_path}: the model is already quantized")
+    return cls, d
+
+
+def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16") -> tuple[nn.Module, Path]:
+    """Load the transformer of a local diffusers model (or pipeline) directory.
+
+    Args:
+        src: A model directory (``config.json`` with ``_class_name``) or a pipeline directory
+            with a ``transformer/`` subfolder.
+        dtype: ``bfloat16``, ``float16`` or ``float32``.
+
+    Returns:
+        ``(model, the directory it was loaded from)``.
+
+    Raises:
+        QuantizationError: missing directory, not a diffusers model, unknown class, load error.
+    """
+    cls, d = check_model_dir(src)
+    name = cls.__name__
     if dtype not in _DTYPES:
         raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     try:
@@ -117,7 +132,9 @@ def quantize_directory(
 
         from .calibration import capture_pipeline_inputs
 
-        model, _ = load_diffusers_model(src, dtype=dtype)  # validates src first
+        check_model_dir(src)
+        if dtype not in _DTYPES:
+            raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         try:
             pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=_DTYPES[dtype]).to(device)
         except Exception as exc:
