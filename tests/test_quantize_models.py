@@ -250,3 +250,31 @@ def test_block_streaming_gives_the_same_result():
     a = run_quantization(tiny_flux(), calib, options=opts, offload=False).model.state_dict()
     b = run_quantization(tiny_flux(), calib, options=opts, offload="blocks").model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipeline_calibration_capture_dit():
+    """Calibrate from a real (tiny, random) diffusers pipeline: inputs captured across steps."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from converters.quantize import capture_pipeline_inputs
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4, norm_num_groups=32, sample_size=16)
+    pipe = DiTPipeline(transformer, vae, DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    calib = capture_pipeline_inputs(pipe, calls=[{"class_labels": [1]}, {"class_labels": [7]}],
+                                    num_inference_steps=4, max_samples=4, output_type="np")
+    assert calib.source == "pipeline" and len(calib) == 4
+    steps = [float(s["timestep"][0]) for s in calib.samples]
+    assert len(set(steps[:2])) == 2  # spread over the denoising steps of one call
+    assert {int(s["class_labels"][0]) for s in calib.samples} == {1, 7}
+    sel = select_layers(transformer)
+    assert sel.kinds["transformer_blocks.0.norm1.linear"] == "w4a16"
+    assert sel.skipped["transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"] == "embedder: kept 16-bit"
+    quantize_model(transformer, calib, rank=8, alphas=(0.5,))
+    assert isinstance(transformer.transformer_blocks[0].attn1.to_q, SVDQLinear)
+    image = pipe(class_labels=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 8, 8, 3) and bool(torch.isfinite(torch.as_tensor(image)).all())

@@ -199,32 +199,42 @@ def capture_inputs(module: nn.Module, *, max_samples: int | None = None) -> Iter
 
 def capture_pipeline_inputs(
     pipe: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | None = None,
     *,
+    calls: Sequence[Mapping[str, Any]] | None = None,
     num_inference_steps: int = 8,
     max_samples: int = 32,
     seed: int = 0,
     **pipe_kwargs: Any,
 ) -> CalibrationSet:
-    """Run a diffusers pipeline on prompts and capture its transformer's inputs at every step.
+    """Run a diffusers pipeline and capture its transformer's inputs at every denoising step.
 
-    Samples are spread over prompts and steps (at most ``max_samples`` in total).
+    Args:
+        pipe: A diffusers pipeline with a ``.transformer``.
+        prompts: Text prompts (each becomes one call with ``prompt=``).
+        calls: Instead of prompts, keyword arguments of each pipeline call (e.g.
+            ``{"class_labels": [3]}`` for class-conditional pipelines).
+        num_inference_steps: Denoising steps per call.
+        max_samples: Samples kept in total, spread evenly over calls and steps.
+        seed: Seed of each call's generator (``seed + call index``).
+        **pipe_kwargs: Passed to every call (e.g. ``height``, ``width``, ``guidance_scale``).
     """
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise QuantizationError(f"{type(pipe).__name__} has no .transformer to calibrate")
-    if not prompts:
+    todo = [dict(c) for c in calls] if calls else [{"prompt": p} for p in (prompts or [])]
+    if not todo:
         raise QuantizationError("no prompts given for calibration")
-    per_prompt = max(1, math.ceil(max_samples / len(prompts)))
+    per_call = max(1, math.ceil(max_samples / len(todo)))
     samples: list[Sample] = []
-    for i, prompt in enumerate(prompts):
+    for i, kwargs in enumerate(todo):
         if len(samples) >= max_samples:
             break
         gen = torch.Generator(device="cpu").manual_seed(seed + i)
-        with capture_inputs(transformer) as got:
-            pipe(prompt=prompt, num_inference_steps=num_inference_steps, generator=gen, **pipe_kwargs)
-        stride = max(1, len(got) // per_prompt)
-        samples.extend(got[::stride][:per_prompt])
+        with capture_inputs(transformer) as got, torch.no_grad():
+            pipe(**kwargs, num_inference_steps=num_inference_steps, generator=gen, **pipe_kwargs)
+        stride = max(1, len(got) // per_call)
+        samples.extend(got[::stride][:per_call])
     return CalibrationSet(samples[:max_samples], source="pipeline")
 
 

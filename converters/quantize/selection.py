@@ -25,7 +25,7 @@ from torch import nn
 
 from .calibration import block_containers
 
-__all__ = ["ADALN_PATTERNS", "ARCH_EXTRA_EXCLUDES", "Selection", "select_layers", "MIN_GROUP"]
+__all__ = ["ADALN_PATTERNS", "EMBEDDER_PATTERN", "ARCH_EXTRA_EXCLUDES", "Selection", "select_layers", "MIN_GROUP"]
 
 #: Every quantized K must be a multiple of this (int4 group; kernels tile K by 64).
 MIN_GROUP = 64
@@ -40,6 +40,10 @@ ADALN_PATTERNS: tuple[str, ...] = (
     r"(^|\.)(img|txt)_mod\.\d+$",
     r"(^|\.)adaLN_modulation(\.\d+)?$",
 )
+
+#: Regular expression of embedder linears inside blocks (e.g. DiT's per-block timestep/label
+#: embedders ``norm1.emb.timestep_embedder.linear_1``): kept 16-bit like every embedder.
+EMBEDDER_PATTERN = r"(^|\.)(emb|[A-Za-z_]*embedder|[A-Za-z_]*_embed(ding)?s?)\."
 
 #: Extra default exclusions per architecture (class name prefix → fnmatch patterns).
 ARCH_EXTRA_EXCLUDES: dict[str, tuple[str, ...]] = {
@@ -123,6 +127,9 @@ def select_layers(
             continue
         if _matches(name, extra_ex) and not _matches(name, include):
             skipped[name] = f"kept 16-bit by the {cls} defaults"
+            continue
+        if re.search(EMBEDDER_PATTERN, name) and not _matches(name, include):
+            skipped[name] = "embedder: kept 16-bit"
             continue
         if mod.in_features % MIN_GROUP:
             skipped[name] = f"in_features {mod.in_features} is not a multiple of {MIN_GROUP}: kept 16-bit"
