@@ -115,7 +115,7 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
     stats = collect_stats(base, {n: base.get_submodule(n) for n in sel.kinds}, calib, max_rows=256)
     log(f"calibrated {len(sel.kinds)} linears of all-MiniLM-L6-v2 on {len(CALIBRATION_SENTENCES)} real "
         f"sentences ({time.perf_counter() - t0:.1f}s)")
-    variants = [
+    variants: list[tuple[str, str, dict[str, Any]]] = [
         ("SVDQ int4 (rank %d)" % rank, "svdq-int4", dict(rank=rank, precision="int4")),
         ("SVDQ nvfp4 (rank %d)" % rank, "svdq-nvfp4", dict(rank=rank, precision="nvfp4")),
         ("naive W4A4 int4", "naive-w4a4", dict(rank=0, precision="int4", smoothing=False, clip_search=False,

@@ -96,7 +96,10 @@ def quantize_group(
     ranks = [min(base_rank, *w.shape) for w in weights]
 
     torch.manual_seed(layer_seed(opts.seed, names[0]))
-    smooth, alpha, shift, tried = None, None, 0.0, []
+    smooth: torch.Tensor | None = None
+    alpha: float | None = None
+    shift = 0.0
+    tried: list[tuple[float | None, float, float]] = []
     # unsigned int4 activations for inputs bounded below like a GELU output (scored, not forced)
     unsigned_ok = (act_quant and opts.precision == "int4" and opts.unsigned_acts and all(have)
                    and min(stats.layers[n].minval for n in names) >= -GELU_SHIFT)
@@ -105,7 +108,7 @@ def quantize_group(
         with timer.phase("smoothing_search"):
             amax_x = torch.stack([stats.layers[n].absmax for n in names]).amax(dim=0).to(device)
             smooth, alpha, shift, tried = search_smoothing(
-                weights, rows, amax_x, rank=min(ranks), precision=opts.precision, act_quant=act_quant,
+                weights, [r for r in rows if r is not None], amax_x, rank=min(ranks), precision=opts.precision, act_quant=act_quant,
                 alphas=opts.alphas if opts.smoothing else (), dtype=dtype, scale_dtype=sdt, shifts=shifts,
                 # candidates are only compared: the randomised SVD ranks them the same, much faster
                 lowrank="randomized" if opts.lowrank == "auto" else opts.lowrank,
@@ -133,7 +136,7 @@ def quantize_group(
                 act_shift=shift, act_unsigned=bool(shift),
             )
             layer.smooth.copy_(ap.smooth.to(dtype))
-            if rank > 0:
+            if layer.lora_up is not None and layer.lora_down is not None:
                 layer.lora_up.copy_(ap.up.to(dtype))
                 layer.lora_down.copy_(ap.down.to(dtype))
             layer.set_residual(residual, int4_scales=scales)

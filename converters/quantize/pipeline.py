@@ -76,6 +76,13 @@ def resolve_calibration(
     raise QuantizationError(f"unsupported calibration input of type {type(calibration).__name__}")
 
 
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    mod = model.get_submodule(name)
+    if not isinstance(mod, nn.Linear):
+        raise QuantizationError(f"layer {name}: expected an nn.Linear, found {type(mod).__name__}")
+    return mod
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -85,13 +92,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection) -> str:
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
-    cfg = getattr(model, "config", None)
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+    raw: Any = getattr(model, "config", None)
+    cfg = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw or {})
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(json.dumps(opts.to_json(), sort_keys=True).encode())
     h.update(json.dumps(selection.kinds, sort_keys=True).encode())
     for name in list(selection.kinds)[:4]:  # a few weights: catches "same config, other weights"
-        w = model.get_submodule(name).weight.detach()
+        w = _linear(model, name).weight.detach()
         h.update(f"{float(w.float().sum()):.6e}".encode())
     return h.hexdigest()[:16]
 
@@ -202,7 +209,7 @@ def run_quantization(
             stats = calib
             calib_info = {"source": "statistics", "samples": stats.samples}
         else:
-            linears = {n: model.get_submodule(n) for n in selection.kinds}
+            linears = {n: _linear(model, n) for n in selection.kinds}
             try:
                 with timer.phase("calibration"):
                     stats = collect_stats(model, linears, calib.samples, max_rows=opts.calib_rows, seed=opts.seed,
@@ -244,7 +251,7 @@ def run_quantization(
             break
         block_timer = PhaseTimer()
         try:
-            mods = {n: model.get_submodule(n) for n in names}
+            mods = {n: _linear(model, n) for n in names}
             if stream:
                 for m in mods.values():
                     m.to(dev)
