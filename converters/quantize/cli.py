@@ -31,6 +31,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     )
     if args.alphas is not None:
         opts_kw["alphas"] = args.alphas
+    if args.activation_alphas is not None:
+        opts_kw["activation_alphas"] = args.activation_alphas
     opts = QuantizeOptions(**opts_kw)
     prompts = None
     if args.prompts:
@@ -72,6 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=8, help="calibration samples (synthetic / prompts)")
     p.add_argument("--calib-rows", type=int, default=256, help="activation rows kept per layer")
     p.add_argument("--alphas", type=_floats, default=None, help="smoothing grid, e.g. 0.2,0.4,0.6")
+    p.add_argument("--activation-alphas", type=_floats, default=None,
+                   help="extra candidates s = amax_x^alpha (default 0.4,0.6)")
     p.add_argument("--no-smoothing", action="store_true", help="no smoothing search (s = 1)")
     p.add_argument("--no-clip-search", action="store_true", help="int4 scales = absmax/7")
     p.add_argument("--gptq", action="store_true", help="GPTQ on the int4 residual (slower)")

@@ -97,9 +97,9 @@ def quantize_group(
 
     torch.manual_seed(layer_seed(opts.seed, names[0]))
     smooth: torch.Tensor | None = None
-    alpha: float | None = None
+    alpha: tuple[float, float] | None = None
     shift = 0.0
-    tried: list[tuple[float | None, float, float]] = []
+    tried: list[tuple[Any, float, float]] = []
     # unsigned int4 activations for inputs bounded below like a GELU output (scored, not forced)
     unsigned_ok = (act_quant and opts.precision == "int4" and opts.unsigned_acts and all(have)
                    and min(stats.layers[n].minval for n in names) >= -GELU_SHIFT)
@@ -110,6 +110,7 @@ def quantize_group(
             smooth, alpha, shift, tried = search_smoothing(
                 weights, [r for r in rows if r is not None], amax_x, rank=min(ranks), precision=opts.precision, act_quant=act_quant,
                 alphas=opts.alphas if opts.smoothing else (), dtype=dtype, scale_dtype=sdt, shifts=shifts,
+                activation_alphas=opts.activation_alphas if opts.smoothing else (),
                 # candidates are only compared: the randomised SVD ranks them the same, much faster
                 lowrank="randomized" if opts.lowrank == "auto" else opts.lowrank,
             )
@@ -151,7 +152,8 @@ def quantize_group(
             "precision": opts.precision,
             "shape": [lin.out_features, lin.in_features],
             "rank": rank,
-            "alpha": alpha,
+            "alpha": None if alpha is None else alpha[0],
+            "beta": None if alpha is None else alpha[1],
             "smoothed": smooth is not None,
             "act_shift": shift,
             "group": list(names),

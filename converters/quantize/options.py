@@ -25,7 +25,9 @@ class QuantizeOptions:
         rank: Rank of the low-rank branch of W4A4 layers.
         precision: ``"int4"`` (group 64) or ``"nvfp4"`` (group 16).
         smoothing: Search a smoothing vector per input group (else s = 1).
-        alphas: Migration strengths of the search grid.
+        alphas: Migration strengths of the search grid: ``s = amax_x^α / amax_w^(1−α)``.
+        activation_alphas: Extra candidates ``s = amax_x^α`` (weights ignored), as in
+            DeepCompressor's grid.
         clip_search: int4 per-group clipping search on the residual.
         clip_ratios: Its candidate ratios.
         unsigned_acts: Try unsigned int4 activations (with the GELU shift) on layers whose
@@ -45,6 +47,7 @@ class QuantizeOptions:
     precision: str = "int4"
     smoothing: bool = True
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    activation_alphas: tuple[float, ...] = (0.4, 0.6)
     clip_search: bool = True
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
     unsigned_acts: bool = True
@@ -70,6 +73,7 @@ class QuantizeOptions:
         if self.calib_rows < 1:
             raise UnsupportedError("calib_rows must be >= 1")
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        object.__setattr__(self, "activation_alphas", tuple(float(a) for a in self.activation_alphas))
         object.__setattr__(self, "clip_ratios", tuple(float(a) for a in self.clip_ratios))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))

@@ -47,6 +47,8 @@ def format_table(layers: list[dict[str, Any]], *, limit: int | None = None) -> s
         ratio = e["svdq"] / e["naive_w4a4"] if e["naive_w4a4"] > 0 else math.nan
         shape = f"{r['shape'][0]}x{r['shape'][1]}"
         alpha = "none" if r.get("alpha") is None else f"{r['alpha']:.2f}"
+        if r.get("beta") == 0.0:
+            alpha = f"x{r['alpha']:.1f}"  # s = amax_x^α (weights ignored)
         name = r["layer"] if len(r["layer"]) <= 44 else "…" + r["layer"][-43:]
         lines.append(
             f"{name:<44} {r['kind']:<6} {shape:>12} {r['rank']:>3} {alpha:>5} {e['svdq']:>8.4f} "

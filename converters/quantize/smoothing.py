@@ -15,6 +15,7 @@ one per K-group.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -34,11 +35,14 @@ __all__ = [
 ]
 
 
-def smoothing_vector(amax_x: torch.Tensor, amax_w: torch.Tensor, alpha: float, *, eps: float = 1e-5) -> torch.Tensor:
-    """``s = amax_x^α / amax_w^(1−α)``, clamped to ≥ eps, normalised to geometric mean 1."""
+def smoothing_vector(
+    amax_x: torch.Tensor, amax_w: torch.Tensor, alpha: float, *, beta: float | None = None, eps: float = 1e-5
+) -> torch.Tensor:
+    """``s = amax_x^α / amax_w^β`` (β = 1 − α by default), clamped, normalised to geometric mean 1."""
+    beta = 1.0 - alpha if beta is None else beta
     ax = amax_x.float().clamp_min(eps)
     aw = amax_w.float().clamp_min(eps)
-    s = (ax.pow(alpha) / aw.pow(1.0 - alpha)).clamp(min=eps, max=1.0 / eps)
+    s = (ax.pow(alpha) / aw.pow(beta)).clamp(min=eps, max=1.0 / eps)
     s = s / torch.exp(torch.log(s).mean())
     return s.clamp(min=eps, max=1.0 / eps)
 
@@ -153,7 +157,8 @@ def search_smoothing(
     scale_dtype: torch.dtype,
     lowrank: str = "auto",
     shifts: tuple[float, ...] = (0.0,),
-) -> tuple[torch.Tensor | None, float | None, float, list[tuple[float | None, float, float]]]:
+    activation_alphas: tuple[float, ...] = (),
+) -> tuple[torch.Tensor | None, tuple[float, float] | None, float, list[tuple[Any, float, float]]]:
     """Pick the smoothing vector of an input group by the whole-layer output error.
 
     Args:
@@ -161,20 +166,23 @@ def search_smoothing(
         rows: Calibration rows per member ``[m_i, K]`` (float32, on the weights' device).
         amax_x: Per-channel input absmax ``[K]``.
         rank, precision, act_quant, dtype, scale_dtype, lowrank: As for the final layer.
-        alphas: Grid of migration strengths (``s = 1`` is always a candidate).
+        alphas: Grid of migration strengths, candidates ``(α, 1 − α)`` (``s = 1`` is always one).
+        activation_alphas: Extra candidates ``(α, 0)``: ``s = amax_x^α`` (weights ignored).
         shifts: Activation shifts to try (``0.0``; plus the GELU shift for layers whose
             inputs never go below it, scored with unsigned int4 codes).
 
     Returns:
-        ``(smooth or None, best α or None, best shift, [(α, shift, error), ...])``; ``None``
-        means no smoothing won.
+        ``(smooth or None, best (α, β) or None, best shift, [((α, β), shift, error), ...])``;
+        ``None`` means no smoothing won.
     """
     amax_w = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)
     refs = [x @ w.float().T for x, w in zip(rows, weights)]
-    tried: list[tuple[float | None, float, float]] = []
-    best: tuple[float, torch.Tensor | None, float | None, float] = (float("inf"), None, None, 0.0)
-    for alpha in (None, *alphas):
-        s = None if alpha is None else smoothing_vector(amax_x.to(amax_w.device), amax_w, alpha)
+    tried: list[tuple[Any, float, float]] = []
+    best: tuple[float, torch.Tensor | None, tuple[float, float] | None, float] = (float("inf"), None, None, 0.0)
+    candidates: list[tuple[float, float] | None] = [None, *((a, 1.0 - a) for a in alphas),
+                                                     *((a, 0.0) for a in activation_alphas)]
+    for alpha in candidates:
+        s = None if alpha is None else smoothing_vector(amax_x.to(amax_w.device), amax_w, alpha[0], beta=alpha[1])
         errs = dict.fromkeys(shifts, 0.0)
         for w, x, ref in zip(weights, rows, refs):
             # candidates are only compared: 2 power iterations rank them like the exact SVD
