@@ -35,6 +35,9 @@ from converters.quantize.report import environment_info  # noqa: E402
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                 guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+SMALL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
+             num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
+             axes_dims_rope=[8, 28, 28])
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
             axes_dims_rope=[4, 4, 8])
@@ -71,6 +74,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny config (CPU test of the script)")
+    ap.add_argument("--small", action="store_true", help="width-256 config (CPU test at non-trivial shapes)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--image-tokens", type=int, default=None, help="default 4096 (tiny: 64)")
     ap.add_argument("--text-tokens", type=int, default=None, help="default 512 (tiny: 16)")
@@ -88,9 +92,9 @@ def main() -> int:
 
     start = time.time()
     deadline = start + args.time_budget
-    config = TINY if args.tiny else FLUX_DEV
-    img = args.image_tokens or (64 if args.tiny else 4096)
-    txt = args.text_tokens or (16 if args.tiny else 512)
+    config = TINY if args.tiny else SMALL if args.small else FLUX_DEV
+    img = args.image_tokens or (64 if args.tiny else 256 if args.small else 4096)
+    txt = args.text_tokens or (16 if args.tiny else 64 if args.small else 512)
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     chunks_file = state / "bench-chunks.json"
@@ -119,7 +123,7 @@ def main() -> int:
     out = {
         "benchmark": "quantize_flux",
         "complete": result.complete,
-        "config": "tiny" if args.tiny else "FLUX.1-dev",
+        "config": "tiny" if args.tiny else "small" if args.small else "FLUX.1-dev",
         "params": params,
         "samples": args.samples,
         "image_tokens": img,
