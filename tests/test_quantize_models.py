@@ -278,3 +278,19 @@ def test_pipeline_calibration_capture_dit():
     image = pipe(class_labels=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                  output_type="np").images
     assert image.shape == (1, 8, 8, 3) and bool(torch.isfinite(torch.as_tensor(image)).all())
+
+
+def test_deterministic_for_a_seed_and_nan_weights_rejected():
+    def state(seed):
+        m = tiny_flux()
+        run_quantization(m, "synthetic", options=QuantizeOptions(rank=4, alphas=(0.5,), seed=seed), num_samples=2)
+        return m.state_dict()
+
+    a, b, c = state(0), state(0), state(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    m = tiny_flux()
+    with torch.no_grad():
+        m.transformer_blocks[0].attn.to_k.weight[3, 5] = math.nan
+    with pytest.raises(QuantizationError, match=r"transformer_blocks\.0\.attn\.to_k: weight contains NaN"):
+        quantize_model(m, [eval_input(tiny_flux())], rank=4)

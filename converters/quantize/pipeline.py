@@ -180,6 +180,9 @@ def run_quantization(
     home = torch.device("cpu") if stream else dev
     model.to(home)
 
+    for name in selection.kinds:  # before calibration: a NaN weight would surface downstream
+        if not bool(torch.isfinite(_linear(model, name).weight).all()):
+            raise QuantizationError(f"layer {name}: weight contains NaN or inf")
     state = Path(state_dir) if state_dir is not None else None
     fp = _fingerprint(model, opts, selection)
     if state is not None:
