@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converters.quantize.calibration import CalibrationStats, LayerStats, collect_stats  # noqa: E402
+from converters.quantize.stats import CalibrationStats, LayerStats, collect_stats  # noqa: E402
 from converters.quantize.layer import layer_fidelity, quantize_group  # noqa: E402
 from converters.quantize.options import QuantizeOptions  # noqa: E402
 from converters.quantize.report import environment_info  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from converters.quantize.calibration import CalibrationStats, LayerStats
+from converters.quantize.stats import CalibrationStats, LayerStats
 from converters.quantize.layer import layer_fidelity, quantize_group
 from converters.quantize.lowrank import lowrank_factors
 from converters.quantize.options import QuantizeOptions
@@ -185,7 +185,7 @@ def test_real_minilm_layers_with_real_activations():
     from transformers import AutoModel, AutoTokenizer
 
     from converters.demo import CALIBRATION_SENTENCES, EVAL_SENTENCES
-    from converters.quantize.calibration import collect_stats
+    from converters.quantize.stats import collect_stats
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModel.from_pretrained(MODEL_DIR).eval()

@@ -6,10 +6,8 @@ calibration helpers and :func:`quantize_directory` (what ``svdq quantize`` runs)
 
 from .calibration import (
     CalibrationSet,
-    CalibrationStats,
     capture_inputs,
     capture_pipeline_inputs,
-    collect_stats,
     load_calibration,
     save_calibration,
     synthetic_calibration,
@@ -18,12 +16,14 @@ from .options import DEFAULT_ALPHAS, QuantizeOptions
 from .pipeline import QuantizeResult, quantize_model, run_quantization
 from .report import FidelityReport
 from .selection import Selection, select_layers
+from .stats import CalibrationStats, LayerStats, collect_stats
 
 __all__ = [
     "CalibrationSet",
     "CalibrationStats",
     "DEFAULT_ALPHAS",
     "FidelityReport",
+    "LayerStats",
     "QuantizeOptions",
     "QuantizeResult",
     "Selection",

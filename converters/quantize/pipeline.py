@@ -26,7 +26,8 @@ from svdq_format.errors import QuantizationError
 from svdq_format.io import atomic_write, load_file, read_metadata, save_file
 from svdq_format.linear import SVDQLinear
 
-from .calibration import CalibrationSet, CalibrationStats, collect_stats, load_calibration, synthetic_calibration
+from .calibration import CalibrationSet, load_calibration, synthetic_calibration
+from .stats import CalibrationStats, collect_stats
 from .layer import quantize_group
 from .options import QuantizeOptions
 from .report import FidelityReport, environment_info
