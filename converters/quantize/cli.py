@@ -42,19 +42,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     import warnings
 
-    if args.calibration == "synthetic" and not prompts:
-        print("warning: calibrating on synthetic random inputs: quantization quality will be lower than "
-              "with captured inputs (--calibration FILE or --prompts)", file=sys.stderr)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        warnings.filterwarnings("ignore", message="calibrating on synthetic")
+    def show(message: Warning | str, *_args: object, **_kwargs: object) -> None:
+        print(f"warning: {message}", file=sys.stderr)  # one line, when it happens
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", UserWarning)
+        warnings.showwarning = show
         result = quantize_directory(
             args.src, args.out, calibration=args.calibration, prompts=prompts, num_samples=args.num_samples,
             options=opts, dtype=args.dtype, device=args.device, offload=args.offload,
             progress=not args.quiet, keep_state=args.keep_state,
         )
-    for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
-        print(f"warning: {w}", file=sys.stderr)
     if not args.quiet:
         print(result.report.table(limit=args.table_rows))
         t = result.report.timings
