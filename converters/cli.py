@@ -15,6 +15,8 @@ __all__ = ["register"]
 #: Modules providing ``register(subparsers)``, one per command family.
 COMMAND_MODULES: tuple[str, ...] = (
     "converters.nunchaku_cli",
+    "converters.quantize.cli",
+    "converters.demo",
 )
 
 

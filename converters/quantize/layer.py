@@ -1,0 +1,166 @@
+"""Quantize one input group of linears into ``SVDQLinear`` modules (+ fidelity numbers)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svdq_format.errors import QuantizationError
+from svdq_format.linear import SVDQLinear
+
+from .stats import CalibrationStats
+from .options import QuantizeOptions
+from .residual import gptq_int4, int4_clip_scales
+from .smoothing import approximate, relative_error, search_smoothing, shift_correction
+from .timing import PhaseTimer
+
+__all__ = ["quantize_group", "layer_fidelity", "layer_seed", "GELU_SHIFT"]
+
+#: Shift of post-GELU inputs (GELU ≥ −0.1700, rounded up to a short binary fraction) so that
+#: unsigned int4 activation codes (0..15, twice the resolution) apply (docs/format.md §7.2).
+GELU_SHIFT = 0.171875
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Deterministic per-layer seed (independent of the order layers are processed in)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
+
+
+@torch.no_grad()
+def layer_fidelity(
+    linear: nn.Linear, layer: SVDQLinear, rows: torch.Tensor, *, precision: str
+) -> dict[str, float]:
+    """Relative output errors vs the 16-bit layer on ``rows``: this SVDQ layer (its real
+    forward), naive W4A4 (rank 0, no smoothing, absmax scales) and weight-only W4A16."""
+    x = rows.to(layer.qweight.device, linear.weight.dtype)
+    ref = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    layer.backend = "reference"
+    out = {"svdq": relative_error(layer(x), ref)}
+    for label, kind in (("naive_w4a4", "w4a4"), ("w4a16", "w4a16")):
+        naive = SVDQLinear.from_linear(linear, rank=0, precision=precision, kind=kind)
+        naive.backend = "reference"
+        out[label] = relative_error(naive(x), ref)
+    return out
+
+
+@torch.no_grad()
+def quantize_group(
+    names: list[str],
+    linears: Mapping[str, nn.Linear],
+    kinds: Mapping[str, str],
+    stats: CalibrationStats,
+    opts: QuantizeOptions,
+    *,
+    timer: PhaseTimer | None = None,
+    report: bool = True,
+) -> dict[str, tuple[SVDQLinear, dict[str, Any]]]:
+    """Quantize linears that read the same input with one shared smoothing vector.
+
+    Args:
+        names: The group's layer names (all of one kind).
+        linears: Name → ``nn.Linear`` (on the device to compute on).
+        kinds: Name → ``"w4a4"`` / ``"w4a16"``.
+        stats: Calibration statistics (rows and absmax per layer).
+        opts: Quantizer options.
+        timer: Phase timer to charge.
+        report: Compute the fidelity numbers.
+
+    Returns:
+        Name → ``(SVDQLinear on the linear's device, info dict)``.
+    """
+    timer = timer or PhaseTimer()
+    first = linears[names[0]]
+    device = first.weight.device
+    dtype = first.weight.dtype
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        dtype = torch.bfloat16
+    sdt = _scale_dtype(dtype)
+    kind = kinds[names[0]]
+    act_quant = kind == "w4a4"
+    base_rank = opts.rank if act_quant else opts.w4a16_rank
+    weights = [linears[n].weight.detach() for n in names]
+    for n, w in zip(names, weights):
+        if not torch.isfinite(w).all():
+            raise QuantizationError(f"layer {n}: weight contains NaN or inf")
+    have = [n in stats.layers for n in names]
+    rows = [stats.layers[n].rows.to(device).float() if h else None for n, h in zip(names, have)]
+    ranks = [min(base_rank, *w.shape) for w in weights]
+
+    torch.manual_seed(layer_seed(opts.seed, names[0]))
+    smooth: torch.Tensor | None = None
+    alpha: tuple[float, float] | None = None
+    shift = 0.0
+    tried: list[tuple[Any, float, float]] = []
+    # unsigned int4 activations for inputs bounded below like a GELU output (scored, not forced)
+    unsigned_ok = (act_quant and opts.precision == "int4" and opts.unsigned_acts and all(have)
+                   and min(stats.layers[n].minval for n in names) >= -GELU_SHIFT)
+    shifts = (0.0, GELU_SHIFT) if unsigned_ok else (0.0,)
+    if all(have) and ((opts.smoothing and opts.alphas) or unsigned_ok):
+        with timer.phase("smoothing_search"):
+            amax_x = torch.stack([stats.layers[n].absmax for n in names]).amax(dim=0).to(device)
+            smooth, alpha, shift, tried = search_smoothing(
+                weights, [r for r in rows if r is not None], amax_x, rank=min(ranks), precision=opts.precision, act_quant=act_quant,
+                alphas=opts.alphas if opts.smoothing else (), dtype=dtype, scale_dtype=sdt, shifts=shifts,
+                activation_alphas=opts.activation_alphas if opts.smoothing else (),
+                # candidates are only compared: the randomised SVD ranks them the same, much faster
+                lowrank="randomized" if opts.lowrank == "auto" else opts.lowrank,
+            )
+
+    out: dict[str, tuple[SVDQLinear, dict[str, Any]]] = {}
+    for name, w, x, rank in zip(names, weights, rows, ranks):
+        lin = linears[name]
+        torch.manual_seed(layer_seed(opts.seed, name))
+        with timer.phase("svd"):
+            ap = approximate(w, smooth, rank, precision=opts.precision, dtype=dtype, scale_dtype=sdt,
+                             lowrank=opts.lowrank, refine_iters=opts.refine_iters)
+        with timer.phase("residual"):
+            residual, scales = ap.residual, None
+            if opts.precision == "int4":
+                xs = None if x is None else x / ap.smooth
+                if opts.gptq and xs is not None:
+                    residual, scales = gptq_int4(ap.residual, xs.T @ xs, scale_dtype=sdt)
+                elif opts.clip_search:
+                    importance = None if xs is None else xs.square().mean(dim=0)
+                    scales = int4_clip_scales(ap.residual, importance, ratios=opts.clip_ratios, scale_dtype=sdt)
+            layer = SVDQLinear(
+                lin.in_features, lin.out_features, rank=rank, precision=opts.precision, kind=kind,
+                bias=lin.bias is not None or bool(shift), dtype=dtype, scale_dtype=sdt, device=device,
+                act_shift=shift, act_unsigned=bool(shift),
+            )
+            layer.smooth.copy_(ap.smooth.to(dtype))
+            if layer.lora_up is not None and layer.lora_down is not None:
+                layer.lora_up.copy_(ap.up.to(dtype))
+                layer.lora_down.copy_(ap.down.to(dtype))
+            layer.set_residual(residual, int4_scales=scales)
+            if layer.bias is not None:
+                b = lin.bias.detach().float() if lin.bias is not None else torch.zeros(lin.out_features, device=device)
+                if shift:
+                    b = b - shift_correction(layer.residual(), ap.smooth, shift)
+                layer.bias.copy_(b.to(dtype))
+        info: dict[str, Any] = {
+            "layer": name,
+            "kind": kind,
+            "precision": opts.precision,
+            "shape": [lin.out_features, lin.in_features],
+            "rank": rank,
+            "alpha": None if alpha is None else alpha[0],
+            "beta": None if alpha is None else alpha[1],
+            "smoothed": smooth is not None,
+            "act_shift": shift,
+            "group": list(names),
+            "search": [list(t) for t in tried],
+        }
+        if report and x is not None:
+            with timer.phase("report"):
+                info["error"] = layer_fidelity(lin, layer, stats.layers[name].rows, precision=opts.precision)
+        out[name] = (layer, info)
+    return out

@@ -1,0 +1,338 @@
+"""``quantize_model``: any ``nn.Module`` made of linears → SVDQuant layers in place.
+
+Flow: select layers → calibrate (hooks; stats saved to the state dir) → for each block
+(streamed onto the device when ``offload``): smoothing search per input group, low-rank
+branch, 4-bit residual, swap in the ``SVDQLinear`` modules, write the block's layers to the
+state dir (atomic). A run that is interrupted (Ctrl-C, a deadline, a crash) resumes from the
+state dir with bit-identical results: every block depends only on the original weights, the
+saved statistics and a per-layer seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdq_format.errors import QuantizationError
+from svdq_format.io import atomic_write, load_file, read_metadata, save_file
+from svdq_format.linear import SVDQLinear
+
+from .calibration import CalibrationSet, load_calibration, synthetic_calibration
+from .stats import CalibrationStats, collect_stats
+from .layer import quantize_group
+from .options import QuantizeOptions
+from .report import FidelityReport, environment_info
+from .selection import Selection, select_layers
+from .timing import PhaseTimer
+
+__all__ = ["QuantizeResult", "run_quantization", "quantize_model", "resolve_calibration"]
+
+_STATS_FILE = "calibration-stats.safetensors"
+_PLAN_FILE = "plan.json"
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    """Outcome of :func:`run_quantization`.
+
+    Attributes:
+        model: The model, with ``SVDQLinear`` layers for every finished block.
+        report: The fidelity report (layers done so far).
+        complete: False when the run stopped early (deadline); rerun with the same state dir.
+        selection: Which layers were chosen and which were kept 16-bit.
+    """
+
+    model: nn.Module
+    report: FidelityReport
+    complete: bool
+    selection: Selection
+
+
+def resolve_calibration(
+    model: nn.Module, calibration: Any, *, num_samples: int = 8, seed: int = 0
+) -> CalibrationSet | CalibrationStats:
+    """Turn the ``calibration`` argument into samples or statistics.
+
+    Accepts a :class:`CalibrationSet`, :class:`CalibrationStats`, a list of forward keyword
+    dicts, a path to a calibration safetensors file, or ``"synthetic"``.
+    """
+    if isinstance(calibration, (CalibrationSet, CalibrationStats)):
+        return calibration
+    if isinstance(calibration, str) and calibration == "synthetic":
+        return synthetic_calibration(model, num_samples, seed=seed)
+    if isinstance(calibration, (str, os.PathLike)):
+        return load_calibration(calibration)
+    if isinstance(calibration, Iterable):
+        samples = [dict(s) for s in calibration]
+        return CalibrationSet(samples, source="samples")
+    raise QuantizationError(f"unsupported calibration input of type {type(calibration).__name__}")
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    mod = model.get_submodule(name)
+    if not isinstance(mod, nn.Linear):
+        raise QuantizationError(f"layer {name}: expected an nn.Linear, found {type(mod).__name__}")
+    return mod
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection) -> str:
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    raw: Any = getattr(model, "config", None)
+    cfg = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw or {})
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(json.dumps(opts.to_json(), sort_keys=True).encode())
+    h.update(json.dumps(selection.kinds, sort_keys=True).encode())
+    for name in list(selection.kinds)[:4]:  # a few weights: catches "same config, other weights"
+        w = _linear(model, name).weight.detach()
+        h.update(f"{float(w.float().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _input_groups(names: list[str], kinds: Mapping[str, str], stats: CalibrationStats) -> list[list[str]]:
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            continue
+        g = [m for m in stats.group_of(n) if m in names and m not in seen and kinds[m] == kinds[n]] or [n]
+        if n not in g:
+            g = [n]
+        seen.update(g)
+        groups.append(g)
+    return groups
+
+
+def run_quantization(
+    model: nn.Module,
+    calibration: Any,
+    *,
+    options: QuantizeOptions | None = None,
+    device: torch.device | str | None = None,
+    offload: str | bool = "auto",
+    state_dir: str | os.PathLike[str] | None = None,
+    num_samples: int = 8,
+    progress: bool = False,
+    deadline: float | None = None,
+    on_block_done: Callable[[int, str], None] | None = None,
+) -> QuantizeResult:
+    """Quantize a model in place, block by block, resumably.
+
+    Args:
+        model: Any ``nn.Module`` (diffusers transformers get architecture defaults).
+        calibration: See :func:`resolve_calibration`.
+        options: Quantizer options (default :class:`QuantizeOptions`).
+        device: Where calibration and quantization run (default: the model's device).
+        offload: ``True``/``"blocks"``: keep the model on the CPU and stream one block at a
+            time onto ``device``; ``False``/``"none"``: move the whole model; ``"auto"``:
+            stream only when the model would take more than 70 % of free CUDA memory.
+        state_dir: Directory for resumable state (statistics + one file per finished block).
+        num_samples: Synthetic sample count when ``calibration == "synthetic"``.
+        progress: tqdm bars.
+        deadline: ``time.time()`` after which no new block starts (``complete=False``).
+        on_block_done: Called with ``(index, block name)`` after each block is written.
+
+    Raises:
+        QuantizationError: nothing quantizable, bad calibration, NaN, out of memory, or a
+            state dir written with other options / another model.
+    """
+    opts = options or QuantizeOptions()
+    timer = PhaseTimer()
+    selection = select_layers(model, include=opts.include, exclude=opts.exclude, weight_only=opts.weight_only)
+    if not selection.kinds:
+        why = f" ({len(selection.skipped)} candidates kept 16-bit, e.g. {next(iter(selection.skipped.items()))})" if selection.skipped else ""
+        raise QuantizationError(f"{type(model).__name__}: no linear layer can be quantized{why}")
+    first_param = next(model.parameters())
+    dev = torch.device(device) if device is not None else first_param.device
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuantizationError("device cuda requested but CUDA is not available")
+    if offload == "auto":
+        stream = dev.type == "cuda" and _model_bytes(model) > 0.7 * torch.cuda.mem_get_info(dev)[0]
+    else:
+        stream = offload in (True, "blocks")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    home = torch.device("cpu") if stream else dev
+    model.to(home)
+
+    for name in selection.kinds:  # before calibration: a NaN weight would surface downstream
+        if not bool(torch.isfinite(_linear(model, name).weight).all()):
+            raise QuantizationError(f"layer {name}: weight contains NaN or inf")
+    state = Path(state_dir) if state_dir is not None else None
+    fp = _fingerprint(model, opts, selection)
+    if state is not None:
+        state.mkdir(parents=True, exist_ok=True)
+        plan = state / _PLAN_FILE
+        if plan.is_file():
+            old = json.loads(plan.read_text()).get("fingerprint")
+            if old != fp:
+                raise QuantizationError(
+                    f"{state}: resume state was written for another model or other options; "
+                    "delete it or rerun with the same settings"
+                )
+        else:
+            text = json.dumps({"fingerprint": fp, "options": opts.to_json(), "blocks": list(selection.blocks)}, indent=1)
+            atomic_write(plan, lambda tmp: Path(tmp).write_text(text))
+
+    # ---- calibration (or its saved statistics)
+    stats_path = None if state is None else state / _STATS_FILE
+    calib_info: dict[str, Any] = {}
+    if stats_path is not None and stats_path.is_file():
+        stats = CalibrationStats.load(stats_path)
+        timer.add({"calibration": stats.seconds})
+        calib_info = {"source": "resumed", "samples": stats.samples}
+    else:
+        calib = resolve_calibration(model, calibration, num_samples=num_samples, seed=opts.seed)
+        if isinstance(calib, CalibrationStats):
+            stats = calib
+            calib_info = {"source": "statistics", "samples": stats.samples}
+        else:
+            linears = {n: _linear(model, n) for n in selection.kinds}
+            try:
+                with timer.phase("calibration"):
+                    stats = collect_stats(model, linears, calib.samples, max_rows=opts.calib_rows, seed=opts.seed,
+                                          device=dev, offload=stream, progress=progress)
+            except Exception as exc:
+                if _is_oom(exc):
+                    raise QuantizationError(
+                        f"out of memory during calibration on {dev}: use --offload blocks, fewer "
+                        "image tokens per sample, or --device cpu"
+                    ) from None
+                raise
+            stats.seconds = timer.seconds["calibration"]
+            calib_info = {"source": calib.source, "samples": len(calib)}
+        if stats_path is not None:
+            with timer.phase("io"):
+                stats.save(stats_path)
+
+    # ---- blocks
+    infos: list[dict[str, Any]] = []
+    complete = True
+    from tqdm.auto import tqdm
+
+    blocks = list(selection.blocks.items())
+    bar = tqdm(blocks, desc="quantize", unit="block", disable=not progress)
+    for index, (block, names) in enumerate(bar):
+        bar.set_postfix_str(block or "(outside blocks)", refresh=False)
+        block_file = None if state is None else state / f"block-{index:04d}.safetensors"
+        if block_file is not None and block_file.is_file():
+            with timer.phase("io"):
+                layers = load_file(block_file, device=home)
+                meta = read_metadata(block_file)
+            for name, layer in layers.items():
+                _set_submodule(model, name, layer)
+            infos.extend(meta.extra.get("svdq_block", {}).get("layers", []))
+            timer.add(meta.extra.get("svdq_block", {}).get("timings", {}))
+            continue
+        if deadline is not None and time.time() > deadline:
+            complete = False
+            break
+        block_timer = PhaseTimer()
+        try:
+            mods = {n: _linear(model, n) for n in names}
+            if stream:
+                for m in mods.values():
+                    m.to(dev)
+            done: dict[str, SVDQLinear] = {}
+            block_infos: list[dict[str, Any]] = []
+            for group in _input_groups(names, selection.kinds, stats):
+                res = quantize_group(group, mods, selection.kinds, stats, opts, timer=block_timer)
+                for name, (layer, info) in res.items():
+                    done[name] = layer.to(home)
+                    block_infos.append(info)
+            if stream:
+                for m in mods.values():
+                    m.to("cpu")
+        except Exception as exc:
+            if _is_oom(exc):
+                raise QuantizationError(
+                    f"out of memory while quantizing block {block or '(outside blocks)'} on {dev}: "
+                    "use --offload blocks, a smaller --calib-rows, or --device cpu"
+                ) from None
+            raise
+        for name, layer in done.items():
+            _set_submodule(model, name, layer)
+        if block_file is not None:
+            with block_timer.phase("io"):
+                save_file(done, block_file, metadata={"svdq_block": {
+                    "block": block, "layers": block_infos, "timings": block_timer.seconds}})
+        timer.add(block_timer.seconds)
+        infos.extend(block_infos)
+        if on_block_done is not None:
+            on_block_done(index, block)
+    bar.close()
+
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+    report = FidelityReport(
+        layers=infos,
+        skipped=dict(selection.skipped),
+        options=opts.to_json(),
+        timings={k: round(v, 4) for k, v in timer.seconds.items()},
+        calibration=calib_info,
+        environment=environment_info(dev),
+        peak_memory_bytes=int(peak),
+    )
+    return QuantizeResult(model, report, complete, selection)
+
+
+def quantize_model(
+    model: nn.Module,
+    calibration: Any,
+    *,
+    rank: int = 32,
+    precision: str = "int4",
+    device: torch.device | str | None = None,
+    offload: str | bool = "auto",
+    state_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Quantize ``model`` in place with SVDQuant and return it.
+
+    Args:
+        model: A diffusers transformer (or any module built from ``nn.Linear``).
+        calibration: Samples, a calibration file, ``"synthetic"`` or statistics (see
+            :func:`resolve_calibration`).
+        rank: Low-rank branch rank of W4A4 layers.
+        precision: ``"int4"`` or ``"nvfp4"``.
+        device: Compute device (default: the model's).
+        offload: Block streaming (see :func:`run_quantization`).
+        state_dir: Resumable state directory.
+        progress: Show progress bars.
+        **options: Further :class:`QuantizeOptions` fields (``smoothing``, ``alphas``,
+            ``clip_search``, ``gptq``, ``refine_iters``, ``include``, ``exclude``, ``seed`` ...).
+
+    Returns:
+        The same model with ``SVDQLinear`` layers, ready for
+        :func:`svdq_format.model.save_model_dir`.
+    """
+    opts = QuantizeOptions.from_kwargs(rank=rank, precision=precision, **options)
+    result = run_quantization(model, calibration, options=opts, device=device, offload=offload,
+                              state_dir=state_dir, progress=progress)
+    return result.model

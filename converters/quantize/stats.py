@@ -1,0 +1,282 @@
+"""Calibration statistics: forward hooks → bounded per-layer activation statistics.
+
+:func:`collect_stats`: forward hooks on the selected linears record, per layer, the
+per-input-channel absmax, the smallest value, and a bounded random subsample of input rows (a
+reservoir kept by random keys from a seeded generator, so the result is deterministic and memory
+is bounded no matter how many tokens flow through). Layers that read the very same input tensor
+(q/k/v) are recorded as one *input group*. The model can be streamed block by block onto the
+device (``offload=True``) so a model larger than device memory still calibrates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdq_format.errors import QuantizationError
+
+__all__ = ["LayerStats", "CalibrationStats", "collect_stats", "block_containers", "block_offload"]
+
+_SEP = "::"
+
+#: A forward call's keyword arguments (see :mod:`converters.quantize.calibration`).
+Sample = dict[str, Any]
+
+@dataclasses.dataclass
+class LayerStats:
+    """Bounded activation statistics of one linear's input.
+
+    Attributes:
+        absmax: Per-input-channel max |x| ``[K]`` (float32).
+        rows: A random subsample of input rows ``[m, K]`` (m ≤ the row budget), capture dtype.
+        keys: The reservoir keys of ``rows`` (smallest keys are kept).
+        count: Number of rows seen.
+        minval: Smallest input value seen (decides unsigned activation codes after a GELU).
+    """
+
+    absmax: torch.Tensor
+    rows: torch.Tensor
+    keys: torch.Tensor
+    count: int = 0
+    minval: float = float("-inf")
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """Statistics of every selected layer plus the input groups (layers sharing one input)."""
+
+    layers: dict[str, LayerStats]
+    groups: list[list[str]]
+    samples: int = 0
+    #: Seconds the calibration pass took (kept so a resumed run reports the full time).
+    seconds: float = 0.0
+
+    def group_of(self, name: str) -> list[str]:
+        """The input group containing ``name`` (``[name]`` when it shares with nobody)."""
+        for g in self.groups:
+            if name in g:
+                return g
+        return [name]
+
+    # ---- persistence (resume)
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the statistics to a safetensors file (atomic)."""
+        from safetensors.torch import save_file
+
+        from svdq_format.io import atomic_write
+
+        tensors: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        mins: dict[str, float] = {}
+        for name, st in self.layers.items():
+            mins[name] = st.minval
+            tensors[f"{name}{_SEP}absmax"] = st.absmax.contiguous()
+            tensors[f"{name}{_SEP}rows"] = st.rows.contiguous()
+            tensors[f"{name}{_SEP}keys"] = st.keys.contiguous()
+            counts[name] = st.count
+        meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "mins": mins, "samples": self.samples,
+                                          "seconds": self.seconds})}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CalibrationStats:
+        """Read statistics written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as h:
+            info = json.loads((h.metadata() or {})["svdq_stats"])
+            layers = {
+                name: LayerStats(
+                    h.get_tensor(f"{name}{_SEP}absmax"),
+                    h.get_tensor(f"{name}{_SEP}rows"),
+                    h.get_tensor(f"{name}{_SEP}keys"),
+                    int(count),
+                    float(info.get("mins", {}).get(name, float("-inf"))),
+                )
+                for name, count in info["counts"].items()
+            }
+        return cls(layers, [list(g) for g in info["groups"]], int(info.get("samples", 0)),
+                   float(info.get("seconds", 0.0)))
+
+
+#: Names of ``nn.ModuleList`` attributes that hold a model's repeated blocks.
+_BLOCK_LISTS = (
+    "transformer_blocks", "single_transformer_blocks", "joint_transformer_blocks", "blocks",
+    "layers", "layer", "h", "noise_refiner", "context_refiner",
+)
+
+
+def block_containers(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The model's lists of repeated blocks, ``(qualified name, ModuleList)``, in module order.
+
+    Known attribute names first (``transformer_blocks``, ``single_transformer_blocks``,
+    ``blocks``, ``layer``, ...); nested ones (``encoder.layer``) are found too.
+    """
+    out: list[tuple[str, nn.ModuleList]] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.rpartition(".")[2] in _BLOCK_LISTS and len(mod):
+            if not any(name.startswith(f"{prev}.") for prev, _ in out):
+                out.append((name, mod))
+    return out
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def block_offload(model: nn.Module, device: torch.device | str) -> Iterator[None]:
+    """Keep blocks on the CPU and move each onto ``device`` only while it runs.
+
+    Everything outside the block lists (embedders, norms, final layers) lives on ``device``
+    for the duration. Restores the CPU placement afterwards.
+    """
+    blocks = [b for _, lst in block_containers(model) for b in lst]
+    block_ids = {id(b) for b in blocks}
+    handles = []
+    moved: list[nn.Module] = []
+
+    def place_rest(mod: nn.Module) -> None:
+        for child in mod.children():
+            if id(child) in block_ids:
+                continue
+            if isinstance(child, nn.ModuleList) and any(id(c) in block_ids for c in child):
+                continue
+            if any(id(m) in block_ids for m in child.modules()):
+                place_rest(child)
+            else:
+                child.to(device)
+                moved.append(child)
+        for pname, param in list(mod.named_parameters(recurse=False)):
+            param.data = param.data.to(device)
+        for bname, buf in list(mod.named_buffers(recurse=False)):
+            if buf is not None:
+                setattr(mod, bname, buf.to(device))
+
+    def load(mod: nn.Module, _args: tuple) -> None:
+        mod.to(device)
+
+    def unload(mod: nn.Module, _args: tuple, _out: Any) -> None:
+        mod.to("cpu")
+
+    place_rest(model)
+    for b in blocks:
+        handles.append(b.register_forward_pre_hook(load))
+        handles.append(b.register_forward_hook(unload))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        model.to("cpu")
+
+
+def collect_stats(
+    model: nn.Module,
+    layers: Mapping[str, nn.Linear],
+    calibration: Iterable[Sample],
+    *,
+    max_rows: int = 256,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    offload: bool = False,
+    progress: bool = False,
+) -> CalibrationStats:
+    """Run the calibration inputs through the model and gather per-layer statistics.
+
+    Args:
+        model: The (unquantized) model.
+        layers: The linears to observe, by qualified name.
+        calibration: Forward keyword dicts.
+        max_rows: Row budget per layer (the subsample kept for the smoothing search).
+        seed: Seed of the row sampler.
+        device: Where the forward runs (default: where the model is).
+        offload: Stream blocks onto ``device`` one at a time (model stays on the CPU).
+        progress: Show a tqdm bar per sample.
+
+    Raises:
+        QuantizationError: NaN/inf activations (naming the layer and sample).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    stats: dict[str, LayerStats] = {}
+    groups: list[list[str]] = []
+    state: dict[str, Any] = {"last": None, "sample": 0, "first": True}
+    placed: set[str] = set()
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            k = x.shape[-1]
+            flat = x.detach().reshape(-1, k)
+            amax = flat.abs().amax(dim=0).float()
+            lo = float(flat.amin())
+            if not bool(torch.isfinite(amax).all()):
+                raise QuantizationError(
+                    f"layer {name}: NaN or inf activations in calibration sample {state['sample']}"
+                )
+            if state["first"] and name not in placed:
+                placed.add(name)
+                if state["last"] is not None and state["last"][0] is x:
+                    groups[-1].append(name)
+                else:
+                    groups.append([name])
+                state["last"] = (x,)
+            m = flat.shape[0]
+            keys = torch.rand(m, generator=gen)
+            take = min(m, max_rows)
+            top = torch.topk(keys, take, largest=False)
+            new_rows = flat[top.indices.to(flat.device)].to("cpu")
+            st = stats.get(name)
+            if st is None:
+                stats[name] = LayerStats(amax.cpu(), new_rows, top.values, m, lo)
+                return
+            st.minval = min(st.minval, lo)
+            st.absmax = torch.maximum(st.absmax, amax.cpu())
+            all_keys = torch.cat([st.keys, top.values])
+            all_rows = torch.cat([st.rows, new_rows])
+            keep = torch.topk(all_keys, min(max_rows, all_keys.numel()), largest=False).indices
+            keep = keep.sort().values
+            st.keys, st.rows, st.count = all_keys[keep], all_rows[keep], st.count + m
+
+        return hook
+
+    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in layers.items()]
+    samples = list(calibration)
+    if not samples:
+        raise QuantizationError("calibration set is empty")
+    if device is None:
+        device = next(model.parameters()).device
+    ctx = block_offload(model, device) if offload else contextlib.nullcontext()
+    try:
+        from tqdm.auto import tqdm
+
+        with ctx, torch.no_grad():
+            for i, sample in enumerate(tqdm(samples, desc="calibration", unit="sample", disable=not progress)):
+                state["sample"] = i
+                model(**_to(sample, device))
+                state["first"] = False
+                state["last"] = None
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in stats]
+    if missing:
+        warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
+                      UserWarning, stacklevel=2)
+    groups = [[n for n in g if n in stats] for g in groups]
+    return CalibrationStats(stats, [g for g in groups if g], samples=len(samples))

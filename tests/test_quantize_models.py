@@ -1,0 +1,296 @@
+"""Whole-model quantizer on tiny random diffusers transformers: save/reload, resume, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from converters.quantize import (
+    QuantizeOptions,
+    capture_inputs,
+    collect_stats,
+    load_calibration,
+    quantize_model,
+    run_quantization,
+    save_calibration,
+    select_layers,
+    synthetic_calibration,
+)
+from svdq_format.cli import main as svdq_main
+from svdq_format.errors import QuantizationError
+from svdq_format.io import validate
+from svdq_format.linear import SVDQLinear
+from svdq_format.model import load_model_dir, save_model_dir, svdq_modules
+
+pytestmark = pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                  pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+
+
+def tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                 num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
+                                 pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+
+
+def tiny_pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
+                                    num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=64,
+                                    caption_channels=64, norm_type="ada_norm_single",
+                                    use_additional_conditions=False)
+
+
+def tiny_sana():
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32,
+                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=32,
+                                  cross_attention_dim=64, caption_channels=64, mlp_ratio=2.5, sample_size=8,
+                                  patch_size=1)
+
+
+BUILDERS = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart, "sana": tiny_sana}
+
+
+def eval_input(model):
+    return synthetic_calibration(model, 1, seed=123, image_tokens=16, text_tokens=8, warn=False).samples[0]
+
+
+def run(model, sample):
+    with torch.no_grad():
+        return model(**sample).sample
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_quantize_save_reload_bit_identical(family, tmp_path):
+    model = BUILDERS[family]()
+    x = eval_input(model)
+    ref = run(model, x)
+    calib = synthetic_calibration(model, 2, image_tokens=16, text_tokens=8)
+    quantize_model(model, calib, rank=8, alphas=(0.3, 0.6))
+    layers = svdq_modules(model)
+    assert layers, "nothing was quantized"
+    kinds = {n: m.kind for n, m in layers.items()}
+    # defaults: blocks quantized, AdaLN weight-only, embedders / final projection 16-bit
+    assert all(n.split(".")[0].endswith("blocks") or n.startswith("norm_out") for n in kinds)
+    assert all(k == "w4a16" for n, k in kinds.items() if n.endswith(("norm1.linear", "norm.linear", "norm_out.linear")))
+    assert any(k == "w4a4" for k in kinds.values())
+    assert type(model.proj_out) is nn.Linear
+    y = run(model, x)
+    assert torch.isfinite(y).all()
+    assert 0 < float((y - ref).norm() / ref.norm()) < 0.5
+    save_model_dir(model, tmp_path / "q")
+    validate(tmp_path / "q")
+    reloaded = load_model_dir(tmp_path / "q")
+    assert torch.equal(run(reloaded, x), y)
+
+
+def test_input_groups_share_smoothing_and_stats_are_bounded():
+    model = tiny_flux()
+    sel = select_layers(model)
+    linears = {n: model.get_submodule(n) for n in sel.kinds}
+    calib = synthetic_calibration(model, 3, image_tokens=64, text_tokens=8)
+    stats = collect_stats(model, linears, calib, max_rows=40)
+    qkv = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"]
+    assert qkv in stats.groups
+    st = stats.layers["transformer_blocks.0.attn.to_q"]
+    assert st.rows.shape == (40, 64) and st.count == 3 * 64
+    st_ff = stats.layers["transformer_blocks.0.ff.net.2"]
+    assert torch.equal(st_ff.absmax, torch.maximum(st_ff.absmax, st_ff.rows.abs().amax(0)))
+    quantize_model(model, stats, rank=8, alphas=(0.5,))
+    smooths = [model.get_submodule(n).smooth for n in qkv]
+    assert torch.equal(smooths[0], smooths[1]) and torch.equal(smooths[0], smooths[2])
+
+
+def test_calibration_file_roundtrip_capture_and_nan(tmp_path):
+    model = tiny_flux()
+    samples = synthetic_calibration(model, 2, image_tokens=16, text_tokens=8).samples
+    with capture_inputs(model) as got:
+        for s in samples:
+            model(**s)
+    assert len(got) == 2 and torch.equal(got[1]["hidden_states"], samples[1]["hidden_states"])
+    path = save_calibration(got, tmp_path / "calib.safetensors")
+    back = load_calibration(path)
+    assert len(back) == 2
+    assert torch.equal(back.samples[0]["encoder_hidden_states"], samples[0]["encoder_hidden_states"])
+    assert back.samples[0].get("joint_attention_kwargs", None) is None
+    # quantizing from the file equals quantizing from the samples
+    a, b = tiny_flux(), tiny_flux()
+    quantize_model(a, str(path), rank=4, alphas=(0.5,))
+    quantize_model(b, samples, rank=4, alphas=(0.5,))
+    assert all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
+    bad = dict(samples[0])
+    bad["hidden_states"] = bad["hidden_states"].clone()
+    bad["hidden_states"][0, 3, 2] = math.nan
+    save_calibration([bad], tmp_path / "nan.safetensors")
+    with pytest.raises(QuantizationError, match=r"nan\.safetensors: 00000::hidden_states: .*NaN"):
+        load_calibration(tmp_path / "nan.safetensors")
+    with pytest.raises(QuantizationError, match="NaN or inf activations"):
+        quantize_model(tiny_flux(), [bad], rank=4)
+
+
+def test_interrupted_run_resumes_bit_identical(tmp_path):
+    opts = QuantizeOptions(rank=8, alphas=(0.4,))
+    calib = synthetic_calibration(tiny_flux(), 2, image_tokens=16, text_tokens=8)
+    full = run_quantization(tiny_flux(), calib, options=opts).model.state_dict()
+
+    def stop(index, block):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state"
+    with pytest.raises(KeyboardInterrupt):
+        run_quantization(tiny_flux(), calib, options=opts, state_dir=state, on_block_done=stop)
+    assert (state / "block-0000.safetensors").is_file() and not (state / "block-0001.safetensors").exists()
+    seen = []
+    res = run_quantization(tiny_flux(), calib, options=opts, state_dir=state, on_block_done=lambda i, b: seen.append(i))
+    assert seen == [1, 2]  # block 0 came from the state dir
+    assert res.complete
+    resumed = res.model.state_dict()
+    assert resumed.keys() == full.keys()
+    assert all(torch.equal(resumed[k], full[k]) for k in full)
+    assert len(res.report.layers) == len(svdq_modules(res.model))
+    # other options against the same state: refused
+    with pytest.raises(QuantizationError, match="another model or other options"):
+        run_quantization(tiny_flux(), calib, options=QuantizeOptions(rank=4), state_dir=state)
+
+
+def test_cli_quantize_directory_and_errors(tmp_path, capsys):
+    src, out = tmp_path / "flux", tmp_path / "flux-svdq"
+    tiny_flux().save_pretrained(src)
+    code = svdq_main(["quantize", str(src), str(out), "--rank", "8", "--num-samples", "2", "--dtype", "float32",
+                      "--alphas", "0.5", "--exclude", "*.ff_context.*", "-q"])
+    assert code == 0
+    assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (out / ".svdq-state").exists()
+    report = json.loads((out / "fidelity.json").read_text())
+    names = [r["layer"] for r in report["layers"]]
+    assert names and not any(".ff_context." in n for n in names)
+    assert report["skipped"]["transformer_blocks.0.ff_context.net.2"] == "excluded by pattern"
+    assert all(set(r["error"]) == {"svdq", "naive_w4a4", "w4a16"} for r in report["layers"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "svdquant"
+    assert type(load_model_dir(out).transformer_blocks[0].attn.to_q) is SVDQLinear
+    capsys.readouterr()
+
+    def err(argv):
+        assert svdq_main(argv) == 1
+        e = capsys.readouterr().err
+        assert e.startswith("error: ") and e.count("\n") == 1
+        return e
+
+    assert "no such directory" in err(["quantize", str(tmp_path / "missing"), str(out)])
+    assert "not a diffusers model directory" in err(["quantize", str(tmp_path), str(tmp_path / "o")])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"_class_name": "NoSuchModel"}')
+    assert "not a diffusers model class" in err(["quantize", str(tmp_path / "bad"), str(tmp_path / "o")])
+    assert "already quantized" in err(["quantize", str(out), str(tmp_path / "o")])
+    assert "calibration file not found" in err(["quantize", str(src), str(tmp_path / "o"), "--calibration", "nope.st"])
+
+
+def test_unsupported_shapes_stay_16bit_or_error():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 48))])
+
+        def forward(self, x):
+            return self.blocks[0](x)
+
+    sel = select_layers(Odd())
+    assert list(sel.kinds) == ["blocks.0.1"]
+    assert "not a multiple of 64" in sel.skipped["blocks.0.0"]
+    m = Odd()
+    quantize_model(m, [{"x": torch.randn(4, 48)}], rank=4)
+    assert isinstance(m.blocks[0][1], SVDQLinear) and type(m.blocks[0][0]) is nn.Linear
+    with pytest.raises(QuantizationError, match="no linear layer can be quantized"):
+        quantize_model(Odd(), [{"x": torch.randn(4, 48)}], exclude=["blocks.0.1"])
+
+
+def test_out_of_memory_is_one_clear_error(monkeypatch):
+    import converters.quantize.pipeline as pipeline
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pipeline, "quantize_group", oom)
+    with pytest.raises(QuantizationError, match=r"out of memory while quantizing block transformer_blocks\.0"):
+        quantize_model(tiny_flux(), "synthetic", rank=4)
+
+
+def test_block_streaming_gives_the_same_result():
+    calib = synthetic_calibration(tiny_flux(), 2, image_tokens=16, text_tokens=8)
+    opts = QuantizeOptions(rank=4, alphas=(0.5,))
+    a = run_quantization(tiny_flux(), calib, options=opts, offload=False).model.state_dict()
+    b = run_quantization(tiny_flux(), calib, options=opts, offload="blocks").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipeline_calibration_capture_dit():
+    """Calibrate from a real (tiny, random) diffusers pipeline: inputs captured across steps."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from converters.quantize import capture_pipeline_inputs
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4, norm_num_groups=32, sample_size=16)
+    pipe = DiTPipeline(transformer, vae, DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    calib = capture_pipeline_inputs(pipe, calls=[{"class_labels": [1]}, {"class_labels": [7]}],
+                                    num_inference_steps=4, max_samples=4, output_type="np")
+    assert calib.source == "pipeline" and len(calib) == 4
+    steps = [float(s["timestep"][0]) for s in calib.samples]
+    assert len(set(steps[:2])) == 2  # spread over the denoising steps of one call
+    assert {int(s["class_labels"][0]) for s in calib.samples} == {1, 7}
+    sel = select_layers(transformer)
+    assert sel.kinds["transformer_blocks.0.norm1.linear"] == "w4a16"
+    assert sel.skipped["transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"] == "embedder: kept 16-bit"
+    quantize_model(transformer, calib, rank=8, alphas=(0.5,))
+    assert isinstance(transformer.transformer_blocks[0].attn1.to_q, SVDQLinear)
+    image = pipe(class_labels=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 8, 8, 3) and bool(torch.isfinite(torch.as_tensor(image)).all())
+
+
+def test_deterministic_for_a_seed_and_nan_weights_rejected():
+    def state(seed):
+        m = tiny_flux()
+        run_quantization(m, "synthetic", options=QuantizeOptions(rank=4, alphas=(0.5,), seed=seed), num_samples=2)
+        return m.state_dict()
+
+    a, b, c = state(0), state(0), state(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    m = tiny_flux()
+    with torch.no_grad():
+        m.transformer_blocks[0].attn.to_k.weight[3, 5] = math.nan
+    with pytest.raises(QuantizationError, match=r"transformer_blocks\.0\.attn\.to_k: weight contains NaN"):
+        quantize_model(m, [eval_input(tiny_flux())], rank=4)
