@@ -109,6 +109,13 @@ def test_quantize_save_reload_bit_identical(family, tmp_path):
     validate(tmp_path / "q")
     reloaded = load_model_dir(tmp_path / "q")
     assert torch.equal(run(reloaded, x), y)
+    # the quantized model is a diffusers svdquant model: its own save_pretrained writes the
+    # format (sharded here) and diffusers' from_pretrained loads it back, bit-identical
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert len(list((tmp_path / "hf").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    validate(tmp_path / "hf")
+    again = type(model).from_pretrained(tmp_path / "hf")
+    assert torch.equal(run(again, x), y)
 
 
 def test_input_groups_share_smoothing_and_stats_are_bounded():

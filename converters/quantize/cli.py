@@ -51,7 +51,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         result = quantize_directory(
             args.src, args.out, calibration=args.calibration, prompts=prompts, num_samples=args.num_samples,
             options=opts, dtype=args.dtype, device=args.device, offload=args.offload,
-            progress=not args.quiet, keep_state=args.keep_state,
+            progress=not args.quiet, keep_state=args.keep_state, max_shard_size=args.max_shard_size,
         )
     if not args.quiet:
         print(result.report.table(limit=args.table_rows))
@@ -99,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stream blocks between CPU and device (auto: when the model does not fit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-state", action="store_true", help="keep OUT/.svdq-state after success")
+    p.add_argument("--max-shard-size", default="10GB", help="largest weight file (default 10GB)")
     p.add_argument("--table-rows", type=int, default=40, help="rows of the fidelity table to print")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_quantize)

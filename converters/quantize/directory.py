@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from svdq_format.errors import QuantizationError
-from svdq_format.model import save_model_dir
+from svdq_format.model import DEFAULT_MAX_SHARD_SIZE, save_pretrained
 
 from .options import QuantizeOptions
 from .pipeline import QuantizeResult, run_quantization
@@ -101,11 +101,13 @@ def quantize_directory(
     progress: bool = True,
     keep_state: bool = False,
     deadline: float | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> QuantizeResult:
     """Quantize the diffusers transformer in ``src`` and write an SVDQuant model directory.
 
-    ``out`` receives ``config.json`` (with ``quantization_config``),
-    ``diffusion_pytorch_model.safetensors`` and ``fidelity.json``. Progress is kept in
+    ``out`` receives ``config.json`` (with ``quantization_config``), the weights
+    (``diffusion_pytorch_model.safetensors``, or shards + index above ``max_shard_size``)
+    and ``fidelity.json``. Progress is kept in
     ``out/.svdq-state`` so an interrupted run resumes where it stopped.
 
     Args:
@@ -121,6 +123,7 @@ def quantize_directory(
         progress: tqdm bars.
         keep_state: Keep the state directory after success.
         deadline: Stop starting new blocks after this ``time.time()`` (resume later).
+        max_shard_size: Largest weight file, e.g. ``"5GB"``.
     """
     opts = options or QuantizeOptions()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -154,7 +157,7 @@ def quantize_directory(
     extra = {"quantizer": {"options": opts.to_json(), "calibration": result.report.calibration,
                            "source": os.fspath(src)}}
     model = result.model.to("cpu")
-    save_model_dir(model, out_dir, metadata=extra)
+    save_pretrained(model, out_dir, metadata=extra, max_shard_size=max_shard_size)
     result.report.timings["wall"] = round(time.time() - start, 3)
     result.report.save(out_dir / FIDELITY_NAME)
     if not keep_state:

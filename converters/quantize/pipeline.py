@@ -329,10 +329,28 @@ def quantize_model(
             ``clip_search``, ``gptq``, ``refine_iters``, ``include``, ``exclude``, ``seed`` ...).
 
     Returns:
-        The same model with ``SVDQLinear`` layers, ready for
-        :func:`svdq_format.model.save_model_dir`.
+        The same model with ``SVDQLinear`` layers. A diffusers model is marked as svdquant
+        quantized, so ``model.save_pretrained(dir)`` / ``push_to_hub`` write the format
+        (sharded, with the manifest); any model also works with
+        :func:`svdq_format.model.save_pretrained` and the layer-level
+        :func:`svdq_format.save_file`.
     """
     opts = QuantizeOptions.from_kwargs(rank=rank, precision=precision, **options)
     result = run_quantization(model, calibration, options=opts, device=device, offload=offload,
                               state_dir=state_dir, progress=progress)
+    if result.complete:
+        mark_quantized(result.model, extra={"quantizer": {"options": opts.to_json()}})
     return result.model
+
+
+def mark_quantized(model: nn.Module, *, extra: dict[str, Any] | None = None) -> None:
+    """Attach the svdquant quantizer to a diffusers model (no-op for other modules)."""
+    try:
+        from diffusers import ModelMixin
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return
+    if isinstance(model, ModelMixin):
+        from svdq_format.diffusers import attach_quantizer
+        from svdq_format.model import model_metadata
+
+        attach_quantizer(model, model_metadata(model, extra=extra))
