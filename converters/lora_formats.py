@@ -337,6 +337,33 @@ def _unit_scale(module: str, rank: int, config: Optional[Mapping[str, Any]],
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def _fix_final_layer(fmt: str, source: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Correct two slips of diffusers' Flux converters (diffusers 0.42) on the final layer.
+
+    * kohya/ComfyUI: the ``final_layer`` ``.alpha`` keys are consumed but never applied, so
+      ``proj_out``/``norm_out.linear`` would get scale 1 instead of ``alpha/r``. Returns the
+      missing per-target factors.
+    * BFL control / fal Kontext: the ``[shift, scale] → [scale, shift]`` swap of
+      ``final_layer.adaLN_modulation.1`` is applied to ``lora_A``'s *rank* rows as well as to
+      ``lora_B``'s output rows, which changes ``B·A``; ``lora_A`` is put back as stored.
+    """
+    fixes: dict[str, float] = {}
+    if fmt in ("kohya", "comfyui"):
+        flat = {k.replace("diffusion_model.", "lora_unet_").replace(".", "_"): v for k, v in source.items()}
+        for src, target in (("lora_unet_final_layer_linear", "proj_out"),
+                            ("lora_unet_final_layer_adaLN_modulation_1", "norm_out.linear")):
+            alpha, down = flat.get(f"{src}_alpha"), flat.get(f"{src}_lora_down_weight")
+            if alpha is not None and down is not None and down.ndim == 2:
+                fixes[target] = float(alpha) / down.shape[0]
+    elif fmt in ("bfl-control", "fal-kontext"):
+        prefix = "base_model.model." if fmt == "fal-kontext" else ""
+        a = source.get(f"{prefix}final_layer.adaLN_modulation.1.lora_A.weight")
+        key = "transformer.norm_out.linear.lora_A.weight"
+        if a is not None and key in out:
+            out[key] = a
+    return fixes
+
+
 def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
     """Turn a :class:`RawLora` into the canonical :class:`~svdq_format.lora.LoraAdapter`.
 
@@ -362,13 +389,16 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
             if bool((t != 0).any()):
                 dropped.append(k)
     alphas: Optional[dict] = None
+    extra_scale: dict[str, float] = {}
     if fmt == "peft":
         sd = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
     else:
         if not sd:
             raise LoRAError(f"{path}: no LoRA tensors left ({len(dropped)} unsupported keys: {', '.join(dropped[:3])})")
-        sd, alphas, leftovers = _diffusers_normalise(sd, path)
+        source = sd
+        sd, alphas, leftovers = _diffusers_normalise(dict(sd), path)
         dropped.extend(leftovers)
+        extra_scale = _fix_final_layer(fmt, source, sd)
         if fmt in ("kohya", "comfyui", "mixture", "xlabs", "bfl-control", "fal-kontext"):
             alphas = None  # folded into the weights by diffusers' converters
             config = None
@@ -405,7 +435,7 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
         r = int(a.shape[0])
         if r == 0:
             raise LoRAError(f"{path}: {mod}: rank 0")
-        scale = _unit_scale(mod, r, config, alphas)
+        scale = _unit_scale(mod, r, config, alphas) * extra_scale.get(mod, 1.0)
         deltas[mod] = LoraDelta(a, b, torch.full((r,), scale, dtype=torch.float32), parts.get("lora_B.bias"))
     adapter = LoraAdapter(name=adapter_name, deltas=deltas, params=params, source=path)
     return NormalizedLora(adapter, fmt, sorted(set(dropped)), skipped)

@@ -161,6 +161,8 @@ KOHYA_MAP = {
     "single_blocks_0_modulation_lin": (["single_transformer_blocks.0.norm.linear"], [3 * INNER]),
     "img_in": (["x_embedder"], [INNER]),
     "txt_in": (["context_embedder"], [INNER]),
+    "final_layer_linear": (["proj_out"], [16]),
+    "final_layer_adaLN_modulation_1": (["norm_out.linear"], [2 * INNER]),  # BFL [shift, scale]
 }
 
 
@@ -180,7 +182,10 @@ def kohya_lora(model: nn.Module, *, rank: int = 4, alpha: float = 2.0, seed: int
         sd[f"{key}.alpha"] = torch.tensor(alpha)
         off = 0
         for t, n in zip(targets, splits):
-            expected[t] = (alpha / rank) * b[off:off + n].double() @ a.double()
+            bb = b[off:off + n]
+            if t == "norm_out.linear":  # diffusers' AdaLayerNormContinuous is [scale, shift]
+                bb = torch.cat([bb[INNER:], bb[:INNER]])
+            expected[t] = (alpha / rank) * bb.double() @ a.double()
             off += n
     return sd, expected
 
@@ -191,7 +196,8 @@ def _comfy_name(kname: str) -> str:
 
     m = re.fullmatch(r"(double_blocks|single_blocks)_(\d+)_(.+)", kname)
     if not m:
-        return {"img_in": "img_in", "txt_in": "txt_in"}[kname]
+        return {"img_in": "img_in", "txt_in": "txt_in", "final_layer_linear": "final_layer.linear",
+                "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}[kname]
     rest = m.group(3)
     rest = {"img_attn_qkv": "img_attn.qkv", "img_attn_proj": "img_attn.proj", "img_mlp_0": "img_mlp.0",
             "img_mlp_2": "img_mlp.2", "img_mod_lin": "img_mod.lin", "txt_attn_qkv": "txt_attn.qkv",
@@ -247,3 +253,64 @@ def effective_deltas(model: nn.Module, base: nn.Module) -> dict[str, torch.Tenso
         if d.abs().max() > 0:
             out[n] = d[:, :-1]
     return out
+
+
+# --------------------------------------------------------------------------- FLUX.1-dev shapes
+
+FLUX_BFL_LINEARS = {  # BFL name -> (in, out) for FLUX.1-dev
+    "img_mod.lin": (3072, 18432), "txt_mod.lin": (3072, 18432), "img_attn.qkv": (3072, 9216),
+    "txt_attn.qkv": (3072, 9216), "img_attn.proj": (3072, 3072), "txt_attn.proj": (3072, 3072),
+    "img_mlp.0": (3072, 12288), "img_mlp.2": (12288, 3072), "txt_mlp.0": (3072, 12288), "txt_mlp.2": (12288, 3072),
+}
+FLUX_BFL_SINGLE = {"linear1": (3072, 21504), "linear2": (15360, 3072), "modulation.lin": (3072, 9216)}
+FLUX_BFL_GLOBAL = {
+    "time_in.in_layer": (256, 3072), "time_in.out_layer": (3072, 3072), "vector_in.in_layer": (768, 3072),
+    "vector_in.out_layer": (3072, 3072), "guidance_in.in_layer": (256, 3072), "guidance_in.out_layer": (3072, 3072),
+    "txt_in": (4096, 3072), "img_in": (64, 3072), "final_layer.linear": (3072, 64),
+    "final_layer.adaLN_modulation.1": (3072, 6144),
+}
+
+
+def flux_bfl_lora(*, prefix: str = "", norms: bool = False, rank: int = 2, seed: int = 0,
+                  globals_: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """A rank-``rank`` LoRA over every FLUX.1-dev linear with BFL names and PEFT lora_A/lora_B
+    (the BFL control / fal Kontext layout), bf16, small enough for a unit test."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def add(name, k, n):
+        sd[f"{prefix}{name}.lora_A.weight"] = (torch.randn(rank, k, generator=g) * 0.01).bfloat16()
+        sd[f"{prefix}{name}.lora_B.weight"] = (torch.randn(n, rank, generator=g) * 0.01).bfloat16()
+
+    for i in range(19):
+        for name, (k, n) in FLUX_BFL_LINEARS.items():
+            add(f"double_blocks.{i}.{name}", k, n)
+        if norms:
+            for part in ("img_attn", "txt_attn"):
+                for nk in ("query_norm", "key_norm"):
+                    sd[f"{prefix}double_blocks.{i}.{part}.norm.{nk}.scale"] = torch.rand(128, generator=g).bfloat16() + 0.5
+    for i in range(38):
+        for name, (k, n) in FLUX_BFL_SINGLE.items():
+            add(f"single_blocks.{i}.{name}", k, n)
+        if norms:
+            for nk in ("query_norm", "key_norm"):
+                sd[f"{prefix}single_blocks.{i}.norm.{nk}.scale"] = torch.rand(128, generator=g).bfloat16() + 0.5
+    for name, (k, n) in FLUX_BFL_GLOBAL.items():
+        if globals_ is None or name in globals_:
+            add(name, k, n)
+    return sd
+
+
+def flux_dev_skeleton(*, rank: int = 32) -> nn.Module:
+    """FLUX.1-dev-shaped FluxTransformer2DModel on the meta device (no memory) whose block
+    linears are SVDQLinear (meta), for planning LoRAs against the real module names/shapes."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and "_blocks." in name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    SVDQLinear(mod.in_features, mod.out_features, rank=rank, bias=mod.bias is not None, device="meta"))
+    return model
