@@ -217,7 +217,10 @@ def _model_load_lora_adapter(self: nn.Module, pretrained_model_name_or_path_or_d
         return
     sd = dict(src)
     if prefix and any(k.startswith(f"{prefix}.") for k in sd):
-        sd = {k.removeprefix(f"{prefix}."): v for k, v in sd.items() if k.startswith(f"{prefix}.")}
+        # diffusers' kohya converter leaves img_in/txt_in targets (x_embedder,
+        # context_embedder) unprefixed; keep every key that belongs to no other component
+        sd = {k.removeprefix(f"{prefix}."): v for k, v in sd.items()
+              if k.startswith(f"{prefix}.") or not k.startswith(("text_encoder", "unet."))}
     for k, v in network_alphas.items():
         if not prefix or k.startswith(f"{prefix}."):
             sd[k.removeprefix(f"{prefix}.") if prefix else k] = torch.as_tensor(float(v))
@@ -263,7 +266,16 @@ def _model_enable_lora(self: nn.Module) -> None:
     set_active_loras(self, list(st))
 
 
+def _model_fuse_lora(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise LoRAError(
+        "fuse_lora is not available on SVDQuant models: a LoRA already runs inside the fused "
+        "low-rank branch (no extra kernel), and merging it into 4-bit weights would requantize them"
+    )
+
+
 _MODEL_METHODS = {
+    "fuse_lora": _model_fuse_lora,
+    "unfuse_lora": _model_fuse_lora,
     "load_lora_adapter": _model_load_lora_adapter,
     "set_adapters": _model_set_adapters,
     "unload_lora": _model_unload_lora,
