@@ -14,6 +14,7 @@ __all__ = ["register"]
 
 #: Modules providing ``register(subparsers)``, one per command family.
 COMMAND_MODULES: tuple[str, ...] = (
+    "converters.lora_cli",
 )
 
 

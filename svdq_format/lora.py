@@ -52,6 +52,7 @@ __all__ = [
     "list_loras",
     "base_fingerprint",
     "check_plan",
+    "compose_plans",
 ]
 
 #: Each adapter's rank group on an SVDQ layer is padded with zero ranks to this multiple.
@@ -574,3 +575,33 @@ def check_plan(model: nn.Module, plan: LoraPlan) -> None:
         p = named_params.get(pname)
         if p is None or tuple(p.shape) != tuple(t.shape):
             raise LoRAError(f"{src}: {pname}: the model has no parameter of that name and shape")
+
+
+def compose_plans(plans: Iterable[LoraPlan], strengths: Iterable[float], *, name: str) -> LoraPlan:
+    """Several planned adapters as one (ranks concatenated, strengths folded into the unit
+    scales) — what a multi-LoRA delta file stores."""
+    plans, strengths = list(plans), [float(s) for s in strengths]
+    if len(plans) != len(strengths) or not plans:
+        raise LoRAError("compose_plans needs one strength per plan and at least one plan")
+    layers: dict[str, list[tuple[LayerDelta, float]]] = {}
+    params: dict[str, torch.Tensor] = {}
+    matched: dict[str, str] = {}
+    unmatched: set[str] = set()
+    for plan, s in zip(plans, strengths):
+        for lname, d in plan.layers.items():
+            layers.setdefault(lname, []).append((d, s))
+        params.update(plan.params)
+        matched.update(plan.matched)
+        unmatched |= set(plan.unmatched)
+    out: dict[str, LayerDelta] = {}
+    for lname, parts in layers.items():
+        bias = None
+        if any(d.bias is not None for d, _ in parts):
+            bias = sum(s * d.bias for d, s in parts if d.bias is not None)
+        out[lname] = LayerDelta(
+            down=torch.cat([d.down for d, _ in parts]),
+            up=torch.cat([d.up for d, _ in parts], dim=1),
+            scales=torch.cat([d.scales * s for d, s in parts]),
+            bias=bias,
+        )
+    return LoraPlan(name, out, params, matched, sorted(unmatched), source=name)
