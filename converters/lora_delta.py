@@ -113,7 +113,7 @@ def load_delta(path: str | os.PathLike[str], *, adapter_name: Optional[str] = No
     Raises:
         LoRAError: not a delta file, newer format version, missing/inconsistent tensors.
     """
-    from safetensors.torch import load_file
+    from .lora_formats import mmap_safetensors
 
     p = os.fspath(path)
     meta = _read_meta(p)
@@ -122,10 +122,7 @@ def load_delta(path: str | os.PathLike[str], *, adapter_name: Optional[str] = No
     version = meta.get("format_version")
     if not isinstance(version, int) or version > DELTA_FORMAT_VERSION or version < 1:
         raise LoRAError(f"{p}: delta format_version {version!r} is not supported (this svdquant reads <= {DELTA_FORMAT_VERSION})")
-    try:
-        sd = load_file(p)
-    except Exception as exc:
-        raise LoRAError(f"{p}: cannot read safetensors file ({' '.join(str(exc).split())})") from None
+    sd, _ = mmap_safetensors(p)
     layers: dict[str, LayerDelta] = {}
     for lname, info in (meta.get("layers") or {}).items():
         try:

@@ -40,6 +40,7 @@ __all__ = [
     "RawLora",
     "NormalizedLora",
     "read_lora",
+    "mmap_safetensors",
     "detect_format",
     "normalize_lora",
     "PICKLE_SUFFIXES",
@@ -113,21 +114,49 @@ def _refuse_pickle(path: str) -> None:
         raise LoRAError(f"{path}: pickled checkpoints are refused (they can execute code); convert it to .safetensors")
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+def mmap_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read-only, zero-copy tensors of a safetensors file (memory-mapped) and its metadata.
 
+    The header is fully checked first (:func:`svdq_format.io.read_header`: lengths, JSON,
+    dtypes, offsets tiling the data, truncation). Tensors share the file's page cache; callers
+    copy what they keep (concatenation does).
+
+    Raises:
+        LoRAError: the container is broken or truncated.
+    """
+    import mmap
+    import warnings
+
+    from svdq_format.errors import FormatError
+    from svdq_format.io import read_header
+
+    try:
+        header = read_header(path)
+    except FormatError as exc:
+        where = f"; {exc.key}" if exc.key else ""
+        raise LoRAError(f"{path}: cannot read safetensors file ({exc.reason}{where})") from None
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mapping is read-only; we never write through it
+        for name, e in header.tensors.items():
+            dtype = getattr(torch, e.dtype)
+            numel = math.prod(e.shape)
+            if numel == 0 or mm is None:
+                out[name] = torch.empty(e.shape, dtype=dtype)
+                continue
+            t = torch.frombuffer(mm, dtype=torch.uint8, count=e.end - e.begin, offset=header.data_start + e.begin)
+            out[name] = t.view(dtype).view(e.shape)
+    return out, dict(header.metadata)
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     _refuse_pickle(path)
     if not path.endswith(".safetensors"):
         raise LoRAError(f"{path}: not a .safetensors file")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except LoRAError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise LoRAError(f"{path}: cannot read safetensors file ({reason})") from None
+    sd, meta = mmap_safetensors(path)
     if not sd:
         raise LoRAError(f"{path}: the file holds no tensors")
     return sd, meta
@@ -248,8 +277,6 @@ def _check_supported(sd: Mapping[str, torch.Tensor], path: str) -> None:
             raise LoRAError(f"{path}: {key}: not a tensor")
         if not (t.is_floating_point()):
             raise LoRAError(f"{path}: {key}: dtype {str(t.dtype).removeprefix('torch.')} is not a float type")
-        if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) and not torch.isfinite(t).all():
-            raise LoRAError(f"{path}: {key}: contains NaN or inf")
 
 
 def detect_format(sd: Mapping[str, torch.Tensor], *, peft_dir: bool = False) -> str:

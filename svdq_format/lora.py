@@ -210,8 +210,19 @@ def _check_delta(where: str, d: LoraDelta, k: int, n: int) -> None:
     if d.bias is not None and tuple(d.bias.shape) != (n,):
         raise LoRAError(f"{where}: lora_B.bias shape {list(d.bias.shape)}, expected [{n}]")
     for label, t in (("lora_A", d.down), ("lora_B", d.up), ("scales", d.scales), ("bias", d.bias)):
-        if t is not None and not torch.isfinite(t).all():
+        if t is not None and not _all_finite(t):
             raise LoRAError(f"{where}: {label} contains NaN or inf")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """NaN/inf check in one vectorised pass (``aminmax`` propagates NaN; much faster than
+    ``isfinite(t).all()`` on 16-bit CPU tensors)."""
+    if t.numel() == 0:
+        return True
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.to(torch.bfloat16)
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _pad_rank(down: torch.Tensor, up: torch.Tensor, scales: torch.Tensor, multiple: int):
@@ -315,16 +326,18 @@ def plan_lora(model: nn.Module, adapter: LoraAdapter) -> LoraPlan:
     for lname, d in combined.items():
         mod = modules[lname]
         if isinstance(mod, SVDQLinear):
-            dtype = mod.dtype
+            # may stay views of the (memory-mapped) source: attaching concatenates them into
+            # the layer's buffers and re-points the record at those (see _rebuild_svdq)
             down, up, scales = _pad_rank(d.down, d.up, d.scales.float(), RANK_MULTIPLE)
-        else:
+            down, up = down.to(mod.dtype), up.to(mod.dtype)
+        else:  # the hook uses them directly: own copies
             dtype = mod.weight.dtype
-            down, up, scales = d.down, d.up, d.scales.float()
+            down, up, scales = d.down.to(dtype, copy=True), d.up.to(dtype, copy=True), d.scales.float()
         layers[lname] = LayerDelta(
-            down=down.to(dtype).contiguous(),
-            up=up.to(dtype).contiguous(),
-            scales=scales.contiguous(),
-            bias=None if d.bias is None else d.bias.float(),
+            down=down,
+            up=up,
+            scales=scales.clone(),
+            bias=None if d.bias is None else d.bias.float().clone(),
         )
     params: dict[str, torch.Tensor] = {}
     named_params = dict(model.named_parameters())
@@ -362,6 +375,11 @@ def _rebuild_svdq(layer: SVDQLinear, name: str, st: _LoraState, scales_only: boo
         ups = ([orig_up] if base_r else []) + [d.up.to(dev) for _, d in recs]
         layer.lora_down = torch.cat(downs)
         layer.lora_up = torch.cat(ups, dim=1)
+        r0 = base_r
+        for _, d in recs:  # records now view the layer's own buffers (no file mapping kept)
+            r = d.down.shape[0]
+            d.down, d.up = layer.lora_down[r0 : r0 + r], layer.lora_up[:, r0 : r0 + r]
+            r0 += r
     base_scales = (
         orig_scales.float() if orig_scales is not None else torch.ones(base_r, dtype=torch.float32)
     ).to(dev)
@@ -447,8 +465,6 @@ def attach_lora(model: nn.Module, plan: LoraPlan, *, strength: float = 1.0) -> N
         raise LoRAError(f"adapter {plan.adapter!r} is already loaded; unload it first or pick another name")
     if not plan.layers and not plan.params:
         raise LoRAError(f"{plan.source or plan.adapter}: no LoRA target matched the model ({plan.summary()})")
-    if st.fingerprint is None and any(isinstance(m, SVDQLinear) for m in model.modules()):
-        st.fingerprint = base_fingerprint(model)
     st.adapters[plan.adapter] = _AdapterRecord(plan.adapter, plan.layers, plan.params, float(strength))
     _refresh(model, st, plan.layers, plan.params)
 
@@ -568,9 +584,13 @@ def check_plan(model: nn.Module, plan: LoraPlan) -> None:
         if not isinstance(mod, (SVDQLinear, nn.Linear)):
             raise LoRAError(f"{src}: {lname}: the model has no linear layer of that name")
         _check_delta(f"{src}: {lname}", LoraDelta(d.down, d.up, d.scales, d.bias), mod.in_features, mod.out_features)
-        want = mod.dtype if isinstance(mod, SVDQLinear) else mod.weight.dtype
-        if d.down.dtype != want or d.up.dtype != want:
-            d.down, d.up = d.down.to(want), d.up.to(want)
+        if isinstance(mod, SVDQLinear):
+            d.down, d.up = d.down.to(mod.dtype), d.up.to(mod.dtype)
+        else:  # the hook uses them directly: own copies, not views of a file mapping
+            dtype = mod.weight.dtype
+            d.down, d.up = d.down.to(dtype, copy=True), d.up.to(dtype, copy=True)
+        d.scales = d.scales.float().clone()
+        d.bias = None if d.bias is None else d.bias.float().clone()
     for pname, t in plan.params.items():
         p = named_params.get(pname)
         if p is None or tuple(p.shape) != tuple(t.shape):
