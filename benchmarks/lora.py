@@ -46,7 +46,7 @@ def build_model(*, device: str, rank: int = 32, double: int = 19, single: int = 
     """FLUX.1-dev-shaped transformer, block linears as random-code SVDQLinear on ``device``."""
     from diffusers import FluxTransformer2DModel
 
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     with torch.device("meta"):
         model = FluxTransformer2DModel(num_layers=double, num_single_layers=single, guidance_embeds=True)
     for name, mod in list(model.named_modules()):
@@ -54,18 +54,19 @@ def build_model(*, device: str, rank: int = 32, double: int = 19, single: int = 
             layer = SVDQLinear(mod.in_features, mod.out_features, rank=rank, bias=mod.bias is not None,
                                device=device)
             with torch.no_grad():
-                layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8, generator=g))
-                layer.wscales.copy_(torch.rand(layer.wscales.shape, generator=g) * 0.01 + 1e-3)
-                layer.lora_down.copy_(torch.randn(layer.lora_down.shape, generator=g) * 0.02)
-                layer.lora_up.copy_(torch.randn(layer.lora_up.shape, generator=g) * 0.02)
-                layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.02)
+                kw = {"generator": g, "device": device}
+                layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8, **kw))
+                layer.wscales.copy_(torch.rand(layer.wscales.shape, **kw) * 0.01 + 1e-3)
+                layer.lora_down.copy_(torch.randn(layer.lora_down.shape, **kw) * 0.02)
+                layer.lora_up.copy_(torch.randn(layer.lora_up.shape, **kw) * 0.02)
+                layer.bias.copy_(torch.randn(layer.bias.shape, **kw) * 0.02)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
     for mod in model.modules():  # everything still on meta: the 16-bit part
         for pname, p in list(mod._parameters.items()):
             if p is not None and p.is_meta:
                 mod._parameters[pname] = nn.Parameter(
-                    (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16).to(device), requires_grad=False)
+                    (torch.randn(p.shape, generator=g, device=device) * 0.02).to(torch.bfloat16), requires_grad=False)
         for bname, b in list(mod._buffers.items()):
             if b is not None and b.is_meta:
                 mod._buffers[bname] = torch.zeros(b.shape, dtype=b.dtype, device=device)

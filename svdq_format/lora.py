@@ -360,26 +360,22 @@ def plan_lora(model: nn.Module, adapter: LoraAdapter) -> LoraPlan:
 # --------------------------------------------------------------------------- mutation
 
 
-def _rebuild_svdq(layer: SVDQLinear, name: str, st: _LoraState, scales_only: bool = False) -> None:
-    orig_down, orig_up, orig_scales, orig_bias = st.svdq_originals[name]
-    recs = [(r, r.layers[name]) for r in st.adapters.values() if name in r.layers]
-    if not recs:
-        layer.lora_down, layer.lora_up = orig_down, orig_up
-        layer.lora_scales, layer.bias = orig_scales, orig_bias
-        del st.svdq_originals[name]
-        return
-    base_r = 0 if orig_down is None else orig_down.shape[0]
+def _layer_recs(st: _LoraState, name: str) -> list[tuple[_AdapterRecord, LayerDelta]]:
+    return [(r, r.layers[name]) for r in st.adapters.values() if name in r.layers]
+
+
+def _restore_svdq(layer: SVDQLinear, name: str, st: _LoraState) -> None:
+    orig_down, orig_up, orig_scales, orig_bias = st.svdq_originals.pop(name)
+    layer.lora_down, layer.lora_up = orig_down, orig_up
+    layer.lora_scales, layer.bias = orig_scales, orig_bias
+
+
+def _set_scales(layer: SVDQLinear, name: str, st: _LoraState) -> None:
+    """Rewrite ``lora_scales`` (and a LoRA-shifted bias) from the adapters' strengths."""
+    _, _, orig_scales, orig_bias = st.svdq_originals[name]
+    recs = _layer_recs(st, name)
     dev = layer.qweight.device
-    if not scales_only:
-        downs = ([orig_down] if base_r else []) + [d.down.to(dev) for _, d in recs]
-        ups = ([orig_up] if base_r else []) + [d.up.to(dev) for _, d in recs]
-        layer.lora_down = torch.cat(downs)
-        layer.lora_up = torch.cat(ups, dim=1)
-        r0 = base_r
-        for _, d in recs:  # records now view the layer's own buffers (no file mapping kept)
-            r = d.down.shape[0]
-            d.down, d.up = layer.lora_down[r0 : r0 + r], layer.lora_up[:, r0 : r0 + r]
-            r0 += r
+    base_r = layer.lora_down.shape[0] - sum(d.down.shape[0] for _, d in recs)
     base_scales = (
         orig_scales.float() if orig_scales is not None else torch.ones(base_r, dtype=torch.float32)
     ).to(dev)
@@ -394,6 +390,49 @@ def _rebuild_svdq(layer: SVDQLinear, name: str, st: _LoraState, scales_only: boo
         layer.bias = b.to(layer.dtype)
     else:
         layer.bias = orig_bias
+
+
+def _rebuild_all_svdq(modules: Mapping[str, nn.Module], st: _LoraState) -> None:
+    """Concatenate ``[own branch, adapter 1, adapter 2 ...]`` for every SVDQ layer with LoRAs.
+
+    All the new ``lora_down``/``lora_up`` tensors are views of one freshly allocated arena per
+    device: one large allocation instead of ~1000 medium ones (page-fault bound on CPU), and
+    the previous arena is freed as a whole. Adapter records are re-pointed at their slices.
+    """
+    align = 64
+    plans: dict[torch.device, list] = {}
+    sizes: dict[torch.device, int] = {}
+    for name in st.svdq_originals:
+        layer = modules[name]
+        recs = _layer_recs(st, name)
+        orig_down, orig_up = st.svdq_originals[name][:2]
+        base_r = 0 if orig_down is None else orig_down.shape[0]
+        r = base_r + sum(d.down.shape[0] for _, d in recs)
+        esz = torch.empty((), dtype=layer.dtype).element_size()
+        dev = layer.qweight.device
+        off = sizes.get(dev, 0)
+        off_d = -(-off // align) * align
+        off_u = -(-(off_d + r * layer.in_features * esz) // align) * align
+        sizes[dev] = off_u + layer.out_features * r * esz
+        plans.setdefault(dev, []).append((name, layer, recs, orig_down, orig_up, base_r, r, off_d, off_u))
+    for dev, items in plans.items():
+        arena = torch.empty(sizes[dev], dtype=torch.uint8, device=dev)
+        for name, layer, recs, orig_down, orig_up, base_r, r, off_d, off_u in items:
+            k, n = layer.in_features, layer.out_features
+            esz = torch.empty((), dtype=layer.dtype).element_size()
+            down = arena[off_d : off_d + r * k * esz].view(layer.dtype).view(r, k)
+            up = arena[off_u : off_u + n * r * esz].view(layer.dtype).view(n, r)
+            downs = ([orig_down] if base_r else []) + [d.down.to(dev) for _, d in recs]
+            ups = ([orig_up] if base_r else []) + [d.up.to(dev) for _, d in recs]
+            torch.cat(downs, out=down)
+            torch.cat(ups, dim=1, out=up)
+            layer.lora_down, layer.lora_up = down, up
+            r0 = base_r
+            for _, d in recs:  # records view the layer's own buffers (no file mapping kept)
+                rr = d.down.shape[0]
+                d.down, d.up = down[r0 : r0 + rr], up[:, r0 : r0 + rr]
+                r0 += rr
+            _set_scales(layer, name, st)
 
 
 def _linear_hook(st: _LoraState, name: str):
@@ -439,13 +478,17 @@ def _refresh(model: nn.Module, st: _LoraState, layer_names: Iterable[str], param
             if used and lname not in st.svdq_originals:
                 st.svdq_originals[lname] = (mod.lora_down, mod.lora_up, mod.lora_scales, mod.bias)
                 scales_only = False
-            if lname in st.svdq_originals:
-                _rebuild_svdq(mod, lname, st, scales_only=scales_only)
+            elif not used and lname in st.svdq_originals:
+                _restore_svdq(mod, lname, st)
+            elif used and scales_only:
+                _set_scales(mod, lname, st)
         else:
             if used and lname not in st.hooks:
                 st.hooks[lname] = mod.register_forward_hook(_linear_hook(st, lname))
             elif not used and lname in st.hooks:
                 st.hooks.pop(lname).remove()
+    if not scales_only and st.svdq_originals:
+        _rebuild_all_svdq(modules, st)
     _rebuild_params(model, param_names, st)
     if not st.adapters and not st.svdq_originals and not st.hooks and not st.param_originals:
         fp = st.fingerprint
