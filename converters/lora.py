@@ -34,6 +34,7 @@ from svdq_format.lora import (
     base_fingerprint,
     check_plan,
     list_loras,
+    original_branches,
     plan_lora,
     set_active_loras,
     set_lora_strengths,
@@ -131,6 +132,9 @@ def _source_key(raw_path: str, config: Optional[Mapping[str, Any]]) -> str:
 def _plan_from_delta(model: nn.Module, path: str, adapter_name: str, *, check_fingerprint: bool) -> tuple[LoraPlan, LoraReport]:
     plan, meta = lora_delta.load_delta(path, adapter_name=adapter_name)
     if check_fingerprint:
+        # a file from elsewhere: never take a stored copy of the base's own branch on trust
+        for d in plan.layers.values():
+            d.full_down = d.full_up = None
         want = base_fingerprint(model)
         if meta.get("base_fingerprint") != want:
             raise LoRAError(
@@ -190,7 +194,8 @@ def load_lora(
                 try:
                     cached_file.parent.mkdir(parents=True, exist_ok=True)
                     lora_delta.save_delta(plan, cached_file, base_fingerprint=base_fingerprint(model),
-                                          info={"source": raw.path, "format": report.format, "skipped": report.skipped})
+                                          info={"source": raw.path, "format": report.format, "skipped": report.skipped},
+                                          base_branches=original_branches(model))
                 except OSError as exc:
                     logger.warning("cannot write LoRA cache %s: %s", cached_file, exc)
             return report

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,19 +53,37 @@ def save_delta(
     *,
     base_fingerprint: str,
     info: Optional[dict[str, Any]] = None,
+    base_branches: Optional[Mapping[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]] = None,
 ) -> None:
-    """Write a planned adapter as a delta file (atomic)."""
+    """Write a planned adapter as a delta file (atomic).
+
+    Args:
+        plan: The adapter, planned for the base model.
+        path: Output file.
+        base_fingerprint: :func:`svdq_format.lora.base_fingerprint` of the base.
+        info: Extra metadata fields.
+        base_branches: The base's own ``(lora_down, lora_up)`` per SVDQ layer
+            (:func:`svdq_format.lora.original_branches`). When given (the cache does this), each
+            SVDQ layer's tensors are stored already concatenated ``[own branch ++ LoRA]`` with
+            ``base_rank`` in the metadata, so a later load can map them with no copy.
+    """
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, dict[str, Any]] = {}
     for lname, d in plan.layers.items():
-        tensors[f"layers.{lname}.lora_down"] = d.down.contiguous()
-        tensors[f"layers.{lname}.lora_up"] = d.up.contiguous()
+        down, up, base_rank = d.down, d.up, 0
+        own = (base_branches or {}).get(lname)
+        if own is not None and own[0] is not None and own[0].dtype == d.down.dtype:
+            base_rank = int(own[0].shape[0])
+            down = torch.cat([own[0].to(d.down.device), d.down])
+            up = torch.cat([own[1].to(d.up.device), d.up], dim=1)
+        tensors[f"layers.{lname}.lora_down"] = down.contiguous()
+        tensors[f"layers.{lname}.lora_up"] = up.contiguous()
         tensors[f"layers.{lname}.lora_scales"] = d.scales.float().contiguous()
         if d.bias is not None:
             tensors[f"layers.{lname}.lora_bias"] = d.bias.float().contiguous()
-        layers_meta[lname] = {"rank": int(d.down.shape[0]), "has_bias": d.bias is not None}
+        layers_meta[lname] = {"rank": int(d.down.shape[0]), "has_bias": d.bias is not None, "base_rank": base_rank}
     for pname, t in plan.params.items():
         tensors[f"params.{pname}"] = t.contiguous()
     meta = {
@@ -134,7 +153,14 @@ def load_delta(path: str | os.PathLike[str], *, adapter_name: Optional[str] = No
         bias = sd.pop(f"layers.{lname}.lora_bias", None)
         if bool(info.get("has_bias")) != (bias is not None):
             raise LoRAError(f"{p}: layers.{lname}.lora_bias: presence disagrees with the metadata")
-        layers[lname] = LayerDelta(down, up, scales, bias)
+        base_rank = info.get("base_rank", 0)
+        if not isinstance(base_rank, int) or base_rank < 0 or down.ndim != 2 or up.ndim != 2 \
+                or base_rank + info.get("rank", -1) != down.shape[0] or up.shape[1] != down.shape[0]:
+            raise LoRAError(f"{p}: layers.{lname}: ranks disagree with the metadata")
+        if base_rank:
+            layers[lname] = LayerDelta(down[base_rank:], up[:, base_rank:], scales, bias, full_down=down, full_up=up)
+        else:
+            layers[lname] = LayerDelta(down, up, scales, bias)
     params = {}
     for pname in meta.get("params") or []:
         key = f"params.{pname}"

@@ -53,6 +53,7 @@ __all__ = [
     "base_fingerprint",
     "check_plan",
     "compose_plans",
+    "original_branches",
 ]
 
 #: Each adapter's rank group on an SVDQ layer is padded with zero ranks to this multiple.
@@ -112,6 +113,11 @@ class LayerDelta:
     up: torch.Tensor  # [N, r]
     scales: torch.Tensor  # [r] float32 unit scales (0 on padding ranks)
     bias: Optional[torch.Tensor]  # [N] float32 or None
+    # Optional ready-made [own branch ++ this adapter] tensors (from a cache file made for this
+    # very base): when this adapter is a layer's only one, they are used as the layer's
+    # buffers directly, with no copy.
+    full_down: Optional[torch.Tensor] = None
+    full_up: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -392,15 +398,32 @@ def _set_scales(layer: SVDQLinear, name: str, st: _LoraState) -> None:
         layer.bias = orig_bias
 
 
+def _use_ready_made(layer: SVDQLinear, name: str, st: _LoraState, recs: list, base_r: int, r: int) -> bool:
+    if len(recs) != 1 or recs[0][1].full_down is None:
+        return False
+    d = recs[0][1]
+    fd, fu = d.full_down, d.full_up
+    if fd.shape != (r, layer.in_features) or fu.shape != (layer.out_features, r):
+        return False
+    if fd.device != layer.qweight.device or fd.dtype != layer.dtype or fu.dtype != layer.dtype:
+        return False
+    layer.lora_down, layer.lora_up = fd, fu
+    d.down, d.up = fd[base_r:], fu[:, base_r:]
+    _set_scales(layer, name, st)
+    return True
+
+
 def _rebuild_all_svdq(modules: Mapping[str, nn.Module], st: _LoraState) -> None:
     """Concatenate ``[own branch, adapter 1, adapter 2 ...]`` for every SVDQ layer with LoRAs.
 
-    All the new ``lora_down``/``lora_up`` tensors are views of one freshly allocated arena per
-    device: one large allocation instead of ~1000 medium ones (page-fault bound on CPU), and
-    the previous arena is freed as a whole. Adapter records are re-pointed at their slices.
+    A layer whose only adapter comes with ready-made full tensors (a cache file for this base)
+    uses them as they are. All other new ``lora_down``/``lora_up`` tensors are views of one
+    freshly allocated arena per device: one large allocation instead of ~1000 medium ones
+    (fresh CPU memory is page-fault bound), and the previous arena is freed as a whole.
+    Adapter records are re-pointed at their slices, so no file mapping is kept alive.
     """
     align = 64
-    plans: dict[torch.device, list] = {}
+    todo: dict[torch.device, list] = {}
     sizes: dict[torch.device, int] = {}
     for name in st.svdq_originals:
         layer = modules[name]
@@ -408,18 +431,19 @@ def _rebuild_all_svdq(modules: Mapping[str, nn.Module], st: _LoraState) -> None:
         orig_down, orig_up = st.svdq_originals[name][:2]
         base_r = 0 if orig_down is None else orig_down.shape[0]
         r = base_r + sum(d.down.shape[0] for _, d in recs)
+        if _use_ready_made(layer, name, st, recs, base_r, r):
+            continue
         esz = torch.empty((), dtype=layer.dtype).element_size()
         dev = layer.qweight.device
         off = sizes.get(dev, 0)
         off_d = -(-off // align) * align
         off_u = -(-(off_d + r * layer.in_features * esz) // align) * align
         sizes[dev] = off_u + layer.out_features * r * esz
-        plans.setdefault(dev, []).append((name, layer, recs, orig_down, orig_up, base_r, r, off_d, off_u))
-    for dev, items in plans.items():
+        todo.setdefault(dev, []).append((name, layer, recs, orig_down, orig_up, base_r, r, off_d, off_u, esz))
+    for dev, items in todo.items():
         arena = torch.empty(sizes[dev], dtype=torch.uint8, device=dev)
-        for name, layer, recs, orig_down, orig_up, base_r, r, off_d, off_u in items:
+        for name, layer, recs, orig_down, orig_up, base_r, r, off_d, off_u, esz in items:
             k, n = layer.in_features, layer.out_features
-            esz = torch.empty((), dtype=layer.dtype).element_size()
             down = arena[off_d : off_d + r * k * esz].view(layer.dtype).view(r, k)
             up = arena[off_u : off_u + n * r * esz].view(layer.dtype).view(n, r)
             downs = ([orig_down] if base_r else []) + [d.down.to(dev) for _, d in recs]
@@ -428,7 +452,7 @@ def _rebuild_all_svdq(modules: Mapping[str, nn.Module], st: _LoraState) -> None:
             torch.cat(ups, dim=1, out=up)
             layer.lora_down, layer.lora_up = down, up
             r0 = base_r
-            for _, d in recs:  # records view the layer's own buffers (no file mapping kept)
+            for _, d in recs:
                 rr = d.down.shape[0]
                 d.down, d.up = down[r0 : r0 + rr], up[:, r0 : r0 + rr]
                 r0 += rr
@@ -589,6 +613,19 @@ def unload_all(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- fingerprint
 
 
+def original_branches(model: nn.Module) -> dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """``{layer: (lora_down, lora_up)}`` of every SVDQ layer as it is without any LoRA."""
+    st = _state(model)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SVDQLinear):
+            if st is not None and name in st.svdq_originals:
+                out[name] = st.svdq_originals[name][:2]
+            else:
+                out[name] = (mod.lora_down, mod.lora_up)
+    return out
+
+
 def base_fingerprint(model: nn.Module) -> str:
     """A hash identifying a quantized base: its manifest and original low-rank branches.
 
@@ -632,6 +669,7 @@ def check_plan(model: nn.Module, plan: LoraPlan) -> None:
         else:  # the hook uses them directly: own copies, not views of a file mapping
             dtype = mod.weight.dtype
             d.down, d.up = d.down.to(dtype, copy=True), d.up.to(dtype, copy=True)
+            d.full_down = d.full_up = None
         d.scales = d.scales.float().clone()
         d.bias = None if d.bias is None else d.bias.float().clone()
     for pname, t in plan.params.items():

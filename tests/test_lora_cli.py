@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from converters import lora_delta
-from converters.lora import load_lora, unload_all
+from converters.lora import load_lora, unload_all, unload_lora
 from svdq_format.cli import main
 from svdq_format.errors import LoRAError
 from svdq_format.linear import SVDQLinear
@@ -181,3 +181,27 @@ def test_svdq_lora_quantized_layers_only_change_low_rank_branch(models, base_dir
     codes = {n: m.qweight for n, m in model.named_modules() if isinstance(m, SVDQLinear)}
     load_lora(model, tmp_path / "l.safetensors")
     assert all(m.qweight is codes[n] for n, m in model.named_modules() if isinstance(m, SVDQLinear))
+
+
+def test_cached_reload_maps_ready_made_branches_and_mixes_correctly(models, tmp_path):
+    dense, qbase = models
+    q = copy.deepcopy(qbase)
+    f1 = _lora_file(dense, tmp_path / "a.safetensors", seed=21)
+    f2 = random_factors({k: v for k, v in lora_targets(dense).items() if "single" in k}, rank=4, seed=22)
+    load_lora(q, tmp_path / "a.safetensors", adapter_name="a")
+    unload_all(q)
+    assert load_lora(q, tmp_path / "a.safetensors", adapter_name="a", strength=0.5).cached
+    layer = q.single_transformer_blocks[0].attn.to_q
+    # served straight from the cache file's mapping ([own branch ++ LoRA] stored ready-made)
+    assert not layer.lora_down.untyped_storage().resizable()
+    assert_deltas(q, qbase, factors_expected(f1, 0.5))
+    load_lora(q, peft_state_dict(f2), adapter_name="b")  # now concatenated in memory
+    assert layer.lora_down.untyped_storage().resizable()
+    both = factors_expected(f1, 0.5)
+    for n, w in factors_expected(f2).items():
+        both[n] = both[n] + w
+    assert_deltas(q, qbase, both)
+    unload_lora(q, "b")
+    assert_deltas(q, qbase, factors_expected(f1, 0.5))
+    unload_all(q)
+    assert same_tensors(snapshot(q), snapshot(qbase))
