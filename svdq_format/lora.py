@@ -25,6 +25,7 @@ files into :class:`LoraAdapter` objects (module name → factors) and calls :fun
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -181,6 +182,25 @@ def _state(model: nn.Module, create: bool = False) -> Optional[_LoraState]:
     return st
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run the many small memory-bound tensor ops of a LoRA load on one intra-op thread.
+
+    A load issues thousands of short ops (copies, NaN checks); with several OpenMP threads each
+    one is a parallel region whose barrier stalls whenever a sibling thread is descheduled, which
+    on a busy machine turns a sub-second load into tens of seconds. One thread is as fast for
+    memory-bound copies and immune to that. (``torch.set_num_threads`` is process-wide.)
+    """
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------- planning
 
 
@@ -298,6 +318,11 @@ def plan_lora(model: nn.Module, adapter: LoraAdapter) -> LoraPlan:
         LoRAError: a factor has the wrong shape/dtype, a rank mismatch, or NaN/inf (the first
             problem found, one line naming the target).
     """
+    with _one_thread():
+        return _plan_lora(model, adapter)
+
+
+def _plan_lora(model: nn.Module, adapter: LoraAdapter) -> LoraPlan:
     fused = _fused_members(model)
     modules = dict(model.named_modules())
     matched: dict[str, str] = {}
@@ -494,6 +519,12 @@ def _rebuild_params(model: nn.Module, names: Iterable[str], st: _LoraState) -> N
 
 def _refresh(model: nn.Module, st: _LoraState, layer_names: Iterable[str], param_names: Iterable[str],
              *, scales_only: bool = False) -> None:
+    with _one_thread():
+        _refresh_layers(model, st, layer_names, param_names, scales_only=scales_only)
+
+
+def _refresh_layers(model: nn.Module, st: _LoraState, layer_names: Iterable[str], param_names: Iterable[str],
+                    *, scales_only: bool = False) -> None:
     modules = dict(model.named_modules())
     for lname in layer_names:
         mod = modules[lname]
@@ -656,6 +687,11 @@ def check_plan(model: nn.Module, plan: LoraPlan) -> None:
     Raises:
         LoRAError: a layer is missing, of another kind or shape, or a tensor is bad.
     """
+    with _one_thread():
+        _check_plan(model, plan)
+
+
+def _check_plan(model: nn.Module, plan: LoraPlan) -> None:
     modules = dict(model.named_modules())
     named_params = dict(model.named_parameters())
     src = plan.source or plan.adapter
