@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from svdq_format.errors import LoRAError
+from svdq_format.linear import SVDQLinear
 from svdq_format.lora import (
     LoraPlan,
     attach_lora,
@@ -184,9 +185,15 @@ def load_lora(
         cached_file = None
         if cache and raw.path != "<dict>" and os.path.isfile(raw.path):
             cached_file = lora_delta.cache_path(_source_key(raw.path, raw.config), base_fingerprint(model))
+        plan = None
         if cached_file is not None and cached_file.is_file():
-            plan, report = _plan_from_delta(model, str(cached_file), adapter_name, check_fingerprint=False)
-        else:
+            try:
+                plan, report = _plan_from_delta(model, str(cached_file), adapter_name, check_fingerprint=False)
+            except LoRAError as exc:  # a damaged cache entry is only a miss
+                logger.warning("ignoring damaged LoRA cache entry: %s", exc)
+                cached_file.unlink(missing_ok=True)
+                plan = None
+        if plan is None:
             plan, report = convert_lora(model, raw, adapter_name=adapter_name)
             _enforce(report, strict=strict)
             attach_lora(model, plan, strength=strength)
@@ -195,7 +202,9 @@ def load_lora(
                     cached_file.parent.mkdir(parents=True, exist_ok=True)
                     lora_delta.save_delta(plan, cached_file, base_fingerprint=base_fingerprint(model),
                                           info={"source": raw.path, "format": report.format, "skipped": report.skipped},
-                                          base_branches=original_branches(model))
+                                          base_branches=original_branches(model), durable=False,
+                                          current={n: (m.lora_down, m.lora_up) for n, m in model.named_modules()
+                                                   if isinstance(m, SVDQLinear) and n in plan.layers})
                 except OSError as exc:
                     logger.warning("cannot write LoRA cache %s: %s", cached_file, exc)
             return report

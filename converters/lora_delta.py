@@ -54,6 +54,8 @@ def save_delta(
     base_fingerprint: str,
     info: Optional[dict[str, Any]] = None,
     base_branches: Optional[Mapping[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]] = None,
+    current: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None,
+    durable: bool = True,
 ) -> None:
     """Write a planned adapter as a delta file (atomic).
 
@@ -66,6 +68,10 @@ def save_delta(
             (:func:`svdq_format.lora.original_branches`). When given (the cache does this), each
             SVDQ layer's tensors are stored already concatenated ``[own branch ++ LoRA]`` with
             ``base_rank`` in the metadata, so a later load can map them with no copy.
+        current: The layers' present ``(lora_down, lora_up)``; where a layer holds exactly
+            ``[own branch ++ this adapter]`` already, it is written as is (no concatenation).
+        durable: fsync before the atomic rename (off for cache entries: a lost entry is only
+            a cache miss, and the rename still makes the file appear whole or not at all).
     """
     from safetensors.torch import save_file
 
@@ -76,8 +82,14 @@ def save_delta(
         own = (base_branches or {}).get(lname)
         if own is not None and own[0] is not None and own[0].dtype == d.down.dtype:
             base_rank = int(own[0].shape[0])
-            down = torch.cat([own[0].to(d.down.device), d.down])
-            up = torch.cat([own[1].to(d.up.device), d.up], dim=1)
+            cur = (current or {}).get(lname)
+            r_full = base_rank + d.down.shape[0]
+            if (cur is not None and cur[0].shape[0] == r_full and cur[0].dtype == d.down.dtype
+                    and d.down.data_ptr() == cur[0][base_rank:].data_ptr()):
+                down, up = cur  # the layer's buffer is exactly [own ++ this adapter]
+            else:
+                down = torch.cat([own[0].to(d.down.device), d.down])
+                up = torch.cat([own[1].to(d.up.device), d.up], dim=1)
         tensors[f"layers.{lname}.lora_down"] = down.contiguous()
         tensors[f"layers.{lname}.lora_up"] = up.contiguous()
         tensors[f"layers.{lname}.lora_scales"] = d.scales.float().contiguous()
@@ -97,7 +109,29 @@ def save_delta(
         **(info or {}),
     }
     header = {DELTA_METADATA_KEY: json.dumps(meta, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    if durable:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    else:
+        _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _replace_atomically(path: str | os.PathLike[str], write: Any) -> None:
+    """Write to a temporary file beside ``path`` and rename it over ``path`` (no fsync)."""
+    import tempfile
+
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _read_meta(path: str) -> Optional[dict[str, Any]]:

@@ -346,3 +346,25 @@ def test_bad_input_one_line_error_model_unchanged(dense, q, qbase, tmp_path, cas
     assert "\n" not in str(info.value)
     assert same_tensors(snapshot(q), before)
     assert list(list_loras(q)) == ["keep"]
+
+
+def test_mixture_keys(dense, q, qbase):
+    # civitai "mixture" naming: lora_transformer_<diffusers path with _>, alpha required
+    # diffusers' mixture converter maps the attention linears of the blocks
+    f = random_factors({k: v for k, v in lora_targets(dense).items() if "_blocks.0.attn." in k}, rank=4, seed=13)
+
+    def mixture(factors):
+        sd = {}
+        for n, (a, b) in factors.items():
+            key = "lora_transformer_" + n.replace(".", "_")
+            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = a, b
+            sd[f"{key}.alpha"] = torch.tensor(2.0)
+        return sd
+
+    report = load_lora(q, mixture(f), adapter_name="m")
+    assert report.format == "mixture" and not report.unmatched and len(report.layers) == len(f)
+    assert_deltas(q, qbase, factors_expected(f, 2.0 / 4))
+    # ... and collapses ff keys onto the bare block name: reported, never silently merged
+    ff = random_factors({"transformer_blocks.0.ff.net.2": (INNER, 4 * INNER)}, rank=4, seed=14)
+    with pytest.raises(LoRAError, match=r"unmatched LoRA keys.*transformer_blocks\.0\b"):
+        load_lora(q, mixture({**f, **ff}), adapter_name="m2")

@@ -205,3 +205,16 @@ def test_cached_reload_maps_ready_made_branches_and_mixes_correctly(models, tmp_
     assert_deltas(q, qbase, factors_expected(f1, 0.5))
     unload_all(q)
     assert same_tensors(snapshot(q), snapshot(qbase))
+
+
+def test_damaged_cache_entry_is_a_miss(models, tmp_path):
+    dense, qbase = models
+    q = copy.deepcopy(qbase)
+    f = _lora_file(dense, tmp_path / "l.safetensors", seed=31)
+    load_lora(q, tmp_path / "l.safetensors", adapter_name="a")
+    unload_all(q)
+    (entry,) = lora_delta.cache_dir().glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:1000])  # truncated
+    report = load_lora(q, tmp_path / "l.safetensors", adapter_name="a")
+    assert not report.cached
+    assert_deltas(q, qbase, factors_expected(f))
