@@ -368,3 +368,39 @@ def test_mixture_keys(dense, q, qbase):
     ff = random_factors({"transformer_blocks.0.ff.net.2": (INNER, 4 * INNER)}, rank=4, seed=14)
     with pytest.raises(LoRAError, match=r"unmatched LoRA keys.*transformer_blocks\.0\b"):
         load_lora(q, mixture({**f, **ff}), adapter_name="m2")
+
+
+def test_lora_bias_and_strength_on_svdq_and_16bit_layers(dense, q, qbase):
+    f = random_factors({"transformer_blocks.0.attn.to_k": (INNER, INNER), "x_embedder": (INNER, 16)}, rank=4)
+    sd = peft_state_dict(f)
+    g = torch.Generator().manual_seed(3)
+    biases = {n: torch.randn(o, generator=g) * 0.1 for n, (o, _) in
+              {"transformer_blocks.0.attn.to_k": (INNER, INNER), "x_embedder": (INNER, 16)}.items()}
+    for n, b in biases.items():
+        sd[f"transformer.{n}.lora_B.bias"] = b
+    load_lora(q, sd, adapter_name="b", strength=0.5)
+    for n, (a, b) in f.items():
+        mod, ref = q.get_submodule(n), qbase.get_submodule(n)
+        x = torch.randn(3, mod.in_features)
+        with torch.no_grad():
+            got = mod(x) - ref(x)
+        want = 0.5 * (x @ a.T @ b.T + biases[n])
+        assert torch.allclose(got, want, atol=1e-5), n
+    bias_obj = qbase.transformer_blocks[0].attn.to_k.bias
+    unload_all(q)
+    assert torch.equal(q.transformer_blocks[0].attn.to_k.bias, bias_obj)
+    assert same_tensors(snapshot(q), snapshot(qbase))
+
+
+def test_whole_parameter_swaps_restore_the_original_object(q, qbase):
+    from svdq_format.lora import LoraAdapter, attach_lora, plan_lora
+
+    norm = q.transformer_blocks[0].attn.norm_q
+    original = norm.weight.data
+    new = torch.full_like(original, 2.0)
+    plan = plan_lora(q, LoraAdapter("ctl", {}, params={"transformer_blocks.0.attn.norm_q.weight": new}))
+    assert plan.matched == {"transformer_blocks.0.attn.norm_q.weight": "transformer_blocks.0.attn.norm_q.weight"}
+    attach_lora(q, plan)
+    assert torch.equal(norm.weight, new)
+    unload_all(q)
+    assert norm.weight.data_ptr() == original.data_ptr() and torch.equal(norm.weight, original)
