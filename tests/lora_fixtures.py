@@ -314,3 +314,12 @@ def flux_dev_skeleton(*, rank: int = 32) -> nn.Module:
             setattr(model.get_submodule(parent), child,
                     SVDQLinear(mod.in_features, mod.out_features, rank=rank, bias=mod.bias is not None, device="meta"))
     return model
+
+
+def assert_deltas(model, base, expected, *, rtol=1e-5):
+    """The LoRA state changed exactly the ``expected`` layers, each by the expected ΔW."""
+    got = effective_deltas(model, base)
+    assert sorted(got) == sorted(expected), (sorted(set(got) ^ set(expected)))
+    for name, want in expected.items():
+        err = (got[name] - want).abs().max().item()
+        assert err <= rtol * want.abs().max().item() + 1e-7, (name, err)

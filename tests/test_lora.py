@@ -18,7 +18,7 @@ from svdq_format.linear import SVDQLinear
 from tests.lora_fixtures import (
     INNER,
     apply_dense,
-    effective_deltas,
+    assert_deltas,
     factors_expected,
     flux_inputs,
     kohya_lora,
@@ -51,14 +51,6 @@ def q(qbase):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SVDQ_CACHE", str(tmp_path / "cache"))
-
-
-def assert_deltas(model, base, expected, *, rtol=1e-5):
-    got = effective_deltas(model, base)
-    assert sorted(got) == sorted(expected), (sorted(set(got) ^ set(expected)))
-    for name, want in expected.items():
-        err = (got[name] - want).abs().max().item()
-        assert err <= rtol * want.abs().max().item() + 1e-7, (name, err)
 
 
 # --------------------------------------------------------------------------- formats
@@ -404,3 +396,10 @@ def test_whole_parameter_swaps_restore_the_original_object(q, qbase):
     assert torch.equal(norm.weight, new)
     unload_all(q)
     assert norm.weight.data_ptr() == original.data_ptr() and torch.equal(norm.weight, original)
+
+
+def test_hub_source_failure_is_one_line(q, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoRAError, match=r"^someone/not-a-cached-lora: cannot download from the Hub") as info:
+        load_lora(q, "someone/not-a-cached-lora")
+    assert "\n" not in str(info.value)

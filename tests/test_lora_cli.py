@@ -17,6 +17,7 @@ from svdq_format.errors import LoRAError
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import load_model_dir, save_model_dir
 from tests.lora_fixtures import (
+    assert_deltas,
     apply_dense,
     effective_deltas,
     factors_expected,
@@ -28,7 +29,6 @@ from tests.lora_fixtures import (
     snapshot,
     tiny_flux,
 )
-from tests.test_lora import assert_deltas
 
 
 @pytest.fixture(autouse=True)

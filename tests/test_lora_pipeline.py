@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from converters.lora import enable_diffusers_lora, list_loras
 from svdq_format.errors import LoRAError
 from tests.lora_fixtures import (
+    assert_deltas,
     factors_expected,
     kohya_lora,
     lora_targets,
@@ -21,7 +22,6 @@ from tests.lora_fixtures import (
     snapshot,
     tiny_flux,
 )
-from tests.test_lora import assert_deltas
 
 
 @pytest.fixture(autouse=True)
