@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -208,6 +208,7 @@ def load_lora(
                 except OSError as exc:
                     logger.warning("cannot write LoRA cache %s: %s", cached_file, exc)
             return report
+    assert plan is not None
     _enforce(report, strict=strict)
     attach_lora(model, plan, strength=strength)
     return report
@@ -248,7 +249,7 @@ def _model_load_lora_adapter(self: nn.Module, pretrained_model_name_or_path_or_d
 def _sync_peft_config(model: nn.Module) -> None:
     names = list_loras(model)
     if names:
-        model.peft_config = {n: {"svdquant": True} for n in names}
+        model.__dict__["peft_config"] = {n: {"svdquant": True} for n in names}
     elif "peft_config" in model.__dict__:
         del model.__dict__["peft_config"]
 
@@ -287,7 +288,7 @@ def _model_fuse_lora(self: nn.Module, *args: Any, **kwargs: Any) -> None:
     )
 
 
-_MODEL_METHODS = {
+_MODEL_METHODS: dict[str, Callable[..., Any]] = {
     "fuse_lora": _model_fuse_lora,
     "unfuse_lora": _model_fuse_lora,
     "load_lora_adapter": _model_load_lora_adapter,

@@ -48,7 +48,7 @@ def _cmd_lora(args: argparse.Namespace) -> int:
         raise LoRAError("nothing to write: no LoRA target matched")
     fp = base_fingerprint(model)
     save_delta(plan, args.out, base_fingerprint=fp, info={
-        "source": ", ".join(s["source"] for s in sources), "sources": sources,
+        "source": ", ".join(str(s["source"]) for s in sources), "sources": sources,
         "format": "delta", "skipped": sorted({k for r in reports for k in r.skipped}), "base": str(args.base),
     })
     rank = sum(d.down.shape[0] for d in plan.layers.values())

@@ -54,7 +54,7 @@ def save_delta(
     base_fingerprint: str,
     info: Optional[dict[str, Any]] = None,
     base_branches: Optional[Mapping[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]] = None,
-    current: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None,
+    current: Optional[Mapping[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]] = None,
     durable: bool = True,
 ) -> None:
     """Write a planned adapter as a delta file (atomic).
@@ -80,13 +80,13 @@ def save_delta(
     for lname, d in plan.layers.items():
         down, up, base_rank = d.down, d.up, 0
         own = (base_branches or {}).get(lname)
-        if own is not None and own[0] is not None and own[0].dtype == d.down.dtype:
+        if own is not None and own[0] is not None and own[1] is not None and own[0].dtype == d.down.dtype:
             base_rank = int(own[0].shape[0])
             cur = (current or {}).get(lname)
             r_full = base_rank + d.down.shape[0]
-            if (cur is not None and cur[0].shape[0] == r_full and cur[0].dtype == d.down.dtype
-                    and d.down.data_ptr() == cur[0][base_rank:].data_ptr()):
-                down, up = cur  # the layer's buffer is exactly [own ++ this adapter]
+            if (cur is not None and cur[0] is not None and cur[1] is not None and cur[0].shape[0] == r_full
+                    and cur[0].dtype == d.down.dtype and d.down.data_ptr() == cur[0][base_rank:].data_ptr()):
+                down, up = cur[0], cur[1]  # the layer's buffer is exactly [own ++ this adapter]
             else:
                 down = torch.cat([own[0].to(d.down.device), d.down])
                 up = torch.cat([own[1].to(d.up.device), d.up], dim=1)

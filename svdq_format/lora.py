@@ -30,7 +30,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Literal, Optional, overload
 
 import torch
 from torch import nn
@@ -168,12 +168,16 @@ class _LoraState:
     # SVDQ layer name -> original (lora_down, lora_up, lora_scales, bias) tensor objects
     svdq_originals: dict[str, tuple] = field(default_factory=dict)
     # 16-bit linear name -> forward hook handle
-    hooks: dict[str, object] = field(default_factory=dict)
+    hooks: dict[str, torch.utils.hooks.RemovableHandle] = field(default_factory=dict)
     # parameter name -> original tensor object
     param_originals: dict[str, torch.Tensor] = field(default_factory=dict)
     fingerprint: Optional[str] = None
 
 
+@overload
+def _state(model: nn.Module, create: Literal[True]) -> _LoraState: ...
+@overload
+def _state(model: nn.Module, create: bool = False) -> Optional[_LoraState]: ...
 def _state(model: nn.Module, create: bool = False) -> Optional[_LoraState]:
     st = model.__dict__.get(_STATE_ATTR)
     if st is None and create:
@@ -235,8 +239,10 @@ def _check_delta(where: str, d: LoraDelta, k: int, n: int) -> None:
         )
     if d.bias is not None and tuple(d.bias.shape) != (n,):
         raise LoRAError(f"{where}: lora_B.bias shape {list(d.bias.shape)}, expected [{n}]")
-    for label, t in (("lora_A", d.down), ("lora_B", d.up), ("scales", d.scales), ("bias", d.bias)):
-        if t is not None and not _all_finite(t):
+    checks: tuple[tuple[str, Optional[torch.Tensor]], ...] = (
+        ("lora_A", d.down), ("lora_B", d.up), ("scales", d.scales), ("bias", d.bias))
+    for label, maybe in checks:
+        if maybe is not None and not _all_finite(maybe):
             raise LoRAError(f"{where}: {label} contains NaN or inf")
 
 
@@ -406,6 +412,7 @@ def _set_scales(layer: SVDQLinear, name: str, st: _LoraState) -> None:
     _, _, orig_scales, orig_bias = st.svdq_originals[name]
     recs = _layer_recs(st, name)
     dev = layer.qweight.device
+    assert layer.lora_down is not None
     base_r = layer.lora_down.shape[0] - sum(d.down.shape[0] for _, d in recs)
     base_scales = (
         orig_scales.float() if orig_scales is not None else torch.ones(base_r, dtype=torch.float32)
@@ -452,6 +459,7 @@ def _rebuild_all_svdq(modules: Mapping[str, nn.Module], st: _LoraState) -> None:
     sizes: dict[torch.device, int] = {}
     for name in st.svdq_originals:
         layer = modules[name]
+        assert isinstance(layer, SVDQLinear)
         recs = _layer_recs(st, name)
         orig_down, orig_up = st.svdq_originals[name][:2]
         base_r = 0 if orig_down is None else orig_down.shape[0]
@@ -604,21 +612,25 @@ def set_lora_strengths(model: nn.Module, strengths: Mapping[str, float]) -> None
     _refresh(model, st, layers, params, scales_only=True)
 
 
-def set_active_loras(model: nn.Module, names: Iterable[str], strengths: Optional[Iterable[Optional[float]]] = None) -> None:
+def set_active_loras(model: nn.Module, names: Iterable[str], strengths: Optional[Iterable[Any]] = None) -> None:
     """diffusers ``set_adapters`` semantics: the listed adapters are active (with strengths,
     default 1), every other attached adapter is disabled (strength 0, still attached)."""
     names = list(names)
     st = _require(_state(model), names)
-    strengths = [1.0] * len(names) if strengths is None else [1.0 if s is None else s for s in strengths]
-    if len(strengths) != len(names):
-        raise LoRAError(f"{len(names)} adapter names but {len(strengths)} strengths")
-    for n, s in zip(names, strengths):
-        if not isinstance(s, (int, float)):
+    given = [None] * len(names) if strengths is None else list(strengths)
+    if len(given) != len(names):
+        raise LoRAError(f"{len(names)} adapter names but {len(given)} strengths")
+    values: list[float] = []
+    for n, s in zip(names, given):
+        if s is None:
+            s = 1.0
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
             raise LoRAError(f"strength of {n!r} must be a number, not {type(s).__name__} (per-block weights are not supported)")
+        values.append(float(s))
     for rec in st.adapters.values():
         rec.active = rec.name in names
-    for n, s in zip(names, strengths):
-        st.adapters[n].strength = float(s)
+    for n, v in zip(names, values):
+        st.adapters[n].strength = v
     layers, params = _names(st, st.adapters)
     _refresh(model, st, layers, params, scales_only=True)
 
@@ -732,9 +744,10 @@ def compose_plans(plans: Iterable[LoraPlan], strengths: Iterable[float], *, name
         unmatched |= set(plan.unmatched)
     out: dict[str, LayerDelta] = {}
     for lname, parts in layers.items():
-        bias = None
-        if any(d.bias is not None for d, _ in parts):
-            bias = sum(s * d.bias for d, s in parts if d.bias is not None)
+        bias: Optional[torch.Tensor] = None
+        for d, s in parts:
+            if d.bias is not None:
+                bias = s * d.bias if bias is None else bias + s * d.bias
         out[lname] = LayerDelta(
             down=torch.cat([d.down for d, _ in parts]),
             up=torch.cat([d.up for d, _ in parts], dim=1),
