@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "converters.nunchaku_cli",
     "converters.quantize.cli",
     "converters.demo",
+    "converters.lora_cli",
 )
 
 
