@@ -265,12 +265,30 @@ def _write_safetensors(
         raise WriteError(target, reason) from None
 
 
-def layer_state(prefix: str, layer: SVDQLinear) -> dict[str, torch.Tensor]:
-    """The tensors of one layer under their full keys, contiguous, on CPU."""
+def layer_state(prefix: str, layer: SVDQLinear, *, file: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one layer under their full keys, contiguous, on CPU.
+
+    Raises:
+        TensorError: a tensor does not have the dtype/shape its manifest entry implies — e.g.
+            runtime LoRA ranks are attached to the low-rank branch (unload them first), so a
+            file that would not validate is never written.
+    """
     names = tensor_names(prefix)
     out: dict[str, torch.Tensor] = {}
-    for role, (_, _) in expected_tensors(layer.spec).items():
+    spec = layer.spec
+    for role, (dtypes, shape) in expected_tensors(spec).items():
         t = getattr(layer, role)
+        if t is None or tuple(t.shape) != shape or str(t.dtype).removeprefix("torch.") not in dtypes:
+            got = "missing" if t is None else f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+            hint = (
+                "; runtime LoRA ranks are attached: unload them (svdq_format.lora.unload_all) before saving"
+                if role in ("lora_down", "lora_up")
+                and t is not None
+                and t.dim() == 2
+                and t.shape[0 if role == "lora_down" else 1] > spec.rank
+                else ""
+            )
+            raise TensorError(file, names[role], f"is {got}, the layer's spec needs {' or '.join(dtypes)} {list(shape)}{hint}")
         out[names[role]] = t.detach().to("cpu").contiguous()
     return out
 
@@ -308,7 +326,7 @@ def save_file(
         spec = layer.spec
         spec.check(where=prefix, file=p)
         specs[prefix] = spec
-        tensors.update(layer_state(prefix, layer))
+        tensors.update(layer_state(prefix, layer, file=p))
     for name, t in (extra_tensors or {}).items():
         if name in tensors:
             raise TensorError(p, name, "extra tensor collides with a layer tensor")

@@ -95,3 +95,18 @@ def test_directory_validation(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ManifestError, match="disagrees"):
         validate(tmp_path / "m")
+
+
+def test_saving_with_runtime_lora_attached_is_refused(tmp_path):
+    from svdq_format.lora import LoraAdapter, LoraDelta, attach_lora, plan_lora, unload_all
+
+    model = torch.nn.Sequential(SVDQLinear.from_linear(torch.nn.Linear(128, 64), rank=8))
+    delta = LoraDelta(down=torch.randn(4, 128), up=torch.randn(64, 4), scales=torch.ones(4))
+    attach_lora(model, plan_lora(model, LoraAdapter("style", {"0": delta})))
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(FormatError, match="runtime LoRA ranks are attached"):
+        save_file({"0": model[0]}, path)
+    assert not path.exists()
+    unload_all(model)
+    save_file({"0": model[0]}, path)
+    validate(path)
