@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdq_format import packing
 from svdq_format.errors import UnsupportedError
 from svdq_format.linear import SVDQLinear
 

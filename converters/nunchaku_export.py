@@ -251,7 +251,7 @@ def export_nunchaku(
     dtypes = {x.dtype for x in layers.values()}
     if not dtypes <= {torch.bfloat16, torch.float16} or len(dtypes) > 1:
         raise UnsupportedError(f"{file}: Nunchaku needs one 16-bit compute dtype, this model has {sorted(map(str, dtypes))}")
-    dtype = dtypes.pop() if dtypes else torch.bfloat16
+
 
     outs: dict[str, _Out] = {}
     awq: dict[str, dict[str, torch.Tensor]] = {}

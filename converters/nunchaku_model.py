@@ -11,17 +11,15 @@ module computing ``attn_part(x[..., :k]) + mlp_part(x[..., k:])`` — exactly wh
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from svdq_format.errors import FormatError, ManifestError
+from svdq_format.errors import ManifestError
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME, load_model_file
-from svdq_format.spec import FormatMetadata
+from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME, load_model_file, read_model_config
 
 __all__ = ["KConcatLinear", "load_imported_model"]
 
@@ -67,13 +65,7 @@ def load_imported_model(directory: str | os.PathLike[str], *, device: torch.devi
 
     d = Path(directory)
     cfg_path = d / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FormatError(str(d), CONFIG_NAME, "missing: not a model directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise ManifestError(str(cfg_path), None, f"not valid JSON ({exc})") from None
-    meta = FormatMetadata.from_json(cfg.pop("quantization_config", None) or {}, file=str(cfg_path))
+    cfg, meta = read_model_config(d)
     cls = getattr(diffusers, str(cfg.get("_class_name")), None)
     if cls is None:
         raise ManifestError(str(cfg_path), "_class_name", f"unknown diffusers class {cfg.get('_class_name')!r}")

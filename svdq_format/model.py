@@ -61,6 +61,7 @@ __all__ = [
     "load_model_file",
     "save_model_dir",
     "load_model_dir",
+    "read_model_config",
     "INDEX_NAME",
     "SINGLE_FILE_CONFIG_KEY",
     "DEFAULT_MAX_SHARD_SIZE",
@@ -274,6 +275,27 @@ def load_model_dir(
         The quantized model.
     """
     d = Path(directory)
+    cfg, _ = read_model_config(d)
+    if model_cls is None:
+        import diffusers
+
+        name = cfg.get("_class_name")
+        model_cls = getattr(diffusers, str(name), None)
+        if model_cls is None:
+            raise ManifestError(str(d / CONFIG_NAME), "_class_name", f"unknown diffusers class {name!r}")
+    model = model_cls.from_config(cfg)
+    return load_model_file(model, d / WEIGHTS_NAME, device=device)
+
+
+def read_model_config(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], FormatMetadata]:
+    """Read a model directory's ``config.json``: ``(model config without quantization_config,
+    the checked format metadata)``.
+
+    Raises:
+        FormatError: no ``config.json``; ``ManifestError`` when it is not JSON, has no
+            ``quantization_config``, or that fails the format's checks (version, layout, ...).
+    """
+    d = Path(directory)
     cfg_path = d / CONFIG_NAME
     if not cfg_path.is_file():
         raise FormatError(str(d), CONFIG_NAME, "missing: not a model directory")
@@ -281,19 +303,12 @@ def load_model_dir(
         cfg = json.loads(cfg_path.read_text())
     except ValueError as exc:
         raise ManifestError(str(cfg_path), None, f"not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ManifestError(str(cfg_path), None, "not a JSON object")
     qc = cfg.pop("quantization_config", None)
     if qc is None:
         raise ManifestError(str(cfg_path), "quantization_config", "missing: not an SVDQuant model")
-    FormatMetadata.from_json(qc, file=str(cfg_path))  # version / layout checks first
-    if model_cls is None:
-        import diffusers
-
-        name = cfg.get("_class_name")
-        model_cls = getattr(diffusers, str(name), None)
-        if model_cls is None:
-            raise ManifestError(str(cfg_path), "_class_name", f"unknown diffusers class {name!r}")
-    model = model_cls.from_config(cfg)
-    return load_model_file(model, d / WEIGHTS_NAME, device=device)
+    return cfg, FormatMetadata.from_json(qc, file=str(cfg_path))
 
 
 # --------------------------------------------------------------------------- pretrained layouts
