@@ -403,3 +403,29 @@ def test_hub_source_failure_is_one_line(q, monkeypatch):
     with pytest.raises(LoRAError, match=r"^someone/not-a-cached-lora: cannot download from the Hub") as info:
         load_lora(q, "someone/not-a-cached-lora")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.gpu
+def test_lora_on_a_cuda_model_matches_cpu(dense, qbase):
+    """Factors are validated and concatenated on the device; the result equals the CPU one."""
+    factors = random_factors(lora_targets(dense), rank=4)
+    sd = peft_state_dict(factors)
+    cpu = copy.deepcopy(qbase)
+    gpu = copy.deepcopy(qbase).to("cuda")
+    load_lora(cpu, sd, adapter_name="a", strength=0.7, cache=False)
+    load_lora(gpu, sd, adapter_name="a", strength=0.7, cache=False)
+    for (name, a), (_, b) in zip(cpu.named_buffers(), gpu.named_buffers()):
+        assert torch.equal(a, b.cpu()), name
+    inputs = flux_inputs()
+    with torch.no_grad():
+        y_cpu = cpu(**inputs).sample
+        y_gpu = gpu(**{k: v.cuda() for k, v in inputs.items()}).sample.cpu()
+    assert ((y_gpu - y_cpu).norm() / y_cpu.norm()) < 1e-3
+    bad = dict(sd)
+    key = next(k for k in bad if k.endswith("lora_A.weight"))
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("nan")
+    before = snapshot(gpu)
+    with pytest.raises(LoRAError, match="NaN"):
+        load_lora(gpu, bad, adapter_name="b", cache=False)
+    assert same_tensors(snapshot(gpu), before)
