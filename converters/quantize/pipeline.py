@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from .options import QuantizeOptions
 from .report import FidelityReport, environment_info
 from .selection import Selection, select_layers
 from .timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 __all__ = ["QuantizeResult", "run_quantization", "quantize_model", "resolve_calibration"]
 
@@ -141,6 +144,7 @@ def run_quantization(
     progress: bool = False,
     deadline: float | None = None,
     on_block_done: Callable[[int, str], None] | None = None,
+    dist: DistContext | None = None,
 ) -> QuantizeResult:
     """Quantize a model in place, block by block, resumably.
 
@@ -157,6 +161,9 @@ def run_quantization(
         progress: tqdm bars.
         deadline: ``time.time()`` after which no new block starts (``complete=False``).
         on_block_done: Called with ``(index, block name)`` after each block is written.
+        dist: This process's place in a process group (:mod:`converters.quantize.distributed`):
+            calibration samples and input groups are split over the ranks, results are
+            exchanged, rank 0 writes the state dir; the result is byte-identical to one process.
 
     Raises:
         QuantizationError: nothing quantizable, bad calibration, NaN, out of memory, or a
@@ -186,7 +193,11 @@ def run_quantization(
             raise QuantizationError(f"layer {name}: weight contains NaN or inf")
     state = Path(state_dir) if state_dir is not None else None
     fp = _fingerprint(model, opts, selection)
-    if state is not None:
+    stats_path = None if state is None else state / _STATS_FILE
+
+    def check_state() -> tuple[bool, list[int]]:
+        if state is None:
+            return False, []
         state.mkdir(parents=True, exist_ok=True)
         plan = state / _PLAN_FILE
         if plan.is_file():
@@ -199,11 +210,15 @@ def run_quantization(
         else:
             text = json.dumps({"fingerprint": fp, "options": opts.to_json(), "blocks": list(selection.blocks)}, indent=1)
             atomic_write(plan, lambda tmp: Path(tmp).write_text(text))
+        done = [i for i in range(len(selection.blocks)) if (state / f"block-{i:04d}.safetensors").is_file()]
+        return stats_path is not None and stats_path.is_file(), done
+
+    # one process decides what is already done (rank 0 of a group: the ranks then agree)
+    have_stats, _done_blocks = check_state() if dist is None else dist.on_root(check_state, what="resume check")
 
     # ---- calibration (or its saved statistics)
-    stats_path = None if state is None else state / _STATS_FILE
     calib_info: dict[str, Any] = {}
-    if stats_path is not None and stats_path.is_file():
+    if stats_path is not None and have_stats:
         stats = CalibrationStats.load(stats_path)
         timer.add({"calibration": stats.seconds})
         calib_info = {"source": "resumed", "samples": stats.samples}
@@ -214,20 +229,32 @@ def run_quantization(
             calib_info = {"source": "statistics", "samples": stats.samples}
         else:
             linears = {n: _linear(model, n) for n in selection.kinds}
+            shard = (0, 1) if dist is None else (dist.rank, dist.world_size)
+            part, error = None, None
             try:
                 with timer.phase("calibration"):
-                    stats = collect_stats(model, linears, calib.samples, max_rows=opts.calib_rows, seed=opts.seed,
-                                          device=dev, offload=stream, progress=progress)
+                    part = collect_stats(model, linears, calib.samples, max_rows=opts.calib_rows, seed=opts.seed,
+                                         device=dev, offload=stream, progress=progress, shard=shard)
             except Exception as exc:
                 if _is_oom(exc):
-                    raise QuantizationError(
+                    exc = QuantizationError(
                         f"out of memory during calibration on {dev}: use --offload blocks, fewer "
                         "image tokens per sample, or --device cpu"
-                    ) from None
-                raise
+                    )
+                if dist is None:
+                    raise exc from None
+                error = exc
+            if dist is None:
+                stats = part
+            else:
+                from .stats import merge_stats
+
+                with timer.phase("calibration"):
+                    parts = dist.exchange(part, error, what="calibration")
+                    stats = merge_stats(parts, max_rows=opts.calib_rows, layers=linears)
             stats.seconds = timer.seconds["calibration"]
             calib_info = {"source": calib.source, "samples": len(calib)}
-        if stats_path is not None:
+        if stats_path is not None and (dist is None or dist.is_root):
             with timer.phase("io"):
                 stats.save(stats_path)
 
@@ -237,6 +264,13 @@ def run_quantization(
     from tqdm.auto import tqdm
 
     blocks = list(selection.blocks.items())
+    if dist is not None:
+        from .distributed_blocks import quantize_blocks_distributed
+
+        infos, complete = quantize_blocks_distributed(
+            dist, model, selection, stats, opts, device=dev, stream=stream, home=home, state=state,
+            done=_done_blocks, timer=timer, deadline=deadline, progress=progress, on_block_done=on_block_done)
+        blocks = []
     bar = tqdm(blocks, desc="quantize", unit="block", disable=not progress)
     for index, (block, names) in enumerate(bar):
         bar.set_postfix_str(block or "(outside blocks)", refresh=False)

@@ -1,0 +1,298 @@
+"""Several processes (GPUs) with ``torch.distributed``: one process per device.
+
+Launch with ``svdq quantize ... --gpus N`` (this module spawns the processes) or with
+``torchrun --nproc_per_node N`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from the environment).
+NCCL on CUDA, gloo on the CPU.
+
+What is shared and how (see docs/quantization.md, "Several GPUs"):
+
+* Calibration: the samples are split over the ranks (sample ``i`` on rank ``i % N``); each
+  rank gathers bounded statistics of its samples, the parts are all-gathered and merged
+  (:func:`converters.quantize.stats.merge_stats`), so every rank holds the statistics one
+  process would have computed.
+* Quantization: the remaining blocks are cut into *windows* of consecutive blocks with at least
+  a few input groups per rank; the groups of a window are assigned to ranks greedily by cost
+  (largest first, ties by position: :func:`assign`), quantized, and the results all-gathered,
+  so every rank holds every finished layer. Rank 0 writes the per-block resume files.
+* Determinism: each group's randomness depends only on the seed and the layer name
+  (:func:`converters.quantize.layer.layer_seed`), so the checkpoint is byte-identical to the
+  one-process run with the same seed, for any number of ranks.
+* Failures: every rank reports success or its one-line error at each exchange; any error ends
+  the run on every rank with ``rank R failed: ...``. A rank that dies without reporting makes
+  the others' collective time out (``timeout_s``) with a clear error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from svdq_format.errors import QuantizationError, SVDQError
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "DistContext",
+    "assign",
+    "env_world_size",
+    "free_port",
+    "init_distributed",
+    "launch",
+    "rank_device",
+    "windows",
+]
+
+#: Seconds a rank waits for the others at one exchange before the run fails.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset: not under torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise QuantizationError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, SVDQError) else f"{type(exc).__name__}: {text}"[:400]
+
+
+@dataclasses.dataclass
+class DistContext:
+    """This process's place in the process group.
+
+    Attributes:
+        rank: Global rank (0 writes files).
+        world_size: Number of processes.
+        local_rank: Rank on this host (picks the GPU).
+        backend: ``"nccl"`` or ``"gloo"``.
+        timeout_s: Collective timeout.
+        owns_group: True when :func:`init_distributed` created the process group (then
+            :meth:`close` destroys it).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    owns_group: bool = False
+
+    @property
+    def is_root(self) -> bool:
+        """True on rank 0."""
+        return self.rank == 0
+
+    def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:
+            raise QuantizationError(
+                f"rank {self.rank}: {what} failed: another rank died or did not answer within "
+                f"{self.timeout_s:g}s ({_one_line(exc)[:200]})"
+            ) from None
+
+    def all_gather(self, obj: Any, *, what: str = "exchange") -> list[Any]:
+        """Every rank's ``obj`` (picklable; CPU tensors allowed), in rank order."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        self._collective(what, lambda: dist.all_gather_object(out, obj))
+        return out
+
+    def exchange(self, payload: Any, error: BaseException | None, *, what: str) -> list[Any]:
+        """All-gather ``payload``, or raise on every rank when any rank reports an error.
+
+        Raises:
+            QuantizationError: ``rank R failed: <its one-line error>`` (the lowest failing
+                rank), identical on every rank.
+        """
+        mine = ("error", _one_line(error)) if error is not None else ("ok", payload)
+        got = self.all_gather(mine, what=what)
+        for r, (status, value) in enumerate(got):
+            if status == "error":
+                raise QuantizationError(f"rank {r} failed during {what}: {value}")
+        return [value for _, value in got]
+
+    def on_root(self, fn: Callable[[], Any], *, what: str) -> Any:
+        """Run ``fn`` on rank 0 only and give its result (or its error) to every rank."""
+        result, error = None, None
+        if self.is_root:
+            try:
+                result = fn()
+            except Exception as exc:  # reported on every rank
+                error = exc
+        got = self.exchange(result, error, what=what)
+        return got[0]
+
+    def agree(self, flag: bool, *, what: str = "agreement") -> bool:
+        """True when ``flag`` is true on any rank (deadline, stop requests)."""
+        return any(self.all_gather(bool(flag), what=what))
+
+    def close(self) -> None:
+        """Destroy the process group if this context created it."""
+        import torch.distributed as dist
+
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_device(device: str | None, ctx: DistContext | None) -> str:
+    """The device of this rank: ``cuda`` → ``cuda:LOCAL_RANK`` (made current); else unchanged."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if ctx is None or not dev.startswith("cuda"):
+        return dev
+    if dev != "cuda":
+        raise QuantizationError(f"--device {dev}: with several processes give plain 'cuda' (rank r uses cuda:LOCAL_RANK)")
+    if not torch.cuda.is_available():
+        raise QuantizationError("device cuda requested but CUDA is not available")
+    if ctx.local_rank >= torch.cuda.device_count():
+        raise QuantizationError(f"rank {ctx.rank}: LOCAL_RANK {ctx.local_rank} but only {torch.cuda.device_count()} GPUs")
+    torch.cuda.set_device(ctx.local_rank)
+    return f"cuda:{ctx.local_rank}"
+
+
+def init_distributed(device: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext | None:
+    """Join the process group described by the environment (torchrun or :func:`launch`).
+
+    Returns None when ``WORLD_SIZE`` is unset or 1 (one process: the plain path). Uses NCCL for
+    CUDA devices and gloo otherwise; an existing process group is reused.
+
+    Raises:
+        QuantizationError: bad environment or a rendezvous that does not complete in time.
+    """
+    import torch.distributed as dist
+
+    world = env_world_size()
+    if world <= 1:
+        return None
+    try:
+        rank = int(os.environ["RANK"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except (KeyError, ValueError):
+        raise QuantizationError("WORLD_SIZE is set but RANK is missing or not an integer") from None
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if dev.startswith("cuda") else "gloo"
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), timeout_s, False)
+    ctx = DistContext(rank, world, local, backend, timeout_s, True)
+    if backend == "nccl":
+        rank_device(dev, ctx)
+    try:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:
+        raise QuantizationError(f"rank {rank}: cannot join the process group ({_one_line(exc)[:200]})") from None
+    return ctx
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a single-host rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawned(local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple) -> None:
+    os.environ.update({"WORLD_SIZE": str(nprocs), "RANK": str(local_rank), "LOCAL_RANK": str(local_rank),
+                       "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    fn(*args)
+
+
+def launch(fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), *, join_timeout_s: float | None = None) -> None:
+    """Run ``fn(*args)`` in ``nprocs`` fresh processes forming one process group on this host.
+
+    ``fn`` must be importable (module level). Each process gets ``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` (a free port), so ``fn`` calls
+    :func:`init_distributed` exactly as under torchrun.
+
+    Raises:
+        QuantizationError: a process failed (``rank R exited with code C``) or did not finish
+            within ``join_timeout_s``.
+    """
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    ctx = mp.start_processes(_spawned, args=(fn, nprocs, port, tuple(args)), nprocs=nprocs, join=False,
+                             start_method="spawn")
+    start = time.time()
+    try:
+        while not ctx.join(timeout=1.0):
+            if join_timeout_s is not None and time.time() - start > join_timeout_s:
+                raise QuantizationError(f"{nprocs} processes did not finish within {join_timeout_s:g}s")
+    except mp.ProcessExitedException as exc:
+        raise QuantizationError(f"rank {exc.error_index} exited with code {exc.exit_code} (its error is above)") from None
+    except mp.ProcessRaisedException as exc:
+        last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1:] or ["error"]
+        raise QuantizationError(f"rank {exc.error_index} failed: {last[0].strip()}") from None
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
+# --------------------------------------------------------------------------- work split
+
+
+def assign(costs: Sequence[float], world: int) -> list[int]:
+    """Rank of each task: longest-processing-time-first onto the least loaded rank.
+
+    Deterministic: tasks by decreasing cost (ties by position), ranks by load (ties by rank).
+    """
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(world), key=lambda q: (load[q], q))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+def windows(groups_per_block: Sequence[int], world: int, *, groups_per_rank: int = 4) -> list[list[int]]:
+    """Cut consecutive blocks (positions into ``groups_per_block``) into windows holding at
+    least ``groups_per_rank × world`` input groups (the last window may hold fewer)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    count = 0
+    for i, n in enumerate(groups_per_block):
+        cur.append(i)
+        count += n
+        if count >= groups_per_rank * world:
+            out.append(cur)
+            cur, count = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+def group_cost(shapes: Sequence[tuple[int, int]], candidates: int) -> float:
+    """Relative cost of one input group: SVD + search ~ candidates × Σ N·K·min(N, K)^0.5."""
+    return float(sum(n * k * min(n, k) ** 0.5 for n, k in shapes)) * (1 + candidates)
+
+
+def pack_layer(layer: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An ``SVDQLinear`` as (spec JSON, role → CPU tensor) for an exchange."""
+    from svdq_format.spec import expected_tensors
+
+    spec = layer.spec
+    return spec.to_json(), {role: getattr(layer, role).detach().to("cpu").contiguous()
+                            for role in expected_tensors(spec)}
+
+
+def unpack_layer(spec_json: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, device: Any) -> Any:
+    """Inverse of :func:`pack_layer`."""
+    from svdq_format.linear import SVDQLinear
+    from svdq_format.spec import LayerSpec
+
+    layer = SVDQLinear.from_spec(LayerSpec.from_json(spec_json), device="meta")
+    for role, t in tensors.items():
+        setattr(layer, role, t.to(device))
+    return layer

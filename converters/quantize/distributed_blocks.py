@@ -1,0 +1,143 @@
+"""The block loop of :func:`converters.quantize.pipeline.run_quantization` over several ranks.
+
+Windows of consecutive unfinished blocks (:func:`converters.quantize.distributed.windows`);
+within a window the input groups are assigned to ranks by cost
+(:func:`converters.quantize.distributed.assign`), quantized independently (per-layer seeds),
+all-gathered, put into every rank's model in the one-process order, and rank 0 writes each
+block's resume file exactly as one process does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdq_format.errors import QuantizationError
+from svdq_format.io import load_file, read_metadata, save_file
+
+from .distributed import DistContext, assign, group_cost, pack_layer, unpack_layer, windows
+from .layer import quantize_group
+from .options import QuantizeOptions
+from .selection import Selection
+from .stats import CalibrationStats
+from .timing import PhaseTimer
+
+__all__ = ["quantize_blocks_distributed"]
+
+
+def _candidates(opts: QuantizeOptions) -> int:
+    return len(opts.alphas) + len(opts.activation_alphas) + 1 if opts.smoothing else 1
+
+
+def quantize_blocks_distributed(
+    ctx: DistContext,
+    model: nn.Module,
+    selection: Selection,
+    stats: CalibrationStats,
+    opts: QuantizeOptions,
+    *,
+    device: torch.device,
+    stream: bool,
+    home: torch.device,
+    state: Path | None,
+    done: list[int],
+    timer: PhaseTimer,
+    deadline: float | None,
+    progress: bool,
+    on_block_done: Callable[[int, str], None] | None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Quantize every block not in ``done``; returns ``(layer infos in block order, complete)``.
+
+    Raises:
+        QuantizationError: a rank failed (``rank R failed during ...``) or went silent.
+    """
+    from tqdm.auto import tqdm
+
+    from .pipeline import _input_groups, _is_oom, _linear, _set_submodule
+
+    blocks = list(selection.blocks.items())
+    infos: list[dict[str, Any]] = []
+    done_set = set(done)
+    for index in sorted(done_set):  # resumed blocks: every rank reads the files rank 0 wrote
+        block_file = state / f"block-{index:04d}.safetensors"  # type: ignore[operator]
+        with timer.phase("io"):
+            layers = load_file(block_file, device=home)
+            meta = read_metadata(block_file)
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer)
+        infos.extend(meta.extra.get("svdq_block", {}).get("layers", []))
+        timer.add(meta.extra.get("svdq_block", {}).get("timings", {}))
+    todo = [i for i in range(len(blocks)) if i not in done_set]
+    groups = {i: _input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
+    plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size)]
+    bar = tqdm(total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root))
+    complete = True
+    for window in plan:
+        if ctx.agree(deadline is not None and time.time() > deadline, what="deadline check"):
+            complete = False
+            break
+        tasks = [(b, g) for b in window for g in range(len(groups[b]))]
+        costs = []
+        for b, g in tasks:
+            shapes = [tuple(_linear(model, n).weight.shape) for n in groups[b][g]]
+            costs.append(group_cost(shapes, _candidates(opts)))  # type: ignore[arg-type]
+        owner = assign(costs, ctx.world_size)
+        results: dict[tuple[int, int], Any] = {}
+        error: BaseException | None = None
+        try:
+            for (b, g), r in zip(tasks, owner):
+                if r != ctx.rank:
+                    continue
+                names = groups[b][g]
+                gt = PhaseTimer()
+                mods = {n: _linear(model, n) for n in names}
+                if stream:
+                    for m in mods.values():
+                        m.to(device)
+                res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt)
+                if stream:
+                    for m in mods.values():
+                        m.to("cpu")
+                results[(b, g)] = ([(name, *pack_layer(layer), info) for name, (layer, info) in res.items()],
+                                   gt.seconds)
+        except Exception as exc:
+            error = exc
+            if _is_oom(exc):
+                error = QuantizationError(f"out of memory while quantizing on {device}: use --offload blocks, "
+                                          "a smaller --calib-rows, or fewer --gpus per host memory")
+        gathered = ctx.exchange(results, error, what=f"blocks {blocks[window[0]][0] or '(outside blocks)'}..")
+        merged: dict[tuple[int, int], Any] = {}
+        for part in gathered:
+            merged.update(part)
+        for b in window:
+            block, _ = blocks[b]
+            block_timer = PhaseTimer()
+            layers_done: dict[str, Any] = {}
+            block_infos: list[dict[str, Any]] = []
+            for g in range(len(groups[b])):
+                packed, seconds = merged[(b, g)]
+                block_timer.add(seconds)
+                for name, spec_json, tensors, info in packed:
+                    layers_done[name] = unpack_layer(spec_json, tensors, device=home)
+                    block_infos.append(info)
+            for name, layer in layers_done.items():
+                _set_submodule(model, name, layer)
+            if state is not None and ctx.is_root:
+                with block_timer.phase("io"):
+                    save_file(layers_done, state / f"block-{b:04d}.safetensors", metadata={"svdq_block": {
+                        "block": block, "layers": block_infos, "timings": block_timer.seconds}})
+            timer.add(block_timer.seconds)
+            infos.extend(block_infos)
+            bar.update(1)
+            if on_block_done is not None:
+                on_block_done(b, block)
+    bar.close()
+    # report layers in block order as one process does (resumed blocks were appended first)
+    block_of = {name: i for i, (_, names) in enumerate(blocks) for name in names}
+    infos.sort(key=lambda r: block_of.get(r.get("layer", ""), len(blocks)))
+    return infos, complete
