@@ -38,7 +38,8 @@ def _rank_main(args: argparse.Namespace) -> None:
     try:
         code = _quantize(args)
     except SVDQError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {exc}\n")  # one write: lines of several ranks do not interleave
+        sys.stderr.flush()
         sys.exit(1)
     if code:
         sys.exit(code)

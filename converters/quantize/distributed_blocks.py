@@ -50,8 +50,11 @@ def quantize_blocks_distributed(
     deadline: float | None,
     progress: bool,
     on_block_done: Callable[[int, str], None] | None,
-) -> tuple[list[dict[str, Any]], bool]:
-    """Quantize every block not in ``done``; returns ``(layer infos in block order, complete)``.
+) -> tuple[list[dict[str, Any]], bool, list[int]]:
+    """Quantize every block not in ``done``.
+
+    Returns:
+        ``(layer infos in block order, complete, input groups quantized by each rank)``.
 
     Raises:
         QuantizationError: a rank failed (``rank R failed during ...``) or went silent.
@@ -77,6 +80,7 @@ def quantize_blocks_distributed(
     plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size)]
     bar = tqdm(total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root))
     complete = True
+    per_rank = [0] * ctx.world_size
     for window in plan:
         if ctx.agree(deadline is not None and time.time() > deadline, what="deadline check"):
             complete = False
@@ -87,6 +91,8 @@ def quantize_blocks_distributed(
             shapes = [tuple(_linear(model, n).weight.shape) for n in groups[b][g]]
             costs.append(group_cost(shapes, _candidates(opts)))  # type: ignore[arg-type]
         owner = assign(costs, ctx.world_size)
+        for r in owner:
+            per_rank[r] += 1
         results: dict[tuple[int, int], Any] = {}
         error: BaseException | None = None
         try:
@@ -140,4 +146,4 @@ def quantize_blocks_distributed(
     # report layers in block order as one process does (resumed blocks were appended first)
     block_of = {name: i for i, (_, names) in enumerate(blocks) for name in names}
     infos.sort(key=lambda r: block_of.get(r.get("layer", ""), len(blocks)))
-    return infos, complete
+    return infos, complete, per_rank

@@ -98,6 +98,9 @@ def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection) 
     h.update(type(model).__name__.encode())
     raw: Any = getattr(model, "config", None)
     cfg = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw or {})
+    # diffusers bookkeeping (e.g. _use_default_values, listed in set order, which changes from
+    # process to process) is no part of the model: keep it out, so a new process can resume
+    cfg = {k: v for k, v in cfg.items() if not (k.startswith("_") and k != "_class_name")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(json.dumps(opts.to_json(), sort_keys=True).encode())
     h.update(json.dumps(selection.kinds, sort_keys=True).encode())
@@ -267,7 +270,7 @@ def run_quantization(
     if dist is not None:
         from .distributed_blocks import quantize_blocks_distributed
 
-        infos, complete = quantize_blocks_distributed(
+        infos, complete, per_rank = quantize_blocks_distributed(
             dist, model, selection, stats, opts, device=dev, stream=stream, home=home, state=state,
             done=_done_blocks, timer=timer, deadline=deadline, progress=progress, on_block_done=on_block_done)
         blocks = []
@@ -332,6 +335,9 @@ def run_quantization(
         environment=environment_info(dev),
         peak_memory_bytes=int(peak),
     )
+    if dist is not None:
+        report.environment.update({"world_size": dist.world_size, "rank": dist.rank, "backend": dist.backend,
+                                   "groups_per_rank": per_rank})
     return QuantizeResult(model, report, complete, selection)
 
 
