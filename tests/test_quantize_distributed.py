@@ -102,64 +102,78 @@ def test_two_processes_resume_and_write_the_byte_identical_checkpoint(tmp_path):
     assert not state.exists()
 
 
-def test_a_failing_rank_ends_the_run_on_every_rank(tmp_path, capfd):
-    src = tmp_path / "flux"
-    model = tiny_flux()
-    model.save_pretrained(src)
-    samples = synthetic_calibration(model, 2, image_tokens=16, text_tokens=8).samples
-    bad = dict(samples[1])
-    bad["hidden_states"] = bad["hidden_states"].clone()
-    bad["hidden_states"][0, 3, :] = 3e38  # finite input, NaN activations: only in rank 1's shard
-    calib = save_calibration([samples[0], bad], tmp_path / "calib.safetensors")
-    capfd.readouterr()
-    start = time.time()
-    code = _cli([str(src), str(tmp_path / "out"), "--calibration", str(calib), "--gpus", "2"])
-    elapsed = time.time() - start
-    assert code == 1 and elapsed < 50
-    err = capfd.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    # both ranks print the same one-line reason; the launcher names the rank
-    reason = [ln for ln in lines if "rank 1 failed during calibration" in ln]
-    assert len(reason) == 2 and "NaN or inf activations in calibration sample 1" in reason[0]
-    assert any("exited with code 1" in ln for ln in lines)
-    assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
-
-
 class _Stop(Exception):
     pass
 
 
-def _resume_worker(state: str, stop_after: int) -> None:
-    """One rank: quantize with a state dir; every rank stops after block ``stop_after`` (like a
-    Ctrl-C to the process group)."""
+def _calibration(broken: bool = False) -> list[dict]:
+    samples = synthetic_calibration(tiny_flux(), 2, image_tokens=16, text_tokens=8, warn=False).samples
+    if broken:  # finite input, NaN activations: only sample 1, i.e. only rank 1's shard, fails
+        samples[1]["hidden_states"] = samples[1]["hidden_states"].clone()
+        samples[1]["hidden_states"][0, 3, :] = 3e38
+    return samples
+
+
+def _worker(tmp: str) -> None:
+    """One rank of one process group, three runs in a row: (1) a run where rank 1 fails,
+    (2) a run every rank stops after block 0 (like Ctrl-C to the group), (3) its resume."""
+    from pathlib import Path
+
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=60)
     assert ctx is not None
-    calib = synthetic_calibration(tiny_flux(), 2, image_tokens=16, text_tokens=8, warn=False)
-
-    def stop(index: int, _block: str) -> None:
-        if index == stop_after:
-            raise _Stop(f"stopped after block {index}")
-
+    out, opts = Path(tmp), QuantizeOptions(**OPTS)
     try:
-        run_quantization(tiny_flux(), calib, options=QuantizeOptions(**OPTS), state_dir=state,
-                         on_block_done=stop, dist=ctx)
+        try:
+            run_quantization(tiny_flux(), _calibration(broken=True), options=opts, dist=ctx)
+        except QuantizationError as exc:
+            (out / f"error-{ctx.rank}.txt").write_text(str(exc))
+
+        def stop(index: int, _block: str) -> None:
+            if index == 0:
+                raise _Stop
+
+        try:
+            run_quantization(tiny_flux(), _calibration(), options=opts, state_dir=out / "state", on_block_done=stop,
+                             dist=ctx)
+        except _Stop:
+            (out / f"stopped-{ctx.rank}.txt").write_text(" ".join(sorted(f.name for f in (out / "state").glob("block-*"))))
+        res = run_quantization(tiny_flux(), _calibration(), options=opts, state_dir=out / "state", dist=ctx)
+        if ctx.is_root:
+            save_model_file(res.model, out / "dist.safetensors")
+            (out / "groups.json").write_text(json.dumps(res.report.environment["groups_per_rank"]))
     finally:
         ctx.close()
 
 
-def test_interrupted_distributed_run_resumes_byte_identical(tmp_path):
-    calib = synthetic_calibration(tiny_flux(), 2, image_tokens=16, text_tokens=8)
-    opts = QuantizeOptions(**OPTS)
-    ref = run_quantization(tiny_flux(), calib, options=opts).model
+def test_failing_rank_interrupt_and_resume_over_two_processes(tmp_path):
+    ref = run_quantization(tiny_flux(), _calibration(), options=QuantizeOptions(**OPTS)).model
     save_model_file(ref, tmp_path / "ref.safetensors")
-    state = tmp_path / "state"
-    with pytest.raises(QuantizationError, match=r"rank [01] failed: .*stopped after block 1"):
-        launch(_resume_worker, 2, (str(state), 1), join_timeout_s=90)
-    assert sorted(f.name for f in state.glob("block-*")) == ["block-0000.safetensors", "block-0001.safetensors"]
-    # the files rank 0 wrote are the one-process resume files: a plain rerun finishes the job
-    seen = []
-    res = run_quantization(tiny_flux(), calib, options=opts, state_dir=state, on_block_done=lambda i, b: seen.append(i))
-    assert seen == [2] and res.complete
-    save_model_file(res.model, tmp_path / "resumed.safetensors")
-    assert (tmp_path / "resumed.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    start = time.time()
+    launch(_worker, 2, (str(tmp_path),), join_timeout_s=120)
+    assert time.time() - start < 120
+    # (1) the failure of rank 1 ended the run on both ranks with the same one-line reason
+    errors = [(tmp_path / f"error-{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and "\n" not in errors[0]
+    assert errors[0].startswith("rank 1 failed during calibration: layer ")
+    assert "NaN or inf activations in calibration sample 1" in errors[0]
+    # (2) both ranks stopped after block 0, whose file rank 0 (the writer) had written
+    assert (tmp_path / "stopped-1.txt").is_file()
+    assert (tmp_path / "stopped-0.txt").read_text() == "block-0000.safetensors"
+    # (3) the resumed run quantized the rest over both ranks: the one-process model, byte for byte
+    assert all(n > 0 for n in json.loads((tmp_path / "groups.json").read_text()))
+    assert (tmp_path / "dist.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_cli_failure_of_a_rank_is_one_line_per_rank(tmp_path, capfd):
+    src = tmp_path / "flux"
+    tiny_flux().save_pretrained(src)
+    calib = save_calibration(_calibration(broken=True), tmp_path / "calib.safetensors")
+    capfd.readouterr()
+    code = _cli([str(src), str(tmp_path / "out"), "--calibration", str(calib), "--gpus", "2"])
+    assert code == 1
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error: ")]
+    reason = [ln for ln in lines if "rank 1 failed during calibration" in ln]
+    assert len(reason) == 2 and "NaN or inf activations in calibration sample 1" in reason[0]
+    assert any("exited with code 1" in ln for ln in lines)
+    assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
