@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def quantize_blocks_distributed(
     """
     from tqdm.auto import tqdm
 
-    from .pipeline import _input_groups, _is_oom, _linear, _set_submodule
+    from .pipeline import _input_groups, _set_submodule
 
     blocks = list(selection.blocks.items())
     infos: list[dict[str, Any]] = []
@@ -79,12 +80,42 @@ def quantize_blocks_distributed(
     groups = {i: _input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
     plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size)]
     bar = tqdm(total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root))
-    complete = True
     per_rank = [0] * ctx.world_size
+    # rank 0 writes the resume files in the background (one thread, in order) while the ranks
+    # compute the next window: the writes are off the critical path
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdq-state") if ctx.is_root and state else None
+    pending: list[Future[Any]] = []
+
+    def flush(keep: int = 0) -> None:
+        while len(pending) > keep:
+            timer.add({"io": pending.pop(0).result()})  # a write error surfaces here, on rank 0
+
+    try:
+        complete = _windows(ctx, plan, blocks, groups, model, selection, stats, opts, device=device, stream=stream,
+                            home=home, state=state, timer=timer, deadline=deadline, infos=infos, per_rank=per_rank,
+                            bar=bar, on_block_done=on_block_done, writer=writer, pending=pending, flush=flush)
+        flush()
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True)
+    bar.close()
+    # report layers in block order as one process does (resumed blocks were appended first)
+    block_of = {name: i for i, (_, names) in enumerate(blocks) for name in names}
+    infos.sort(key=lambda r: block_of.get(r.get("layer", ""), len(blocks)))
+    return infos, complete, per_rank
+
+
+def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, list[str]]],
+             groups: dict[int, list[list[str]]], model: nn.Module, selection: Selection, stats: CalibrationStats,
+             opts: QuantizeOptions, *, device: torch.device, stream: bool, home: torch.device, state: Path | None,
+             timer: PhaseTimer, deadline: float | None, infos: list[dict[str, Any]], per_rank: list[int], bar: Any,
+             on_block_done: Callable[[int, str], None] | None, writer: ThreadPoolExecutor | None,
+             pending: list[Future[Any]], flush: Callable[..., None]) -> bool:
+    from .pipeline import _is_oom, _linear, _set_submodule
+
     for window in plan:
         if ctx.agree(deadline is not None and time.time() > deadline, what="deadline check"):
-            complete = False
-            break
+            return False
         tasks = [(b, g) for b in window for g in range(len(groups[b]))]
         costs = []
         for b, g in tasks:
@@ -133,17 +164,21 @@ def quantize_blocks_distributed(
                     block_infos.append(info)
             for name, layer in layers_done.items():
                 _set_submodule(model, name, layer)
-            if state is not None and ctx.is_root:
-                with block_timer.phase("io"):
-                    save_file(layers_done, state / f"block-{b:04d}.safetensors", metadata={"svdq_block": {
-                        "block": block, "layers": block_infos, "timings": block_timer.seconds}})
+            if writer is not None:
+                meta = {"svdq_block": {"block": block, "layers": block_infos, "timings": dict(block_timer.seconds)}}
+                target = state / f"block-{b:04d}.safetensors"  # type: ignore[operator]
+                pending.append(writer.submit(_timed_save, layers_done, target, meta))
             timer.add(block_timer.seconds)
             infos.extend(block_infos)
             bar.update(1)
             if on_block_done is not None:
+                flush()  # "after each block is written"
                 on_block_done(b, block)
-    bar.close()
-    # report layers in block order as one process does (resumed blocks were appended first)
-    block_of = {name: i for i, (_, names) in enumerate(blocks) for name in names}
-    infos.sort(key=lambda r: block_of.get(r.get("layer", ""), len(blocks)))
-    return infos, complete, per_rank
+        flush(keep=2)  # bounded backlog
+    return True
+
+
+def _timed_save(layers: dict[str, Any], path: Path, metadata: dict[str, Any]) -> float:
+    t = time.perf_counter()
+    save_file(layers, path, metadata=metadata)
+    return time.perf_counter() - t
