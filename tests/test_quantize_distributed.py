@@ -4,6 +4,7 @@ byte for byte; a failing rank ends the run on every rank with one clear line; ru
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -115,8 +116,9 @@ def _calibration(broken: bool = False) -> list[dict]:
 
 
 def _worker(tmp: str) -> None:
-    """One rank of one process group, three runs in a row: (1) a run where rank 1 fails,
-    (2) a run every rank stops after block 0 (like Ctrl-C to the group), (3) its resume."""
+    """One rank of one process group, four runs in a row: (1) a run where rank 1 fails,
+    (2) a run every rank stops after block 0 (like Ctrl-C to the group), (3) its resume,
+    (4) a run where rank 1 dies without a word (the process exits)."""
     from pathlib import Path
 
     torch.set_num_threads(1)
@@ -142,6 +144,15 @@ def _worker(tmp: str) -> None:
         if ctx.is_root:
             save_model_file(res.model, out / "dist.safetensors")
             (out / "groups.json").write_text(json.dumps(res.report.environment["groups_per_rank"]))
+
+        def die(index: int, _block: str) -> None:
+            if ctx.rank == 1:
+                os._exit(9)
+
+        try:
+            run_quantization(tiny_flux(), _calibration(), options=opts, on_block_done=die, dist=ctx)
+        except QuantizationError as exc:
+            (out / f"lost-{ctx.rank}.txt").write_text(str(exc))
     finally:
         ctx.close()
 
@@ -150,7 +161,8 @@ def test_failing_rank_interrupt_and_resume_over_two_processes(tmp_path):
     ref = run_quantization(tiny_flux(), _calibration(), options=QuantizeOptions(**OPTS)).model
     save_model_file(ref, tmp_path / "ref.safetensors")
     start = time.time()
-    launch(_worker, 2, (str(tmp_path),), join_timeout_s=120)
+    with pytest.raises(QuantizationError, match="rank 1 exited with code 9"):
+        launch(_worker, 2, (str(tmp_path),), join_timeout_s=120)
     assert time.time() - start < 120
     # (1) the failure of rank 1 ended the run on both ranks with the same one-line reason
     errors = [(tmp_path / f"error-{r}.txt").read_text() for r in range(2)]
@@ -163,6 +175,9 @@ def test_failing_rank_interrupt_and_resume_over_two_processes(tmp_path):
     # (3) the resumed run quantized the rest over both ranks: the one-process model, byte for byte
     assert all(n > 0 for n in json.loads((tmp_path / "groups.json").read_text()))
     assert (tmp_path / "dist.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    # (4) rank 1 vanished: rank 0 failed at its next exchange with a clear line (no hang)
+    lost = (tmp_path / "lost-0.txt").read_text()
+    assert lost.startswith("rank 0: ") and "failed: another rank died or did not answer" in lost
 
 
 def test_cli_failure_of_a_rank_is_one_line_per_rank(tmp_path, capfd):

@@ -96,8 +96,8 @@ class DistContext:
             return fn()
         except Exception as exc:
             raise QuantizationError(
-                f"rank {self.rank}: {what} failed: another rank died or did not answer within "
-                f"{self.timeout_s:g}s ({_one_line(exc)[:200]})"
+                f"rank {self.rank}: {what} failed: another rank died or did not answer "
+                f"(timeout {self.timeout_s:g}s; {_one_line(exc)[:200]})"
             ) from None
 
     def all_gather(self, obj: Any, *, what: str = "exchange") -> list[Any]:
@@ -207,36 +207,60 @@ def _spawned(local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, ar
     fn(*args)
 
 
-def launch(fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), *, join_timeout_s: float | None = None) -> None:
+def launch(
+    fn: Callable[..., Any],
+    nprocs: int,
+    args: Sequence[Any] = (),
+    *,
+    join_timeout_s: float | None = None,
+    grace_s: float = 15.0,
+) -> None:
     """Run ``fn(*args)`` in ``nprocs`` fresh processes forming one process group on this host.
 
     ``fn`` must be importable (module level). Each process gets ``WORLD_SIZE``, ``RANK``,
     ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` (a free port), so ``fn`` calls
-    :func:`init_distributed` exactly as under torchrun.
+    :func:`init_distributed` exactly as under torchrun. When a process fails, the others get
+    ``grace_s`` seconds to notice and report (they fail at their next exchange) before they are
+    terminated.
 
     Raises:
-        QuantizationError: a process failed (``rank R exited with code C``) or did not finish
-            within ``join_timeout_s``.
+        QuantizationError: ``rank R exited with code C`` (the first to fail), or the processes
+            did not finish within ``join_timeout_s``.
     """
-    import torch.multiprocessing as mp
+    import multiprocessing
 
+    mp = multiprocessing.get_context("spawn")
     port = free_port()
-    ctx = mp.start_processes(_spawned, args=(fn, nprocs, port, tuple(args)), nprocs=nprocs, join=False,
-                             start_method="spawn")
+    procs = [mp.Process(target=_spawned, args=(r, fn, nprocs, port, tuple(args)), daemon=False)
+             for r in range(nprocs)]
+    for proc in procs:
+        proc.start()
     start = time.time()
+    failed: tuple[int, int] | None = None
+    failed_at = 0.0
     try:
-        while not ctx.join(timeout=1.0):
+        while any(proc.is_alive() for proc in procs):
+            if failed is None:
+                for r, proc in enumerate(procs):
+                    if proc.exitcode not in (None, 0):
+                        failed, failed_at = (r, int(proc.exitcode)), time.time()
+                        break
+            if failed is not None and time.time() - failed_at > grace_s:
+                break
             if join_timeout_s is not None and time.time() - start > join_timeout_s:
                 raise QuantizationError(f"{nprocs} processes did not finish within {join_timeout_s:g}s")
-    except mp.ProcessExitedException as exc:
-        raise QuantizationError(f"rank {exc.error_index} exited with code {exc.exit_code} (its error is above)") from None
-    except mp.ProcessRaisedException as exc:
-        last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1:] or ["error"]
-        raise QuantizationError(f"rank {exc.error_index} failed: {last[0].strip()}") from None
+            time.sleep(0.1)
     finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=10)
+    if failed is None:
+        bad = [(r, proc.exitcode) for r, proc in enumerate(procs) if proc.exitcode != 0]
+        failed = (bad[0][0], int(bad[0][1] or 0)) if bad else None
+    if failed is not None:
+        raise QuantizationError(f"rank {failed[0]} exited with code {failed[1]} (its error is above)")
 
 
 # --------------------------------------------------------------------------- work split
