@@ -42,6 +42,7 @@ __all__ = [
     "assign",
     "env_world_size",
     "free_port",
+    "gather_stats",
     "init_distributed",
     "launch",
     "rank_device",
@@ -320,3 +321,62 @@ def unpack_layer(spec_json: Mapping[str, Any], tensors: Mapping[str, torch.Tenso
     for role, t in tensors.items():
         setattr(layer, role, t.to(device))
     return layer
+
+
+def gather_stats(
+    ctx: DistContext, part: Any, error: BaseException | None, *, max_rows: int, layers: Sequence[str] = ()
+) -> Any:
+    """Merge the calibration statistics of every rank's shard, on every rank.
+
+    Two exchanges keep the traffic at one copy of the result: first the small parts (absmax,
+    min, counts, reservoir keys), from which every rank computes the same global reservoir; then
+    only the rows that survive in it. Equal to :func:`converters.quantize.stats.merge_stats`.
+
+    Raises:
+        QuantizationError: a rank failed during calibration (its one-line error, on every rank).
+    """
+    from .stats import CalibrationStats, LayerStats
+
+    light = None
+    if part is not None:
+        light = CalibrationStats({n: LayerStats(st.absmax, st.rows[:0], st.keys, st.count, st.minval)
+                                  for n, st in part.layers.items()}, part.groups, part.samples, part.seconds)
+    lights = ctx.exchange(light, error, what="calibration")
+    names: list[str] = []
+    for p in lights:
+        names.extend(n for n in p.layers if n not in names)
+    plan: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    send: dict[str, torch.Tensor] = {}
+    for name in names:
+        keys = [p.layers[name].keys if name in p.layers else torch.empty(0, dtype=torch.float64) for p in lights]
+        owner = torch.cat([torch.full((len(k),), r, dtype=torch.long) for r, k in enumerate(keys)])
+        local = torch.cat([torch.arange(len(k)) for k in keys])
+        cat = torch.cat(keys)
+        order = torch.sort(cat, stable=True).indices[:max_rows]
+        plan[name] = (cat[order], owner[order], local[order])
+        mine = local[order][owner[order] == ctx.rank]
+        if len(mine):
+            send[name] = part.layers[name].rows[mine]
+    rows_by_rank = ctx.exchange(send, None, what="calibration rows")
+    merged: dict[str, LayerStats] = {}
+    for name in names:
+        keys, owner, _ = plan[name]
+        have = [p.layers[name] for p in lights if name in p.layers]
+        sample = next(rows[name] for rows in rows_by_rank if name in rows)
+        rows = sample.new_empty((len(keys), sample.shape[1]))
+        for r, got in enumerate(rows_by_rank):
+            if name in got:
+                rows[owner == r] = got[name]
+        absmax = have[0].absmax.clone()
+        for st in have[1:]:
+            absmax = torch.maximum(absmax, st.absmax)
+        merged[name] = LayerStats(absmax, rows, keys, sum(st.count for st in have), min(st.minval for st in have))
+    missing = [n for n in layers if n not in merged]
+    if missing:
+        import warnings
+
+        warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
+                      UserWarning, stacklevel=2)
+    groups = next((p.groups for p in lights if p.groups), [])
+    return CalibrationStats(merged, [list(g) for g in groups], samples=sum(p.samples for p in lights),
+                            seconds=max((p.seconds for p in lights), default=0.0))

@@ -250,11 +250,10 @@ def run_quantization(
             if dist is None:
                 stats = part
             else:
-                from .stats import merge_stats
+                from .distributed import gather_stats
 
                 with timer.phase("calibration"):
-                    parts = dist.exchange(part, error, what="calibration")
-                    stats = merge_stats(parts, max_rows=opts.calib_rows, layers=linears)
+                    stats = gather_stats(dist, part, error, max_rows=opts.calib_rows, layers=list(linears))
             stats.seconds = timer.seconds["calibration"]
             calib_info = {"source": calib.source, "samples": len(calib)}
         if stats_path is not None and (dist is None or dist.is_root):
