@@ -89,6 +89,15 @@ def test_two_processes_resume_and_write_the_byte_identical_checkpoint(tmp_path):
     for f in state.iterdir():
         if f.name.startswith("calibration") or (f.name.startswith("block-") and f.name != "block-0000.safetensors"):
             f.unlink()
+    # (a one-process resume with the saved statistics records the same calibration source)
+    keep = tmp_path / "three" / ".svdq-state"
+    shutil.copytree(tmp_path / "one" / ".svdq-state", keep)
+    for f in keep.glob("block-000[1-9].safetensors"):
+        f.unlink()
+    assert _cli([str(src), str(tmp_path / "three")]) == 0
+    assert (tmp_path / "three" / "config.json").read_bytes() == (tmp_path / "one" / "config.json").read_bytes()
+    assert (tmp_path / "three" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (tmp_path / "one" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert _cli([str(src), str(tmp_path / "two"), "--gpus", "2"]) == 0
     one = (tmp_path / "one" / "diffusion_pytorch_model.safetensors").read_bytes()
     two = (tmp_path / "two" / "diffusion_pytorch_model.safetensors").read_bytes()

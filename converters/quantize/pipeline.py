@@ -224,7 +224,7 @@ def run_quantization(
     if stats_path is not None and have_stats:
         stats = CalibrationStats.load(stats_path)
         timer.add({"calibration": stats.seconds})
-        calib_info = {"source": "resumed", "samples": stats.samples}
+        calib_info = {"source": stats.source or "resumed", "samples": stats.samples}
     else:
         calib = resolve_calibration(model, calibration, num_samples=num_samples, seed=opts.seed)
         if isinstance(calib, CalibrationStats):
@@ -255,6 +255,7 @@ def run_quantization(
                 with timer.phase("calibration"):
                     stats = gather_stats(dist, part, error, max_rows=opts.calib_rows, layers=list(linears))
             stats.seconds = timer.seconds["calibration"]
+            stats.source = calib.source
             calib_info = {"source": calib.source, "samples": len(calib)}
         if stats_path is not None and (dist is None or dist.is_root):
             with timer.phase("io"):

@@ -62,6 +62,8 @@ class CalibrationStats:
     samples: int = 0
     #: Seconds the calibration pass took (kept so a resumed run reports the full time).
     seconds: float = 0.0
+    #: Where the calibration inputs came from (kept so a resumed run records the same source).
+    source: str = ""
 
     def group_of(self, name: str) -> list[str]:
         """The input group containing ``name`` (``[name]`` when it shares with nobody)."""
@@ -87,7 +89,7 @@ class CalibrationStats:
             tensors[f"{name}{_SEP}keys"] = st.keys.contiguous()
             counts[name] = st.count
         meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "mins": mins, "samples": self.samples,
-                                          "seconds": self.seconds})}
+                                          "seconds": self.seconds, "source": self.source})}
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -108,7 +110,7 @@ class CalibrationStats:
                 for name, count in info["counts"].items()
             }
         return cls(layers, [list(g) for g in info["groups"]], int(info.get("samples", 0)),
-                   float(info.get("seconds", 0.0)))
+                   float(info.get("seconds", 0.0)), str(info.get("source", "")))
 
 
 #: Names of ``nn.ModuleList`` attributes that hold a model's repeated blocks.
