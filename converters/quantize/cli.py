@@ -135,8 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="keep these layers 16-bit")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--offload", choices=("auto", "blocks", "none"), default="auto",
-                   help="stream blocks between CPU and device (auto: when the model does not fit)")
+    p.add_argument("--offload", choices=("auto", "blocks", "none", "disk"), default="auto",
+                   help="stream blocks between CPU and device (auto: when the model does not fit); disk: "
+                   "read each block from SRC's safetensors files when needed (model never fully in memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="processes (one per GPU; gloo on --device cpu) sharing the work; the result is "

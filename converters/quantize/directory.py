@@ -123,7 +123,9 @@ def quantize_directory(
         options: Quantizer options.
         dtype: Compute/storage dtype of the model.
         device: ``"cpu"``, ``"cuda"`` ... (default cuda when available).
-        offload: Block streaming (see :func:`run_quantization`).
+        offload: Block streaming (see :func:`run_quantization`), or ``"disk"``: build the model
+            on the meta device and read each block from the safetensors files of ``src`` when
+            it is needed (:mod:`converters.quantize.streaming`; not with ``prompts``).
         progress: tqdm bars.
         keep_state: Keep the state directory after success.
         deadline: Stop starting new blocks after this ``time.time()`` (resume later).
@@ -140,6 +142,9 @@ def quantize_directory(
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise QuantizationError(f"{out_dir}: exists and is not a directory")
+    source = None
+    if offload == "disk" and prompts:
+        raise QuantizationError("--offload disk reads the transformer from SRC; calibrate with a file instead of --prompts")
     if prompts:
         from diffusers import DiffusionPipeline
 
@@ -155,6 +160,13 @@ def quantize_directory(
         calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed)
         model = pipe.transformer.to("cpu")
         del pipe
+    elif offload == "disk":
+        from .streaming import load_lazy
+
+        if dtype not in _DTYPES:
+            raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        model, source = load_lazy(src, dtype=_DTYPES[dtype])
+        offload = "blocks"
     else:
         model, _ = load_diffusers_model(src, dtype=dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +174,7 @@ def quantize_directory(
     start = time.time()
     result = run_quantization(model, calibration, options=opts, device=device, offload=offload,
                               state_dir=state, num_samples=num_samples, progress=progress, deadline=deadline,
-                              dist=dist)
+                              dist=dist, source=source)
     if not result.complete:
         return result
     extra = {"quantizer": {"options": opts.to_json(), "calibration": result.report.calibration,

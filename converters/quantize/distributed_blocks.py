@@ -51,6 +51,7 @@ def quantize_blocks_distributed(
     deadline: float | None,
     progress: bool,
     on_block_done: Callable[[int, str], None] | None,
+    source: Any = None,
 ) -> tuple[list[dict[str, Any]], bool, list[int]]:
     """Quantize every block not in ``done``.
 
@@ -93,7 +94,8 @@ def quantize_blocks_distributed(
     try:
         complete = _windows(ctx, plan, blocks, groups, model, selection, stats, opts, device=device, stream=stream,
                             home=home, state=state, timer=timer, deadline=deadline, infos=infos, per_rank=per_rank,
-                            bar=bar, on_block_done=on_block_done, writer=writer, pending=pending, flush=flush)
+                            bar=bar, on_block_done=on_block_done, writer=writer, pending=pending, flush=flush,
+                            source=source)
         flush()
     finally:
         if writer is not None:
@@ -110,7 +112,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
              opts: QuantizeOptions, *, device: torch.device, stream: bool, home: torch.device, state: Path | None,
              timer: PhaseTimer, deadline: float | None, infos: list[dict[str, Any]], per_rank: list[int], bar: Any,
              on_block_done: Callable[[int, str], None] | None, writer: ThreadPoolExecutor | None,
-             pending: list[Future[Any]], flush: Callable[..., None]) -> bool:
+             pending: list[Future[Any]], flush: Callable[..., None], source: Any = None) -> bool:
     from .pipeline import _is_oom, _linear, _set_submodule
 
     for window in plan:
@@ -132,6 +134,9 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                     continue
                 names = groups[b][g]
                 gt = PhaseTimer()
+                if source is not None:  # read only this rank's layers from the source shards
+                    for n in names:
+                        source.materialize(model.get_submodule(n), n, home)
                 mods = {n: _linear(model, n) for n in names}
                 if stream:
                     for m in mods.values():

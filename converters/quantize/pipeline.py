@@ -36,6 +36,7 @@ from .timing import PhaseTimer
 
 if TYPE_CHECKING:
     from .distributed import DistContext
+    from .streaming import ShardedSource
 
 __all__ = ["QuantizeResult", "run_quantization", "quantize_model", "resolve_calibration"]
 
@@ -93,7 +94,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection) -> str:
+def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection,
+                 source: ShardedSource | None = None) -> str:
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     raw: Any = getattr(model, "config", None)
@@ -106,6 +108,8 @@ def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection) 
     h.update(json.dumps(selection.kinds, sort_keys=True).encode())
     for name in list(selection.kinds)[:4]:  # a few weights: catches "same config, other weights"
         w = _linear(model, name).weight.detach()
+        if w.is_meta and source is not None:
+            w = source.tensor(f"{name}.weight")
         h.update(f"{float(w.float().sum()):.6e}".encode())
     return h.hexdigest()[:16]
 
@@ -148,6 +152,7 @@ def run_quantization(
     deadline: float | None = None,
     on_block_done: Callable[[int, str], None] | None = None,
     dist: DistContext | None = None,
+    source: ShardedSource | None = None,
 ) -> QuantizeResult:
     """Quantize a model in place, block by block, resumably.
 
@@ -167,6 +172,9 @@ def run_quantization(
         dist: This process's place in a process group (:mod:`converters.quantize.distributed`):
             calibration samples and input groups are split over the ranks, results are
             exchanged, rank 0 writes the state dir; the result is byte-identical to one process.
+        source: The model's blocks are on the meta device and read from these safetensors
+            files when needed (:func:`converters.quantize.streaming.load_lazy`; implies block
+            streaming).
 
     Raises:
         QuantizationError: nothing quantizable, bad calibration, NaN, out of memory, or a
@@ -185,17 +193,19 @@ def run_quantization(
     if offload == "auto":
         stream = dev.type == "cuda" and _model_bytes(model) > 0.7 * torch.cuda.mem_get_info(dev)[0]
     else:
-        stream = offload in (True, "blocks")
+        stream = offload in (True, "blocks") or source is not None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     home = torch.device("cpu") if stream else dev
-    model.to(home)
+    if source is None:
+        model.to(home)
 
     for name in selection.kinds:  # before calibration: a NaN weight would surface downstream
-        if not bool(torch.isfinite(_linear(model, name).weight).all()):
+        w = _linear(model, name).weight
+        if not w.is_meta and not bool(torch.isfinite(w).all()):  # (meta: checked when read)
             raise QuantizationError(f"layer {name}: weight contains NaN or inf")
     state = Path(state_dir) if state_dir is not None else None
-    fp = _fingerprint(model, opts, selection)
+    fp = _fingerprint(model, opts, selection, source)
     stats_path = None if state is None else state / _STATS_FILE
 
     def check_state() -> tuple[bool, list[int]]:
@@ -236,8 +246,14 @@ def run_quantization(
             part, error = None, None
             try:
                 with timer.phase("calibration"):
+                    placement = None
+                    if source is not None:
+                        from .streaming import stream_from_source
+
+                        placement = stream_from_source(model, source, dev)
                     part = collect_stats(model, linears, calib.samples, max_rows=opts.calib_rows, seed=opts.seed,
-                                         device=dev, offload=stream, progress=progress, shard=shard)
+                                         device=dev, offload=stream, progress=progress, shard=shard,
+                                         placement=placement)
             except Exception as exc:
                 if _is_oom(exc):
                     exc = QuantizationError(
@@ -272,7 +288,8 @@ def run_quantization(
 
         infos, complete, per_rank = quantize_blocks_distributed(
             dist, model, selection, stats, opts, device=dev, stream=stream, home=home, state=state,
-            done=_done_blocks, timer=timer, deadline=deadline, progress=progress, on_block_done=on_block_done)
+            done=_done_blocks, timer=timer, deadline=deadline, progress=progress, on_block_done=on_block_done,
+            source=source)
         blocks = []
     bar = tqdm(blocks, desc="quantize", unit="block", disable=not progress)
     for index, (block, names) in enumerate(bar):
@@ -292,6 +309,9 @@ def run_quantization(
             break
         block_timer = PhaseTimer()
         try:
+            if source is not None:
+                for n in names:
+                    source.materialize(model.get_submodule(n), n, home)
             mods = {n: _linear(model, n) for n in names}
             if stream:
                 for m in mods.values():
@@ -325,6 +345,8 @@ def run_quantization(
             on_block_done(index, block)
     bar.close()
 
+    if source is not None and complete:
+        source.materialize(model, "", home)  # what the blocks hold besides their linears (norms)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     report = FidelityReport(
         layers=infos,

@@ -202,6 +202,7 @@ def collect_stats(
     offload: bool = False,
     progress: bool = False,
     shard: tuple[int, int] = (0, 1),
+    placement: contextlib.AbstractContextManager[Any] | None = None,
 ) -> CalibrationStats:
     """Run the calibration inputs through the model and gather per-layer statistics.
 
@@ -216,6 +217,8 @@ def collect_stats(
         progress: Show a tqdm bar per sample.
         shard: ``(rank, world)``: run only samples ``i`` with ``i % world == rank`` (merge the
             parts with :func:`merge_stats`; no "never ran" warning for a part).
+        placement: A context that places the model's weights during the forwards (e.g.
+            :func:`converters.quantize.streaming.stream_from_source`); overrides ``offload``.
 
     Raises:
         QuantizationError: NaN/inf activations (naming the layer and sample).
@@ -270,7 +273,7 @@ def collect_stats(
         raise QuantizationError("calibration set is empty")
     if device is None:
         device = next(model.parameters()).device
-    ctx = block_offload(model, device) if offload else contextlib.nullcontext()
+    ctx = placement if placement is not None else block_offload(model, device) if offload else contextlib.nullcontext()
     try:
         from tqdm.auto import tqdm
 
