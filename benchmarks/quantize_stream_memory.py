@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def child_peak(cmd: list[str]) -> tuple[int, float, int]:
-    """Run ``cmd``; returns (peak RSS bytes of that child, seconds, exit code)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+_CHILD = """
+import resource, sys
+from svdq_format.cli import main
+code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
+print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def child_peak(argv: list[str]) -> tuple[int, float, int]:
+    """Run ``svdq ARGV`` in a fresh process (no args: just the imports); returns (its own peak
+    RSS in bytes, seconds, exit code)."""
     t = time.time()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], env=env, capture_output=True, text=True)
     if proc.returncode:
         print(proc.stderr[-2000:], file=sys.stderr)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all waited-for children: run the big ones last
-    return max(after, before) * 1024, time.time() - t, proc.returncode
+    kib = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_KIB")]
+    return (kib[-1] * 1024 if kib else -1), time.time() - t, proc.returncode
 
 
 def main() -> int:
@@ -64,11 +71,10 @@ def main() -> int:
     del model
     common = ["--rank", "16", "--num-samples", "2", "--calib-rows", "64", "--alphas", "0.5", "--device", "cpu",
               "--dtype", "bfloat16", "-q"]
-    base, _, _ = child_peak([sys.executable, "-c", "import converters.quantize, diffusers, torch"])
+    base, _, _ = child_peak([])
     results = {}
-    for mode in ("disk", "none"):  # ru_maxrss(children) is a running max: smaller first
-        peak, secs, code = child_peak([sys.executable, "-m", "svdq_format.cli", "quantize", str(tmp / "src"),
-                                       str(tmp / mode), "--offload", mode, *common])
+    for mode in ("disk", "none"):
+        peak, secs, code = child_peak(["quantize", str(tmp / "src"), str(tmp / mode), "--offload", mode, *common])
         results[mode] = {"peak_rss_bytes": peak, "seconds": round(secs, 1), "exit": code}
     same = (tmp / "disk" / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (tmp / "none" / "diffusion_pytorch_model.safetensors").read_bytes()

@@ -51,28 +51,41 @@ class ShardedSource:
         else:
             raise QuantizationError(f"{d}: no diffusion_pytorch_model.safetensors(.index.json) to stream from")
         self.dtype = dtype
-        self._handles: dict[Path, Any] = {}
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Several tensors (CPU copies), cast like ``from_pretrained`` does.
+
+        Each file is opened for the call only: a mapping kept open would keep every page read
+        so far resident (and counted), i.e. the whole model by the end.
+        """
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            f = self.files.get(name)
+            if f is None:
+                raise QuantizationError(f"{name}: not in the source checkpoint")
+            by_file.setdefault(f, []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for f, keys in by_file.items():
+            with safe_open(os.fspath(f), framework="pt", device="cpu") as h:
+                for k in keys:
+                    t = h.get_tensor(k)
+                    # as diffusers' loader does (safetensors get_tensor): the same buffers, hence
+                    # the same CPU BLAS code paths (their results can depend on alignment)
+                    out[k] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor (CPU), cast like ``from_pretrained`` does."""
-        from safetensors import safe_open
-
-        f = self.files.get(name)
-        if f is None:
-            raise QuantizationError(f"{name}: not in the source checkpoint")
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(os.fspath(f), framework="pt", device="cpu")
-        t = h.get_tensor(name)
-        return t.to(self.dtype) if t.is_floating_point() else t
+        return self.tensors([name])[name]
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu") -> None:
         """Read every meta parameter/buffer of ``module`` (qualified by ``prefix``) onto ``device``."""
         pre = f"{prefix}." if prefix else ""
-        state = {}
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            if t.is_meta:
-                state[name] = self.tensor(pre + name).to(device)
+        todo = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        got = self.tensors([pre + n for n in todo])
+        state = {n: got[pre + n].to(device) for n in todo}
         if state:
             module.load_state_dict(state, strict=False, assign=True)
             for p in module.parameters():
@@ -102,7 +115,8 @@ def load_lazy(src: str | os.PathLike[str], *, dtype: torch.dtype) -> tuple[nn.Mo
         own = [n for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)] if t.is_meta]
         if own:
             pre = f"{name}." if name else ""
-            mod.load_state_dict({n: source.tensor(pre + n) for n in own}, strict=False, assign=True)
+            got = source.tensors([pre + n for n in own])
+            mod.load_state_dict({n: got[pre + n] for n in own}, strict=False, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), source
