@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHILD = """
 import resource, sys
 from svdq_format.cli import main
+import diffusers, converters.quantize.directory  # the baseline: everything imported, nothing loaded
 code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
 print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 sys.exit(code)
@@ -51,6 +52,8 @@ def main() -> int:
     ap.add_argument("--single", type=int, default=8)
     ap.add_argument("--shard-size", default="50MB")
     ap.add_argument("--out", default="out/quantize_stream_memory")
+    ap.add_argument("--fast", action="store_true",
+                    help="--no-smoothing --no-clip-search --refine 0 (memory, not quality, is measured)")
     args = ap.parse_args()
 
     import torch
@@ -69,7 +72,8 @@ def main() -> int:
                       for lst in (model.transformer_blocks, model.single_transformer_blocks) for b in lst)
     model.save_pretrained(tmp / "src", max_shard_size=args.shard_size)
     del model
-    common = ["--rank", "16", "--num-samples", "2", "--calib-rows", "64", "--alphas", "0.5", "--device", "cpu",
+    fast = ["--no-smoothing", "--no-clip-search", "--refine", "0", "--lowrank", "randomized"] if args.fast else []
+    common = [*fast, "--rank", "16", "--num-samples", "2", "--calib-rows", "64", "--alphas", "0.5", "--device", "cpu",
               "--dtype", "bfloat16", "-q"]
     base, _, _ = child_peak([])
     results = {}
