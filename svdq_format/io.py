@@ -263,6 +263,37 @@ def _write_safetensors(
     except SafetensorError as exc:  # e.g. "I/O error: No space left on device (os error 28)"
         reason = str(exc).removeprefix("Error while serializing: ")
         raise WriteError(target, reason) from None
+    _sort_header_metadata(tmp)
+
+
+def _sort_header_metadata(path: str) -> None:
+    """Put the ``__metadata__`` entries of a freshly written file in sorted order, in place.
+
+    safetensors writes them from a hash map, in an order that changes from process to process;
+    sorted, equal checkpoints are equal byte for byte. The header keeps its length (the same
+    JSON, permuted); anything unexpected leaves the file as written.
+    """
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        body = raw.rstrip(b" ")
+        try:
+            header = json.loads(body)
+        except ValueError:
+            return
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        if json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode() != body:
+            return  # not the compact form this rewrite reproduces
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) == len(body):
+            f.seek(8)
+            f.write(new)
 
 
 def layer_state(prefix: str, layer: SVDQLinear, *, file: str | None = None) -> dict[str, torch.Tensor]:

@@ -16,6 +16,36 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from svdq_format.errors import QuantizationError
+
+    from .distributed import env_world_size, launch
+
+    world = env_world_size()
+    if args.gpus < 1:
+        raise QuantizationError(f"--gpus must be >= 1, got {args.gpus}")
+    if world > 1 and args.gpus not in (1, world):
+        raise QuantizationError(f"--gpus {args.gpus} under torchrun with WORLD_SIZE={world}: drop --gpus")
+    if args.gpus > 1 and world <= 1:
+        launch(_rank_main, args.gpus, (args,))  # every rank runs _quantize; rank 0 prints
+        return 0
+    return _quantize(args)
+
+
+def _rank_main(args: argparse.Namespace) -> None:
+    """Entry point of one process started by ``--gpus N`` (errors: one line, exit status 1)."""
+    from svdq_format.errors import SVDQError
+
+    try:
+        code = _quantize(args)
+    except SVDQError as exc:
+        sys.stderr.write(f"error: {exc}\n")  # one write: lines of several ranks do not interleave
+        sys.stderr.flush()
+        sys.exit(1)
+    if code:
+        sys.exit(code)
+
+
+def _quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from svdq_format.errors import QuantizationError
@@ -42,18 +72,28 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     import warnings
 
+    from .distributed import init_distributed
+
+    dist = init_distributed(args.device, timeout_s=args.dist_timeout)
+    root = dist is None or dist.is_root
+
     def show(message: Warning | str, *_args: object, **_kwargs: object) -> None:
         print(f"warning: {message}", file=sys.stderr)  # one line, when it happens
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("default", UserWarning)
-        warnings.showwarning = show
-        result = quantize_directory(
-            args.src, args.out, calibration=args.calibration, prompts=prompts, num_samples=args.num_samples,
-            options=opts, dtype=args.dtype, device=args.device, offload=args.offload,
-            progress=not args.quiet, keep_state=args.keep_state, max_shard_size=args.max_shard_size,
-        )
-    if not args.quiet:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default" if root else "ignore", UserWarning)
+            warnings.showwarning = show
+            result = quantize_directory(
+                args.src, args.out, calibration=args.calibration, prompts=prompts, num_samples=args.num_samples,
+                options=opts, dtype=args.dtype, device=args.device, offload=args.offload,
+                progress=not args.quiet and root, keep_state=args.keep_state, max_shard_size=args.max_shard_size,
+                dist=dist,
+            )
+    finally:
+        if dist is not None:
+            dist.close()
+    if not args.quiet and root:
         print(result.report.table(limit=args.table_rows))
         t = result.report.timings
         print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if v))
@@ -95,9 +135,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="keep these layers 16-bit")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--offload", choices=("auto", "blocks", "none"), default="auto",
-                   help="stream blocks between CPU and device (auto: when the model does not fit)")
+    p.add_argument("--offload", choices=("auto", "blocks", "none", "disk"), default="auto",
+                   help="stream blocks between CPU and device (auto: when the model does not fit); disk: "
+                   "read each block from SRC's safetensors files when needed (model never fully in memory)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="processes (one per GPU; gloo on --device cpu) sharing the work; the result is "
+                   "byte-identical to one process. Under torchrun, WORLD_SIZE is used instead")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
+                   help="seconds a process waits for the others before the run fails (default 1800)")
     p.add_argument("--keep-state", action="store_true", help="keep OUT/.svdq-state after success")
     p.add_argument("--max-shard-size", default="10GB", help="largest weight file (default 10GB)")
     p.add_argument("--table-rows", type=int, default=40, help="rows of the fidelity table to print")

@@ -8,7 +8,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from svdq_format.model import DEFAULT_MAX_SHARD_SIZE, save_pretrained
 
 from .options import QuantizeOptions
 from .pipeline import QuantizeResult, run_quantization
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 __all__ = ["STATE_DIR", "FIDELITY_NAME", "check_model_dir", "load_diffusers_model", "quantize_directory"]
 
@@ -102,6 +105,7 @@ def quantize_directory(
     keep_state: bool = False,
     deadline: float | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dist: DistContext | None = None,
 ) -> QuantizeResult:
     """Quantize the diffusers transformer in ``src`` and write an SVDQuant model directory.
 
@@ -119,17 +123,28 @@ def quantize_directory(
         options: Quantizer options.
         dtype: Compute/storage dtype of the model.
         device: ``"cpu"``, ``"cuda"`` ... (default cuda when available).
-        offload: Block streaming (see :func:`run_quantization`).
+        offload: Block streaming (see :func:`run_quantization`), or ``"disk"``: build the model
+            on the meta device and read each block from the safetensors files of ``src`` when
+            it is needed (:mod:`converters.quantize.streaming`; not with ``prompts``).
         progress: tqdm bars.
         keep_state: Keep the state directory after success.
         deadline: Stop starting new blocks after this ``time.time()`` (resume later).
         max_shard_size: Largest weight file, e.g. ``"5GB"``.
+        dist: Process group context (several GPUs; see :mod:`converters.quantize.distributed`):
+            work is split over the ranks, rank 0 writes ``out``.
     """
     opts = options or QuantizeOptions()
+    if dist is not None:
+        from .distributed import rank_device
+
+        device = rank_device(device, dist)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise QuantizationError(f"{out_dir}: exists and is not a directory")
+    source = None
+    if offload == "disk" and prompts:
+        raise QuantizationError("--offload disk reads the transformer from SRC; calibrate with a file instead of --prompts")
     if prompts:
         from diffusers import DiffusionPipeline
 
@@ -145,21 +160,37 @@ def quantize_directory(
         calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed)
         model = pipe.transformer.to("cpu")
         del pipe
+    elif offload == "disk":
+        from .streaming import load_lazy
+
+        if dtype not in _DTYPES:
+            raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        model, source = load_lazy(src, dtype=_DTYPES[dtype])
+        offload = "blocks"
     else:
         model, _ = load_diffusers_model(src, dtype=dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = out_dir / STATE_DIR
     start = time.time()
     result = run_quantization(model, calibration, options=opts, device=device, offload=offload,
-                              state_dir=state, num_samples=num_samples, progress=progress, deadline=deadline)
+                              state_dir=state, num_samples=num_samples, progress=progress, deadline=deadline,
+                              dist=dist, source=source)
     if not result.complete:
         return result
     extra = {"quantizer": {"options": opts.to_json(), "calibration": result.report.calibration,
                            "source": os.fspath(src)}}
-    model = result.model.to("cpu")
-    save_pretrained(model, out_dir, metadata=extra, max_shard_size=max_shard_size)
-    result.report.timings["wall"] = round(time.time() - start, 3)
-    result.report.save(out_dir / FIDELITY_NAME)
-    if not keep_state:
-        shutil.rmtree(state, ignore_errors=True)
+
+    def write() -> None:
+        model = result.model.to("cpu")
+        save_pretrained(model, out_dir, metadata=extra, max_shard_size=max_shard_size)
+        result.report.timings["wall"] = round(time.time() - start, 3)
+        result.report.save(out_dir / FIDELITY_NAME)
+        if not keep_state:
+            shutil.rmtree(state, ignore_errors=True)
+
+    if dist is None:
+        write()
+    else:  # one writer; every rank learns whether it succeeded
+        dist.on_root(write, what="writing the checkpoint")
+        result.report.timings["wall"] = round(time.time() - start, 3)
     return result

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,10 @@ from .options import QuantizeOptions
 from .report import FidelityReport, environment_info
 from .selection import Selection, select_layers
 from .timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
+    from .streaming import ShardedSource
 
 __all__ = ["QuantizeResult", "run_quantization", "quantize_model", "resolve_calibration"]
 
@@ -90,16 +94,22 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection) -> str:
+def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection,
+                 source: ShardedSource | None = None) -> str:
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     raw: Any = getattr(model, "config", None)
     cfg = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw or {})
+    # diffusers bookkeeping (e.g. _use_default_values, listed in set order, which changes from
+    # process to process) is no part of the model: keep it out, so a new process can resume
+    cfg = {k: v for k, v in cfg.items() if not (k.startswith("_") and k != "_class_name")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(json.dumps(opts.to_json(), sort_keys=True).encode())
     h.update(json.dumps(selection.kinds, sort_keys=True).encode())
     for name in list(selection.kinds)[:4]:  # a few weights: catches "same config, other weights"
         w = _linear(model, name).weight.detach()
+        if w.is_meta and source is not None:
+            w = source.tensor(f"{name}.weight")
         h.update(f"{float(w.float().sum()):.6e}".encode())
     return h.hexdigest()[:16]
 
@@ -141,6 +151,8 @@ def run_quantization(
     progress: bool = False,
     deadline: float | None = None,
     on_block_done: Callable[[int, str], None] | None = None,
+    dist: DistContext | None = None,
+    source: ShardedSource | None = None,
 ) -> QuantizeResult:
     """Quantize a model in place, block by block, resumably.
 
@@ -157,6 +169,12 @@ def run_quantization(
         progress: tqdm bars.
         deadline: ``time.time()`` after which no new block starts (``complete=False``).
         on_block_done: Called with ``(index, block name)`` after each block is written.
+        dist: This process's place in a process group (:mod:`converters.quantize.distributed`):
+            calibration samples and input groups are split over the ranks, results are
+            exchanged, rank 0 writes the state dir; the result is byte-identical to one process.
+        source: The model's blocks are on the meta device and read from these safetensors
+            files when needed (:func:`converters.quantize.streaming.load_lazy`; implies block
+            streaming).
 
     Raises:
         QuantizationError: nothing quantizable, bad calibration, NaN, out of memory, or a
@@ -175,18 +193,24 @@ def run_quantization(
     if offload == "auto":
         stream = dev.type == "cuda" and _model_bytes(model) > 0.7 * torch.cuda.mem_get_info(dev)[0]
     else:
-        stream = offload in (True, "blocks")
+        stream = offload in (True, "blocks") or source is not None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     home = torch.device("cpu") if stream else dev
-    model.to(home)
+    if source is None:
+        model.to(home)
 
     for name in selection.kinds:  # before calibration: a NaN weight would surface downstream
-        if not bool(torch.isfinite(_linear(model, name).weight).all()):
+        w = _linear(model, name).weight
+        if not w.is_meta and not bool(torch.isfinite(w).all()):  # (meta: checked when read)
             raise QuantizationError(f"layer {name}: weight contains NaN or inf")
     state = Path(state_dir) if state_dir is not None else None
-    fp = _fingerprint(model, opts, selection)
-    if state is not None:
+    fp = _fingerprint(model, opts, selection, source)
+    stats_path = None if state is None else state / _STATS_FILE
+
+    def check_state() -> tuple[bool, list[int]]:
+        if state is None:
+            return False, []
         state.mkdir(parents=True, exist_ok=True)
         plan = state / _PLAN_FILE
         if plan.is_file():
@@ -199,14 +223,18 @@ def run_quantization(
         else:
             text = json.dumps({"fingerprint": fp, "options": opts.to_json(), "blocks": list(selection.blocks)}, indent=1)
             atomic_write(plan, lambda tmp: Path(tmp).write_text(text))
+        done = [i for i in range(len(selection.blocks)) if (state / f"block-{i:04d}.safetensors").is_file()]
+        return stats_path is not None and stats_path.is_file(), done
+
+    # one process decides what is already done (rank 0 of a group: the ranks then agree)
+    have_stats, _done_blocks = check_state() if dist is None else dist.on_root(check_state, what="resume check")
 
     # ---- calibration (or its saved statistics)
-    stats_path = None if state is None else state / _STATS_FILE
     calib_info: dict[str, Any] = {}
-    if stats_path is not None and stats_path.is_file():
+    if stats_path is not None and have_stats:
         stats = CalibrationStats.load(stats_path)
         timer.add({"calibration": stats.seconds})
-        calib_info = {"source": "resumed", "samples": stats.samples}
+        calib_info = {"source": stats.source or "resumed", "samples": stats.samples}
     else:
         calib = resolve_calibration(model, calibration, num_samples=num_samples, seed=opts.seed)
         if isinstance(calib, CalibrationStats):
@@ -214,20 +242,38 @@ def run_quantization(
             calib_info = {"source": "statistics", "samples": stats.samples}
         else:
             linears = {n: _linear(model, n) for n in selection.kinds}
+            shard = (0, 1) if dist is None else (dist.rank, dist.world_size)
+            part, error = None, None
             try:
                 with timer.phase("calibration"):
-                    stats = collect_stats(model, linears, calib.samples, max_rows=opts.calib_rows, seed=opts.seed,
-                                          device=dev, offload=stream, progress=progress)
+                    placement = None
+                    if source is not None:
+                        from .streaming import stream_from_source
+
+                        placement = stream_from_source(model, source, dev)
+                    part = collect_stats(model, linears, calib.samples, max_rows=opts.calib_rows, seed=opts.seed,
+                                         device=dev, offload=stream, progress=progress, shard=shard,
+                                         placement=placement)
             except Exception as exc:
                 if _is_oom(exc):
-                    raise QuantizationError(
+                    exc = QuantizationError(
                         f"out of memory during calibration on {dev}: use --offload blocks, fewer "
                         "image tokens per sample, or --device cpu"
-                    ) from None
-                raise
+                    )
+                if dist is None:
+                    raise exc from None
+                error = exc
+            if dist is None:
+                stats = part
+            else:
+                from .distributed import gather_stats
+
+                with timer.phase("calibration"):
+                    stats = gather_stats(dist, part, error, max_rows=opts.calib_rows, layers=list(linears))
             stats.seconds = timer.seconds["calibration"]
+            stats.source = calib.source
             calib_info = {"source": calib.source, "samples": len(calib)}
-        if stats_path is not None:
+        if stats_path is not None and (dist is None or dist.is_root):
             with timer.phase("io"):
                 stats.save(stats_path)
 
@@ -237,6 +283,14 @@ def run_quantization(
     from tqdm.auto import tqdm
 
     blocks = list(selection.blocks.items())
+    if dist is not None:
+        from .distributed_blocks import quantize_blocks_distributed
+
+        infos, complete, per_rank = quantize_blocks_distributed(
+            dist, model, selection, stats, opts, device=dev, stream=stream, home=home, state=state,
+            done=_done_blocks, timer=timer, deadline=deadline, progress=progress, on_block_done=on_block_done,
+            source=source)
+        blocks = []
     bar = tqdm(blocks, desc="quantize", unit="block", disable=not progress)
     for index, (block, names) in enumerate(bar):
         bar.set_postfix_str(block or "(outside blocks)", refresh=False)
@@ -255,6 +309,9 @@ def run_quantization(
             break
         block_timer = PhaseTimer()
         try:
+            if source is not None:
+                for n in names:
+                    source.materialize(model.get_submodule(n), n, home)
             mods = {n: _linear(model, n) for n in names}
             if stream:
                 for m in mods.values():
@@ -288,6 +345,8 @@ def run_quantization(
             on_block_done(index, block)
     bar.close()
 
+    if source is not None and complete:
+        source.materialize(model, "", home)  # what the blocks hold besides their linears (norms)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     report = FidelityReport(
         layers=infos,
@@ -298,6 +357,9 @@ def run_quantization(
         environment=environment_info(dev),
         peak_memory_bytes=int(peak),
     )
+    if dist is not None:
+        report.environment.update({"world_size": dist.world_size, "rank": dist.rank, "backend": dist.backend,
+                                   "groups_per_rank": per_rank})
     return QuantizeResult(model, report, complete, selection)
 
 

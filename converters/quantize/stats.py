@@ -2,8 +2,10 @@
 
 :func:`collect_stats`: forward hooks on the selected linears record, per layer, the
 per-input-channel absmax, the smallest value, and a bounded random subsample of input rows (a
-reservoir kept by random keys from a seeded generator, so the result is deterministic and memory
-is bounded no matter how many tokens flow through). Layers that read the very same input tensor
+reservoir kept by random keys, so memory is bounded no matter how many tokens flow through).
+The keys of sample ``i`` come from a generator seeded by ``(seed, i)`` only, and the reservoir
+is kept sorted by key: statistics of a sharded calibration (samples split over processes,
+:func:`merge_stats`) are identical to those of one process. Layers that read the very same input tensor
 (q/k/v) are recorded as one *input group*. The model can be streamed block by block onto the
 device (``offload=True``) so a model larger than device memory still calibrates.
 """
@@ -24,7 +26,8 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
-__all__ = ["LayerStats", "CalibrationStats", "collect_stats", "block_containers", "block_offload"]
+__all__ = ["LayerStats", "CalibrationStats", "collect_stats", "merge_stats", "sample_seed", "block_containers",
+           "block_offload"]
 
 _SEP = "::"
 
@@ -38,7 +41,7 @@ class LayerStats:
     Attributes:
         absmax: Per-input-channel max |x| ``[K]`` (float32).
         rows: A random subsample of input rows ``[m, K]`` (m ≤ the row budget), capture dtype.
-        keys: The reservoir keys of ``rows`` (smallest keys are kept).
+        keys: The reservoir keys of ``rows`` (float64; the smallest keys are kept, ascending).
         count: Number of rows seen.
         minval: Smallest input value seen (decides unsigned activation codes after a GELU).
     """
@@ -59,6 +62,8 @@ class CalibrationStats:
     samples: int = 0
     #: Seconds the calibration pass took (kept so a resumed run reports the full time).
     seconds: float = 0.0
+    #: Where the calibration inputs came from (kept so a resumed run records the same source).
+    source: str = ""
 
     def group_of(self, name: str) -> list[str]:
         """The input group containing ``name`` (``[name]`` when it shares with nobody)."""
@@ -84,7 +89,7 @@ class CalibrationStats:
             tensors[f"{name}{_SEP}keys"] = st.keys.contiguous()
             counts[name] = st.count
         meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "mins": mins, "samples": self.samples,
-                                          "seconds": self.seconds})}
+                                          "seconds": self.seconds, "source": self.source})}
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -105,7 +110,7 @@ class CalibrationStats:
                 for name, count in info["counts"].items()
             }
         return cls(layers, [list(g) for g in info["groups"]], int(info.get("samples", 0)),
-                   float(info.get("seconds", 0.0)))
+                   float(info.get("seconds", 0.0)), str(info.get("source", "")))
 
 
 #: Names of ``nn.ModuleList`` attributes that hold a model's repeated blocks.
@@ -196,6 +201,8 @@ def collect_stats(
     device: torch.device | str | None = None,
     offload: bool = False,
     progress: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    placement: contextlib.AbstractContextManager[Any] | None = None,
 ) -> CalibrationStats:
     """Run the calibration inputs through the model and gather per-layer statistics.
 
@@ -208,11 +215,16 @@ def collect_stats(
         device: Where the forward runs (default: where the model is).
         offload: Stream blocks onto ``device`` one at a time (model stays on the CPU).
         progress: Show a tqdm bar per sample.
+        shard: ``(rank, world)``: run only samples ``i`` with ``i % world == rank`` (merge the
+            parts with :func:`merge_stats`; no "never ran" warning for a part).
+        placement: A context that places the model's weights during the forwards (e.g.
+            :func:`converters.quantize.streaming.stream_from_source`); overrides ``offload``.
 
     Raises:
         QuantizationError: NaN/inf activations (naming the layer and sample).
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator()
+    rank, world = shard
     stats: dict[str, LayerStats] = {}
     groups: list[list[str]] = []
     state: dict[str, Any] = {"last": None, "sample": 0, "first": True}
@@ -237,7 +249,7 @@ def collect_stats(
                     groups.append([name])
                 state["last"] = (x,)
             m = flat.shape[0]
-            keys = torch.rand(m, generator=gen)
+            keys = torch.rand(m, generator=gen, dtype=torch.float64)
             take = min(m, max_rows)
             top = torch.topk(keys, take, largest=False)
             new_rows = flat[top.indices.to(flat.device)].to("cpu")
@@ -261,22 +273,67 @@ def collect_stats(
         raise QuantizationError("calibration set is empty")
     if device is None:
         device = next(model.parameters()).device
-    ctx = block_offload(model, device) if offload else contextlib.nullcontext()
+    ctx = placement if placement is not None else block_offload(model, device) if offload else contextlib.nullcontext()
     try:
         from tqdm.auto import tqdm
 
         with ctx, torch.no_grad():
-            for i, sample in enumerate(tqdm(samples, desc="calibration", unit="sample", disable=not progress)):
+            mine = [(i, s) for i, s in enumerate(samples) if i % world == rank]
+            for i, sample in tqdm(mine, desc="calibration", unit="sample", disable=not progress):
                 state["sample"] = i
+                gen.manual_seed(sample_seed(seed, i))
                 model(**_to(sample, device))
                 state["first"] = False
                 state["last"] = None
     finally:
         for h in handles:
             h.remove()
+    for st in stats.values():  # canonical order (by key): independent of how samples were split
+        order = torch.sort(st.keys, stable=True).indices
+        st.keys, st.rows = st.keys[order], st.rows[order]
     missing = [n for n in layers if n not in stats]
-    if missing:
+    if missing and world == 1:
         warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
                       UserWarning, stacklevel=2)
     groups = [[n for n in g if n in stats] for g in groups]
-    return CalibrationStats(stats, [g for g in groups if g], samples=len(samples))
+    return CalibrationStats(stats, [g for g in groups if g], samples=len(mine))
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of the row-sampling keys of calibration sample ``index`` (order/shard independent)."""
+    return (seed * 1_000_003 + index * 7_919 + 1) % (2**63)
+
+
+def merge_stats(parts: list[CalibrationStats], *, max_rows: int, layers: Iterable[str] = ()) -> CalibrationStats:
+    """Combine the statistics of sample shards (``collect_stats(..., shard=(r, world))``).
+
+    The result equals what one :func:`collect_stats` call over all samples gives: absmax and
+    min are exact reductions, the reservoir keeps the ``max_rows`` smallest keys, sorted.
+    Input groups come from the first part holding them (the shard that ran sample 0).
+
+    Args:
+        parts: One statistics object per shard, shard 0 first.
+        max_rows: Row budget per layer.
+        layers: The layers that were observed (for the "never ran" warning).
+    """
+    merged: dict[str, LayerStats] = {}
+    for part in parts:
+        for name, st in part.layers.items():
+            cur = merged.get(name)
+            if cur is None:
+                merged[name] = LayerStats(st.absmax.clone(), st.rows, st.keys, st.count, st.minval)
+                continue
+            keys = torch.cat([cur.keys, st.keys])
+            rows = torch.cat([cur.rows, st.rows])
+            order = torch.sort(keys, stable=True).indices[:max_rows]
+            cur.keys, cur.rows = keys[order], rows[order]
+            cur.absmax = torch.maximum(cur.absmax, st.absmax)
+            cur.count += st.count
+            cur.minval = min(cur.minval, st.minval)
+    groups = next((p.groups for p in parts if p.groups), [])
+    missing = [n for n in layers if n not in merged]
+    if missing:
+        warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
+                      UserWarning, stacklevel=2)
+    return CalibrationStats(merged, [list(g) for g in groups], samples=sum(p.samples for p in parts),
+                            seconds=max((p.seconds for p in parts), default=0.0))

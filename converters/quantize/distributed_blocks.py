@@ -1,0 +1,189 @@
+"""The block loop of :func:`converters.quantize.pipeline.run_quantization` over several ranks.
+
+Windows of consecutive unfinished blocks (:func:`converters.quantize.distributed.windows`);
+within a window the input groups are assigned to ranks by cost
+(:func:`converters.quantize.distributed.assign`), quantized independently (per-layer seeds),
+all-gathered, put into every rank's model in the one-process order, and rank 0 writes each
+block's resume file exactly as one process does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdq_format.errors import QuantizationError
+from svdq_format.io import load_file, read_metadata, save_file
+
+from .distributed import DistContext, assign, group_cost, pack_layer, unpack_layer, windows
+from .layer import quantize_group
+from .options import QuantizeOptions
+from .selection import Selection
+from .stats import CalibrationStats
+from .timing import PhaseTimer
+
+__all__ = ["quantize_blocks_distributed"]
+
+
+def _candidates(opts: QuantizeOptions) -> int:
+    return len(opts.alphas) + len(opts.activation_alphas) + 1 if opts.smoothing else 1
+
+
+def quantize_blocks_distributed(
+    ctx: DistContext,
+    model: nn.Module,
+    selection: Selection,
+    stats: CalibrationStats,
+    opts: QuantizeOptions,
+    *,
+    device: torch.device,
+    stream: bool,
+    home: torch.device,
+    state: Path | None,
+    done: list[int],
+    timer: PhaseTimer,
+    deadline: float | None,
+    progress: bool,
+    on_block_done: Callable[[int, str], None] | None,
+    source: Any = None,
+) -> tuple[list[dict[str, Any]], bool, list[int]]:
+    """Quantize every block not in ``done``.
+
+    Returns:
+        ``(layer infos in block order, complete, input groups quantized by each rank)``.
+
+    Raises:
+        QuantizationError: a rank failed (``rank R failed during ...``) or went silent.
+    """
+    from tqdm.auto import tqdm
+
+    from .pipeline import _input_groups, _set_submodule
+
+    blocks = list(selection.blocks.items())
+    infos: list[dict[str, Any]] = []
+    done_set = set(done)
+    for index in sorted(done_set):  # resumed blocks: every rank reads the files rank 0 wrote
+        block_file = state / f"block-{index:04d}.safetensors"  # type: ignore[operator]
+        with timer.phase("io"):
+            layers = load_file(block_file, device=home)
+            meta = read_metadata(block_file)
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer)
+        infos.extend(meta.extra.get("svdq_block", {}).get("layers", []))
+        timer.add(meta.extra.get("svdq_block", {}).get("timings", {}))
+    todo = [i for i in range(len(blocks)) if i not in done_set]
+    groups = {i: _input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
+    plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size)]
+    bar = tqdm(total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root))
+    per_rank = [0] * ctx.world_size
+    # rank 0 writes the resume files in the background (one thread, in order) while the ranks
+    # compute the next window: the writes are off the critical path
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdq-state") if ctx.is_root and state else None
+    pending: list[Future[Any]] = []
+
+    def flush(keep: int = 0) -> None:
+        while len(pending) > keep:
+            timer.add({"io": pending.pop(0).result()})  # a write error surfaces here, on rank 0
+
+    try:
+        complete = _windows(ctx, plan, blocks, groups, model, selection, stats, opts, device=device, stream=stream,
+                            home=home, state=state, timer=timer, deadline=deadline, infos=infos, per_rank=per_rank,
+                            bar=bar, on_block_done=on_block_done, writer=writer, pending=pending, flush=flush,
+                            source=source)
+        flush()
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True)
+    bar.close()
+    # report layers in block order as one process does (resumed blocks were appended first)
+    block_of = {name: i for i, (_, names) in enumerate(blocks) for name in names}
+    infos.sort(key=lambda r: block_of.get(r.get("layer", ""), len(blocks)))
+    return infos, complete, per_rank
+
+
+def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, list[str]]],
+             groups: dict[int, list[list[str]]], model: nn.Module, selection: Selection, stats: CalibrationStats,
+             opts: QuantizeOptions, *, device: torch.device, stream: bool, home: torch.device, state: Path | None,
+             timer: PhaseTimer, deadline: float | None, infos: list[dict[str, Any]], per_rank: list[int], bar: Any,
+             on_block_done: Callable[[int, str], None] | None, writer: ThreadPoolExecutor | None,
+             pending: list[Future[Any]], flush: Callable[..., None], source: Any = None) -> bool:
+    from .pipeline import _is_oom, _linear, _set_submodule
+
+    for window in plan:
+        if ctx.agree(deadline is not None and time.time() > deadline, what="deadline check"):
+            return False
+        tasks = [(b, g) for b in window for g in range(len(groups[b]))]
+        costs = []
+        for b, g in tasks:
+            shapes = [tuple(_linear(model, n).weight.shape) for n in groups[b][g]]
+            costs.append(group_cost(shapes, _candidates(opts)))  # type: ignore[arg-type]
+        owner = assign(costs, ctx.world_size)
+        for r in owner:
+            per_rank[r] += 1
+        results: dict[tuple[int, int], Any] = {}
+        error: BaseException | None = None
+        try:
+            for (b, g), r in zip(tasks, owner):
+                if r != ctx.rank:
+                    continue
+                names = groups[b][g]
+                gt = PhaseTimer()
+                if source is not None:  # read only this rank's layers from the source shards
+                    for n in names:
+                        source.materialize(model.get_submodule(n), n, home)
+                mods = {n: _linear(model, n) for n in names}
+                if stream:
+                    for m in mods.values():
+                        m.to(device)
+                res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt)
+                if stream:
+                    for m in mods.values():
+                        m.to("cpu")
+                results[(b, g)] = ([(name, *pack_layer(layer), info) for name, (layer, info) in res.items()],
+                                   gt.seconds)
+        except Exception as exc:
+            error = exc
+            if _is_oom(exc):
+                error = QuantizationError(f"out of memory while quantizing on {device}: use --offload blocks, "
+                                          "a smaller --calib-rows, or fewer --gpus per host memory")
+        gathered = ctx.exchange(results, error, what=f"blocks {blocks[window[0]][0] or '(outside blocks)'}..")
+        merged: dict[tuple[int, int], Any] = {}
+        for part in gathered:
+            merged.update(part)
+        for b in window:
+            block, _ = blocks[b]
+            block_timer = PhaseTimer()
+            layers_done: dict[str, Any] = {}
+            block_infos: list[dict[str, Any]] = []
+            for g in range(len(groups[b])):
+                packed, seconds = merged[(b, g)]
+                block_timer.add(seconds)
+                for name, spec_json, tensors, info in packed:
+                    layers_done[name] = unpack_layer(spec_json, tensors, device=home)
+                    block_infos.append(info)
+            for name, layer in layers_done.items():
+                _set_submodule(model, name, layer)
+            if writer is not None:
+                meta = {"svdq_block": {"block": block, "layers": block_infos, "timings": dict(block_timer.seconds)}}
+                target = state / f"block-{b:04d}.safetensors"  # type: ignore[operator]
+                pending.append(writer.submit(_timed_save, layers_done, target, meta))
+            timer.add(block_timer.seconds)
+            infos.extend(block_infos)
+            bar.update(1)
+            if on_block_done is not None:
+                flush()  # "after each block is written"
+                on_block_done(b, block)
+        flush(keep=2)  # bounded backlog
+    return True
+
+
+def _timed_save(layers: dict[str, Any], path: Path, metadata: dict[str, Any]) -> float:
+    t = time.perf_counter()
+    save_file(layers, path, metadata=metadata)
+    return time.perf_counter() - t

@@ -1,0 +1,158 @@
+"""Quantize without the whole 16-bit model in memory: blocks are read from the source shards.
+
+:func:`load_lazy` builds the diffusers model on the meta device and reads only what lies
+outside the repeated blocks (embedders, norms, final layers). :class:`ShardedSource` reads a
+block's tensors from the model's safetensors files (``safe_open``, tensor by tensor) when the
+block runs during calibration (:func:`stream_from_source`, then back to meta) and when its
+layers are quantized; what is left on meta at the end (block norms) is read last.
+``svdq quantize --offload disk`` uses it; the result is byte-identical to loading the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdq_format.errors import QuantizationError
+
+from .stats import block_containers
+
+__all__ = ["ShardedSource", "load_lazy", "stream_from_source"]
+
+
+class ShardedSource:
+    """The tensors of a diffusers model directory, read on demand from its safetensors files.
+
+    Args:
+        directory: Directory with ``diffusion_pytorch_model.safetensors`` or the sharded
+            ``diffusion_pytorch_model.safetensors.index.json``.
+        dtype: Floating tensors are cast to this dtype (as ``from_pretrained(torch_dtype=)``).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], dtype: torch.dtype) -> None:
+        d = Path(directory)
+        index = d / "diffusion_pytorch_model.safetensors.index.json"
+        single = d / "diffusion_pytorch_model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            self.files = {k: d / v for k, v in weight_map.items()}
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(os.fspath(single), framework="pt") as h:
+                self.files = {k: single for k in h.keys()}
+        else:
+            raise QuantizationError(f"{d}: no diffusion_pytorch_model.safetensors(.index.json) to stream from")
+        self.dtype = dtype
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Several tensors (CPU copies), cast like ``from_pretrained`` does.
+
+        Each file is opened for the call only: a mapping kept open would keep every page read
+        so far resident (and counted), i.e. the whole model by the end.
+        """
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            f = self.files.get(name)
+            if f is None:
+                raise QuantizationError(f"{name}: not in the source checkpoint")
+            by_file.setdefault(f, []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for f, keys in by_file.items():
+            with safe_open(os.fspath(f), framework="pt", device="cpu") as h:
+                for k in keys:
+                    t = h.get_tensor(k)
+                    # as diffusers' loader does (safetensors get_tensor): the same buffers, hence
+                    # the same CPU BLAS code paths (their results can depend on alignment)
+                    out[k] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor (CPU), cast like ``from_pretrained`` does."""
+        return self.tensors([name])[name]
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu") -> None:
+        """Read every meta parameter/buffer of ``module`` (qualified by ``prefix``) onto ``device``."""
+        pre = f"{prefix}." if prefix else ""
+        todo = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        got = self.tensors([pre + n for n in todo])
+        state = {n: got[pre + n].to(device) for n in todo}
+        if state:
+            module.load_state_dict(state, strict=False, assign=True)
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
+def load_lazy(src: str | os.PathLike[str], *, dtype: torch.dtype) -> tuple[nn.Module, ShardedSource]:
+    """The model of a diffusers directory with its repeated blocks left on the meta device.
+
+    Raises:
+        QuantizationError: not a diffusers model directory, no safetensors weights.
+    """
+    from .directory import check_model_dir
+
+    cls, d = check_model_dir(src)
+    source = ShardedSource(d, dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(d))
+    finally:
+        torch.set_default_dtype(old)
+    for name, mod in model.named_modules():  # everything outside the repeated blocks
+        if _in_block(model, name):
+            continue
+        own = [n for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)] if t.is_meta]
+        if own:
+            pre = f"{name}." if name else ""
+            got = source.tensors([pre + n for n in own])
+            mod.load_state_dict({n: got[pre + n] for n in own}, strict=False, assign=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), source
+
+
+def _in_block(model: nn.Module, name: str) -> bool:
+    names = getattr(model, "_svdq_block_names", None)
+    if names is None:
+        names = [f"{c}.{i}" for c, lst in block_containers(model) for i in range(len(lst))]
+        object.__setattr__(model, "_svdq_block_names", names)
+    return any(name == b or name.startswith(b + ".") for b in names)
+
+
+@contextlib.contextmanager
+def stream_from_source(model: nn.Module, source: ShardedSource, device: torch.device | str) -> Iterator[None]:
+    """During calibration: read each block onto ``device`` when it runs, drop it after."""
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = [b for _, lst in block_containers(model) for b in lst]
+    handles = []
+
+    def load(mod: nn.Module, _args: tuple) -> None:
+        source.materialize(mod, names[id(mod)], device)
+
+    def drop(mod: nn.Module, _args: tuple, _out: Any) -> None:
+        mod.to("meta")
+
+    rest = [m for m in model.children() if not any(id(x) in {id(b) for b in blocks} for x in m.modules())]
+    for m in rest:
+        m.to(device)
+    for b in blocks:
+        handles.append(b.register_forward_pre_hook(load))
+        handles.append(b.register_forward_hook(drop))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in rest:
+            m.to("cpu")

@@ -1,0 +1,203 @@
+"""Several processes (torch.distributed, gloo on CPU, 2 ranks) give the one-process checkpoint,
+byte for byte; a failing rank ends the run on every rank with one clear line; runs resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from converters.quantize import QuantizeOptions, collect_stats, run_quantization, save_calibration, select_layers
+from converters.quantize.calibration import synthetic_calibration
+from converters.quantize.distributed import assign, init_distributed, launch, windows
+from converters.quantize.stats import merge_stats
+from svdq_format.cli import main as svdq_main
+from svdq_format.errors import QuantizationError
+from svdq_format.model import save_model_file
+
+pytestmark = pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_flux(num_layers: int = 1, num_single_layers: int = 1):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=num_layers,
+                                  num_single_layers=num_single_layers, attention_head_dim=16, num_attention_heads=4,
+                                  joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+
+
+OPTS = dict(rank=8, alphas=(0.5,), seed=3)
+
+
+def test_assignment_is_deterministic_balanced_and_windows_cover_blocks():
+    costs = [5.0, 1.0, 1.0, 3.0, 3.0, 2.0, 2.0, 2.0]
+    owner = assign(costs, 2)
+    assert owner == assign(list(costs), 2)
+    loads = [sum(c for c, r in zip(costs, owner) if r == q) for q in range(2)]
+    assert sorted(loads) == [9.0, 10.0]  # LPT on this set: within one task of the optimum
+    assert assign([1.0, 1.0, 1.0], 4) == [0, 1, 2]  # ties: by position onto the lowest rank
+    w = windows([10, 10, 3, 3, 3, 3], 2, groups_per_rank=4)
+    assert w == [[0], [1], [2, 3, 4], [5]]
+    assert [i for part in w for i in part] == list(range(6))
+
+
+def test_sharded_calibration_merges_to_the_one_process_statistics():
+    model = tiny_flux()
+    sel = select_layers(model)
+    linears = {n: model.get_submodule(n) for n in sel.kinds}
+    calib = synthetic_calibration(model, 5, image_tokens=16, text_tokens=8).samples
+    whole = collect_stats(model, linears, calib, max_rows=24, seed=7)
+    parts = [collect_stats(model, linears, calib, max_rows=24, seed=7, shard=(r, 3)) for r in range(3)]
+    assert [p.samples for p in parts] == [2, 2, 1]
+    merged = merge_stats(parts, max_rows=24, layers=linears)
+    assert merged.groups == whole.groups and merged.samples == 5
+    assert merged.layers.keys() == whole.layers.keys()
+    for name, st in whole.layers.items():
+        got = merged.layers[name]
+        assert torch.equal(got.rows, st.rows) and torch.equal(got.keys, st.keys), name
+        assert torch.equal(got.absmax, st.absmax) and got.count == st.count and got.minval == st.minval
+        assert bool((st.keys[1:] >= st.keys[:-1]).all())  # canonical order: ascending keys
+
+
+def _cli(args: list[str]) -> int:
+    return svdq_main(["quantize", *args, "--rank", "8", "--num-samples", "3", "--dtype", "float32",
+                      "--alphas", "0.5", "--device", "cpu", "--dist-timeout", "60", "-q"])
+
+
+def test_two_processes_resume_and_write_the_byte_identical_checkpoint(tmp_path):
+    import shutil
+
+    src = tmp_path / "flux"
+    tiny_flux(num_layers=2, num_single_layers=2).save_pretrained(src)
+    assert _cli([str(src), str(tmp_path / "one"), "--keep-state"]) == 0
+    # a state dir with only block 0 done (and no statistics): the 2-rank run loads block 0 on
+    # every rank, calibrates sharded and quantizes blocks 1.. split over the ranks
+    state = tmp_path / "two" / ".svdq-state"
+    shutil.copytree(tmp_path / "one" / ".svdq-state", state)
+    for f in state.iterdir():
+        if f.name.startswith("calibration") or (f.name.startswith("block-") and f.name != "block-0000.safetensors"):
+            f.unlink()
+    # (a one-process resume with the saved statistics records the same calibration source)
+    keep = tmp_path / "three" / ".svdq-state"
+    shutil.copytree(tmp_path / "one" / ".svdq-state", keep)
+    for f in keep.glob("block-000[1-9].safetensors"):
+        f.unlink()
+    assert _cli([str(src), str(tmp_path / "three")]) == 0
+    assert (tmp_path / "three" / "config.json").read_bytes() == (tmp_path / "one" / "config.json").read_bytes()
+    assert (tmp_path / "three" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (tmp_path / "one" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert _cli([str(src), str(tmp_path / "two"), "--gpus", "2"]) == 0
+    one = (tmp_path / "one" / "diffusion_pytorch_model.safetensors").read_bytes()
+    two = (tmp_path / "two" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert one == two
+    assert (tmp_path / "one" / "config.json").read_bytes() == (tmp_path / "two" / "config.json").read_bytes()
+    report = json.loads((tmp_path / "two" / "fidelity.json").read_text())
+    env = report["environment"]
+    assert env["world_size"] == 2 and env["backend"] == "gloo"
+    assert all(n > 0 for n in env["groups_per_rank"])  # both ranks did work
+    single = json.loads((tmp_path / "one" / "fidelity.json").read_text())
+    assert [r["layer"] for r in report["layers"]] == [r["layer"] for r in single["layers"]]
+    assert not state.exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _calibration(broken: bool = False) -> list[dict]:
+    samples = synthetic_calibration(tiny_flux(), 2, image_tokens=16, text_tokens=8, warn=False).samples
+    if broken:  # finite input, NaN activations: only sample 1, i.e. only rank 1's shard, fails
+        samples[1]["hidden_states"] = samples[1]["hidden_states"].clone()
+        samples[1]["hidden_states"][0, 3, :] = 3e38
+    return samples
+
+
+def _worker(tmp: str) -> None:
+    """One rank of one process group, four runs in a row: (1) a run where rank 1 fails,
+    (2) a run every rank stops after block 0 (like Ctrl-C to the group), (3) its resume,
+    (4) a run where rank 1 dies without a word (the process exits)."""
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu", timeout_s=60)
+    assert ctx is not None
+    out, opts = Path(tmp), QuantizeOptions(**OPTS)
+    try:
+        try:
+            run_quantization(tiny_flux(), _calibration(broken=True), options=opts, dist=ctx)
+        except QuantizationError as exc:
+            (out / f"error-{ctx.rank}.txt").write_text(str(exc))
+
+        def stop(index: int, _block: str) -> None:
+            if index == 0:
+                raise _Stop
+
+        try:
+            run_quantization(tiny_flux(), _calibration(), options=opts, state_dir=out / "state", on_block_done=stop,
+                             dist=ctx)
+        except _Stop:
+            (out / f"stopped-{ctx.rank}.txt").write_text(" ".join(sorted(f.name for f in (out / "state").glob("block-*"))))
+        res = run_quantization(tiny_flux(), _calibration(), options=opts, state_dir=out / "state", dist=ctx)
+        if ctx.is_root:
+            save_model_file(res.model, out / "dist.safetensors")
+            (out / "groups.json").write_text(json.dumps(res.report.environment["groups_per_rank"]))
+
+        def die(index: int, _block: str) -> None:
+            if ctx.rank == 1:
+                os._exit(9)
+
+        try:
+            run_quantization(tiny_flux(), _calibration(), options=opts, on_block_done=die, dist=ctx)
+        except QuantizationError as exc:
+            (out / f"lost-{ctx.rank}.txt").write_text(str(exc))
+    finally:
+        ctx.close()
+
+
+def test_failing_rank_interrupt_and_resume_over_two_processes(tmp_path):
+    ref = run_quantization(tiny_flux(), _calibration(), options=QuantizeOptions(**OPTS)).model
+    save_model_file(ref, tmp_path / "ref.safetensors")
+    start = time.time()
+    with pytest.raises(QuantizationError, match="rank 1 exited with code 9"):
+        launch(_worker, 2, (str(tmp_path),), join_timeout_s=120)
+    assert time.time() - start < 120
+    # (1) the failure of rank 1 ended the run on both ranks with the same one-line reason
+    errors = [(tmp_path / f"error-{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and "\n" not in errors[0]
+    assert errors[0].startswith("rank 1 failed during calibration: layer ")
+    assert "NaN or inf activations in calibration sample 1" in errors[0]
+    # (2) both ranks stopped after block 0, whose file rank 0 (the writer) had written
+    assert (tmp_path / "stopped-1.txt").is_file()
+    assert (tmp_path / "stopped-0.txt").read_text() == "block-0000.safetensors"
+    # (3) the resumed run quantized the rest over both ranks: the one-process model, byte for byte
+    assert all(n > 0 for n in json.loads((tmp_path / "groups.json").read_text()))
+    assert (tmp_path / "dist.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    # (4) rank 1 vanished: rank 0 failed at its next exchange with a clear line (no hang)
+    lost = (tmp_path / "lost-0.txt").read_text()
+    assert lost.startswith("rank 0: ") and "failed: another rank died or did not answer" in lost
+
+
+def test_cli_failure_of_a_rank_is_one_line_per_rank(tmp_path, capfd):
+    src = tmp_path / "flux"
+    tiny_flux().save_pretrained(src)
+    calib = save_calibration(_calibration(broken=True), tmp_path / "calib.safetensors")
+    capfd.readouterr()
+    code = _cli([str(src), str(tmp_path / "out"), "--calibration", str(calib), "--gpus", "2"])
+    assert code == 1
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("error: ")]
+    reason = [ln for ln in lines if "rank 1 failed during calibration" in ln]
+    assert len(reason) == 2 and "NaN or inf activations in calibration sample 1" in reason[0]
+    assert any("exited with code 1" in ln for ln in lines)
+    assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
