@@ -273,9 +273,6 @@ def _sort_header_metadata(path: str) -> None:
     sorted, equal checkpoints are equal byte for byte. The header keeps its length (the same
     JSON, permuted); anything unexpected leaves the file as written.
     """
-    import json
-    import struct
-
     with open(path, "r+b") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         raw = f.read(n)
