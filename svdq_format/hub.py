@@ -133,16 +133,25 @@ def _evict(folder: Path, blob: str) -> None:
     target.unlink(missing_ok=True)
 
 
+def _evict_mismatched(folder: Path, blobs: set[str]) -> list[str]:
+    """Hash each blob against its name (the server's ETag); evict those that differ; return them."""
+    bad = []
+    for blob in sorted(blobs):
+        path = folder / "blobs" / blob
+        algo = "sha256" if len(blob) == 64 else "sha1" if len(blob) == 40 else None
+        if algo is not None and path.is_file() and _file_hash(path, algo) != blob:
+            _evict(folder, blob)
+            bad.append(f"{blob}: content does not match the server's {algo} (ETag); removed from the cache")
+    return bad
+
+
 def _verify_snapshot(folder: Path, snapshot: Path, new_blobs: set[str]) -> None:
     """Hash every new blob against its name (the server's ETag); parse safetensors headers."""
     from .io import read_header
 
-    for blob in sorted(new_blobs):
-        path = folder / "blobs" / blob
-        algo = "sha256" if len(blob) == 64 else "sha1" if len(blob) == 40 else None
-        if algo is not None and _file_hash(path, algo) != blob:
-            _evict(folder, blob)
-            raise _Corrupt(f"{blob}: content does not match the server's {algo} (ETag); removed from the cache")
+    bad = _evict_mismatched(folder, new_blobs)
+    if bad:
+        raise _Corrupt(bad[0])
     for f in sorted(snapshot.rglob("*.safetensors")):
         try:
             read_header(f)
@@ -194,19 +203,28 @@ def pull(
     offline = local_files_only or is_offline_mode()
     where = f"{repo_id}@{revision or 'main'}"
 
+    before = _blobs(folder)
+
     def attempt() -> Path:
-        before = _blobs(folder)
-        path = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                allow_patterns=allow_patterns,
-                endpoint=endpoint,
+        # Blobs new since this pull began are checked after every attempt, failed ones included:
+        # a failed attempt may already have stored a file under a wrong ETag, and the next
+        # attempt (with the right ETag) would leave that blob behind unchecked.
+        try:
+            path = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    allow_patterns=allow_patterns,
+                    endpoint=endpoint,
+                )
             )
-        )
+        except BaseException:
+            if verify:
+                _evict_mismatched(folder, _blobs(folder) - before)
+            raise
         if verify:
             _verify_snapshot(folder, path, _blobs(folder) - before)
         return path
