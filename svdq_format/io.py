@@ -49,6 +49,7 @@ __all__ = [
     "aligned",
     "TensorReader",
     "producer_info",
+    "refuse_pickle",
 ]
 
 #: Largest header accepted (safetensors itself allows 100 MB).
@@ -120,6 +121,40 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_PICKLE_REFUSAL = ("svdquant never loads pickles (unpickling can run arbitrary code); "
+                   "convert it to .safetensors with a tool you trust")
+
+
+def _pickle_kind(head: bytes) -> str | None:
+    """What a file starting with ``head`` is, if it looks like a PyTorch/pickle checkpoint."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch checkpoint (torch.save zip of pickles: .bin/.pt/.pth)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle file (legacy torch.save .bin/.pt/.ckpt)"
+    return None
+
+
+def _bad_start(p: str, head: bytes, reason: str) -> HeaderError:
+    kind = _pickle_kind(head)
+    return HeaderError(p, None, f"{kind}, not safetensors: {_PICKLE_REFUSAL}" if kind else reason)
+
+
+def refuse_pickle(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`HeaderError` with an explanation if ``path`` is a pickle checkpoint.
+
+    A file is refused only when it starts like a pickle / ``torch.save`` zip *and* cannot be a
+    safetensors file (its first 8 bytes are not a plausible header length), so a safetensors
+    file is never refused whatever its name. Reading stops at the first 8 bytes.
+    """
+    p = os.fspath(path)
+    size = os.path.getsize(p)
+    with open(p, "rb") as f:
+        head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+    if _pickle_kind(head) and (n > MAX_HEADER_BYTES or n > size - 8):
+        raise _bad_start(p, head, "")
+
+
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Parse and check a safetensors header without reading tensor data.
 
@@ -137,11 +172,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     if size < 8:
         raise HeaderError(p, None, f"file is {size} bytes, too short for a safetensors header")
     with open(p, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES:
-            raise HeaderError(p, None, f"absurd header length {n} (limit {MAX_HEADER_BYTES})")
+            raise _bad_start(p, head, f"absurd header length {n} (limit {MAX_HEADER_BYTES})")
         if n > size - 8:
-            raise HeaderError(p, None, f"header length {n} exceeds the file size {size} (truncated?)")
+            raise _bad_start(p, head, f"header length {n} exceeds the file size {size} (truncated?)")
         raw = f.read(n)
     try:
         text = raw.decode("utf-8")
