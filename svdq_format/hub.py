@@ -161,6 +161,19 @@ def _verify_snapshot(folder: Path, snapshot: Path, new_blobs: set[str]) -> None:
             raise _Corrupt(f"{f.relative_to(snapshot)}: {exc.reason}; removed from the cache") from None
 
 
+def _check_writable_cache(folder: Path, where: str) -> None:
+    """A cache we cannot write to is a clear, immediate error (no retries, no partial files)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise HubError(
+            f"pull {where}: cannot write to the Hub cache {folder} ({exc.strerror or exc}); "
+            "pass cache_dir= or set HF_HUB_CACHE to a writable directory"
+        ) from None
+
+
 def pull(
     repo_id: str,
     *,
@@ -203,6 +216,8 @@ def pull(
     offline = local_files_only or is_offline_mode()
     where = f"{repo_id}@{revision or 'main'}"
 
+    if not offline:
+        _check_writable_cache(folder, where)
     before = _blobs(folder)
 
     def attempt() -> Path:
