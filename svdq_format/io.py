@@ -405,13 +405,24 @@ class TensorReader:
         """Tensor names in header order."""
         return list(self.header.tensors)
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (CPU)."""
+    def get_tensor(self, name: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (CPU).
+
+        Args:
+            name: Tensor name.
+            out: Optional 1-D uint8 staging buffer of at least the tensor's size; the tensor is
+                read into its start and returned as a view of it (valid until the next read
+                into the same buffer). Streaming loaders use one buffer for every tensor, so
+                host memory stays at the largest tensor whatever the allocator keeps.
+        """
         entry = self.header.tensors.get(name)
         if entry is None:
             raise TensorError(self.header.path, name, "missing tensor")
-        t = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
         nbytes = entry.end - entry.begin
+        if out is not None and out.numel() >= nbytes:
+            t = out[:nbytes].view(getattr(torch, entry.dtype)).reshape(entry.shape)
+        else:
+            t = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
         if nbytes:
             buf = t.reshape(-1).view(torch.uint8).numpy()
             self._file.seek(self.header.data_start + entry.begin)
