@@ -1,4 +1,4 @@
-"""Memory bounds, CI size: peak RSS of streaming operations on a sharded ~190 MB model.
+"""Memory bounds, CI size: peak RSS of streaming operations on a sharded 174 MB model (2 shards).
 
 Each operation runs in a fresh interpreter (benchmarks/memory_bounds.py ``measure``): peak RSS
 (VmHWM) minus the baseline after imports and a warm-up run on a tiny model must stay within
@@ -23,7 +23,7 @@ def sharded(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("membound")
     model = mb.build(dim=2048, layers=1, single_layers=2, rank=32)
-    d = save_pretrained(model, tmp / "model", max_shard_size="70MB")
+    d = save_pretrained(model, tmp / "model", max_shard_size="90MB")
     del model
     return d, mb.warmup_model(tmp / "warmup")
 
@@ -34,7 +34,7 @@ def test_streaming_peak_rss_within_bound_of_largest_shard(sharded, op):
     r = mb.measure(op, d, warmup)
     print(f"\n{op}: largest shard {r['largest_shard_mb']} MB of {r['shards']} ({r['model_mb']} MB), "
           f"peak RSS +{r['increment_mb']} MB = {r['ratio']} x largest shard")
-    assert r["shards"] >= 3 and r["largest_shard_mb"] > 40
+    assert r["shards"] >= 2 and r["largest_shard_mb"] > 60
     assert r["ratio"] <= mb.BOUND, r
     if op == "load_file shard":  # it keeps that shard's layers: the bound is not vacuous
         assert r["increment_mb"] >= r["kept_mb"] > 0.5 * r["largest_shard_mb"]
