@@ -73,3 +73,21 @@ def test_tensor_reader_staging_buffer_gives_the_same_bytes(tmp_path):
             assert staged.data_ptr() == staging.data_ptr() or staged.numel() == 0
             assert staged.dtype == fresh.dtype and staged.shape == fresh.shape
             assert torch.equal(staged.view(torch.uint8) if staged.dim() else staged, fresh.view(torch.uint8) if fresh.dim() else fresh), key
+
+
+@pytest.mark.gpu
+def test_streaming_load_to_cuda_is_bit_identical_to_host_load(tmp_path):
+    import torch
+
+    from svdq_format.model import load_pretrained
+    from tests.hub_helpers import tiny_flux
+
+    tiny_flux().save_pretrained(tmp_path, max_shard_size="120KB")
+    for dtype in (None, torch.bfloat16):
+        host = load_pretrained(tmp_path, dtype=dtype).state_dict()
+        gpu = load_pretrained(tmp_path, device="cuda", dtype=dtype).state_dict()
+        assert set(gpu) == set(host)
+        for k, v in host.items():
+            g = gpu[k]
+            assert g.device.type == "cuda" and g.dtype == v.dtype, k
+            assert torch.equal(g.cpu().view(torch.uint8) if v.dim() else g.cpu(), v.view(torch.uint8) if v.dim() else v), k
