@@ -161,17 +161,15 @@ def _verify_snapshot(folder: Path, snapshot: Path, new_blobs: set[str]) -> None:
             raise _Corrupt(f"{f.relative_to(snapshot)}: {exc.reason}; removed from the cache") from None
 
 
-def _check_writable_cache(folder: Path, where: str) -> None:
-    """A cache we cannot write to is a clear, immediate error (no retries, no partial files)."""
+def _unwritable_cache(folder: Path) -> str | None:
+    """Why the repo's cache folder cannot be written to, or None if it can."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise HubError(
-            f"pull {where}: cannot write to the Hub cache {folder} ({exc.strerror or exc}); "
-            "pass cache_dir= or set HF_HUB_CACHE to a writable directory"
-        ) from None
+        return str(exc.strerror or exc)
+    return None
 
 
 def pull(
@@ -217,7 +215,16 @@ def pull(
     where = f"{repo_id}@{revision or 'main'}"
 
     if not offline:
-        _check_writable_cache(folder, where)
+        reason = _unwritable_cache(folder)
+        if reason is not None:  # a read-only cache serves what it holds; anything else is a clear error
+            try:
+                return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
+                                              allow_patterns=allow_patterns))
+            except Exception:  # noqa: BLE001 - not (completely) in the cache
+                raise HubError(
+                    f"pull {where}: cannot write to the Hub cache {folder} ({reason}); "
+                    "pass cache_dir= or set HF_HUB_CACHE to a writable directory"
+                ) from None
     before = _blobs(folder)
 
     def attempt() -> Path:

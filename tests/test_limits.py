@@ -134,3 +134,32 @@ def test_kernel_cache_unwritable_is_a_clear_error(tmp_path, monkeypatch, where):
 
     with pytest.raises(BackendError, match=rf"^{cache}: cannot write to the kernel cache directory \(.+\); set SVDQ_KERNEL_CACHE"):
         build.build_kernel(CutlassGemmConfig(), toolchain=tc, compiler=never)
+
+
+def test_read_only_hub_cache_still_serves_what_it_holds(hub, tmp_path):
+    """A complete snapshot in a read-only cache (a real read-only tmpfs) is served online too."""
+    import subprocess
+    import uuid
+
+    from tests.hub_helpers import tiny_flux
+
+    tiny_flux().save_pretrained(tmp_path / "m")
+    svdq_hub.push_to_hub(tmp_path / "m", "tester/ro", token="t", endpoint=hub.url, retry_wait=0.01)
+    mnt = Path("/tmp") / f"svdq-ro-{uuid.uuid4().hex[:8]}"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        mnt.rmdir()
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        first = svdq_hub.pull("tester/ro", endpoint=hub.url, cache_dir=mnt, retry_wait=0.01)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        hub.requests.clear()
+        again = svdq_hub.pull("tester/ro", endpoint=hub.url, cache_dir=mnt, retry_wait=0.01)
+        assert again == first and hub.requests == []
+        assert torch.equal(load_pretrained(again).state_dict()["proj_out.qweight"],
+                           load_pretrained(tmp_path / "m").state_dict()["proj_out.qweight"])
+        with pytest.raises(HubError, match=r"cannot write to the Hub cache .*Read-only file system"):
+            svdq_hub.pull("tester/cache-missing", endpoint=hub.url, cache_dir=mnt, retry_wait=0.01)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        mnt.rmdir()
