@@ -34,7 +34,7 @@ from torch import nn
 
 from svdq_format import packing
 from svdq_format.errors import FormatError, SVDQError, UnsupportedError
-from svdq_format.io import atomic_write, producer_info, save_file, validate
+from svdq_format.io import atomic_write, producer_info, refuse_pickle, save_file, validate
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
@@ -93,6 +93,7 @@ def read_nunchaku(
     from safetensors import safe_open
 
     path = _resolve(source)
+    refuse_pickle(path)  # a .bin/.pt checkpoint: refused with an explanation, never unpickled
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})

@@ -133,16 +133,25 @@ def _evict(folder: Path, blob: str) -> None:
     target.unlink(missing_ok=True)
 
 
+def _evict_mismatched(folder: Path, blobs: set[str]) -> list[str]:
+    """Hash each blob against its name (the server's ETag); evict those that differ; return them."""
+    bad = []
+    for blob in sorted(blobs):
+        path = folder / "blobs" / blob
+        algo = "sha256" if len(blob) == 64 else "sha1" if len(blob) == 40 else None
+        if algo is not None and path.is_file() and _file_hash(path, algo) != blob:
+            _evict(folder, blob)
+            bad.append(f"{blob}: content does not match the server's {algo} (ETag); removed from the cache")
+    return bad
+
+
 def _verify_snapshot(folder: Path, snapshot: Path, new_blobs: set[str]) -> None:
     """Hash every new blob against its name (the server's ETag); parse safetensors headers."""
     from .io import read_header
 
-    for blob in sorted(new_blobs):
-        path = folder / "blobs" / blob
-        algo = "sha256" if len(blob) == 64 else "sha1" if len(blob) == 40 else None
-        if algo is not None and _file_hash(path, algo) != blob:
-            _evict(folder, blob)
-            raise _Corrupt(f"{blob}: content does not match the server's {algo} (ETag); removed from the cache")
+    bad = _evict_mismatched(folder, new_blobs)
+    if bad:
+        raise _Corrupt(bad[0])
     for f in sorted(snapshot.rglob("*.safetensors")):
         try:
             read_header(f)
@@ -150,6 +159,17 @@ def _verify_snapshot(folder: Path, snapshot: Path, new_blobs: set[str]) -> None:
             blob = Path(os.path.realpath(f)).name
             _evict(folder, blob)
             raise _Corrupt(f"{f.relative_to(snapshot)}: {exc.reason}; removed from the cache") from None
+
+
+def _unwritable_cache(folder: Path) -> str | None:
+    """Why the repo's cache folder cannot be written to, or None if it can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None
 
 
 def pull(
@@ -194,19 +214,39 @@ def pull(
     offline = local_files_only or is_offline_mode()
     where = f"{repo_id}@{revision or 'main'}"
 
+    if not offline:
+        reason = _unwritable_cache(folder)
+        if reason is not None:  # a read-only cache serves what it holds; anything else is a clear error
+            try:
+                return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
+                                              allow_patterns=allow_patterns))
+            except Exception:  # noqa: BLE001 - not (completely) in the cache
+                raise HubError(
+                    f"pull {where}: cannot write to the Hub cache {folder} ({reason}); "
+                    "pass cache_dir= or set HF_HUB_CACHE to a writable directory"
+                ) from None
+    before = _blobs(folder)
+
     def attempt() -> Path:
-        before = _blobs(folder)
-        path = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                allow_patterns=allow_patterns,
-                endpoint=endpoint,
+        # Blobs new since this pull began are checked after every attempt, failed ones included:
+        # a failed attempt may already have stored a file under a wrong ETag, and the next
+        # attempt (with the right ETag) would leave that blob behind unchecked.
+        try:
+            path = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    allow_patterns=allow_patterns,
+                    endpoint=endpoint,
+                )
             )
-        )
+        except BaseException:
+            if verify:
+                _evict_mismatched(folder, _blobs(folder) - before)
+            raise
         if verify:
             _verify_snapshot(folder, path, _blobs(folder) - before)
         return path

@@ -49,6 +49,7 @@ __all__ = [
     "aligned",
     "TensorReader",
     "producer_info",
+    "refuse_pickle",
 ]
 
 #: Largest header accepted (safetensors itself allows 100 MB).
@@ -120,6 +121,40 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_PICKLE_REFUSAL = ("svdquant never loads pickles (unpickling can run arbitrary code); "
+                   "convert it to .safetensors with a tool you trust")
+
+
+def _pickle_kind(head: bytes) -> str | None:
+    """What a file starting with ``head`` is, if it looks like a PyTorch/pickle checkpoint."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch checkpoint (torch.save zip of pickles: .bin/.pt/.pth)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle file (legacy torch.save .bin/.pt/.ckpt)"
+    return None
+
+
+def _bad_start(p: str, head: bytes, reason: str) -> HeaderError:
+    kind = _pickle_kind(head)
+    return HeaderError(p, None, f"{kind}, not safetensors: {_PICKLE_REFUSAL}" if kind else reason)
+
+
+def refuse_pickle(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`HeaderError` with an explanation if ``path`` is a pickle checkpoint.
+
+    A file is refused only when it starts like a pickle / ``torch.save`` zip *and* cannot be a
+    safetensors file (its first 8 bytes are not a plausible header length), so a safetensors
+    file is never refused whatever its name. Reading stops at the first 8 bytes.
+    """
+    p = os.fspath(path)
+    size = os.path.getsize(p)
+    with open(p, "rb") as f:
+        head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+    if _pickle_kind(head) and (n > MAX_HEADER_BYTES or n > size - 8):
+        raise _bad_start(p, head, "")
+
+
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Parse and check a safetensors header without reading tensor data.
 
@@ -137,11 +172,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     if size < 8:
         raise HeaderError(p, None, f"file is {size} bytes, too short for a safetensors header")
     with open(p, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES:
-            raise HeaderError(p, None, f"absurd header length {n} (limit {MAX_HEADER_BYTES})")
+            raise _bad_start(p, head, f"absurd header length {n} (limit {MAX_HEADER_BYTES})")
         if n > size - 8:
-            raise HeaderError(p, None, f"header length {n} exceeds the file size {size} (truncated?)")
+            raise _bad_start(p, head, f"header length {n} exceeds the file size {size} (truncated?)")
         raw = f.read(n)
     try:
         text = raw.decode("utf-8")
@@ -415,13 +451,24 @@ class TensorReader:
         """Tensor names in header order."""
         return list(self.header.tensors)
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (CPU)."""
+    def get_tensor(self, name: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (CPU).
+
+        Args:
+            name: Tensor name.
+            out: Optional 1-D uint8 staging buffer of at least the tensor's size; the tensor is
+                read into its start and returned as a view of it (valid until the next read
+                into the same buffer). Streaming loaders use one buffer for every tensor, so
+                host memory stays at the largest tensor whatever the allocator keeps.
+        """
         entry = self.header.tensors.get(name)
         if entry is None:
             raise TensorError(self.header.path, name, "missing tensor")
-        t = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
         nbytes = entry.end - entry.begin
+        if out is not None and out.numel() >= nbytes:
+            t = out[:nbytes].view(getattr(torch, entry.dtype)).reshape(entry.shape)
+        else:
+            t = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
         if nbytes:
             buf = t.reshape(-1).view(torch.uint8).numpy()
             self._file.seek(self.header.data_start + entry.begin)

@@ -653,19 +653,31 @@ def load_pretrained(
         raise TensorError(where, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
     if unexpected:
         raise TensorError(stored[unexpected[0]], unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
+    # Onto another device, every tensor is read into one reused host buffer and copied onward:
+    # host memory stays at the largest tensor (fresh buffers per tensor would leave the heap
+    # as large as the allocator cares to keep, up to the whole model with glibc's defaults).
+    streaming = torch.device(device).type != "cpu"
+    staging = None
+    if streaming:
+        largest = max((e.end - e.begin for h in headers for e in h.tensors.values()), default=0)
+        staging = torch.empty(largest, dtype=torch.uint8)
     for header in headers:
         with TensorReader(header) as handle:  # plain reads into aligned tensors, one at a time
             for key in header.tensors:
-                t = handle.get_tensor(key)
+                t = handle.get_tensor(key, out=staging)
                 ref = expected[key]
                 if tuple(t.shape) != tuple(ref.shape):
                     raise TensorError(header.path, key, f"shape {list(t.shape)}, model expects {list(ref.shape)}")
                 head, _, role = key.rpartition(".")
                 is_layer = head in layers
-                if dtype is not None and (not is_layer or role in _COMPUTE_ROLES) and t.is_floating_point():
-                    t = aligned(t.to(dtype))
-                _assign(model, key, t.to(device))
+                cast = dtype is not None and (not is_layer or role in _COMPUTE_ROLES) and t.is_floating_point()
+                if streaming:
+                    t = t.to(device)  # a copy: the staging buffer is free again
+                    _assign(model, key, t.to(dtype) if cast else t)
+                else:
+                    _assign(model, key, aligned(t.to(dtype)) if cast else t)
                 del t
+    del staging
     if torch.device(device).type != "cpu":
         model.to(device)  # non-persistent buffers built on the host
     _attach_quantizer(model, FormatMetadata(layers=specs, format_version=first.format_version,

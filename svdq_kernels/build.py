@@ -256,7 +256,15 @@ def build_kernel(
     t0 = time.perf_counter()
     if final.is_file() and not force:
         return BuildResult(final, key, True, 0.0)
-    root.mkdir(parents=True, exist_ok=True)
+    try:  # an unusable cache (read-only, under /proc, a file in the way) is a clear error
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise BackendError(
+            f"{root}: cannot write to the kernel cache directory ({exc.strerror or exc}); "
+            "set SVDQ_KERNEL_CACHE to a writable directory"
+        ) from None
     with file_lock(root / f"{stem}.lock"):
         if final.is_file() and not force:  # built by another process while we waited
             return BuildResult(final, key, True, time.perf_counter() - t0)

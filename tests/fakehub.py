@@ -17,6 +17,12 @@ Faults are injected with :meth:`FakeHub.inject` and recorded in :attr:`FakeHub.f
 * ``"hangup"`` — read the request, then close the socket without answering.
 * ``"corrupt"`` — LFS upload (PUT): one byte of the received body flipped (a damaged
   transfer); the server's sha256 check must refuse it.
+* ``"reset"`` — read the request, then reset the connection (TCP RST) without answering.
+* ``"slow"`` — answer correctly, after a delay (:attr:`FakeHub.slow_seconds`).
+
+:meth:`FakeHub.random_faults` instead draws a fault (or none) for every request from an RNG
+seeded by ``(seed, method, path, n-th such request)``, so a run is reproducible whatever the
+order in which the client's threads send their requests.
 
 Run it standalone (``python tests/fakehub.py``) to poke at it with ``HF_ENDPOINT``.
 """
@@ -27,8 +33,10 @@ import base64
 import dataclasses
 import hashlib
 import json
+import random
 import re
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +46,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 __all__ = ["FakeHub", "git_sha1", "sha256"]
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
+FAULT_KINDS = ("500", "drop", "truncate", "wrong_etag", "hangup", "corrupt", "reset", "slow")
 
 
 def git_sha1(data: bytes) -> str:
@@ -102,6 +111,9 @@ class FakeHub:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._counter = 0
+        self._random: tuple[float, int, tuple[str, ...]] | None = None
+        self._seen: dict[tuple[str, str], int] = {}
+        self.slow_seconds: tuple[float, float] = (0.05, 0.4)
         self.url = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -135,10 +147,42 @@ class FakeHub:
 
     def inject(self, kind: str, *, method: str | None = None, path_contains: str | None = None, times: int = 1) -> None:
         """Make the next ``times`` matching requests fail with ``kind`` (see the module doc)."""
-        if kind not in ("500", "drop", "truncate", "wrong_etag", "hangup", "corrupt"):
+        if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}")
         with self._lock:
             self._faults.append(Fault(kind, method, path_contains, times))
+
+    def random_faults(self, *, rate: float, seed: int, kinds: tuple[str, ...] = FAULT_KINDS) -> None:
+        """From now on, fail each request with probability ``rate`` (``rate=0`` turns it off).
+
+        The fault is drawn among ``kinds`` that apply to the request (body faults only to file
+        downloads, ``wrong_etag`` to HEAD/GET resolve, ``corrupt`` to LFS uploads; ``500``,
+        ``hangup``, ``reset`` and ``slow`` to any request).
+        """
+        unknown = set(kinds) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}")
+        with self._lock:
+            self._random = (rate, seed, tuple(kinds)) if rate > 0 else None
+            self._seen = {}
+
+    def _plan(self, method: str, path: str) -> tuple[str | None, random.Random | None]:
+        """The fault the random policy picks for this request (None: none), and its RNG."""
+        with self._lock:
+            if self._random is None:
+                return None, None
+            rate, seed, kinds = self._random
+            n = self._seen.get((method, path), 0)
+            self._seen[(method, path)] = n + 1
+        rng = random.Random(f"{seed}\0{method}\0{path}\0{n}")
+        if rng.random() >= rate:
+            return None, rng
+        resolve = "/resolve/" in path
+        applicable = [k for k in kinds if k in ("500", "hangup", "reset", "slow")
+                      or (k in ("drop", "truncate") and resolve and method == "GET")
+                      or (k == "wrong_etag" and resolve)
+                      or (k == "corrupt" and method == "PUT" and path.startswith("/_lfs/"))]
+        return (rng.choice(applicable) if applicable else None), rng
 
     def _take_fault(self, method: str, path: str, kinds: tuple[str, ...]) -> str | None:
         with self._lock:
@@ -231,6 +275,26 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def _reset(self) -> None:
+        """Abort the connection: SO_LINGER 0 makes close() send a TCP RST."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+
+    def _fault(self, method: str, path: str, kinds: tuple[str, ...]) -> str | None:
+        """This request's fault among ``kinds``: the random policy's pick, else an injected one."""
+        if self.planned is not None:
+            if self.planned not in kinds:
+                return None
+            kind, self.planned = self.planned, None
+            with self.fake._lock:
+                self.fake.fault_log.append((kind, method, path))
+            return kind
+        return self.fake._take_fault(method, path, kinds)
+
     def _dispatch(self) -> None:
         split = urlsplit(self.path)
         self.query = parse_qs(split.query)
@@ -243,13 +307,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route for {self.command} {split.path}")
             return
         body = self._body() if self.command in ("POST", "PUT") else b""
-        fault = self.fake._take_fault(self.command, split.path, ("500", "hangup"))
+        self.planned, rng = self.fake._plan(self.command, split.path)
+        fault = self._fault(self.command, split.path, ("500", "hangup", "reset", "slow"))
         if fault == "500":
             self._error(500, "injected internal error")
             return
         if fault == "hangup":
             self._hangup()
             return
+        if fault == "reset":
+            self._reset()
+            return
+        if fault == "slow":
+            time.sleep((rng or random).uniform(*self.fake.slow_seconds))
         args = {k: unquote(v) if v is not None else None for k, v in m.groupdict().items()}
         getattr(self, f"_do_{name}")(body=body, **args)
 
@@ -327,7 +397,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"transfer": "basic", "objects": objects})
 
     def _do_lfs_put(self, body: bytes, oid: str) -> None:
-        if body and self.fake._take_fault("PUT", f"/_lfs/{oid}", ("corrupt",)):
+        if body and self._fault("PUT", f"/_lfs/{oid}", ("corrupt",)):
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         if sha256(body) != oid:  # never store bytes under the wrong name
             self._error(400, f"content does not hash to {oid}")
@@ -470,7 +540,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"Entry not found: {path}", "EntryNotFound")
             return
         etag = sha256(data) if is_lfs(path) else git_sha1(data)
-        if self.fake._take_fault(self.command, f"/{repo}/resolve/{rev}/{path}", ("wrong_etag",)):
+        if self._fault(self.command, f"/{repo}/resolve/{rev}/{path}", ("wrong_etag",)):
             etag = sha256(b"not the file" + data)
         headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         if is_lfs(path):
@@ -486,7 +556,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         payload = data[start:]
-        fault = self.fake._take_fault("GET", f"/{repo}/resolve/{rev}/{path}", ("drop", "truncate"))
+        fault = self._fault("GET", f"/{repo}/resolve/{rev}/{path}", ("drop", "truncate"))
         if fault == "truncate":
             self._send(status, payload[: len(payload) // 2], headers, content_type="application/octet-stream")
             return

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdq_format.errors import QuantizationError
+from svdq_format.errors import FormatError, QuantizationError
+from svdq_format.io import refuse_pickle
 
 __all__ = [
     "CalibrationSet",
@@ -117,6 +118,10 @@ def load_calibration(path: str | os.PathLike[str]) -> CalibrationSet:
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise QuantizationError(f"{p}: calibration file not found")
+    try:
+        refuse_pickle(p)  # a torch.save'd .pt/.bin: refused with an explanation, never unpickled
+    except FormatError as exc:
+        raise QuantizationError(f"{p}: {exc.reason}") from None
     try:
         handle_cm = safe_open(p, framework="pt", device="cpu")
         with handle_cm as handle:
