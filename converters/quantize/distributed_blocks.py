@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from svdq_format.errors import QuantizationError
-from svdq_format.io import load_file, read_metadata, save_file
+from svdq_format.io import save_file
 
 from .distributed import DistContext, assign, group_cost, pack_layer, unpack_layer, windows
 from .layer import quantize_group
@@ -63,20 +63,14 @@ def quantize_blocks_distributed(
     """
     from tqdm.auto import tqdm
 
-    from .pipeline import _input_groups, _set_submodule
+    from .pipeline import _input_groups, load_block_result
 
     blocks = list(selection.blocks.items())
     infos: list[dict[str, Any]] = []
     done_set = set(done)
     for index in sorted(done_set):  # resumed blocks: every rank reads the files rank 0 wrote
         block_file = state / f"block-{index:04d}.safetensors"  # type: ignore[operator]
-        with timer.phase("io"):
-            layers = load_file(block_file, device=home)
-            meta = read_metadata(block_file)
-        for name, layer in layers.items():
-            _set_submodule(model, name, layer)
-        infos.extend(meta.extra.get("svdq_block", {}).get("layers", []))
-        timer.add(meta.extra.get("svdq_block", {}).get("timings", {}))
+        infos.extend(load_block_result(model, block_file, home=home, timer=timer))
     todo = [i for i in range(len(blocks)) if i not in done_set]
     groups = {i: _input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
     plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size)]

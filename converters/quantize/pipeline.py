@@ -88,6 +88,17 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return mod
 
 
+def load_block_result(model: nn.Module, block_file: Path, *, home: Any, timer: PhaseTimer) -> list[dict[str, Any]]:
+    """Put a finished block's layers (a resume file) into ``model``; return its report rows."""
+    with timer.phase("io"):
+        layers = load_file(block_file, device=home)
+        meta = read_metadata(block_file)
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    timer.add(meta.extra.get("svdq_block", {}).get("timings", {}))
+    return list(meta.extra.get("svdq_block", {}).get("layers", []))
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -296,13 +307,7 @@ def run_quantization(
         bar.set_postfix_str(block or "(outside blocks)", refresh=False)
         block_file = None if state is None else state / f"block-{index:04d}.safetensors"
         if block_file is not None and block_file.is_file():
-            with timer.phase("io"):
-                layers = load_file(block_file, device=home)
-                meta = read_metadata(block_file)
-            for name, layer in layers.items():
-                _set_submodule(model, name, layer)
-            infos.extend(meta.extra.get("svdq_block", {}).get("layers", []))
-            timer.add(meta.extra.get("svdq_block", {}).get("timings", {}))
+            infos.extend(load_block_result(model, block_file, home=home, timer=timer))
             continue
         if deadline is not None and time.time() > deadline:
             complete = False
