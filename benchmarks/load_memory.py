@@ -25,13 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
+from memory_bounds import _status_kib, build  # noqa: E402  (one random-code model builder)
 
 
 def child(loader: str, path: str, device: str) -> None:
@@ -45,54 +41,19 @@ def child(loader: str, path: str, device: str) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     except OSError:
         pass
-    base = _rss_kib("VmRSS")
+    base = _status_kib("VmRSS")
     t0 = time.perf_counter()
     if loader == "diffusers":
         model = FluxTransformer2DModel.from_pretrained(path, device_map=device if device != "cpu" else None)
     else:
         model = load_pretrained(path, device=device)
     seconds = time.perf_counter() - t0
-    peak = _rss_kib("VmHWM")
+    peak = _status_kib("VmHWM")
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(json.dumps({"baseline_kib": base, "peak_kib": peak, "after_kib": _rss_kib("VmRSS"),
+    print(json.dumps({"baseline_kib": base, "peak_kib": peak, "after_kib": _status_kib("VmRSS"),
                       "model_bytes": nbytes, "seconds": seconds,
                       "device": str(next(iter(model.state_dict().values())).device),
                       "torch": torch.__version__}))
-
-
-def build(dim: int, layers: int, single_layers: int, rank: int):
-    import torch
-    from diffusers import FluxTransformer2DModel
-
-    from svdq_format.diffusers import attach_quantizer
-    from svdq_format.model import model_metadata, replace_linears
-    from svdq_format.spec import LayerSpec
-
-    heads = dim // 128
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single_layers,
-                                       attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=dim,
-                                       pooled_projection_dim=768, axes_dims_rope=[16, 56, 56])
-    specs = {
-        name: LayerSpec(kind="w4a4", precision="int4", in_features=m.in_features, out_features=m.out_features,
-                        rank=rank, dtype="bfloat16", has_bias=m.bias is not None)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m.in_features % 64 == 0 and m.in_features >= 256
-    }
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    for t in model.parameters():
-        t.data.normal_(0, 0.02, generator=g)
-    for layer in replace_linears(model, specs, device="cpu").values():
-        layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8, generator=g))
-        layer.wscales.fill_(0.01)
-        layer.smooth.fill_(1.0)
-        layer.lora_down.normal_(0, 0.02, generator=g)
-        layer.lora_up.normal_(0, 0.02, generator=g)
-        if layer.bias is not None:
-            layer.bias.zero_()
-    attach_quantizer(model, model_metadata(model))
-    return model
 
 
 def main() -> None:
@@ -112,7 +73,7 @@ def main() -> None:
 
     from svdq_format.model import save_pretrained, save_single_file
 
-    model = build(args.dim, args.layers, args.single_layers, args.rank)
+    model = build(dim=args.dim, layers=args.layers, single_layers=args.single_layers, rank=args.rank)
     rows = []
     with tempfile.TemporaryDirectory(prefix="svdq-mem-") as tmp:
         layouts = {
