@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--single", type=int, default=38)
     ap.add_argument("--out", default="lora.json")
     ap.add_argument("--tmp", default=None, help="directory for the LoRA file and the cache")
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of one apply (top 30 by cumulative time)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -127,6 +128,17 @@ def main(argv=None) -> int:
 
     load_lora(model, lora_path, adapter_name="warm", cache=False)  # imports, page cache
     unload_all(model)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        load_lora(model, lora_path, adapter_name="prof", cache=False)
+        sync()
+        prof.disable()
+        unload_all(model)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 
     results: dict[str, list[float]] = {k: [] for k in ("apply", "strength", "unload", "apply+cache", "cached reload")}
     for _ in range(args.repeat):

@@ -130,8 +130,16 @@ def _source_key(raw_path: str, config: Optional[Mapping[str, Any]]) -> str:
     return h
 
 
+def _read_device(model: nn.Module) -> Optional[torch.device]:
+    """Where a LoRA file is read to: the quantized layers' CUDA device, else ``None`` (CPU mmap)."""
+    for m in model.modules():
+        if isinstance(m, SVDQLinear):
+            return m.qweight.device if m.qweight.is_cuda else None
+    return None
+
+
 def _plan_from_delta(model: nn.Module, path: str, adapter_name: str, *, check_fingerprint: bool) -> tuple[LoraPlan, LoraReport]:
-    plan, meta = lora_delta.load_delta(path, adapter_name=adapter_name)
+    plan, meta = lora_delta.load_delta(path, adapter_name=adapter_name, device=_read_device(model))
     if check_fingerprint:
         # a file from elsewhere: never take a stored copy of the base's own branch on trust
         for d in plan.layers.values():
@@ -181,7 +189,8 @@ def load_lora(
     if path is not None and os.path.isfile(path) and lora_delta.is_delta_file(path):
         plan, report = _plan_from_delta(model, path, adapter_name, check_fingerprint=True)
     else:
-        raw = source if isinstance(source, RawLora) else read_lora(source, weight_name=weight_name)
+        raw = source if isinstance(source, RawLora) else read_lora(source, weight_name=weight_name,
+                                                                   device=_read_device(model))
         cached_file = None
         if cache and raw.path != "<dict>" and os.path.isfile(raw.path):
             cached_file = lora_delta.cache_path(_source_key(raw.path, raw.config), base_fingerprint(model))

@@ -159,9 +159,11 @@ def is_delta_file(path: str | os.PathLike[str]) -> bool:
     return p.endswith(".safetensors") and os.path.isfile(p) and _read_meta(p) is not None
 
 
-def load_delta(path: str | os.PathLike[str], *, adapter_name: Optional[str] = None) -> tuple[LoraPlan, dict[str, Any]]:
+def load_delta(path: str | os.PathLike[str], *, adapter_name: Optional[str] = None,
+               device: Optional[torch.device] = None) -> tuple[LoraPlan, dict[str, Any]]:
     """Read a delta file into a :class:`~svdq_format.lora.LoraPlan` (not yet checked
-    against a model; :func:`svdq_format.lora.check_plan` does that).
+    against a model; :func:`svdq_format.lora.check_plan` does that). A CUDA ``device``
+    reads the tensors straight onto it (see :func:`~converters.lora_formats.mmap_safetensors`).
 
     Raises:
         LoRAError: not a delta file, newer format version, missing/inconsistent tensors.
@@ -175,7 +177,7 @@ def load_delta(path: str | os.PathLike[str], *, adapter_name: Optional[str] = No
     version = meta.get("format_version")
     if not isinstance(version, int) or version > DELTA_FORMAT_VERSION or version < 1:
         raise LoRAError(f"{p}: delta format_version {version!r} is not supported (this svdquant reads <= {DELTA_FORMAT_VERSION})")
-    sd, _ = mmap_safetensors(p)
+    sd, _ = mmap_safetensors(p, device=device)
     layers: dict[str, LayerDelta] = {}
     for lname, info in (meta.get("layers") or {}).items():
         try:

@@ -114,12 +114,14 @@ def _refuse_pickle(path: str) -> None:
         raise LoRAError(f"{path}: pickled checkpoints are refused (they can execute code); convert it to .safetensors")
 
 
-def mmap_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def mmap_safetensors(path: str, *, device: Optional[torch.device] = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read-only, zero-copy tensors of a safetensors file (memory-mapped) and its metadata.
 
     The header is fully checked first (:func:`svdq_format.io.read_header`: lengths, JSON,
     dtypes, offsets tiling the data, truncation). Tensors share the file's page cache; callers
-    copy what they keep (concatenation does).
+    copy what they keep (concatenation does). With a CUDA ``device`` the whole file is read
+    onto it instead (:func:`svdq_format.device_read.read_to_device`: threaded reads, pinned
+    staging, one allocation), so everything downstream runs on the GPU.
 
     Raises:
         LoRAError: the container is broken or truncated.
@@ -135,6 +137,13 @@ def mmap_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     except FormatError as exc:
         where = f"; {exc.key}" if exc.key else ""
         raise LoRAError(f"{path}: cannot read safetensors file ({exc.reason}{where})") from None
+    if device is not None and torch.device(device).type == "cuda":
+        from svdq_format.device_read import read_to_device
+
+        try:
+            return read_to_device(header, device), dict(header.metadata)
+        except FormatError as exc:
+            raise LoRAError(f"{path}: cannot read safetensors file ({exc.reason})") from None
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -152,11 +161,11 @@ def mmap_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return out, dict(header.metadata)
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(path: str, device: Optional[torch.device] = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     _refuse_pickle(path)
     if not path.endswith(".safetensors"):
         raise LoRAError(f"{path}: not a .safetensors file")
-    sd, meta = mmap_safetensors(path)
+    sd, meta = mmap_safetensors(path, device=device)
     if not sd:
         raise LoRAError(f"{path}: the file holds no tensors")
     return sd, meta
@@ -197,9 +206,9 @@ def _pick_file(d: Path, weight_name: Optional[str]) -> Path:
     raise LoRAError(f"{d}: several .safetensors files ({', '.join(p.name for p in files)}); pass weight_name")
 
 
-def _read_dir(d: Path, weight_name: Optional[str]) -> RawLora:
+def _read_dir(d: Path, weight_name: Optional[str], device: Optional[torch.device] = None) -> RawLora:
     f = _pick_file(d, weight_name)
-    sd, meta = _read_safetensors(str(f))
+    sd, meta = _read_safetensors(str(f), device)
     cfg = _config_from_metadata(meta, str(f))
     peft = False
     if (d / _PEFT_CONFIG).is_file():
@@ -216,6 +225,7 @@ def read_lora(
     *,
     weight_name: Optional[str] = None,
     revision: Optional[str] = None,
+    device: Optional[torch.device] = None,
 ) -> RawLora:
     """Read a LoRA from a file, a directory, a Hub repo id or a state dict.
 
@@ -223,6 +233,8 @@ def read_lora(
         source: ``.safetensors`` file, directory, ``owner/name`` Hub repo, or a dict.
         weight_name: File name inside a directory or repo when it holds several.
         revision: Hub revision.
+        device: A CUDA device reads the file straight onto it (the model's device: planning
+            and merging then run there); ``None`` memory-maps it on the CPU.
 
     Raises:
         LoRAError: missing/corrupt/truncated file, pickle, or no LoRA file found.
@@ -235,7 +247,7 @@ def read_lora(
     path = os.fspath(source)
     p = Path(path)
     if p.is_file():
-        sd, meta = _read_safetensors(path)
+        sd, meta = _read_safetensors(path, device)
         cfg = _config_from_metadata(meta, path)
         cfg_file = p.parent / _PEFT_CONFIG
         peft = p.name == _PEFT_WEIGHTS and cfg_file.is_file()
@@ -246,14 +258,15 @@ def read_lora(
                 raise LoRAError(f"{cfg_file}: not valid JSON") from None
         return RawLora(sd, cfg, path, peft_dir=peft)
     if p.is_dir():
-        return _read_dir(p, weight_name)
+        return _read_dir(p, weight_name, device)
     _refuse_pickle(path)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) and not path.endswith(".safetensors"):
-        return _read_hub(path, weight_name=weight_name, revision=revision)
+        return _read_hub(path, weight_name=weight_name, revision=revision, device=device)
     raise LoRAError(f"{path}: no such file or directory")
 
 
-def _read_hub(repo_id: str, *, weight_name: Optional[str], revision: Optional[str]) -> RawLora:
+def _read_hub(repo_id: str, *, weight_name: Optional[str], revision: Optional[str],
+              device: Optional[torch.device] = None) -> RawLora:
     from huggingface_hub import snapshot_download
 
     patterns = [weight_name] if weight_name else ["*.safetensors"]
@@ -261,7 +274,7 @@ def _read_hub(repo_id: str, *, weight_name: Optional[str], revision: Optional[st
         local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns + [_PEFT_CONFIG])
     except Exception as exc:
         raise LoRAError(f"{repo_id}: cannot download from the Hub ({' '.join(str(exc).split())[:200]})") from None
-    return _read_dir(Path(local), weight_name)
+    return _read_dir(Path(local), weight_name, device)
 
 
 # --------------------------------------------------------------------------- detection

@@ -222,7 +222,10 @@ def _fused_members(model: nn.Module) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def _check_delta(where: str, d: LoraDelta, k: int, n: int) -> None:
+def _check_delta(where: str, d: LoraDelta, k: int, n: int,
+                 deferred: Optional[list[tuple[str, torch.Tensor]]] = None) -> None:
+    """Shape/dtype checks now; NaN/inf checks of CUDA tensors go to ``deferred`` (checked
+    together by :func:`_check_finite_batch`: one host sync instead of one per tensor)."""
     for label, t in (("lora_A", d.down), ("lora_B", d.up), ("scales", d.scales)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise LoRAError(f"{where}: {label} is not a floating-point tensor")
@@ -242,8 +245,34 @@ def _check_delta(where: str, d: LoraDelta, k: int, n: int) -> None:
     checks: tuple[tuple[str, Optional[torch.Tensor]], ...] = (
         ("lora_A", d.down), ("lora_B", d.up), ("scales", d.scales), ("bias", d.bias))
     for label, maybe in checks:
-        if maybe is not None and not _all_finite(maybe):
+        if maybe is None:
+            continue
+        if deferred is not None and maybe.is_cuda:
+            deferred.append((f"{where}: {label}", maybe))
+        elif not _all_finite(maybe):
             raise LoRAError(f"{where}: {label} contains NaN or inf")
+
+
+def _check_finite_batch(items: list[tuple[str, torch.Tensor]]) -> None:
+    """NaN/inf check of many CUDA tensors with one host synchronisation.
+
+    ``torch._foreach_norm`` (2-norm, fp32 accumulation) runs a few multi-tensor kernels for all
+    of them: NaN and inf propagate into the norm. A tensor it flags is checked exactly
+    (:func:`_all_finite`) before the error, since a 2-norm of huge finite values can overflow.
+    """
+    if not items:
+        return
+    tensors = [t.to(torch.bfloat16) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t for _, t in items]
+    try:
+        norms = torch._foreach_norm(tensors, 2)
+        flags = torch.stack([n.float() for n in norms]).isfinite()
+    except (RuntimeError, AttributeError, TypeError):  # private API: fall back to one op per tensor
+        flags = torch.stack([torch.isfinite(t).all() for t in tensors])
+    if bool(flags.all()):
+        return
+    for (label, t), ok in zip(items, flags.tolist()):
+        if not ok and not _all_finite(t):
+            raise LoRAError(f"{label} contains NaN or inf")
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -335,23 +364,25 @@ def _plan_lora(model: nn.Module, adapter: LoraAdapter) -> LoraPlan:
     unmatched: list[str] = []
     per_fused: dict[str, list[tuple[int, int, LoraDelta]]] = {}
     direct: dict[str, LoraDelta] = {}
+    deferred: list[tuple[str, torch.Tensor]] = []
     for target, delta in adapter.deltas.items():
         where = f"{adapter.source or adapter.name}: {target}"
         delta = _pad_inputs(delta, modules, fused, target)
         if target in fused:
             lname, off, size = fused[target]
             layer = modules[lname]
-            _check_delta(where, delta, layer.in_features, size)
+            _check_delta(where, delta, layer.in_features, size, deferred)
             per_fused.setdefault(lname, []).append((off, size, delta))
             matched[target] = lname
             continue
         mod = modules.get(target)
         if isinstance(mod, (SVDQLinear, nn.Linear)):
-            _check_delta(where, delta, mod.in_features, mod.out_features)
+            _check_delta(where, delta, mod.in_features, mod.out_features, deferred)
             direct[target] = delta
             matched[target] = target
         else:
             unmatched.append(target)
+    _check_finite_batch(deferred)
     for lname in per_fused:
         if lname in direct:
             raise LoRAError(f"{adapter.source or adapter.name}: {lname}: LoRA targets both the fused layer and its members")
@@ -707,11 +738,13 @@ def _check_plan(model: nn.Module, plan: LoraPlan) -> None:
     modules = dict(model.named_modules())
     named_params = dict(model.named_parameters())
     src = plan.source or plan.adapter
+    deferred: list[tuple[str, torch.Tensor]] = []
     for lname, d in plan.layers.items():
         mod = modules.get(lname)
         if not isinstance(mod, (SVDQLinear, nn.Linear)):
             raise LoRAError(f"{src}: {lname}: the model has no linear layer of that name")
-        _check_delta(f"{src}: {lname}", LoraDelta(d.down, d.up, d.scales, d.bias), mod.in_features, mod.out_features)
+        _check_delta(f"{src}: {lname}", LoraDelta(d.down, d.up, d.scales, d.bias), mod.in_features, mod.out_features,
+                     deferred)
         if isinstance(mod, SVDQLinear):
             d.down, d.up = d.down.to(mod.dtype), d.up.to(mod.dtype)
         else:  # the hook uses them directly: own copies, not views of a file mapping
@@ -720,6 +753,7 @@ def _check_plan(model: nn.Module, plan: LoraPlan) -> None:
             d.full_down = d.full_up = None
         d.scales = d.scales.float().clone()
         d.bias = None if d.bias is None else d.bias.float().clone()
+    _check_finite_batch(deferred)
     for pname, t in plan.params.items():
         p = named_params.get(pname)
         if p is None or tuple(p.shape) != tuple(t.shape):

@@ -429,3 +429,38 @@ def test_lora_on_a_cuda_model_matches_cpu(dense, qbase):
     with pytest.raises(LoRAError, match="NaN"):
         load_lora(gpu, bad, adapter_name="b", cache=False)
     assert same_tensors(snapshot(gpu), before)
+
+
+def test_batched_finite_check_names_the_bad_tensor_and_tolerates_huge_finite_values():
+    from svdq_format.lora import _check_finite_batch
+
+    huge = torch.full((64, 64), 1e30)  # 2-norm overflows fp32: must not be reported as inf
+    good = torch.randn(8, 8, dtype=torch.bfloat16)
+    _check_finite_batch([("a", huge), ("b", good)])
+    bad = good.clone()
+    bad[3, 5] = float("inf")
+    with pytest.raises(LoRAError, match=r"^t: layer\.x: lora_B contains NaN or inf$"):
+        _check_finite_batch([("a", huge), ("t: layer.x: lora_B", bad), ("b", good)])
+
+
+@pytest.mark.gpu
+def test_lora_file_and_cache_read_onto_the_gpu_match_cpu(dense, qbase, tmp_path, monkeypatch):
+    """A file source is read straight onto the model's GPU; the cached delta comes back on the
+    GPU too (ready-made branches, no copies) and both equal the CPU result."""
+    monkeypatch.setenv("SVDQ_CACHE", str(tmp_path / "cache"))
+    factors = random_factors(lora_targets(dense), rank=4)
+    path = tmp_path / "lora.safetensors"
+    save_file(peft_state_dict(factors), str(path))
+    cpu = copy.deepcopy(qbase)
+    gpu = copy.deepcopy(qbase).to("cuda")
+    load_lora(cpu, path, adapter_name="a", strength=0.7)
+    load_lora(gpu, path, adapter_name="a", strength=0.7)
+    for (name, a), (_, b) in zip(cpu.named_buffers(), gpu.named_buffers()):
+        assert torch.equal(a, b.cpu()), name
+    unload_all(gpu)
+    report = load_lora(gpu, path, adapter_name="a", strength=0.7)
+    assert report.cached
+    layer = next(m for m in gpu.modules() if isinstance(m, SVDQLinear) and m.lora_down.shape[0] > 16)
+    assert layer.lora_down.is_cuda
+    for (name, a), (_, b) in zip(cpu.named_buffers(), gpu.named_buffers()):
+        assert torch.equal(a, b.cpu()), name

@@ -1,0 +1,112 @@
+"""Read a whole safetensors file straight into GPU memory: threaded reads, pinned staging, one buffer.
+
+Reading tensor by tensor into pageable host memory and copying each to the GPU costs a page
+fault per 4 KiB and a synchronous copy per tensor. Here the file's data region is read by
+several threads (``os.preadv`` releases the GIL) into a small ring of pinned staging buffers
+and each chunk is copied asynchronously into **one** device allocation; the tensors are views
+of it. Host memory used: the ring (``threads × chunk``, allocated once per process), whatever
+the file size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .errors import HeaderError
+from .io import SafetensorsHeader
+
+__all__ = ["read_to_device"]
+
+_CHUNK = 8 << 20
+_RING = 8
+_lock = threading.Lock()
+_staging: list[torch.Tensor] = []
+
+
+def _ring() -> list[torch.Tensor]:
+    """The process's pinned staging buffers (allocated on first use: pinning is slow)."""
+    with _lock:
+        if not _staging:
+            _staging.extend(torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(_RING))
+        return _staging
+
+
+def _pread(fd: int, buf: torch.Tensor, offset: int, nbytes: int, path: str) -> None:
+    view = memoryview(buf.numpy())[:nbytes]
+    got = 0
+    while got < nbytes:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise HeaderError(path, None, "file ends inside the tensor data (truncated)")
+        got += n
+
+
+def read_to_device(header: SafetensorsHeader, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checked safetensors file, on a CUDA device, as views of one allocation.
+
+    Args:
+        header: From :func:`svdq_format.io.read_header` (offsets already checked to tile the data).
+        device: A CUDA device.
+
+    Returns:
+        Tensor name → tensor on ``device`` (in header order). A tensor whose offset is not a
+        multiple of its element size is copied to its own allocation.
+
+    Raises:
+        HeaderError: the file is shorter than its header says.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"read_to_device needs a CUDA device, got {dev}")
+    entries = header.tensors
+    total = max((e.end for e in entries.values()), default=0)
+    data = torch.empty(total, dtype=torch.uint8, device=dev)
+    if total:
+        ring = _ring()
+        stream = torch.cuda.Stream(dev)
+        done = [torch.cuda.Event() for _ in ring]
+        used = [False] * len(ring)
+        n_chunks = math.ceil(total / _CHUNK)
+        fd = os.open(header.path, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(len(ring)) as pool:
+                pending: dict[int, Future[None]] = {}
+
+                def submit(i: int) -> None:
+                    slot = i % len(ring)
+                    if used[slot]:
+                        done[slot].synchronize()  # its previous chunk has left for the GPU
+                    used[slot] = True
+                    off = i * _CHUNK
+                    n = min(_CHUNK, total - off)
+                    pending[i] = pool.submit(_pread, fd, ring[slot], header.data_start + off, n, header.path)
+
+                for i in range(min(len(ring), n_chunks)):
+                    submit(i)
+                for i in range(n_chunks):
+                    pending.pop(i).result()
+                    slot = i % len(ring)
+                    off = i * _CHUNK
+                    n = min(_CHUNK, total - off)
+                    with torch.cuda.stream(stream):
+                        data[off : off + n].copy_(ring[slot][:n], non_blocking=True)
+                        done[slot].record(stream)
+                    if i + len(ring) < n_chunks:
+                        submit(i + len(ring))
+        finally:
+            os.close(fd)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        data.record_stream(stream)
+    out: dict[str, torch.Tensor] = {}
+    for name, e in entries.items():
+        dtype = getattr(torch, e.dtype)
+        raw = data[e.begin : e.end]
+        if e.begin % dtype.itemsize:
+            raw = raw.clone()
+        out[name] = raw.view(dtype).view(e.shape)
+    return out
