@@ -476,6 +476,6 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
         if r == 0:
             raise LoRAError(f"{path}: {mod}: rank 0")
         scale = _unit_scale(mod, r, config, alphas) * extra_scale.get(mod, 1.0)
-        deltas[mod] = LoraDelta(a, b, torch.full((r,), scale, dtype=torch.float32), parts.get("lora_B.bias"))
+        deltas[mod] = LoraDelta(a, b, torch.full((r,), scale, dtype=torch.float32, device=a.device), parts.get("lora_B.bias"))
     adapter = LoraAdapter(name=adapter_name, deltas=deltas, params=params, source=path)
     return NormalizedLora(adapter, fmt, sorted(set(dropped)), skipped)

@@ -26,14 +26,18 @@ _CHUNK = 8 << 20
 _RING = 8
 _lock = threading.Lock()
 _staging: list[torch.Tensor] = []
+_readers: list[ThreadPoolExecutor] = []
 
 
-def _ring() -> list[torch.Tensor]:
-    """The process's pinned staging buffers (allocated on first use: pinning is slow)."""
+def _ring() -> tuple[list[torch.Tensor], ThreadPoolExecutor]:
+    """The process's pinned staging buffers and reader threads (made on first use: pinning
+    memory and starting threads are slow)."""
     with _lock:
         if not _staging:
             _staging.extend(torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(_RING))
-        return _staging
+        if not _readers:
+            _readers.append(ThreadPoolExecutor(_RING, thread_name_prefix="svdq-read"))
+        return _staging, _readers[0]
 
 
 def _pread(fd: int, buf: torch.Tensor, offset: int, nbytes: int, path: str) -> None:
@@ -67,38 +71,39 @@ def read_to_device(header: SafetensorsHeader, device: torch.device | str) -> dic
     total = max((e.end for e in entries.values()), default=0)
     data = torch.empty(total, dtype=torch.uint8, device=dev)
     if total:
-        ring = _ring()
+        ring, pool = _ring()
         stream = torch.cuda.Stream(dev)
         done = [torch.cuda.Event() for _ in ring]
         used = [False] * len(ring)
         n_chunks = math.ceil(total / _CHUNK)
         fd = os.open(header.path, os.O_RDONLY)
+        pending: dict[int, Future[None]] = {}
+
+        def submit(i: int) -> None:
+            slot = i % len(ring)
+            if used[slot]:
+                done[slot].synchronize()  # its previous chunk has left for the GPU
+            used[slot] = True
+            off = i * _CHUNK
+            n = min(_CHUNK, total - off)
+            pending[i] = pool.submit(_pread, fd, ring[slot], header.data_start + off, n, header.path)
+
         try:
-            with ThreadPoolExecutor(len(ring)) as pool:
-                pending: dict[int, Future[None]] = {}
-
-                def submit(i: int) -> None:
-                    slot = i % len(ring)
-                    if used[slot]:
-                        done[slot].synchronize()  # its previous chunk has left for the GPU
-                    used[slot] = True
-                    off = i * _CHUNK
-                    n = min(_CHUNK, total - off)
-                    pending[i] = pool.submit(_pread, fd, ring[slot], header.data_start + off, n, header.path)
-
-                for i in range(min(len(ring), n_chunks)):
-                    submit(i)
-                for i in range(n_chunks):
-                    pending.pop(i).result()
-                    slot = i % len(ring)
-                    off = i * _CHUNK
-                    n = min(_CHUNK, total - off)
-                    with torch.cuda.stream(stream):
-                        data[off : off + n].copy_(ring[slot][:n], non_blocking=True)
-                        done[slot].record(stream)
-                    if i + len(ring) < n_chunks:
-                        submit(i + len(ring))
+            for i in range(min(len(ring), n_chunks)):
+                submit(i)
+            for i in range(n_chunks):
+                pending.pop(i).result()
+                slot = i % len(ring)
+                off = i * _CHUNK
+                n = min(_CHUNK, total - off)
+                with torch.cuda.stream(stream):
+                    data[off : off + n].copy_(ring[slot][:n], non_blocking=True)
+                    done[slot].record(stream)
+                if i + len(ring) < n_chunks:
+                    submit(i + len(ring))
         finally:
+            for f in pending.values():  # an error: let in-flight reads finish before closing
+                f.exception()
             os.close(fd)
         torch.cuda.current_stream(dev).wait_stream(stream)
         data.record_stream(stream)

@@ -432,10 +432,20 @@ def _layer_recs(st: _LoraState, name: str) -> list[tuple[_AdapterRecord, LayerDe
     return [(r, r.layers[name]) for r in st.adapters.values() if name in r.layers]
 
 
+def _put(layer: SVDQLinear, **tensors: Optional[torch.Tensor]) -> None:
+    """Replace registered buffers directly (``Module.__setattr__`` costs ~10 µs a call, and a
+    LoRA load makes thousands); names that are not buffers go through ``setattr``."""
+    bufs = layer._buffers
+    for key, value in tensors.items():
+        if key in bufs:
+            bufs[key] = value
+        else:
+            setattr(layer, key, value)
+
+
 def _restore_svdq(layer: SVDQLinear, name: str, st: _LoraState) -> None:
     orig_down, orig_up, orig_scales, orig_bias = st.svdq_originals.pop(name)
-    layer.lora_down, layer.lora_up = orig_down, orig_up
-    layer.lora_scales, layer.bias = orig_scales, orig_bias
+    _put(layer, lora_down=orig_down, lora_up=orig_up, lora_scales=orig_scales, bias=orig_bias)
 
 
 def _set_scales(layer: SVDQLinear, name: str, st: _LoraState) -> None:
@@ -446,9 +456,9 @@ def _set_scales(layer: SVDQLinear, name: str, st: _LoraState) -> None:
     assert layer.lora_down is not None
     base_r = layer.lora_down.shape[0] - sum(d.down.shape[0] for _, d in recs)
     base_scales = (
-        orig_scales.float() if orig_scales is not None else torch.ones(base_r, dtype=torch.float32)
+        orig_scales.float() if orig_scales is not None else torch.ones(base_r, dtype=torch.float32, device=dev)
     ).to(dev)
-    layer.lora_scales = torch.cat([base_scales] + [d.scales.to(dev) * rec.effective for rec, d in recs])
+    scales = torch.cat([base_scales] + [d.scales.to(dev) * rec.effective for rec, d in recs])
     if any(d.bias is not None for _, d in recs):
         b = torch.zeros(layer.out_features, dtype=torch.float32, device=dev)
         if orig_bias is not None:
@@ -456,9 +466,9 @@ def _set_scales(layer: SVDQLinear, name: str, st: _LoraState) -> None:
         for rec, d in recs:
             if d.bias is not None:
                 b += rec.effective * d.bias.to(dev)
-        layer.bias = b.to(layer.dtype)
+        _put(layer, lora_scales=scales, bias=b.to(layer.dtype))
     else:
-        layer.bias = orig_bias
+        _put(layer, lora_scales=scales, bias=orig_bias)
 
 
 def _use_ready_made(layer: SVDQLinear, name: str, st: _LoraState, recs: list, base_r: int, r: int) -> bool:
@@ -470,7 +480,7 @@ def _use_ready_made(layer: SVDQLinear, name: str, st: _LoraState, recs: list, ba
         return False
     if fd.device != layer.qweight.device or fd.dtype != layer.dtype or fu.dtype != layer.dtype:
         return False
-    layer.lora_down, layer.lora_up = fd, fu
+    _put(layer, lora_down=fd, lora_up=fu)
     d.down, d.up = fd[base_r:], fu[:, base_r:]
     _set_scales(layer, name, st)
     return True
@@ -514,7 +524,7 @@ def _rebuild_all_svdq(modules: Mapping[str, nn.Module], st: _LoraState) -> None:
             ups = ([orig_up] if base_r else []) + [d.up.to(dev) for _, d in recs]
             torch.cat(downs, out=down)
             torch.cat(ups, dim=1, out=up)
-            layer.lora_down, layer.lora_up = down, up
+            _put(layer, lora_down=down, lora_up=up)
             r0 = base_r
             for _, d in recs:
                 rr = d.down.shape[0]
