@@ -78,6 +78,7 @@ def main() -> int:
     ap.add_argument("--baseline", default=None, help="JSON of the 1-process run: adds scaling efficiency")
     ap.add_argument("--timeout", type=float, default=1200.0, help="collective timeout (s)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads per rank (default: cores / ranks on this host)")
     args = ap.parse_args()
 
     ctx = init_distributed(args.device, timeout_s=args.timeout)
@@ -89,6 +90,8 @@ def main() -> int:
     txt = args.text_tokens or (16 if args.tiny else 64 if args.small else 512)
     if args.tiny or args.small:
         torch.set_num_threads(1)  # CPU tests: one thread per rank (a fair 1-vs-N comparison)
+    else:  # torchrun sets OMP_NUM_THREADS=1; give each rank its share of the host's cores
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
     t = time.time()
     model = build_model(config, device, torch.bfloat16, args.seed)
@@ -151,11 +154,11 @@ def main() -> int:
         out["scaling_efficiency"] = round(base["wall_s"] / (world * total), 3)
         out["checksum_matches_baseline"] = base.get("checksum_sha256") == digest
     print()
-    print(f"{'rank':>4} {'wall s':>9} {'peak GPU GiB':>13} {'peak host GiB':>14} {'groups':>7}")
+    print(f"{'rank':>4} {'wall s':>9} {'exchange s':>11} {'peak GPU GiB':>13} {'peak host GiB':>14} {'groups':>7}")
     groups = out["groups_per_rank"] or []
     for r in per_rank:
         g = groups[r["rank"]] if r["rank"] < len(groups) else "-"
-        print(f"{r['rank']:>4} {r['wall_s']:>9.1f} {r['peak_gpu_bytes'] / 2**30:>13.2f} "
+        print(f"{r['rank']:>4} {r['wall_s']:>9.1f} {r['phases_s'].get('exchange', 0.0):>11.1f} {r['peak_gpu_bytes'] / 2**30:>13.2f} "
               f"{r['peak_host_rss_bytes'] / 2**30:>14.2f} {g:>7}")
     print(f"world {world}: wall {total:.1f}s for {params / 1e9:.2f} B params, {len(rep.layers)} layers; "
           f"sha256 {digest[:16]}")

@@ -121,6 +121,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
         for r in owner:
             per_rank[r] += 1
         results: dict[tuple[int, int], Any] = {}
+        tensors: dict[str, torch.Tensor] = {}
         error: BaseException | None = None
         try:
             for (b, g), r in zip(tasks, owner):
@@ -139,17 +140,25 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 if stream:
                     for m in mods.values():
                         m.to("cpu")
-                results[(b, g)] = ([(name, *pack_layer(layer), info) for name, (layer, info) in res.items()],
-                                   gt.seconds)
+                packed = []
+                for name, (layer, info) in res.items():
+                    spec_json, roles = pack_layer(layer)
+                    packed.append((name, spec_json, sorted(roles), info))
+                    tensors.update({f"{b}/{g}/{name}/{role}": t for role, t in roles.items()})
+                results[(b, g)] = (packed, gt.seconds)
         except Exception as exc:
             error = exc
             if _is_oom(exc):
                 error = QuantizationError(f"out of memory while quantizing on {device}: use --offload blocks, "
                                           "a smaller --calib-rows, or fewer --gpus per host memory")
-        gathered = ctx.exchange(results, error, what=f"blocks {blocks[window[0]][0] or '(outside blocks)'}..")
+        with timer.phase("exchange"):
+            gathered = ctx.exchange_tensors(results, tensors, error,
+                                            what=f"blocks {blocks[window[0]][0] or '(outside blocks)'}..")
         merged: dict[tuple[int, int], Any] = {}
-        for part in gathered:
+        received: dict[str, torch.Tensor] = {}
+        for part, got in gathered:
             merged.update(part)
+            received.update(got)
         for b in window:
             block, _ = blocks[b]
             block_timer = PhaseTimer()
@@ -158,8 +167,9 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
             for g in range(len(groups[b])):
                 packed, seconds = merged[(b, g)]
                 block_timer.add(seconds)
-                for name, spec_json, tensors, info in packed:
-                    layers_done[name] = unpack_layer(spec_json, tensors, device=home)
+                for name, spec_json, roles, info in packed:
+                    layer_tensors = {role: received[f"{b}/{g}/{name}/{role}"] for role in roles}
+                    layers_done[name] = unpack_layer(spec_json, layer_tensors, device=home)
                     block_infos.append(info)
             for name, layer in layers_done.items():
                 _set_submodule(model, name, layer)

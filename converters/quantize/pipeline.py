@@ -279,7 +279,7 @@ def run_quantization(
             else:
                 from .distributed import gather_stats
 
-                with timer.phase("calibration"):
+                with timer.phase("exchange"):
                     stats = gather_stats(dist, part, error, max_rows=opts.calib_rows, layers=list(linears))
             stats.seconds = timer.seconds["calibration"]
             stats.source = calib.source

@@ -11,7 +11,7 @@ import torch
 __all__ = ["PhaseTimer", "PHASES"]
 
 #: Phases reported by the quantizer.
-PHASES = ("calibration", "smoothing_search", "svd", "residual", "report", "io")
+PHASES = ("calibration", "smoothing_search", "svd", "residual", "report", "io", "exchange")
 
 
 class PhaseTimer:
