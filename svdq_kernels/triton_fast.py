@@ -28,8 +28,9 @@ import torch
 
 __all__ = ["fast_linear", "prologue", "gemm", "triton_available", "DATAPATHS"]
 
-#: GEMM datapaths (see :func:`gemm`).
-DATAPATHS = ("f16", "fp8")
+#: GEMM datapaths (see :func:`gemm`); ``*t``: the transposed kernel (weights as the MMA's
+#: register operand, tokens as its N dimension).
+DATAPATHS = ("f16", "fp8", "f16t", "fp8t")
 #: Datapath of :func:`fast_linear` (``SVDQ_FAST_DATAPATH`` overrides).
 DEFAULT_DATAPATH = os.environ.get("SVDQ_FAST_DATAPATH", "f16")
 
@@ -180,7 +181,89 @@ def _kernels() -> dict[str, Any]:
         mask = (rm < M)[:, None] & (rn < N)[None, :]
         tl.store(y_ptr + rm_c[:, None] * N + rn_c[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
-    return {"triton": triton, "prologue": prologue_kernel, "gemm": gemm_kernel, "gemm_configs": gemm_configs}
+    gemm_t_configs = [
+        triton.Config({"BN": 128, "BM": 128}, num_warps=8, num_stages=4),
+        triton.Config({"BN": 128, "BM": 256}, num_warps=8, num_stages=3),
+        triton.Config({"BN": 256, "BM": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BN": 128, "BM": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BN": 64, "BM": 64}, num_warps=4, num_stages=5),
+        triton.Config({"BN": 128, "BM": 32}, num_warps=4, num_stages=5),
+        triton.Config({"BN": 128, "BM": 16}, num_warps=4, num_stages=5),
+        triton.Config({"BN": 64, "BM": 16}, num_warps=4, num_stages=6),
+    ]
+
+    @triton.autotune(configs=gemm_t_configs, key=["M_BUCKET", "N", "K", "F16", "HAS_LR"])
+    @triton.jit
+    def gemm_t_kernel(
+        q_ptr, a_ptr, w_ptr, wst_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
+        F16: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
+    ):
+        # yᵀ tile [BN, BM] = W (int4 → e4m3/f16 in registers: the MMA's A operand, no shared-memory
+        # round trip) × qᵀ (activations, K-contiguous: the B operand straight from shared memory)
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_N * num_m
+        first_n = (pid // width) * GROUP_N
+        gsz = tl.minimum(num_n - first_n, GROUP_N)
+        pid_n = first_n + (pid % width) % gsz
+        pid_m = (pid % width) // gsz
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+        rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+        rk = tl.arange(0, 64)
+        rkp = tl.arange(0, 32)
+        G = K // 64
+        w_ptrs = w_ptr + rn_c[:, None] * (K // 2) + rkp[None, :]
+        x_ptrs = q_ptr + rm_c[None, :] * K + rk[:, None]
+        s_ptrs = wst_ptr + rn_c
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        for g in range(0, G):
+            wp = tl.load(w_ptrs)
+            lo = ((wp & 0xF).to(tl.int8) ^ 8) - 8
+            hi = ((wp >> 4).to(tl.int8) ^ 8) - 8
+            w8 = tl.join(lo, hi).reshape(BN, 64)
+            xb = tl.load(x_ptrs)
+            sc = tl.load(s_ptrs).to(tl.float32)
+            if F16:
+                part = tl.dot(w8.to(tl.float16), xb.to(tl.float16))
+            else:
+                part = tl.dot(w8.to(tl.float16).to(tl.float8e4nv), xb)
+            acc += part * sc[:, None]
+            w_ptrs += 32
+            x_ptrs += 64
+            s_ptrs += N
+        asc = tl.load(a_ptr + rm_c)
+        acc = acc * asc[None, :]
+        if HAS_LR:
+            lacc = tl.zeros([BN, BM], dtype=tl.float32)
+            for r0 in range(0, R, BR):
+                rr = r0 + tl.arange(0, BR)
+                r_ok = rr < R
+                lrt = tl.load(lr_ptr + rm_c[None, :] * R + rr[:, None], mask=r_ok[:, None], other=0.0)
+                if HAS_LRS:
+                    lrs = tl.load(lrs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)
+                    lrt = lrt * lrs[:, None]
+                l1 = tl.load(l1_ptr + rn_c[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
+                lr_hi = lrt.to(l1.dtype)
+                rest = lrt - lr_hi.to(tl.float32)
+                lr_mid = rest.to(l1.dtype)
+                lr_lo = (rest - lr_mid.to(tl.float32)).to(l1.dtype)
+                part = tl.dot(l1, lr_lo)
+                part = tl.dot(l1, lr_mid, part)
+                part = tl.dot(l1, lr_hi, part)
+                lacc += part * one
+            acc += lacc
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn_c).to(tl.float32)
+            acc += bias[:, None]
+        mask = (rn < N)[:, None] & (rm < M)[None, :]
+        tl.store(y_ptr + rm_c[None, :] * N + rn_c[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return {"triton": triton, "prologue": prologue_kernel, "gemm": gemm_kernel, "gemm_configs": gemm_configs,
+            "gemm_t": gemm_t_kernel}
 
 
 _SCALES_T: dict[int, tuple[int, torch.Tensor]] = {}
@@ -262,6 +345,16 @@ def gemm(
     wst = _scales_t(wscales)
     bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
     grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
+    if datapath.endswith("t"):
+        if not packed:
+            raise ValueError("the transposed datapaths read packed int4 weights only")
+        k["gemm_t"][grid](
+            q, a, weight, wst, lr if r else a, lora_scales if lora_scales is not None else a,
+            lora_up if r else wscales, bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
+            F16=datapath == "f16t", HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
+            HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
+        )
+        return y
     k["gemm"][grid](
         q, a, weight, wst, lr if r else a, lora_scales if lora_scales is not None else a,
         lora_up if r else wscales, bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,

@@ -1,0 +1,94 @@
+"""The fast-mode GEMM's datapaths side by side at FLUX.1 shapes (H100): time, TFLOPS, agreement.
+
+Datapaths (``svdq_kernels.triton_fast.gemm``): ``f16``/``fp8`` (tokens × weights tiles, the int4
+weights converted and staged through shared memory) and ``f16t``/``fp8t`` (the transposed
+kernel: weights are the MMA's register operand, tokens its N dimension). All promote every
+64-wide K group to fp32 with the group's weight scale. Peers in the same run: cuBLAS bf16
+(``x @ Wᵀ``) and torch FP8 rowwise ``_scaled_mm`` (GEMM only). ``rel`` is each datapath's
+relative difference to ``f16`` (itself checked against the reference in tests/test_kernels_gpu.py).
+
+    python benchmarks/gemm_datapaths.py --out out/gemm_datapaths.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 9216), (15360, 3072)]  # (K, N)
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", default="16,256,4608")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--out", default="gemm_datapaths.json")
+    args = ap.parse_args(argv)
+    from svdq_kernels import triton_fast
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for k, n in SHAPES:
+        qweight = torch.randint(0, 256, (n, k // 2), generator=g, device=dev, dtype=torch.uint8)
+        wscales = (torch.rand(n, k // 64, generator=g, device=dev) * 0.01 + 1e-3).bfloat16()
+        w = torch.randn(n, k, generator=g, device=dev).bfloat16()
+        w8 = w.float().div(w.float().abs().amax(dim=1, keepdim=True) / 448).to(torch.float8_e4m3fn)
+        sw = torch.ones(1, n, device=dev)
+        up = (torch.randn(n, args.rank, generator=g, device=dev) * 0.02).bfloat16()
+        bias = torch.randn(n, generator=g, device=dev).bfloat16()
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(m, k, generator=g, device=dev).bfloat16()
+            down = (torch.randn(args.rank, k, generator=g, device=dev) * 0.02).bfloat16()
+            smooth = torch.ones(k, device=dev).bfloat16()
+            q, a, lr = triton_fast.prologue(x, smooth, down)
+            xq = x.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+            sx = torch.ones(m, 1, device=dev)
+            res = {"bf16": _bench(lambda: x @ w.t()),
+                   "fp8_row_gemm": _bench(lambda: torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=sw,
+                                                                   out_dtype=torch.bfloat16)),
+                   "prologue": _bench(lambda: triton_fast.prologue(x, smooth, down))}
+            outs = {}
+            for dp in triton_fast.DATAPATHS:
+                def run(dp=dp):
+                    return triton_fast.gemm(q, a, qweight, wscales, lr, up, bias, None,
+                                            out_dtype=torch.bfloat16, datapath=dp)
+                outs[dp] = run().float()
+                res[dp] = _bench(run)
+            base = outs["f16"]
+            rel = {dp: ((o - base).norm() / base.norm()).item() for dp, o in outs.items()}
+            flops = 2 * m * n * k
+            tf = {key: flops / (ms * 1e-3) / 1e12 for key, ms in res.items()}
+            best = min(triton_fast.DATAPATHS, key=lambda d: res[d])
+            row = {"M": m, "K": k, "N": n, "ms": res, "tflops": tf, "rel_vs_f16": rel, "best": best,
+                   "best_layer_vs_bf16": res["bf16"] / (res[best] + res["prologue"])}
+            rows.append(row)
+            print(f"M={m:5d} K={k:5d} N={n:5d} | bf16 {tf['bf16']:6.0f} fp8row {tf['fp8_row_gemm']:6.0f} | "
+                  + " ".join(f"{dp} {tf[dp]:5.0f}" for dp in triton_fast.DATAPATHS)
+                  + f" | prologue {res['prologue'] * 1e3:6.1f} us | best {best}: layer {row['best_layer_vs_bf16']:.2f}x bf16"
+                  + " | rel " + " ".join(f"{dp} {rel[dp]:.1e}" for dp in triton_fast.DATAPATHS if dp != "f16"),
+                  flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "timing": "triton.testing.do_bench median ms, warmup 25 ms, rep 100 ms; TFLOPS = 2MNK/t"}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
