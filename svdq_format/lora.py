@@ -448,27 +448,50 @@ def _restore_svdq(layer: SVDQLinear, name: str, st: _LoraState) -> None:
     _put(layer, lora_down=orig_down, lora_up=orig_up, lora_scales=orig_scales, bias=orig_bias)
 
 
-def _set_scales(layer: SVDQLinear, name: str, st: _LoraState) -> None:
-    """Rewrite ``lora_scales`` (and a LoRA-shifted bias) from the adapters' strengths."""
-    _, _, orig_scales, orig_bias = st.svdq_originals[name]
-    recs = _layer_recs(st, name)
-    dev = layer.qweight.device
-    assert layer.lora_down is not None
-    base_r = layer.lora_down.shape[0] - sum(d.down.shape[0] for _, d in recs)
-    base_scales = (
-        orig_scales.float() if orig_scales is not None else torch.ones(base_r, dtype=torch.float32, device=dev)
-    ).to(dev)
-    scales = torch.cat([base_scales] + [d.scales.to(dev) * rec.effective for rec, d in recs])
-    if any(d.bias is not None for _, d in recs):
-        b = torch.zeros(layer.out_features, dtype=torch.float32, device=dev)
-        if orig_bias is not None:
-            b += orig_bias.float()
-        for rec, d in recs:
-            if d.bias is not None:
-                b += rec.effective * d.bias.to(dev)
-        _put(layer, lora_scales=scales, bias=b.to(layer.dtype))
-    else:
-        _put(layer, lora_scales=scales, bias=orig_bias)
+def _set_scales(layers: list[tuple[str, SVDQLinear]], st: _LoraState) -> None:
+    """Rewrite ``lora_scales`` (and a LoRA-shifted bias) of these layers from the adapters' strengths.
+
+    All layers' scale vectors are made by one concatenation per device (a few kernels instead of
+    several per layer on a GPU) and handed out as views of it.
+    """
+    by_dev: dict[torch.device, list[tuple[str, SVDQLinear]]] = {}
+    for name, layer in layers:
+        by_dev.setdefault(layer.qweight.device, []).append((name, layer))
+    for dev, items in by_dev.items():
+        plans = []
+        max_base = 0
+        for name, layer in items:
+            _, _, orig_scales, orig_bias = st.svdq_originals[name]
+            recs = _layer_recs(st, name)
+            assert layer.lora_down is not None
+            base_r = layer.lora_down.shape[0] - sum(d.down.shape[0] for _, d in recs)
+            if orig_scales is None:
+                max_base = max(max_base, base_r)
+            plans.append((name, layer, recs, orig_scales, orig_bias, base_r))
+        ones = torch.ones(max_base, dtype=torch.float32, device=dev)
+        pieces: list[torch.Tensor] = []
+        strengths: dict[float, list[int]] = {}  # strength → positions in pieces to multiply
+        for _, layer, recs, orig_scales, _, base_r in plans:
+            pieces.append(orig_scales.float().to(dev) if orig_scales is not None else ones[:base_r])
+            for rec, d in recs:
+                if rec.effective != 1.0:
+                    strengths.setdefault(rec.effective, []).append(len(pieces))
+                pieces.append(d.scales.to(dev))
+        for value, where in strengths.items():  # one multi-tensor multiply per strength
+            for i, t in zip(where, torch._foreach_mul([pieces[i] for i in where], value)):
+                pieces[i] = t
+        sizes = [layer.lora_down.shape[0] for _, layer, *_ in plans]  # type: ignore[union-attr]
+        for (_, layer, recs, _, orig_bias, _), scales in zip(plans, torch.cat(pieces).split(sizes)):
+            if any(d.bias is not None for _, d in recs):
+                b = torch.zeros(layer.out_features, dtype=torch.float32, device=dev)
+                if orig_bias is not None:
+                    b += orig_bias.float()
+                for rec, d in recs:
+                    if d.bias is not None:
+                        b += rec.effective * d.bias.to(dev)
+                _put(layer, lora_scales=scales, bias=b.to(layer.dtype))
+            else:
+                _put(layer, lora_scales=scales, bias=orig_bias)
 
 
 def _use_ready_made(layer: SVDQLinear, name: str, st: _LoraState, recs: list, base_r: int, r: int) -> bool:
@@ -482,7 +505,6 @@ def _use_ready_made(layer: SVDQLinear, name: str, st: _LoraState, recs: list, ba
         return False
     _put(layer, lora_down=fd, lora_up=fu)
     d.down, d.up = fd[base_r:], fu[:, base_r:]
-    _set_scales(layer, name, st)
     return True
 
 
@@ -498,9 +520,11 @@ def _rebuild_all_svdq(modules: Mapping[str, nn.Module], st: _LoraState) -> None:
     align = 64
     todo: dict[torch.device, list] = {}
     sizes: dict[torch.device, int] = {}
+    layers: list[tuple[str, SVDQLinear]] = []
     for name in st.svdq_originals:
         layer = modules[name]
         assert isinstance(layer, SVDQLinear)
+        layers.append((name, layer))
         recs = _layer_recs(st, name)
         orig_down, orig_up = st.svdq_originals[name][:2]
         base_r = 0 if orig_down is None else orig_down.shape[0]
@@ -516,21 +540,29 @@ def _rebuild_all_svdq(modules: Mapping[str, nn.Module], st: _LoraState) -> None:
         todo.setdefault(dev, []).append((name, layer, recs, orig_down, orig_up, base_r, r, off_d, off_u, esz))
     for dev, items in todo.items():
         arena = torch.empty(sizes[dev], dtype=torch.uint8, device=dev)
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         for name, layer, recs, orig_down, orig_up, base_r, r, off_d, off_u, esz in items:
             k, n = layer.in_features, layer.out_features
             down = arena[off_d : off_d + r * k * esz].view(layer.dtype).view(r, k)
             up = arena[off_u : off_u + n * r * esz].view(layer.dtype).view(n, r)
-            downs = ([orig_down] if base_r else []) + [d.down.to(dev) for _, d in recs]
-            ups = ([orig_up] if base_r else []) + [d.up.to(dev) for _, d in recs]
-            torch.cat(downs, out=down)
-            torch.cat(ups, dim=1, out=up)
-            _put(layer, lora_down=down, lora_up=up)
+            if base_r:
+                dst += [down[:base_r], up[:, :base_r]]
+                src += [orig_down, orig_up]
             r0 = base_r
             for _, d in recs:
                 rr = d.down.shape[0]
-                d.down, d.up = down[r0 : r0 + rr], up[:, r0 : r0 + rr]
+                dst += [down[r0 : r0 + rr], up[:, r0 : r0 + rr]]
+                src += [d.down.to(dev), d.up.to(dev)]
+                d.down, d.up = dst[-2], dst[-1]  # the record now points at its slice
                 r0 += rr
-            _set_scales(layer, name, st)
+            _put(layer, lora_down=down, lora_up=up)
+        if dev.type == "cuda":
+            torch._foreach_copy_(dst, src)  # a few multi-tensor kernels for every layer
+        else:
+            for t, v in zip(dst, src):
+                t.copy_(v)
+    _set_scales(layers, st)
 
 
 def _linear_hook(st: _LoraState, name: str):
@@ -575,6 +607,7 @@ def _refresh(model: nn.Module, st: _LoraState, layer_names: Iterable[str], param
 def _refresh_layers(model: nn.Module, st: _LoraState, layer_names: Iterable[str], param_names: Iterable[str],
                     *, scales_only: bool = False) -> None:
     modules = dict(model.named_modules())
+    rescale: list[tuple[str, SVDQLinear]] = []
     for lname in layer_names:
         mod = modules[lname]
         used = any(lname in r.layers for r in st.adapters.values())
@@ -585,7 +618,7 @@ def _refresh_layers(model: nn.Module, st: _LoraState, layer_names: Iterable[str]
             elif not used and lname in st.svdq_originals:
                 _restore_svdq(mod, lname, st)
             elif used and scales_only:
-                _set_scales(mod, lname, st)
+                rescale.append((lname, mod))
         else:
             if used and lname not in st.hooks:
                 st.hooks[lname] = mod.register_forward_hook(_linear_hook(st, lname))
@@ -593,6 +626,8 @@ def _refresh_layers(model: nn.Module, st: _LoraState, layer_names: Iterable[str]
                 st.hooks.pop(lname).remove()
     if not scales_only and st.svdq_originals:
         _rebuild_all_svdq(modules, st)
+    elif rescale:
+        _set_scales(rescale, st)
     _rebuild_params(model, param_names, st)
     if not st.adapters and not st.svdq_originals and not st.hooks and not st.param_originals:
         fp = st.fingerprint
