@@ -1,16 +1,21 @@
-"""The ``fast`` mode on Hopper, first version: two Triton kernels.
+"""The ``fast`` mode on Hopper: Triton kernels.
 
-1. **Prologue** — one pass over ``x`` (read twice from L2, once from memory) that smooths
-   (``x̂ = (x + shift) / s``), quantizes ``x̂`` to float8_e4m3 per token
-   (``a = absmax / 448``, ``q = rne(x̂ / a)``) **and** computes the low-rank down projection
-   ``lr = x · L2ᵀ`` (fp32, tensor cores, on the raw input).
+1. **Prologue** (two short kernels over ``x``, K split into up to 16 parts so even a few tokens
+   fill the GPU): the first computes, per split, the row absmax of the smoothed input
+   ``x̂ = (x + shift) / s`` and the partial low-rank down projection ``x · L2ᵀ`` (fp32, tensor
+   cores, on the raw input); the second takes the token scale ``a = absmax / 448`` from all
+   splits, writes the float8_e4m3 codes ``q = rne(x̂ / a)`` of its split and (split 0) the
+   token scales and the low-rank sum in split order (deterministic).
 2. **GEMM** — ``q`` (e4m3) × int4 weights held packed in memory (canonical layout, no
-   shuffle), nibbles converted to e4m3 codes in the mainloop (exact: −8..7 are e4m3 values),
-   one 64-wide K group per MMA step with promotion to fp32 and the group's weight scale
-   applied once per group (the format's group 64 — exact, no rounding of ``scale × code``).
-   The epilogue applies the token scale ``a``, adds ``lr · L1ᵀ`` (lr split into a 16-bit
-   high and low part, two tensor-core dots: ~fp32 accurate) and the bias, and writes the
-   16-bit output once.
+   shuffle), nibbles converted to e4m3/fp16 codes in the mainloop (exact: −8..7 are e4m3
+   values), one 64-wide K group per MMA step with promotion to fp32 and the group's weight
+   scale applied once per group (the format's group 64 — exact, no rounding of
+   ``scale × code``). The epilogue applies the token scale ``a``, adds ``lr · L1ᵀ`` (lr split
+   into three 16-bit parts: ~fp32 accurate) and the bias, and writes the 16-bit output once.
+   Datapaths: ``f16``/``fp8`` (token × weight tiles) and ``f16t``/``fp8t`` (transposed: the
+   converted weights are the MMA's register operand, tokens its N dimension — about twice as
+   fast, and narrow token tiles for small M); ``f16*`` multiply exactly, ``fp8*`` accumulate
+   inside a group with Hopper's reduced-precision FP8 MMA (~4e-4 relative).
 
 The result equals :func:`svdq_format.ops.reference_linear` with ``act="fp8"`` up to fp32
 summation order. Triton is imported lazily, so importing this module is free on CPU.
@@ -32,7 +37,7 @@ __all__ = ["fast_linear", "prologue", "gemm", "triton_available", "DATAPATHS"]
 #: register operand, tokens as its N dimension).
 DATAPATHS = ("f16", "fp8", "f16t", "fp8t")
 #: Datapath of :func:`fast_linear` (``SVDQ_FAST_DATAPATH`` overrides).
-DEFAULT_DATAPATH = os.environ.get("SVDQ_FAST_DATAPATH", "f16")
+DEFAULT_DATAPATH = os.environ.get("SVDQ_FAST_DATAPATH", "f16t")
 
 
 def triton_available() -> bool:
@@ -50,48 +55,72 @@ def _kernels() -> dict[str, Any]:
     import triton.language as tl
 
     @triton.jit
-    def prologue_kernel(
-        x_ptr, s_ptr, l2_ptr, q_ptr, a_ptr, lr_ptr, M, K, R, shift, one,
-        HAS_LR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    def prologue_stats_kernel(
+        x_ptr, s_ptr, l2_ptr, pamax_ptr, plr_ptr, M, K, R, BPS, shift,
+        HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
     ):
+        # split s of K (BPS blocks of 64): partial row absmax of x̂ and partial x · L2ᵀ
         pid_m = tl.program_id(0)
-        pid_r = tl.program_id(1)
+        split = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
-        rr = pid_r * BR + tl.arange(0, BR)
         m_ok = rm < M
         rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
-        do_q = pid_r == 0
+        rr = tl.arange(0, BR)
         amax = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, BR], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
+        kb0 = split * BPS
+        kb1 = tl.minimum(kb0 + BPS, K // 64)
+        for kb in range(kb0, kb1):
+            rk = kb * 64 + tl.arange(0, 64)
             x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
+            s = tl.load(s_ptr + rk).to(tl.float32)
+            xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
+            ax = tl.where(xs == xs, tl.abs(xs), float("inf"))  # NaN -> inf -> row not ok
+            amax = tl.maximum(amax, tl.max(ax, axis=1))
             if HAS_LR:
                 l2 = tl.load(l2_ptr + rr[:, None] * K + rk[None, :], mask=(rr < R)[:, None], other=0.0)
-                # promote every BK: a fresh tensor-core sum added in fp32 (``* one`` keeps the
-                # compiler from folding the add back into one long MMA accumulation chain)
-                acc += tl.dot(x, tl.trans(l2)) * one
-            if do_q:
-                s = tl.load(s_ptr + rk).to(tl.float32)
-                xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
-                ax = tl.where(xs == xs, tl.abs(xs), float("inf"))  # NaN -> inf -> row not ok
-                amax = tl.maximum(amax, tl.max(ax, axis=1))
-        if do_q:
-            a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
-            ok = (a > 0) & (a < float("inf"))
-            a_div = tl.where(ok, a, 1.0)
-            tl.store(a_ptr + rm, a, mask=m_ok)
-            for k0 in range(0, K, BK):
-                rk = k0 + tl.arange(0, BK)
-                x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
-                s = tl.load(s_ptr + rk).to(tl.float32)
-                xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
-                q = tl.math.div_rn(xs, a_div[:, None])
-                q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-                q = tl.where(ok[:, None], q, 0.0)
-                tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None])
+                acc += tl.dot(x, tl.trans(l2))
+        tl.store(pamax_ptr + split * M + rm, amax, mask=m_ok)
         if HAS_LR:
-            tl.store(lr_ptr + rm_c[:, None] * R + rr[None, :], acc, mask=m_ok[:, None] & (rr < R)[None, :])
+            tl.store(plr_ptr + (split * M + rm_c[:, None]) * BR + rr[None, :], acc, mask=m_ok[:, None])
+
+    @triton.jit
+    def prologue_quant_kernel(
+        x_ptr, s_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, M, K, R, BPS, NSPLIT, shift,
+        HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+    ):
+        # split s of K: the rows' scale from every split's absmax, then FP8 codes of this split;
+        # split 0 also writes the token scales and sums the low-rank partials in split order
+        pid_m = tl.program_id(0)
+        split = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        m_ok = rm < M
+        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
+        amax = tl.zeros([BM], dtype=tl.float32)
+        for t in range(0, NSPLIT):
+            amax = tl.maximum(amax, tl.load(pamax_ptr + t * M + rm_c))
+        a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
+        ok = (a > 0) & (a < float("inf"))
+        a_div = tl.where(ok, a, 1.0)
+        kb0 = split * BPS
+        kb1 = tl.minimum(kb0 + BPS, K // 64)
+        for kb in range(kb0, kb1):
+            rk = kb * 64 + tl.arange(0, 64)
+            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
+            s = tl.load(s_ptr + rk).to(tl.float32)
+            xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
+            q = tl.math.div_rn(xs, a_div[:, None])
+            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+            q = tl.where(ok[:, None], q, 0.0)
+            tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None])
+        if split == 0:
+            tl.store(a_ptr + rm, a, mask=m_ok)
+            if HAS_LR:
+                rr = tl.arange(0, BR)
+                lr = tl.zeros([BM, BR], dtype=tl.float32)
+                for t in range(0, NSPLIT):
+                    lr += tl.load(plr_ptr + (t * M + rm_c[:, None]) * BR + rr[None, :])
+                tl.store(lr_ptr + rm_c[:, None] * R + rr[None, :], lr, mask=m_ok[:, None] & (rr < R)[None, :])
 
     gemm_configs = [
         triton.Config({"BM": 128, "BN": 128}, num_warps=8, num_stages=4),
@@ -262,7 +291,8 @@ def _kernels() -> dict[str, Any]:
         mask = (rn < N)[:, None] & (rm < M)[None, :]
         tl.store(y_ptr + rm_c[None, :] * N + rn_c[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
-    return {"triton": triton, "prologue": prologue_kernel, "gemm": gemm_kernel, "gemm_configs": gemm_configs,
+    return {"triton": triton, "prologue_stats": prologue_stats_kernel, "prologue_quant": prologue_quant_kernel,
+            "gemm": gemm_kernel, "gemm_configs": gemm_configs,
             "gemm_t": gemm_t_kernel}
 
 
@@ -306,13 +336,20 @@ def prologue(
     q = torch.empty(m, kk, device=x.device, dtype=torch.float8_e4m3fn)
     a = torch.empty(m, device=x.device, dtype=torch.float32)
     lr = torch.empty(m, max(r, 1), device=x.device, dtype=torch.float32) if r else None
-    bm = 16
-    br = _rank_block(r)
-    grid = (triton_cdiv(m, bm), max(1, triton_cdiv(r, br)))
-    k["prologue"][grid](
-        x, smooth, lora_down if r else x, q, a, lr if r else a, m, kk, r, float(act_shift), 1.0,
-        HAS_LR=bool(r), BM=bm, BK=128 if kk % 128 == 0 else 64, BR=br, num_warps=4, num_stages=3,
-    )
+    bm = 32
+    br = max(16, 1 << max(0, math.ceil(math.log2(max(r, 1)))))  # the whole rank in one tile
+    blocks = kk // 64
+    nsplit = min(16, max(1, triton_cdiv(blocks, 8)))  # K cut into ≤ 16 splits of ≥ 8 groups
+    bps = triton_cdiv(blocks, nsplit)
+    nsplit = triton_cdiv(blocks, bps)
+    pamax = torch.empty(nsplit, m, device=x.device, dtype=torch.float32)
+    plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else pamax
+    grid = (triton_cdiv(m, bm), nsplit)
+    warps = 4 if br <= 64 else 8
+    k["prologue_stats"][grid](x, smooth, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift),
+                              HAS_LR=bool(r), BM=bm, BR=br, num_warps=warps, num_stages=3)
+    k["prologue_quant"][grid](x, smooth, pamax, plr, q, a, lr if r else a, m, kk, r, bps, nsplit,
+                              float(act_shift), HAS_LR=bool(r), BM=bm, BR=br, num_warps=4, num_stages=3)
     return q, a, lr
 
 
@@ -324,7 +361,7 @@ def gemm(
     q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, wscales: torch.Tensor,
     lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype, packed: bool = True,
-    datapath: str = "f16",
+    datapath: str = DEFAULT_DATAPATH,
 ) -> torch.Tensor:
     """``y = (q ⊛ W) · a + (lr · diag(lora_scales)) · L1ᵀ + b`` with group-64 promotion.
 
