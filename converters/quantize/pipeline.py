@@ -150,6 +150,39 @@ def _input_groups(names: list[str], kinds: Mapping[str, str], stats: Calibration
     return groups
 
 
+def _calibrate(model: nn.Module, linears: Mapping[str, nn.Linear], samples: list[Any], opts: QuantizeOptions, *,
+               device: torch.device, stream: bool, source: ShardedSource | None, progress: bool,
+               shard: tuple[int, int]) -> CalibrationStats:
+    """Statistics of this process's samples: block by block when the weights are streamed and the
+    model's wiring is known (:mod:`converters.quantize.blockwise`: each block placed once), else
+    whole-model forwards. Both give the same statistics."""
+    from .blockwise import blockwise_supported, collect_stats_blockwise
+
+    if (stream or source is not None) and blockwise_supported(model, samples):
+        if source is not None:
+            def load(block: nn.Module, name: str) -> None:
+                source.materialize(block, name, device)
+
+            def drop(block: nn.Module) -> None:
+                block.to("meta")
+        else:
+            def load(block: nn.Module, name: str) -> None:
+                block.to(device)
+
+            def drop(block: nn.Module) -> None:
+                block.to("cpu")
+        return collect_stats_blockwise(model, linears, samples, max_rows=opts.calib_rows, seed=opts.seed,
+                                       device=device, load_block=load, drop_block=drop, shard=shard,
+                                       progress=progress)
+    placement = None
+    if source is not None:
+        from .streaming import stream_from_source
+
+        placement = stream_from_source(model, source, device)
+    return collect_stats(model, linears, samples, max_rows=opts.calib_rows, seed=opts.seed, device=device,
+                         offload=stream, progress=progress, shard=shard, placement=placement)
+
+
 def run_quantization(
     model: nn.Module,
     calibration: Any,
@@ -257,14 +290,8 @@ def run_quantization(
             part, error = None, None
             try:
                 with timer.phase("calibration"):
-                    placement = None
-                    if source is not None:
-                        from .streaming import stream_from_source
-
-                        placement = stream_from_source(model, source, dev)
-                    part = collect_stats(model, linears, calib.samples, max_rows=opts.calib_rows, seed=opts.seed,
-                                         device=dev, offload=stream, progress=progress, shard=shard,
-                                         placement=placement)
+                    part = _calibrate(model, linears, calib.samples, opts, device=dev, stream=stream, source=source,
+                                      progress=progress, shard=shard)
             except Exception as exc:
                 if _is_oom(exc):
                     exc = QuantizationError(

@@ -27,7 +27,7 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 
 __all__ = ["LayerStats", "CalibrationStats", "collect_stats", "merge_stats", "sample_seed", "block_containers",
-           "block_offload"]
+           "block_offload", "StatsRecorder"]
 
 _SEP = "::"
 
@@ -223,14 +223,60 @@ def collect_stats(
     Raises:
         QuantizationError: NaN/inf activations (naming the layer and sample).
     """
-    gen = torch.Generator()
     rank, world = shard
-    stats: dict[str, LayerStats] = {}
-    groups: list[list[str]] = []
-    state: dict[str, Any] = {"last": None, "sample": 0, "first": True}
-    placed: set[str] = set()
+    rec = StatsRecorder(max_rows=max_rows)
+    handles = [mod.register_forward_pre_hook(rec.hook(name)) for name, mod in layers.items()]
+    samples = list(calibration)
+    if not samples:
+        raise QuantizationError("calibration set is empty")
+    if device is None:
+        device = next(model.parameters()).device
+    ctx = placement if placement is not None else block_offload(model, device) if offload else contextlib.nullcontext()
+    try:
+        from tqdm.auto import tqdm
 
-    def make_hook(name: str) -> Callable[..., None]:
+        with ctx, torch.no_grad():
+            mine = [(i, s) for i, s in enumerate(samples) if i % world == rank]
+            for i, sample in tqdm(mine, desc="calibration", unit="sample", disable=not progress):
+                rec.begin(i, first=rec.state["first"])
+                rec.gen.manual_seed(sample_seed(seed, i))
+                model(**_to(sample, device))
+                rec.state["first"] = False
+                rec.state["last"] = None
+    finally:
+        for h in handles:
+            h.remove()
+    return rec.finish(layers, world=world, samples=len(mine))
+
+
+class StatsRecorder:
+    """The forward pre-hooks of :func:`collect_stats` and the statistics they fill.
+
+    One row-sampling generator (:attr:`gen`), re-seeded per sample by the caller; input groups
+    are recorded while ``state["first"]`` is true (the first sample a process runs). Used by
+    :func:`collect_stats` (whole-model forwards) and by
+    :mod:`converters.quantize.blockwise` (one block at a time, the generator state of each
+    sample carried from block to block), which therefore compute the same statistics.
+    """
+
+    def __init__(self, *, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.gen = torch.Generator()
+        self.stats: dict[str, LayerStats] = {}
+        self.groups: list[list[str]] = []
+        self.state: dict[str, Any] = {"last": None, "sample": 0, "first": True}
+        self.placed: set[str] = set()
+
+    def begin(self, index: int, *, first: bool) -> None:
+        """Set the sample being run (for error messages) and whether groups are recorded."""
+        self.state["sample"] = index
+        self.state["first"] = first
+
+    def hook(self, name: str) -> Callable[..., None]:
+        """The forward pre-hook of linear ``name``."""
+        gen, stats, groups, state, placed, max_rows = (self.gen, self.stats, self.groups, self.state, self.placed,
+                                                       self.max_rows)
+
         def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
             k = x.shape[-1]
@@ -267,36 +313,18 @@ def collect_stats(
 
         return hook
 
-    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in layers.items()]
-    samples = list(calibration)
-    if not samples:
-        raise QuantizationError("calibration set is empty")
-    if device is None:
-        device = next(model.parameters()).device
-    ctx = placement if placement is not None else block_offload(model, device) if offload else contextlib.nullcontext()
-    try:
-        from tqdm.auto import tqdm
-
-        with ctx, torch.no_grad():
-            mine = [(i, s) for i, s in enumerate(samples) if i % world == rank]
-            for i, sample in tqdm(mine, desc="calibration", unit="sample", disable=not progress):
-                state["sample"] = i
-                gen.manual_seed(sample_seed(seed, i))
-                model(**_to(sample, device))
-                state["first"] = False
-                state["last"] = None
-    finally:
-        for h in handles:
-            h.remove()
-    for st in stats.values():  # canonical order (by key): independent of how samples were split
-        order = torch.sort(st.keys, stable=True).indices
-        st.keys, st.rows = st.keys[order], st.rows[order]
-    missing = [n for n in layers if n not in stats]
-    if missing and world == 1:
-        warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
-                      UserWarning, stacklevel=2)
-    groups = [[n for n in g if n in stats] for g in groups]
-    return CalibrationStats(stats, [g for g in groups if g], samples=len(mine))
+    def finish(self, layers: Mapping[str, Any], *, world: int, samples: int) -> CalibrationStats:
+        """The statistics in canonical order (warns about layers that never ran, one process)."""
+        stats = self.stats
+        for st in stats.values():  # canonical order (by key): independent of how samples were split
+            order = torch.sort(st.keys, stable=True).indices
+            st.keys, st.rows = st.keys[order], st.rows[order]
+        missing = [n for n in layers if n not in stats]
+        if missing and world == 1:
+            warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
+                          UserWarning, stacklevel=3)
+        groups = [[n for n in g if n in stats] for g in self.groups]
+        return CalibrationStats(stats, [g for g in groups if g], samples=samples)
 
 
 def sample_seed(seed: int, index: int) -> int:
