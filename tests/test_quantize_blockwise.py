@@ -77,3 +77,110 @@ def test_unknown_wiring_falls_back():
     assert not blockwise_supported(sd3, [{}])
     flux = tiny_flux()
     assert not blockwise_supported(flux, [{"controlnet_block_samples": [torch.zeros(1)]}])
+
+
+# --------------------------------------------------------------------------- streaming writer
+
+
+def test_streaming_writer_gives_the_bytes_of_save_file(tmp_path):
+    from svdq_format.io import save_file
+    from svdq_format.linear import SVDQLinear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(128, 64, bias=True)
+    layers = {"blk.0.q": SVDQLinear.from_linear(lin, rank=4), "a.é": SVDQLinear.from_linear(lin, rank=8,
+                                                                                          precision="nvfp4")}
+    extra = {"z.w": torch.randn(3, 5, generator=g).bfloat16(), "b.i": torch.arange(7), "c.e": torch.zeros(0, 2),
+             "d.u": torch.randint(0, 255, (9,), dtype=torch.uint8), "e.h": torch.randn(4, generator=g).half()}
+    meta = {"note": 'ü "quoted" \\ \n tab\t', "k": [1, 2]}
+    save_file(layers, tmp_path / "ref.safetensors", metadata=meta, extra_tensors=extra,
+              header_metadata={"config": '{"x": 1}'})
+    from svdq_format.io import layer_state
+
+    real = {k: t for n, lay in layers.items() for k, t in layer_state(n, lay).items()} | extra
+    read: list[str] = []
+
+    def reader(key):
+        read.append(key)
+        return real[key].clone()
+
+    meta_layers = {n: SVDQLinear.from_spec(lay.spec, device="meta") for n, lay in layers.items()}
+    meta_extra = {k: (t.to("meta") if k != "b.i" else t) for k, t in extra.items()}
+    save_file(meta_layers, tmp_path / "stream.safetensors", metadata=meta, extra_tensors=meta_extra,
+              header_metadata={"config": '{"x": 1}'}, read_tensor=reader)
+    assert (tmp_path / "stream.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert sorted(read) == sorted(k for k in real if k != "b.i")  # every meta tensor read once
+
+    from svdq_format.errors import TensorError
+
+    with pytest.raises(TensorError, match="z.w: read float32"):
+        save_file(meta_layers, tmp_path / "bad.safetensors", extra_tensors=meta_extra,
+                  read_tensor=lambda k: real[k].float() if k == "z.w" else real[k])
+    assert not (tmp_path / "bad.safetensors").exists()  # atomic: nothing left behind
+    with pytest.raises(TensorError, match="meta device"):
+        save_file(meta_layers, tmp_path / "bad.safetensors")
+
+
+def test_save_pretrained_from_meta_layers_and_a_reader_is_byte_identical(tmp_path):
+    from svdq_format.io import layer_state
+    from svdq_format.linear import SVDQLinear
+    from svdq_format.model import save_pretrained, svdq_modules
+
+    model = tiny_flux(double=1, single=1)
+    sel = select_layers(model)
+    for name in list(sel.kinds)[:6]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, SVDQLinear.from_linear(model.get_submodule(name), rank=4))
+    save_pretrained(model, tmp_path / "ref", max_shard_size="40KB")
+    real = {k: t for n, lay in svdq_modules(model).items() for k, t in layer_state(n, lay).items()}
+    for name, lay in svdq_modules(model).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, SVDQLinear.from_spec(lay.spec, device="meta"))
+    save_pretrained(model, tmp_path / "stream", max_shard_size="40KB", read_tensor=lambda k: real[k])
+    ref = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert len(ref) > 4 and ref == sorted(p.name for p in (tmp_path / "stream").iterdir())
+    for name in ref:
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "stream" / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------- --offload disk end to end
+
+
+def test_disk_run_releases_layers_and_writes_the_same_shards_and_resumes(tmp_path):
+    from converters.quantize.directory import quantize_directory
+    from svdq_format.linear import SVDQLinear
+    from svdq_format.model import svdq_modules
+
+    tiny_flux(double=2, single=2).save_pretrained(tmp_path / "src", max_shard_size="50KB")
+    opts = QuantizeOptions(rank=8, alphas=(0.5,))
+    kw = dict(num_samples=2, options=opts, dtype="float32", device="cpu", progress=False, max_shard_size="60KB")
+    ref = quantize_directory(tmp_path / "src", tmp_path / "full", offload="none", **kw)
+    assert not any(p.is_meta for p in ref.model.parameters())
+
+    class Stop(Exception):
+        pass
+
+    import converters.quantize.directory as directory
+
+    real_run = directory.run_quantization
+
+    def interrupted(*a, **k):  # stop after two blocks: the state dir then has 2 block files
+        def stop(index, block):
+            if index == 1:
+                raise Stop
+
+        return real_run(*a, **k, on_block_done=stop)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(directory, "run_quantization", interrupted)
+        with pytest.raises(Stop):
+            quantize_directory(tmp_path / "src", tmp_path / "disk", offload="disk", **kw)
+    assert len(list((tmp_path / "disk" / ".svdq-state").glob("block-*.safetensors"))) == 2
+    res = quantize_directory(tmp_path / "src", tmp_path / "disk", offload="disk", **kw)
+    layers = svdq_modules(res.model)
+    assert layers and all(isinstance(m, SVDQLinear) and m.qweight.is_meta for m in layers.values())
+    names = sorted(p.name for p in (tmp_path / "full").iterdir() if p.name != "fidelity.json")
+    assert len(names) > 3 and names == sorted(p.name for p in (tmp_path / "disk").iterdir() if p.name != "fidelity.json")
+    for name in names:
+        assert (tmp_path / "disk" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    assert not (tmp_path / "disk" / ".svdq-state").exists()

@@ -52,6 +52,7 @@ def quantize_blocks_distributed(
     progress: bool,
     on_block_done: Callable[[int, str], None] | None,
     source: Any = None,
+    release: bool = False,
 ) -> tuple[list[dict[str, Any]], bool, list[int]]:
     """Quantize every block not in ``done``.
 
@@ -70,7 +71,7 @@ def quantize_blocks_distributed(
     done_set = set(done)
     for index in sorted(done_set):  # resumed blocks: every rank reads the files rank 0 wrote
         block_file = state / f"block-{index:04d}.safetensors"  # type: ignore[operator]
-        infos.extend(load_block_result(model, block_file, home=home, timer=timer))
+        infos.extend(load_block_result(model, block_file, home=home, timer=timer, release=release))
     todo = [i for i in range(len(blocks)) if i not in done_set]
     groups = {i: _input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
     plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size)]
@@ -89,7 +90,7 @@ def quantize_blocks_distributed(
         complete = _windows(ctx, plan, blocks, groups, model, selection, stats, opts, device=device, stream=stream,
                             home=home, state=state, timer=timer, deadline=deadline, infos=infos, per_rank=per_rank,
                             bar=bar, on_block_done=on_block_done, writer=writer, pending=pending, flush=flush,
-                            source=source)
+                            source=source, release=release)
         flush()
     finally:
         if writer is not None:
@@ -106,8 +107,9 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
              opts: QuantizeOptions, *, device: torch.device, stream: bool, home: torch.device, state: Path | None,
              timer: PhaseTimer, deadline: float | None, infos: list[dict[str, Any]], per_rank: list[int], bar: Any,
              on_block_done: Callable[[int, str], None] | None, writer: ThreadPoolExecutor | None,
-             pending: list[Future[Any]], flush: Callable[..., None], source: Any = None) -> bool:
-    from .pipeline import _is_oom, _linear, _set_submodule
+             pending: list[Future[Any]], flush: Callable[..., None], source: Any = None,
+             release: bool = False) -> bool:
+    from .pipeline import _is_oom, _linear, _set_submodule, release_layers
 
     for window in plan:
         if ctx.agree(deadline is not None and time.time() > deadline, what="deadline check"):
@@ -159,9 +161,12 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 packed, seconds = merged[(b, g)]
                 block_timer.add(seconds)
                 for name, spec_json, tensors, info in packed:
-                    layers_done[name] = unpack_layer(spec_json, tensors, device=home)
+                    if release and writer is None:  # not written here: only the spec is kept
+                        layers_done[name] = unpack_layer(spec_json, {}, device="meta")
+                    else:
+                        layers_done[name] = unpack_layer(spec_json, tensors, device=home)
                     block_infos.append(info)
-            for name, layer in layers_done.items():
+            for name, layer in (release_layers(layers_done) if release else layers_done).items():
                 _set_submodule(model, name, layer)
             if writer is not None:
                 meta = {"svdq_block": {"block": block, "layers": block_infos, "timings": dict(block_timer.seconds)}}
@@ -173,6 +178,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
             if on_block_done is not None:
                 flush()  # "after each block is written"
                 on_block_done(b, block)
+        del gathered, merged, results, layers_done  # the window's tensors: only the writer's queue keeps them
         flush(keep=2)  # bounded backlog
     return True
 

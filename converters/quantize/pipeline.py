@@ -88,21 +88,54 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return mod
 
 
-def load_block_result(model: nn.Module, block_file: Path, *, home: Any, timer: PhaseTimer) -> list[dict[str, Any]]:
-    """Put a finished block's layers (a resume file) into ``model``; return its report rows."""
+def load_block_result(model: nn.Module, block_file: Path, *, home: Any, timer: PhaseTimer,
+                      release: bool = False) -> list[dict[str, Any]]:
+    """Put a finished block's layers (a resume file) into ``model``; return its report rows.
+
+    With ``release`` the layers are put in on the meta device (their tensors stay in the file).
+    """
     with timer.phase("io"):
-        layers = load_file(block_file, device=home)
         meta = read_metadata(block_file)
+        layers = release_layers(meta.layers) if release else load_file(block_file, device=home)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     timer.add(meta.extra.get("svdq_block", {}).get("timings", {}))
     return list(meta.extra.get("svdq_block", {}).get("layers", []))
 
 
+def release_layers(specs: Mapping[str, Any]) -> dict[str, SVDQLinear]:
+    """Empty (meta device) ``SVDQLinear`` modules standing for layers whose tensors are in a block file."""
+    return {name: SVDQLinear.from_spec(getattr(spec, "spec", spec), device="meta") for name, spec in specs.items()}
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def block_file_reader(state_dir: str | os.PathLike[str]) -> Callable[[str], torch.Tensor]:
+    """``read(key)``: a tensor of the per-block state files (for ``save_pretrained(read_tensor=)``).
+
+    Headers are parsed once; each call opens the file, reads the one tensor (a fresh aligned
+    allocation) and closes it.
+    """
+    from svdq_format.io import TensorReader, read_header
+
+    headers = {}
+    for f in sorted(Path(state_dir).glob("block-*.safetensors")):
+        h = read_header(f)
+        for key in h.tensors:
+            headers[key] = h
+
+    def read(key: str) -> torch.Tensor:
+        h = headers.get(key)
+        if h is None:
+            raise QuantizationError(f"{state_dir}: tensor {key} is in no block file (state dir changed?)")
+        with TensorReader(h) as r:
+            return r.get_tensor(key)
+
+    return read
 
 
 def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection,
@@ -197,6 +230,7 @@ def run_quantization(
     on_block_done: Callable[[int, str], None] | None = None,
     dist: DistContext | None = None,
     source: ShardedSource | None = None,
+    release: bool = False,
 ) -> QuantizeResult:
     """Quantize a model in place, block by block, resumably.
 
@@ -219,6 +253,10 @@ def run_quantization(
         source: The model's blocks are on the meta device and read from these safetensors
             files when needed (:func:`converters.quantize.streaming.load_lazy`; implies block
             streaming).
+        release: With a ``state_dir``: once a block's layers are written to its state file they
+            are replaced in ``model`` by empty meta-device ``SVDQLinear`` modules (their
+            tensors are read back from the file when the checkpoint is written: see
+            :func:`block_file_reader`), so quantized layers never accumulate in memory.
 
     Raises:
         QuantizationError: nothing quantizable, bad calibration, NaN, out of memory, or a
@@ -241,6 +279,7 @@ def run_quantization(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     home = torch.device("cpu") if stream else dev
+    release = release and state_dir is not None
     if source is None:
         model.to(home)
 
@@ -327,14 +366,14 @@ def run_quantization(
         infos, complete, per_rank = quantize_blocks_distributed(
             dist, model, selection, stats, opts, device=dev, stream=stream, home=home, state=state,
             done=_done_blocks, timer=timer, deadline=deadline, progress=progress, on_block_done=on_block_done,
-            source=source)
+            source=source, release=release)
         blocks = []
     bar = tqdm(blocks, desc="quantize", unit="block", disable=not progress)
     for index, (block, names) in enumerate(bar):
         bar.set_postfix_str(block or "(outside blocks)", refresh=False)
         block_file = None if state is None else state / f"block-{index:04d}.safetensors"
         if block_file is not None and block_file.is_file():
-            infos.extend(load_block_result(model, block_file, home=home, timer=timer))
+            infos.extend(load_block_result(model, block_file, home=home, timer=timer, release=release))
             continue
         if deadline is not None and time.time() > deadline:
             complete = False
@@ -365,12 +404,15 @@ def run_quantization(
                     "use --offload blocks, a smaller --calib-rows, or --device cpu"
                 ) from None
             raise
-        for name, layer in done.items():
-            _set_submodule(model, name, layer)
         if block_file is not None:
             with block_timer.phase("io"):
                 save_file(done, block_file, metadata={"svdq_block": {
                     "block": block, "layers": block_infos, "timings": block_timer.seconds}})
+        if release:
+            done = release_layers(done)
+        for name, layer in done.items():
+            _set_submodule(model, name, layer)
+        del mods
         timer.add(block_timer.seconds)
         infos.extend(block_infos)
         if on_block_done is not None:
