@@ -184,3 +184,17 @@ def test_disk_run_releases_layers_and_writes_the_same_shards_and_resumes(tmp_pat
     for name in names:
         assert (tmp_path / "disk" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     assert not (tmp_path / "disk" / ".svdq-state").exists()
+
+
+def test_two_ranks_from_disk_write_the_one_process_checkpoint(tmp_path):
+    from svdq_format.cli import main as svdq_main
+
+    tiny_flux(double=2, single=2).save_pretrained(tmp_path / "src", max_shard_size="50KB")
+    common = ["--rank", "8", "--num-samples", "3", "--dtype", "float32", "--alphas", "0.5", "--device", "cpu",
+              "--offload", "disk", "--max-shard-size", "60KB", "--dist-timeout", "60", "-q"]
+    assert svdq_main(["quantize", str(tmp_path / "src"), str(tmp_path / "one"), *common]) == 0
+    assert svdq_main(["quantize", str(tmp_path / "src"), str(tmp_path / "two"), *common, "--gpus", "2"]) == 0
+    names = sorted(p.name for p in (tmp_path / "one").iterdir() if p.name != "fidelity.json")
+    assert len(names) > 3
+    for name in names:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
