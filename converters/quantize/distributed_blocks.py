@@ -132,7 +132,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 gt = PhaseTimer()
                 if source is not None:  # read only this rank's layers from the source shards
                     for n in names:
-                        source.materialize(model.get_submodule(n), n, home)
+                        source.materialize(model.get_submodule(n), n, device)
                 mods = {n: _linear(model, n) for n in names}
                 if stream:
                     for m in mods.values():
@@ -140,7 +140,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt)
                 if stream:
                     for m in mods.values():
-                        m.to("cpu")
+                        m.to("meta" if source is not None else "cpu")
                 results[(b, g)] = ([(name, *pack_layer(layer), info) for name, (layer, info) in res.items()],
                                    gt.seconds)
         except Exception as exc:

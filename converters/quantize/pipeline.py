@@ -380,9 +380,9 @@ def run_quantization(
             break
         block_timer = PhaseTimer()
         try:
-            if source is not None:
+            if source is not None:  # read straight onto the device, one tensor at a time
                 for n in names:
-                    source.materialize(model.get_submodule(n), n, home)
+                    source.materialize(model.get_submodule(n), n, dev)
             mods = {n: _linear(model, n) for n in names}
             if stream:
                 for m in mods.values():
@@ -396,7 +396,7 @@ def run_quantization(
                     block_infos.append(info)
             if stream:
                 for m in mods.values():
-                    m.to("cpu")
+                    m.to("meta" if source is not None else "cpu")  # (disk: read again if ever needed)
         except Exception as exc:
             if _is_oom(exc):
                 raise QuantizationError(

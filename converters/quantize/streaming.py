@@ -56,8 +56,8 @@ class ShardedSource:
         """Several tensors, cast like ``from_pretrained`` does, each moved to ``device`` as soon
         as it is read (so host memory holds one tensor at a time, not the whole list).
 
-        Each file is opened for the call only: a mapping kept open would keep every page read
-        so far resident (and counted), i.e. the whole model by the end.
+        A file is opened for one tensor only: a mapping kept open would keep every page read so
+        far resident (and counted in the RSS), i.e. a whole block, or the whole model by the end.
         """
         from safetensors import safe_open
 
@@ -69,8 +69,8 @@ class ShardedSource:
             by_file.setdefault(f, []).append(name)
         out: dict[str, torch.Tensor] = {}
         for f, keys in by_file.items():
-            with safe_open(os.fspath(f), framework="pt", device="cpu") as h:
-                for k in keys:
+            for k in keys:  # opened per tensor: at most one tensor's pages are mapped (and counted)
+                with safe_open(os.fspath(f), framework="pt", device="cpu") as h:
                     t = h.get_tensor(k)
                     # as diffusers' loader does (safetensors get_tensor): the same buffers, hence
                     # the same CPU BLAS code paths (their results can depend on alignment)
