@@ -198,3 +198,24 @@ def test_two_ranks_from_disk_write_the_one_process_checkpoint(tmp_path):
     assert len(names) > 3
     for name in names:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_the_32b_benchmark_source_is_a_diffusers_model_and_its_sizes_are_right(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from quantize_32b import block_bytes, flux_config, meta_model, random_tensor, write_source
+    from diffusers import FluxTransformer2DModel
+
+    cfg = flux_config(128, 1, 2)
+    info = write_source(cfg, tmp_path / "src", shard_bytes=2_000_000)
+    assert info["shards"] > 1
+    model = FluxTransformer2DModel.from_pretrained(tmp_path / "src", torch_dtype=torch.bfloat16)
+    state = model.state_dict()
+    for key in ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.1.proj_out.bias", "x_embedder.weight"):
+        assert torch.equal(state[key], random_tensor(key, state[key], 0)), key
+    total, largest, name = block_bytes(meta_model(cfg))
+    assert total == sum(t.numel() * 2 for t in state.values())
+    assert name == "transformer_blocks.0"
+    assert largest == sum(t.numel() * 2 for k, t in state.items() if k.startswith("transformer_blocks.0."))
