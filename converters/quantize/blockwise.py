@@ -108,7 +108,7 @@ def collect_stats_blockwise(
     blocks = [(f"{cname}.{j}", b) for cname, lst in block_containers(model) for j, b in enumerate(lst)]
     block_ids = {id(b) for _, b in blocks}
     rest = [m for m in model.children() if not any(id(x) in block_ids for x in m.modules())]
-    rec = StatsRecorder(max_rows=max_rows)
+    rec = StatsRecorder(max_rows=max_rows, row_device=device)  # rows stay on the device (off host RAM)
     handles = [mod.register_forward_pre_hook(rec.hook(name)) for name, mod in layers.items()]
     inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     gens: list[torch.Tensor] = []

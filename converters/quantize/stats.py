@@ -40,7 +40,8 @@ class LayerStats:
 
     Attributes:
         absmax: Per-input-channel max |x| ``[K]`` (float32).
-        rows: A random subsample of input rows ``[m, K]`` (m ≤ the row budget), capture dtype.
+        rows: A random subsample of input rows ``[m, K]`` (m ≤ the row budget), capture dtype; on
+            the CPU, or on the compute device after a block-by-block calibration.
         keys: The reservoir keys of ``rows`` (float64; the smallest keys are kept, ascending).
         count: Number of rows seen.
         minval: Smallest input value seen (decides unsigned activation codes after a GELU).
@@ -75,9 +76,7 @@ class CalibrationStats:
     # ---- persistence (resume)
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the statistics to a safetensors file (atomic)."""
-        from safetensors.torch import save_file
-
-        from svdq_format.io import atomic_write
+        from svdq_format.io import atomic_write, write_safetensors_streaming
 
         tensors: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
@@ -90,7 +89,8 @@ class CalibrationStats:
             counts[name] = st.count
         meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "mins": mins, "samples": self.samples,
                                           "seconds": self.seconds, "source": self.source})}
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        # tensor by tensor (rows may live on the GPU): no second copy of the statistics in memory
+        atomic_write(Path(path), lambda tmp: write_safetensors_streaming(tensors, tmp, meta, lambda k: tensors[k]))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationStats:
@@ -259,8 +259,9 @@ class StatsRecorder:
     sample carried from block to block), which therefore compute the same statistics.
     """
 
-    def __init__(self, *, max_rows: int) -> None:
+    def __init__(self, *, max_rows: int, row_device: torch.device | str = "cpu") -> None:
         self.max_rows = max_rows
+        self.row_device = row_device
         self.gen = torch.Generator()
         self.stats: dict[str, LayerStats] = {}
         self.groups: list[list[str]] = []
@@ -276,6 +277,7 @@ class StatsRecorder:
         """The forward pre-hook of linear ``name``."""
         gen, stats, groups, state, placed, max_rows = (self.gen, self.stats, self.groups, self.state, self.placed,
                                                        self.max_rows)
+        row_device = self.row_device
 
         def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
@@ -298,7 +300,7 @@ class StatsRecorder:
             keys = torch.rand(m, generator=gen, dtype=torch.float64)
             take = min(m, max_rows)
             top = torch.topk(keys, take, largest=False)
-            new_rows = flat[top.indices.to(flat.device)].to("cpu")
+            new_rows = flat[top.indices.to(flat.device)].to(row_device)
             st = stats.get(name)
             if st is None:
                 stats[name] = LayerStats(amax.cpu(), new_rows, top.values, m, lo)
@@ -309,7 +311,7 @@ class StatsRecorder:
             all_rows = torch.cat([st.rows, new_rows])
             keep = torch.topk(all_keys, min(max_rows, all_keys.numel()), largest=False).indices
             keep = keep.sort().values
-            st.keys, st.rows, st.count = all_keys[keep], all_rows[keep], st.count + m
+            st.keys, st.rows, st.count = all_keys[keep], all_rows[keep.to(all_rows.device)], st.count + m
 
         return hook
 
@@ -318,7 +320,7 @@ class StatsRecorder:
         stats = self.stats
         for st in stats.values():  # canonical order (by key): independent of how samples were split
             order = torch.sort(st.keys, stable=True).indices
-            st.keys, st.rows = st.keys[order], st.rows[order]
+            st.keys, st.rows = st.keys[order], st.rows[order.to(st.rows.device)]
         missing = [n for n in layers if n not in stats]
         if missing and world == 1:
             warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
