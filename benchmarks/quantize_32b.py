@@ -6,14 +6,14 @@ parameters, against its largest block.
    diffusers loads, tensor by tensor: the model only ever exists on the meta device, the writer
    holds one shard.
 2. Runs ``svdq quantize SRC OUT --offload disk`` (optionally ``--gpus N``) in a fresh child
-   process and reports its peak RSS (``ru_maxrss``), the peak of its rank processes
-   (``RUSAGE_CHILDREN``: the largest rank, exact) and each rank's ``VmHWM`` (polled from /proc
-   every 0.1 s), an import-only baseline process (torch + CUDA initialised + the quantizer
-   imported, nothing loaded), the largest block's bytes, peak / largest block (absolute and above
-   the baseline) and the wall time; writes JSON.
+   process and reports its peak RSS (``VmHWM``, reset after the imports), each rank's ``VmHWM``
+   (``--gpus N``: polled from /proc every 0.05 s), the import-only baseline (RSS once torch, CUDA
+   and the quantizer are initialised, nothing loaded), the largest block's bytes, peak / largest
+   block (absolute and above the baseline) and the wall time; writes JSON.
 
-    python benchmarks/quantize_32b.py --out out/q32b                          # 32 B, 1 GPU
-    python benchmarks/quantize_32b.py --out out/q32b4 --gpus 4 --src out/q32b/src
+    python benchmarks/quantize_32b.py --workdir /data/q32b --write-only       # the 33 B source (62 GiB)
+    python benchmarks/quantize_32b.py --src /data/q32b/src --out out/q32b1     # 1 GPU
+    python benchmarks/quantize_32b.py --src /data/q32b/src --out out/q32b4 --gpus 4
     python benchmarks/quantize_32b.py --device cpu --width 256 --double 2 --single 4 --fast   # CPU smoke
 
 ``--src DIR`` reuses a source written before (``--write-only`` writes it and stops).
@@ -33,22 +33,32 @@ import tempfile
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
+# Peaks are VmHWM (the process's own high-water mark), reset after the imports (clear_refs 5) so
+# import transients do not count; ru_maxrss of an exec'd child would include its parent's RSS.
 _CHILD = """
-import resource, sys
+import sys
+def status_kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
 device = sys.argv[1]
 import torch
 if device.startswith("cuda"):
     torch.cuda.init(); torch.zeros(1, device=device)  # the CUDA context belongs to the baseline
 from svdq_format.cli import main
 import diffusers, converters.quantize.directory  # the baseline: everything imported, nothing loaded
+print("BASE_RSS_KIB", status_kib("VmRSS"))
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+    print("HWM_RESET 1")
+except OSError:
+    print("HWM_RESET 0")
 code = main(sys.argv[2:]) if len(sys.argv) > 2 else 0
-print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-print("PEAK_CHILDREN_RSS_KIB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print("PEAK_RSS_KIB", status_kib("VmHWM"))
 sys.exit(code)
 """
 
@@ -126,7 +136,8 @@ def write_source(cfg: dict, directory: Path, *, shard_bytes: int, seed: int = 0)
     t0 = time.time()
     for i, keys in enumerate(shards, start=1):
         name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: random_tensor(k, state[k], seed) for k in keys}
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # normal_ releases the GIL
+            tensors = dict(zip(keys, pool.map(lambda k: random_tensor(k, state[k], seed), keys)))
         save_file(tensors, os.fspath(directory / name), metadata={"format": "pt"})
         del tensors
         weight_map.update({k: name for k in keys})
@@ -184,7 +195,7 @@ def run_child(device: str, argv: list[str], threads: int | None) -> dict:
                 v = _hwm_kib(pid)
                 if v is not None:
                     hwm[pid] = max(hwm.get(pid, 0), v)
-            stop.wait(0.1)
+            stop.wait(0.05)
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
@@ -199,8 +210,9 @@ def run_child(device: str, argv: list[str], threads: int | None) -> dict:
         got = [int(line.split()[1]) for line in out.splitlines() if line.startswith(tag + " ")]
         return got[-1] * 1024 if got else -1
 
-    ranks = sorted((v * 1024 for v in hwm.values() if v > 50_000), reverse=True)  # python processes, not shells
-    return {"peak_rss_bytes": kib("PEAK_RSS_KIB"), "peak_children_rss_bytes": kib("PEAK_CHILDREN_RSS_KIB"),
+    ranks = sorted((v * 1024 for v in hwm.values() if v > 50_000), reverse=True)  # python processes, not helpers
+    return {"peak_rss_bytes": kib("PEAK_RSS_KIB"), "base_rss_bytes": kib("BASE_RSS_KIB"),
+            "hwm_reset_after_imports": "HWM_RESET 1" in out,
             "rank_vmhwm_bytes_polled": ranks, "seconds": round(secs, 1), "exit": proc.returncode,
             "stdout_tail": out[-1500:], "stderr_tail": err[-1500:] if proc.returncode else ""}
 
@@ -257,11 +269,13 @@ def main() -> int:
     if args.gpus > 1:
         argv += ["--gpus", str(args.gpus)]
     base = run_child(args.device, [], args.threads)
-    print(f"import baseline (torch{' + CUDA' if args.device.startswith('cuda') else ''} + quantizer): "
-          f"{base['peak_rss_bytes'] / GIB:.3f} GiB", flush=True)
+    print(f"import baseline (torch{' + CUDA' if args.device.startswith('cuda') else ''} + quantizer, RSS after "
+          f"the imports): {base['base_rss_bytes'] / GIB:.3f} GiB", flush=True)
     run = run_child(args.device, argv, args.threads)
-    peak = run["peak_rss_bytes"] if args.gpus <= 1 else max(run["peak_rss_bytes"], run["peak_children_rss_bytes"])
-    b = base["peak_rss_bytes"]
+    # one process: its own VmHWM since the imports; --gpus N: the largest rank's VmHWM (polled; a
+    # rank's import transient is included, and is far below a block)
+    peak = run["peak_rss_bytes"] if args.gpus <= 1 else max(run["rank_vmhwm_bytes_polled"] or [-1])
+    b = base["base_rss_bytes"]
     out_bytes = sum(p.stat().st_size for p in out_dir.glob("*.safetensors")) if out_dir.is_dir() else 0
     result = {
         "benchmark": "quantize_32b", "config": cfg, "parameters": params, "model_bf16_bytes": total,
@@ -280,8 +294,8 @@ def main() -> int:
     print(f"  peak RSS {peak / GIB:.3f} GiB = {peak / largest:.2f} x largest block; above baseline "
           f"{(peak - b) / GIB:.3f} GiB = {(peak - b) / largest:.2f} x largest block")
     if args.gpus > 1:
-        print(f"  launcher {run['peak_rss_bytes'] / GIB:.3f} GiB, largest rank {run['peak_children_rss_bytes'] / GIB:.3f}"
-              f" GiB; per process VmHWM (polled): {[round(v / GIB, 3) for v in run['rank_vmhwm_bytes_polled']]}")
+        print(f"  launcher {run['peak_rss_bytes'] / GIB:.3f} GiB; ranks' VmHWM (polled, largest first): "
+              f"{[round(v / GIB, 3) for v in run['rank_vmhwm_bytes_polled']]} GiB")
     os.makedirs(args.out, exist_ok=True)
     (Path(args.out) / "quantize_32b.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.keep and not args.src:
