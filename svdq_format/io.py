@@ -389,8 +389,10 @@ def write_safetensors_streaming(
         raise WriteError(where, exc.strerror or str(exc)) from None
 
 
-def layer_state(prefix: str, layer: SVDQLinear, *, file: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one layer under their full keys, contiguous, on CPU.
+def layer_state(prefix: str, layer: SVDQLinear, *, file: str | None = None,
+                host: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of one layer under their full keys, contiguous, on CPU (``host=False``: where
+    they are; meta tensors always stay meta).
 
     Raises:
         TensorError: a tensor does not have the dtype/shape its manifest entry implies — e.g.
@@ -413,7 +415,7 @@ def layer_state(prefix: str, layer: SVDQLinear, *, file: str | None = None) -> d
                 else ""
             )
             raise TensorError(file, names[role], f"is {got}, the layer's spec needs {' or '.join(dtypes)} {list(shape)}{hint}")
-        out[names[role]] = t if t.is_meta else t.detach().to("cpu").contiguous()
+        out[names[role]] = t if t.is_meta or not host else t.detach().to("cpu").contiguous()
     return out
 
 
@@ -425,6 +427,7 @@ def save_file(
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
     header_metadata: Mapping[str, str] | None = None,
     read_tensor: Callable[[str], torch.Tensor] | None = None,
+    streaming: bool = False,
 ) -> None:
     """Write SVDQuant layers to one safetensors file, atomically.
 
@@ -442,6 +445,10 @@ def save_file(
             device (only their shapes and dtypes known): the file is written by streaming, each
             meta tensor read when its bytes are written and dropped after, so memory holds one
             tensor at a time. The bytes are those the in-memory path writes.
+        streaming: Write tensor by tensor even when every tensor is at hand (they may then stay
+            on their device: each is copied to the host when written), instead of building the
+            whole file in memory (safetensors' writer holds a copy of every tensor's bytes).
+            Same bytes.
 
     Raises:
         FormatError: a name collision, an invalid layer, or a tensor read back with another
@@ -456,11 +463,11 @@ def save_file(
         spec = layer.spec
         spec.check(where=prefix, file=p)
         specs[prefix] = spec
-        tensors.update(layer_state(prefix, layer, file=p))
+        tensors.update(layer_state(prefix, layer, file=p, host=not streaming))
     for name, t in (extra_tensors or {}).items():
         if name in tensors:
             raise TensorError(p, name, "extra tensor collides with a layer tensor")
-        tensors[name] = t if t.is_meta else t.detach().to("cpu").contiguous()
+        tensors[name] = t if t.is_meta or streaming else t.detach().to("cpu").contiguous()
     extra = dict(metadata or {})
     for reserved in ("format_version", "layout", "layers", "producer", "quant_method"):
         if reserved in extra:
@@ -472,11 +479,12 @@ def save_file(
             raise ManifestError(p, key, "header metadata must be a string and cannot replace svdquant/format")
         header_meta[key] = value
 
-    if any(t.is_meta for t in tensors.values()):
-        if read_tensor is None:
+    if streaming or any(t.is_meta for t in tensors.values()):
+        if read_tensor is None and not streaming:
             name = next(k for k, t in tensors.items() if t.is_meta)
             raise TensorError(p, name, "is on the meta device and no read_tensor was given")
-        atomic_write(p, lambda tmp: write_safetensors_streaming(tensors, tmp, header_meta, read_tensor, target=p))
+        read = read_tensor or (lambda key: tensors[key])
+        atomic_write(p, lambda tmp: write_safetensors_streaming(tensors, tmp, header_meta, read, target=p))
     else:
         atomic_write(p, lambda tmp: _write_safetensors(tensors, tmp, header_meta, target=p))
 

@@ -137,6 +137,14 @@ class DistContext:
         got = self.exchange(result, error, what=what)
         return got[0]
 
+    def gather_to_root(self, obj: Any, *, what: str = "exchange") -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (in rank order); None on the other ranks."""
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world_size if self.is_root else None
+        self._collective(what, lambda: dist.gather_object(obj, out, dst=0))
+        return out
+
     def agree(self, flag: bool, *, what: str = "agreement") -> bool:
         """True when ``flag`` is true on any rank (deadline, stop requests)."""
         return any(self.all_gather(bool(flag), what=what))

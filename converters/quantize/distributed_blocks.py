@@ -74,7 +74,9 @@ def quantize_blocks_distributed(
         infos.extend(load_block_result(model, block_file, home=home, timer=timer, release=release))
     todo = [i for i in range(len(blocks)) if i not in done_set]
     groups = {i: _input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
-    plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size)]
+    # releasing (--offload disk): smaller windows, so rank 0 holds fewer quantized layers at once
+    plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size,
+                                                  groups_per_rank=2 if release else 4)]
     bar = tqdm(total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root))
     per_rank = [0] * ctx.world_size
     # rank 0 writes the resume files in the background (one thread, in order) while the ranks
@@ -148,10 +150,26 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
             if _is_oom(exc):
                 error = QuantizationError(f"out of memory while quantizing on {device}: use --offload blocks, "
                                           "a smaller --calib-rows, or fewer --gpus per host memory")
-        gathered = ctx.exchange(results, error, what=f"blocks {blocks[window[0]][0] or '(outside blocks)'}..")
+        what = f"blocks {blocks[window[0]][0] or '(outside blocks)'}.."
         merged: dict[tuple[int, int], Any] = {}
-        for part in gathered:
-            merged.update(part)
+        if release:  # every rank needs the specs; only rank 0 (the writer) needs the tensors
+            light = {k: ([(n, sj, None, info) for n, sj, _, info in packed], secs)
+                     for k, (packed, secs) in results.items()}
+            gathered = ctx.exchange(light, error, what=what)
+            heavy = ctx.gather_to_root({k: [t for _, _, t, _ in packed] for k, (packed, _) in results.items()},
+                                       what=what + " (tensors to rank 0)")
+            results = {}
+            for part in gathered:
+                merged.update(part)
+            for part in heavy or []:
+                for k, tensor_list in part.items():
+                    packed, secs = merged[k]
+                    merged[k] = ([(n, sj, t, info) for (n, sj, _, info), t in zip(packed, tensor_list)], secs)
+            del heavy
+        else:
+            gathered = ctx.exchange(results, error, what=what)
+            for part in gathered:
+                merged.update(part)
         for b in window:
             block, _ = blocks[b]
             block_timer = PhaseTimer()
@@ -161,7 +179,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 packed, seconds = merged[(b, g)]
                 block_timer.add(seconds)
                 for name, spec_json, tensors, info in packed:
-                    if release and writer is None:  # not written here: only the spec is kept
+                    if tensors is None:  # released and not written by this rank: only the spec is kept
                         layers_done[name] = unpack_layer(spec_json, {}, device="meta")
                     else:
                         layers_done[name] = unpack_layer(spec_json, tensors, device=home)
@@ -171,7 +189,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
             if writer is not None:
                 meta = {"svdq_block": {"block": block, "layers": block_infos, "timings": dict(block_timer.seconds)}}
                 target = state / f"block-{b:04d}.safetensors"  # type: ignore[operator]
-                pending.append(writer.submit(_timed_save, layers_done, target, meta))
+                pending.append(writer.submit(_timed_save, layers_done, target, meta, release))
             timer.add(block_timer.seconds)
             infos.extend(block_infos)
             bar.update(1)
@@ -179,11 +197,11 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 flush()  # "after each block is written"
                 on_block_done(b, block)
         del gathered, merged, results, layers_done  # the window's tensors: only the writer's queue keeps them
-        flush(keep=2)  # bounded backlog
+        flush(keep=1 if release else 2)  # bounded backlog
     return True
 
 
-def _timed_save(layers: dict[str, Any], path: Path, metadata: dict[str, Any]) -> float:
+def _timed_save(layers: dict[str, Any], path: Path, metadata: dict[str, Any], streaming: bool = False) -> float:
     t = time.perf_counter()
-    save_file(layers, path, metadata=metadata)
+    save_file(layers, path, metadata=metadata, streaming=streaming)
     return time.perf_counter() - t

@@ -392,7 +392,7 @@ def run_quantization(
             for group in _input_groups(names, selection.kinds, stats):
                 res = quantize_group(group, mods, selection.kinds, stats, opts, timer=block_timer)
                 for name, (layer, info) in res.items():
-                    done[name] = layer.to(home)
+                    done[name] = layer if release else layer.to(home)  # (release: written from the device)
                     block_infos.append(info)
             if stream:
                 for m in mods.values():
@@ -407,7 +407,7 @@ def run_quantization(
         if block_file is not None:
             with block_timer.phase("io"):
                 save_file(done, block_file, metadata={"svdq_block": {
-                    "block": block, "layers": block_infos, "timings": block_timer.seconds}})
+                    "block": block, "layers": block_infos, "timings": block_timer.seconds}}, streaming=release)
         if release:
             done = release_layers(done)
         for name, layer in done.items():
