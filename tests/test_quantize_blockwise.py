@@ -110,6 +110,9 @@ def test_streaming_writer_gives_the_bytes_of_save_file(tmp_path):
               header_metadata={"config": '{"x": 1}'}, read_tensor=reader)
     assert (tmp_path / "stream.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     assert sorted(read) == sorted(k for k in real if k != "b.i")  # every meta tensor read once
+    save_file(layers, tmp_path / "s2.safetensors", metadata=meta, extra_tensors=extra,
+              header_metadata={"config": '{"x": 1}'}, streaming=True)  # all at hand, written one by one
+    assert (tmp_path / "s2.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
     from svdq_format.errors import TensorError
 
