@@ -139,7 +139,7 @@ def block_file_reader(state_dir: str | os.PathLike[str]) -> Callable[[str], torc
 
 
 def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection,
-                 source: ShardedSource | None = None) -> str:
+                 source: ShardedSource | None = None, device: torch.device | str = "cpu") -> str:
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     raw: Any = getattr(model, "config", None)
@@ -152,8 +152,8 @@ def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection,
     h.update(json.dumps(selection.kinds, sort_keys=True).encode())
     for name in list(selection.kinds)[:4]:  # a few weights: catches "same config, other weights"
         w = _linear(model, name).weight.detach()
-        if w.is_meta and source is not None:
-            w = source.tensor(f"{name}.weight")
+        if w.is_meta and source is not None:  # summed where a resident model's weights would be
+            w = source.tensors([f"{name}.weight"], device)[f"{name}.weight"]
         h.update(f"{float(w.float().sum()):.6e}".encode())
     return h.hexdigest()[:16]
 
@@ -288,7 +288,7 @@ def run_quantization(
         if not w.is_meta and not bool(torch.isfinite(w).all()):  # (meta: checked when read)
             raise QuantizationError(f"layer {name}: weight contains NaN or inf")
     state = Path(state_dir) if state_dir is not None else None
-    fp = _fingerprint(model, opts, selection, source)
+    fp = _fingerprint(model, opts, selection, source, dev)
     stats_path = None if state is None else state / _STATS_FILE
 
     def check_state() -> tuple[bool, list[int]]:
