@@ -68,15 +68,31 @@ def test_blockwise_statistics_equal_the_whole_model_pass_bit_for_bit(dtype, shar
     assert "proj_out" in got.layers and "norm_out.linear" in got.layers
 
 
-def test_unknown_wiring_falls_back():
+def test_sd3_blockwise_statistics_are_identical_too():
     from diffusers import SD3Transformer2DModel
 
-    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16,
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16,
                                 num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
-                                pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
-    assert not blockwise_supported(sd3, [{}])
+                                pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
+    samples = synthetic_calibration(sd3, 2, seed=1, image_tokens=16, text_tokens=8, warn=False).samples
+    assert blockwise_supported(sd3, samples)
+    ref = collect_stats(sd3, _linears(sd3), samples, max_rows=20, seed=3, device="cpu")
+    got = collect_stats_blockwise(sd3, _linears(sd3), samples, max_rows=20, seed=3, device="cpu",
+                                  load_block=lambda b, n: None, drop_block=lambda b: None)
+    _assert_same_stats(ref, got)
+    assert not blockwise_supported(sd3, [{"skip_layers": [1]}])
+
+
+def test_unknown_wiring_falls_back():
+    from diffusers import PixArtTransformer2DModel
+
+    pixart = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                      num_layers=1, cross_attention_dim=64, sample_size=8, caption_channels=32)
+    assert not blockwise_supported(pixart, [{}])
     flux = tiny_flux()
     assert not blockwise_supported(flux, [{"controlnet_block_samples": [torch.zeros(1)]}])
+    assert not blockwise_supported(flux, [{"joint_attention_kwargs": {"scale": 1.0}}])
 
 
 # --------------------------------------------------------------------------- streaming writer
@@ -222,3 +238,20 @@ def test_the_32b_benchmark_source_is_a_diffusers_model_and_its_sizes_are_right(t
     assert total == sum(t.numel() * 2 for t in state.values())
     assert name == "transformer_blocks.0"
     assert largest == sum(t.numel() * 2 for k, t in state.items() if k.startswith("transformer_blocks.0."))
+
+
+def test_sd3_from_disk_is_byte_identical(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from converters.quantize.directory import quantize_directory
+
+    torch.manual_seed(0)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                          num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
+                          pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).save_pretrained(tmp_path / "src")
+    kw = dict(num_samples=2, options=QuantizeOptions(rank=8, alphas=(0.5,)), dtype="float32", device="cpu",
+              progress=False)
+    quantize_directory(tmp_path / "src", tmp_path / "full", offload="none", **kw)
+    quantize_directory(tmp_path / "src", tmp_path / "disk", offload="disk", **kw)
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        assert (tmp_path / "disk" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()

@@ -16,13 +16,15 @@ every block is moved (or read from disk) once per sample. Here instead:
 Every linear sees the same tensors and the generator produces the same keys as in the
 whole-model forward, so the statistics are bit-identical (``tests/test_quantize_blockwise.py``).
 
-Only for models whose forward wiring between blocks is stated here: diffusers'
-``FluxTransformer2DModel`` (0.3x–0.42: double and single blocks are both called as
+Only for models whose forward wiring between blocks is stated here (diffusers 0.42):
+``FluxTransformer2DModel`` (double and single blocks are both called as
 ``block(hidden_states=, encoder_hidden_states=, temb=, image_rotary_emb=,
 joint_attention_kwargs=)`` and return ``(encoder_hidden_states, hidden_states)``; nothing runs
-between the two stacks but controlnet residuals, which calibration samples do not carry).
-Other models (and Flux samples with controlnet or IP-adapter inputs) use the whole-model path:
-:func:`blockwise_supported` says which.
+between the two stacks but controlnet residuals) and ``SD3Transformer2DModel`` (the same call
+without rotary embeddings; the last block returns ``(None, hidden_states)``); both end with
+``proj_out(norm_out(hidden_states, temb))``. Other models, and samples with controlnet,
+IP-adapter or skip-layer inputs, use the whole-model path: :func:`blockwise_supported` says
+which.
 """
 
 from __future__ import annotations
@@ -39,9 +41,17 @@ from .stats import CalibrationStats, StatsRecorder, _to, block_containers, sampl
 
 __all__ = ["blockwise_supported", "collect_stats_blockwise"]
 
-#: Sample keys that change the wiring between blocks (controlnet residuals, IP adapters).
-_UNSUPPORTED_KEYS = ("controlnet_block_samples", "controlnet_single_block_samples", "joint_attention_kwargs")
-_FLUX_LISTS = ("transformer_blocks", "single_transformer_blocks")
+#: Models whose blocks are all called as ``block(hidden_states=, encoder_hidden_states=, temb=,
+#: ...)`` and return ``(encoder_hidden_states, hidden_states)``, followed by
+#: ``proj_out(norm_out(hidden_states, temb))``: class name → (block lists in call order, sample
+#: keys that change the wiring: controlnet residuals, IP adapters, skipped layers).
+_WIRINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "FluxTransformer2DModel": (("transformer_blocks", "single_transformer_blocks"),
+                               ("controlnet_block_samples", "controlnet_single_block_samples",
+                                "joint_attention_kwargs")),
+    "SD3Transformer2DModel": (("transformer_blocks",),
+                              ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")),
+}
 
 
 class _Captured(Exception):
@@ -50,20 +60,21 @@ class _Captured(Exception):
 
 def blockwise_supported(model: nn.Module, samples: Sequence[Mapping[str, Any]]) -> bool:
     """Whether :func:`collect_stats_blockwise` knows how ``model``'s blocks feed each other."""
-    if type(model).__name__ != "FluxTransformer2DModel" or getattr(model, "gradient_checkpointing", False):
+    wiring = _WIRINGS.get(type(model).__name__)
+    if wiring is None or getattr(model, "gradient_checkpointing", False):
         return False
-    if [name for name, _ in block_containers(model)] != list(_FLUX_LISTS):
+    if tuple(name for name, _ in block_containers(model)) != wiring[0]:
         return False
-    return not any(s.get(k) is not None for s in samples for k in _UNSUPPORTED_KEYS)
+    return not any(s.get(k) is not None for s in samples for k in wiring[1])
 
 
-def _flux_next(out: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _next_inputs(out: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     encoder_hidden_states, hidden_states = out
     return {**kwargs, "encoder_hidden_states": encoder_hidden_states, "hidden_states": hidden_states}
 
 
-def _flux_tail(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
-    hidden_states = model.norm_out(kwargs["hidden_states"], kwargs["temb"])  # as FluxTransformer2DModel.forward
+def _tail(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
+    hidden_states = model.norm_out(kwargs["hidden_states"], kwargs["temb"])  # as the models' forward
     model.proj_out(hidden_states)
 
 
@@ -141,13 +152,13 @@ def collect_stats_blockwise(
                     rec.begin(i, first=n == 0)
                     rec.gen.set_state(gens[n])
                     args, kwargs = inputs[n]
-                    inputs[n] = (args, _flux_next(block(*args, **kwargs), kwargs))
+                    inputs[n] = (args, _next_inputs(block(*args, **kwargs), kwargs))
                     gens[n] = rec.gen.get_state()
                 drop_block(block)
             for n, i in enumerate(mine):  # after the last block
                 rec.begin(i, first=n == 0)
                 rec.gen.set_state(gens[n])
-                _flux_tail(model, inputs[n][1])
+                _tail(model, inputs[n][1])
                 inputs[n] = ((), {})  # activations freed as soon as they are used
     finally:
         for h in handles:
