@@ -4,6 +4,8 @@ Writes a random-weight FLUX-shaped transformer (bf16, sharded safetensors) to a 
 directory, then runs ``svdq quantize`` on the CPU in a fresh process per mode and reports each
 process's peak RSS (``ru_maxrss``), the bf16 model size, the largest block and a Python+torch
 baseline (a process that only imports the quantizer), plus whether the checkpoints are equal.
+Peaks are each process's own ``VmHWM`` (``ru_maxrss`` of a child also counts its parent's RSS
+at the fork).
 
     python benchmarks/quantize_stream_memory.py                      # width 1024, 4 + 8 blocks
     python benchmarks/quantize_stream_memory.py --width 512 --double 2 --single 4   # quicker
@@ -23,19 +25,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# VmHWM (this process's own high-water mark), not ru_maxrss: an exec'd child's ru_maxrss starts at
+# its parent's RSS at the fork (Linux keeps the larger of the two in the signal struct)
 _CHILD = """
-import resource, sys
+import sys
+def hwm_kib():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 from svdq_format.cli import main
 import diffusers, converters.quantize.directory  # the baseline: everything imported, nothing loaded
 code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
-print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("PEAK_RSS_KIB", hwm_kib())
 sys.exit(code)
 """
 
 
 def child_peak(argv: list[str]) -> tuple[int, float, int]:
     """Run ``svdq ARGV`` in a fresh process (no args: just the imports); returns (its own peak
-    RSS in bytes, seconds, exit code)."""
+    RSS (VmHWM) in bytes, seconds, exit code)."""
     t = time.time()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], env=env, capture_output=True, text=True)

@@ -19,7 +19,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = [
     "validate",
     "validate_file",
     "atomic_write",
+    "write_safetensors_streaming",
     "aligned",
     "TensorReader",
     "producer_info",
@@ -329,8 +330,69 @@ def _sort_header_metadata(path: str) -> None:
             f.write(new)
 
 
-def layer_state(prefix: str, layer: SVDQLinear, *, file: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one layer under their full keys, contiguous, on CPU.
+_ST_NAMES = {torch_name: st for st, (torch_name, _) in _ST_DTYPES.items()}
+
+
+def write_safetensors_streaming(
+    tensors: Mapping[str, torch.Tensor],
+    path: str,
+    metadata: Mapping[str, str],
+    read_tensor: Callable[[str], torch.Tensor],
+    *,
+    target: str | None = None,
+) -> None:
+    """Write a safetensors file tensor by tensor, byte-identical to ``safetensors`` + the
+    sorted ``__metadata__`` of :func:`save_file` (not atomic: call it under :func:`atomic_write`).
+
+    The tensor order of the data buffer (and header) is asked from ``safetensors`` itself by
+    serialising empty tensors of the same names and dtypes (it depends on names and dtypes
+    only); offsets follow from the shapes; the header is the same compact JSON, padded with
+    spaces to a multiple of 8 bytes. Meta tensors in ``tensors`` are read with ``read_tensor``
+    when written.
+
+    Raises:
+        TensorError: a tensor read back with another dtype or shape than announced.
+        WriteError: the disk is full or another I/O error.
+    """
+    from safetensors.torch import save as _st_bytes
+
+    where = target or path
+    empty = _st_bytes({k: torch.empty(0, dtype=t.dtype) for k, t in tensors.items()})
+    (n,) = struct.unpack("<Q", empty[:8])
+    order = [k for k in json.loads(empty[8 : 8 + n]) if k != "__metadata__"]
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        nbytes = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_NAMES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for k in order:
+                want = tensors[k]
+                t = read_tensor(k) if want.is_meta else want
+                if t.dtype != want.dtype or tuple(t.shape) != tuple(want.shape):
+                    raise TensorError(where, k, f"read {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, "
+                                      f"expected {str(want.dtype).removeprefix('torch.')} {list(want.shape)}")
+                if t.numel():
+                    f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del t
+    except OSError as exc:
+        raise WriteError(where, exc.strerror or str(exc)) from None
+
+
+def layer_state(prefix: str, layer: SVDQLinear, *, file: str | None = None,
+                host: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of one layer under their full keys, contiguous, on CPU (``host=False``: where
+    they are; meta tensors always stay meta).
 
     Raises:
         TensorError: a tensor does not have the dtype/shape its manifest entry implies — e.g.
@@ -353,7 +415,7 @@ def layer_state(prefix: str, layer: SVDQLinear, *, file: str | None = None) -> d
                 else ""
             )
             raise TensorError(file, names[role], f"is {got}, the layer's spec needs {' or '.join(dtypes)} {list(shape)}{hint}")
-        out[names[role]] = t.detach().to("cpu").contiguous()
+        out[names[role]] = t if t.is_meta or not host else t.detach().to("cpu").contiguous()
     return out
 
 
@@ -364,6 +426,8 @@ def save_file(
     metadata: Mapping[str, Any] | None = None,
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
     header_metadata: Mapping[str, str] | None = None,
+    read_tensor: Callable[[str], torch.Tensor] | None = None,
+    streaming: bool = False,
 ) -> None:
     """Write SVDQuant layers to one safetensors file, atomically.
 
@@ -377,9 +441,18 @@ def save_file(
         header_metadata: Further string entries for the safetensors ``__metadata__`` (e.g.
             ``"config"``, the model config of a single-file checkpoint); cannot replace
             ``"svdquant"`` or ``"format"``.
+        read_tensor: Reads a tensor by its key. Layers and extra tensors may then be on the meta
+            device (only their shapes and dtypes known): the file is written by streaming, each
+            meta tensor read when its bytes are written and dropped after, so memory holds one
+            tensor at a time. The bytes are those the in-memory path writes.
+        streaming: Write tensor by tensor even when every tensor is at hand (they may then stay
+            on their device: each is copied to the host when written), instead of building the
+            whole file in memory (safetensors' writer holds a copy of every tensor's bytes).
+            Same bytes.
 
     Raises:
-        FormatError: a name collision or an invalid layer.
+        FormatError: a name collision, an invalid layer, or a tensor read back with another
+            dtype/shape than announced.
     """
     p = os.fspath(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -390,11 +463,11 @@ def save_file(
         spec = layer.spec
         spec.check(where=prefix, file=p)
         specs[prefix] = spec
-        tensors.update(layer_state(prefix, layer, file=p))
+        tensors.update(layer_state(prefix, layer, file=p, host=not streaming))
     for name, t in (extra_tensors or {}).items():
         if name in tensors:
             raise TensorError(p, name, "extra tensor collides with a layer tensor")
-        tensors[name] = t.detach().to("cpu").contiguous()
+        tensors[name] = t if t.is_meta or streaming else t.detach().to("cpu").contiguous()
     extra = dict(metadata or {})
     for reserved in ("format_version", "layout", "layers", "producer", "quant_method"):
         if reserved in extra:
@@ -406,7 +479,14 @@ def save_file(
             raise ManifestError(p, key, "header metadata must be a string and cannot replace svdquant/format")
         header_meta[key] = value
 
-    atomic_write(p, lambda tmp: _write_safetensors(tensors, tmp, header_meta, target=p))
+    if streaming or any(t.is_meta for t in tensors.values()):
+        if read_tensor is None and not streaming:
+            name = next(k for k, t in tensors.items() if t.is_meta)
+            raise TensorError(p, name, "is on the meta device and no read_tensor was given")
+        read = read_tensor or (lambda key: tensors[key])
+        atomic_write(p, lambda tmp: write_safetensors_streaming(tensors, tmp, header_meta, read, target=p))
+    else:
+        atomic_write(p, lambda tmp: _write_safetensors(tensors, tmp, header_meta, target=p))
 
 
 # --------------------------------------------------------------------------- read

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -401,10 +401,12 @@ def _write_shard(
     *,
     metadata: Mapping[str, Any] | None,
     header_metadata: Mapping[str, str] | None = None,
+    read_tensor: Callable[[str], torch.Tensor] | None = None,
 ) -> list[str]:
     shard_layers = {name: layers[name] for name, _ in units if name is not None}
     dense = {k: t for name, ts in units if name is None for k, t in ts.items()}
-    save_file(shard_layers, path, metadata=metadata, extra_tensors=dense, header_metadata=header_metadata)
+    save_file(shard_layers, path, metadata=metadata, extra_tensors=dense, header_metadata=header_metadata,
+              read_tensor=read_tensor)
     return [k for _, ts in units for k in ts]
 
 
@@ -415,6 +417,7 @@ def save_pretrained(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     config: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    read_tensor: Callable[[str], torch.Tensor] | None = None,
 ) -> Path:
     """Write a quantized model as a diffusers-layout directory, sharded if needed.
 
@@ -431,6 +434,10 @@ def save_pretrained(
         max_shard_size: Largest shard, bytes or a string like ``"5GB"``.
         config: Model config to write instead of the model's own.
         metadata: Extra fields for the format metadata (``base_model``, quantizer settings...).
+        read_tensor: Reads a tensor by its state-dict key: the model's tensors (SVDQ layers
+            included) may then be on the meta device, and are read one at a time while their
+            shard is written (e.g. from files written earlier), so host memory holds one tensor
+            beyond the model instead of a shard; the files are the same bytes.
 
     Returns:
         The directory.
@@ -442,14 +449,14 @@ def save_pretrained(
     shards = plan_shards(model, max_shard_size)
     written: set[str] = set()
     if len(shards) == 1:
-        _write_shard(shards[0], layers, d / WEIGHTS_NAME, metadata=metadata)
+        _write_shard(shards[0], layers, d / WEIGHTS_NAME, metadata=metadata, read_tensor=read_tensor)
         written.add(WEIGHTS_NAME)
     else:
         weight_map: dict[str, str] = {}
         total = 0
         for i, units in enumerate(shards, start=1):
             name = SHARD_NAME.format(index=i, total=len(shards))
-            for key in _write_shard(units, layers, d / name, metadata=metadata):
+            for key in _write_shard(units, layers, d / name, metadata=metadata, read_tensor=read_tensor):
                 weight_map[key] = name
             total += sum(t.numel() * t.element_size() for _, ts in units for t in ts.values())
             written.add(name)

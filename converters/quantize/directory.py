@@ -174,15 +174,20 @@ def quantize_directory(
     start = time.time()
     result = run_quantization(model, calibration, options=opts, device=device, offload=offload,
                               state_dir=state, num_samples=num_samples, progress=progress, deadline=deadline,
-                              dist=dist, source=source)
+                              dist=dist, source=source, release=source is not None)
     if not result.complete:
         return result
     extra = {"quantizer": {"options": opts.to_json(), "calibration": result.report.calibration,
                            "source": os.fspath(src)}}
 
     def write() -> None:
-        model = result.model.to("cpu")
-        save_pretrained(model, out_dir, metadata=extra, max_shard_size=max_shard_size)
+        if source is not None:  # layers released to meta: streamed from the block files
+            from .pipeline import block_file_reader
+
+            save_pretrained(result.model, out_dir, metadata=extra, max_shard_size=max_shard_size,
+                            read_tensor=block_file_reader(state))
+        else:
+            save_pretrained(result.model.to("cpu"), out_dir, metadata=extra, max_shard_size=max_shard_size)
         result.report.timings["wall"] = round(time.time() - start, 3)
         result.report.save(out_dir / FIDELITY_NAME)
         if not keep_state:

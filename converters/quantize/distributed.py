@@ -52,6 +52,9 @@ __all__ = [
 #: Seconds a rank waits for the others at one exchange before the run fails.
 DEFAULT_TIMEOUT_S = 1800.0
 
+#: Calibration rows exchanged per all-gather (bounds the host memory of the exchange).
+_ROWS_BATCH_BYTES = 256 * 2**20
+
 
 def env_world_size() -> int:
     """``WORLD_SIZE`` from the environment (1 when unset: not under torchrun)."""
@@ -373,7 +376,10 @@ def gather_stats(
 
     Two exchanges keep the traffic at one copy of the result: first the small parts (absmax,
     min, counts, reservoir keys), from which every rank computes the same global reservoir; then
-    only the rows that survive in it. Equal to :func:`converters.quantize.stats.merge_stats`.
+    only the rows that survive in it, as tensors (:meth:`DistContext.exchange_tensors`: GPU to
+    GPU with NCCL) in batches of about 256 MiB, so the exchange holds one batch at a time; rows
+    kept on the GPU by a block-by-block calibration stay there. Equal to
+    :func:`converters.quantize.stats.merge_stats`.
 
     Raises:
         QuantizationError: a rank failed during calibration (its one-line error, on every rank).
@@ -382,14 +388,13 @@ def gather_stats(
 
     light = None
     if part is not None:
-        light = CalibrationStats({n: LayerStats(st.absmax, st.rows[:0], st.keys, st.count, st.minval)
+        light = CalibrationStats({n: LayerStats(st.absmax, st.rows[:0].cpu(), st.keys, st.count, st.minval)
                                   for n, st in part.layers.items()}, part.groups, part.samples, part.seconds)
     lights = ctx.exchange(light, error, what="calibration")
     names: list[str] = []
     for p in lights:
         names.extend(n for n in p.layers if n not in names)
     plan: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    send: dict[str, torch.Tensor] = {}
     for name in names:
         keys = [p.layers[name].keys if name in p.layers else torch.empty(0, dtype=torch.float64) for p in lights]
         owner = torch.cat([torch.full((len(k),), r, dtype=torch.long) for r, k in enumerate(keys)])
@@ -397,24 +402,42 @@ def gather_stats(
         cat = torch.cat(keys)
         order = torch.sort(cat, stable=True).indices[:max_rows]
         plan[name] = (cat[order], owner[order], local[order])
-        mine = local[order][owner[order] == ctx.rank]
-        if len(mine):
-            send[name] = part.layers[name].rows[mine]
-    rows_by_rank = [got for _, got in ctx.exchange_tensors(None, send, None, what="calibration rows")]
     merged: dict[str, LayerStats] = {}
-    for name in names:
-        keys, owner, _ = plan[name]
-        have = [p.layers[name] for p in lights if name in p.layers]
-        sample = next(rows[name] for rows in rows_by_rank if name in rows)
-        rows = sample.new_empty((len(keys), sample.shape[1]))
-        for r, got in enumerate(rows_by_rank):
-            if name in got:
-                rows[owner.to(rows.device) == r] = got[name]
-        rows = rows.to(have[0].rows.device)  # where one process keeps them
-        absmax = have[0].absmax.clone()
-        for st in have[1:]:
-            absmax = torch.maximum(absmax, st.absmax)
-        merged[name] = LayerStats(absmax, rows, keys, sum(st.count for st in have), min(st.minval for st in have))
+    # the rows cross the wire in batches of about ``_ROWS_BATCH_BYTES`` (the same cut on every
+    # rank: it depends on the shared plan only), so the host holds one batch, not all the rows
+    batch: list[str] = []
+    size = 0
+    for i, name in enumerate(names):
+        row = next(p.layers[name].rows for p in lights if name in p.layers)
+        batch.append(name)
+        size += len(plan[name][0]) * row.shape[1] * row.element_size()
+        if size < _ROWS_BATCH_BYTES and i + 1 < len(names):
+            continue
+        send: dict[str, torch.Tensor] = {}
+        for n in batch:
+            _, owner, local = plan[n]
+            mine = local[owner == ctx.rank]
+            if len(mine):
+                rows_here = part.layers[n].rows
+                send[n] = rows_here[mine.to(rows_here.device)]
+        rows_by_rank = [got for _, got in ctx.exchange_tensors(None, send, None, what="calibration rows")]
+        del send
+        for n in batch:
+            keys, owner, _ = plan[n]
+            have = [p.layers[n] for p in lights if n in p.layers]
+            sample = next(rows[n] for rows in rows_by_rank if n in rows)
+            rows = sample.new_empty((len(keys), sample.shape[1]))
+            for r, got in enumerate(rows_by_rank):
+                if n in got:
+                    rows[owner.to(rows.device) == r] = got[n]
+            absmax = have[0].absmax.clone()
+            for st in have[1:]:
+                absmax = torch.maximum(absmax, st.absmax)
+            # where one process keeps them (host, or the GPU after a block-by-block calibration)
+            rows = rows.to(part.layers[n].rows.device if part is not None and n in part.layers else have[0].rows.device)
+            merged[n] = LayerStats(absmax, rows, keys, sum(st.count for st in have), min(st.minval for st in have))
+        del rows_by_rank
+        batch, size = [], 0
     missing = [n for n in layers if n not in merged]
     if missing:
         import warnings

@@ -52,6 +52,7 @@ def quantize_blocks_distributed(
     progress: bool,
     on_block_done: Callable[[int, str], None] | None,
     source: Any = None,
+    release: bool = False,
 ) -> tuple[list[dict[str, Any]], bool, list[int]]:
     """Quantize every block not in ``done``.
 
@@ -70,10 +71,12 @@ def quantize_blocks_distributed(
     done_set = set(done)
     for index in sorted(done_set):  # resumed blocks: every rank reads the files rank 0 wrote
         block_file = state / f"block-{index:04d}.safetensors"  # type: ignore[operator]
-        infos.extend(load_block_result(model, block_file, home=home, timer=timer))
+        infos.extend(load_block_result(model, block_file, home=home, timer=timer, release=release))
     todo = [i for i in range(len(blocks)) if i not in done_set]
     groups = {i: _input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
-    plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size)]
+    # releasing (--offload disk): smaller windows, so rank 0 holds fewer quantized layers at once
+    plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size,
+                                                  groups_per_rank=2 if release else 4)]
     bar = tqdm(total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root))
     per_rank = [0] * ctx.world_size
     # rank 0 writes the resume files in the background (one thread, in order) while the ranks
@@ -89,7 +92,7 @@ def quantize_blocks_distributed(
         complete = _windows(ctx, plan, blocks, groups, model, selection, stats, opts, device=device, stream=stream,
                             home=home, state=state, timer=timer, deadline=deadline, infos=infos, per_rank=per_rank,
                             bar=bar, on_block_done=on_block_done, writer=writer, pending=pending, flush=flush,
-                            source=source)
+                            source=source, release=release)
         flush()
     finally:
         if writer is not None:
@@ -106,8 +109,9 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
              opts: QuantizeOptions, *, device: torch.device, stream: bool, home: torch.device, state: Path | None,
              timer: PhaseTimer, deadline: float | None, infos: list[dict[str, Any]], per_rank: list[int], bar: Any,
              on_block_done: Callable[[int, str], None] | None, writer: ThreadPoolExecutor | None,
-             pending: list[Future[Any]], flush: Callable[..., None], source: Any = None) -> bool:
-    from .pipeline import _is_oom, _linear, _set_submodule
+             pending: list[Future[Any]], flush: Callable[..., None], source: Any = None,
+             release: bool = False) -> bool:
+    from .pipeline import _is_oom, _linear, _set_submodule, release_layers
 
     for window in plan:
         if ctx.agree(deadline is not None and time.time() > deadline, what="deadline check"):
@@ -131,7 +135,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 gt = PhaseTimer()
                 if source is not None:  # read only this rank's layers from the source shards
                     for n in names:
-                        source.materialize(model.get_submodule(n), n, home)
+                        source.materialize(model.get_submodule(n), n, device)
                 mods = {n: _linear(model, n) for n in names}
                 if stream:
                     for m in mods.values():
@@ -139,7 +143,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt)
                 if stream:
                     for m in mods.values():
-                        m.to("cpu")
+                        m.to("meta" if source is not None else "cpu")
                 packed = []
                 for name, (layer, info) in res.items():
                     spec_json, roles = pack_layer(layer)
@@ -154,11 +158,13 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
         with timer.phase("exchange"):
             gathered = ctx.exchange_tensors(results, tensors, error,
                                             what=f"blocks {blocks[window[0]][0] or '(outside blocks)'}..")
+        results, tensors = {}, {}
         merged: dict[tuple[int, int], Any] = {}
         received: dict[str, torch.Tensor] = {}
         for part, got in gathered:
             merged.update(part)
             received.update(got)
+        del gathered
         for b in window:
             block, _ = blocks[b]
             block_timer = PhaseTimer()
@@ -168,26 +174,32 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 packed, seconds = merged[(b, g)]
                 block_timer.add(seconds)
                 for name, spec_json, roles, info in packed:
-                    layer_tensors = {role: received[f"{b}/{g}/{name}/{role}"] for role in roles}
-                    layers_done[name] = unpack_layer(spec_json, layer_tensors, device=home)
+                    if release and not ctx.is_root:  # released and not written here: keep the spec only
+                        layers_done[name] = unpack_layer(spec_json, {}, device="meta")
+                    else:
+                        layer_tensors = {role: received[f"{b}/{g}/{name}/{role}"] for role in roles}
+                        # a released layer is written from where it arrived (the GPU) and dropped
+                        where = next(iter(layer_tensors.values())).device if release else home
+                        layers_done[name] = unpack_layer(spec_json, layer_tensors, device=where)
                     block_infos.append(info)
-            for name, layer in layers_done.items():
+            for name, layer in (release_layers(layers_done) if release else layers_done).items():
                 _set_submodule(model, name, layer)
             if writer is not None:
                 meta = {"svdq_block": {"block": block, "layers": block_infos, "timings": dict(block_timer.seconds)}}
                 target = state / f"block-{b:04d}.safetensors"  # type: ignore[operator]
-                pending.append(writer.submit(_timed_save, layers_done, target, meta))
+                pending.append(writer.submit(_timed_save, layers_done, target, meta, release))
             timer.add(block_timer.seconds)
             infos.extend(block_infos)
             bar.update(1)
             if on_block_done is not None:
                 flush()  # "after each block is written"
                 on_block_done(b, block)
-        flush(keep=2)  # bounded backlog
+        del merged, received, layers_done  # the window's tensors: only the writer's queue keeps them
+        flush(keep=1 if release else 2)  # bounded backlog
     return True
 
 
-def _timed_save(layers: dict[str, Any], path: Path, metadata: dict[str, Any]) -> float:
+def _timed_save(layers: dict[str, Any], path: Path, metadata: dict[str, Any], streaming: bool = False) -> float:
     t = time.perf_counter()
-    save_file(layers, path, metadata=metadata)
+    save_file(layers, path, metadata=metadata, streaming=streaming)
     return time.perf_counter() - t

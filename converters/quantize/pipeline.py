@@ -88,15 +88,24 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return mod
 
 
-def load_block_result(model: nn.Module, block_file: Path, *, home: Any, timer: PhaseTimer) -> list[dict[str, Any]]:
-    """Put a finished block's layers (a resume file) into ``model``; return its report rows."""
+def load_block_result(model: nn.Module, block_file: Path, *, home: Any, timer: PhaseTimer,
+                      release: bool = False) -> list[dict[str, Any]]:
+    """Put a finished block's layers (a resume file) into ``model``; return its report rows.
+
+    With ``release`` the layers are put in on the meta device (their tensors stay in the file).
+    """
     with timer.phase("io"):
-        layers = load_file(block_file, device=home)
         meta = read_metadata(block_file)
+        layers = release_layers(meta.layers) if release else load_file(block_file, device=home)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     timer.add(meta.extra.get("svdq_block", {}).get("timings", {}))
     return list(meta.extra.get("svdq_block", {}).get("layers", []))
+
+
+def release_layers(specs: Mapping[str, Any]) -> dict[str, SVDQLinear]:
+    """Empty (meta device) ``SVDQLinear`` modules standing for layers whose tensors are in a block file."""
+    return {name: SVDQLinear.from_spec(getattr(spec, "spec", spec), device="meta") for name, spec in specs.items()}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -105,8 +114,32 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def block_file_reader(state_dir: str | os.PathLike[str]) -> Callable[[str], torch.Tensor]:
+    """``read(key)``: a tensor of the per-block state files (for ``save_pretrained(read_tensor=)``).
+
+    Headers are parsed once; each call opens the file, reads the one tensor (a fresh aligned
+    allocation) and closes it.
+    """
+    from svdq_format.io import TensorReader, read_header
+
+    headers = {}
+    for f in sorted(Path(state_dir).glob("block-*.safetensors")):
+        h = read_header(f)
+        for key in h.tensors:
+            headers[key] = h
+
+    def read(key: str) -> torch.Tensor:
+        h = headers.get(key)
+        if h is None:
+            raise QuantizationError(f"{state_dir}: tensor {key} is in no block file (state dir changed?)")
+        with TensorReader(h) as r:
+            return r.get_tensor(key)
+
+    return read
+
+
 def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection,
-                 source: ShardedSource | None = None) -> str:
+                 source: ShardedSource | None = None, device: torch.device | str = "cpu") -> str:
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     raw: Any = getattr(model, "config", None)
@@ -119,8 +152,8 @@ def _fingerprint(model: nn.Module, opts: QuantizeOptions, selection: Selection,
     h.update(json.dumps(selection.kinds, sort_keys=True).encode())
     for name in list(selection.kinds)[:4]:  # a few weights: catches "same config, other weights"
         w = _linear(model, name).weight.detach()
-        if w.is_meta and source is not None:
-            w = source.tensor(f"{name}.weight")
+        if w.is_meta and source is not None:  # summed where a resident model's weights would be
+            w = source.tensors([f"{name}.weight"], device)[f"{name}.weight"]
         h.update(f"{float(w.float().sum()):.6e}".encode())
     return h.hexdigest()[:16]
 
@@ -150,6 +183,39 @@ def _input_groups(names: list[str], kinds: Mapping[str, str], stats: Calibration
     return groups
 
 
+def _calibrate(model: nn.Module, linears: Mapping[str, nn.Linear], samples: list[Any], opts: QuantizeOptions, *,
+               device: torch.device, stream: bool, source: ShardedSource | None, progress: bool,
+               shard: tuple[int, int]) -> CalibrationStats:
+    """Statistics of this process's samples: block by block when the weights are streamed and the
+    model's wiring is known (:mod:`converters.quantize.blockwise`: each block placed once), else
+    whole-model forwards. Both give the same statistics."""
+    from .blockwise import blockwise_supported, collect_stats_blockwise
+
+    if (stream or source is not None) and blockwise_supported(model, samples):
+        if source is not None:
+            def load(block: nn.Module, name: str) -> None:
+                source.materialize(block, name, device)
+
+            def drop(block: nn.Module) -> None:
+                block.to("meta")
+        else:
+            def load(block: nn.Module, name: str) -> None:
+                block.to(device)
+
+            def drop(block: nn.Module) -> None:
+                block.to("cpu")
+        return collect_stats_blockwise(model, linears, samples, max_rows=opts.calib_rows, seed=opts.seed,
+                                       device=device, load_block=load, drop_block=drop, shard=shard,
+                                       progress=progress)
+    placement = None
+    if source is not None:
+        from .streaming import stream_from_source
+
+        placement = stream_from_source(model, source, device)
+    return collect_stats(model, linears, samples, max_rows=opts.calib_rows, seed=opts.seed, device=device,
+                         offload=stream, progress=progress, shard=shard, placement=placement)
+
+
 def run_quantization(
     model: nn.Module,
     calibration: Any,
@@ -164,6 +230,7 @@ def run_quantization(
     on_block_done: Callable[[int, str], None] | None = None,
     dist: DistContext | None = None,
     source: ShardedSource | None = None,
+    release: bool = False,
 ) -> QuantizeResult:
     """Quantize a model in place, block by block, resumably.
 
@@ -186,6 +253,10 @@ def run_quantization(
         source: The model's blocks are on the meta device and read from these safetensors
             files when needed (:func:`converters.quantize.streaming.load_lazy`; implies block
             streaming).
+        release: With a ``state_dir``: once a block's layers are written to its state file they
+            are replaced in ``model`` by empty meta-device ``SVDQLinear`` modules (their
+            tensors are read back from the file when the checkpoint is written: see
+            :func:`block_file_reader`), so quantized layers never accumulate in memory.
 
     Raises:
         QuantizationError: nothing quantizable, bad calibration, NaN, out of memory, or a
@@ -208,6 +279,7 @@ def run_quantization(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     home = torch.device("cpu") if stream else dev
+    release = release and state_dir is not None
     if source is None:
         model.to(home)
 
@@ -216,7 +288,7 @@ def run_quantization(
         if not w.is_meta and not bool(torch.isfinite(w).all()):  # (meta: checked when read)
             raise QuantizationError(f"layer {name}: weight contains NaN or inf")
     state = Path(state_dir) if state_dir is not None else None
-    fp = _fingerprint(model, opts, selection, source)
+    fp = _fingerprint(model, opts, selection, source, dev)
     stats_path = None if state is None else state / _STATS_FILE
 
     def check_state() -> tuple[bool, list[int]]:
@@ -257,14 +329,8 @@ def run_quantization(
             part, error = None, None
             try:
                 with timer.phase("calibration"):
-                    placement = None
-                    if source is not None:
-                        from .streaming import stream_from_source
-
-                        placement = stream_from_source(model, source, dev)
-                    part = collect_stats(model, linears, calib.samples, max_rows=opts.calib_rows, seed=opts.seed,
-                                         device=dev, offload=stream, progress=progress, shard=shard,
-                                         placement=placement)
+                    part = _calibrate(model, linears, calib.samples, opts, device=dev, stream=stream, source=source,
+                                      progress=progress, shard=shard)
             except Exception as exc:
                 if _is_oom(exc):
                     exc = QuantizationError(
@@ -300,23 +366,23 @@ def run_quantization(
         infos, complete, per_rank = quantize_blocks_distributed(
             dist, model, selection, stats, opts, device=dev, stream=stream, home=home, state=state,
             done=_done_blocks, timer=timer, deadline=deadline, progress=progress, on_block_done=on_block_done,
-            source=source)
+            source=source, release=release)
         blocks = []
     bar = tqdm(blocks, desc="quantize", unit="block", disable=not progress)
     for index, (block, names) in enumerate(bar):
         bar.set_postfix_str(block or "(outside blocks)", refresh=False)
         block_file = None if state is None else state / f"block-{index:04d}.safetensors"
         if block_file is not None and block_file.is_file():
-            infos.extend(load_block_result(model, block_file, home=home, timer=timer))
+            infos.extend(load_block_result(model, block_file, home=home, timer=timer, release=release))
             continue
         if deadline is not None and time.time() > deadline:
             complete = False
             break
         block_timer = PhaseTimer()
         try:
-            if source is not None:
+            if source is not None:  # read straight onto the device, one tensor at a time
                 for n in names:
-                    source.materialize(model.get_submodule(n), n, home)
+                    source.materialize(model.get_submodule(n), n, dev)
             mods = {n: _linear(model, n) for n in names}
             if stream:
                 for m in mods.values():
@@ -326,11 +392,11 @@ def run_quantization(
             for group in _input_groups(names, selection.kinds, stats):
                 res = quantize_group(group, mods, selection.kinds, stats, opts, timer=block_timer)
                 for name, (layer, info) in res.items():
-                    done[name] = layer.to(home)
+                    done[name] = layer if release else layer.to(home)  # (release: written from the device)
                     block_infos.append(info)
             if stream:
                 for m in mods.values():
-                    m.to("cpu")
+                    m.to("meta" if source is not None else "cpu")  # (disk: read again if ever needed)
         except Exception as exc:
             if _is_oom(exc):
                 raise QuantizationError(
@@ -338,12 +404,15 @@ def run_quantization(
                     "use --offload blocks, a smaller --calib-rows, or --device cpu"
                 ) from None
             raise
-        for name, layer in done.items():
-            _set_submodule(model, name, layer)
         if block_file is not None:
             with block_timer.phase("io"):
                 save_file(done, block_file, metadata={"svdq_block": {
-                    "block": block, "layers": block_infos, "timings": block_timer.seconds}})
+                    "block": block, "layers": block_infos, "timings": block_timer.seconds}}, streaming=release)
+        if release:
+            done = release_layers(done)
+        for name, layer in done.items():
+            _set_submodule(model, name, layer)
+        del mods
         timer.add(block_timer.seconds)
         infos.extend(block_infos)
         if on_block_done is not None:

@@ -27,7 +27,7 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 
 __all__ = ["LayerStats", "CalibrationStats", "collect_stats", "merge_stats", "sample_seed", "block_containers",
-           "block_offload"]
+           "block_offload", "StatsRecorder"]
 
 _SEP = "::"
 
@@ -40,7 +40,8 @@ class LayerStats:
 
     Attributes:
         absmax: Per-input-channel max |x| ``[K]`` (float32).
-        rows: A random subsample of input rows ``[m, K]`` (m ≤ the row budget), capture dtype.
+        rows: A random subsample of input rows ``[m, K]`` (m ≤ the row budget), capture dtype; on
+            the CPU, or on the compute device after a block-by-block calibration.
         keys: The reservoir keys of ``rows`` (float64; the smallest keys are kept, ascending).
         count: Number of rows seen.
         minval: Smallest input value seen (decides unsigned activation codes after a GELU).
@@ -75,9 +76,7 @@ class CalibrationStats:
     # ---- persistence (resume)
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the statistics to a safetensors file (atomic)."""
-        from safetensors.torch import save_file
-
-        from svdq_format.io import atomic_write
+        from svdq_format.io import atomic_write, write_safetensors_streaming
 
         tensors: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
@@ -90,7 +89,8 @@ class CalibrationStats:
             counts[name] = st.count
         meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "mins": mins, "samples": self.samples,
                                           "seconds": self.seconds, "source": self.source})}
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        # tensor by tensor (rows may live on the GPU): no second copy of the statistics in memory
+        atomic_write(Path(path), lambda tmp: write_safetensors_streaming(tensors, tmp, meta, lambda k: tensors[k]))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationStats:
@@ -223,14 +223,62 @@ def collect_stats(
     Raises:
         QuantizationError: NaN/inf activations (naming the layer and sample).
     """
-    gen = torch.Generator()
     rank, world = shard
-    stats: dict[str, LayerStats] = {}
-    groups: list[list[str]] = []
-    state: dict[str, Any] = {"last": None, "sample": 0, "first": True}
-    placed: set[str] = set()
+    rec = StatsRecorder(max_rows=max_rows)
+    handles = [mod.register_forward_pre_hook(rec.hook(name)) for name, mod in layers.items()]
+    samples = list(calibration)
+    if not samples:
+        raise QuantizationError("calibration set is empty")
+    if device is None:
+        device = next(model.parameters()).device
+    ctx = placement if placement is not None else block_offload(model, device) if offload else contextlib.nullcontext()
+    try:
+        from tqdm.auto import tqdm
 
-    def make_hook(name: str) -> Callable[..., None]:
+        with ctx, torch.no_grad():
+            mine = [(i, s) for i, s in enumerate(samples) if i % world == rank]
+            for i, sample in tqdm(mine, desc="calibration", unit="sample", disable=not progress):
+                rec.begin(i, first=rec.state["first"])
+                rec.gen.manual_seed(sample_seed(seed, i))
+                model(**_to(sample, device))
+                rec.state["first"] = False
+                rec.state["last"] = None
+    finally:
+        for h in handles:
+            h.remove()
+    return rec.finish(layers, world=world, samples=len(mine))
+
+
+class StatsRecorder:
+    """The forward pre-hooks of :func:`collect_stats` and the statistics they fill.
+
+    One row-sampling generator (:attr:`gen`), re-seeded per sample by the caller; input groups
+    are recorded while ``state["first"]`` is true (the first sample a process runs). Used by
+    :func:`collect_stats` (whole-model forwards) and by
+    :mod:`converters.quantize.blockwise` (one block at a time, the generator state of each
+    sample carried from block to block), which therefore compute the same statistics.
+    """
+
+    def __init__(self, *, max_rows: int, row_device: torch.device | str = "cpu") -> None:
+        self.max_rows = max_rows
+        self.row_device = row_device
+        self.gen = torch.Generator()
+        self.stats: dict[str, LayerStats] = {}
+        self.groups: list[list[str]] = []
+        self.state: dict[str, Any] = {"last": None, "sample": 0, "first": True}
+        self.placed: set[str] = set()
+
+    def begin(self, index: int, *, first: bool) -> None:
+        """Set the sample being run (for error messages) and whether groups are recorded."""
+        self.state["sample"] = index
+        self.state["first"] = first
+
+    def hook(self, name: str) -> Callable[..., None]:
+        """The forward pre-hook of linear ``name``."""
+        gen, stats, groups, state, placed, max_rows = (self.gen, self.stats, self.groups, self.state, self.placed,
+                                                       self.max_rows)
+        row_device = self.row_device
+
         def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
             k = x.shape[-1]
@@ -252,7 +300,7 @@ def collect_stats(
             keys = torch.rand(m, generator=gen, dtype=torch.float64)
             take = min(m, max_rows)
             top = torch.topk(keys, take, largest=False)
-            new_rows = flat[top.indices.to(flat.device)].to("cpu")
+            new_rows = flat[top.indices.to(flat.device)].to(row_device)
             st = stats.get(name)
             if st is None:
                 stats[name] = LayerStats(amax.cpu(), new_rows, top.values, m, lo)
@@ -263,40 +311,22 @@ def collect_stats(
             all_rows = torch.cat([st.rows, new_rows])
             keep = torch.topk(all_keys, min(max_rows, all_keys.numel()), largest=False).indices
             keep = keep.sort().values
-            st.keys, st.rows, st.count = all_keys[keep], all_rows[keep], st.count + m
+            st.keys, st.rows, st.count = all_keys[keep], all_rows[keep.to(all_rows.device)], st.count + m
 
         return hook
 
-    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in layers.items()]
-    samples = list(calibration)
-    if not samples:
-        raise QuantizationError("calibration set is empty")
-    if device is None:
-        device = next(model.parameters()).device
-    ctx = placement if placement is not None else block_offload(model, device) if offload else contextlib.nullcontext()
-    try:
-        from tqdm.auto import tqdm
-
-        with ctx, torch.no_grad():
-            mine = [(i, s) for i, s in enumerate(samples) if i % world == rank]
-            for i, sample in tqdm(mine, desc="calibration", unit="sample", disable=not progress):
-                state["sample"] = i
-                gen.manual_seed(sample_seed(seed, i))
-                model(**_to(sample, device))
-                state["first"] = False
-                state["last"] = None
-    finally:
-        for h in handles:
-            h.remove()
-    for st in stats.values():  # canonical order (by key): independent of how samples were split
-        order = torch.sort(st.keys, stable=True).indices
-        st.keys, st.rows = st.keys[order], st.rows[order]
-    missing = [n for n in layers if n not in stats]
-    if missing and world == 1:
-        warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
-                      UserWarning, stacklevel=2)
-    groups = [[n for n in g if n in stats] for g in groups]
-    return CalibrationStats(stats, [g for g in groups if g], samples=len(mine))
+    def finish(self, layers: Mapping[str, Any], *, world: int, samples: int) -> CalibrationStats:
+        """The statistics in canonical order (warns about layers that never ran, one process)."""
+        stats = self.stats
+        for st in stats.values():  # canonical order (by key): independent of how samples were split
+            order = torch.sort(st.keys, stable=True).indices
+            st.keys, st.rows = st.keys[order], st.rows[order.to(st.rows.device)]
+        missing = [n for n in layers if n not in stats]
+        if missing and world == 1:
+            warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
+                          UserWarning, stacklevel=3)
+        groups = [[n for n in g if n in stats] for g in self.groups]
+        return CalibrationStats(stats, [g for g in groups if g], samples=samples)
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -52,11 +52,12 @@ class ShardedSource:
             raise QuantizationError(f"{d}: no diffusion_pytorch_model.safetensors(.index.json) to stream from")
         self.dtype = dtype
 
-    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Several tensors (CPU copies), cast like ``from_pretrained`` does.
+    def tensors(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Several tensors, cast like ``from_pretrained`` does, each moved to ``device`` as soon
+        as it is read (so host memory holds one tensor at a time, not the whole list).
 
-        Each file is opened for the call only: a mapping kept open would keep every page read
-        so far resident (and counted), i.e. the whole model by the end.
+        A file is opened for one tensor only: a mapping kept open would keep every page read so
+        far resident (and counted in the RSS), i.e. a whole block, or the whole model by the end.
         """
         from safetensors import safe_open
 
@@ -68,12 +69,14 @@ class ShardedSource:
             by_file.setdefault(f, []).append(name)
         out: dict[str, torch.Tensor] = {}
         for f, keys in by_file.items():
-            with safe_open(os.fspath(f), framework="pt", device="cpu") as h:
-                for k in keys:
+            for k in keys:  # opened per tensor: at most one tensor's pages are mapped (and counted)
+                with safe_open(os.fspath(f), framework="pt", device="cpu") as h:
                     t = h.get_tensor(k)
                     # as diffusers' loader does (safetensors get_tensor): the same buffers, hence
                     # the same CPU BLAS code paths (their results can depend on alignment)
-                    out[k] = t.to(self.dtype) if t.is_floating_point() else t
+                    t = t.to(self.dtype) if t.is_floating_point() else t
+                    out[k] = t.to(device)
+                    del t
         return out
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -81,11 +84,19 @@ class ShardedSource:
         return self.tensors([name])[name]
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device | str = "cpu") -> None:
-        """Read every meta parameter/buffer of ``module`` (qualified by ``prefix``) onto ``device``."""
+        """Read every meta parameter/buffer of ``module`` (qualified by ``prefix``) onto ``device``.
+
+        Quantized layers (``SVDQLinear``, e.g. released to the meta device after their block
+        file was written) are not source tensors and are left alone.
+        """
+        from svdq_format.linear import SVDQLinear
+
         pre = f"{prefix}." if prefix else ""
-        todo = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-        got = self.tensors([pre + n for n in todo])
-        state = {n: got[pre + n].to(device) for n in todo}
+        skip = tuple(f"{n}." for n, m in module.named_modules() if isinstance(m, SVDQLinear))
+        todo = [name for name, t in [*module.named_parameters(), *module.named_buffers()]
+                if t.is_meta and not (skip and name.startswith(skip))]
+        got = self.tensors([pre + n for n in todo], device)
+        state = {n: got[pre + n] for n in todo}
         if state:
             module.load_state_dict(state, strict=False, assign=True)
             for p in module.parameters():
