@@ -35,9 +35,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default="16,256,4608")
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--datapaths", default=None, help="comma list (default: all; f16 is always run: the others are compared with it)")
     ap.add_argument("--out", default="gemm_datapaths.json")
     args = ap.parse_args(argv)
     from svdq_kernels import triton_fast
+
+    paths = list(triton_fast.DATAPATHS) if not args.datapaths else ["f16"] + [
+        d for d in args.datapaths.split(",") if d != "f16"]
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
                                                                    out_dtype=torch.bfloat16)),
                    "prologue": _bench(lambda: triton_fast.prologue(x, smooth, down))}
             outs = {}
-            for dp in triton_fast.DATAPATHS:
+            for dp in paths:
                 def run(dp=dp):
                     return triton_fast.gemm(q, a, qweight, wscales, lr, up, bias, None,
                                             out_dtype=torch.bfloat16, datapath=dp)
@@ -72,14 +76,14 @@ def main(argv=None) -> int:
             rel = {dp: ((o - base).norm() / base.norm()).item() for dp, o in outs.items()}
             flops = 2 * m * n * k
             tf = {key: flops / (ms * 1e-3) / 1e12 for key, ms in res.items()}
-            best = min(triton_fast.DATAPATHS, key=lambda d: res[d])
+            best = min(paths, key=lambda d: res[d])
             row = {"M": m, "K": k, "N": n, "ms": res, "tflops": tf, "rel_vs_f16": rel, "best": best,
                    "best_layer_vs_bf16": res["bf16"] / (res[best] + res["prologue"])}
             rows.append(row)
             print(f"M={m:5d} K={k:5d} N={n:5d} | bf16 {tf['bf16']:6.0f} fp8row {tf['fp8_row_gemm']:6.0f} | "
-                  + " ".join(f"{dp} {tf[dp]:5.0f}" for dp in triton_fast.DATAPATHS)
+                  + " ".join(f"{dp} {tf[dp]:5.0f}" for dp in paths)
                   + f" | prologue {res['prologue'] * 1e3:6.1f} us | best {best}: layer {row['best_layer_vs_bf16']:.2f}x bf16"
-                  + " | rel " + " ".join(f"{dp} {rel[dp]:.1e}" for dp in triton_fast.DATAPATHS if dp != "f16"),
+                  + " | rel " + " ".join(f"{dp} {rel[dp]:.1e}" for dp in paths if dp != "f16"),
                   flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
