@@ -179,7 +179,7 @@ def _hwm_kib(pid: int) -> int | None:
 
 def run_child(device: str, argv: list[str], threads: int | None) -> dict:
     """``svdq ARGV`` in a fresh process; its own peak RSS, its children's (ranks) and per-rank VmHWM."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     t = time.time()
