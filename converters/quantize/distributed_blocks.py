@@ -35,6 +35,10 @@ def _candidates(opts: QuantizeOptions) -> int:
     return len(opts.alphas) + len(opts.activation_alphas) + 1 if opts.smoothing else 1
 
 
+#: Windows per run when nothing is released (each one ends with a wait for the slowest rank).
+_WINDOWS = 4
+
+
 def quantize_blocks_distributed(
     ctx: DistContext,
     model: nn.Module,
@@ -74,9 +78,13 @@ def quantize_blocks_distributed(
         infos.extend(load_block_result(model, block_file, home=home, timer=timer, release=release))
     todo = [i for i in range(len(blocks)) if i not in done_set]
     groups = {i: _input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
-    # releasing (--offload disk): smaller windows, so rank 0 holds fewer quantized layers at once
-    plan = [[todo[j] for j in w] for w in windows([len(groups[i]) for i in todo], ctx.world_size,
-                                                  groups_per_rank=2 if release else 4)]
+    # Every window ends with all ranks waiting for the slowest, so more groups per window
+    # balance better (longest first over many unequal groups). Releasing (--offload disk):
+    # small windows, so rank 0 holds few quantized layers at once. Otherwise: about a quarter
+    # of the model per window (4 exchanges; resume files are written window by window).
+    counts = [len(groups[i]) for i in todo]
+    per_rank_window = 2 if release else max(4, -(-sum(counts) // (_WINDOWS * ctx.world_size)))
+    plan = [[todo[j] for j in w] for w in windows(counts, ctx.world_size, groups_per_rank=per_rank_window)]
     bar = tqdm(total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root))
     per_rank = [0] * ctx.world_size
     # rank 0 writes the resume files in the background (one thread, in order) while the ranks
