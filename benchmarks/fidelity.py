@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,6 +36,7 @@ from converters.quantize.layer import layer_fidelity, quantize_group  # noqa: E4
 from converters.quantize.options import QuantizeOptions  # noqa: E402
 from converters.quantize.report import environment_info  # noqa: E402
 from converters.quantize.selection import select_layers  # noqa: E402
+from converters.quantize.smoothing import relative_error  # noqa: E402
 
 
 def minilm_layers(max_rows: int) -> tuple[dict[str, nn.Linear], CalibrationStats, CalibrationStats, dict[str, str]]:
@@ -86,7 +88,20 @@ def outlier_layers(dim: int, rows: int, seed: int = 0):
     return linears, CalibrationStats(calib, groups), CalibrationStats(held, groups), dict.fromkeys(linears, "w4a4")
 
 
-def evaluate(linears, calib, held, kinds, opts: QuantizeOptions) -> list[dict]:
+@torch.no_grad()
+def fast_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> float:
+    """The same quantized layer run in ``fast`` mode (FP8 per-token activations instead of the
+    format's int4 ones; the reference backend's semantics of the Hopper fast path)."""
+    x = rows.to(layer.qweight.device, linear.weight.dtype)
+    ref = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    layer.backend, layer.mode = "reference", "fast"
+    try:
+        return relative_error(layer(x), ref)
+    finally:
+        layer.mode = "exact"
+
+
+def evaluate(linears, calib, held, kinds, opts: QuantizeOptions, *, fast: bool = False) -> list[dict]:
     out = []
     done: set[str] = set()
     for name in linears:
@@ -97,6 +112,8 @@ def evaluate(linears, calib, held, kinds, opts: QuantizeOptions) -> list[dict]:
         res = quantize_group(group, linears, kinds, calib, opts, report=False)
         for n, (layer, info) in res.items():
             info["error"] = layer_fidelity(linears[n], layer, held.layers[n].rows, precision=opts.precision)
+            if fast and kinds[n] == "w4a4" and opts.precision == "int4":
+                info["error"]["svdq_fast"] = fast_mode_error(linears[n], layer, held.layers[n].rows)
             info.pop("search", None)
             out.append(info)
     return out
@@ -125,12 +142,26 @@ def main() -> int:
     }
     result: dict = {"environment": environment_info("cpu"), "precision": args.precision, "rank": args.rank, "sets": {}}
     for label, (linears, calib, held, kinds) in sets.items():
-        layers = evaluate(linears, calib, held, kinds, QuantizeOptions(rank=args.rank, precision=args.precision))
+        layers = evaluate(linears, calib, held, kinds, QuantizeOptions(rank=args.rank, precision=args.precision),
+                          fast=True)
         s = summary(layers)
         print(f"\n== {label}: relative output error on held-out rows ({args.precision}, rank {args.rank})")
         print(format_table(layers))
         worst = max(r["error"]["svdq"] / r["error"]["naive_w4a4"] for r in layers)
         print(f"worst per-layer svdq/w4a4 ratio: {worst:.3f}")
+        both = [r["error"] for r in layers if "svdq_fast" in r["error"]]
+        if both:
+            s["fast_vs_exact"] = {
+                "layers": len(both),
+                "mean_exact": sum(e["svdq"] for e in both) / len(both),
+                "mean_fast": sum(e["svdq_fast"] for e in both) / len(both),
+                "fast_no_worse": sum(e["svdq_fast"] <= e["svdq"] for e in both),
+                "worst_fast_over_exact": max(e["svdq_fast"] / e["svdq"] for e in both),
+            }
+            fe = s["fast_vs_exact"]
+            print(f"fast mode (FP8 activations) vs exact W4A4 on the same layers: mean error "
+                  f"{fe['mean_fast']:.4f} vs {fe['mean_exact']:.4f}; fast no worse on {fe['fast_no_worse']}/"
+                  f"{fe['layers']} layers; worst fast/exact {fe['worst_fast_over_exact']:.3f}")
         curve = []
         for r in (int(x) for x in args.ranks.split(",")):
             rl = evaluate(linears, calib, held, kinds, QuantizeOptions(rank=r, precision=args.precision))

@@ -1,0 +1,55 @@
+"""``torch.compile`` of whole quantized diffusers models: the ``svdquant::linear`` op traces as one
+node (its fake implementation gives shapes), so dynamo sees no graph break (``fullgraph=True``)
+and the compiled model gives the eager outputs. ``aot_eager`` runs dynamo and AOTAutograd (the
+fake implementation is exercised) without needing a C++ compiler for inductor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from converters.quantize import quantize_model, synthetic_calibration
+from svdq_format.model import svdq_modules
+from tests.test_quantize_models import BUILDERS, eval_input, run
+
+pytestmark = pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_whole_quantized_model_compiles_without_graph_breaks(family, mode):
+    torch._dynamo.reset()
+    model = BUILDERS[family]()
+    calib = synthetic_calibration(model, 2, image_tokens=16, text_tokens=8)
+    quantize_model(model, calib, rank=8, alphas=(0.5,))
+    layers = svdq_modules(model)
+    assert {m.kind for m in layers.values()} == {"w4a4", "w4a16"}
+    for m in layers.values():
+        m.mode = mode
+    x = eval_input(model)
+    eager = run(model, x)
+    explanation = torch._dynamo.explain(model)(**x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(**x).sample
+    assert torch.equal(got, eager)
+
+
+def test_model_with_a_lora_compiles_and_follows_a_strength_change():
+    """LoRA ranks live in buffers (concatenated branch, per-rank scales) and 16-bit targets in
+    forward hooks: both trace without a graph break, and the compiled model follows a strength
+    change (new scale buffers; the hooks' strength is guarded on, so it may re-trace)."""
+    from converters.lora import load_lora, set_lora_strengths
+    from tests.lora_fixtures import flux_inputs, lora_targets, peft_state_dict, quantize, random_factors, tiny_flux
+
+    torch._dynamo.reset()
+    dense = tiny_flux()
+    model = quantize(tiny_flux())
+    load_lora(model, peft_state_dict(random_factors(lora_targets(dense), rank=4)), adapter_name="a", cache=False)
+    x = flux_inputs()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(**x).sample, model(**x).sample)
+        set_lora_strengths(model, {"a": 0.3})
+        assert torch.equal(compiled(**x).sample, model(**x).sample)
