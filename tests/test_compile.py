@@ -53,3 +53,20 @@ def test_model_with_a_lora_compiles_and_follows_a_strength_change():
         assert torch.equal(compiled(**x).sample, model(**x).sample)
         set_lora_strengths(model, {"a": 0.3})
         assert torch.equal(compiled(**x).sample, model(**x).sample)
+
+
+def test_flux_step_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch):
+    """The script of issue 10's end-to-end measurement runs (CPU, tiny config, one step)."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    flux_step = importlib.import_module("flux_step")
+
+    out = tmp_path / "step.json"
+    assert flux_step.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--fast",
+                           "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["svdq_layers"] > 0 and got["svdq"]["weights_bytes"] > 0
+    assert 0 < got["svdq_output_rel_err_vs_bf16"] < 0.5

@@ -1,0 +1,181 @@
+"""One FLUX.1-dev transformer step, bf16 vs SVDQuant, eager and compiled: time, weight memory, peak.
+
+The model is diffusers' ``FluxTransformer2DModel(guidance_embeds=True)`` at the FLUX.1-dev shape
+(19 double + 38 single blocks, width 3072) with deterministic random bf16 weights, run at
+1024×1024 (4096 image tokens) with 512 text tokens, batch 1 — one denoising step. Measured in
+one process, in this order:
+
+1. bf16: eager (and ``--compile``: ``torch.compile``) step time, transformer weights on the GPU,
+   peak memory of a step;
+2. quantized in place by our quantizer (synthetic calibration, ``--samples``; ``--fast``
+   skips the smoothing/clipping searches: speed, not quality, is measured here);
+3. SVDQuant in ``fast`` mode (the Hopper kernels when ``import svdq_kernels`` finds an sm_90
+   GPU, else the reference backend): eager and compiled step time, weights on the GPU, peak.
+
+Targets (issue 10, H100): ≤ 0.67 × the bf16 step time (≈ 120 ms) and ≤ 7 GiB of transformer
+weights.
+
+    python benchmarks/flux_step.py --out out/flux_step.json --compile
+    python benchmarks/flux_step.py --tiny --device cpu --steps 2     # CPU smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from quantize_flux import FLUX_DEV, TINY, build_model  # noqa: E402
+
+GIB = 2**30
+
+
+def inputs(model: torch.nn.Module, *, image_tokens: int, text_tokens: int, device: str, seed: int = 0) -> dict:
+    """One step's transformer inputs (batch 1), deterministic."""
+    cfg = model.config
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device, torch.bfloat16)
+
+    side = int(image_tokens ** 0.5)
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    return {
+        "hidden_states": randn(1, image_tokens, cfg.in_channels),
+        "encoder_hidden_states": randn(1, text_tokens, cfg.joint_attention_dim),
+        "pooled_projections": randn(1, cfg.pooled_projection_dim),
+        "timestep": torch.tensor([0.5], device=device, dtype=torch.bfloat16),
+        "guidance": torch.tensor([3.5], device=device, dtype=torch.bfloat16),
+        "img_ids": img_ids.reshape(-1, 3).to(device),
+        "txt_ids": torch.zeros(text_tokens, 3, device=device),
+    }
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer (the transformer's weights as held)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def time_steps(fn, *, steps: int, warmup: int, device: str) -> tuple[list[float], int]:
+    """Wall seconds of ``steps`` calls (after ``warmup``) and the peak memory of one call."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        sync()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    return times, peak
+
+
+def measure(model, x, *, label: str, args) -> dict:
+    """Eager (and compiled) step times of ``model`` on ``x``."""
+    out = {"weights_bytes": weight_bytes(model)}
+    times, peak = time_steps(lambda: model(**x), steps=args.steps, warmup=args.warmup, device=args.device)
+    out["eager"] = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak}
+    if args.compile:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, mode=args.compile_mode)
+        t = time.perf_counter()
+        with torch.no_grad():
+            compiled(**x)
+        compile_s = time.perf_counter() - t
+        times, peak = time_steps(lambda: compiled(**x), steps=args.steps, warmup=args.warmup, device=args.device)
+        out["compiled"] = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak,
+                           "first_call_s": compile_s, "mode": args.compile_mode}
+    for k in ("eager", "compiled"):
+        if k in out:
+            print(f"{label:<10} {k:<9} {out[k]['median_s'] * 1e3:9.1f} ms/step  weights "
+                  f"{out['weights_bytes'] / GIB:6.2f} GiB  peak {out[k]['peak_bytes'] / GIB:6.2f} GiB", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test)")
+    ap.add_argument("--image-tokens", type=int, default=None, help="default 4096 (1024x1024); tiny: 64")
+    ap.add_argument("--text-tokens", type=int, default=None, help="default 512; tiny: 16")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also torch.compile both models")
+    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                    help="torch.compile mode (e.g. reduce-overhead for CUDA graphs)")
+    ap.add_argument("--samples", type=int, default=4, help="synthetic calibration samples")
+    ap.add_argument("--fast", action="store_true", help="quantize without the smoothing / clipping searches")
+    ap.add_argument("--out", default="flux_step.json")
+    args = ap.parse_args(argv)
+
+    from converters.quantize import quantize_model, synthetic_calibration
+    from svdq_format.model import svdq_modules
+
+    if args.device.startswith("cuda"):
+        importlib.import_module("svdq_kernels")  # registers the Hopper backend
+    img = args.image_tokens or (64 if args.tiny else 4096)
+    txt = args.text_tokens or (16 if args.tiny else 512)
+    model = build_model(TINY if args.tiny else FLUX_DEV, args.device, torch.bfloat16, 0).eval()
+    x = inputs(model, image_tokens=img, text_tokens=txt, device=args.device)
+    print(f"FLUX {'tiny' if args.tiny else '.1-dev'} shape, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B "
+          f"params, {img} image + {txt} text tokens, batch 1, device {args.device}")
+    result: dict = {"benchmark": "flux_step", "image_tokens": img, "text_tokens": txt,
+                    "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                    "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result["bf16"] = measure(model, x, label="bf16", args=args)
+    with torch.no_grad():
+        ref = model(**x).sample.float()
+
+    t = time.perf_counter()
+    calib = synthetic_calibration(model, args.samples, seed=0, image_tokens=img, text_tokens=txt, warn=False)
+    extra = {"smoothing": False, "clip_search": False, "refine_iters": 0} if args.fast else {}
+    quantize_model(model, calib, rank=32, device=args.device, **extra)
+    result["quantize_s"] = round(time.perf_counter() - t, 1)
+    layers = svdq_modules(model)
+    for layer in layers.values():
+        layer.mode = "fast"
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    result["svdq_layers"] = len(layers)
+    result["svdq"] = measure(model, x, label="svdquant", args=args)
+    with torch.no_grad():
+        y = model(**x).sample.float()
+    result["svdq_output_rel_err_vs_bf16"] = float((y - ref).norm() / ref.norm())
+    for k in ("eager", "compiled"):
+        if k in result["svdq"]:
+            result["svdq"][k]["vs_bf16_eager"] = result["svdq"][k]["median_s"] / result["bf16"]["eager"]["median_s"]
+    print(f"quantized in {result['quantize_s']} s; output vs bf16: rel err {result['svdq_output_rel_err_vs_bf16']:.3f}; "
+          f"step time vs bf16 eager: {result['svdq']['eager']['vs_bf16_eager']:.2f}x (target <= 0.67 on an H100)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
