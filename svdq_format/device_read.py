@@ -41,7 +41,7 @@ def _ring() -> tuple[list[torch.Tensor], ThreadPoolExecutor]:
 
 
 def _pread(fd: int, buf: torch.Tensor, offset: int, nbytes: int, path: str) -> None:
-    view = memoryview(buf.numpy())[:nbytes]
+    view = memoryview(buf.numpy())[:nbytes]  # type: ignore[arg-type]  # ndarray is a buffer
     got = 0
     while got < nbytes:
         n = os.preadv(fd, [view[got:]], offset + got)

@@ -74,8 +74,9 @@ def _next_inputs(out: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tail(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
-    hidden_states = model.norm_out(kwargs["hidden_states"], kwargs["temb"])  # as the models' forward
-    model.proj_out(hidden_states)
+    norm_out: Any = model.norm_out
+    proj_out: Any = model.proj_out
+    proj_out(norm_out(kwargs["hidden_states"], kwargs["temb"]))  # as the models' forward
 
 
 def collect_stats_blockwise(

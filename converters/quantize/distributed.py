@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import socket
 import time
@@ -163,7 +164,7 @@ class DistContext:
         for r, (theirs, lay, size) in enumerate(infos):
             buf = mine if r == self.rank else torch.empty(size, dtype=torch.uint8, device=comm)
             if size:
-                self._collective(what, lambda buf=buf, r=r: dist.broadcast(buf, src=r))
+                self._collective(what, functools.partial(dist.broadcast, buf, src=r))
             out.append((theirs, {key: buf[off : off + n].view(getattr(torch, dt)).view(shape)
                                  for key, dt, shape, off, n in lay}))
         return out
@@ -423,10 +424,10 @@ def gather_stats(
         rows_by_rank = [got for _, got in ctx.exchange_tensors(None, send, None, what="calibration rows")]
         del send
         for n in batch:
-            keys, owner, _ = plan[n]
+            kept, owner, _ = plan[n]
             have = [p.layers[n] for p in lights if n in p.layers]
             sample = next(rows[n] for rows in rows_by_rank if n in rows)
-            rows = sample.new_empty((len(keys), sample.shape[1]))
+            rows = sample.new_empty((len(kept), sample.shape[1]))
             for r, got in enumerate(rows_by_rank):
                 if n in got:
                     rows[owner.to(rows.device) == r] = got[n]
@@ -435,7 +436,7 @@ def gather_stats(
                 absmax = torch.maximum(absmax, st.absmax)
             # where one process keeps them (host, or the GPU after a block-by-block calibration)
             rows = rows.to(part.layers[n].rows.device if part is not None and n in part.layers else have[0].rows.device)
-            merged[n] = LayerStats(absmax, rows, keys, sum(st.count for st in have), min(st.minval for st in have))
+            merged[n] = LayerStats(absmax, rows, kept, sum(st.count for st in have), min(st.minval for st in have))
         del rows_by_rank
         batch, size = [], 0
     missing = [n for n in layers if n not in merged]
@@ -444,6 +445,6 @@ def gather_stats(
 
         warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
                       UserWarning, stacklevel=2)
-    groups = next((p.groups for p in lights if p.groups), [])
+    groups: list[Any] = next((p.groups for p in lights if p.groups), [])
     return CalibrationStats(merged, [list(g) for g in groups], samples=sum(p.samples for p in lights),
                             seconds=max((p.seconds for p in lights), default=0.0))
