@@ -40,8 +40,8 @@ class LayerStats:
 
     Attributes:
         absmax: Per-input-channel max |x| ``[K]`` (float32).
-        rows: A random subsample of input rows ``[m, K]`` (m ≤ the row budget), capture dtype; on
-            the CPU, or on the compute device after a block-by-block calibration.
+        rows: A random subsample of input rows ``[m, K]`` (m ≤ the row budget), capture dtype, on
+            the device the calibration ran on (statistics read from a file: the CPU).
         keys: The reservoir keys of ``rows`` (float64; the smallest keys are kept, ascending).
         count: Number of rows seen.
         minval: Smallest input value seen (decides unsigned activation codes after a GELU).
@@ -224,13 +224,15 @@ def collect_stats(
         QuantizationError: NaN/inf activations (naming the layer and sample).
     """
     rank, world = shard
-    rec = StatsRecorder(max_rows=max_rows)
+    if device is None:
+        device = next(model.parameters()).device
+    # the sampled rows stay where the forward runs (a GPU: no copies to the host, and the
+    # reservoir's concatenations run there); the quantizer reads them there
+    rec = StatsRecorder(max_rows=max_rows, row_device=device)
     handles = [mod.register_forward_pre_hook(rec.hook(name)) for name, mod in layers.items()]
     samples = list(calibration)
     if not samples:
         raise QuantizationError("calibration set is empty")
-    if device is None:
-        device = next(model.parameters()).device
     ctx = placement if placement is not None else block_offload(model, device) if offload else contextlib.nullcontext()
     try:
         from tqdm.auto import tqdm
@@ -284,8 +286,9 @@ class StatsRecorder:
             k = x.shape[-1]
             flat = x.detach().reshape(-1, k)
             amax = flat.abs().amax(dim=0).float()
-            lo = float(flat.amin())
-            if not bool(torch.isfinite(amax).all()):
+            # one host synchronisation per call: the minimum and the finite check together
+            lo, finite = torch.stack([flat.amin().float(), torch.isfinite(amax).all().float()]).tolist()
+            if not finite:
                 raise QuantizationError(
                     f"layer {name}: NaN or inf activations in calibration sample {state['sample']}"
                 )
@@ -302,11 +305,11 @@ class StatsRecorder:
             top = torch.topk(keys, take, largest=False)
             new_rows = flat[top.indices.to(flat.device)].to(row_device)
             st = stats.get(name)
-            if st is None:
-                stats[name] = LayerStats(amax.cpu(), new_rows, top.values, m, lo)
+            if st is None:  # absmax stays where the forward runs until finish()
+                stats[name] = LayerStats(amax, new_rows, top.values, m, lo)
                 return
             st.minval = min(st.minval, lo)
-            st.absmax = torch.maximum(st.absmax, amax.cpu())
+            st.absmax = torch.maximum(st.absmax, amax)
             all_keys = torch.cat([st.keys, top.values])
             all_rows = torch.cat([st.rows, new_rows])
             keep = torch.topk(all_keys, min(max_rows, all_keys.numel()), largest=False).indices
@@ -321,6 +324,7 @@ class StatsRecorder:
         for st in stats.values():  # canonical order (by key): independent of how samples were split
             order = torch.sort(st.keys, stable=True).indices
             st.keys, st.rows = st.keys[order], st.rows[order.to(st.rows.device)]
+            st.absmax = st.absmax.cpu()
         missing = [n for n in layers if n not in stats]
         if missing and world == 1:
             warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
