@@ -201,3 +201,49 @@ def test_cli_failure_of_a_rank_is_one_line_per_rank(tmp_path, capfd):
     assert len(reason) == 2 and "NaN or inf activations in calibration sample 1" in reason[0]
     assert any("exited with code 1" in ln for ln in lines)
     assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def _exchange_worker(tmp: str) -> None:
+    """Each rank sends tensors of several dtypes and shapes (one rank sends none, one sends an
+    empty and a 0-d tensor) and writes what it received from every rank."""
+    from pathlib import Path
+
+    ctx = init_distributed("cpu", timeout_s=60)
+    assert ctx is not None
+    try:
+        mine = _exchange_payload(ctx.rank)
+        got = ctx.exchange_tensors({"rank": ctx.rank}, mine, None, what="test exchange")
+        ok = all(payload == {"rank": r} and _same(got_t, _exchange_payload(r)) for r, (payload, got_t) in enumerate(got))
+        (Path(tmp) / f"exchange-{ctx.rank}.txt").write_text(str(ok))
+        try:
+            ctx.exchange_tensors(None, mine, ValueError("boom") if ctx.rank == 1 else None, what="failing exchange")
+        except QuantizationError as exc:
+            (Path(tmp) / f"exchange-error-{ctx.rank}.txt").write_text(str(exc))
+    finally:
+        ctx.close()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same names, dtypes, shapes and bytes."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)) for k in a)
+
+
+def _exchange_payload(rank: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    if rank == 1:
+        return {}
+    return {"codes": torch.randint(0, 256, (7, 3), generator=g, dtype=torch.uint8),
+            "w": torch.randn(5, 6, generator=g).bfloat16(), "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
+            "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5), "mask": torch.tensor([True, False, True])}
+
+
+def test_tensor_exchange_over_two_processes(tmp_path):
+    """The flat-buffer broadcast gives every rank every rank's tensors bit for bit (odd sizes,
+    mixed dtypes, empty and 0-d tensors, a rank with nothing to send); an error on one rank
+    is raised on both with its one line."""
+    launch(_exchange_worker, 2, (str(tmp_path),), join_timeout_s=120)
+    assert [(tmp_path / f"exchange-{r}.txt").read_text() for r in range(2)] == ["True", "True"]
+    errors = [(tmp_path / f"exchange-error-{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1] == "rank 1 failed during failing exchange: ValueError: boom"
