@@ -34,8 +34,9 @@ import torch
 __all__ = ["fast_linear", "prologue", "gemm", "triton_available", "DATAPATHS"]
 
 #: GEMM datapaths (see :func:`gemm`); ``*t``: the transposed kernel (weights as the MMA's
-#: register operand, tokens as its N dimension).
-DATAPATHS = ("f16", "fp8", "f16t", "fp8t")
+#: register operand, tokens as its N dimension); ``f16s``: the transposed kernel with the group
+#: scales folded exactly into fp16 weights, one accumulation chain over K (bf16 scales only).
+DATAPATHS = ("f16", "fp8", "f16t", "fp8t", "f16s")
 #: Datapath of :func:`fast_linear` (``SVDQ_FAST_DATAPATH`` overrides).
 DEFAULT_DATAPATH = os.environ.get("SVDQ_FAST_DATAPATH", "f16t")
 
@@ -87,7 +88,7 @@ def _kernels() -> dict[str, Any]:
     @triton.jit
     def prologue_quant_kernel(
         x_ptr, s_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, M, K, R, BPS, NSPLIT, shift,
-        HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+        HAS_LR: tl.constexpr, Q16: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
     ):
         # split s of K: the rows' scale from every split's absmax, then FP8 codes of this split;
         # split 0 also writes the token scales and sums the low-rank partials in split order
@@ -112,7 +113,11 @@ def _kernels() -> dict[str, Any]:
             q = tl.math.div_rn(xs, a_div[:, None])
             q = tl.minimum(tl.maximum(q, -448.0), 448.0)
             q = tl.where(ok[:, None], q, 0.0)
-            tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None])
+            q8 = q.to(tl.float8e4nv)
+            if Q16:  # the same e4m3 values, stored as fp16 (exact) for the f16s GEMM
+                tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q8.to(tl.float16), mask=m_ok[:, None])
+            else:
+                tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q8, mask=m_ok[:, None])
         if split == 0:
             tl.store(a_ptr + rm, a, mask=m_ok)
             if HAS_LR:
@@ -221,12 +226,12 @@ def _kernels() -> dict[str, Any]:
         triton.Config({"BN": 64, "BM": 16}, num_warps=4, num_stages=6),
     ]
 
-    @triton.autotune(configs=gemm_t_configs, key=["M_BUCKET", "N", "K", "F16", "HAS_LR"])
+    @triton.autotune(configs=gemm_t_configs, key=["M_BUCKET", "N", "K", "F16", "HAS_LR", "SCALED"])
     @triton.jit
     def gemm_t_kernel(
-        q_ptr, a_ptr, w_ptr, wst_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
-        F16: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
+        q_ptr, a_ptr, w_ptr, wst_ptr, pw_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
+        F16: tl.constexpr, SCALED: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
     ):
         # yᵀ tile [BN, BM] = W (int4 → e4m3/f16 in registers: the MMA's A operand, no shared-memory
         # round trip) × qᵀ (activations, K-contiguous: the B operand straight from shared memory)
@@ -249,6 +254,8 @@ def _kernels() -> dict[str, Any]:
         x_ptrs = q_ptr + rm_c[None, :] * K + rk[:, None]
         s_ptrs = wst_ptr + rn_c
         acc = tl.zeros([BN, BM], dtype=tl.float32)
+        if SCALED:
+            pw = tl.load(pw_ptr + rn_c)
         for g in range(0, G):
             wp = tl.load(w_ptrs)
             lo = ((wp & 0xF).to(tl.int8) ^ 8) - 8
@@ -256,14 +263,21 @@ def _kernels() -> dict[str, Any]:
             w8 = tl.join(lo, hi).reshape(BN, 64)
             xb = tl.load(x_ptrs)
             sc = tl.load(s_ptrs).to(tl.float32)
-            if F16:
-                part = tl.dot(w8.to(tl.float16), xb.to(tl.float16))
+            if SCALED:
+                # code × scale × 2^e is exact in fp16 (see _row_pow2): one accumulation chain
+                w16 = (w8.to(tl.float32) * (sc * pw)[:, None]).to(tl.float16)
+                acc = tl.dot(w16, xb, acc)
             else:
-                part = tl.dot(w8.to(tl.float16).to(tl.float8e4nv), xb)
-            acc += part * sc[:, None]
+                if F16:
+                    part = tl.dot(w8.to(tl.float16), xb.to(tl.float16))
+                else:
+                    part = tl.dot(w8.to(tl.float16).to(tl.float8e4nv), xb)
+                acc += part * sc[:, None]
             w_ptrs += 32
             x_ptrs += 64
             s_ptrs += N
+        if SCALED:
+            acc = acc / pw[:, None]  # a power of two: exact
         asc = tl.load(a_ptr + rm_c)
         acc = acc * asc[None, :]
         if HAS_LR:
@@ -312,12 +326,47 @@ def _scales_t(wscales: torch.Tensor) -> torch.Tensor:
     return wst
 
 
+_POW2: dict[int, tuple[int, Optional[torch.Tensor]]] = {}
+
+
+def _row_pow2(wscales: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per output row, a power of two ``2^e`` (fp32 ``[N]``) such that every ``code × scale × 2^e``
+    (code −8..7, scale a bf16 group scale of that row) is exactly an fp16 number — so the GEMM can
+    fold the group scales into fp16 weights and accumulate all of K in one chain (datapath
+    ``f16s``). None when that is impossible (fp16 scales: 11 significant bits, too many with a
+    3-bit code; or a row whose scales span more than fp16's exponent range).
+
+    A bf16 scale has 8 significant bits, so ``code × scale`` has at most 11: exact in fp16 if it
+    is neither above the largest finite fp16 (max |code × scale| · 2^e ≤ 2^15) nor subnormal
+    (min nonzero |scale| · 2^e ≥ 2^-14). Cached per scales tensor and version.
+    """
+    key = id(wscales)
+    hit = _POW2.get(key)
+    if hit is not None and hit[0] == wscales._version:
+        return hit[1]
+    out: Optional[torch.Tensor] = None
+    if wscales.dtype == torch.bfloat16:
+        s = wscales.float().abs()
+        big = s.amax(dim=1)
+        small = torch.where(s > 0, s, torch.full_like(s, float("inf"))).amin(dim=1)
+        # 8 · max · 2^e ≤ 2^15  →  e = 12 − ceil(log2(max)); rows of zeros: e = 0
+        e = torch.where(big > 0, 12 - torch.ceil(torch.log2(big)), torch.zeros_like(big))
+        ok = (small == float("inf")) | (small * torch.exp2(e) >= 2.0**-14)
+        if bool(ok.all()):
+            out = torch.exp2(e).contiguous()
+    if hit is None:
+        weakref.finalize(wscales, _POW2.pop, key, None)
+    _POW2[key] = (wscales._version, out)
+    return out
+
+
 def _rank_block(r: int) -> int:
     return max(16, min(128, 1 << max(0, math.ceil(math.log2(max(r, 1))))))
 
 
 def prologue(
-    x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], *, act_shift: float = 0.0
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], *, act_shift: float = 0.0,
+    codes16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Fused smooth + FP8 per-token quantization + ``x · L2ᵀ``.
 
@@ -328,12 +377,13 @@ def prologue(
         act_shift: Added to ``x`` before smoothing.
 
     Returns:
-        ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, r] float32 or None)``.
+        ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, r] float32 or None)``; with
+        ``codes16`` the same code values as float16 (what the ``f16s`` GEMM reads).
     """
     k = _kernels()
     m, kk = x.shape
     r = 0 if lora_down is None else lora_down.shape[0]
-    q = torch.empty(m, kk, device=x.device, dtype=torch.float8_e4m3fn)
+    q = torch.empty(m, kk, device=x.device, dtype=torch.float16 if codes16 else torch.float8_e4m3fn)
     a = torch.empty(m, device=x.device, dtype=torch.float32)
     lr = torch.empty(m, max(r, 1), device=x.device, dtype=torch.float32) if r else None
     bm = 32
@@ -349,7 +399,8 @@ def prologue(
     k["prologue_stats"][grid](x, smooth, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift),
                               HAS_LR=bool(r), BM=bm, BR=br, num_warps=warps, num_stages=3)
     k["prologue_quant"][grid](x, smooth, pamax, plr, q, a, lr if r else a, m, kk, r, bps, nsplit,
-                              float(act_shift), HAS_LR=bool(r), BM=bm, BR=br, num_warps=4, num_stages=3)
+                              float(act_shift), HAS_LR=bool(r), Q16=codes16, BM=bm, BR=br, num_warps=4,
+                              num_stages=3)
     return q, a, lr
 
 
@@ -382,14 +433,23 @@ def gemm(
     wst = _scales_t(wscales)
     bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
     grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
-    if datapath.endswith("t"):
+    if datapath.endswith(("t", "s")):
         if not packed:
             raise ValueError("the transposed datapaths read packed int4 weights only")
+        pw = None
+        if datapath == "f16s":
+            pw = _row_pow2(wscales)
+            if pw is None:  # scales whose products are not exact in fp16: the per-group datapath
+                datapath = "f16t"
+            elif q.dtype != torch.float16:
+                q = q.to(torch.float16)  # e4m3 codes are exact in fp16 (prologue(codes16=True) writes these)
         k["gemm_t"][grid](
-            q, a, weight, wst, lr if r else a, lora_scales if lora_scales is not None else a,
-            lora_up if r else wscales, bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
-            F16=datapath == "f16t", HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
-            HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
+            q, a, weight, wst, pw if pw is not None else a, lr if r else a,
+            lora_scales if lora_scales is not None else a, lora_up if r else wscales,
+            bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
+            F16=datapath == "f16t", SCALED=pw is not None, HAS_LR=bool(r),
+            HAS_LRS=lora_scales is not None and bool(r), HAS_BIAS=bias is not None,
+            BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
         )
         return y
     k["gemm"][grid](
@@ -422,8 +482,9 @@ def fast_linear(
     x2 = x.reshape(-1, kk).contiguous()
     has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
     down = lora_down.to(x2.dtype).contiguous() if has_lr else None
+    codes16 = DEFAULT_DATAPATH == "f16s" and _row_pow2(wscales) is not None
     with torch.cuda.device(x2.device):  # Triton launches on the current device
-        q, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift)
+        q, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift, codes16=codes16)
         y = gemm(
             q, a, qweight.contiguous(), wscales.contiguous(), lr,
             lora_up.contiguous() if has_lr else None,
