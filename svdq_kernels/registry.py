@@ -24,9 +24,9 @@ import torch
 
 from svdq_format import ops
 
-from .triton_fast import fast_linear
+from .triton_fast import exact_linear, fast_linear
 
-__all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "supports", "register",
+__all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "EXPERIMENTAL_PATHS", "supports", "register",
            "unregister", "requirement_missing"]
 
 #: Registry name (``SVDQ_BACKEND=cutlass-sm90`` / ``layer.backend = "cutlass-sm90"``).
@@ -49,6 +49,19 @@ class KernelPath:
 PATHS: dict[tuple[str, str], KernelPath] = {
     ("int4", "fp8"): KernelPath("fast-int4 (triton prologue + group-64 fp8 gemm)", fast_linear, ("triton",)),
 }
+
+#: Paths written and checked on the CPU (Triton's interpreter) but not yet run on a GPU: used only
+#: with ``SVDQ_EXPERIMENTAL_KERNELS=1`` until the GPU tests pass, then moved into :data:`PATHS`.
+EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {
+    ("int4", "int4"): KernelPath("exact-int4 (triton int4 prologue + group-64 gemm)", exact_linear, ("triton",)),
+}
+
+
+def _path(precision: str, act: str) -> Optional[KernelPath]:
+    path = PATHS.get((precision, act))
+    if path is None and os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1":
+        path = EXPERIMENTAL_PATHS.get((precision, act))
+    return path
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +97,7 @@ def supports(call: ops.LinearCall) -> Optional[str]:
     major, minor = _capability(call.device.index if call.device.index is not None else 0)
     if (major, minor) != (9, 0):
         return f"GPU is sm_{major}{minor}; these kernels are for Hopper (sm_90)"
-    path = PATHS.get((call.precision, call.act))
+    path = _path(call.precision, call.act)
     if path is None:
         return (f"no sm90 kernel yet for precision {call.precision!r} with activations "
                 f"{call.act!r} (implemented: int4 fast mode, act='fp8')")
@@ -103,7 +116,8 @@ def supports(call: ops.LinearCall) -> Optional[str]:
 
 def _linear(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
             precision, act, act_shift=0.0, act_unsigned=False):
-    path = PATHS[(precision, act)]
+    path = _path(precision, act)
+    assert path is not None  # supports() accepted the call
     return path.linear(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
                        lora_scales, precision, act, act_shift, act_unsigned)
 

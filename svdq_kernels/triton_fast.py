@@ -31,7 +31,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["fast_linear", "prologue", "gemm", "triton_available", "DATAPATHS"]
+__all__ = ["fast_linear", "exact_linear", "prologue", "prologue_exact", "gemm", "gemm_exact",
+           "triton_available", "DATAPATHS"]
 
 #: GEMM datapaths (see :func:`gemm`); ``*t``: the transposed kernel (weights as the MMA's
 #: register operand, tokens as its N dimension); ``f16s``: the transposed kernel with the group
@@ -126,6 +127,54 @@ def _kernels() -> dict[str, Any]:
                 for t in range(0, NSPLIT):
                     lr += tl.load(plr_ptr + (t * M + rm_c[:, None]) * BR + rr[None, :])
                 tl.store(lr_ptr + rm_c[:, None] * R + rr[None, :], lr, mask=m_ok[:, None] & (rr < R)[None, :])
+
+    @triton.jit
+    def prologue_exact_kernel(
+        x_ptr, s_ptr, l2_ptr, c_ptr, ax_ptr, plr_ptr, M, K, R, BPS, shift,
+        UNSIGNED: tl.constexpr, HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+    ):
+        # the format's int4 activation quantizer (docs/format.md §5) per (token, 64-group) of
+        # split s: codes (−8..7, or 0..15 unsigned) as fp16 into c, scales into ax [K/64, M];
+        # and this split's part of x · L2ᵀ
+        pid_m = tl.program_id(0)
+        split = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        m_ok = rm < M
+        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
+        rr = tl.arange(0, BR)
+        acc = tl.zeros([BM, BR], dtype=tl.float32)
+        kb0 = split * BPS
+        kb1 = tl.minimum(kb0 + BPS, K // 64)
+        for kb in range(kb0, kb1):
+            rk = kb * 64 + tl.arange(0, 64)
+            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
+            s = tl.load(s_ptr + rk).to(tl.float32)
+            xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
+            if UNSIGNED:
+                xs = tl.where(xs == xs, tl.maximum(xs, 0.0), xs)  # clamp_min(0), NaN kept
+                mag = xs
+                qmax = 15.0
+                qmin = 0.0
+            else:
+                mag = tl.abs(xs)
+                qmax = 7.0
+                qmin = -8.0
+            amax = tl.max(tl.where(mag == mag, mag, float("inf")), axis=1)  # NaN -> inf: output NaN
+            a = tl.math.div_rn(amax, tl.full([BM], qmax, tl.float32))
+            ok = (a > 0) & (a < float("inf"))
+            q = tl.math.div_rn(xs, tl.where(ok, a, 1.0)[:, None])
+            # round half to even (torch.round): adding and removing 1.5·2^23 leaves the nearest
+            # integer, ties to even, for |q| < 2^22 (|q| ≤ 15.5 here); plain fp32 adds, no fast-math
+            q = (q + 12582912.0) - 12582912.0
+            q = tl.minimum(tl.maximum(q, qmin), qmax)
+            q = tl.where(ok[:, None], q, 0.0)
+            tl.store(c_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float16), mask=m_ok[:, None])
+            tl.store(ax_ptr + kb * M + rm, a, mask=m_ok)
+            if HAS_LR:
+                l2 = tl.load(l2_ptr + rr[:, None] * K + rk[None, :], mask=(rr < R)[:, None], other=0.0)
+                acc += tl.dot(x, tl.trans(l2))
+        if HAS_LR:
+            tl.store(plr_ptr + (split * M + rm_c[:, None]) * BR + rr[None, :], acc, mask=m_ok[:, None])
 
     gemm_configs = [
         triton.Config({"BM": 128, "BN": 128}, num_warps=8, num_stages=4),
@@ -226,12 +275,13 @@ def _kernels() -> dict[str, Any]:
         triton.Config({"BN": 64, "BM": 16}, num_warps=4, num_stages=6),
     ]
 
-    @triton.autotune(configs=gemm_t_configs, key=["M_BUCKET", "N", "K", "F16", "HAS_LR", "SCALED"])
+    @triton.autotune(configs=gemm_t_configs, key=["M_BUCKET", "N", "K", "F16", "HAS_LR", "SCALED", "EXACT"])
     @triton.jit
     def gemm_t_kernel(
         q_ptr, a_ptr, w_ptr, wst_ptr, pw_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
-        F16: tl.constexpr, SCALED: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr,
-        HAS_BIAS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
+        F16: tl.constexpr, SCALED: tl.constexpr, EXACT: tl.constexpr, HAS_LR: tl.constexpr,
+        HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        GROUP_N: tl.constexpr,
     ):
         # yᵀ tile [BN, BM] = W (int4 → e4m3/f16 in registers: the MMA's A operand, no shared-memory
         # round trip) × qᵀ (activations, K-contiguous: the B operand straight from shared memory)
@@ -267,6 +317,12 @@ def _kernels() -> dict[str, Any]:
                 # code × scale × 2^e is exact in fp16 (see _row_pow2): one accumulation chain
                 w16 = (w8.to(tl.float32) * (sc * pw)[:, None]).to(tl.float16)
                 acc = tl.dot(w16, xb, acc)
+            elif EXACT:
+                # int4 × int4 codes summed over one group: exact; then × (weight scale × token-group
+                # scale), groups summed in order — the reference's own association
+                part = tl.dot(w8.to(tl.float16), xb)
+                axg = tl.load(a_ptr + g * M + rm_c)
+                acc += part * (sc[:, None] * axg[None, :])
             else:
                 if F16:
                     part = tl.dot(w8.to(tl.float16), xb.to(tl.float16))
@@ -278,8 +334,9 @@ def _kernels() -> dict[str, Any]:
             s_ptrs += N
         if SCALED:
             acc = acc / pw[:, None]  # a power of two: exact
-        asc = tl.load(a_ptr + rm_c)
-        acc = acc * asc[None, :]
+        if not EXACT:
+            asc = tl.load(a_ptr + rm_c)
+            acc = acc * asc[None, :]
         if HAS_LR:
             lacc = tl.zeros([BN, BM], dtype=tl.float32)
             for r0 in range(0, R, BR):
@@ -306,6 +363,7 @@ def _kernels() -> dict[str, Any]:
         tl.store(y_ptr + rm_c[None, :] * N + rn_c[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     return {"triton": triton, "prologue_stats": prologue_stats_kernel, "prologue_quant": prologue_quant_kernel,
+            "prologue_exact": prologue_exact_kernel,
             "gemm": gemm_kernel, "gemm_configs": gemm_configs,
             "gemm_t": gemm_t_kernel}
 
@@ -447,7 +505,7 @@ def gemm(
             q, a, weight, wst, pw if pw is not None else a, lr if r else a,
             lora_scales if lora_scales is not None else a, lora_up if r else wscales,
             bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
-            F16=datapath == "f16t", SCALED=pw is not None, HAS_LR=bool(r),
+            F16=datapath == "f16t", SCALED=pw is not None, EXACT=False, HAS_LR=bool(r),
             HAS_LRS=lora_scales is not None and bool(r), HAS_BIAS=bias is not None,
             BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
         )
@@ -459,6 +517,93 @@ def gemm(
         HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_M=8,
     )
     return y
+
+
+def prologue_exact(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], *, act_shift: float = 0.0,
+    unsigned: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The ``exact`` mode's prologue: the format's int4 activation quantizer + ``x · L2ᵀ``.
+
+    Returns:
+        ``(codes [M, K] float16 holding −8..7 (0..15 unsigned), scales [K/64, M] float32,
+        lr [M, r] float32 or None)``. A group with a NaN/inf input gets scale inf and zero
+        codes (the reference keeps NaN; either way the token's output is NaN).
+    """
+    k = _kernels()
+    m, kk = x.shape
+    r = 0 if lora_down is None else lora_down.shape[0]
+    codes = torch.empty(m, kk, device=x.device, dtype=torch.float16)
+    scales = torch.empty(kk // 64, m, device=x.device, dtype=torch.float32)
+    bm = 32
+    br = max(16, 1 << max(0, math.ceil(math.log2(max(r, 1)))))
+    blocks = kk // 64
+    nsplit = min(16, max(1, triton_cdiv(blocks, 8)))
+    bps = triton_cdiv(blocks, nsplit)
+    nsplit = triton_cdiv(blocks, bps)
+    plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else scales
+    k["prologue_exact"][(triton_cdiv(m, bm), nsplit)](
+        x, smooth, lora_down if r else x, codes, scales, plr, m, kk, r, bps, float(act_shift),
+        UNSIGNED=bool(unsigned), HAS_LR=bool(r), BM=bm, BR=br, num_warps=4 if br <= 64 else 8, num_stages=3)
+    lr = plr.sum(dim=0)[:, :r].contiguous() if r else None
+    return codes, scales, lr
+
+
+def gemm_exact(
+    codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, wscales: torch.Tensor,
+    lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``y = Σ_g (codes_g · W_gᵀ) · (scales_g ⊗ wscales_g) + (lr · diag(lora_scales)) · L1ᵀ + b``
+    (the transposed kernel; int4 codes multiply exactly in fp16, one promotion per 64-group)."""
+    k = _kernels()
+    m, kk = codes.shape
+    n = weight.shape[0]
+    r = 0 if (lr is None or lora_up is None) else lr.shape[1]
+    y = torch.empty(m, n, device=codes.device, dtype=out_dtype)
+    wst = _scales_t(wscales)
+    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
+    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
+    k["gemm_t"][grid](
+        codes, scales, weight, wst, scales, lr if r else scales,
+        lora_scales if lora_scales is not None else scales, lora_up if r else wscales,
+        bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
+        F16=True, SCALED=False, EXACT=True, HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
+        HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
+    )
+    return y
+
+
+def exact_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtscale: Optional[torch.Tensor],
+    smooth: torch.Tensor,
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor],
+    precision: str,
+    act: str,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
+) -> torch.Tensor:
+    """The ``exact`` int4 W4A4 mode (signature of :func:`svdq_format.ops.reference_linear`)."""
+    kk = x.shape[-1]
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, kk).contiguous()
+    has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
+    down = lora_down.to(x2.dtype).contiguous() if has_lr else None
+    with torch.cuda.device(x2.device):
+        codes, scales, lr = prologue_exact(x2, smooth.contiguous(), down, act_shift=act_shift,
+                                           unsigned=act_unsigned)
+        y = gemm_exact(
+            codes, scales, qweight.contiguous(), wscales.contiguous(), lr,
+            lora_up.contiguous() if has_lr else None, bias.contiguous() if bias is not None else None,
+            lora_scales.contiguous() if (has_lr and lora_scales is not None) else None, out_dtype=x.dtype,
+        )
+    return y.reshape(*x.shape[:-1], n)
 
 
 def fast_linear(

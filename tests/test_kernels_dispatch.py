@@ -153,3 +153,13 @@ def test_transposed_scales_cache_follows_version_and_lifetime() -> None:
 def test_cli_kernels_without_action_prints_help(capsys) -> None:
     assert main(["kernels"]) == 2
     assert "build" in capsys.readouterr().out
+
+
+def test_experimental_paths_only_on_request(hopper, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact-mode kernels (not yet run on a GPU) are used only with SVDQ_EXPERIMENTAL_KERNELS=1."""
+    monkeypatch.setattr(registry, "_module_present", lambda name: True)
+    monkeypatch.delenv("SVDQ_EXPERIMENTAL_KERNELS", raising=False)
+    assert "no sm90 kernel yet" in registry.supports(_call(act="int4"))
+    monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")
+    assert registry.supports(_call(act="int4")) is None
+    assert registry._path("int4", "int4") is registry.EXPERIMENTAL_PATHS[("int4", "int4")]

@@ -1,0 +1,99 @@
+"""The Triton kernels' arithmetic checked on the CPU with Triton's interpreter (``TRITON_INTERPRET=1``).
+
+The interpreter runs the kernels' code with numpy, so what it checks is the kernels' logic —
+indexing, masking, splits, rounding, scale handling, the order of the group promotion — not
+speed. Its known gaps decide the inputs: bf16 is stored by truncation and fp8 rounding is not
+IEEE, so the checks use fp16 layers and compare codes and fp32 outputs (the GPU tests in
+``tests/test_kernels_gpu.py`` cover bf16 and fp8 on the hardware). Skipped without triton.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from svdq_format import ops, packing
+
+# Triton decides at import whether its own library functions (tl.cdiv, ...) are interpreted:
+# the switch must be on before the first import, and only where no GPU will use Triton.
+if torch.cuda.is_available():
+    pytest.skip("interpreter checks are for machines without a GPU", allow_module_level=True)
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton was imported before the interpreter could be switched on", allow_module_level=True)
+
+
+@pytest.fixture()
+def kernels():
+    """The module with its kernels built for the interpreter, one tile configuration each."""
+    from svdq_kernels import triton_fast
+
+    triton_fast._kernels.cache_clear()
+    k = triton_fast._kernels()
+    k["gemm"].configs = [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=2)]
+    k["gemm_t"].configs = [triton.Config({"BN": 32, "BM": 16}, num_warps=4, num_stages=2)]
+    yield triton_fast
+    triton_fast._kernels.cache_clear()
+
+
+def _layer(m: int, k: int, n: int, r: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).half()
+    x[min(4, m - 1), 70 % k] = float("nan")
+    x[min(6, m - 1)] = 0
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    wscales = (torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3).half()
+    smooth = (torch.rand(k, generator=g) + 0.5).half()
+    bias = torch.randn(n, generator=g).half()
+    down = (torch.randn(r, k, generator=g) * 0.05).half() if r else None
+    up = (torch.randn(n, r, generator=g) * 0.05).half() if r else None
+    return x, qweight, wscales, smooth, bias, down, up
+
+
+@pytest.mark.parametrize("m, blocks, r, unsigned, shift", [
+    (20, 20, 0, False, 0.0), (20, 20, 16, False, 0.0), (9, 3, 0, True, 0.17), (33, 2, 32, False, 0.0)])
+def test_exact_mode_equals_the_reference_bit_for_bit(kernels, m, blocks, r, unsigned, shift) -> None:
+    """Codes and scales equal the format's activation quantizer; without a low-rank branch the
+    output equals ``reference_linear(act="int4")`` bit for bit (same per-group association,
+    groups in order), with one it is within 1e-5 (``x · L2ᵀ`` is summed in another order); NaN
+    inputs give NaN rows as in the reference."""
+    k, n = 64 * blocks, 64
+    x, qweight, wscales, smooth, bias, down, up = _layer(m, k, n, r, seed=m + r)
+    ref = ops.reference_linear(x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "int4",
+                               act_shift=shift, act_unsigned=unsigned).float()
+    codes, scales, lr = kernels.prologue_exact(x, smooth, down, act_shift=shift, unsigned=unsigned)
+    av, asc = packing.quantize_activations((x.float() + shift) / smooth.float(), "int4", unsigned=unsigned)
+    fin = torch.isfinite(asc).all(dim=1)
+    assert torch.equal(codes.float()[fin], av[fin]) and torch.equal(scales.t()[fin], asc[fin])
+    y = kernels.gemm_exact(codes, scales, qweight, wscales, lr, up, bias, None, out_dtype=torch.float32).half().float()
+    ok = torch.isfinite(ref).all(dim=1)
+    assert torch.equal(~torch.isfinite(y).all(dim=1), ~ok)
+    if r == 0:
+        assert torch.equal(y[ok], ref[ok])
+    else:
+        assert ((y[ok] - ref[ok]).norm() / ref[ok].norm()) <= 1e-5
+
+
+def test_scaled_fp16_datapath_equals_the_per_group_one(kernels) -> None:
+    """``f16s`` (scales folded exactly into fp16 weights, one accumulation chain) against ``f16t``
+    (per-group promotion) and a float64 evaluation of the same codes: fp32 rounding apart."""
+    m, k, n = 20, 256, 64
+    g = torch.Generator().manual_seed(0)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    wscales = (torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3).bfloat16()
+    wscales[3, 1] = 0.0
+    wscales[5] *= 1000
+    q = torch.randint(-448, 449, (m, k), generator=g).float().half()  # fp16 code values
+    a = torch.rand(m, generator=g) * 0.01
+    bias = torch.randn(n, generator=g).half()
+    nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
+    w = ((nib ^ 8) - 8).double() * wscales.double().repeat_interleave(64, dim=1)
+    ref = (q.double() @ w.t()) * a.double()[:, None] + bias.double()
+    for dp in ("f16t", "f16s"):
+        y = kernels.gemm(q, a, qweight, wscales, None, None, bias, None, out_dtype=torch.float32, datapath=dp)
+        assert ((y.double() - ref).norm() / ref.norm()) < 1e-6, dp
