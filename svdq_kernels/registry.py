@@ -24,7 +24,7 @@ import torch
 
 from svdq_format import ops
 
-from .triton_fast import exact_linear, fast_linear
+from .triton_fast import exact_linear, fast_linear, w4a16_linear
 
 __all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "EXPERIMENTAL_PATHS", "supports", "register",
            "unregister", "requirement_missing"]
@@ -54,6 +54,8 @@ PATHS: dict[tuple[str, str], KernelPath] = {
 #: with ``SVDQ_EXPERIMENTAL_KERNELS=1`` until the GPU tests pass, then moved into :data:`PATHS`.
 EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {
     ("int4", "int4"): KernelPath("exact-int4 (triton int4 prologue + group-64 gemm)", exact_linear, ("triton",)),
+    ("int4", "none"): KernelPath("w4a16-int4 (triton fp16 prologue + scale-folded fp16 gemm)", w4a16_linear,
+                                 ("triton",)),
 }
 
 

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["fast_linear", "exact_linear", "prologue", "prologue_exact", "gemm", "gemm_exact",
+__all__ = ["fast_linear", "exact_linear", "w4a16_linear", "prologue", "prologue_exact", "gemm", "gemm_exact",
            "triton_available", "DATAPATHS"]
 
 #: GEMM datapaths (see :func:`gemm`); ``*t``: the transposed kernel (weights as the MMA's
@@ -89,9 +89,10 @@ def _kernels() -> dict[str, Any]:
     @triton.jit
     def prologue_quant_kernel(
         x_ptr, s_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, M, K, R, BPS, NSPLIT, shift,
-        HAS_LR: tl.constexpr, Q16: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+        HAS_LR: tl.constexpr, Q16: tl.constexpr, W16: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
     ):
-        # split s of K: the rows' scale from every split's absmax, then FP8 codes of this split;
+        # split s of K: the rows' scale from every split's absmax, then FP8 codes of this split
+        # (W16: x̂ itself in fp16, scaled by a power of two that keeps the row below 2^15);
         # split 0 also writes the token scales and sums the low-rank partials in split order
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
@@ -101,9 +102,18 @@ def _kernels() -> dict[str, Any]:
         amax = tl.zeros([BM], dtype=tl.float32)
         for t in range(0, NSPLIT):
             amax = tl.maximum(amax, tl.load(pamax_ptr + t * M + rm_c))
-        a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
-        ok = (a > 0) & (a < float("inf"))
-        a_div = tl.where(ok, a, 1.0)
+        if W16:
+            # a = 2^(E − 141) for amax in [2^(E−127), 2^(E−126)): |x̂ / a| < 2^15, bit-built (no
+            # log/exp rounding); zero, NaN/inf (stats map NaN to inf) and tiny rows keep a = 1
+            ebits = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+            okw = (amax > 0) & (ebits < 255) & (ebits > 14)
+            a = tl.where(okw, ((ebits - 14) << 23).to(tl.float32, bitcast=True), 1.0)
+            ok = a == a
+            a_div = a
+        else:
+            a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
+            ok = (a > 0) & (a < float("inf"))
+            a_div = tl.where(ok, a, 1.0)
         kb0 = split * BPS
         kb1 = tl.minimum(kb0 + BPS, K // 64)
         for kb in range(kb0, kb1):
@@ -112,13 +122,16 @@ def _kernels() -> dict[str, Any]:
             s = tl.load(s_ptr + rk).to(tl.float32)
             xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
             q = tl.math.div_rn(xs, a_div[:, None])
-            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-            q = tl.where(ok[:, None], q, 0.0)
-            q8 = q.to(tl.float8e4nv)
-            if Q16:  # the same e4m3 values, stored as fp16 (exact) for the f16s GEMM
-                tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q8.to(tl.float16), mask=m_ok[:, None])
+            if W16:  # a power of two: exact; the one rounding is to fp16
+                tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float16), mask=m_ok[:, None])
             else:
-                tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q8, mask=m_ok[:, None])
+                q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+                q = tl.where(ok[:, None], q, 0.0)
+                q8 = q.to(tl.float8e4nv)
+                if Q16:  # the same e4m3 values, stored as fp16 (exact) for the f16s GEMM
+                    tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q8.to(tl.float16), mask=m_ok[:, None])
+                else:
+                    tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q8, mask=m_ok[:, None])
         if split == 0:
             tl.store(a_ptr + rm, a, mask=m_ok)
             if HAS_LR:
@@ -424,7 +437,7 @@ def _rank_block(r: int) -> int:
 
 def prologue(
     x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], *, act_shift: float = 0.0,
-    codes16: bool = False,
+    codes16: bool = False, w16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Fused smooth + FP8 per-token quantization + ``x · L2ᵀ``.
 
@@ -436,12 +449,14 @@ def prologue(
 
     Returns:
         ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, r] float32 or None)``; with
-        ``codes16`` the same code values as float16 (what the ``f16s`` GEMM reads).
+        ``codes16`` the same code values as float16 (what the ``f16s`` GEMM reads). With
+        ``w16`` (W4A16 layers) no quantization: ``q = fp16(x̂ / a)`` with ``a`` a per-token power
+        of two (``|q| < 2^15``), so ``q · a`` is ``x̂`` rounded to fp16's precision.
     """
     k = _kernels()
     m, kk = x.shape
     r = 0 if lora_down is None else lora_down.shape[0]
-    q = torch.empty(m, kk, device=x.device, dtype=torch.float16 if codes16 else torch.float8_e4m3fn)
+    q = torch.empty(m, kk, device=x.device, dtype=torch.float16 if (codes16 or w16) else torch.float8_e4m3fn)
     a = torch.empty(m, device=x.device, dtype=torch.float32)
     lr = torch.empty(m, max(r, 1), device=x.device, dtype=torch.float32) if r else None
     bm = 32
@@ -457,8 +472,8 @@ def prologue(
     k["prologue_stats"][grid](x, smooth, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift),
                               HAS_LR=bool(r), BM=bm, BR=br, num_warps=warps, num_stages=3)
     k["prologue_quant"][grid](x, smooth, pamax, plr, q, a, lr if r else a, m, kk, r, bps, nsplit,
-                              float(act_shift), HAS_LR=bool(r), Q16=codes16, BM=bm, BR=br, num_warps=4,
-                              num_stages=3)
+                              float(act_shift), HAS_LR=bool(r), Q16=codes16, W16=w16, BM=bm, BR=br,
+                              num_warps=4, num_stages=3)
     return q, a, lr
 
 
@@ -602,6 +617,40 @@ def exact_linear(
             codes, scales, qweight.contiguous(), wscales.contiguous(), lr,
             lora_up.contiguous() if has_lr else None, bias.contiguous() if bias is not None else None,
             lora_scales.contiguous() if (has_lr and lora_scales is not None) else None, out_dtype=x.dtype,
+        )
+    return y.reshape(*x.shape[:-1], n)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtscale: Optional[torch.Tensor],
+    smooth: torch.Tensor,
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor],
+    precision: str,
+    act: str,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
+) -> torch.Tensor:
+    """int4 weight-only layers (``act="none"``): ``x̂`` in fp16 (per-token power-of-two scale) ×
+    int4 weights, on the ``f16s`` GEMM (``f16t`` when the scales cannot be folded exactly).
+    Differs from the reference only by the rounding of ``x̂`` to fp16 (~1e-4 relative)."""
+    kk = x.shape[-1]
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, kk).contiguous()
+    has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
+    down = lora_down.to(x2.dtype).contiguous() if has_lr else None
+    with torch.cuda.device(x2.device):
+        q, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift, w16=True)
+        y = gemm(
+            q, a, qweight.contiguous(), wscales.contiguous(), lr,
+            lora_up.contiguous() if has_lr else None, bias.contiguous() if bias is not None else None,
+            lora_scales.contiguous() if (has_lr and lora_scales is not None) else None,
+            out_dtype=x.dtype, datapath="f16s",
         )
     return y.reshape(*x.shape[:-1], n)
 

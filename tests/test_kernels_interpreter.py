@@ -97,3 +97,30 @@ def test_scaled_fp16_datapath_equals_the_per_group_one(kernels) -> None:
     for dp in ("f16t", "f16s"):
         y = kernels.gemm(q, a, qweight, wscales, None, None, bias, None, out_dtype=torch.float32, datapath=dp)
         assert ((y.double() - ref).norm() / ref.norm()) < 1e-6, dp
+
+
+@pytest.mark.parametrize("r, shift", [(0, 0.0), (16, 0.25)])
+def test_w4a16_prologue_and_gemm_track_the_reference(kernels, r, shift) -> None:
+    """W4A16 (``act="none"``): the prologue writes ``x̂ / a`` in fp16 with ``a`` a per-token power
+    of two below which the row stays < 2^15 (bit-exactly what torch computes), and the output
+    tracks ``reference_linear(act="none")`` within fp16's rounding of ``x̂``; zero and NaN rows
+    behave as the reference's."""
+    m, k, n = 20, 64 * 6, 64
+    x, qweight, wscales, smooth, bias, down, up = _layer(m, k, n, r, seed=40 + r)
+    wscales = wscales.bfloat16()  # the layer's scales: foldable (f16s)
+    x[2] *= 500.0  # a large row: its power of two differs
+    q, a, lr = kernels.prologue(x, smooth, down, act_shift=shift, w16=True)
+    xs = (x.float() + shift) / smooth.float()
+    amax = torch.where(xs == xs, xs.abs(), torch.full_like(xs, float("inf"))).amax(dim=1)
+    e = torch.frexp(amax).exponent  # amax in [2^(e-1), 2^e)
+    ok = (amax > 0) & torch.isfinite(amax)
+    want_a = torch.where(ok, torch.ldexp(torch.ones_like(amax), e - 15), torch.ones_like(amax))
+    assert torch.equal(a, want_a)
+    assert torch.equal(q[ok], (xs[ok] / want_a[ok, None]).half())
+    assert (q[ok].float().abs().amax(dim=1) < 2**15).all()
+    ref = ops.reference_linear(x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "none",
+                               act_shift=shift).float()
+    y = kernels.gemm(q, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.float32, datapath="f16s")
+    fin = torch.isfinite(ref).all(dim=1)
+    assert torch.equal(~torch.isfinite(y).all(dim=1), ~fin)
+    assert ((y[fin] - ref[fin]).norm() / ref[fin].norm()) < 1e-3
