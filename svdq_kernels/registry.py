@@ -24,7 +24,7 @@ import torch
 
 from svdq_format import ops
 
-from .triton_fast import exact_linear, fast_linear, w4a16_linear
+from .triton_fast import exact_linear, fast_linear, nvfp4_linear, w4a16_linear
 
 __all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "EXPERIMENTAL_PATHS", "supports", "register",
            "unregister", "requirement_missing"]
@@ -56,6 +56,10 @@ EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {
     ("int4", "int4"): KernelPath("exact-int4 (triton int4 prologue + group-64 gemm)", exact_linear, ("triton",)),
     ("int4", "none"): KernelPath("w4a16-int4 (triton fp16 prologue + scale-folded fp16 gemm)", w4a16_linear,
                                  ("triton",)),
+    ("nvfp4", "nvfp4"): KernelPath("nvfp4 (triton: both operands dequantized exactly to fp16)", nvfp4_linear,
+                                   ("triton",)),
+    ("nvfp4", "none"): KernelPath("w4a16-nvfp4 (triton: fp16 activations, exact fp16 weights)", nvfp4_linear,
+                                  ("triton",)),
 }
 
 

@@ -31,7 +31,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["fast_linear", "exact_linear", "w4a16_linear", "prologue", "prologue_exact", "gemm", "gemm_exact",
+__all__ = ["fast_linear", "exact_linear", "w4a16_linear", "nvfp4_linear", "prologue", "prologue_exact",
+           "prologue_nvfp4", "gemm", "gemm_exact", "gemm_nvfp4",
            "triton_available", "DATAPATHS"]
 
 #: GEMM datapaths (see :func:`gemm`); ``*t``: the transposed kernel (weights as the MMA's
@@ -375,8 +376,142 @@ def _kernels() -> dict[str, Any]:
         mask = (rn < N)[:, None] & (rm < M)[None, :]
         tl.store(y_ptr + rm_c[None, :] * N + rn_c[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def prologue_nvfp4_kernel(
+        x_ptr, s_ptr, l2_ptr, c_ptr, plr_ptr, M, K, R, BPS, shift,
+        HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+    ):
+        # the format's nvfp4 activation quantizer per (token, 16-group) of split s, written
+        # dequantized: E2M1 value × its e4m3 scale is exact in fp16 (≤ 6 significant bits, within
+        # 2^-10 .. 2688); and this split's part of x · L2ᵀ
+        pid_m = tl.program_id(0)
+        split = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        m_ok = rm < M
+        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
+        rr = tl.arange(0, BR)
+        acc = tl.zeros([BM, BR], dtype=tl.float32)
+        kb0 = split * BPS
+        kb1 = tl.minimum(kb0 + BPS, K // 64)
+        for kb in range(kb0, kb1):
+            rk = kb * 64 + tl.arange(0, 64)
+            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
+            s = tl.load(s_ptr + rk).to(tl.float32)
+            xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
+            xg = tl.reshape(xs, [BM, 4, 16])
+            amax = tl.max(tl.where(xg == xg, tl.abs(xg), float("inf")), axis=2)  # NaN -> inf
+            # a = round_to_e4m3(amax / 6): nearest-even on e4m3's grid, saturating at 448;
+            # the grid step is 2^(e − 3) for normal values (e = the value's exponent), 2^-9 below 2^-6
+            v = tl.minimum(tl.math.div_rn(amax, tl.full([BM, 4], 6.0, tl.float32)), 448.0)
+            ebits = (v.to(tl.int32, bitcast=True) >> 23) & 0xFF
+            step = ((tl.maximum(ebits, 121) - 3) << 23).to(tl.float32, bitcast=True)
+            r = tl.math.div_rn(v, step)
+            r = (r + 12582912.0) - 12582912.0  # round half to even (|r| ≤ 16)
+            a = tl.where(amax < float("inf"), r * step, amax)
+            ok = (a > 0) & (a < float("inf"))
+            t = tl.math.div_rn(xg, tl.where(ok, a, 1.0)[:, :, None])
+            m = tl.abs(t)
+            mag = tl.where(m > 0.25, 0.5, 0.0)
+            mag = tl.where(m >= 0.75, 1.0, mag)
+            mag = tl.where(m > 1.25, 1.5, mag)
+            mag = tl.where(m >= 1.75, 2.0, mag)
+            mag = tl.where(m > 2.5, 3.0, mag)
+            mag = tl.where(m >= 3.5, 4.0, mag)
+            mag = tl.where(m > 5.0, 6.0, mag)
+            val = tl.where(t < 0, -mag, mag)
+            val = tl.where(ok[:, :, None], val, 0.0)
+            deq = tl.reshape(val * a[:, :, None], [BM, 64])  # 0 × inf = NaN for a NaN/inf group
+            tl.store(c_ptr + rm_c[:, None] * K + rk[None, :], deq.to(tl.float16), mask=m_ok[:, None])
+            if HAS_LR:
+                l2 = tl.load(l2_ptr + rr[:, None] * K + rk[None, :], mask=(rr < R)[:, None], other=0.0)
+                acc += tl.dot(x, tl.trans(l2))
+        if HAS_LR:
+            tl.store(plr_ptr + (split * M + rm_c[:, None]) * BR + rr[None, :], acc, mask=m_ok[:, None])
+
+    @triton.autotune(configs=gemm_t_configs, key=["M_BUCKET", "N", "K", "HAS_LR"])
+    @triton.jit
+    def gemm_nvfp4_kernel(
+        x_ptr, a_ptr, w_ptr, ws_ptr, wt_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
+        HAS_A: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
+    ):
+        # yᵀ tile [BN, BM] = W · xᵀ with W = E2M1 value × e4m3 group scale built exactly in fp16
+        # (register operand), x fp16 (dequantized nvfp4 activations, or x̂ for W4A16), one fp32
+        # accumulation chain over K; × the per-tensor scale (and per-token scale) at the end
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_N * num_m
+        first_n = (pid // width) * GROUP_N
+        gsz = tl.minimum(num_n - first_n, GROUP_N)
+        pid_n = first_n + (pid % width) % gsz
+        pid_m = (pid % width) // gsz
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+        rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+        rk = tl.arange(0, 64)
+        rkp = tl.arange(0, 32)
+        rg = tl.arange(0, 4)
+        w_ptrs = w_ptr + rn_c[:, None] * (K // 2) + rkp[None, :]
+        x_ptrs = x_ptr + rm_c[None, :] * K + rk[:, None]
+        s_ptrs = ws_ptr + rn_c[:, None] * (K // 16) + rg[None, :]
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        for _ in range(0, K // 64):
+            wp = tl.load(w_ptrs)
+            nib = tl.join(wp & 0xF, wp >> 4).reshape(BN, 64).to(tl.int32)
+            e2 = (nib >> 1) & 3
+            man = nib & 1
+            # E2M1 → fp16 bits: normal 2^(e2−1)·(1 + man/2); e2 = 0: man · 0.5
+            bits = tl.where(e2 > 0, ((e2 + 14) << 10) | (man << 9), tl.where(man > 0, 14 << 10, 0))
+            bits = bits | ((nib >> 3) << 15)
+            w = bits.to(tl.int16).to(tl.float16, bitcast=True)
+            sb = tl.load(s_ptrs).to(tl.int32)  # e4m3 bytes, decoded exactly
+            se = (sb >> 3) & 0xF
+            sm = sb & 7
+            normal = (8 + sm).to(tl.float32) * ((se + 117) << 23).to(tl.float32, bitcast=True)
+            sub = sm.to(tl.float32) * 0.001953125  # 2^-9
+            sc = tl.where(se > 0, normal, sub)
+            sc = tl.where((sb >> 7) > 0, -sc, sc)
+            sc64 = tl.reshape(tl.broadcast_to(sc[:, :, None], [BN, 4, 16]), [BN, 64])
+            w16 = (w.to(tl.float32) * sc64).to(tl.float16)
+            xb = tl.load(x_ptrs)
+            acc = tl.dot(w16, xb, acc)
+            w_ptrs += 32
+            x_ptrs += 64
+            s_ptrs += 4
+        acc = acc * tl.load(wt_ptr)
+        if HAS_A:
+            asc = tl.load(a_ptr + rm_c)
+            acc = acc * asc[None, :]
+        if HAS_LR:
+            lacc = tl.zeros([BN, BM], dtype=tl.float32)
+            for r0 in range(0, R, BR):
+                rr = r0 + tl.arange(0, BR)
+                r_ok = rr < R
+                lrt = tl.load(lr_ptr + rm_c[None, :] * R + rr[:, None], mask=r_ok[:, None], other=0.0)
+                if HAS_LRS:
+                    lrs = tl.load(lrs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)
+                    lrt = lrt * lrs[:, None]
+                l1 = tl.load(l1_ptr + rn_c[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
+                lr_hi = lrt.to(l1.dtype)
+                rest = lrt - lr_hi.to(tl.float32)
+                lr_mid = rest.to(l1.dtype)
+                lr_lo = (rest - lr_mid.to(tl.float32)).to(l1.dtype)
+                part = tl.dot(l1, lr_lo)
+                part = tl.dot(l1, lr_mid, part)
+                part = tl.dot(l1, lr_hi, part)
+                lacc += part * one
+            acc += lacc
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn_c).to(tl.float32)
+            acc += bias[:, None]
+        mask = (rn < N)[:, None] & (rm < M)[None, :]
+        tl.store(y_ptr + rm_c[None, :] * N + rn_c[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
     return {"triton": triton, "prologue_stats": prologue_stats_kernel, "prologue_quant": prologue_quant_kernel,
-            "prologue_exact": prologue_exact_kernel,
+            "prologue_exact": prologue_exact_kernel, "prologue_nvfp4": prologue_nvfp4_kernel,
+            "gemm_nvfp4": gemm_nvfp4_kernel,
             "gemm": gemm_kernel, "gemm_configs": gemm_configs,
             "gemm_t": gemm_t_kernel}
 
@@ -616,6 +751,92 @@ def exact_linear(
         y = gemm_exact(
             codes, scales, qweight.contiguous(), wscales.contiguous(), lr,
             lora_up.contiguous() if has_lr else None, bias.contiguous() if bias is not None else None,
+            lora_scales.contiguous() if (has_lr and lora_scales is not None) else None, out_dtype=x.dtype,
+        )
+    return y.reshape(*x.shape[:-1], n)
+
+
+def prologue_nvfp4(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], *, act_shift: float = 0.0,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """nvfp4 W4A4 prologue: ``(x̂ quantized per 16-group to E2M1 × e4m3 scale and written
+    dequantized in fp16 [M, K] — exact —, lr [M, r] float32 or None)``."""
+    k = _kernels()
+    m, kk = x.shape
+    r = 0 if lora_down is None else lora_down.shape[0]
+    deq = torch.empty(m, kk, device=x.device, dtype=torch.float16)
+    bm = 32
+    br = max(16, 1 << max(0, math.ceil(math.log2(max(r, 1)))))
+    blocks = kk // 64
+    nsplit = min(16, max(1, triton_cdiv(blocks, 8)))
+    bps = triton_cdiv(blocks, nsplit)
+    nsplit = triton_cdiv(blocks, bps)
+    plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else deq
+    k["prologue_nvfp4"][(triton_cdiv(m, bm), nsplit)](
+        x, smooth, lora_down if r else x, deq, plr, m, kk, r, bps, float(act_shift),
+        HAS_LR=bool(r), BM=bm, BR=br, num_warps=4 if br <= 64 else 8, num_stages=3)
+    return deq, (plr.sum(dim=0)[:, :r].contiguous() if r else None)
+
+
+def gemm_nvfp4(
+    xq: torch.Tensor, a: Optional[torch.Tensor], weight: torch.Tensor, wscales: torch.Tensor,
+    wtscale: torch.Tensor, lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``y = (xq · Wᵀ) · wtscale · diag(a) + (lr · diag(lora_scales)) · L1ᵀ + b`` for nvfp4 weights
+    (E2M1 nibbles, e4m3 scales per 16, fp32 per-tensor scale); ``xq`` fp16 ``[M, K]``."""
+    k = _kernels()
+    m, kk = xq.shape
+    n = weight.shape[0]
+    r = 0 if (lr is None or lora_up is None) else lr.shape[1]
+    y = torch.empty(m, n, device=xq.device, dtype=out_dtype)
+    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
+    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
+    wt = wtscale.reshape(1).to(device=xq.device, dtype=torch.float32)
+    dummy = wt
+    k["gemm_nvfp4"][grid](
+        xq, a if a is not None else dummy, weight, wscales.contiguous().view(torch.uint8), wt,
+        lr if r else dummy, lora_scales if lora_scales is not None else dummy, lora_up if r else xq,
+        bias if bias is not None else xq, y, m, n, kk, r, bucket, 1.0,
+        HAS_A=a is not None, HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
+        HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
+    )
+    return y
+
+
+def nvfp4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtscale: Optional[torch.Tensor],
+    smooth: torch.Tensor,
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor],
+    precision: str,
+    act: str,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
+) -> torch.Tensor:
+    """nvfp4 layers on Hopper (``act="nvfp4"`` W4A4 or ``"none"`` W4A16): both operands are
+    dequantized exactly into fp16 (E2M1 × e4m3 needs ≤ 6 significant bits), so a plain fp16
+    MMA with fp32 accumulation computes the format's math up to summation order."""
+    kk = x.shape[-1]
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, kk).contiguous()
+    has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
+    down = lora_down.to(x2.dtype).contiguous() if has_lr else None
+    wt = wtscale if wtscale is not None else torch.ones((), device=x2.device)
+    with torch.cuda.device(x2.device):
+        if act == "nvfp4":
+            xq, lr = prologue_nvfp4(x2, smooth.contiguous(), down, act_shift=act_shift)
+            a = None
+        else:
+            xq, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift, w16=True)
+        y = gemm_nvfp4(
+            xq, a, qweight.contiguous(), wscales, wt, lr, lora_up.contiguous() if has_lr else None,
+            bias.contiguous() if bias is not None else None,
             lora_scales.contiguous() if (has_lr and lora_scales is not None) else None, out_dtype=x.dtype,
         )
     return y.reshape(*x.shape[:-1], n)

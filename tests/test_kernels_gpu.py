@@ -236,3 +236,32 @@ def test_w4a16_matches_the_reference(m, nk) -> None:
     ref = _reference(x.float(), qweight, wscales, None, smooth, down, up, b, None, "int4", "none")
     out = triton_fast.w4a16_linear(x, qweight, wscales, None, smooth, down, up, b, None, "int4", "none")
     assert out.dtype == x.dtype and _rel(out, ref) <= 1e-3
+
+
+def _nvfp4_weights(n: int, k: int, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, device="cuda", dtype=torch.uint8)
+    wscales = (torch.rand(n, k // 16, generator=g, device="cuda") * 2.0).to(torch.float8_e4m3fn)
+    return qweight, wscales, torch.tensor(0.01, device="cuda")
+
+
+@needs_hopper
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 4608])
+@pytest.mark.parametrize("act", ["nvfp4", "none"])
+def test_nvfp4_layers_match_the_reference(m, act) -> None:
+    """The (experimental) nvfp4 kernels (W4A4 and W4A16): fp32 outputs within summation order
+    (W4A4, 1e-5) or fp16's rounding of the input (W4A16, 1e-3) of the reference."""
+    n, k = 3072, 3072
+    qweight, wscales, wtscale = _nvfp4_weights(n, k, seed=41)
+    _, _, smooth, down, up, b = _weights(n, k, 32, bias=True, seed=42)
+    x = _x(m, k, seed=43)
+    ref = _reference(x.float(), qweight, wscales, wtscale, smooth, down, up, b, None, "nvfp4", act)
+    if act == "nvfp4":
+        xq, lr = triton_fast.prologue_nvfp4(x, smooth, down)
+        a = None
+    else:
+        xq, a, lr = triton_fast.prologue(x, smooth, down, w16=True)
+    out = triton_fast.gemm_nvfp4(xq, a, qweight, wscales, wtscale, lr, up, b, None, out_dtype=torch.float32)
+    assert _rel(out, ref) <= (1e-5 if act == "nvfp4" else 1e-3)
+    layer = triton_fast.nvfp4_linear(x, qweight, wscales, wtscale, smooth, down, up, b, None, "nvfp4", act)
+    assert layer.dtype == x.dtype and _rel(layer, ref) <= 2e-3

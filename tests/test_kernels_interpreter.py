@@ -37,6 +37,7 @@ def kernels():
     k = triton_fast._kernels()
     k["gemm"].configs = [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=2)]
     k["gemm_t"].configs = [triton.Config({"BN": 32, "BM": 16}, num_warps=4, num_stages=2)]
+    k["gemm_nvfp4"].configs = [triton.Config({"BN": 32, "BM": 16}, num_warps=4, num_stages=2)]
     yield triton_fast
     triton_fast._kernels.cache_clear()
 
@@ -124,3 +125,41 @@ def test_w4a16_prologue_and_gemm_track_the_reference(kernels, r, shift) -> None:
     fin = torch.isfinite(ref).all(dim=1)
     assert torch.equal(~torch.isfinite(y).all(dim=1), ~fin)
     assert ((y[fin] - ref[fin]).norm() / ref[fin].norm()) < 1e-3
+
+
+def _nvfp4_layer(m: int, k: int, n: int, r: int, seed: int):
+    x, _, _, smooth, bias, down, up = _layer(m, k, n, r, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    # e4m3 group scales over normal and subnormal values (a few exact zeros)
+    wscales = (torch.rand(n, k // 16, generator=g) * 2.0 ** torch.randint(-10, 3, (n, k // 16), generator=g))
+    wscales[0, :3] = 0.0
+    wscales = wscales.to(torch.float8_e4m3fn)
+    wtscale = torch.tensor(0.37)
+    return x, qweight, wscales, wtscale, smooth, bias, down, up
+
+
+@pytest.mark.parametrize("act, r", [("nvfp4", 0), ("nvfp4", 16), ("none", 0)])
+def test_nvfp4_layers_equal_the_reference(kernels, act, r) -> None:
+    """nvfp4 on Hopper: activations quantized per 16 exactly as the format says (E2M1 value ×
+    e4m3 scale, written dequantized in fp16: exact), weights decoded from their bits in the
+    kernel; outputs within fp32 summation order of ``reference_linear`` (W4A16: within fp16's
+    rounding of the smoothed input); NaN rows as in the reference."""
+    m, k, n = 20, 64 * 5, 64
+    x, qweight, wscales, wtscale, smooth, bias, down, up = _nvfp4_layer(m, k, n, r, seed=50 + r)
+    x[1, :16] = 0.0
+    x[3, 17] = 1e4  # a large group: its scale saturates near the top of e4m3
+    if act == "nvfp4":
+        deq, lr = kernels.prologue_nvfp4(x, smooth, down)
+        av, asc = packing.quantize_activations(x.float() / smooth.float(), "nvfp4")
+        want = (av.reshape(m, -1, 16) * asc[:, :, None]).reshape(m, k)
+        fin = torch.isfinite(asc).all(dim=1)
+        assert torch.equal(deq.float()[fin], want[fin])
+        a = None
+    else:
+        deq, a, lr = kernels.prologue(x, smooth, down, w16=True)
+    ref = ops.reference_linear(x.float(), qweight, wscales, wtscale, smooth, down, up, bias, None, "nvfp4", act)
+    y = kernels.gemm_nvfp4(deq, a, qweight, wscales, wtscale, lr, up, bias, None, out_dtype=torch.float32)
+    ok = torch.isfinite(ref).all(dim=1)
+    assert torch.equal(~torch.isfinite(y).all(dim=1), ~ok)
+    assert ((y[ok] - ref[ok]).norm() / ref[ok].norm()) <= (1e-5 if act == "nvfp4" else 1e-3)
