@@ -5,11 +5,14 @@ activation mode). Each path names what it needs (``triton``, or ``nvcc`` + ``nvi
 for CUTLASS-built kernels); :func:`supports` turns anything missing into a one-line reason, so
 the layer falls back to the reference backend with one warning instead of failing.
 
-First version (see docs/kernels.md): only the ``fast`` mode of int4 layers
-(``act="fp8"``) has a kernel, a Triton prologue + Triton group-64 GEMM
-(:mod:`svdq_kernels.triton_fast`). The CUTLASS-generated kernels (:mod:`svdq_kernels.build`)
-are built and cached but not yet on a layer path: stock CUTLASS int4 × FP8 needs K groups of
-at least 128 and rounds ``scale × code`` to FP8, which is not the format's group-64 math.
+Validated on an H100 (see docs/kernels.md): the ``fast`` mode of int4 layers (``act="fp8"``),
+a Triton prologue + Triton group-64 GEMM (:mod:`svdq_kernels.triton_fast`). Written and checked
+on the CPU in Triton's interpreter but not yet run on a GPU, so only used with
+``SVDQ_EXPERIMENTAL_KERNELS=1``: int4 ``exact`` (``act="int4"``), int4 W4A16 (``"none"``) and
+nvfp4 (``"nvfp4"`` / ``"none"``) — :data:`EXPERIMENTAL_PATHS`. The CUTLASS-generated kernels
+(:mod:`svdq_kernels.build`) are built and cached but not on a layer path: stock CUTLASS
+int4 × FP8 needs K groups of at least 128 and rounds ``scale × code`` to FP8, which is not the
+format's group-64 math.
 """
 
 from __future__ import annotations
@@ -106,7 +109,8 @@ def supports(call: ops.LinearCall) -> Optional[str]:
     path = _path(call.precision, call.act)
     if path is None:
         return (f"no sm90 kernel yet for precision {call.precision!r} with activations "
-                f"{call.act!r} (implemented: int4 fast mode, act='fp8')")
+                f"{call.act!r} (implemented: int4 fast mode, act='fp8'; SVDQ_EXPERIMENTAL_KERNELS=1 "
+                "adds the exact, W4A16 and nvfp4 paths not yet validated on a GPU)")
     if call.dtype not in _DTYPES:
         return f"compute dtype {call.dtype} (kernels take bfloat16 or float16)"
     if call.in_features % 64:
