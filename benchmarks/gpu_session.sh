@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU runs still open after the 2026-11-27 session, in one command on one H100
+# (docs/benchmarks.md, "Still to measure"). Every step has its own time limit and log; a failing
+# step does not stop the next. Usage (repo root, wheels installed as the device README says):
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests] [gemm] [step]      (default: all three)
+set -u
+OUT=${OUT:-/tmp/svdq-gpu-session}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+STEPS=${*:-tests gemm step}
+python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
+for step in $STEPS; do
+  case $step in
+    tests)  # every GPU test, the experimental exact / W4A16 / nvfp4 kernels included
+      timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_device_read.py \
+        tests/test_lora.py tests/test_memory_bounds.py > "$OUT/pytest_gpu.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/pytest_gpu.log" ;;
+    gemm)   # all datapaths incl. f16s; small M also inside CUDA graphs
+      timeout 300 python3 benchmarks/gemm_datapaths.py --out "$OUT/gemm_datapaths.json" > "$OUT/gemm.log" 2>&1
+      echo "gemm rc=$?"; grep -v Warn "$OUT/gemm.log" | tail -16
+      timeout 200 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 --out "$OUT/gemm_small_m_graphs.json" > "$OUT/gemm_graphs.log" 2>&1
+      echo "gemm graphs rc=$?"; grep -v Warn "$OUT/gemm_graphs.log" | tail -16 ;;
+    step)   # one FLUX.1-dev step; the experimental paths on (W4A16 AdaLN layers on the GPU kernels)
+      SVDQ_EXPERIMENTAL_KERNELS=1 timeout 540 python3 benchmarks/flux_step.py --compile --fast \
+        --out "$OUT/flux_step.json" > "$OUT/flux_step.log" 2>&1; echo "step rc=$?"; tail -8 "$OUT/flux_step.log" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
