@@ -68,6 +68,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         info["toolchain"] = f"unavailable: {exc}"
     root = cache_dir()
     info["cached_kernels"] = sorted(p.name for p in root.glob("*.so")) if root.is_dir() else []
+    info["paths"] = {f"{prec}/{act}": path.name for (prec, act), path in registry.PATHS.items()}
+    on = os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1"
+    info["experimental_paths"] = {f"{prec}/{act}": f"{path.name} ({'on' if on else 'off: SVDQ_EXPERIMENTAL_KERNELS=1'})"
+                                  for (prec, act), path in registry.EXPERIMENTAL_PATHS.items()}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
