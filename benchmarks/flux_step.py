@@ -9,8 +9,9 @@ one process, in this order:
    peak memory of a step;
 2. quantized in place by our quantizer (synthetic calibration, ``--samples``; ``--fast``
    skips the smoothing/clipping searches: speed, not quality, is measured here);
-3. SVDQuant in ``fast`` mode (the Hopper kernels when ``import svdq_kernels`` finds an sm_90
-   GPU, else the reference backend): eager and compiled step time, weights on the GPU, peak.
+3. SVDQuant in ``--mode`` (default ``fast``; the Hopper kernels when ``import svdq_kernels``
+   finds an sm_90 GPU, else the reference backend): eager and compiled step time, weights on
+   the GPU, peak.
 
 Targets (issue 10, H100): ≤ 0.67 × the bf16 step time (≈ 120 ms) and ≤ 7 GiB of transformer
 weights.
@@ -130,6 +131,8 @@ def main(argv=None) -> int:
                     help="torch.compile mode (e.g. reduce-overhead for CUDA graphs)")
     ap.add_argument("--samples", type=int, default=4, help="synthetic calibration samples")
     ap.add_argument("--fast", action="store_true", help="quantize without the smoothing / clipping searches")
+    ap.add_argument("--mode", choices=("fast", "exact"), default="fast",
+                    help="execution mode of the W4A4 layers (exact needs SVDQ_EXPERIMENTAL_KERNELS=1 for GPU kernels)")
     ap.add_argument("--out", default="flux_step.json")
     args = ap.parse_args(argv)
 
@@ -158,7 +161,8 @@ def main(argv=None) -> int:
     result["quantize_s"] = round(time.perf_counter() - t, 1)
     layers = svdq_modules(model)
     for layer in layers.values():
-        layer.mode = "fast"
+        layer.mode = args.mode
+    result["mode"] = args.mode
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     result["svdq_layers"] = len(layers)
