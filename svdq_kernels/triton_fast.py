@@ -289,16 +289,21 @@ def _kernels() -> dict[str, Any]:
         triton.Config({"BN": 64, "BM": 16}, num_warps=4, num_stages=6),
     ]
 
-    @triton.autotune(configs=gemm_t_configs, key=["M_BUCKET", "N", "K", "F16", "HAS_LR", "SCALED", "EXACT"])
+    @triton.autotune(configs=gemm_t_configs,
+                     key=["M_BUCKET", "N", "K", "F16", "HAS_LR", "SCALED", "EXACT", "NVFP4"])
     @triton.jit
     def gemm_t_kernel(
         q_ptr, a_ptr, w_ptr, wst_ptr, pw_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
-        F16: tl.constexpr, SCALED: tl.constexpr, EXACT: tl.constexpr, HAS_LR: tl.constexpr,
-        HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        GROUP_N: tl.constexpr,
+        F16: tl.constexpr, SCALED: tl.constexpr, EXACT: tl.constexpr, NVFP4: tl.constexpr, HAS_A: tl.constexpr,
+        HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
     ):
         # yᵀ tile [BN, BM] = W (int4 → e4m3/f16 in registers: the MMA's A operand, no shared-memory
-        # round trip) × qᵀ (activations, K-contiguous: the B operand straight from shared memory)
+        # round trip) × qᵀ (activations, K-contiguous: the B operand straight from shared memory).
+        # Weight decoding: int4 codes with per-group promotion (f16/fp8, EXACT: × token-group
+        # scales too), int4 with the scales folded exactly into fp16 (SCALED; pw_ptr: the rows'
+        # powers of two), or NVFP4 (E2M1 × e4m3 built exactly in fp16; wst_ptr: the scale bytes
+        # [N, K/16], pw_ptr: the per-tensor scale). HAS_A: × the per-token scales a_ptr.
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -316,39 +321,62 @@ def _kernels() -> dict[str, Any]:
         G = K // 64
         w_ptrs = w_ptr + rn_c[:, None] * (K // 2) + rkp[None, :]
         x_ptrs = q_ptr + rm_c[None, :] * K + rk[:, None]
-        s_ptrs = wst_ptr + rn_c
+        if NVFP4:
+            s_ptrs = wst_ptr + rn_c[:, None] * (K // 16) + tl.arange(0, 4)[None, :]
+        else:
+            s_ptrs = wst_ptr + rn_c
         acc = tl.zeros([BN, BM], dtype=tl.float32)
         if SCALED:
             pw = tl.load(pw_ptr + rn_c)
         for g in range(0, G):
             wp = tl.load(w_ptrs)
-            lo = ((wp & 0xF).to(tl.int8) ^ 8) - 8
-            hi = ((wp >> 4).to(tl.int8) ^ 8) - 8
-            w8 = tl.join(lo, hi).reshape(BN, 64)
             xb = tl.load(x_ptrs)
-            sc = tl.load(s_ptrs).to(tl.float32)
-            if SCALED:
-                # code × scale × 2^e is exact in fp16 (see _row_pow2): one accumulation chain
-                w16 = (w8.to(tl.float32) * (sc * pw)[:, None]).to(tl.float16)
-                acc = tl.dot(w16, xb, acc)
-            elif EXACT:
-                # int4 × int4 codes summed over one group: exact; then × (weight scale × token-group
-                # scale), groups summed in order — the reference's own association
-                part = tl.dot(w8.to(tl.float16), xb)
-                axg = tl.load(a_ptr + g * M + rm_c)
-                acc += part * (sc[:, None] * axg[None, :])
+            if NVFP4:
+                nib = tl.join(wp & 0xF, wp >> 4).reshape(BN, 64).to(tl.int32)
+                e2 = (nib >> 1) & 3
+                man = nib & 1
+                # E2M1 → fp16 bits: normal 2^(e2−1)·(1 + man/2); e2 = 0: man · 0.5
+                bits = tl.where(e2 > 0, ((e2 + 14) << 10) | (man << 9), tl.where(man > 0, 14 << 10, 0))
+                bits = bits | ((nib >> 3) << 15)
+                w = bits.to(tl.int16).to(tl.float16, bitcast=True)
+                sb = tl.load(s_ptrs).to(tl.int32)  # e4m3 bytes, decoded exactly
+                se = (sb >> 3) & 0xF
+                sm = sb & 7
+                normal = (8 + sm).to(tl.float32) * ((se + 117) << 23).to(tl.float32, bitcast=True)
+                sc4 = tl.where(se > 0, normal, sm.to(tl.float32) * 0.001953125)  # subnormal: sm · 2^-9
+                sc4 = tl.where((sb >> 7) > 0, -sc4, sc4)
+                sc64 = tl.reshape(tl.broadcast_to(sc4[:, :, None], [BN, 4, 16]), [BN, 64])
+                acc = tl.dot((w.to(tl.float32) * sc64).to(tl.float16), xb, acc)
+                s_ptrs += 4
             else:
-                if F16:
-                    part = tl.dot(w8.to(tl.float16), xb.to(tl.float16))
+                lo = ((wp & 0xF).to(tl.int8) ^ 8) - 8
+                hi = ((wp >> 4).to(tl.int8) ^ 8) - 8
+                w8 = tl.join(lo, hi).reshape(BN, 64)
+                sc = tl.load(s_ptrs).to(tl.float32)
+                if SCALED:
+                    # code × scale × 2^e is exact in fp16 (see _row_pow2): one accumulation chain
+                    w16 = (w8.to(tl.float32) * (sc * pw)[:, None]).to(tl.float16)
+                    acc = tl.dot(w16, xb, acc)
+                elif EXACT:
+                    # int4 × int4 codes summed over one group: exact; then × (weight scale ×
+                    # token-group scale), groups summed in order — the reference's own association
+                    part = tl.dot(w8.to(tl.float16), xb)
+                    axg = tl.load(a_ptr + g * M + rm_c)
+                    acc += part * (sc[:, None] * axg[None, :])
                 else:
-                    part = tl.dot(w8.to(tl.float16).to(tl.float8e4nv), xb)
-                acc += part * sc[:, None]
+                    if F16:
+                        part = tl.dot(w8.to(tl.float16), xb.to(tl.float16))
+                    else:
+                        part = tl.dot(w8.to(tl.float16).to(tl.float8e4nv), xb)
+                    acc += part * sc[:, None]
+                s_ptrs += N
             w_ptrs += 32
             x_ptrs += 64
-            s_ptrs += N
         if SCALED:
             acc = acc / pw[:, None]  # a power of two: exact
-        if not EXACT:
+        if NVFP4:
+            acc = acc * tl.load(pw_ptr)
+        if HAS_A:
             asc = tl.load(a_ptr + rm_c)
             acc = acc * asc[None, :]
         if HAS_LR:
@@ -428,90 +456,8 @@ def _kernels() -> dict[str, Any]:
         if HAS_LR:
             tl.store(plr_ptr + (split * M + rm_c[:, None]) * BR + rr[None, :], acc, mask=m_ok[:, None])
 
-    @triton.autotune(configs=gemm_t_configs, key=["M_BUCKET", "N", "K", "HAS_LR"])
-    @triton.jit
-    def gemm_nvfp4_kernel(
-        x_ptr, a_ptr, w_ptr, ws_ptr, wt_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
-        HAS_A: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
-    ):
-        # yᵀ tile [BN, BM] = W · xᵀ with W = E2M1 value × e4m3 group scale built exactly in fp16
-        # (register operand), x fp16 (dequantized nvfp4 activations, or x̂ for W4A16), one fp32
-        # accumulation chain over K; × the per-tensor scale (and per-token scale) at the end
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        width = GROUP_N * num_m
-        first_n = (pid // width) * GROUP_N
-        gsz = tl.minimum(num_n - first_n, GROUP_N)
-        pid_n = first_n + (pid % width) % gsz
-        pid_m = (pid % width) // gsz
-        rn = pid_n * BN + tl.arange(0, BN)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
-        rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
-        rk = tl.arange(0, 64)
-        rkp = tl.arange(0, 32)
-        rg = tl.arange(0, 4)
-        w_ptrs = w_ptr + rn_c[:, None] * (K // 2) + rkp[None, :]
-        x_ptrs = x_ptr + rm_c[None, :] * K + rk[:, None]
-        s_ptrs = ws_ptr + rn_c[:, None] * (K // 16) + rg[None, :]
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
-        for _ in range(0, K // 64):
-            wp = tl.load(w_ptrs)
-            nib = tl.join(wp & 0xF, wp >> 4).reshape(BN, 64).to(tl.int32)
-            e2 = (nib >> 1) & 3
-            man = nib & 1
-            # E2M1 → fp16 bits: normal 2^(e2−1)·(1 + man/2); e2 = 0: man · 0.5
-            bits = tl.where(e2 > 0, ((e2 + 14) << 10) | (man << 9), tl.where(man > 0, 14 << 10, 0))
-            bits = bits | ((nib >> 3) << 15)
-            w = bits.to(tl.int16).to(tl.float16, bitcast=True)
-            sb = tl.load(s_ptrs).to(tl.int32)  # e4m3 bytes, decoded exactly
-            se = (sb >> 3) & 0xF
-            sm = sb & 7
-            normal = (8 + sm).to(tl.float32) * ((se + 117) << 23).to(tl.float32, bitcast=True)
-            sub = sm.to(tl.float32) * 0.001953125  # 2^-9
-            sc = tl.where(se > 0, normal, sub)
-            sc = tl.where((sb >> 7) > 0, -sc, sc)
-            sc64 = tl.reshape(tl.broadcast_to(sc[:, :, None], [BN, 4, 16]), [BN, 64])
-            w16 = (w.to(tl.float32) * sc64).to(tl.float16)
-            xb = tl.load(x_ptrs)
-            acc = tl.dot(w16, xb, acc)
-            w_ptrs += 32
-            x_ptrs += 64
-            s_ptrs += 4
-        acc = acc * tl.load(wt_ptr)
-        if HAS_A:
-            asc = tl.load(a_ptr + rm_c)
-            acc = acc * asc[None, :]
-        if HAS_LR:
-            lacc = tl.zeros([BN, BM], dtype=tl.float32)
-            for r0 in range(0, R, BR):
-                rr = r0 + tl.arange(0, BR)
-                r_ok = rr < R
-                lrt = tl.load(lr_ptr + rm_c[None, :] * R + rr[:, None], mask=r_ok[:, None], other=0.0)
-                if HAS_LRS:
-                    lrs = tl.load(lrs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)
-                    lrt = lrt * lrs[:, None]
-                l1 = tl.load(l1_ptr + rn_c[:, None] * R + rr[None, :], mask=r_ok[None, :], other=0.0)
-                lr_hi = lrt.to(l1.dtype)
-                rest = lrt - lr_hi.to(tl.float32)
-                lr_mid = rest.to(l1.dtype)
-                lr_lo = (rest - lr_mid.to(tl.float32)).to(l1.dtype)
-                part = tl.dot(l1, lr_lo)
-                part = tl.dot(l1, lr_mid, part)
-                part = tl.dot(l1, lr_hi, part)
-                lacc += part * one
-            acc += lacc
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + rn_c).to(tl.float32)
-            acc += bias[:, None]
-        mask = (rn < N)[:, None] & (rm < M)[None, :]
-        tl.store(y_ptr + rm_c[None, :] * N + rn_c[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
     return {"triton": triton, "prologue_stats": prologue_stats_kernel, "prologue_quant": prologue_quant_kernel,
             "prologue_exact": prologue_exact_kernel, "prologue_nvfp4": prologue_nvfp4_kernel,
-            "gemm_nvfp4": gemm_nvfp4_kernel,
             "gemm": gemm_kernel, "gemm_configs": gemm_configs,
             "gemm_t": gemm_t_kernel}
 
@@ -570,6 +516,60 @@ def _rank_block(r: int) -> int:
     return max(16, min(128, 1 << max(0, math.ceil(math.log2(max(r, 1))))))
 
 
+def _rank_tile(r: int) -> int:
+    """The prologues' low-rank tile: the whole rank (a power of two, at least 16)."""
+    return max(16, 1 << max(0, math.ceil(math.log2(max(r, 1)))))
+
+
+def _k_splits(kk: int) -> tuple[int, int]:
+    """``(splits, 64-groups per split)``: the prologues cut K into at most 16 splits of at least
+    8 groups, so that even a few tokens occupy many SMs."""
+    blocks = kk // 64
+    per = triton_cdiv(blocks, min(16, max(1, triton_cdiv(blocks, 8))))
+    return triton_cdiv(blocks, per), per
+
+
+def _layer_inputs(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
+           Optional[torch.Tensor]]:
+    """A layer call's tensors as the kernels take them: ``x`` as a contiguous ``[M, K]``; the
+    low-rank factors (and per-rank scales) only when both exist with a rank, ``L2`` in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    lr_on = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
+    return (x2, smooth.contiguous(),
+            lora_down.to(x2.dtype).contiguous() if lr_on else None,  # type: ignore[union-attr]
+            lora_up.contiguous() if lr_on else None,  # type: ignore[union-attr]
+            bias.contiguous() if bias is not None else None,
+            lora_scales.contiguous() if (lr_on and lora_scales is not None) else None)
+
+
+def _gemm_t(
+    x: torch.Tensor, a: Optional[torch.Tensor], weight: torch.Tensor, wsc: torch.Tensor, pw: Optional[torch.Tensor],
+    lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype, f16: bool = True, scaled: bool = False,
+    exact: bool = False, nvfp4: bool = False,
+) -> torch.Tensor:
+    """Launch the transposed GEMM kernel (its weight decodings are described in the kernel)."""
+    m, kk = x.shape
+    n = weight.shape[0]
+    r = 0 if (lr is None or lora_up is None) else lr.shape[1]
+    y = torch.empty(m, n, device=x.device, dtype=out_dtype)
+    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
+    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
+    unused = y  # for the pointers a call leaves out (never read: their flags are off)
+    _kernels()["gemm_t"][grid](
+        x, a if a is not None else unused, weight, wsc, pw if pw is not None else unused, lr if r else unused,
+        lora_scales if lora_scales is not None else unused, lora_up if r else unused,
+        bias if bias is not None else unused, y, m, n, kk, r, bucket, 1.0,
+        F16=f16, SCALED=scaled, EXACT=exact, NVFP4=nvfp4, HAS_A=a is not None and not exact, HAS_LR=bool(r),
+        HAS_LRS=lora_scales is not None and bool(r), HAS_BIAS=bias is not None,
+        BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
+    )
+    return y
+
+
 def prologue(
     x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], *, act_shift: float = 0.0,
     codes16: bool = False, w16: bool = False,
@@ -595,11 +595,8 @@ def prologue(
     a = torch.empty(m, device=x.device, dtype=torch.float32)
     lr = torch.empty(m, max(r, 1), device=x.device, dtype=torch.float32) if r else None
     bm = 32
-    br = max(16, 1 << max(0, math.ceil(math.log2(max(r, 1)))))  # the whole rank in one tile
-    blocks = kk // 64
-    nsplit = min(16, max(1, triton_cdiv(blocks, 8)))  # K cut into ≤ 16 splits of ≥ 8 groups
-    bps = triton_cdiv(blocks, nsplit)
-    nsplit = triton_cdiv(blocks, bps)
+    br = _rank_tile(r)
+    nsplit, bps = _k_splits(kk)
     pamax = torch.empty(nsplit, m, device=x.device, dtype=torch.float32)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else pamax
     grid = (triton_cdiv(m, bm), nsplit)
@@ -633,14 +630,7 @@ def gemm(
     """
     if datapath not in DATAPATHS:
         raise ValueError(f"datapath {datapath!r} is not one of {DATAPATHS}")
-    k = _kernels()
-    m, kk = q.shape
-    n = weight.shape[0]
-    r = 0 if (lr is None or lora_up is None) else lr.shape[1]
-    y = torch.empty(m, n, device=q.device, dtype=out_dtype)
     wst = _scales_t(wscales)
-    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
-    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
     if datapath.endswith(("t", "s")):
         if not packed:
             raise ValueError("the transposed datapaths read packed int4 weights only")
@@ -651,16 +641,15 @@ def gemm(
                 datapath = "f16t"
             elif q.dtype != torch.float16:
                 q = q.to(torch.float16)  # e4m3 codes are exact in fp16 (prologue(codes16=True) writes these)
-        k["gemm_t"][grid](
-            q, a, weight, wst, pw if pw is not None else a, lr if r else a,
-            lora_scales if lora_scales is not None else a, lora_up if r else wscales,
-            bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
-            F16=datapath == "f16t", SCALED=pw is not None, EXACT=False, HAS_LR=bool(r),
-            HAS_LRS=lora_scales is not None and bool(r), HAS_BIAS=bias is not None,
-            BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
-        )
-        return y
-    k["gemm"][grid](
+        return _gemm_t(q, a, weight, wst, pw, lr, lora_up, bias, lora_scales, out_dtype=out_dtype,
+                       f16=datapath == "f16t", scaled=pw is not None)
+    m, kk = q.shape
+    n = weight.shape[0]
+    r = 0 if (lr is None or lora_up is None) else lr.shape[1]
+    y = torch.empty(m, n, device=q.device, dtype=out_dtype)
+    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
+    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
+    _kernels()["gemm"][grid](
         q, a, weight, wst, lr if r else a, lora_scales if lora_scales is not None else a,
         lora_up if r else wscales, bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
         PACKED=packed, F16=datapath == "f16", HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
@@ -686,11 +675,8 @@ def prologue_exact(
     codes = torch.empty(m, kk, device=x.device, dtype=torch.float16)
     scales = torch.empty(kk // 64, m, device=x.device, dtype=torch.float32)
     bm = 32
-    br = max(16, 1 << max(0, math.ceil(math.log2(max(r, 1)))))
-    blocks = kk // 64
-    nsplit = min(16, max(1, triton_cdiv(blocks, 8)))
-    bps = triton_cdiv(blocks, nsplit)
-    nsplit = triton_cdiv(blocks, bps)
+    br = _rank_tile(r)
+    nsplit, bps = _k_splits(kk)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else scales
     k["prologue_exact"][(triton_cdiv(m, bm), nsplit)](
         x, smooth, lora_down if r else x, codes, scales, plr, m, kk, r, bps, float(act_shift),
@@ -706,22 +692,8 @@ def gemm_exact(
 ) -> torch.Tensor:
     """``y = Σ_g (codes_g · W_gᵀ) · (scales_g ⊗ wscales_g) + (lr · diag(lora_scales)) · L1ᵀ + b``
     (the transposed kernel; int4 codes multiply exactly in fp16, one promotion per 64-group)."""
-    k = _kernels()
-    m, kk = codes.shape
-    n = weight.shape[0]
-    r = 0 if (lr is None or lora_up is None) else lr.shape[1]
-    y = torch.empty(m, n, device=codes.device, dtype=out_dtype)
-    wst = _scales_t(wscales)
-    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
-    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
-    k["gemm_t"][grid](
-        codes, scales, weight, wst, scales, lr if r else scales,
-        lora_scales if lora_scales is not None else scales, lora_up if r else wscales,
-        bias if bias is not None else wscales, y, m, n, kk, r, bucket, 1.0,
-        F16=True, SCALED=False, EXACT=True, HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
-        HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
-    )
-    return y
+    return _gemm_t(codes, scales, weight, _scales_t(wscales), None, lr, lora_up, bias, lora_scales,
+                   out_dtype=out_dtype, exact=True)
 
 
 def exact_linear(
@@ -740,20 +712,12 @@ def exact_linear(
     act_unsigned: bool = False,
 ) -> torch.Tensor:
     """The ``exact`` int4 W4A4 mode (signature of :func:`svdq_format.ops.reference_linear`)."""
-    kk = x.shape[-1]
-    n = qweight.shape[0]
-    x2 = x.reshape(-1, kk).contiguous()
-    has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
-    down = lora_down.to(x2.dtype).contiguous() if has_lr else None
+    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     with torch.cuda.device(x2.device):
-        codes, scales, lr = prologue_exact(x2, smooth.contiguous(), down, act_shift=act_shift,
-                                           unsigned=act_unsigned)
-        y = gemm_exact(
-            codes, scales, qweight.contiguous(), wscales.contiguous(), lr,
-            lora_up.contiguous() if has_lr else None, bias.contiguous() if bias is not None else None,
-            lora_scales.contiguous() if (has_lr and lora_scales is not None) else None, out_dtype=x.dtype,
-        )
-    return y.reshape(*x.shape[:-1], n)
+        codes, scales, lr = prologue_exact(x2, smooth, down, act_shift=act_shift, unsigned=act_unsigned)
+        y = gemm_exact(codes, scales, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,
+                       out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 def prologue_nvfp4(
@@ -766,11 +730,8 @@ def prologue_nvfp4(
     r = 0 if lora_down is None else lora_down.shape[0]
     deq = torch.empty(m, kk, device=x.device, dtype=torch.float16)
     bm = 32
-    br = max(16, 1 << max(0, math.ceil(math.log2(max(r, 1)))))
-    blocks = kk // 64
-    nsplit = min(16, max(1, triton_cdiv(blocks, 8)))
-    bps = triton_cdiv(blocks, nsplit)
-    nsplit = triton_cdiv(blocks, bps)
+    br = _rank_tile(r)
+    nsplit, bps = _k_splits(kk)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else deq
     k["prologue_nvfp4"][(triton_cdiv(m, bm), nsplit)](
         x, smooth, lora_down if r else x, deq, plr, m, kk, r, bps, float(act_shift),
@@ -785,23 +746,9 @@ def gemm_nvfp4(
 ) -> torch.Tensor:
     """``y = (xq · Wᵀ) · wtscale · diag(a) + (lr · diag(lora_scales)) · L1ᵀ + b`` for nvfp4 weights
     (E2M1 nibbles, e4m3 scales per 16, fp32 per-tensor scale); ``xq`` fp16 ``[M, K]``."""
-    k = _kernels()
-    m, kk = xq.shape
-    n = weight.shape[0]
-    r = 0 if (lr is None or lora_up is None) else lr.shape[1]
-    y = torch.empty(m, n, device=xq.device, dtype=out_dtype)
-    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
-    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
     wt = wtscale.reshape(1).to(device=xq.device, dtype=torch.float32)
-    dummy = wt
-    k["gemm_nvfp4"][grid](
-        xq, a if a is not None else dummy, weight, wscales.contiguous().view(torch.uint8), wt,
-        lr if r else dummy, lora_scales if lora_scales is not None else dummy, lora_up if r else xq,
-        bias if bias is not None else xq, y, m, n, kk, r, bucket, 1.0,
-        HAS_A=a is not None, HAS_LR=bool(r), HAS_LRS=lora_scales is not None and bool(r),
-        HAS_BIAS=bias is not None, BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
-    )
-    return y
+    return _gemm_t(xq, a, weight, wscales.contiguous().view(torch.uint8), wt, lr, lora_up, bias, lora_scales,
+                   out_dtype=out_dtype, nvfp4=True)
 
 
 def nvfp4_linear(
@@ -822,24 +769,16 @@ def nvfp4_linear(
     """nvfp4 layers on Hopper (``act="nvfp4"`` W4A4 or ``"none"`` W4A16): both operands are
     dequantized exactly into fp16 (E2M1 × e4m3 needs ≤ 6 significant bits), so a plain fp16
     MMA with fp32 accumulation computes the format's math up to summation order."""
-    kk = x.shape[-1]
-    n = qweight.shape[0]
-    x2 = x.reshape(-1, kk).contiguous()
-    has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
-    down = lora_down.to(x2.dtype).contiguous() if has_lr else None
+    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     wt = wtscale if wtscale is not None else torch.ones((), device=x2.device)
     with torch.cuda.device(x2.device):
         if act == "nvfp4":
-            xq, lr = prologue_nvfp4(x2, smooth.contiguous(), down, act_shift=act_shift)
+            xq, lr = prologue_nvfp4(x2, smooth, down, act_shift=act_shift)
             a = None
         else:
-            xq, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift, w16=True)
-        y = gemm_nvfp4(
-            xq, a, qweight.contiguous(), wscales, wt, lr, lora_up.contiguous() if has_lr else None,
-            bias.contiguous() if bias is not None else None,
-            lora_scales.contiguous() if (has_lr and lora_scales is not None) else None, out_dtype=x.dtype,
-        )
-    return y.reshape(*x.shape[:-1], n)
+            xq, a, lr = prologue(x2, smooth, down, act_shift=act_shift, w16=True)
+        y = gemm_nvfp4(xq, a, qweight.contiguous(), wscales, wt, lr, up, bias, lora_scales, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 def w4a16_linear(
@@ -860,20 +799,12 @@ def w4a16_linear(
     """int4 weight-only layers (``act="none"``): ``x̂`` in fp16 (per-token power-of-two scale) ×
     int4 weights, on the ``f16s`` GEMM (``f16t`` when the scales cannot be folded exactly).
     Differs from the reference only by the rounding of ``x̂`` to fp16 (~1e-4 relative)."""
-    kk = x.shape[-1]
-    n = qweight.shape[0]
-    x2 = x.reshape(-1, kk).contiguous()
-    has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
-    down = lora_down.to(x2.dtype).contiguous() if has_lr else None
+    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     with torch.cuda.device(x2.device):
-        q, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift, w16=True)
-        y = gemm(
-            q, a, qweight.contiguous(), wscales.contiguous(), lr,
-            lora_up.contiguous() if has_lr else None, bias.contiguous() if bias is not None else None,
-            lora_scales.contiguous() if (has_lr and lora_scales is not None) else None,
-            out_dtype=x.dtype, datapath="f16s",
-        )
-    return y.reshape(*x.shape[:-1], n)
+        q, a, lr = prologue(x2, smooth, down, act_shift=act_shift, w16=True)
+        y = gemm(q, a, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,
+                 out_dtype=x.dtype, datapath="f16s")
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 def fast_linear(
@@ -892,19 +823,10 @@ def fast_linear(
     act_unsigned: bool = False,
 ) -> torch.Tensor:
     """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
-    kk = x.shape[-1]
-    n = qweight.shape[0]
-    x2 = x.reshape(-1, kk).contiguous()
-    has_lr = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
-    down = lora_down.to(x2.dtype).contiguous() if has_lr else None
+    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     codes16 = DEFAULT_DATAPATH == "f16s" and _row_pow2(wscales) is not None
     with torch.cuda.device(x2.device):  # Triton launches on the current device
-        q, a, lr = prologue(x2, smooth.contiguous(), down, act_shift=act_shift, codes16=codes16)
-        y = gemm(
-            q, a, qweight.contiguous(), wscales.contiguous(), lr,
-            lora_up.contiguous() if has_lr else None,
-            bias.contiguous() if bias is not None else None,
-            lora_scales.contiguous() if (has_lr and lora_scales is not None) else None,
-            out_dtype=x.dtype, datapath=DEFAULT_DATAPATH,
-        )
-    return y.reshape(*x.shape[:-1], n)
+        q, a, lr = prologue(x2, smooth, down, act_shift=act_shift, codes16=codes16)
+        y = gemm(q, a, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,
+                 out_dtype=x.dtype, datapath=DEFAULT_DATAPATH)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
