@@ -119,7 +119,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
              on_block_done: Callable[[int, str], None] | None, writer: ThreadPoolExecutor | None,
              pending: list[Future[Any]], flush: Callable[..., None], source: Any = None,
              release: bool = False) -> bool:
-    from .pipeline import _is_oom, _linear, _set_submodule, release_layers
+    from .pipeline import _is_oom, _linear, _placed_linears, _set_submodule, release_layers
 
     for window in plan:
         if ctx.agree(deadline is not None and time.time() > deadline, what="deadline check"):
@@ -141,17 +141,9 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                     continue
                 names = groups[b][g]
                 gt = PhaseTimer()
-                if source is not None:  # read only this rank's layers from the source shards
-                    for n in names:
-                        source.materialize(model.get_submodule(n), n, device)
-                mods = {n: _linear(model, n) for n in names}
-                if stream:
-                    for m in mods.values():
-                        m.to(device)
-                res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt)
-                if stream:
-                    for m in mods.values():
-                        m.to("meta" if source is not None else "cpu")
+                # (disk: only this rank's layers are read from the source shards)
+                with _placed_linears(model, names, device, stream=stream, source=source) as mods:
+                    res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt)
                 packed = []
                 for name, (layer, info) in res.items():
                     spec_json, roles = pack_layer(layer)

@@ -10,12 +10,13 @@ saved statistics and a per-layer seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,26 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     if not isinstance(mod, nn.Linear):
         raise QuantizationError(f"layer {name}: expected an nn.Linear, found {type(mod).__name__}")
     return mod
+
+
+@contextlib.contextmanager
+def _placed_linears(model: nn.Module, names: Iterable[str], device: torch.device | str, *, stream: bool,
+                    source: Any = None) -> Iterator[dict[str, nn.Linear]]:
+    """The linears ``names`` on ``device`` while they are quantized: read there from ``source``
+    (``--offload disk``) and/or moved there when blocks stream; afterwards dropped back to meta
+    (disk: read again if ever needed) or to the CPU. (After an error they stay where they are.)"""
+    names = list(names)
+    if source is not None:
+        for n in names:
+            source.materialize(model.get_submodule(n), n, device)
+    mods = {n: _linear(model, n) for n in names}
+    if stream:
+        for m in mods.values():
+            m.to(device)
+    yield mods
+    if stream:
+        for m in mods.values():
+            m.to("meta" if source is not None else "cpu")
 
 
 def load_block_result(model: nn.Module, block_file: Path, *, home: Any, timer: PhaseTimer,
@@ -380,23 +401,14 @@ def run_quantization(
             break
         block_timer = PhaseTimer()
         try:
-            if source is not None:  # read straight onto the device, one tensor at a time
-                for n in names:
-                    source.materialize(model.get_submodule(n), n, dev)
-            mods = {n: _linear(model, n) for n in names}
-            if stream:
-                for m in mods.values():
-                    m.to(dev)
             done: dict[str, SVDQLinear] = {}
             block_infos: list[dict[str, Any]] = []
-            for group in _input_groups(names, selection.kinds, stats):
-                res = quantize_group(group, mods, selection.kinds, stats, opts, timer=block_timer)
-                for name, (layer, info) in res.items():
-                    done[name] = layer if release else layer.to(home)  # (release: written from the device)
-                    block_infos.append(info)
-            if stream:
-                for m in mods.values():
-                    m.to("meta" if source is not None else "cpu")  # (disk: read again if ever needed)
+            with _placed_linears(model, names, dev, stream=stream, source=source) as mods:
+                for group in _input_groups(names, selection.kinds, stats):
+                    res = quantize_group(group, mods, selection.kinds, stats, opts, timer=block_timer)
+                    for name, (layer, info) in res.items():
+                        done[name] = layer if release else layer.to(home)  # (release: written from the device)
+                        block_infos.append(info)
         except Exception as exc:
             if _is_oom(exc):
                 raise QuantizationError(
@@ -412,7 +424,7 @@ def run_quantization(
             done = release_layers(done)
         for name, layer in done.items():
             _set_submodule(model, name, layer)
-        del mods
+        del mods  # the replaced linears can go now
         timer.add(block_timer.seconds)
         infos.extend(block_infos)
         if on_block_done is not None:
