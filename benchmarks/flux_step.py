@@ -42,27 +42,14 @@ from quantize_flux import FLUX_DEV, TINY, build_model  # noqa: E402
 GIB = 2**30
 
 
-def inputs(model: torch.nn.Module, *, image_tokens: int, text_tokens: int, device: str, seed: int = 0) -> dict:
-    """One step's transformer inputs (batch 1), deterministic."""
-    cfg = model.config
-    g = torch.Generator(device="cpu").manual_seed(seed)
+def inputs(model: torch.nn.Module, *, image_tokens: int, text_tokens: int, device: str) -> dict:
+    """One step's transformer inputs (batch 1): a synthetic sample (another seed than the
+    calibration's) on ``device``."""
+    from converters.quantize import synthetic_calibration
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device, torch.bfloat16)
-
-    side = int(image_tokens ** 0.5)
-    img_ids = torch.zeros(side, side, 3)
-    img_ids[..., 1] = torch.arange(side)[:, None]
-    img_ids[..., 2] = torch.arange(side)[None, :]
-    return {
-        "hidden_states": randn(1, image_tokens, cfg.in_channels),
-        "encoder_hidden_states": randn(1, text_tokens, cfg.joint_attention_dim),
-        "pooled_projections": randn(1, cfg.pooled_projection_dim),
-        "timestep": torch.tensor([0.5], device=device, dtype=torch.bfloat16),
-        "guidance": torch.tensor([3.5], device=device, dtype=torch.bfloat16),
-        "img_ids": img_ids.reshape(-1, 3).to(device),
-        "txt_ids": torch.zeros(text_tokens, 3, device=device),
-    }
+    sample = synthetic_calibration(model, 1, seed=12345, image_tokens=image_tokens, text_tokens=text_tokens,
+                                   warn=False).samples[0]
+    return {k: v.to(device) for k, v in sample.items()}
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
