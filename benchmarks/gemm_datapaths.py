@@ -6,6 +6,9 @@ kernel: weights are the MMA's register operand, tokens its N dimension). All pro
 64-wide K group to fp32 with the group's weight scale. Peers in the same run: cuBLAS bf16
 (``x @ Wᵀ``) and torch FP8 rowwise ``_scaled_mm`` (GEMM only). ``rel`` is each datapath's
 relative difference to ``f16`` (itself checked against the reference in tests/test_kernels_gpu.py).
+``f16s`` folds the group scales exactly into fp16 weights (one MMA chain over K); ``fp8s``
+(benchmark only, not the fast mode's math) rounds those weights to e4m3 for an FP8 MMA chain:
+how fast a Triton kernel of this shape gets without per-group promotion.
 
     python benchmarks/gemm_datapaths.py --out out/gemm_datapaths.json
 """
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
             down = (torch.randn(args.rank, k, generator=g, device=dev) * 0.02).bfloat16()
             smooth = torch.ones(k, device=dev).bfloat16()
             q, a, lr = triton_fast.prologue(x, smooth, down)
+            q16 = q.to(torch.float16)  # what prologue(codes16=True) writes for f16s (not timed in the GEMM)
             xq = x.float().clamp(-448, 448).to(torch.float8_e4m3fn)
             sx = torch.ones(m, 1, device=dev)
             res = {"bf16": _bench(lambda: x @ w.t()),
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
             outs = {}
             for dp in paths:
                 def run(dp=dp):
-                    return triton_fast.gemm(q, a, qweight, wscales, lr, up, bias, None,
+                    return triton_fast.gemm(q16 if dp == "f16s" else q, a, qweight, wscales, lr, up, bias, None,
                                             out_dtype=torch.bfloat16, datapath=dp)
                 outs[dp] = run().float()
                 res[dp] = _bench(run)

@@ -271,16 +271,18 @@ def main() -> int:
     print(f"import baseline (torch{' + CUDA' if args.device.startswith('cuda') else ''} + quantizer, RSS after "
           f"the imports): {base['base_rss_bytes'] / GIB:.3f} GiB", flush=True)
     run = run_child(args.device, argv, args.threads)
-    # one process: its own VmHWM since the imports; --gpus N: the largest rank's VmHWM (polled; a
-    # rank's import transient is included, and is far below a block)
-    peak = run["peak_rss_bytes"] if args.gpus <= 1 else max(run["rank_vmhwm_bytes_polled"] or [-1])
+    # each rank's own VmHWM since its imports and CUDA context (the CLI resets it; fidelity.json
+    # memory_per_rank); the child's and the polled values are kept for comparison
+    fid = out_dir / "fidelity.json"
+    per_rank = json.loads(fid.read_text())["environment"].get("memory_per_rank", []) if fid.is_file() else []
+    peak = max((m["peak_host_rss_bytes"] for m in per_rank), default=run["peak_rss_bytes"])
     b = base["base_rss_bytes"]
     out_bytes = sum(p.stat().st_size for p in out_dir.glob("*.safetensors")) if out_dir.is_dir() else 0
     result = {
         "benchmark": "quantize_32b", "config": cfg, "parameters": params, "model_bf16_bytes": total,
         "largest_block": largest_name, "largest_block_bytes": largest, "device": args.device, "gpus": args.gpus,
         "samples": args.samples, "calib_rows": args.calib_rows, "fast": args.fast,
-        "source_written": written, "import_baseline_rss_bytes": b, "run": run,
+        "source_written": written, "import_baseline_rss_bytes": b, "run": run, "memory_per_rank": per_rank,
         "peak_rss_bytes": peak, "peak_over_largest_block": round(peak / largest, 3),
         "peak_above_baseline_over_largest_block": round((peak - b) / largest, 3),
         "output_bytes": out_bytes, "wall_seconds": run["seconds"],
@@ -292,8 +294,10 @@ def main() -> int:
           f"{run['seconds']} s, output {out_bytes / GIB:.2f} GiB")
     print(f"  peak RSS {peak / GIB:.3f} GiB = {peak / largest:.2f} x largest block; above baseline "
           f"{(peak - b) / GIB:.3f} GiB = {(peak - b) / largest:.2f} x largest block")
+    for m in per_rank:
+        print(f"  rank {m['rank']}: host {m['peak_host_rss_bytes'] / GIB:.3f} GiB, GPU {m['peak_gpu_bytes'] / GIB:.2f} GiB")
     if args.gpus > 1:
-        print(f"  launcher {run['peak_rss_bytes'] / GIB:.3f} GiB; ranks' VmHWM (polled, largest first): "
+        print(f"  launcher {run['peak_rss_bytes'] / GIB:.3f} GiB; ranks' VmHWM (polled, since start, largest first): "
               f"{[round(v / GIB, 3) for v in run['rank_vmhwm_bytes_polled']]} GiB")
     os.makedirs(args.out, exist_ok=True)
     (Path(args.out) / "quantize_32b.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -37,8 +37,13 @@ __all__ = ["fast_linear", "exact_linear", "w4a16_linear", "nvfp4_linear", "prolo
 
 #: GEMM datapaths (see :func:`gemm`); ``*t``: the transposed kernel (weights as the MMA's
 #: register operand, tokens as its N dimension); ``f16s``: the transposed kernel with the group
-#: scales folded exactly into fp16 weights, one accumulation chain over K (bf16 scales only).
-DATAPATHS = ("f16", "fp8", "f16t", "fp8t", "f16s")
+#: scales folded exactly into fp16 weights, one accumulation chain over K (bf16 scales only);
+#: ``fp8s``: see :data:`BENCHMARK_ONLY_DATAPATHS`.
+DATAPATHS = ("f16", "fp8", "f16t", "fp8t", "f16s", "fp8s")
+#: Datapaths that are not the fast mode's math, for speed comparisons only: ``fp8s`` is ``f16s``
+#: with the weights ``code × scale × 2^e`` rounded to e4m3 (what stock CUTLASS's int4 × FP8 lookup
+#: table does), an FP8 MMA chain over all of K.
+BENCHMARK_ONLY_DATAPATHS = ("fp8s",)
 #: Datapath of :func:`fast_linear` (``SVDQ_FAST_DATAPATH`` overrides).
 DEFAULT_DATAPATH = os.environ.get("SVDQ_FAST_DATAPATH", "f16t")
 
@@ -354,9 +359,13 @@ def _kernels() -> dict[str, Any]:
                 w8 = tl.join(lo, hi).reshape(BN, 64)
                 sc = tl.load(s_ptrs).to(tl.float32)
                 if SCALED:
-                    # code × scale × 2^e is exact in fp16 (see _row_pow2): one accumulation chain
-                    w16 = (w8.to(tl.float32) * (sc * pw)[:, None]).to(tl.float16)
-                    acc = tl.dot(w16, xb, acc)
+                    # code × scale × 2^e is exact in fp16 (see _row_pow2): one accumulation chain.
+                    # Not F16 (fp8s, benchmark only): rounded to e4m3, an FP8 MMA chain
+                    wv = w8.to(tl.float32) * (sc * pw)[:, None]
+                    if F16:
+                        acc = tl.dot(wv.to(tl.float16), xb, acc)
+                    else:
+                        acc = tl.dot(wv.to(tl.float8e4nv), xb, acc)
                 elif EXACT:
                     # int4 × int4 codes summed over one group: exact; then × (weight scale ×
                     # token-group scale), groups summed in order — the reference's own association
@@ -635,14 +644,16 @@ def gemm(
         if not packed:
             raise ValueError("the transposed datapaths read packed int4 weights only")
         pw = None
-        if datapath == "f16s":
+        if datapath in ("f16s", "fp8s"):
             pw = _row_pow2(wscales)
             if pw is None:  # scales whose products are not exact in fp16: the per-group datapath
-                datapath = "f16t"
+                datapath = datapath[:-1] + "t"
+            elif datapath == "fp8s":
+                pw = pw * 2.0**-7  # products ≤ 2^8: inside e4m3's range (448)
             elif q.dtype != torch.float16:
                 q = q.to(torch.float16)  # e4m3 codes are exact in fp16 (prologue(codes16=True) writes these)
         return _gemm_t(q, a, weight, wst, pw, lr, lora_up, bias, lora_scales, out_dtype=out_dtype,
-                       f16=datapath == "f16t", scaled=pw is not None)
+                       f16=datapath in ("f16t", "f16s"), scaled=pw is not None)
     m, kk = q.shape
     n = weight.shape[0]
     r = 0 if (lr is None or lora_up is None) else lr.shape[1]
@@ -823,6 +834,9 @@ def fast_linear(
     act_unsigned: bool = False,
 ) -> torch.Tensor:
     """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
+    if DEFAULT_DATAPATH in BENCHMARK_ONLY_DATAPATHS:
+        raise ValueError(f"SVDQ_FAST_DATAPATH={DEFAULT_DATAPATH} is a benchmark datapath (weights rounded "
+                         "to e4m3), not the fast mode's math; use one of f16t, fp8t, f16s")
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     codes16 = DEFAULT_DATAPATH == "f16s" and _row_pow2(wscales) is not None
     with torch.cuda.device(x2.device):  # Triton launches on the current device

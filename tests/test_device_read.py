@@ -67,3 +67,23 @@ def test_a_tensor_at_an_odd_offset_gets_its_own_aligned_copy(tmp_path):
     got = device_read.read_to_device(read_header(path), "cuda")
     assert torch.equal(got["odd"].cpu(), tensors["odd"])
     assert torch.equal(got["w"].cpu(), tensors["w"])
+
+
+@pytest.mark.gpu
+def test_a_subset_reads_only_those_tensors_bit_identically(tmp_path, monkeypatch):
+    """``names=``: given order, each packed at a 256-byte aligned offset, many chunks per tensor."""
+    monkeypatch.setattr(device_read, "_CHUNK", 4096)
+    monkeypatch.setattr(device_read, "_staging", [])
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(37 * (i + 1), 29, generator=g).bfloat16() for i in range(6)}
+    tensors["odd"] = torch.arange(7, dtype=torch.uint8)
+    path = tmp_path / "s.safetensors"
+    _write_in_order(path, tensors)
+    want = ["t4", "odd", "t1"]
+    got = device_read.read_to_device(read_header(path), "cuda", names=want)
+    assert list(got) == want
+    for name in want:
+        assert torch.equal(got[name].cpu().view(torch.uint8), tensors[name].view(torch.uint8)), name
+        assert got[name].data_ptr() % 256 == 0, name
+    with pytest.raises(KeyError, match="nope"):
+        device_read.read_to_device(read_header(path), "cuda", names=["nope"])

@@ -107,6 +107,9 @@ def test_two_processes_resume_and_write_the_byte_identical_checkpoint(tmp_path):
     env = report["environment"]
     assert env["world_size"] == 2 and env["backend"] == "gloo"
     assert all(n > 0 for n in env["groups_per_rank"])  # both ranks did work
+    mem = env["memory_per_rank"]  # each rank's own peaks (the CLI resets VmHWM after its imports)
+    assert [m["rank"] for m in mem] == [0, 1]
+    assert all(m["peak_host_rss_bytes"] > 10 * 2**20 and m["peak_gpu_bytes"] == 0 for m in mem)
     single = json.loads((tmp_path / "one" / "fidelity.json").read_text())
     assert [r["layer"] for r in report["layers"]] == [r["layer"] for r in single["layers"]]
     assert not state.exists()

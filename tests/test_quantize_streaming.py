@@ -82,3 +82,20 @@ def test_disk_streaming_writes_the_byte_identical_checkpoint(tmp_path):
         assert (tmp_path / "disk" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
     with pytest.raises(QuantizationError, match="--offload disk reads the transformer from SRC"):
         quantize_directory(tmp_path / "src", tmp_path / "x", prompts=["a cat"], offload="disk")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_block_read_onto_the_gpu_equals_the_cpu_read(tmp_path, dtype):
+    """fp32 source shards: the cast runs on the GPU and rounds exactly like the CPU's."""
+    from converters.quantize.streaming import ShardedSource
+
+    tiny_flux().save_pretrained(tmp_path / "src", max_shard_size="50KB")
+    source = ShardedSource(tmp_path / "src", dtype)
+    names = [n for n in source.files if n.startswith("transformer_blocks.1.")]
+    cpu = source.tensors(names, "cpu")
+    gpu = source.tensors(names, "cuda")
+    assert set(gpu) == set(cpu)
+    for n in names:
+        assert gpu[n].is_cuda and gpu[n].dtype == cpu[n].dtype == dtype, n
+        assert torch.equal(gpu[n].cpu(), cpu[n]), n

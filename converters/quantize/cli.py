@@ -72,10 +72,17 @@ def _quantize(args: argparse.Namespace) -> int:
         prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     import warnings
 
-    from .distributed import init_distributed
+    import torch
+
+    from .distributed import init_distributed, rank_device
+    from .memory import reset_host_peak
 
     dist = init_distributed(args.device, timeout_s=args.dist_timeout)
     root = dist is None or dist.is_root
+    device = rank_device(args.device, dist) if dist is not None else args.device
+    if (device or "").startswith("cuda") or (device is None and torch.cuda.is_available()):
+        torch.empty(0, device=device or "cuda")  # the CUDA context is not part of the run's peak
+    host_reset = reset_host_peak()
 
     def show(message: Warning | str, *_args: object, **_kwargs: object) -> None:
         print(f"warning: {message}", file=sys.stderr)  # one line, when it happens
@@ -88,7 +95,7 @@ def _quantize(args: argparse.Namespace) -> int:
                 args.src, args.out, calibration=args.calibration, prompts=prompts, num_samples=args.num_samples,
                 options=opts, dtype=args.dtype, device=args.device, offload=args.offload,
                 progress=not args.quiet and root, keep_state=args.keep_state, max_shard_size=args.max_shard_size,
-                dist=dist,
+                dist=dist, host_peak_reset=host_reset,
             )
     finally:
         if dist is not None:
@@ -99,6 +106,14 @@ def _quantize(args: argparse.Namespace) -> int:
         print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if v))
         if result.report.skipped:
             print(f"kept 16-bit: {len(result.report.skipped)} candidate layers (see fidelity.json)")
+        mem = result.report.environment.get("memory_per_rank") or []
+        parts = []
+        for m in mem:
+            who = f"rank {m['rank']} " if len(mem) > 1 else ""
+            gpu = f", GPU {m['peak_gpu_bytes'] / 2**30:.2f} GiB" if m["peak_gpu_bytes"] else ""
+            parts.append(f"{who}host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB{gpu}")
+        if parts:
+            print("peak memory: " + "; ".join(parts))
         print(f"wrote {args.out} (config.json, diffusion_pytorch_model.safetensors, fidelity.json)")
     return 0 if result.complete else 3
 

@@ -16,6 +16,7 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 from svdq_format.model import DEFAULT_MAX_SHARD_SIZE, save_pretrained
 
+from .memory import memory_report
 from .options import QuantizeOptions
 from .pipeline import QuantizeResult, run_quantization
 
@@ -106,6 +107,7 @@ def quantize_directory(
     deadline: float | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dist: DistContext | None = None,
+    host_peak_reset: bool = False,
 ) -> QuantizeResult:
     """Quantize the diffusers transformer in ``src`` and write an SVDQuant model directory.
 
@@ -132,6 +134,11 @@ def quantize_directory(
         max_shard_size: Largest weight file, e.g. ``"5GB"``.
         dist: Process group context (several GPUs; see :mod:`converters.quantize.distributed`):
             work is split over the ranks, rank 0 writes ``out``.
+        host_peak_reset: The caller reset the process's peak RSS just before (the CLI does):
+            the reported host peaks are this run's own.
+
+    ``fidelity.json`` reports each rank's peak host RSS and peak GPU memory
+    (``environment.memory_per_rank``; rank 0's peak includes writing the checkpoint).
     """
     opts = options or QuantizeOptions()
     if dist is not None:
@@ -179,6 +186,9 @@ def quantize_directory(
         return result
     extra = {"quantizer": {"options": opts.to_json(), "calibration": result.report.calibration,
                            "source": os.fspath(src)}}
+    rank = 0 if dist is None else dist.rank
+    mine = memory_report(device, rank=rank, host_reset=host_peak_reset)
+    memory = [mine] if dist is None else dist.all_gather(mine, what="memory report")
 
     def write() -> None:
         if source is not None:  # layers released to meta: streamed from the block files
@@ -189,6 +199,8 @@ def quantize_directory(
         else:
             save_pretrained(result.model.to("cpu"), out_dir, metadata=extra, max_shard_size=max_shard_size)
         result.report.timings["wall"] = round(time.time() - start, 3)
+        memory[0] = memory_report(device, rank=0, host_reset=host_peak_reset)  # after the write
+        result.report.environment["memory_per_rank"] = memory
         result.report.save(out_dir / FIDELITY_NAME)
         if not keep_state:
             shutil.rmtree(state, ignore_errors=True)

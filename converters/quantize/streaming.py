@@ -2,7 +2,7 @@
 
 :func:`load_lazy` builds the diffusers model on the meta device and reads only what lies
 outside the repeated blocks (embedders, norms, final layers). :class:`ShardedSource` reads a
-block's tensors from the model's safetensors files (``safe_open``, tensor by tensor) when the
+block's tensors from the model's safetensors files (straight to the GPU, or tensor by tensor to the CPU) when the
 block runs during calibration (:func:`stream_from_source`, then back to meta) and when its
 layers are quantized; what is left on meta at the end (block norms) is read last.
 ``svdq quantize --offload disk`` uses it; the result is byte-identical to loading the model.
@@ -51,33 +51,54 @@ class ShardedSource:
         else:
             raise QuantizationError(f"{d}: no diffusion_pytorch_model.safetensors(.index.json) to stream from")
         self.dtype = dtype
+        self._headers: dict[Path, Any] = {}
 
     def tensors(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Several tensors, cast like ``from_pretrained`` does, each moved to ``device`` as soon
-        as it is read (so host memory holds one tensor at a time, not the whole list).
+        """Several tensors, cast like ``from_pretrained`` does, on ``device``.
 
-        A file is opened for one tensor only: a mapping kept open would keep every page read so
-        far resident (and counted in the RSS), i.e. a whole block, or the whole model by the end.
+        To a CUDA device the bytes go straight from the files through a small pinned ring
+        (:func:`svdq_format.device_read.read_to_device`), so host memory never holds a block.
+        To the CPU a file is opened for one tensor only: a mapping kept open would keep every
+        page read so far resident (and counted in the RSS), i.e. a whole block, or the whole
+        model by the end.
         """
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for name in names:
             f = self.files.get(name)
             if f is None:
                 raise QuantizationError(f"{name}: not in the source checkpoint")
             by_file.setdefault(f, []).append(name)
+        dev = torch.device(device)
         out: dict[str, torch.Tensor] = {}
         for f, keys in by_file.items():
+            if dev.type == "cuda":
+                from svdq_format.device_read import read_to_device
+
+                got = read_to_device(self._header(f), dev, names=keys)
+                for k in keys:  # the same rounding as a CPU cast (round to nearest even)
+                    t = got.pop(k)
+                    out[k] = t.to(self.dtype) if t.is_floating_point() else t
+                continue
+            from safetensors import safe_open
+
             for k in keys:  # opened per tensor: at most one tensor's pages are mapped (and counted)
                 with safe_open(os.fspath(f), framework="pt", device="cpu") as h:
                     t = h.get_tensor(k)
                     # as diffusers' loader does (safetensors get_tensor): the same buffers, hence
                     # the same CPU BLAS code paths (their results can depend on alignment)
                     t = t.to(self.dtype) if t.is_floating_point() else t
-                    out[k] = t.to(device)
+                    out[k] = t.to(dev)
                     del t
         return out
+
+    def _header(self, f: Path) -> Any:
+        """The checked safetensors header of source file ``f`` (parsed once)."""
+        from svdq_format.io import read_header
+
+        got = self._headers.get(f)
+        if got is None:
+            got = self._headers[f] = read_header(f)
+        return got
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor (CPU), cast like ``from_pretrained`` does."""
