@@ -217,6 +217,12 @@ def _exchange_worker(tmp: str) -> None:
         mine = _exchange_payload(ctx.rank)
         got = ctx.exchange_tensors({"rank": ctx.rank}, mine, None, what="test exchange")
         ok = all(payload == {"rank": r} and _same(got_t, _exchange_payload(r)) for r, (payload, got_t) in enumerate(got))
+        # to rank 0 only: rank 0 gets both ranks' tensors, rank 1 every payload but its own tensors only
+        send = _exchange_payload(2 * ctx.rank)
+        got = ctx.exchange_tensors({"rank": ctx.rank}, send, None, what="test gather", to_root=True)
+        ok = ok and [p for p, _ in got] == [{"rank": 0}, {"rank": 1}]
+        for r, (_, got_t) in enumerate(got):
+            ok = ok and (_same(got_t, _exchange_payload(2 * r)) if ctx.rank in (0, r) else got_t == {})
         (Path(tmp) / f"exchange-{ctx.rank}.txt").write_text(str(ok))
         try:
             ctx.exchange_tensors(None, mine, ValueError("boom") if ctx.rank == 1 else None, what="failing exchange")
@@ -245,7 +251,7 @@ def _exchange_payload(rank: int) -> dict[str, torch.Tensor]:
 def test_tensor_exchange_over_two_processes(tmp_path):
     """The flat-buffer broadcast gives every rank every rank's tensors bit for bit (odd sizes,
     mixed dtypes, empty and 0-d tensors, a rank with nothing to send); an error on one rank
-    is raised on both with its one line."""
+    is raised on both with its one line; ``to_root`` sends the tensors to rank 0 only."""
     launch(_exchange_worker, 2, (str(tmp_path),), join_timeout_s=120)
     assert [(tmp_path / f"exchange-{r}.txt").read_text() for r in range(2)] == ["True", "True"]
     errors = [(tmp_path / f"exchange-error-{r}.txt").read_text() for r in range(2)]

@@ -128,19 +128,21 @@ class DistContext:
         return [value for _, value in got]
 
     def exchange_tensors(
-        self, payload: Any, tensors: Mapping[str, torch.Tensor], error: BaseException | None, *, what: str
+        self, payload: Any, tensors: Mapping[str, torch.Tensor], error: BaseException | None, *, what: str,
+        to_root: bool = False,
     ) -> list[tuple[Any, dict[str, torch.Tensor]]]:
         """All-gather ``(payload, tensors)``: the tensors' bytes travel as tensors, not pickles.
 
         Each rank packs its tensors into one flat byte buffer (on its GPU for NCCL, in host
         memory for gloo); only the payload and the buffer layout are pickled. Then every rank's
-        buffer is broadcast from that rank. Pickling tensors (``all_gather_object``) copies them
-        through ``torch.save`` several times on every receiving rank and costs seconds per GB;
-        this moves them at interconnect speed.
+        buffer is broadcast from that rank (``to_root``: sent to rank 0 only). Pickling tensors
+        (``all_gather_object``) copies them through ``torch.save`` several times on every
+        receiving rank and costs seconds per GB; this moves them at interconnect speed.
 
         Returns:
             Per rank, ``(payload, name → tensor)``; received tensors are views of that rank's
-            buffer on the communication device (copy what you keep).
+            buffer on the communication device (copy what you keep). With ``to_root``, a rank
+            other than 0 gets every payload but only its own tensors.
 
         Raises:
             QuantizationError: as :meth:`exchange` (a rank's error, or a silent rank).
@@ -162,9 +164,15 @@ class DistContext:
                 mine[off : off + nbytes].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
         out: list[tuple[Any, dict[str, torch.Tensor]]] = []
         for r, (theirs, lay, size) in enumerate(infos):
+            if to_root and r != self.rank and not self.is_root:
+                out.append((theirs, {}))
+                continue
             buf = mine if r == self.rank else torch.empty(size, dtype=torch.uint8, device=comm)
-            if size:
+            if size and not to_root:
                 self._collective(what, functools.partial(dist.broadcast, buf, src=r))
+            elif size and r != 0:  # to_root: rank r sends, rank 0 receives (in rank order)
+                fn = dist.recv if self.is_root else dist.send
+                self._collective(what, functools.partial(fn, buf, r if self.is_root else 0))
             out.append((theirs, {key: buf[off : off + n].view(getattr(torch, dt)).view(shape)
                                  for key, dt, shape, off, n in lay}))
         return out
@@ -179,6 +187,12 @@ class DistContext:
                 error = exc
         got = self.exchange(result, error, what=what)
         return got[0]
+
+    def barrier(self, *, what: str) -> None:
+        """Wait for every rank (a failed rank ends it with :class:`QuantizationError`)."""
+        import torch.distributed as dist
+
+        self._collective(what, dist.barrier)
 
     def agree(self, flag: bool, *, what: str = "agreement") -> bool:
         """True when ``flag`` is true on any rank (deadline, stop requests)."""

@@ -2,13 +2,15 @@
 
 Windows of consecutive unfinished blocks (:func:`converters.quantize.distributed.windows`);
 within a window the input groups are assigned to ranks by cost
-(:func:`converters.quantize.distributed.assign`), quantized independently (per-layer seeds),
-all-gathered, put into every rank's model in the one-process order, and rank 0 writes each
-block's resume file exactly as one process does.
+(:func:`converters.quantize.distributed.assign`), quantized independently (per-layer seeds) and
+sent to rank 0, which puts them into its model in the one-process order and writes each block's
+resume file exactly as one process does. The other ranks keep the layers' specs only (their
+model's quantized layers are on the meta device): the complete model is rank 0's.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,8 +37,18 @@ def _candidates(opts: QuantizeOptions) -> int:
     return len(opts.alphas) + len(opts.activation_alphas) + 1 if opts.smoothing else 1
 
 
-#: Windows per run when nothing is released (each one ends with a wait for the slowest rank).
+#: Windows per run when nothing is released (each one ends with a wait for the slowest rank);
+#: ``SVDQ_DIST_WINDOWS`` overrides it (the checkpoint is the same for any value).
 _WINDOWS = 4
+
+
+def _windows_per_run() -> int:
+    value = os.environ.get("SVDQ_DIST_WINDOWS", "")
+    if not value:
+        return _WINDOWS
+    if not value.isdigit() or int(value) < 1:
+        raise QuantizationError(f"SVDQ_DIST_WINDOWS={value!r}: expected a positive integer")
+    return int(value)
 
 
 def quantize_blocks_distributed(
@@ -83,7 +95,7 @@ def quantize_blocks_distributed(
     # small windows, so rank 0 holds few quantized layers at once. Otherwise: about a quarter
     # of the model per window (4 exchanges; resume files are written window by window).
     counts = [len(groups[i]) for i in todo]
-    per_rank_window = 2 if release else max(4, -(-sum(counts) // (_WINDOWS * ctx.world_size)))
+    per_rank_window = 2 if release else max(4, -(-sum(counts) // (_windows_per_run() * ctx.world_size)))
     plan = [[todo[j] for j in w] for w in windows(counts, ctx.world_size, groups_per_rank=per_rank_window)]
     bar = tqdm(total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root))
     per_rank = [0] * ctx.world_size
@@ -155,8 +167,10 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
             if _is_oom(exc):
                 error = QuantizationError(f"out of memory while quantizing on {device}: use --offload blocks, "
                                           "a smaller --calib-rows, or fewer --gpus per host memory")
+        with timer.phase("wait"):  # the slowest rank of the window (kept apart from the data movement)
+            ctx.barrier(what="window end")
         with timer.phase("exchange"):
-            gathered = ctx.exchange_tensors(results, tensors, error,
+            gathered = ctx.exchange_tensors(results, tensors, error, to_root=True,
                                             what=f"blocks {blocks[window[0]][0] or '(outside blocks)'}..")
         results, tensors = {}, {}
         merged: dict[tuple[int, int], Any] = {}
@@ -174,7 +188,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 packed, seconds = merged[(b, g)]
                 block_timer.add(seconds)
                 for name, spec_json, roles, info in packed:
-                    if release and not ctx.is_root:  # released and not written here: keep the spec only
+                    if not ctx.is_root:  # rank 0 assembles and writes the model: keep the spec only
                         layers_done[name] = unpack_layer(spec_json, {}, device="meta")
                     else:
                         layer_tensors = {role: received[f"{b}/{g}/{name}/{role}"] for role in roles}

@@ -366,6 +366,8 @@ def run_quantization(
             else:
                 from .distributed import gather_stats
 
+                with timer.phase("wait"):
+                    dist.barrier(what="calibration end")
                 with timer.phase("exchange"):
                     stats = gather_stats(dist, part, error, max_rows=opts.calib_rows, layers=list(linears))
             stats.seconds = timer.seconds["calibration"]

@@ -11,7 +11,9 @@ import torch
 __all__ = ["PhaseTimer", "PHASES"]
 
 #: Phases reported by the quantizer.
-PHASES = ("calibration", "smoothing_search", "svd", "residual", "report", "io", "exchange")
+#: (several processes: ``wait`` is time spent waiting for the slowest rank before an exchange,
+#: ``exchange`` moving and unpacking the data)
+PHASES = ("calibration", "smoothing_search", "svd", "residual", "report", "io", "wait", "exchange")
 
 
 class PhaseTimer:
