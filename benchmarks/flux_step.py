@@ -137,7 +137,13 @@ def main(argv=None) -> int:
     result: dict = {"benchmark": "flux_step", "image_tokens": img, "text_tokens": txt,
                     "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save() -> None:  # after every stage: a run cut short keeps what it measured
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
     result["bf16"] = measure(model, x, label="bf16", args=args)
+    save()
     with torch.no_grad():
         ref = model(**x).sample.float()
 
@@ -153,6 +159,15 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     result["svdq_layers"] = len(layers)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():  # e.g. a fallback to the reference
+        warnings.simplefilter("always")
+        model(**x)
+    result["svdq_warnings"] = sorted({str(w.message)[:300] for w in caught})
+    for w in result["svdq_warnings"]:
+        print(f"warning: {w}")
+    save()
     result["svdq"] = measure(model, x, label="svdquant", args=args)
     with torch.no_grad():
         y = model(**x).sample.float()
@@ -162,8 +177,7 @@ def main(argv=None) -> int:
             result["svdq"][k]["vs_bf16_eager"] = result["svdq"][k]["median_s"] / result["bf16"]["eager"]["median_s"]
     print(f"quantized in {result['quantize_s']} s; output vs bf16: rel err {result['svdq_output_rel_err_vs_bf16']:.3f}; "
           f"step time vs bf16 eager: {result['svdq']['eager']['vs_bf16_eager']:.2f}x (target <= 0.67 on an H100)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    save()
     print(f"wrote {args.out}")
     return 0
 
