@@ -83,12 +83,12 @@ def time_steps(fn, *, steps: int, warmup: int, device: str) -> tuple[list[float]
     return times, peak
 
 
-def measure(model, x, *, label: str, args) -> dict:
+def measure(model, x, *, label: str, args, compile: bool = True) -> dict:
     """Eager (and compiled) step times of ``model`` on ``x``."""
     out = {"weights_bytes": weight_bytes(model)}
     times, peak = time_steps(lambda: model(**x), steps=args.steps, warmup=args.warmup, device=args.device)
     out["eager"] = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak}
-    if args.compile:
+    if args.compile and compile:
         torch._dynamo.reset()
         compiled = torch.compile(model, mode=args.compile_mode)
         t = time.perf_counter()
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile both models")
+    ap.add_argument("--no-bf16-compile", action="store_true", help="with --compile: compile the SVDQuant model only")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                     help="torch.compile mode (e.g. reduce-overhead for CUDA graphs)")
     ap.add_argument("--samples", type=int, default=4, help="synthetic calibration samples")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     def save() -> None:  # after every stage: a run cut short keeps what it measured
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
-    result["bf16"] = measure(model, x, label="bf16", args=args)
+    result["bf16"] = measure(model, x, label="bf16", args=args, compile=not args.no_bf16_compile)
     save()
     with torch.no_grad():
         ref = model(**x).sample.float()
