@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile both models")
     ap.add_argument("--no-bf16-compile", action="store_true", help="with --compile: compile the SVDQuant model only")
+    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one SVDQuant step (torch.profiler)")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                     help="torch.compile mode (e.g. reduce-overhead for CUDA graphs)")
     ap.add_argument("--samples", type=int, default=4, help="synthetic calibration samples")
@@ -169,6 +170,15 @@ def main(argv=None) -> int:
     for w in result["svdq_warnings"]:
         print(f"warning: {w}")
     save()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad():
+            model(**x)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model(**x)
+                torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
     result["svdq"] = measure(model, x, label="svdquant", args=args)
     with torch.no_grad():
         y = model(**x).sample.float()
