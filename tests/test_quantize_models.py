@@ -102,6 +102,8 @@ def test_quantize_save_reload_bit_identical(family, tmp_path):
     assert all(k == "w4a16" for n, k in kinds.items() if n.endswith(("norm1.linear", "norm.linear", "norm_out.linear")))
     assert any(k == "w4a4" for k in kinds.values())
     assert type(model.proj_out) is nn.Linear
+    # the fidelity report runs the reference backend; the quantized layers select theirs again
+    assert {m.backend for m in layers.values()} == {"auto"}
     y = run(model, x)
     assert torch.isfinite(y).all()
     assert 0 < float((y - ref).norm() / ref.norm()) < 0.5
