@@ -186,7 +186,7 @@ def test_both_datapaths_and_prepacked_codes(m, datapath) -> None:
         w = (((nib ^ 8) - 8).float() * wscales.float().repeat_interleave(64, dim=1) * pw[:, None])
         w = w.to(torch.float8_e4m3fn).double() / pw.double()[:, None]
         emu = (q.double() @ w.t()) * a.double()[:, None] + lr.double() @ up.double().t() + b.double()
-        assert _rel(out, emu) <= 1e-3
+        assert _rel(out, emu.to(out.dtype)) <= 1e-3  # (a bf16 output vs float64: 1.7e-3 from its rounding alone)
         return
     # f16: exact products, fp32 promotion per group (CPU float64 emulation of this math vs the
     # fp32 reference: 2e-5); fp8: Hopper FP8 MMAs accumulate with reduced precision inside a group
@@ -243,7 +243,8 @@ def test_w4a16_matches_the_reference(m, nk) -> None:
     x = _x(m, k, seed=32)
     ref = _reference(x.float(), qweight, wscales, None, smooth, down, up, b, None, "int4", "none")
     out = triton_fast.w4a16_linear(x, qweight, wscales, None, smooth, down, up, b, None, "int4", "none")
-    assert out.dtype == x.dtype and _rel(out, ref) <= 1e-3
+    # both rounded to the output dtype (a bf16 output vs an fp32 one: 1.7e-3 from the rounding alone)
+    assert out.dtype == x.dtype and _rel(out, ref.to(out.dtype)) <= 1e-3
 
 
 def _nvfp4_weights(n: int, k: int, seed: int):
