@@ -186,7 +186,9 @@ def test_both_datapaths_and_prepacked_codes(m, datapath) -> None:
         w = (((nib ^ 8) - 8).float() * wscales.float().repeat_interleave(64, dim=1) * pw[:, None])
         w = w.to(torch.float8_e4m3fn).double() / pw.double()[:, None]
         emu = (q.double() @ w.t()) * a.double()[:, None] + lr.double() @ up.double().t() + b.double()
-        assert _rel(out, emu.to(out.dtype)) <= 1e-3  # (a bf16 output vs float64: 1.7e-3 from its rounding alone)
+        # vs the emulation rounded to bf16 (bf16 vs float64: 1.7e-3 from the rounding alone). Hopper's
+        # FP8 MMA accumulates with reduced precision, and fp8s never promotes: 1.2e-3 measured (H100)
+        assert _rel(out, emu.to(out.dtype)) <= 2.5e-3
         return
     # f16: exact products, fp32 promotion per group (CPU float64 emulation of this math vs the
     # fp32 reference: 2e-5); fp8: Hopper FP8 MMAs accumulate with reduced precision inside a group
