@@ -5,14 +5,14 @@ activation mode). Each path names what it needs (``triton``, or ``nvcc`` + ``nvi
 for CUTLASS-built kernels); :func:`supports` turns anything missing into a one-line reason, so
 the layer falls back to the reference backend with one warning instead of failing.
 
-Validated on an H100 (see docs/kernels.md): the ``fast`` mode of int4 layers (``act="fp8"``),
-a Triton prologue + Triton group-64 GEMM (:mod:`svdq_kernels.triton_fast`). Written and checked
-on the CPU in Triton's interpreter but not yet run on a GPU, so only used with
-``SVDQ_EXPERIMENTAL_KERNELS=1``: int4 ``exact`` (``act="int4"``), int4 W4A16 (``"none"``) and
-nvfp4 (``"nvfp4"`` / ``"none"``) — :data:`EXPERIMENTAL_PATHS`. The CUTLASS-generated kernels
-(:mod:`svdq_kernels.build`) are built and cached but not on a layer path: stock CUTLASS
-int4 × FP8 needs K groups of at least 128 and rounds ``scale × code`` to FP8, which is not the
-format's group-64 math.
+Validated on an H100 (GPU tests, see docs/kernels.md) and all on by default: the ``fast`` mode
+of int4 layers (``act="fp8"``: a Triton prologue + a Triton group-64 GEMM,
+:mod:`svdq_kernels.triton_fast`), int4 ``exact`` (``act="int4"``, equal to the reference up to
+fp32 summation order), int4 W4A16 (``"none"``) and nvfp4 (``"nvfp4"`` / ``"none"``). A path
+added later starts in :data:`EXPERIMENTAL_PATHS` (used only with ``SVDQ_EXPERIMENTAL_KERNELS=1``)
+until its GPU tests pass. The CUTLASS-generated kernels (:mod:`svdq_kernels.build`) are built and
+cached but not on a layer path: stock CUTLASS int4 × FP8 needs K groups of at least 128 and
+rounds ``scale × code`` to FP8, which is not the format's group-64 math.
 """
 
 from __future__ import annotations
@@ -51,11 +51,6 @@ class KernelPath:
 #: (precision, act) -> kernels. Missing combinations fall back to the reference.
 PATHS: dict[tuple[str, str], KernelPath] = {
     ("int4", "fp8"): KernelPath("fast-int4 (triton prologue + group-64 fp8 gemm)", fast_linear, ("triton",)),
-}
-
-#: Paths written and checked on the CPU (Triton's interpreter) but not yet run on a GPU: used only
-#: with ``SVDQ_EXPERIMENTAL_KERNELS=1`` until the GPU tests pass, then moved into :data:`PATHS`.
-EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {
     ("int4", "int4"): KernelPath("exact-int4 (triton int4 prologue + group-64 gemm)", exact_linear, ("triton",)),
     ("int4", "none"): KernelPath("w4a16-int4 (triton fp16 prologue + scale-folded fp16 gemm)", w4a16_linear,
                                  ("triton",)),
@@ -64,6 +59,11 @@ EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {
     ("nvfp4", "none"): KernelPath("w4a16-nvfp4 (triton: fp16 activations, exact fp16 weights)", nvfp4_linear,
                                   ("triton",)),
 }
+
+#: Paths written and checked on the CPU (Triton's interpreter) but not yet run on a GPU: used only
+#: with ``SVDQ_EXPERIMENTAL_KERNELS=1`` until the GPU tests pass, then moved into :data:`PATHS`.
+#: (Empty: the exact, W4A16 and nvfp4 paths passed on an H100 on 2026-11-27.)
+EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {}
 
 
 def _path(precision: str, act: str) -> Optional[KernelPath]:
@@ -109,8 +109,7 @@ def supports(call: ops.LinearCall) -> Optional[str]:
     path = _path(call.precision, call.act)
     if path is None:
         return (f"no sm90 kernel yet for precision {call.precision!r} with activations "
-                f"{call.act!r} (implemented: int4 fast mode, act='fp8'; SVDQ_EXPERIMENTAL_KERNELS=1 "
-                "adds the exact, W4A16 and nvfp4 paths not yet validated on a GPU)")
+                f"{call.act!r} (implemented: {', '.join(f'{p}/{a}' for p, a in PATHS)})")
     if call.dtype not in _DTYPES:
         return f"compute dtype {call.dtype} (kernels take bfloat16 or float16)"
     if call.in_features % 64:

@@ -51,8 +51,7 @@ def test_non_hopper_gpus_are_refused(monkeypatch: pytest.MonkeyPatch, cap, needl
 
 @pytest.mark.parametrize(
     "kw, needle",
-    [({"precision": "nvfp4", "act": "nvfp4"}, "no sm90 kernel yet"),
-     ({"act": "int4"}, "no sm90 kernel yet"), ({"act": "none"}, "no sm90 kernel yet"),
+    [({"precision": "nvfp4", "act": "fp8"}, "no sm90 kernel yet"), ({"act": "nvfp4"}, "no sm90 kernel yet"),
      ({"dtype": torch.float32}, "float32"), ({"in_features": 96}, "multiple of 64"),
      ({"rows": 0}, "empty")],
 )
@@ -75,7 +74,7 @@ def test_auto_selection_on_hopper_picks_the_kernel(hopper, monkeypatch: pytest.M
     assert ops.select_backend(_call()).name == "cutlass-sm90"
     monkeypatch.setattr(ops, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="no svdquant GPU kernel"):
-        assert ops.select_backend(_call(act="int4")).name == "reference"
+        assert ops.select_backend(_call(act="nvfp4")).name == "reference"
 
 
 def _layer() -> sf.SVDQLinear:
@@ -156,10 +155,16 @@ def test_cli_kernels_without_action_prints_help(capsys) -> None:
 
 
 def test_experimental_paths_only_on_request(hopper, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The exact-mode kernels (not yet run on a GPU) are used only with SVDQ_EXPERIMENTAL_KERNELS=1."""
+    """Validated paths (fast, exact, W4A16) are on by default; a path still in
+    EXPERIMENTAL_PATHS is used only with SVDQ_EXPERIMENTAL_KERNELS=1."""
     monkeypatch.setattr(registry, "_module_present", lambda name: True)
     monkeypatch.delenv("SVDQ_EXPERIMENTAL_KERNELS", raising=False)
+    for act in ("fp8", "int4", "none"):
+        assert registry.supports(_call(act=act)) is None, act
+    path = registry.PATHS[("int4", "int4")]
+    monkeypatch.delitem(registry.PATHS, ("int4", "int4"))
+    monkeypatch.setitem(registry.EXPERIMENTAL_PATHS, ("int4", "int4"), path)
     assert "no sm90 kernel yet" in registry.supports(_call(act="int4"))
     monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")
     assert registry.supports(_call(act="int4")) is None
-    assert registry._path("int4", "int4") is registry.EXPERIMENTAL_PATHS[("int4", "int4")]
+    assert registry._path("int4", "int4") is path
