@@ -20,7 +20,9 @@ def main(argv: list[str]) -> int:
     rows = data["rows"]
     ms = sorted({r["M"] for r in rows})
     series = [("bf16", "cuBLAS bf16"), ("fp8_row_gemm", "torch FP8 rowwise (GEMM only)"),
-              ("f16", "svdq f16"), ("f16t", "svdq f16t"), ("fp8t", "svdq fp8t")]
+              ("f16", "svdq f16"), ("f16t", "svdq f16t"), ("fp8t", "svdq fp8t"), ("f16s", "svdq f16s"),
+              ("fp8s", "fp8s (benchmark only)")]
+    series = [(k, n) for k, n in series if any(k in r["tflops"] for r in rows)]
     fig, axes = plt.subplots(1, len(ms), figsize=(5 * len(ms), 4.2), squeeze=False)
     for ax, m in zip(axes[0], ms):
         sub = [r for r in rows if r["M"] == m]
