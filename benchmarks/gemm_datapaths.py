@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", action="store_true",
                     help="time inside CUDA graphs (no launch overhead; matters at small M)")
     ap.add_argument("--datapaths", default=None, help="comma list (default: all; f16 is always run: the others are compared with it)")
+    ap.add_argument("--split-k", type=int, default=None,
+                    help="K parts of the transposed GEMMs (default: the kernel's rule; small-M split-K needs "
+                         "SVDQ_EXPERIMENTAL_KERNELS=1)")
     ap.add_argument("--out", default="gemm_datapaths.json")
     args = ap.parse_args(argv)
     global GRAPHS
@@ -83,7 +86,8 @@ def main(argv=None) -> int:
             for dp in paths:
                 def run(dp=dp):
                     return triton_fast.gemm(q16 if dp == "f16s" else q, a, qweight, wscales, lr, up, bias, None,
-                                            out_dtype=torch.bfloat16, datapath=dp)
+                                            out_dtype=torch.bfloat16, datapath=dp,
+                                            split_k=args.split_k if dp.endswith(("t", "s")) else None)
                 outs[dp] = run().float()
                 res[dp] = _bench(run)
             base = outs["f16"]
@@ -101,6 +105,7 @@ def main(argv=None) -> int:
                   flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "split_k": args.split_k, "experimental": os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1",
             "timing": ("triton.testing.do_bench_cudagraph" if args.graphs else
                        "triton.testing.do_bench median ms, warmup 25 ms, rep 100 ms") + "; TFLOPS = 2MNK/t"}
     with open(args.out, "w") as f:

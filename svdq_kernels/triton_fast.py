@@ -295,13 +295,13 @@ def _kernels() -> dict[str, Any]:
     ]
 
     @triton.autotune(configs=gemm_t_configs,
-                     key=["M_BUCKET", "N", "K", "F16", "HAS_LR", "SCALED", "EXACT", "NVFP4"])
+                     key=["M_BUCKET", "N", "K", "F16", "HAS_LR", "SCALED", "EXACT", "NVFP4", "SPLIT_K"])
     @triton.jit
     def gemm_t_kernel(
         q_ptr, a_ptr, w_ptr, wst_ptr, pw_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
-        F16: tl.constexpr, SCALED: tl.constexpr, EXACT: tl.constexpr, NVFP4: tl.constexpr, HAS_A: tl.constexpr,
-        HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
+        GPS, F16: tl.constexpr, SCALED: tl.constexpr, EXACT: tl.constexpr, NVFP4: tl.constexpr,
+        HAS_A: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
     ):
         # yᵀ tile [BN, BM] = W (int4 → e4m3/f16 in registers: the MMA's A operand, no shared-memory
         # round trip) × qᵀ (activations, K-contiguous: the B operand straight from shared memory).
@@ -309,6 +309,9 @@ def _kernels() -> dict[str, Any]:
         # scales too), int4 with the scales folded exactly into fp16 (SCALED; pw_ptr: the rows'
         # powers of two), or NVFP4 (E2M1 × e4m3 built exactly in fp16; wst_ptr: the scale bytes
         # [N, K/16], pw_ptr: the per-tensor scale). HAS_A: × the per-token scales a_ptr.
+        # SPLIT_K > 1 (small M): program_id(1) takes GPS groups of K and stores its fp32 partial
+        # tile at y_ptr + split·M·N; split 0 adds the low-rank branch and the bias;
+        # splitk_reduce_kernel sums the splits in order.
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -323,17 +326,19 @@ def _kernels() -> dict[str, Any]:
         rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
         rk = tl.arange(0, 64)
         rkp = tl.arange(0, 32)
-        G = K // 64
-        w_ptrs = w_ptr + rn_c[:, None] * (K // 2) + rkp[None, :]
-        x_ptrs = q_ptr + rm_c[None, :] * K + rk[:, None]
+        pid_k = tl.program_id(1)
+        g0 = pid_k * GPS
+        G = tl.minimum(K // 64, g0 + GPS)
+        w_ptrs = w_ptr + rn_c[:, None] * (K // 2) + rkp[None, :] + g0 * 32
+        x_ptrs = q_ptr + rm_c[None, :] * K + rk[:, None] + g0 * 64
         if NVFP4:
-            s_ptrs = wst_ptr + rn_c[:, None] * (K // 16) + tl.arange(0, 4)[None, :]
+            s_ptrs = wst_ptr + rn_c[:, None] * (K // 16) + tl.arange(0, 4)[None, :] + g0 * 4
         else:
-            s_ptrs = wst_ptr + rn_c
+            s_ptrs = wst_ptr + rn_c + g0 * N
         acc = tl.zeros([BN, BM], dtype=tl.float32)
         if SCALED:
             pw = tl.load(pw_ptr + rn_c)
-        for g in range(0, G):
+        for g in range(g0, G):
             wp = tl.load(w_ptrs)
             xb = tl.load(x_ptrs)
             if NVFP4:
@@ -388,7 +393,7 @@ def _kernels() -> dict[str, Any]:
         if HAS_A:
             asc = tl.load(a_ptr + rm_c)
             acc = acc * asc[None, :]
-        if HAS_LR:
+        if HAS_LR and pid_k == 0:
             lacc = tl.zeros([BN, BM], dtype=tl.float32)
             for r0 in range(0, R, BR):
                 rr = r0 + tl.arange(0, BR)
@@ -407,11 +412,22 @@ def _kernels() -> dict[str, Any]:
                 part = tl.dot(l1, lr_hi, part)
                 lacc += part * one
             acc += lacc
-        if HAS_BIAS:
+        if HAS_BIAS and pid_k == 0:
             bias = tl.load(b_ptr + rn_c).to(tl.float32)
             acc += bias[:, None]
         mask = (rn < N)[:, None] & (rm < M)[None, :]
-        tl.store(y_ptr + rm_c[None, :] * N + rn_c[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        out_ptr = y_ptr + pid_k.to(tl.int64) * M * N if SPLIT_K > 1 else y_ptr
+        tl.store(out_ptr + rm_c[None, :] * N + rn_c[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def splitk_reduce_kernel(ws_ptr, y_ptr, total, S: tl.constexpr, BLOCK: tl.constexpr):
+        # y = Σ_s ws[s] in split order (deterministic), rounded once to y's dtype
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < total
+        acc = tl.load(ws_ptr + offs, mask=ok, other=0.0)
+        for sp in range(1, S):
+            acc += tl.load(ws_ptr + sp * total + offs, mask=ok, other=0.0)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def prologue_nvfp4_kernel(
@@ -468,7 +484,7 @@ def _kernels() -> dict[str, Any]:
     return {"triton": triton, "prologue_stats": prologue_stats_kernel, "prologue_quant": prologue_quant_kernel,
             "prologue_exact": prologue_exact_kernel, "prologue_nvfp4": prologue_nvfp4_kernel,
             "gemm": gemm_kernel, "gemm_configs": gemm_configs,
-            "gemm_t": gemm_t_kernel}
+            "gemm_t": gemm_t_kernel, "splitk_reduce": splitk_reduce_kernel}
 
 
 _SCALES_T: dict[int, tuple[int, torch.Tensor]] = {}
@@ -558,25 +574,54 @@ def _gemm_t(
     x: torch.Tensor, a: Optional[torch.Tensor], weight: torch.Tensor, wsc: torch.Tensor, pw: Optional[torch.Tensor],
     lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype, f16: bool = True, scaled: bool = False,
-    exact: bool = False, nvfp4: bool = False,
+    exact: bool = False, nvfp4: bool = False, split_k: Optional[int] = None,
 ) -> torch.Tensor:
-    """Launch the transposed GEMM kernel (its weight decodings are described in the kernel)."""
+    """Launch the transposed GEMM kernel (its weight decodings are described in the kernel).
+
+    ``split_k``: K cut into that many parts, each its own program (default :func:`_split_k`);
+    the fp32 partials are summed in order by a second kernel.
+    """
     m, kk = x.shape
     n = weight.shape[0]
     r = 0 if (lr is None or lora_up is None) else lr.shape[1]
+    groups = kk // 64
+    splits = _split_k(m, n, kk) if split_k is None else max(1, min(int(split_k), groups))
+    gps = triton_cdiv(groups, splits)
+    splits = triton_cdiv(groups, gps)  # no empty split
     y = torch.empty(m, n, device=x.device, dtype=out_dtype)
+    out = y if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
     bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
-    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]), splits)  # noqa: E731
     unused = y  # for the pointers a call leaves out (never read: their flags are off)
-    _kernels()["gemm_t"][grid](
+    k = _kernels()
+    k["gemm_t"][grid](
         x, a if a is not None else unused, weight, wsc, pw if pw is not None else unused, lr if r else unused,
         lora_scales if lora_scales is not None else unused, lora_up if r else unused,
-        bias if bias is not None else unused, y, m, n, kk, r, bucket, 1.0,
+        bias if bias is not None else unused, out, m, n, kk, r, bucket, 1.0, gps,
         F16=f16, SCALED=scaled, EXACT=exact, NVFP4=nvfp4, HAS_A=a is not None and not exact, HAS_LR=bool(r),
-        HAS_LRS=lora_scales is not None and bool(r), HAS_BIAS=bias is not None,
+        HAS_LRS=lora_scales is not None and bool(r), HAS_BIAS=bias is not None, SPLIT_K=splits,
         BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
     )
+    if splits > 1:
+        block = 1024
+        k["splitk_reduce"][(triton_cdiv(m * n, block),)](out, y, m * n, S=splits, BLOCK=block)
     return y
+
+
+#: Small-M split-K (:func:`_split_k`) is written and checked in Triton's interpreter but not yet
+#: timed on a GPU: on only with ``SVDQ_EXPERIMENTAL_KERNELS=1`` (or an explicit ``split_k=``).
+SPLIT_K_MAX_M = 64
+
+
+def _split_k(m: int, n: int, kk: int) -> int:
+    """How many parts K is cut into: 1, except at small M (≤ :data:`SPLIT_K_MAX_M` tokens, where
+    one program per 128 output features leaves most SMs idle and each streams all of K alone)
+    with ``SVDQ_EXPERIMENTAL_KERNELS=1``: enough parts for ~2 programs per SM (132 on an H100),
+    each at least 8 groups of 64."""
+    if m > SPLIT_K_MAX_M or os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") != "1":
+        return 1
+    programs = max(1, triton_cdiv(n, 128))
+    return max(1, min(triton_cdiv(264, programs), (kk // 64) // 8))
 
 
 def prologue(
@@ -626,7 +671,7 @@ def gemm(
     q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, wscales: torch.Tensor,
     lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype, packed: bool = True,
-    datapath: str = DEFAULT_DATAPATH,
+    datapath: str = DEFAULT_DATAPATH, split_k: Optional[int] = None,
 ) -> torch.Tensor:
     """``y = (q ⊛ W) · a + (lr · diag(lora_scales)) · L1ᵀ + b`` with group-64 promotion.
 
@@ -635,7 +680,8 @@ def gemm(
     per-group loads) made once per scales tensor and version (:func:`_scales_t`).
     ``datapath``: both promote every 64-group to fp32 with the group scale; ``"f16"`` runs
     the group's MMA in fp16 (e4m3 and int4 codes are exact in fp16), ``"fp8"`` in FP8
-    (Hopper FP8 MMAs accumulate with reduced precision: ~1e-4 relative).
+    (Hopper FP8 MMAs accumulate with reduced precision: ~1e-4 relative). ``split_k``: the
+    transposed datapaths only (see :func:`_gemm_t`).
     """
     if datapath not in DATAPATHS:
         raise ValueError(f"datapath {datapath!r} is not one of {DATAPATHS}")
@@ -653,7 +699,7 @@ def gemm(
             elif q.dtype != torch.float16:
                 q = q.to(torch.float16)  # e4m3 codes are exact in fp16 (prologue(codes16=True) writes these)
         return _gemm_t(q, a, weight, wst, pw, lr, lora_up, bias, lora_scales, out_dtype=out_dtype,
-                       f16=datapath in ("f16t", "f16s"), scaled=pw is not None)
+                       f16=datapath in ("f16t", "f16s"), scaled=pw is not None, split_k=split_k)
     m, kk = q.shape
     n = weight.shape[0]
     r = 0 if (lr is None or lora_up is None) else lr.shape[1]
@@ -699,12 +745,12 @@ def prologue_exact(
 def gemm_exact(
     codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, wscales: torch.Tensor,
     lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype,
+    lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype, split_k: Optional[int] = None,
 ) -> torch.Tensor:
     """``y = Σ_g (codes_g · W_gᵀ) · (scales_g ⊗ wscales_g) + (lr · diag(lora_scales)) · L1ᵀ + b``
     (the transposed kernel; int4 codes multiply exactly in fp16, one promotion per 64-group)."""
     return _gemm_t(codes, scales, weight, _scales_t(wscales), None, lr, lora_up, bias, lora_scales,
-                   out_dtype=out_dtype, exact=True)
+                   out_dtype=out_dtype, exact=True, split_k=split_k)
 
 
 def exact_linear(
@@ -754,12 +800,13 @@ def gemm_nvfp4(
     xq: torch.Tensor, a: Optional[torch.Tensor], weight: torch.Tensor, wscales: torch.Tensor,
     wtscale: torch.Tensor, lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
     bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype,
+    split_k: Optional[int] = None,
 ) -> torch.Tensor:
     """``y = (xq · Wᵀ) · wtscale · diag(a) + (lr · diag(lora_scales)) · L1ᵀ + b`` for nvfp4 weights
     (E2M1 nibbles, e4m3 scales per 16, fp32 per-tensor scale); ``xq`` fp16 ``[M, K]``."""
     wt = wtscale.reshape(1).to(device=xq.device, dtype=torch.float32)
     return _gemm_t(xq, a, weight, wscales.contiguous().view(torch.uint8), wt, lr, lora_up, bias, lora_scales,
-                   out_dtype=out_dtype, nvfp4=True)
+                   out_dtype=out_dtype, nvfp4=True, split_k=split_k)
 
 
 def nvfp4_linear(

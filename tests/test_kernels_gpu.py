@@ -276,3 +276,25 @@ def test_nvfp4_layers_match_the_reference(m, act) -> None:
     assert _rel(out, ref) <= (1e-5 if act == "nvfp4" else 1e-3)
     layer = triton_fast.nvfp4_linear(x, qweight, wscales, wtscale, smooth, down, up, b, None, "nvfp4", act)
     assert layer.dtype == x.dtype and _rel(layer, ref) <= 2e-3
+
+
+@needs_hopper
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("nk", FLUX_NK)
+def test_small_m_split_k_matches_the_reference(m, nk) -> None:
+    """Small-M split-K (experimental until timed): fast, exact and W4A16 layers' GEMMs with K cut
+    into parts, against the reference (both in the output dtype)."""
+    n, k = nk
+    qweight, wscales, smooth, down, up, b = _weights(n, k, 32, bias=True, seed=51)
+    x = _x(m, k, seed=52)
+    splits = max(2, (k // 64) // 8)
+    ref = _reference(x, qweight, wscales, None, smooth, down, up, b, None, "int4", "fp8")
+    q, a, lr = triton_fast.prologue(x, smooth, down)
+    out = triton_fast.gemm(q, a, qweight, wscales, lr, up, b, None, out_dtype=x.dtype, split_k=splits)
+    assert _rel(out, ref) <= 1e-3
+    ref32 = _reference(x.float(), qweight, wscales, None, smooth, down, up, b, None, "int4", "int4")
+    codes, scales, lr = triton_fast.prologue_exact(x, smooth, down)
+    out32 = triton_fast.gemm_exact(codes, scales, qweight, wscales, lr, up, b, None, out_dtype=torch.float32,
+                                   split_k=splits)
+    assert _rel(out32, ref32) <= 1e-5
+

@@ -162,3 +162,43 @@ def test_nvfp4_layers_equal_the_reference(kernels, act, r) -> None:
     ok = torch.isfinite(ref).all(dim=1)
     assert torch.equal(~torch.isfinite(y).all(dim=1), ~ok)
     assert ((y[ok] - ref[ok]).norm() / ref[ok].norm()) <= (1e-5 if act == "nvfp4" else 1e-3)
+
+
+@pytest.mark.parametrize("m, blocks, splits", [(7, 20, 3), (20, 9, 4), (1, 16, 16)])
+def test_split_k_equals_the_one_pass_kernel(kernels, m, blocks, splits) -> None:
+    """Small-M split-K (K cut into ``splits`` programs whose fp32 partials a second kernel sums
+    in order; split 0 adds the low-rank branch and the bias) against the one-pass kernel, for
+    every weight decoding: fp32 summation order apart; NaN rows stay NaN rows."""
+    k, n, r = 64 * blocks, 64, 16
+    x, qweight, wscales, smooth, bias, down, up = _layer(m, k, n, r, seed=50 + m)
+    g = torch.Generator().manual_seed(m)
+    q = torch.randint(-448, 449, (m, k), generator=g).float().half()  # e4m3 code values, as fp16
+    a = torch.rand(m, generator=g) * 0.01
+    lr = torch.randn(m, r, generator=g)
+    lrs = torch.rand(r, generator=g) + 0.5
+
+    def same(one: torch.Tensor, many: torch.Tensor) -> None:
+        ok = torch.isfinite(one).all(dim=1)
+        assert torch.equal(~torch.isfinite(many).all(dim=1), ~ok)
+        assert ((many[ok] - one[ok]).norm() / one[ok].norm()) <= 1e-6
+
+    for dp, ws in (("f16t", wscales), ("f16s", wscales.bfloat16())):
+        one, many = (kernels.gemm(q, a, qweight, ws, lr, up, bias, lrs, out_dtype=torch.float32, datapath=dp,
+                                  split_k=s) for s in (1, splits))
+        same(one, many)
+    codes, scales, lr_x = kernels.prologue_exact(x, smooth, down)
+    same(*(kernels.gemm_exact(codes, scales, qweight, wscales, lr_x, up, bias, None, out_dtype=torch.float32,
+                              split_k=s) for s in (1, splits)))
+    _, fq, fs, wt, *_ = _nvfp4_layer(m, k, n, 0, seed=7)
+    deq, lr4 = kernels.prologue_nvfp4(x, smooth, down)
+    same(*(kernels.gemm_nvfp4(deq, None, fq, fs, wt, lr4, up, bias, None, out_dtype=torch.float32, split_k=s)
+           for s in (1, splits)))
+
+
+def test_split_k_is_for_small_m_and_experimental_for_now(kernels, monkeypatch) -> None:
+    monkeypatch.delenv("SVDQ_EXPERIMENTAL_KERNELS", raising=False)
+    assert kernels._split_k(16, 3072, 3072) == 1
+    monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")
+    assert kernels._split_k(16, 3072, 3072) == 6  # 24 column programs; ≥ 8 groups of 64 per split
+    assert kernels._split_k(16, 12288, 3072) == 3  # 96 column programs: ~2 programs per SM
+    assert kernels._split_k(4608, 3072, 3072) == 1  # large M fills the GPU already

@@ -362,6 +362,7 @@ def run_quantization(
                     raise exc from None
                 error = exc
             if dist is None:
+                assert part is not None  # (one process: a calibration error was raised above)
                 stats = part
             else:
                 from .distributed import gather_stats
