@@ -546,11 +546,22 @@ def _rank_tile(r: int) -> int:
     return max(16, 1 << max(0, math.ceil(math.log2(max(r, 1)))))
 
 
-def _k_splits(kk: int) -> tuple[int, int]:
+#: Small-M split-K (:func:`_split_k`; more prologue splits, :func:`_k_splits`) is written and
+#: checked in Triton's interpreter but not yet
+#: timed on a GPU: on only with ``SVDQ_EXPERIMENTAL_KERNELS=1`` (or an explicit ``split_k=``).
+SPLIT_K_MAX_M = 64
+
+
+def _k_splits(kk: int, m: int = 0) -> tuple[int, int]:
     """``(splits, 64-groups per split)``: the prologues cut K into at most 16 splits of at least
-    8 groups, so that even a few tokens occupy many SMs."""
+    8 groups, so that even a few tokens occupy many SMs. At small M (≤ :data:`SPLIT_K_MAX_M`)
+    with ``SVDQ_EXPERIMENTAL_KERNELS=1`` (not yet timed on a GPU): up to 64 splits of at least 2
+    groups — a program's chain of dependent loads is then 2–3 groups long instead of 8+."""
     blocks = kk // 64
-    per = triton_cdiv(blocks, min(16, max(1, triton_cdiv(blocks, 8))))
+    if 0 < m <= SPLIT_K_MAX_M and os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1":
+        per = max(2, triton_cdiv(blocks, 64))
+    else:
+        per = triton_cdiv(blocks, min(16, max(1, triton_cdiv(blocks, 8))))
     return triton_cdiv(blocks, per), per
 
 
@@ -608,11 +619,6 @@ def _gemm_t(
     return y
 
 
-#: Small-M split-K (:func:`_split_k`) is written and checked in Triton's interpreter but not yet
-#: timed on a GPU: on only with ``SVDQ_EXPERIMENTAL_KERNELS=1`` (or an explicit ``split_k=``).
-SPLIT_K_MAX_M = 64
-
-
 def _split_k(m: int, n: int, kk: int) -> int:
     """How many parts K is cut into: 1, except at small M (≤ :data:`SPLIT_K_MAX_M` tokens, where
     one program per 128 output features leaves most SMs idle and each streams all of K alone)
@@ -650,7 +656,7 @@ def prologue(
     lr = torch.empty(m, max(r, 1), device=x.device, dtype=torch.float32) if r else None
     bm = 32
     br = _rank_tile(r)
-    nsplit, bps = _k_splits(kk)
+    nsplit, bps = _k_splits(kk, m)
     pamax = torch.empty(nsplit, m, device=x.device, dtype=torch.float32)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else pamax
     grid = (triton_cdiv(m, bm), nsplit)
@@ -733,7 +739,7 @@ def prologue_exact(
     scales = torch.empty(kk // 64, m, device=x.device, dtype=torch.float32)
     bm = 32
     br = _rank_tile(r)
-    nsplit, bps = _k_splits(kk)
+    nsplit, bps = _k_splits(kk, m)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else scales
     k["prologue_exact"][(triton_cdiv(m, bm), nsplit)](
         x, smooth, lora_down if r else x, codes, scales, plr, m, kk, r, bps, float(act_shift),
@@ -788,7 +794,7 @@ def prologue_nvfp4(
     deq = torch.empty(m, kk, device=x.device, dtype=torch.float16)
     bm = 32
     br = _rank_tile(r)
-    nsplit, bps = _k_splits(kk)
+    nsplit, bps = _k_splits(kk, m)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else deq
     k["prologue_nvfp4"][(triton_cdiv(m, bm), nsplit)](
         x, smooth, lora_down if r else x, deq, plr, m, kk, r, bps, float(act_shift),

@@ -202,3 +202,29 @@ def test_split_k_is_for_small_m_and_experimental_for_now(kernels, monkeypatch) -
     assert kernels._split_k(16, 3072, 3072) == 6  # 24 column programs; ≥ 8 groups of 64 per split
     assert kernels._split_k(16, 12288, 3072) == 3  # 96 column programs: ~2 programs per SM
     assert kernels._split_k(4608, 3072, 3072) == 1  # large M fills the GPU already
+
+
+@pytest.mark.parametrize("m", [2, 20])
+def test_small_m_prologue_splits_give_the_same_codes(kernels, monkeypatch, m) -> None:
+    """More, shorter K splits at small M (experimental): the same token scales and codes bit for
+    bit (a max is order-free), ``x · L2ᵀ`` within fp32 summation order; for all three prologues."""
+    k, n, r = 64 * 24, 64, 16
+    x, _, _, smooth, _, down, _ = _layer(m, k, n, r, seed=60 + m)
+    monkeypatch.delenv("SVDQ_EXPERIMENTAL_KERNELS", raising=False)
+    assert kernels._k_splits(k, m) == (3, 8)
+    base = (kernels.prologue(x, smooth, down), kernels.prologue_exact(x, smooth, down),
+            kernels.prologue_nvfp4(x, smooth, down))
+    monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")
+    assert kernels._k_splits(k, m) == (12, 2)
+    more = (kernels.prologue(x, smooth, down), kernels.prologue_exact(x, smooth, down),
+            kernels.prologue_nvfp4(x, smooth, down))
+    for one, many in zip(base, more):
+        *vals, lr1 = one
+        *vals2, lr2 = many
+        for v1, v2 in zip(vals, vals2):  # bit patterns (NaN rows included)
+            assert torch.equal(v1.contiguous().view(torch.uint8), v2.contiguous().view(torch.uint8))
+        ok = torch.isfinite(lr1).all(dim=1) & (lr1.abs().sum(dim=1) > 0)
+        assert ok.any()
+        if ok.any():
+            assert ((lr2[ok] - lr1[ok]).norm() / lr1[ok].norm()) <= 1e-6
+        assert torch.equal(lr2[~ok].nan_to_num(), lr1[~ok].nan_to_num())
