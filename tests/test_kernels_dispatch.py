@@ -168,3 +168,19 @@ def test_experimental_paths_only_on_request(hopper, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")
     assert registry.supports(_call(act="int4")) is None
     assert registry._path("int4", "int4") is path
+
+
+def test_fast_datapath_is_chosen_by_token_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto``: the FP8 MMA datapath for large M (faster there on the H100), the exact-product one
+    below; ``SVDQ_FAST_DATAPATH`` names one for every call; a benchmark-only one is refused."""
+    from svdq_kernels import triton_fast
+
+    monkeypatch.setattr(triton_fast, "DEFAULT_DATAPATH", "auto")
+    assert triton_fast.fast_datapath(4608) == "fp8t" and triton_fast.fast_datapath(1024) == "fp8t"
+    assert triton_fast.fast_datapath(1023) == "f16t" and triton_fast.fast_datapath(1) == "f16t"
+    monkeypatch.setattr(triton_fast, "DEFAULT_DATAPATH", "f16s")
+    assert triton_fast.fast_datapath(4608) == "f16s"
+    monkeypatch.setattr(triton_fast, "DEFAULT_DATAPATH", "fp8s")
+    x = torch.zeros(2, 64)
+    with pytest.raises(ValueError, match="benchmark datapath"):
+        triton_fast.fast_linear(x, None, None, None, None, None, None, None, None, "int4", "fp8")
