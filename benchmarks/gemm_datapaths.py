@@ -8,7 +8,9 @@ kernel: weights are the MMA's register operand, tokens its N dimension). All pro
 relative difference to ``f16`` (itself checked against the reference in tests/test_kernels_gpu.py).
 ``f16s`` folds the group scales exactly into fp16 weights (one MMA chain over K); ``fp8s``
 (benchmark only, not the fast mode's math) rounds those weights to e4m3 for an FP8 MMA chain:
-how fast a Triton kernel of this shape gets without per-group promotion.
+how fast a Triton kernel of this shape gets without per-group promotion. ``f16h``/``fp8h``: the
+per-group datapaths reading activations permuted by the prologue (no interleave of the unpacked
+weight codes).
 
     python benchmarks/gemm_datapaths.py --out out/gemm_datapaths.json
 """
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
             smooth = torch.ones(k, device=dev).bfloat16()
             q, a, lr = triton_fast.prologue(x, smooth, down)
             q16 = q.to(torch.float16)  # what prologue(codes16=True) writes for f16s (not timed in the GEMM)
+            qh = triton_fast.prologue(x, smooth, down, perm=True)[0]  # f16h/fp8h read permuted codes
             xq = x.float().clamp(-448, 448).to(torch.float8_e4m3fn)
             sx = torch.ones(m, 1, device=dev)
             res = {"bf16": _bench(lambda: x @ w.t()),
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
             outs = {}
             for dp in paths:
                 def run(dp=dp):
-                    return triton_fast.gemm(q16 if dp == "f16s" else q, a, qweight, wscales, lr, up, bias, None,
+                    codes = q16 if dp == "f16s" else qh if dp in triton_fast.PERMUTED_DATAPATHS else q
+                    return triton_fast.gemm(codes, a, qweight, wscales, lr, up, bias, None,
                                             out_dtype=torch.bfloat16, datapath=dp,
                                             split_k=args.split_k if dp.endswith(("t", "s")) else None)
                 outs[dp] = run().float()

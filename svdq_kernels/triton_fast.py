@@ -33,13 +33,18 @@ import torch
 
 __all__ = ["fast_linear", "exact_linear", "w4a16_linear", "nvfp4_linear", "prologue", "prologue_exact",
            "prologue_nvfp4", "gemm", "gemm_exact", "gemm_nvfp4",
-           "triton_available", "DATAPATHS"]
+           "triton_available", "DATAPATHS", "PERMUTED_DATAPATHS", "fast_datapath"]
 
 #: GEMM datapaths (see :func:`gemm`); ``*t``: the transposed kernel (weights as the MMA's
 #: register operand, tokens as its N dimension); ``f16s``: the transposed kernel with the group
 #: scales folded exactly into fp16 weights, one accumulation chain over K (bf16 scales only);
 #: ``fp8s``: see :data:`BENCHMARK_ONLY_DATAPATHS`.
-DATAPATHS = ("f16", "fp8", "f16t", "fp8t", "f16s", "fp8s")
+DATAPATHS = ("f16", "fp8", "f16t", "fp8t", "f16s", "fp8s", "f16h", "fp8h")
+#: ``f16h``/``fp8h``: ``f16t``/``fp8t`` reading activations the prologue wrote permuted within
+#: each 64-group (``prologue(perm=True)``: even k, then odd k), so the low and high nibbles of a
+#: weight byte meet contiguous halves — two MMAs of K = 32, no interleave of the unpacked codes.
+#: Written after the last GPU run and checked in Triton's interpreter only (not yet timed).
+PERMUTED_DATAPATHS = ("f16h", "fp8h")
 #: Datapaths that are not the fast mode's math, for speed comparisons only: ``fp8s`` is ``f16s``
 #: with the weights ``code × scale × 2^e`` rounded to e4m3 (what stock CUTLASS's int4 × FP8 lookup
 #: table does), an FP8 MMA chain over all of K.
@@ -107,7 +112,8 @@ def _kernels() -> dict[str, Any]:
     @triton.jit
     def prologue_quant_kernel(
         x_ptr, s_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, M, K, R, BPS, NSPLIT, shift,
-        HAS_LR: tl.constexpr, Q16: tl.constexpr, W16: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+        HAS_LR: tl.constexpr, Q16: tl.constexpr, W16: tl.constexpr, PERM: tl.constexpr, BM: tl.constexpr,
+        BR: tl.constexpr,
     ):
         # split s of K: the rows' scale from every split's absmax, then FP8 codes of this split
         # (W16: x̂ itself in fp16, scaled by a power of two that keeps the row below 2^15);
@@ -140,16 +146,21 @@ def _kernels() -> dict[str, Any]:
             s = tl.load(s_ptr + rk).to(tl.float32)
             xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
             q = tl.math.div_rn(xs, a_div[:, None])
+            if PERM:  # within each 64-group: the even k first, then the odd k (the "h" GEMMs)
+                ar = tl.arange(0, 64)
+                rk_out = kb * 64 + (ar % 2) * 32 + ar // 2
+            else:
+                rk_out = rk
             if W16:  # a power of two: exact; the one rounding is to fp16
-                tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float16), mask=m_ok[:, None])
+                tl.store(q_ptr + rm_c[:, None] * K + rk_out[None, :], q.to(tl.float16), mask=m_ok[:, None])
             else:
                 q = tl.minimum(tl.maximum(q, -448.0), 448.0)
                 q = tl.where(ok[:, None], q, 0.0)
                 q8 = q.to(tl.float8e4nv)
                 if Q16:  # the same e4m3 values, stored as fp16 (exact) for the f16s GEMM
-                    tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q8.to(tl.float16), mask=m_ok[:, None])
+                    tl.store(q_ptr + rm_c[:, None] * K + rk_out[None, :], q8.to(tl.float16), mask=m_ok[:, None])
                 else:
-                    tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q8, mask=m_ok[:, None])
+                    tl.store(q_ptr + rm_c[:, None] * K + rk_out[None, :], q8, mask=m_ok[:, None])
         if split == 0:
             tl.store(a_ptr + rm, a, mask=m_ok)
             if HAS_LR:
@@ -307,11 +318,11 @@ def _kernels() -> dict[str, Any]:
     ]
 
     @triton.autotune(configs=gemm_t_configs,
-                     key=["M_BUCKET", "N", "K", "F16", "HAS_LR", "SCALED", "EXACT", "NVFP4", "SPLIT_K"])
+                     key=["M_BUCKET", "N", "K", "F16", "HAS_LR", "SCALED", "EXACT", "NVFP4", "SPLIT_K", "HALVES"])
     @triton.jit
     def gemm_t_kernel(
         q_ptr, a_ptr, w_ptr, wst_ptr, pw_ptr, lr_ptr, lrs_ptr, l1_ptr, b_ptr, y_ptr, M, N, K, R, M_BUCKET, one,
-        GPS, F16: tl.constexpr, SCALED: tl.constexpr, EXACT: tl.constexpr, NVFP4: tl.constexpr,
+        GPS, F16: tl.constexpr, SCALED: tl.constexpr, EXACT: tl.constexpr, NVFP4: tl.constexpr, HALVES: tl.constexpr,
         HAS_A: tl.constexpr, HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr,
         SPLIT_K: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_N: tl.constexpr,
     ):
@@ -343,6 +354,7 @@ def _kernels() -> dict[str, Any]:
         G = tl.minimum(K // 64, g0 + GPS)
         w_ptrs = w_ptr + rn_c[:, None] * (K // 2) + rkp[None, :] + g0 * 32
         x_ptrs = q_ptr + rm_c[None, :] * K + rk[:, None] + g0 * 64
+        xh_ptrs = q_ptr + rm_c[None, :] * K + rkp[:, None] + g0 * 64  # (HALVES: 32 rows of K)
         if NVFP4:
             s_ptrs = wst_ptr + rn_c[:, None] * (K // 16) + tl.arange(0, 4)[None, :] + g0 * 4
         else:
@@ -389,6 +401,18 @@ def _kernels() -> dict[str, Any]:
                     part = tl.dot(w8.to(tl.float16), xb)
                     axg = tl.load(a_ptr + g * M + rm_c)
                     acc += part * (sc[:, None] * axg[None, :])
+                elif HALVES:
+                    # activations permuted by the prologue (even k, then odd k): the low nibbles
+                    # meet the first half, the high nibbles the second — no interleave of codes
+                    x_lo = tl.load(xh_ptrs)
+                    x_hi = tl.load(xh_ptrs + 32)
+                    if F16:
+                        part = tl.dot(lo.to(tl.float16), x_lo.to(tl.float16))
+                        part = tl.dot(hi.to(tl.float16), x_hi.to(tl.float16), part)
+                    else:
+                        part = tl.dot(lo.to(tl.float16).to(tl.float8e4nv), x_lo)
+                        part = tl.dot(hi.to(tl.float16).to(tl.float8e4nv), x_hi, part)
+                    acc += part * sc[:, None]
                 else:
                     if F16:
                         part = tl.dot(w8.to(tl.float16), xb.to(tl.float16))
@@ -398,6 +422,7 @@ def _kernels() -> dict[str, Any]:
                 s_ptrs += N
             w_ptrs += 32
             x_ptrs += 64
+            xh_ptrs += 64
         if SCALED:
             acc = acc / pw[:, None]  # a power of two: exact
         if NVFP4:
@@ -597,7 +622,7 @@ def _gemm_t(
     x: torch.Tensor, a: Optional[torch.Tensor], weight: torch.Tensor, wsc: torch.Tensor, pw: Optional[torch.Tensor],
     lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     lora_scales: Optional[torch.Tensor], *, out_dtype: torch.dtype, f16: bool = True, scaled: bool = False,
-    exact: bool = False, nvfp4: bool = False, split_k: Optional[int] = None,
+    exact: bool = False, nvfp4: bool = False, halves: bool = False, split_k: Optional[int] = None,
 ) -> torch.Tensor:
     """Launch the transposed GEMM kernel (its weight decodings are described in the kernel).
 
@@ -621,7 +646,8 @@ def _gemm_t(
         x, a if a is not None else unused, weight, wsc, pw if pw is not None else unused, lr if r else unused,
         lora_scales if lora_scales is not None else unused, lora_up if r else unused,
         bias if bias is not None else unused, out, m, n, kk, r, bucket, 1.0, gps,
-        F16=f16, SCALED=scaled, EXACT=exact, NVFP4=nvfp4, HAS_A=a is not None and not exact, HAS_LR=bool(r),
+        F16=f16, SCALED=scaled, EXACT=exact, NVFP4=nvfp4, HALVES=halves, HAS_A=a is not None and not exact,
+        HAS_LR=bool(r),
         HAS_LRS=lora_scales is not None and bool(r), HAS_BIAS=bias is not None, SPLIT_K=splits,
         BR=_rank_block(r) if r <= 64 else 64, GROUP_N=8,
     )
@@ -644,7 +670,7 @@ def _split_k(m: int, n: int, kk: int) -> int:
 
 def prologue(
     x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], *, act_shift: float = 0.0,
-    codes16: bool = False, w16: bool = False,
+    codes16: bool = False, w16: bool = False, perm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Fused smooth + FP8 per-token quantization + ``x · L2ᵀ``.
 
@@ -658,7 +684,9 @@ def prologue(
         ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, r] float32 or None)``; with
         ``codes16`` the same code values as float16 (what the ``f16s`` GEMM reads). With
         ``w16`` (W4A16 layers) no quantization: ``q = fp16(x̂ / a)`` with ``a`` a per-token power
-        of two (``|q| < 2^15``), so ``q · a`` is ``x̂`` rounded to fp16's precision.
+        of two (``|q| < 2^15``), so ``q · a`` is ``x̂`` rounded to fp16's precision. With ``perm``
+        the columns of ``q`` are permuted within each 64-group — the 32 even k, then the 32 odd k
+        — the order the ``*h`` GEMM datapaths read (:data:`PERMUTED_DATAPATHS`).
     """
     k = _kernels()
     m, kk = x.shape
@@ -676,7 +704,7 @@ def prologue(
     k["prologue_stats"][grid](x, smooth, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift),
                               HAS_LR=bool(r), BM=bm, BR=br, num_warps=warps, num_stages=3)
     k["prologue_quant"][grid](x, smooth, pamax, plr, q, a, lr if r else a, m, kk, r, bps, nsplit,
-                              float(act_shift), HAS_LR=bool(r), Q16=codes16, W16=w16, BM=bm, BR=br,
+                              float(act_shift), HAS_LR=bool(r), Q16=codes16, W16=w16, PERM=perm, BM=bm, BR=br,
                               num_warps=4, num_stages=3)
     return q, a, lr
 
@@ -699,12 +727,13 @@ def gemm(
     ``datapath``: both promote every 64-group to fp32 with the group scale; ``"f16"`` runs
     the group's MMA in fp16 (e4m3 and int4 codes are exact in fp16), ``"fp8"`` in FP8
     (Hopper FP8 MMAs accumulate with reduced precision: ~1e-4 relative). ``split_k``: the
-    transposed datapaths only (see :func:`_gemm_t`).
+    transposed datapaths only (see :func:`_gemm_t`). ``f16h``/``fp8h`` need ``q`` from
+    ``prologue(perm=True)``.
     """
     if datapath not in DATAPATHS:
         raise ValueError(f"datapath {datapath!r} is not one of {DATAPATHS}")
     wst = _scales_t(wscales)
-    if datapath.endswith(("t", "s")):
+    if datapath.endswith(("t", "s", "h")):
         if not packed:
             raise ValueError("the transposed datapaths read packed int4 weights only")
         pw = None
@@ -717,7 +746,8 @@ def gemm(
             elif q.dtype != torch.float16:
                 q = q.to(torch.float16)  # e4m3 codes are exact in fp16 (prologue(codes16=True) writes these)
         return _gemm_t(q, a, weight, wst, pw, lr, lora_up, bias, lora_scales, out_dtype=out_dtype,
-                       f16=datapath in ("f16t", "f16s"), scaled=pw is not None, split_k=split_k)
+                       f16=datapath in ("f16t", "f16s", "f16h"), scaled=pw is not None,
+                       halves=datapath in PERMUTED_DATAPATHS, split_k=split_k)
     m, kk = q.shape
     n = weight.shape[0]
     r = 0 if (lr is None or lora_up is None) else lr.shape[1]
@@ -906,7 +936,8 @@ def fast_linear(
     datapath = fast_datapath(x2.shape[0])
     codes16 = datapath == "f16s" and _row_pow2(wscales) is not None
     with torch.cuda.device(x2.device):  # Triton launches on the current device
-        q, a, lr = prologue(x2, smooth, down, act_shift=act_shift, codes16=codes16)
+        q, a, lr = prologue(x2, smooth, down, act_shift=act_shift, codes16=codes16,
+                            perm=datapath in PERMUTED_DATAPATHS)
         y = gemm(q, a, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,
                  out_dtype=x.dtype, datapath=datapath)
     return y.reshape(*x.shape[:-1], qweight.shape[0])

@@ -172,7 +172,7 @@ def test_both_datapaths_and_prepacked_codes(m, datapath) -> None:
     qweight, wscales, smooth, down, up, b = _weights(n, k, r, bias=True, seed=11)
     x = _x(m, k, seed=12)
     ref = _reference(x, qweight, wscales, None, smooth, down, up, b, None, "int4", "fp8")
-    q, a, lr = triton_fast.prologue(x, smooth, down)
+    q, a, lr = triton_fast.prologue(x, smooth, down, perm=datapath in triton_fast.PERMUTED_DATAPATHS)
     out = triton_fast.gemm(q, a, qweight, wscales, lr, up, b, None, out_dtype=x.dtype, datapath=datapath)
     if datapath in ("f16", "fp8"):  # the transposed kernels read packed weights only
         nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)

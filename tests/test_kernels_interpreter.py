@@ -228,3 +228,21 @@ def test_small_m_prologue_splits_give_the_same_codes(kernels, monkeypatch, m) ->
         if ok.any():
             assert ((lr2[ok] - lr1[ok]).norm() / lr1[ok].norm()) <= 1e-6
         assert torch.equal(lr2[~ok].nan_to_num(), lr1[~ok].nan_to_num())
+
+
+def test_permuted_activations_and_the_halves_gemm(kernels) -> None:
+    """``prologue(perm=True)`` writes the same codes permuted within each 64-group (even k, then
+    odd k), and the ``f16h`` GEMM reading them equals ``f16t`` on the canonical order (fp32
+    summation order apart), low-rank branch, bias and token scales included."""
+    m, k, n, r = 20, 64 * 5, 64, 16
+    x, qweight, wscales, smooth, bias, down, up = _layer(m, k, n, r, seed=70)
+    q, a, lr = kernels.prologue(x, smooth, down, codes16=True)
+    qp, ap, lrp = kernels.prologue(x, smooth, down, codes16=True, perm=True)
+    order = torch.cat([g * 64 + torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)]) for g in range(k // 64)])
+    assert torch.equal(qp.view(torch.int16), q[:, order].view(torch.int16))
+    assert torch.equal(ap, a) and torch.equal(lrp.nan_to_num(), lr.nan_to_num())
+    y = kernels.gemm(q, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.float32, datapath="f16t")
+    yh = kernels.gemm(qp, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.float32, datapath="f16h")
+    ok = torch.isfinite(y).all(dim=1)
+    assert torch.equal(~torch.isfinite(yh).all(dim=1), ~ok)
+    assert ((yh[ok] - y[ok]).norm() / y[ok].norm()) <= 1e-6
