@@ -101,6 +101,31 @@ def fast_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> float:
         layer.mode = "exact"
 
 
+@torch.no_grad()
+def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[float, float]:
+    """``fast`` mode with the residual's ``code × scale`` rounded to e4m3 (each row scaled by a
+    power of two into (128, 256] first) — the math of an FP8-weight GEMM that applies the group
+    scales in its int4 → FP8 conversion (stock CUTLASS's lookup-table mode, the ``fp8s``
+    benchmark datapath) instead of promoting per group. Returns ``(error with the rounded weights,
+    error of the same emulation with exact weights)``; the second checks the emulation against
+    :func:`fast_mode_error`. Not the format's math: a measurement for the kernel design."""
+    x = rows.to(torch.float32)
+    ref = F.linear(x, linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    xs = (x + layer.act_shift) / layer.smooth.float()  # the 4-bit branch's input (docs/format.md §6)
+    amax = xs.abs().amax(dim=1, keepdim=True)
+    a = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    q = (xs / a).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    r = layer.residual().float()
+    rmax = r.abs().amax(dim=1, keepdim=True)
+    pw = torch.where(rmax > 0, torch.exp2(torch.floor(torch.log2(256.0 / rmax))), torch.ones_like(rmax))
+    r8 = (r * pw).to(torch.float8_e4m3fn).float() / pw
+    low = 0.0
+    if layer.lora_down is not None and layer.lora_down.shape[0]:
+        low = (x @ layer.lora_down.float().t()) @ layer.lora_up.float().t()
+    b = 0.0 if layer.bias is None else layer.bias.float()
+    return (relative_error((q @ r8.t()) * a + low + b, ref), relative_error((q @ r.t()) * a + low + b, ref))
+
+
 def evaluate(linears, calib, held, kinds, opts: QuantizeOptions, *, fast: bool = False) -> list[dict]:
     out = []
     done: set[str] = set()
@@ -114,6 +139,9 @@ def evaluate(linears, calib, held, kinds, opts: QuantizeOptions, *, fast: bool =
             info["error"] = layer_fidelity(linears[n], layer, held.layers[n].rows, precision=opts.precision)
             if fast and kinds[n] == "w4a4" and opts.precision == "int4":
                 info["error"]["svdq_fast"] = fast_mode_error(linears[n], layer, held.layers[n].rows)
+                fast8, emulated = fast8_mode_error(linears[n], layer, held.layers[n].rows)
+                info["error"]["svdq_fast_e4m3_weights"] = fast8
+                info["error"]["svdq_fast_emulated"] = emulated
             info.pop("search", None)
             out.append(info)
     return out
@@ -157,11 +185,19 @@ def main() -> int:
                 "mean_fast": sum(e["svdq_fast"] for e in both) / len(both),
                 "fast_no_worse": sum(e["svdq_fast"] <= e["svdq"] for e in both),
                 "worst_fast_over_exact": max(e["svdq_fast"] / e["svdq"] for e in both),
+                "mean_fast_e4m3_weights": sum(e["svdq_fast_e4m3_weights"] for e in both) / len(both),
+                "fast_e4m3_weights_no_worse": sum(e["svdq_fast_e4m3_weights"] <= e["svdq"] for e in both),
+                "worst_fast_e4m3_weights_over_exact": max(e["svdq_fast_e4m3_weights"] / e["svdq"] for e in both),
+                "max_emulation_gap": max(abs(e["svdq_fast_emulated"] - e["svdq_fast"]) / e["svdq_fast"] for e in both),
             }
             fe = s["fast_vs_exact"]
             print(f"fast mode (FP8 activations) vs exact W4A4 on the same layers: mean error "
                   f"{fe['mean_fast']:.4f} vs {fe['mean_exact']:.4f}; fast no worse on {fe['fast_no_worse']}/"
                   f"{fe['layers']} layers; worst fast/exact {fe['worst_fast_over_exact']:.3f}")
+            print(f"fast mode with e4m3-rounded weights (an FP8-weight GEMM, not the format's math): mean "
+                  f"{fe['mean_fast_e4m3_weights']:.4f}; no worse than exact on {fe['fast_e4m3_weights_no_worse']}/"
+                  f"{fe['layers']}; worst / exact {fe['worst_fast_e4m3_weights_over_exact']:.3f} (emulation vs "
+                  f"fast mode: {fe['max_emulation_gap']:.1e})")
         curve = []
         for r in (int(x) for x in args.ranks.split(",")):
             rl = evaluate(linears, calib, held, kinds, QuantizeOptions(rank=r, precision=args.precision))
