@@ -256,3 +256,17 @@ def test_tensor_exchange_over_two_processes(tmp_path):
     assert [(tmp_path / f"exchange-{r}.txt").read_text() for r in range(2)] == ["True", "True"]
     errors = [(tmp_path / f"exchange-error-{r}.txt").read_text() for r in range(2)]
     assert errors[0] == errors[1] == "rank 1 failed during failing exchange: ValueError: boom"
+
+
+def test_windows_per_run_from_the_environment(monkeypatch) -> None:
+    from converters.quantize import distributed_blocks
+
+    monkeypatch.delenv("SVDQ_DIST_WINDOWS", raising=False)
+    assert distributed_blocks._windows_per_run() == distributed_blocks._WINDOWS
+    monkeypatch.setenv("SVDQ_DIST_WINDOWS", "1")
+    assert distributed_blocks._windows_per_run() == 1
+    for bad in ("0", "two", "-3"):
+        monkeypatch.setenv("SVDQ_DIST_WINDOWS", bad)
+        with pytest.raises(QuantizationError, match="SVDQ_DIST_WINDOWS"):
+            distributed_blocks._windows_per_run()
+

@@ -203,6 +203,8 @@ def test_cli_quantize_directory_and_errors(tmp_path, capsys):
     assert names and not any(".ff_context." in n for n in names)
     assert report["skipped"]["transformer_blocks.0.ff_context.net.2"] == "excluded by pattern"
     assert all(set(r["error"]) == {"svdq", "naive_w4a4", "w4a16"} for r in report["layers"])
+    (mem,) = report["environment"]["memory_per_rank"]  # this run's own peak (VmHWM reset by the CLI)
+    assert mem["rank"] == 0 and mem["peak_gpu_bytes"] == 0 and mem["peak_host_rss_bytes"] > 10 * 2**20
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "svdquant"
     assert type(load_model_dir(out).transformer_blocks[0].attn.to_q) is SVDQLinear
