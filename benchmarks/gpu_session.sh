@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# The GPU runs still open after the 2026-11-27 session, in one command on one H100
-# (docs/benchmarks.md, "Still to measure"). Every step has its own time limit and log; a failing
-# step does not stop the next. Usage (repo root, wheels installed as the device README says):
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [tests] [gemm] [step]      (default: all three)
+# One-GPU measurements in one command on one H100 (docs/benchmarks.md). Every step has its own
+# time limit and log; a failing step does not stop the next. Usage (repo root, wheels installed
+# as the device README says):
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [next] [tests] [gemm] [step]   (default: next)
+# `next`: what was written after the last GPU run (small-M split-K and prologue splits, the
+# f16h/fp8h datapaths): their GPU tests, then timings with and without them.
 set -u
 OUT=${OUT:-/tmp/svdq-gpu-session}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STEPS=${*:-tests gemm step}
+STEPS=${*:-next}
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do
   case $step in
+    next)
+      timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py \
+        -k "split_k or datapaths" > "$OUT/pytest_next.log" 2>&1; echo "next tests rc=$?"; tail -3 "$OUT/pytest_next.log"
+      timeout 120 python3 benchmarks/gemm_datapaths.py --datapaths f16t,fp8t,f16h,fp8h --out "$OUT/halves.json" \
+        > "$OUT/halves.log" 2>&1; echo "halves rc=$?"; grep -v Warn "$OUT/halves.log" | tail -16
+      timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 --datapaths f16t,fp8t --out "$OUT/sm_base.json" \
+        > "$OUT/sm_base.log" 2>&1; echo "small-M base rc=$?"
+      SVDQ_EXPERIMENTAL_KERNELS=1 timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 \
+        --datapaths f16t,fp8t --out "$OUT/sm_split.json" > "$OUT/sm_split.log" 2>&1; echo "small-M split rc=$?"
+      paste <(grep -v Warn "$OUT/sm_base.log" | cut -c1-120) <(grep -v Warn "$OUT/sm_split.log" | cut -c60-200) | tail -10 ;;
     tests)  # every GPU test, the experimental exact / W4A16 / nvfp4 kernels included
       timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_device_read.py \
         tests/test_lora.py tests/test_memory_bounds.py > "$OUT/pytest_gpu.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/pytest_gpu.log" ;;
