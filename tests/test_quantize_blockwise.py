@@ -13,25 +13,15 @@ from converters.quantize.blockwise import blockwise_supported, collect_stats_blo
 from converters.quantize.calibration import synthetic_calibration
 from converters.quantize.selection import select_layers
 from converters.quantize.stats import collect_stats
+from tests.quantize_fixtures import tiny_flux as shared_tiny_flux
 
-pytestmark = pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def tiny_flux(dtype=torch.float32, double=2, single=2):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=double, num_single_layers=single,
-                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                  pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).to(dtype).eval()
+    return shared_tiny_flux(double, single).to(dtype).eval()
 
 
 def _linears(model, **kw):

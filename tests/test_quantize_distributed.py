@@ -17,25 +17,11 @@ from converters.quantize.stats import merge_stats
 from svdq_format.cli import main as svdq_main
 from svdq_format.errors import QuantizationError
 from svdq_format.model import save_model_file
-
-pytestmark = pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from tests.quantize_fixtures import tiny_flux
 
 
-def tiny_flux(num_layers: int = 1, num_single_layers: int = 1):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=num_layers,
-                                  num_single_layers=num_single_layers, attention_head_dim=16, num_attention_heads=4,
-                                  joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 OPTS = dict(rank=8, alphas=(0.5,), seed=3)

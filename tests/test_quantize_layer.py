@@ -20,13 +20,7 @@ from converters.quantize.smoothing import (
 )
 from svdq_format.linear import SVDQLinear
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only spin on a shared CPU
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only spin on a shared CPU
 
 
 def outlier_layer(k: int = 256, n: int = 192, m: int = 256, *, seed: int = 0):

@@ -25,25 +25,11 @@ from svdq_format.errors import QuantizationError
 from svdq_format.io import validate
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import load_model_dir, save_model_dir, svdq_modules
-
-pytestmark = pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from tests.quantize_fixtures import tiny_flux
 
 
-def tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                  pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def tiny_sd3():

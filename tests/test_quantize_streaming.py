@@ -11,29 +11,15 @@ from converters.quantize.directory import quantize_directory
 from converters.quantize.streaming import load_lazy
 from svdq_format.errors import QuantizationError
 from svdq_format.linear import SVDQLinear
-
-pytestmark = pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from tests.quantize_fixtures import tiny_flux
 
 
-def tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                  pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_lazy_model_reads_only_what_lies_outside_the_blocks(tmp_path):
-    ref = tiny_flux()
+    ref = tiny_flux(2, 2)
     ref.save_pretrained(tmp_path / "src", max_shard_size="50KB")
     assert len(list((tmp_path / "src").glob("*.safetensors"))) > 3
     model, source = load_lazy(tmp_path / "src", dtype=torch.float32)
@@ -47,7 +33,7 @@ def test_lazy_model_reads_only_what_lies_outside_the_blocks(tmp_path):
 
 
 def test_disk_streaming_writes_the_byte_identical_checkpoint(tmp_path):
-    tiny_flux().save_pretrained(tmp_path / "src", max_shard_size="50KB")
+    tiny_flux(2, 2).save_pretrained(tmp_path / "src", max_shard_size="50KB")
     opts = QuantizeOptions(rank=8, alphas=(0.5,))
     seen: list[int] = []
 
@@ -90,7 +76,7 @@ def test_a_block_read_onto_the_gpu_equals_the_cpu_read(tmp_path, dtype):
     """fp32 source shards: the cast runs on the GPU and rounds exactly like the CPU's."""
     from converters.quantize.streaming import ShardedSource
 
-    tiny_flux().save_pretrained(tmp_path / "src", max_shard_size="50KB")
+    tiny_flux(2, 2).save_pretrained(tmp_path / "src", max_shard_size="50KB")
     source = ShardedSource(tmp_path / "src", dtype)
     names = [n for n in source.files if n.startswith("transformer_blocks.1.")]
     cpu = source.tensors(names, "cpu")
