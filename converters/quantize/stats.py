@@ -153,8 +153,6 @@ def block_offload(model: nn.Module, device: torch.device | str) -> Iterator[None
     """
     blocks = [b for _, lst in block_containers(model) for b in lst]
     block_ids = {id(b) for b in blocks}
-    handles = []
-    moved: list[nn.Module] = []
 
     def place_rest(mod: nn.Module) -> None:
         for child in mod.children():
@@ -166,7 +164,6 @@ def block_offload(model: nn.Module, device: torch.device | str) -> Iterator[None
                 place_rest(child)
             else:
                 child.to(device)
-                moved.append(child)
         for pname, param in list(mod.named_parameters(recurse=False)):
             param.data = param.data.to(device)
         for bname, buf in list(mod.named_buffers(recurse=False)):
@@ -180,15 +177,29 @@ def block_offload(model: nn.Module, device: torch.device | str) -> Iterator[None
         mod.to("cpu")
 
     place_rest(model)
+    try:
+        with around_blocks(blocks, load, unload):
+            yield
+    finally:
+        model.to("cpu")
+
+
+@contextlib.contextmanager
+def around_blocks(
+    blocks: Iterable[nn.Module], before: Callable[[nn.Module, tuple], None],
+    after: Callable[[nn.Module, tuple, Any], None],
+) -> Iterator[None]:
+    """Call ``before(block, args)`` as each block's forward starts and ``after(block, args,
+    output)`` as it ends (forward hooks, removed on exit): how blocks are streamed in and out."""
+    handles = []
     for b in blocks:
-        handles.append(b.register_forward_pre_hook(load))
-        handles.append(b.register_forward_hook(unload))
+        handles.append(b.register_forward_pre_hook(before))
+        handles.append(b.register_forward_hook(after))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        model.to("cpu")
 
 
 def collect_stats(

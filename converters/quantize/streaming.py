@@ -22,7 +22,7 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
-from .stats import block_containers
+from .stats import around_blocks, block_containers
 
 __all__ = ["ShardedSource", "load_lazy", "stream_from_source"]
 
@@ -167,7 +167,6 @@ def stream_from_source(model: nn.Module, source: ShardedSource, device: torch.de
     """During calibration: read each block onto ``device`` when it runs, drop it after."""
     names = {id(m): n for n, m in model.named_modules()}
     blocks = [b for _, lst in block_containers(model) for b in lst]
-    handles = []
 
     def load(mod: nn.Module, _args: tuple) -> None:
         source.materialize(mod, names[id(mod)], device)
@@ -178,13 +177,9 @@ def stream_from_source(model: nn.Module, source: ShardedSource, device: torch.de
     rest = [m for m in model.children() if not any(id(x) in {id(b) for b in blocks} for x in m.modules())]
     for m in rest:
         m.to(device)
-    for b in blocks:
-        handles.append(b.register_forward_pre_hook(load))
-        handles.append(b.register_forward_hook(drop))
     try:
-        yield
+        with around_blocks(blocks, load, drop):
+            yield
     finally:
-        for h in handles:
-            h.remove()
         for m in rest:
             m.to("cpu")
