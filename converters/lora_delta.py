@@ -144,13 +144,9 @@ def _read_meta(path: str) -> Optional[dict[str, Any]]:
         raise LoRAError(f"{path}: cannot read safetensors file ({' '.join(str(exc).split())})") from None
     if raw is None:
         return None
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise LoRAError(f"{path}: {DELTA_METADATA_KEY}: not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise LoRAError(f"{path}: {DELTA_METADATA_KEY}: not a JSON object")
-    return meta
+    from .lora_formats import metadata_json_object
+
+    return metadata_json_object(raw, path, DELTA_METADATA_KEY)
 
 
 def is_delta_file(path: str | os.PathLike[str]) -> bool:

@@ -171,16 +171,26 @@ def _read_safetensors(path: str, device: Optional[torch.device] = None) -> tuple
     return sd, meta
 
 
+def metadata_json_object(raw: str, path: str, key: str) -> dict[str, Any]:
+    """The JSON object stored as safetensors metadata ``key`` of ``path``.
+
+    Raises:
+        LoRAError: ``<path>: <key>: not valid JSON`` / ``not a JSON object``.
+    """
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        raise LoRAError(f"{path}: {key}: not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise LoRAError(f"{path}: {key}: not a JSON object")
+    return obj
+
+
 def _config_from_metadata(meta: Mapping[str, str], path: str) -> Optional[dict[str, Any]]:
     raw = meta.get(_METADATA_KEY)
     if not raw:
         return None
-    try:
-        cfg = json.loads(raw)
-    except ValueError:
-        raise LoRAError(f"{path}: {_METADATA_KEY}: not valid JSON") from None
-    if not isinstance(cfg, dict):
-        raise LoRAError(f"{path}: {_METADATA_KEY}: not a JSON object")
+    cfg = metadata_json_object(raw, path, _METADATA_KEY)
     # pipeline-level files prefix fields per component ("transformer.r"); keep the transformer's
     if any(k.startswith("transformer.") for k in cfg):
         cfg = {k.removeprefix("transformer."): v for k, v in cfg.items() if k.startswith("transformer.")}

@@ -115,6 +115,14 @@ def test_delta_newer_format_version_refused(models, tmp_path):
         load_lora(copy.deepcopy(q), path)
 
 
+@pytest.mark.parametrize("raw, reason", [("{broken", "not valid JSON"), ("[1, 2]", "not a JSON object")])
+def test_delta_metadata_that_is_not_a_json_object_is_one_clear_error(tmp_path, raw, reason):
+    path = tmp_path / "d.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={lora_delta.DELTA_METADATA_KEY: raw})
+    with pytest.raises(LoRAError, match=f"d.safetensors: {lora_delta.DELTA_METADATA_KEY}: {reason}$"):
+        lora_delta.is_delta_file(path)
+
+
 def test_cli_error_is_one_line(base_dir, tmp_path, capsys):
     (tmp_path / "l.bin").write_bytes(b"junk")
     assert main(["lora", str(base_dir), str(tmp_path / "l.bin"), "--out", str(tmp_path / "o.safetensors")]) == 1
