@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import sys
 import time
@@ -41,6 +40,7 @@ from quantize_flux import FLUX_DEV, SMALL, TINY, build_model  # noqa: E402
 
 from converters.quantize import QuantizeOptions, run_quantization, synthetic_calibration  # noqa: E402
 from converters.quantize.distributed import init_distributed, rank_device  # noqa: E402
+from converters.quantize.memory import host_peak_bytes  # noqa: E402
 from converters.quantize.report import environment_info  # noqa: E402
 from svdq_format.io import layer_state  # noqa: E402
 from svdq_format.model import svdq_modules  # noqa: E402
@@ -55,11 +55,6 @@ def checksum(model: torch.nn.Module) -> str:
             h.update(key.encode())
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux: ru_maxrss is in KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def main() -> int:
@@ -116,7 +111,7 @@ def main() -> int:
     wall = time.time() - start
     mine = {"rank": rank, "wall_s": round(wall, 3),
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0,
-            "peak_host_rss_bytes": peak_rss_bytes(), "phases_s": result.report.timings}
+            "peak_host_rss_bytes": host_peak_bytes(), "phases_s": result.report.timings}
     per_rank = [mine] if ctx is None else ctx.all_gather(mine, what="report")
     if rank != 0:
         ctx.close()  # type: ignore[union-attr]
