@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                   flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "split_k": args.split_k, "experimental": os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1",
+            "split_k": args.split_k, "experimental": triton_fast.experimental_kernels(),
             "timing": ("triton.testing.do_bench_cudagraph" if args.graphs else
                        "triton.testing.do_bench median ms, warmup 25 ms, rep 100 ms") + "; TFLOPS = 2MNK/t"}
     with open(args.out, "w") as f:

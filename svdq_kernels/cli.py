@@ -69,7 +69,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     root = cache_dir()
     info["cached_kernels"] = sorted(p.name for p in root.glob("*.so")) if root.is_dir() else []
     info["paths"] = {f"{prec}/{act}": path.name for (prec, act), path in registry.PATHS.items()}
-    on = os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1"
+    on = registry.experimental_kernels()
     info["experimental_paths"] = {f"{prec}/{act}": f"{path.name} ({'on' if on else 'off: SVDQ_EXPERIMENTAL_KERNELS=1'})"
                                   for (prec, act), path in registry.EXPERIMENTAL_PATHS.items()}
     if args.json:

@@ -27,7 +27,7 @@ import torch
 
 from svdq_format import ops
 
-from .triton_fast import exact_linear, fast_linear, nvfp4_linear, w4a16_linear
+from .triton_fast import exact_linear, experimental_kernels, fast_linear, nvfp4_linear, w4a16_linear
 
 __all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "EXPERIMENTAL_PATHS", "supports", "register",
            "unregister", "requirement_missing"]
@@ -68,7 +68,7 @@ EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {}
 
 def _path(precision: str, act: str) -> Optional[KernelPath]:
     path = PATHS.get((precision, act))
-    if path is None and os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1":
+    if path is None and experimental_kernels():
         path = EXPERIMENTAL_PATHS.get((precision, act))
     return path
 

@@ -33,7 +33,7 @@ import torch
 
 __all__ = ["fast_linear", "exact_linear", "w4a16_linear", "nvfp4_linear", "prologue", "prologue_exact",
            "prologue_nvfp4", "gemm", "gemm_exact", "gemm_nvfp4",
-           "triton_available", "DATAPATHS", "PERMUTED_DATAPATHS", "fast_datapath"]
+           "triton_available", "experimental_kernels", "DATAPATHS", "PERMUTED_DATAPATHS", "fast_datapath"]
 
 #: GEMM datapaths (see :func:`gemm`); ``*t``: the transposed kernel (weights as the MMA's
 #: register operand, tokens as its N dimension); ``f16s``: the transposed kernel with the group
@@ -63,6 +63,12 @@ def fast_datapath(m: int) -> str:
     if DEFAULT_DATAPATH != "auto":
         return DEFAULT_DATAPATH
     return "fp8t" if m >= FP8T_MIN_M else "f16t"
+
+
+def experimental_kernels() -> bool:
+    """Whether ``SVDQ_EXPERIMENTAL_KERNELS=1``: also use kernels not yet validated on a GPU
+    (``registry.EXPERIMENTAL_PATHS``, small-M split-K and prologue splits)."""
+    return os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1"
 
 
 def triton_available() -> bool:
@@ -595,7 +601,7 @@ def _k_splits(kk: int, m: int = 0) -> tuple[int, int]:
     with ``SVDQ_EXPERIMENTAL_KERNELS=1`` (not yet timed on a GPU): up to 64 splits of at least 2
     groups — a program's chain of dependent loads is then 2–3 groups long instead of 8+."""
     blocks = kk // 64
-    if 0 < m <= SPLIT_K_MAX_M and os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1":
+    if 0 < m <= SPLIT_K_MAX_M and experimental_kernels():
         per = max(2, triton_cdiv(blocks, 64))
     else:
         per = triton_cdiv(blocks, min(16, max(1, triton_cdiv(blocks, 8))))
@@ -662,7 +668,7 @@ def _split_k(m: int, n: int, kk: int) -> int:
     one program per 128 output features leaves most SMs idle and each streams all of K alone)
     with ``SVDQ_EXPERIMENTAL_KERNELS=1``: enough parts for ~2 programs per SM (132 on an H100),
     each at least 8 groups of 64."""
-    if m > SPLIT_K_MAX_M or os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") != "1":
+    if m > SPLIT_K_MAX_M or not experimental_kernels():
         return 1
     programs = max(1, triton_cdiv(n, 128))
     return max(1, min(triton_cdiv(264, programs), (kk // 64) // 8))
