@@ -370,7 +370,8 @@ def _kernels() -> dict[str, Any]:
             pw = tl.load(pw_ptr + rn_c)
         for g in range(g0, G):
             wp = tl.load(w_ptrs)
-            xb = tl.load(x_ptrs)
+            if not HALVES:  # (HALVES loads its two half tiles below)
+                xb = tl.load(x_ptrs)
             if NVFP4:
                 nib = tl.join(wp & 0xF, wp >> 4).reshape(BN, 64).to(tl.int32)
                 e2 = (nib >> 1) & 3
