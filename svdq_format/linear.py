@@ -30,7 +30,7 @@ __all__ = ["SVDQLinear", "EXEC_MODES"]
 
 #: Execution modes of a W4A4 layer: ``exact`` = the format's W4A4 math; ``fast`` = FP8 per-token
 #: activations with the same 4-bit weights (the Hopper fast path; more precise activations).
-EXEC_MODES = ("exact", "fast")
+EXEC_MODES = ("exact", "fast", "fast8")
 
 
 class SVDQLinear(nn.Module):
@@ -108,7 +108,8 @@ class SVDQLinear(nn.Module):
         self.split_sizes = tuple(split_sizes)
         self.act_shift = float(act_shift)
         self.act_unsigned = bool(act_unsigned)
-        #: ``"exact"`` (the format's W4A4 math) or ``"fast"`` (FP8 activations); W4A16 ignores it.
+        #: ``"exact"`` (the format's W4A4 math), ``"fast"`` (FP8 activations) or ``"fast8"`` (FP8
+        #: activations and e4m3-rounded int4 weights: the fastest Hopper kernel); W4A16 ignores it.
         self.mode = "exact"
         #: ``"auto"`` or a registered backend name (see :mod:`svdq_format.ops`).
         self.backend = "auto"
@@ -289,7 +290,9 @@ class SVDQLinear(nn.Module):
         """Activation handling passed to the op (see :data:`svdq_format.ops.ACT_MODES`)."""
         if self.kind == "w4a16":
             return "none"
-        return self.precision if self.mode == "exact" else "fp8"
+        if self.mode == "exact":
+            return self.precision
+        return "fp8w" if self.mode == "fast8" and self.precision == "int4" else "fp8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = Q(x/s) Q(R)ᵀ + x L2ᵀ L1ᵀ + b`` via the ``svdquant::linear`` op."""

@@ -18,6 +18,9 @@ Activation handling is given by ``act``:
   group as the format defines;
 * ``"fp8"`` — the Hopper ``fast`` mode: activations quantized to float8_e4m3 per token
   (scale = absmax / 448), weights exactly as stored;
+* ``"fp8w"`` — the Hopper ``fast8`` mode: ``fp8`` activations, and int4 weights rounded to e4m3
+  after scaling each row by a power of two (:func:`svdq_format.packing.fp8_weight_values`): the
+  math of an FP8 tensor-core GEMM that converts the weights in its mainloop;
 * ``"none"`` — W4A16: activations are not quantized.
 """
 
@@ -47,7 +50,7 @@ __all__ = [
     "svdq_linear",
 ]
 
-ACT_MODES = ("int4", "nvfp4", "fp8", "none")
+ACT_MODES = ("int4", "nvfp4", "fp8", "fp8w", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,10 +232,16 @@ def reference_linear(
         if wtscale is not None:
             y *= wtscale.float()
     else:
-        w = (packing.group_view(wv, g) * ws.unsqueeze(-1)).reshape(n, k)
+        if act == "fp8w":
+            if precision != "int4":
+                raise BackendError(f"activation mode 'fp8w' (fast8) needs int4 weights, not {precision!r}")
+            pw = packing.fp8_weight_row_scales(wv, wscales, group_size=g)
+            w = packing.fp8_weight_values(wv, packing.fp8_weight_scales(wscales, pw), group_size=g) / pw.unsqueeze(1)
+        else:
+            w = (packing.group_view(wv, g) * ws.unsqueeze(-1)).reshape(n, k)
         if wtscale is not None:
             w = w * wtscale.float()
-        if act == "fp8":
+        if act in ("fp8", "fp8w"):
             amax = xs.abs().amax(dim=-1, keepdim=True)
             a = amax / packing.FP8_E4M3_MAX
             ok = (a > 0) & torch.isfinite(a)

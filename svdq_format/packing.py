@@ -33,6 +33,9 @@ __all__ = [
     "dequantize_nvfp4",
     "quantize_activations",
     "group_view",
+    "fp8_weight_row_scales",
+    "fp8_weight_scales",
+    "fp8_weight_values",
 ]
 
 INT4_MAX = 7
@@ -236,3 +239,40 @@ def quantize_activations(
         v = torch.where(ok.unsqueeze(-1), v, 0.0)
         return v.reshape(x.shape), a
     raise ValueError(f"unknown precision {precision!r}")
+
+
+# --------------------------------------------------------------------------- FP8 weights (fast8)
+
+
+def fp8_weight_row_scales(codes: torch.Tensor, scales: torch.Tensor, *, group_size: int = 64) -> torch.Tensor:
+    """Per output row, the power of two ``2^e`` (float32 ``[N]``) that brings the row's largest
+    ``|code × scale|`` into [128, 256) — the range in which the ``fast8`` mode rounds weights to
+    e4m3 (docs/format.md §6.3). Computed with ``frexp`` (exact, the same on every device); a row
+    of zeros or with a non-finite value gets 1.
+
+    Args:
+        codes: int4 code values ``[N, K]`` (any real dtype).
+        scales: Group scales ``[N, K/group_size]``.
+        group_size: Quantization group along K.
+    """
+    w = group_view(codes.float(), group_size) * scales.float().unsqueeze(-1)
+    rmax = w.abs().amax(dim=(1, 2))
+    _, exp = torch.frexp(rmax)  # rmax = m · 2^exp, m in [0.5, 1)
+    e = (8 - exp).clamp(-100, 100).float()
+    ok = (rmax > 0) & torch.isfinite(rmax)
+    return torch.where(ok, torch.exp2(e), torch.ones_like(rmax))
+
+
+def fp8_weight_scales(scales: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+    """The ``fast8`` group scales: ``scale · 2^e`` rounded to float16 (``[N, K/g]``)."""
+    return (scales.float() * row_scales.float().unsqueeze(1)).to(torch.float16)
+
+
+def fp8_weight_values(codes: torch.Tensor, scales16: torch.Tensor, *, group_size: int = 64) -> torch.Tensor:
+    """The ``fast8`` weights before the row scale is divided out: ``e4m3(fp16(code × scale16))``
+    as float32 ``[N, K]`` — an fp16 product (exact for bf16-born scales) rounded once to e4m3,
+    nearest-even, saturating. This is what an FP8 tensor-core mainloop that converts int4 codes
+    on the fly multiplies (svdq_kernels' CUTLASS group-64 GEMM), so the reference matches it
+    bit for bit."""
+    prod = group_view(codes.to(torch.float16), group_size) * scales16.to(torch.float16).unsqueeze(-1)
+    return round_to_e4m3(prod.reshape(codes.shape).float()).float()

@@ -47,6 +47,7 @@ __all__ = [
     "BuildResult",
     "cache_dir",
     "cache_key",
+    "sources_digest",
     "detect_toolchain",
     "find_nvcc",
     "nvcc_command",
@@ -153,9 +154,21 @@ def detect_toolchain(*, nvcc: Optional[str] = None, arch: str = ARCH) -> Toolcha
     )
 
 
+@functools.lru_cache(maxsize=1)
+def sources_digest() -> str:
+    """sha256 over our C++ templates and headers (``csrc/``): editing one rebuilds every kernel."""
+    h = hashlib.sha256()
+    for path in sorted(CSRC_DIR.iterdir()):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def cache_key(config: CutlassGemmConfig, toolchain: Toolchain) -> str:
-    """16 hex digits identifying the built artefact of ``config`` under ``toolchain``."""
-    payload = {"kernel": config.as_dict(), "toolchain": toolchain.key_fields(), "layout": 1}
+    """16 hex digits identifying the built artefact of ``config`` under ``toolchain`` (and our
+    C++ sources, :func:`sources_digest`)."""
+    payload = {"kernel": config.as_dict(), "toolchain": toolchain.key_fields(), "layout": 1,
+               "sources": sources_digest()}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

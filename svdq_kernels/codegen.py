@@ -12,9 +12,9 @@ import string
 from pathlib import Path
 
 from ._cuda_compat import import_cutlass_library
-from .configs import CutlassGemmConfig
+from .configs import CutlassGemmConfig, Group64GemmConfig
 
-__all__ = ["CSRC_DIR", "emit_cutlass_gemm", "render_source", "csrc_template"]
+__all__ = ["CSRC_DIR", "emit_cutlass_gemm", "render_source", "render_group64_source", "csrc_template"]
 
 #: Our C++/CUDA templates and headers.
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
@@ -69,8 +69,34 @@ def emit_cutlass_gemm(config: CutlassGemmConfig) -> tuple[str, str]:
     return op.procedural_name(), EmitGemmUniversal3xInstance().emit(op)
 
 
+def _schedule_tags(schedule: str) -> tuple[str, str]:
+    """CUTLASS's C++ names of the kernel and epilogue schedules, from ``cutlass_library``."""
+    import_cutlass_library()
+    from cutlass_library import library as L
+
+    if schedule == "cooperative":
+        kernel, epilogue = L.KernelScheduleType.TmaWarpSpecializedCooperative, L.EpilogueScheduleType.TmaWarpSpecializedCooperative
+    else:
+        kernel, epilogue = L.KernelScheduleType.TmaWarpSpecializedPingpong, L.EpilogueScheduleType.TmaWarpSpecialized
+    return L.KernelScheduleTag[kernel], L.EpilogueScheduleTag[epilogue]
+
+
+def render_group64_source(config: Group64GemmConfig) -> str:
+    """The ``.cu`` of our group-64 GEMM (``csrc/svdq_g64_gemm.cu.in`` + the mainloop header)."""
+    kernel_schedule, epilogue_schedule = _schedule_tags(config.schedule)
+    header = f"// svdquant kernel {config.name}\n// config: {sorted(config.as_dict().items())}\n"
+    return header + csrc_template("svdq_g64_gemm.cu.in").substitute(
+        TILE_M=config.tile_m, TILE_N=config.tile_n, TILE_K=config.tile_k,
+        CLUSTER_M=config.cluster_m, CLUSTER_N=config.cluster_n,
+        KERNEL_SCHEDULE=kernel_schedule, EPILOGUE_SCHEDULE=epilogue_schedule,
+        STAGES=config.stages, OP_NAME=config.name,
+    )
+
+
 def render_source(config: CutlassGemmConfig) -> str:
     """The complete ``.cu`` translation unit for ``config`` (kernel + torch op registration)."""
+    if isinstance(config, Group64GemmConfig):
+        return render_group64_source(config)
     operation_name, cpp = emit_cutlass_gemm(config)
     header = (
         f"// svdquant kernel {config.name}\n"

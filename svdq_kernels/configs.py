@@ -11,7 +11,8 @@ from typing import Any
 
 from svdq_format.errors import UnsupportedError
 
-__all__ = ["CutlassGemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "config_by_name"]
+__all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
+           "config_by_name", "group64_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
@@ -87,10 +88,59 @@ class CutlassGemmConfig:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Group64GemmConfig(CutlassGemmConfig):
+    """Our group-64 int4 × FP8 GEMM (``csrc/svdq_sm90_mixed_input_g64.hpp``): the ``fast8`` layer.
+
+    The stock mixed-input mainloop with a ``[tile_m, tile_k/64]`` fp16 scale tile per stage;
+    the weights are converted to e4m3 as ``code × scale`` in the mainloop. The epilogue applies
+    the per-row power of two and the per-token scale and adds a bf16 source tensor (low-rank
+    branch + bias): ``out = acc · rowinv[n] · a[m] + c[m, n]``. ``stages = 0``: as many as fit.
+    """
+
+    kind: str = dataclasses.field(default="svdq_g64_gemm", init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tile_k % 64 or self.tile_k < 128:
+            raise UnsupportedError(f"tile_k {self.tile_k}: the group-64 mainloop needs 128 or 256")
+
+    @property
+    def name(self) -> str:
+        return "g64" + super().name
+
+    def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
+        if group != 64:
+            return f"group {group}: this kernel is for groups of 64"
+        if k % self.tile_k:
+            return f"K={k} is not a multiple of tile_k {self.tile_k}"
+        if n % 8:
+            return f"N={n} is not a multiple of 8 (TMA alignment of the scales and the output)"
+        return None
+
+
+#: The group-64 kernels the ``fast8`` path chooses from (:func:`group64_config`).
+GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = (
+    Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative"),
+    Group64GemmConfig(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative"),
+    Group64GemmConfig(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong"),
+)
+
+
+def group64_config(m: int) -> Group64GemmConfig:
+    """The group-64 kernel for ``m`` tokens: wide token tiles for large M, narrow ones below."""
+    if m >= 2048:
+        return GROUP64_CONFIGS[1]
+    if m >= 256:
+        return GROUP64_CONFIGS[0]
+    return GROUP64_CONFIGS[2]
+
+
 #: What ``svdq kernels build`` compiles by default.
 DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
     CutlassGemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative"),
     CutlassGemmConfig(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative"),
+    *GROUP64_CONFIGS,
 )
 
 

@@ -27,6 +27,7 @@ import torch
 
 from svdq_format import ops
 
+from .cutlass_fast8 import fast8_linear, fast8_unsupported
 from .triton_fast import exact_linear, experimental_kernels, fast_linear, nvfp4_linear, w4a16_linear
 
 __all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "EXPERIMENTAL_PATHS", "supports", "register",
@@ -46,6 +47,8 @@ class KernelPath:
     name: str
     linear: Callable[..., torch.Tensor]
     needs: tuple[str, ...]
+    #: Extra host-side limits: ``check(in_features, out_features, dtype)`` → reason or None.
+    check: Optional[Callable[[int, int, torch.dtype], Optional[str]]] = None
 
 
 #: (precision, act) -> kernels. Missing combinations fall back to the reference.
@@ -63,7 +66,10 @@ PATHS: dict[tuple[str, str], KernelPath] = {
 #: Paths written and checked on the CPU (Triton's interpreter) but not yet run on a GPU: used only
 #: with ``SVDQ_EXPERIMENTAL_KERNELS=1`` until the GPU tests pass, then moved into :data:`PATHS`.
 #: (Empty: the exact, W4A16 and nvfp4 paths passed on an H100 on 2026-11-27.)
-EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {}
+EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {
+    ("int4", "fp8w"): KernelPath("fast8-int4 (triton prologue + CUTLASS group-64 int4 x fp8 gemm)", fast8_linear,
+                                 ("triton", "nvcc", "nvidia-cutlass"), fast8_unsupported),
+}
 
 
 def _path(precision: str, act: str) -> Optional[KernelPath]:
@@ -116,6 +122,10 @@ def supports(call: ops.LinearCall) -> Optional[str]:
         return f"in_features {call.in_features} is not a multiple of 64"
     if call.rows == 0:
         return "empty input"
+    if path.check is not None:
+        reason = path.check(call.in_features, call.out_features, call.dtype)
+        if reason:
+            return reason
     for need in path.needs:
         reason = requirement_missing(need)
         if reason:

@@ -1,0 +1,157 @@
+"""The ``fast8`` layer (CUTLASS group-64 int4 × FP8 GEMM) vs its peers at FLUX.1 shapes.
+
+Per shape (M tokens × K in × N out), all measured in one process on one GPU:
+
+* ``bf16``       — cuBLAS bf16 ``F.linear`` (dense weight);
+* ``fp8_row``    — torch FP8 rowwise ``_scaled_mm`` with its own per-token activation
+  quantization (torch ops); ``fp8_row_gemm`` — the ``_scaled_mm`` call alone;
+* ``fast8``      — our whole ``fast8`` layer (prologue + low-rank source + CUTLASS GEMM);
+  ``fast8_gemm[<config>]`` — the CUTLASS GEMM alone, every group-64 configuration;
+  ``fast8_prologue``, ``fast8_lowrank`` — the other two launches alone;
+* ``fast``       — the Triton ``fast`` layer (the previous default), for comparison.
+
+Correctness of the timed layer: max and norm-relative error against the reference
+(``act="fp8w"``) evaluated on the CPU in IEEE fp32; the GEMM alone against a float64
+emulation on the GPU. Prints a table (µs and TFLOPS, 2·M·N·K flops) and writes JSON.
+Usage: ``python benchmarks/fast8_linear.py [--rank 32] [--shapes all|quick|small] [--out f.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = [  # (M, K, N): FLUX.1 linears at 1024x1024 (4096 image + 512 text tokens)
+    (4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504),
+    (4608, 15360, 3072), (4096, 3072, 3072), (256, 3072, 3072), (16, 3072, 12288), (1, 3072, 18432),
+]
+
+
+def _bench(fn) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _quant_rowwise(x: torch.Tensor):
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / 448.0
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--out", default="fast8_linear.json")
+    ap.add_argument("--shapes", default="all", help="'all', 'quick' (first two) or 'small' (M <= 256)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the CPU reference check")
+    args = ap.parse_args(argv)
+
+    import triton
+
+    from svdq_format import ops, packing
+    from svdq_kernels import cutlass_fast8, triton_fast
+    from svdq_kernels.build import load_kernel
+    from svdq_kernels.configs import GROUP64_CONFIGS, group64_config
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    build_s = {}
+    for cfg in GROUP64_CONFIGS:  # first use builds (or finds) each kernel
+        t0 = time.perf_counter()
+        load_kernel(cfg)
+        build_s[cfg.name] = round(time.perf_counter() - t0, 2)
+    print(f"kernels ready: {build_s}", flush=True)
+
+    shapes = {"all": SHAPES, "quick": SHAPES[:2], "small": [s for s in SHAPES if s[0] <= 256]}[args.shapes]
+    rows = []
+    r = args.rank
+    for m, k, n in shapes:
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+        qweight = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
+        wscales = (torch.rand(n, k // 64, device=dev) * 0.004 + 0.001).to(torch.bfloat16)
+        smooth = (torch.rand(k, device=dev) + 0.5).to(torch.bfloat16)
+        down = (torch.randn(r, k, device=dev) / k**0.5).to(torch.bfloat16)
+        up = (torch.randn(n, r, device=dev) * 0.1).to(torch.bfloat16)
+        w8 = (w / (w.abs().amax(dim=1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
+        sw = (w.abs().amax(dim=1, keepdim=True) / 448).float().T.contiguous()
+        res: dict[str, float] = {}
+        res["bf16"] = _bench(lambda: torch.nn.functional.linear(x, w, bias))
+
+        def fp8_row():
+            xq, sx = _quant_rowwise(x)
+            return torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16)
+
+        res["fp8_row"] = _bench(fp8_row)
+        xq, sx = _quant_rowwise(x)
+        res["fp8_row_gemm"] = _bench(lambda: torch._scaled_mm(
+            xq, w8.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16))
+        layer8 = (x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "fp8w")
+        layer = (x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "fp8")
+        res["fast8"] = _bench(lambda: cutlass_fast8.fast8_linear(*layer8))
+        res["fast"] = _bench(lambda: triton_fast.fast_linear(*layer))
+        s16, rowinv = cutlass_fast8.fast8_weights(qweight, wscales)
+        q, a, lr = triton_fast.prologue(x, smooth, down)
+        res["fast8_prologue"] = _bench(lambda: triton_fast.prologue(x, smooth, down))
+        res["fast8_lowrank"] = _bench(lambda: cutlass_fast8.lowrank_source(lr, up, bias, None, m=m, n=n, device=x.device))
+        c = cutlass_fast8.lowrank_source(lr, up, bias, None, m=m, n=n, device=x.device)
+        zero_c = torch.zeros_like(c)
+        gemm_err = {}
+        # the GEMM alone vs a float64 emulation of its math (same q, a, c)
+        codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight))
+        w8v = packing.fp8_weight_values(codes, s16.t()).double() * rowinv.double().unsqueeze(1)
+        ref_gemm = (q.double() @ w8v.t()) * a.double().unsqueeze(1) + c.double()
+        for cfg in GROUP64_CONFIGS:
+            if cfg.supports(m=m, n=n, k=k, group=64):
+                continue
+            key = f"fast8_gemm[{cfg.name}]"
+            res[key] = _bench(lambda cfg=cfg: cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, zero_c, config=cfg))
+            out = cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, c, config=cfg).double()
+            gemm_err[cfg.name] = ((out - ref_gemm).abs().max() / ref_gemm.abs().max()).item()
+        best = min((v, key) for key, v in res.items() if key.startswith("fast8_gemm["))
+        row = {"M": m, "K": k, "N": n, "rank": r, "config": group64_config(m).name,
+               "gemm_max_rel_err_vs_f64": gemm_err, "ms": res,
+               "tflops": {key: 2 * m * n * k / v / 1e9 for key, v in res.items()},
+               "best_gemm": best[1]}
+        if not args.no_reference:
+            ref = ops.reference_linear(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in layer8]).float()
+            out = cutlass_fast8.fast8_linear(*layer8).float().cpu()
+            row["rel_err_vs_reference"] = ((out - ref).norm() / ref.norm()).item()
+            row["max_rel_err_vs_reference"] = ((out - ref).abs().max() / ref.abs().max()).item()
+        row["speedup_vs_bf16"] = res["bf16"] / res["fast8"]
+        row["speedup_vs_fp8_row"] = res["fp8_row"] / res["fast8"]
+        row["gemm_speedup_vs_bf16"] = res["bf16"] / best[0]
+        row["overhead_frac"] = 1 - best[0] / res["fast8"]
+        rows.append(row)
+        t = row["tflops"]
+        gem = " ".join(f"{key[11:-1].split('_c1')[0]}:{t[key]:.0f}" for key in res if key.startswith("fast8_gemm["))
+        print(f"M={m:5d} K={k:5d} N={n:5d} | bf16 {t['bf16']:5.0f} | fp8row {t['fp8_row']:5.0f} (gemm "
+              f"{t['fp8_row_gemm']:5.0f}) | fast {t['fast']:4.0f} | fast8 {t['fast8']:5.0f} = {row['speedup_vs_bf16']:.2f}x bf16 "
+              f"{row['speedup_vs_fp8_row']:.2f}x fp8row | gemm {gem} | prol {res['fast8_prologue']*1e3:.0f}us lowrank "
+              f"{res['fast8_lowrank']*1e3:.0f}us ovh {row['overhead_frac']*100:.0f}% | err gemm "
+              f"{max(gemm_err.values()):.1e} layer {row.get('max_rel_err_vs_reference', float('nan')):.1e}", flush=True)
+    meta = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "triton": triton.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms; TFLOPS = 2MNK/t",
+        "kernel_load_seconds": build_s,
+    }
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out} ({meta['device']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

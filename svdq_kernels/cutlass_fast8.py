@@ -1,0 +1,127 @@
+"""The ``fast8`` int4 layer on Hopper: the Triton prologue + our CUTLASS group-64 GEMM.
+
+Semantics: :func:`svdq_format.ops.reference_linear` with ``act="fp8w"`` — activations
+quantized to e4m3 per token (as in ``fast``), int4 weights rounded to e4m3 after scaling each
+row by a power of two (:func:`svdq_format.packing.fp8_weight_values`). That is what an FP8
+tensor-core mainloop that converts the packed int4 weights on the fly computes, so the GEMM
+(``csrc/svdq_sm90_mixed_input_g64.hpp``, built by :mod:`svdq_kernels.build`) runs at FP8 speed
+with the weights 4-bit in memory.
+
+One layer call:
+
+1. the ``fast`` prologue (:func:`svdq_kernels.triton_fast.prologue`): ``q`` (e4m3), ``a``
+   (per-token scale) and ``lr = x · L2ᵀ`` in one pass over ``x``;
+2. ``c = bias + lr · L1ᵀ`` in bf16 (one cuBLAS GEMM; ``lr`` split into two bf16 parts so the
+   product keeps fp32-level accuracy before the single rounding);
+3. the CUTLASS GEMM ``out = (Σ q · w8) · rowinv · a + c``: weights and their fp16 group scales
+   read once per tile, the epilogue applies both scales and adds ``c``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+from svdq_format import packing
+
+from .build import load_kernel
+from .configs import Group64GemmConfig, group64_config
+from .triton_fast import _layer_inputs, prologue
+
+__all__ = ["fast8_weights", "fast8_linear", "lowrank_source", "group64_gemm"]
+
+_WEIGHTS: dict[tuple[int, int], tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
+
+
+def fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM's view of a layer's weights, made once per weight version (cached).
+
+    Returns:
+        ``(scales16 [K/64, N] float16, rowinv [N] float32)``: the group scales times the row's
+        power of two (:func:`svdq_format.packing.fp8_weight_scales`), transposed for the kernel's
+        TMA, and one over that power of two. The packed codes are used as stored.
+    """
+    key = (id(qweight), id(wscales))
+    version = (qweight._version, wscales._version)
+    hit = _WEIGHTS.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1], hit[2]
+    codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight))
+    pw = packing.fp8_weight_row_scales(codes, wscales)
+    scales16 = packing.fp8_weight_scales(wscales, pw).t().contiguous()
+    rowinv = (1.0 / pw).to(torch.float32).contiguous()
+    if hit is None:
+        weakref.finalize(wscales, _WEIGHTS.pop, key, None)
+    _WEIGHTS[key] = (version, scales16, rowinv)
+    return scales16, rowinv
+
+
+def lowrank_source(
+    lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor], *, m: int, n: int, device: torch.device,
+) -> torch.Tensor:
+    """``bias + (lr · lora_scales) · L1ᵀ`` as bf16 ``[M, N]`` (zeros when there is neither).
+
+    ``lr`` (fp32) is split into ``hi + lo`` bf16 parts and both multiply ``L1`` in one bf16 GEMM
+    with K = 2r, so the only rounding beyond fp32 accumulation is the final one to bf16.
+    """
+    if lr is None or lora_up is None:
+        if bias is None:
+            return torch.zeros(m, n, device=device, dtype=torch.bfloat16)
+        return bias.to(torch.bfloat16).expand(m, n).contiguous()
+    if lora_scales is not None:
+        lr = lr * lora_scales.float()
+    hi = lr.to(torch.bfloat16)
+    lo = (lr - hi.float()).to(torch.bfloat16)
+    up = lora_up.to(torch.bfloat16)
+    both = torch.cat([hi, lo], dim=1)
+    ups = torch.cat([up, up], dim=1)
+    if bias is None:
+        return both @ ups.t()
+    return torch.addmm(bias.to(torch.bfloat16), both, ups.t())
+
+
+def group64_gemm(
+    qweight: torch.Tensor, scales16: torch.Tensor, rowinv: torch.Tensor, q: torch.Tensor, a: torch.Tensor,
+    c: torch.Tensor, *, config: Optional[Group64GemmConfig] = None,
+) -> torch.Tensor:
+    """``(Σ q · w8) · rowinv · a + c`` in bf16 ``[M, N]`` on the CUTLASS group-64 kernel (built on
+    first use; :func:`svdq_kernels.configs.group64_config` picks the tile for M)."""
+    op = load_kernel(config or group64_config(q.shape[0]))
+    return op(qweight, scales16, rowinv, q, a, c)
+
+
+def fast8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtscale: Optional[torch.Tensor],
+    smooth: torch.Tensor,
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor],
+    precision: str,
+    act: str,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
+) -> torch.Tensor:
+    """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
+    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
+    m, n = x2.shape[0], qweight.shape[0]
+    qweight = qweight.contiguous()
+    scales16, rowinv = fast8_weights(qweight, wscales)
+    with torch.cuda.device(x2.device):
+        q, a, lr = prologue(x2, smooth, down, act_shift=act_shift)
+        c = lowrank_source(lr, up, bias, lora_scales, m=m, n=n, device=x2.device)
+        y = group64_gemm(qweight, scales16, rowinv, q, a, c)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def fast8_unsupported(in_features: int, out_features: int, dtype: torch.dtype) -> Optional[str]:
+    """Why the ``fast8`` kernels cannot run a layer (host-side shape/dtype limits), else None."""
+    if dtype != torch.bfloat16:
+        return f"fast8 kernels output bfloat16; the layer computes in {dtype}"
+    return group64_config(4096).supports(m=1, n=out_features, k=in_features, group=64)
