@@ -129,6 +129,20 @@ def main(argv=None) -> int:
             out = cutlass_fast8.fast8_linear(*layer8).float().cpu()
             row["rel_err_vs_reference"] = ((out - ref).norm() / ref.norm()).item()
             row["max_rel_err_vs_reference"] = ((out - ref).abs().max() / ref.abs().max()).item()
+        # host (CPU) time per call, launches not waited for: what eager mode pays per layer
+        host = {}
+        for name, fn in (("fast8", lambda: cutlass_fast8.fast8_linear(*layer8)),
+                         ("fast8_prologue", lambda: triton_fast.prologue(x, smooth, down)),
+                         ("fast8_lowrank", lambda: cutlass_fast8.lowrank_source(lr, up, bias, None, m=m, n=n, device=x.device)),
+                         ("fast8_gemm", lambda: cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, c)),
+                         ("bf16", lambda: torch.nn.functional.linear(x, w, bias))):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            host[name] = (time.perf_counter() - t0) / 20 * 1e6
+            torch.cuda.synchronize()
+        row["host_us_per_call"] = host
         row["speedup_vs_bf16"] = res["bf16"] / res["fast8"]
         row["speedup_vs_fp8_row"] = res["fp8_row"] / res["fast8"]
         row["gemm_speedup_vs_bf16"] = res["bf16"] / best[0]
@@ -139,7 +153,7 @@ def main(argv=None) -> int:
         print(f"M={m:5d} K={k:5d} N={n:5d} | bf16 {t['bf16']:5.0f} | fp8row {t['fp8_row']:5.0f} (gemm "
               f"{t['fp8_row_gemm']:5.0f}) | fast {t['fast']:4.0f} | fast8 {t['fast8']:5.0f} = {row['speedup_vs_bf16']:.2f}x bf16 "
               f"{row['speedup_vs_fp8_row']:.2f}x fp8row | gemm {gem} | prol {res['fast8_prologue']*1e3:.0f}us lowrank "
-              f"{res['fast8_lowrank']*1e3:.0f}us ovh {row['overhead_frac']*100:.0f}% | err gemm "
+              f"{res['fast8_lowrank']*1e3:.0f}us ovh {row['overhead_frac']*100:.0f}% | host us {' '.join(f'{k}:{v:.0f}' for k, v in host.items())} | err gemm "
               f"{max(gemm_err.values()):.1e} layer {row.get('max_rel_err_vs_reference', float('nan')):.1e}", flush=True)
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,

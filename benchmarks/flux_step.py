@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                     help="torch.compile mode (e.g. reduce-overhead for CUDA graphs)")
     ap.add_argument("--samples", type=int, default=4, help="synthetic calibration samples")
     ap.add_argument("--fast", action="store_true", help="quantize without the smoothing / clipping searches")
-    ap.add_argument("--mode", choices=("fast", "exact"), default="fast",
+    ap.add_argument("--mode", choices=("fast", "fast8", "exact"), default="fast",
                     help="execution mode of the W4A4 layers")
     ap.add_argument("--out", default="flux_step.json")
     args = ap.parse_args(argv)

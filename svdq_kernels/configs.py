@@ -7,6 +7,7 @@ the build-cache key together with the toolchain (:mod:`svdq_kernels.build`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from svdq_format.errors import UnsupportedError
@@ -98,16 +99,23 @@ class Group64GemmConfig(CutlassGemmConfig):
     branch + bias): ``out = acc · rowinv[n] · a[m] + c[m, n]``. ``stages = 0``: as many as fit.
     """
 
+    #: Add the FP8 partial sums to the fp32 accumulator every ``promote`` k-tiles (0: never).
+    #: Hopper's FP8 MMAs accumulate with reduced precision; promotion bounds that error at the
+    #: cost of a second accumulator (registers: tiles up to 128 × 128 per consumer pair).
+    promote: int = 0
+
     kind: str = dataclasses.field(default="svdq_g64_gemm", init=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tile_k % 64 or self.tile_k < 128:
             raise UnsupportedError(f"tile_k {self.tile_k}: the group-64 mainloop needs 128 or 256")
+        if self.promote < 0:
+            raise UnsupportedError(f"promote {self.promote} is negative")
 
     @property
     def name(self) -> str:
-        return "g64" + super().name
+        return "g64" + super().name + (f"_p{self.promote}" if self.promote else "")
 
     def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
         if group != 64:
@@ -119,16 +127,26 @@ class Group64GemmConfig(CutlassGemmConfig):
         return None
 
 
-#: The group-64 kernels the ``fast8`` path chooses from (:func:`group64_config`).
+#: The group-64 kernels the ``fast8`` path chooses from (:func:`group64_config`), and the
+#: promoted variants measured against them (benchmarks/fast8_linear.py).
 GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = (
     Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative"),
     Group64GemmConfig(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative"),
     Group64GemmConfig(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong"),
+    Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=1),
+    Group64GemmConfig(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong", promote=1),
 )
 
 
 def group64_config(m: int) -> Group64GemmConfig:
-    """The group-64 kernel for ``m`` tokens: wide token tiles for large M, narrow ones below."""
+    """The group-64 kernel for ``m`` tokens: wide token tiles for large M, narrow ones below.
+    ``SVDQ_G64_CONFIG=<name>`` forces one of :data:`GROUP64_CONFIGS` (benchmarks)."""
+    forced = os.environ.get("SVDQ_G64_CONFIG")
+    if forced:
+        for config in GROUP64_CONFIGS:
+            if config.name == forced:
+                return config
+        raise UnsupportedError(f"SVDQ_G64_CONFIG={forced!r} is not one of {[c.name for c in GROUP64_CONFIGS]}")
     if m >= 2048:
         return GROUP64_CONFIGS[1]
     if m >= 256:

@@ -59,6 +59,8 @@ PATHS: dict[tuple[str, str], KernelPath] = {
                                  ("triton",)),
     ("nvfp4", "nvfp4"): KernelPath("nvfp4 (triton: both operands dequantized exactly to fp16)", nvfp4_linear,
                                    ("triton",)),
+    ("int4", "fp8w"): KernelPath("fast8-int4 (triton prologue + CUTLASS group-64 int4 x fp8 gemm)", fast8_linear,
+                                 ("triton", "nvcc", "nvidia-cutlass"), fast8_unsupported),
     ("nvfp4", "none"): KernelPath("w4a16-nvfp4 (triton: fp16 activations, exact fp16 weights)", nvfp4_linear,
                                   ("triton",)),
 }
@@ -66,10 +68,7 @@ PATHS: dict[tuple[str, str], KernelPath] = {
 #: Paths written and checked on the CPU (Triton's interpreter) but not yet run on a GPU: used only
 #: with ``SVDQ_EXPERIMENTAL_KERNELS=1`` until the GPU tests pass, then moved into :data:`PATHS`.
 #: (Empty: the exact, W4A16 and nvfp4 paths passed on an H100 on 2026-11-27.)
-EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {
-    ("int4", "fp8w"): KernelPath("fast8-int4 (triton prologue + CUTLASS group-64 int4 x fp8 gemm)", fast8_linear,
-                                 ("triton", "nvcc", "nvidia-cutlass"), fast8_unsupported),
-}
+EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {}
 
 
 def _path(precision: str, act: str) -> Optional[KernelPath]:

@@ -71,7 +71,8 @@ template <class Collective> struct SvdqGroup64Utils;
 //  * the MMA threads read the scales through a [TileM, TileK] view whose K stride is
 //    (64 : 0, TileK/64 : TileM), so k-block kb uses group kb * 32 / 64, and they copy the scales
 //    for every k-block (SvdqGroup64Utils::copy_tensors_MK; the stock code copies once per k-tile);
-//  * the group size must be 64 and K a multiple of TileK (can_implement).
+//  * the group size must be 64 and K a multiple of TileK (can_implement);
+//  * optional promotion of the FP8 partial sums to the fp32 accumulator (PromoteKTiles).
 // Everything else (pipeline, TMA, warp specialization, the conversion) is the stock code.
 template <
   class DispatchPolicy_,
@@ -88,7 +89,8 @@ template <
   class GmemTiledCopyB_,
   class SmemLayoutAtomB_,
   class SmemCopyAtomB_,
-  class TransformB_>
+  class TransformB_,
+  int PromoteKTiles_ = 0>
 struct SvdqSm90MixedInputGroup64Mma
 {
 public:
@@ -102,6 +104,10 @@ public:
   using KernelSchedule = typename DispatchPolicy::Schedule;
   using ClusterShape = typename DispatchPolicy::ClusterShape;
   static constexpr int Stages = DispatchPolicy::Stages;
+  // svdq: FP8 MMAs accumulate with reduced precision on Hopper; with PromoteKTiles > 0 they
+  // accumulate into a temporary that is added to the fp32 accumulator every PromoteKTiles
+  // k-tiles (0: never, the stock behaviour). Costs a second accumulator's registers.
+  static constexpr int PromoteKTiles = PromoteKTiles_;
 
 private:
   template<class T> friend struct detail::MixedInputUtils;
@@ -113,7 +119,7 @@ private:
                                        GmemTiledCopyA_, SmemLayoutAtomA_, SmemCopyAtomA_,
                                        TransformA_,
                                        GmemTiledCopyB_, SmemLayoutAtomB_, SmemCopyAtomB_,
-                                       TransformB_>;
+                                       TransformB_, PromoteKTiles_>;
   using Utils = SvdqGroup64Utils<CollectiveType>;
 
   using ScaleA = detail::deduce_mixed_width_dtype_t<1, ElementAOptionalTuple>;
@@ -860,6 +866,37 @@ public:
 
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
 
+    // svdq: optional promotion of the FP8 partial sums into accum (see PromoteKTiles).
+    constexpr bool Promote = PromoteKTiles > 0;
+    Tensor accum_tmp = make_fragment_like(accum);
+    if constexpr (Promote) {
+      clear(accum);
+    }
+    int promote_count = 0;
+    auto mma_block = [&](int k_block, int stage) {
+      if constexpr (Promote) {
+        cute::gemm(tiled_mma, tCrA_mma(_,_,k_block), tCrB(_,_,k_block,stage), accum_tmp);
+      } else {
+        cute::gemm(tiled_mma, tCrA_mma(_,_,k_block), tCrB(_,_,k_block,stage), accum);
+      }
+    };
+    auto promote = [&](bool last) {
+      if constexpr (Promote) {
+        if (++promote_count == PromoteKTiles || last) {
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(accum_tmp);
+          warpgroup_fence_operand(accum);
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(accum); ++i) {
+            accum(i) += accum_tmp(i);
+          }
+          warpgroup_fence_operand(accum);
+          tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+          promote_count = 0;
+        }
+      }
+    };
+
     warpgroup_fence_operand(accum);
 
     constexpr int K_BLOCK_MAX = size<2>(tCrA_load);
@@ -891,7 +928,7 @@ public:
       for (int k_block = 0; k_block < K_BLOCK_MAX; ++k_block) {
         warpgroup_arrive();
         // (V,M) x (V,N) => (V,M,N)
-        cute::gemm(tiled_mma, tCrA_mma(_,_,k_block), tCrB(_,_,k_block,read_stage), accum);
+        mma_block(k_block, read_stage);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
 
@@ -904,6 +941,7 @@ public:
         }
       }
 
+      promote(k_tile_count == 1);
       --k_tile_count;
       if (k_tile_count > 0) {
         // Wait for K_BLOCK_MAX - 1 to be in flight to ensure that it is safe to overwrite the A registers for the first mma.
@@ -942,7 +980,7 @@ public:
 
         warpgroup_arrive();
         // (V,M) x (V,N) => (V,M,N)
-        cute::gemm(tiled_mma, tCrA_mma(_,_,k_block), tCrB(_,_,k_block,read_stage), accum);
+        mma_block(k_block, read_stage);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
 
@@ -975,7 +1013,7 @@ public:
         }
       }
       warpgroup_fence_operand(accum);
-
+      promote(false);
     }
 
     warpgroup_fence_operand(accum);
@@ -995,7 +1033,7 @@ public:
 
         warpgroup_arrive();
         // (V,M) x (V,N) => (V,M,N)
-        cute::gemm(tiled_mma, tCrA_mma(_,_,k_block), tCrB(_,_,k_block,read_stage), accum);
+        mma_block(k_block, read_stage);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
 
@@ -1013,6 +1051,7 @@ public:
           Utils::dequantize_A_kblock(tCrA_load, tCrA_mma, partitioned_extra_info, k_block + 1);
         }
       }
+      promote(true);
     }
 
     warpgroup_fence_operand(accum);

@@ -1,0 +1,127 @@
+"""The ``fast8`` layer (CUTLASS group-64 int4 × FP8 GEMM) on a Hopper GPU vs the reference
+(``act="fp8w"``, evaluated on the CPU in IEEE fp32; error ‖out − ref‖₂ / ‖ref‖₂ as in
+test_kernels_gpu.py).
+
+Expected error, and so the bounds: the GEMM computes exactly the reference's products (e4m3
+activations × e4m3-rounded weights, both bit-identical to the reference's, checked below), but
+(1) Hopper's FP8 MMAs accumulate with reduced precision (the unpromoted kernels; promoted
+kernels add each k-tile's partial sums in fp32), and (2) the low-rank branch plus bias reaches
+the epilogue as one bf16 tensor, i.e. rounded once more than in the reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import svdq_format as sf
+from svdq_format import ops, packing
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                       reason="needs an sm_90 GPU"),
+]
+
+import svdq_kernels  # noqa: E402,F401  (registers cutlass-sm90)
+from svdq_kernels import cutlass_fast8, triton_fast  # noqa: E402
+from svdq_kernels.configs import GROUP64_CONFIGS  # noqa: E402
+
+FLUX_NK = [(3072, 3072), (12288, 3072), (3072, 12288)]
+
+
+def _inputs(m, n, k, r, *, bias, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, device=dev, dtype=torch.uint8)
+    wscales = (torch.rand(n, k // 64, generator=g, device=dev) * 0.004 + 0.001).to(torch.bfloat16)
+    smooth = (torch.rand(k, generator=g, device=dev) * 1.5 + 0.25).to(torch.bfloat16)
+    down = (torch.randn(r, k, generator=g, device=dev) / k**0.5).to(torch.bfloat16) if r else None
+    up = (torch.randn(n, r, generator=g, device=dev) * 0.5).to(torch.bfloat16) if r else None
+    b = (torch.randn(n, generator=g, device=dev) * 0.1).to(torch.bfloat16) if bias else None
+    x = torch.randn(m, k, generator=g, device=dev)
+    x[:, :: max(1, k // 16)] *= 20.0  # outlier channels
+    return x.to(torch.bfloat16), qweight, wscales, smooth, down, up, b
+
+
+def _rel(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _reference(*args):
+    cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    return ops.reference_linear(*cpu).float()
+
+
+@pytest.mark.parametrize("n,k", FLUX_NK)
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 64, 255, 256, 4096, 4608])
+def test_fast8_layer_matches_the_reference(m, n, k):
+    x, qw, ws, smooth, down, up, b = _inputs(m, n, k, 32, bias=True)
+    args = (x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
+    out = cutlass_fast8.fast8_linear(*args)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert _rel(out.cpu(), _reference(*args)) < 5e-3
+
+
+@pytest.mark.parametrize("r,bias", [(0, False), (0, True), (16, False), (256, True)])
+def test_fast8_ranks_and_bias(r, bias):
+    x, qw, ws, smooth, down, up, b = _inputs(300, 3072, 3072, r, bias=bias, seed=3)
+    args = (x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
+    assert _rel(cutlass_fast8.fast8_linear(*args).cpu(), _reference(*args)) < 5e-3
+
+
+@pytest.mark.parametrize("config", GROUP64_CONFIGS, ids=lambda c: c.name)
+def test_group64_gemm_against_float64(config):
+    """The GEMM alone (same q, a, c) vs a float64 evaluation of its math: promoted kernels
+    within 1e-3, unpromoted within the FP8 accumulation error (grows with K)."""
+    m, n, k = 1000, 3072, 12288
+    x, qw, ws, smooth, down, up, b = _inputs(m, n, k, 32, bias=True, seed=5)
+    s16, rowinv = cutlass_fast8.fast8_weights(qw, ws)
+    q, a, lr = triton_fast.prologue(x, smooth, down)
+    c = cutlass_fast8.lowrank_source(lr, up, b, None, m=m, n=n, device=x.device)
+    out = cutlass_fast8.group64_gemm(qw, s16, rowinv, q, a, c, config=config).double()
+    codes = packing.nibbles_to_int4(packing.unpack_nibbles(qw))
+    w8 = packing.fp8_weight_values(codes, s16.t()).double() * rowinv.double().unsqueeze(1)
+    ref = (q.double() @ w8.t()) * a.double().unsqueeze(1) + c.double()
+    err = _rel(out, ref)
+    assert err < (1e-3 if config.promote else 5e-3), err
+
+
+def test_fast8_weights_are_the_reference_weights():
+    _, qw, ws, *_ = _inputs(1, 3072, 3072, 0, bias=False)
+    s16, rowinv = cutlass_fast8.fast8_weights(qw, ws)
+    codes = packing.nibbles_to_int4(packing.unpack_nibbles(qw.cpu()))
+    pw = packing.fp8_weight_row_scales(codes, ws.cpu())
+    assert torch.equal(s16.t().cpu(), packing.fp8_weight_scales(ws.cpu(), pw))
+    assert torch.equal(rowinv.cpu(), 1.0 / pw)
+
+
+def test_fast8_nan_rows_stay_nan():
+    x, qw, ws, smooth, down, up, b = _inputs(64, 3072, 3072, 32, bias=True, seed=7)
+    x[3, 5] = float("nan")
+    x[10, 7] = float("inf")
+    out = cutlass_fast8.fast8_linear(x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w").float()
+    ref = _reference(x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
+    bad = torch.zeros(64, dtype=torch.bool)
+    bad[[3, 10]] = True
+    assert torch.isnan(out[bad].cpu()).all() == torch.isnan(ref[bad]).all()
+    assert torch.isfinite(out[~bad]).all()
+    assert _rel(out[~bad].cpu(), ref[~bad]) < 5e-3
+
+
+def test_fast8_layer_dispatches_to_the_kernel():
+    layer = sf.SVDQLinear(3072, 3072, rank=32, bias=True, dtype=torch.bfloat16, device="cuda")
+    x, qw, ws, smooth, down, up, b = _inputs(128, 3072, 3072, 32, bias=True, seed=9)
+    with torch.no_grad():
+        layer.qweight.copy_(qw), layer.wscales.copy_(ws), layer.smooth.copy_(smooth)
+        layer.lora_down.copy_(down), layer.lora_up.copy_(up), layer.bias.copy_(b)
+    layer.mode = "fast8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = layer(x)
+    ref = _reference(x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
+    assert _rel(out.cpu(), ref) < 5e-3
+    compiled = torch.compile(layer, fullgraph=True)
+    assert torch.equal(compiled(x), out)
