@@ -74,8 +74,9 @@ def test_fast8_ranks_and_bias(r, bias):
 
 @pytest.mark.parametrize("config", GROUP64_CONFIGS, ids=lambda c: c.name)
 def test_group64_gemm_against_float64(config):
-    """The GEMM alone (same q, a, c) vs a float64 evaluation of its math: promoted kernels
-    within 1e-3, unpromoted within the FP8 accumulation error (grows with K)."""
+    """The GEMM alone (same q, a, c) vs a float64 evaluation of its math rounded to bf16 like the
+    output: promoted kernels within 1e-3, unpromoted within the FP8 accumulation error (grows
+    with K: ~3e-3 at K = 3072, ~8e-3 max-relative at K = 12288, benchmarks/fast8_linear.py)."""
     m, n, k = 1000, 3072, 12288
     x, qw, ws, smooth, down, up, b = _inputs(m, n, k, 32, bias=True, seed=5)
     s16, rowinv = cutlass_fast8.fast8_weights(qw, ws)
@@ -84,7 +85,7 @@ def test_group64_gemm_against_float64(config):
     out = cutlass_fast8.group64_gemm(qw, s16, rowinv, q, a, c, config=config).double()
     codes = packing.nibbles_to_int4(packing.unpack_nibbles(qw))
     w8 = packing.fp8_weight_values(codes, s16.t()).double() * rowinv.double().unsqueeze(1)
-    ref = (q.double() @ w8.t()) * a.double().unsqueeze(1) + c.double()
+    ref = ((q.double() @ w8.t()) * a.double().unsqueeze(1) + c.double()).to(torch.bfloat16)  # output rounding
     err = _rel(out, ref)
     assert err < (1e-3 if config.promote else 5e-3), err
 
