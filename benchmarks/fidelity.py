@@ -32,6 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters.quantize.stats import CalibrationStats, LayerStats, collect_stats  # noqa: E402
+from svdq_format import packing  # noqa: E402
 from converters.quantize.layer import layer_fidelity, quantize_group  # noqa: E402
 from converters.quantize.options import QuantizeOptions  # noqa: E402
 from converters.quantize.report import environment_info  # noqa: E402
@@ -103,8 +104,8 @@ def fast_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> float:
 
 @torch.no_grad()
 def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[float, float]:
-    """``fast`` mode with the residual's ``code × scale`` rounded to e4m3 (each row scaled by a
-    power of two into (128, 256] first) — the math of an FP8-weight GEMM that applies the group
+    """``fast8`` mode: the residual's ``code × scale`` rounded to e4m3 (each row scaled by a
+    power of two into [128, 256) first, :func:`svdq_format.packing.fp8_weight_values`) — the math of an FP8-weight GEMM that applies the group
     scales in its int4 → FP8 conversion (stock CUTLASS's lookup-table mode, the ``fp8s``
     benchmark datapath) instead of promoting per group. Returns ``(error with the rounded weights,
     error of the same emulation with exact weights)``; the second checks the emulation against
@@ -116,9 +117,10 @@ def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[floa
     a = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
     q = (xs / a).clamp(-448, 448).to(torch.float8_e4m3fn).float()
     r = layer.residual().float()
-    rmax = r.abs().amax(dim=1, keepdim=True)
-    pw = torch.where(rmax > 0, torch.exp2(torch.floor(torch.log2(256.0 / rmax))), torch.ones_like(rmax))
-    r8 = (r * pw).to(torch.float8_e4m3fn).float() / pw
+    # the fast8 weights (svdq_format.packing, the same code as the reference and the kernel)
+    codes = packing.nibbles_to_int4(packing.unpack_nibbles(layer.qweight)).float()
+    pw = packing.fp8_weight_row_scales(codes, layer.wscales)
+    r8 = packing.fp8_weight_values(codes, packing.fp8_weight_scales(layer.wscales, pw)) / pw.unsqueeze(1)
     low = 0.0
     if layer.lora_down is not None and layer.lora_down.shape[0]:
         low = (x @ layer.lora_down.float().t()) @ layer.lora_up.float().t()

@@ -247,7 +247,7 @@ def quantize_activations(
 def fp8_weight_row_scales(codes: torch.Tensor, scales: torch.Tensor, *, group_size: int = 64) -> torch.Tensor:
     """Per output row, the power of two ``2^e`` (float32 ``[N]``) that brings the row's largest
     ``|code × scale|`` into [128, 256) — the range in which the ``fast8`` mode rounds weights to
-    e4m3 (docs/format.md §6.3). Computed with ``frexp`` (exact, the same on every device); a row
+    e4m3 (docs/format.md §6, execution modes). Computed with ``frexp`` (exact, the same on every device); a row
     of zeros or with a non-finite value gets 1.
 
     Args:

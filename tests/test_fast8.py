@@ -1,0 +1,185 @@
+"""The ``fast8`` mode on the CPU: its weight math (packing), its reference, the layer mode, and
+the group-64 kernel's configuration, source generation and dispatch (no GPU needed)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import svdq_format as sf
+from svdq_format import ops, packing
+from svdq_format.errors import BackendError, UnsupportedError
+
+
+def _codes_scales(n=48, k=256, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k), generator=g).float()
+    scales = (torch.rand(n, k // 64, generator=g) * torch.logspace(-6, 2, n).unsqueeze(1)).to(dtype)
+    return codes, scales
+
+
+def test_row_scales_put_every_row_into_128_256():
+    codes, scales = _codes_scales()
+    pw = packing.fp8_weight_row_scales(codes, scales)
+    assert torch.equal(pw, torch.exp2(torch.log2(pw).round()))  # powers of two
+    rmax = (packing.group_view(codes, 64) * scales.float().unsqueeze(-1)).abs().amax(dim=(1, 2))
+    assert ((rmax * pw >= 128) & (rmax * pw < 256)).all()
+
+
+def test_row_scales_of_zero_and_non_finite_rows_are_one():
+    codes, scales = _codes_scales(n=3)
+    scales[0] = 0
+    scales[1, 0] = float("inf")
+    pw = packing.fp8_weight_row_scales(codes, scales)
+    assert pw[0] == 1 and pw[1] == 1 and pw[2] != 1
+
+
+def test_fp8_weights_equal_a_direct_e4m3_rounding_for_bf16_scales():
+    """A bf16 scale times a power of two times a 3-bit code is exact in fp16, so the kernel's
+    fp16 product rounds to e4m3 exactly like ``code × scale × 2^e`` in float32."""
+    codes, scales = _codes_scales()
+    pw = packing.fp8_weight_row_scales(codes, scales)
+    s16 = packing.fp8_weight_scales(scales, pw)
+    assert torch.equal(s16.float(), scales.float() * pw.unsqueeze(1))
+    w = (packing.group_view(codes, 64) * (scales.float() * pw.unsqueeze(1)).unsqueeze(-1)).reshape(codes.shape)
+    assert torch.equal(packing.fp8_weight_values(codes, s16), w.to(torch.float8_e4m3fn).float())
+
+
+def test_fp8_weights_are_close_to_the_exact_weights():
+    codes, scales = _codes_scales()
+    pw = packing.fp8_weight_row_scales(codes, scales)
+    w8 = packing.fp8_weight_values(codes, packing.fp8_weight_scales(scales, pw)) / pw.unsqueeze(1)
+    w = (packing.group_view(codes, 64) * scales.float().unsqueeze(-1)).reshape(codes.shape)
+    big = w.abs() >= 2.0**-6 * 128 / pw.unsqueeze(1) * 2  # e4m3 normals after the row scaling
+    rel = ((w8 - w).abs() / w.abs())[big & (w != 0)]
+    assert rel.max() <= 2.0**-4 + 1e-7  # half an e4m3 ulp (3 mantissa bits)
+
+
+def _layer_args(m=5, k=256, n=48, r=8, act="fp8w", precision="int4"):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    wscales = (torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
+    down = (torch.randn(r, k, generator=g) / 16).to(torch.bfloat16)
+    up = (torch.randn(n, r, generator=g) / 4).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    return (x, qweight, wscales, None, smooth, down, up, bias, None, precision, act)
+
+
+def test_reference_fp8w_is_fp8_activations_times_e4m3_weights():
+    args = _layer_args()
+    x, qweight, wscales, _, smooth, down, up, bias = args[:8]
+    out = ops.reference_linear(*args).float()
+    codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight)).float()
+    pw = packing.fp8_weight_row_scales(codes, wscales)
+    w8 = packing.fp8_weight_values(codes, packing.fp8_weight_scales(wscales, pw)) / pw.unsqueeze(1)
+    xs = x.float() / smooth.float()
+    a = xs.abs().amax(dim=1, keepdim=True) / 448
+    q = (xs / a).to(torch.float8_e4m3fn).float()
+    want = (q @ w8.T) * a + (x.float() @ down.float().T) @ up.float().T + bias.float()
+    assert torch.equal(out, want.to(torch.bfloat16).float())
+    fast = ops.reference_linear(*args[:10], "fp8").float()
+    rel = ((out - fast).norm() / fast.norm()).item()
+    assert 1e-4 < rel < 5e-2  # e4m3-rounded weights: a different function, but close
+
+
+def test_reference_fp8w_needs_int4_weights():
+    args = list(_layer_args(k=256, precision="nvfp4"))
+    args[2] = torch.ones(48, 256 // 16).to(torch.float8_e4m3fn)
+    args[3] = torch.tensor(1.0)
+    with pytest.raises(BackendError, match="fp8w.*int4"):
+        ops.reference_linear(*args)
+
+
+def test_layer_mode_fast8_runs_the_fp8w_math():
+    layer = sf.SVDQLinear(256, 48, rank=8, bias=True, dtype=torch.bfloat16)
+    x, qweight, wscales, _, smooth, down, up, bias = _layer_args()[:8]
+    with torch.no_grad():
+        layer.qweight.copy_(qweight), layer.wscales.copy_(wscales), layer.smooth.copy_(smooth)
+        layer.lora_down.copy_(down), layer.lora_up.copy_(up), layer.bias.copy_(bias)
+    layer.mode = "fast8"
+    assert layer.act == "fp8w"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = layer(x)
+    assert torch.equal(out, ops.reference_linear(*_layer_args()))
+    nv = sf.SVDQLinear(256, 48, rank=8, precision="nvfp4", dtype=torch.bfloat16)
+    nv.mode = "fast8"
+    assert nv.act == "fp8"  # fast8 is an int4 mode; nvfp4 layers run `fast`
+
+
+# --------------------------------------------------------------------------- kernel side
+
+def test_group64_configs_names_and_limits():
+    from svdq_kernels.configs import DEFAULT_CONFIGS, GROUP64_CONFIGS, Group64GemmConfig
+
+    names = [c.name for c in GROUP64_CONFIGS]
+    assert len(set(names)) == len(names) and all(n.startswith("g64s4fp8_") for n in names)
+    assert Group64GemmConfig(promote=2).name.endswith("_p2")
+    assert set(GROUP64_CONFIGS) <= set(DEFAULT_CONFIGS)  # `svdq kernels build` prebuilds them
+    c = GROUP64_CONFIGS[0]
+    assert c.supports(m=16, n=3072, k=3072, group=64) is None
+    assert "group" in c.supports(m=16, n=3072, k=3072, group=128)
+    assert "tile_k" in c.supports(m=16, n=3072, k=3072 + 64, group=64)
+    assert "multiple of 8" in c.supports(m=16, n=3076, k=3072, group=64)
+    with pytest.raises(UnsupportedError):
+        Group64GemmConfig(tile_k=64)
+    with pytest.raises(UnsupportedError):
+        Group64GemmConfig(promote=-1)
+
+
+def test_group64_config_selection_and_override(monkeypatch):
+    from svdq_kernels.configs import GROUP64_CONFIGS, group64_config
+
+    monkeypatch.delenv("SVDQ_G64_CONFIG", raising=False)
+    assert group64_config(4608).tile_n == 256 and group64_config(512).tile_n == 128
+    assert group64_config(16).schedule == "pingpong"
+    monkeypatch.setenv("SVDQ_G64_CONFIG", GROUP64_CONFIGS[3].name)
+    assert group64_config(4608) is GROUP64_CONFIGS[3]
+    monkeypatch.setenv("SVDQ_G64_CONFIG", "nope")
+    with pytest.raises(UnsupportedError, match="SVDQ_G64_CONFIG"):
+        group64_config(1)
+
+
+def test_group64_source_instantiates_our_mainloop():
+    pytest.importorskip("cutlass_library")
+    from svdq_kernels.codegen import CSRC_DIR, render_source
+    from svdq_kernels.configs import Group64GemmConfig
+
+    cfg = Group64GemmConfig(tile_m=64, tile_n=128, schedule="pingpong", promote=1)
+    src = render_source(cfg)
+    assert '#include "svdq_sm90_mixed_input_g64.hpp"' in src
+    assert "using TileShape = Shape<_64, _128, _128>;" in src
+    assert "cutlass::gemm::KernelTmaWarpSpecializedPingpong" in src
+    assert "cutlass::epilogue::TmaWarpSpecialized;" in src
+    assert "SvdqSm90MixedInputGroup64Mma<" in src and "\n    1>;" in src  # PromoteKTiles
+    assert f'm.def("{cfg.name}(Tensor w, Tensor scales, Tensor rowinv, Tensor q, Tensor a, Tensor c) -> Tensor")' in src
+    assert "${" not in src
+    header = (CSRC_DIR / "svdq_sm90_mixed_input_g64.hpp").read_text()
+    assert "SPDX-License-Identifier: BSD-3-Clause" in header  # CUTLASS's license is kept
+    assert header.count("svdq:") >= 6  # every change from the stock mainloop is marked
+
+
+def test_cache_key_covers_our_cpp_sources(monkeypatch):
+    from svdq_kernels import build
+    from svdq_kernels.configs import GROUP64_CONFIGS
+
+    tc = build.Toolchain(nvcc="/x/nvcc", nvcc_version="13.0", cutlass_version="4.2.0.0",
+                         cutlass_dir="/x", arch="sm_90a", torch_version="2.13", svdquant_version="0")
+    key = build.cache_key(GROUP64_CONFIGS[0], tc)
+    assert len(build.sources_digest()) == 64
+    monkeypatch.setattr(build, "sources_digest", lambda: "0" * 64)
+    assert build.cache_key(GROUP64_CONFIGS[0], tc) != key
+
+
+def test_fast8_path_limits():
+    from svdq_kernels import registry
+    from svdq_kernels.cutlass_fast8 import fast8_unsupported
+
+    assert registry.PATHS[("int4", "fp8w")].linear.__name__ == "fast8_linear"
+    assert "bfloat16" in fast8_unsupported(3072, 3072, torch.float16)
+    assert "tile_k" in fast8_unsupported(3072 + 64, 3072, torch.bfloat16)
+    assert fast8_unsupported(3072, 3072, torch.bfloat16) is None
