@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="fast8_linear.json")
     ap.add_argument("--shapes", default="all", help="'all', 'quick' (first two) or 'small' (M <= 256)")
     ap.add_argument("--no-reference", action="store_true", help="skip the CPU reference check")
+    ap.add_argument("--configs", default="default", choices=("default", "all"),
+                    help="GEMM tilings: the prebuilt ones, or also configs.GROUP64_CANDIDATES")
     args = ap.parse_args(argv)
 
     import triton
@@ -61,12 +63,13 @@ def main(argv=None) -> int:
     from svdq_format import ops, packing
     from svdq_kernels import cutlass_fast8, triton_fast
     from svdq_kernels.build import load_kernel
-    from svdq_kernels.configs import GROUP64_CONFIGS, group64_config
+    from svdq_kernels.configs import GROUP64_CANDIDATES, GROUP64_CONFIGS, group64_config
 
     torch.manual_seed(0)
     dev = "cuda"
     build_s = {}
-    for cfg in GROUP64_CONFIGS:  # first use builds (or finds) each kernel
+    configs = GROUP64_CONFIGS + (GROUP64_CANDIDATES if args.configs == "all" else ())
+    for cfg in configs:  # first use builds (or finds) each kernel
         t0 = time.perf_counter()
         load_kernel(cfg)
         build_s[cfg.name] = round(time.perf_counter() - t0, 2)
@@ -102,17 +105,17 @@ def main(argv=None) -> int:
         res["fast8"] = _bench(lambda: cutlass_fast8.fast8_linear(*layer8))
         res["fast"] = _bench(lambda: triton_fast.fast_linear(*layer))
         s16, rowinv = cutlass_fast8.fast8_weights(qweight, wscales)
-        q, a, lr = triton_fast.prologue(x, smooth, down)
-        res["fast8_prologue"] = _bench(lambda: triton_fast.prologue(x, smooth, down))
-        res["fast8_lowrank"] = _bench(lambda: cutlass_fast8.lowrank_source(lr, up, bias, None, m=m, n=n, device=x.device))
-        c = cutlass_fast8.lowrank_source(lr, up, bias, None, m=m, n=n, device=x.device)
+        q, a, lr = triton_fast.prologue(x, smooth, down, lr16=True)
+        res["fast8_prologue"] = _bench(lambda: triton_fast.prologue(x, smooth, down, lr16=True))
+        res["fast8_lowrank"] = _bench(lambda: cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device))
+        c = cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device)
         zero_c = torch.zeros_like(c)
         gemm_err = {}
         # the GEMM alone vs a float64 emulation of its math (same q, a, c)
         codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight))
         w8v = packing.fp8_weight_values(codes, s16.t()).double() * rowinv.double().unsqueeze(1)
         ref_gemm = (q.double() @ w8v.t()) * a.double().unsqueeze(1) + c.double()
-        for cfg in GROUP64_CONFIGS:
+        for cfg in configs:
             if cfg.supports(m=m, n=n, k=k, group=64):
                 continue
             key = f"fast8_gemm[{cfg.name}]"
@@ -132,8 +135,8 @@ def main(argv=None) -> int:
         # host (CPU) time per call, launches not waited for: what eager mode pays per layer
         host = {}
         for name, fn in (("fast8", lambda: cutlass_fast8.fast8_linear(*layer8)),
-                         ("fast8_prologue", lambda: triton_fast.prologue(x, smooth, down)),
-                         ("fast8_lowrank", lambda: cutlass_fast8.lowrank_source(lr, up, bias, None, m=m, n=n, device=x.device)),
+                         ("fast8_prologue", lambda: triton_fast.prologue(x, smooth, down, lr16=True)),
+                         ("fast8_lowrank", lambda: cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device)),
                          ("fast8_gemm", lambda: cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, c)),
                          ("bf16", lambda: torch.nn.functional.linear(x, w, bias))):
             torch.cuda.synchronize()

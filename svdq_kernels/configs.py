@@ -13,6 +13,7 @@ from typing import Any
 from svdq_format.errors import UnsupportedError
 
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
+           "GROUP64_CANDIDATES",
            "config_by_name", "group64_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
@@ -138,15 +139,25 @@ GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = (
 )
 
 
+#: Other group-64 tilings, measured by ``benchmarks/fast8_linear.py --configs all`` (not prebuilt).
+GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
+    Group64GemmConfig(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative", cluster_m=2),
+    Group64GemmConfig(tile_m=256, tile_n=128, tile_k=128, schedule="cooperative"),
+    Group64GemmConfig(tile_m=64, tile_n=256, tile_k=128, schedule="pingpong"),
+    Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=4),
+)
+
+
 def group64_config(m: int) -> Group64GemmConfig:
     """The group-64 kernel for ``m`` tokens: wide token tiles for large M, narrow ones below.
     ``SVDQ_G64_CONFIG=<name>`` forces one of :data:`GROUP64_CONFIGS` (benchmarks)."""
     forced = os.environ.get("SVDQ_G64_CONFIG")
     if forced:
-        for config in GROUP64_CONFIGS:
+        for config in (*GROUP64_CONFIGS, *GROUP64_CANDIDATES):
             if config.name == forced:
                 return config
-        raise UnsupportedError(f"SVDQ_G64_CONFIG={forced!r} is not one of {[c.name for c in GROUP64_CONFIGS]}")
+        known = [c.name for c in (*GROUP64_CONFIGS, *GROUP64_CANDIDATES)]
+        raise UnsupportedError(f"SVDQ_G64_CONFIG={forced!r} is not one of {known}")
     if m >= 2048:
         return GROUP64_CONFIGS[1]
     if m >= 256:

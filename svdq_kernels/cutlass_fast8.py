@@ -11,8 +11,9 @@ One layer call:
 
 1. the ``fast`` prologue (:func:`svdq_kernels.triton_fast.prologue`): ``q`` (e4m3), ``a``
    (per-token scale) and ``lr = x · L2ᵀ`` in one pass over ``x``;
-2. ``c = bias + lr · L1ᵀ`` in bf16 (one cuBLAS GEMM; ``lr`` split into two bf16 parts so the
-   product keeps fp32-level accuracy before the single rounding);
+2. ``c = bias + lr · L1ᵀ`` in bf16: one cuBLAS GEMM of the prologue's ``[hi | lo]`` bf16 split
+   of ``lr`` (written by the prologue itself) with a cached ``[L1 | L1]``, so the product keeps
+   fp32-level accuracy before its single rounding;
 3. the CUTLASS GEMM ``out = (Σ q · w8) · rowinv · a + c``: weights and their fp16 group scales
    read once per tile, the epilogue applies both scales and adds ``c``.
 """
@@ -58,29 +59,41 @@ def fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.T
     return scales16, rowinv
 
 
-def lowrank_source(
-    lr: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    lora_scales: Optional[torch.Tensor], *, m: int, n: int, device: torch.device,
-) -> torch.Tensor:
-    """``bias + (lr · lora_scales) · L1ᵀ`` as bf16 ``[M, N]`` (zeros when there is neither).
+_UPS: dict[int, tuple[int, torch.Tensor]] = {}
 
-    ``lr`` (fp32) is split into ``hi + lo`` bf16 parts and both multiply ``L1`` in one bf16 GEMM
-    with K = 2r, so the only rounding beyond fp32 accumulation is the final one to bf16.
+
+def _doubled_up(lora_up: torch.Tensor) -> torch.Tensor:
+    """``[L1 | L1]`` in bf16 (``[N, 2r]``), cached per tensor and version."""
+    key = id(lora_up)
+    hit = _UPS.get(key)
+    if hit is not None and hit[0] == lora_up._version:
+        return hit[1]
+    up = lora_up.to(torch.bfloat16)
+    both = torch.cat([up, up], dim=1).contiguous()
+    if hit is None:
+        weakref.finalize(lora_up, _UPS.pop, key, None)
+    _UPS[key] = (lora_up._version, both)
+    return both
+
+
+def lowrank_source(
+    lr16: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor], *, m: int, n: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """``bias + lr · L1ᵀ`` as bf16 ``[M, N]`` (zeros when there is neither) — one cuBLAS GEMM.
+
+    ``lr16`` is the prologue's ``lr16=True`` output, ``[hi | lo]`` bf16 ``[M, 2r]`` (the per-rank
+    LoRA scales already applied), multiplied by ``[L1 | L1]`` with fp32 accumulation, so the
+    only rounding beyond fp32 is the final one to bf16.
     """
-    if lr is None or lora_up is None:
+    if lr16 is None or lora_up is None:
         if bias is None:
             return torch.zeros(m, n, device=device, dtype=torch.bfloat16)
         return bias.to(torch.bfloat16).expand(m, n).contiguous()
-    if lora_scales is not None:
-        lr = lr * lora_scales.float()
-    hi = lr.to(torch.bfloat16)
-    lo = (lr - hi.float()).to(torch.bfloat16)
-    up = lora_up.to(torch.bfloat16)
-    both = torch.cat([hi, lo], dim=1)
-    ups = torch.cat([up, up], dim=1)
+    ups = _doubled_up(lora_up)
     if bias is None:
-        return both @ ups.t()
-    return torch.addmm(bias.to(torch.bfloat16), both, ups.t())
+        return lr16 @ ups.t()
+    return torch.addmm(bias.to(torch.bfloat16), lr16, ups.t())
 
 
 def group64_gemm(
@@ -114,8 +127,8 @@ def fast8_linear(
     qweight = qweight.contiguous()
     scales16, rowinv = fast8_weights(qweight, wscales)
     with torch.cuda.device(x2.device):
-        q, a, lr = prologue(x2, smooth, down, act_shift=act_shift)
-        c = lowrank_source(lr, up, bias, lora_scales, m=m, n=n, device=x2.device)
+        q, a, lr16 = prologue(x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales)
+        c = lowrank_source(lr16, up, bias, m=m, n=n, device=x2.device)
         y = group64_gemm(qweight, scales16, rowinv, q, a, c)
     return y.reshape(*x.shape[:-1], n)
 

@@ -85,9 +85,17 @@ def _kernels() -> dict[str, Any]:
     import triton
     import triton.language as tl
 
+    # the prologues are memory-bound passes over x: rows per program, warps and pipelining are
+    # tuned per (M bucket, K, rank tile) on first use
+    prologue_configs = [
+        triton.Config({"BM": bm}, num_warps=w, num_stages=st)
+        for bm, w, st in ((32, 4, 3), (32, 8, 3), (64, 4, 3), (64, 8, 3), (64, 8, 4))
+    ]
+
+    @triton.autotune(configs=prologue_configs, key=["M_BUCKET", "K", "HAS_LR", "BR"])
     @triton.jit
     def prologue_stats_kernel(
-        x_ptr, s_ptr, l2_ptr, pamax_ptr, plr_ptr, M, K, R, BPS, shift,
+        x_ptr, s_ptr, l2_ptr, pamax_ptr, plr_ptr, M, K, R, BPS, shift, M_BUCKET,
         HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
     ):
         # split s of K (BPS blocks of 64): partial row absmax of x̂ and partial x · L2ᵀ
@@ -115,11 +123,13 @@ def _kernels() -> dict[str, Any]:
         if HAS_LR:
             tl.store(plr_ptr + (split * M + rm_c[:, None]) * BR + rr[None, :], acc, mask=m_ok[:, None])
 
+    @triton.autotune(configs=prologue_configs,
+                     key=["M_BUCKET", "K", "HAS_LR", "BR", "Q16", "W16", "PERM", "LR16"])
     @triton.jit
     def prologue_quant_kernel(
-        x_ptr, s_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, M, K, R, BPS, NSPLIT, shift,
+        x_ptr, s_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, lrs_ptr, M, K, R, BPS, NSPLIT, shift, M_BUCKET,
         HAS_LR: tl.constexpr, Q16: tl.constexpr, W16: tl.constexpr, PERM: tl.constexpr, BM: tl.constexpr,
-        BR: tl.constexpr,
+        BR: tl.constexpr, LR16: tl.constexpr = False, HAS_LRS: tl.constexpr = False,
     ):
         # split s of K: the rows' scale from every split's absmax, then FP8 codes of this split
         # (W16: x̂ itself in fp16, scaled by a power of two that keeps the row below 2^15);
@@ -174,7 +184,16 @@ def _kernels() -> dict[str, Any]:
                 lr = tl.zeros([BM, BR], dtype=tl.float32)
                 for t in range(0, NSPLIT):
                     lr += tl.load(plr_ptr + (t * M + rm_c[:, None]) * BR + rr[None, :])
-                tl.store(lr_ptr + rm_c[:, None] * R + rr[None, :], lr, mask=m_ok[:, None] & (rr < R)[None, :])
+                lr_mask = m_ok[:, None] & (rr < R)[None, :]
+                if LR16:  # (lr · lora_scales) as bf16 hi | lo in [M, 2R]: hi + lo = lr to ~2^-17
+                    if HAS_LRS:
+                        lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+                    hi = lr.to(tl.bfloat16)
+                    lo = (lr - hi.to(tl.float32)).to(tl.bfloat16)
+                    tl.store(lr_ptr + rm_c[:, None] * (2 * R) + rr[None, :], hi, mask=lr_mask)
+                    tl.store(lr_ptr + rm_c[:, None] * (2 * R) + R + rr[None, :], lo, mask=lr_mask)
+                else:
+                    tl.store(lr_ptr + rm_c[:, None] * R + rr[None, :], lr, mask=lr_mask)
 
     @triton.jit
     def prologue_exact_kernel(
@@ -677,7 +696,8 @@ def _split_k(m: int, n: int, kk: int) -> int:
 
 def prologue(
     x: torch.Tensor, smooth: torch.Tensor, lora_down: Optional[torch.Tensor], *, act_shift: float = 0.0,
-    codes16: bool = False, w16: bool = False, perm: bool = False,
+    codes16: bool = False, w16: bool = False, perm: bool = False, lr16: bool = False,
+    lora_scales: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Fused smooth + FP8 per-token quantization + ``x · L2ᵀ``.
 
@@ -693,26 +713,32 @@ def prologue(
         ``w16`` (W4A16 layers) no quantization: ``q = fp16(x̂ / a)`` with ``a`` a per-token power
         of two (``|q| < 2^15``), so ``q · a`` is ``x̂`` rounded to fp16's precision. With ``perm``
         the columns of ``q`` are permuted within each 64-group — the 32 even k, then the 32 odd k
-        — the order the ``*h`` GEMM datapaths read (:data:`PERMUTED_DATAPATHS`).
+        — the order the ``*h`` GEMM datapaths read (:data:`PERMUTED_DATAPATHS`). With ``lr16``
+        (the ``fast8`` path) ``lr`` is ``lr · lora_scales`` as bf16 ``[M, 2r]``: its ``hi`` part,
+        then ``lo = bf16(lr − hi)``, so ``[hi | lo] · [L1 | L1]ᵀ`` is one bf16 GEMM that keeps
+        fp32-level accuracy.
     """
     k = _kernels()
     m, kk = x.shape
     r = 0 if lora_down is None else lora_down.shape[0]
     q = torch.empty(m, kk, device=x.device, dtype=torch.float16 if (codes16 or w16) else torch.float8_e4m3fn)
     a = torch.empty(m, device=x.device, dtype=torch.float32)
-    lr = torch.empty(m, max(r, 1), device=x.device, dtype=torch.float32) if r else None
-    bm = 32
+    if lr16:
+        lr = torch.empty(m, 2 * r, device=x.device, dtype=torch.bfloat16) if r else None
+    else:
+        lr = torch.empty(m, max(r, 1), device=x.device, dtype=torch.float32) if r else None
+    has_lrs = lr16 and r > 0 and lora_scales is not None
     br = _rank_tile(r)
     nsplit, bps = _k_splits(kk, m)
     pamax = torch.empty(nsplit, m, device=x.device, dtype=torch.float32)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else pamax
-    grid = (triton_cdiv(m, bm), nsplit)
-    warps = 4 if br <= 64 else 8
-    k["prologue_stats"][grid](x, smooth, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift),
-                              HAS_LR=bool(r), BM=bm, BR=br, num_warps=warps, num_stages=3)
-    k["prologue_quant"][grid](x, smooth, pamax, plr, q, a, lr if r else a, m, kk, r, bps, nsplit,
-                              float(act_shift), HAS_LR=bool(r), Q16=codes16, W16=w16, PERM=perm, BM=bm, BR=br,
-                              num_warps=4, num_stages=3)
+    grid = lambda meta: (triton_cdiv(m, meta["BM"]), nsplit)  # noqa: E731
+    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
+    k["prologue_stats"][grid](x, smooth, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift), bucket,
+                              HAS_LR=bool(r), BR=br)
+    k["prologue_quant"][grid](x, smooth, pamax, plr, q, a, lr if r else a, lora_scales if has_lrs else a, m, kk,
+                              r, bps, nsplit, float(act_shift), bucket, HAS_LR=bool(r), Q16=codes16, W16=w16,
+                              PERM=perm, BR=br, LR16=lr16, HAS_LRS=has_lrs)
     return q, a, lr
 
 

@@ -40,10 +40,12 @@ W = dict(w_ptr="*u8", wst_ptr="*bf16", l1_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf
 FP8, F16 = dict(W, q_ptr="*fp8e4nv"), dict(W, q_ptr="*fp16")
 CASES = [
     ("prologue_stats", LR, dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16")),
-    ("prologue_quant", dict(LR, Q16=False, W16=False, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
-    ("prologue_quant", dict(LR, Q16=False, W16=False, PERM=True), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
-    ("prologue_quant", dict(LR, Q16=True, W16=False, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
-    ("prologue_quant", dict(LR, Q16=False, W16=True, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
+    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=False, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
+    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=False, PERM=True), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
+    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=True, W16=False, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
+    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=True, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
+    ("prologue_quant", dict(LR, LR16=True, HAS_LRS=True, Q16=False, W16=False, PERM=False),  # fast8: lr as bf16 hi|lo
+     dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv", lr_ptr="*bf16", lrs_ptr="*bf16")),
     ("prologue_exact", dict(LR, UNSIGNED=True), dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16", c_ptr="*fp16")),
     ("prologue_nvfp4", LR, dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16", c_ptr="*fp16")),
     ("gemm_t", GEMM_T, FP8),                                                    # fp8t
@@ -89,4 +91,4 @@ def test_every_kernel_variant_compiles_for_sm90() -> None:
     proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr[-2000:]
     assert proc.returncode == 0, out
-    assert "compiled 18 of 18" in proc.stdout, out
+    assert "compiled 19 of 19" in proc.stdout, out

@@ -65,10 +65,12 @@ def test_fast8_layer_matches_the_reference(m, n, k):
     assert _rel(out.cpu(), _reference(*args)) < 5e-3
 
 
-@pytest.mark.parametrize("r,bias", [(0, False), (0, True), (16, False), (256, True)])
-def test_fast8_ranks_and_bias(r, bias):
+@pytest.mark.parametrize("r,bias,strengths", [(0, False, False), (0, True, False), (16, False, False),
+                                               (256, True, False), (32, True, True)])
+def test_fast8_ranks_bias_and_lora_strengths(r, bias, strengths):
     x, qw, ws, smooth, down, up, b = _inputs(300, 3072, 3072, r, bias=bias, seed=3)
-    args = (x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
+    ls = torch.linspace(0.0, 2.0, r, device="cuda") if strengths else None
+    args = (x, qw, ws, None, smooth, down, up, b, ls, "int4", "fp8w")
     assert _rel(cutlass_fast8.fast8_linear(*args).cpu(), _reference(*args)) < 5e-3
 
 
@@ -80,8 +82,8 @@ def test_group64_gemm_against_float64(config):
     m, n, k = 1000, 3072, 12288
     x, qw, ws, smooth, down, up, b = _inputs(m, n, k, 32, bias=True, seed=5)
     s16, rowinv = cutlass_fast8.fast8_weights(qw, ws)
-    q, a, lr = triton_fast.prologue(x, smooth, down)
-    c = cutlass_fast8.lowrank_source(lr, up, b, None, m=m, n=n, device=x.device)
+    q, a, lr = triton_fast.prologue(x, smooth, down, lr16=True)
+    c = cutlass_fast8.lowrank_source(lr, up, b, m=m, n=n, device=x.device)
     out = cutlass_fast8.group64_gemm(qw, s16, rowinv, q, a, c, config=config).double()
     codes = packing.nibbles_to_int4(packing.unpack_nibbles(qw))
     w8 = packing.fp8_weight_values(codes, s16.t()).double() * rowinv.double().unsqueeze(1)

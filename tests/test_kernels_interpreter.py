@@ -38,6 +38,8 @@ def kernels():
     k = triton_fast._kernels()
     k["gemm"].configs = [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=2)]
     k["gemm_t"].configs = [triton.Config({"BN": 32, "BM": 16}, num_warps=4, num_stages=2)]
+    for name in ("prologue_stats", "prologue_quant"):
+        k[name].configs = [triton.Config({"BM": 32}, num_warps=4, num_stages=3)]
     yield triton_fast
     triton_fast._kernels.cache_clear()
 
@@ -247,3 +249,21 @@ def test_permuted_activations_and_the_halves_gemm(kernels) -> None:
     ok = torch.isfinite(y).all(dim=1)
     assert torch.equal(~torch.isfinite(yh).all(dim=1), ~ok)
     assert ((yh[ok] - y[ok]).norm() / y[ok].norm()) <= 1e-6
+
+
+def test_prologue_writes_the_low_rank_product_as_bf16_hi_and_lo(kernels) -> None:
+    """``prologue(lr16=True)`` (the fast8 path): the same codes and token scales, and ``lr`` times
+    the per-rank LoRA scales as bf16 ``[hi | lo]`` whose sum is the fp32 ``lr`` to ~2^-14 (the
+    interpreter truncates to bf16; the GPU rounds, ~2^-17)."""
+    m, k, r = 37, 64 * 9, 16
+    x, _, _, smooth, _, down, _ = _layer(m, k, 64, r, seed=71)
+    ls = torch.linspace(0.25, 2.0, r)
+    q, a, lr = kernels.prologue(x, smooth, down)
+    q2, a2, lr16 = kernels.prologue(x, smooth, down, lr16=True, lora_scales=ls)
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(a2, a)
+    assert lr16.dtype == torch.bfloat16 and lr16.shape == (m, 2 * r)
+    want = lr * ls
+    got = lr16[:, :r].float() + lr16[:, r:].float()
+    ok = torch.isfinite(want).all(dim=1)
+    assert ((got[ok] - want[ok]).abs() <= 2.0**-14 * want[ok].abs() + 1e-30).all()
+    assert not torch.isfinite(got[~ok]).all()  # the NaN row stays non-finite
