@@ -175,8 +175,8 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
-    for config in DEFAULT_CONFIGS:
+    for config in (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES):
         if config.name == name:
             return config
-    known = ", ".join(c.name for c in DEFAULT_CONFIGS)
+    known = ", ".join(c.name for c in (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES))
     raise UnsupportedError(f"unknown kernel configuration {name!r} (known: {known})")
