@@ -85,17 +85,9 @@ def _kernels() -> dict[str, Any]:
     import triton
     import triton.language as tl
 
-    # the prologues are memory-bound passes over x: rows per program, warps and pipelining are
-    # tuned per (M bucket, K, rank tile) on first use
-    prologue_configs = [
-        triton.Config({"BM": bm}, num_warps=w, num_stages=st)
-        for bm, w, st in ((32, 4, 3), (32, 8, 3), (64, 4, 3), (64, 8, 3), (64, 8, 4))
-    ]
-
-    @triton.autotune(configs=prologue_configs, key=["M_BUCKET", "K", "HAS_LR", "BR"])
     @triton.jit
     def prologue_stats_kernel(
-        x_ptr, s_ptr, l2_ptr, pamax_ptr, plr_ptr, M, K, R, BPS, shift, M_BUCKET,
+        x_ptr, s_ptr, l2_ptr, pamax_ptr, plr_ptr, M, K, R, BPS, shift,
         HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
     ):
         # split s of K (BPS blocks of 64): partial row absmax of x̂ and partial x · L2ᵀ
@@ -123,11 +115,9 @@ def _kernels() -> dict[str, Any]:
         if HAS_LR:
             tl.store(plr_ptr + (split * M + rm_c[:, None]) * BR + rr[None, :], acc, mask=m_ok[:, None])
 
-    @triton.autotune(configs=prologue_configs,
-                     key=["M_BUCKET", "K", "HAS_LR", "BR", "Q16", "W16", "PERM", "LR16"])
     @triton.jit
     def prologue_quant_kernel(
-        x_ptr, s_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, lrs_ptr, M, K, R, BPS, NSPLIT, shift, M_BUCKET,
+        x_ptr, s_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, lrs_ptr, M, K, R, BPS, NSPLIT, shift,
         HAS_LR: tl.constexpr, Q16: tl.constexpr, W16: tl.constexpr, PERM: tl.constexpr, BM: tl.constexpr,
         BR: tl.constexpr, LR16: tl.constexpr = False, HAS_LRS: tl.constexpr = False,
     ):
@@ -732,13 +722,16 @@ def prologue(
     nsplit, bps = _k_splits(kk, m)
     pamax = torch.empty(nsplit, m, device=x.device, dtype=torch.float32)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32) if r else pamax
-    grid = lambda meta: (triton_cdiv(m, meta["BM"]), nsplit)  # noqa: E731
-    bucket = 1 << max(4, math.ceil(math.log2(max(m, 1))))
-    k["prologue_stats"][grid](x, smooth, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift), bucket,
-                              HAS_LR=bool(r), BR=br)
+    # (Autotuning rows/warps/stages here was tried on the H100: Triton's autotuner doubled the
+    # host time per call, ~100 → ~210 µs, and the eager layer is host-bound; fixed tiles it is.)
+    bm = 32
+    grid = (triton_cdiv(m, bm), nsplit)
+    warps = 4 if br <= 64 else 8
+    k["prologue_stats"][grid](x, smooth, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift),
+                              HAS_LR=bool(r), BM=bm, BR=br, num_warps=warps, num_stages=3)
     k["prologue_quant"][grid](x, smooth, pamax, plr, q, a, lr if r else a, lora_scales if has_lrs else a, m, kk,
-                              r, bps, nsplit, float(act_shift), bucket, HAS_LR=bool(r), Q16=codes16, W16=w16,
-                              PERM=perm, BR=br, LR16=lr16, HAS_LRS=has_lrs)
+                              r, bps, nsplit, float(act_shift), HAS_LR=bool(r), Q16=codes16, W16=w16, PERM=perm,
+                              BM=bm, BR=br, LR16=lr16, HAS_LRS=has_lrs, num_warps=4, num_stages=3)
     return q, a, lr
 
 

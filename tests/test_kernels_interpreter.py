@@ -38,8 +38,6 @@ def kernels():
     k = triton_fast._kernels()
     k["gemm"].configs = [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=2)]
     k["gemm_t"].configs = [triton.Config({"BN": 32, "BM": 16}, num_warps=4, num_stages=2)]
-    for name in ("prologue_stats", "prologue_quant"):
-        k[name].configs = [triton.Config({"BM": 32}, num_warps=4, num_stages=3)]
     yield triton_fast
     triton_fast._kernels.cache_clear()
 
