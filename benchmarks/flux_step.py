@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from converters.quantize import quantize_model, synthetic_calibration
-    from svdq_format.model import svdq_modules
+    from svdq_format.model import set_mode, svdq_modules
 
     if args.device.startswith("cuda"):
         importlib.import_module("svdq_kernels")  # registers the Hopper backend
@@ -155,8 +155,7 @@ def main(argv=None) -> int:
     quantize_model(model, calib, rank=32, device=args.device, **extra)
     result["quantize_s"] = round(time.perf_counter() - t, 1)
     layers = svdq_modules(model)
-    for layer in layers.values():
-        layer.mode = args.mode
+    set_mode(model, args.mode)
     result["mode"] = args.mode
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()

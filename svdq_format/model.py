@@ -6,6 +6,7 @@ SVDQ layers' tensors under their format keys plus every other tensor as it is, w
 format metadata describing the SVDQ layers (docs/format.md §8).
 
 * :func:`svdq_modules` — ``{name: SVDQLinear}`` of a model.
+* :func:`set_mode` — the execution mode (``exact`` / ``fast`` / ``fast8``) of every SVDQ layer.
 * :func:`replace_linears` — swap ``nn.Linear`` modules for empty ``SVDQLinear`` per a manifest
   (on the meta device by default, the way loaders build models before weights arrive).
 * :func:`save_model_file` / :func:`load_model_file` — one-file checkpoint of a whole model.
@@ -48,13 +49,14 @@ from .io import (
     read_metadata,
     save_file,
 )
-from .linear import SVDQLinear
+from .linear import EXEC_MODES, SVDQLinear
 from .spec import FLOAT_DTYPES, FormatMetadata, LayerSpec, dtype_name
 
 __all__ = [
     "WEIGHTS_NAME",
     "CONFIG_NAME",
     "svdq_modules",
+    "set_mode",
     "model_metadata",
     "replace_linears",
     "save_model_file",
@@ -90,6 +92,34 @@ DEFAULT_MAX_SHARD_SIZE = "10GB"
 def svdq_modules(model: nn.Module) -> dict[str, SVDQLinear]:
     """All SVDQ layers of a model, by qualified module name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SVDQLinear)}
+
+
+def set_mode(model: nn.Module, mode: str, *, backend: str | None = None) -> int:
+    """Set the execution mode of every SVDQ layer of ``model`` (a runtime choice, not stored).
+
+    Args:
+        model: A quantized model (or a single :class:`~svdq_format.linear.SVDQLinear`).
+        mode: One of :data:`~svdq_format.linear.EXEC_MODES`: ``"exact"`` (the format's W4A4
+            math, the default), ``"fast"`` (FP8 activations) or ``"fast8"`` (FP8 activations and
+            e4m3-rounded int4 weights: the fastest Hopper kernels). W4A16 layers ignore it.
+        backend: Also set every layer's backend (``"auto"``, ``"reference"``, a registered name).
+
+    Returns:
+        How many layers were set.
+
+    Raises:
+        UnsupportedError: ``mode`` is not an execution mode, or the model has no SVDQ layer.
+    """
+    if mode not in EXEC_MODES:
+        raise UnsupportedError(f"mode {mode!r} is not one of {EXEC_MODES}")
+    layers = [m for m in model.modules() if isinstance(m, SVDQLinear)]
+    if not layers:
+        raise UnsupportedError(f"{type(model).__name__} has no SVDQ layer to set to {mode!r}")
+    for layer in layers:
+        layer.mode = mode
+        if backend is not None:
+            layer.backend = backend
+    return len(layers)
 
 
 def model_metadata(model: nn.Module, *, extra: Mapping[str, Any] | None = None) -> FormatMetadata:

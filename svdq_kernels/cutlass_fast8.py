@@ -20,7 +20,6 @@ One layer call:
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -29,11 +28,13 @@ from svdq_format import packing
 
 from .build import load_kernel
 from .configs import Group64GemmConfig, group64_config
+from .tensor_cache import TensorCache
 from .triton_fast import _layer_inputs, prologue
 
 __all__ = ["fast8_weights", "fast8_linear", "lowrank_source", "group64_gemm"]
 
-_WEIGHTS: dict[tuple[int, int], tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
+_WEIGHTS: TensorCache[tuple[torch.Tensor, torch.Tensor]] = TensorCache()
+_UPS: TensorCache[torch.Tensor] = TensorCache()
 
 
 def fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,36 +45,23 @@ def fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.T
         power of two (:func:`svdq_format.packing.fp8_weight_scales`), transposed for the kernel's
         TMA, and one over that power of two. The packed codes are used as stored.
     """
-    key = (id(qweight), id(wscales))
-    version = (qweight._version, wscales._version)
-    hit = _WEIGHTS.get(key)
-    if hit is not None and hit[0] == version:
-        return hit[1], hit[2]
+    return _WEIGHTS.get((qweight, wscales), lambda: _make_fast8_weights(qweight, wscales))
+
+
+def _make_fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight))
     pw = packing.fp8_weight_row_scales(codes, wscales)
     scales16 = packing.fp8_weight_scales(wscales, pw).t().contiguous()
-    rowinv = (1.0 / pw).to(torch.float32).contiguous()
-    if hit is None:
-        weakref.finalize(wscales, _WEIGHTS.pop, key, None)
-    _WEIGHTS[key] = (version, scales16, rowinv)
-    return scales16, rowinv
-
-
-_UPS: dict[int, tuple[int, torch.Tensor]] = {}
+    return scales16, (1.0 / pw).to(torch.float32).contiguous()
 
 
 def _doubled_up(lora_up: torch.Tensor) -> torch.Tensor:
     """``[L1 | L1]`` in bf16 (``[N, 2r]``), cached per tensor and version."""
-    key = id(lora_up)
-    hit = _UPS.get(key)
-    if hit is not None and hit[0] == lora_up._version:
-        return hit[1]
-    up = lora_up.to(torch.bfloat16)
-    both = torch.cat([up, up], dim=1).contiguous()
-    if hit is None:
-        weakref.finalize(lora_up, _UPS.pop, key, None)
-    _UPS[key] = (lora_up._version, both)
-    return both
+    def make() -> torch.Tensor:
+        up = lora_up.to(torch.bfloat16)
+        return torch.cat([up, up], dim=1).contiguous()
+
+    return _UPS.get((lora_up,), make)
 
 
 def lowrank_source(

@@ -26,10 +26,11 @@ from __future__ import annotations
 import functools
 import math
 import os
-import weakref
 from typing import Any, Optional
 
 import torch
+
+from .tensor_cache import TensorCache
 
 __all__ = ["fast_linear", "exact_linear", "w4a16_linear", "nvfp4_linear", "prologue", "prologue_exact",
            "prologue_nvfp4", "gemm", "gemm_exact", "gemm_nvfp4",
@@ -540,23 +541,15 @@ def _kernels() -> dict[str, Any]:
             "gemm_t": gemm_t_kernel, "splitk_reduce": splitk_reduce_kernel}
 
 
-_SCALES_T: dict[int, tuple[int, torch.Tensor]] = {}
+_SCALES_T: TensorCache[torch.Tensor] = TensorCache()
 
 
 def _scales_t(wscales: torch.Tensor) -> torch.Tensor:
     """``wscales.t().contiguous()``, cached per tensor object until it is modified or freed."""
-    key = id(wscales)
-    hit = _SCALES_T.get(key)
-    if hit is not None and hit[0] == wscales._version and hit[1].shape == wscales.shape[::-1]:
-        return hit[1]
-    wst = wscales.t().contiguous()
-    if hit is None:
-        weakref.finalize(wscales, _SCALES_T.pop, key, None)
-    _SCALES_T[key] = (wscales._version, wst)
-    return wst
+    return _SCALES_T.get((wscales,), lambda: wscales.t().contiguous())
 
 
-_POW2: dict[int, tuple[int, Optional[torch.Tensor]]] = {}
+_POW2: TensorCache[Optional[torch.Tensor]] = TensorCache()
 
 
 def _row_pow2(wscales: torch.Tensor) -> Optional[torch.Tensor]:
@@ -570,24 +563,19 @@ def _row_pow2(wscales: torch.Tensor) -> Optional[torch.Tensor]:
     is neither above the largest finite fp16 (max |code × scale| · 2^e ≤ 2^15) nor subnormal
     (min nonzero |scale| · 2^e ≥ 2^-14). Cached per scales tensor and version.
     """
-    key = id(wscales)
-    hit = _POW2.get(key)
-    if hit is not None and hit[0] == wscales._version:
-        return hit[1]
-    out: Optional[torch.Tensor] = None
-    if wscales.dtype == torch.bfloat16:
-        s = wscales.float().abs()
-        big = s.amax(dim=1)
-        small = torch.where(s > 0, s, torch.full_like(s, float("inf"))).amin(dim=1)
-        # 8 · max · 2^e ≤ 2^15  →  e = 12 − ceil(log2(max)); rows of zeros: e = 0
-        e = torch.where(big > 0, 12 - torch.ceil(torch.log2(big)), torch.zeros_like(big))
-        ok = (small == float("inf")) | (small * torch.exp2(e) >= 2.0**-14)
-        if bool(ok.all()):
-            out = torch.exp2(e).contiguous()
-    if hit is None:
-        weakref.finalize(wscales, _POW2.pop, key, None)
-    _POW2[key] = (wscales._version, out)
-    return out
+    return _POW2.get((wscales,), lambda: _make_row_pow2(wscales))
+
+
+def _make_row_pow2(wscales: torch.Tensor) -> Optional[torch.Tensor]:
+    if wscales.dtype != torch.bfloat16:
+        return None
+    s = wscales.float().abs()
+    big = s.amax(dim=1)
+    small = torch.where(s > 0, s, torch.full_like(s, float("inf"))).amin(dim=1)
+    # 8 · max · 2^e ≤ 2^15  →  e = 12 − ceil(log2(max)); rows of zeros: e = 0
+    e = torch.where(big > 0, 12 - torch.ceil(torch.log2(big)), torch.zeros_like(big))
+    ok = (small == float("inf")) | (small * torch.exp2(e) >= 2.0**-14)
+    return torch.exp2(e).contiguous() if bool(ok.all()) else None
 
 
 def _rank_block(r: int) -> int:

@@ -183,3 +183,15 @@ def test_fast8_path_limits():
     assert "bfloat16" in fast8_unsupported(3072, 3072, torch.float16)
     assert "tile_k" in fast8_unsupported(3072 + 64, 3072, torch.bfloat16)
     assert fast8_unsupported(3072, 3072, torch.bfloat16) is None
+
+
+def test_set_mode_sets_every_layer_and_refuses_unknown_modes():
+    from torch import nn
+
+    model = nn.Sequential(sf.SVDQLinear(128, 64, rank=4), nn.GELU(), sf.SVDQLinear(64, 128, rank=4))
+    assert sf.set_mode(model, "fast8", backend="reference") == 2
+    assert all(m.mode == "fast8" and m.backend == "reference" for m in model if isinstance(m, sf.SVDQLinear))
+    with pytest.raises(UnsupportedError, match="'turbo' is not one of"):
+        sf.set_mode(model, "turbo")
+    with pytest.raises(UnsupportedError, match="no SVDQ layer"):
+        sf.set_mode(nn.Linear(2, 2), "fast")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -144,10 +145,32 @@ def test_transposed_scales_cache_follows_version_and_lifetime() -> None:
     ws.mul_(2)  # in-place change bumps the version: recomputed
     second = _scales_t(ws)
     assert second is not first and torch.equal(second, ws.t())
-    key = id(ws)
+    assert len(_SCALES_T) >= 1
+    ref = weakref.ref(ws)
+    n = len(_SCALES_T)
     del ws
     gc.collect()
-    assert key not in _SCALES_T
+    assert ref() is None and len(_SCALES_T) == n - 1  # freed tensor: entry dropped
+
+
+def test_tensor_cache_keys_on_every_tensor() -> None:
+    import gc
+
+    from svdq_kernels.tensor_cache import TensorCache
+
+    cache: TensorCache[int] = TensorCache()
+    a, b = torch.zeros(4), torch.zeros(2, 2)
+    calls = []
+    make = lambda: calls.append(1) or len(calls)  # noqa: E731
+    assert cache.get((a, b), make) == 1 and cache.get((a, b), make) == 1
+    b.add_(1)  # the second tensor changed: recomputed
+    assert cache.get((a, b), make) == 2
+    b.resize_(4)  # reshaped (resize_ need not bump the version): recomputed
+    assert cache.get((a, b), make) == 3
+    assert (a, b) in cache
+    del b
+    gc.collect()
+    assert len(cache) == 0  # freeing either tensor drops the entry
 
 
 def test_cli_kernels_without_action_prints_help(capsys) -> None:
