@@ -195,3 +195,26 @@ def test_set_mode_sets_every_layer_and_refuses_unknown_modes():
         sf.set_mode(model, "turbo")
     with pytest.raises(UnsupportedError, match="no SVDQ layer"):
         sf.set_mode(nn.Linear(2, 2), "fast")
+
+
+def test_lowrank_source_rounds_the_fp32_product_once():
+    """``[hi | lo] · [L1 | L1]ᵀ + bias`` (the fast8 low-rank source) is the fp32 ``lr · L1ᵀ + bias``
+    rounded once to bf16 — within one bf16 ulp, where a bf16 ``lr`` alone is off by many."""
+    from svdq_kernels.cutlass_fast8 import _UPS, lowrank_source
+
+    g = torch.Generator().manual_seed(4)
+    m, n, r = 64, 96, 32
+    lr = torch.randn(m, r, generator=g) * 3
+    up = (torch.randn(n, r, generator=g) * 0.2).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    hi = lr.to(torch.bfloat16)
+    lr16 = torch.cat([hi, (lr - hi.float()).to(torch.bfloat16)], dim=1)
+    ref = lr.double() @ up.double().T + bias.double()
+    c = lowrank_source(lr16, up, bias, m=m, n=n, device=torch.device("cpu"))
+    ulp = torch.finfo(torch.bfloat16).eps * ref.abs()
+    assert ((c.double() - ref).abs() <= ulp).all()
+    naive = (hi @ up.T + bias).double()  # lr rounded to bf16 first: an error before the final rounding
+    assert (naive - ref).abs().mean() > 1.5 * (c.double() - ref).abs().mean()
+    assert (up,) in _UPS  # [L1 | L1] is cached for the next call
+    assert torch.equal(lowrank_source(None, None, bias, m=2, n=n, device=torch.device("cpu")), bias.expand(2, n))
+    assert not lowrank_source(None, None, None, m=2, n=n, device=torch.device("cpu")).any()
