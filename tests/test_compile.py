@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWar
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("mode", ["exact", "fast", "fast8"])
 def test_whole_quantized_model_compiles_without_graph_breaks(family, mode):
     torch._dynamo.reset()
     model = BUILDERS[family]()
