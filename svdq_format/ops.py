@@ -121,9 +121,16 @@ def available_backends() -> list[str]:
 
 
 def _warn_once(key: tuple[str, str], message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
+    """Warn once per ``key`` per process — counting only warnings the caller's filters let
+    through: one silenced by ``catch_warnings`` / ``simplefilter("ignore")`` is shown next time."""
+    if key in _WARNED:
+        return
+    with warnings.catch_warnings(record=True) as caught:  # the caller's filters apply; "error" raises
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+    if caught:
+        _WARNED.add(key)
+        for w in caught:  # to the caller's handlers (stderr, pytest.warns, record=True lists)
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def select_backend(call: LinearCall, requested: str = "auto") -> Backend:

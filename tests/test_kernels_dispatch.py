@@ -104,6 +104,28 @@ def test_forced_backend_on_cpu_falls_back_with_one_warning(monkeypatch: pytest.M
     assert torch.equal(out1, expected)
 
 
+def test_a_silenced_fallback_warning_is_shown_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "_WARNED", set())
+    layer = _layer()
+    layer.backend = "cutlass-sm90"
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer(x)  # silenced: not counted as shown
+    with pytest.warns(RuntimeWarning, match="cutlass-sm90"):
+        layer(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(x)  # shown once already
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    monkeypatch.setattr(ops, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning):
+            layer(x)
+    assert not ops._WARNED  # an error is not a shown warning: it raises again next time
+
+
 def test_env_forced_backend_falls_back_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ops, "_WARNED", set())
     monkeypatch.setenv("SVDQ_BACKEND", "cutlass-sm90")
