@@ -90,6 +90,7 @@ def render_group64_source(config: Group64GemmConfig) -> str:
         CLUSTER_M=config.cluster_m, CLUSTER_N=config.cluster_n,
         KERNEL_SCHEDULE=kernel_schedule, EPILOGUE_SCHEDULE=epilogue_schedule,
         STAGES=config.stages, PROMOTE=config.promote, OP_NAME=config.name,
+        TILE_SCHEDULER="cutlass::gemm::StreamKScheduler" if config.scheduler == "streamk" else "void",
     )
 
 

@@ -100,6 +100,9 @@ class Group64GemmConfig(CutlassGemmConfig):
     branch + bias): ``out = acc · rowinv[n] · a[m] + c[m, n]``. ``stages = 0``: as many as fit.
     """
 
+    #: ``"persistent"`` (CUTLASS's default tile scheduler) or ``"streamk"`` (work split along K
+    #: too, so few output tiles still fill the GPU: small M; cooperative schedule only).
+    scheduler: str = "persistent"
     #: Add the FP8 partial sums to the fp32 accumulator every ``promote`` k-tiles (0: never).
     #: Hopper's FP8 MMAs accumulate with reduced precision; promotion bounds that error at the
     #: cost of a second accumulator (registers: tiles up to 128 × 128 per consumer pair).
@@ -113,10 +116,15 @@ class Group64GemmConfig(CutlassGemmConfig):
             raise UnsupportedError(f"tile_k {self.tile_k}: the group-64 mainloop needs 128 or 256")
         if self.promote < 0:
             raise UnsupportedError(f"promote {self.promote} is negative")
+        if self.scheduler not in ("persistent", "streamk"):
+            raise UnsupportedError(f"scheduler {self.scheduler!r} is not 'persistent' or 'streamk'")
+        if self.scheduler == "streamk" and self.schedule != "cooperative":
+            raise UnsupportedError("the stream-K scheduler needs the cooperative schedule (CUTLASS 4.2)")
 
     @property
     def name(self) -> str:
-        return "g64" + super().name + (f"_p{self.promote}" if self.promote else "")
+        return ("g64" + super().name + (f"_p{self.promote}" if self.promote else "")
+                + ("_sk" if self.scheduler == "streamk" else ""))
 
     def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
         if group != 64:
@@ -145,6 +153,9 @@ GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
     Group64GemmConfig(tile_m=256, tile_n=128, tile_k=128, schedule="cooperative"),
     Group64GemmConfig(tile_m=64, tile_n=256, tile_k=128, schedule="pingpong"),
     Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=4),
+    # small M: stream-K over K (written after the last GPU run: compiled for sm_90a, not yet run)
+    Group64GemmConfig(tile_m=128, tile_n=64, tile_k=128, schedule="cooperative", scheduler="streamk"),
+    Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", scheduler="streamk"),
 )
 
 

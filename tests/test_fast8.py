@@ -129,6 +129,9 @@ def test_group64_configs_names_and_limits():
         Group64GemmConfig(tile_k=64)
     with pytest.raises(UnsupportedError):
         Group64GemmConfig(promote=-1)
+    with pytest.raises(UnsupportedError, match="cooperative"):
+        Group64GemmConfig(tile_m=64, schedule="pingpong", scheduler="streamk")
+    assert Group64GemmConfig(scheduler="streamk").name.endswith("_sk")
 
 
 def test_group64_config_selection_and_override(monkeypatch):
@@ -158,6 +161,9 @@ def test_group64_source_instantiates_our_mainloop():
     assert "SvdqSm90MixedInputGroup64Mma<" in src and "\n    1>;" in src  # PromoteKTiles
     assert f'm.def("{cfg.name}(Tensor w, Tensor scales, Tensor rowinv, Tensor q, Tensor a, Tensor c) -> Tensor")' in src
     assert "${" not in src
+    assert "Mainloop, Epilogue, void>;" in src  # the persistent scheduler
+    sk = render_source(Group64GemmConfig(tile_n=64, scheduler="streamk"))
+    assert "Mainloop, Epilogue, cutlass::gemm::StreamKScheduler>;" in sk
     header = (CSRC_DIR / "svdq_sm90_mixed_input_g64.hpp").read_text()
     assert "SPDX-License-Identifier: BSD-3-Clause" in header  # CUTLASS's license is kept
     assert header.count("svdq:") >= 6  # every change from the stock mainloop is marked
