@@ -21,7 +21,7 @@ def bars(results: list[dict]) -> list[tuple[str, float, float]]:
                 if not m:
                     continue
                 name = "bf16" if model == "bf16" else f"SVDQuant {r.get('mode', 'fast')}"
-                label = f"{name} {kind}" + (f"\n({m['mode']})" if kind == "compiled" else "")
+                label = f"{name}\n{kind}" + (f"\n({m['mode']})" if kind == "compiled" else "")
                 if label not in seen:
                     seen.add(label)
                     out.append((label, m["median_s"] * 1e3, r[model]["weights_bytes"] / 2**30))
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.4]})
     labels = [d[0] for d in data]
     a1.bar(range(len(data)), [d[1] for d in data], color=["#888" if "bf16" in lab else "#3a7" for lab in labels])
-    bf16 = next(d[1] for d in data if d[0].startswith("bf16 eager"))
+    bf16 = next(d[1] for d in data if d[0].startswith("bf16\neager"))
     a1.axhline(0.67 * bf16, ls="--", c="r", lw=1, label=f"target 0.67 × bf16 eager = {0.67 * bf16:.0f} ms")
     for i, d in enumerate(data):
         a1.text(i, d[1], f"{d[1]:.0f}", ha="center", va="bottom", fontsize=8)
