@@ -9,8 +9,9 @@ with the weights 4-bit in memory.
 
 One layer call:
 
-1. the ``fast`` prologue (:func:`svdq_kernels.triton_fast.prologue`): ``q`` (e4m3), ``a``
-   (per-token scale) and ``lr = x · L2ᵀ`` in one pass over ``x``;
+1. the ``fast`` prologue (:func:`svdq_kernels.triton_fast.prologue`, two short Triton
+   kernels): ``q`` (e4m3), ``a`` (per-token scale) and ``lr = x · L2ᵀ`` (times the per-rank
+   LoRA scales) as bf16 ``[hi | lo]``;
 2. ``c = bias + lr · L1ᵀ`` in bf16: one cuBLAS GEMM of the prologue's ``[hi | lo]`` bf16 split
    of ``lr`` (written by the prologue itself) with a cached ``[L1 | L1]``, so the product keeps
    fp32-level accuracy before its single rounding;

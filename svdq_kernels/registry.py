@@ -5,14 +5,15 @@ activation mode). Each path names what it needs (``triton``, or ``nvcc`` + ``nvi
 for CUTLASS-built kernels); :func:`supports` turns anything missing into a one-line reason, so
 the layer falls back to the reference backend with one warning instead of failing.
 
-Validated on an H100 (GPU tests, see docs/kernels.md) and all on by default: the ``fast`` mode
-of int4 layers (``act="fp8"``: a Triton prologue + a Triton group-64 GEMM,
+Validated on an H100 (GPU tests, see docs/kernels.md) and all on by default: the ``fast8`` mode
+of int4 layers (``act="fp8w"``: the Triton prologue + our CUTLASS group-64 int4 × FP8 GEMM,
+:mod:`svdq_kernels.cutlass_fast8`, built by :mod:`svdq_kernels.build` on first use), the
+``fast`` mode (``act="fp8"``: a Triton prologue + a Triton group-64 GEMM,
 :mod:`svdq_kernels.triton_fast`), int4 ``exact`` (``act="int4"``, equal to the reference up to
 fp32 summation order), int4 W4A16 (``"none"``) and nvfp4 (``"nvfp4"`` / ``"none"``). A path
 added later starts in :data:`EXPERIMENTAL_PATHS` (used only with ``SVDQ_EXPERIMENTAL_KERNELS=1``)
-until its GPU tests pass. The CUTLASS-generated kernels (:mod:`svdq_kernels.build`) are built and
-cached but not on a layer path: stock CUTLASS int4 × FP8 needs K groups of at least 128 and
-rounds ``scale × code`` to FP8, which is not the format's group-64 math.
+until its GPU tests pass. A path may add host-side limits (``KernelPath.check``: ``fast8`` takes
+bf16 layers with ``in_features % 128 == 0`` and ``out_features % 8 == 0``).
 """
 
 from __future__ import annotations
