@@ -2,7 +2,7 @@
 # One-GPU measurements in one command on one H100 (docs/benchmarks.md). Every step has its own
 # time limit and log; a failing step does not stop the next. Usage (repo root, wheels installed
 # as the device README says):
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [next] [tests] [gemm] [step]   (default: next)
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [next] [tests] [gemm] [step] [fast8]   (default: next)
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits, the
 # f16h/fp8h datapaths): their GPU tests, then timings with and without them.
 set -u
@@ -33,6 +33,17 @@ for step in $STEPS; do
     step)   # one FLUX.1-dev step; the experimental paths on (W4A16 AdaLN layers on the GPU kernels)
       SVDQ_EXPERIMENTAL_KERNELS=1 timeout 540 python3 benchmarks/flux_step.py --compile --fast \
         --out "$OUT/flux_step.json" > "$OUT/flux_step.log" 2>&1; echo "step rc=$?"; tail -8 "$OUT/flux_step.log" ;;
+    fast8)  # the fast8 path: prebuild every group-64 kernel (candidates too), its GPU tests, the
+            # benchmark with all tilings (stream-K small-M candidates included), a FLUX step
+      python3 -c "from svdq_format.cli import main; import sys; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C; a=['kernels','build','--jobs','12']; [a.extend(['--config',c.name]) for c in G+C]; sys.exit(main(a))" \
+        > "$OUT/build.log" 2>&1; echo "build rc=$?"; grep -c "built\|cached" "$OUT/build.log"
+      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py > "$OUT/pytest_fast8.log" 2>&1
+      echo "fast8 tests rc=$?"; tail -2 "$OUT/pytest_fast8.log"
+      timeout 300 python3 benchmarks/fast8_linear.py --configs all --no-reference --out "$OUT/fast8_linear.json" \
+        > "$OUT/fast8_linear.log" 2>&1; echo "fast8 bench rc=$?"; grep -v Warn "$OUT/fast8_linear.log" | tail -10 | cut -c1-400
+      timeout 420 python3 benchmarks/flux_step.py --fast --mode fast8 --compile --compile-mode reduce-overhead \
+        --no-bf16-compile --out "$OUT/flux_step_fast8.json" > "$OUT/flux_step_fast8.log" 2>&1
+      echo "fast8 step rc=$?"; tail -5 "$OUT/flux_step_fast8.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done
