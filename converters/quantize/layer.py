@@ -40,15 +40,22 @@ def layer_fidelity(
     linear: nn.Linear, layer: SVDQLinear, rows: torch.Tensor, *, precision: str
 ) -> dict[str, float]:
     """Relative output errors vs the 16-bit layer on ``rows``: this SVDQ layer (its real
-    forward), naive W4A4 (rank 0, no smoothing, absmax scales) and weight-only W4A16."""
+    forward, in its current mode), naive W4A4 (rank 0, no smoothing, absmax scales) and
+    weight-only W4A16; for W4A4 layers also the Hopper execution modes ``svdq_fast`` and, for
+    int4, ``svdq_fast8`` (docs/format.md §6) — issue 9's condition is that they are no worse
+    than ``svdq`` (exact W4A4)."""
     x = rows.to(layer.qweight.device, linear.weight.dtype)
     ref = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
-    chosen = layer.backend
+    chosen, mode = layer.backend, layer.mode
     layer.backend = "reference"  # the normative math, whatever kernels this machine has
     try:
         out = {"svdq": relative_error(layer(x), ref)}
+        if layer.kind == "w4a4":
+            for other in ("fast", "fast8") if layer.precision == "int4" else ("fast",):
+                layer.mode = other
+                out[f"svdq_{other}"] = relative_error(layer(x), ref)
     finally:
-        layer.backend = chosen  # the quantized layer runs on the best backend afterwards
+        layer.backend, layer.mode = chosen, mode  # the quantized layer runs as it was afterwards
     for label, kind in (("naive_w4a4", "w4a4"), ("w4a16", "w4a16")):
         naive = SVDQLinear.from_linear(linear, rank=0, precision=precision, kind=kind)
         naive.backend = "reference"

@@ -62,6 +62,11 @@ def format_table(layers: list[dict[str, Any]], *, limit: int | None = None) -> s
             f"mean over {s['layers']} layers: svdq {s['svdq']:.4f}  naive w4a4 {s['naive_w4a4']:.4f}  "
             f"w4a16 {s['w4a16']:.4f}  (svdq/w4a4 = {s['ratio']:.3f})"
         )
+        for mode in ("fast", "fast8"):
+            m = s.get(mode)
+            if m:
+                lines.append(f"{mode} mode on {m['layers']} W4A4 layers: mean {m['mean']:.4f} vs exact "
+                             f"{m['mean_exact']:.4f}; no worse than exact on {m['no_worse']}/{m['layers']}")
     return "\n".join(lines)
 
 
@@ -70,8 +75,17 @@ def summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
     rows = [r["error"] for r in layers if "error" in r]
     if not rows:
         return {"layers": 0}
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("svdq", "naive_w4a4", "w4a16")}
+    mean: dict[str, Any] = {k: sum(r[k] for r in rows) / len(rows) for k in ("svdq", "naive_w4a4", "w4a16")}
     mean["ratio"] = mean["svdq"] / mean["naive_w4a4"] if mean["naive_w4a4"] > 0 else math.nan
+    for mode in ("fast", "fast8"):  # the Hopper execution modes vs exact W4A4, on the layers that have them
+        both = [r for r in rows if f"svdq_{mode}" in r]
+        if both:
+            mean[mode] = {
+                "layers": len(both),
+                "mean": sum(r[f"svdq_{mode}"] for r in both) / len(both),
+                "mean_exact": sum(r["svdq"] for r in both) / len(both),
+                "no_worse": sum(r[f"svdq_{mode}"] <= r["svdq"] for r in both),
+            }
     return {"layers": len(rows), **mean}
 
 
@@ -81,7 +95,8 @@ class FidelityReport:
 
     Attributes:
         layers: Per-layer info dicts (name, kind, shape, rank, α, ``error`` = relative output
-            errors ``svdq`` / ``naive_w4a4`` / ``w4a16`` on the calibration rows).
+            errors ``svdq`` / ``naive_w4a4`` / ``w4a16`` on the calibration rows, and for W4A4
+            layers ``svdq_fast`` / ``svdq_fast8``, the Hopper execution modes).
         skipped: Layers kept 16-bit and why.
         options: The quantizer options.
         timings: Seconds per phase.
