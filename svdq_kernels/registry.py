@@ -13,7 +13,7 @@ of int4 layers (``act="fp8w"``: the Triton prologue + our CUTLASS group-64 int4 
 fp32 summation order), int4 W4A16 (``"none"``) and nvfp4 (``"nvfp4"`` / ``"none"``). A path
 added later starts in :data:`EXPERIMENTAL_PATHS` (used only with ``SVDQ_EXPERIMENTAL_KERNELS=1``)
 until its GPU tests pass. A path may add host-side limits (``KernelPath.check``: ``fast8`` takes
-bf16 layers with ``in_features % 128 == 0`` and ``out_features % 8 == 0``).
+bf16 layers with ``in_features % 128 == 0`` and ``out_features % 128 == 0``).
 """
 
 from __future__ import annotations

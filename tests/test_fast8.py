@@ -124,7 +124,7 @@ def test_group64_configs_names_and_limits():
     assert c.supports(m=16, n=3072, k=3072, group=64) is None
     assert "group" in c.supports(m=16, n=3072, k=3072, group=128)
     assert "tile_k" in c.supports(m=16, n=3072, k=3072 + 64, group=64)
-    assert "multiple of 8" in c.supports(m=16, n=3076, k=3072, group=64)
+    assert "multiple of 128" in c.supports(m=16, n=3072 + 64, k=3072, group=64)
     with pytest.raises(UnsupportedError):
         Group64GemmConfig(tile_k=64)
     with pytest.raises(UnsupportedError):
