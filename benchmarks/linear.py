@@ -31,22 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from linear_peers import bench as _bench, peer_times, random_layer  # noqa: E402  (benchmarks/)
+
 SHAPES = [  # (M, K, N): FLUX.1 linears at 1024x1024 (4096 image + 512 text tokens)
     (4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504),
     (4608, 15360, 3072), (4096, 3072, 3072), (256, 3072, 3072), (16, 3072, 12288),
 ]
-
-
-def _bench(fn) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def _quant_rowwise(x: torch.Tensor):
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = amax / 448.0
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
 def main(argv=None) -> int:
@@ -80,27 +70,10 @@ def main(argv=None) -> int:
     rows = []
     r = args.rank
     for m, k, n in shapes:
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-        bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
-        qweight = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
-        wscales = (torch.rand(n, k // 64, device=dev) * 0.004 + 0.001).to(torch.bfloat16)
-        smooth = (torch.rand(k, device=dev) + 0.5).to(torch.bfloat16)
-        down = (torch.randn(r, k, device=dev) / k**0.5).to(torch.bfloat16)
-        up = (torch.randn(n, r, device=dev) * 0.1).to(torch.bfloat16)
-        w8 = (w / (w.abs().amax(dim=1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
-        sw = (w.abs().amax(dim=1, keepdim=True) / 448).float().T.contiguous()
-        res: dict[str, float] = {}
-        res["bf16"] = _bench(lambda: torch.nn.functional.linear(x, w, bias))
-
-        def fp8_row():
-            xq, sx = _quant_rowwise(x)
-            return torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16)
-
-        res["fp8_row"] = _bench(fp8_row)
-        xq, sx = _quant_rowwise(x)
-        res["fp8_row_gemm"] = _bench(lambda: torch._scaled_mm(
-            xq, w8.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16))
+        lay = random_layer(m, k, n, r, device=dev)
+        x, bias, qweight, wscales, smooth, down, up = (lay.x, lay.bias, lay.qweight, lay.wscales, lay.smooth,
+                                                       lay.down, lay.up)
+        res: dict[str, float] = peer_times(lay)
         layer_args = (x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "fp8")
         res["svdq"] = _bench(lambda: triton_fast.fast_linear(*layer_args))
         q, a, lr = triton_fast.prologue(x, smooth, down)
