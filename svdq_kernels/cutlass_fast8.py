@@ -113,8 +113,8 @@ def fast8_linear(
     """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     m, n = x2.shape[0], qweight.shape[0]
+    scales16, rowinv = fast8_weights(qweight, wscales)  # keyed by the layer's own buffers
     qweight = qweight.contiguous()
-    scales16, rowinv = fast8_weights(qweight, wscales)
     with torch.cuda.device(x2.device):
         q, a, lr16 = prologue(x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales)
         c = lowrank_source(lr16, up, bias, m=m, n=n, device=x2.device)
