@@ -8,6 +8,9 @@ Per shape (M tokens × K in × N out), all measured in one process on one GPU:
 * ``fast8``      — our whole ``fast8`` layer (prologue + low-rank source + CUTLASS GEMM);
   ``fast8_gemm[<config>]`` — the CUTLASS GEMM alone, every group-64 configuration;
   ``fast8_prologue``, ``fast8_lowrank`` — the other two launches alone;
+* the compiled path: ``quant_inductor`` (``ops.quantize_fp8_rows`` compiled by Inductor, stand-alone
+  — in a model it is fused into the producer of x), ``fast8_given_q`` (the layer given q and a:
+  ``lowrank_down`` + low-rank source + GEMM), ``fast8_lowrank_down``;
 * ``fast``       — the Triton ``fast`` layer (the previous default), for comparison.
 
 Correctness of the timed layer: max and norm-relative error against the reference
@@ -34,7 +37,8 @@ from linear_peers import bench as _bench, peer_times, random_layer  # noqa: E402
 
 SHAPES = [  # (M, K, N): FLUX.1 linears at 1024x1024 (4096 image + 512 text tokens)
     (4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504),
-    (4608, 15360, 3072), (4096, 3072, 3072), (256, 3072, 3072), (16, 3072, 12288), (1, 3072, 18432),
+    (4608, 15360, 3072), (4096, 3072, 3072), (256, 3072, 3072), (16, 3072, 12288), (16, 12288, 3072), (16, 3072, 3072),
+    (1, 3072, 18432), (1, 3072, 3072),
 ]
 
 
@@ -46,7 +50,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the CPU reference check")
     ap.add_argument("--configs", default="default", choices=("default", "all"),
                     help="GEMM tilings: the prebuilt ones, or also configs.GROUP64_CANDIDATES")
+    ap.add_argument("--graphs", action="store_true", help="time inside CUDA graphs (no host launch cost)")
+    ap.add_argument("--ms", default="", help="comma-separated M to keep from the chosen shapes (e.g. 1,16)")
     args = ap.parse_args(argv)
+    import linear_peers
+
+    linear_peers.GRAPHS = args.graphs
 
     import triton
 
@@ -65,7 +74,11 @@ def main(argv=None) -> int:
         build_s[cfg.name] = round(time.perf_counter() - t0, 2)
     print(f"kernels ready: {build_s}", flush=True)
 
+    quant_graph = torch.compile(lambda x, s: ops.quantize_fp8_rows(ops.smoothed(x.float(), s)), dynamic=False)
     shapes = {"all": SHAPES, "quick": SHAPES[:2], "small": [s for s in SHAPES if s[0] <= 256]}[args.shapes]
+    if args.ms:
+        keep = {int(v) for v in args.ms.split(",")}
+        shapes = [sh for sh in shapes if sh[0] in keep]
     rows = []
     r = args.rank
     for m, k, n in shapes:
@@ -81,6 +94,11 @@ def main(argv=None) -> int:
         q, a, lr = triton_fast.prologue(x, smooth, down, lr16=True)
         res["fast8_prologue"] = _bench(lambda: triton_fast.prologue(x, smooth, down, lr16=True))
         res["fast8_lowrank"] = _bench(lambda: cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device))
+        # the compiled path: the quantizer as Inductor compiles it (stand-alone here; in a model it
+        # is fused into the producer of x), then the layer given q and a
+        res["quant_inductor"] = _bench(lambda: quant_graph(x, smooth))
+        res["fast8_lowrank_down"] = _bench(lambda: triton_fast.lowrank_down(x, down))
+        res["fast8_given_q"] = _bench(lambda: cutlass_fast8.fast8_linear_fp8(x, q, a, *layer8[1:]))
         c = cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device)
         zero_c = torch.zeros_like(c)
         gemm_err = {}
@@ -123,19 +141,24 @@ def main(argv=None) -> int:
         row["speedup_vs_fp8_row"] = res["fp8_row"] / res["fast8"]
         row["gemm_speedup_vs_bf16"] = res["bf16"] / best[0]
         row["overhead_frac"] = 1 - best[0] / res["fast8"]
+        row["compiled_path_ms"] = res["quant_inductor"] + res["fast8_given_q"]
+        row["compiled_path_speedup_vs_bf16"] = res["bf16"] / row["compiled_path_ms"]
         rows.append(row)
         t = row["tflops"]
         gem = " ".join(f"{key[11:-1].split('_c1')[0]}:{t[key]:.0f}" for key in res if key.startswith("fast8_gemm["))
         print(f"M={m:5d} K={k:5d} N={n:5d} | bf16 {t['bf16']:5.0f} | fp8row {t['fp8_row']:5.0f} (gemm "
               f"{t['fp8_row_gemm']:5.0f}) | fast {t['fast']:4.0f} | fast8 {t['fast8']:5.0f} = {row['speedup_vs_bf16']:.2f}x bf16 "
               f"{row['speedup_vs_fp8_row']:.2f}x fp8row | gemm {gem} | prol {res['fast8_prologue']*1e3:.0f}us lowrank "
-              f"{res['fast8_lowrank']*1e3:.0f}us ovh {row['overhead_frac']*100:.0f}% | host us {' '.join(f'{k}:{v:.0f}' for k, v in host.items())} | err gemm "
+              f"{res['fast8_lowrank']*1e3:.0f}us ovh {row['overhead_frac']*100:.0f}% | compiled path: quant "
+              f"{res['quant_inductor']*1e3:.0f}us + given-q {res['fast8_given_q']*1e3:.0f}us (down "
+              f"{res['fast8_lowrank_down']*1e3:.0f}us) = {row['compiled_path_speedup_vs_bf16']:.2f}x bf16 | host us {' '.join(f'{k}:{v:.0f}' for k, v in host.items())} | err gemm "
               f"{max(gemm_err.values()):.1e} layer {row.get('max_rel_err_vs_reference', float('nan')):.1e}", flush=True)
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "triton": triton.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms; TFLOPS = 2MNK/t",
+        "timing": ("triton.testing.do_bench_cudagraph median, rep 100 ms" if args.graphs else
+                   "triton.testing.do_bench median, warmup 25 ms, rep 100 ms") + "; TFLOPS = 2MNK/t",
         "kernel_load_seconds": build_s,
     }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -83,11 +83,49 @@ def time_steps(fn, *, steps: int, warmup: int, device: str) -> tuple[list[float]
     return times, peak
 
 
+#: Kernel-name patterns → what the time is spent on (first match wins; see profile_step).
+KINDS = (
+    ("svdq gemm (CUTLASS group-64)", ("Svdq",)),
+    ("svdq prologue / low-rank down (Triton)", ("prologue_", "lowrank_sum")),
+    ("svdq gemm (Triton)", ("gemm_kernel", "gemm_t_kernel", "splitk_reduce")),
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("cuBLAS GEMM (low-rank source, 16-bit layers)", ("nvjet", "gemm", "xmma", "cublas", "cutlass")),
+    ("Inductor fused kernels (norms, quantizer, elementwise)", ("triton_",)),
+)
+
+
+def profile_step(fn, *, label: str) -> dict:
+    """GPU milliseconds of one call of ``fn`` by kernel kind (:data:`KINDS`; torch.profiler),
+    printed with the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0.0)
+        if not us or evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = next((k for k, pats in KINDS if any(p in evt.key for p in pats)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
+    kinds["total"] = sum(kinds.values())
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(f"{label}: GPU ms by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])),
+          flush=True)
+    return kinds
+
+
 def measure(model, x, *, label: str, args, compile: bool = True) -> dict:
     """Eager (and compiled) step times of ``model`` on ``x``."""
     out = {"weights_bytes": weight_bytes(model)}
     times, peak = time_steps(lambda: model(**x), steps=args.steps, warmup=args.warmup, device=args.device)
     out["eager"] = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak}
+    if args.profile and args.device.startswith("cuda"):
+        out["eager"]["gpu_ms_by_kind"] = profile_step(lambda: model(**x), label=f"{label} eager")
     if args.compile and compile:
         torch._dynamo.reset()
         compiled = torch.compile(model, mode=args.compile_mode)
@@ -98,6 +136,8 @@ def measure(model, x, *, label: str, args, compile: bool = True) -> dict:
         times, peak = time_steps(lambda: compiled(**x), steps=args.steps, warmup=args.warmup, device=args.device)
         out["compiled"] = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak,
                            "first_call_s": compile_s, "mode": args.compile_mode}
+        if args.profile and args.device.startswith("cuda"):
+            out["compiled"]["gpu_ms_by_kind"] = profile_step(lambda: compiled(**x), label=f"{label} compiled")
     for k in ("eager", "compiled"):
         if k in out:
             print(f"{label:<10} {k:<9} {out[k]['median_s'] * 1e3:9.1f} ms/step  weights "
@@ -115,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile both models")
     ap.add_argument("--no-bf16-compile", action="store_true", help="with --compile: compile the SVDQuant model only")
-    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one SVDQuant step (torch.profiler)")
+    ap.add_argument("--profile", action="store_true", help="GPU time of one SVDQuant step by kernel kind, eager and compiled (torch.profiler)")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                     help="torch.compile mode (e.g. reduce-overhead for CUDA graphs)")
     ap.add_argument("--samples", type=int, default=4, help="synthetic calibration samples")
@@ -169,15 +209,6 @@ def main(argv=None) -> int:
     for w in result["svdq_warnings"]:
         print(f"warning: {w}")
     save()
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with torch.no_grad():
-            model(**x)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                model(**x)
-                torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
     result["svdq"] = measure(model, x, label="svdquant", args=args)
     with torch.no_grad():
         y = model(**x).sample.float()

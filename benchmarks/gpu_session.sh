@@ -2,7 +2,8 @@
 # One-GPU measurements in one command on one H100 (docs/benchmarks.md). Every step has its own
 # time limit and log; a failing step does not stop the next. Usage (repo root, wheels installed
 # as the device README says):
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [next] [tests] [gemm] [step] [fast8]   (default: next)
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [next] [tests] [gemm] [step] [fast8] [fast8b] [step8]
+#   (default: next)
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits, the
 # f16h/fp8h datapaths): their GPU tests, then timings with and without them.
 set -u
@@ -44,6 +45,21 @@ for step in $STEPS; do
       timeout 420 python3 benchmarks/flux_step.py --fast --mode fast8 --compile --compile-mode reduce-overhead \
         --no-bf16-compile --out "$OUT/flux_step_fast8.json" > "$OUT/flux_step_fast8.log" 2>&1
       echo "fast8 step rc=$?"; tail -5 "$OUT/flux_step_fast8.log" ;;
+    fast8b)  # every group-64 kernel (small-M candidates too) into $SVDQ_KERNEL_CACHE, the fast8 GPU
+             # tests (compiled path included), small M in CUDA graphs with every tiling, large M quick
+      python3 -c "from svdq_format.cli import main; import sys; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C; a=['kernels','build','--jobs','14']; [a.extend(['--config',c.name]) for c in G+C]; sys.exit(main(a))" \
+        > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -2 "$OUT/build.log"
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py > "$OUT/pytest_fast8.log" 2>&1
+      echo "fast8 tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_fast8.log" | tail -4
+      timeout 150 python3 benchmarks/fast8_linear.py --shapes small --graphs --configs all --no-reference \
+        --out "$OUT/fast8_small_graphs.json" > "$OUT/fast8_small.log" 2>&1; echo "small rc=$?"
+      grep -v Warn "$OUT/fast8_small.log" | tail -8 | cut -c1-700
+      timeout 120 python3 benchmarks/fast8_linear.py --shapes quick --no-reference --out "$OUT/fast8_quick.json" \
+        > "$OUT/fast8_quick.log" 2>&1; echo "quick rc=$?"; grep -v Warn "$OUT/fast8_quick.log" | tail -3 | cut -c1-700 ;;
+    step8)   # one FLUX.1-dev step in fast8 mode, eager and compiled, with the GPU time by kernel kind
+      timeout 560 python3 benchmarks/flux_step.py --fast --mode fast8 --compile --compile-mode reduce-overhead \
+        --no-bf16-compile --profile --out "$OUT/flux_step_fast8.json" > "$OUT/flux_step_fast8.log" 2>&1
+      echo "fast8 step rc=$?"; grep -E "ms/step|by kind|quantized" "$OUT/flux_step_fast8.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

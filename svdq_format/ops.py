@@ -47,10 +47,19 @@ __all__ = [
     "available_backends",
     "select_backend",
     "reference_linear",
+    "reference_linear_fp8",
+    "quantize_fp8_rows",
+    "smoothed",
+    "FP8_ACTS",
+    "SPLIT_ACTS",
     "svdq_linear",
 ]
 
 ACT_MODES = ("int4", "nvfp4", "fp8", "fp8w", "none")
+#: The modes whose activations are FP8 per token (:func:`quantize_fp8_rows`).
+FP8_ACTS = ("fp8", "fp8w")
+#: The modes whose quantizer runs outside the op when compiled (:func:`svdq_linear`).
+SPLIT_ACTS = ("fp8w",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +89,17 @@ class Backend:
         supports: ``supports(call) -> None`` when the backend can run ``call``, else a short
             reason string (shown in the fallback warning).
         priority: Higher wins in automatic selection; the reference has 0.
+        linear_fp8: Optional callable with the signature of :func:`reference_linear_fp8`: the
+            same layer with its activations already quantized by :func:`quantize_fp8_rows`
+            (``svdquant::linear_fp8``, what compiled graphs call for :data:`SPLIT_ACTS`). It may
+            return ``None`` for a call it has no such kernel for; then :attr:`linear` runs it.
     """
 
     name: str
     linear: Callable[..., torch.Tensor]
     supports: Callable[[LinearCall], Optional[str]]
     priority: int = 0
+    linear_fp8: Optional[Callable[..., Optional[torch.Tensor]]] = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -220,9 +234,13 @@ def reference_linear(
         ``[..., N]`` in ``x.dtype``.
     """
     k = x.shape[-1]
-    n = qweight.shape[0]
     xf = x.reshape(-1, k).float()
-    xs = (xf + act_shift) / smooth.float() if act_shift else xf / smooth.float()
+    xs = smoothed(xf, smooth, act_shift)
+    if act in FP8_ACTS:
+        q, a = quantize_fp8_rows(xs)
+        return reference_linear_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
+                                    lora_scales, precision, act)
+    n = qweight.shape[0]
     wv = _weight_values(qweight, precision)
     g = packing.GROUP_SIZES[precision]
     ws = wscales.float()
@@ -238,27 +256,61 @@ def reference_linear(
             y += part * (asc[:, j : j + 1] * ws[:, j].unsqueeze(0))
         if wtscale is not None:
             y *= wtscale.float()
+    elif act == "none":
+        y = xs @ _dense_weight(wv, wscales, wtscale, precision, act).T
     else:
-        if act == "fp8w":
-            if precision != "int4":
-                raise BackendError(f"activation mode 'fp8w' (fast8) needs int4 weights, not {precision!r}")
-            pw = packing.fp8_weight_row_scales(wv, wscales, group_size=g)
-            w = packing.fp8_weight_values(wv, packing.fp8_weight_scales(wscales, pw), group_size=g) / pw.unsqueeze(1)
-        else:
-            w = (packing.group_view(wv, g) * ws.unsqueeze(-1)).reshape(n, k)
-        if wtscale is not None:
-            w = w * wtscale.float()
-        if act in ("fp8", "fp8w"):
-            amax = xs.abs().amax(dim=-1, keepdim=True)
-            a = amax / packing.FP8_E4M3_MAX
-            ok = (a > 0) & torch.isfinite(a)
-            q = packing.round_to_e4m3(xs / torch.where(ok, a, 1.0)).float()
-            q = torch.where(ok, q, 0.0)
-            y = (q @ w.T) * a
-        elif act == "none":
-            y = xs @ w.T
-        else:
-            raise BackendError(f"unknown activation mode {act!r} (expected one of {ACT_MODES})")
+        raise BackendError(f"unknown activation mode {act!r} (expected one of {ACT_MODES})")
+    return _finish(y, xf, x, lora_down, lora_up, bias, lora_scales)
+
+
+def smoothed(xf: torch.Tensor, smooth: torch.Tensor, act_shift: float = 0.0) -> torch.Tensor:
+    """``x̂ = (x + act_shift) / s`` in float32 (the 4-bit branch's input)."""
+    return (xf + act_shift) / smooth.float() if act_shift else xf / smooth.float()
+
+
+def quantize_fp8_rows(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``fast``/``fast8`` activation quantizer: float8_e4m3fn per token, ``a = absmax / 448``.
+
+    Plain torch (so ``torch.compile`` can fuse it into the op that produces ``x``; see
+    :func:`svdq_linear`). A row with no finite positive absmax (all zeros, or a NaN/inf) gets
+    codes 0 and keeps its ``a`` (0, NaN or inf), so the GEMM's ``acc · a`` is 0 or NaN as the
+    math says.
+
+    Args:
+        xs: Smoothed activations ``[M, K]`` (float32).
+
+    Returns:
+        ``(q [M, K] float8_e4m3fn, a [M] float32)`` with ``x̂ ≈ q · a`` per row.
+    """
+    a = xs.abs().amax(dim=-1, keepdim=True) / packing.FP8_E4M3_MAX
+    ok = (a > 0) & torch.isfinite(a)
+    q = packing.round_to_e4m3(torch.where(ok, xs / torch.where(ok, a, 1.0), 0.0))
+    return q, a.squeeze(-1).float()
+
+
+def _dense_weight(
+    wv: torch.Tensor, wscales: torch.Tensor, wtscale: Optional[torch.Tensor], precision: str, act: str,
+) -> torch.Tensor:
+    """The float32 ``[N, K]`` weight the non-W4A4 modes multiply by (``fp8w``: rounded to e4m3)."""
+    n, k = wv.shape
+    g = packing.GROUP_SIZES[precision]
+    if act == "fp8w":
+        if precision != "int4":
+            raise BackendError(f"activation mode 'fp8w' (fast8) needs int4 weights, not {precision!r}")
+        pw = packing.fp8_weight_row_scales(wv, wscales, group_size=g)
+        w = packing.fp8_weight_values(wv, packing.fp8_weight_scales(wscales, pw), group_size=g) / pw.unsqueeze(1)
+    else:
+        w = (packing.group_view(wv, g) * wscales.float().unsqueeze(-1)).reshape(n, k)
+    if wtscale is not None:
+        w = w * wtscale.float()
+    return w
+
+
+def _finish(
+    y: torch.Tensor, xf: torch.Tensor, x: torch.Tensor, lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Add the low-rank branch (on the raw input) and the bias; cast and reshape like ``x``."""
     if lora_down is not None and lora_up is not None and lora_down.shape[0] > 0:
         lr = xf @ lora_down.float().T
         if lora_scales is not None:
@@ -266,14 +318,44 @@ def reference_linear(
         y = y + lr @ lora_up.float().T
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def reference_linear_fp8(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    a: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtscale: Optional[torch.Tensor],
+    smooth: torch.Tensor,
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor],
+    precision: str,
+    act: str,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
+) -> torch.Tensor:
+    """:func:`reference_linear` for ``act`` in :data:`FP8_ACTS` with the activations already
+    quantized: ``q``, ``a`` from :func:`quantize_fp8_rows` of ``x``'s smoothed rows (``[M, K]``,
+    ``[M]``). ``x`` still feeds the low-rank branch. Equal to :func:`reference_linear` bit for bit.
+    """
+    if act not in FP8_ACTS:
+        raise BackendError(f"pre-quantized activations are FP8 ({FP8_ACTS}), not {act!r}")
+    k = x.shape[-1]
+    w = _dense_weight(_weight_values(qweight, precision), wscales, wtscale, precision, act)
+    y = (q.float() @ w.T) * a.float().unsqueeze(-1)
+    return _finish(y, x.reshape(-1, k).float(), x, lora_down, lora_up, bias, lora_scales)
 
 
 def _reference_supports(call: LinearCall) -> Optional[str]:
     return None
 
 
-register_backend(Backend("reference", reference_linear, _reference_supports, priority=0))
+register_backend(Backend("reference", reference_linear, _reference_supports, priority=0,
+                         linear_fp8=reference_linear_fp8))
 
 
 # --------------------------------------------------------------------------- custom op
@@ -296,7 +378,18 @@ def _linear_op(
     act_unsigned: bool,
     backend: str,
 ) -> torch.Tensor:
-    call = LinearCall(
+    chosen = select_backend(_call(x, qweight, lora_down, bias, precision, act, act_shift, act_unsigned), backend)
+    return chosen.linear(
+        x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision,
+        act, act_shift, act_unsigned,
+    )
+
+
+def _call(
+    x: torch.Tensor, qweight: torch.Tensor, lora_down: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    precision: str, act: str, act_shift: float, act_unsigned: bool,
+) -> LinearCall:
+    return LinearCall(
         device=x.device,
         dtype=x.dtype,
         precision=precision,
@@ -309,16 +402,50 @@ def _linear_op(
         act_shift=act_shift,
         act_unsigned=act_unsigned,
     )
-    chosen = select_backend(call, backend)
-    return chosen.linear(
-        x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision,
-        act, act_shift, act_unsigned,
-    )
 
 
 @_linear_op.register_fake
 def _linear_fake(
     x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
+    act_shift, act_unsigned, backend,
+):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.custom_op("svdquant::linear_fp8", mutates_args=())
+def _linear_fp8_op(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    a: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtscale: Optional[torch.Tensor],
+    smooth: torch.Tensor,
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor],
+    precision: str,
+    act: str,
+    act_shift: float,
+    act_unsigned: bool,
+    backend: str,
+) -> torch.Tensor:
+    """``svdquant::linear`` with the FP8 activations given (``q``, ``a`` of
+    :func:`quantize_fp8_rows`); a backend without :attr:`Backend.linear_fp8` recomputes them."""
+    chosen = select_backend(_call(x, qweight, lora_down, bias, precision, act, act_shift, act_unsigned), backend)
+    args = (qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act, act_shift,
+            act_unsigned)
+    if chosen.linear_fp8 is not None:
+        y = chosen.linear_fp8(x, q, a, *args)
+        if y is not None:
+            return y
+    return chosen.linear(x, *args)
+
+
+@_linear_fp8_op.register_fake
+def _linear_fp8_fake(
+    x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
     act_shift, act_unsigned, backend,
 ):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
@@ -344,6 +471,14 @@ def svdq_linear(
     """Call the ``svdquant::linear`` op (see :func:`reference_linear` for the arguments)."""
     if act not in ACT_MODES:
         raise BackendError(f"unknown activation mode {act!r} (expected one of {ACT_MODES})")
+    if act in SPLIT_ACTS and torch.compiler.is_compiling():
+        # Compiled: the activation quantizer is plain torch in the graph, so Inductor fuses it
+        # into whatever produces x (a norm, a modulation, a GELU) instead of a separate pass.
+        q, a = quantize_fp8_rows(smoothed(x.reshape(-1, x.shape[-1]).float(), smooth, act_shift))
+        return torch.ops.svdquant.linear_fp8(
+            x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
+            precision, act, float(act_shift), bool(act_unsigned), backend,
+        )
     return torch.ops.svdquant.linear(
         x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
         precision, act, float(act_shift), bool(act_unsigned), backend,

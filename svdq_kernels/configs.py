@@ -153,9 +153,13 @@ GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
     Group64GemmConfig(tile_m=256, tile_n=128, tile_k=128, schedule="cooperative"),
     Group64GemmConfig(tile_m=64, tile_n=256, tile_k=128, schedule="pingpong"),
     Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=4),
-    # small M: stream-K over K (written after the last GPU run: compiled for sm_90a, not yet run)
+    # small M: stream-K over K, and token tiles of 16 / 32 (a 128-token tile at M = 16 spends 7/8
+    # of its MMAs on padding); compiled for sm_90a on the CPU, timed by benchmarks/fast8_linear.py
     Group64GemmConfig(tile_m=128, tile_n=64, tile_k=128, schedule="cooperative", scheduler="streamk"),
     Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", scheduler="streamk"),
+    Group64GemmConfig(tile_m=128, tile_n=16, tile_k=128, schedule="cooperative", scheduler="streamk"),
+    Group64GemmConfig(tile_m=128, tile_n=32, tile_k=128, schedule="cooperative", scheduler="streamk"),
+    Group64GemmConfig(tile_m=64, tile_n=32, tile_k=128, schedule="pingpong"),
 )
 
 

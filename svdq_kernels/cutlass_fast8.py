@@ -17,6 +17,11 @@ One layer call:
    fp32-level accuracy before its single rounding;
 3. the CUTLASS GEMM ``out = (Σ q · w8) · rowinv · a + c``: weights and their fp16 group scales
    read once per tile, the epilogue applies both scales and adds ``c``.
+
+In a compiled graph the activations arrive quantized (:func:`fast8_linear_fp8`, the
+``svdquant::linear_fp8`` op: Inductor fused :func:`svdq_format.ops.quantize_fp8_rows` into the
+kernel that produced ``x``), and step 1 shrinks to the low-rank down projection alone
+(:func:`svdq_kernels.triton_fast.lowrank_down`).
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from svdq_format import packing
 from .build import load_kernel
 from .configs import Group64GemmConfig, group64_config
 from .tensor_cache import TensorCache
-from .triton_fast import _layer_inputs, prologue
+from .triton_fast import _layer_inputs, lowrank_down, prologue
 
-__all__ = ["fast8_weights", "fast8_linear", "lowrank_source", "group64_gemm"]
+__all__ = ["fast8_weights", "fast8_linear", "fast8_linear_fp8", "lowrank_source", "group64_gemm"]
 
 _WEIGHTS: TensorCache[tuple[torch.Tensor, torch.Tensor]] = TensorCache()
 _UPS: TensorCache[torch.Tensor] = TensorCache()
@@ -119,6 +124,38 @@ def fast8_linear(
         q, a, lr16 = prologue(x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales)
         c = lowrank_source(lr16, up, bias, m=m, n=n, device=x2.device)
         y = group64_gemm(qweight, scales16, rowinv, q, a, c)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def fast8_linear_fp8(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    a: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wtscale: Optional[torch.Tensor],
+    smooth: torch.Tensor,
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_scales: Optional[torch.Tensor],
+    precision: str,
+    act: str,
+    act_shift: float = 0.0,
+    act_unsigned: bool = False,
+) -> torch.Tensor:
+    """:func:`fast8_linear` with the activations already quantized (signature of
+    :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]``."""
+    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
+    m, n = x2.shape[0], qweight.shape[0]
+    scales16, rowinv = fast8_weights(qweight, wscales)
+    qweight = qweight.contiguous()
+    q2 = q.reshape(m, -1).contiguous()
+    a2 = a.reshape(m).to(torch.float32).contiguous()
+    with torch.cuda.device(x2.device):
+        lr16 = lowrank_down(x2, down, lora_scales=lora_scales) if down is not None else None
+        c = lowrank_source(lr16, up, bias, m=m, n=n, device=x2.device)
+        y = group64_gemm(qweight, scales16, rowinv, q2, a2, c)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -28,7 +28,7 @@ import torch
 
 from svdq_format import ops
 
-from .cutlass_fast8 import fast8_linear, fast8_unsupported
+from .cutlass_fast8 import fast8_linear, fast8_linear_fp8, fast8_unsupported
 from .triton_fast import exact_linear, experimental_kernels, fast_linear, nvfp4_linear, w4a16_linear
 
 __all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "EXPERIMENTAL_PATHS", "supports", "register",
@@ -50,6 +50,8 @@ class KernelPath:
     needs: tuple[str, ...]
     #: Extra host-side limits: ``check(in_features, out_features, dtype)`` → reason or None.
     check: Optional[Callable[[int, int, torch.dtype], Optional[str]]] = None
+    #: The same layer with FP8 activations given (``svdquant::linear_fp8``; compiled graphs).
+    linear_fp8: Optional[Callable[..., torch.Tensor]] = None
 
 
 #: (precision, act) -> kernels. Missing combinations fall back to the reference.
@@ -61,7 +63,7 @@ PATHS: dict[tuple[str, str], KernelPath] = {
     ("nvfp4", "nvfp4"): KernelPath("nvfp4 (triton: both operands dequantized exactly to fp16)", nvfp4_linear,
                                    ("triton",)),
     ("int4", "fp8w"): KernelPath("fast8-int4 (triton prologue + CUTLASS group-64 int4 x fp8 gemm)", fast8_linear,
-                                 ("triton", "nvcc", "nvidia-cutlass"), fast8_unsupported),
+                                 ("triton", "nvcc", "nvidia-cutlass"), fast8_unsupported, fast8_linear_fp8),
     ("nvfp4", "none"): KernelPath("w4a16-nvfp4 (triton: fp16 activations, exact fp16 weights)", nvfp4_linear,
                                   ("triton",)),
 }
@@ -141,9 +143,20 @@ def _linear(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora
                        lora_scales, precision, act, act_shift, act_unsigned)
 
 
+def _linear_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
+                precision, act, act_shift=0.0, act_unsigned=False):
+    path = _path(precision, act)
+    assert path is not None  # supports() accepted the call
+    if path.linear_fp8 is None:
+        return None  # ops runs path.linear, which quantizes x itself
+    return path.linear_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
+                           lora_scales, precision, act, act_shift, act_unsigned)
+
+
 def register() -> None:
     """Register (or re-register) the backend in :mod:`svdq_format.ops`."""
-    ops.register_backend(ops.Backend(BACKEND_NAME, _linear, supports, PRIORITY), replace=True)
+    ops.register_backend(ops.Backend(BACKEND_NAME, _linear, supports, PRIORITY, linear_fp8=_linear_fp8),
+                         replace=True)
 
 
 def unregister() -> None:

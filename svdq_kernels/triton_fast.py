@@ -89,9 +89,9 @@ def _kernels() -> dict[str, Any]:
     @triton.jit
     def prologue_stats_kernel(
         x_ptr, s_ptr, l2_ptr, pamax_ptr, plr_ptr, M, K, R, BPS, shift,
-        HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+        HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, AMAX: tl.constexpr = True,
     ):
-        # split s of K (BPS blocks of 64): partial row absmax of x̂ and partial x · L2ᵀ
+        # split s of K (BPS blocks of 64): partial row absmax of x̂ (AMAX) and partial x · L2ᵀ
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -105,14 +105,16 @@ def _kernels() -> dict[str, Any]:
         for kb in range(kb0, kb1):
             rk = kb * 64 + tl.arange(0, 64)
             x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
-            s = tl.load(s_ptr + rk).to(tl.float32)
-            xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
-            ax = tl.where(xs == xs, tl.abs(xs), float("inf"))  # NaN -> inf -> row not ok
-            amax = tl.maximum(amax, tl.max(ax, axis=1))
+            if AMAX:
+                s = tl.load(s_ptr + rk).to(tl.float32)
+                xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
+                ax = tl.where(xs == xs, tl.abs(xs), float("inf"))  # NaN -> inf -> row not ok
+                amax = tl.maximum(amax, tl.max(ax, axis=1))
             if HAS_LR:
                 l2 = tl.load(l2_ptr + rr[:, None] * K + rk[None, :], mask=(rr < R)[:, None], other=0.0)
                 acc += tl.dot(x, tl.trans(l2))
-        tl.store(pamax_ptr + split * M + rm, amax, mask=m_ok)
+        if AMAX:
+            tl.store(pamax_ptr + split * M + rm, amax, mask=m_ok)
         if HAS_LR:
             tl.store(plr_ptr + (split * M + rm_c[:, None]) * BR + rr[None, :], acc, mask=m_ok[:, None])
 
@@ -185,6 +187,26 @@ def _kernels() -> dict[str, Any]:
                     tl.store(lr_ptr + rm_c[:, None] * (2 * R) + R + rr[None, :], lo, mask=lr_mask)
                 else:
                     tl.store(lr_ptr + rm_c[:, None] * R + rr[None, :], lr, mask=lr_mask)
+
+    @triton.jit
+    def lowrank_sum_kernel(plr_ptr, lr_ptr, lrs_ptr, M, R, NSPLIT, HAS_LRS: tl.constexpr, BM: tl.constexpr,
+                           BR: tl.constexpr):
+        # the low-rank partials of the stats kernel summed in split order (as the quant kernel
+        # does), times the per-rank scales, stored as bf16 hi | lo in [M, 2R]
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        m_ok = rm < M
+        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
+        rr = tl.arange(0, BR)
+        lr = tl.zeros([BM, BR], dtype=tl.float32)
+        for t in range(0, NSPLIT):
+            lr += tl.load(plr_ptr + (t * M + rm_c[:, None]) * BR + rr[None, :])
+        if HAS_LRS:
+            lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+        lr_mask = m_ok[:, None] & (rr < R)[None, :]
+        hi = lr.to(tl.bfloat16)
+        lo = (lr - hi.to(tl.float32)).to(tl.bfloat16)
+        tl.store(lr_ptr + rm_c[:, None] * (2 * R) + rr[None, :], hi, mask=lr_mask)
+        tl.store(lr_ptr + rm_c[:, None] * (2 * R) + R + rr[None, :], lo, mask=lr_mask)
 
     @triton.jit
     def prologue_exact_kernel(
@@ -537,6 +559,7 @@ def _kernels() -> dict[str, Any]:
 
     return {"triton": triton, "prologue_stats": prologue_stats_kernel, "prologue_quant": prologue_quant_kernel,
             "prologue_exact": prologue_exact_kernel, "prologue_nvfp4": prologue_nvfp4_kernel,
+            "lowrank_sum": lowrank_sum_kernel,
             "gemm": gemm_kernel, "gemm_configs": gemm_configs,
             "gemm_t": gemm_t_kernel, "splitk_reduce": splitk_reduce_kernel}
 
@@ -721,6 +744,35 @@ def prologue(
                               r, bps, nsplit, float(act_shift), HAS_LR=bool(r), Q16=codes16, W16=w16, PERM=perm,
                               BM=bm, BR=br, LR16=lr16, HAS_LRS=has_lrs, num_warps=4, num_stages=3)
     return q, a, lr
+
+
+def lowrank_down(
+    x: torch.Tensor, lora_down: torch.Tensor, *, lora_scales: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``lr = (x · L2ᵀ) · lora_scales`` as bf16 ``[hi | lo]`` ``[M, 2r]`` — :func:`prologue`'s
+    ``lr16`` output alone (same kernels, same summation order, so the same bits), for callers
+    whose activations are quantized elsewhere (the compiled ``fast8`` path).
+
+    Args:
+        x: ``[M, K]`` contiguous, bf16 or fp16.
+        lora_down: ``[r, K]`` in ``x.dtype``, r ≥ 1.
+        lora_scales: Optional per-rank multipliers ``[r]``.
+    """
+    k = _kernels()
+    m, kk = x.shape
+    r = lora_down.shape[0]
+    lr = torch.empty(m, 2 * r, device=x.device, dtype=torch.bfloat16)
+    br = _rank_tile(r)
+    nsplit, bps = _k_splits(kk, m)
+    plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32)
+    bm = 32
+    k["prologue_stats"][(triton_cdiv(m, bm), nsplit)](
+        x, x, lora_down, plr, plr, m, kk, r, bps, 0.0, HAS_LR=True, BM=bm, BR=br, AMAX=False,
+        num_warps=4 if br <= 64 else 8, num_stages=3)
+    k["lowrank_sum"][(triton_cdiv(m, bm),)](
+        plr, lr, lora_scales if lora_scales is not None else plr, m, r, nsplit, HAS_LRS=lora_scales is not None,
+        BM=bm, BR=br, num_warps=4)
+    return lr
 
 
 def triton_cdiv(a: int, b: int) -> int:

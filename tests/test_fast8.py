@@ -111,6 +111,69 @@ def test_layer_mode_fast8_runs_the_fp8w_math():
     assert nv.act == "fp8"  # fast8 is an int4 mode; nvfp4 layers run `fast`
 
 
+def _fast8_layer(mode="fast8"):
+    layer = sf.SVDQLinear(256, 48, rank=8, bias=True, dtype=torch.bfloat16)
+    x, qweight, wscales, _, smooth, down, up, bias = _layer_args(m=7)[:8]
+    with torch.no_grad():
+        layer.qweight.copy_(qweight), layer.wscales.copy_(wscales), layer.smooth.copy_(smooth)
+        layer.lora_down.copy_(down), layer.lora_up.copy_(up), layer.bias.copy_(bias)
+    layer.mode = mode
+    return layer, x
+
+
+@pytest.mark.parametrize("act", ["fp8", "fp8w"])
+def test_reference_with_given_fp8_activations_is_the_reference(act):
+    """``svdquant::linear_fp8`` (the compiled graphs' op) on the quantizer's ``q``/``a`` gives the
+    reference bit for bit — NaN/inf rows and an activation shift included."""
+    args = list(_layer_args(m=9, act=act))
+    args[0][2, 3] = float("nan")
+    args[0][4, 1] = float("inf")
+    args[0][6] = 0
+    for shift in (0.0, 0.75):
+        x, smooth = args[0], args[4]
+        q, a = ops.quantize_fp8_rows(ops.smoothed(x.float(), smooth, shift))
+        assert q.dtype == torch.float8_e4m3fn and a.shape == (9,) and (a[6] == 0) == (shift == 0)
+        want = ops.reference_linear(*args, act_shift=shift)
+        got = torch.ops.svdquant.linear_fp8(x, q, a, *args[1:], shift, False, "reference")
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def _graph_ops(model, x):
+    """The ``svdquant`` ops in the graph dynamo captures for ``model(x)`` (no graph break)."""
+    found: list[str] = []
+
+    def backend(gm, example_inputs):
+        found.extend(str(n.target) for n in gm.graph.nodes if "svdquant" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    return found, out
+
+
+def test_compiled_fast8_quantizes_the_activations_in_the_graph():
+    """Compiled, a ``fast8`` layer is plain-torch quantization + ``svdquant::linear_fp8`` (so
+    Inductor can fuse the quantizer into the producer of ``x``), with the eager output; the other
+    modes stay one ``svdquant::linear`` node."""
+    layer, x = _fast8_layer()
+    found, out = _graph_ops(layer, x)
+    assert found == ["svdquant.linear_fp8"]
+    assert torch.equal(out, layer(x))
+    for mode in ("exact", "fast"):
+        layer.mode = mode
+        found, out = _graph_ops(layer, x)
+        assert found == ["svdquant.linear"] and torch.equal(out, layer(x))
+
+
+def test_compiled_fast8_with_inductor_matches_eager():
+    """Inductor (its CPU code generator here) lowers the graph quantizer — abs-max reduction, e4m3
+    cast — to the same bits as eager."""
+    layer, x = _fast8_layer()
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True)(x)
+    assert torch.equal(got, layer(x))
+
+
 # --------------------------------------------------------------------------- kernel side
 
 def test_group64_configs_names_and_limits():

@@ -265,3 +265,17 @@ def test_prologue_writes_the_low_rank_product_as_bf16_hi_and_lo(kernels) -> None
     ok = torch.isfinite(want).all(dim=1)
     assert ((got[ok] - want[ok]).abs() <= 2.0**-14 * want[ok].abs() + 1e-30).all()
     assert not torch.isfinite(got[~ok]).all()  # the NaN row stays non-finite
+
+
+def test_lowrank_down_alone_gives_the_prologues_low_rank_bits(kernels) -> None:
+    """``lowrank_down`` (the compiled fast8 path, activations quantized by Inductor elsewhere) is
+    the prologue's ``lr16`` output alone: same kernels, same summation order, the same bits —
+    with and without per-rank scales, at a K that splits and one that does not."""
+    for m, k, r, seed in ((37, 64 * 9, 16, 71), (5, 64 * 40, 48, 72)):
+        x, _, _, smooth, _, down, _ = _layer(m, k, 64, r, seed=seed)
+        for ls in (None, torch.linspace(0.25, 2.0, r)):
+            _, _, lr16 = kernels.prologue(x, smooth, down, lr16=True, lora_scales=ls)
+            got = kernels.lowrank_down(x, down, lora_scales=ls)
+            assert got.shape == (m, 2 * r) and got.dtype == torch.bfloat16
+            assert torch.equal(got.view(torch.int16), lr16.view(torch.int16))
+
