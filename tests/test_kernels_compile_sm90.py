@@ -39,7 +39,9 @@ GEMM_T = dict(F16=False, SCALED=False, EXACT=False, NVFP4=False, HALVES=False, H
 W = dict(w_ptr="*u8", wst_ptr="*bf16", l1_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")
 FP8, F16 = dict(W, q_ptr="*fp8e4nv"), dict(W, q_ptr="*fp16")
 CASES = [
-    ("prologue_stats", LR, dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16")),
+    ("prologue_stats", dict(LR, AMAX=True), dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16")),
+    ("prologue_stats", dict(LR, AMAX=False), dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16")),  # lowrank_down
+    ("lowrank_sum", dict(HAS_LRS=True, BM=32, BR=32), dict(lr_ptr="*bf16", lrs_ptr="*bf16")),
     ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=False, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
     ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=False, PERM=True), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
     ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=True, W16=False, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
@@ -91,4 +93,4 @@ def test_every_kernel_variant_compiles_for_sm90() -> None:
     proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr[-2000:]
     assert proc.returncode == 0, out
-    assert "compiled 19 of 19" in proc.stdout, out
+    assert "compiled 21 of 21" in proc.stdout, out

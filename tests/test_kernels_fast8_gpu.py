@@ -135,14 +135,18 @@ def test_fast8_layer_dispatches_to_the_kernel():
 
 def test_inductor_quantizer_gives_the_prologues_codes():
     """The compiled path's quantizer (``ops.quantize_fp8_rows`` lowered by Inductor to Triton) and
-    the eager Triton prologue agree: token scales to 1 ulp, e4m3 codes but for rare last-bit
-    division differences at a rounding tie."""
+    the eager Triton prologue agree up to Triton's fp32 division (Inductor's ``/`` is not correctly
+    rounded; the prologue's ``div_rn`` is): token scales within a few ulp (measured: 2 ulp in
+    13 % of the rows on an H100), codes equal but where a last-bit difference crosses an e4m3
+    rounding boundary, and then by one e4m3 step."""
     x, _, _, smooth, down, *_ = _inputs(4608, 3072, 3072, 32, bias=False, seed=11)
     torch._dynamo.reset()
     quant = torch.compile(lambda x, s: ops.quantize_fp8_rows(ops.smoothed(x.float(), s)), fullgraph=True)
     q, a = quant(x, smooth)
     q0, a0, lr16 = triton_fast.prologue(x, smooth, down, lr16=True)
-    torch.testing.assert_close(a, a0, rtol=2.0**-23, atol=0)
-    differ = (q.view(torch.uint8) != q0.view(torch.uint8)).float().mean().item()
-    assert differ <= 1e-5, differ
+    torch.testing.assert_close(a, a0, rtol=4 * 2.0**-23, atol=0)
+    differ = q.view(torch.uint8) != q0.view(torch.uint8)
+    assert differ.float().mean().item() <= 1e-3, differ.float().mean().item()
+    qf, q0f = q.float(), q0.float()
+    assert ((qf - q0f).abs() <= 2.0**-3 * torch.maximum(qf.abs(), q0f.abs()) + 2.0**-9).all()
     assert torch.equal(triton_fast.lowrank_down(x, down).view(torch.int16), lr16.view(torch.int16))
