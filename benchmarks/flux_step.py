@@ -85,12 +85,12 @@ def time_steps(fn, *, steps: int, warmup: int, device: str) -> tuple[list[float]
 
 #: Kernel-name patterns → what the time is spent on (first match wins; see profile_step).
 KINDS = (
+    ("Inductor fused kernels (norms, quantizer, elementwise)", ("triton_",)),  # names may mention sdpa
     ("svdq gemm (CUTLASS group-64)", ("Svdq",)),
     ("svdq prologue / low-rank down (Triton)", ("prologue_", "lowrank_sum")),
     ("svdq gemm (Triton)", ("gemm_kernel", "gemm_t_kernel", "splitk_reduce")),
     ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
     ("cuBLAS GEMM (low-rank source, 16-bit layers)", ("nvjet", "gemm", "xmma", "cublas", "cutlass")),
-    ("Inductor fused kernels (norms, quantizer, elementwise)", ("triton_",)),
 )
 
 

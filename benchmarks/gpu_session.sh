@@ -62,6 +62,15 @@ for step in $STEPS; do
       timeout 560 python3 benchmarks/flux_step.py --fast --mode fast8 --compile --compile-mode reduce-overhead \
         --no-bf16-compile --profile --out "$OUT/flux_step_fast8.json" > "$OUT/flux_step_fast8.log" 2>&1
       echo "fast8 step rc=$?"; grep -E "ms/step|by kind|quantized" "$OUT/flux_step_fast8.log" ;;
+    fast8c)  # the fast8 GPU tests, then the layer benchmark: every shape (default tilings), small M in graphs
+      python3 -c "from svdq_format.cli import main; import sys; from svdq_kernels.configs import GROUP64_CONFIGS as G; a=['kernels','build','--jobs','6']; [a.extend(['--config',c.name]) for c in G]; sys.exit(main(a))" \
+        > "$OUT/build.log" 2>&1; echo "build rc=$?"
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py > "$OUT/pytest_fast8.log" 2>&1
+      echo "fast8 tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_fast8.log" | tail -4
+      timeout 200 python3 benchmarks/fast8_linear.py --out "$OUT/fast8_linear.json" > "$OUT/fast8_linear.log" 2>&1
+      echo "bench rc=$?"; grep -v Warn "$OUT/fast8_linear.log" | tail -12 | cut -c1-420
+      timeout 90 python3 benchmarks/fast8_linear.py --shapes small --graphs --no-reference --out "$OUT/fast8_small_graphs.json" \
+        > "$OUT/fast8_small.log" 2>&1; echo "small rc=$?"; grep -v Warn "$OUT/fast8_small.log" | tail -8 | cut -c1-420 ;;
     *) echo "unknown step $step" ;;
   esac
 done
