@@ -748,30 +748,40 @@ def prologue(
 
 def lowrank_down(
     x: torch.Tensor, lora_down: torch.Tensor, *, lora_scales: Optional[torch.Tensor] = None,
+    block_m: int = 32, num_warps: Optional[int] = None, num_stages: int = 3,
+    groups_per_split: Optional[int] = None,
 ) -> torch.Tensor:
     """``lr = (x · L2ᵀ) · lora_scales`` as bf16 ``[hi | lo]`` ``[M, 2r]`` — :func:`prologue`'s
-    ``lr16`` output alone (same kernels, same summation order, so the same bits), for callers
-    whose activations are quantized elsewhere (the compiled ``fast8`` path).
+    ``lr16`` output alone (same kernels, same summation order, so the same bits with the default
+    tiles), for callers whose activations are quantized elsewhere (the compiled ``fast8`` path).
 
     Args:
         x: ``[M, K]`` contiguous, bf16 or fp16.
         lora_down: ``[r, K]`` in ``x.dtype``, r ≥ 1.
         lora_scales: Optional per-rank multipliers ``[r]``.
+        block_m, num_warps, num_stages, groups_per_split: Tiling (rows per program, Triton
+            warps and pipeline stages, 64-wide K groups per split: default as the prologue).
+            Another K split changes the fp32 summation order, not the math
+            (benchmarks/lowrank_down.py measures them).
     """
     k = _kernels()
     m, kk = x.shape
     r = lora_down.shape[0]
     lr = torch.empty(m, 2 * r, device=x.device, dtype=torch.bfloat16)
     br = _rank_tile(r)
-    nsplit, bps = _k_splits(kk, m)
+    if groups_per_split is None:
+        nsplit, bps = _k_splits(kk, m)
+    else:
+        bps = max(1, min(int(groups_per_split), kk // 64))
+        nsplit = triton_cdiv(kk // 64, bps)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32)
-    bm = 32
-    k["prologue_stats"][(triton_cdiv(m, bm), nsplit)](
-        x, x, lora_down, plr, plr, m, kk, r, bps, 0.0, HAS_LR=True, BM=bm, BR=br, AMAX=False,
-        num_warps=4 if br <= 64 else 8, num_stages=3)
-    k["lowrank_sum"][(triton_cdiv(m, bm),)](
+    warps = num_warps or (4 if br <= 64 else 8)
+    k["prologue_stats"][(triton_cdiv(m, block_m), nsplit)](
+        x, x, lora_down, plr, plr, m, kk, r, bps, 0.0, HAS_LR=True, BM=block_m, BR=br, AMAX=False,
+        num_warps=warps, num_stages=num_stages)
+    k["lowrank_sum"][(triton_cdiv(m, 32),)](
         plr, lr, lora_scales if lora_scales is not None else plr, m, r, nsplit, HAS_LRS=lora_scales is not None,
-        BM=bm, BR=br, num_warps=4)
+        BM=32, BR=br, num_warps=4)
     return lr
 
 
