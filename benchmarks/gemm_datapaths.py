@@ -50,8 +50,8 @@ def main(argv=None) -> int:
                     help="time inside CUDA graphs (no launch overhead; matters at small M)")
     ap.add_argument("--datapaths", default=None, help="comma list (default: all; f16 is always run: the others are compared with it)")
     ap.add_argument("--split-k", type=int, default=None,
-                    help="K parts of the transposed GEMMs (default: the kernel's rule; small-M split-K needs "
-                         "SVDQ_EXPERIMENTAL_KERNELS=1)")
+                    help="K parts of the transposed GEMMs (default: the kernel's rule; small-M split-K is on "
+                         "unless SVDQ_SMALL_M_SPLITS=0)")
     ap.add_argument("--out", default="gemm_datapaths.json")
     args = ap.parse_args(argv)
     global GRAPHS

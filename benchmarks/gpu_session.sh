@@ -18,9 +18,9 @@ for step in $STEPS; do
         -k "split_k or datapaths" > "$OUT/pytest_next.log" 2>&1; echo "next tests rc=$?"; tail -3 "$OUT/pytest_next.log"
       timeout 120 python3 benchmarks/gemm_datapaths.py --datapaths f16t,fp8t,f16h,fp8h --out "$OUT/halves.json" \
         > "$OUT/halves.log" 2>&1; echo "halves rc=$?"; grep -v Warn "$OUT/halves.log" | tail -16
-      timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 --datapaths f16t,fp8t --out "$OUT/sm_base.json" \
+      SVDQ_SMALL_M_SPLITS=0 timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 --datapaths f16t,fp8t --out "$OUT/sm_base.json" \
         > "$OUT/sm_base.log" 2>&1; echo "small-M base rc=$?"
-      SVDQ_EXPERIMENTAL_KERNELS=1 timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 \
+      timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 \
         --datapaths f16t,fp8t --out "$OUT/sm_split.json" > "$OUT/sm_split.log" 2>&1; echo "small-M split rc=$?"
       paste <(grep -v Warn "$OUT/sm_base.log" | cut -c1-120) <(grep -v Warn "$OUT/sm_split.log" | cut -c60-200) | tail -10 ;;
     tests)  # every GPU test, the experimental exact / W4A16 / nvfp4 kernels included
@@ -72,14 +72,14 @@ for step in $STEPS; do
       timeout 90 python3 benchmarks/fast8_linear.py --shapes small --graphs --no-reference --out "$OUT/fast8_small_graphs.json" \
         > "$OUT/fast8_small.log" 2>&1; echo "small rc=$?"; grep -v Warn "$OUT/fast8_small.log" | tail -8 | cut -c1-420 ;;
     smallm)  # Triton only (no CUTLASS build): lowrank_down tilings vs cuBLAS, then the small-M split-K
-             # kernels (experimental): their GPU tests and CUDA-graph timings with and without them
+             # kernels: their GPU tests and CUDA-graph timings without (SVDQ_SMALL_M_SPLITS=0) and with them
       timeout 150 python3 benchmarks/lowrank_down.py --out "$OUT/lowrank_down.json" > "$OUT/lowrank_down.log" 2>&1
       echo "lowrank_down rc=$?"; grep -v Warn "$OUT/lowrank_down.log" | tail -7
-      SVDQ_EXPERIMENTAL_KERNELS=1 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py \
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py \
         -k "split_k" > "$OUT/pytest_split_k.log" 2>&1; echo "split-k tests rc=$?"; tail -2 "$OUT/pytest_split_k.log"
-      timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 --datapaths f16t,fp8t,f16s \
+      SVDQ_SMALL_M_SPLITS=0 timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 --datapaths f16t,fp8t,f16s \
         --out "$OUT/sm_base.json" > "$OUT/sm_base.log" 2>&1; echo "small-M base rc=$?"
-      SVDQ_EXPERIMENTAL_KERNELS=1 timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 \
+      timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 \
         --datapaths f16t,fp8t,f16s --out "$OUT/sm_split.json" > "$OUT/sm_split.log" 2>&1; echo "small-M split rc=$?"
       paste <(grep -v Warn "$OUT/sm_base.log" | cut -c1-150) <(grep -v Warn "$OUT/sm_split.log" | cut -c40-200) | tail -16 ;;
     *) echo "unknown step $step" ;;

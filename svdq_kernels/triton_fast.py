@@ -68,8 +68,16 @@ def fast_datapath(m: int) -> str:
 
 def experimental_kernels() -> bool:
     """Whether ``SVDQ_EXPERIMENTAL_KERNELS=1``: also use kernels not yet validated on a GPU
-    (``registry.EXPERIMENTAL_PATHS``, small-M split-K and prologue splits)."""
+    (``registry.EXPERIMENTAL_PATHS``)."""
     return os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1"
+
+
+def small_m_splits() -> bool:
+    """Whether small-M calls (≤ :data:`SPLIT_K_MAX_M` tokens) cut K finer: split-K GEMMs
+    (:func:`_split_k`) and shorter prologue splits (:func:`_k_splits`). On by default (GPU-tested
+    and timed on an H100: 2× the one-pass kernels at M ≤ 16, docs/benchmarks.md);
+    ``SVDQ_SMALL_M_SPLITS=0`` turns it off."""
+    return os.environ.get("SVDQ_SMALL_M_SPLITS", "1") != "0"
 
 
 def triton_available() -> bool:
@@ -610,19 +618,18 @@ def _rank_tile(r: int) -> int:
     return max(16, 1 << max(0, math.ceil(math.log2(max(r, 1)))))
 
 
-#: Small-M split-K (:func:`_split_k`; more prologue splits, :func:`_k_splits`) is written and
-#: checked in Triton's interpreter but not yet
-#: timed on a GPU: on only with ``SVDQ_EXPERIMENTAL_KERNELS=1`` (or an explicit ``split_k=``).
+#: Up to this many tokens, K is cut finer (:func:`small_m_splits`).
 SPLIT_K_MAX_M = 64
 
 
 def _k_splits(kk: int, m: int = 0) -> tuple[int, int]:
     """``(splits, 64-groups per split)``: the prologues cut K into at most 16 splits of at least
-    8 groups, so that even a few tokens occupy many SMs. At small M (≤ :data:`SPLIT_K_MAX_M`)
-    with ``SVDQ_EXPERIMENTAL_KERNELS=1`` (not yet timed on a GPU): up to 64 splits of at least 2
-    groups — a program's chain of dependent loads is then 2–3 groups long instead of 8+."""
+    8 groups, so that even a few tokens occupy many SMs. At small M (≤ :data:`SPLIT_K_MAX_M`,
+    unless ``SVDQ_SMALL_M_SPLITS=0``): up to 64 splits of at least 2 groups — a program's chain of
+    dependent loads is then 2–3 groups long instead of 8+ (the prologue's 20 µs at M ≤ 16 become
+    9–10 µs on an H100)."""
     blocks = kk // 64
-    if 0 < m <= SPLIT_K_MAX_M and experimental_kernels():
+    if 0 < m <= SPLIT_K_MAX_M and small_m_splits():
         per = max(2, triton_cdiv(blocks, 64))
     else:
         per = triton_cdiv(blocks, min(16, max(1, triton_cdiv(blocks, 8))))
@@ -686,10 +693,10 @@ def _gemm_t(
 
 def _split_k(m: int, n: int, kk: int) -> int:
     """How many parts K is cut into: 1, except at small M (≤ :data:`SPLIT_K_MAX_M` tokens, where
-    one program per 128 output features leaves most SMs idle and each streams all of K alone)
-    with ``SVDQ_EXPERIMENTAL_KERNELS=1``: enough parts for ~2 programs per SM (132 on an H100),
-    each at least 8 groups of 64."""
-    if m > SPLIT_K_MAX_M or not experimental_kernels():
+    one program per 128 output features leaves most SMs idle and each streams all of K alone),
+    unless ``SVDQ_SMALL_M_SPLITS=0``: enough parts for ~2 programs per SM (132 on an H100), each
+    at least 8 groups of 64."""
+    if m > SPLIT_K_MAX_M or not small_m_splits():
         return 1
     programs = max(1, triton_cdiv(n, 128))
     return max(1, min(triton_cdiv(264, programs), (kk // 64) // 8))
@@ -748,12 +755,13 @@ def prologue(
 
 def lowrank_down(
     x: torch.Tensor, lora_down: torch.Tensor, *, lora_scales: Optional[torch.Tensor] = None,
-    block_m: int = 32, num_warps: Optional[int] = None, num_stages: int = 3,
+    block_m: int = 64, num_warps: Optional[int] = 8, num_stages: int = 4,
     groups_per_split: Optional[int] = None,
 ) -> torch.Tensor:
     """``lr = (x · L2ᵀ) · lora_scales`` as bf16 ``[hi | lo]`` ``[M, 2r]`` — :func:`prologue`'s
-    ``lr16`` output alone (same kernels, same summation order, so the same bits with the default
-    tiles), for callers whose activations are quantized elsewhere (the compiled ``fast8`` path).
+    ``lr16`` output alone (same kernels and K splits; with the prologue's tiles, ``block_m=32,
+    num_warps=4, num_stages=3``, the same bits), for callers whose activations are quantized
+    elsewhere (the compiled ``fast8`` path).
 
     Args:
         x: ``[M, K]`` contiguous, bf16 or fp16.
@@ -761,8 +769,9 @@ def lowrank_down(
         lora_scales: Optional per-rank multipliers ``[r]``.
         block_m, num_warps, num_stages, groups_per_split: Tiling (rows per program, Triton
             warps and pipeline stages, 64-wide K groups per split: default as the prologue).
-            Another K split changes the fp32 summation order, not the math
-            (benchmarks/lowrank_down.py measures them).
+            The defaults are the best all-round tiling of benchmarks/lowrank_down.py on an H100
+            (never slower than the prologue's tiles, 1.9× faster at 4608 × 3072). Other tiles
+            change the fp32 summation order, not the math.
     """
     k = _kernels()
     m, kk = x.shape

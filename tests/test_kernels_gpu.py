@@ -282,7 +282,7 @@ def test_nvfp4_layers_match_the_reference(m, act) -> None:
 @pytest.mark.parametrize("m", [1, 16, 64])
 @pytest.mark.parametrize("nk", FLUX_NK)
 def test_small_m_split_k_matches_the_reference(m, nk) -> None:
-    """Small-M split-K (experimental until timed): fast, exact and W4A16 layers' GEMMs with K cut
+    """Small-M split-K (the default at M ≤ 64): fast, exact and W4A16 layers' GEMMs with K cut
     into parts, against the reference (both in the output dtype)."""
     n, k = nk
     qweight, wscales, smooth, down, up, b = _weights(n, k, 32, bias=True, seed=51)

@@ -58,11 +58,13 @@ def _layer(m: int, k: int, n: int, r: int, seed: int):
 
 @pytest.mark.parametrize("m, blocks, r, unsigned, shift", [
     (20, 20, 0, False, 0.0), (20, 20, 16, False, 0.0), (9, 3, 0, True, 0.17), (33, 2, 32, False, 0.0)])
-def test_exact_mode_equals_the_reference_bit_for_bit(kernels, m, blocks, r, unsigned, shift) -> None:
+def test_exact_mode_equals_the_reference_bit_for_bit(kernels, m, blocks, r, unsigned, shift, monkeypatch) -> None:
     """Codes and scales equal the format's activation quantizer; without a low-rank branch the
-    output equals ``reference_linear(act="int4")`` bit for bit (same per-group association,
-    groups in order), with one it is within 1e-5 (``x · L2ᵀ`` is summed in another order); NaN
-    inputs give NaN rows as in the reference."""
+    one-pass output equals ``reference_linear(act="int4")`` bit for bit (same per-group
+    association, groups in order; small-M split-K sums the groups per split, see
+    ``test_split_k_equals_the_one_pass_kernel``), with one it is within 1e-5 (``x · L2ᵀ`` is summed
+    in another order); NaN inputs give NaN rows as in the reference."""
+    monkeypatch.setenv("SVDQ_SMALL_M_SPLITS", "0")
     k, n = 64 * blocks, 64
     x, qweight, wscales, smooth, bias, down, up = _layer(m, k, n, r, seed=m + r)
     ref = ops.reference_linear(x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "int4",
@@ -196,10 +198,10 @@ def test_split_k_equals_the_one_pass_kernel(kernels, m, blocks, splits) -> None:
            for s in (1, splits)))
 
 
-def test_split_k_is_for_small_m_and_experimental_for_now(kernels, monkeypatch) -> None:
-    monkeypatch.delenv("SVDQ_EXPERIMENTAL_KERNELS", raising=False)
+def test_split_k_is_for_small_m_and_can_be_turned_off(kernels, monkeypatch) -> None:
+    monkeypatch.setenv("SVDQ_SMALL_M_SPLITS", "0")
     assert kernels._split_k(16, 3072, 3072) == 1
-    monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")
+    monkeypatch.delenv("SVDQ_SMALL_M_SPLITS")  # on by default
     assert kernels._split_k(16, 3072, 3072) == 6  # 24 column programs; ≥ 8 groups of 64 per split
     assert kernels._split_k(16, 12288, 3072) == 3  # 96 column programs: ~2 programs per SM
     assert kernels._split_k(4608, 3072, 3072) == 1  # large M fills the GPU already
@@ -207,15 +209,15 @@ def test_split_k_is_for_small_m_and_experimental_for_now(kernels, monkeypatch) -
 
 @pytest.mark.parametrize("m", [2, 20])
 def test_small_m_prologue_splits_give_the_same_codes(kernels, monkeypatch, m) -> None:
-    """More, shorter K splits at small M (experimental): the same token scales and codes bit for
+    """More, shorter K splits at small M (the default): the same token scales and codes bit for
     bit (a max is order-free), ``x · L2ᵀ`` within fp32 summation order; for all three prologues."""
     k, n, r = 64 * 24, 64, 16
     x, _, _, smooth, _, down, _ = _layer(m, k, n, r, seed=60 + m)
-    monkeypatch.delenv("SVDQ_EXPERIMENTAL_KERNELS", raising=False)
+    monkeypatch.setenv("SVDQ_SMALL_M_SPLITS", "0")
     assert kernels._k_splits(k, m) == (3, 8)
     base = (kernels.prologue(x, smooth, down), kernels.prologue_exact(x, smooth, down),
             kernels.prologue_nvfp4(x, smooth, down))
-    monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")
+    monkeypatch.delenv("SVDQ_SMALL_M_SPLITS")
     assert kernels._k_splits(k, m) == (12, 2)
     more = (kernels.prologue(x, smooth, down), kernels.prologue_exact(x, smooth, down),
             kernels.prologue_nvfp4(x, smooth, down))
@@ -275,7 +277,14 @@ def test_lowrank_down_alone_gives_the_prologues_low_rank_bits(kernels) -> None:
         x, _, _, smooth, _, down, _ = _layer(m, k, 64, r, seed=seed)
         for ls in (None, torch.linspace(0.25, 2.0, r)):
             _, _, lr16 = kernels.prologue(x, smooth, down, lr16=True, lora_scales=ls)
-            got = kernels.lowrank_down(x, down, lora_scales=ls)
+            got = kernels.lowrank_down(x, down, lora_scales=ls, block_m=32, num_warps=4, num_stages=3)
             assert got.shape == (m, 2 * r) and got.dtype == torch.bfloat16
             assert torch.equal(got.view(torch.int16), lr16.view(torch.int16))
+            # the default (wider) tiles: the same sums up to fp32 order, hi + lo as a whole
+            tiled = kernels.lowrank_down(x, down, lora_scales=ls)
+            want = lr16[:, :r].float() + lr16[:, r:].float()
+            have = tiled[:, :r].float() + tiled[:, r:].float()
+            ok = torch.isfinite(want).all(dim=1)
+            assert ((have[ok] - want[ok]).abs() <= 1e-5 * want[ok].abs().amax() + 1e-30).all()
+            assert torch.equal(torch.isfinite(have).all(dim=1), ok)
 
