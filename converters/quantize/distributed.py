@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import multiprocessing.connection as mp_connection
 import os
 import socket
 import time
@@ -270,6 +271,16 @@ def _spawned(local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, ar
     fn(*args)
 
 
+def _first_failure(procs: Sequence[Any]) -> tuple[int, int] | None:
+    """``(rank, exit code)`` of a failed process, else None. When several are found dead at once,
+    one that exited with an error code beats one killed by a signal (a peer's death makes the
+    others abort: SIGABRT from the process group), then the lowest rank."""
+    dead = [(r, int(p.exitcode)) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+    if not dead:
+        return None
+    return min(dead, key=lambda rc: (rc[1] < 0, rc[0]))
+
+
 def launch(
     fn: Callable[..., Any],
     nprocs: int,
@@ -304,15 +315,14 @@ def launch(
     try:
         while any(proc.is_alive() for proc in procs):
             if failed is None:
-                for r, proc in enumerate(procs):
-                    if proc.exitcode not in (None, 0):
-                        failed, failed_at = (r, int(proc.exitcode)), time.time()
-                        break
+                failed = _first_failure(procs)
+                failed_at = time.time()
             if failed is not None and time.time() - failed_at > grace_s:
                 break
             if join_timeout_s is not None and time.time() - start > join_timeout_s:
                 raise QuantizationError(f"{nprocs} processes did not finish within {join_timeout_s:g}s")
-            time.sleep(0.1)
+            # wake as soon as a process ends, so the first failure is seen before its consequences
+            mp_connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.1)
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -320,8 +330,7 @@ def launch(
         for proc in procs:
             proc.join(timeout=10)
     if failed is None:
-        bad = [(r, proc.exitcode) for r, proc in enumerate(procs) if proc.exitcode != 0]
-        failed = (bad[0][0], int(bad[0][1] or 0)) if bad else None
+        failed = _first_failure(procs)
     if failed is not None:
         raise QuantizationError(f"rank {failed[0]} exited with code {failed[1]} (its error is above)")
 
