@@ -72,6 +72,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     on = registry.experimental_kernels()
     info["experimental_paths"] = {f"{prec}/{act}": f"{path.name} ({'on' if on else 'off: SVDQ_EXPERIMENTAL_KERNELS=1'})"
                                   for (prec, act), path in registry.EXPERIMENTAL_PATHS.items()}
+    from .triton_fast import SPLIT_K_MAX_M, small_m_splits
+
+    info["small_m_splits"] = (f"on at M <= {SPLIT_K_MAX_M} (SVDQ_SMALL_M_SPLITS=0 turns them off)" if small_m_splits()
+                              else "off (SVDQ_SMALL_M_SPLITS=0)")
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -152,6 +152,10 @@ def test_cli_build_list_and_info(capsys, tmp_path, monkeypatch) -> None:
     info = json.loads(capsys.readouterr().out)
     assert info["cache_dir"] == str(tmp_path) and info["backend"] == "cutlass-sm90"
     assert info["nvidia-cutlass"] == "ok" and info["cached_kernels"] == []
+    assert info["small_m_splits"].startswith("on at M <= 64")
+    monkeypatch.setenv("SVDQ_SMALL_M_SPLITS", "0")
+    assert main(["kernels", "info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["small_m_splits"].startswith("off")
     assert main(["kernels", "build", "--config", "nope"]) == 1
     assert "unknown kernel configuration" in capsys.readouterr().err
 

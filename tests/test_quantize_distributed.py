@@ -12,7 +12,7 @@ import torch
 
 from converters.quantize import QuantizeOptions, collect_stats, run_quantization, save_calibration, select_layers
 from converters.quantize.calibration import synthetic_calibration
-from converters.quantize.distributed import assign, init_distributed, launch, windows
+from converters.quantize.distributed import _first_failure, assign, init_distributed, launch, windows
 from converters.quantize.stats import merge_stats
 from svdq_format.cli import main as svdq_main
 from svdq_format.errors import QuantizationError
@@ -256,3 +256,15 @@ def test_windows_per_run_from_the_environment(monkeypatch) -> None:
         with pytest.raises(QuantizationError, match="SVDQ_DIST_WINDOWS"):
             distributed_blocks._windows_per_run()
 
+
+
+def test_launch_reports_the_rank_that_failed_not_the_one_that_aborted_after_it():
+    """Ranks found dead in the same poll: an error exit code beats a signal death (a peer's death
+    makes the process group abort the others), then the lowest rank."""
+    from types import SimpleNamespace
+
+    procs = lambda *codes: [SimpleNamespace(exitcode=c) for c in codes]  # noqa: E731
+    assert _first_failure(procs(None, 0)) is None
+    assert _first_failure(procs(-6, 9)) == (1, 9)
+    assert _first_failure(procs(None, -11)) == (1, -11)
+    assert _first_failure(procs(3, 9, -6)) == (0, 3)
