@@ -23,14 +23,14 @@ from torch import nn
 
 from . import packing
 from .errors import QuantizationError, UnsupportedError
-from .ops import svdq_linear
+from .ops import auto_act, svdq_linear
 from .spec import FLOAT_DTYPES, GROUP_SIZE, KINDS, PRECISIONS, LayerSpec, dtype_from_name, dtype_name
 
 __all__ = ["SVDQLinear", "EXEC_MODES"]
 
 #: Execution modes of a W4A4 layer: ``exact`` = the format's W4A4 math; ``fast`` = FP8 per-token
 #: activations with the same 4-bit weights (the Hopper fast path; more precise activations).
-EXEC_MODES = ("exact", "fast", "fast8")
+EXEC_MODES = ("auto", "exact", "fast", "fast8")
 
 
 class SVDQLinear(nn.Module):
@@ -108,9 +108,11 @@ class SVDQLinear(nn.Module):
         self.split_sizes = tuple(split_sizes)
         self.act_shift = float(act_shift)
         self.act_unsigned = bool(act_unsigned)
+        #: ``"auto"`` (the default: the fastest of ``"fast8"`` / ``"fast"`` that a kernel backend
+        #: runs for this layer on its device — Hopper —, else ``"exact"``; :func:`svdq_format.ops.auto_act`),
         #: ``"exact"`` (the format's W4A4 math), ``"fast"`` (FP8 activations) or ``"fast8"`` (FP8
         #: activations and e4m3-rounded int4 weights: the fastest Hopper kernel); W4A16 ignores it.
-        self.mode = "exact"
+        self.mode = "auto"
         #: ``"auto"`` or a registered backend name (see :mod:`svdq_format.ops`).
         self.backend = "auto"
 
@@ -287,9 +289,18 @@ class SVDQLinear(nn.Module):
 
     @property
     def act(self) -> str:
-        """Activation handling passed to the op (see :data:`svdq_format.ops.ACT_MODES`)."""
+        """Activation handling passed to the op (see :data:`svdq_format.ops.ACT_MODES`) for an
+        input on this layer's device."""
+        return self.act_for(self.qweight.device, self.dtype)
+
+    def act_for(self, device: torch.device, dtype: torch.dtype) -> str:
+        """Activation handling for an input on ``device`` in ``dtype`` (``mode="auto"`` depends on
+        which kernels run there)."""
         if self.kind == "w4a16":
             return "none"
+        if self.mode == "auto":
+            return auto_act(device, dtype, self.precision, self.in_features, self.out_features, self.rank,
+                            self.bias is not None, self.act_shift, self.act_unsigned, self.backend)
         if self.mode == "exact":
             return self.precision
         return "fp8w" if self.mode == "fast8" and self.precision == "int4" else "fp8"
@@ -310,7 +321,7 @@ class SVDQLinear(nn.Module):
             self.lora_up,
             self.bias,
             precision=self.precision,
-            act=self.act,
+            act=self.act_for(x.device, self.dtype),
             lora_scales=self.lora_scales,
             act_shift=self.act_shift,
             act_unsigned=self.act_unsigned,

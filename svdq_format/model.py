@@ -99,9 +99,11 @@ def set_mode(model: nn.Module, mode: str, *, backend: str | None = None) -> int:
 
     Args:
         model: A quantized model (or a single :class:`~svdq_format.linear.SVDQLinear`).
-        mode: One of :data:`~svdq_format.linear.EXEC_MODES`: ``"exact"`` (the format's W4A4
-            math, the default), ``"fast"`` (FP8 activations) or ``"fast8"`` (FP8 activations and
-            e4m3-rounded int4 weights: the fastest Hopper kernels). W4A16 layers ignore it.
+        mode: One of :data:`~svdq_format.linear.EXEC_MODES`: ``"auto"`` (the default: ``fast8``
+            / ``fast`` where a kernel backend runs them — Hopper —, else ``exact``), ``"exact"``
+            (the format's W4A4 math), ``"fast"`` (FP8 activations) or ``"fast8"`` (FP8
+            activations and e4m3-rounded int4 weights: the fastest Hopper kernels). W4A16 layers
+            ignore it.
         backend: Also set every layer's backend (``"auto"``, ``"reference"``, a registered name).
 
     Returns:

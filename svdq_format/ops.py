@@ -27,6 +27,7 @@ Activation handling is given by ``act``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -48,6 +49,8 @@ __all__ = [
     "select_backend",
     "reference_linear",
     "reference_linear_fp8",
+    "auto_act",
+    "AUTO_FAST_ACTS",
     "quantize_fp8_rows",
     "smoothed",
     "FP8_ACTS",
@@ -104,6 +107,7 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 _WARNED: set[tuple[str, str]] = set()
+_REGISTRY_VERSION = [0]  # bumped on every (un)registration: keys the ``auto`` mode's cache
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> None:
@@ -111,6 +115,7 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
     if backend.name in _REGISTRY and not replace:
         raise BackendError(f"backend {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
+    _REGISTRY_VERSION[0] += 1
 
 
 def unregister_backend(name: str) -> None:
@@ -118,6 +123,7 @@ def unregister_backend(name: str) -> None:
     if name == "reference":
         raise BackendError("the reference backend cannot be unregistered")
     _REGISTRY.pop(name, None)
+    _REGISTRY_VERSION[0] += 1
 
 
 def get_backend(name: str) -> Backend:
@@ -182,6 +188,52 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
             "reference backend",
         )
     return _REGISTRY["reference"]
+
+
+#: The FP8 activation modes the ``auto`` execution mode tries, fastest first, per weight precision.
+AUTO_FAST_ACTS: dict[str, tuple[str, ...]] = {"int4": ("fp8w", "fp8"), "nvfp4": ("fp8",)}
+
+
+def auto_act(
+    device: torch.device, dtype: torch.dtype, precision: str, in_features: int, out_features: int, rank: int,
+    has_bias: bool, act_shift: float, act_unsigned: bool, backend: str,
+) -> str:
+    """The activation mode of a W4A4 layer whose execution mode is ``"auto"``.
+
+    The fastest FP8 mode (:data:`AUTO_FAST_ACTS`: ``fast8``'s ``"fp8w"``, then ``fast``'s
+    ``"fp8"``) that a kernel backend runs for this layer on ``device`` — their outputs are no worse
+    than the exact W4A4 math's on the fidelity layers (docs/benchmarks.md) and much faster on
+    Hopper; else the exact W4A4 math (``precision``), which the reference backend runs anywhere.
+    A layer forced onto the reference (``backend="reference"`` or ``SVDQ_BACKEND=reference``)
+    therefore stays exact. Constant for ``torch.compile`` (evaluated once while tracing).
+    """
+    return _auto_act(device, dtype, precision, in_features, out_features, rank, has_bias, act_shift, act_unsigned,
+                     os.environ.get("SVDQ_BACKEND", backend) or "auto", os.environ.get("SVDQ_DISABLE_KERNELS", ""),
+                     _REGISTRY_VERSION[0])
+
+
+# What ``torch.compiler.assume_constant_result`` does (dynamo calls the function while tracing and
+# uses its result as a constant), without importing torch._dynamo (and with it triton) whenever
+# svdq_format is imported; tests/test_auto_mode.py checks that dynamo honours it (fullgraph).
+auto_act._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_act(
+    device: torch.device, dtype: torch.dtype, precision: str, in_features: int, out_features: int, rank: int,
+    has_bias: bool, act_shift: float, act_unsigned: bool, requested: str, _disabled: str, _version: int,
+) -> str:
+    if requested == "reference":
+        return precision
+    for act in AUTO_FAST_ACTS.get(precision, ()):
+        call = LinearCall(device=device, dtype=dtype, precision=precision, act=act, rows=1, in_features=in_features,
+                          out_features=out_features, rank=rank, has_bias=has_bias, act_shift=act_shift,
+                          act_unsigned=act_unsigned)
+        candidates = ([_REGISTRY[requested]] if requested in _REGISTRY else []) if requested != "auto" else \
+            [b for b in _REGISTRY.values() if b.name != "reference"]
+        if any(b.supports(call) is None for b in candidates):
+            return act
+    return precision
 
 
 # --------------------------------------------------------------------------- reference

@@ -287,8 +287,10 @@ def build_kernel(
             source.write_text(render_source(config), encoding="utf-8")
             out = tmp / f"{stem}.so"
             cmd = nvcc_command(source, out, toolchain)
-            if verbose:
-                print(f"svdq kernels: building {config.name}: {' '.join(cmd)}", file=sys.stderr)
+            # one line even when not verbose: a first use waits ~2 min per kernel in nvcc
+            print(f"svdq kernels: compiling {config.name} for {toolchain.arch} (first use; ~2 min, cached in "
+                  f"{root}; `svdq kernels build` prebuilds them all)"
+                  + (f": {' '.join(cmd)}" if verbose else ""), file=sys.stderr, flush=True)
             compiler(cmd, tmp / "build.log")
             if not out.is_file():
                 raise BackendError(f"{out}: the compiler reported success but wrote no library")
@@ -304,8 +306,7 @@ def build_kernel(
             os.replace(out, final)  # last: the .so's presence means "complete"
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if verbose:
-        print(f"svdq kernels: built {config.name} in {seconds:.0f} s -> {final}", file=sys.stderr)
+    print(f"svdq kernels: built {config.name} in {seconds:.0f} s -> {final}", file=sys.stderr, flush=True)
     return BuildResult(final, key, False, seconds)
 
 

@@ -94,9 +94,13 @@ def test_nvcc_command_targets_sm90a_with_cutlass_and_torch_headers(tmp_path: Pat
     assert cmd[-3:] == [str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.so")]
 
 
-def test_build_installs_atomically_then_hits_the_cache(_cache: Path) -> None:
+def test_build_installs_atomically_then_hits_the_cache(_cache: Path, capsys: pytest.CaptureFixture) -> None:
     first = build.build_kernel(CFG, toolchain=TC, compiler=fake_nvcc)
     assert not first.cached and first.path.is_file()
+    # a first use says what it waits for (nvcc takes minutes), in two lines; a cache hit says nothing
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"svdq kernels: compiling {CFG.name} for sm_90a (first use")
+    assert err[1].startswith(f"svdq kernels: built {CFG.name} in ")
     stem = first.path.name[:-3]
     assert sorted(p.name for p in _cache.iterdir()) == sorted(
         [f"{stem}.so", f"{stem}.json", f"{stem}.cu", f"{stem}.lock"]
@@ -104,7 +108,7 @@ def test_build_installs_atomically_then_hits_the_cache(_cache: Path) -> None:
     meta = (_cache / f"{stem}.json").read_text()
     assert CFG.name in meta and "4.2.0.0" in meta
     second = build.build_kernel(CFG, toolchain=TC, compiler=failing_nvcc)  # never called
-    assert second.cached and second.path == first.path
+    assert second.cached and second.path == first.path and capsys.readouterr().err == ""
     forced = build.build_kernel(CFG, toolchain=TC, compiler=fake_nvcc, force=True)
     assert not forced.cached
 

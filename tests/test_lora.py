@@ -407,11 +407,15 @@ def test_hub_source_failure_is_one_line(q, monkeypatch):
 
 @pytest.mark.gpu
 def test_lora_on_a_cuda_model_matches_cpu(dense, qbase):
-    """Factors are validated and concatenated on the device; the result equals the CPU one."""
+    """Factors are validated and concatenated on the device; the result equals the CPU one (both
+    in the exact mode: ``auto`` would pick an FP8 mode on a Hopper GPU)."""
+    from svdq_format.model import set_mode
+
     factors = random_factors(lora_targets(dense), rank=4)
     sd = peft_state_dict(factors)
     cpu = copy.deepcopy(qbase)
     gpu = copy.deepcopy(qbase).to("cuda")
+    set_mode(gpu, "exact")
     load_lora(cpu, sd, adapter_name="a", strength=0.7, cache=False)
     load_lora(gpu, sd, adapter_name="a", strength=0.7, cache=False)
     for (name, a), (_, b) in zip(cpu.named_buffers(), gpu.named_buffers()):

@@ -1,0 +1,109 @@
+"""``mode="auto"`` (the default): the fastest FP8 mode a kernel backend runs for the layer where it
+runs, else the format's exact W4A4 math. Tested with a stand-in backend on the CPU that accepts
+only the activation modes it is told to (its math is the reference's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import svdq_format as sf
+from svdq_format import ops
+
+
+def _layer(precision: str = "int4") -> tuple[sf.SVDQLinear, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    layer = sf.SVDQLinear(256, 48, rank=8, bias=True, precision=precision, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, generator=g, dtype=torch.uint8))
+        if precision == "int4":
+            layer.wscales.copy_((torch.rand(layer.wscales.shape, generator=g) * 0.01 + 1e-3).to(layer.wscales.dtype))
+        else:
+            layer.wscales.copy_((torch.rand(layer.wscales.shape, generator=g) + 0.5).to(torch.float8_e4m3fn))
+            layer.wtscale.fill_(0.01)
+        layer.smooth.copy_((torch.rand(256, generator=g) + 0.5).to(torch.bfloat16))
+        layer.lora_down.copy_((torch.randn(8, 256, generator=g) / 16).to(torch.bfloat16))
+        layer.lora_up.copy_((torch.randn(48, 8, generator=g) / 4).to(torch.bfloat16))
+        layer.bias.copy_(torch.randn(48, generator=g).to(torch.bfloat16))
+    return layer, torch.randn(5, 256, generator=g).to(torch.bfloat16)
+
+
+@pytest.fixture
+def stand_in():
+    """Register a backend that accepts the activation modes in the returned set (empty: none)."""
+    accepts: set[str] = set()
+    calls: list[str] = []
+
+    def linear(*args):
+        calls.append(args[10])
+        return ops.reference_linear(*args)
+
+    def supports(call: ops.LinearCall):
+        return None if call.act in accepts else f"stand-in: no {call.act}"
+
+    ops.register_backend(ops.Backend("stand-in", linear, supports, priority=50,
+                                     linear_fp8=lambda *a: ops.reference_linear_fp8(*a)))
+    yield accepts, calls
+    ops.unregister_backend("stand-in")
+
+
+def _run(layer, x, act):
+    args = (x, layer.qweight, layer.wscales, layer.wtscale, layer.smooth, layer.lora_down, layer.lora_up, layer.bias,
+            None, layer.precision, act)
+    return ops.reference_linear(*args)
+
+
+def test_auto_is_the_default_and_exact_without_a_kernel_backend():
+    layer, x = _layer()
+    assert layer.mode == "auto" and layer.act == "int4"
+    assert torch.equal(layer(x), _run(layer, x, "int4"))
+
+
+def test_auto_takes_the_fastest_fp8_mode_a_backend_runs(stand_in, monkeypatch):
+    accepts, calls = stand_in
+    layer, x = _layer()
+    accepts.update({"fp8", "fp8w"})
+    assert layer.act == "fp8w"
+    assert torch.equal(layer(x), _run(layer, x, "fp8w")) and calls[-1] == "fp8w"
+    accepts.discard("fp8w")
+    ops.register_backend(ops.get_backend("stand-in"), replace=True)  # a registry change re-decides
+    assert layer.act == "fp8" and torch.equal(layer(x), _run(layer, x, "fp8"))
+    layer.backend = "reference"  # forced onto the reference: the format's exact math
+    assert layer.act == "int4" and torch.equal(layer(x), _run(layer, x, "int4"))
+    layer.backend = "auto"
+    monkeypatch.setenv("SVDQ_BACKEND", "reference")
+    assert layer.act == "int4"
+    monkeypatch.delenv("SVDQ_BACKEND")
+    layer.mode = "exact"  # an explicit mode is kept
+    assert layer.act == "int4" and calls[-1] == "fp8"
+    nv, _ = _layer("nvfp4")
+    assert nv.act == "fp8"  # fp8w is an int4 mode
+    accepts.clear()
+    ops.register_backend(ops.get_backend("stand-in"), replace=True)
+    assert nv.act == "nvfp4" and _layer()[0].act == "int4"
+
+
+def test_auto_is_a_constant_for_torch_compile(stand_in):
+    """Dynamo evaluates the choice once while tracing (no graph break); the compiled layer runs the
+    chosen mode (fp8w: the quantizer in the graph, then ``svdquant::linear_fp8``)."""
+    accepts, _ = stand_in
+    accepts.add("fp8w")
+    layer, x = _layer()
+    found: list[str] = []
+
+    def backend(gm, example_inputs):
+        found.extend(str(n.target) for n in gm.graph.nodes if "svdquant" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(layer, backend=backend, fullgraph=True)(x)
+    assert found == ["svdquant.linear_fp8"]
+    assert torch.equal(got, _run(layer, x, "fp8w"))
+
+
+def test_set_mode_accepts_auto():
+    layer, x = _layer()
+    sf.set_mode(layer, "exact")
+    assert layer.mode == "exact"
+    sf.set_mode(layer, "auto")
+    assert layer.mode == "auto" and torch.equal(layer(x), _run(layer, x, "int4"))
