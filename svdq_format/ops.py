@@ -51,6 +51,8 @@ __all__ = [
     "reference_linear_fp8",
     "auto_act",
     "AUTO_FAST_ACTS",
+    "load_plugins",
+    "PLUGIN_GROUP",
     "quantize_fp8_rows",
     "smoothed",
     "FP8_ACTS",
@@ -108,6 +110,32 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 _WARNED: set[tuple[str, str]] = set()
 _REGISTRY_VERSION = [0]  # bumped on every (un)registration: keys the ``auto`` mode's cache
+_PLUGINS_LOADED = [False]
+
+#: Entry-point group of backend plugins: each entry is a callable that registers its backend(s)
+#: (``svdq_kernels`` declares ``cutlass-sm90 = svdq_kernels.registry:register``). They are loaded
+#: on the first call with a GPU tensor, so ``from_pretrained`` + ``model(x)`` on an H100 finds the
+#: kernels without an ``import svdq_kernels``; CPU-only use never imports them.
+PLUGIN_GROUP = "svdquant.backends"
+
+
+def load_plugins() -> list[str]:
+    """Load the :data:`PLUGIN_GROUP` entry points once per process; returns the names loaded.
+    One that fails to import or register is skipped with a warning naming it and the reason."""
+    if _PLUGINS_LOADED[0]:
+        return []
+    _PLUGINS_LOADED[0] = True
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()()
+            loaded.append(ep.name)
+        except Exception as exc:  # a broken plugin must not break the reference path
+            _warn_once(("plugin", ep.name), f"svdquant backend plugin {ep.name!r} ({ep.value}) failed to load: "
+                       f"{type(exc).__name__}: {exc}")
+    return loaded
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> None:
@@ -166,6 +194,8 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         warning when a named backend was refused, or when a CUDA tensor has no kernel).
     """
     requested = os.environ.get("SVDQ_BACKEND", requested) or "auto"
+    if call.device.type == "cuda" and not _PLUGINS_LOADED[0]:
+        load_plugins()
     if requested != "auto":
         backend = get_backend(requested)
         reason = backend.supports(call)
@@ -184,7 +214,7 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         _warn_once(
             ("auto", "cuda"),
             "no svdquant GPU kernel accepts this layer on this device "
-            "(import svdq_kernels on a Hopper GPU for the fast path); using the slow "
+            "(the fast path needs a Hopper GPU and the svdquant[kernels] extra); using the slow "
             "reference backend",
         )
     return _REGISTRY["reference"]
@@ -225,6 +255,8 @@ def _auto_act(
 ) -> str:
     if requested == "reference":
         return precision
+    if device.type == "cuda" and not _PLUGINS_LOADED[0]:
+        load_plugins()  # (registering bumps the version: the next call re-decides; this one sees them too)
     for act in AUTO_FAST_ACTS.get(precision, ()):
         call = LinearCall(device=device, dtype=dtype, precision=precision, act=act, rows=1, in_features=in_features,
                           out_features=out_features, rank=rank, has_bias=has_bias, act_shift=act_shift,

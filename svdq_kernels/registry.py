@@ -101,7 +101,10 @@ def requirement_missing(need: str) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _capability(index: int) -> tuple[int, int]:
+def _capability(index: int) -> Optional[tuple[int, int]]:
+    """``(major, minor)`` of CUDA device ``index``; None when torch has no CUDA device."""
+    if not torch.cuda.is_available():
+        return None
     return torch.cuda.get_device_capability(index)
 
 
@@ -111,7 +114,10 @@ def supports(call: ops.LinearCall) -> Optional[str]:
         return "disabled by SVDQ_DISABLE_KERNELS"
     if call.device.type != "cuda":
         return f"input is on {call.device.type}, not a CUDA GPU"
-    major, minor = _capability(call.device.index if call.device.index is not None else 0)
+    capability = _capability(call.device.index if call.device.index is not None else 0)
+    if capability is None:
+        return "this torch build has no CUDA device available"
+    major, minor = capability
     if (major, minor) != (9, 0):
         return f"GPU is sm_{major}{minor}; these kernels are for Hopper (sm_90)"
     path = _path(call.precision, call.act)

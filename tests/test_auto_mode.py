@@ -107,3 +107,52 @@ def test_set_mode_accepts_auto():
     assert layer.mode == "exact"
     sf.set_mode(layer, "auto")
     assert layer.mode == "auto" and torch.equal(layer(x), _run(layer, x, "int4"))
+
+
+def test_backend_plugins_load_on_the_first_gpu_call(monkeypatch):
+    """Entry points of the ``svdquant.backends`` group register their backends the first time a
+    call names a CUDA device (no ``import svdq_kernels`` needed), once; a broken plugin is one
+    warning, not an error; CPU calls never load them. The package declares its own."""
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert declared["project"]["entry-points"][ops.PLUGIN_GROUP] == {"cutlass-sm90": "svdq_kernels.registry:register"}
+
+    loads: list[str] = []
+
+    def register():
+        loads.append("plugged")
+        ops.register_backend(ops.Backend("plugged", ops.reference_linear, lambda c: None, priority=10_000),
+                             replace=True)
+
+    def broken():
+        raise ImportError("no module named 'cuda_thing'")
+
+    class EP:
+        def __init__(self, name, fn):
+            self.name, self.value, self._fn = name, f"tests:{name}", fn
+
+        def load(self):
+            return self._fn
+
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [EP("plugged", register), EP("broken", broken)] if group == ops.PLUGIN_GROUP else [])
+    monkeypatch.setattr(ops, "_PLUGINS_LOADED", [False])
+    try:
+        cpu = ops.LinearCall(torch.device("cpu"), torch.bfloat16, "int4", "int4", 1, 256, 48, 8, False)
+        assert ops.select_backend(cpu).name == "reference" and loads == []
+        gpu = dataclasses_replace(cpu, device=torch.device("cuda"))
+        with pytest.warns(RuntimeWarning, match=r"plugin 'broken' \(tests:broken\) failed to load: ImportError"):
+            assert ops.select_backend(gpu).name == "plugged"
+        ops.select_backend(gpu)
+        assert loads == ["plugged"]  # once per process
+    finally:
+        ops.unregister_backend("plugged")
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

@@ -234,3 +234,15 @@ def test_fast_datapath_is_chosen_by_token_count(monkeypatch: pytest.MonkeyPatch)
     x = torch.zeros(2, 64)
     with pytest.raises(ValueError, match="benchmark datapath"):
         triton_fast.fast_linear(x, None, None, None, None, None, None, None, None, "int4", "fp8")
+
+
+def test_a_torch_without_cuda_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call naming a CUDA device where torch has none (e.g. the ``auto`` mode deciding for a
+    model moved to ``cuda`` on paper): the backend refuses with a reason."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    registry._capability.cache_clear()
+    try:
+        call = ops.LinearCall(torch.device("cuda"), torch.bfloat16, "int4", "fp8w", 16, 3072, 3072, 32, True)
+        assert registry.supports(call) == "this torch build has no CUDA device available"
+    finally:
+        registry._capability.cache_clear()
