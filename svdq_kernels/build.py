@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -310,17 +311,36 @@ def build_kernel(
     return BuildResult(final, key, False, seconds)
 
 
+def build_kernels(
+    configs: Sequence[CutlassGemmConfig], *, jobs: int = 0, toolchain: Optional[Toolchain] = None,
+    force: bool = False, compiler: Optional[Compiler] = None, verbose: bool = False,
+) -> list[BuildResult]:
+    """:func:`build_kernel` for several configurations, ``jobs`` nvcc processes at a time (default:
+    one per 4 CPU cores, at most one per configuration); results in the order given."""
+    toolchain = toolchain or detect_toolchain()
+    jobs = jobs or max(1, min(len(configs), (os.cpu_count() or 1) // 4))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(
+            lambda c: build_kernel(c, toolchain=toolchain, force=force, compiler=compiler, verbose=verbose), configs))
+
+
 _LOADED: dict[str, Callable[..., Any]] = {}
 
 
-def load_kernel(config: CutlassGemmConfig, **build_kwargs: Any) -> Callable[..., Any]:
-    """Build (or find) ``config`` and return its op ``torch.ops.svdq_kernels.<name>``."""
+def load_kernel(
+    config: CutlassGemmConfig, *, also_build: Sequence[CutlassGemmConfig] = (), **build_kwargs: Any,
+) -> Callable[..., Any]:
+    """Build (or find) ``config`` and return its op ``torch.ops.svdq_kernels.<name>``.
+
+    ``also_build``: configurations to compile in parallel with it when it is not loaded yet (the
+    others a model is about to ask for: one first-use wait instead of one per kernel)."""
     import torch
 
     op = _LOADED.get(config.name)
     if op is not None:
         return op
-    result = build_kernel(config, **build_kwargs)
+    others = [c for c in also_build if c.name != config.name and c.name not in _LOADED]
+    result = build_kernels([config, *others], **build_kwargs)[0] if others else build_kernel(config, **build_kwargs)
     torch.ops.load_library(str(result.path))
     op = getattr(torch.ops.svdq_kernels, config.name)
     _LOADED[config.name] = op

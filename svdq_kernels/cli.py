@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 from svdq_format.errors import BackendError
 
@@ -27,7 +25,7 @@ def _check_build_host() -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_kernel, detect_toolchain
+    from .build import build_kernels
     from .configs import DEFAULT_CONFIGS, config_by_name
 
     configs = [config_by_name(n) for n in args.config] if args.config else list(DEFAULT_CONFIGS)
@@ -36,14 +34,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
             print(config.name)
         return 0
     _check_build_host()
-    toolchain = detect_toolchain()
-    jobs = args.jobs or max(1, min(len(configs), (os.cpu_count() or 1) // 4))
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(
-            lambda c: (c, build_kernel(c, toolchain=toolchain, force=args.force, verbose=args.verbose)),
-            configs,
-        ))
-    for config, res in results:
+    results = build_kernels(configs, jobs=args.jobs, force=args.force, verbose=args.verbose)
+    for config, res in zip(configs, results):
         state = "cached" if res.cached else f"built in {res.seconds:.0f} s"
         print(f"{config.name}: {state}: {res.path}")
     return 0

@@ -182,6 +182,11 @@ def group64_config(m: int) -> Group64GemmConfig:
     return GROUP64_CONFIGS[5]
 
 
+#: The kernels :func:`group64_config` chooses from (without ``SVDQ_G64_CONFIG``): built together
+#: on first use.
+AUTO_GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(GROUP64_CONFIGS[i] for i in (1, 0, 2, 5))
+
+
 #: What ``svdq kernels build`` compiles by default.
 DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
     CutlassGemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative"),

@@ -33,7 +33,7 @@ import torch
 from svdq_format import packing
 
 from .build import load_kernel
-from .configs import Group64GemmConfig, group64_config
+from .configs import AUTO_GROUP64_CONFIGS, Group64GemmConfig, group64_config
 from .tensor_cache import TensorCache
 from .triton_fast import _layer_inputs, lowrank_down, prologue
 
@@ -96,7 +96,9 @@ def group64_gemm(
 ) -> torch.Tensor:
     """``(Σ q · w8) · rowinv · a + c`` in bf16 ``[M, N]`` on the CUTLASS group-64 kernel (built on
     first use; :func:`svdq_kernels.configs.group64_config` picks the tile for M)."""
-    op = load_kernel(config or group64_config(q.shape[0]))
+    # the first use compiles every kernel group64_config picks, in parallel: a model asks for
+    # several token counts (image, text, 1-token batches), and each nvcc run takes ~2 minutes
+    op = load_kernel(config or group64_config(q.shape[0]), also_build=AUTO_GROUP64_CONFIGS)
     return op(qweight, scales16, rowinv, q, a, c)
 
 

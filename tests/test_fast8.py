@@ -289,3 +289,12 @@ def test_lowrank_source_rounds_the_fp32_product_once():
     assert (up,) in _UPS  # [L1 | L1] is cached for the next call
     assert torch.equal(lowrank_source(None, None, bias, m=2, n=n, device=torch.device("cpu")), bias.expand(2, n))
     assert not lowrank_source(None, None, None, m=2, n=n, device=torch.device("cpu")).any()
+
+
+def test_first_use_builds_exactly_the_kernels_the_selection_picks():
+    """``AUTO_GROUP64_CONFIGS`` (compiled together on first use) is the set ``group64_config`` can
+    return for any token count."""
+    from svdq_kernels.configs import AUTO_GROUP64_CONFIGS, group64_config
+
+    picked = {group64_config(m).name for m in (1, 2, 16, 17, 64, 255, 256, 1000, 2047, 2048, 4608, 65536)}
+    assert picked == {c.name for c in AUTO_GROUP64_CONFIGS} and len(AUTO_GROUP64_CONFIGS) == len(picked)

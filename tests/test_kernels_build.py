@@ -204,3 +204,30 @@ def test_legacy_cuda_module_names_map_onto_cuda_bindings() -> None:
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert "cuda.cuda" in out.stdout and "cuda.cudart" in out.stdout
+
+
+def test_build_kernels_compiles_several_in_parallel_in_order(_cache: Path) -> None:
+    """Several configurations, two nvcc runs at a time: each is built once, results come back in
+    the order given, and a second call finds them all in the cache."""
+    import threading
+
+    from svdq_kernels.configs import AUTO_GROUP64_CONFIGS
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def overlapping_nvcc(cmd, log: Path) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        Path(cmd[-1]).write_bytes(b"\x7fELF fake")
+        log.write_text("ok")
+        with lock:
+            running[0] -= 1
+
+    configs = list(AUTO_GROUP64_CONFIGS)
+    first = build.build_kernels(configs, jobs=2, toolchain=TC, compiler=overlapping_nvcc)
+    assert [r.path.name.split("-")[0] for r in first] == [c.name for c in configs]
+    assert not any(r.cached for r in first) and peak[0] == 2
+    again = build.build_kernels(configs, jobs=2, toolchain=TC, compiler=failing_nvcc)  # never called
+    assert all(r.cached for r in again) and [r.path for r in again] == [r.path for r in first]
