@@ -341,7 +341,10 @@ def load_kernel(
         return op
     others = [c for c in also_build if c.name != config.name and c.name not in _LOADED]
     result = build_kernels([config, *others], **build_kwargs)[0] if others else build_kernel(config, **build_kwargs)
-    torch.ops.load_library(str(result.path))
-    op = getattr(torch.ops.svdq_kernels, config.name)
+    try:
+        torch.ops.load_library(str(result.path))
+        op = getattr(torch.ops.svdq_kernels, config.name)
+    except (OSError, RuntimeError, AttributeError) as exc:  # e.g. built against another torch/CUDA
+        raise BackendError(f"{result.path}: cannot load kernel {config.name}: {exc}") from exc
     _LOADED[config.name] = op
     return op

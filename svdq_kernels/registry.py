@@ -22,11 +22,13 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import warnings
 from typing import Callable, Optional
 
 import torch
 
 from svdq_format import ops
+from svdq_format.errors import BackendError
 
 from .cutlass_fast8 import fast8_linear, fast8_linear_fp8, fast8_unsupported
 from .triton_fast import exact_linear, experimental_kernels, fast_linear, nvfp4_linear, w4a16_linear
@@ -121,6 +123,9 @@ def supports(call: ops.LinearCall) -> Optional[str]:
     if (major, minor) != (9, 0):
         return f"GPU is sm_{major}{minor}; these kernels are for Hopper (sm_90)"
     path = _path(call.precision, call.act)
+    broken = BROKEN.get((call.precision, call.act))
+    if broken:
+        return broken
     if path is None:
         return (f"no sm90 kernel yet for precision {call.precision!r} with activations "
                 f"{call.act!r} (implemented: {', '.join(f'{p}/{a}' for p, a in PATHS)})")
@@ -141,12 +146,36 @@ def supports(call: ops.LinearCall) -> Optional[str]:
     return None
 
 
+#: Paths whose kernels failed to build or load in this process: (precision, act) → reason.
+#: :func:`supports` refuses them from then on (the ``auto`` mode then picks the next mode).
+BROKEN: dict[tuple[str, str], str] = {}
+
+
+def _guarded(path: KernelPath, precision: str, act: str, run: Callable[[], Optional[torch.Tensor]],
+             fallback: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
+    """Run a path; when it needs an on-demand build (``nvcc``) and that build or load fails, record
+    the path as broken (one warning naming the reason), re-register so the ``auto`` mode decides
+    again, and compute this call with ``fallback`` (the reference math of the same mode)."""
+    try:
+        return run()
+    except BackendError as exc:
+        if "nvcc" not in path.needs:
+            raise
+        reason = f"{path.name} is unavailable: {exc}"
+        BROKEN[(precision, act)] = reason
+        warnings.warn(f"svdquant: {reason}; this call runs on the reference backend, later ones on the next "
+                      "fastest kernels", RuntimeWarning, stacklevel=2)
+        register()
+        return fallback()
+
+
 def _linear(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
             precision, act, act_shift=0.0, act_unsigned=False):
     path = _path(precision, act)
     assert path is not None  # supports() accepted the call
-    return path.linear(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
-                       lora_scales, precision, act, act_shift, act_unsigned)
+    args = (x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act, act_shift,
+            act_unsigned)
+    return _guarded(path, precision, act, lambda: path.linear(*args), lambda: ops.reference_linear(*args))
 
 
 def _linear_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
@@ -155,8 +184,9 @@ def _linear_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, 
     assert path is not None  # supports() accepted the call
     if path.linear_fp8 is None:
         return None  # ops runs path.linear, which quantizes x itself
-    return path.linear_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
-                           lora_scales, precision, act, act_shift, act_unsigned)
+    args = (x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
+            act_shift, act_unsigned)
+    return _guarded(path, precision, act, lambda: path.linear_fp8(*args), lambda: ops.reference_linear_fp8(*args))
 
 
 def register() -> None:

@@ -12,6 +12,7 @@ import torch
 import svdq_format as sf
 from svdq_format import ops
 from svdq_format.cli import main
+from svdq_format.errors import BackendError
 import svdq_kernels
 from svdq_kernels import registry
 
@@ -246,3 +247,30 @@ def test_a_torch_without_cuda_is_a_reason_not_a_crash(monkeypatch: pytest.Monkey
         assert registry.supports(call) == "this torch build has no CUDA device available"
     finally:
         registry._capability.cache_clear()
+
+
+def test_a_kernel_that_fails_to_build_falls_back_and_is_refused_afterwards(hopper, monkeypatch) -> None:
+    """An on-demand CUTLASS build that fails (nvcc error, unloadable library) never breaks the
+    model: that call runs the reference math of the same mode with one warning naming the reason,
+    and the path is refused from then on, so ``auto`` moves to the next mode."""
+    def failing(*args):
+        raise BackendError("nvcc failed (exit 2) building g64s4fp8_128x256x128_c1x1_cooperative: error: boom")
+
+    broken = registry.KernelPath("fast8-int4 (test)", failing, ("triton", "nvcc", "nvidia-cutlass"))
+    monkeypatch.setitem(registry.PATHS, ("int4", "fp8w"), broken)
+    monkeypatch.setattr(registry, "BROKEN", {})
+    lin = torch.nn.Linear(128, 128, bias=True).to(torch.bfloat16)
+    layer = sf.SVDQLinear.from_linear(lin, rank=8)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    args = (x, layer.qweight, layer.wscales, None, layer.smooth, layer.lora_down, layer.lora_up, layer.bias, None,
+            "int4", "fp8w")
+    with pytest.warns(RuntimeWarning, match="fast8-int4 \\(test\\) is unavailable: nvcc failed .* boom"):
+        y = registry._linear(*args)
+    assert torch.equal(y, ops.reference_linear(*args))
+    call = ops.LinearCall(torch.device("cuda"), torch.bfloat16, "int4", "fp8w", 3, 128, 128, 8, True)
+    assert "is unavailable: nvcc failed" in registry.supports(call)
+    q, a = ops.quantize_fp8_rows(ops.smoothed(x.float(), layer.smooth))
+    broken_fp8 = registry.KernelPath("fast8-int4 (test)", failing, ("nvcc",), None, failing)
+    monkeypatch.setitem(registry.PATHS, ("int4", "fp8w"), broken_fp8)
+    with pytest.warns(RuntimeWarning, match="unavailable"):
+        assert torch.equal(registry._linear_fp8(x, q, a, *args[1:]), ops.reference_linear(*args))
