@@ -86,17 +86,12 @@ def test_auto_takes_the_fastest_fp8_mode_a_backend_runs(stand_in, monkeypatch):
 def test_auto_is_a_constant_for_torch_compile(stand_in):
     """Dynamo evaluates the choice once while tracing (no graph break); the compiled layer runs the
     chosen mode (fp8w: the quantizer in the graph, then ``svdquant::linear_fp8``)."""
+    from tests.test_fast8 import _graph_ops
+
     accepts, _ = stand_in
     accepts.add("fp8w")
     layer, x = _layer()
-    found: list[str] = []
-
-    def backend(gm, example_inputs):
-        found.extend(str(n.target) for n in gm.graph.nodes if "svdquant" in str(n.target))
-        return gm.forward
-
-    torch._dynamo.reset()
-    got = torch.compile(layer, backend=backend, fullgraph=True)(x)
+    found, got = _graph_ops(layer, x)
     assert found == ["svdquant.linear_fp8"]
     assert torch.equal(got, _run(layer, x, "fp8w"))
 
