@@ -214,8 +214,8 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         _warn_once(
             ("auto", "cuda"),
             "no svdquant GPU kernel accepts this layer on this device "
-            "(the fast path needs a Hopper GPU and the svdquant[kernels] extra); using the slow "
-            "reference backend",
+            "(the fast path needs a Hopper GPU and the installed svdquant package's kernels: "
+            "pip install 'svdquant[kernels]', or import svdq_kernels); using the slow reference backend",
         )
     return _REGISTRY["reference"]
 
