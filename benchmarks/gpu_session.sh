@@ -82,6 +82,11 @@ for step in $STEPS; do
       timeout 100 python3 benchmarks/gemm_datapaths.py --graphs --ms 1,16,64 \
         --datapaths f16t,fp8t,f16s --out "$OUT/sm_split.json" > "$OUT/sm_split.log" 2>&1; echo "small-M split rc=$?"
       paste <(grep -v Warn "$OUT/sm_base.log" | cut -c1-150) <(grep -v Warn "$OUT/sm_split.log" | cut -c40-200) | tail -16 ;;
+    step8q)  # the FLUX step as a user gets it: the default `auto` mode, compiled only (bf16 eager as the
+             # peer), with the GPU time by kernel kind; first use builds the kernels `auto` needs
+      timeout 560 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --no-bf16-compile --no-svdq-eager --profile --out "$OUT/flux_step_auto.json" > "$OUT/flux_step_auto.log" 2>&1
+      echo "auto step rc=$?"; grep -E "ms/step|by kind|quantized|svdq kernels" "$OUT/flux_step_auto.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -66,7 +66,9 @@ def test_flux_step_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch):
 
     out = tmp_path / "step.json"
     assert flux_step.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--fast",
-                           "--out", str(out)]) == 0
+                           "--mode", "auto", "--out", str(out)]) == 0
     got = json.loads(out.read_text())
-    assert got["svdq_layers"] > 0 and got["svdq"]["weights_bytes"] > 0
+    assert got["svdq_layers"] > 0 and got["svdq"]["weights_bytes"] > 0 and got["mode"] == "auto"
     assert 0 < got["svdq_output_rel_err_vs_bf16"] < 0.5
+    with pytest.raises(SystemExit):  # timing nothing is refused up front
+        flux_step.main(["--tiny", "--device", "cpu", "--no-svdq-eager", "--out", str(out)])
