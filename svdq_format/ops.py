@@ -194,7 +194,7 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         warning when a named backend was refused, or when a CUDA tensor has no kernel).
     """
     requested = os.environ.get("SVDQ_BACKEND", requested) or "auto"
-    if call.device.type == "cuda" and not _PLUGINS_LOADED[0]:
+    if call.device.type == "cuda":
         load_plugins()
     if requested != "auto":
         backend = get_backend(requested)
@@ -255,14 +255,16 @@ def _auto_act(
 ) -> str:
     if requested == "reference":
         return precision
-    if device.type == "cuda" and not _PLUGINS_LOADED[0]:
+    if device.type == "cuda":
         load_plugins()  # (registering bumps the version: the next call re-decides; this one sees them too)
+    if requested == "auto":
+        candidates = [b for b in _REGISTRY.values() if b.name != "reference"]
+    else:
+        candidates = [_REGISTRY[requested]] if requested in _REGISTRY else []
     for act in AUTO_FAST_ACTS.get(precision, ()):
         call = LinearCall(device=device, dtype=dtype, precision=precision, act=act, rows=1, in_features=in_features,
                           out_features=out_features, rank=rank, has_bias=has_bias, act_shift=act_shift,
                           act_unsigned=act_unsigned)
-        candidates = ([_REGISTRY[requested]] if requested in _REGISTRY else []) if requested != "auto" else \
-            [b for b in _REGISTRY.values() if b.name != "reference"]
         if any(b.supports(call) is None for b in candidates):
             return act
     return precision

@@ -26,6 +26,7 @@ kernel that produced ``x``), and step 1 shrinks to the low-rank down projection 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -119,14 +120,8 @@ def fast8_linear(
 ) -> torch.Tensor:
     """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
-    m, n = x2.shape[0], qweight.shape[0]
-    scales16, rowinv = fast8_weights(qweight, wscales)  # keyed by the layer's own buffers
-    qweight = qweight.contiguous()
-    with torch.cuda.device(x2.device):
-        q, a, lr16 = prologue(x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales)
-        c = lowrank_source(lr16, up, bias, m=m, n=n, device=x2.device)
-        y = group64_gemm(qweight, scales16, rowinv, q, a, c)
-    return y.reshape(*x.shape[:-1], n)
+    return _run(x, x2, qweight, wscales, up, bias, lambda: prologue(
+        x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales))
 
 
 def fast8_linear_fp8(
@@ -149,15 +144,24 @@ def fast8_linear_fp8(
     """:func:`fast8_linear` with the activations already quantized (signature of
     :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]``."""
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
-    m, n = x2.shape[0], qweight.shape[0]
-    scales16, rowinv = fast8_weights(qweight, wscales)
-    qweight = qweight.contiguous()
-    q2 = q.reshape(m, -1).contiguous()
-    a2 = a.reshape(m).to(torch.float32).contiguous()
+    m = x2.shape[0]
+    return _run(x, x2, qweight, wscales, up, bias, lambda: (
+        q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous(),
+        lowrank_down(x2, down, lora_scales=lora_scales) if down is not None else None))
+
+
+def _run(
+    x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], activations: Callable[[], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+) -> torch.Tensor:
+    """What both entry points share: on ``x``'s device, ``activations()`` → ``(q, a, lr16)``, then
+    the low-rank source and the GEMM; the output shaped like ``x`` with N features."""
+    n = qweight.shape[0]
+    scales16, rowinv = fast8_weights(qweight, wscales)  # keyed by the layer's own buffers
     with torch.cuda.device(x2.device):
-        lr16 = lowrank_down(x2, down, lora_scales=lora_scales) if down is not None else None
-        c = lowrank_source(lr16, up, bias, m=m, n=n, device=x2.device)
-        y = group64_gemm(qweight, scales16, rowinv, q2, a2, c)
+        q, a, lr16 = activations()
+        c = lowrank_source(lr16, up, bias, m=x2.shape[0], n=n, device=x2.device)
+        y = group64_gemm(qweight.contiguous(), scales16, rowinv, q, a, c)
     return y.reshape(*x.shape[:-1], n)
 
 

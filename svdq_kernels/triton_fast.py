@@ -768,8 +768,8 @@ def lowrank_down(
         lora_down: ``[r, K]`` in ``x.dtype``, r ≥ 1.
         lora_scales: Optional per-rank multipliers ``[r]``.
         block_m, num_warps, num_stages, groups_per_split: Tiling (rows per program, Triton
-            warps and pipeline stages, 64-wide K groups per split: default as the prologue).
-            The defaults are the best all-round tiling of benchmarks/lowrank_down.py on an H100
+            warps and pipeline stages, 64-wide K groups per split — by default the prologue's
+            K splits). The other defaults are the best all-round tiling of benchmarks/lowrank_down.py on an H100
             (never slower than the prologue's tiles, 1.9× faster at 4608 × 3072). Other tiles
             change the fp32 summation order, not the math.
     """

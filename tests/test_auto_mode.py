@@ -4,6 +4,8 @@ only the activation modes it is told to (its math is the reference's)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -138,7 +140,7 @@ def test_backend_plugins_load_on_the_first_gpu_call(monkeypatch):
     try:
         cpu = ops.LinearCall(torch.device("cpu"), torch.bfloat16, "int4", "int4", 1, 256, 48, 8, False)
         assert ops.select_backend(cpu).name == "reference" and loads == []
-        gpu = dataclasses_replace(cpu, device=torch.device("cuda"))
+        gpu = dataclasses.replace(cpu, device=torch.device("cuda"))
         with pytest.warns(RuntimeWarning, match=r"plugin 'broken' \(tests:broken\) failed to load: ImportError"):
             assert ops.select_backend(gpu).name == "plugged"
         ops.select_backend(gpu)
@@ -146,8 +148,3 @@ def test_backend_plugins_load_on_the_first_gpu_call(monkeypatch):
     finally:
         ops.unregister_backend("plugged")
 
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
