@@ -42,12 +42,7 @@ def _gemm_operation(config: CutlassGemmConfig):  # -> cutlass_library GemmOperat
     a = L.TensorDescription(L.DataType.s4, L.LayoutType.RowMajor, 32)        # weights [N, K]
     b = L.TensorDescription(L.DataType.e4m3, L.LayoutType.ColumnMajor, 16)   # x [M, K] as K x M
     c = L.TensorDescription(L.DataType.bf16, L.LayoutType.ColumnMajor, 8)    # D^T [N, M]
-    if config.schedule == "cooperative":
-        kernel_schedule = L.KernelScheduleType.TmaWarpSpecializedCooperative
-        epilogue_schedule = L.EpilogueScheduleType.TmaWarpSpecializedCooperative
-    else:
-        kernel_schedule = L.KernelScheduleType.TmaWarpSpecializedPingpong
-        epilogue_schedule = L.EpilogueScheduleType.TmaWarpSpecialized
+    kernel_schedule, epilogue_schedule = _schedule_types(config.schedule)
     return GemmOperation(
         L.GemmKind.Universal3x, 90, tile, a, b, c, L.DataType.f32,
         L.EpilogueFunctor.LinearCombination, L.SwizzlingFunctor.Identity1, None,
@@ -69,15 +64,21 @@ def emit_cutlass_gemm(config: CutlassGemmConfig) -> tuple[str, str]:
     return op.procedural_name(), EmitGemmUniversal3xInstance().emit(op)
 
 
-def _schedule_tags(schedule: str) -> tuple[str, str]:
-    """CUTLASS's C++ names of the kernel and epilogue schedules, from ``cutlass_library``."""
+def _schedule_types(schedule: str):  # -> (cutlass_library KernelScheduleType, EpilogueScheduleType)
+    """``cutlass_library``'s kernel and epilogue schedule of a ``cooperative``/``pingpong`` config."""
     import_cutlass_library()
     from cutlass_library import library as L
 
     if schedule == "cooperative":
-        kernel, epilogue = L.KernelScheduleType.TmaWarpSpecializedCooperative, L.EpilogueScheduleType.TmaWarpSpecializedCooperative
-    else:
-        kernel, epilogue = L.KernelScheduleType.TmaWarpSpecializedPingpong, L.EpilogueScheduleType.TmaWarpSpecialized
+        return L.KernelScheduleType.TmaWarpSpecializedCooperative, L.EpilogueScheduleType.TmaWarpSpecializedCooperative
+    return L.KernelScheduleType.TmaWarpSpecializedPingpong, L.EpilogueScheduleType.TmaWarpSpecialized
+
+
+def _schedule_tags(schedule: str) -> tuple[str, str]:
+    """CUTLASS's C++ names of the kernel and epilogue schedules, from ``cutlass_library``."""
+    from cutlass_library import library as L
+
+    kernel, epilogue = _schedule_types(schedule)
     return L.KernelScheduleTag[kernel], L.EpilogueScheduleTag[epilogue]
 
 

@@ -149,6 +149,12 @@ GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = (
 )
 
 
+#: The kernels :func:`group64_config` chooses from (without ``SVDQ_G64_CONFIG``), largest M first:
+#: 128 × 256 (M ≥ 2048), 128 × 128 (256 ≤ M < 2048), 64 × 128 pingpong (16 < M < 256), 128 × 16
+#: stream-K (M ≤ 16). Built together on first use.
+AUTO_GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(GROUP64_CONFIGS[i] for i in (1, 0, 2, 5))
+
+
 #: Other group-64 tilings, measured by ``benchmarks/fast8_linear.py --configs all`` (not prebuilt).
 GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
     Group64GemmConfig(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative", cluster_m=2),
@@ -174,17 +180,14 @@ def group64_config(m: int) -> Group64GemmConfig:
         known = [c.name for c in (*GROUP64_CONFIGS, *GROUP64_CANDIDATES)]
         raise UnsupportedError(f"SVDQ_G64_CONFIG={forced!r} is not one of {known}")
     if m >= 2048:
-        return GROUP64_CONFIGS[1]
+        return AUTO_GROUP64_CONFIGS[0]
     if m >= 256:
-        return GROUP64_CONFIGS[0]
+        return AUTO_GROUP64_CONFIGS[1]
     if m > 16:
-        return GROUP64_CONFIGS[2]
-    return GROUP64_CONFIGS[5]
+        return AUTO_GROUP64_CONFIGS[2]
+    return AUTO_GROUP64_CONFIGS[3]
 
 
-#: The kernels :func:`group64_config` chooses from (without ``SVDQ_G64_CONFIG``): built together
-#: on first use.
-AUTO_GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(GROUP64_CONFIGS[i] for i in (1, 0, 2, 5))
 
 
 #: What ``svdq kernels build`` compiles by default.
