@@ -10,6 +10,9 @@ set -u
 OUT=${OUT:-/tmp/svdq-gpu-session}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STEPS=${*:-next}
+build_g64() {  # $1: parallel nvcc jobs; $2 = all: the GROUP64_CANDIDATES too (else GROUP64_CONFIGS only)
+  python3 -c "import sys; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C; cs = G + (C if sys.argv[2] == 'all' else ()); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
+}
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do
   case $step in
@@ -36,8 +39,7 @@ for step in $STEPS; do
         --out "$OUT/flux_step.json" > "$OUT/flux_step.log" 2>&1; echo "step rc=$?"; tail -8 "$OUT/flux_step.log" ;;
     fast8)  # the fast8 path: prebuild every group-64 kernel (candidates too), its GPU tests, the
             # benchmark with all tilings (stream-K small-M candidates included), a FLUX step
-      python3 -c "from svdq_format.cli import main; import sys; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C; a=['kernels','build','--jobs','12']; [a.extend(['--config',c.name]) for c in G+C]; sys.exit(main(a))" \
-        > "$OUT/build.log" 2>&1; echo "build rc=$?"; grep -c "built\|cached" "$OUT/build.log"
+      build_g64 12 all > "$OUT/build.log" 2>&1; echo "build rc=$?"; grep -c "built\|cached" "$OUT/build.log"
       timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py > "$OUT/pytest_fast8.log" 2>&1
       echo "fast8 tests rc=$?"; tail -2 "$OUT/pytest_fast8.log"
       timeout 300 python3 benchmarks/fast8_linear.py --configs all --no-reference --out "$OUT/fast8_linear.json" \
@@ -47,8 +49,7 @@ for step in $STEPS; do
       echo "fast8 step rc=$?"; tail -5 "$OUT/flux_step_fast8.log" ;;
     fast8b)  # every group-64 kernel (small-M candidates too) into $SVDQ_KERNEL_CACHE, the fast8 GPU
              # tests (compiled path included), small M in CUDA graphs with every tiling, large M quick
-      python3 -c "from svdq_format.cli import main; import sys; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C; a=['kernels','build','--jobs','14']; [a.extend(['--config',c.name]) for c in G+C]; sys.exit(main(a))" \
-        > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -2 "$OUT/build.log"
+      build_g64 14 all > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -2 "$OUT/build.log"
       timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py > "$OUT/pytest_fast8.log" 2>&1
       echo "fast8 tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_fast8.log" | tail -4
       timeout 150 python3 benchmarks/fast8_linear.py --shapes small --graphs --configs all --no-reference \
@@ -57,14 +58,12 @@ for step in $STEPS; do
       timeout 120 python3 benchmarks/fast8_linear.py --shapes quick --no-reference --out "$OUT/fast8_quick.json" \
         > "$OUT/fast8_quick.log" 2>&1; echo "quick rc=$?"; grep -v Warn "$OUT/fast8_quick.log" | tail -3 | cut -c1-700 ;;
     step8)   # one FLUX.1-dev step in fast8 mode, eager and compiled, with the GPU time by kernel kind
-      python3 -c "from svdq_format.cli import main; import sys; from svdq_kernels.configs import GROUP64_CONFIGS as G; a=['kernels','build','--jobs','4']; [a.extend(['--config',c.name]) for c in G]; sys.exit(main(a))" \
-        > "$OUT/build.log" 2>&1; echo "build rc=$?"
+      build_g64 4 > "$OUT/build.log" 2>&1; echo "build rc=$?"
       timeout 560 python3 benchmarks/flux_step.py --fast --mode fast8 --compile --compile-mode reduce-overhead \
         --no-bf16-compile --profile --out "$OUT/flux_step_fast8.json" > "$OUT/flux_step_fast8.log" 2>&1
       echo "fast8 step rc=$?"; grep -E "ms/step|by kind|quantized" "$OUT/flux_step_fast8.log" ;;
     fast8c)  # the fast8 GPU tests, then the layer benchmark: every shape (default tilings), small M in graphs
-      python3 -c "from svdq_format.cli import main; import sys; from svdq_kernels.configs import GROUP64_CONFIGS as G; a=['kernels','build','--jobs','6']; [a.extend(['--config',c.name]) for c in G]; sys.exit(main(a))" \
-        > "$OUT/build.log" 2>&1; echo "build rc=$?"
+      build_g64 6 > "$OUT/build.log" 2>&1; echo "build rc=$?"
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py > "$OUT/pytest_fast8.log" 2>&1
       echo "fast8 tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_fast8.log" | tail -4
       timeout 200 python3 benchmarks/fast8_linear.py --out "$OUT/fast8_linear.json" > "$OUT/fast8_linear.log" 2>&1
