@@ -22,6 +22,7 @@ Usage: ``python benchmarks/fast8_linear.py [--rank 32] [--shapes all|quick|small
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -48,8 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="fast8_linear.json")
     ap.add_argument("--shapes", default="all", help="'all', 'quick' (first two) or 'small' (M <= 256)")
     ap.add_argument("--no-reference", action="store_true", help="skip the CPU reference check")
-    ap.add_argument("--configs", default="default", choices=("default", "all"),
-                    help="GEMM tilings: the prebuilt ones, or also configs.GROUP64_CANDIDATES")
+    ap.add_argument("--configs", default="default", choices=("default", "all", "lut"),
+                    help="GEMM tilings: the prebuilt ones, also configs.GROUP64_CANDIDATES, or the "
+                         "ones group64_config picks with and without the table-lookup conversion")
     ap.add_argument("--graphs", action="store_true", help="time inside CUDA graphs (no host launch cost)")
     ap.add_argument("--ms", default="", help="comma-separated M to keep from the chosen shapes (e.g. 1,16)")
     args = ap.parse_args(argv)
@@ -62,12 +64,14 @@ def main(argv=None) -> int:
     from svdq_format import ops, packing
     from svdq_kernels import cutlass_fast8, triton_fast
     from svdq_kernels.build import load_kernel
-    from svdq_kernels.configs import GROUP64_CANDIDATES, GROUP64_CONFIGS, group64_config
+    from svdq_kernels.configs import AUTO_GROUP64_CONFIGS, GROUP64_CANDIDATES, GROUP64_CONFIGS, group64_config
 
     torch.manual_seed(0)
     dev = "cuda"
     build_s = {}
-    configs = GROUP64_CONFIGS + (GROUP64_CANDIDATES if args.configs == "all" else ())
+    configs = {"default": GROUP64_CONFIGS, "all": GROUP64_CONFIGS + GROUP64_CANDIDATES,
+               "lut": AUTO_GROUP64_CONFIGS + tuple(dataclasses.replace(c, lut=True) for c in AUTO_GROUP64_CONFIGS),
+               }[args.configs]
     for cfg in configs:  # first use builds (or finds) each kernel
         t0 = time.perf_counter()
         load_kernel(cfg)
@@ -145,7 +149,8 @@ def main(argv=None) -> int:
         row["compiled_path_speedup_vs_bf16"] = res["bf16"] / row["compiled_path_ms"]
         rows.append(row)
         t = row["tflops"]
-        gem = " ".join(f"{key[11:-1].split('_c1')[0]}:{t[key]:.0f}" for key in res if key.startswith("fast8_gemm["))
+        gem = " ".join(f"{key[11:-1].split('_c1')[0]}{'+lut' if key.endswith('_lut]') else ''}:{t[key]:.0f}"
+                       for key in res if key.startswith("fast8_gemm["))
         print(f"M={m:5d} K={k:5d} N={n:5d} | bf16 {t['bf16']:5.0f} | fp8row {t['fp8_row']:5.0f} (gemm "
               f"{t['fp8_row_gemm']:5.0f}) | fast {t['fast']:4.0f} | fast8 {t['fast8']:5.0f} = {row['speedup_vs_bf16']:.2f}x bf16 "
               f"{row['speedup_vs_fp8_row']:.2f}x fp8row | gemm {gem} | prol {res['fast8_prologue']*1e3:.0f}us lowrank "

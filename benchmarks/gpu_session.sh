@@ -10,8 +10,9 @@ set -u
 OUT=${OUT:-/tmp/svdq-gpu-session}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STEPS=${*:-next}
-build_g64() {  # $1: parallel nvcc jobs; $2 = all: the GROUP64_CANDIDATES too (else GROUP64_CONFIGS only)
-  python3 -c "import sys; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C; cs = G + (C if sys.argv[2] == 'all' else ()); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
+build_g64() {  # $1: parallel nvcc jobs; $2 = all: the GROUP64_CANDIDATES too; lut: the auto tilings
+               # with and without the table conversion (else GROUP64_CONFIGS only)
+  python3 -c "import sys; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A; cs = {'all': G + C, 'lut': A + tuple(c for c in C if c.lut)}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
 }
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do
@@ -86,6 +87,14 @@ for step in $STEPS; do
       timeout 560 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
         --no-bf16-compile --no-svdq-eager --profile --out "$OUT/flux_step_auto.json" > "$OUT/flux_step_auto.log" 2>&1
       echo "auto step rc=$?"; grep -E "ms/step|by kind|quantized|svdq kernels" "$OUT/flux_step_auto.log" ;;
+    lut)  # the table-lookup conversion: same bits as the fp16 one (GPU tests), then both timed
+      build_g64 16 lut > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -2 "$OUT/build.log"
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py -k "table_conversion or (float64 and lut)" \
+        > "$OUT/pytest_lut.log" 2>&1; echo "lut tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_lut.log" | tail -4
+      timeout 200 python3 benchmarks/fast8_linear.py --configs lut --no-reference --out "$OUT/fast8_lut.json" \
+        > "$OUT/fast8_lut.log" 2>&1; echo "bench rc=$?"; grep -v Warn "$OUT/fast8_lut.log" | tail -12 | cut -c1-300
+      timeout 90 python3 benchmarks/fast8_linear.py --configs lut --shapes small --graphs --no-reference \
+        --out "$OUT/fast8_lut_small_graphs.json" > "$OUT/fast8_lut_small.log" 2>&1; echo "small rc=$?" ;;
     *) echo "unknown step $step" ;;
   esac
 done

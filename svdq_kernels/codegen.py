@@ -90,7 +90,8 @@ def render_group64_source(config: Group64GemmConfig) -> str:
         TILE_M=config.tile_m, TILE_N=config.tile_n, TILE_K=config.tile_k,
         CLUSTER_M=config.cluster_m, CLUSTER_N=config.cluster_n,
         KERNEL_SCHEDULE=kernel_schedule, EPILOGUE_SCHEDULE=epilogue_schedule,
-        STAGES=config.stages, PROMOTE=config.promote, OP_NAME=config.name,
+        STAGES=config.stages, PROMOTE=config.promote, LUT="true" if config.lut else "false",
+        OP_NAME=config.name,
         TILE_SCHEDULER="cutlass::gemm::StreamKScheduler" if config.scheduler == "streamk" else "void",
     )
 

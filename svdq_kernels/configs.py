@@ -107,6 +107,10 @@ class Group64GemmConfig(CutlassGemmConfig):
     #: Hopper's FP8 MMAs accumulate with reduced precision; promotion bounds that error at the
     #: cost of a second accumulator (registers: tiles up to 128 × 128 per consumer pair).
     promote: int = 0
+    #: Convert the weights by table lookup (per group and row, the 16 e4m3 values of
+    #: ``code × scale`` built from the fp16 scale; three byte permutes per four weights) instead
+    #: of int4 → fp16, multiply, → e4m3 per weight. Same bits.
+    lut: bool = False
 
     kind: str = dataclasses.field(default="svdq_g64_gemm", init=False)
 
@@ -124,7 +128,7 @@ class Group64GemmConfig(CutlassGemmConfig):
     @property
     def name(self) -> str:
         return ("g64" + super().name + (f"_p{self.promote}" if self.promote else "")
-                + ("_sk" if self.scheduler == "streamk" else ""))
+                + ("_sk" if self.scheduler == "streamk" else "") + ("_lut" if self.lut else ""))
 
     def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
         if group != 64:
@@ -166,6 +170,8 @@ GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
     Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", scheduler="streamk"),
     Group64GemmConfig(tile_m=128, tile_n=32, tile_k=128, schedule="cooperative", scheduler="streamk"),
     Group64GemmConfig(tile_m=64, tile_n=32, tile_k=128, schedule="pingpong"),
+    # the table-lookup conversion (lut=True) for each tiling group64_config picks
+    *(dataclasses.replace(c, lut=True) for c in AUTO_GROUP64_CONFIGS),
 )
 
 

@@ -11,6 +11,7 @@ the epilogue as one bf16 tensor, i.e. rounded once more than in the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -92,6 +93,28 @@ def test_group64_gemm_against_float64(config, m):
     ref = ((q.double() @ w8.t()) * a.double().unsqueeze(1) + c.double()).to(torch.bfloat16)  # output rounding
     err = _rel(out, ref)
     assert err < (1e-3 if config.promote else 5e-3), err
+
+
+@pytest.mark.parametrize("config", [c for c in GROUP64_CANDIDATES if c.lut], ids=lambda c: c.name)
+@pytest.mark.parametrize("m", [1000, 16])
+def test_table_conversion_gives_the_same_bits(config, m):
+    """The table-lookup conversion (``lut=True``) multiplies exactly the weights the fp16
+    conversion does: same tiling, same output bits — with group scales from e4m3's subnormals
+    to past its saturation (448), which the layer's own scales never reach."""
+    n, k = 3072, 3072
+    g = torch.Generator(device="cuda").manual_seed(11)
+    qw = torch.randint(0, 256, (n, k // 2), generator=g, device="cuda", dtype=torch.uint8)
+    s16 = torch.exp2(torch.rand(k // 64, n, generator=g, device="cuda") * 20 - 13).to(torch.float16)
+    s16[:, ::7] *= -1  # negative scales flip the tables' signs
+    rowinv = torch.rand(n, generator=g, device="cuda") + 0.5
+    q = (torch.randn(m, k, generator=g, device="cuda") * 50).to(torch.float8_e4m3fn)
+    a = torch.rand(m, generator=g, device="cuda") * 1e-3
+    c = torch.randn(m, n, generator=g, device="cuda").to(torch.bfloat16)
+    plain = dataclasses.replace(config, lut=False)
+    out = cutlass_fast8.group64_gemm(qw, s16, rowinv, q, a, c, config=config)
+    ref = cutlass_fast8.group64_gemm(qw, s16, rowinv, q, a, c, config=plain)
+    assert torch.isfinite(ref).all()
+    assert torch.equal(out, ref), (out.float() - ref.float()).abs().max().item()
 
 
 def test_fast8_weights_are_the_reference_weights():

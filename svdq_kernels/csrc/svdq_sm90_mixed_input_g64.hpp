@@ -90,7 +90,8 @@ template <
   class SmemLayoutAtomB_,
   class SmemCopyAtomB_,
   class TransformB_,
-  int PromoteKTiles_ = 0>
+  int PromoteKTiles_ = 0,
+  bool ScaleLut_ = false>
 struct SvdqSm90MixedInputGroup64Mma
 {
 public:
@@ -108,6 +109,11 @@ public:
   // accumulate into a temporary that is added to the fp32 accumulator every PromoteKTiles
   // k-tiles (0: never, the stock behaviour). Costs a second accumulator's registers.
   static constexpr int PromoteKTiles = PromoteKTiles_;
+  // svdq: with ScaleLut the int4 -> e4m3 conversion is a table lookup (SvdqGroup64Utils::make_lut):
+  // each thread builds, once per 64-group and row, the 16 bytes e4m3(fp16(code * scale)) for
+  // code = -8..7 from the fp16 scale, then converts four weights with three byte permutes
+  // instead of int4 -> fp16, an fp16 multiply and fp16 -> e4m3 per pair. Same bits.
+  static constexpr bool ScaleLut = ScaleLut_;
 
 private:
   template<class T> friend struct detail::MixedInputUtils;
@@ -119,7 +125,7 @@ private:
                                        GmemTiledCopyA_, SmemLayoutAtomA_, SmemCopyAtomA_,
                                        TransformA_,
                                        GmemTiledCopyB_, SmemLayoutAtomB_, SmemCopyAtomB_,
-                                       TransformB_, PromoteKTiles_>;
+                                       TransformB_, PromoteKTiles_, ScaleLut_>;
   using Utils = SvdqGroup64Utils<CollectiveType>;
 
   using ScaleA = detail::deduce_mixed_width_dtype_t<1, ElementAOptionalTuple>;
@@ -1078,18 +1084,30 @@ public:
 
 /////////////////////////////////////////////////////////////////////////////////////////////////
 
-// svdq: the stock utilities with the scale view and the per-k-block scale copy.
+// svdq: the stock utilities with the scale view and the per-k-block scale copy, and the
+// lookup-table conversion (Collective::ScaleLut).
 template <class Collective>
 struct SvdqGroup64Utils : detail::MixedInputUtils<Collective> {
+  using Base = detail::MixedInputUtils<Collective>;
   using ElementScale = typename Collective::ElementScale;
   using SmemLayoutScaleMma = typename Collective::SmemLayoutScaleMma;
+  static constexpr bool UseLut = Collective::ScaleLut;
+  // bytes 0-7: e4m3(fp16(c * s)) for c = -8..-1; bytes 8-15: for c = 0..7
+  using Lut = cutlass::Array<uint32_t, 4>;
 
   template <class ThreadMma, class TensorStorage>
   CUTLASS_DEVICE static auto partition_extra_mma_info(ThreadMma const& mma_thread_slice, TensorStorage& shared_tensors) {
     Tensor sS = make_tensor(make_smem_ptr(shared_tensors.smem_scale.begin()), SmemLayoutScaleMma{});  // (BLK_M,BLK_K,PIPE)
     Tensor tCsS = mma_thread_slice.partition_A(sS);
     Tensor tCrS = make_tensor<ElementScale>(mma_thread_slice.partition_fragment_A(sS(_,_,Int<0>{})).layout());
-    return cute::make_tuple(tCsS, tCrS);
+    if constexpr (UseLut) {
+      // one table per scale register: the same (broadcast) layout as the scales
+      Tensor tCrT = make_tensor<Lut>(tCrS.layout());
+      return cute::make_tuple(tCsS, tCrS, tCrT);
+    }
+    else {
+      return cute::make_tuple(tCsS, tCrS);
+    }
   }
 
   template <class SmemTiledCopyA, class TensorASmemView, class TensorACopyView, class... Ts, class... Us>
@@ -1102,11 +1120,111 @@ struct SvdqGroup64Utils : detail::MixedInputUtils<Collective> {
       int k_block,
       int read_stage) {
     copy(smem_tiled_copy_A, tCsA(_,_,k_block,read_stage), tCrA_copy_view(_,_,k_block));
-    // Every k-block has its own scale registers (two k-blocks per group), so copy them all.
+    // Every k-block has its own scale registers (two k-blocks per group), so copy them all;
+    // the table conversion builds its tables from the first k-block of each group only.
+    if (UseLut && (k_block % 2) != 0) {
+      return;
+    }
     auto smem_tiled_copy_S = cute::get<0>(tiled_copy_and_views);
     auto tCrS_copy_view    = cute::get<1>(tiled_copy_and_views);
     auto tCsS              = cute::get<0>(partitioned_mma_extra_info);
     copy(smem_tiled_copy_S, tCsS(_,_,k_block,read_stage), tCrS_copy_view(_,_,k_block));
+  }
+
+  // The 16 e4m3 bytes of a group's scale: fp16 products rounded to e4m3 (nearest-even, saturating)
+  // by the converter the stock conversion uses; e4m3(fp16(c * s)) is odd in c, so the table for
+  // c = 1..7 is the one for -1..-7 with the sign bits flipped.
+  CUTLASS_DEVICE static Lut make_lut(cutlass::half_t s) {
+    using Half8 = cutlass::Array<cutlass::half_t, 8>;
+    Half8 codes;
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < 8; ++c) {
+      codes[c] = cutlass::half_t(static_cast<float>(c - 8));
+    }
+    Half8 scale;
+    scale.fill(s);
+    Half8 prod = cutlass::multiplies<Half8>{}(codes, scale);
+    cutlass::Array<cutlass::float_e4m3_t, 8> neg8 =
+        cutlass::NumericArrayConverter<cutlass::float_e4m3_t, cutlass::half_t, 8, cutlass::FloatRoundStyle::round_to_nearest>::convert(prod);
+    auto const& neg = reinterpret_cast<cutlass::Array<uint32_t, 2> const&>(neg8);
+    Lut t;
+    t[0] = neg[0];                                           // c = -8 -7 -6 -5
+    t[1] = neg[1];                                           // c = -4 -3 -2 -1
+    t[2] = prmt(neg[1], 0u, 0x1234u) ^ 0x80808000u;    // c =  0  1  2  3  (0 and -(-1..-3))
+    t[3] = prmt(neg[0], neg[1], 0x1234u) ^ 0x80808080u;  // c = 4 5 6 7  (-(-4..-7))
+    return t;
+  }
+
+  // PTX prmt (default mode): byte j of the result is byte sel[4j+3 : 4j] of {b, a}; only the
+  // low 16 bits of sel are read, and a set bit 3 would replicate a sign, so selectors stay <= 7.
+  CUTLASS_DEVICE static uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+  }
+
+  // Four int4 codes (the low 16 bits of idx / sel) to four e4m3 bytes.
+  CUTLASS_DEVICE static uint32_t lut4(uint32_t idx, uint32_t sel, Lut const& t) {
+    uint32_t const neg = prmt(t[0], t[1], idx);
+    uint32_t const pos = prmt(t[2], t[3], idx);
+    return prmt(pos, neg, sel);
+  }
+
+  template <class Layout>
+  static constexpr bool quads_share_a_table(Layout const& layout) {
+    for (int i = 0; i < size<1>(Layout{}); ++i) {
+      for (int j = 0; j < 8; ++j) {
+        if (layout(j, i) != layout(j & 4, i)) {
+          return false;
+        }
+      }
+    }
+    return true;
+  }
+
+  template <class EngineIn, class EngineOut, class LayoutIn, class LayoutOut, class... Ts>
+  CUTLASS_DEVICE static void dequantize_A_kblock(
+      Tensor<EngineIn, LayoutIn> const& tCrA_load,
+      Tensor<EngineOut, LayoutOut>& tCrA_mma,
+      cute::tuple<Ts...>& partitioned_extra_info,
+      int const k_block) {
+    if constexpr (!UseLut) {
+      Base::dequantize_A_kblock(tCrA_load, tCrA_mma, partitioned_extra_info, k_block);
+    }
+    else {
+      static_assert(cute::is_same_v<typename EngineIn::value_type, cutlass::int4b_t>, "svdq: the table conversion reads int4");
+      static_assert(cute::is_same_v<typename EngineOut::value_type, cutlass::float_e4m3_t>, "svdq: the table conversion writes e4m3");
+      static_assert(cute::is_same_v<ElementScale, cutlass::half_t>, "svdq: the table conversion takes fp16 scales");
+      Tensor src = tCrA_load(_, _, k_block);
+      Tensor dst = tCrA_mma(_, _, k_block);
+      CUTE_STATIC_ASSERT_V(size(src(_, 0)) == cosize(src(_, 0).layout()), "svdq: A's first mode must be contiguous");
+      static_assert(decltype(size(src(_, 0)))::value % 8 == 0, "svdq: eight int4 codes per register");
+      Tensor src_vm = cute::group_modes<1,-1>(cute::zipped_divide(src, Int<8>{}));
+      Tensor dst_vm = cute::group_modes<1,-1>(cute::zipped_divide(dst, Int<8>{}));
+
+      auto& tables = cute::get<2>(partitioned_extra_info);
+      if (k_block % 2 == 0) {  // the first k-block of a 64-group: its rows' tables
+        Tensor scales = cute::filter(cute::get<1>(partitioned_extra_info)(_, _, k_block));
+        Tensor luts = cute::filter(tables(_, _, k_block));
+        CUTE_STATIC_ASSERT_V(size(scales) == size(luts));
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(luts); ++i) {
+          luts(i) = make_lut(scales(i));
+        }
+      }
+      Tensor luts_vm = cute::group_modes<1,-1>(cute::zipped_divide(tables(_, _, k_block & ~1), Int<8>{}));
+      static_assert(quads_share_a_table(decltype(luts_vm.layout()){}),
+                    "svdq: each four consecutive codes of a register must share one scale");
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size<1>(dst_vm); ++i) {
+        uint32_t const w = cute::recast<uint32_t>(src_vm(_, i))(0);
+        uint32_t const idx = w & 0x77777777u;                          // the table index, 0..7
+        uint32_t const sel = ((w & 0x88888888u) | 0x64206420u) >> 1;   // byte j from pos (j) or neg (j + 4)
+        auto&& out = cute::recast<uint32_t>(dst_vm(_, i));
+        out(0) = lut4(idx, sel, luts_vm(0, i));
+        out(1) = lut4(idx >> 16, sel >> 16, luts_vm(4, i));
+      }
+    }
   }
 };
 
