@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     dev = "cuda"
     build_s = {}
     configs = {"default": GROUP64_CONFIGS, "all": GROUP64_CONFIGS + GROUP64_CANDIDATES,
-               "lut": AUTO_GROUP64_CONFIGS + tuple(dataclasses.replace(c, lut=True) for c in AUTO_GROUP64_CONFIGS),
+               "lut": AUTO_GROUP64_CONFIGS + tuple(dataclasses.replace(c, lut=False) for c in AUTO_GROUP64_CONFIGS),
                }[args.configs]
     for cfg in configs:  # first use builds (or finds) each kernel
         t0 = time.perf_counter()

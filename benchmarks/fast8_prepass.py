@@ -24,7 +24,9 @@ Correctness, once per shape: ‖(e) − (b)‖ / ‖(b)‖ (same q, a, rowinv, l
 packed with :func:`svdq_format.packing.pack_nibbles`, bf16 group scales, then
 :func:`~svdq_kernels.cutlass_fast8.fast8_weights`. Only the CUTLASS kernels that
 ``group64_config`` picks for the chosen M are built (in parallel, on first use).
-Prints a table (µs, TFLOPS = 2·M·N·K / t) and writes JSON.
+Also the host time per call (launches not waited for; 20 calls): at small M the eager
+alternative is bound by it, ``--graphs`` shows the GPU time alone. Prints a table (µs, TFLOPS =
+2·M·N·K / t) and writes JSON.
 
     python3 benchmarks/fast8_prepass.py --out fast8_prepass.json [--ms 4608,4096,512,256] [--graphs]
 """
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
 
     rows = []
     print(f"{'M':>5} {'K':>5} {'N':>5} | TFLOPS: {'bf16':>5} {'g64':>5} {'scmm':>5} {'alt':>5} | us: {'g64':>6} "
-          f"{'expand':>6} {'scmm':>6} {'lowrk':>6} {'alt':>6} | {'alt/g64':>7} {'alt/(g64+lr)':>12} | rel err")
+          f"{'expand':>6} {'scmm':>6} {'lowrk':>6} {'alt':>6} | {'alt/g64':>7} {'alt/(g64+lr)':>12} | host us: g64 "
+          f"exp  alt | rel err")
     for k, n in shapes:
         qweight, _, scales16, rowinv, w, ups, codes = _weights(k, n, args.rank, dev, gen)
         w8 = torch.empty(n, k, device=dev, dtype=torch.float8_e4m3fn)
@@ -146,6 +149,16 @@ def main(argv=None) -> int:
                 "lowrank": bench(lambda: lr16 @ ups.t()),
                 "alt": bench(alt),
             }
+            # host (CPU) time per call, launches not waited for: what eager mode pays per layer
+            host = {}
+            for name, fn in (("g64", g64), ("expand", lambda: expand_fp8_weights(qweight, scales16, out=w8)),
+                             ("scaled_mm", scaled_mm), ("lowrank", lambda: lr16 @ ups.t()), ("alt", alt)):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                host[name] = (time.perf_counter() - t0) / 20 * 1e6
+                torch.cuda.synchronize()
             yb = g64().float()
             rel = ((alt().float() - yb).norm() / yb.norm()).item()
             flops = 2 * m * n * k
@@ -155,7 +168,7 @@ def main(argv=None) -> int:
                 "alt_over_g64": res["alt"] / res["g64"],
                 "alt_over_g64_plus_lowrank": res["alt"] / (res["g64"] + res["lowrank"]),
                 "expand_gb_s": expand_bytes / res["expand"] / 1e6,
-                "rel_err_alt_vs_g64": rel, "rel_err_ok": rel < 1e-2, "expand_bit_exact": bit_exact,
+                "host_us_per_call": host, "rel_err_alt_vs_g64": rel, "rel_err_ok": rel < 1e-2, "expand_bit_exact": bit_exact,
             }
             if tiles:
                 row["expand_tiles_ms"] = tiles
@@ -164,7 +177,8 @@ def main(argv=None) -> int:
             print(f"{m:5d} {k:5d} {n:5d} | TFLOPS: {t['bf16']:5.0f} {t['g64']:5.0f} {t['scaled_mm']:5.0f} "
                   f"{t['alt']:5.0f} | us: {us['g64']:6.1f} {us['expand']:6.1f} {us['scaled_mm']:6.1f} "
                   f"{us['lowrank']:6.1f} {us['alt']:6.1f} | {row['alt_over_g64']:7.2f} "
-                  f"{row['alt_over_g64_plus_lowrank']:12.2f} | {rel:.1e}{'' if rel < 1e-2 else ' FAIL'}"
+                  f"{row['alt_over_g64_plus_lowrank']:12.2f} | {host['g64']:4.0f} {host['expand']:4.0f} "
+                  f"{host['alt']:4.0f} | {rel:.1e}{'' if rel < 1e-2 else ' FAIL'}"
                   f"{'' if bit_exact else ' w8 NOT bit-exact'}", flush=True)
         if tiles:
             best = min(tiles, key=tiles.get)

@@ -7,6 +7,7 @@ the build-cache key together with the toolchain (:mod:`svdq_kernels.build`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -140,44 +141,56 @@ class Group64GemmConfig(CutlassGemmConfig):
         return None
 
 
+_G64 = Group64GemmConfig
+
 #: The group-64 kernels the ``fast8`` path chooses from (:func:`group64_config`), and the
-#: promoted variants measured against them (benchmarks/fast8_linear.py).
+#: promoted variants measured against them (benchmarks/fast8_linear.py). All but the promoted
+#: ones convert the weights by table lookup (``lut``: same bits, 2-7 % faster at M = 4608).
 GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = (
-    Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative"),
-    Group64GemmConfig(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative"),
-    Group64GemmConfig(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong"),
-    Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=1),
-    Group64GemmConfig(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong", promote=1),
+    _G64(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", lut=True),
+    _G64(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative", lut=True),
+    _G64(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong", lut=True),
+    _G64(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=1),
+    _G64(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong", promote=1),
     # M <= 16: 16-token tiles, stream-K over K (1.5-2.2x the 64 x 128 tile at M = 16, H100)
-    Group64GemmConfig(tile_m=128, tile_n=16, tile_k=128, schedule="cooperative", scheduler="streamk"),
+    _G64(tile_m=128, tile_n=16, tile_k=128, schedule="cooperative", scheduler="streamk", lut=True),
+    # large M when 128 x 256 tiles leave the last wave part-empty (N = 3072 at M = 4608: 3.3
+    # waves on 132 SMs): stream-K splits the remainder along K (+6-15 % there, H100)
+    _G64(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative", scheduler="streamk", lut=True),
 )
 
 
 #: The kernels :func:`group64_config` chooses from (without ``SVDQ_G64_CONFIG``), largest M first:
-#: 128 × 256 (M ≥ 2048), 128 × 128 (256 ≤ M < 2048), 64 × 128 pingpong (16 < M < 256), 128 × 16
-#: stream-K (M ≤ 16). Built together on first use.
-AUTO_GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(GROUP64_CONFIGS[i] for i in (1, 0, 2, 5))
+#: 128 × 256 (M ≥ 2048) and its stream-K twin, 128 × 128 (256 ≤ M < 2048), 64 × 128 pingpong
+#: (16 < M < 256), 128 × 16 stream-K (M ≤ 16). Built together on first use.
+AUTO_GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(GROUP64_CONFIGS[i] for i in (1, 6, 0, 2, 5))
 
 
 #: Other group-64 tilings, measured by ``benchmarks/fast8_linear.py --configs all`` (not prebuilt).
 GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
-    Group64GemmConfig(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative", cluster_m=2),
-    Group64GemmConfig(tile_m=256, tile_n=128, tile_k=128, schedule="cooperative"),
-    Group64GemmConfig(tile_m=64, tile_n=256, tile_k=128, schedule="pingpong"),
-    Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=4),
+    _G64(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative", cluster_m=2),
+    _G64(tile_m=256, tile_n=128, tile_k=128, schedule="cooperative"),
+    _G64(tile_m=64, tile_n=256, tile_k=128, schedule="pingpong"),
+    _G64(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", promote=4),
     # small M: stream-K over K, and token tiles of 32 (the 16-token one won: GROUP64_CONFIGS)
-    Group64GemmConfig(tile_m=128, tile_n=64, tile_k=128, schedule="cooperative", scheduler="streamk"),
-    Group64GemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", scheduler="streamk"),
-    Group64GemmConfig(tile_m=128, tile_n=32, tile_k=128, schedule="cooperative", scheduler="streamk"),
-    Group64GemmConfig(tile_m=64, tile_n=32, tile_k=128, schedule="pingpong"),
-    # the table-lookup conversion (lut=True) for each tiling group64_config picks
-    *(dataclasses.replace(c, lut=True) for c in AUTO_GROUP64_CONFIGS),
+    _G64(tile_m=128, tile_n=64, tile_k=128, schedule="cooperative", scheduler="streamk"),
+    _G64(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", scheduler="streamk"),
+    _G64(tile_m=128, tile_n=32, tile_k=128, schedule="cooperative", scheduler="streamk"),
+    _G64(tile_m=64, tile_n=32, tile_k=128, schedule="pingpong"),
+    # the automatic tilings with the fp16 conversion (int4 -> fp16, x scale, -> e4m3 per weight)
+    *(dataclasses.replace(c, lut=False) for c in AUTO_GROUP64_CONFIGS),
 )
 
+#: Below this share of busy SMs in the last wave of 128 × 256 tiles, large M runs stream-K.
+STREAMK_WAVE_EFFICIENCY = 0.95
 
-def group64_config(m: int) -> Group64GemmConfig:
-    """The group-64 kernel for ``m`` tokens: wide token tiles for large M, narrow ones below.
-    ``SVDQ_G64_CONFIG=<name>`` forces one of :data:`GROUP64_CONFIGS` (benchmarks)."""
+
+def group64_config(m: int, *, n: int | None = None, sms: int = 132) -> Group64GemmConfig:
+    """The group-64 kernel for ``m`` tokens (and ``n`` output features on ``sms`` SMs): wide token
+    tiles for large M, narrow ones below. At M ≥ 2048, when the ``[128 × 256]`` tiles fill their
+    last wave so little that the waves run below :data:`STREAMK_WAVE_EFFICIENCY` busy, the
+    stream-K twin balances the remainder. ``SVDQ_G64_CONFIG=<name>`` forces a tiling from
+    :data:`GROUP64_CONFIGS` or :data:`GROUP64_CANDIDATES` (benchmarks)."""
     forced = os.environ.get("SVDQ_G64_CONFIG")
     if forced:
         for config in (*GROUP64_CONFIGS, *GROUP64_CANDIDATES):
@@ -186,12 +199,17 @@ def group64_config(m: int) -> Group64GemmConfig:
         known = [c.name for c in (*GROUP64_CONFIGS, *GROUP64_CANDIDATES)]
         raise UnsupportedError(f"SVDQ_G64_CONFIG={forced!r} is not one of {known}")
     if m >= 2048:
-        return AUTO_GROUP64_CONFIGS[0]
+        wide = AUTO_GROUP64_CONFIGS[0]
+        if n is not None and sms > 0:
+            waves = -(-n // wide.tile_m) * -(-m // wide.tile_n) / sms
+            if waves / math.ceil(waves) < STREAMK_WAVE_EFFICIENCY:
+                return AUTO_GROUP64_CONFIGS[1]
+        return wide
     if m >= 256:
-        return AUTO_GROUP64_CONFIGS[1]
-    if m > 16:
         return AUTO_GROUP64_CONFIGS[2]
-    return AUTO_GROUP64_CONFIGS[3]
+    if m > 16:
+        return AUTO_GROUP64_CONFIGS[3]
+    return AUTO_GROUP64_CONFIGS[4]
 
 
 

@@ -26,6 +26,7 @@ kernel that produced ``x``), and step 1 shrinks to the low-rank down projection 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Optional
 
@@ -91,15 +92,23 @@ def lowrank_source(
     return torch.addmm(bias.to(torch.bfloat16), lr16, ups.t())
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(
+        device_index if device_index is not None else torch.cuda.current_device()).multi_processor_count
+
+
 def group64_gemm(
     qweight: torch.Tensor, scales16: torch.Tensor, rowinv: torch.Tensor, q: torch.Tensor, a: torch.Tensor,
     c: torch.Tensor, *, config: Optional[Group64GemmConfig] = None,
 ) -> torch.Tensor:
     """``(Σ q · w8) · rowinv · a + c`` in bf16 ``[M, N]`` on the CUTLASS group-64 kernel (built on
-    first use; :func:`svdq_kernels.configs.group64_config` picks the tile for M)."""
+    first use; :func:`svdq_kernels.configs.group64_config` picks the tile for M, N and the GPU)."""
+    if config is None:
+        config = group64_config(q.shape[0], n=qweight.shape[0], sms=_sm_count(q.device.index))
     # the first use compiles every kernel group64_config picks, in parallel: a model asks for
     # several token counts (image, text, 1-token batches), and each nvcc run takes ~2 minutes
-    op = load_kernel(config or group64_config(q.shape[0]), also_build=AUTO_GROUP64_CONFIGS)
+    op = load_kernel(config, also_build=AUTO_GROUP64_CONFIGS)
     return op(qweight, scales16, rowinv, q, a, c)
 
 

@@ -205,6 +205,14 @@ def test_group64_config_selection_and_override(monkeypatch):
     assert group64_config(17).schedule == "pingpong" and group64_config(255).tile_m == 64
     for m in (1, 16):  # 16-token tiles, stream-K
         assert group64_config(m).tile_n == 16 and group64_config(m).scheduler == "streamk"
+    assert all(c.lut for c in (group64_config(m) for m in (1, 17, 512, 4608)))
+    # large M: stream-K where the 128 x 256 tiles leave the last wave mostly empty (132 SMs)
+    assert group64_config(4608, n=3072).scheduler == "streamk"  # 432 tiles: 3.27 waves
+    assert group64_config(4608, n=12288).scheduler == "streamk"  # 13.09 waves
+    assert group64_config(4608, n=21504).scheduler == "persistent"  # 22.9 waves
+    assert group64_config(4096, n=3072).scheduler == "persistent"  # 2.91 waves
+    assert group64_config(4096, n=3072, sms=114).scheduler == "streamk"  # 3.37 waves on 114 SMs
+    assert group64_config(1000, n=3072).tile_n == 128  # the choice below 2048 ignores N
     monkeypatch.setenv("SVDQ_G64_CONFIG", GROUP64_CONFIGS[3].name)
     assert group64_config(4608) is GROUP64_CONFIGS[3]
     monkeypatch.setenv("SVDQ_G64_CONFIG", "nope")
@@ -298,5 +306,6 @@ def test_first_use_builds_exactly_the_kernels_the_selection_picks():
     return for any token count."""
     from svdq_kernels.configs import AUTO_GROUP64_CONFIGS, group64_config
 
-    picked = {group64_config(m).name for m in (1, 2, 16, 17, 64, 255, 256, 1000, 2047, 2048, 4608, 65536)}
+    picked = {group64_config(m, n=n).name for m in (1, 2, 16, 17, 64, 255, 256, 1000, 2047, 2048, 4608, 65536)
+              for n in (None, 3072, 21504)}
     assert picked == {c.name for c in AUTO_GROUP64_CONFIGS} and len(AUTO_GROUP64_CONFIGS) == len(picked)

@@ -63,12 +63,16 @@ def _layer_scales(qweight: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _wide_scales(n: int, k: int, seed: int, device: str = "cpu") -> torch.Tensor:
-    """bf16-born fp16 scales ``[K/64, N]`` with magnitudes 2^-26..2^14 and both signs: products
-    saturate (above 448, up to fp16 overflow) and fall into e4m3's and fp16's subnormals."""
+    """bf16-born fp16 scales ``[K/64, N]`` with magnitudes about 2^-26..2^15 and both signs:
+    products saturate (above 448, up to fp16 overflow) and fall into e4m3's and fp16's
+    subnormals. All finite: an infinite scale makes ``0 × inf`` a NaN, whose sign differs between
+    the CPU reference (negative) and the GPU (positive)."""
     g = torch.Generator().manual_seed(seed)
     mant = torch.randn(k // 64, n, generator=g).to(torch.bfloat16).float()
-    exp = torch.randint(-26, 15, (k // 64, n), generator=g).float()
-    return (mant * torch.exp2(exp)).to(torch.float16).to(device)
+    exp = torch.randint(-26, 14, (k // 64, n), generator=g).float()
+    scales = mant * torch.exp2(exp)
+    scales[0, 0], scales[-1, 0], scales[0, -1] = 30000.0, 1.5 * 2**-11, -200.0  # at least one of each
+    return scales.to(torch.float16).to(device)
 
 
 def _codes(n: int, k: int, seed: int, device: str = "cpu") -> torch.Tensor:
@@ -100,7 +104,9 @@ def test_expand_equals_the_reference_in_the_interpreter(n, k, kind) -> None:
     assert out.dtype == torch.float8_e4m3fn and out.shape == (n, k)
     ref = _reference_bits(qweight, scales16)
     assert torch.equal(out.view(torch.uint8), ref)
-    if kind == "wide":  # the inputs do reach the edge cases
+    if kind == "wide":  # the inputs do reach the edge cases: fp16 overflow, saturation, subnormals
+        codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight)).half().reshape(n, k // 64, 64)
+        assert torch.isinf(codes * scales16.t().unsqueeze(-1)).any()
         ref_vals = ref.view(torch.float8_e4m3fn).float().abs()
         assert (ref_vals == 448).any() and ((ref_vals > 0) & (ref_vals < 2**-6)).any()
 

@@ -28,7 +28,7 @@ pytestmark = [
 
 import svdq_kernels  # noqa: E402,F401  (registers cutlass-sm90)
 from svdq_kernels import cutlass_fast8, triton_fast  # noqa: E402
-from svdq_kernels.configs import GROUP64_CANDIDATES, GROUP64_CONFIGS  # noqa: E402
+from svdq_kernels.configs import AUTO_GROUP64_CONFIGS, GROUP64_CANDIDATES, GROUP64_CONFIGS  # noqa: E402
 
 FLUX_NK = [(3072, 3072), (12288, 3072), (3072, 12288)]
 
@@ -95,11 +95,11 @@ def test_group64_gemm_against_float64(config, m):
     assert err < (1e-3 if config.promote else 5e-3), err
 
 
-@pytest.mark.parametrize("config", [c for c in GROUP64_CANDIDATES if c.lut], ids=lambda c: c.name)
+@pytest.mark.parametrize("config", AUTO_GROUP64_CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("m", [1000, 16])
 def test_table_conversion_gives_the_same_bits(config, m):
     """The table-lookup conversion (``lut=True``) multiplies exactly the weights the fp16
-    conversion does: same tiling, same output bits — with group scales from e4m3's subnormals
+    conversion does (``lut=False``): same tiling, same output bits — with group scales from e4m3's subnormals
     to past its saturation (448), which the layer's own scales never reach."""
     n, k = 3072, 3072
     g = torch.Generator(device="cuda").manual_seed(11)
