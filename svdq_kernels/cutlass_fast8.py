@@ -34,6 +34,7 @@ import torch
 
 from svdq_format import packing
 
+from ._device import device_guard
 from .build import load_kernel
 from .configs import AUTO_GROUP64_CONFIGS, Group64GemmConfig, group64_config
 from .tensor_cache import TensorCache
@@ -167,7 +168,7 @@ def _run(
     the low-rank source and the GEMM; the output shaped like ``x`` with N features."""
     n = qweight.shape[0]
     scales16, rowinv = fast8_weights(qweight, wscales)  # keyed by the layer's own buffers
-    with torch.cuda.device(x2.device):
+    with device_guard(x2.device):
         q, a, lr16 = activations()
         c = lowrank_source(lr16, up, bias, m=x2.shape[0], n=n, device=x2.device)
         y = group64_gemm(qweight.contiguous(), scales16, rowinv, q, a, c)

@@ -31,6 +31,8 @@ from typing import Any, Optional
 
 import torch
 
+from ._device import device_guard
+
 __all__ = ["expand_fp8_weights"]
 
 #: Default tile: rows of the weight × 64-wide K groups per program (``BLOCK_K = 64 · groups``).
@@ -168,10 +170,7 @@ def expand_fp8_weights(
     grid = (-(-n // block_n) * -(-(k // 64) // groups),)
     args = (qweight, scales16, out.view(torch.uint8), n, k, scales16.stride(0), scales16.stride(1))
     meta = dict(BN=block_n, G=groups, INT_CVT=bool(int_convert), num_warps=num_warps)
-    if qweight.is_cuda and qweight.device.index != torch.cuda.current_device():
-        with torch.cuda.device(qweight.device):  # (the guard costs host time: only when needed)
-            _kernel()[grid](*args, **meta)
-    else:
+    with device_guard(qweight.device):
         _kernel()[grid](*args, **meta)
     return out
 

@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import torch
 
+from ._device import device_guard
 from .tensor_cache import TensorCache
 
 __all__ = ["fast_linear", "exact_linear", "w4a16_linear", "nvfp4_linear", "prologue", "prologue_exact",
@@ -903,7 +904,7 @@ def exact_linear(
 ) -> torch.Tensor:
     """The ``exact`` int4 W4A4 mode (signature of :func:`svdq_format.ops.reference_linear`)."""
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
-    with torch.cuda.device(x2.device):
+    with device_guard(x2.device):
         codes, scales, lr = prologue_exact(x2, smooth, down, act_shift=act_shift, unsigned=act_unsigned)
         y = gemm_exact(codes, scales, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,
                        out_dtype=x.dtype)
@@ -962,7 +963,7 @@ def nvfp4_linear(
     MMA with fp32 accumulation computes the format's math up to summation order."""
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     wt = wtscale if wtscale is not None else torch.ones((), device=x2.device)
-    with torch.cuda.device(x2.device):
+    with device_guard(x2.device):
         if act == "nvfp4":
             xq, lr = prologue_nvfp4(x2, smooth, down, act_shift=act_shift)
             a = None
@@ -991,7 +992,7 @@ def w4a16_linear(
     int4 weights, on the ``f16s`` GEMM (``f16t`` when the scales cannot be folded exactly).
     Differs from the reference only by the rounding of ``x̂`` to fp16 (~1e-4 relative)."""
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
-    with torch.cuda.device(x2.device):
+    with device_guard(x2.device):
         q, a, lr = prologue(x2, smooth, down, act_shift=act_shift, w16=True)
         y = gemm(q, a, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,
                  out_dtype=x.dtype, datapath="f16s")
@@ -1020,7 +1021,7 @@ def fast_linear(
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     datapath = fast_datapath(x2.shape[0])
     codes16 = datapath == "f16s" and _row_pow2(wscales) is not None
-    with torch.cuda.device(x2.device):  # Triton launches on the current device
+    with device_guard(x2.device):  # Triton launches on the current device
         q, a, lr = prologue(x2, smooth, down, act_shift=act_shift, codes16=codes16,
                             perm=datapath in PERMUTED_DATAPATHS)
         y = gemm(q, a, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,

@@ -309,3 +309,22 @@ def test_first_use_builds_exactly_the_kernels_the_selection_picks():
     picked = {group64_config(m, n=n).name for m in (1, 2, 16, 17, 64, 255, 256, 1000, 2047, 2048, 4608, 65536)
               for n in (None, 3072, 21504)}
     assert picked == {c.name for c in AUTO_GROUP64_CONFIGS} and len(AUTO_GROUP64_CONFIGS) == len(picked)
+
+
+def test_device_guard_switches_only_to_another_gpu(monkeypatch):
+    """Launch helpers enter ``torch.cuda.device`` only for tensors on a non-current GPU (the
+    context costs host time on every eager layer call)."""
+    import contextlib
+
+    from svdq_kernels._device import device_guard
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    for dev in ("cpu", "cuda:0"):
+        with device_guard(torch.device(dev)):
+            pass
+    assert entered == []
+    with device_guard(torch.device("cuda:1")):
+        pass
+    assert entered == [torch.device("cuda:1")]
