@@ -95,6 +95,14 @@ for step in $STEPS; do
         > "$OUT/fast8_lut.log" 2>&1; echo "bench rc=$?"; grep -v Warn "$OUT/fast8_lut.log" | tail -12 | cut -c1-300
       timeout 90 python3 benchmarks/fast8_linear.py --configs lut --shapes small --graphs --no-reference \
         --out "$OUT/fast8_lut_small_graphs.json" > "$OUT/fast8_lut_small.log" 2>&1; echo "small rc=$?" ;;
+    w4a16c)  # int4 W4A16 on the CUTLASS group-64 GEMM with fp16 activations (experimental): its
+             # kernels, its GPU tests, then it against the Triton W4A16 layer and bf16 in CUDA graphs
+      python3 -c "import sys; from svdq_format.cli import main; from svdq_kernels.configs import AUTO_GROUP64_W4A16_CONFIGS as W; sys.exit(main(['kernels', 'build', '--jobs', '8'] + [a for c in W for a in ('--config', c.name)]))" \
+        > "$OUT/build_w4a16.log" 2>&1; echo "build rc=$?"; tail -2 "$OUT/build_w4a16.log"
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py -k cutlass_w4a16 \
+        > "$OUT/pytest_w4a16c.log" 2>&1; echo "w4a16c tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_w4a16c.log" | tail -4
+      timeout 150 python3 benchmarks/linear_modes.py --graphs --modes w4a16,w4a16c --ms 1,16,64,256,4608 \
+        --out "$OUT/w4a16c_graphs.json" > "$OUT/w4a16c.log" 2>&1; echo "bench rc=$?"; grep -v Warn "$OUT/w4a16c.log" | tail -21 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -6,7 +6,8 @@ low-rank + bias, the backend entry point of :mod:`svdq_kernels.triton_fast`) aga
 
 * ``fast``   — int4 weights (group 64), FP8 per-token activations (the default mode);
 * ``exact``  — int4 W4A4, bit-for-bit the reference math (activations int4 per token-group);
-* ``w4a16``  — int4 weights, 16-bit activations (AdaLN modulation layers);
+* ``w4a16``  — int4 weights, 16-bit activations (AdaLN modulation layers); ``w4a16c`` — the
+  same layer on the CUTLASS group-64 GEMM with an fp16 activation operand (experimental);
 * ``nvfp4``  — NVFP4 W4A4 (E2M1, e4m3 group-16 scales) and ``nvfp4_w16`` — NVFP4 W4A16.
 
 ``--graphs`` times inside CUDA graphs (``do_bench_cudagraph``): no Python launch overhead,
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: (K, N): FLUX.1 — attention/ff projections, and the AdaLN modulation (3072 → 6·3072 / 3·3072)
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432)]
-MODES = ("fast", "exact", "w4a16", "nvfp4", "nvfp4_w16")
+MODES = ("fast", "exact", "w4a16", "w4a16c", "nvfp4", "nvfp4_w16")
 
 
 def _bench(fn, graphs: bool) -> float:
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="linear_modes.json")
     args = ap.parse_args(argv)
     from svdq_format import ops
+    from svdq_kernels import cutlass_w4a16
     from svdq_kernels import triton_fast as tf
 
     modes = [m for m in args.modes.split(",") if m]
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
             "fast": (tf.fast_linear, (qweight, wscales, None, smooth, down, up, bias, None, "int4", "fp8")),
             "exact": (tf.exact_linear, (qweight, wscales, None, smooth, down, up, bias, None, "int4", "int4")),
             "w4a16": (tf.w4a16_linear, (qweight, wscales, None, smooth, down, up, bias, None, "int4", "none")),
+            "w4a16c": (cutlass_w4a16.w4a16_linear,
+                       (qweight, wscales, None, smooth, down, up, bias, None, "int4", "none")),
             "nvfp4": (tf.nvfp4_linear, (qweight, fscales, wtscale, smooth, down, up, bias, None, "nvfp4", "nvfp4")),
             "nvfp4_w16": (tf.nvfp4_linear, (qweight, fscales, wtscale, smooth, down, up, bias, None, "nvfp4", "none")),
         }

@@ -82,6 +82,13 @@ def _schedule_tags(schedule: str) -> tuple[str, str]:
     return L.KernelScheduleTag[kernel], L.EpilogueScheduleTag[epilogue]
 
 
+#: Group-64 activation operand: (CUTLASS element, ATen dtype, torch name).
+_ACTIVATIONS = {
+    "e4m3": ("cutlass::float_e4m3_t", "at::kFloat8_e4m3fn", "float8_e4m3fn"),
+    "f16": ("cutlass::half_t", "at::kHalf", "float16"),
+}
+
+
 def render_group64_source(config: Group64GemmConfig) -> str:
     """The ``.cu`` of our group-64 GEMM (``csrc/svdq_g64_gemm.cu.in`` + the mainloop header)."""
     kernel_schedule, epilogue_schedule = _schedule_tags(config.schedule)
@@ -91,6 +98,8 @@ def render_group64_source(config: Group64GemmConfig) -> str:
         CLUSTER_M=config.cluster_m, CLUSTER_N=config.cluster_n,
         KERNEL_SCHEDULE=kernel_schedule, EPILOGUE_SCHEDULE=epilogue_schedule,
         STAGES=config.stages, PROMOTE=config.promote, LUT="true" if config.lut else "false",
+        ELEMENT_X=_ACTIVATIONS[config.activations][0], Q_DTYPE=_ACTIVATIONS[config.activations][1],
+        Q_DTYPE_NAME=_ACTIVATIONS[config.activations][2],
         OP_NAME=config.name,
         TILE_SCHEDULER="cutlass::gemm::StreamKScheduler" if config.scheduler == "streamk" else "void",
     )

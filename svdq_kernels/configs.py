@@ -14,7 +14,7 @@ from typing import Any
 from svdq_format.errors import UnsupportedError
 
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
-           "GROUP64_CANDIDATES",
+           "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS",
            "config_by_name", "group64_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
@@ -112,6 +112,9 @@ class Group64GemmConfig(CutlassGemmConfig):
     #: ``code × scale`` built from the fp16 scale; three byte permutes per four weights) instead
     #: of int4 → fp16, multiply, → e4m3 per weight. Same bits.
     lut: bool = False
+    #: The activation operand: ``"e4m3"`` (the ``fast8`` layer: FP8 MMAs) or ``"f16"`` (int4
+    #: W4A16 layers: fp16 activations, weights converted exactly to fp16, fp16 MMAs).
+    activations: str = "e4m3"
 
     kind: str = dataclasses.field(default="svdq_g64_gemm", init=False)
 
@@ -125,10 +128,15 @@ class Group64GemmConfig(CutlassGemmConfig):
             raise UnsupportedError(f"scheduler {self.scheduler!r} is not 'persistent' or 'streamk'")
         if self.scheduler == "streamk" and self.schedule != "cooperative":
             raise UnsupportedError("the stream-K scheduler needs the cooperative schedule (CUTLASS 4.2)")
+        if self.activations not in ("e4m3", "f16"):
+            raise UnsupportedError(f"activations {self.activations!r} is not 'e4m3' or 'f16'")
+        if self.lut and self.activations != "e4m3":
+            raise UnsupportedError("the table conversion writes e4m3 weights: lut needs activations='e4m3'")
 
     @property
     def name(self) -> str:
-        return ("g64" + super().name + (f"_p{self.promote}" if self.promote else "")
+        base = super().name if self.activations == "e4m3" else super().name.replace("s4fp8_", "s4f16_", 1)
+        return ("g64" + base + (f"_p{self.promote}" if self.promote else "")
                 + ("_sk" if self.scheduler == "streamk" else "") + ("_lut" if self.lut else ""))
 
     def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
@@ -185,12 +193,20 @@ GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
 STREAMK_WAVE_EFFICIENCY = 0.95
 
 
-def group64_config(m: int, *, n: int | None = None, sms: int = 132) -> Group64GemmConfig:
+#: The int4 W4A16 variants (fp16 activations, no table conversion) of the automatic tilings.
+AUTO_GROUP64_W4A16_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
+    dataclasses.replace(c, lut=False, activations="f16") for c in AUTO_GROUP64_CONFIGS)
+
+
+def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations: str = "e4m3") -> Group64GemmConfig:
     """The group-64 kernel for ``m`` tokens (and ``n`` output features on ``sms`` SMs): wide token
     tiles for large M, narrow ones below. At M ≥ 2048, when the ``[128 × 256]`` tiles fill their
     last wave so little that the waves run below :data:`STREAMK_WAVE_EFFICIENCY` busy, the
-    stream-K twin balances the remainder. ``SVDQ_G64_CONFIG=<name>`` forces a tiling from
-    :data:`GROUP64_CONFIGS` or :data:`GROUP64_CANDIDATES` (benchmarks)."""
+    stream-K twin balances the remainder. ``activations="f16"``: the same tiling's W4A16 variant
+    (:data:`AUTO_GROUP64_W4A16_CONFIGS`). ``SVDQ_G64_CONFIG=<name>`` forces a tiling from
+    :data:`GROUP64_CONFIGS` or :data:`GROUP64_CANDIDATES` (benchmarks; ``e4m3`` only)."""
+    if activations != "e4m3":
+        return AUTO_GROUP64_W4A16_CONFIGS[AUTO_GROUP64_CONFIGS.index(_auto_tiling(m, n=n, sms=sms))]
     forced = os.environ.get("SVDQ_G64_CONFIG")
     if forced:
         for config in (*GROUP64_CONFIGS, *GROUP64_CANDIDATES):
@@ -198,6 +214,10 @@ def group64_config(m: int, *, n: int | None = None, sms: int = 132) -> Group64Ge
                 return config
         known = [c.name for c in (*GROUP64_CONFIGS, *GROUP64_CANDIDATES)]
         raise UnsupportedError(f"SVDQ_G64_CONFIG={forced!r} is not one of {known}")
+    return _auto_tiling(m, n=n, sms=sms)
+
+
+def _auto_tiling(m: int, *, n: int | None, sms: int) -> Group64GemmConfig:
     if m >= 2048:
         wide = AUTO_GROUP64_CONFIGS[0]
         if n is not None and sms > 0:
@@ -212,8 +232,6 @@ def group64_config(m: int, *, n: int | None = None, sms: int = 132) -> Group64Ge
     return AUTO_GROUP64_CONFIGS[4]
 
 
-
-
 #: What ``svdq kernels build`` compiles by default.
 DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
     CutlassGemmConfig(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative"),
@@ -224,7 +242,7 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
-    for config in (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES):
+    for config in (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS):
         if config.name == name:
             return config
     known = ", ".join(c.name for c in (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES))

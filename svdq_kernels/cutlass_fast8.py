@@ -36,7 +36,7 @@ from svdq_format import packing
 
 from ._device import device_guard
 from .build import load_kernel
-from .configs import AUTO_GROUP64_CONFIGS, Group64GemmConfig, group64_config
+from .configs import AUTO_GROUP64_CONFIGS, AUTO_GROUP64_W4A16_CONFIGS, Group64GemmConfig, group64_config
 from .tensor_cache import TensorCache
 from .triton_fast import _layer_inputs, lowrank_down, prologue
 
@@ -104,12 +104,16 @@ def group64_gemm(
     c: torch.Tensor, *, config: Optional[Group64GemmConfig] = None,
 ) -> torch.Tensor:
     """``(Σ q · w8) · rowinv · a + c`` in bf16 ``[M, N]`` on the CUTLASS group-64 kernel (built on
-    first use; :func:`svdq_kernels.configs.group64_config` picks the tile for M, N and the GPU)."""
+    first use; :func:`svdq_kernels.configs.group64_config` picks the tile for M, N and the GPU).
+    ``q`` float8_e4m3fn: the ``fast8`` kernels; float16: their W4A16 twins (``w8`` then is the
+    exact fp16 ``code × scales16``)."""
+    activations = "f16" if q.dtype == torch.float16 else "e4m3"
     if config is None:
-        config = group64_config(q.shape[0], n=qweight.shape[0], sms=_sm_count(q.device.index))
+        config = group64_config(q.shape[0], n=qweight.shape[0], sms=_sm_count(q.device.index),
+                                activations=activations)
     # the first use compiles every kernel group64_config picks, in parallel: a model asks for
     # several token counts (image, text, 1-token batches), and each nvcc run takes ~2 minutes
-    op = load_kernel(config, also_build=AUTO_GROUP64_CONFIGS)
+    op = load_kernel(config, also_build=AUTO_GROUP64_W4A16_CONFIGS if activations == "f16" else AUTO_GROUP64_CONFIGS)
     return op(qweight, scales16, rowinv, q, a, c)
 
 

@@ -30,6 +30,7 @@ import torch
 from svdq_format import ops
 from svdq_format.errors import BackendError
 
+from . import cutlass_w4a16
 from .cutlass_fast8 import fast8_linear, fast8_linear_fp8, fast8_unsupported
 from .triton_fast import exact_linear, experimental_kernels, fast_linear, nvfp4_linear, w4a16_linear
 
@@ -70,17 +71,19 @@ PATHS: dict[tuple[str, str], KernelPath] = {
                                   ("triton",)),
 }
 
-#: Paths written and checked on the CPU (Triton's interpreter) but not yet run on a GPU: used only
-#: with ``SVDQ_EXPERIMENTAL_KERNELS=1`` until the GPU tests pass, then moved into :data:`PATHS`.
-#: (Empty: the exact, W4A16 and nvfp4 paths passed on an H100 on 2026-11-27.)
-EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {}
+#: Paths written and checked on the CPU (source generation, sm_90a compilation, Triton's
+#: interpreter) but not yet run on a GPU: used only with ``SVDQ_EXPERIMENTAL_KERNELS=1`` — then
+#: in place of the :data:`PATHS` entry for the same combination — until the GPU tests pass.
+EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {
+    ("int4", "none"): KernelPath("w4a16-int4 (triton fp16 prologue + CUTLASS group-64 int4 x fp16 gemm)",
+                                 cutlass_w4a16.w4a16_linear, ("triton", "nvcc", "nvidia-cutlass"), fast8_unsupported),
+}
 
 
 def _path(precision: str, act: str) -> Optional[KernelPath]:
-    path = PATHS.get((precision, act))
-    if path is None and experimental_kernels():
-        path = EXPERIMENTAL_PATHS.get((precision, act))
-    return path
+    if experimental_kernels() and (precision, act) in EXPERIMENTAL_PATHS:
+        return EXPERIMENTAL_PATHS[(precision, act)]
+    return PATHS.get((precision, act))
 
 
 @functools.lru_cache(maxsize=None)

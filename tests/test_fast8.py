@@ -3,6 +3,8 @@ the group-64 kernel's configuration, source generation and dispatch (no GPU need
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 
 import pytest
@@ -328,3 +330,26 @@ def test_device_guard_switches_only_to_another_gpu(monkeypatch):
     with device_guard(torch.device("cuda:1")):
         pass
     assert entered == [torch.device("cuda:1")]
+
+
+def test_w4a16_variant_of_the_group64_kernel():
+    """``activations="f16"``: the same tiling with an fp16 activation operand (int4 W4A16 layers);
+    the table conversion is e4m3-only."""
+    pytest.importorskip("cutlass_library")
+    from svdq_kernels.codegen import render_source
+    from svdq_kernels.configs import AUTO_GROUP64_W4A16_CONFIGS, Group64GemmConfig, group64_config
+
+    cfg = Group64GemmConfig(tile_n=16, scheduler="streamk", activations="f16")
+    src = render_source(cfg)
+    assert cfg.name == "g64s4f16_128x16x128_c1x1_cooperative_sk" and "using ElementX = cutlass::half_t;" in src
+    assert "q.scalar_type() == at::kHalf" in src and "${" not in src
+    fp8 = render_source(Group64GemmConfig(tile_n=16, scheduler="streamk"))
+    assert "using ElementX = cutlass::float_e4m3_t;" in fp8 and "at::kFloat8_e4m3fn" in fp8
+    with pytest.raises(UnsupportedError, match="lut"):
+        Group64GemmConfig(lut=True, activations="f16")
+    with pytest.raises(UnsupportedError, match="activations"):
+        Group64GemmConfig(activations="bf16")
+    for m, n in ((1, 18432), (64, 3072), (512, 3072), (4608, 3072), (4608, 21504)):
+        twin = group64_config(m, n=n, activations="f16")
+        assert twin in AUTO_GROUP64_W4A16_CONFIGS and twin.activations == "f16" and not twin.lut
+        assert dataclasses.replace(twin, activations="e4m3", lut=True) == group64_config(m, n=n)

@@ -14,7 +14,7 @@ from svdq_format import ops
 from svdq_format.cli import main
 from svdq_format.errors import BackendError
 import svdq_kernels
-from svdq_kernels import registry
+from svdq_kernels import cutlass_w4a16, registry, triton_fast
 
 
 def _call(**kw) -> ops.LinearCall:
@@ -216,9 +216,12 @@ def test_experimental_paths_only_on_request(hopper, monkeypatch: pytest.MonkeyPa
     monkeypatch.delitem(registry.PATHS, ("int4", "int4"))
     monkeypatch.setitem(registry.EXPERIMENTAL_PATHS, ("int4", "int4"), path)
     assert "no sm90 kernel yet" in registry.supports(_call(act="int4"))
+    assert registry._path("int4", "none").linear is triton_fast.w4a16_linear
     monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")
     assert registry.supports(_call(act="int4")) is None
     assert registry._path("int4", "int4") is path
+    # an experimental path replaces the validated one for its combination: the CUTLASS W4A16 GEMM
+    assert registry._path("int4", "none").linear is cutlass_w4a16.w4a16_linear
 
 
 def test_fast_datapath_is_chosen_by_token_count(monkeypatch: pytest.MonkeyPatch) -> None:

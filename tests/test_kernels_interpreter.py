@@ -288,3 +288,17 @@ def test_lowrank_down_alone_gives_the_prologues_low_rank_bits(kernels) -> None:
             assert ((have[ok] - want[ok]).abs() <= 1e-5 * want[ok].abs().amax() + 1e-30).all()
             assert torch.equal(torch.isfinite(have).all(dim=1), ok)
 
+
+
+def test_w16_prologue_with_the_bf16_low_rank_output(kernels) -> None:
+    """``prologue(w16=True, lr16=True)`` (the CUTLASS W4A16 path): the W4A16 activations of
+    ``w16`` alone and the ``[hi | lo]`` low-rank output of ``lr16`` alone, bit for bit."""
+    m, k, r = 21, 64 * 6, 16
+    x, _, _, smooth, _, down, _ = _layer(m, k, 64, r, seed=81)
+    ls = torch.linspace(0.5, 1.5, r)
+    q16, a16, _ = kernels.prologue(x, smooth, down, w16=True)
+    _, _, lr16 = kernels.prologue(x, smooth, down, lr16=True, lora_scales=ls)
+    q, a, lr = kernels.prologue(x, smooth, down, w16=True, lr16=True, lora_scales=ls)
+    assert q.dtype == torch.float16 and torch.equal(q.view(torch.int16), q16.view(torch.int16))
+    assert torch.equal(a.view(torch.int32), a16.view(torch.int32))
+    assert torch.equal(lr.view(torch.int16), lr16.view(torch.int16))
