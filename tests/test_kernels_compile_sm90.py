@@ -48,6 +48,8 @@ CASES = [
     ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=True, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
     ("prologue_quant", dict(LR, LR16=True, HAS_LRS=True, Q16=False, W16=False, PERM=False),  # fast8: lr as bf16 hi|lo
      dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv", lr_ptr="*bf16", lrs_ptr="*bf16")),
+    ("prologue_quant", dict(LR, LR16=True, HAS_LRS=True, Q16=False, W16=True, PERM=False),  # CUTLASS W4A16
+     dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16", lr_ptr="*bf16", lrs_ptr="*bf16")),
     ("prologue_exact", dict(LR, UNSIGNED=True), dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16", c_ptr="*fp16")),
     ("prologue_nvfp4", LR, dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16", c_ptr="*fp16")),
     ("gemm_t", GEMM_T, FP8),                                                    # fp8t
@@ -93,4 +95,4 @@ def test_every_kernel_variant_compiles_for_sm90() -> None:
     proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr[-2000:]
     assert proc.returncode == 0, out
-    assert "compiled 21 of 21" in proc.stdout, out
+    assert "compiled 22 of 22" in proc.stdout, out
