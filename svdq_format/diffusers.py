@@ -34,6 +34,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from torch import nn
 
+from . import fusion
 from .errors import ManifestError, TensorError, UnsupportedError
 from .io import aligned
 from .linear import SVDQLinear
@@ -313,6 +314,8 @@ def _save_pretrained(
 def _install_save_pretrained(model: nn.Module) -> None:
     # An instance attribute: pipelines call ``component.save_pretrained`` and get this one.
     model.save_pretrained = functools.wraps(_save_pretrained)(functools.partial(_save_pretrained, model))  # type: ignore[method-assign]
+    # and diffusers' fuse_qkv_projections() fuses the SVDQ projections (svdq_format.fusion)
+    fusion.install(model)
 
 
 def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantizer:

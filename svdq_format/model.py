@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import FormatError, ManifestError, TensorError, UnsupportedError
+from .fusion import refuse_if_fused
 from .io import (
     SafetensorsHeader,
     TensorReader,
@@ -195,6 +196,7 @@ def save_model_file(
     Returns:
         The metadata written.
     """
+    refuse_if_fused(model)
     layers = svdq_modules(model)
     owned = {f"{name}." for name in layers}
     extra = {
@@ -390,6 +392,7 @@ def model_config(model: nn.Module, config: Mapping[str, Any] | None = None) -> d
 
 def _split_state(model: nn.Module) -> tuple[dict[str, SVDQLinear], list[tuple[str | None, dict[str, torch.Tensor]]]]:
     """``(layers, units)``: a unit is one SVDQ layer's tensors or one dense tensor, in model order."""
+    refuse_if_fused(model)
     layers = svdq_modules(model)
     units: list[tuple[str | None, dict[str, torch.Tensor]]] = []
     owner: dict[str, str] = {}
@@ -474,6 +477,7 @@ def save_pretrained(
     Returns:
         The directory.
     """
+    refuse_if_fused(model)  # before anything is created
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cfg = model_config(model, config)

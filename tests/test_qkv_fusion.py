@@ -1,0 +1,183 @@
+"""diffusers' ``fuse_qkv_projections()`` on a quantized model: SVDQ q/k/v layers fused per
+docs/format.md §10 (svdq_format.fusion), exact, memory-flat, reversible, LoRA-aware."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from lora_fixtures import flux_inputs, lora_targets, peft_state_dict, quantize, random_factors, tiny_flux  # noqa: E402
+
+from converters.lora import load_lora, unload_all  # noqa: E402
+from svdq_format import fusion  # noqa: E402
+from svdq_format.errors import SVDQError, UnsupportedError  # noqa: E402
+from svdq_format.linear import SVDQLinear  # noqa: E402
+from svdq_format.model import save_pretrained  # noqa: E402
+
+FUSED = ["transformer_blocks.0.attn.to_qkv", "transformer_blocks.0.attn.to_added_qkv",
+         "single_transformer_blocks.0.attn.to_qkv"]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return tiny_flux()
+
+
+@pytest.fixture()
+def q(dense):
+    model = quantize(dense)
+    assert fusion.install(model) == 2  # the double and the single block's attention
+    return model
+
+
+def _run(model):
+    with torch.no_grad():
+        return model(**flux_inputs(), return_dict=False)[0]
+
+
+def _close(a, b, tol=1e-5):
+    return ((a - b).norm() / b.norm()).item() <= tol
+
+
+def test_fuse_qkv_projections_gives_the_same_output(q):
+    before = _run(q)
+    q.fuse_qkv_projections()  # diffusers' own API
+    assert sorted(fusion.fused_modules(q)) == sorted(FUSED)
+    attn = q.transformer_blocks[0].attn
+    assert attn.fused_projections and attn.to_qkv.fused_from == ("to_q", "to_k", "to_v")
+    assert attn.to_qkv.out_features == 3 * attn.to_q.out_features
+    assert attn.to_qkv.rank == attn.to_q.rank + attn.to_k.rank + attn.to_v.rank
+    assert _close(_run(q), before)
+
+
+def test_fused_members_hold_views_not_copies(q):
+    q.fuse_qkv_projections()
+    attn = q.transformer_blocks[0].attn
+    base = attn.to_qkv.qweight.untyped_storage().data_ptr()
+    for member in (attn.to_q, attn.to_k, attn.to_v):
+        assert member.qweight.untyped_storage().data_ptr() == base
+        assert member.wscales.untyped_storage().data_ptr() == attn.to_qkv.wscales.untyped_storage().data_ptr()
+
+
+def test_unfuse_restores_the_members_exactly(q):
+    attn = q.transformer_blocks[0].attn
+    originals = {n: {k: v.clone() for k, v in getattr(attn, n).state_dict().items()} for n in ("to_q", "to_k", "to_v")}
+    before = _run(q)
+    q.fuse_qkv_projections()
+    q.unfuse_qkv_projections()
+    assert fusion.fused_modules(q) == [] and not attn.fused_projections and not hasattr(attn, "to_qkv")
+    for n, state in originals.items():
+        member = getattr(attn, n)
+        assert isinstance(member, SVDQLinear) and member.fused_from == ()
+        assert member.state_dict().keys() == state.keys()
+        for k, v in state.items():
+            assert torch.equal(member.state_dict()[k], v), (n, k)
+        assert member.qweight.untyped_storage().data_ptr() != 0
+    assert torch.equal(_run(q), before)
+
+
+def test_a_lora_loaded_while_fused_matches_the_unfused_model(dense, q):
+    sd = peft_state_dict(random_factors(lora_targets(dense), rank=4))
+    plain = quantize(dense)
+    load_lora(plain, sd, adapter_name="a")
+    q.fuse_qkv_projections()
+    report = load_lora(q, sd, adapter_name="a")
+    assert report.matched["transformer_blocks.0.attn.to_q"] == "transformer_blocks.0.attn.to_qkv"
+    assert _close(_run(q), _run(plain))
+    with pytest.raises(SVDQError, match="unload"):
+        q.transformer_blocks[0].attn.unfuse_projections()
+    unload_all(q)
+    q.unfuse_qkv_projections()
+    assert fusion.fused_modules(q) == []
+    assert _close(_run(q), _run(quantize(dense)))
+
+
+def test_members_with_a_lora_stay_separate_with_a_warning(dense, q):
+    load_lora(q, peft_state_dict(random_factors(lora_targets(dense), rank=4)), adapter_name="a")
+    with pytest.warns(UserWarning, match="LoRA is loaded"):
+        q.fuse_qkv_projections()
+    assert fusion.fused_modules(q) == []
+
+
+def test_different_smoothing_stays_separate(q):
+    attn = q.single_transformer_blocks[0].attn
+    attn.to_k.smooth.mul_(2.0)
+    before = _run(q)
+    with pytest.warns(UserWarning, match="smoothing vectors differ"):
+        q.fuse_qkv_projections()
+    assert fusion.fused_modules(q) == FUSED[:2]  # the double block fused, the single one not
+    assert _close(_run(q), before)
+
+
+def test_saving_a_fused_model_is_refused(q, tmp_path):
+    q.fuse_qkv_projections()
+    with pytest.raises(SVDQError, match="unfuse_qkv_projections"):
+        save_pretrained(q, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    q.unfuse_qkv_projections()
+    save_pretrained(q, tmp_path / "m")
+
+
+def test_split_of_a_fusion_is_the_members(q):
+    attn = q.transformer_blocks[0].attn
+    members = [attn.to_q, attn.to_k, attn.to_v]
+    fused = fusion.fuse_layers(members, ("to_q", "to_k", "to_v"))
+    x = torch.randn(5, attn.to_q.in_features)
+    with torch.no_grad():
+        assert _close(fused(x), torch.cat([m(x) for m in members], dim=-1))
+    for member, back in zip(members, fusion.split_layer(fused)):
+        for k, v in member.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_fuse_layers_says_why_not(q):
+    attn = q.transformer_blocks[0].attn
+    with pytest.raises(UnsupportedError, match="in_features"):
+        fusion.fuse_layers([attn.to_q, q.transformer_blocks[0].ff.net[2]], ("to_q", "ff"))
+    with pytest.raises(UnsupportedError, match="two or more"):
+        fusion.fuse_layers([attn.to_q], ("to_q",))
+    attn.to_k.mode = "exact"
+    with pytest.raises(UnsupportedError, match="mode"):
+        fusion.fuse_layers([attn.to_q, attn.to_k], ("to_q", "to_k"))
+
+
+def test_fusing_twice_and_unfusing_an_unfused_model_are_no_ops(q):
+    before = _run(q)
+    q.unfuse_qkv_projections()
+    q.fuse_qkv_projections()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.fuse_qkv_projections()
+    assert sorted(fusion.fused_modules(q)) == sorted(FUSED)
+    assert _close(_run(q), before)
+
+
+def test_a_fused_model_compiles_without_graph_breaks(q):
+    q.fuse_qkv_projections()
+    eager = _run(q)
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(**flux_inputs(), return_dict=False)[0]
+    assert _close(out, eager)
+
+
+def test_models_marked_quantized_get_the_fusing_methods(dense):
+    """Loaded (``from_pretrained`` / ``load_pretrained``) and converted models are marked with
+    ``attach_quantizer``: that installs the fusing ``fuse_projections``."""
+    from svdq_format.diffusers import attach_quantizer
+    from svdq_format.model import model_metadata
+
+    model = quantize(dense)
+    with pytest.raises(AttributeError):  # diffusers' own fuse_projections reads .weight
+        model.fuse_qkv_projections()
+    model = quantize(dense)
+    attach_quantizer(model, model_metadata(model))
+    model.fuse_qkv_projections()
+    assert sorted(fusion.fused_modules(model)) == sorted(FUSED)
