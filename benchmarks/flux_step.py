@@ -53,14 +53,15 @@ def inputs(model: torch.nn.Module, *, image_tokens: int, text_tokens: int, devic
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer (the transformer's weights as held)."""
+    """Bytes of every parameter and buffer (the transformer's weights as held), each storage once
+    (fused q/k/v layers and their members' views share one)."""
     seen: set[int] = set()
     total = 0
     for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() in seen or t.is_meta:
+        if t.is_meta or t.untyped_storage().data_ptr() in seen:
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        seen.add(t.untyped_storage().data_ptr())
+        total += t.untyped_storage().nbytes()
     return total
 
 
@@ -165,12 +166,15 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", action="store_true", help="quantize without the smoothing / clipping searches")
     ap.add_argument("--mode", choices=("auto", "fast", "fast8", "exact"), default="fast",
                     help="execution mode of the W4A4 layers")
+    ap.add_argument("--fuse-qkv", action="store_true",
+                    help="fuse q/k/v projections (diffusers' fuse_qkv_projections) in both models")
     ap.add_argument("--out", default="flux_step.json")
     args = ap.parse_args(argv)
     if args.no_svdq_eager and not args.compile:
         ap.error("--no-svdq-eager needs --compile (nothing else would be timed)")
 
     from converters.quantize import quantize_model, synthetic_calibration
+    from svdq_format import fusion
     from svdq_format.model import set_mode, svdq_modules
 
     if args.device.startswith("cuda"):
@@ -189,7 +193,12 @@ def main(argv=None) -> int:
     def save() -> None:  # after every stage: a run cut short keeps what it measured
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
+    if args.fuse_qkv:
+        model.fuse_qkv_projections()
+    result["fuse_qkv"] = args.fuse_qkv
     result["bf16"] = measure(model, x, label="bf16", args=args, compile=not args.no_bf16_compile)
+    if args.fuse_qkv:
+        model.unfuse_qkv_projections()  # the quantizer quantizes the separate projections
     save()
     with torch.no_grad():
         ref = model(**x).sample.float()
@@ -201,6 +210,10 @@ def main(argv=None) -> int:
     result["quantize_s"] = round(time.perf_counter() - t, 1)
     layers = svdq_modules(model)
     set_mode(model, args.mode)
+    if args.fuse_qkv:
+        fusion.install(model)
+        model.fuse_qkv_projections()
+        result["svdq_fused_layers"] = len(fusion.fused_modules(model))
     result["mode"] = args.mode
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()

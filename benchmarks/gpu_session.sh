@@ -103,6 +103,11 @@ for step in $STEPS; do
         > "$OUT/pytest_w4a16c.log" 2>&1; echo "w4a16c tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_w4a16c.log" | tail -4
       timeout 150 python3 benchmarks/linear_modes.py --graphs --modes w4a16,w4a16c --ms 1,16,64,256,4608 \
         --out "$OUT/w4a16c_graphs.json" > "$OUT/w4a16c.log" 2>&1; echo "bench rc=$?"; grep -v Warn "$OUT/w4a16c.log" | tail -21 ;;
+    step8f)  # step8q with fused q/k/v projections in both models (diffusers' fuse_qkv_projections)
+      timeout 560 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --no-bf16-compile --no-svdq-eager --fuse-qkv --profile --out "$OUT/flux_step_auto_fused.json" \
+        > "$OUT/flux_step_auto_fused.log" 2>&1
+      echo "fused step rc=$?"; grep -E "ms/step|by kind|quantized|svdq kernels" "$OUT/flux_step_auto_fused.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

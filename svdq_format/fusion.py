@@ -13,7 +13,8 @@ projection and one GEMM instead of three, fewer launches in eager mode.
 :func:`install` (called when a quantized model is loaded or built) gives each attention module of
 a diffusers model ``fuse_projections``/``unfuse_projections`` methods that do this, so
 ``transformer.fuse_qkv_projections()`` and ``pipe.fuse_qkv_projections()`` work. While fused,
-the members keep views of the fused tensors (no extra memory) and a LoRA loaded for ``to_q`` goes to
+the members keep views of the fused tensors (extra memory: the zeros of the block-diagonal
+``lora_up``) and a LoRA loaded for ``to_q`` goes to
 the fused layer (:mod:`svdq_format.lora` knows fused layers); unfusing splits the fused layer back
 exactly (§10) and is refused while such a LoRA is loaded (unload it first), as fusing is while the
 members carry one. Saving a fused model is refused: unfuse first.
@@ -196,12 +197,25 @@ def fuse_projections(attn: nn.Module) -> bool:
         # the low-rank tensors as fused: a LoRA loaded while fused replaces them (svdq_format.lora)
         setattr(fused, _RUNTIME_FUSED, tuple(fused._buffers[r] for r in _LORA_ROLES))
         setattr(attn, fused_name, fused)
-        # the members keep views of the fused tensors: no second copy of the weights
-        for member, view in zip((getattr(attn, n) for n in member_names), split_layer(fused)):
-            for role in ("qweight", "wscales", "bias"):
-                member._buffers[role] = view._buffers[role]
+        _members_as_views(fused, [getattr(attn, n) for n in member_names])
     attn.fused_projections = True
     return True
+
+
+def _members_as_views(fused: SVDQLinear, members: Sequence[SVDQLinear]) -> None:
+    """Point the (idle) members' tensors into the fused layer's, so fusing costs no memory beyond
+    the zeros of the block-diagonal ``lora_up``."""
+    row = col = 0
+    for m in members:
+        rows, r = slice(row, row + m.out_features), (m.rank if m.lora_down is not None else 0)
+        b = m._buffers
+        b["qweight"], b["wscales"] = fused.qweight[rows], fused.wscales[rows]
+        b["smooth"], b["wtscale"] = fused.smooth, fused.wtscale
+        if m.bias is not None:
+            b["bias"] = fused.bias[rows]
+        if r:
+            b["lora_down"], b["lora_up"] = fused.lora_down[col : col + r], fused.lora_up[rows, col : col + r]
+        row, col = row + m.out_features, col + r
 
 
 @torch.no_grad()

@@ -181,3 +181,24 @@ def test_models_marked_quantized_get_the_fusing_methods(dense):
     attach_quantizer(model, model_metadata(model))
     model.fuse_qkv_projections()
     assert sorted(fusion.fused_modules(model)) == sorted(FUSED)
+
+
+def _storage_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def test_fusing_costs_only_the_block_diagonal_zeros(q):
+    before = _storage_bytes(q)
+    q.fuse_qkv_projections()
+    zeros = 0
+    for name in fusion.fused_modules(q):
+        f = q.get_submodule(name)
+        zeros += int((f.lora_up == 0).sum()) * f.lora_up.element_size()
+    assert _storage_bytes(q) - before <= zeros
+    q.unfuse_qkv_projections()
+    assert _storage_bytes(q) == before
