@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -58,8 +56,6 @@ def main(argv=None) -> int:
     import linear_peers
 
     linear_peers.GRAPHS = args.graphs
-
-    import triton
 
     from svdq_format import ops, packing
     from svdq_kernels import cutlass_fast8, triton_fast
@@ -158,14 +154,7 @@ def main(argv=None) -> int:
               f"{res['quant_inductor']*1e3:.0f}us + given-q {res['fast8_given_q']*1e3:.0f}us (down "
               f"{res['fast8_lowrank_down']*1e3:.0f}us) = {row['compiled_path_speedup_vs_bf16']:.2f}x bf16 | host us {' '.join(f'{k}:{v:.0f}' for k, v in host.items())} | err gemm "
               f"{max(gemm_err.values()):.1e} layer {row.get('max_rel_err_vs_reference', float('nan')):.1e}", flush=True)
-    meta = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "triton": triton.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "timing": ("triton.testing.do_bench_cudagraph median, rep 100 ms" if args.graphs else
-                   "triton.testing.do_bench median, warmup 25 ms, rep 100 ms") + "; TFLOPS = 2MNK/t",
-        "kernel_load_seconds": build_s,
-    }
+    meta = linear_peers.run_meta(kernel_load_seconds=build_s)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out} ({meta['device']})")
     return 0

@@ -34,9 +34,7 @@ alternative is bound by it, ``--graphs`` shows the GPU time alone. Prints a tabl
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -80,8 +78,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     linear_peers.GRAPHS = args.graphs
     bench, quant_rowwise = linear_peers.bench, linear_peers.quant_rowwise
-
-    import triton
 
     from svdq_format import packing
     from svdq_kernels import cutlass_fast8
@@ -184,14 +180,7 @@ def main(argv=None) -> int:
             best = min(tiles, key=tiles.get)
             print(f"      expand tiles K={k} N={n}: " + " ".join(f"{key}:{v * 1e3:.1f}" for key, v in tiles.items())
                   + f" us (best {best}, {expand_bytes / tiles[best] / 1e6:.0f} GB/s)", flush=True)
-    meta = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "triton": triton.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "timing": ("triton.testing.do_bench_cudagraph median, rep 100 ms" if args.graphs else
-                   "triton.testing.do_bench median, warmup 25 ms, rep 100 ms") + "; TFLOPS = 2MNK/t",
-        "kernel_load_seconds": build_s,
-    }
+    meta = linear_peers.run_meta(kernel_load_seconds=build_s)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     bad = [f"M={row['M']} K={row['K']} N={row['N']}" for row in rows
            if not (row["rel_err_ok"] and row["expand_bit_exact"])]

@@ -5,7 +5,8 @@ FLUX.1 shape, its dense bf16 / FP8 peers, and how they are timed.
   smoothing, rank-``r`` low-rank branch, bias) plus a dense bf16 weight and its FP8 rowwise copy;
 * :func:`peer_times` — cuBLAS bf16 ``F.linear`` and torch FP8 rowwise ``_scaled_mm`` with its
   own per-token activation quantization (``fp8_row``) and without it (``fp8_row_gemm``);
-* :func:`bench` — ``triton.testing.do_bench`` median, warmup 25 ms, rep 100 ms.
+* :func:`bench` — ``triton.testing.do_bench`` median, warmup 25 ms, rep 100 ms;
+* :func:`run_meta` — the JSON ``meta`` block (GPU, versions, date, how it was timed).
 """
 
 from __future__ import annotations
@@ -30,6 +31,24 @@ def bench(fn) -> float:
     if GRAPHS:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def run_meta(**extra) -> dict:
+    """What a result JSON says about its run: GPU, versions, date, the timing method (see
+    :func:`bench`), plus ``extra``."""
+    import datetime
+    import platform
+
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "triton": triton.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timing": ("triton.testing.do_bench_cudagraph median, rep 100 ms" if GRAPHS else
+                   "triton.testing.do_bench median, warmup 25 ms, rep 100 ms") + "; TFLOPS = 2MNK/t",
+        **extra,
+    }
 
 
 def quant_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
