@@ -124,18 +124,12 @@ def main(argv=None) -> int:
             row["rel_err_vs_reference"] = ((out - ref).norm() / ref.norm()).item()
             row["max_rel_err_vs_reference"] = ((out - ref).abs().max() / ref.abs().max()).item()
         # host (CPU) time per call, launches not waited for: what eager mode pays per layer
-        host = {}
-        for name, fn in (("fast8", lambda: cutlass_fast8.fast8_linear(*layer8)),
-                         ("fast8_prologue", lambda: triton_fast.prologue(x, smooth, down, lr16=True)),
-                         ("fast8_lowrank", lambda: cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device)),
-                         ("fast8_gemm", lambda: cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, c)),
-                         ("bf16", lambda: torch.nn.functional.linear(x, lay.w, bias))):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                fn()
-            host[name] = (time.perf_counter() - t0) / 20 * 1e6
-            torch.cuda.synchronize()
+        host = {name: linear_peers.host_us(fn) for name, fn in (
+            ("fast8", lambda: cutlass_fast8.fast8_linear(*layer8)),
+            ("fast8_prologue", lambda: triton_fast.prologue(x, smooth, down, lr16=True)),
+            ("fast8_lowrank", lambda: cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device)),
+            ("fast8_gemm", lambda: cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, c)),
+            ("bf16", lambda: torch.nn.functional.linear(x, lay.w, bias)))}
         row["host_us_per_call"] = host
         row["speedup_vs_bf16"] = res["bf16"] / res["fast8"]
         row["speedup_vs_fp8_row"] = res["fp8_row"] / res["fast8"]

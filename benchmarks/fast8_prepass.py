@@ -146,15 +146,9 @@ def main(argv=None) -> int:
                 "alt": bench(alt),
             }
             # host (CPU) time per call, launches not waited for: what eager mode pays per layer
-            host = {}
-            for name, fn in (("g64", g64), ("expand", lambda: expand_fp8_weights(qweight, scales16, out=w8)),
-                             ("scaled_mm", scaled_mm), ("lowrank", lambda: lr16 @ ups.t()), ("alt", alt)):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    fn()
-                host[name] = (time.perf_counter() - t0) / 20 * 1e6
-                torch.cuda.synchronize()
+            host = {name: linear_peers.host_us(fn) for name, fn in (
+                ("g64", g64), ("expand", lambda: expand_fp8_weights(qweight, scales16, out=w8)),
+                ("scaled_mm", scaled_mm), ("lowrank", lambda: lr16 @ ups.t()), ("alt", alt))}
             yb = g64().float()
             rel = ((alt().float() - yb).norm() / yb.norm()).item()
             flops = 2 * m * n * k

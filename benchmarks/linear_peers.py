@@ -6,6 +6,7 @@ FLUX.1 shape, its dense bf16 / FP8 peers, and how they are timed.
 * :func:`peer_times` — cuBLAS bf16 ``F.linear`` and torch FP8 rowwise ``_scaled_mm`` with its
   own per-token activation quantization (``fp8_row``) and without it (``fp8_row_gemm``);
 * :func:`bench` — ``triton.testing.do_bench`` median, warmup 25 ms, rep 100 ms;
+* :func:`host_us` — host (CPU) microseconds per call, launches not waited for;
 * :func:`run_meta` — the JSON ``meta`` block (GPU, versions, date, how it was timed).
 """
 
@@ -31,6 +32,20 @@ def bench(fn) -> float:
     if GRAPHS:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def host_us(fn, calls: int = 20) -> float:
+    """Host (CPU) microseconds per call of ``fn`` with its launches not waited for: what an eager
+    model pays per layer when the GPU keeps up."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return us
 
 
 def run_meta(**extra) -> dict:
