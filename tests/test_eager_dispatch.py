@@ -73,6 +73,8 @@ def test_plain_eager_is_recognised_and_tracing_is_not(layer):
     seen = []
     torch.func.vmap(lambda row: seen.append(ops._plain_eager(row)) or row)(x.float())
     assert seen == [False]
+    torch.jit.trace(lambda t: seen.append(ops._plain_eager(t)) or t * 2, (torch.randn(2),), check_trace=False)
+    assert seen == [False, False]
 
 
 def test_a_fake_tensor_call_still_gets_the_ops_shape(layer):
