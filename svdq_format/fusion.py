@@ -259,13 +259,35 @@ def _fuse_method(self: nn.Module) -> None:
     fuse_projections(self)
 
 
+def _legacy_fuse_method(self: nn.Module, fuse: bool = True) -> None:
+    raise UnsupportedError(
+        f"svdquant: fuse_qkv_projections() fuses SVDQ projections of diffusers' AttentionModuleMixin "
+        f"attention (FLUX, …); {type(self).__name__} is diffusers' legacy Attention, whose fused state "
+        "lives in the model's processors: its projections stay separate")
+
+
+def _is_legacy(module: nn.Module) -> bool:
+    """diffusers' legacy ``Attention`` (SD3, …), whose ``fuse_projections(fuse=True)`` the model
+    pairs with fused processors and whose unfusing only swaps the processors back."""
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:  # a diffusers without the mixin: only legacy modules exist
+        return True
+    return not isinstance(module, AttentionModuleMixin)
+
+
 def install(model: nn.Module) -> int:
     """Give every attention module of ``model`` whose projections are SVDQ layers the fusing
     ``fuse_projections`` / ``unfuse_projections`` above (as instance methods, so diffusers'
-    ``fuse_qkv_projections()`` calls them). Returns how many modules got them."""
+    ``fuse_qkv_projections()`` calls them). Legacy ``Attention`` modules get a
+    ``fuse_projections`` that refuses with the reason (diffusers' own would fail on ``.weight``).
+    Returns how many modules can fuse."""
     count = 0
     for module in model.modules():
         if callable(getattr(module, "fuse_projections", None)) and _plan(module):
+            if _is_legacy(module):
+                module.fuse_projections = types.MethodType(_legacy_fuse_method, module)
+                continue
             module.fuse_projections = types.MethodType(_fuse_method, module)
             module.unfuse_projections = types.MethodType(unfuse_projections, module)
             count += 1

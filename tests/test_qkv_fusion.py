@@ -202,3 +202,24 @@ def test_fusing_costs_only_the_block_diagonal_zeros(q):
     assert _storage_bytes(q) - before <= zeros
     q.unfuse_qkv_projections()
     assert _storage_bytes(q) == before
+
+
+def test_sd3_legacy_attention_refuses_with_the_reason():
+    """SD3's legacy ``Attention`` keeps its fused state in the model's processors (its unfuse only
+    swaps them back): fusing its SVDQ projections is refused before anything changes."""
+    from diffusers import SD3Transformer2DModel
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16,
+                              num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
+                              pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, nn.Linear) and "transformer_blocks." in name and mod.in_features % 64 == 0:
+            parent, _, child = name.rpartition(".")
+            setattr(m.get_submodule(parent), child, SVDQLinear.from_linear(mod, rank=8))
+    assert fusion.install(m) == 0
+    processors = {k: type(v) for k, v in m.attn_processors.items()}
+    with pytest.raises(UnsupportedError, match="legacy Attention"):
+        m.fuse_qkv_projections()
+    assert fusion.fused_modules(m) == [] and {k: type(v) for k, v in m.attn_processors.items()} == processors
