@@ -6,7 +6,8 @@ diffusers fuses an attention module's ``to_q``/``to_k``/``to_v`` (and ``add_q_pr
 docs/format.md §10: the members read the same input and share their smoothing vector (the
 quantizer gives an input group one), so the fused layer has the members' rows of ``qweight``,
 ``wscales``, ``bias`` concatenated, the one ``smooth``, the members' ``lora_down`` stacked
-(``[Σr, K]``) and a block-diagonal ``lora_up`` (``[ΣN, Σr]``). Its output is the members'
+(``[Σr, K]``) and a block-diagonal ``lora_up`` (``[ΣN, Σr]``) — or, when the members share one
+``lora_down`` (Nunchaku's fused q|k|v, imported), that one and their ``lora_up`` rows stacked. Its output is the members'
 outputs side by side, up to fp32 summation order — one activation quantizer, one low-rank down
 projection and one GEMM instead of three, fewer launches in eager mode.
 
@@ -95,7 +96,11 @@ def fuse_layers(members: Sequence[SVDQLinear], names: Sequence[str]) -> SVDQLine
     ranks = [m.rank if m.lora_down is not None else 0 for m in members]
     sizes = [m.out_features for m in members]
     has_bias = any(m.bias is not None for m in members)
-    fused = SVDQLinear(first.in_features, sum(sizes), rank=sum(ranks), precision=first.precision, kind=first.kind,
+    # members with one lora_down (Nunchaku's fused q|k|v, imported): keep it shared, lora_up by rows
+    shared_down = ranks[0] > 0 and all(m.lora_down is not None and torch.equal(m.lora_down, first.lora_down)
+                                       for m in members[1:])
+    rank = ranks[0] if shared_down else sum(ranks)
+    fused = SVDQLinear(first.in_features, sum(sizes), rank=rank, precision=first.precision, kind=first.kind,
                        bias=has_bias, dtype=first.dtype, scale_dtype=first.wscales.dtype, device="meta",
                        fused_from=tuple(names), split_sizes=tuple(sizes), act_shift=first.act_shift,
                        act_unsigned=first.act_unsigned)
@@ -108,7 +113,10 @@ def fuse_layers(members: Sequence[SVDQLinear], names: Sequence[str]) -> SVDQLine
     if has_bias:
         buffers["bias"] = torch.cat([m.bias if m.bias is not None else m.qweight.new_zeros(m.out_features, dtype=m.dtype)
                                      for m in members])
-    if sum(ranks):
+    if shared_down:
+        buffers["lora_down"] = first.lora_down.clone()
+        buffers["lora_up"] = torch.cat([m.lora_up for m in members])
+    elif sum(ranks):
         buffers["lora_down"] = torch.cat([m.lora_down for m, r in zip(members, ranks) if r])
         up = torch.zeros(sum(sizes), sum(ranks), dtype=first.dtype, device=dev)
         row = col = 0
@@ -204,7 +212,9 @@ def fuse_projections(attn: nn.Module) -> bool:
 
 def _members_as_views(fused: SVDQLinear, members: Sequence[SVDQLinear]) -> None:
     """Point the (idle) members' tensors into the fused layer's, so fusing costs no memory beyond
-    the zeros of the block-diagonal ``lora_up``."""
+    the zeros of a block-diagonal ``lora_up``."""
+    ranks = [m.rank if m.lora_down is not None else 0 for m in members]
+    shared_down = fused.lora_down is not None and fused.lora_down.shape[0] != sum(ranks)
     row = col = 0
     for m in members:
         rows, r = slice(row, row + m.out_features), (m.rank if m.lora_down is not None else 0)
@@ -213,7 +223,9 @@ def _members_as_views(fused: SVDQLinear, members: Sequence[SVDQLinear]) -> None:
         b["smooth"], b["wtscale"] = fused.smooth, fused.wtscale
         if m.bias is not None:
             b["bias"] = fused.bias[rows]
-        if r:
+        if r and shared_down:
+            b["lora_down"], b["lora_up"] = fused.lora_down, fused.lora_up[rows]
+        elif r:
             b["lora_down"], b["lora_up"] = fused.lora_down[col : col + r], fused.lora_up[rows, col : col + r]
         row, col = row + m.out_features, col + r
 

@@ -223,3 +223,20 @@ def test_sd3_legacy_attention_refuses_with_the_reason():
     with pytest.raises(UnsupportedError, match="legacy Attention"):
         m.fuse_qkv_projections()
     assert fusion.fused_modules(m) == [] and {k: type(v) for k, v in m.attn_processors.items()} == processors
+
+
+def test_members_sharing_one_lora_down_keep_it_shared(q):
+    """Members with one ``lora_down`` (Nunchaku's fused q|k|v, split on import) fuse to rank r,
+    not 3r: the native §10 form, ``lora_up`` rows stacked."""
+    attn = q.transformer_blocks[0].attn
+    members = [attn.to_q, attn.to_k, attn.to_v]
+    for m in members[1:]:
+        m._buffers["lora_down"] = attn.to_q.lora_down.clone()
+    before = _run(q)
+    q.fuse_qkv_projections()
+    fused = attn.to_qkv
+    assert fused.rank == attn.to_q.rank and fused.lora_up.shape == (3 * attn.to_q.out_features, attn.to_q.rank)
+    assert _close(_run(q), before)
+    q.unfuse_qkv_projections()
+    assert all(m.rank == attn.to_q.rank for m in (attn.to_q, attn.to_k, attn.to_v))
+    assert torch.equal(_run(q), before)
