@@ -271,11 +271,15 @@ def _fuse_method(self: nn.Module) -> None:
     fuse_projections(self)
 
 
-def _legacy_fuse_method(self: nn.Module, fuse: bool = True) -> None:
-    raise UnsupportedError(
-        f"svdquant: fuse_qkv_projections() fuses SVDQ projections of diffusers' AttentionModuleMixin "
-        f"attention (FLUX, …); {type(self).__name__} is diffusers' legacy Attention, whose fused state "
-        "lives in the model's processors: its projections stay separate")
+def _refuse_method(self: nn.Module, fuse: bool = True) -> None:
+    if _is_legacy(self):  # the model switches every processor to a fused one next: stop it here
+        raise UnsupportedError(
+            f"svdquant: fuse_qkv_projections() fuses the SVDQ projections of diffusers' AttentionModuleMixin "
+            f"attention (FLUX, …); {type(self).__name__} is diffusers' legacy Attention, whose fused state lives "
+            "in the model's processors: its projections stay separate")
+    # each AttentionModuleMixin module's processor follows its own fused_projections flag
+    warnings.warn(f"svdquant: {type(self).__name__}: its q/k/v projections are not all SVDQ layers; "
+                  "they stay separate", stacklevel=3)
 
 
 def _is_legacy(module: nn.Module) -> bool:
@@ -291,18 +295,21 @@ def _is_legacy(module: nn.Module) -> bool:
 def install(model: nn.Module) -> int:
     """Give every attention module of ``model`` whose projections are SVDQ layers the fusing
     ``fuse_projections`` / ``unfuse_projections`` above (as instance methods, so diffusers'
-    ``fuse_qkv_projections()`` calls them). Legacy ``Attention`` modules get a
-    ``fuse_projections`` that refuses with the reason (diffusers' own would fail on ``.weight``).
+    ``fuse_qkv_projections()`` calls them). Legacy ``Attention`` modules, and modules whose q/k/v
+    are only partly SVDQ layers, get a ``fuse_projections`` that refuses with the reason
+    (diffusers' own would fail on ``.weight``).
     Returns how many modules can fuse."""
     count = 0
+    projections = {n for names in FUSIONS.values() for n in names}
     for module in model.modules():
-        if callable(getattr(module, "fuse_projections", None)) and _plan(module):
-            if _is_legacy(module):
-                module.fuse_projections = types.MethodType(_legacy_fuse_method, module)
-                continue
+        if not callable(getattr(module, "fuse_projections", None)):
+            continue
+        if _plan(module) and not _is_legacy(module):
             module.fuse_projections = types.MethodType(_fuse_method, module)
             module.unfuse_projections = types.MethodType(unfuse_projections, module)
             count += 1
+        elif any(isinstance(getattr(module, n, None), SVDQLinear) for n in projections):
+            module.fuse_projections = types.MethodType(_refuse_method, module)
     return count
 
 

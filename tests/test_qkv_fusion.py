@@ -240,3 +240,15 @@ def test_members_sharing_one_lora_down_keep_it_shared(q):
     q.unfuse_qkv_projections()
     assert all(m.rank == attn.to_q.rank for m in (attn.to_q, attn.to_k, attn.to_v))
     assert torch.equal(_run(q), before)
+
+
+def test_partly_quantized_projections_stay_separate_with_a_warning(dense):
+    model = quantize(dense)
+    attn = model.single_transformer_blocks[0].attn
+    attn.to_v = torch.nn.Linear(attn.to_v.in_features, attn.to_v.out_features)  # left dense
+    assert fusion.install(model) == 1
+    before = _run(model)
+    with pytest.warns(UserWarning, match="not all SVDQ layers"):
+        model.fuse_qkv_projections()
+    assert sorted(fusion.fused_modules(model)) == sorted(FUSED[:2]) and not attn.fused_projections
+    assert _close(_run(model), before)
