@@ -49,6 +49,11 @@ _RUNTIME_FUSED = "_svdq_runtime_fused"
 _LORA_ROLES = ("lora_down", "lora_up", "lora_scales", "bias")
 
 
+def _rank(layer: SVDQLinear) -> int:
+    """The low-rank branch's actual rank (rows of ``lora_down``)."""
+    return 0 if layer.lora_down is None or layer.lora_up is None else int(layer.lora_down.shape[0])
+
+
 def _same(members: Sequence[SVDQLinear], attr: str) -> bool:
     return all(getattr(m, attr) == getattr(members[0], attr) for m in members[1:])
 
@@ -93,7 +98,7 @@ def fuse_layers(members: Sequence[SVDQLinear], names: Sequence[str]) -> SVDQLine
     if why is not None:
         raise UnsupportedError(f"cannot fuse {', '.join(names)}: {why}")
     first = members[0]
-    ranks = [m.rank if m.lora_down is not None else 0 for m in members]
+    ranks = [_rank(m) for m in members]
     sizes = [m.out_features for m in members]
     has_bias = any(m.bias is not None for m in members)
     # members with one lora_down (Nunchaku's fused q|k|v, imported): keep it shared, lora_up by rows
@@ -213,11 +218,11 @@ def fuse_projections(attn: nn.Module) -> bool:
 def _members_as_views(fused: SVDQLinear, members: Sequence[SVDQLinear]) -> None:
     """Point the (idle) members' tensors into the fused layer's, so fusing costs no memory beyond
     the zeros of a block-diagonal ``lora_up``."""
-    ranks = [m.rank if m.lora_down is not None else 0 for m in members]
+    ranks = [_rank(m) for m in members]
     shared_down = fused.lora_down is not None and fused.lora_down.shape[0] != sum(ranks)
     row = col = 0
     for m in members:
-        rows, r = slice(row, row + m.out_features), (m.rank if m.lora_down is not None else 0)
+        rows, r = slice(row, row + m.out_features), (_rank(m))
         b = m._buffers
         b["qweight"], b["wscales"] = fused.qweight[rows], fused.wscales[rows]
         b["smooth"], b["wtscale"] = fused.smooth, fused.wtscale

@@ -252,3 +252,18 @@ def test_partly_quantized_projections_stay_separate_with_a_warning(dense):
         model.fuse_qkv_projections()
     assert sorted(fusion.fused_modules(model)) == sorted(FUSED[:2]) and not attn.fused_projections
     assert _close(_run(model), before)
+
+
+def test_nvfp4_members_fuse_only_with_one_tensor_scale():
+    torch.manual_seed(3)
+    lins = [torch.nn.Linear(64, 32) for _ in range(3)]
+    members = [SVDQLinear.from_linear(lin, rank=4, precision="nvfp4") for lin in lins]
+    if not all(torch.equal(m.wtscale, members[0].wtscale) for m in members):
+        with pytest.raises(UnsupportedError, match="tensor scales differ"):
+            fusion.fuse_layers(members, ("to_q", "to_k", "to_v"))
+        for m in members[1:]:
+            m._buffers["wtscale"] = members[0].wtscale.clone()
+    fused = fusion.fuse_layers(members, ("to_q", "to_k", "to_v"))
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        assert _close(fused(x), torch.cat([m(x) for m in members], dim=-1))
