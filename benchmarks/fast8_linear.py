@@ -39,13 +39,16 @@ SHAPES = [  # (M, K, N): FLUX.1 linears at 1024x1024 (4096 image + 512 text toke
     (4608, 15360, 3072), (4096, 3072, 3072), (256, 3072, 3072), (16, 3072, 12288), (16, 12288, 3072), (16, 3072, 3072),
     (1, 3072, 18432), (1, 3072, 3072),
 ]
+#: One q/k/v projection against the three fused (``fuse_qkv_projections()``), at FLUX's token counts.
+QKV_SHAPES = [(m, 3072, n) for m in (4608, 4096, 512) for n in (3072, 9216)]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--out", default="fast8_linear.json")
-    ap.add_argument("--shapes", default="all", help="'all', 'quick' (first two) or 'small' (M <= 256)")
+    ap.add_argument("--shapes", default="all",
+                    help="'all', 'quick' (first two), 'small' (M <= 256) or 'qkv' (one projection vs q|k|v fused)")
     ap.add_argument("--no-reference", action="store_true", help="skip the CPU reference check")
     ap.add_argument("--configs", default="default", choices=("default", "all", "lut"),
                     help="GEMM tilings: the prebuilt ones, also configs.GROUP64_CANDIDATES, or the "
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
     print(f"kernels ready: {build_s}", flush=True)
 
     quant_graph = torch.compile(lambda x, s: ops.quantize_fp8_rows(ops.smoothed(x.float(), s)), dynamic=False)
-    shapes = {"all": SHAPES, "quick": SHAPES[:2], "small": [s for s in SHAPES if s[0] <= 256]}[args.shapes]
+    shapes = {"all": SHAPES, "quick": SHAPES[:2], "small": [s for s in SHAPES if s[0] <= 256],
+              "qkv": QKV_SHAPES}[args.shapes]
     if args.ms:
         keep = {int(v) for v in args.ms.split(",")}
         shapes = [sh for sh in shapes if sh[0] in keep]

@@ -107,7 +107,9 @@ for step in $STEPS; do
       timeout 560 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
         --no-bf16-compile --no-svdq-eager --fuse-qkv --profile --out "$OUT/flux_step_auto_fused.json" \
         > "$OUT/flux_step_auto_fused.log" 2>&1
-      echo "fused step rc=$?"; grep -E "ms/step|by kind|quantized|svdq kernels" "$OUT/flux_step_auto_fused.log" ;;
+      echo "fused step rc=$?"; grep -E "ms/step|by kind|quantized|svdq kernels" "$OUT/flux_step_auto_fused.log"
+      timeout 150 python3 benchmarks/fast8_linear.py --shapes qkv --no-reference --out "$OUT/fast8_qkv.json" \
+        > "$OUT/fast8_qkv.log" 2>&1; echo "qkv layers rc=$?"; grep -v Warn "$OUT/fast8_qkv.log" | tail -6 | cut -c1-260 ;;
     *) echo "unknown step $step" ;;
   esac
 done
