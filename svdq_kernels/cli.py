@@ -26,9 +26,13 @@ def _check_build_host() -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build_kernels
-    from .configs import DEFAULT_CONFIGS, config_by_name
+    from .configs import AUTO_GROUP64_W4A16_CONFIGS, DEFAULT_CONFIGS, config_by_name
+    from .triton_fast import experimental_kernels
 
-    configs = [config_by_name(n) for n in args.config] if args.config else list(DEFAULT_CONFIGS)
+    if args.config:
+        configs = [config_by_name(n) for n in args.config]
+    else:  # what the model will ask for: the experimental W4A16 kernels only when they are on
+        configs = list(DEFAULT_CONFIGS) + (list(AUTO_GROUP64_W4A16_CONFIGS) if experimental_kernels() else [])
     if args.list:
         for config in configs:
             print(config.name)
@@ -82,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="kernels_command", metavar="ACTION")
     b = sub.add_parser("build", help="compile the CUTLASS kernels into the cache (needs nvcc + CUDA torch)")
     b.add_argument("--config", action="append", metavar="NAME",
-                   help="a kernel configuration name (repeatable; default: all defaults)")
+                   help="a kernel configuration name (repeatable; default: all defaults, plus the "
+                        "experimental W4A16 kernels with SVDQ_EXPERIMENTAL_KERNELS=1)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--jobs", type=int, default=0, help="parallel nvcc processes (default: auto)")
     b.add_argument("--list", action="store_true", help="print the configuration names and exit")

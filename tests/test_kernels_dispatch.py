@@ -15,6 +15,7 @@ from svdq_format.cli import main
 from svdq_format.errors import BackendError
 import svdq_kernels
 from svdq_kernels import cutlass_w4a16, registry, triton_fast
+from svdq_kernels.configs import AUTO_GROUP64_W4A16_CONFIGS
 
 
 def _call(**kw) -> ops.LinearCall:
@@ -149,6 +150,11 @@ def test_cli_build_list_and_info(capsys, tmp_path, monkeypatch) -> None:
     names = capsys.readouterr().out.split()
     assert names and all(n.startswith(("s4fp8_", "g64s4fp8_")) for n in names)
     assert any(n.startswith("g64s4fp8_") for n in names)  # the fast8 kernels are prebuilt too
+    monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")  # and the experimental W4A16 ones when on
+    assert main(["kernels", "build", "--list"]) == 0
+    assert sorted(set(capsys.readouterr().out.split()) - set(names)) == sorted(
+        c.name for c in AUTO_GROUP64_W4A16_CONFIGS)
+    monkeypatch.delenv("SVDQ_EXPERIMENTAL_KERNELS")
     assert main(["kernels", "info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cache_dir"] == str(tmp_path) and info["backend"] == "cutlass-sm90"
