@@ -188,3 +188,31 @@ def test_cutlass_w4a16_matches_the_reference(m, n, k):
     ref = _reference(x, *args)
     assert out.dtype == x.dtype and _rel(out, ref.to(out.dtype)) <= 1e-3
     assert _rel(out, triton_fast.w4a16_linear(x, *args)) <= 1e-3
+
+
+@pytest.mark.parametrize("m", [16, 512, 4608])
+def test_fused_qkv_layer_matches_its_members(m):
+    """A q|k|v layer fused by ``fuse_qkv_projections()`` (svdq_format.fusion) on the fast8 kernels:
+    its output is its members' side by side, up to the GEMM's FP8 accumulation (the fused GEMM
+    may pick another tiling) and one more bf16 rounding of the low-rank source."""
+    from svdq_format import fusion
+    from svdq_format.linear import SVDQLinear
+
+    g = torch.Generator(device="cuda").manual_seed(51)
+    k, n = 3072, 3072
+    members = []
+    smooth = (torch.rand(k, generator=g, device="cuda") * 1.5 + 0.25).to(torch.bfloat16)
+    for seed in range(3):
+        _, qw, ws, _, down, up, b = _inputs(1, n, k, 32, bias=True, seed=60 + seed)
+        layer = SVDQLinear(k, n, rank=32, dtype=torch.bfloat16, device="cuda")
+        for role, t in (("qweight", qw), ("wscales", ws), ("smooth", smooth), ("lora_down", down),
+                        ("lora_up", up), ("bias", b)):
+            layer._buffers[role] = t
+        layer.mode = "fast8"
+        members.append(layer)
+    fused = fusion.fuse_layers(members, ("to_q", "to_k", "to_v"))
+    x = _inputs(m, n, k, 0, bias=False, seed=70)[0]
+    with torch.no_grad():
+        want = torch.cat([layer(x) for layer in members], dim=-1)
+        got = fused(x)
+    assert got.shape == (m, 3 * n) and _rel(got, want) <= 3e-3
