@@ -2,8 +2,8 @@
 # One-GPU measurements in one command on one H100 (docs/benchmarks.md). Every step has its own
 # time limit and log; a failing step does not stop the next. Usage (repo root, wheels installed
 # as the device README says):
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [next] [tests] [gemm] [step] [fast8] [fast8b] [step8]
-#   (default: next)
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [n1] [n2] [next] [tests] [gemm] [step] [fast8] [fast8b] [step8] …
+#   (default: next; n1 then n2 is the plan for the session after 2026-11-27's fourth)
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits, the
 # f16h/fp8h datapaths): their GPU tests, then timings with and without them.
 set -u
@@ -110,6 +110,28 @@ for step in $STEPS; do
       echo "fused step rc=$?"; grep -E "ms/step|by kind|quantized|svdq kernels" "$OUT/flux_step_auto_fused.log"
       timeout 150 python3 benchmarks/fast8_linear.py --shapes qkv --no-reference --out "$OUT/fast8_qkv.json" \
         > "$OUT/fast8_qkv.log" 2>&1; echo "qkv layers rc=$?"; grep -v Warn "$OUT/fast8_qkv.log" | tail -6 | cut -c1-260 ;;
+    n1)  # next session, call 1 (~9 min on a fresh H100): every kernel the defaults and the experimental
+         # W4A16 path use, built at once; the fast8 GPU tests (table conversion, stream-K, fused q|k|v,
+         # CUTLASS W4A16); then the FLUX step as a user gets it (auto mode, compiled)
+      python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W; cs = G + W + tuple(replace(c, lut=False) for c in A); sys.exit(main(['kernels', 'build', '--jobs', '16'] + [a for c in cs for a in ('--config', c.name)]))" \
+        > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -1 "$OUT/build.log"
+      # (the older candidate tilings are not built here: their float64 tests are left out)
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py \
+        -k "not (c2x1 or 256x128x128 or 64x256x128 or _p4 or 128x64x128 or 128x32x128 or 64x32x128 or 128x128x128_c1x1_cooperative_sk)" \
+        > "$OUT/pytest_fast8.log" 2>&1; echo "fast8 tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_fast8.log" | tail -4
+      timeout 330 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --no-bf16-compile --no-svdq-eager --profile --out "$OUT/flux_step_auto.json" > "$OUT/flux_step_auto.log" 2>&1
+      echo "auto step rc=$?"; grep -E "ms/step|by kind|quantized" "$OUT/flux_step_auto.log" ;;
+    n2)  # next session, call 2 (same warm machine, kernels cached): the step with fused q|k|v, the
+         # fused-vs-separate layers, and the CUTLASS W4A16 path against the Triton one and bf16
+      timeout 330 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --no-bf16-compile --no-svdq-eager --fuse-qkv --profile --out "$OUT/flux_step_auto_fused.json" \
+        > "$OUT/flux_step_auto_fused.log" 2>&1
+      echo "fused step rc=$?"; grep -E "ms/step|by kind|quantized" "$OUT/flux_step_auto_fused.log"
+      timeout 100 python3 benchmarks/fast8_linear.py --shapes qkv --no-reference --out "$OUT/fast8_qkv.json" \
+        > "$OUT/fast8_qkv.log" 2>&1; echo "qkv layers rc=$?"
+      timeout 120 python3 benchmarks/linear_modes.py --graphs --modes w4a16,w4a16c --ms 1,16,64,4608 \
+        --out "$OUT/w4a16c_graphs.json" > "$OUT/w4a16c.log" 2>&1; echo "w4a16c rc=$?"; grep -v Warn "$OUT/w4a16c.log" | tail -17 ;;
     *) echo "unknown step $step" ;;
   esac
 done
