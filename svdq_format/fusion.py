@@ -49,9 +49,17 @@ _RUNTIME_FUSED = "_svdq_runtime_fused"
 _LORA_ROLES = ("lora_down", "lora_up", "lora_scales", "bias")
 
 
+def _lowrank(layer: SVDQLinear) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(lora_down, lora_up)``, or None without a low-rank branch."""
+    if layer.lora_down is None or layer.lora_up is None:
+        return None
+    return layer.lora_down, layer.lora_up
+
+
 def _rank(layer: SVDQLinear) -> int:
     """The low-rank branch's actual rank (rows of ``lora_down``)."""
-    return 0 if layer.lora_down is None or layer.lora_up is None else int(layer.lora_down.shape[0])
+    lowrank = _lowrank(layer)
+    return 0 if lowrank is None else int(lowrank[0].shape[0])
 
 
 def _same(members: Sequence[SVDQLinear], attr: str) -> bool:
@@ -73,7 +81,8 @@ def _why_not(members: Sequence[SVDQLinear]) -> Optional[str]:
         return "their scale dtypes differ"
     if not all(torch.equal(m.smooth, first.smooth) for m in members[1:]):
         return "their smoothing vectors differ (they were not quantized as one input group)"
-    if first.wtscale is not None and not all(torch.equal(m.wtscale, first.wtscale) for m in members[1:]):
+    tscale = first.wtscale
+    if tscale is not None and not all(m.wtscale is not None and torch.equal(m.wtscale, tscale) for m in members[1:]):
         return "their nvfp4 tensor scales differ"
     return None
 
@@ -101,9 +110,10 @@ def fuse_layers(members: Sequence[SVDQLinear], names: Sequence[str]) -> SVDQLine
     ranks = [_rank(m) for m in members]
     sizes = [m.out_features for m in members]
     has_bias = any(m.bias is not None for m in members)
+    lowranks = [_lowrank(m) for m in members]
     # members with one lora_down (Nunchaku's fused q|k|v, imported): keep it shared, lora_up by rows
-    shared_down = ranks[0] > 0 and all(m.lora_down is not None and torch.equal(m.lora_down, first.lora_down)
-                                       for m in members[1:])
+    down0 = lowranks[0][0] if lowranks[0] is not None else None
+    shared_down = down0 is not None and all(lr is not None and torch.equal(lr[0], down0) for lr in lowranks[1:])
     rank = ranks[0] if shared_down else sum(ranks)
     fused = SVDQLinear(first.in_features, sum(sizes), rank=rank, precision=first.precision, kind=first.kind,
                        bias=has_bias, dtype=first.dtype, scale_dtype=first.wscales.dtype, device="meta",
@@ -118,16 +128,17 @@ def fuse_layers(members: Sequence[SVDQLinear], names: Sequence[str]) -> SVDQLine
     if has_bias:
         buffers["bias"] = torch.cat([m.bias if m.bias is not None else m.qweight.new_zeros(m.out_features, dtype=m.dtype)
                                      for m in members])
-    if shared_down:
-        buffers["lora_down"] = first.lora_down.clone()
-        buffers["lora_up"] = torch.cat([m.lora_up for m in members])
-    elif sum(ranks):
-        buffers["lora_down"] = torch.cat([m.lora_down for m, r in zip(members, ranks) if r])
+    present = [lr for lr in lowranks if lr is not None]
+    if shared_down and down0 is not None:
+        buffers["lora_down"] = down0.clone()
+        buffers["lora_up"] = torch.cat([up for _, up in present])
+    elif present:
+        buffers["lora_down"] = torch.cat([down for down, _ in present])
         up = torch.zeros(sum(sizes), sum(ranks), dtype=first.dtype, device=dev)
         row = col = 0
-        for m, r in zip(members, ranks):
-            if r:
-                up[row : row + m.out_features, col : col + r] = m.lora_up
+        for m, lr, r in zip(members, lowranks, ranks):
+            if lr is not None:
+                up[row : row + m.out_features, col : col + r] = lr[1]
             row, col = row + m.out_features, col + r
         buffers["lora_up"] = up
     fused.mode, fused.backend = first.mode, first.backend
@@ -211,7 +222,7 @@ def fuse_projections(attn: nn.Module) -> bool:
         setattr(fused, _RUNTIME_FUSED, tuple(fused._buffers[r] for r in _LORA_ROLES))
         setattr(attn, fused_name, fused)
         _members_as_views(fused, [getattr(attn, n) for n in member_names])
-    attn.fused_projections = True
+    setattr(attn, "fused_projections", True)  # noqa: B010  (an nn.Module attribute mypy types as Module)
     return True
 
 
@@ -219,19 +230,20 @@ def _members_as_views(fused: SVDQLinear, members: Sequence[SVDQLinear]) -> None:
     """Point the (idle) members' tensors into the fused layer's, so fusing costs no memory beyond
     the zeros of a block-diagonal ``lora_up``."""
     ranks = [_rank(m) for m in members]
-    shared_down = fused.lora_down is not None and fused.lora_down.shape[0] != sum(ranks)
+    lowrank = _lowrank(fused)
+    shared_down = lowrank is not None and lowrank[0].shape[0] != sum(ranks)
     row = col = 0
-    for m in members:
-        rows, r = slice(row, row + m.out_features), (_rank(m))
+    for m, r in zip(members, ranks):
+        rows = slice(row, row + m.out_features)
         b = m._buffers
         b["qweight"], b["wscales"] = fused.qweight[rows], fused.wscales[rows]
         b["smooth"], b["wtscale"] = fused.smooth, fused.wtscale
-        if m.bias is not None:
+        if m.bias is not None and fused.bias is not None:
             b["bias"] = fused.bias[rows]
-        if r and shared_down:
-            b["lora_down"], b["lora_up"] = fused.lora_down, fused.lora_up[rows]
-        elif r:
-            b["lora_down"], b["lora_up"] = fused.lora_down[col : col + r], fused.lora_up[rows, col : col + r]
+        if r and lowrank is not None:
+            down, up = lowrank
+            b["lora_down"], b["lora_up"] = (down, up[rows]) if shared_down else (
+                down[col : col + r], up[rows, col : col + r])
         row, col = row + m.out_features, col + r
 
 
@@ -263,7 +275,7 @@ def unfuse_projections(attn: nn.Module) -> None:
             member.mode, member.backend = old.mode, old.backend
             setattr(attn, name, member)
         delattr(attn, fused_name)
-    attn.fused_projections = False
+    setattr(attn, "fused_projections", False)  # noqa: B010
 
 
 def fused_modules(model: nn.Module) -> list[str]:
@@ -310,11 +322,11 @@ def install(model: nn.Module) -> int:
         if not callable(getattr(module, "fuse_projections", None)):
             continue
         if _plan(module) and not _is_legacy(module):
-            module.fuse_projections = types.MethodType(_fuse_method, module)
-            module.unfuse_projections = types.MethodType(unfuse_projections, module)
+            setattr(module, "fuse_projections", types.MethodType(_fuse_method, module))  # noqa: B010
+            setattr(module, "unfuse_projections", types.MethodType(unfuse_projections, module))  # noqa: B010
             count += 1
         elif any(isinstance(getattr(module, n, None), SVDQLinear) for n in projections):
-            module.fuse_projections = types.MethodType(_refuse_method, module)
+            setattr(module, "fuse_projections", types.MethodType(_refuse_method, module))  # noqa: B010
     return count
 
 
