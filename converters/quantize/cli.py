@@ -87,6 +87,7 @@ def _quantize(args: argparse.Namespace) -> int:
     def show(message: Warning | str, *_args: object, **_kwargs: object) -> None:
         print(f"warning: {message}", file=sys.stderr)  # one line, when it happens
 
+    finished = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default" if root else "ignore", UserWarning)
@@ -97,9 +98,10 @@ def _quantize(args: argparse.Namespace) -> int:
                 progress=not args.quiet and root, keep_state=args.keep_state, max_shard_size=args.max_shard_size,
                 dist=dist, host_peak_reset=host_reset,
             )
+        finished = True
     finally:
         if dist is not None:
-            dist.close()
+            dist.close(synchronize=finished)
     if not args.quiet and root:
         print(result.report.table(limit=args.table_rows))
         t = result.report.timings

@@ -199,11 +199,17 @@ class DistContext:
         """True when ``flag`` is true on any rank (deadline, stop requests)."""
         return any(self.all_gather(bool(flag), what=what))
 
-    def close(self) -> None:
-        """Destroy the process group if this context created it."""
+    def close(self, *, synchronize: bool = False) -> None:
+        """Destroy the process group if this context created it; with ``synchronize`` (the run
+        succeeded on this rank) after a barrier, so no rank tears down while a peer still works."""
         import torch.distributed as dist
 
         if self.owns_group and dist.is_initialized():
+            if synchronize:
+                try:
+                    self.barrier(what="shutdown")
+                except QuantizationError:
+                    pass  # a peer failed: its own error is the one reported
             dist.destroy_process_group()
 
 
@@ -265,7 +271,10 @@ def free_port() -> int:
 
 def _spawned(local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple) -> None:
     os.environ.update({"WORLD_SIZE": str(nprocs), "RANK": str(local_rank), "LOCAL_RANK": str(local_rank),
-                       "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       # the launcher hosts the rendezvous store (as torchrun's agent does): rank 0
+                       # finishing first cannot pull it away from a rank still shutting down
+                       "TORCHELASTIC_USE_AGENT_STORE": "True"})
     if "OMP_NUM_THREADS" not in os.environ:  # share the host's cores instead of N × all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     fn(*args)
@@ -303,8 +312,13 @@ def launch(
     """
     import multiprocessing
 
+    from torch.distributed import TCPStore
+
     mp = multiprocessing.get_context("spawn")
-    port = free_port()
+    # the rendezvous store lives here until every rank has exited (port 0: the OS picks a free one)
+    store = TCPStore("127.0.0.1", 0, nprocs, is_master=True, wait_for_workers=False,
+                     timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+    port = store.port
     procs = [mp.Process(target=_spawned, args=(r, fn, nprocs, port, tuple(args)), daemon=False)
              for r in range(nprocs)]
     for proc in procs:
@@ -329,6 +343,7 @@ def launch(
                 proc.terminate()
         for proc in procs:
             proc.join(timeout=10)
+        del store  # after the ranks
     if failed is None:
         failed = _first_failure(procs)
     if failed is not None:
