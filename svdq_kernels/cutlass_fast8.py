@@ -40,7 +40,7 @@ from .configs import AUTO_GROUP64_CONFIGS, AUTO_GROUP64_W4A16_CONFIGS, Group64Ge
 from .tensor_cache import TensorCache
 from .triton_fast import _layer_inputs, lowrank_down, prologue
 
-__all__ = ["fast8_weights", "fast8_linear", "fast8_linear_fp8", "lowrank_source", "group64_gemm"]
+__all__ = ["fast8_weights", "fast8_linear", "fast8_linear_fp8", "lowrank_source", "group64_gemm", "group64_layer"]
 
 _WEIGHTS: TensorCache[tuple[torch.Tensor, torch.Tensor]] = TensorCache()
 _UPS: TensorCache[torch.Tensor] = TensorCache()
@@ -134,7 +134,7 @@ def fast8_linear(
 ) -> torch.Tensor:
     """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
-    return _run(x, x2, qweight, wscales, up, bias, lambda: prologue(
+    return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: prologue(
         x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales))
 
 
@@ -159,19 +159,21 @@ def fast8_linear_fp8(
     :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]``."""
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     m = x2.shape[0]
-    return _run(x, x2, qweight, wscales, up, bias, lambda: (
+    return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: (
         q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous(),
         lowrank_down(x2, down, lora_scales=lora_scales) if down is not None else None))
 
 
-def _run(
-    x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, up: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], activations: Callable[[], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+def group64_layer(
+    x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, scales16: torch.Tensor, rowinv: torch.Tensor,
+    up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    activations: Callable[[], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
 ) -> torch.Tensor:
-    """What both entry points share: on ``x``'s device, ``activations()`` → ``(q, a, lr16)``, then
-    the low-rank source and the GEMM; the output shaped like ``x`` with N features."""
+    """What every layer on the group-64 GEMM does after its weight preparation (``scales16``,
+    ``rowinv``: :func:`fast8_weights`, or :func:`svdq_kernels.cutlass_w4a16.w4a16_weights`): on
+    ``x``'s device, ``activations()`` → ``(q, a, lr16)`` (``q`` e4m3 or fp16), then the low-rank
+    source and the GEMM; the output shaped like ``x`` with N features."""
     n = qweight.shape[0]
-    scales16, rowinv = fast8_weights(qweight, wscales)  # keyed by the layer's own buffers
     with device_guard(x2.device):
         q, a, lr16 = activations()
         c = lowrank_source(lr16, up, bias, m=x2.shape[0], n=n, device=x2.device)

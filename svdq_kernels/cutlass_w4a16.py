@@ -20,8 +20,7 @@ from typing import Optional
 import torch
 
 from . import triton_fast
-from ._device import device_guard
-from .cutlass_fast8 import group64_gemm, lowrank_source
+from .cutlass_fast8 import group64_layer
 from .tensor_cache import TensorCache
 from .triton_fast import _layer_inputs, _row_pow2, prologue
 
@@ -68,11 +67,6 @@ def w4a16_linear(
     if prepared is None:
         return triton_fast.w4a16_linear(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
                                         lora_scales, precision, act, act_shift, act_unsigned)
-    scales16, rowinv = prepared
     x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
-    n = qweight.shape[0]
-    with device_guard(x2.device):
-        q16, a, lr16 = prologue(x2, smooth, down, act_shift=act_shift, w16=True, lr16=True, lora_scales=lora_scales)
-        c = lowrank_source(lr16, up, bias, m=x2.shape[0], n=n, device=x2.device)
-        y = group64_gemm(qweight.contiguous(), scales16, rowinv, q16, a, c)
-    return y.reshape(*x.shape[:-1], n)
+    return group64_layer(x, x2, qweight, *prepared, up, bias, lambda: prologue(
+        x2, smooth, down, act_shift=act_shift, w16=True, lr16=True, lora_scales=lora_scales))

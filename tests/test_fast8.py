@@ -353,3 +353,40 @@ def test_w4a16_variant_of_the_group64_kernel():
         twin = group64_config(m, n=n, activations="f16")
         assert twin in AUTO_GROUP64_W4A16_CONFIGS and twin.activations == "f16" and not twin.lut
         assert dataclasses.replace(twin, activations="e4m3", lut=True) == group64_config(m, n=n)
+
+
+def test_fast8_and_w4a16_layers_share_the_group64_tail(monkeypatch):
+    """Both CUTLASS layers (fast8, experimental W4A16) run ``cutlass_fast8.group64_layer`` with
+    their own weight preparation: checked on the CPU with stand-ins for the GPU kernels."""
+    from svdq_kernels import cutlass_fast8, cutlass_w4a16
+
+    g = torch.Generator().manual_seed(7)
+    m, k, n, r = 5, 256, 128, 8
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    ws = (torch.rand(n, k // 64, generator=g) * 0.004 + 0.001).to(torch.bfloat16)
+    smooth = torch.ones(k, dtype=torch.bfloat16)
+    down = torch.randn(r, k, generator=g).to(torch.bfloat16)
+    up = torch.randn(n, r, generator=g).to(torch.bfloat16)
+    seen = []
+
+    def fake_prologue(x2, smooth, down, *, act_shift=0.0, lr16=False, w16=False, lora_scales=None, **_):
+        q = torch.zeros(x2.shape, dtype=torch.float16 if w16 else torch.float8_e4m3fn)
+        return q, torch.ones(x2.shape[0]), torch.zeros(x2.shape[0], 2 * down.shape[0], dtype=torch.bfloat16)
+
+    def fake_gemm(qweight, scales16, rowinv, q, a, c, *, config=None):
+        seen.append((scales16, rowinv, q.dtype))
+        return c.clone()
+
+    monkeypatch.setattr(cutlass_fast8, "prologue", fake_prologue)
+    monkeypatch.setattr(cutlass_w4a16, "prologue", fake_prologue)
+    monkeypatch.setattr(cutlass_fast8, "group64_gemm", fake_gemm)
+    args = (qw, ws, None, smooth, down, up, None, None, "int4")
+    y8 = cutlass_fast8.fast8_linear(x, *args, "fp8w")
+    y16 = cutlass_w4a16.w4a16_linear(x, *args, "none")
+    assert y8.shape == y16.shape == (m, n)
+    (s8, r8, q8), (s16, r16, q16) = seen
+    assert q8 == torch.float8_e4m3fn and q16 == torch.float16
+    want8, want16 = cutlass_fast8.fast8_weights(qw, ws), cutlass_w4a16.w4a16_weights(ws)
+    assert torch.equal(s8, want8[0]) and torch.equal(r8, want8[1])
+    assert want16 is not None and torch.equal(s16, want16[0]) and torch.equal(r16, want16[1])
