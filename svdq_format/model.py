@@ -416,10 +416,16 @@ def plan_shards(model: nn.Module, max_shard_size: int | str = DEFAULT_MAX_SHARD_
     Units (one SVDQ layer with all its tensors, or one dense tensor) are never split; a unit
     larger than the limit gets a shard of its own.
     """
+    return _shards(_split_state(model)[1], max_shard_size)
+
+
+def _shards(
+    units: list[tuple[str | None, dict[str, torch.Tensor]]], max_shard_size: int | str,
+) -> list[list[tuple[str | None, dict[str, torch.Tensor]]]]:
     limit = parse_size(max_shard_size)
     shards: list[list[tuple[str | None, dict[str, torch.Tensor]]]] = [[]]
     size = 0
-    for unit in _split_state(model)[1]:
+    for unit in units:
         nbytes = sum(t.numel() * t.element_size() for t in unit[1].values())
         if shards[-1] and size + nbytes > limit:
             shards.append([])
@@ -477,12 +483,11 @@ def save_pretrained(
     Returns:
         The directory.
     """
-    refuse_if_fused(model)  # before anything is created
+    cfg = model_config(model, config)
+    layers, units = _split_state(model)  # (refuses a fused model before anything is created)
+    shards = _shards(units, max_shard_size)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(model, config)
-    layers, _ = _split_state(model)
-    shards = plan_shards(model, max_shard_size)
     written: set[str] = set()
     if len(shards) == 1:
         _write_shard(shards[0], layers, d / WEIGHTS_NAME, metadata=metadata, read_tensor=read_tensor)
