@@ -242,8 +242,9 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
-    for config in (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS):
+    named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS)
+    for config in named:
         if config.name == name:
             return config
-    known = ", ".join(c.name for c in (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES))
+    known = ", ".join(c.name for c in named)
     raise UnsupportedError(f"unknown kernel configuration {name!r} (known: {known})")
