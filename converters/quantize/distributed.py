@@ -29,7 +29,6 @@ import datetime
 import functools
 import multiprocessing.connection as mp_connection
 import os
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,7 +42,6 @@ __all__ = [
     "DistContext",
     "assign",
     "env_world_size",
-    "free_port",
     "gather_stats",
     "init_distributed",
     "launch",
@@ -260,13 +258,6 @@ def init_distributed(device: str | None = None, *, timeout_s: float = DEFAULT_TI
     except Exception as exc:
         raise QuantizationError(f"rank {rank}: cannot join the process group ({_one_line(exc)[:200]})") from None
     return ctx
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a single-host rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _spawned(local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple) -> None:
