@@ -10,9 +10,11 @@ set -u
 OUT=${OUT:-/tmp/svdq-gpu-session}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STEPS=${*:-next}
-build_g64() {  # $1: parallel nvcc jobs; $2 = all: the GROUP64_CANDIDATES too; lut: the auto tilings
-               # with and without the table conversion (else GROUP64_CONFIGS only)
-  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A; cs = {'all': G + C, 'lut': A + tuple(replace(c, lut=False) for c in A)}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
+build_g64() {  # $1: parallel nvcc jobs; $2: which kernels — all: GROUP64_CONFIGS + the candidates;
+               # lut: the auto tilings with and without the table conversion; w4a16: the W4A16
+               # kernels; n1: GROUP64_CONFIGS, the plain twins of the auto tilings and W4A16; else
+               # GROUP64_CONFIGS
+  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
 }
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do
@@ -97,8 +99,7 @@ for step in $STEPS; do
         --out "$OUT/fast8_lut_small_graphs.json" > "$OUT/fast8_lut_small.log" 2>&1; echo "small rc=$?" ;;
     w4a16c)  # int4 W4A16 on the CUTLASS group-64 GEMM with fp16 activations (experimental): its
              # kernels, its GPU tests, then it against the Triton W4A16 layer and bf16 in CUDA graphs
-      python3 -c "import sys; from svdq_format.cli import main; from svdq_kernels.configs import AUTO_GROUP64_W4A16_CONFIGS as W; sys.exit(main(['kernels', 'build', '--jobs', '8'] + [a for c in W for a in ('--config', c.name)]))" \
-        > "$OUT/build_w4a16.log" 2>&1; echo "build rc=$?"; tail -2 "$OUT/build_w4a16.log"
+      build_g64 8 w4a16 > "$OUT/build_w4a16.log" 2>&1; echo "build rc=$?"; tail -2 "$OUT/build_w4a16.log"
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py -k cutlass_w4a16 \
         > "$OUT/pytest_w4a16c.log" 2>&1; echo "w4a16c tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_w4a16c.log" | tail -4
       timeout 150 python3 benchmarks/linear_modes.py --graphs --modes w4a16,w4a16c --ms 1,16,64,256,4608 \
@@ -113,8 +114,7 @@ for step in $STEPS; do
     n1)  # next session, call 1 (~9 min on a fresh H100): every kernel the defaults and the experimental
          # W4A16 path use, built at once; the fast8 GPU tests (table conversion, stream-K, fused q|k|v,
          # CUTLASS W4A16); then the FLUX step as a user gets it (auto mode, compiled)
-      python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W; cs = G + W + tuple(replace(c, lut=False) for c in A); sys.exit(main(['kernels', 'build', '--jobs', '16'] + [a for c in cs for a in ('--config', c.name)]))" \
-        > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -1 "$OUT/build.log"
+      build_g64 16 n1 > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -1 "$OUT/build.log"
       # (the older candidate tilings are not built here: their float64 tests are left out)
       timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py \
         -k "not (c2x1 or 256x128x128 or 64x256x128 or _p4 or 128x64x128 or 128x32x128 or 64x32x128 or 128x128x128_c1x1_cooperative_sk)" \
