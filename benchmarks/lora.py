@@ -22,10 +22,12 @@ Prints a table and writes JSON (device, versions, date, load average).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="svdq-lora-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
+    if not args.tmp:  # a directory we made (~1.7 GB of LoRA and cache) goes at exit; a named one stays
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     os.environ["SVDQ_CACHE"] = str(tmp / "cache")
     from converters.lora import load_lora, set_lora_strengths, unload_all
 

@@ -22,6 +22,7 @@ parameters, against its largest block.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -251,6 +252,8 @@ def main() -> int:
           f"{total / GIB:.2f} GiB bf16, largest block {largest_name} {largest / GIB:.3f} GiB")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="svdq-32b-"))
     work.mkdir(parents=True, exist_ok=True)
+    if not args.workdir and not args.write_only:  # a directory we made goes at exit; a named one stays
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     src = Path(args.src) if args.src else work / "src"
     written = None
     if not args.src:

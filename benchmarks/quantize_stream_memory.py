@@ -14,8 +14,10 @@ at the fork).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +74,7 @@ def main() -> int:
                attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=args.width,
                pooled_projection_dim=256, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
     tmp = Path(tempfile.mkdtemp(prefix="svdq-stream-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~1.5 GB of checkpoints
     model = build_model(cfg, "cpu", torch.bfloat16, 0)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters())
