@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from linear_peers import bench as _bench, peer_times, random_layer  # noqa: E402  (benchmarks/)
+from linear_peers import bench as _bench  # noqa: E402  (benchmarks/)
+from linear_peers import peer_times, random_layer  # noqa: E402
 
 SHAPES = [  # (M, K, N): FLUX.1 linears at 1024x1024 (4096 image + 512 text tokens)
     (4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504),

@@ -31,13 +31,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converters.quantize.stats import CalibrationStats, LayerStats, collect_stats  # noqa: E402
-from svdq_format import packing  # noqa: E402
 from converters.quantize.layer import layer_fidelity, quantize_group  # noqa: E402
 from converters.quantize.options import QuantizeOptions  # noqa: E402
 from converters.quantize.report import environment_info  # noqa: E402
 from converters.quantize.selection import select_layers  # noqa: E402
 from converters.quantize.smoothing import relative_error  # noqa: E402
+from converters.quantize.stats import CalibrationStats, LayerStats, collect_stats  # noqa: E402
+from svdq_format import packing  # noqa: E402
 
 
 def minilm_layers(max_rows: int) -> tuple[dict[str, nn.Linear], CalibrationStats, CalibrationStats, dict[str, str]]:

@@ -31,7 +31,7 @@ from memory_bounds import _status_kib, build  # noqa: E402  (one random-code mod
 
 
 def child(loader: str, path: str, device: str) -> None:
-    import torch
+    import torch  # noqa: I001  (svdq_format before diffusers: its import-hook registration path)
 
     import svdq_format  # noqa: F401
     from diffusers import FluxTransformer2DModel  # noqa: F401  (imports done before the baseline)

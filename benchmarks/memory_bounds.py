@@ -84,7 +84,7 @@ def _run(op: str, path: str, shard: str) -> int:
 def child(op: str, path: str, shard: str, warmup: str) -> None:
     """Run one operation after the imports and a warm-up run on a tiny model (so lazy imports
     and one-time caches are in the baseline); print a JSON line with the RSS figures."""
-    import gc
+    import gc  # noqa: I001  (svdq_format before diffusers: its import-hook registration path)
 
     import torch
 

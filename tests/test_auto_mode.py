@@ -111,8 +111,9 @@ def test_backend_plugins_load_on_the_first_gpu_call(monkeypatch):
     call names a CUDA device (no ``import svdq_kernels`` needed), once; a broken plugin is one
     warning, not an error; CPU calls never load them. The package declares its own."""
     import importlib.metadata
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert declared["project"]["entry-points"][ops.PLUGIN_GROUP] == {"cutlass-sm90": "svdq_kernels.registry:register"}

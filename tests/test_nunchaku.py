@@ -11,6 +11,7 @@ import json
 import sys
 import types
 
+import nunchaku_reference as ref
 import pytest
 import torch
 from safetensors import safe_open
@@ -24,8 +25,6 @@ from svdq_format.errors import SVDQError, UnsupportedError
 from svdq_format.io import load_file, validate
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import WEIGHTS_NAME, load_model_dir, save_model_dir
-
-import nunchaku_reference as ref
 
 SHIFT = 0.171875
 

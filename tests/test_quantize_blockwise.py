@@ -15,7 +15,6 @@ from converters.quantize.selection import select_layers
 from converters.quantize.stats import collect_stats
 from tests.quantize_fixtures import tiny_flux as shared_tiny_flux
 
-
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
 
@@ -214,8 +213,8 @@ def test_the_32b_benchmark_source_is_a_diffusers_model_and_its_sizes_are_right(t
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from quantize_32b import block_bytes, flux_config, meta_model, random_tensor, write_source
     from diffusers import FluxTransformer2DModel
+    from quantize_32b import block_bytes, flux_config, meta_model, random_tensor, write_source
 
     cfg = flux_config(128, 1, 2)
     info = write_source(cfg, tmp_path / "src", shard_bytes=2_000_000)

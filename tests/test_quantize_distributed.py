@@ -19,7 +19,6 @@ from svdq_format.errors import QuantizationError
 from svdq_format.model import save_model_file
 from tests.quantize_fixtures import tiny_flux
 
-
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
 

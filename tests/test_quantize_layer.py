@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from converters.quantize.stats import CalibrationStats, LayerStats
 from converters.quantize.layer import layer_fidelity, quantize_group
 from converters.quantize.lowrank import lowrank_factors
 from converters.quantize.options import QuantizeOptions
@@ -18,6 +17,7 @@ from converters.quantize.smoothing import (
     simulated_output,
     smoothing_vector,
 )
+from converters.quantize.stats import CalibrationStats, LayerStats
 from svdq_format.linear import SVDQLinear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only spin on a shared CPU

@@ -27,7 +27,6 @@ from svdq_format.linear import SVDQLinear
 from svdq_format.model import load_model_dir, save_model_dir, svdq_modules
 from tests.quantize_fixtures import tiny_flux
 
-
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
 
