@@ -25,8 +25,8 @@ REPO = "tester/tiny-flux-svdq"
 FAST = {"retry_wait": 0.01}
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
+@pytest.fixture(name="hub")  # named: other modules import it without shadowing their ``hub`` parameters
+def hub_fixture(monkeypatch, tmp_path):
     """A running fake Hub; huggingface_hub pointed at it with a private cache and no Xet."""
     import huggingface_hub
     import huggingface_hub.constants as C

@@ -39,7 +39,7 @@ from svdq_format.io import validate  # noqa: E402
 from svdq_format.model import svdq_modules  # noqa: E402
 from tests.fakehub import FakeHub, git_sha1, sha256  # noqa: E402
 from tests.hub_helpers import tiny_flux  # noqa: E402
-from tests.test_hub import hub  # noqa: E402,F401  (fixture: fake Hub + private cache)
+from tests.test_hub import hub_fixture  # noqa: E402,F401  (the ``hub`` fixture: fake Hub + private cache)
 
 REPO = "tester/soak"
 RATE = 0.12  # probability that a request gets a fault
