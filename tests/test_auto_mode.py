@@ -136,7 +136,8 @@ def test_backend_plugins_load_on_the_first_gpu_call(monkeypatch):
             return self._fn
 
     monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group: [EP("plugged", register), EP("broken", broken)] if group == ops.PLUGIN_GROUP else [])
+                        lambda group: ([EP("plugged", register), EP("broken", broken)]
+                                       if group == ops.PLUGIN_GROUP else []))
     monkeypatch.setattr(ops, "_PLUGINS_LOADED", [False])
     try:
         cpu = ops.LinearCall(torch.device("cpu"), torch.bfloat16, "int4", "int4", 1, 256, 48, 8, False)

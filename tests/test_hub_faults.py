@@ -157,7 +157,8 @@ def run_rounds(hub: FakeHub, tmp: Path, rounds: int, *, rate: float, seed: int) 
         corrupt += [f"round {i} cache {c}" for c in corrupt_in_cache(cache)]
     kinds = collections.Counter(k for k, _, _ in hub.fault_log)
     return {
-        "rounds": rounds, "rate": rate, "storm_rate (every 10th round)": STORM_RATE, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+        "rounds": rounds, "rate": rate, "storm_rate (every 10th round)": STORM_RATE, "seed": seed,
+        "seconds": round(time.perf_counter() - t0, 1),
         "requests": len(hub.requests), "faults": len(hub.fault_log), "fault_kinds": dict(sorted(kinds.items())),
         **dict(sorted(counts.items())), "crashes": crashes, "corrupt": corrupt,
         "partial downloads left for resume": len(list(cache.glob("models--*/blobs/*.incomplete"))),
