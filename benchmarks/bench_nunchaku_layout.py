@@ -42,14 +42,16 @@ def main() -> None:
         micro = torch.rand(n, k // 16).to(torch.float8_e4m3fn)
         down, up = torch.randn(32, k).bfloat16(), torch.randn(n, 32).bfloat16()
         packed = L.packing.pack_nibbles(codes)  # our layout
-        q, s, m, d, u = L.rowmajor_to_qweight(packed), L.pack_scales(scales), L.pack_micro_scales(micro), L.pack_lora_down(down), L.pack_lora_up(up)
+        q, s, m, d, u = (L.rowmajor_to_qweight(packed), L.pack_scales(scales), L.pack_micro_scales(micro),
+                         L.pack_lora_down(down), L.pack_lora_up(up))
         rows.append({
             "layer": name, "N": n, "K": k,
             "qweight_unpack_s": _time(L.qweight_to_rowmajor, q), "qweight_pack_s": _time(L.rowmajor_to_qweight, packed),
             "int4_scales_unpack_s": _time(L.unpack_scales, s), "nvfp4_scales_unpack_s": _time(L.unpack_micro_scales, m),
             "lora_unpack_s": _time(L.unpack_lora_down, d) + _time(L.unpack_lora_up, u),
         })
-    cols = ["layer", "N", "K", "qweight_unpack_s", "qweight_pack_s", "int4_scales_unpack_s", "nvfp4_scales_unpack_s", "lora_unpack_s"]
+    cols = ["layer", "N", "K", "qweight_unpack_s", "qweight_pack_s", "int4_scales_unpack_s", "nvfp4_scales_unpack_s",
+            "lora_unpack_s"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols))

@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from linear_peers import bench as _bench, peer_times, random_layer  # noqa: E402  (benchmarks/)
+from linear_peers import bench as _bench  # noqa: E402  (benchmarks/)
+from linear_peers import peer_times, random_layer  # noqa: E402
 
 SHAPES = [  # (M, K, N): FLUX.1 linears at 1024x1024 (4096 image + 512 text tokens)
     (4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504),
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
             if cfg.supports(m=m, n=n, k=k, group=64):
                 continue
             key = f"fast8_gemm[{cfg.name}]"
-            res[key] = _bench(lambda cfg=cfg: cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, zero_c, config=cfg))
+            res[key] = _bench(
+                lambda cfg=cfg: cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, zero_c, config=cfg))
             out = cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, c, config=cfg).double()
             gemm_err[cfg.name] = ((out - ref_gemm).abs().max() / ref_gemm.abs().max()).item()
         best = min((v, key) for key, v in res.items() if key.startswith("fast8_gemm["))
@@ -146,11 +148,13 @@ def main(argv=None) -> int:
         gem = " ".join(f"{key[11:-1].split('_c1')[0]}{'+lut' if key.endswith('_lut]') else ''}:{t[key]:.0f}"
                        for key in res if key.startswith("fast8_gemm["))
         print(f"M={m:5d} K={k:5d} N={n:5d} | bf16 {t['bf16']:5.0f} | fp8row {t['fp8_row']:5.0f} (gemm "
-              f"{t['fp8_row_gemm']:5.0f}) | fast {t['fast']:4.0f} | fast8 {t['fast8']:5.0f} = {row['speedup_vs_bf16']:.2f}x bf16 "
+              f"{t['fp8_row_gemm']:5.0f}) | fast {t['fast']:4.0f} | fast8 {t['fast8']:5.0f} = "
+              f"{row['speedup_vs_bf16']:.2f}x bf16 "
               f"{row['speedup_vs_fp8_row']:.2f}x fp8row | gemm {gem} | prol {res['fast8_prologue']*1e3:.0f}us lowrank "
               f"{res['fast8_lowrank']*1e3:.0f}us ovh {row['overhead_frac']*100:.0f}% | compiled path: quant "
               f"{res['quant_inductor']*1e3:.0f}us + given-q {res['fast8_given_q']*1e3:.0f}us (down "
-              f"{res['fast8_lowrank_down']*1e3:.0f}us) = {row['compiled_path_speedup_vs_bf16']:.2f}x bf16 | host us {' '.join(f'{k}:{v:.0f}' for k, v in host.items())} | err gemm "
+              f"{res['fast8_lowrank_down']*1e3:.0f}us) = {row['compiled_path_speedup_vs_bf16']:.2f}x bf16 | host us "
+              f"{' '.join(f'{k}:{v:.0f}' for k, v in host.items())} | err gemm "
               f"{max(gemm_err.values()):.1e} layer {row.get('max_rel_err_vs_reference', float('nan')):.1e}", flush=True)
     meta = linear_peers.run_meta(kernel_load_seconds=build_s)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -158,7 +158,8 @@ def main(argv=None) -> int:
                 "alt_over_g64": res["alt"] / res["g64"],
                 "alt_over_g64_plus_lowrank": res["alt"] / (res["g64"] + res["lowrank"]),
                 "expand_gb_s": expand_bytes / res["expand"] / 1e6,
-                "host_us_per_call": host, "rel_err_alt_vs_g64": rel, "rel_err_ok": rel < 1e-2, "expand_bit_exact": bit_exact,
+                "host_us_per_call": host, "rel_err_alt_vs_g64": rel, "rel_err_ok": rel < 1e-2,
+                "expand_bit_exact": bit_exact,
             }
             if tiles:
                 row["expand_tiles_ms"] = tiles

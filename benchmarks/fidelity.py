@@ -31,13 +31,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converters.quantize.stats import CalibrationStats, LayerStats, collect_stats  # noqa: E402
-from svdq_format import packing  # noqa: E402
 from converters.quantize.layer import layer_fidelity, quantize_group  # noqa: E402
 from converters.quantize.options import QuantizeOptions  # noqa: E402
 from converters.quantize.report import environment_info  # noqa: E402
 from converters.quantize.selection import select_layers  # noqa: E402
 from converters.quantize.smoothing import relative_error  # noqa: E402
+from converters.quantize.stats import CalibrationStats, LayerStats, collect_stats  # noqa: E402
+from svdq_format import packing  # noqa: E402
 
 
 def minilm_layers(max_rows: int) -> tuple[dict[str, nn.Linear], CalibrationStats, CalibrationStats, dict[str, str]]:
@@ -105,11 +105,12 @@ def fast_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> float:
 @torch.no_grad()
 def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[float, float]:
     """``fast8`` mode: the residual's ``code × scale`` rounded to e4m3 (each row scaled by a
-    power of two into [128, 256) first, :func:`svdq_format.packing.fp8_weight_values`) — the math of an FP8-weight GEMM that applies the group
-    scales in its int4 → FP8 conversion (stock CUTLASS's lookup-table mode, the ``fp8s``
-    benchmark datapath) instead of promoting per group. Returns ``(error with the rounded weights,
-    error of the same emulation with exact weights)``; the second checks the emulation against
-    :func:`fast_mode_error`. Not the format's math: a measurement for the kernel design."""
+    power of two into [128, 256) first, :func:`svdq_format.packing.fp8_weight_values`) — the math
+    of an FP8-weight GEMM that applies the group scales in its int4 → FP8 conversion (stock
+    CUTLASS's lookup-table mode, the ``fp8s`` benchmark datapath) instead of promoting per group.
+    Returns ``(error with the rounded weights, error of the same emulation with exact weights)``;
+    the second checks the emulation against :func:`fast_mode_error`. Not the format's math: a
+    measurement for the kernel design."""
     x = rows.to(torch.float32)
     ref = F.linear(x, linear.weight.float(), None if linear.bias is None else linear.bias.float())
     xs = (x + layer.act_shift) / layer.smooth.float()  # the 4-bit branch's input (docs/format.md §6)

@@ -115,7 +115,8 @@ def profile_step(fn, *, label: str) -> dict:
         kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
     kinds["total"] = sum(kinds.values())
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
-    print(f"{label}: GPU ms by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])),
+    print(f"{label}: GPU ms by kind: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])),
           flush=True)
     return kinds
 
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bf16-compile", action="store_true", help="with --compile: compile the SVDQuant model only")
     ap.add_argument("--no-svdq-eager", action="store_true",
                     help="with --compile: time the SVDQuant model compiled only (a shorter GPU run)")
-    ap.add_argument("--profile", action="store_true", help="GPU time of one SVDQuant step by kernel kind, eager and compiled (torch.profiler)")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU time of one SVDQuant step by kernel kind, eager and compiled (torch.profiler)")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                     help="torch.compile mode (e.g. reduce-overhead for CUDA graphs)")
     ap.add_argument("--samples", type=int, default=4, help="synthetic calibration samples")
@@ -235,7 +237,8 @@ def main(argv=None) -> int:
         if k in result["svdq"]:
             result["svdq"][k]["vs_bf16_eager"] = result["svdq"][k]["median_s"] / result["bf16"]["eager"]["median_s"]
     best = min((result["svdq"][k]["vs_bf16_eager"], k) for k in ("eager", "compiled") if k in result["svdq"])
-    print(f"quantized in {result['quantize_s']} s; output vs bf16: rel err {result['svdq_output_rel_err_vs_bf16']:.3f}; "
+    print(f"quantized in {result['quantize_s']} s; "
+          f"output vs bf16: rel err {result['svdq_output_rel_err_vs_bf16']:.3f}; "
           f"step time vs bf16 eager: {best[0]:.2f}x ({best[1]}; target <= 0.67 on an H100)")
     save()
     print(f"wrote {args.out}")

@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--graphs", action="store_true",
                     help="time inside CUDA graphs (no launch overhead; matters at small M)")
-    ap.add_argument("--datapaths", default=None, help="comma list (default: all; f16 is always run: the others are compared with it)")
+    ap.add_argument("--datapaths", default=None,
+                    help="comma list (default: all; f16 is always run: the others are compared with it)")
     ap.add_argument("--split-k", type=int, default=None,
                     help="K parts of the transposed GEMMs (default: the kernel's rule; small-M split-K is on "
                          "unless SVDQ_SMALL_M_SPLITS=0)")
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"M={m:5d} K={k:5d} N={n:5d} | bf16 {tf['bf16']:6.0f} fp8row {tf['fp8_row_gemm']:6.0f} | "
                   + " ".join(f"{dp} {tf[dp]:5.0f}" for dp in paths)
-                  + f" | prologue {res['prologue'] * 1e3:6.1f} us | best {best}: layer {row['best_layer_vs_bf16']:.2f}x bf16"
+                  + f" | prologue {res['prologue'] * 1e3:6.1f} us | best {best}: "
+                    f"layer {row['best_layer_vs_bf16']:.2f}x bf16"
                   + " | rel " + " ".join(f"{dp} {rel[dp]:.1e}" for dp in paths if dp != "f16"),
                   flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from linear_peers import bench as _bench, peer_times, random_layer  # noqa: E402  (benchmarks/)
+from linear_peers import bench as _bench  # noqa: E402  (benchmarks/)
+from linear_peers import peer_times, random_layer  # noqa: E402
 
 SHAPES = [  # (M, K, N): FLUX.1 linears at 1024x1024 (4096 image + 512 text tokens)
     (4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504),
@@ -85,11 +86,11 @@ def main(argv=None) -> int:
         res["svdq_gemm_fp8dp"] = _bench(lambda: triton_fast.gemm(
             q, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.bfloat16, datapath="fp8"))
         nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
-        codes = ((nib ^ 8) - 8).to(torch.int8)
-        res["svdq_gemm_fp8dp_w8"] = _bench(lambda: triton_fast.gemm(
+        codes = ((nib ^ 8) - 8).to(torch.int8)  # freed by ``del codes`` below, hence bound as a default
+        res["svdq_gemm_fp8dp_w8"] = _bench(lambda codes=codes: triton_fast.gemm(
             q, a, codes, wscales, lr, up, bias, None, out_dtype=torch.bfloat16, packed=False,
             datapath="fp8"))
-        res["svdq_gemm_f16_w8"] = _bench(lambda: triton_fast.gemm(
+        res["svdq_gemm_f16_w8"] = _bench(lambda codes=codes: triton_fast.gemm(
             q, a, codes, wscales, lr, up, bias, None, out_dtype=torch.bfloat16, packed=False))
         # correctness of the timed layer vs the reference, same inputs
         # the reference on the CPU (IEEE fp32): see tests/test_kernels_gpu.py for why not on the GPU

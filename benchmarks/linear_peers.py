@@ -16,7 +16,6 @@ import types
 
 import torch
 
-
 #: Time inside CUDA graphs (``triton.testing.do_bench_cudagraph``): GPU time without the host's
 #: launch cost — what a compiled model with ``mode="reduce-overhead"`` pays at small M.
 GRAPHS = False

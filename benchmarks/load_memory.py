@@ -31,7 +31,7 @@ from memory_bounds import _status_kib, build  # noqa: E402  (one random-code mod
 
 
 def child(loader: str, path: str, device: str) -> None:
-    import torch
+    import torch  # noqa: I001  (svdq_format before diffusers: its import-hook registration path)
 
     import svdq_format  # noqa: F401
     from diffusers import FluxTransformer2DModel  # noqa: F401  (imports done before the baseline)
@@ -100,7 +100,8 @@ def main() -> None:
                     "overhead_mb": round(peak_mb - (model_mb if on_host else 0.0), 1),
                     "seconds": round(r["seconds"], 2),
                 })
-    print(f"{'layout':<13} {'loader':<12} {'files':>5} {'largest MB':>10} {'model MB':>9} {'peak +MB':>9} {'overhead MB':>11} {'s':>6}")
+    print(f"{'layout':<13} {'loader':<12} {'files':>5} {'largest MB':>10} {'model MB':>9} {'peak +MB':>9} "
+          f"{'overhead MB':>11} {'s':>6}")
     for r in rows:
         print(f"{r['layout']:<13} {r['loader']:<12} {r['files']:>5} {r['largest_file_mb']:>10} {r['model_mb']:>9} "
               f"{r['peak_rss_increase_mb']:>9} {r['overhead_mb']:>11} {r['seconds']:>6}")

@@ -83,8 +83,10 @@ def write_lora(model: nn.Module, path: Path, *, rank: int = 64) -> int:
     sd = {}
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, SVDQLinear)):
-            sd[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, mod.in_features, generator=g) * 0.01).bfloat16()
-            sd[f"transformer.{name}.lora_B.weight"] = (torch.randn(mod.out_features, rank, generator=g) * 0.01).bfloat16()
+            sd[f"transformer.{name}.lora_A.weight"] = (
+                torch.randn(rank, mod.in_features, generator=g) * 0.01).bfloat16()
+            sd[f"transformer.{name}.lora_B.weight"] = (
+                torch.randn(mod.out_features, rank, generator=g) * 0.01).bfloat16()
     meta = {"lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": rank})}
     save_file(sd, str(path), metadata=meta)
     return path.stat().st_size
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--single", type=int, default=38)
     ap.add_argument("--out", default="lora.json")
     ap.add_argument("--tmp", default=None, help="directory for the LoRA file and the cache")
-    ap.add_argument("--profile", action="store_true", help="also print a cProfile of one apply (top 25 by cumulative and by own time)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print a cProfile of one apply (top 25 by cumulative and by own time)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -127,7 +130,8 @@ def main(argv=None) -> int:
     lora_path = tmp / "lora_r64.safetensors"
     lora_bytes = write_lora(model, lora_path)
     n_linear = sum(isinstance(m, (nn.Linear, SVDQLinear)) for m in model.modules())
-    print(f"model: {len(svdq)} SVDQ layers ({int4_gb:.2f} GB int4 codes), {n_linear} linears, built in {build_s:.1f} s; "
+    print(f"model: {len(svdq)} SVDQ layers ({int4_gb:.2f} GB int4 codes), {n_linear} linears, "
+          f"built in {build_s:.1f} s; "
           f"LoRA file {lora_bytes / 1e9:.2f} GB; threads {args.threads}; device {args.device}")
 
     load_lora(model, lora_path, adapter_name="warm", cache=False)  # imports, page cache

@@ -84,7 +84,7 @@ def _run(op: str, path: str, shard: str) -> int:
 def child(op: str, path: str, shard: str, warmup: str) -> None:
     """Run one operation after the imports and a warm-up run on a tiny model (so lazy imports
     and one-time caches are in the baseline); print a JSON line with the RSS figures."""
-    import gc
+    import gc  # noqa: I001  (svdq_format before diffusers: its import-hook registration path)
 
     import torch
 
@@ -159,10 +159,12 @@ def measure(op: str, path: Path, warmup: Path, *, allocator: str = "glibc defaul
     largest = max(shards, key=lambda f: f.stat().st_size)
     total = sum(f.stat().st_size for f in shards)
     env = dict(os.environ, PYTHONPATH=str(ROOT), **ALLOCATORS[allocator])
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", op, str(path), str(largest), str(warmup)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", op, str(path), str(largest), str(warmup)],
+        capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"{op} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+        raise RuntimeError(
+            f"{op} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     inc = (r["peak_kib"] - r["baseline_kib"]) * 1024
     streaming = op in STREAMING
@@ -215,10 +217,12 @@ def main() -> None:
     print(f"{'operation':<22} {'allocator':<22} {'shards':>6} {'largest MB':>10} {'model MB':>9} {'peak RSS MB':>11} "
           f"{'+MB':>8} {'ratio':>6} {'to':<14} {'s':>6}")
     for r in rows:
-        print(f"{r['operation']:<22} {r['allocator']:<22} {r['shards']:>6} {r['largest_shard_mb']:>10} {r['model_mb']:>9} {r['peak_rss_mb']:>11} "
+        print(f"{r['operation']:<22} {r['allocator']:<22} {r['shards']:>6} {r['largest_shard_mb']:>10} "
+              f"{r['model_mb']:>9} {r['peak_rss_mb']:>11} "
               f"{r['increment_mb']:>8} {r['ratio']:>6} {r['ratio_to']:<14} {r['seconds']:>6}")
     bad = [r["operation"] for r in rows if r["streams"] and r["ratio"] > BOUND]
-    print(f"bound (increment <= {BOUND} x largest shard for {', '.join(STREAMING)}): {'FAILED: ' + ', '.join(bad) if bad else 'holds'}")
+    print(f"bound (increment <= {BOUND} x largest shard for {', '.join(STREAMING)}): "
+          f"{'FAILED: ' + ', '.join(bad) if bad else 'holds'}")
     import diffusers
     import huggingface_hub
     import safetensors

@@ -298,7 +298,8 @@ def main() -> int:
     print(f"  peak RSS {peak / GIB:.3f} GiB = {peak / largest:.2f} x largest block; above baseline "
           f"{(peak - b) / GIB:.3f} GiB = {(peak - b) / largest:.2f} x largest block")
     for m in per_rank:
-        print(f"  rank {m['rank']}: host {m['peak_host_rss_bytes'] / GIB:.3f} GiB, GPU {m['peak_gpu_bytes'] / GIB:.2f} GiB")
+        print(f"  rank {m['rank']}: host {m['peak_host_rss_bytes'] / GIB:.3f} GiB, "
+              f"GPU {m['peak_gpu_bytes'] / GIB:.2f} GiB")
     if args.gpus > 1:
         print(f"  launcher {run['peak_rss_bytes'] / GIB:.3f} GiB; ranks' VmHWM (polled, since start, largest first): "
               f"{[round(v / GIB, 3) for v in run['rank_vmhwm_bytes_polled']]} GiB")

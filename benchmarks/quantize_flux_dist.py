@@ -86,7 +86,8 @@ def main() -> int:
     if args.tiny or args.small:
         torch.set_num_threads(1)  # CPU tests: one thread per rank (a fair 1-vs-N comparison)
     else:  # torchrun sets OMP_NUM_THREADS=1; give each rank its share of the host's cores
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        torch.set_num_threads(
+            args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
     t = time.time()
     model = build_model(config, device, torch.bfloat16, args.seed)
@@ -153,12 +154,14 @@ def main() -> int:
     groups = out["groups_per_rank"] or []
     for r in per_rank:
         g = groups[r["rank"]] if r["rank"] < len(groups) else "-"
-        print(f"{r['rank']:>4} {r['wall_s']:>9.1f} {r['phases_s'].get('exchange', 0.0):>11.1f} {r['peak_gpu_bytes'] / 2**30:>13.2f} "
+        print(f"{r['rank']:>4} {r['wall_s']:>9.1f} {r['phases_s'].get('exchange', 0.0):>11.1f} "
+              f"{r['peak_gpu_bytes'] / 2**30:>13.2f} "
               f"{r['peak_host_rss_bytes'] / 2**30:>14.2f} {g:>7}")
     print(f"world {world}: wall {total:.1f}s for {params / 1e9:.2f} B params, {len(rep.layers)} layers; "
           f"sha256 {digest[:16]}")
     if "scaling_efficiency" in out:
-        print(f"speedup {out['speedup']:.2f}x vs {out['baseline_wall_s']:.1f}s; efficiency {out['scaling_efficiency']:.2f}; "
+        print(f"speedup {out['speedup']:.2f}x vs {out['baseline_wall_s']:.1f}s; "
+              f"efficiency {out['scaling_efficiency']:.2f}; "
               f"checksum matches baseline: {out['checksum_matches_baseline']}")
     os.makedirs(args.out, exist_ok=True)
     (Path(args.out) / "quantize_flux_dist.json").write_text(json.dumps(out, indent=1, default=str) + "\n")

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # test helpers (fuzzing.py, fake
 
 
 def pytest_addoption(parser):
-    parser.addoption("--soak", action="store_true", help="run the long reliability runs (fuzz, kill-during-write, Hub fault rounds)")
+    parser.addoption("--soak", action="store_true",
+                     help="run the long reliability runs (fuzz, kill-during-write, Hub fault rounds)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -355,7 +355,8 @@ class _Handler(BaseHTTPRequestHandler):
                 exists = True
             else:
                 exists = False
-                root = Commit(self.fake.new_oid(repo_id), None, "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+                root = Commit(self.fake.new_oid(repo_id), None, "initial commit",
+                              {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
                 private = payload.get("private") or payload.get("visibility") == "private"
                 self.fake.repos[repo_id] = Repo(repo_id, bool(private), {"main": root.oid}, {root.oid: root})
         if exists:  # the real Hub also names the repo's URL in a 409

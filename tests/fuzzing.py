@@ -131,7 +131,8 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
         return kind, _join(json.dumps(header), data)
     elif kind == "data-values":
         b = bytearray(data)
-        special = rng.choice([b"\x00\x7f\xc0\x7f", b"\x00\x00\x80\x7f", b"\x7f\x7f\x7f\x7f", b"\xff\xff\xff\xff", b"\x00\x00\x00\x00"])
+        special = rng.choice([b"\x00\x7f\xc0\x7f", b"\x00\x00\x80\x7f", b"\x7f\x7f\x7f\x7f", b"\xff\xff\xff\xff",
+                              b"\x00\x00\x00\x00"])
         if len(b) >= 4:
             pos = rng.randrange(len(b) - 3)
             b[pos : pos + 4] = special

@@ -11,7 +11,8 @@ from svdq_format.model import _set_submodule, model_metadata, svdq_modules
 __all__ = ["quantize_all", "tiny_flux", "tiny_sd3", "flux_inputs", "sd3_inputs", "run"]
 
 
-def quantize_all(model: nn.Module, *, rank: int = 8, precision: str = "int4", dtype: torch.dtype = torch.float32) -> nn.Module:
+def quantize_all(model: nn.Module, *, rank: int = 8, precision: str = "int4",
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every linear with K % 64 == 0 by an SVDQLinear (random smoothing), attach the quantizer."""
     from svdq_format.diffusers import attach_quantizer
 
@@ -19,7 +20,8 @@ def quantize_all(model: nn.Module, *, rank: int = 8, precision: str = "int4", dt
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and m.in_features % 64 == 0:
             smooth = torch.rand(m.in_features, generator=g) + 0.5
-            _set_submodule(model, name, SVDQLinear.from_linear(m, rank=rank, precision=precision, smooth=smooth, dtype=dtype))
+            _set_submodule(model, name,
+                           SVDQLinear.from_linear(m, rank=rank, precision=precision, smooth=smooth, dtype=dtype))
     assert svdq_modules(model)
     attach_quantizer(model, model_metadata(model, extra={"base_model": "tiny/base", "quantizer": {"rank": rank}}))
     return model.eval()
@@ -45,14 +47,16 @@ def tiny_sd3(**kw) -> nn.Module:
 
 def flux_inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
+    return dict(hidden_states=torch.randn(1, 16, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
                 pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
                 img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
 
 
 def sd3_inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 6, 64, generator=g),
+    return dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(1, 6, 64, generator=g),
                 pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([500.0]))
 
 

@@ -132,7 +132,8 @@ def same_tensors(a: dict, b: dict) -> bool:
         if (x is None) != (y is None):
             return False
         if x is not None and (x.dtype != y.dtype or x.shape != y.shape
-                               or not torch.equal(x.view(torch.uint8) if x.numel() else x, y.view(torch.uint8) if y.numel() else y)):
+                               or not torch.equal(x.view(torch.uint8) if x.numel() else x,
+                                                  y.view(torch.uint8) if y.numel() else y)):
             return False
     return True
 
@@ -288,7 +289,8 @@ def flux_bfl_lora(*, prefix: str = "", norms: bool = False, rank: int = 2, seed:
         if norms:
             for part in ("img_attn", "txt_attn"):
                 for nk in ("query_norm", "key_norm"):
-                    sd[f"{prefix}double_blocks.{i}.{part}.norm.{nk}.scale"] = torch.rand(128, generator=g).bfloat16() + 0.5
+                    sd[f"{prefix}double_blocks.{i}.{part}.norm.{nk}.scale"] = (
+                        torch.rand(128, generator=g).bfloat16() + 0.5)
     for i in range(38):
         for name, (k, n) in FLUX_BFL_SINGLE.items():
             add(f"single_blocks.{i}.{name}", k, n)

@@ -111,8 +111,9 @@ def test_backend_plugins_load_on_the_first_gpu_call(monkeypatch):
     call names a CUDA device (no ``import svdq_kernels`` needed), once; a broken plugin is one
     warning, not an error; CPU calls never load them. The package declares its own."""
     import importlib.metadata
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert declared["project"]["entry-points"][ops.PLUGIN_GROUP] == {"cutlass-sm90": "svdq_kernels.registry:register"}
@@ -135,7 +136,8 @@ def test_backend_plugins_load_on_the_first_gpu_call(monkeypatch):
             return self._fn
 
     monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group: [EP("plugged", register), EP("broken", broken)] if group == ops.PLUGIN_GROUP else [])
+                        lambda group: ([EP("plugged", register), EP("broken", broken)]
+                                       if group == ops.PLUGIN_GROUP else []))
     monkeypatch.setattr(ops, "_PLUGINS_LOADED", [False])
     try:
         cpu = ops.LinearCall(torch.device("cpu"), torch.bfloat16, "int4", "int4", 1, 256, 48, 8, False)

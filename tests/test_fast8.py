@@ -4,7 +4,6 @@ the group-64 kernel's configuration, source generation and dispatch (no GPU need
 from __future__ import annotations
 
 import dataclasses
-
 import warnings
 
 import pytest

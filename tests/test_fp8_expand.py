@@ -174,7 +174,8 @@ def test_both_conversions_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, stated
-    proc = subprocess.run([sys.executable, "-c", _CHILD], check=False, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _CHILD], check=False, env=env, capture_output=True, text=True,
+                          timeout=600)
     out = proc.stdout + proc.stderr[-2000:]
     assert proc.returncode == 0, out
     assert proc.stdout.split("\n")[:2] == ["False True True", "True False True"], out

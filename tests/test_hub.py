@@ -25,8 +25,8 @@ REPO = "tester/tiny-flux-svdq"
 FAST = {"retry_wait": 0.01}
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
+@pytest.fixture(name="hub")  # named: other modules import it without shadowing their ``hub`` parameters
+def hub_fixture(monkeypatch, tmp_path):
     """A running fake Hub; huggingface_hub pointed at it with a private cache and no Xet."""
     import huggingface_hub
     import huggingface_hub.constants as C
@@ -161,7 +161,8 @@ def test_pull_recovers_from_fault(hub, model_dir, kind, method, where):
     assert torch.equal(run(load_pretrained(path)), ref)
 
 
-@pytest.mark.parametrize("kind,method,where", [PULL_FAULTS[i] for i in (0, 4, 5)], ids=["500", "truncate", "wrong_etag"])
+@pytest.mark.parametrize("kind,method,where", [PULL_FAULTS[i] for i in (0, 4, 5)],
+                         ids=["500", "truncate", "wrong_etag"])
 def test_pull_persistent_fault_fails_cleanly(hub, model_dir, kind, method, where):
     d, _, _ = model_dir
     push(hub, d)
@@ -211,7 +212,9 @@ def test_push_damaged_upload_is_refused_by_the_server(hub, model_dir, times):
         info = push(hub, d)  # retried; the good bytes land
         assert hub.repos[REPO].branches["main"] == info.oid
     else:
-        with pytest.raises(HubError, match=r"push .* to tester/tiny-flux-svdq@main: failed after 2 attempts: Error while uploading .*Bad request: content does not hash to [0-9a-f]{64}"):
+        with pytest.raises(HubError, match=r"push .* to tester/tiny-flux-svdq@main: failed after 2 attempts: "
+                                           r"Error while uploading .*Bad request: "
+                                           r"content does not hash to [0-9a-f]{64}"):
             push(hub, d, retries=1)
         assert set(hub.files(REPO)) == {".gitattributes"}
     assert hub.fault_log and hub.fault_log[0][0] == "corrupt"
@@ -253,14 +256,16 @@ def test_model_card_metadata_parses_back(hub, model_dir):
 def test_cli_push_and_pull(hub, model_dir, capsys):
     d, _, ref = model_dir
     args = ["--endpoint", hub.url, "--token", "t"]
-    assert cli_main(["push", str(d), REPO, "--private", "--revision", "release", "--commit-message", "cli upload", *args]) == 0
+    assert cli_main(["push", str(d), REPO, "--private", "--revision", "release", "--commit-message", "cli upload",
+                     *args]) == 0
     out = capsys.readouterr().out
     repo = hub.repos[REPO]
     assert repo.private and f"commit {repo.branches['release']}" in out
     assert repo.commits[repo.branches["release"]].message == "cli upload"
     assert cli_main(["pull", REPO, "--revision", "release", "--include", "*.json", *args]) == 0
     path = Path(capsys.readouterr().out.strip())
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors.index.json", "fidelity.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors.index.json",
+                                                      "fidelity.json"]
     # private: no token → a clear error, exit status 1
     assert cli_main(["pull", REPO, "--endpoint", hub.url]) == 1
     assert "error: pull tester/tiny-flux-svdq@main:" in capsys.readouterr().err
@@ -289,7 +294,8 @@ def test_pipeline_folder_push_and_load_by_subfolder(hub, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     push(hub, tmp_path / "pipe", "tester/tiny-flux-pipeline")
     remote = hub.files("tester/tiny-flux-pipeline")
-    assert {"model_index.json", "transformer/config.json", "scheduler/scheduler_config.json", "README.md"} <= set(remote)
+    assert {"model_index.json", "transformer/config.json", "scheduler/scheduler_config.json",
+            "README.md"} <= set(remote)
     by_id = FluxTransformer2DModel.from_pretrained("tester/tiny-flux-pipeline", subfolder="transformer",
                                                    cache_dir=str(tmp_path / "dc"))
     assert torch.equal(run(by_id), ref)

@@ -39,7 +39,7 @@ from svdq_format.io import validate  # noqa: E402
 from svdq_format.model import svdq_modules  # noqa: E402
 from tests.fakehub import FakeHub, git_sha1, sha256  # noqa: E402
 from tests.hub_helpers import tiny_flux  # noqa: E402
-from tests.test_hub import hub  # noqa: E402,F401  (fixture: fake Hub + private cache)
+from tests.test_hub import hub_fixture  # noqa: E402,F401  (the ``hub`` fixture: fake Hub + private cache)
 
 REPO = "tester/soak"
 RATE = 0.12  # probability that a request gets a fault
@@ -157,7 +157,8 @@ def run_rounds(hub: FakeHub, tmp: Path, rounds: int, *, rate: float, seed: int) 
         corrupt += [f"round {i} cache {c}" for c in corrupt_in_cache(cache)]
     kinds = collections.Counter(k for k, _, _ in hub.fault_log)
     return {
-        "rounds": rounds, "rate": rate, "storm_rate (every 10th round)": STORM_RATE, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+        "rounds": rounds, "rate": rate, "storm_rate (every 10th round)": STORM_RATE, "seed": seed,
+        "seconds": round(time.perf_counter() - t0, 1),
         "requests": len(hub.requests), "faults": len(hub.fault_log), "fault_kinds": dict(sorted(kinds.items())),
         **dict(sorted(counts.items())), "crashes": crashes, "corrupt": corrupt,
         "partial downloads left for resume": len(list(cache.glob("models--*/blobs/*.incomplete"))),

@@ -42,10 +42,14 @@ CASES = [
     ("prologue_stats", dict(LR, AMAX=True), dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16")),
     ("prologue_stats", dict(LR, AMAX=False), dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16")),  # lowrank_down
     ("lowrank_sum", dict(HAS_LRS=True, BM=32, BR=32), dict(lr_ptr="*bf16", lrs_ptr="*bf16")),
-    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=False, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
-    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=False, PERM=True), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
-    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=True, W16=False, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
-    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=True, PERM=False), dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
+    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=False, PERM=False),
+     dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
+    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=False, PERM=True),
+     dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv")),
+    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=True, W16=False, PERM=False),
+     dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
+    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=True, PERM=False),
+     dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16")),
     ("prologue_quant", dict(LR, LR16=True, HAS_LRS=True, Q16=False, W16=False, PERM=False),  # fast8: lr as bf16 hi|lo
      dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv", lr_ptr="*bf16", lrs_ptr="*bf16")),
     ("prologue_quant", dict(LR, LR16=True, HAS_LRS=True, Q16=False, W16=True, PERM=False),  # CUTLASS W4A16

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import svdq_format as sf
+import svdq_kernels
 from svdq_format import ops
 from svdq_format.cli import main
 from svdq_format.errors import BackendError
-import svdq_kernels
 from svdq_kernels import cutlass_w4a16, registry, triton_fast
 from svdq_kernels.configs import AUTO_GROUP64_W4A16_CONFIGS
 

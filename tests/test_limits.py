@@ -24,7 +24,7 @@ from svdq_format.cli import main as cli_main  # noqa: E402
 from svdq_format.errors import BackendError, FormatError, HeaderError, HubError, QuantizationError  # noqa: E402
 from svdq_format.io import load_file, read_header, refuse_pickle, validate  # noqa: E402
 from svdq_format.model import load_pretrained  # noqa: E402
-from tests.test_hub import hub  # noqa: E402,F401
+from tests.test_hub import hub_fixture  # noqa: E402,F401  (the ``hub`` fixture)
 
 PICKLE_REASON = "never loads pickles"
 
@@ -107,7 +107,8 @@ def test_hub_cache_unwritable_is_a_clear_error(hub, tmp_path, where):
     svdq_hub.push_to_hub(tmp_path / "m", "tester/cache", token="t", endpoint=hub.url, retry_wait=0.01)
     cache = UNWRITABLE[where](tmp_path)
     hub.requests.clear()
-    with pytest.raises(HubError, match=rf"^pull tester/cache@main: cannot write to the Hub cache {cache}/models--tester--cache "
+    with pytest.raises(HubError, match=rf"^pull tester/cache@main: cannot write to the Hub cache "
+                                       rf"{cache}/models--tester--cache "
                                        r"\(.+\); pass cache_dir= or set HF_HUB_CACHE") as info:
         svdq_hub.pull("tester/cache", endpoint=hub.url, cache_dir=cache, retry_wait=0.01)
     assert "\n" not in str(info.value)
@@ -132,7 +133,8 @@ def test_kernel_cache_unwritable_is_a_clear_error(tmp_path, monkeypatch, where):
     def never(cmd, log):  # pragma: no cover - must not be reached
         raise AssertionError("compiler called although the cache is unusable")
 
-    with pytest.raises(BackendError, match=rf"^{cache}: cannot write to the kernel cache directory \(.+\); set SVDQ_KERNEL_CACHE"):
+    with pytest.raises(BackendError,
+                       match=rf"^{cache}: cannot write to the kernel cache directory \(.+\); set SVDQ_KERNEL_CACHE"):
         build.build_kernel(CutlassGemmConfig(), toolchain=tc, compiler=never)
 
 

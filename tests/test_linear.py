@@ -112,7 +112,8 @@ def test_save_load_forward_bit_identical(tmp_path, precision, dtype):
     x = torch.randn(2, 7, 192).to(dtype)
     assert torch.equal(loaded["a"](x), layer(x))
     for name, t in layer.state_dict().items():
-        assert torch.equal(loaded["a"].state_dict()[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+        assert torch.equal(loaded["a"].state_dict()[name].reshape(-1).view(torch.uint8),
+                           t.reshape(-1).view(torch.uint8)), name
     assert loaded["b"].kind == "w4a16" and loaded["b"].rank == 0
 
 
@@ -171,7 +172,8 @@ def test_svdq_beats_naive_w4a4_on_outlier_channels(capsys):
     rows["naive W4A4 (r=0, no smoothing)"] = rel_err(SVDQLinear.from_linear(lin, rank=0, dtype=torch.float32), lin, x)
     rows["smoothing only (r=0)"] = rel_err(SVDQLinear.from_linear(lin, rank=0, smooth=s, dtype=torch.float32), lin, x)
     rows["SVDQ r=32 + smoothing"] = rel_err(SVDQLinear.from_linear(lin, rank=32, smooth=s, dtype=torch.float32), lin, x)
-    rows["W4A16 (weights only, r=0)"] = rel_err(SVDQLinear.from_linear(lin, rank=0, kind="w4a16", dtype=torch.float32), lin, x)
+    rows["W4A16 (weights only, r=0)"] = rel_err(
+        SVDQLinear.from_linear(lin, rank=0, kind="w4a16", dtype=torch.float32), lin, x)
     with capsys.disabled():
         print("\n  layer 256x512, 8 outlier channels x60 — relative output error")
         for name, err in rows.items():

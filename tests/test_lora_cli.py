@@ -17,8 +17,8 @@ from svdq_format.errors import LoRAError
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import load_model_dir, save_model_dir
 from tests.lora_fixtures import (
-    assert_deltas,
     apply_dense,
+    assert_deltas,
     effective_deltas,
     factors_expected,
     lora_targets,

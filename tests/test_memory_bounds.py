@@ -72,7 +72,8 @@ def test_tensor_reader_staging_buffer_gives_the_same_bytes(tmp_path):
             staged = r.get_tensor(key, out=staging)
             assert staged.data_ptr() == staging.data_ptr() or staged.numel() == 0
             assert staged.dtype == fresh.dtype and staged.shape == fresh.shape
-            assert torch.equal(staged.view(torch.uint8) if staged.dim() else staged, fresh.view(torch.uint8) if fresh.dim() else fresh), key
+            assert torch.equal(staged.view(torch.uint8) if staged.dim() else staged,
+                               fresh.view(torch.uint8) if fresh.dim() else fresh), key
 
 
 @pytest.mark.gpu
@@ -90,4 +91,5 @@ def test_streaming_load_to_cuda_is_bit_identical_to_host_load(tmp_path):
         for k, v in host.items():
             g = gpu[k]
             assert g.device.type == "cuda" and g.dtype == v.dtype, k
-            assert torch.equal(g.cpu().view(torch.uint8) if v.dim() else g.cpu(), v.view(torch.uint8) if v.dim() else v), k
+            assert torch.equal(g.cpu().view(torch.uint8) if v.dim() else g.cpu(),
+                               v.view(torch.uint8) if v.dim() else v), k

@@ -11,6 +11,7 @@ import json
 import sys
 import types
 
+import nunchaku_reference as ref
 import pytest
 import torch
 from safetensors import safe_open
@@ -25,14 +26,13 @@ from svdq_format.io import load_file, validate
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import WEIGHTS_NAME, load_model_dir, save_model_dir
 
-import nunchaku_reference as ref
-
 SHIFT = 0.171875
 
 # (C++ name, native name, kind, N/D, K/D, extra) for one FLUX double and one single block.
 DOUBLE = [
     ("qkv_proj", "attn.to_qkv", "svdq", 3, 1, {"members": ["attn.to_q", "attn.to_k", "attn.to_v"]}),
-    ("qkv_proj_context", "attn.add_qkv_proj", "svdq", 3, 1, {"members": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]}),
+    ("qkv_proj_context", "attn.add_qkv_proj", "svdq", 3, 1,
+     {"members": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]}),
     ("out_proj", "attn.to_out.0", "svdq", 1, 1, {}),
     ("out_proj_context", "attn.to_add_out", "svdq", 1, 1, {}),
     ("mlp_fc1", "ff.net.0.proj", "svdq", 4, 1, {}),
@@ -63,12 +63,15 @@ QWEN = [
 ]
 QWEN_QUANTIZED = {"transformer_blocks.0": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
                                            "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj",
-                                           "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1"]}
+                                           "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1",
+                                           "txt_mod.1"]}
 # Z-Image (absolute sizes, dim 192): Nunchaku runs feed_forward as a diffusers SwiGLU FeedForward.
 ZIMAGE = [
-    (None, "attention.to_qkv", "svdq", 576, 192, {"members": ["attention.to_q", "attention.to_k", "attention.to_v"], "nobias": True}),
+    (None, "attention.to_qkv", "svdq", 576, 192,
+     {"members": ["attention.to_q", "attention.to_k", "attention.to_v"], "nobias": True}),
     (None, "attention.to_out.0", "svdq", 192, 192, {"nobias": True}),
-    (None, "feed_forward.net.0.proj", "svdq", 1024, 192, {"members": ["feed_forward.w3", "feed_forward.w1"], "nobias": True}),
+    (None, "feed_forward.net.0.proj", "svdq", 1024, 192,
+     {"members": ["feed_forward.w3", "feed_forward.w1"], "nobias": True}),
     (None, "feed_forward.net.2", "svdq", 192, 512, {"target": "feed_forward.w2", "nobias": True}),
 ]
 ZIMAGE_BLOCKS = ("layers.0", "noise_refiner.0", "context_refiner.0")
@@ -76,7 +79,8 @@ ZIMAGE_QUANTIZED = {b: ["attention.to_q", "attention.to_k", "attention.to_v", "a
                         "feed_forward.w2", "feed_forward.w3"] for b in ZIMAGE_BLOCKS}
 # SDXL (C = 128): diffusers module names with a fused self-attention to_qkv, C++ tensor names.
 SDXL = [
-    (None, "attn1.to_qkv", "svdq", 384, 128, {"members": ["attn1.to_q", "attn1.to_k", "attn1.to_v"], "zero_bias": True}),
+    (None, "attn1.to_qkv", "svdq", 384, 128,
+     {"members": ["attn1.to_q", "attn1.to_k", "attn1.to_v"], "zero_bias": True}),
     (None, "attn1.to_out.0", "svdq", 128, 128, {}),
     (None, "attn2.to_q", "svdq", 128, 128, {"zero_bias": True}),
     (None, "attn2.to_out.0", "svdq", 128, 128, {}),
@@ -146,7 +150,8 @@ def _svdq_logical(n, k, precision, dtype, gen, *, members=1, zero_bias=False, al
     else:
         lay["codes"] = torch.randint(0, 16, (n, k), generator=gen)
         lay["wscales"] = (torch.rand(n, k // g, generator=gen) * 3 + 0.25).to(torch.float8_e4m3fn)
-        lay["alpha"] = float(torch.tensor(alpha or float(torch.rand(1, generator=gen)) * 0.01 + 0.001).to(torch.bfloat16))
+        lay["alpha"] = float(
+            torch.tensor(alpha or float(torch.rand(1, generator=gen)) * 0.01 + 0.001).to(torch.bfloat16))
         lay["wcscales"] = None
         if members > 1:
             per = torch.tensor([1.0, 0.75, 1.3125][:members])
@@ -202,7 +207,8 @@ def _awq_tensors(st):
             "wzeros": ref.pad(st["zeros"].T.contiguous(), (gp, n)), "bias": st["bias"]}
 
 
-def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alpha=None, arch="flux", skip_refiners=False):
+def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alpha=None, arch="flux",
+               skip_refiners=False):
     """A Nunchaku single file for a tiny FLUX (or Qwen-Image); returns the logical layers."""
     model = {"flux": lambda: tiny_flux(inner), "qwen": tiny_qwen, "zimage": tiny_zimage, "sdxl": tiny_sdxl}[arch]()
     sdxl_blocks = [n[: -len(".attn1")] for n, _ in model.named_modules() if n.endswith("transformer_blocks.0.attn1")]
@@ -246,7 +252,8 @@ def build_file(path, *, precision, dialect, dtype, inner=64, seed=0, single_alph
     if skip_refiners:  # Nunchaku keeps unquantized refiners as its rebuilt SwiGLU FeedForward
         for b in ZIMAGE_BLOCKS[1:]:
             ff = f"{b}.feed_forward"
-            tensors[f"{ff}.net.0.proj.weight"] = torch.cat([tensors.pop(f"{ff}.w3.weight"), tensors.pop(f"{ff}.w1.weight")])
+            tensors[f"{ff}.net.0.proj.weight"] = torch.cat([tensors.pop(f"{ff}.w3.weight"),
+                                                            tensors.pop(f"{ff}.w1.weight")])
             tensors[f"{ff}.net.2.weight"] = tensors.pop(f"{ff}.w2.weight")
     meta = {"config": model.to_json_string(), "model_class": f"Nunchaku{type(model).__name__}",
             "quantization_config": json.dumps({"method": "svdquant", "rank": 16}), "comfy_config": "{}"}
@@ -338,7 +345,8 @@ def test_import_zimage_swiglu_feed_forward(tmp_path):
     out = import_nunchaku(src, tmp_path / "ours")
     worst, ours = _check_forward(out, logical, 192)
     assert worst <= 1e-5, worst
-    assert {"layers.0.feed_forward.w1", "noise_refiner.0.feed_forward.w3", "context_refiner.0.attention.to_v"} <= set(ours)
+    assert {"layers.0.feed_forward.w1", "noise_refiner.0.feed_forward.w3",
+            "context_refiner.0.attention.to_v"} <= set(ours)
     assert not ours["layers.0.feed_forward.w2"].act_unsigned  # SwiGLU, not a GELU fc2
     model = load_model_dir(out)
     assert isinstance(model.layers[0].feed_forward.w2, SVDQLinear)
@@ -390,7 +398,8 @@ def test_ours_to_nunchaku_to_ours_is_bit_identical(tmp_path, precision, dialect,
     a, b = _all_tensors(ours / WEIGHTS_NAME), _all_tensors(back / WEIGHTS_NAME)
     assert a.keys() == b.keys()
     for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].reshape(-1).view(torch.uint8),
+                                                        b[k].reshape(-1).view(torch.uint8)), k
     qa = json.loads((ours / "config.json").read_text())["quantization_config"]["layers"]
     qb = json.loads((back / "config.json").read_text())["quantization_config"]["layers"]
     assert qa == qb
@@ -424,7 +433,8 @@ def _stub_kernels(monkeypatch):
     import diffusers.utils as du
     import diffusers.utils.constants as dc
 
-    monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_kernel=lambda *a, **k: types.SimpleNamespace(ops=None)))
+    monkeypatch.setitem(sys.modules, "kernels",
+                        types.SimpleNamespace(get_kernel=lambda *a, **k: types.SimpleNamespace(ops=None)))
     monkeypatch.setattr(du, "is_kernels_available", lambda: True)
     monkeypatch.setattr(du, "is_kernels_version", lambda *a: False)
     monkeypatch.setattr(dc, "DIFFUSERS_TRUST_REMOTE_KERNELS", True)
@@ -489,7 +499,8 @@ def test_export_refuses_what_nunchaku_cannot_express(tmp_path):
 
 def test_import_errors_name_the_problem(tmp_path):
     bad = tmp_path / "bad.safetensors"
-    st_save({"a.weight": torch.zeros(2)}, str(bad), metadata={"config": json.dumps({"_class_name": "FluxTransformer2DModel"})})
+    st_save({"a.weight": torch.zeros(2)}, str(bad),
+            metadata={"config": json.dumps({"_class_name": "FluxTransformer2DModel"})})
     with pytest.raises(UnsupportedError, match="unknown Nunchaku dialect"):
         import_nunchaku(bad, tmp_path / "o")
     src = tmp_path / "src.safetensors"
@@ -524,10 +535,14 @@ def test_dialect_detection_and_names():
     native = ["transformer_blocks.0.attn.to_qkv.proj_down", "transformer_blocks.0.img_mlp.net.2.smooth_factor"]
     assert (detect_dialect(sdxl), detect_dialect(cpp), detect_dialect(native)) == ("sdxl", "flux-cpp", "native")
     assert to_native(sdxl[0], "sdxl") == sdxl[0]
-    assert to_native("transformer_blocks.3.mlp_context_fc2.lora_up", "flux-cpp") == "transformer_blocks.3.ff_context.net.2.lora_up"
-    assert to_native("single_transformer_blocks.2.out_proj.smooth_orig", "flux-cpp") == "single_transformer_blocks.2.attn.to_out.smooth_orig"
-    assert to_native("transformer_blocks.1.norm_added_k.weight", "flux-cpp") == "transformer_blocks.1.attn.norm_added_k.weight"
-    assert to_native("transformer_blocks.0.attn.to_qkv.smooth_factor", "native") == "transformer_blocks.0.attn.to_qkv.smooth"
+    assert (to_native("transformer_blocks.3.mlp_context_fc2.lora_up", "flux-cpp")
+            == "transformer_blocks.3.ff_context.net.2.lora_up")
+    assert (to_native("single_transformer_blocks.2.out_proj.smooth_orig", "flux-cpp")
+            == "single_transformer_blocks.2.attn.to_out.smooth_orig")
+    assert (to_native("transformer_blocks.1.norm_added_k.weight", "flux-cpp")
+            == "transformer_blocks.1.attn.norm_added_k.weight")
+    assert (to_native("transformer_blocks.0.attn.to_qkv.smooth_factor", "native")
+            == "transformer_blocks.0.attn.to_qkv.smooth")
     for key, d in [(k, "flux-cpp") for k in cpp] + [(k, "native") for k in native] + [(k, "sdxl") for k in sdxl]:
         assert from_native(to_native(key, d), d) == key
     with pytest.raises(UnsupportedError, match="mixes"):

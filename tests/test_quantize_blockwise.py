@@ -15,7 +15,6 @@ from converters.quantize.selection import select_layers
 from converters.quantize.stats import collect_stats
 from tests.quantize_fixtures import tiny_flux as shared_tiny_flux
 
-
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
 
@@ -53,7 +52,8 @@ def test_blockwise_statistics_equal_the_whole_model_pass_bit_for_bit(dtype, shar
     got = collect_stats_blockwise(offloaded, _linears(offloaded, include=("proj_out",)), samples, max_rows=20, seed=3,
                                   device="cpu", load_block=lambda b, n: placed.append(n),
                                   drop_block=lambda b: None, shard=shard)
-    assert placed == [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(2)]
+    assert placed == ([f"transformer_blocks.{i}" for i in range(2)]
+                      + [f"single_transformer_blocks.{i}" for i in range(2)])
     _assert_same_stats(ref, got)
     assert "proj_out" in got.layers and "norm_out.linear" in got.layers
 
@@ -189,7 +189,8 @@ def test_disk_run_releases_layers_and_writes_the_same_shards_and_resumes(tmp_pat
     layers = svdq_modules(res.model)
     assert layers and all(isinstance(m, SVDQLinear) and m.qweight.is_meta for m in layers.values())
     names = sorted(p.name for p in (tmp_path / "full").iterdir() if p.name != "fidelity.json")
-    assert len(names) > 3 and names == sorted(p.name for p in (tmp_path / "disk").iterdir() if p.name != "fidelity.json")
+    assert len(names) > 3 and names == sorted(p.name for p in (tmp_path / "disk").iterdir()
+                                              if p.name != "fidelity.json")
     for name in names:
         assert (tmp_path / "disk" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     assert not (tmp_path / "disk" / ".svdq-state").exists()
@@ -214,15 +215,16 @@ def test_the_32b_benchmark_source_is_a_diffusers_model_and_its_sizes_are_right(t
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from quantize_32b import block_bytes, flux_config, meta_model, random_tensor, write_source
     from diffusers import FluxTransformer2DModel
+    from quantize_32b import block_bytes, flux_config, meta_model, random_tensor, write_source
 
     cfg = flux_config(128, 1, 2)
     info = write_source(cfg, tmp_path / "src", shard_bytes=2_000_000)
     assert info["shards"] > 1
     model = FluxTransformer2DModel.from_pretrained(tmp_path / "src", torch_dtype=torch.bfloat16)
     state = model.state_dict()
-    for key in ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.1.proj_out.bias", "x_embedder.weight"):
+    for key in ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.1.proj_out.bias",
+                "x_embedder.weight"):
         assert torch.equal(state[key], random_tensor(key, state[key], 0)), key
     total, largest, name = block_bytes(meta_model(cfg))
     assert total == sum(t.numel() * 2 for t in state.values())
@@ -238,7 +240,8 @@ def test_sd3_from_disk_is_byte_identical(tmp_path):
     torch.manual_seed(0)
     SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
                           num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64,
-                          pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).save_pretrained(tmp_path / "src")
+                          pooled_projection_dim=32, out_channels=4,
+                          pos_embed_max_size=16).save_pretrained(tmp_path / "src")
     kw = dict(num_samples=2, options=QuantizeOptions(rank=8, alphas=(0.5,)), dtype="float32", device="cpu",
               progress=False)
     quantize_directory(tmp_path / "src", tmp_path / "full", offload="none", **kw)

@@ -19,7 +19,6 @@ from svdq_format.errors import QuantizationError
 from svdq_format.model import save_model_file
 from tests.quantize_fixtures import tiny_flux
 
-
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
 
@@ -137,7 +136,8 @@ def _worker(tmp: str) -> None:
             run_quantization(tiny_flux(), _calibration(), options=opts, state_dir=out / "state", on_block_done=stop,
                              dist=ctx)
         except _Stop:
-            (out / f"stopped-{ctx.rank}.txt").write_text(" ".join(sorted(f.name for f in (out / "state").glob("block-*"))))
+            (out / f"stopped-{ctx.rank}.txt").write_text(
+                " ".join(sorted(f.name for f in (out / "state").glob("block-*"))))
         res = run_quantization(tiny_flux(), _calibration(), options=opts, state_dir=out / "state", dist=ctx)
         if ctx.is_root:
             save_model_file(res.model, out / "dist.safetensors")
@@ -202,7 +202,8 @@ def _exchange_worker(tmp: str) -> None:
     try:
         mine = _exchange_payload(ctx.rank)
         got = ctx.exchange_tensors({"rank": ctx.rank}, mine, None, what="test exchange")
-        ok = all(payload == {"rank": r} and _same(got_t, _exchange_payload(r)) for r, (payload, got_t) in enumerate(got))
+        ok = all(payload == {"rank": r} and _same(got_t, _exchange_payload(r))
+                 for r, (payload, got_t) in enumerate(got))
         # to rank 0 only: rank 0 gets both ranks' tensors, rank 1 every payload but its own tensors only
         send = _exchange_payload(2 * ctx.rank)
         got = ctx.exchange_tensors({"rank": ctx.rank}, send, None, what="test gather", to_root=True)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from converters.quantize.stats import CalibrationStats, LayerStats
 from converters.quantize.layer import layer_fidelity, quantize_group
 from converters.quantize.lowrank import lowrank_factors
 from converters.quantize.options import QuantizeOptions
@@ -18,6 +17,7 @@ from converters.quantize.smoothing import (
     simulated_output,
     smoothing_vector,
 )
+from converters.quantize.stats import CalibrationStats, LayerStats
 from svdq_format.linear import SVDQLinear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only spin on a shared CPU
@@ -38,7 +38,8 @@ def outlier_layer(k: int = 256, n: int = 192, m: int = 256, *, seed: int = 0):
 
 
 def stats_for(name: str, x: torch.Tensor) -> CalibrationStats:
-    return CalibrationStats({name: LayerStats(x.abs().amax(0), x, torch.arange(x.shape[0]).float(), x.shape[0])}, [[name]])
+    return CalibrationStats({name: LayerStats(x.abs().amax(0), x, torch.arange(x.shape[0]).float(), x.shape[0])},
+                            [[name]])
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])
@@ -139,7 +140,8 @@ def test_shared_smoothing_for_an_input_group():
     lin_k, _ = outlier_layer(seed=2)
     names = ["b.to_q", "b.to_k"]
     st = CalibrationStats({n: LayerStats(x.abs().amax(0), x, torch.arange(256.0), 256) for n in names}, [names])
-    res = quantize_group(names, dict(zip(names, (lin_q, lin_k))), dict.fromkeys(names, "w4a4"), st, QuantizeOptions(rank=16))
+    res = quantize_group(names, dict(zip(names, (lin_q, lin_k))), dict.fromkeys(names, "w4a4"), st,
+                         QuantizeOptions(rank=16))
     assert torch.equal(res[names[0]][0].smooth, res[names[1]][0].smooth)
     assert res[names[0]][1]["group"] == names
 

@@ -27,7 +27,6 @@ from svdq_format.linear import SVDQLinear
 from svdq_format.model import load_model_dir, save_model_dir, svdq_modules
 from tests.quantize_fixtures import tiny_flux
 
-
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
 
@@ -192,7 +191,8 @@ def test_cli_quantize_directory_and_errors(tmp_path, capsys):
     assert all(set(r["error"]) == (base | {"svdq_fast", "svdq_fast8"} if r["kind"] == "w4a4" else base)
                for r in report["layers"])
     fast8 = report["summary"]["fast8"]  # the Hopper modes vs exact W4A4, per run (issue 9's condition)
-    assert fast8["layers"] == sum(r["kind"] == "w4a4" for r in report["layers"]) and 0 <= fast8["no_worse"] <= fast8["layers"]
+    assert (fast8["layers"] == sum(r["kind"] == "w4a4" for r in report["layers"])
+            and 0 <= fast8["no_worse"] <= fast8["layers"])
     (mem,) = report["environment"]["memory_per_rank"]  # this run's own peak (VmHWM reset by the CLI)
     assert mem["rank"] == 0 and mem["peak_gpu_bytes"] == 0 and mem["peak_host_rss_bytes"] > 10 * 2**20
     cfg = json.loads((out / "config.json").read_text())

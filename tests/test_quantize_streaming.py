@@ -13,7 +13,6 @@ from svdq_format.errors import QuantizationError
 from svdq_format.linear import SVDQLinear
 from tests.quantize_fixtures import tiny_flux
 
-
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
 
