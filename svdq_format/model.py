@@ -606,7 +606,7 @@ def _empty_model(model_cls: Any, cfg: Mapping[str, Any]) -> nn.Module:
     try:
         from accelerate import init_empty_weights
     except ImportError:  # pragma: no cover - accelerate ships with diffusers installs
-        init_empty_weights = contextlib.nullcontext  # type: ignore[assignment]
+        init_empty_weights = contextlib.nullcontext
     with init_empty_weights():
         return model_cls.from_config(dict(cfg))
 
