@@ -146,7 +146,8 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
 
 def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
     import torch
-    from diffusers import FluxTransformer2DModel
+    # diffusers.models, not diffusers: for type checkers the top-level name is a dummy class
+    from diffusers.models import FluxTransformer2DModel
 
     from svdq_format.io import validate
     from svdq_format.model import load_model_dir

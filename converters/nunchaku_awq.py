@@ -17,7 +17,7 @@ from svdq_format.errors import FormatError, UnsupportedError
 from svdq_format.linear import SVDQLinear
 
 from . import nunchaku_layout as L
-from .nunchaku_common import EXACT_BIAS_KEY, group_indicator, new_layer
+from .nunchaku_common import EXACT_BIAS_KEY, group_indicator, lora_down, lora_up, new_layer
 from .nunchaku_names import adanorm_splits
 
 __all__ = ["awq_to_ours", "ours_to_awq"]
@@ -108,11 +108,11 @@ def ours_to_awq(name: str, layer: SVDQLinear, exact: dict[str, torch.Tensor]) ->
     zeros = (-8 * scales.float()).to(scales.dtype)  # exact: a power of two
     if layer.rank:  # only the importer's zero-point remainder (per-group sums) folds back
         g = k // 64
-        if layer.rank != g or not torch.equal(layer.lora_down, group_indicator(g, k, layer.dtype)):
+        if layer.rank != g or not torch.equal(lora_down(layer), group_indicator(g, k, layer.dtype)):
             raise UnsupportedError(f"layer {name}: a w4a16 layer with a low-rank branch has no Nunchaku AWQ form")
-        want = layer.lora_up.float() - 8 * scales.float()
+        want = lora_up(layer).float() - 8 * scales.float()
         zeros = want.to(scales.dtype)
-        if not torch.equal(zeros.float() + 8 * scales.float(), layer.lora_up.float()):
+        if not torch.equal(zeros.float() + 8 * scales.float(), lora_up(layer).float()):
             raise UnsupportedError(f"layer {name}: the zero-point remainder is not exact in {scales.dtype}")
     bias = layer.bias
     splits = adanorm_splits(name)

@@ -11,7 +11,8 @@ from torch import nn
 from svdq_format.errors import UnsupportedError
 from svdq_format.linear import SVDQLinear
 
-__all__ = ["GELU_SHIFT", "EXACT_BIAS_KEY", "build_skeleton", "find_linear", "is_gelu_fc2", "new_layer", "group_indicator"]
+__all__ = ["GELU_SHIFT", "EXACT_BIAS_KEY", "build_skeleton", "find_linear", "is_gelu_fc2", "new_layer", "group_indicator",
+           "lora_down", "lora_up", "tensor_scale"]
 
 #: The constant Nunchaku adds to GELU outputs before unsigned int4 quantization.
 GELU_SHIFT = 0.171875
@@ -80,14 +81,34 @@ def new_layer(
         layer.qweight.copy_(qweight)
         layer.wscales.copy_(wscales)
         if precision == "nvfp4":
-            layer.wtscale.copy_(torch.tensor(wtscale if wtscale is not None else 1.0, dtype=torch.float32))
+            tensor_scale(layer).copy_(torch.tensor(wtscale if wtscale is not None else 1.0, dtype=torch.float32))
         layer.smooth.copy_(smooth)
         if rank:
-            layer.lora_down.copy_(down)
-            layer.lora_up.copy_(up)
+            assert down is not None and up is not None  # rank > 0: down is given, and up with it
+            lora_down(layer).copy_(down)
+            lora_up(layer).copy_(up)
         if bias is not None:
+            assert layer.bias is not None  # built with bias=True
             layer.bias.copy_(bias)
     return layer
+
+
+def lora_down(layer: SVDQLinear) -> torch.Tensor:
+    """``layer.lora_down``, which every layer with ``rank > 0`` has."""
+    assert layer.lora_down is not None, "a rank-0 layer has no low-rank branch"
+    return layer.lora_down
+
+
+def lora_up(layer: SVDQLinear) -> torch.Tensor:
+    """``layer.lora_up``, which every layer with ``rank > 0`` has."""
+    assert layer.lora_up is not None, "a rank-0 layer has no low-rank branch"
+    return layer.lora_up
+
+
+def tensor_scale(layer: SVDQLinear) -> torch.Tensor:
+    """``layer.wtscale``, the fp32 tensor scale every nvfp4 layer has."""
+    assert layer.wtscale is not None, "an int4 layer has no tensor scale"
+    return layer.wtscale
 
 
 def group_indicator(groups: int, k: int, dtype: torch.dtype) -> torch.Tensor:

@@ -34,7 +34,7 @@ from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
 from .nunchaku_awq import ours_to_awq
-from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2
+from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2, lora_down, lora_up, tensor_scale
 from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native, stock_to_unquantized
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]
@@ -106,15 +106,17 @@ def _fuse(name: str, members: list[tuple[str, SVDQLinear]]) -> _Out:
     ranks = [x.rank for x in layers]
     dtype = first.dtype
     n_total = sum(x.out_features for x in layers)
-    if all(r == ranks[0] for r in ranks) and ranks[0] and all(torch.equal(x.lora_down, first.lora_down) for x in layers):
-        down, up = first.lora_down, torch.cat([x.lora_up for x in layers])
+    down: torch.Tensor | None
+    up: torch.Tensor | None
+    if all(r == ranks[0] for r in ranks) and ranks[0] and all(torch.equal(lora_down(x), lora_down(first)) for x in layers):
+        down, up = lora_down(first), torch.cat([lora_up(x) for x in layers])
     elif any(ranks):
-        down = torch.cat([x.lora_down for x in layers if x.rank])
+        down = torch.cat([lora_down(x) for x in layers if x.rank])
         up = torch.zeros(n_total, sum(ranks), dtype=dtype)
         row = col = 0
         for x in layers:
             if x.rank:
-                up[row : row + x.out_features, col : col + x.rank] = x.lora_up
+                up[row : row + x.out_features, col : col + x.rank] = lora_up(x)
             row, col = row + x.out_features, col + x.rank
     else:
         down = up = None
@@ -122,12 +124,12 @@ def _fuse(name: str, members: list[tuple[str, SVDQLinear]]) -> _Out:
     bias = torch.cat([x.bias if x.bias is not None else torch.zeros(x.out_features, dtype=dtype) for x in layers]) if any(has_bias) else None
     alpha = wc = None
     if first.precision == "nvfp4":
-        alpha = float(first.wtscale)
+        alpha = float(tensor_scale(first))
         a32 = torch.tensor(alpha, dtype=torch.float32)
         parts = []
         for m, x in members:
-            ratio = (x.wtscale.float() / a32).to(dtype)
-            if not torch.equal(a32 * ratio.float(), x.wtscale.float()):
+            ratio = (tensor_scale(x).float() / a32).to(dtype)
+            if not torch.equal(a32 * ratio.float(), tensor_scale(x).float()):
                 raise UnsupportedError(
                     f"layer {m}: its nvfp4 tensor scale is not {members[0][0]}'s times a {str(dtype).removeprefix('torch.')} "
                     f"number, so Nunchaku's fused {name} (alpha × wcscales) cannot express it exactly"
@@ -172,6 +174,7 @@ def _tile(out: _Out, rank: int) -> dict[str, torch.Tensor]:
     down = torch.zeros(rank, k_pad, dtype=out.dtype)
     up = torch.zeros(n_pad, rank, dtype=out.dtype)
     if out.down is not None:
+        assert out.up is not None  # a low-rank branch has both halves
         down[: out.down.shape[0], :k] = out.down
         up[:n, : out.up.shape[1]] = out.up
     t["lora_down"], t["lora_up"] = L.pack_lora_down(down), L.pack_lora_up(up)
@@ -239,7 +242,9 @@ def export_nunchaku(
             "pass dialect= to write the layout anyway"
         )
     nclass, default_dialect = NUNCHAKU_MODEL_CLASSES.get(class_name, (f"Nunchaku{class_name}", "native"))
-    source = meta.extra.get("source") if isinstance(meta.extra.get("source"), dict) else {}
+    source = meta.extra.get("source")
+    if not isinstance(source, dict):
+        source = {}
     if source.get("format") == "nunchaku" and source.get("dialect") and not dialect:
         dialect = str(source["dialect"])  # write back in the dialect it came from
     dialect = dialect or default_dialect

@@ -41,7 +41,7 @@ from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
 from .nunchaku_awq import awq_to_ours
-from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2, new_layer
+from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2, lora_down, lora_up, new_layer, tensor_scale
 from .nunchaku_names import FUSED, LAYER_ROLES, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, detect_dialect, to_native, unquantized_to_stock
 
 __all__ = ["import_nunchaku", "read_nunchaku", "NunchakuFile"]
@@ -271,12 +271,12 @@ def import_nunchaku(
     prefixes = sorted(k[: -len(".qweight")] for k in nf.tensors if k.endswith(".qweight"))
     groups: dict[str, dict[str, torch.Tensor]] = {p: {} for p in prefixes}
     extras: dict[str, torch.Tensor] = {}
-    for key, t in nf.tensors.items():
+    for key, tensor in nf.tensors.items():
         prefix, _, role = key.rpartition(".")
         if prefix in groups and role in LAYER_ROLES:
-            groups[prefix][role] = t
+            groups[prefix][role] = tensor
         else:
-            extras[key] = t
+            extras[key] = tensor
     exact_bias = _read_exact_biases(nf.metadata, file)
     plan = _plan_targets(model, prefixes, file)
 
@@ -289,31 +289,30 @@ def import_nunchaku(
         if t["qweight"].dtype == torch.int32:  # AWQ W4A16
             if how != "plain":
                 raise UnsupportedError(f"{file}: layer {name}: AWQ layer maps to a {how} target")
-            mod = find_linear(model, target)
+            mod = _linear(model, target)
             layers[target] = awq_to_ours(name, t, mod.out_features, mod.in_features, exact_bias.get(name), file)
             if adanorm_splits(name) > 1:
                 record["adanorm"][target] = adanorm_splits(name)
             continue
         if how == "fused":
-            mods = [find_linear(model, m) for m in target]
+            mods = [_linear(model, m) for m in target]
             n, k = sum(m.out_features for m in mods), mods[0].in_features
         elif how.startswith("kconcat"):
-            proj_out = find_linear(model, target)
+            proj_out = _linear(model, target)
             block = target.rsplit(".", 1)[0]
-            k_mlp = find_linear(model, block + ".proj_mlp").out_features
+            k_mlp = _linear(model, block + ".proj_mlp").out_features
             n = proj_out.out_features
             k = k_mlp if how == "kconcat_mlp" else proj_out.in_features - k_mlp
         else:
-            mod = find_linear(model, target)
+            mod = _linear(model, target)
             n, k = mod.out_features, mod.in_features
         lay = _untile(name, t, n, k, file)
         dtype = lay.smooth.dtype
         if lay.smooth_orig is not None and not torch.equal(lay.smooth_orig, lay.smooth):
             record["smooth_fused"].append(name)
         shifted = lay.precision == "int4" and (how == "kconcat_mlp" or (how == "plain" and is_gelu_fc2(model, target)))
-        shift = dict(act_shift=GELU_SHIFT, act_unsigned=True) if shifted else {}
         members = target if how == "fused" else [target]
-        sizes = [find_linear(model, m).out_features for m in members] if how == "fused" else [n]
+        sizes = [_linear(model, m).out_features for m in members] if how == "fused" else [n]
         offset = 0
         for member, size in zip(members, sizes):
             rows = slice(offset, offset + size)
@@ -322,7 +321,7 @@ def import_nunchaku(
             bias = None if lay.bias is None else lay.bias[rows]
             if how.startswith("kconcat"):
                 bias = lay.bias  # resolved when both halves are known
-            elif find_linear(model, member).bias is None:
+            elif _linear(model, member).bias is None:
                 if bias is not None and bool((bias != 0).any()):
                     raise UnsupportedError(f"{file}: layer {name}: non-zero bias for {member}, which has none")
                 bias = None
@@ -332,7 +331,8 @@ def import_nunchaku(
             try:
                 new = new_layer(
                     precision=lay.precision, kind="w4a4", qweight=lay.qweight[rows], wscales=lay.wscales[rows],
-                    wtscale=tscale, smooth=lay.smooth, down=down, up=up, bias=bias, dtype=dtype, **shift,
+                    wtscale=tscale, smooth=lay.smooth, down=down, up=up, bias=bias, dtype=dtype,
+                    act_shift=GELU_SHIFT if shifted else 0.0, act_unsigned=shifted,
                 )
             except (SVDQError, RuntimeError) as exc:  # dtypes/shapes our format does not allow
                 raise UnsupportedError(f"{file}: layer {name}: {exc}") from None
@@ -344,7 +344,7 @@ def import_nunchaku(
         if set(parts) != {"kconcat_attn", "kconcat_mlp"}:
             raise FormatError(file, target, "only one half of a FLUX single-block proj_out is quantized")
         (name_a, a), (name_b, b) = parts["kconcat_attn"], parts["kconcat_mlp"]
-        merged = _merge_k(a, b, has_bias=find_linear(model, target).bias is not None)
+        merged = _merge_k(a, b, has_bias=_linear(model, target).bias is not None)
         if merged is not None:
             layers[target] = merged
         else:  # not expressible as one layer: keep both halves under Nunchaku-V2 names
@@ -378,6 +378,13 @@ def import_nunchaku(
     return out
 
 
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    """:func:`find_linear` for a module the import relies on (found by :func:`_plan_targets`)."""
+    mod = find_linear(model, name)
+    assert mod is not None, name
+    return mod
+
+
 def _finish_bias(layer: SVDQLinear, *, keep: bool) -> None:
     """K-concat halves carry the whole layer's bias on the mlp half only (attn half: zeros)."""
     if not keep and layer.bias is not None:
@@ -392,22 +399,24 @@ def _merge_k(a: SVDQLinear, b: SVDQLinear, *, has_bias: bool) -> SVDQLinear | No
         return None
     if a.wscales.dtype != b.wscales.dtype:
         return None
-    if a.precision == "nvfp4" and not torch.equal(a.wtscale, b.wtscale):
+    if a.precision == "nvfp4" and not torch.equal(tensor_scale(a), tensor_scale(b)):
         return None
     if a.bias is not None and bool((a.bias != 0).any()) and b.bias is not None and bool((b.bias != 0).any()):
         return None
     n, ka, kb = a.out_features, a.in_features, b.in_features
-    if a.rank and b.rank and a.rank == b.rank and torch.equal(a.lora_up, b.lora_up):
-        down = torch.cat([a.lora_down, b.lora_down], dim=1)
-        up = a.lora_up
+    down: torch.Tensor | None
+    up: torch.Tensor | None
+    if a.rank and b.rank and a.rank == b.rank and torch.equal(lora_up(a), lora_up(b)):
+        down = torch.cat([lora_down(a), lora_down(b)], dim=1)
+        up = lora_up(a)
     elif a.rank or b.rank:
         ra, rb = a.rank, b.rank
         down = torch.zeros(ra + rb, ka + kb, dtype=a.dtype)
         if ra:
-            down[:ra, :ka] = a.lora_down
+            down[:ra, :ka] = lora_down(a)
         if rb:
-            down[ra:, ka:] = b.lora_down
-        ups = [x.lora_up for x in (a, b) if x.rank]
+            down[ra:, ka:] = lora_down(b)
+        ups = [lora_up(x) for x in (a, b) if x.rank]
         up = torch.cat(ups, dim=1)
     else:
         down = up = None

@@ -37,7 +37,7 @@ from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 
 from . import nunchaku_layout as L
 from .nunchaku_export import read_model_dir
-from .nunchaku_common import build_skeleton
+from .nunchaku_common import build_skeleton, lora_down, lora_up, tensor_scale
 
 __all__ = ["export_nunchaku_lite", "lite_config", "split_tensor_scale"]
 
@@ -81,8 +81,8 @@ def _svdq_tensors(name: str, layer: SVDQLinear, module: nn.Linear, rank: int, dt
     err = 0.0
     if layer.precision == "nvfp4":
         t["wscales"] = L.pack_micro_scales(layer.wscales)
-        wt, wc = split_tensor_scale(layer.wtscale.float(), dtype)
-        ts = layer.wtscale.float()
+        wt, wc = split_tensor_scale(tensor_scale(layer).float(), dtype)
+        ts = tensor_scale(layer).float()
         err = float(((wt.float() * wc.float() - ts) / ts).abs())
         t["wcscales"] = wc.expand(n).contiguous()
         t["wtscale"] = wt.reshape(1)
@@ -91,8 +91,8 @@ def _svdq_tensors(name: str, layer: SVDQLinear, module: nn.Linear, rank: int, dt
     down = torch.zeros(rank, k, dtype=dtype)
     up = torch.zeros(n, rank, dtype=dtype)
     if layer.rank:
-        down[: layer.rank] = layer.lora_down
-        up[:, : layer.rank] = layer.lora_up
+        down[: layer.rank] = lora_down(layer)
+        up[:, : layer.rank] = lora_up(layer)
     t["proj_down"], t["proj_up"] = L.pack_lora_down(down), L.pack_lora_up(up)
     if module.bias is not None:
         t["bias"] = L.pack_vector(layer.bias if layer.bias is not None else torch.zeros(n, dtype=dtype))
@@ -173,7 +173,7 @@ def export_nunchaku_lite(model_dir: str | os.PathLike[str], out_dir: str | os.Pa
         tensors[k] = v.contiguous()
     precision = precisions.pop() if precisions else None
     qc = lite_config(
-        {"precision": precision, "group_size": packing.GROUP_SIZES[precision], "rank": rank, "targets": sorted(svdq)} if svdq else None,
+        {"precision": precision, "group_size": packing.GROUP_SIZES[precision], "rank": rank, "targets": sorted(svdq)} if precision is not None else None,
         {"precision": "int4", "group_size": 64, "targets": sorted(awq)} if awq else None,
         dtype,
     )

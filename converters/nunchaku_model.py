@@ -31,6 +31,8 @@ class KConcatLinear(nn.Module):
     model's keys); this module only holds references and has no parameters of its own.
     """
 
+    _parts: tuple[nn.Module, nn.Module]
+
     def __init__(self, first: nn.Module, second: nn.Module, split: int, in_features: int, out_features: int) -> None:
         super().__init__()
         object.__setattr__(self, "_parts", (first, second))  # not registered: no duplicate keys

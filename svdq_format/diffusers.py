@@ -95,7 +95,8 @@ class SVDQuantConfig(QuantizationConfigMixin):
             layers=dict(layers or {}),
         )
         self.metadata = FormatMetadata.from_json(obj, file="quantization_config")
-        self.quant_method = SVDQuantMethod.SVDQUANT
+        # diffusers types quant_method as its own QuantizationMethod enum; any str enum works
+        self.quant_method = SVDQuantMethod.SVDQUANT  # type: ignore[assignment]
 
     @classmethod
     def from_metadata(cls, meta: FormatMetadata) -> SVDQuantConfig:
@@ -146,7 +147,8 @@ class SVDQuantizer(DiffusersQuantizer):
     """
 
     requires_calibration = False
-    required_packages = ["safetensors"]
+    required_packages = ["safetensors"]  # type: ignore[assignment]  # diffusers declares None
+    quantization_config: SVDQuantConfig
 
     def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
         if not kwargs.get("pre_quantized", True):
@@ -165,7 +167,8 @@ class SVDQuantizer(DiffusersQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         """Nothing to check: the reference backend runs everywhere."""
 
-    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    # diffusers passes and accepts None (no torch_dtype) but annotates torch.dtype
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:  # type: ignore[override]
         """Default dtype: the compute dtype of the quantized layers (when they agree).
 
         An explicit ``torch_dtype`` also becomes the compute dtype of the SVDQ layers: their
@@ -229,7 +232,8 @@ class SVDQuantizer(DiffusersQuantizer):
     def check_quantized_param_shape(self, param_name: str, current_param: Any, loaded_param: Any) -> bool:
         raise TensorError(None, param_name, f"shape {list(loaded_param.shape)}, model expects {list(current_param.shape)}")
 
-    def create_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
+    # diffusers annotates the result as a Parameter, but ignores it (its own quantizers return None)
+    def create_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,  # type: ignore[override]
                                target_device: Any, state_dict: dict[str, Any],
                                unexpected_keys: list[str] | None = None, **kwargs: Any) -> None:
         """Put one SVDQ tensor in place exactly as stored (dtype and shape checked, no cast)."""
@@ -275,8 +279,9 @@ class SVDQuantizer(DiffusersQuantizer):
         for name, layer in svdq_modules(model).items():
             _set_submodule(model, name, layer.to_linear())
         model.__dict__.pop("save_pretrained", None)
-        if hasattr(model, "register_to_config"):
-            model.register_to_config(quantization_config=None)
+        register_to_config = getattr(model, "register_to_config", None)
+        if register_to_config is not None:
+            register_to_config(quantization_config=None)
         return model
 
 
@@ -313,7 +318,8 @@ def _save_pretrained(
 
 def _install_save_pretrained(model: nn.Module) -> None:
     # An instance attribute: pipelines call ``component.save_pretrained`` and get this one.
-    model.save_pretrained = functools.wraps(_save_pretrained)(functools.partial(_save_pretrained, model))  # type: ignore[method-assign]
+    # (setattr: nn.Module types its attributes as tensors and submodules)
+    setattr(model, "save_pretrained", functools.wraps(_save_pretrained)(functools.partial(_save_pretrained, model)))
     # and diffusers' fuse_qkv_projections() fuses the SVDQ projections (svdq_format.fusion)
     fusion.install(model)
 
@@ -327,11 +333,13 @@ def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantizer:
     the model like one loaded by diffusers.
     """
     quantizer = SVDQuantizer(SVDQuantConfig.from_metadata(meta), pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = quantizer.quantization_config.quant_method
-    model.hf_quantizer = quantizer
-    if hasattr(model, "register_to_config"):
-        model.register_to_config(quantization_config=quantizer.quantization_config)
+    # setattr: nn.Module types its attributes as tensors and submodules
+    setattr(model, "is_quantized", True)
+    setattr(model, "quantization_method", quantizer.quantization_config.quant_method)
+    setattr(model, "hf_quantizer", quantizer)
+    register_to_config = getattr(model, "register_to_config", None)
+    if register_to_config is not None:
+        register_to_config(quantization_config=quantizer.quantization_config)
     _install_save_pretrained(model)
     return quantizer
 

@@ -213,13 +213,17 @@ def pull(
     folder = _repo_cache(repo_id, cache_dir)
     offline = local_files_only or is_offline_mode()
     where = f"{repo_id}@{revision or 'main'}"
+    # snapshot_download is typed for str/Path and list/str only
+    hub_cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
+    patterns = (allow_patterns if allow_patterns is None or isinstance(allow_patterns, str)
+                else list(allow_patterns))
 
     if not offline:
         reason = _unwritable_cache(folder)
         if reason is not None:  # a read-only cache serves what it holds; anything else is a clear error
             try:
-                return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
-                                              allow_patterns=allow_patterns))
+                return Path(snapshot_download(repo_id, revision=revision, cache_dir=hub_cache_dir,
+                                              local_files_only=True, allow_patterns=patterns))
             except Exception:  # noqa: BLE001 - not (completely) in the cache
                 raise HubError(
                     f"pull {where}: cannot write to the Hub cache {folder} ({reason}); "
@@ -237,9 +241,9 @@ def pull(
                     repo_id,
                     revision=revision,
                     token=token,
-                    cache_dir=cache_dir,
+                    cache_dir=hub_cache_dir,
                     local_files_only=local_files_only,
-                    allow_patterns=allow_patterns,
+                    allow_patterns=patterns,
                     endpoint=endpoint,
                 )
             )
@@ -385,7 +389,7 @@ def make_model_card(
         "([SVDQuant](https://arxiv.org/abs/2411.05007)), in the versioned svdquant checkpoint format."
     )
     body += ["", "## Quantization", ""]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"setting": "format_version", "value": meta.format_version},
         {"setting": "layout", "value": meta.layout},
         {"setting": "precision", "value": _summary(s.precision for s in layers)},

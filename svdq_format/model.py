@@ -401,12 +401,12 @@ def _split_state(model: nn.Module) -> tuple[dict[str, SVDQLinear], list[tuple[st
             owner[f"{name}.{key}"] = name
     seen: set[str] = set()
     for key, tensor in model.state_dict().items():
-        name = owner.get(key)
-        if name is None:
+        layer_name = owner.get(key)
+        if layer_name is None:
             units.append((None, {key: tensor}))
-        elif name not in seen:
-            seen.add(name)
-            units.append((name, layer_state(name, layers[name])))
+        elif layer_name not in seen:
+            seen.add(layer_name)
+            units.append((layer_name, layer_state(layer_name, layers[layer_name])))
     return layers, units
 
 
@@ -606,7 +606,7 @@ def _empty_model(model_cls: Any, cfg: Mapping[str, Any]) -> nn.Module:
     try:
         from accelerate import init_empty_weights
     except ImportError:  # pragma: no cover - accelerate ships with diffusers installs
-        init_empty_weights = contextlib.nullcontext  # type: ignore[assignment]
+        init_empty_weights = contextlib.nullcontext
     with init_empty_weights():
         return model_cls.from_config(dict(cfg))
 

@@ -31,8 +31,8 @@ def ensure_legacy_cuda_modules() -> list[str]:
         absent).
     """
     try:
-        import cuda  # type: ignore[import-not-found]
-        import cuda.bindings  # type: ignore[import-not-found]
+        import cuda
+        import cuda.bindings
     except ImportError:
         return []
     added: list[str] = []
@@ -78,6 +78,8 @@ def import_cutlass_cppgen() -> ModuleType:
 def cutlass_source_dir() -> Path:
     """The CUTLASS C++ tree shipped inside the nvidia-cutlass wheel (``include/``, ``tools/``)."""
     lib = import_cutlass_library()
+    if lib.__file__ is None:  # a namespace package: no wheel behind it
+        raise BackendError("cutlass_library has no __file__: the nvidia-cutlass install is incomplete")
     path = Path(lib.__file__).resolve().parent / "source"
     if not (path / "include" / "cutlass" / "cutlass.h").is_file():
         raise BackendError(f"{path}: the nvidia-cutlass wheel has no CUTLASS C++ headers")
