@@ -146,6 +146,7 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
 
 def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
     import torch
+
     # diffusers.models, not diffusers: for type checkers the top-level name is a dummy class
     from diffusers.models import FluxTransformer2DModel
 
@@ -192,12 +193,12 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
 
 def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True, log: Any = print) -> dict[str, Any]:
     """Run the demo, printing as it goes; returns the numbers (for tests)."""
-    from svdq_format.io import validate
-    from svdq_format.summary import format_summary, summarize
-
     import os
 
     import torch
+
+    from svdq_format.io import validate
+    from svdq_format.summary import format_summary, summarize
 
     if hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
         # A busy CPU: with small matrices, extra threads only spin-wait on each other.

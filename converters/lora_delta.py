@@ -30,7 +30,7 @@ import torch
 
 from svdq_format.errors import LoRAError
 from svdq_format.io import atomic_write
-from svdq_format.lora import LoraPlan, LayerDelta
+from svdq_format.lora import LayerDelta, LoraPlan
 
 __all__ = [
     "DELTA_FORMAT_VERSION",

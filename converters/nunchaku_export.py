@@ -34,7 +34,16 @@ from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
 from .nunchaku_awq import ours_to_awq
-from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2, lora_down, lora_up, tensor_scale
+from .nunchaku_common import (
+    EXACT_BIAS_KEY,
+    GELU_SHIFT,
+    build_skeleton,
+    find_linear,
+    is_gelu_fc2,
+    lora_down,
+    lora_up,
+    tensor_scale,
+)
 from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native, stock_to_unquantized
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]

@@ -207,8 +207,7 @@ def pull(
         HubError: the repo/revision/file does not exist, the cache lacks it offline, or the
             download kept failing.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import is_offline_mode
+    from huggingface_hub import is_offline_mode, snapshot_download
 
     folder = _repo_cache(repo_id, cache_dir)
     offline = local_files_only or is_offline_mode()

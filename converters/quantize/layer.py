@@ -13,10 +13,10 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 from svdq_format.linear import SVDQLinear
 
-from .stats import CalibrationStats
 from .options import QuantizeOptions
 from .residual import gptq_int4, int4_clip_scales
 from .smoothing import approximate, relative_error, search_smoothing, shift_correction
+from .stats import CalibrationStats
 from .timing import PhaseTimer
 
 __all__ = ["quantize_group", "layer_fidelity", "layer_seed", "GELU_SHIFT"]

@@ -28,11 +28,11 @@ from svdq_format.io import atomic_write, load_file, read_metadata, save_file
 from svdq_format.linear import SVDQLinear
 
 from .calibration import CalibrationSet, load_calibration, synthetic_calibration
-from .stats import CalibrationStats, collect_stats
 from .layer import quantize_group
 from .options import QuantizeOptions
 from .report import FidelityReport, environment_info
 from .selection import Selection, select_layers
+from .stats import CalibrationStats, collect_stats
 from .timing import PhaseTimer
 
 if TYPE_CHECKING:
