@@ -219,7 +219,8 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
     log(f"$ svdq inspect {main_file}")
     log(format_summary(summarize(main_file)))
     meta = validate(main_file)
-    log(f"$ svdq validate {main_file}\nok: {main_file}: format_version {meta.format_version}, {len(meta.layers)} layers")
+    log(f"$ svdq validate {main_file}\n"
+        f"ok: {main_file}: format_version {meta.format_version}, {len(meta.layers)} layers")
     result: dict[str, Any] = {"minilm": rows}
     if flux:
         f = _tiny_flux(out_dir, rank=rank, log=log)

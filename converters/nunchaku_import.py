@@ -451,7 +451,9 @@ def _merge_k(a: SVDQLinear, b: SVDQLinear, *, has_bias: bool) -> SVDQLinear | No
     )
 
 
-def _expected_extras(model: nn.Module, layers: Mapping[str, SVDQLinear], record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _expected_extras(
+    model: nn.Module, layers: Mapping[str, SVDQLinear], record: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     owned = set(layers) | set(record["k_concat"])
     return {
         k: v
