@@ -36,12 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quantize_flux import FLUX_DEV, SMALL, TINY, build_model  # noqa: E402
-
 from converters.quantize import QuantizeOptions, run_quantization, synthetic_calibration  # noqa: E402
 from converters.quantize.distributed import init_distributed, rank_device  # noqa: E402
 from converters.quantize.memory import host_peak_bytes  # noqa: E402
 from converters.quantize.report import environment_info  # noqa: E402
+from quantize_flux import FLUX_DEV, SMALL, TINY, build_model  # noqa: E402
 from svdq_format.io import layer_state  # noqa: E402
 from svdq_format.model import svdq_modules  # noqa: E402
 

@@ -146,6 +146,7 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
 
 def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
     import torch
+
     # diffusers.models, not diffusers: for type checkers the top-level name is a dummy class
     from diffusers.models import FluxTransformer2DModel
 
@@ -192,12 +193,12 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
 
 def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True, log: Any = print) -> dict[str, Any]:
     """Run the demo, printing as it goes; returns the numbers (for tests)."""
-    from svdq_format.io import validate
-    from svdq_format.summary import format_summary, summarize
-
     import os
 
     import torch
+
+    from svdq_format.io import validate
+    from svdq_format.summary import format_summary, summarize
 
     if hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
         # A busy CPU: with small matrices, extra threads only spin-wait on each other.
@@ -218,7 +219,8 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
     log(f"$ svdq inspect {main_file}")
     log(format_summary(summarize(main_file)))
     meta = validate(main_file)
-    log(f"$ svdq validate {main_file}\nok: {main_file}: format_version {meta.format_version}, {len(meta.layers)} layers")
+    log(f"$ svdq validate {main_file}\n"
+        f"ok: {main_file}: format_version {meta.format_version}, {len(meta.layers)} layers")
     result: dict[str, Any] = {"minilm": rows}
     if flux:
         f = _tiny_flux(out_dir, rank=rank, log=log)

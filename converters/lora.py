@@ -138,7 +138,9 @@ def _read_device(model: nn.Module) -> Optional[torch.device]:
     return None
 
 
-def _plan_from_delta(model: nn.Module, path: str, adapter_name: str, *, check_fingerprint: bool) -> tuple[LoraPlan, LoraReport]:
+def _plan_from_delta(
+    model: nn.Module, path: str, adapter_name: str, *, check_fingerprint: bool
+) -> tuple[LoraPlan, LoraReport]:
     plan, meta = lora_delta.load_delta(path, adapter_name=adapter_name, device=_read_device(model))
     if check_fingerprint:
         # a file from elsewhere: never take a stored copy of the base's own branch on trust

@@ -30,7 +30,7 @@ import torch
 
 from svdq_format.errors import LoRAError
 from svdq_format.io import atomic_write
-from svdq_format.lora import LoraPlan, LayerDelta
+from svdq_format.lora import LayerDelta, LoraPlan
 
 __all__ = [
     "DELTA_FORMAT_VERSION",
@@ -172,7 +172,9 @@ def load_delta(path: str | os.PathLike[str], *, adapter_name: Optional[str] = No
         raise LoRAError(f"{p}: not an svdquant LoRA delta (no {DELTA_METADATA_KEY} metadata)")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > DELTA_FORMAT_VERSION or version < 1:
-        raise LoRAError(f"{p}: delta format_version {version!r} is not supported (this svdquant reads <= {DELTA_FORMAT_VERSION})")
+        raise LoRAError(
+            f"{p}: delta format_version {version!r} is not supported (this svdquant reads <= {DELTA_FORMAT_VERSION})"
+        )
     sd, _ = mmap_safetensors(p, device=device)
     layers: dict[str, LayerDelta] = {}
     for lname, info in (meta.get("layers") or {}).items():

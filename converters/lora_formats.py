@@ -114,7 +114,9 @@ def _refuse_pickle(path: str) -> None:
         raise LoRAError(f"{path}: pickled checkpoints are refused (they can execute code); convert it to .safetensors")
 
 
-def mmap_safetensors(path: str, *, device: Optional[torch.device] = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def mmap_safetensors(
+    path: str, *, device: Optional[torch.device] = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read-only, zero-copy tensors of a safetensors file (memory-mapped) and its metadata.
 
     The header is fully checked first (:func:`svdq_format.io.read_header`: lengths, JSON,
@@ -161,7 +163,9 @@ def mmap_safetensors(path: str, *, device: Optional[torch.device] = None) -> tup
     return out, dict(header.metadata)
 
 
-def _read_safetensors(path: str, device: Optional[torch.device] = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(
+    path: str, device: Optional[torch.device] = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     _refuse_pickle(path)
     if not path.endswith(".safetensors"):
         raise LoRAError(f"{path}: not a .safetensors file")
@@ -305,7 +309,9 @@ def _check_supported(sd: Mapping[str, torch.Tensor], path: str) -> None:
 def detect_format(sd: Mapping[str, torch.Tensor], *, peft_dir: bool = False) -> str:
     """The format name of a LoRA state dict (same order of checks as diffusers' Flux loader)."""
     keys = list(sd)
-    if peft_dir and not any(k.startswith("base_model.model.double_blocks") or k.startswith("base_model.model.single_blocks") for k in keys):
+    if peft_dir and not any(
+        k.startswith("base_model.model.double_blocks") or k.startswith("base_model.model.single_blocks") for k in keys
+    ):
         return "peft"
     if any(".lora_down.weight" in k for k in keys):
         if any(k.startswith("lora_transformer_") for k in keys):
@@ -424,7 +430,9 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
     path = raw.path
     sd = dict(raw.state_dict)
     _check_supported(sd, path)
-    sd = {k: (v.to(torch.bfloat16) if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else v) for k, v in sd.items()}
+    sd = {
+        k: (v.to(torch.bfloat16) if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else v) for k, v in sd.items()
+    }
     fmt = detect_format(sd, peft_dir=raw.peft_dir)
     config = dict(raw.config) if raw.config else None
     if config and config.get("use_dora"):
@@ -475,17 +483,25 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
     for mod, parts in modules.items():
         a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
         if a is None or b is None:
-            raise LoRAError(f"{path}: {mod}: has {'lora_B' if a is None else 'lora_A'} without {'lora_A' if a is None else 'lora_B'}")
+            raise LoRAError(
+                f"{path}: {mod}: has {'lora_B' if a is None else 'lora_A'} "
+                f"without {'lora_A' if a is None else 'lora_B'}"
+            )
         if "lora_A.bias" in parts:
             raise LoRAError(f"{path}: {mod}.lora_A.bias: a bias on lora_A is not supported")
         if a.ndim != 2 or b.ndim != 2:
-            raise LoRAError(f"{path}: {mod}: lora_A/lora_B must be 2-D linear factors, got {list(a.shape)} and {list(b.shape)} (conv LoRAs are not supported)")
+            raise LoRAError(
+                f"{path}: {mod}: lora_A/lora_B must be 2-D linear factors, got {list(a.shape)} and {list(b.shape)} "
+                "(conv LoRAs are not supported)"
+            )
         if a.shape[0] != b.shape[1]:
             raise LoRAError(f"{path}: {mod}: rank mismatch: lora_A has rank {a.shape[0]}, lora_B has rank {b.shape[1]}")
         r = int(a.shape[0])
         if r == 0:
             raise LoRAError(f"{path}: {mod}: rank 0")
         scale = _unit_scale(mod, r, config, alphas) * extra_scale.get(mod, 1.0)
-        deltas[mod] = LoraDelta(a, b, torch.full((r,), scale, dtype=torch.float32, device=a.device), parts.get("lora_B.bias"))
+        deltas[mod] = LoraDelta(
+            a, b, torch.full((r,), scale, dtype=torch.float32, device=a.device), parts.get("lora_B.bias")
+        )
     adapter = LoraAdapter(name=adapter_name, deltas=deltas, params=params, source=path)
     return NormalizedLora(adapter, fmt, sorted(set(dropped)), skipped)

@@ -99,7 +99,9 @@ def ours_to_awq(name: str, layer: SVDQLinear, exact: dict[str, torch.Tensor]) ->
     if layer.precision != "int4":
         raise UnsupportedError(f"layer {name}: Nunchaku's AWQ layers are int4, this one is {layer.precision}")
     if layer.wscales.dtype != layer.dtype:
-        raise UnsupportedError(f"layer {name}: AWQ scales are stored in the compute dtype {layer.dtype}, not {layer.wscales.dtype}")
+        raise UnsupportedError(
+            f"layer {name}: AWQ scales are stored in the compute dtype {layer.dtype}, not {layer.wscales.dtype}"
+        )
     n, k = layer.out_features, layer.in_features
     if n % 4 or k % 64:
         raise UnsupportedError(f"layer {name}: AWQ needs N % 4 == 0 and K % 64 == 0, got {n}x{k}")

@@ -11,8 +11,8 @@ from torch import nn
 from svdq_format.errors import UnsupportedError
 from svdq_format.linear import SVDQLinear
 
-__all__ = ["GELU_SHIFT", "EXACT_BIAS_KEY", "build_skeleton", "find_linear", "is_gelu_fc2", "new_layer", "group_indicator",
-           "lora_down", "lora_up", "tensor_scale"]
+__all__ = ["GELU_SHIFT", "EXACT_BIAS_KEY", "build_skeleton", "find_linear", "is_gelu_fc2", "new_layer",
+           "group_indicator", "lora_down", "lora_up", "tensor_scale"]
 
 #: The constant Nunchaku adds to GELU outputs before unsigned int4 quantization.
 GELU_SHIFT = 0.171875

@@ -34,7 +34,16 @@ from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
 from .nunchaku_awq import ours_to_awq
-from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2, lora_down, lora_up, tensor_scale
+from .nunchaku_common import (
+    EXACT_BIAS_KEY,
+    GELU_SHIFT,
+    build_skeleton,
+    find_linear,
+    is_gelu_fc2,
+    lora_down,
+    lora_up,
+    tensor_scale,
+)
 from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native, stock_to_unquantized
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]
@@ -64,7 +73,11 @@ def read_model_dir(
         raise FormatError(str(cfg_path), None, f"not valid JSON ({exc})") from None
     meta = FormatMetadata.from_json(cfg.pop("quantization_config", None) or {}, file=str(cfg_path))
     layers = load_file(weights)
-    owned = {f"{p}.{r}" for p, layer in layers.items() for r in ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")}
+    owned = {
+        f"{p}.{r}"
+        for p, layer in layers.items()
+        for r in ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")
+    }
     with safe_open(str(weights), framework="pt", device="cpu") as h:
         extras = {k: h.get_tensor(k) for k in h.keys() if k not in owned}
     return cfg, meta, layers, extras
@@ -95,9 +108,13 @@ def _fuse(name: str, members: list[tuple[str, SVDQLinear]]) -> _Out:
     first = members[0][1]
     for m, layer in members[1:]:
         if layer.precision != first.precision or layer.dtype != first.dtype or layer.in_features != first.in_features:
-            raise UnsupportedError(f"layer {m}: precision/dtype/in_features differ from {members[0][0]}; cannot fuse into {name}")
+            raise UnsupportedError(
+                f"layer {m}: precision/dtype/in_features differ from {members[0][0]}; cannot fuse into {name}"
+            )
         if not torch.equal(layer.smooth, first.smooth):
-            raise UnsupportedError(f"layer {m}: smoothing differs from {members[0][0]}; Nunchaku's fused {name} has one smooth")
+            raise UnsupportedError(
+                f"layer {m}: smoothing differs from {members[0][0]}; Nunchaku's fused {name} has one smooth"
+            )
         if layer.act_shift or layer.act_unsigned:
             raise UnsupportedError(f"layer {m}: shifted activations cannot be fused into {name}")
     layers = [layer for _, layer in members]
@@ -108,7 +125,11 @@ def _fuse(name: str, members: list[tuple[str, SVDQLinear]]) -> _Out:
     n_total = sum(x.out_features for x in layers)
     down: torch.Tensor | None
     up: torch.Tensor | None
-    if all(r == ranks[0] for r in ranks) and ranks[0] and all(torch.equal(lora_down(x), lora_down(first)) for x in layers):
+    if (
+        all(r == ranks[0] for r in ranks)
+        and ranks[0]
+        and all(torch.equal(lora_down(x), lora_down(first)) for x in layers)
+    ):
         down, up = lora_down(first), torch.cat([lora_up(x) for x in layers])
     elif any(ranks):
         down = torch.cat([lora_down(x) for x in layers if x.rank])
@@ -121,7 +142,11 @@ def _fuse(name: str, members: list[tuple[str, SVDQLinear]]) -> _Out:
     else:
         down = up = None
     has_bias = [x.bias is not None for x in layers]
-    bias = torch.cat([x.bias if x.bias is not None else torch.zeros(x.out_features, dtype=dtype) for x in layers]) if any(has_bias) else None
+    bias = (
+        torch.cat([x.bias if x.bias is not None else torch.zeros(x.out_features, dtype=dtype) for x in layers])
+        if any(has_bias)
+        else None
+    )
     alpha = wc = None
     if first.precision == "nvfp4":
         alpha = float(tensor_scale(first))
@@ -131,7 +156,8 @@ def _fuse(name: str, members: list[tuple[str, SVDQLinear]]) -> _Out:
             ratio = (tensor_scale(x).float() / a32).to(dtype)
             if not torch.equal(a32 * ratio.float(), tensor_scale(x).float()):
                 raise UnsupportedError(
-                    f"layer {m}: its nvfp4 tensor scale is not {members[0][0]}'s times a {str(dtype).removeprefix('torch.')} "
+                    f"layer {m}: its nvfp4 tensor scale is not {members[0][0]}'s times a "
+                    f"{str(dtype).removeprefix('torch.')} "
                     f"number, so Nunchaku's fused {name} (alpha × wcscales) cannot express it exactly"
                 )
             parts.append(ratio.expand(x.out_features))
@@ -192,7 +218,9 @@ def _rebuilt_target(name: str, layers: Mapping[str, SVDQLinear]) -> tuple[str, l
                 full = [base + x for x in members]
                 if all(x in layers for x in full):
                     return base + target, full
-                raise UnsupportedError(f"layer {name}: Nunchaku fuses {full} into {base + target}; all must be quantized")
+                raise UnsupportedError(
+                    f"layer {name}: Nunchaku fuses {full} into {base + target}; all must be quantized"
+                )
     return None
 
 
@@ -255,7 +283,9 @@ def export_nunchaku(
     precision = precisions.pop() if precisions else "int4"
     dtypes = {x.dtype for x in layers.values()}
     if not dtypes <= {torch.bfloat16, torch.float16} or len(dtypes) > 1:
-        raise UnsupportedError(f"{file}: Nunchaku needs one 16-bit compute dtype, this model has {sorted(map(str, dtypes))}")
+        raise UnsupportedError(
+            f"{file}: Nunchaku needs one 16-bit compute dtype, this model has {sorted(map(str, dtypes))}"
+        )
 
 
     outs: dict[str, _Out] = {}
@@ -270,7 +300,8 @@ def export_nunchaku(
             raise UnsupportedError(f"layer {name}: split fused layers into their members before export")
         if (layer.kind == "w4a16") != (adanorm_splits(name) > 1):
             raise UnsupportedError(
-                f"layer {name}: Nunchaku runs {'only AdaLN modulation layers' if layer.kind == 'w4a16' else 'AdaLN modulation layers'} "
+                f"layer {name}: Nunchaku runs "
+                f"{'only AdaLN modulation layers' if layer.kind == 'w4a16' else 'AdaLN modulation layers'} "
                 f"as AWQ W4A16; this layer is {layer.kind}"
             )
         if layer.kind == "w4a16":
@@ -278,7 +309,10 @@ def export_nunchaku(
             done.add(name)
             continue
         if layer.precision == "int4" and layer.wscales.dtype != layer.dtype:
-            raise UnsupportedError(f"layer {name}: int4 scales are {layer.wscales.dtype}, Nunchaku stores them in the compute dtype {layer.dtype}")
+            raise UnsupportedError(
+                f"layer {name}: int4 scales are {layer.wscales.dtype}, "
+                f"Nunchaku stores them in the compute dtype {layer.dtype}"
+            )
         parent, _, leaf = name.rpartition(".")
         rebuilt = _rebuilt_target(name, layers)
         if rebuilt is not None:
@@ -300,7 +334,9 @@ def export_nunchaku(
                 done.update(members)
                 continue
             if present != [members[0]]:
-                raise UnsupportedError(f"layer {name}: only {present} of {members} are quantized; Nunchaku fuses all three")
+                raise UnsupportedError(
+                    f"layer {name}: only {present} of {members} are quantized; Nunchaku fuses all three"
+                )
         single = name.startswith("single_transformer_blocks.")
         if single and leaf == "proj_out":
             block_k = find_linear(model, parent + ".proj_mlp")
@@ -360,10 +396,18 @@ def export_nunchaku(
     }
     if rebuilt_dense:
         qcfg["skip_refiners"] = True  # Nunchaku's Z-Image loader: refiners rebuilt, not quantized
-    comfy = {"model_class": ("Flux" if cfg.get("guidance_embeds") else "FluxSchnell") if class_name == "FluxTransformer2DModel" else class_name,
-             "model_config": {}}
+    comfy = {
+        "model_class": (
+            ("Flux" if cfg.get("guidance_embeds") else "FluxSchnell")
+            if class_name == "FluxTransformer2DModel"
+            else class_name
+        ),
+        "model_config": {},
+    }
     header = {
-        "config": json.dumps({k: v for k, v in cfg.items() if not k.startswith("_") or k in ("_class_name", "_diffusers_version")}),
+        "config": json.dumps(
+            {k: v for k, v in cfg.items() if not k.startswith("_") or k in ("_class_name", "_diffusers_version")}
+        ),
         "comfy_config": json.dumps(comfy),
         "model_class": nclass,
         "quantization_config": json.dumps(qcfg),

@@ -41,8 +41,27 @@ from svdq_format.spec import FormatMetadata
 
 from . import nunchaku_layout as L
 from .nunchaku_awq import awq_to_ours
-from .nunchaku_common import EXACT_BIAS_KEY, GELU_SHIFT, build_skeleton, find_linear, is_gelu_fc2, lora_down, lora_up, new_layer, tensor_scale
-from .nunchaku_names import FUSED, LAYER_ROLES, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, detect_dialect, to_native, unquantized_to_stock
+from .nunchaku_common import (
+    EXACT_BIAS_KEY,
+    GELU_SHIFT,
+    build_skeleton,
+    find_linear,
+    is_gelu_fc2,
+    lora_down,
+    lora_up,
+    new_layer,
+    tensor_scale,
+)
+from .nunchaku_names import (
+    FUSED,
+    LAYER_ROLES,
+    REBUILT_FUSED,
+    REBUILT_PLAIN,
+    adanorm_splits,
+    detect_dialect,
+    to_native,
+    unquantized_to_stock,
+)
 
 __all__ = ["import_nunchaku", "read_nunchaku", "NunchakuFile"]
 
@@ -432,7 +451,9 @@ def _merge_k(a: SVDQLinear, b: SVDQLinear, *, has_bias: bool) -> SVDQLinear | No
     )
 
 
-def _expected_extras(model: nn.Module, layers: Mapping[str, SVDQLinear], record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _expected_extras(
+    model: nn.Module, layers: Mapping[str, SVDQLinear], record: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     owned = set(layers) | set(record["k_concat"])
     return {
         k: v

@@ -36,8 +36,8 @@ from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 
 from . import nunchaku_layout as L
-from .nunchaku_export import read_model_dir
 from .nunchaku_common import build_skeleton, lora_down, lora_up, tensor_scale
+from .nunchaku_export import read_model_dir
 
 __all__ = ["export_nunchaku_lite", "lite_config", "split_tensor_scale"]
 
@@ -66,7 +66,9 @@ def split_tensor_scale(ts: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     return alphas[best], cands[best]
 
 
-def _svdq_tensors(name: str, layer: SVDQLinear, module: nn.Linear, rank: int, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], float]:
+def _svdq_tensors(
+    name: str, layer: SVDQLinear, module: nn.Linear, rank: int, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], float]:
     n, k = layer.out_features, layer.in_features
     if n % L.TILE_N or k % L.TILE_K:
         raise UnsupportedError(f"layer {name}: nunchaku_lite stores unpadded tiles; {n}x{k} is not a multiple of 128")
@@ -104,7 +106,9 @@ def _svdq_tensors(name: str, layer: SVDQLinear, module: nn.Linear, rank: int, dt
 def _awq_tensors(name: str, layer: SVDQLinear, module: nn.Linear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     n, k = layer.out_features, layer.in_features
     if layer.precision != "int4" or layer.rank or not bool((layer.smooth == 1).all()):
-        raise UnsupportedError(f"layer {name}: only plain int4 w4a16 layers (no low-rank branch, no smoothing) map to AWQ")
+        raise UnsupportedError(
+            f"layer {name}: only plain int4 w4a16 layers (no low-rank branch, no smoothing) map to AWQ"
+        )
     if n % 4 or k % 64:
         raise UnsupportedError(f"layer {name}: AWQ needs N % 4 == 0 and K % 64 == 0, got {n}x{k}")
     if layer.wscales.dtype != dtype or layer.dtype != dtype:
@@ -159,21 +163,39 @@ def export_nunchaku_lite(model_dir: str | os.PathLike[str], out_dir: str | os.Pa
         try:
             mod = model.get_submodule(name)
         except AttributeError:
-            raise UnsupportedError(f"layer {name}: not a module of the stock {cfg.get('_class_name')} (a Nunchaku-only split layer?)") from None
-        if not isinstance(mod, nn.Linear) or (mod.in_features, mod.out_features) != (layer.in_features, layer.out_features):
-            raise UnsupportedError(f"layer {name}: the stock module is not a {layer.out_features}x{layer.in_features} Linear")
+            raise UnsupportedError(
+                f"layer {name}: not a module of the stock {cfg.get('_class_name')} (a Nunchaku-only split layer?)"
+            ) from None
+        if not isinstance(mod, nn.Linear) or (mod.in_features, mod.out_features) != (
+            layer.in_features,
+            layer.out_features,
+        ):
+            raise UnsupportedError(
+                f"layer {name}: the stock module is not a {layer.out_features}x{layer.in_features} Linear"
+            )
         modules[name] = mod
     for name, layer in svdq.items():
         t, e = _svdq_tensors(name, layer, modules[name], rank, dtype)
         err = max(err, e)
         tensors.update({f"{name}.{role}": v.contiguous() for role, v in t.items()})
     for name, layer in awq.items():
-        tensors.update({f"{name}.{role}": v.contiguous() for role, v in _awq_tensors(name, layer, modules[name], dtype).items()})
+        tensors.update(
+            {f"{name}.{role}": v.contiguous() for role, v in _awq_tensors(name, layer, modules[name], dtype).items()}
+        )
     for k, v in extras.items():
         tensors[k] = v.contiguous()
     precision = precisions.pop() if precisions else None
     qc = lite_config(
-        {"precision": precision, "group_size": packing.GROUP_SIZES[precision], "rank": rank, "targets": sorted(svdq)} if precision is not None else None,
+        (
+            {
+                "precision": precision,
+                "group_size": packing.GROUP_SIZES[precision],
+                "rank": rank,
+                "targets": sorted(svdq),
+            }
+            if precision is not None
+            else None
+        ),
         {"precision": "int4", "group_size": 64, "targets": sorted(awq)} if awq else None,
         dtype,
     )

@@ -79,7 +79,9 @@ def load_imported_model(directory: str | os.PathLike[str], *, device: torch.devi
         old = model.get_submodule(target)
         first, second = (SVDQLinear.from_spec(meta.layers[p], device="meta") for p in parts)
         if first.in_features + second.in_features != old.in_features or first.out_features != old.out_features:
-            raise ManifestError(str(cfg_path), f"nunchaku.k_concat.{target}", "parts do not add up to the module's shape")
+            raise ManifestError(
+                str(cfg_path), f"nunchaku.k_concat.{target}", "parts do not add up to the module's shape"
+            )
         _set(model, parts[0], first)
         _set(model, parts[1], second)
         _set(model, target, KConcatLinear(first, second, first.in_features, old.in_features, old.out_features))

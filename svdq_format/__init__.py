@@ -28,7 +28,7 @@ from .errors import (
 from .io import load_file, read_metadata, save_file, validate
 from .linear import EXEC_MODES, SVDQLinear
 from .model import load_pretrained, save_pretrained, save_single_file, set_mode
-from .ops import Backend, available_backends, register_backend, reference_linear, svdq_linear
+from .ops import Backend, available_backends, reference_linear, register_backend, svdq_linear
 from .spec import FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, LayerSpec
 
 __version__ = "0.1.0"

@@ -213,12 +213,16 @@ class SVDQuantizer(DiffusersQuantizer):
             if missing:
                 raise TensorError(where, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
             if unexpected:
-                raise TensorError(where, unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
+                raise TensorError(
+                    where, unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)"
+                )
         return model
 
     def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
         if missing_keys:
-            raise TensorError(None, sorted(missing_keys)[0], f"missing from the checkpoint ({len(missing_keys)} tensors missing)")
+            raise TensorError(
+                None, sorted(missing_keys)[0], f"missing from the checkpoint ({len(missing_keys)} tensors missing)"
+            )
         return missing_keys
 
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +234,9 @@ class SVDQuantizer(DiffusersQuantizer):
         return _owner(model, param_name)[0] is not None
 
     def check_quantized_param_shape(self, param_name: str, current_param: Any, loaded_param: Any) -> bool:
-        raise TensorError(None, param_name, f"shape {list(loaded_param.shape)}, model expects {list(current_param.shape)}")
+        raise TensorError(
+            None, param_name, f"shape {list(loaded_param.shape)}, model expects {list(current_param.shape)}"
+        )
 
     # diffusers annotates the result as a Parameter, but ignores it (its own quantizers return None)
     def create_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,  # type: ignore[override]

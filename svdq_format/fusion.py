@@ -7,9 +7,10 @@ docs/format.md §10: the members read the same input and share their smoothing v
 quantizer gives an input group one), so the fused layer has the members' rows of ``qweight``,
 ``wscales``, ``bias`` concatenated, the one ``smooth``, the members' ``lora_down`` stacked
 (``[Σr, K]``) and a block-diagonal ``lora_up`` (``[ΣN, Σr]``) — or, when the members share one
-``lora_down`` (Nunchaku's fused q|k|v, imported), that one and their ``lora_up`` rows stacked. Its output is the members'
-outputs side by side, up to fp32 summation order — one activation quantizer, one low-rank down
-projection and one GEMM instead of three, fewer launches in eager mode.
+``lora_down`` (Nunchaku's fused q|k|v, imported), that one and their ``lora_up`` rows stacked. Its
+output is the members' outputs side by side, up to fp32 summation order — one activation
+quantizer, one low-rank down projection and one GEMM instead of three, fewer launches in eager
+mode.
 
 :func:`install` (called when a quantized model is loaded or built) gives each attention module of
 a diffusers model ``fuse_projections``/``unfuse_projections`` methods that do this, so
@@ -126,8 +127,9 @@ def fuse_layers(members: Sequence[SVDQLinear], names: Sequence[str]) -> SVDQLine
     buffers["wtscale"] = None if first.wtscale is None else first.wtscale.clone()
     buffers["smooth"] = first.smooth.clone()
     if has_bias:
-        buffers["bias"] = torch.cat([m.bias if m.bias is not None else m.qweight.new_zeros(m.out_features, dtype=m.dtype)
-                                     for m in members])
+        buffers["bias"] = torch.cat(
+            [m.bias if m.bias is not None else m.qweight.new_zeros(m.out_features, dtype=m.dtype) for m in members]
+        )
     present = [lr for lr in lowranks if lr is not None]
     if shared_down and down0 is not None:
         buffers["lora_down"] = down0.clone()

@@ -207,8 +207,7 @@ def pull(
         HubError: the repo/revision/file does not exist, the cache lacks it offline, or the
             download kept failing.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import is_offline_mode
+    from huggingface_hub import is_offline_mode, snapshot_download
 
     folder = _repo_cache(repo_id, cache_dir)
     offline = local_files_only or is_offline_mode()
@@ -523,7 +522,11 @@ def push_to_hub(
         raise FormatError(str(folder), "config.json", "no SVDQuant model here (nor in a pipeline component folder)")
     for q in quantized:
         validate(folder / q if q else folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     card = None if (folder / CARD_NAME).is_file() else str(make_model_card(
         folder, repo_id=repo_id, base_model=base_model, license=license, subfolder=quantized[0] or None))
     api = HfApi(endpoint=endpoint, token=token)

@@ -414,7 +414,9 @@ def layer_state(prefix: str, layer: SVDQLinear, *, file: str | None = None,
                 and t.shape[0 if role == "lora_down" else 1] > spec.rank
                 else ""
             )
-            raise TensorError(file, names[role], f"is {got}, the layer's spec needs {' or '.join(dtypes)} {list(shape)}{hint}")
+            raise TensorError(
+                file, names[role], f"is {got}, the layer's spec needs {' or '.join(dtypes)} {list(shape)}{hint}"
+            )
         out[names[role]] = t if t.is_meta or not host else t.detach().to("cpu").contiguous()
     return out
 
@@ -639,7 +641,12 @@ def _check_tensors_against_manifest(
                 raise TensorError(p, names[role], f"shape {list(entry.shape)}, expected {list(shape)}")
         for role in _ROLES - set(expected):
             if names[role] in header.tensors:
-                raise TensorError(p, names[role], f"unexpected tensor for a {spec.kind}/{spec.precision} layer with rank {spec.rank}, bias={spec.has_bias}")
+                raise TensorError(
+                    p,
+                    names[role],
+                    f"unexpected tensor for a {spec.kind}/{spec.precision} layer with rank {spec.rank}, "
+                    f"bias={spec.has_bias}",
+                )
     for name in header.tensors:
         head, _, role = name.rpartition(".")
         if role == "qweight" and head not in prefixes:

@@ -385,7 +385,9 @@ def _plan_lora(model: nn.Module, adapter: LoraAdapter) -> LoraPlan:
     _check_finite_batch(deferred)
     for lname in per_fused:
         if lname in direct:
-            raise LoRAError(f"{adapter.source or adapter.name}: {lname}: LoRA targets both the fused layer and its members")
+            raise LoRAError(
+                f"{adapter.source or adapter.name}: {lname}: LoRA targets both the fused layer and its members"
+            )
     combined: dict[str, LoraDelta] = dict(direct)
     for lname, members in per_fused.items():
         layer = modules[lname]
@@ -701,7 +703,9 @@ def set_active_loras(model: nn.Module, names: Iterable[str], strengths: Optional
         if s is None:
             s = 1.0
         if isinstance(s, bool) or not isinstance(s, (int, float)):
-            raise LoRAError(f"strength of {n!r} must be a number, not {type(s).__name__} (per-block weights are not supported)")
+            raise LoRAError(
+                f"strength of {n!r} must be a number, not {type(s).__name__} (per-block weights are not supported)"
+            )
         values.append(float(s))
     for rec in st.adapters.values():
         rec.active = rec.name in names

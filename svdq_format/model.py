@@ -238,7 +238,9 @@ def load_model_file(
         if missing:
             raise TensorError(p, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
         if unexpected:
-            raise TensorError(p, unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
+            raise TensorError(
+                p, unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)"
+            )
     state: dict[str, torch.Tensor] = {}
     with TensorReader(header) as handle:
         for key in sorted(names & set(expected)):
@@ -410,7 +412,9 @@ def _split_state(model: nn.Module) -> tuple[dict[str, SVDQLinear], list[tuple[st
     return layers, units
 
 
-def plan_shards(model: nn.Module, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[list[tuple[str | None, dict[str, torch.Tensor]]]]:
+def plan_shards(
+    model: nn.Module, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> list[list[tuple[str | None, dict[str, torch.Tensor]]]]:
     """Greedy split of a quantized model's state into shards of at most ``max_shard_size`` bytes.
 
     Units (one SVDQ layer with all its tensors, or one dense tensor) are never split; a unit
@@ -657,7 +661,11 @@ def load_pretrained(
         header = read_header(p)
         text = header.metadata.get(SINGLE_FILE_CONFIG_KEY)
         if text is None:
-            raise ManifestError(str(p), SINGLE_FILE_CONFIG_KEY, "no model config in the header: not a single-file model (pass a directory)")
+            raise ManifestError(
+                str(p),
+                SINGLE_FILE_CONFIG_KEY,
+                "no model config in the header: not a single-file model (pass a directory)",
+            )
         try:
             cfg = json.loads(text)
         except ValueError as exc:
@@ -700,7 +708,11 @@ def load_pretrained(
     if missing:
         raise TensorError(where, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
     if unexpected:
-        raise TensorError(stored[unexpected[0]], unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
+        raise TensorError(
+            stored[unexpected[0]],
+            unexpected[0],
+            f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)",
+        )
     # Onto another device, every tensor is read into one reused host buffer and copied onward:
     # host memory stays at the largest tensor (fresh buffers per tensor would leave the heap
     # as large as the allocator cares to keep, up to the whole model with glibc's defaults).

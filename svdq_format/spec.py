@@ -161,7 +161,11 @@ class LayerSpec:
             )
         if self.rank > min(self.in_features, self.out_features) + 4096:
             raise bad(f"rank {self.rank} is absurd for a {self.out_features}x{self.in_features} layer")
-        if not isinstance(self.act_shift, (int, float)) or isinstance(self.act_shift, bool) or not math.isfinite(self.act_shift):
+        if (
+            not isinstance(self.act_shift, (int, float))
+            or isinstance(self.act_shift, bool)
+            or not math.isfinite(self.act_shift)
+        ):
             raise bad(f"act_shift must be a finite number, got {self.act_shift!r}")
         if not isinstance(self.act_unsigned, bool):
             raise bad(f"act_unsigned must be a boolean, got {self.act_unsigned!r}")

@@ -6,9 +6,10 @@ import json
 import struct
 
 import pytest
-from fuzzing import JSON_VALUES, base_files, check_case, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from fuzzing import JSON_VALUES, base_files, check_case, run
 
 
 def test_mutation_fuzz(tmp_path, request, capsys):

@@ -11,12 +11,12 @@ import json
 import sys
 import types
 
-import nunchaku_reference as ref
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file as st_save
 
+import nunchaku_reference as ref
 from converters.nunchaku_export import export_nunchaku
 from converters.nunchaku_import import import_nunchaku
 from converters.nunchaku_lite import export_nunchaku_lite

@@ -10,9 +10,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from lora_fixtures import flux_inputs, lora_targets, peft_state_dict, quantize, random_factors, tiny_flux  # noqa: E402
-
 from converters.lora import load_lora, unload_all  # noqa: E402
+from lora_fixtures import flux_inputs, lora_targets, peft_state_dict, quantize, random_factors, tiny_flux  # noqa: E402
 from svdq_format import fusion  # noqa: E402
 from svdq_format.errors import SVDQError, UnsupportedError  # noqa: E402
 from svdq_format.linear import SVDQLinear  # noqa: E402

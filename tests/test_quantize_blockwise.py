@@ -216,6 +216,7 @@ def test_the_32b_benchmark_source_is_a_diffusers_model_and_its_sizes_are_right(t
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from diffusers import FluxTransformer2DModel
+
     from quantize_32b import block_bytes, flux_config, meta_model, random_tensor, write_source
 
     cfg = flux_config(128, 1, 2)

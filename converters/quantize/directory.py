@@ -151,7 +151,9 @@ def quantize_directory(
         raise QuantizationError(f"{out_dir}: exists and is not a directory")
     source = None
     if offload == "disk" and prompts:
-        raise QuantizationError("--offload disk reads the transformer from SRC; calibrate with a file instead of --prompts")
+        raise QuantizationError(
+            "--offload disk reads the transformer from SRC; calibrate with a file instead of --prompts"
+        )
     if prompts:
         from diffusers import DiffusionPipeline
 

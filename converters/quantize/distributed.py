@@ -217,11 +217,15 @@ def rank_device(device: str | None, ctx: DistContext | None) -> str:
     if ctx is None or not dev.startswith("cuda"):
         return dev
     if dev != "cuda":
-        raise QuantizationError(f"--device {dev}: with several processes give plain 'cuda' (rank r uses cuda:LOCAL_RANK)")
+        raise QuantizationError(
+            f"--device {dev}: with several processes give plain 'cuda' (rank r uses cuda:LOCAL_RANK)"
+        )
     if not torch.cuda.is_available():
         raise QuantizationError("device cuda requested but CUDA is not available")
     if ctx.local_rank >= torch.cuda.device_count():
-        raise QuantizationError(f"rank {ctx.rank}: LOCAL_RANK {ctx.local_rank} but only {torch.cuda.device_count()} GPUs")
+        raise QuantizationError(
+            f"rank {ctx.rank}: LOCAL_RANK {ctx.local_rank} but only {torch.cuda.device_count()} GPUs"
+        )
     torch.cuda.set_device(ctx.local_rank)
     return f"cuda:{ctx.local_rank}"
 

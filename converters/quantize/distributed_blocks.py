@@ -97,7 +97,9 @@ def quantize_blocks_distributed(
     counts = [len(groups[i]) for i in todo]
     per_rank_window = 2 if release else max(4, -(-sum(counts) // (_windows_per_run() * ctx.world_size)))
     plan = [[todo[j] for j in w] for w in windows(counts, ctx.world_size, groups_per_rank=per_rank_window)]
-    bar = tqdm(total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root))
+    bar = tqdm(
+        total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root)
+    )
     per_rank = [0] * ctx.world_size
     # rank 0 writes the resume files in the background (one thread, in order) while the ranks
     # compute the next window: the writes are off the critical path

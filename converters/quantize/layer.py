@@ -13,10 +13,10 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 from svdq_format.linear import SVDQLinear
 
-from .stats import CalibrationStats
 from .options import QuantizeOptions
 from .residual import gptq_int4, int4_clip_scales
 from .smoothing import approximate, relative_error, search_smoothing, shift_correction
+from .stats import CalibrationStats
 from .timing import PhaseTimer
 
 __all__ = ["quantize_group", "layer_fidelity", "layer_seed", "GELU_SHIFT"]
@@ -119,7 +119,8 @@ def quantize_group(
         with timer.phase("smoothing_search"):
             amax_x = torch.stack([stats.layers[n].absmax for n in names]).amax(dim=0).to(device)
             smooth, alpha, shift, tried = search_smoothing(
-                weights, [r for r in rows if r is not None], amax_x, rank=min(ranks), precision=opts.precision, act_quant=act_quant,
+                weights, [r for r in rows if r is not None], amax_x, rank=min(ranks), precision=opts.precision,
+                act_quant=act_quant,
                 alphas=opts.alphas if opts.smoothing else (), dtype=dtype, scale_dtype=sdt, shifts=shifts,
                 activation_alphas=opts.activation_alphas if opts.smoothing else (),
                 # candidates are only compared: the randomised SVD ranks them the same, much faster

@@ -28,11 +28,11 @@ from svdq_format.io import atomic_write, load_file, read_metadata, save_file
 from svdq_format.linear import SVDQLinear
 
 from .calibration import CalibrationSet, load_calibration, synthetic_calibration
-from .stats import CalibrationStats, collect_stats
 from .layer import quantize_group
 from .options import QuantizeOptions
 from .report import FidelityReport, environment_info
 from .selection import Selection, select_layers
+from .stats import CalibrationStats, collect_stats
 from .timing import PhaseTimer
 
 if TYPE_CHECKING:
@@ -287,7 +287,11 @@ def run_quantization(
     timer = PhaseTimer()
     selection = select_layers(model, include=opts.include, exclude=opts.exclude, weight_only=opts.weight_only)
     if not selection.kinds:
-        why = f" ({len(selection.skipped)} candidates kept 16-bit, e.g. {next(iter(selection.skipped.items()))})" if selection.skipped else ""
+        why = (
+            f" ({len(selection.skipped)} candidates kept 16-bit, e.g. {next(iter(selection.skipped.items()))})"
+            if selection.skipped
+            else ""
+        )
         raise QuantizationError(f"{type(model).__name__}: no linear layer can be quantized{why}")
     first_param = next(model.parameters())
     dev = torch.device(device) if device is not None else first_param.device
@@ -325,7 +329,9 @@ def run_quantization(
                     "delete it or rerun with the same settings"
                 )
         else:
-            text = json.dumps({"fingerprint": fp, "options": opts.to_json(), "blocks": list(selection.blocks)}, indent=1)
+            text = json.dumps(
+                {"fingerprint": fp, "options": opts.to_json(), "blocks": list(selection.blocks)}, indent=1
+            )
             atomic_write(plan, lambda tmp: Path(tmp).write_text(text))
         done = [i for i in range(len(selection.blocks)) if (state / f"block-{i:04d}.safetensors").is_file()]
         return stats_path is not None and stats_path.is_file(), done

@@ -39,7 +39,10 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 def format_table(layers: list[dict[str, Any]], *, limit: int | None = None) -> str:
     """A fixed-width text table of per-layer errors (``limit`` rows, then a summary line)."""
-    head = f"{'layer':<44} {'kind':<6} {'N x K':>12} {'r':>3} {'alpha':>5} {'svdq':>8} {'w4a4':>8} {'w4a16':>8} {'svdq/w4a4':>9}"
+    head = (
+        f"{'layer':<44} {'kind':<6} {'N x K':>12} {'r':>3} {'alpha':>5} "
+        f"{'svdq':>8} {'w4a4':>8} {'w4a16':>8} {'svdq/w4a4':>9}"
+    )
     lines = [head, "-" * len(head)]
     rows = [r for r in layers if "error" in r]
     for r in rows[: limit if limit is not None else len(rows)]:

@@ -87,8 +87,8 @@ class CalibrationStats:
             tensors[f"{name}{_SEP}rows"] = st.rows.contiguous()
             tensors[f"{name}{_SEP}keys"] = st.keys.contiguous()
             counts[name] = st.count
-        meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "mins": mins, "samples": self.samples,
-                                          "seconds": self.seconds, "source": self.source})}
+        meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "mins": mins,
+                                          "samples": self.samples, "seconds": self.seconds, "source": self.source})}
         # tensor by tensor (rows may live on the GPU): no second copy of the statistics in memory
         atomic_write(Path(path), lambda tmp: write_safetensors_streaming(tensors, tmp, meta, lambda k: tensors[k]))
 
