@@ -179,8 +179,9 @@ def test_cli_quantize_directory_and_errors(tmp_path, capsys):
     src, out = tmp_path / "flux", tmp_path / "flux-svdq"
     tiny_flux().save_pretrained(src)
     code = svdq_main(["quantize", str(src), str(out), "--rank", "8", "--num-samples", "2", "--dtype", "float32",
-                      "--alphas", "0.5", "--exclude", "*.ff_context.*", "-q"])
+                      "--alphas", "0.5", "--exclude", "*.ff_context.*", "--table-rows", "3"])
     assert code == 0
+    printed = capsys.readouterr().out  # what a user reads at the end of a run (not -q)
     assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
     assert not (out / ".svdq-state").exists()
     report = json.loads((out / "fidelity.json").read_text())
@@ -195,6 +196,19 @@ def test_cli_quantize_directory_and_errors(tmp_path, capsys):
             and 0 <= fast8["no_worse"] <= fast8["layers"])
     (mem,) = report["environment"]["memory_per_rank"]  # this run's own peak (VmHWM reset by the CLI)
     assert mem["rank"] == 0 and mem["peak_gpu_bytes"] == 0 and mem["peak_host_rss_bytes"] > 10 * 2**20
+    # the printed table is fidelity.json's: its first rows, a count of the rest, the means
+    lines = printed.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("layer "))
+    for line, row in zip(lines[head + 2:head + 5], report["layers"][:3]):
+        name = row["layer"] if len(row["layer"]) <= 44 else "…" + row["layer"][-43:]
+        assert line.split()[0] == name
+        assert f"{row['error']['svdq']:.4f}" in line.split() and f"{row['error']['w4a16']:.4f}" in line.split()
+    assert lines[head + 5] == f"... {len(report['layers']) - 3} more layers (see fidelity.json)"
+    mean = sum(r["error"]["svdq"] for r in report["layers"]) / len(report["layers"])
+    assert f"mean over {len(report['layers'])} layers: svdq {mean:.4f}" in printed
+    assert f"fast8 mode on {fast8['layers']} W4A4 layers" in printed
+    assert f"kept 16-bit: {len(report['skipped'])} candidate layers" in printed
+    assert "time: " in printed and "peak memory: host " in printed and f"wrote {out} " in printed
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "svdquant"
     assert type(load_model_dir(out).transformer_blocks[0].attn.to_q) is SVDQLinear
