@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from svdq_format.errors import QuantizationError
 from svdq_format.io import validate
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import load_model_dir, save_model_dir, svdq_modules
-from tests.quantize_fixtures import tiny_flux
+from tests.quantize_fixtures import tiny_flux, tiny_sd3_pipeline
 
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
@@ -227,6 +228,57 @@ def test_cli_quantize_directory_and_errors(tmp_path, capsys):
     assert "not a diffusers model class" in err(["quantize", str(tmp_path / "bad"), str(tmp_path / "o")])
     assert "already quantized" in err(["quantize", str(out), str(tmp_path / "o")])
     assert "calibration file not found" in err(["quantize", str(src), str(tmp_path / "o"), "--calibration", "nope.st"])
+
+
+def test_cli_quantize_with_prompts_runs_the_pipeline(tmp_path, capsys):
+    """The README's ``svdq quantize PIPELINE OUT --prompts FILE``, on a whole (tiny) pipeline on disk."""
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "sd3")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n\n  blue sky  \n")
+    out = tmp_path / "sd3-svdq"
+    common = ["--rank", "8", "--num-samples", "4", "--dtype", "float32", "--alphas", "0.5", "-q"]
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FutureWarning)  # pyproject ignores diffusers' deprecations
+        assert svdq_main(["quantize", str(tmp_path / "sd3"), str(out), "--prompts", str(prompts), *common]) == 0
+    err = capsys.readouterr().err
+    assert "Loading" not in err  # -q: diffusers' and transformers' loading bars too
+    assert "deprecated" not in err  # the pipeline is loaded with the dtype keyword diffusers takes
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["calibration"] == {"source": "pipeline", "samples": 4}
+
+    # the inputs were the saved pipeline's, run on the file's two prompts (blank line skipped, spaces
+    # stripped): the same capture through the Python API quantizes to the same bytes
+    from diffusers import DiffusionPipeline
+
+    from converters.quantize import QuantizeOptions, capture_pipeline_inputs, run_quantization
+
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "sd3")
+    pipe.set_progress_bar_config(disable=True)
+    calib = capture_pipeline_inputs(pipe, ["a red cat", "blue sky"], max_samples=4, seed=0, output_type="latent")
+    assert len(calib) == 4 and calib.samples[0]["encoder_hidden_states"].shape[-1] == 64
+    opts = QuantizeOptions(rank=8, alphas=(0.5,))
+    ours = run_quantization(pipe.transformer, calib, options=opts, device="cpu", offload=False).model.state_dict()
+    cli = load_model_dir(out).state_dict()
+    assert ours.keys() == cli.keys() and all(torch.equal(ours[k], cli[k]) for k in ours)
+
+    # the quantized transformer drops into the pipeline
+    pipe.transformer = load_model_dir(out)
+    latents = pipe("a red cat", num_inference_steps=2, output_type="latent").images
+    assert latents.shape == (1, 4, 8, 8) and bool(torch.isfinite(latents).all())
+
+    capsys.readouterr()
+    transformer_only = ["quantize", str(tmp_path / "sd3" / "transformer"), str(tmp_path / "o"), "--prompts",
+                        str(prompts), *common]
+    assert svdq_main(transformer_only) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SRC must be a pipeline directory with model_index.json" in err
+    assert f"its parent {(tmp_path / 'sd3').resolve()} is one" in err
+    assert svdq_main(["quantize", str(tmp_path / "sd3"), str(tmp_path / "o"), "--prompts", "nope.txt", *common]) == 1
+    assert "prompt file not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_unsupported_shapes_stay_16bit_or_error():

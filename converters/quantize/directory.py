@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,36 @@ STATE_DIR = ".svdq-state"
 FIDELITY_NAME = "fidelity.json"
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword for a load dtype: ``dtype`` where diffusers takes it (newer
+    releases deprecate ``torch_dtype`` with a warning), else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+@contextlib.contextmanager
+def _loading_bars(enabled: bool) -> Iterator[None]:
+    """diffusers' and transformers' own loading progress bars off unless ``enabled``; restored after."""
+    import importlib
+
+    loggers = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            loggers.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    was = [mod.is_progress_bar_enabled() for mod in loggers]
+    if not enabled:
+        for mod in loggers:
+            mod.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for mod, on in zip(loggers, was):
+            (mod.enable_progress_bar if on else mod.disable_progress_bar)()
 
 
 def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
@@ -85,7 +116,7 @@ def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16"
     if dtype not in _DTYPES:
         raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     try:
-        model = cls.from_pretrained(d, torch_dtype=_DTYPES[dtype])
+        model = cls.from_pretrained(d, **dtype_kwargs(_DTYPES[dtype]))
     except Exception as exc:  # diffusers raises many types for broken directories
         raise QuantizationError(f"{d}: cannot load {name} ({' '.join(str(exc).split())[:200]})") from None
     return model.eval(), d
@@ -160,13 +191,24 @@ def quantize_directory(
         from .calibration import capture_pipeline_inputs
 
         check_model_dir(src)
+        if not (Path(src) / "model_index.json").is_file():
+            parent = Path(src).resolve().parent
+            hint = f" (its parent {parent} is one)" if (parent / "model_index.json").is_file() else ""
+            raise QuantizationError(
+                f"{src}: --prompts runs the whole pipeline, so SRC must be a pipeline directory with "
+                f"model_index.json, not a transformer folder{hint}"
+            )
         if dtype not in _DTYPES:
             raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         try:
-            pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=_DTYPES[dtype]).to(device)
+            with _loading_bars(progress):
+                pipe = DiffusionPipeline.from_pretrained(src, **dtype_kwargs(_DTYPES[dtype])).to(device)
         except Exception as exc:
             raise QuantizationError(f"{src}: cannot load the pipeline for prompt calibration ({exc})") from None
-        calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed)
+        pipe.set_progress_bar_config(disable=not progress)
+        # the transformer's inputs are all that is kept: stop before the VAE decode
+        calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed,
+                                              output_type="latent")
         model = pipe.transformer.to("cpu")
         del pipe
     elif offload == "disk":
