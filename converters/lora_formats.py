@@ -214,7 +214,7 @@ def _pick_file(d: Path, weight_name: Optional[str]) -> Path:
     if len(files) == 1:
         return files[0]
     if not files:
-        pickles = [p.name for p in d.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES)]
+        pickles = sorted(p.name for p in d.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
         hint = f" (only pickles: {', '.join(pickles)}; refused)" if pickles else ""
         raise LoRAError(f"{d}: no .safetensors LoRA file{hint}")
     raise LoRAError(f"{d}: several .safetensors files ({', '.join(p.name for p in files)}); pass weight_name")
