@@ -248,6 +248,9 @@ def test_cli_quantize_with_prompts_runs_the_pipeline(tmp_path, capsys):
     assert "deprecated" not in err  # the pipeline is loaded with the dtype keyword diffusers takes
     report = json.loads((out / "fidelity.json").read_text())
     assert report["calibration"] == {"source": "pipeline", "samples": 4}
+    t = report["timings"]
+    assert list(t)[:2] == ["load", "pipeline_capture"] and t["pipeline_capture"] > 0
+    assert report["total_seconds"] == t["wall"] >= t["load"] + t["pipeline_capture"]  # wall spans every phase
 
     # the inputs were the saved pipeline's, run on the file's two prompts (blank line skipped, spaces
     # stripped): the same capture through the Python API quantizes to the same bytes

@@ -181,6 +181,8 @@ def quantize_directory(
     if out_dir.exists() and not out_dir.is_dir():
         raise QuantizationError(f"{out_dir}: exists and is not a directory")
     source = None
+    start = time.time()
+    phases: dict[str, float] = {}  # seconds before the quantizer runs: loading, the pipeline's capture
     if offload == "disk" and prompts:
         raise QuantizationError(
             "--offload disk reads the transformer from SRC; calibrate with a file instead of --prompts"
@@ -206,9 +208,11 @@ def quantize_directory(
         except Exception as exc:
             raise QuantizationError(f"{src}: cannot load the pipeline for prompt calibration ({exc})") from None
         pipe.set_progress_bar_config(disable=not progress)
+        phases["load"] = time.time() - start
         # the transformer's inputs are all that is kept: stop before the VAE decode
         calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed,
                                               output_type="latent")
+        phases["pipeline_capture"] = time.time() - start - phases["load"]
         model = pipe.transformer.to("cpu")
         del pipe
     elif offload == "disk":
@@ -220,14 +224,15 @@ def quantize_directory(
         offload = "blocks"
     else:
         model, _ = load_diffusers_model(src, dtype=dtype)
+    phases.setdefault("load", time.time() - start)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = out_dir / STATE_DIR
-    start = time.time()
     result = run_quantization(model, calibration, options=opts, device=device, offload=offload,
                               state_dir=state, num_samples=num_samples, progress=progress, deadline=deadline,
                               dist=dist, source=source, release=source is not None)
     if not result.complete:
         return result
+    result.report.timings = {**{k: round(v, 3) for k, v in phases.items()}, **result.report.timings}
     extra = {"quantizer": {"options": opts.to_json(), "calibration": result.report.calibration,
                            "source": os.fspath(src)}}
     rank = 0 if dist is None else dist.rank
