@@ -228,6 +228,11 @@ def test_cli_quantize_directory_and_errors(tmp_path, capsys):
     assert "not a diffusers model class" in err(["quantize", str(tmp_path / "bad"), str(tmp_path / "o")])
     assert "already quantized" in err(["quantize", str(out), str(tmp_path / "o")])
     assert "calibration file not found" in err(["quantize", str(src), str(tmp_path / "o"), "--calibration", "nope.st"])
+    assert err(["quantize", str(src), str(tmp_path / "o"), "--gpus", "0"]) == "error: --gpus must be >= 1, got 0\n"
+    with pytest.raises(SystemExit) as bad:  # argparse: usage and the reason on stderr, status 2
+        svdq_main(["quantize", str(src), str(tmp_path / "o"), "--alphas", "0.5,x"])
+    assert bad.value.code == 2 and "expected comma-separated numbers, got '0.5,x'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_quantize_with_prompts_runs_the_pipeline(tmp_path, capsys):

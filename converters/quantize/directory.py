@@ -182,6 +182,10 @@ def quantize_directory(
         raise QuantizationError(f"{out_dir}: exists and is not a directory")
     source = None
     start = time.time()
+    if isinstance(calibration, (str, os.PathLike)) and os.fspath(calibration) != "synthetic":
+        from .calibration import load_calibration
+
+        calibration = load_calibration(calibration)  # a bad file fails before any model load or OUT
     phases: dict[str, float] = {}  # seconds before the quantizer runs: loading, the pipeline's capture
     if offload == "disk" and prompts:
         raise QuantizationError(
