@@ -247,7 +247,8 @@ def test_cli_quantize_with_prompts_runs_the_pipeline(tmp_path, capsys):
     capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("always", FutureWarning)  # pyproject ignores diffusers' deprecations
-        assert svdq_main(["quantize", str(tmp_path / "sd3"), str(out), "--prompts", str(prompts), *common]) == 0
+        assert svdq_main(["quantize", str(tmp_path / "sd3"), str(out), "--prompts", str(prompts), "--steps", "3",
+                          "--resolution", "16x16", "--guidance-scale", "2.5", *common]) == 0
     err = capsys.readouterr().err
     assert "Loading" not in err  # -q: diffusers' and transformers' loading bars too
     assert "deprecated" not in err  # the pipeline is loaded with the dtype keyword diffusers takes
@@ -265,8 +266,10 @@ def test_cli_quantize_with_prompts_runs_the_pipeline(tmp_path, capsys):
 
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "sd3")
     pipe.set_progress_bar_config(disable=True)
-    calib = capture_pipeline_inputs(pipe, ["a red cat", "blue sky"], max_samples=4, seed=0, output_type="latent")
+    calib = capture_pipeline_inputs(pipe, ["a red cat", "blue sky"], max_samples=4, seed=0, output_type="latent",
+                                    num_inference_steps=3, height=16, width=16, guidance_scale=2.5)
     assert len(calib) == 4 and calib.samples[0]["encoder_hidden_states"].shape[-1] == 64
+    assert calib.samples[0]["hidden_states"].shape[-2:] == (16, 16)  # --resolution (the default is 8x8)
     opts = QuantizeOptions(rank=8, alphas=(0.5,))
     ours = run_quantization(pipe.transformer, calib, options=opts, device="cpu", offload=False).model.state_dict()
     cli = load_model_dir(out).state_dict()
@@ -286,6 +289,15 @@ def test_cli_quantize_with_prompts_runs_the_pipeline(tmp_path, capsys):
     assert f"its parent {(tmp_path / 'sd3').resolve()} is one" in err
     assert svdq_main(["quantize", str(tmp_path / "sd3"), str(tmp_path / "o"), "--prompts", "nope.txt", *common]) == 1
     assert "prompt file not found" in capsys.readouterr().err
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert svdq_main(["quantize", str(tmp_path / "sd3"), str(tmp_path / "o"), "--prompts", str(tmp_path / "blank.txt"),
+                      *common]) == 1
+    assert "the prompt file holds no prompt" in capsys.readouterr().err
+    assert svdq_main(["quantize", str(tmp_path / "sd3"), str(tmp_path / "o"), "--steps", "3", *common]) == 1
+    assert "apply only with --prompts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        svdq_main(["quantize", str(tmp_path / "sd3"), str(tmp_path / "o"), "--resolution", "16", *common])
+    assert "expected HEIGHTxWIDTH in pixels" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

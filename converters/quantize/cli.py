@@ -15,6 +15,13 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _size(text: str) -> tuple[int, int]:
+    h, sep, w = text.lower().partition("x")
+    if not (sep and h.strip().isdigit() and w.strip().isdigit()) or int(h) <= 0 or int(w) <= 0:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 1024x1024, got {text!r}")
+    return int(h), int(w)
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from svdq_format.errors import QuantizationError
 
@@ -70,6 +77,19 @@ def _quantize(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise QuantizationError(f"{p}: prompt file not found")
         prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise QuantizationError(f"{p}: the prompt file holds no prompt")
+    elif args.steps is not None or args.resolution or args.guidance_scale is not None:
+        raise QuantizationError("--steps, --resolution and --guidance-scale apply only with --prompts "
+                                "(they set its pipeline calls)")
+    steps = 8 if args.steps is None else args.steps
+    if steps < 1:
+        raise QuantizationError(f"--steps must be >= 1, got {steps}")
+    call: dict[str, object] = {"num_inference_steps": steps}
+    if args.resolution:
+        call["height"], call["width"] = args.resolution
+    if args.guidance_scale is not None:
+        call["guidance_scale"] = args.guidance_scale
     import warnings
 
     import torch
@@ -94,6 +114,7 @@ def _quantize(args: argparse.Namespace) -> int:
             warnings.showwarning = show
             result = quantize_directory(
                 args.src, args.out, calibration=args.calibration, prompts=prompts, num_samples=args.num_samples,
+                pipeline_kwargs=call if prompts else None,
                 options=opts, dtype=args.dtype, device=args.device, offload=args.offload,
                 progress=not args.quiet and root, keep_state=args.keep_state, max_shard_size=args.max_shard_size,
                 dist=dist, host_peak_reset=host_reset,
@@ -137,6 +158,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="'synthetic' (default; lower quality) or a calibration .safetensors file")
     p.add_argument("--prompts", help="text file, one prompt per line: calibrate by running the pipeline in SRC")
     p.add_argument("--num-samples", type=int, default=8, help="calibration samples (synthetic / prompts)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="with --prompts: denoising steps of each pipeline call (default 8)")
+    p.add_argument("--resolution", type=_size, default=None, metavar="HxW",
+                   help="with --prompts: image height x width of each call, e.g. 1024x1024 (default: the pipeline's)")
+    p.add_argument("--guidance-scale", type=float, default=None, metavar="G",
+                   help="with --prompts: guidance scale of each call (default: the pipeline's)")
     p.add_argument("--calib-rows", type=int, default=256, help="activation rows kept per layer")
     p.add_argument("--alphas", type=_floats, default=None, help="smoothing grid, e.g. 0.2,0.4,0.6")
     p.add_argument("--activation-alphas", type=_floats, default=None,

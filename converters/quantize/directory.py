@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +129,7 @@ def quantize_directory(
     calibration: Any = "synthetic",
     prompts: Sequence[str] | None = None,
     num_samples: int = 8,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
     options: QuantizeOptions | None = None,
     dtype: str = "bfloat16",
     device: str | None = None,
@@ -153,6 +154,8 @@ def quantize_directory(
         calibration: ``"synthetic"`` or a calibration safetensors file.
         prompts: Calibrate by running the pipeline in ``src`` on these prompts instead.
         num_samples: Number of calibration samples (synthetic / prompts).
+        pipeline_kwargs: With ``prompts``: keyword arguments of every pipeline call (e.g.
+            ``num_inference_steps`` — default 8 —, ``height``, ``width``, ``guidance_scale``).
         options: Quantizer options.
         dtype: Compute/storage dtype of the model.
         device: ``"cpu"``, ``"cuda"`` ... (default cuda when available).
@@ -214,8 +217,8 @@ def quantize_directory(
         pipe.set_progress_bar_config(disable=not progress)
         phases["load"] = time.time() - start
         # the transformer's inputs are all that is kept: stop before the VAE decode
-        calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed,
-                                              output_type="latent")
+        call = {"output_type": "latent", **(pipeline_kwargs or {})}
+        calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed, **call)
         phases["pipeline_capture"] = time.time() - start - phases["load"]
         model = pipe.transformer.to("cpu")
         del pipe
