@@ -11,7 +11,7 @@ from typing import Any
 from .io import _model_files, read_header, read_metadata
 from .spec import tensor_names
 
-__all__ = ["summarize", "format_summary"]
+__all__ = ["summarize", "format_summary", "format_size"]
 
 
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -78,7 +78,8 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """``n`` bytes in binary units: ``"512 B"``, ``"31.06 MiB"``, ``"6.20 GiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -98,12 +99,12 @@ def format_summary(s: dict[str, Any]) -> str:
         + ", ".join(f"{k} x{v}" for k, v in s["by_kind"].items()),
         "  ranks           " + ", ".join(f"r={r} x{c}" for r, c in s["ranks"].items()),
         "  group size      " + ", ".join(str(g) for g in s["group_sizes"]),
-        f"  quantized       {s['quantized_params']:,} params in {_size(s['quantized_bytes'])}"
+        f"  quantized       {s['quantized_params']:,} params in {format_size(s['quantized_bytes'])}"
         + (f"  ({s['bits_per_param']:.2f} bits/param incl. scales, smoothing, low-rank, bias)"
            if s["bits_per_param"] else ""),
-        f"  other tensors   {s['other_tensors']} in {_size(s['other_bytes'])}",
-        f"  file size       {_size(s['file_bytes'])}"
-        + (f"  ({s['compression_vs_bf16']:.2f}x smaller than bf16, {_size(s['bf16_bytes'])})"
+        f"  other tensors   {s['other_tensors']} in {format_size(s['other_bytes'])}",
+        f"  file size       {format_size(s['file_bytes'])}"
+        + (f"  ({s['compression_vs_bf16']:.2f}x smaller than bf16, {format_size(s['bf16_bytes'])})"
            if s["compression_vs_bf16"] else ""),
     ]
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from svdq_format.errors import QuantizationError
 from svdq_format.io import validate
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import load_model_dir, save_model_dir, svdq_modules
+from svdq_format.summary import format_size
 from tests.quantize_fixtures import tiny_flux, tiny_sd3_pipeline
 
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
@@ -209,7 +210,9 @@ def test_cli_quantize_directory_and_errors(tmp_path, capsys):
     assert f"mean over {len(report['layers'])} layers: svdq {mean:.4f}" in printed
     assert f"fast8 mode on {fast8['layers']} W4A4 layers" in printed
     assert f"kept 16-bit: {len(report['skipped'])} candidate layers" in printed
-    assert "time: " in printed and "peak memory: host " in printed and f"wrote {out} " in printed
+    assert "time: " in printed and "peak memory: host " in printed
+    size = format_size((out / "diffusion_pytorch_model.safetensors").stat().st_size)
+    assert f"wrote {out} (config.json, diffusion_pytorch_model.safetensors: {size}, fidelity.json)" in printed
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "svdquant"
     assert type(load_model_dir(out).transformer_blocks[0].attn.to_q) is SVDQLinear

@@ -137,7 +137,12 @@ def _quantize(args: argparse.Namespace) -> int:
             parts.append(f"{who}host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB{gpu}")
         if parts:
             print("peak memory: " + "; ".join(parts))
-        print(f"wrote {args.out} (config.json, diffusion_pytorch_model.safetensors, fidelity.json)")
+        from svdq_format.summary import format_size
+
+        weights = sorted(Path(args.out).glob("*.safetensors"))
+        files = weights[0].name if len(weights) == 1 else f"{len(weights)} weight shards + index"
+        size = format_size(sum(f.stat().st_size for f in weights))
+        print(f"wrote {args.out} (config.json, {files}: {size}, fidelity.json)")
     return 0 if result.complete else 3
 
 
