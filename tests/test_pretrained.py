@@ -200,6 +200,40 @@ def test_pipeline_takes_the_quantized_transformer(tmp_path):
     assert torch.equal(run(loaded), ref)
 
 
+def test_whole_pipeline_saves_and_loads_with_its_quantized_transformer(tmp_path):
+    """The publishing flow end to end: a text-to-image pipeline (tiny SD3, real tokenizers and text
+    encoders) with its transformer quantized, ``pipe.save_pretrained``, ``DiffusionPipeline.from_pretrained``."""
+    from diffusers import DiffusionPipeline
+
+    from converters.quantize import capture_pipeline_inputs, quantize_model
+    from converters.quantize.directory import dtype_kwargs
+    from tests.quantize_fixtures import tiny_sd3_pipeline
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "dense")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "dense")  # loaded, like the reloaded one below
+    pipe.set_progress_bar_config(disable=True)
+    calib = capture_pipeline_inputs(pipe, ["a red cat"], max_samples=2, num_inference_steps=2, output_type="latent")
+    quantize_model(pipe.transformer, calib, rank=8, alphas=(0.5,))
+
+    def latents(p):
+        return p("a red cat", num_inference_steps=2, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    ref = latents(pipe)
+    pipe.save_pretrained(tmp_path / "quantized")
+    sf.validate(tmp_path / "quantized" / "transformer")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "quantized")
+    loaded.set_progress_bar_config(disable=True)
+    assert set(svdq_modules(loaded.transformer)) == set(svdq_modules(pipe.transformer)) != set()
+    assert torch.equal(latents(loaded), ref)  # the whole pipeline, bit for bit
+
+    half = DiffusionPipeline.from_pretrained(tmp_path / "quantized", **dtype_kwargs(torch.bfloat16))
+    half.set_progress_bar_config(disable=True)
+    layer = half.transformer.transformer_blocks[0].attn.to_q
+    assert layer.lora_up.dtype == torch.bfloat16 and layer.qweight.dtype == torch.uint8  # codes never cast
+    assert bool(torch.isfinite(latents(half).float()).all())
+
+
 def test_dequantize_gives_a_dense_model():
     model = tiny_flux()
     w_eff = {n: m.dequantize() for n, m in svdq_modules(model).items()}
