@@ -26,6 +26,7 @@ from svdq_format.io import save_file
 from .distributed import DistContext, assign, group_cost, pack_layer, unpack_layer, windows
 from .layer import quantize_group
 from .options import QuantizeOptions
+from .rank_allocation import RankPlan, plan_kwargs
 from .selection import Selection
 from .stats import CalibrationStats
 from .timing import PhaseTimer
@@ -69,8 +70,11 @@ def quantize_blocks_distributed(
     on_block_done: Callable[[int, str], None] | None,
     source: Any = None,
     release: bool = False,
+    rank_plan: RankPlan | None = None,
 ) -> tuple[list[dict[str, Any]], bool, list[int]]:
     """Quantize every block not in ``done``.
+
+    ``rank_plan``: the rank allocation (issue 25), the same on every rank.
 
     Returns:
         ``(layer infos in block order, complete, input groups quantized by each rank)``.
@@ -114,7 +118,7 @@ def quantize_blocks_distributed(
         complete = _windows(ctx, plan, blocks, groups, model, selection, stats, opts, device=device, stream=stream,
                             home=home, state=state, timer=timer, deadline=deadline, infos=infos, per_rank=per_rank,
                             bar=bar, on_block_done=on_block_done, writer=writer, pending=pending, flush=flush,
-                            source=source, release=release)
+                            source=source, release=release, rank_plan=rank_plan)
         flush()
     finally:
         if writer is not None:
@@ -132,7 +136,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
              timer: PhaseTimer, deadline: float | None, infos: list[dict[str, Any]], per_rank: list[int], bar: Any,
              on_block_done: Callable[[int, str], None] | None, writer: ThreadPoolExecutor | None,
              pending: list[Future[Any]], flush: Callable[..., None], source: Any = None,
-             release: bool = False) -> bool:
+             release: bool = False, rank_plan: RankPlan | None = None) -> bool:
     from .pipeline import _is_oom, _linear, _placed_linears, _set_submodule, release_layers
 
     for window in plan:
@@ -157,7 +161,8 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 gt = PhaseTimer()
                 # (disk: only this rank's layers are read from the source shards)
                 with _placed_linears(model, names, device, stream=stream, source=source) as mods:
-                    res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt)
+                    res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt,
+                                         **plan_kwargs(rank_plan, names))
                 packed = []
                 for name, (layer, info) in res.items():
                     spec_json, roles = pack_layer(layer)

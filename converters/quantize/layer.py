@@ -13,13 +13,22 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 from svdq_format.linear import SVDQLinear
 
+from .gptq import gptq_lowrank, smoothed_hessian
 from .options import QuantizeOptions
-from .residual import gptq_int4, int4_clip_scales
-from .smoothing import approximate, relative_error, search_smoothing, shift_correction
+from .residual import int4_clip_scales
+from .smoothing import (
+    Approximation,
+    SmoothingChoice,
+    approximate,
+    group_smoothing_vector,
+    relative_error,
+    search_smoothing,
+    shift_correction,
+)
 from .stats import CalibrationStats
 from .timing import PhaseTimer
 
-__all__ = ["quantize_group", "layer_fidelity", "layer_seed", "GELU_SHIFT"]
+__all__ = ["quantize_group", "search_group", "layer_fidelity", "layer_seed", "GELU_SHIFT"]
 
 #: Shift of post-GELU inputs (GELU ≥ −0.1700, rounded up to a short binary fraction) so that
 #: unsigned int4 activation codes (0..15, twice the resolution) apply (docs/format.md §7.2).
@@ -63,6 +72,61 @@ def layer_fidelity(
     return out
 
 
+def _clip_scales(ap: Approximation, x: torch.Tensor | None, opts: QuantizeOptions,
+                 sdt: torch.dtype) -> torch.Tensor | None:
+    """int4 scales of the clipping search (error weighted by the mean x̂² per channel), or None."""
+    if opts.precision != "int4" or not opts.clip_search:
+        return None
+    importance = None if x is None else (x / ap.smooth).square().mean(dim=0)
+    return int4_clip_scales(ap.residual, importance, ratios=opts.clip_ratios, scale_dtype=sdt)
+
+
+@torch.no_grad()
+def search_group(
+    names: list[str],
+    linears: Mapping[str, nn.Linear],
+    kinds: Mapping[str, str],
+    stats: CalibrationStats,
+    opts: QuantizeOptions,
+    *,
+    rank: int | None = None,
+) -> SmoothingChoice:
+    """The smoothing search of an input group (:func:`~converters.quantize.smoothing.search_smoothing`
+    with this group's candidates), at ``rank`` (default: the group's smallest rank of ``opts``)."""
+    first = linears[names[0]]
+    device = first.weight.device
+    dtype = _compute_dtype(first.weight.dtype)
+    sdt = _scale_dtype(dtype)
+    act_quant = kinds[names[0]] == "w4a4"
+    weights = [linears[n].weight.detach() for n in names]
+    if rank is None:
+        base = opts.rank if act_quant else opts.w4a16_rank
+        rank = min(min(base, *w.shape) for w in weights)
+    if not all(n in stats.layers for n in names):
+        return SmoothingChoice()
+    # unsigned int4 activations for inputs bounded below like a GELU output (scored, not forced)
+    unsigned_ok = (act_quant and opts.precision == "int4" and opts.unsigned_acts
+                   and min(stats.layers[n].minval for n in names) >= -GELU_SHIFT)
+    shifts = (0.0, GELU_SHIFT) if unsigned_ok else (0.0,)
+    if not ((opts.smoothing and opts.alphas) or unsigned_ok):
+        return SmoothingChoice()
+    torch.manual_seed(layer_seed(opts.seed, names[0]))
+    rows = [stats.layers[n].rows.to(device).float() for n in names]
+    amax_x = torch.stack([stats.layers[n].absmax for n in names]).amax(dim=0).to(device)
+    _, alpha, shift, tried = search_smoothing(
+        weights, rows, amax_x, rank=rank, precision=opts.precision, act_quant=act_quant,
+        alphas=opts.alphas if opts.smoothing else (), dtype=dtype, scale_dtype=sdt, shifts=shifts,
+        activation_alphas=opts.activation_alphas if opts.smoothing else (),
+        # candidates are only compared: the randomised SVD ranks them the same, much faster
+        lowrank="randomized" if opts.lowrank == "auto" else opts.lowrank,
+    )
+    return SmoothingChoice(alpha, shift, tuple(tried), True)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+
+
 @torch.no_grad()
 def quantize_group(
     names: list[str],
@@ -73,6 +137,8 @@ def quantize_group(
     *,
     timer: PhaseTimer | None = None,
     report: bool = True,
+    ranks: Mapping[str, int] | None = None,
+    search: SmoothingChoice | None = None,
 ) -> dict[str, tuple[SVDQLinear, dict[str, Any]]]:
     """Quantize linears that read the same input with one shared smoothing vector.
 
@@ -84,6 +150,9 @@ def quantize_group(
         opts: Quantizer options.
         timer: Phase timer to charge.
         report: Compute the fidelity numbers.
+        ranks: Name → low-rank rank (a rank allocation); default ``opts.rank`` (``w4a16_rank``).
+        search: The group's smoothing choice when already searched (rank allocation);
+            default: searched here.
 
     Returns:
         Name → ``(SVDQLinear on the linear's device, info dict)``.
@@ -91,58 +160,49 @@ def quantize_group(
     timer = timer or PhaseTimer()
     first = linears[names[0]]
     device = first.weight.device
-    dtype = first.weight.dtype
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        dtype = torch.bfloat16
+    dtype = _compute_dtype(first.weight.dtype)
     sdt = _scale_dtype(dtype)
     kind = kinds[names[0]]
-    act_quant = kind == "w4a4"
-    base_rank = opts.rank if act_quant else opts.w4a16_rank
+    base_rank = opts.rank if kind == "w4a4" else opts.w4a16_rank
     weights = [linears[n].weight.detach() for n in names]
     for n, w in zip(names, weights):
         if not torch.isfinite(w).all():
             raise QuantizationError(f"layer {n}: weight contains NaN or inf")
     have = [n in stats.layers for n in names]
     rows = [stats.layers[n].rows.to(device).float() if h else None for n, h in zip(names, have)]
-    ranks = [min(base_rank, *w.shape) for w in weights]
+    ranks_ = [min(base_rank if ranks is None else ranks.get(n, base_rank), *w.shape) for n, w in zip(names, weights)]
 
-    torch.manual_seed(layer_seed(opts.seed, names[0]))
-    smooth: torch.Tensor | None = None
-    alpha: tuple[float, float] | None = None
-    shift = 0.0
-    tried: list[tuple[Any, float, float]] = []
-    # unsigned int4 activations for inputs bounded below like a GELU output (scored, not forced)
-    unsigned_ok = (act_quant and opts.precision == "int4" and opts.unsigned_acts and all(have)
-                   and min(stats.layers[n].minval for n in names) >= -GELU_SHIFT)
-    shifts = (0.0, GELU_SHIFT) if unsigned_ok else (0.0,)
-    if all(have) and ((opts.smoothing and opts.alphas) or unsigned_ok):
+    if search is None:
         with timer.phase("smoothing_search"):
-            amax_x = torch.stack([stats.layers[n].absmax for n in names]).amax(dim=0).to(device)
-            smooth, alpha, shift, tried = search_smoothing(
-                weights, [r for r in rows if r is not None], amax_x, rank=min(ranks), precision=opts.precision,
-                act_quant=act_quant,
-                alphas=opts.alphas if opts.smoothing else (), dtype=dtype, scale_dtype=sdt, shifts=shifts,
-                activation_alphas=opts.activation_alphas if opts.smoothing else (),
-                # candidates are only compared: the randomised SVD ranks them the same, much faster
-                lowrank="randomized" if opts.lowrank == "auto" else opts.lowrank,
-            )
+            search = search_group(names, linears, kinds, stats, opts, rank=min(ranks_))
+    alpha, shift, tried = search.alpha, search.shift, list(search.tried)
+    smooth = None
+    if alpha is not None:
+        amax_x = torch.stack([stats.layers[n].absmax for n in names]).amax(dim=0).to(device)
+        smooth = group_smoothing_vector(weights, amax_x, alpha)
 
-    out: dict[str, tuple[SVDQLinear, dict[str, Any]]] = {}
-    for name, w, x, rank in zip(names, weights, rows, ranks):
-        lin = linears[name]
+    aps: list[Approximation] = []
+    for name, w, rank in zip(names, weights, ranks_):
         torch.manual_seed(layer_seed(opts.seed, name))
         with timer.phase("svd"):
-            ap = approximate(w, smooth, rank, precision=opts.precision, dtype=dtype, scale_dtype=sdt,
-                             lowrank=opts.lowrank, refine_iters=opts.refine_iters)
+            aps.append(approximate(w, smooth, rank, precision=opts.precision, dtype=dtype, scale_dtype=sdt,
+                                   lowrank=opts.lowrank, refine_iters=opts.refine_iters))
+    with timer.phase("residual"):
+        residuals: list[tuple[torch.Tensor, torch.Tensor | None]]
+        if opts.gptq and opts.precision == "int4" and all(have):
+            hessian = smoothed_hessian(stats.layers[names[0]], aps[0].smooth)
+            done = gptq_lowrank(weights, aps, hessian, rounds=opts.gptq_rounds, damp=opts.gptq_damp,
+                                act_order=opts.gptq_act_order, dtype=dtype, scale_dtype=sdt, lowrank=opts.lowrank,
+                                clip_ratios=opts.clip_ratios if opts.clip_search else None)
+            aps = [ap for ap, _, _ in done]
+            residuals = [(q, sc) for _, q, sc in done]
+        else:
+            residuals = [(ap.residual, _clip_scales(ap, x, opts, sdt)) for ap, x in zip(aps, rows)]
+
+    out: dict[str, tuple[SVDQLinear, dict[str, Any]]] = {}
+    for name, ap, (residual, scales), x, rank in zip(names, aps, residuals, rows, ranks_):
+        lin = linears[name]
         with timer.phase("residual"):
-            residual, scales = ap.residual, None
-            if opts.precision == "int4":
-                xs = None if x is None else x / ap.smooth
-                if opts.gptq and xs is not None:
-                    residual, scales = gptq_int4(ap.residual, xs.T @ xs, scale_dtype=sdt)
-                elif opts.clip_search:
-                    importance = None if xs is None else xs.square().mean(dim=0)
-                    scales = int4_clip_scales(ap.residual, importance, ratios=opts.clip_ratios, scale_dtype=sdt)
             layer = SVDQLinear(
                 lin.in_features, lin.out_features, rank=rank, precision=opts.precision, kind=kind,
                 bias=lin.bias is not None or bool(shift), dtype=dtype, scale_dtype=sdt, device=device,
@@ -171,6 +231,8 @@ def quantize_group(
             "group": list(names),
             "search": [list(t) for t in tried],
         }
+        if opts.gptq and opts.precision == "int4":
+            info["gptq"] = all(have)
         if report and x is not None:
             with timer.phase("report"):
                 info["error"] = layer_fidelity(lin, layer, stats.layers[name].rows, precision=opts.precision)

@@ -9,9 +9,14 @@ from svdq_format.errors import UnsupportedError
 from svdq_format.spec import PRECISIONS
 
 from .lowrank import LOWRANK_METHODS
-from .residual import DEFAULT_CLIP_RATIOS
+from .residual import DEFAULT_CLIP_RATIOS, DEFAULT_GPTQ_DAMP
 
-__all__ = ["QuantizeOptions", "DEFAULT_ALPHAS"]
+__all__ = ["QuantizeOptions", "DEFAULT_ALPHAS", "RANK_ALLOCATIONS", "RANK_STEP"]
+
+#: How the low-rank budget is spread over the layers (``QuantizeOptions.rank_allocation``).
+RANK_ALLOCATIONS = ("uniform", "budget")
+#: Ranks of the budget allocation are multiples of this.
+RANK_STEP = 16
 
 #: Migration strengths α tried by the smoothing search (plus "no smoothing").
 DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -32,9 +37,21 @@ class QuantizeOptions:
         clip_ratios: Its candidate ratios.
         unsigned_acts: Try unsigned int4 activations (with the GELU shift) on layers whose
             inputs never go below −0.171875 (post-GELU), keeping them where they score better.
-        gptq: GPTQ on the int4 residual (needs many calibration rows per input channel).
+        gptq: GPTQ on the int4 residual, with the low-rank branch re-fitted after it
+            (:mod:`converters.quantize.gptq`; refused when a layer has too few calibration rows).
+        gptq_damp: GPTQ's diagonal damping, a fraction of the Hessian's mean diagonal.
+        gptq_act_order: GPTQ visits input channels in decreasing order of ``diag(X̂ᵀX̂)``.
+        gptq_rounds: GPTQ + low-rank re-fit rounds.
+        gptq_hessian_gib: Memory for Hessians over every calibration row (float32 K×K per
+            input group, smallest K first); None: a quarter of the calibration device's free
+            memory. Layers left out use the rows kept for the search.
         refine_iters: Iterative low-rank refinement steps (re-fit L1·L2 to W − Q(R)).
         lowrank: ``"auto"``, ``"svd"`` or ``"randomized"``.
+        rank_allocation: ``"uniform"`` (every W4A4 layer gets ``rank``) or ``"budget"``: the
+            low-rank bytes of ``rank`` everywhere, spent across layers by each layer's measured
+            error reduction per byte (:mod:`converters.quantize.rank_allocation`; ranks are
+            multiples of 16 up to ``max_rank``).
+        max_rank: Largest rank the budget allocation gives a layer (None: 4 × ``rank``).
         w4a16_rank: Rank of weight-only (W4A16) layers (AdaLN modulation).
         weight_only: Quantize every selected layer weight-only.
         calib_rows: Activation rows kept per layer for the search and the report.
@@ -52,8 +69,14 @@ class QuantizeOptions:
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
     unsigned_acts: bool = True
     gptq: bool = False
+    gptq_damp: float = DEFAULT_GPTQ_DAMP
+    gptq_act_order: bool = True
+    gptq_rounds: int = 1
+    gptq_hessian_gib: float | None = None
     refine_iters: int = 3
     lowrank: str = "auto"
+    rank_allocation: str = "uniform"
+    max_rank: int | None = None
     w4a16_rank: int = 0
     weight_only: bool = False
     calib_rows: int = 256
@@ -72,6 +95,19 @@ class QuantizeOptions:
             raise UnsupportedError("--gptq is implemented for int4 residuals only")
         if self.calib_rows < 1:
             raise UnsupportedError("calib_rows must be >= 1")
+        if self.gptq_damp < 0 or self.gptq_rounds < 1:
+            raise UnsupportedError(f"gptq_damp must be >= 0 and gptq_rounds >= 1, got {self.gptq_damp}, "
+                                   f"{self.gptq_rounds}")
+        if self.gptq_hessian_gib is not None and self.gptq_hessian_gib < 0:
+            raise UnsupportedError(f"gptq_hessian_gib must be >= 0, got {self.gptq_hessian_gib}")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise UnsupportedError(f"rank allocation {self.rank_allocation!r} is not one of {RANK_ALLOCATIONS}")
+        if self.rank_allocation == "budget" and self.rank % RANK_STEP:
+            raise UnsupportedError(f"--rank-allocation budget needs --rank to be a multiple of {RANK_STEP}, "
+                                   f"got {self.rank}")
+        if self.max_rank is not None and (self.max_rank < self.rank or self.max_rank % RANK_STEP):
+            raise UnsupportedError(f"max_rank must be a multiple of {RANK_STEP} and >= rank ({self.rank}), "
+                                   f"got {self.max_rank}")
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
         object.__setattr__(self, "activation_alphas", tuple(float(a) for a in self.activation_alphas))
         object.__setattr__(self, "clip_ratios", tuple(float(a) for a in self.clip_ratios))

@@ -28,8 +28,10 @@ from svdq_format.io import atomic_write, load_file, read_metadata, save_file
 from svdq_format.linear import SVDQLinear
 
 from .calibration import CalibrationSet, load_calibration, synthetic_calibration
+from .gptq import check_gptq_rows, hessian_plan
 from .layer import quantize_group
 from .options import QuantizeOptions
+from .rank_allocation import PLAN_FILE, SENSITIVITY_SAMPLES, RankPlan, measure_blocks, plan_kwargs
 from .report import FidelityReport, environment_info
 from .selection import Selection, select_layers
 from .stats import CalibrationStats, collect_stats
@@ -206,7 +208,7 @@ def _input_groups(names: list[str], kinds: Mapping[str, str], stats: Calibration
 
 def _calibrate(model: nn.Module, linears: Mapping[str, nn.Linear], samples: list[Any], opts: QuantizeOptions, *,
                device: torch.device, stream: bool, source: ShardedSource | None, progress: bool,
-               shard: tuple[int, int]) -> CalibrationStats:
+               shard: tuple[int, int], hessians: list[str]) -> CalibrationStats:
     """Statistics of this process's samples: block by block when the weights are streamed and the
     model's wiring is known (:mod:`converters.quantize.blockwise`: each block placed once), else
     whole-model forwards. Both give the same statistics."""
@@ -227,14 +229,33 @@ def _calibrate(model: nn.Module, linears: Mapping[str, nn.Linear], samples: list
                 block.to("cpu")
         return collect_stats_blockwise(model, linears, samples, max_rows=opts.calib_rows, seed=opts.seed,
                                        device=device, load_block=load, drop_block=drop, shard=shard,
-                                       progress=progress)
+                                       progress=progress, hessians=hessians)
     placement = None
     if source is not None:
         from .streaming import stream_from_source
 
         placement = stream_from_source(model, source, device)
+    # the rank allocation's layer sensitivities: backward passes of a resident model, one process
+    sens = SENSITIVITY_SAMPLES if opts.rank_allocation == "budget" and shard[1] == 1 else 0
     return collect_stats(model, linears, samples, max_rows=opts.calib_rows, seed=opts.seed, device=device,
-                         offload=stream, progress=progress, shard=shard, placement=placement)
+                         offload=stream, progress=progress, shard=shard, placement=placement, hessians=hessians,
+                         sensitivity_samples=sens)
+
+
+def _load_or_make(state: Path | None, make: Callable[[], RankPlan], dist: DistContext | None) -> RankPlan:
+    """The rank plan of the state dir, else made (on rank 0 of a group) and written there."""
+    path = None if state is None else state / PLAN_FILE
+
+    def load_or_make() -> RankPlan:
+        if path is not None and path.is_file():
+            return RankPlan.from_json(json.loads(path.read_text()))
+        plan = make()
+        if path is not None:
+            text = json.dumps(plan.to_json())
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        return plan
+
+    return load_or_make() if dist is None else dist.on_root(load_or_make, what="rank allocation")
 
 
 def run_quantization(
@@ -353,11 +374,14 @@ def run_quantization(
         else:
             linears = {n: _linear(model, n) for n in selection.kinds}
             shard = (0, 1) if dist is None else (dist.rank, dist.world_size)
+            # GPTQ's Hessians over every row (one process: the ranks' exchange keeps rows only)
+            hessians = [] if dist is not None else hessian_plan(
+                opts.gptq, opts.precision, opts.gptq_hessian_gib, {n: m.in_features for n, m in linears.items()}, dev)
             part, error = None, None
             try:
                 with timer.phase("calibration"):
                     part = _calibrate(model, linears, calib.samples, opts, device=dev, stream=stream, source=source,
-                                      progress=progress, shard=shard)
+                                      progress=progress, shard=shard, hessians=hessians)
             except Exception as exc:
                 if _is_oom(exc):
                     exc = QuantizationError(
@@ -384,19 +408,33 @@ def run_quantization(
             with timer.phase("io"):
                 stats.save(stats_path)
 
+    # ---- issue 25: GPTQ's row check and the rank allocation, before any layer is quantized
+    blocks = list(selection.blocks.items())
+    if opts.gptq and opts.precision == "int4":
+        check_gptq_rows(stats, {n: _linear(model, n).in_features for n in selection.kinds}, calib_rows=opts.calib_rows)
+    rank_plan = None
+    if opts.rank_allocation == "budget":
+        def measure() -> RankPlan:
+            return measure_blocks(
+                blocks, selection.kinds, stats, opts, progress=progress,
+                place=lambda names: _placed_linears(model, names, dev, stream=stream, source=source),
+                groups=lambda names: _input_groups(names, selection.kinds, stats))
+
+        with timer.phase("rank_allocation"):
+            rank_plan = _load_or_make(state, measure, dist)
+
     # ---- blocks
     infos: list[dict[str, Any]] = []
     complete = True
     from tqdm.auto import tqdm
 
-    blocks = list(selection.blocks.items())
     if dist is not None:
         from .distributed_blocks import quantize_blocks_distributed
 
         infos, complete, per_rank = quantize_blocks_distributed(
             dist, model, selection, stats, opts, device=dev, stream=stream, home=home, state=state,
             done=_done_blocks, timer=timer, deadline=deadline, progress=progress, on_block_done=on_block_done,
-            source=source, release=release)
+            source=source, release=release, rank_plan=rank_plan)
         blocks = []
     bar = tqdm(blocks, desc="quantize", unit="block", disable=not progress)
     for index, (block, names) in enumerate(bar):
@@ -414,7 +452,8 @@ def run_quantization(
             block_infos: list[dict[str, Any]] = []
             with _placed_linears(model, names, dev, stream=stream, source=source) as mods:
                 for group in _input_groups(names, selection.kinds, stats):
-                    res = quantize_group(group, mods, selection.kinds, stats, opts, timer=block_timer)
+                    res = quantize_group(group, mods, selection.kinds, stats, opts, timer=block_timer,
+                                         **plan_kwargs(rank_plan, group))
                     for name, (layer, info) in res.items():
                         done[name] = layer if release else layer.to(home)  # (release: written from the device)
                         block_infos.append(info)
@@ -451,6 +490,7 @@ def run_quantization(
         calibration=calib_info,
         environment=environment_info(dev),
         peak_memory_bytes=int(peak),
+        rank_allocation=None if rank_plan is None else rank_plan.summary(opts.rank),
     )
     if dist is not None:
         report.environment.update({"world_size": dist.world_size, "rank": dist.rank, "backend": dist.backend,

@@ -106,6 +106,10 @@ class FidelityReport:
         calibration: Source and sample count.
         environment: Device and versions.
         peak_memory_bytes: Peak CUDA memory (0 on CPU).
+        rank_allocation: With ``--rank-allocation budget``: budget and used low-rank bytes, the
+            rank histogram and the predicted error sums (:meth:`RankPlan.summary
+            <converters.quantize.rank_allocation.RankPlan.summary>`); each layer's rank is in
+            ``layers``.
     """
 
     layers: list[dict[str, Any]]
@@ -115,6 +119,7 @@ class FidelityReport:
     calibration: dict[str, Any]
     environment: dict[str, Any]
     peak_memory_bytes: int = 0
+    rank_allocation: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """Mean errors over all layers."""
