@@ -24,7 +24,7 @@ from .residual import DEFAULT_CLIP_RATIOS, DEFAULT_GPTQ_DAMP, gptq_int4, int4_cl
 from .smoothing import Approximation, refit_lowrank
 from .stats import CalibrationStats, LayerStats
 
-__all__ = ["GPTQ_MIN_ROWS", "CHANNELS_PER_ROW", "HESSIAN_SHARE", "gptq_rows_needed", "gptq_rows",
+__all__ = ["GPTQ_MIN_ROWS", "CHANNELS_PER_ROW", "HESSIAN_GIB", "HESSIAN_SHARE", "gptq_rows_needed", "gptq_rows",
            "hessian_budget_bytes", "hessian_layers", "hessian_plan", "check_gptq_rows", "smoothed_hessian",
            "gptq_lowrank"]
 
@@ -34,7 +34,9 @@ GPTQ_MIN_ROWS = 16
 #: layers (held-out rows, docs/quantization.md): with the default damping GPTQ lowers the output
 #: error from 16 rows up (K = 384 and 1536); below, it changes nothing measurable.
 CHANNELS_PER_ROW = 64
-#: Share of the free memory of the calibration device that Hessians may take by default.
+#: Default memory of the Hessians: this many GiB, or this share of the calibration device's total
+#: memory if that is less (fixed for a device: the result does not depend on what else is running).
+HESSIAN_GIB = 16.0
 HESSIAN_SHARE = 0.25
 
 
@@ -49,29 +51,30 @@ def gptq_rows(st: LayerStats) -> int:
 
 
 def hessian_budget_bytes(gib: float | None, device: torch.device | str) -> int:
-    """Bytes the Hessians may take: ``gib`` GiB, or (None) :data:`HESSIAN_SHARE` of the free
-    memory of ``device`` (CUDA: ``mem_get_info``; CPU: the host's available memory)."""
+    """Bytes the Hessians may take: ``gib`` GiB, or (None) :data:`HESSIAN_GIB` GiB or
+    :data:`HESSIAN_SHARE` of the total memory of ``device`` (CUDA: the GPU's; CPU: the host's),
+    whichever is less."""
     if gib is not None:
         return int(gib * 2**30)
     dev = torch.device(device)
     if dev.type == "cuda":
-        free = torch.cuda.mem_get_info(dev)[0]
+        total = torch.cuda.get_device_properties(dev).total_memory
     else:
         try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # (no sysconf: no Hessians by default)
-            free = 0
-    return int(HESSIAN_SHARE * free)
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # (no sysconf: the fixed default)
+            total = int(HESSIAN_GIB * 2**30 / HESSIAN_SHARE)
+    return int(min(HESSIAN_GIB * 2**30, HESSIAN_SHARE * total))
 
 
 def hessian_layers(in_features: Mapping[str, int], budget: int) -> list[str]:
-    """The layers that accumulate ``XᵀX`` (float32 ``K × K``): the smallest ``K`` first (the most
+    """The layers that accumulate ``XᵀX`` (float64 ``K × K``): the smallest ``K`` first (the most
     layers per byte), while the sum fits ``budget`` bytes. Layers that share an input share one
     Hessian, so the real memory is at most this."""
     chosen: list[str] = []
     used = 0
     for name, k in sorted(in_features.items(), key=lambda item: item[1]):
-        need = 4 * k * k
+        need = 8 * k * k
         if used + need > budget:
             break
         chosen.append(name)

@@ -13,7 +13,7 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 from svdq_format.linear import SVDQLinear
 
-from .gptq import gptq_lowrank, smoothed_hessian
+from .gptq import gptq_lowrank, gptq_rows, gptq_rows_needed, smoothed_hessian
 from .options import QuantizeOptions
 from .residual import int4_clip_scales
 from .smoothing import (
@@ -189,7 +189,9 @@ def quantize_group(
                                    lowrank=opts.lowrank, refine_iters=opts.refine_iters))
     with timer.phase("residual"):
         residuals: list[tuple[torch.Tensor, torch.Tensor | None]]
-        if opts.gptq and opts.precision == "int4" and all(have):
+        use_gptq = opts.gptq is not False and opts.precision == "int4" and all(have) and all(
+            gptq_rows(stats.layers[n]) >= gptq_rows_needed(first.in_features) for n in names)
+        if use_gptq:
             hessian = smoothed_hessian(stats.layers[names[0]], aps[0].smooth)
             done = gptq_lowrank(weights, aps, hessian, rounds=opts.gptq_rounds, damp=opts.gptq_damp,
                                 act_order=opts.gptq_act_order, dtype=dtype, scale_dtype=sdt, lowrank=opts.lowrank,
@@ -231,8 +233,8 @@ def quantize_group(
             "group": list(names),
             "search": [list(t) for t in tried],
         }
-        if opts.gptq and opts.precision == "int4":
-            info["gptq"] = all(have)
+        if opts.gptq is not False and opts.precision == "int4":
+            info["gptq"] = use_gptq
         if report and x is not None:
             with timer.phase("report"):
                 info["error"] = layer_fidelity(lin, layer, stats.layers[name].rows, precision=opts.precision)

@@ -38,13 +38,17 @@ class QuantizeOptions:
         unsigned_acts: Try unsigned int4 activations (with the GELU shift) on layers whose
             inputs never go below −0.171875 (post-GELU), keeping them where they score better.
         gptq: GPTQ on the int4 residual, with the low-rank branch re-fitted after it
-            (:mod:`converters.quantize.gptq`; refused when a layer has too few calibration rows).
+            (:mod:`converters.quantize.gptq`). ``None`` (default): on int4 layers that have the
+            calibration rows it needs (the others: clipping search only; reported per layer);
+            ``True``: required (refused, before any layer is quantized, when a layer has too few
+            rows; int4 only); ``False``: off.
         gptq_damp: GPTQ's diagonal damping, a fraction of the Hessian's mean diagonal.
         gptq_act_order: GPTQ visits input channels in decreasing order of ``diag(X̂ᵀX̂)``.
         gptq_rounds: GPTQ + low-rank re-fit rounds.
-        gptq_hessian_gib: Memory for Hessians over every calibration row (float32 K×K per
-            input group, smallest K first); None: a quarter of the calibration device's free
-            memory. Layers left out use the rows kept for the search.
+        gptq_hessian_gib: Memory for Hessians over every calibration row (float64 K×K per
+            layer, smallest K first; layers reading one input share one); None: 16 GiB or a
+            quarter of the calibration device's total memory, whichever is less. Layers left
+            out use the rows kept for the search.
         refine_iters: Iterative low-rank refinement steps (re-fit L1·L2 to W − Q(R)).
         lowrank: ``"auto"``, ``"svd"`` or ``"randomized"``.
         rank_allocation: ``"uniform"`` (every W4A4 layer gets ``rank``) or ``"budget"``: the
@@ -68,14 +72,14 @@ class QuantizeOptions:
     clip_search: bool = True
     clip_ratios: tuple[float, ...] = DEFAULT_CLIP_RATIOS
     unsigned_acts: bool = True
-    gptq: bool = False
+    gptq: bool | None = None
     gptq_damp: float = DEFAULT_GPTQ_DAMP
     gptq_act_order: bool = True
     gptq_rounds: int = 1
     gptq_hessian_gib: float | None = None
     refine_iters: int = 3
     lowrank: str = "auto"
-    rank_allocation: str = "uniform"
+    rank_allocation: str = "budget"
     max_rank: int | None = None
     w4a16_rank: int = 0
     weight_only: bool = False
@@ -91,7 +95,7 @@ class QuantizeOptions:
             raise UnsupportedError(f"rank must be >= 0, got {self.rank}")
         if self.lowrank not in LOWRANK_METHODS:
             raise UnsupportedError(f"low-rank method {self.lowrank!r} is not one of {LOWRANK_METHODS}")
-        if self.gptq and self.precision != "int4":
+        if self.gptq is True and self.precision != "int4":
             raise UnsupportedError("--gptq is implemented for int4 residuals only")
         if self.calib_rows < 1:
             raise UnsupportedError("calib_rows must be >= 1")
@@ -102,9 +106,6 @@ class QuantizeOptions:
             raise UnsupportedError(f"gptq_hessian_gib must be >= 0, got {self.gptq_hessian_gib}")
         if self.rank_allocation not in RANK_ALLOCATIONS:
             raise UnsupportedError(f"rank allocation {self.rank_allocation!r} is not one of {RANK_ALLOCATIONS}")
-        if self.rank_allocation == "budget" and self.rank % RANK_STEP:
-            raise UnsupportedError(f"--rank-allocation budget needs --rank to be a multiple of {RANK_STEP}, "
-                                   f"got {self.rank}")
         if self.max_rank is not None and (self.max_rank < self.rank or self.max_rank % RANK_STEP):
             raise UnsupportedError(f"max_rank must be a multiple of {RANK_STEP} and >= rank ({self.rank}), "
                                    f"got {self.max_rank}")

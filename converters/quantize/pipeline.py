@@ -34,6 +34,7 @@ from .options import QuantizeOptions
 from .rank_allocation import PLAN_FILE, SENSITIVITY_SAMPLES, RankPlan, measure_blocks, plan_kwargs
 from .report import FidelityReport, environment_info
 from .selection import Selection, select_layers
+from .sensitivity import measure_sensitivity
 from .stats import CalibrationStats, collect_stats
 from .timing import PhaseTimer
 
@@ -235,11 +236,8 @@ def _calibrate(model: nn.Module, linears: Mapping[str, nn.Linear], samples: list
         from .streaming import stream_from_source
 
         placement = stream_from_source(model, source, device)
-    # the rank allocation's layer sensitivities: backward passes of a resident model, one process
-    sens = SENSITIVITY_SAMPLES if opts.rank_allocation == "budget" and shard[1] == 1 else 0
     return collect_stats(model, linears, samples, max_rows=opts.calib_rows, seed=opts.seed, device=device,
-                         offload=stream, progress=progress, shard=shard, placement=placement, hessians=hessians,
-                         sensitivity_samples=sens)
+                         offload=stream, progress=progress, shard=shard, placement=placement, hessians=hessians)
 
 
 def _load_or_make(state: Path | None, make: Callable[[], RankPlan], dist: DistContext | None) -> RankPlan:
@@ -374,9 +372,13 @@ def run_quantization(
         else:
             linears = {n: _linear(model, n) for n in selection.kinds}
             shard = (0, 1) if dist is None else (dist.rank, dist.world_size)
-            # GPTQ's Hessians over every row (one process: the ranks' exchange keeps rows only)
-            hessians = [] if dist is not None else hessian_plan(
-                opts.gptq, opts.precision, opts.gptq_hessian_gib, {n: m.in_features for n, m in linears.items()}, dev)
+            # issue 25: GPTQ's Hessians over every row, as many as the memory budget allows (decided
+            # once: every rank accumulates the same ones)
+            def plan_hessians() -> list[str]:
+                return hessian_plan(opts.gptq is not False, opts.precision, opts.gptq_hessian_gib,
+                                    {n: m.in_features for n, m in linears.items()}, dev)
+
+            hessians = plan_hessians() if dist is None else dist.on_root(plan_hessians, what="Hessian plan")
             part, error = None, None
             try:
                 with timer.phase("calibration"):
@@ -401,6 +403,22 @@ def run_quantization(
                     dist.barrier(what="calibration end")
                 with timer.phase("exchange"):
                     stats = gather_stats(dist, part, error, max_rows=opts.calib_rows, layers=list(linears))
+            if opts.rank_allocation == "budget":
+                # issue 25: the rank allocation's weights (backward passes, weights placed as for
+                # the calibration's whole-model forwards; a streamed model that does not fit: none)
+                def sensitivity() -> dict[str, float]:
+                    from .stats import block_offload
+                    from .streaming import stream_from_source
+
+                    place = (stream_from_source(model, source, dev) if source is not None
+                             else block_offload(model, dev) if stream else contextlib.nullcontext())
+                    with place:
+                        return measure_sensitivity(model, linears, calib.samples[:SENSITIVITY_SAMPLES], device=dev,
+                                                   seed=opts.seed)
+
+                with timer.phase("sensitivity"):
+                    stats.sensitivity = sensitivity() if dist is None else dist.on_root(sensitivity,
+                                                                                       what="layer sensitivities")
             stats.seconds = timer.seconds["calibration"]
             stats.source = calib.source
             calib_info = {"source": calib.source, "samples": len(calib)}
@@ -410,7 +428,7 @@ def run_quantization(
 
     # ---- issue 25: GPTQ's row check and the rank allocation, before any layer is quantized
     blocks = list(selection.blocks.items())
-    if opts.gptq and opts.precision == "int4":
+    if opts.gptq is True:
         check_gptq_rows(stats, {n: _linear(model, n).in_features for n in selection.kinds}, calib_rows=opts.calib_rows)
     rank_plan = None
     if opts.rank_allocation == "budget":

@@ -119,7 +119,7 @@ class RankPlan:
 def max_rank_of(opts: QuantizeOptions, shape: tuple[int, int]) -> int:
     """The largest rank the allocation may give a layer of ``shape`` (a multiple of 16)."""
     cap = opts.max_rank if opts.max_rank is not None else 4 * opts.rank
-    return max(0, min(cap, min(shape) // RANK_STEP * RANK_STEP))
+    return max(0, min(cap, min(shape)) // RANK_STEP * RANK_STEP)
 
 
 @torch.no_grad()
@@ -232,16 +232,17 @@ def make_plan(
 
     Without sensitivities (``weighted=False``) the ranks stay uniform, with a warning: layer
     errors alone are no measure of what a rank buys at the model's output (on MiniLM, spending
-    them by the unweighted layer errors made the model *worse* than uniform ranks).
+    them by the unweighted layer errors made the model *worse* than uniform ranks). The
+    smoothing choices are kept either way.
     """
     uniform = {n: min(opts.rank, *shapes[n]) for n in curves}
     budget = sum(uniform[n] * c.unit_bytes for n, c in curves.items())
     if weighted:
         ranks = allocate(curves, budget)
     else:
-        warnings.warn("rank allocation: no layer sensitivities were measured (they need a differentiable "
-                      "whole-model calibration pass: no block streaming, one process); ranks stay uniform",
-                      UserWarning, stacklevel=3)
+        warnings.warn("rank allocation: the calibration statistics hold no layer sensitivities (measured from "
+                      "calibration samples; statistics passed in without them, or the backward pass ran out of "
+                      "memory): ranks stay uniform", UserWarning, stacklevel=3)
         ranks = uniform
     used = sum(ranks[n] * c.unit_bytes for n, c in curves.items())
     return RankPlan(ranks, dict(searches), dict(curves), budget, used, weighted)

@@ -75,6 +75,7 @@ def gptq_int4(
     damp: float = DEFAULT_GPTQ_DAMP,
     act_order: bool = True,
     block: int = 128,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al., 2022) on an int4 residual with fixed group scales.
 
@@ -97,7 +98,10 @@ def gptq_int4(
         scale_dtype: dtype of computed scales.
         damp: Diagonal damping, a fraction of the mean diagonal.
         act_order: Quantize columns in decreasing order of ``diag(H)``.
-        block: Columns per lazy-update block.
+        block: Columns per lazy-update block (≤ 128 with the Triton kernel).
+        kernel: The column loop: ``"torch"`` (a few operations per column), ``"triton"`` (one
+            launch per block: :mod:`converters.quantize.gptq_triton`) or ``"auto"`` (Triton on
+            CUDA when installed). Both give the same result.
 
     Returns:
         ``(q, scales)``: the quantized-and-dequantized residual (float32, exactly on the int4
@@ -117,13 +121,33 @@ def gptq_int4(
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k, device=dev)
     h = h[perm][:, perm]
     hinv = _upper_inverse_cholesky(h)
-    # transposed: column j of the residual is row j here (contiguous updates)
-    w = r.float().T[perm].contiguous()
-    s = scales.float().T.repeat_interleave(64, dim=0)[perm].contiguous()
-    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+    if kernel == "auto":
+        from . import gptq_triton
+
+        kernel = "triton" if r.device.type == "cuda" and gptq_triton.available(r.device) else "torch"
+    if kernel == "triton":
+        q = _columns_triton(r.float()[:, perm].contiguous(), scales.float().repeat_interleave(64, dim=1)[:, perm],
+                            hinv, block)
+    else:
+        q = _columns_torch(r.float().T[perm].contiguous(), scales.float().T.repeat_interleave(64, dim=0)[perm],
+                           hinv, block).T
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return out, scales
+
+
+def _inverse_scales(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+
+
+def _columns_torch(w: torch.Tensor, s: torch.Tensor, hinv: torch.Tensor, block: int) -> torch.Tensor:
+    """GPTQ's column loop on the transposed residual ``[K, N]`` (column j = row j: contiguous
+    updates); ``s``: the scale of every element ``[K, N]``. Returns ``Q(R)ᵀ``."""
+    k, n = w.shape
+    inv = _inverse_scales(s)
     q = torch.empty_like(w)
-    err = torch.empty(min(block, k), n, device=dev)
-    code = torch.empty(n, device=dev)
+    err = torch.empty(min(block, k), n, device=w.device)
+    code = torch.empty(n, device=w.device)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         wb, hb, eb = w[b0:b1], hinv[b0:b1, b0:b1], err[: b1 - b0]
@@ -135,9 +159,26 @@ def gptq_int4(
                 wb[j + 1 :].addr_(hb[j, j + 1 :], eb[j], alpha=-1.0)
         if b1 < k:
             w[b1:].addmm_(hinv[b0:b1, b1:].T, eb, alpha=-1.0)
-    out = torch.empty_like(q)
-    out[perm] = q
-    return out.T.contiguous(), scales
+    return q
+
+
+def _columns_triton(w: torch.Tensor, s: torch.Tensor, hinv: torch.Tensor, block: int) -> torch.Tensor:
+    """The same loop on the row-major residual ``[N, K]``, one Triton launch per block of columns."""
+    from .gptq_triton import gptq_block
+
+    n, k = w.shape
+    block = min(block, 128)
+    s = s.contiguous()
+    inv = _inverse_scales(s)
+    q = torch.empty_like(w)
+    err = torch.empty_like(w)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        gptq_block(w[:, b0:b1], s[:, b0:b1], inv[:, b0:b1], hinv[b0:b1, b0:b1].contiguous(), q[:, b0:b1],
+                   err[:, b0:b1])
+        if b1 < k:
+            w[:, b1:].addmm_(err[:, b0:b1], hinv[b0:b1, b1:], alpha=-1.0)
+    return q
 
 
 def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["layer_sensitivity", "model_output"]
+__all__ = ["layer_sensitivity", "measure_sensitivity", "model_output"]
 
 
 def model_output(out: Any) -> torch.Tensor:
@@ -127,3 +127,20 @@ def layer_sensitivity(
         for h in handles:
             h.remove()
     return {name: total[name] / count[name] for name in total}
+
+
+def measure_sensitivity(
+    model: nn.Module, layers: Mapping[str, nn.Linear], samples: Sequence[Mapping[str, Any]], *,
+    device: torch.device | str, seed: int = 0,
+) -> dict[str, float]:
+    """:func:`layer_sensitivity`, or ``{}`` with a warning when the backward pass runs out of memory."""
+    import warnings
+
+    try:
+        return layer_sensitivity(model, layers, samples, device=device, seed=seed)
+    except torch.OutOfMemoryError:
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        warnings.warn("layer sensitivities: out of memory in the backward pass (whole-model forwards on "
+                      f"{device}); none measured", UserWarning, stacklevel=2)
+        return {}

@@ -45,9 +45,11 @@ class LayerStats:
         keys: The reservoir keys of ``rows`` (float64; the smallest keys are kept, ascending).
         count: Number of rows seen.
         minval: Smallest input value seen (decides unsigned activation codes after a GELU).
-        hessian: ``XᵀX`` over *every* row seen (float32 ``[K, K]``, raw inputs), for GPTQ; only
-            for the layers the recorder was asked to accumulate it for (memory budget). Layers
-            that read the same input tensor share one tensor object.
+        hessian: ``XᵀX`` over *every* row seen (``[K, K]``, raw inputs), for GPTQ; only for the
+            layers the recorder was asked to accumulate it for (memory budget). Layers that read
+            the same input tensor share one tensor object. float64 sums of float32 per-call
+            products: exact, so the same whatever the order the samples are added in (one
+            process, or shards merged), unless one entry's per-call values span more than 2²⁹.
     """
 
     absmax: torch.Tensor
@@ -255,7 +257,7 @@ def collect_stats(
             :func:`converters.quantize.streaming.stream_from_source`); overrides ``offload``.
         hessians: Layers whose ``XᵀX`` over every row is accumulated (``LayerStats.hessian``).
         sensitivity_samples: Also measure the layers' sensitivities
-            (:func:`converters.quantize.sensitivity.layer_sensitivity`) on this many of the
+            (:func:`converters.quantize.sensitivity.measure_sensitivity`) on the first this many
             samples (whole-model forwards on ``device``; not with ``offload`` or ``placement``).
 
     Raises:
@@ -289,10 +291,9 @@ def collect_stats(
             h.remove()
     stats = rec.finish(layers, world=world, samples=len(mine))
     if sensitivity_samples > 0 and not offload and placement is None:
-        from .sensitivity import layer_sensitivity
+        from .sensitivity import measure_sensitivity
 
-        stats.sensitivity = layer_sensitivity(model, layers, [s for _, s in mine[:sensitivity_samples]],
-                                              device=device, seed=seed)
+        stats.sensitivity = measure_sensitivity(model, layers, samples[:sensitivity_samples], device=device, seed=seed)
     return stats
 
 
@@ -397,7 +398,7 @@ def _accumulate_hessian(state: dict[str, Any], st: LayerStats | None, x: torch.T
         state["last_hessian"] = (x, last[1])  # same input as the previous layer: already added
         return
     if h is None:
-        h = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
+        h = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
     h.add_(gram(flat))
     state["last_hessian"] = (x, h)
 
