@@ -233,7 +233,7 @@ def quantize_group(
             "group": list(names),
             "search": [list(t) for t in tried],
         }
-        if opts.gptq is not False and opts.precision == "int4":
+        if opts.precision == "int4":
             info["gptq"] = use_gptq
         if report and x is not None:
             with timer.phase("report"):
