@@ -132,6 +132,21 @@ for step in $STEPS; do
         > "$OUT/fast8_qkv.log" 2>&1; echo "qkv layers rc=$?"
       timeout 120 python3 benchmarks/linear_modes.py --graphs --modes w4a16,w4a16c --ms 1,16,64,4608 \
         --out "$OUT/w4a16c_graphs.json" > "$OUT/w4a16c.log" 2>&1; echo "w4a16c rc=$?"; grep -v Warn "$OUT/w4a16c.log" | tail -17 ;;
+    q25)  # issue 25 (~6 min): the FLUX.1-dev-shaped quantize (random weights built on the GPU from
+          # the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no GPTQ), then
+          # today's default (GPTQ, rank allocation under the rank-32 budget) on the same machine. State
+          # (statistics with Hessians, finished blocks) in /tmp, removed after; JSON + logs in $OUT.
+          # Q25_MODEL="--tiny --device cpu" runs the same step on a CPU (a check of the step itself).
+      for r in old default; do
+        lim=$([ "$r" = old ] && echo 140 || echo 220)
+        rm -rf "/tmp/q25_state_$r"
+        timeout $lim python3 benchmarks/quantize_flux.py ${Q25_MODEL:---device cuda} --recipe $r \
+          --time-budget $((lim - 30)) --state-dir "/tmp/q25_state_$r" --out "$OUT/q25_$r" > "$OUT/q25_$r.log" 2>&1
+        echo "q25 $r rc=$? (3: stopped at the time budget, partial timings in the JSON)"
+        grep -E "^(calibration|smoothing_search|svd|residual|report|io|sensitivity|rank_allocation|total) |peak GPU|stopped|Error" \
+          "$OUT/q25_$r.log" | tail -14
+        rm -rf "/tmp/q25_state_$r"
+      done ;;
     *) echo "unknown step $step" ;;
   esac
 done
