@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .io import _model_files, read_header, read_metadata
+from .io import checkpoint_files, read_header, read_metadata
 from .spec import tensor_names
 
 __all__ = ["summarize", "format_summary", "format_size"]
@@ -26,7 +26,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         ``bf16_bytes`` (the same model in bf16) and ``compression_vs_bf16``.
     """
     p = Path(path)
-    files = [p] if p.is_file() else list(_model_files(p))
+    files = checkpoint_files(p)
     by_kind: collections.Counter[str] = collections.Counter()
     ranks: collections.Counter[int] = collections.Counter()
     groups: set[int] = set()
@@ -54,8 +54,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
                 other_count += 1
                 other_bytes += entry.end - entry.begin
                 bf16_bytes += 2 * math.prod(entry.shape)
-    if meta0 is None:
-        raise FileNotFoundError(f"{p}: no .safetensors files")
+    assert meta0 is not None  # checkpoint_files() returned at least one file
     stored = q_bytes + other_bytes
     return {
         "path": str(p),
