@@ -22,6 +22,15 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
+def test_readme_says_which_torch_build_the_pin_gives_and_how_to_get_the_cpu_one():
+    """``torch==2.13.0`` pins a version, not a build: on stock Linux PyPI it is the CUDA build."""
+    text = (ROOT / "README.md").read_text()
+    setup = re.search(r"## Set-up: two commands(.*?)\n## ", text, re.S).group(1)
+    blocks = re.findall(r"```bash\n(.*?)```", setup, re.S)
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in blocks[1].splitlines()
+    assert "CUDA build" in setup and "does not pull" not in setup
+
+
 def imported_packages(package):
     found = set()
     for path in (ROOT / package).rglob("*.py"):
