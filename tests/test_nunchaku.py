@@ -549,7 +549,9 @@ def test_cli_convert_of_a_file_without_config_asks_for_config_option(tmp_path, c
     got, ref = _all_tensors(tmp_path / "o" / WEIGHTS_NAME), _all_tensors(tmp_path / "ref" / WEIGHTS_NAME)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     assert main(["convert", "--from", "nunchaku", str(src), str(tmp_path / "x"), "--config", "nope.json"]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == "error: nope.json: no such file (--config: the model's config.json)"
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "error: nope.json: no such file (--config: the model's config.json)"
+
 
 def test_dialect_detection_and_names():
     from converters.nunchaku_names import detect_dialect, from_native, to_native
