@@ -35,3 +35,29 @@ def test_svdq_demo_end_to_end(tmp_path, capsys):
     assert "bit-identical to the in-memory model" in out
     for name in ("minilm-svdq-int4.safetensors", "minilm-svdq-nvfp4.safetensors", "tiny-flux-svdq"):
         validate(tmp_path / "demo" / name)
+
+
+def test_demo_loads_minilm_without_transformers_progress_bar(capfd):
+    """transformers' "Loading weights" bar printed between the demo's own lines (issue 26)."""
+    from transformers.utils import logging as hf_logging
+
+    from converters.demo import load_minilm
+
+    assert hf_logging.is_progress_bar_enabled()
+    tok, model = load_minilm()
+    assert capfd.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()  # restored
+    assert model.config.hidden_size == 384 and tok("a b")["input_ids"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_demo_tiny_flux_is_quantized_at_the_requested_rank(tmp_path):
+    """`svdq demo --rank 32` used to end with the tiny FLUX at rank 16 (a hard-coded min(rank, 16))."""
+    from converters.demo import _tiny_flux
+
+    f = _tiny_flux(tmp_path, rank=32, log=print)
+    meta = validate(f["dir"])
+    w4a4 = [spec for spec in meta.layers.values() if spec.kind == "w4a4"]
+    assert w4a4 and {spec.rank for spec in w4a4} == {32} and f["w4a4_ranks"] == {32: len(w4a4)}
+    assert min(min(spec.in_features, spec.out_features) for spec in w4a4) >= 128  # rank 32 is low rank here
+    assert f["identical"] and f["rel_error"] < 0.05
