@@ -63,11 +63,13 @@ def fast_backoff(monkeypatch):
         shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
         shim.sleep = lambda s: time.sleep(s * HF_SLEEP_SCALE)
         monkeypatch.setattr(mod, "time", shim)
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+    was_disabled = are_progress_bars_disabled()  # (HF_HUB_DISABLE_PROGRESS_BARS=1: enabling would warn)
     disable_progress_bars()
     yield
-    enable_progress_bars()
+    if not was_disabled:
+        enable_progress_bars()
 
 
 def local_files(d: Path) -> dict[str, bytes]:
