@@ -31,6 +31,31 @@ def test_readme_says_which_torch_build_the_pin_gives_and_how_to_get_the_cpu_one(
     assert "CUDA build" in setup and "does not pull" not in setup
 
 
+def test_readme_slow_command_runs_exactly_the_slow_tests_the_test_command_leaves_out():
+    import shlex
+    import subprocess
+    import sys
+
+    text = (ROOT / "README.md").read_text()
+    (slow_cmd,) = re.search(r"## Development.*?```bash\n(.*?)```", text, re.S).group(1).splitlines()
+    test_cmd = readme_commands()[1].split("&& ")[-1]
+    assert slow_cmd.startswith("python -m pytest") and test_cmd == "python -m pytest"
+    files = ["tests/test_memory_bounds.py", "tests/test_quantize_demo.py"]
+
+    def collected(command: str) -> set[str]:
+        args = shlex.split(command)[3:]  # after "python -m pytest"
+        out = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider",
+                              *files], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return {line for line in out.stdout.splitlines() if "::" in line}
+
+    slow, default = collected(slow_cmd), collected(test_cmd)
+    long_cases = ("test_streaming_peak_rss_within_bound_of_largest_shard", "test_svdq_demo_end_to_end")
+    assert all(any(c in t for c in long_cases) for t in slow), slow
+    assert {c for c in long_cases for t in slow if c in t} == set(long_cases), slow
+    assert default and not any(c in t for t in default for c in long_cases), default
+
+
 def imported_packages(package):
     found = set()
     for path in (ROOT / package).rglob("*.py"):
