@@ -57,7 +57,7 @@ __all__ = ["LOWRANK_IN_GEMM", "fast8_weights", "fast8_lowrank_weights", "fast8_l
 
 #: Run the low-rank up projection inside the GEMM (``Group64GemmConfig.lowrank`` kernels) rather
 #: than as a cuBLAS GEMM whose bf16 output the GEMM's epilogue reads back.
-LOWRANK_IN_GEMM = False
+LOWRANK_IN_GEMM = True
 
 
 

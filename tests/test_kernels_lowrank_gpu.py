@@ -116,12 +116,15 @@ def test_lowrank_k_tiles_agree_with_the_two_step_branch():
     bf16 rounding that each puts in a different place."""
     x, qw, ws, smooth, down, up, b = _inputs(4608, 3072, 12288, 32, bias=True, seed=13)
     args = (x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
-    two_step = cutlass_fast8.fast8_linear(*args)
-    cutlass_fast8.LOWRANK_IN_GEMM = True
+    default = cutlass_fast8.LOWRANK_IN_GEMM
     try:
+        cutlass_fast8.LOWRANK_IN_GEMM = False
+        two_step = cutlass_fast8.fast8_linear(*args)
+        cutlass_fast8.LOWRANK_IN_GEMM = True
         fused = cutlass_fast8.fast8_linear(*args)
     finally:
-        cutlass_fast8.LOWRANK_IN_GEMM = False
+        cutlass_fast8.LOWRANK_IN_GEMM = default
+    assert not torch.equal(fused, two_step)  # two different kernels ran
     assert _rel(fused, two_step) < 3e-3
 
 
