@@ -150,10 +150,13 @@ for step in $STEPS; do
           # before, each with its GPU time by kernel kind; kernels from call 1's cache (.kcache/kcache.tgz)
       if [ -f .kcache/kcache.tgz ]; then mkdir -p "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" && \
         tar -C "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" -xzf .kcache/kcache.tgz; fi
-      timeout 585 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
-        --fuse-qkv --fp8-peer --no-svdq-eager --profile --lowrank both --out "$OUT/flux_step_vs_fp8.json" \
+      timeout 470 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-svdq-eager --profile --lowrank gemm --out "$OUT/flux_step_vs_fp8.json" \
         > "$OUT/flux_step_vs_fp8.log" 2>&1
-      echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_vs_fp8.log" | cut -c1-400 ;;
+      echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_vs_fp8.log" | cut -c1-400
+      timeout 90 python3 benchmarks/quantizer_variants.py --out "$OUT/quantizer_variants.json" --code "$OUT/qcode" \
+        > "$OUT/quantizer_variants.log" 2>&1; echo "quantizer rc=$?"; grep -v Warn "$OUT/quantizer_variants.log" | tail -3 | cut -c1-300
+      tar -czf "$OUT/qcode.tgz" -C "$OUT" qcode 2>/dev/null; rm -rf "$OUT/qcode" ;;
     *) echo "unknown step $step" ;;
   esac
 done
