@@ -46,7 +46,6 @@ __all__ = [
     "load_layer",
     "validate",
     "validate_file",
-    "checkpoint_files",
     "atomic_write",
     "write_safetensors_streaming",
     "aligned",
@@ -762,25 +761,6 @@ def _model_files(directory: Path) -> Iterator[Path]:
         yield from sorted(directory.glob("*.safetensors"))
 
 
-def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The safetensors files of a checkpoint: ``path`` itself, or a model directory's weight files
-    (the shards of its index when it has one).
-
-    Raises:
-        FormatError: ``path`` does not exist, or is a directory without ``.safetensors`` files
-            (the same words for ``svdq inspect`` and ``svdq validate``).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FormatError(str(p), None, "no such file or directory")
-    if p.is_file():
-        return [p]
-    files = list(_model_files(p))
-    if not files:
-        raise FormatError(str(p), None, "directory holds no .safetensors files")
-    return files
-
-
 def validate(path: str | os.PathLike[str], *, check_values: bool = True) -> FormatMetadata:
     """Validate an SVDQuant file or model directory (docs/format.md §9).
 
@@ -795,9 +775,13 @@ def validate(path: str | os.PathLike[str], *, check_values: bool = True) -> Form
         FormatError: (or a subclass) naming file, key and reason.
     """
     p = Path(path)
-    files = checkpoint_files(p)
+    if not p.exists():
+        raise FormatError(str(p), None, "no such file or directory")
     if p.is_file():
         return validate_file(p, check_values=check_values)
+    files = list(_model_files(p))
+    if not files:
+        raise FormatError(str(p), None, "directory holds no .safetensors files")
     merged: dict[str, LayerSpec] = {}
     first: FormatMetadata | None = None
     for f in files:
