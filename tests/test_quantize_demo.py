@@ -43,10 +43,15 @@ def test_demo_loads_minilm_without_transformers_progress_bar(capfd):
 
     from converters.demo import load_minilm
 
-    assert hf_logging.is_progress_bar_enabled()
-    tok, model = load_minilm()
-    assert capfd.readouterr().err == ""
-    assert hf_logging.is_progress_bar_enabled()  # restored
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # transformers' default (another test may have turned it off)
+    try:
+        capfd.readouterr()
+        tok, model = load_minilm()
+        assert capfd.readouterr().err == ""
+        assert hf_logging.is_progress_bar_enabled()  # restored
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
     assert model.config.hidden_size == 384 and tok("a b")["input_ids"]
 
 
