@@ -31,29 +31,34 @@ def test_readme_says_which_torch_build_the_pin_gives_and_how_to_get_the_cpu_one(
     assert "CUDA build" in setup and "does not pull" not in setup
 
 
-def test_readme_slow_command_runs_exactly_the_slow_tests_the_test_command_leaves_out():
+def test_readme_slow_command_runs_the_slow_tests_the_test_command_leaves_out():
+    """conftest's selection, driven with the README's two commands: the test command (CI's) leaves
+    the ``slow`` tests out, the slow command (``-m slow``) keeps them, and so does ``--soak``."""
     import shlex
-    import subprocess
-    import sys
+    from types import SimpleNamespace
+
+    from tests.conftest import pytest_collection_modifyitems
 
     text = (ROOT / "README.md").read_text()
     (slow_cmd,) = re.search(r"## Development.*?```bash\n(.*?)```", text, re.S).group(1).splitlines()
     test_cmd = readme_commands()[1].split("&& ")[-1]
-    assert slow_cmd.startswith("python -m pytest") and test_cmd == "python -m pytest"
-    files = ["tests/test_memory_bounds.py", "tests/test_quantize_demo.py"]
+    assert test_cmd == "python -m pytest" and slow_cmd.startswith("python -m pytest -m ")
+    markexpr = shlex.split(slow_cmd)[4]
 
-    def collected(command: str) -> set[str]:
-        args = shlex.split(command)[3:]  # after "python -m pytest"
-        out = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider",
-                              *files], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        return {line for line in out.stdout.splitlines() if "::" in line}
+    def selected(markexpr: str, soak: bool = False) -> list[str]:
+        items = [SimpleNamespace(name=n, keywords={n: 1, **({"slow": 1} if n.startswith("slow") else {})})
+                 for n in ("fast_a", "slow_b", "fast_c", "slow_d")]
+        left_out: list = []
+        options = {"--soak": soak, "markexpr": markexpr}
+        config = SimpleNamespace(getoption=options.__getitem__,
+                                 hook=SimpleNamespace(pytest_deselected=lambda items: left_out.extend(items)))
+        pytest_collection_modifyitems(config, items)
+        assert not {i.name for i in items} & {i.name for i in left_out}
+        return [i.name for i in items]
 
-    slow, default = collected(slow_cmd), collected(test_cmd)
-    long_cases = ("test_streaming_peak_rss_within_bound_of_largest_shard", "test_svdq_demo_end_to_end")
-    assert all(any(c in t for c in long_cases) for t in slow), slow
-    assert {c for c in long_cases for t in slow if c in t} == set(long_cases), slow
-    assert default and not any(c in t for t in default for c in long_cases), default
+    assert selected("") == ["fast_a", "fast_c"]  # the test command: no -m
+    assert selected(markexpr) == ["fast_a", "slow_b", "fast_c", "slow_d"]  # pytest's -m then keeps slow_*
+    assert selected("", soak=True) == ["fast_a", "slow_b", "fast_c", "slow_d"]
 
 
 def imported_packages(package):
