@@ -70,13 +70,25 @@ class CalibrationSet:
 # --------------------------------------------------------------------------- files
 
 
-def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor], static: dict[str, Any]) -> None:
+def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor], static: dict[str, Any],
+             seen: set[int]) -> None:
     if isinstance(value, torch.Tensor):
-        tensors[prefix] = value.detach().to("cpu").contiguous()
+        t = value.detach().to("cpu").contiguous()
+        storage = t.untyped_storage().data_ptr()
+        # one tensor object in several samples (a shared ``timestep``), or views of one batch:
+        # safetensors refuses tensors that share memory, so every repeat gets its own copy
+        if storage in seen and t.numel():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[prefix] = t
     elif isinstance(value, Mapping):
         static[prefix] = {"__dict__": sorted(value)}
         for k, v in value.items():
-            _flatten(f"{prefix}{_SEP}{k}", v, tensors, static)
+            _flatten(f"{prefix}{_SEP}{k}", v, tensors, static, seen)
+    elif isinstance(value, (list, tuple)):
+        static[prefix] = {"__list__": len(value), "tuple": isinstance(value, tuple)}
+        for k, v in enumerate(value):
+            _flatten(f"{prefix}{_SEP}{k}", v, tensors, static, seen)
     elif value is None or isinstance(value, (bool, int, float, str)):
         static[prefix] = value
     else:
@@ -87,7 +99,8 @@ def save_calibration(samples: Iterable[Sample], path: str | os.PathLike[str]) ->
     """Write calibration samples to a safetensors file (atomic).
 
     Tensor ``name`` of sample ``i`` is stored as ``"{i:05d}::name"`` (nested dicts add
-    ``"::key"``); non-tensor values (``None``, numbers, strings) go to the header metadata.
+    ``"::key"``, lists and tuples ``"::index"``); non-tensor values (``None``, numbers, strings)
+    go to the header metadata. A tensor object used by several samples is stored once per use.
     """
     from safetensors.torch import save_file
 
@@ -95,10 +108,11 @@ def save_calibration(samples: Iterable[Sample], path: str | os.PathLike[str]) ->
 
     tensors: dict[str, torch.Tensor] = {}
     static: dict[str, Any] = {}
+    seen: set[int] = set()
     n = 0
     for i, sample in enumerate(samples):
         for name, value in sample.items():
-            _flatten(f"{i:05d}{_SEP}{name}", value, tensors, static)
+            _flatten(f"{i:05d}{_SEP}{name}", value, tensors, static, seen)
         n = i + 1
     meta = {_META_KEY: json.dumps({"version": 1, "num_samples": n, "static": static})}
     p = Path(path)
@@ -141,20 +155,39 @@ def load_calibration(path: str | os.PathLike[str]) -> CalibrationSet:
     entries = [(k, v, True) for k, v in tensors.items()] + [
         (k, v, False) for k, v in info.get("static", {}).items()
     ]
+    lists: dict[str, tuple[int, bool]] = {}
     for key, value, _is_tensor in sorted(entries, key=lambda e: e[0].count(_SEP)):
         parts = key.split(_SEP)
         try:
             target = samples[int(parts[0])]
-        except (ValueError, IndexError):
+            for part in parts[1:-1]:
+                target = target.setdefault(part, {})
+        except (ValueError, IndexError, AttributeError):
             raise QuantizationError(f"{p}: {key}: bad calibration key") from None
-        for part in parts[1:-1]:
-            target = target.setdefault(part, {})
         if isinstance(value, dict) and "__dict__" in value:
             target.setdefault(parts[-1], {})
+        elif isinstance(value, dict) and "__list__" in value:
+            target.setdefault(parts[-1], {})
+            lists[key] = (int(value["__list__"]), bool(value.get("tuple")))
         else:
             target[parts[-1]] = value
     if not samples:
         raise QuantizationError(f"{p}: calibration file holds no samples")
+
+    def rebuild(node: Any, key: str) -> Any:  # lists and tuples were stored as {"0": ..., "1": ...}
+        if not isinstance(node, dict):
+            return node
+        items = {k: rebuild(v, f"{key}{_SEP}{k}") for k, v in node.items()}
+        if key not in lists:
+            return items
+        n, is_tuple = lists[key]
+        try:
+            seq = [items[str(i)] for i in range(n)]
+        except KeyError:
+            raise QuantizationError(f"{p}: {key}: list entries missing") from None
+        return tuple(seq) if is_tuple else seq
+
+    samples = [{k: rebuild(v, f"{i:05d}{_SEP}{k}") for k, v in s.items()} for i, s in enumerate(samples)]
     return CalibrationSet(samples, source=os.path.basename(p))
 
 
