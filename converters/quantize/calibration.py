@@ -281,78 +281,30 @@ def synthetic_calibration(
     text_tokens: int | None = None,
     warn: bool = True,
 ) -> CalibrationSet:
-    """Random inputs shaped from a diffusers transformer's config (Flux, SD3, PixArt, Sana).
+    """Random inputs shaped from the model's forward signature and config (any diffusers denoiser).
 
     Real captured inputs calibrate better; this exists for benchmarks, smoke tests and when no
-    pipeline is at hand (a warning says so).
+    pipeline is at hand (a warning says so). How the inputs are derived:
+    :mod:`converters.quantize.synthetic`.
 
     Args:
-        model: The diffusers transformer.
+        model: The diffusers transformer (or UNet).
         num_samples: Number of forward calls (batch 1 each).
         seed: Seed of the generator.
-        image_tokens: Image tokens per sample (a square number; default 256).
-        text_tokens: Text tokens per sample (default 64).
+        image_tokens: Latent tokens per sample after patching (default 256).
+        text_tokens: Text tokens per sample (default 64; a text-length limit in the config wins).
 
     Raises:
-        QuantizationError: the architecture has no synthetic input recipe.
+        QuantizationError: one line saying why inputs cannot be synthesized for this model.
     """
-    cfg = dict(getattr(model, "config", {}) or {})
-    cls = type(model).__name__
-    gen = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    img = image_tokens or 256
-    txt = text_tokens or 64
-    side = int(round(math.sqrt(img)))
+    from .synthetic import synthetic_samples
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(dtype)
-
-    def t() -> torch.Tensor:
-        return torch.rand(1, generator=gen)
-
-    samples: list[Sample] = []
-    for _ in range(num_samples):
-        if cls.startswith("Flux"):
-            rows = torch.arange(side).repeat_interleave(side)
-            cols = torch.arange(side).repeat(side)
-            img_ids = torch.stack([torch.zeros(side * side), rows.float(), cols.float()], dim=-1)
-            s: Sample = {
-                "hidden_states": randn(1, side * side, cfg["in_channels"]),
-                "encoder_hidden_states": randn(1, txt, cfg["joint_attention_dim"]),
-                "pooled_projections": randn(1, cfg["pooled_projection_dim"]),
-                "timestep": t().to(dtype),
-                "img_ids": img_ids.to(dtype),
-                "txt_ids": torch.zeros(txt, 3, dtype=dtype),
-            }
-            if cfg.get("guidance_embeds"):
-                s["guidance"] = (1.0 + 4.0 * t()).to(dtype)
-        elif cls.startswith("SD3"):
-            p = cfg["patch_size"]
-            s = {
-                "hidden_states": randn(1, cfg["in_channels"], side * p, side * p),
-                "encoder_hidden_states": randn(1, txt, cfg["joint_attention_dim"]),
-                "pooled_projections": randn(1, cfg["pooled_projection_dim"]),
-                "timestep": (1000 * t()).to(dtype),
-            }
-        elif cls.startswith("PixArt") or cls.startswith("Sana"):
-            p = cfg["patch_size"]
-            s = {
-                "hidden_states": randn(1, cfg["in_channels"], side * p, side * p),
-                "encoder_hidden_states": randn(1, txt, cfg["caption_channels"]),
-                "timestep": (1000 * t()).long() if cls.startswith("PixArt") else (1000 * t()).to(dtype),
-            }
-            if cls.startswith("PixArt"):
-                s["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-        else:
-            raise QuantizationError(
-                f"no synthetic calibration recipe for {cls}; capture real inputs "
-                "(--calibration FILE.safetensors or --prompts)"
-            )
-        samples.append(s)
+    plan, samples = synthetic_samples(model, num_samples, seed=seed, image_tokens=image_tokens or 256,
+                                      text_tokens=text_tokens or 64)
     if warn:
         warnings.warn(
             "calibrating on synthetic random inputs: quantization quality will be lower than "
-            "with captured inputs (--calibration FILE or --prompts)",
+            f"with captured inputs (--calibration FILE or --prompts); {plan.describe()}",
             UserWarning,
             stacklevel=2,
         )

@@ -79,11 +79,11 @@ TESTED_FAMILIES: frozenset[str] = frozenset({
     # diffusers transformers
     "AllegroTransformer3DModel", "AuraFlowTransformer2DModel", "BriaTransformer2DModel",
     "ChromaTransformer2DModel", "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel",
-    "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel", "ConsisIDTransformer3DModel",
+    "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
     "DiTTransformer2DModel", "EasyAnimateTransformer3DModel", "Flux2Transformer2DModel",
     "FluxTransformer2DModel", "HiDreamImageTransformer2DModel", "HunyuanDiT2DModel",
     "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "LatteTransformer3DModel",
-    "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel", "LuminaNextDiT2DModel",
+    "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel",
     "MochiTransformer3DModel", "OvisImageTransformer2DModel", "PixArtTransformer2DModel",
     "QwenImageTransformer2DModel", "SD3Transformer2DModel", "SanaTransformer2DModel",
     "SkyReelsV2Transformer3DModel", "WanTransformer3DModel", "ZImageTransformer2DModel",
