@@ -241,7 +241,7 @@ def capture_pipeline_inputs(
     """Run a diffusers pipeline and capture its transformer's inputs at every denoising step.
 
     Args:
-        pipe: A diffusers pipeline with a ``.transformer``.
+        pipe: A diffusers pipeline with a ``.transformer`` (or ``.unet``).
         prompts: Text prompts (each becomes one call with ``prompt=``).
         calls: Instead of prompts, keyword arguments of each pipeline call (e.g.
             ``{"class_labels": [3]}`` for class-conditional pipelines).
@@ -250,9 +250,9 @@ def capture_pipeline_inputs(
         seed: Seed of each call's generator (``seed + call index``).
         **pipe_kwargs: Passed to every call (e.g. ``height``, ``width``, ``guidance_scale``).
     """
-    transformer = getattr(pipe, "transformer", None)
+    transformer = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)  # (SD / SDXL: a UNet)
     if transformer is None:
-        raise QuantizationError(f"{type(pipe).__name__} has no .transformer to calibrate")
+        raise QuantizationError(f"{type(pipe).__name__} has no .transformer (or .unet) to calibrate")
     todo = [dict(c) for c in calls] if calls else [{"prompt": p} for p in (prompts or [])]
     if not todo:
         raise QuantizationError("no prompts given for calibration")

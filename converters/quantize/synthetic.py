@@ -459,10 +459,11 @@ def _rule(name: str, cfg: Mapping[str, Any], model: nn.Module, plan: InputPlan, 
     if name == "style":
         return lambda: torch.zeros(1, dtype=torch.long)
     if name == "class_labels":
-        n = _int(_first(cfg, ("num_embeds_ada_norm", "num_class_embeds", "num_classes")))
-        if n is None:
+        classes = _int(_first(cfg, ("num_embeds_ada_norm", "num_class_embeds", "num_classes")))
+        if classes is None:
             return None
-        return lambda: torch.tensor([int(t * n) % n])
+        label = int(t * classes) % classes
+        return lambda: torch.tensor([label])
     if name == "added_cond_kwargs":
         return lambda: _added_cond(cfg, randn, dtype, gh, gw)
     return None
