@@ -102,6 +102,48 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=1, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=32, rope_theta=256.0, t_scale=1000.0,
         axes_dims=[16, 8, 8], axes_lens=[64, 32, 32])),
+    "helios": ("HeliosTransformer3DModel", dict(
+        {k: v for k, v in _WAN.items() if k != "rope_max_seq_len"}, rope_dim=(8, 12, 12),
+        has_multi_term_memory_patch=True, guidance_cross_attn=True, zero_history_timestep=True,
+        is_amplify_history=False)),
+    "joyimage": ("JoyImageEditTransformer3DModel", dict(
+        patch_size=[1, 2, 2], in_channels=16, hidden_size=64, num_attention_heads=2, text_dim=32, num_layers=1,
+        rope_dim_list=[8, 12, 12], theta=256)),
+    "motif-video": ("MotifVideoTransformer3DModel", dict(
+        in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+        num_single_layers=1, num_decoder_layers=0, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+        norm_type="layer_norm", text_embed_dim=32, image_embed_dim=4, rope_theta=256.0, rope_axes_dim=(8, 12, 12),
+        enable_text_cross_attention_dual=False, enable_text_cross_attention_single=False)),
+    "nucleus-moe": ("NucleusMoEImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=32, axes_dims_rope=(8, 4, 4), moe_enabled=False)),
+    "prx": ("PRXTransformer2DModel", dict(
+        in_channels=16, patch_size=2, context_in_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1,
+        axes_dim=[16, 16], theta=10000)),
+    "ernie-image": ("ErnieImageTransformer2DModel", dict(
+        hidden_size=64, num_attention_heads=2, num_layers=1, ffn_hidden_size=128, in_channels=16, out_channels=16,
+        patch_size=1, text_in_dim=32, rope_theta=256, rope_axes_dim=(16, 8, 8), eps=1e-6, qk_layernorm=True)),
+    "sana-video": ("SanaVideoTransformer3DModel", dict(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64, caption_channels=32,
+        mlp_ratio=2.0, sample_size=8, patch_size=(1, 2, 2), norm_elementwise_affine=False, norm_eps=1e-6,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)),
+    "wan-vace": ("WanVACETransformer3DModel", dict(_WAN, num_layers=2, vace_layers=[0], vace_in_channels=8)),
+    "ltx2": ("LTX2VideoTransformer3DModel", dict(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=32,
+        cross_attention_dim=64, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+        audio_attention_head_dim=32, audio_cross_attention_dim=64, num_layers=1, qk_norm="rms_norm_across_heads",
+        caption_channels=32, rope_double_precision=False)),
+    "hunyuanvideo15": ("HunyuanVideo15Transformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
+        image_embed_dim=16, rope_axes_dim=(8, 12, 12), target_size=16, task_type="t2v")),
+    "longcat-audio": ("LongCatAudioDiTTransformer", dict(
+        dit_dim=64, dit_depth=1, dit_heads=2, dit_text_dim=32, latent_dim=8, text_conv=False)),
+    "stable-audio3": ("StableAudio3DiTModel", dict(
+        io_channels=8, patch_size=1, embed_dim=64, depth=1, num_heads=2, cond_token_dim=32, global_cond_dim=16,
+        local_add_cond_dim=5, timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
+        use_differential_attention=False)),
     "sdxl-unet": ("UNet2DConditionModel", dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -122,6 +164,10 @@ def build(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     cls_name, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
     model = getattr(diffusers, cls_name)(**kwargs)
+    with torch.no_grad():  # zero-initialised projections / gates: a random model whose output is 0 tests nothing
+        for p in model.parameters():
+            if p.numel() > 1 and not p.any():
+                p.normal_(0.0, 0.05)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
@@ -144,7 +190,7 @@ def lora_loader(cls_name: str) -> str | None:
             continue
         if not inspect.isclass(pipe):
             continue
-        mixins = [b.__name__ for b in pipe.__mro__ if b.__name__.endswith("LoraLoaderMixin")]
+        mixins = [b for b in pipe.__mro__ if b.__name__.endswith("LoraLoaderMixin")]
         if not mixins:
             continue
         try:
@@ -153,6 +199,7 @@ def lora_loader(cls_name: str) -> str | None:
             continue
         for comp in ("transformer", "unet"):
             ann = params.get(comp)
-            if ann is not None and cls_name in str(ann.annotation):
-                return mixins[0]
+            loadable = getattr(mixins[0], "_lora_loadable_modules", ())
+            if ann is not None and cls_name in str(ann.annotation) and comp in loadable:
+                return mixins[0].__name__
     return None

@@ -76,18 +76,20 @@ _TEMPORAL = re.compile(r"(?i)temporal")
 #: has a LoRA loader) load a LoRA into: ``tests/test_families.py`` checks this list is exactly
 #: what it runs. Others get the structural defaults plus one warning.
 TESTED_FAMILIES: frozenset[str] = frozenset({
-    # diffusers transformers
+    # diffusers denoisers
     "AllegroTransformer3DModel", "AuraFlowTransformer2DModel", "BriaTransformer2DModel",
     "ChromaTransformer2DModel", "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel",
-    "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
-    "DiTTransformer2DModel", "EasyAnimateTransformer3DModel", "Flux2Transformer2DModel",
-    "FluxTransformer2DModel", "HiDreamImageTransformer2DModel", "HunyuanDiT2DModel",
-    "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "LatteTransformer3DModel",
-    "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel",
-    "MochiTransformer3DModel", "OvisImageTransformer2DModel", "PixArtTransformer2DModel",
+    "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel", "DiTTransformer2DModel",
+    "EasyAnimateTransformer3DModel", "ErnieImageTransformer2DModel", "Flux2Transformer2DModel",
+    "FluxTransformer2DModel", "HeliosTransformer3DModel", "HiDreamImageTransformer2DModel", "HunyuanDiT2DModel",
+    "HunyuanVideo15Transformer3DModel", "HunyuanVideoTransformer3DModel", "JoyImageEditTransformer3DModel",
+    "LTX2VideoTransformer3DModel", "LTXVideoTransformer3DModel", "LatteTransformer3DModel",
+    "LongCatAudioDiTTransformer", "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel",
+    "MochiTransformer3DModel", "MotifVideoTransformer3DModel", "NucleusMoEImageTransformer2DModel",
+    "OvisImageTransformer2DModel", "PRXTransformer2DModel", "PixArtTransformer2DModel",
     "QwenImageTransformer2DModel", "SD3Transformer2DModel", "SanaTransformer2DModel",
-    "SkyReelsV2Transformer3DModel", "WanTransformer3DModel", "ZImageTransformer2DModel",
-    "UNet2DConditionModel",
+    "SanaVideoTransformer3DModel", "SkyReelsV2Transformer3DModel", "StableAudio3DiTModel",
+    "UNet2DConditionModel", "WanTransformer3DModel", "WanVACETransformer3DModel", "ZImageTransformer2DModel",
     # transformers text encoders
     "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel",
 })
