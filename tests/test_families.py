@@ -122,3 +122,107 @@ def test_tested_families_list_is_what_the_tests_run():
     tested = {cls for cls, _ in FAMILIES.values()}
     transformers_encoders = {"BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"}
     assert families.TESTED_FAMILIES == tested | transformers_encoders
+
+
+class _Toy(nn.Module):
+    """A denoiser-shaped toy: a config, a patch embedder, two identical blocks with attention."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_out = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.to_out(self.to_q(x))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.ff = _Toy.Attention(), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.ff(self.attn(x))
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"in_channels": 8}
+        self.proj_in, self.proj_out = nn.Linear(8, 64), nn.Linear(64, 8)
+        self.layers = nn.ModuleList([_Toy.Block(), _Toy.Block()])
+
+    def embed(self, hidden_states):
+        h = self.proj_in(hidden_states)
+        for block in self.layers:
+            h = block(h)
+        return self.proj_out(h)
+
+
+class _NeedsTokens(_Toy):
+    def forward(self, hidden_states, timestep, prior_token_id):  # an argument no convention names
+        return self.embed(hidden_states)
+
+
+class _NoLatent(_Toy):
+    def forward(self, input_ids, timestep):
+        return input_ids
+
+
+class _NothingFits(_Toy):
+    def forward(self, hidden_states, timestep):
+        raise ValueError("expects a 6-D latent")
+
+
+@pytest.mark.parametrize("toy, reason", [
+    (_NeedsTokens, "no rule for its required forward argument 'prior_token_id'"),
+    (_NoLatent, "its forward has no latent argument"),
+    (_NothingFits, "no latent layout fits its forward (tokens: ValueError: expects a 6-D latent"),
+])
+def test_a_family_that_cannot_work_says_why_in_one_line(toy, reason):
+    from svdq_format.errors import QuantizationError
+
+    with pytest.raises(QuantizationError) as info:
+        synthetic_samples(toy(), 1)
+    text = str(info.value)
+    assert reason in text and "\n" not in text and text.startswith(f"{toy.__name__}: cannot synthesize")
+    assert "--calibration FILE" in text  # and what to do instead
+
+
+def test_an_unknown_architecture_gets_defaults_and_one_warning():
+    class Known(_Toy):
+        def forward(self, hidden_states, timestep):
+            return self.embed(hidden_states)
+
+    model = Known()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan, samples = synthetic_samples(model, 2, image_tokens=16)
+        from converters.quantize import quantize_model
+
+        quantize_model(model, samples, rank=4, alphas=(0.5,))
+    guessed = [w for w in caught if "not an architecture svdquant was tested on" in str(w.message)]
+    assert len(guessed) == 1
+    assert ("guessed blocks: layers (2); 6 linears W4A4, 0 W4A16 (AdaLN modulation / temporal), 2 kept 16-bit"
+            in str(guessed[0].message))
+    assert plan.layout == "tokens" and set(svdq_modules(model)) == {f"layers.{i}.{n}" for i in (0, 1)
+                                                                    for n in ("attn.to_q", "attn.to_out", "ff")}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_layer_roles_match_the_data_flow(family):
+    """The structural roles agree with what the layers see: a modulation linear (W4A16 by AdaLN)
+    reads one conditioning row per sample, a W4A4 linear reads the tokens."""
+    from converters.quantize import collect_stats
+    from converters.quantize.families import linear_roles
+
+    model = build(family)
+    _, samples = synthetic_samples(model, 1, image_tokens=16, text_tokens=8)
+    roles = linear_roles(model)
+    quantized = {n: r for n, r in roles.items() if r.kind != "keep"}
+    stats = collect_stats(model, {n: model.get_submodule(n) for n in quantized}, samples, max_rows=8)
+    for name, role in quantized.items():
+        if name not in stats.layers:  # (a branch the sample does not take)
+            continue
+        rows = stats.layers[name].count
+        if role.why.startswith("AdaLN"):
+            assert rows == 1, (name, rows)
+        elif role.kind == "w4a4":
+            assert rows > 1, (name, rows)
