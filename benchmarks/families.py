@@ -121,17 +121,17 @@ def untested(cls_name: str) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| class | status | W4A4 / W4A16 / kept 16-bit | output error (tiny) | LoRA loader | "
-            "fuse q/k/v | synthetic latent |\n| --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| class | status | quantized / linears | W4A4 / W4A16 / kept 16-bit | output error (tiny) | "
+            "LoRA loader | fuse q/k/v | synthetic latent |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
         if r["status"] == "tested":
             lora = r["lora_loader"].removesuffix("LoraLoaderMixin") if r["lora_loader"] else "no"
-            lines.append(f"| {r['class']} | tested | {r['w4a4']} / {r['w4a16']} / {r['kept']} | "
-                         f"{r['rel_error']:.3f} | {lora} | {'yes' if r['fuse_qkv'] else 'no'} | "
-                         f"{r['layout']} |")
+            lines.append(f"| {r['class']} | tested | {r['w4a4'] + r['w4a16']} / {r['linears']} | "
+                         f"{r['w4a4']} / {r['w4a16']} / {r['kept']} | {r['rel_error']:.3f} | {lora} | "
+                         f"{'yes' if r['fuse_qkv'] else 'no'} | {r['layout']} |")
         else:
-            lines.append(f"| {r['class']} | {r['status']} | | | | | |")
+            lines.append(f"| {r['class']} | {r['status']} | | | | | | |")
     return "\n".join(lines)
 
 
