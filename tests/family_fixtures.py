@@ -7,6 +7,8 @@ its block linears are quantizable (``in_features`` a multiple of 64). Used by
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 import torch
@@ -174,13 +176,20 @@ def build(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
 def lora_loader(cls_name: str) -> str | None:
     """The diffusers LoRA loader mixin of the pipelines built around ``cls_name`` (None: no loader).
 
-    Read from diffusers: a pipeline class that inherits a ``*LoraLoaderMixin`` and takes a
-    ``transformer`` (or ``unet``) of this class.
+    Read from diffusers: a pipeline class that inherits a ``*LoraLoaderMixin`` which loads into its
+    ``transformer`` (or ``unet``), and takes a denoiser of this class.
     """
+    return _lora_loaders().get(cls_name)
+
+
+@functools.lru_cache(maxsize=1)
+def _lora_loaders() -> dict[str, str]:
+    """Denoiser class name → LoRA loader mixin name, over every diffusers pipeline (imports them once)."""
     import inspect
 
     import diffusers
 
+    found: dict[str, str] = {}
     for name in dir(diffusers):
         if not name.endswith("Pipeline"):
             continue
@@ -197,9 +206,11 @@ def lora_loader(cls_name: str) -> str | None:
             params = inspect.signature(pipe.__init__).parameters
         except (TypeError, ValueError):
             continue
+        loadable = getattr(mixins[0], "_lora_loadable_modules", ())
         for comp in ("transformer", "unet"):
             ann = params.get(comp)
-            loadable = getattr(mixins[0], "_lora_loadable_modules", ())
-            if ann is not None and cls_name in str(ann.annotation) and comp in loadable:
-                return mixins[0].__name__
-    return None
+            if ann is None or comp not in loadable:
+                continue
+            for cls_name in re.findall(r"\b(\w+Model\w*|\w+Transformer\w*)\b", str(ann.annotation)):
+                found.setdefault(cls_name, mixins[0].__name__)
+    return found
