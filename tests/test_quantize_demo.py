@@ -13,14 +13,21 @@ from svdq_format.io import validate
 
 @pytest.mark.slow
 def test_svdq_demo_end_to_end(tmp_path, capsys):
-    old = torch.get_num_threads()
+    from transformers.utils import logging as hf_logging
+
+    old, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(1)
+    hf_logging.enable_progress_bar()  # as in a fresh `svdq demo` process
     try:
         code = svdq_main(["demo", "--out", str(tmp_path / "demo")])
     finally:
         torch.set_num_threads(old)
-    out = capsys.readouterr().out
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0, out
+    assert "Loading weights" not in captured.err  # transformers' bar used to print between our lines
+    assert re.search(r"layers quantized \(W4A4 rank 32 x\d+; W4A16 x\d+\)", out), out  # the --rank default
     rows = {}
     for line in out.splitlines():
         cells = re.split(r"\s{2,}", line.strip())
