@@ -20,6 +20,7 @@ import collections
 import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,9 @@ def no_loading_bar() -> Iterator[None]:
         yield
     finally:
         if was:
-            hf_logging.enable_progress_bar()
+            with warnings.catch_warnings():  # huggingface_hub's own stay off under HF_HUB_DISABLE_PROGRESS_BARS=1
+                warnings.filterwarnings("ignore", "Cannot enable progress bars", UserWarning)
+                hf_logging.enable_progress_bar()
 
 
 def load_minilm() -> tuple[Any, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -17,12 +18,15 @@ def test_svdq_demo_end_to_end(tmp_path, capsys):
 
     old, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(1)
-    hf_logging.enable_progress_bar()  # as in a fresh `svdq demo` process
+    with warnings.catch_warnings():  # (under HF_HUB_DISABLE_PROGRESS_BARS=1 huggingface_hub says it keeps its own off)
+        warnings.filterwarnings("ignore", "Cannot enable progress bars", UserWarning)
+        hf_logging.enable_progress_bar()  # as in a fresh `svdq demo` process
     try:
         code = svdq_main(["demo", "--out", str(tmp_path / "demo")])
     finally:
         torch.set_num_threads(old)
-        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+        if not bars:
+            hf_logging.disable_progress_bar()
     captured = capsys.readouterr()
     out = captured.out
     assert code == 0, out
@@ -56,14 +60,17 @@ def test_demo_loads_minilm_without_transformers_progress_bar(capfd):
     from converters.demo import load_minilm
 
     was = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()  # transformers' default (another test may have turned it off)
+    with warnings.catch_warnings():  # (under HF_HUB_DISABLE_PROGRESS_BARS=1 huggingface_hub says it keeps its own off)
+        warnings.filterwarnings("ignore", "Cannot enable progress bars", UserWarning)
+        hf_logging.enable_progress_bar()  # transformers' default (another test may have turned it off)
     try:
         capfd.readouterr()
         tok, model = load_minilm()
         assert capfd.readouterr().err == ""
         assert hf_logging.is_progress_bar_enabled()  # restored
     finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+        if not was:
+            hf_logging.disable_progress_bar()
     assert model.config.hidden_size == 384 and tok("a b")["input_ids"]
 
 
