@@ -774,10 +774,26 @@ def lowrank_down(
             (never slower than the prologue's tiles, 1.9× faster at 4608 × 3072). Other tiles
             change the fp32 summation order, not the math.
     """
-    k = _kernels()
-    m, kk = x.shape
+    m = x.shape[0]
     r = lora_down.shape[0]
     lr = torch.empty(m, 2 * r, device=x.device, dtype=torch.bfloat16)
+    plr = lowrank_partials(x, lora_down, block_m=block_m, num_warps=num_warps, num_stages=num_stages,
+                           groups_per_split=groups_per_split)
+    _kernels()["lowrank_sum"][(triton_cdiv(m, 32),)](
+        plr, lr, lora_scales if lora_scales is not None else plr, m, r, plr.shape[0],
+        HAS_LRS=lora_scales is not None, BM=32, BR=plr.shape[2], num_warps=4)
+    return lr
+
+
+def lowrank_partials(
+    x: torch.Tensor, lora_down: torch.Tensor, *, block_m: int = 64, num_warps: Optional[int] = 8,
+    num_stages: int = 4, groups_per_split: Optional[int] = None,
+) -> torch.Tensor:
+    """The fp32 partial sums of ``x · L2ᵀ`` over :func:`lowrank_down`'s K splits, ``[splits, M, BR]``
+    (``BR``: the rank rounded up to a power of two ≥ 16, columns ≥ r zero); summing them in split
+    order gives :func:`lowrank_down`'s bits. Same arguments."""
+    m, kk = x.shape
+    r = lora_down.shape[0]
     br = _rank_tile(r)
     if groups_per_split is None:
         nsplit, bps = _k_splits(kk, m)
@@ -786,13 +802,10 @@ def lowrank_down(
         nsplit = triton_cdiv(kk // 64, bps)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32)
     warps = num_warps or (4 if br <= 64 else 8)
-    k["prologue_stats"][(triton_cdiv(m, block_m), nsplit)](
+    _kernels()["prologue_stats"][(triton_cdiv(m, block_m), nsplit)](
         x, x, lora_down, plr, plr, m, kk, r, bps, 0.0, HAS_LR=True, BM=block_m, BR=br, AMAX=False,
         num_warps=warps, num_stages=num_stages)
-    k["lowrank_sum"][(triton_cdiv(m, 32),)](
-        plr, lr, lora_scales if lora_scales is not None else plr, m, r, nsplit, HAS_LRS=lora_scales is not None,
-        BM=32, BR=br, num_warps=4)
-    return lr
+    return plr
 
 
 def triton_cdiv(a: int, b: int) -> int:
