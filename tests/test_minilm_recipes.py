@@ -46,6 +46,7 @@ def _one_minus_cos(minilm, dtype=torch.float32, **options):
     return float(1 - (_embed(model, held) * ref).sum(-1).mean()), result
 
 
+@pytest.mark.slow  # ~30 s (the default suite has GPTQ on MiniLM's layers: tests/test_gptq.py)
 def test_gptq_lowers_the_embedding_error_of_minilm(minilm):
     """The first encoder layer quantized (6 linears; the rest stays fp32: a quick check), uniform
     rank 32, the demo's 32 calibration sentences: GPTQ against the clipping search alone."""
