@@ -157,13 +157,17 @@ for step in $STEPS; do
       timeout 90 python3 benchmarks/quantizer_variants.py --out "$OUT/quantizer_variants.json" --code "$OUT/qcode" \
         > "$OUT/quantizer_variants.log" 2>&1; echo "quantizer rc=$?"; grep -v Warn "$OUT/quantizer_variants.log" | tail -3 | cut -c1-300
       tar -czf "$OUT/qcode.tgz" -C "$OUT" qcode 2>/dev/null; rm -rf "$OUT/qcode" ;;
-    q25)  # issue 25 (~6 min): the FLUX.1-dev-shaped quantize (random weights built on the GPU from
-          # the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no GPTQ), then
-          # today's default (GPTQ, rank allocation under the rank-32 budget) on the same machine. State
-          # (statistics with Hessians, finished blocks) in /tmp, removed after; JSON + logs in $OUT.
-          # Q25_MODEL="--tiny --device cpu" runs the same step on a CPU (a check of the step itself).
+    q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
+          # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
+          # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
+          # GPTQ), then today's default (GPTQ, rank allocation under the rank-32 budget) on the same
+          # machine. State (statistics with Hessians, finished blocks) in /tmp, removed after; JSON +
+          # logs in $OUT. Q25_MODEL="--tiny --device cpu" runs the quantize part on a CPU (a check of
+          # the step itself).
+      timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gptq_gpu.py > "$OUT/pytest_gptq_gpu.log" 2>&1
+      echo "gptq gpu tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_gptq_gpu.log" | tail -4
       for r in old default; do
-        lim=$([ "$r" = old ] && echo 140 || echo 220)
+        lim=$([ "$r" = old ] && echo 140 || echo 230)
         rm -rf "/tmp/q25_state_$r"
         timeout $lim python3 benchmarks/quantize_flux.py ${Q25_MODEL:---device cuda} --recipe $r \
           --time-budget $((lim - 30)) --state-dir "/tmp/q25_state_$r" --out "$OUT/q25_$r" > "$OUT/q25_$r.log" 2>&1

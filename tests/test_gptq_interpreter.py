@@ -1,6 +1,6 @@
 """GPTQ's Triton column loop (converters/quantize/gptq_triton.py) checked on the CPU with Triton's
 interpreter against the torch loop: the same codes, bit for bit (the GPU runs the same kernel;
-benchmarks/gptq_flux.py times it there). Skipped without triton or with a GPU."""
+tests/test_gptq_gpu.py runs it compiled on a GPU). Skipped without triton or with a GPU."""
 
 from __future__ import annotations
 
