@@ -181,3 +181,17 @@ def test_lora_on_per_layer_ranks_adds_exactly_its_delta(budget_run):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-7, n
     unload_all(model)
     assert all(torch.equal(t, base.state_dict()[k]) for k, t in model.state_dict().items())
+
+
+def test_model_output_of_every_output_kind():
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    from converters.quantize.sensitivity import model_output
+
+    a, b = torch.ones(2, 3), torch.zeros(4)
+    assert model_output(Transformer2DModelOutput(sample=a)) is a
+    got = model_output(Transformer2DModelOutput(sample=[a, b]))  # Z-Image: a latent per sample
+    assert torch.equal(got, torch.cat([a.reshape(-1), b]))
+    assert model_output((a, 1)) is a and model_output({"x": a, "y": b}) is a
+    with pytest.raises(TypeError, match="cannot find the output tensor of a int"):
+        model_output(3)

@@ -26,20 +26,21 @@ __all__ = ["layer_sensitivity", "measure_sensitivity", "model_output"]
 
 
 def model_output(out: Any) -> torch.Tensor:
-    """The main output tensor of a forward (a tensor, a tuple's first, ``.sample`` /
-    ``.last_hidden_state`` of a diffusers / transformers output)."""
+    """The main output of a forward as one tensor: a tensor, ``.sample`` / ``.last_hidden_state``
+    of a diffusers / transformers output, a tuple's or a mapping's first entry; a list of
+    tensors (Z-Image's per-sample latents) flattened into one."""
     if isinstance(out, torch.Tensor):
         return out
     for attr in ("sample", "last_hidden_state"):
         t = getattr(out, attr, None)
-        if isinstance(t, torch.Tensor):
-            return t
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(out, Mapping):
-        first = next(iter(out.values()), None)
-        if isinstance(first, torch.Tensor):
-            return first
+        if t is not None:
+            return model_output(t)
+    if isinstance(out, Mapping) and out:
+        return model_output(next(iter(out.values())))
+    if isinstance(out, list) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return torch.cat([t.reshape(-1) for t in out])
+    if isinstance(out, (tuple, list)) and out:
+        return model_output(out[0])
     raise TypeError(f"cannot find the output tensor of a {type(out).__name__}")
 
 
