@@ -62,7 +62,7 @@ def test_pickle_checkpoints_refused_with_explanation(pickle_file, capsys):
 
 
 def test_converters_refuse_pickle_inputs(pickle_file):
-    from converters.nunchaku_import import read_nunchaku
+    from converters.nunchaku.importer import read_nunchaku
     from converters.quantize.calibration import load_calibration
 
     path, marker = pickle_file

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from converters import lora_delta
+from converters.lora import delta as lora_delta
 from converters.lora import load_lora, unload_all, unload_lora
 from svdq_format.cli import main
 from svdq_format.errors import LoRAError

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file as st_save
 
 import nunchaku_reference as ref
-from converters.nunchaku_export import export_nunchaku
-from converters.nunchaku_import import import_nunchaku
-from converters.nunchaku_lite import export_nunchaku_lite
+from converters.nunchaku.exporter import export_nunchaku
+from converters.nunchaku.importer import import_nunchaku
+from converters.nunchaku.lite import export_nunchaku_lite
 from svdq_format import packing
 from svdq_format.errors import SVDQError, UnsupportedError
 from svdq_format.io import load_file, validate
@@ -527,7 +527,7 @@ def test_cli_convert_round_trip(tmp_path, capsys):
 
 
 def test_dialect_detection_and_names():
-    from converters.nunchaku_names import detect_dialect, from_native, to_native
+    from converters.nunchaku.names import detect_dialect, from_native, to_native
 
     sdxl = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.lora_down",
             "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.smooth"]
@@ -579,7 +579,7 @@ def test_native_quantized_flux_round_trips_through_nunchaku(tmp_path):
 
 
 def test_load_imported_int4_flux_with_k_split_proj_out(tmp_path):
-    from converters.nunchaku_model import KConcatLinear, load_imported_model
+    from converters.nunchaku.model import KConcatLinear, load_imported_model
 
     src = tmp_path / "int4.safetensors"
     logical = build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.float32)

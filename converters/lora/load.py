@@ -1,16 +1,15 @@
-"""Load LoRAs into SVDQuant models: the public API and the diffusers pipeline integration.
+"""``load_lora``: a LoRA into an SVDQuant model, as one more adapter.
 
-    from converters.lora import load_lora
+The flow reads one way. Decode: a LoRA file, directory, Hub repo or state dict is read and
+normalised (:mod:`converters.lora.formats`) and planned against the model
+(:func:`svdq_format.lora.plan_lora`: fusion, padding, checks), or a ready plan is read from a
+delta file or the cache (:mod:`converters.lora.delta`). Attach: :func:`svdq_format.lora.attach_lora`
+concatenates the factors onto the low-rank branches; strengths and unloading are
+:mod:`svdq_format.lora`'s too. A plan decoded from a LoRA file is stored in the cache after it
+is attached, so the next load of the same file onto the same base reads it back.
+
     report = load_lora(model, "my_lora.safetensors", adapter_name="style", strength=0.8)
     print(report)                         # matched layers, unmatched keys
-    set_lora_strengths(model, {"style": 0.5})   # rewrites lora_scales only
-    unload_lora(model, "style")            # original tensors back, bit-identical
-
-    enable_diffusers_lora(pipe)           # then pipe.load_lora_weights / set_adapters /
-                                          # unload_lora_weights work as usual
-
-Reading and key normalisation: :mod:`converters.lora_formats`; runtime state:
-:mod:`svdq_format.lora`; delta files and cache: :mod:`converters.lora_delta`.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ import hashlib
 import json
 import logging
 import os
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,28 +32,14 @@ from svdq_format.lora import (
     attach_lora,
     base_fingerprint,
     check_plan,
-    list_loras,
     original_branches,
     plan_lora,
-    set_active_loras,
-    set_lora_strengths,
-    unload_all,
-    unload_lora,
 )
 
-from . import lora_delta
-from .lora_formats import RawLora, normalize_lora, read_lora
+from . import delta as lora_delta
+from .formats import RawLora, normalize_lora, read_lora
 
-__all__ = [
-    "LoraReport",
-    "load_lora",
-    "convert_lora",
-    "set_lora_strengths",
-    "unload_lora",
-    "unload_all",
-    "list_loras",
-    "enable_diffusers_lora",
-]
+__all__ = ["LoraReport", "check_report", "convert_lora", "load_lora"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +81,12 @@ class LoraReport:
         return text
 
 
-def _enforce(report: LoraReport, *, strict: bool) -> None:
+def check_report(report: LoraReport, *, strict: bool) -> None:
+    """Refuse a LoRA that matched nothing, or (``strict``) left keys unmatched; else warn about them.
+
+    Raises:
+        LoRAError: no key matched, or ``strict`` and some did not.
+    """
     if not report.matched:
         raise LoRAError(f"{report.source}: no LoRA key matched a layer of this model ({report})")
     if strict and report.unmatched:
@@ -206,7 +195,7 @@ def load_lora(
                 plan = None
         if plan is None:
             plan, report = convert_lora(model, raw, adapter_name=adapter_name)
-            _enforce(report, strict=strict)
+            check_report(report, strict=strict)
             attach_lora(model, plan, strength=strength)
             if cached_file is not None and plan.layers:
                 try:
@@ -220,138 +209,6 @@ def load_lora(
                     logger.warning("cannot write LoRA cache %s: %s", cached_file, exc)
             return report
     assert plan is not None
-    _enforce(report, strict=strict)
+    check_report(report, strict=strict)
     attach_lora(model, plan, strength=strength)
     return report
-
-
-# --------------------------------------------------------------------------- diffusers
-
-
-def _model_load_lora_adapter(self: nn.Module, pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer",
-                             hotswap: bool = False, **kwargs: Any) -> None:
-    if hotswap:
-        raise LoRAError("hotswap is not supported on SVDQuant models; unload and load instead")
-    adapter_name = kwargs.pop("adapter_name", None) or f"default_{len(list_loras(self))}"
-    network_alphas = kwargs.pop("network_alphas", None) or {}
-    metadata = kwargs.pop("metadata", None)
-    weight_name = kwargs.pop("weight_name", None)
-    src = pretrained_model_name_or_path_or_dict
-    if not isinstance(src, Mapping):
-        load_lora(self, src, adapter_name=adapter_name, weight_name=weight_name)
-        _sync_peft_config(self)
-        return
-    sd = dict(src)
-    if prefix and any(k.startswith(f"{prefix}.") for k in sd):
-        # diffusers' kohya converter leaves img_in/txt_in targets (x_embedder,
-        # context_embedder) unprefixed; keep every key that belongs to no other component
-        sd = {k.removeprefix(f"{prefix}."): v for k, v in sd.items()
-              if k.startswith(f"{prefix}.") or not k.startswith(("text_encoder", "unet."))}
-    for k, v in network_alphas.items():
-        if not prefix or k.startswith(f"{prefix}."):
-            sd[k.removeprefix(f"{prefix}.") if prefix else k] = torch.as_tensor(float(v))
-    config = None
-    if metadata:
-        config = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items()}
-    load_lora(self, RawLora(sd, config, "<dict>"), adapter_name=adapter_name)
-    _sync_peft_config(self)
-
-
-def _sync_peft_config(model: nn.Module) -> None:
-    names = list_loras(model)
-    if names:
-        model.__dict__["peft_config"] = {n: {"svdquant": True} for n in names}
-    elif "peft_config" in model.__dict__:
-        del model.__dict__["peft_config"]
-
-
-def _model_set_adapters(self: nn.Module, adapter_names: Any, weights: Any = None) -> None:
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    if weights is None or isinstance(weights, (int, float)):
-        weights = [weights] * len(names)
-    set_active_loras(self, names, list(weights))
-
-
-def _model_unload_lora(self: nn.Module) -> None:
-    unload_all(self)
-    _sync_peft_config(self)
-
-
-def _model_delete_adapters(self: nn.Module, adapter_names: Any) -> None:
-    for n in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-        unload_lora(self, n)
-    _sync_peft_config(self)
-
-
-def _model_disable_lora(self: nn.Module) -> None:
-    set_active_loras(self, [])
-
-
-def _model_enable_lora(self: nn.Module) -> None:
-    st = list_loras(self)
-    set_active_loras(self, list(st))
-
-
-def _model_fuse_lora(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-    raise LoRAError(
-        "fuse_lora is not available on SVDQuant models: a LoRA already runs inside the fused "
-        "low-rank branch (no extra kernel), and merging it into 4-bit weights would requantize them"
-    )
-
-
-_MODEL_METHODS: dict[str, Callable[..., Any]] = {
-    "fuse_lora": _model_fuse_lora,
-    "unfuse_lora": _model_fuse_lora,
-    "load_lora_adapter": _model_load_lora_adapter,
-    "set_adapters": _model_set_adapters,
-    "unload_lora": _model_unload_lora,
-    "delete_adapters": _model_delete_adapters,
-    "disable_lora": _model_disable_lora,
-    "enable_lora": _model_enable_lora,
-}
-
-
-def enable_diffusers_lora(obj: Any) -> Any:
-    """Route diffusers' LoRA API to svdquant on a quantized transformer or a pipeline.
-
-    On a model, ``load_lora_adapter``, ``set_adapters``, ``unload_lora``, ``delete_adapters``,
-    ``disable_lora`` and ``enable_lora`` are bound on the instance (the class is untouched).
-    On a pipeline (anything with a ``transformer``), its transformer gets them, and the
-    pipeline's Flux-specific LoRA shape expansion skips SVDQ layers (it reads ``.weight``,
-    which a 4-bit layer does not have) — so ``pipe.load_lora_weights``, ``pipe.set_adapters``,
-    ``pipe.delete_adapters`` and ``pipe.unload_lora_weights`` work as usual.
-
-    Returns:
-        ``obj``.
-    """
-    model = getattr(obj, "transformer", None)
-    if isinstance(model, nn.Module):
-        _install_on_pipeline(obj, model)
-        model_target = model
-    elif isinstance(obj, nn.Module):
-        model_target = obj
-    else:
-        raise LoRAError(f"{type(obj).__name__} is neither a model nor a pipeline with a transformer")
-    for name, fn in _MODEL_METHODS.items():
-        setattr(model_target, name, types.MethodType(fn, model_target))
-    return obj
-
-
-def _install_on_pipeline(pipe: Any, transformer: nn.Module) -> None:
-    from svdq_format.linear import SVDQLinear
-
-    original = getattr(pipe, "_maybe_expand_lora_state_dict", None)
-    if original is None or getattr(original, "_svdq", False):
-        return
-
-    def expand(transformer: nn.Module, lora_state_dict: dict) -> dict:
-        svdq = {n for n, m in transformer.named_modules() if isinstance(m, SVDQLinear)}
-        held = {k: v for k, v in lora_state_dict.items()
-                if k.removeprefix("transformer.").split(".lora_")[0] in svdq}
-        rest = {k: v for k, v in lora_state_dict.items() if k not in held}
-        out = original(transformer=transformer, lora_state_dict=rest) if rest else rest
-        out.update(held)
-        return out
-
-    expand._svdq = True  # type: ignore[attr-defined]
-    pipe._maybe_expand_lora_state_dict = expand

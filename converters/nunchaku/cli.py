@@ -18,17 +18,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if bool(args.source_format) == bool(args.target_format):
         raise UnsupportedError("give exactly one of --from nunchaku or --to nunchaku|nunchaku-lite")
     if args.source_format == "nunchaku":
-        from .nunchaku_import import import_nunchaku
+        from .importer import import_nunchaku
 
         out = import_nunchaku(args.input, args.output, dialect=args.dialect)
         print(f"ok: {args.input} -> {out} (SVDQuant model directory)")
     elif args.target_format == "nunchaku":
-        from .nunchaku_export import export_nunchaku
+        from .exporter import export_nunchaku
 
         out = export_nunchaku(args.input, args.output, dialect=args.dialect)
         print(f"ok: {args.input} -> {out} (Nunchaku single file)")
     else:
-        from .nunchaku_lite import export_nunchaku_lite
+        from .lite import export_nunchaku_lite
 
         report = export_nunchaku_lite(args.input, args.output)
         print(f"ok: {args.input} -> {args.output} (nunchaku_lite; max nvfp4 scale rounding "

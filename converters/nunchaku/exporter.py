@@ -1,6 +1,6 @@
 """Export an SVDQuant model directory to Nunchaku's single-file layout.
 
-The inverse of :mod:`converters.nunchaku_import`: diffusers module names → Nunchaku modules
+The inverse of :mod:`converters.nunchaku.importer`: diffusers module names → Nunchaku modules
 (q|k|v fused, FLUX single-block ``proj_out`` split along K into ``out_proj`` + ``mlp_fc2``,
 ``proj_mlp`` → ``mlp_fc1``), canonical tensors → kernel tilings padded to 128, nvfp4 tensor
 scales → ``wtscale`` (fp32, which the C++ loader accepts) plus ``wcscales`` for fused layers,
@@ -9,7 +9,7 @@ modulation layers), and the four header strings Nunchaku's loaders read.
 
 Everything is exact, except a case Nunchaku cannot store: where the baked ``+1`` rounds a
 modulation bias in 16 bits, the exact bias is kept in the header under
-:data:`~converters.nunchaku_import.EXACT_BIAS_KEY` (Nunchaku ignores it; our importer uses it,
+:data:`~converters.nunchaku.importer.EXACT_BIAS_KEY` (Nunchaku ignores it; our importer uses it,
 so ours → Nunchaku → ours is bit-identical).
 """
 
@@ -32,9 +32,9 @@ from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
 
-from . import nunchaku_layout as L
-from .nunchaku_awq import ours_to_awq
-from .nunchaku_common import (
+from . import layout as L
+from .awq import ours_to_awq
+from .common import (
     EXACT_BIAS_KEY,
     GELU_SHIFT,
     build_skeleton,
@@ -44,7 +44,7 @@ from .nunchaku_common import (
     lora_up,
     tensor_scale,
 )
-from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native, stock_to_unquantized
+from .names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native, stock_to_unquantized
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]
 

@@ -55,7 +55,7 @@ def load_imported_model(directory: str | os.PathLike[str], *, device: torch.devi
     """Build the diffusers model of an imported directory and load it (K-split layers included).
 
     Args:
-        directory: A model directory written by :func:`converters.nunchaku_import.import_nunchaku`
+        directory: A model directory written by :func:`converters.nunchaku.importer.import_nunchaku`
             (any SVDQuant model directory works; without K-split layers this equals
             :func:`svdq_format.model.load_model_dir`).
         device: Target device.
