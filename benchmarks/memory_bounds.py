@@ -58,9 +58,9 @@ def _run(op: str, path: str, shard: str) -> int:
     """Run one operation; return the bytes of tensors it keeps in host memory."""
     from diffusers import FluxTransformer2DModel
 
+    from svdq_format.checkpoint import load_file
     from svdq_format.cli import main as cli_main
-    from svdq_format.io import load_file
-    from svdq_format.model import load_pretrained
+    from svdq_format.pretrained import load_pretrained
 
     if op == "validate":
         assert cli_main(["validate", path]) == 0

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .io import _model_files, read_header, read_metadata
+from .checkpoint import checkpoint_files
+from .io import read_header, read_metadata
 from .spec import tensor_names
 
 __all__ = ["summarize", "format_summary", "format_size"]
@@ -26,7 +27,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         ``bf16_bytes`` (the same model in bf16) and ``compression_vs_bf16``.
     """
     p = Path(path)
-    files = [p] if p.is_file() else list(_model_files(p))
+    files = [p] if p.is_file() else checkpoint_files(p, any_names=True)
     by_kind: collections.Counter[str] = collections.Counter()
     ranks: collections.Counter[int] = collections.Counter()
     groups: set[int] = set()

@@ -21,10 +21,11 @@ from converters.nunchaku.exporter import export_nunchaku
 from converters.nunchaku.importer import import_nunchaku
 from converters.nunchaku.lite import export_nunchaku_lite
 from svdq_format import packing
+from svdq_format.checkpoint import load_file, validate
 from svdq_format.errors import SVDQError, UnsupportedError
-from svdq_format.io import load_file, validate
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import WEIGHTS_NAME, load_model_dir, save_model_dir
+from svdq_format.model import WEIGHTS_NAME, save_model_dir
+from svdq_format.pretrained import load_model_dir
 
 SHIFT = 0.171875
 

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
+from svdq_format.checkpoint import validate
 from svdq_format.cli import main as svdq_main
-from svdq_format.io import validate
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def _lora_arg(text: str) -> tuple[str, float]:
 def _cmd_lora(args: argparse.Namespace) -> int:
     from svdq_format.errors import LoRAError
     from svdq_format.lora import base_fingerprint, compose_plans
-    from svdq_format.model import load_model_dir
+    from svdq_format.pretrained import load_model_dir
 
     from .delta import file_sha256, save_delta
     from .load import check_report, convert_lora

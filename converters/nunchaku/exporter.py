@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from svdq_format import packing
+from svdq_format.checkpoint import load_file
 from svdq_format.errors import FormatError, UnsupportedError
-from svdq_format.io import atomic_write, load_file
+from svdq_format.io import atomic_write
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from svdq_format import packing
+from svdq_format.checkpoint import validate
 from svdq_format.errors import FormatError, SVDQError, UnsupportedError
-from svdq_format.io import atomic_write, producer_info, refuse_pickle, save_file, validate
+from svdq_format.io import atomic_write, producer_info, refuse_pickle, save_file
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
