@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .stats import block_containers
+from .blocks import block_containers
 
 __all__ = ["ADALN_PATTERNS", "EMBEDDER_PATTERN", "ARCH_EXTRA_EXCLUDES", "Selection", "select_layers", "MIN_GROUP"]
 
