@@ -1,0 +1,154 @@
+"""Every kind of file svdquant writes, from one fixed recipe, as sha256 hashes: run it on two
+checkouts and compare, to show that a change (a refactor) leaves the written bytes alone.
+
+The recipe runs on the CPU in a minute: a tiny random FLUX transformer saved by diffusers, then
+``svdq quantize`` (one file; disk offload with shards; GPTQ on 2 processes; nvfp4, weight-only),
+``load_pretrained`` → ``save_pretrained`` (sharded) / ``save_single_file``, diffusers'
+``from_pretrained`` → ``save_pretrained``, the layer file API (``save_file``), ``svdq lora``
+(a PEFT LoRA → delta file), ``svdq extract-lora``, and the Nunchaku converters (export, import,
+nunchaku_lite). Only public entry points (the ``svdq`` CLI, the packages' top-level API,
+``quantize_directory``) are used, so the same script runs on an older checkout::
+
+    python benchmarks/checkpoint_bytes.py --out after.json
+    PYTHONPATH=/path/to/other/checkout python benchmarks/checkpoint_bytes.py --out before.json
+    diff before.json after.json
+
+``fidelity.json`` is hashed without its timings and memory figures (they change run to run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+VOLATILE = ("timings", "environment", "peak_memory_bytes")
+
+
+def _digest(path: Path) -> str:
+    if path.name == "fidelity.json":
+        obj = json.loads(path.read_text())
+        for key in VOLATILE:
+            obj.pop(key, None)
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _hashes(root: Path, where: Path) -> dict[str, str]:
+    files = [where] if where.is_file() else sorted(p for p in where.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): _digest(p) for p in files}
+
+
+def _svdq(*args: str) -> None:
+    code = "import sys; from svdq_format.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    if done.returncode:
+        raise RuntimeError(f"svdq {args[0]}: " + (done.stderr.strip().splitlines() or ["?"])[-1])
+
+
+def _tiny_flux(seed: int):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
+                                  pooled_projection_dim=64, axes_dims_rope=[8, 8, 16])
+
+
+def run(root: Path) -> dict[str, str]:
+    """Write everything under ``root``; ``{relative path: sha256}`` (a failed step: its error)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file as st_save
+
+    import svdq_format as sf
+
+    errors: dict[str, str] = {}
+
+    def step(name: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # recorded: the same failure on both checkouts compares equal
+            errors[f"{name} (failed)"] = f"{type(exc).__name__}: {exc}".replace(str(root), "ROOT")
+
+    src, tuned, q = root / "dense", root / "tuned", root / "q"
+    _tiny_flux(0).save_pretrained(src)
+    _tiny_flux(1).save_pretrained(tuned)
+    cpu = ("--device", "cpu", "--num-samples", "2", "-q")
+    step("q", _svdq, "quantize", str(src), str(q), "--dtype", "bfloat16", "--rank", "16", *cpu)
+    step("q_disk", _svdq, "quantize", str(src), str(root / "q_disk"), "--dtype", "bfloat16", "--rank", "8",
+         "--offload", "disk", "--max-shard-size", "200KB", *cpu)
+    step("q_gptq2", _svdq, "quantize", str(src), str(root / "q_gptq2"), "--dtype", "float32", "--rank", "8",
+         "--gptq", "--gpus", "2", *cpu)
+    step("q_nvfp4", _svdq, "quantize", str(src), str(root / "q_nvfp4"), "--dtype", "bfloat16", "--rank", "16",
+         "--precision", "nvfp4", "--no-smoothing", *cpu)
+    step("q_w4a16", _svdq, "quantize", str(src), str(root / "q_w4a16"), "--dtype", "float16", "--weight-only", *cpu)
+
+    def python_api() -> None:
+        model = sf.load_pretrained(q)
+        sf.save_pretrained(model, root / "resaved_sharded", max_shard_size="150KB")
+        sf.save_single_file(model, root / "single.safetensors")
+        sf.save_pretrained(sf.load_pretrained(root / "single.safetensors", dtype=torch.float16), root / "resaved_f16")
+        FluxTransformer2DModel.from_pretrained(root / "q_disk").save_pretrained(root / "diffusers_resaved",
+                                                                                max_shard_size="150KB")
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, sf.SVDQLinear)}
+        sf.save_file(dict(list(layers.items())[:3]), root / "layers.safetensors", metadata={"note": "three layers"})
+        gen = torch.Generator().manual_seed(5)
+        lora = {}
+        for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.proj_mlp", "proj_out"):
+            lin = dict(model.named_modules())[name]
+            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(4, lin.in_features, generator=gen) * 0.05
+            lora[f"transformer.{name}.lora_B.weight"] = torch.randn(lin.out_features, 4, generator=gen) * 0.05
+        st_save(lora, str(root / "lora.safetensors"))
+
+    step("python API", python_api)
+    step("lora", _svdq, "lora", str(q), f"{root / 'lora.safetensors'}:0.7", "--out", str(root / "delta.safetensors"))
+    step("extract-lora", _svdq, "extract-lora", str(src), str(tuned), "--rank", "4", "--exact",
+         "--out", str(root / "extracted.safetensors"))
+    def q_nunchaku() -> None:  # what Nunchaku and nunchaku_lite can express: no shifted activations
+        from converters.quantize import QuantizeOptions
+        from converters.quantize.directory import quantize_directory
+
+        opts = QuantizeOptions(rank=16, unsigned_acts=False, exclude=["norm_out.linear"])
+        quantize_directory(src, root / "q_nunchaku", options=opts, num_samples=2, dtype="bfloat16", device="cpu",
+                           progress=False)
+
+    step("q_nunchaku", q_nunchaku)
+    nq = root / "q_nunchaku"
+    step("to nunchaku", _svdq, "convert", "--to", "nunchaku", str(nq), str(root / "nunchaku.safetensors"))
+    step("from nunchaku", _svdq, "convert", "--from", "nunchaku", str(root / "nunchaku.safetensors"),
+         str(root / "imported"))
+    step("to nunchaku-lite", _svdq, "convert", "--to", "nunchaku-lite", str(nq), str(root / "lite"))
+
+    out: dict[str, str] = dict(errors)
+    for name in ("q", "q_disk", "q_gptq2", "q_nvfp4", "q_w4a16", "q_nunchaku", "resaved_sharded", "single.safetensors",
+                 "resaved_f16", "diffusers_resaved", "layers.safetensors", "delta.safetensors",
+                 "extracted.safetensors", "nunchaku.safetensors", "imported", "lite"):
+        if (root / name).exists():
+            out.update(_hashes(root, root / name))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="checkpoint_bytes.json")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("SVDQ_CACHE", tempfile.mkdtemp(prefix="svdq-cache-"))
+    with tempfile.TemporaryDirectory() as tmp:
+        hashes = run(Path(tmp))
+    Path(args.out).write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
+    for name, digest in sorted(hashes.items()):
+        print(f"{digest[:16]}  {name}")
+    print(f"{len(hashes)} files; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
