@@ -9,7 +9,7 @@ with the weights 4-bit in memory.
 
 One layer call:
 
-1. the ``fast`` prologue (:func:`svdq_kernels.triton_fast.prologue`, two short Triton
+1. the ``fast`` prologue (:func:`svdq_kernels.triton_prologue.prologue`, two short Triton
    kernels): ``q`` (e4m3), ``a`` (per-token scale) and ``lr = x · L2ᵀ`` (times the per-rank
    LoRA scales) as bf16 ``[hi | lo]``;
 2. ``c = bias + lr · L1ᵀ`` in bf16: one cuBLAS GEMM of the prologue's ``[hi | lo]`` bf16 split
@@ -21,7 +21,7 @@ One layer call:
 In a compiled graph the activations arrive quantized (:func:`fast8_linear_fp8`, the
 ``svdquant::linear_fp8`` op: Inductor fused :func:`svdq_format.ops.quantize_fp8_rows` into the
 kernel that produced ``x``), and step 1 shrinks to the low-rank down projection alone
-(:func:`svdq_kernels.triton_fast.lowrank_down`).
+(:func:`svdq_kernels.triton_prologue.lowrank_down`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from ._device import device_guard
 from .build import load_kernel
 from .configs import AUTO_GROUP64_CONFIGS, AUTO_GROUP64_W4A16_CONFIGS, Group64GemmConfig, group64_config
 from .tensor_cache import TensorCache
-from .triton_fast import _layer_inputs, lowrank_down, prologue
+from .triton_fast import layer_inputs
+from .triton_prologue import lowrank_down, prologue
 
 __all__ = ["fast8_weights", "fast8_linear", "fast8_linear_fp8", "lowrank_source", "group64_gemm", "group64_layer"]
 
@@ -133,7 +134,7 @@ def fast8_linear(
     act_unsigned: bool = False,
 ) -> torch.Tensor:
     """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
-    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
+    x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: prologue(
         x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales))
 
@@ -157,7 +158,7 @@ def fast8_linear_fp8(
 ) -> torch.Tensor:
     """:func:`fast8_linear` with the activations already quantized (signature of
     :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]``."""
-    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
+    x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     m = x2.shape[0]
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: (
         q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous(),
