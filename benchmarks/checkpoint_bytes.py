@@ -5,9 +5,11 @@ The recipe runs on the CPU in a minute: a tiny random FLUX transformer saved by 
 ``svdq quantize`` (one file; disk offload with shards; GPTQ on 2 processes; nvfp4, weight-only),
 ``load_pretrained`` → ``save_pretrained`` (sharded) / ``save_single_file``, diffusers'
 ``from_pretrained`` → ``save_pretrained``, the layer file API (``save_file``), ``svdq lora``
-(a PEFT LoRA → delta file), ``svdq extract-lora``, and the Nunchaku converters (export, import,
-nunchaku_lite). Only public entry points (the ``svdq`` CLI, the packages' top-level API,
-``quantize_directory``) are used, so the same script runs on an older checkout::
+(a PEFT LoRA → delta file), ``svdq extract-lora`` and the ``nunchaku_lite`` export (a random
+tiny model quantized by default settings is no Nunchaku checkpoint; tests/test_nunchaku.py
+checks those converters' bytes against an independent packer). Only public entry points (the
+``svdq`` CLI, the packages' top-level API, ``quantize_directory``) are used, so the same script
+runs on an older checkout::
 
     python benchmarks/checkpoint_bytes.py --out after.json
     PYTHONPATH=/path/to/other/checkout python benchmarks/checkpoint_bytes.py --out before.json
@@ -112,25 +114,22 @@ def run(root: Path) -> dict[str, str]:
     step("lora", _svdq, "lora", str(q), f"{root / 'lora.safetensors'}:0.7", "--out", str(root / "delta.safetensors"))
     step("extract-lora", _svdq, "extract-lora", str(src), str(tuned), "--rank", "4", "--exact",
          "--out", str(root / "extracted.safetensors"))
-    def q_nunchaku() -> None:  # what Nunchaku and nunchaku_lite can express: no shifted activations
+    def q_lite() -> None:  # what nunchaku_lite can express: no shifted activations, plain AWQ modulation layers
         from converters.quantize import QuantizeOptions
         from converters.quantize.directory import quantize_directory
 
-        opts = QuantizeOptions(rank=16, unsigned_acts=False, exclude=["norm_out.linear"])
-        quantize_directory(src, root / "q_nunchaku", options=opts, num_samples=2, dtype="bfloat16", device="cpu",
+        opts = QuantizeOptions(rank=16, unsigned_acts=False, smoothing=False, w4a16_rank=0,
+                               exclude=["norm_out.linear"])
+        quantize_directory(src, root / "q_lite", options=opts, num_samples=2, dtype="bfloat16", device="cpu",
                            progress=False)
 
-    step("q_nunchaku", q_nunchaku)
-    nq = root / "q_nunchaku"
-    step("to nunchaku", _svdq, "convert", "--to", "nunchaku", str(nq), str(root / "nunchaku.safetensors"))
-    step("from nunchaku", _svdq, "convert", "--from", "nunchaku", str(root / "nunchaku.safetensors"),
-         str(root / "imported"))
-    step("to nunchaku-lite", _svdq, "convert", "--to", "nunchaku-lite", str(nq), str(root / "lite"))
+    step("q_lite", q_lite)
+    step("to nunchaku-lite", _svdq, "convert", "--to", "nunchaku-lite", str(root / "q_lite"), str(root / "lite"))
 
     out: dict[str, str] = dict(errors)
-    for name in ("q", "q_disk", "q_gptq2", "q_nvfp4", "q_w4a16", "q_nunchaku", "resaved_sharded", "single.safetensors",
+    for name in ("q", "q_disk", "q_gptq2", "q_nvfp4", "q_w4a16", "q_lite", "resaved_sharded", "single.safetensors",
                  "resaved_f16", "diffusers_resaved", "layers.safetensors", "delta.safetensors",
-                 "extracted.safetensors", "nunchaku.safetensors", "imported", "lite"):
+                 "extracted.safetensors", "lite"):
         if (root / name).exists():
             out.update(_hashes(root, root / name))
     return out

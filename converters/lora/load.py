@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -176,39 +177,46 @@ def load_lora(
     Raises:
         LoRAError: bad input of any kind; the model is then unchanged.
     """
-    path = None if isinstance(source, (Mapping, RawLora)) else os.fspath(source)
-    if path is not None and os.path.isfile(path) and lora_delta.is_delta_file(path):
-        plan, report = _plan_from_delta(model, path, adapter_name, check_fingerprint=True)
-    else:
-        raw = source if isinstance(source, RawLora) else read_lora(source, weight_name=weight_name,
-                                                                   device=_read_device(model))
-        cached_file = None
-        if cache and raw.path != "<dict>" and os.path.isfile(raw.path):
-            cached_file = lora_delta.cache_path(_source_key(raw.path, raw.config), base_fingerprint(model))
-        plan = None
-        if cached_file is not None and cached_file.is_file():
-            try:
-                plan, report = _plan_from_delta(model, str(cached_file), adapter_name, check_fingerprint=False)
-            except LoRAError as exc:  # a damaged cache entry is only a miss
-                logger.warning("ignoring damaged LoRA cache entry: %s", exc)
-                cached_file.unlink(missing_ok=True)
-                plan = None
-        if plan is None:
-            plan, report = convert_lora(model, raw, adapter_name=adapter_name)
-            check_report(report, strict=strict)
-            attach_lora(model, plan, strength=strength)
-            if cached_file is not None and plan.layers:
-                try:
-                    cached_file.parent.mkdir(parents=True, exist_ok=True)
-                    lora_delta.save_delta(plan, cached_file, base_fingerprint=base_fingerprint(model),
-                                          info={"source": raw.path, "format": report.format, "skipped": report.skipped},
-                                          base_branches=original_branches(model), durable=False,
-                                          current={n: (m.lora_down, m.lora_up) for n, m in model.named_modules()
-                                                   if isinstance(m, SVDQLinear) and n in plan.layers})
-                except OSError as exc:
-                    logger.warning("cannot write LoRA cache %s: %s", cached_file, exc)
-            return report
-    assert plan is not None
+    plan, report, cache_file, raw_path = _decode(model, source, adapter_name=adapter_name, weight_name=weight_name,
+                                                 cache=cache)
     check_report(report, strict=strict)
     attach_lora(model, plan, strength=strength)
+    if cache_file is not None and plan.layers:
+        _store(model, plan, report, cache_file, raw_path)
     return report
+
+
+def _decode(model: nn.Module, source: Any, *, adapter_name: str, weight_name: Optional[str],
+            cache: bool) -> tuple[LoraPlan, LoraReport, Optional[Path], str]:
+    """The LoRA as a plan for ``model`` (decoded, not attached): from a delta file, from the
+    cache, or converted from a LoRA file / state dict. Also where a freshly converted plan is to
+    be cached after it is attached (None: nowhere) and the source file it came from."""
+    path = None if isinstance(source, (Mapping, RawLora)) else os.fspath(source)
+    if path is not None and os.path.isfile(path) and lora_delta.is_delta_file(path):
+        return (*_plan_from_delta(model, path, adapter_name, check_fingerprint=True), None, path)
+    raw = source if isinstance(source, RawLora) else read_lora(source, weight_name=weight_name,
+                                                               device=_read_device(model))
+    cache_file = None
+    if cache and raw.path != "<dict>" and os.path.isfile(raw.path):
+        cache_file = lora_delta.cache_path(_source_key(raw.path, raw.config), base_fingerprint(model))
+        if cache_file.is_file():
+            try:
+                return (*_plan_from_delta(model, str(cache_file), adapter_name, check_fingerprint=False), None,
+                        raw.path)
+            except LoRAError as exc:  # a damaged cache entry is only a miss
+                logger.warning("ignoring damaged LoRA cache entry: %s", exc)
+                cache_file.unlink(missing_ok=True)
+    return (*convert_lora(model, raw, adapter_name=adapter_name), cache_file, raw.path)
+
+
+def _store(model: nn.Module, plan: LoraPlan, report: LoraReport, cache_file: Path, raw_path: str) -> None:
+    """Cache an attached plan for this base (with the ready-made concatenated branches)."""
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        lora_delta.save_delta(plan, cache_file, base_fingerprint=base_fingerprint(model),
+                              info={"source": raw_path, "format": report.format, "skipped": report.skipped},
+                              base_branches=original_branches(model), durable=False,
+                              current={n: (m.lora_down, m.lora_up) for n, m in model.named_modules()
+                                       if isinstance(m, SVDQLinear) and n in plan.layers})
+    except OSError as exc:
+        logger.warning("cannot write LoRA cache %s: %s", cache_file, exc)
