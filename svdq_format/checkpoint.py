@@ -4,7 +4,8 @@ Callers (nothing else in the packages reads an SVDQuant checkpoint):
 
 * :func:`validate` / :func:`validate_file` — ``svdq validate``, ``push_to_hub``'s check, the
   Nunchaku importer's check of its own output;
-* :func:`load_file` — the layers of one file (resumed quantizer blocks, the Nunchaku exporter);
+* :func:`load_file` — the layers of one file (resumed quantizer blocks);
+* :func:`load_tensors` — every tensor of an opened checkpoint (the Nunchaku exporters);
 * :mod:`svdq_format.pretrained` — ``load_pretrained``, ``hub.from_pretrained``,
   ``load_model_file`` / ``load_model_dir`` (and ``converters.nunchaku.model``), all through
   :func:`open_checkpoint` + :func:`load_into`;
@@ -81,6 +82,7 @@ __all__ = [
     "load_layer",
     "load_file",
     "load_into",
+    "load_tensors",
     "validate_file",
     "validate",
 ]
@@ -493,6 +495,28 @@ def load_file(
     """
     headers, meta = read_checkpoint_files([path])
     return _read_layers(headers[0], meta, check=check_values, device=device)
+
+
+def load_tensors(checkpoint: Checkpoint, *, check_values: bool = True) -> tuple[dict[str, SVDQLinear],
+                                                                               dict[str, torch.Tensor]]:
+    """Every tensor of an opened checkpoint, on the CPU: ``(layers by prefix, the other tensors by key)``.
+
+    For converters that rewrite a whole checkpoint (the Nunchaku exporters); a model is loaded
+    with :func:`load_into` instead.
+
+    Raises:
+        FormatError: (a subclass) naming file, key and reason.
+    """
+    layers: dict[str, SVDQLinear] = {}
+    others: dict[str, torch.Tensor] = {}
+    for header in checkpoint.headers:
+        own = {n: s for n, s in checkpoint.layers.items() if tensor_names(n)["qweight"] in header.tensors}
+        layers.update(_read_layers(header, dataclasses.replace(checkpoint.metadata, layers=own), check=check_values,
+                                   device="cpu"))
+        owned = {key for n in own for key in tensor_names(n).values()}
+        with TensorReader(header) as handle:
+            others.update({k: handle.get_tensor(k) for k in header.tensors if k not in owned})
+    return layers, others
 
 
 def validate_file(path: str | os.PathLike[str], *, check_values: bool = True) -> FormatMetadata:

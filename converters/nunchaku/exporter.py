@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from svdq_format import packing
-from svdq_format.checkpoint import load_file
-from svdq_format.errors import FormatError, UnsupportedError
+from svdq_format.checkpoint import load_tensors, open_checkpoint
+from svdq_format.errors import UnsupportedError
 from svdq_format.io import atomic_write
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
 
 from . import layout as L
@@ -61,27 +60,12 @@ NUNCHAKU_MODEL_CLASSES = {
 def read_model_dir(
     model_dir: str | os.PathLike[str],
 ) -> tuple[dict[str, Any], FormatMetadata, dict[str, SVDQLinear], dict[str, torch.Tensor]]:
-    """``(config, metadata, layers, other tensors)`` of an SVDQuant model directory."""
-    from safetensors import safe_open
-
-    d = Path(model_dir)
-    cfg_path, weights = d / CONFIG_NAME, d / WEIGHTS_NAME
-    if not cfg_path.is_file() or not weights.is_file():
-        raise FormatError(str(d), None, f"not an SVDQuant model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise FormatError(str(cfg_path), None, f"not valid JSON ({exc})") from None
-    meta = FormatMetadata.from_json(cfg.pop("quantization_config", None) or {}, file=str(cfg_path))
-    layers = load_file(weights)
-    owned = {
-        f"{p}.{r}"
-        for p, layer in layers.items()
-        for r in ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")
-    }
-    with safe_open(str(weights), framework="pt", device="cpu") as h:
-        extras = {k: h.get_tensor(k) for k in h.keys() if k not in owned}
-    return cfg, meta, layers, extras
+    """``(config, metadata, layers, other tensors)`` of an SVDQuant model directory (through the
+    loading core: :func:`svdq_format.checkpoint.open_checkpoint`, :func:`~svdq_format.checkpoint.load_tensors`)."""
+    ckpt = open_checkpoint(model_dir, need_config=True)
+    assert ckpt.config is not None and ckpt.config_metadata is not None
+    layers, extras = load_tensors(ckpt)
+    return dict(ckpt.config), ckpt.config_metadata, layers, extras
 
 
 def _codes(layer: SVDQLinear) -> torch.Tensor:
