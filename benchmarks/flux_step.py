@@ -7,6 +7,10 @@ one process, in this order:
 
 1. bf16: eager (and ``--compile``: ``torch.compile``) step time, transformer weights on the GPU,
    peak memory of a step;
+1b. ``--fp8-peer``: the same model as dynamic FP8 rowwise W8A8 (every linear of the blocks:
+   per-token e4m3 activations, per-row e4m3 weights, ``torch._scaled_mm`` with bias and fast
+   accumulation — what torchao's float8 dynamic inference does; :class:`Fp8RowwiseLinear`),
+   compiled in the same mode; then the bf16 linears are put back;
 2. quantized in place by our quantizer (synthetic calibration, ``--samples``; ``--fast``
    skips the smoothing/clipping searches: speed, not quality, is measured here);
 3. SVDQuant in ``--mode`` (default ``fast``; the Hopper kernels when ``import svdq_kernels``
@@ -84,11 +88,48 @@ def time_steps(fn, *, steps: int, warmup: int, device: str) -> tuple[list[float]
     return times, peak
 
 
+class Fp8RowwiseLinear(torch.nn.Module):
+    """A linear layer as dynamic FP8 rowwise W8A8: e4m3 weights with one fp32 scale per output
+    row (``absmax / 448``), activations quantized per token the same way at run time,
+    ``torch._scaled_mm`` with the bias and fast accumulation, bf16 out."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        sw = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0
+        self.register_buffer("w8", (w.float() / sw).to(torch.float8_e4m3fn))
+        self.register_buffer("sw", sw.t().contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        sx = x2.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 448.0
+        xq = (x2.float() / sx).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, self.w8.t(), scale_a=sx, scale_b=self.sw, bias=self.bias,
+                             out_dtype=x.dtype, use_fast_accum=True)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def swap_block_linears(model: torch.nn.Module, make) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Replace every ``nn.Linear`` inside the transformer blocks by ``make(linear)``; returns
+    ``(parent, name, old)`` to put them back."""
+    swapped = []
+    for blocks in ("transformer_blocks", "single_transformer_blocks"):
+        for parent in getattr(model, blocks).modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(parent, name, make(child))
+                    swapped.append((parent, name, child))
+    return swapped
+
+
 #: Kernel-name patterns → what the time is spent on (first match wins; see profile_step).
 KINDS = (
     ("Inductor fused kernels (norms, quantizer, elementwise)", ("triton_",)),  # names may mention sdpa
     ("svdq gemm (CUTLASS group-64)", ("Svdq",)),
-    ("svdq prologue / low-rank down (Triton)", ("prologue_", "lowrank_sum")),
+    ("svdq prologue / low-rank down (Triton)", ("prologue_", "lowrank_sum", "lowrank_tiles")),
+    ("FP8 GEMM (torch._scaled_mm)", ("f8f8bf16", "e4m3", "Float8", "fp8")),
     ("svdq gemm (Triton)", ("gemm_kernel", "gemm_t_kernel", "splitk_reduce")),
     ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
     ("cuBLAS GEMM (low-rank source, 16-bit layers)", ("nvjet", "gemm", "xmma", "cublas", "cutlass")),
@@ -170,6 +211,11 @@ def main(argv=None) -> int:
                     help="execution mode of the W4A4 layers")
     ap.add_argument("--fuse-qkv", action="store_true",
                     help="fuse q/k/v projections (diffusers' fuse_qkv_projections) in both models")
+    ap.add_argument("--fp8-peer", action="store_true",
+                    help="also time the model as dynamic FP8 rowwise W8A8 (torch._scaled_mm), compiled like the others")
+    ap.add_argument("--lowrank", default="gemm", choices=("gemm", "two-step", "both"),
+                    help="fast8's low-rank branch: inside the GEMM (k-tiles), as a cuBLAS GEMM + bf16 source, "
+                         "or both (the SVDQuant model compiled and timed twice)")
     ap.add_argument("--out", default="flux_step.json")
     args = ap.parse_args(argv)
     if args.no_svdq_eager and not args.compile:
@@ -199,6 +245,22 @@ def main(argv=None) -> int:
         model.fuse_qkv_projections()
     result["fuse_qkv"] = args.fuse_qkv
     result["bf16"] = measure(model, x, label="bf16", args=args, compile=not args.no_bf16_compile)
+    save()
+    if args.fp8_peer:
+        swapped = swap_block_linears(model, Fp8RowwiseLinear)
+        result["fp8_linears"] = len(swapped)
+        result["fp8"] = measure(model, x, label="fp8 w8a8", args=args, eager=not args.compile)
+        with torch.no_grad():
+            y8 = model(**x).sample.float()
+        for parent, name, old in swapped:
+            setattr(parent, name, old)
+        del swapped
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        with torch.no_grad():
+            ref8 = model(**x).sample.float()
+        result["fp8_output_rel_err_vs_bf16"] = float((y8 - ref8).norm() / ref8.norm())
+        del y8, ref8
     if args.fuse_qkv:
         model.unfuse_qkv_projections()  # the quantizer quantizes the separate projections
     save()
@@ -229,13 +291,30 @@ def main(argv=None) -> int:
     for w in result["svdq_warnings"]:
         print(f"warning: {w}")
     save()
-    result["svdq"] = measure(model, x, label="svdquant", args=args, eager=not args.no_svdq_eager)
+    variants = {"gemm": [True], "two-step": [False], "both": [True, False]}[args.lowrank]
+    if args.device.startswith("cuda"):
+        from svdq_kernels import cutlass_fast8
+    for i, in_gemm in enumerate(variants):
+        if args.device.startswith("cuda"):
+            cutlass_fast8.LOWRANK_IN_GEMM = in_gemm
+        key = "svdq" if i == 0 else "svdq_two_step"
+        result[key] = measure(model, x, label="svdquant" if i == 0 else "svdq 2step", args=args,
+                              eager=not args.no_svdq_eager)
+        result[key]["lowrank_in_gemm"] = in_gemm
+        save()
+    if args.device.startswith("cuda"):
+        cutlass_fast8.LOWRANK_IN_GEMM = variants[0]
     with torch.no_grad():
         y = model(**x).sample.float()
     result["svdq_output_rel_err_vs_bf16"] = float((y - ref).norm() / ref.norm())
     for k in ("eager", "compiled"):
         if k in result["svdq"]:
             result["svdq"][k]["vs_bf16_eager"] = result["svdq"][k]["median_s"] / result["bf16"]["eager"]["median_s"]
+            if "compiled" in result.get("fp8", {}) and k == "compiled":
+                result["svdq"][k]["vs_fp8_compiled"] = (result["svdq"][k]["median_s"]
+                                                        / result["fp8"]["compiled"]["median_s"])
+                print(f"svdquant compiled vs FP8 W8A8 compiled: {result['svdq'][k]['vs_fp8_compiled']:.3f}x "
+                      "(target <= 0.95)")
     best = min((result["svdq"][k]["vs_bf16_eager"], k) for k in ("eager", "compiled") if k in result["svdq"])
     print(f"quantized in {result['quantize_s']} s; "
           f"output vs bf16: rel err {result['svdq_output_rel_err_vs_bf16']:.3f}; "

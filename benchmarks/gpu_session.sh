@@ -13,9 +13,10 @@ export PYTHONUNBUFFERED=1
 STEPS=${*:-next}
 build_g64() {  # $1: parallel nvcc jobs; $2: which kernels — all: GROUP64_CONFIGS + the candidates;
                # lut: the auto tilings with and without the table conversion; w4a16: the W4A16
-               # kernels; n1: GROUP64_CONFIGS, the plain twins of the auto tilings and W4A16; else
+               # kernels; n1: GROUP64_CONFIGS, the plain twins of the auto tilings and W4A16; lr: the auto
+               # tilings and their low-rank-k-tile twins; else
                # GROUP64_CONFIGS
-  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
+  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
 }
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do
@@ -131,6 +132,30 @@ for step in $STEPS; do
         > "$OUT/fast8_qkv.log" 2>&1; echo "qkv layers rc=$?"
       timeout 120 python3 benchmarks/linear_modes.py --graphs --modes w4a16,w4a16c --ms 1,16,64,4608 \
         --out "$OUT/w4a16c_graphs.json" > "$OUT/w4a16c.log" 2>&1; echo "w4a16c rc=$?"; grep -v Warn "$OUT/w4a16c.log" | tail -17 ;;
+    lr1)  # issue 23, call 1 (~9 min on a fresh H100): the automatic tilings' plain and low-rank-k-tile
+          # kernels built at once; the k-tiles' GPU tests and the plain path's; the compiled layer against
+          # FP8 rowwise at FLUX shapes; the kernel cache to $OUT/kcache.tgz (carried into call 2)
+      build_g64 16 lr > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -1 "$OUT/build.log"
+      timeout 170 python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels_lowrank_gpu.py > "$OUT/pytest_lowrank.log" 2>&1
+      echo "lowrank tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_lowrank.log" | tail -12
+      timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py \
+        -k "fast8_layer_matches or ranks_bias or weights_are" > "$OUT/pytest_fast8.log" 2>&1
+      echo "fast8 tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_fast8.log" | tail -4
+      tar -C "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" -czf "$OUT/kcache.tgz" . ; ls -la "$OUT/kcache.tgz"
+      timeout 200 python3 benchmarks/fast8_vs_fp8.py --out "$OUT/fast8_vs_fp8.json" > "$OUT/fast8_vs_fp8.log" 2>&1
+      echo "layer bench rc=$?"; grep -v Warn "$OUT/fast8_vs_fp8.log" | tail -11 ;;
+    lr2)  # issue 23, call 2: one FLUX.1-dev step (fused q|k|v, reduce-overhead) of bf16 eager and compiled,
+          # FP8 rowwise W8A8 compiled and SVDQuant compiled with the low-rank branch in the GEMM and as
+          # before, each with its GPU time by kernel kind; kernels from call 1's cache (.kcache/kcache.tgz)
+      if [ -f .kcache/kcache.tgz ]; then mkdir -p "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" && \
+        tar -C "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" -xzf .kcache/kcache.tgz; fi
+      timeout 470 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-svdq-eager --profile --lowrank gemm --out "$OUT/flux_step_vs_fp8.json" \
+        > "$OUT/flux_step_vs_fp8.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_vs_fp8.log" | cut -c1-400
+      timeout 90 python3 benchmarks/quantizer_variants.py --out "$OUT/quantizer_variants.json" --code "$OUT/qcode" \
+        > "$OUT/quantizer_variants.log" 2>&1; echo "quantizer rc=$?"; grep -v Warn "$OUT/quantizer_variants.log" | tail -3 | cut -c1-300
+      tar -czf "$OUT/qcode.tgz" -C "$OUT" qcode 2>/dev/null; rm -rf "$OUT/qcode" ;;
     *) echo "unknown step $step" ;;
   esac
 done

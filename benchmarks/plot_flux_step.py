@@ -15,12 +15,12 @@ def bars(results: list[dict]) -> list[tuple[str, float, float]]:
     out: list[tuple[str, float, float]] = []
     seen: set[str] = set()
     for r in results:
-        for model in ("bf16", "svdq"):
+        for model in ("bf16", "fp8", "svdq"):
             for kind in ("eager", "compiled"):
                 m = r.get(model, {}).get(kind)
                 if not m:
                     continue
-                name = "bf16" if model == "bf16" else f"SVDQuant {r.get('mode', 'fast')}"
+                name = {"bf16": "bf16", "fp8": "FP8 W8A8"}.get(model) or f"SVDQuant {r.get('mode', 'fast')}"
                 label = f"{name}\n{kind}" + (f"\n({m['mode']})" if kind == "compiled" else "")
                 if label not in seen:
                     seen.add(label)
@@ -39,17 +39,28 @@ def main(argv: list[str]) -> int:
     data = bars(results)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.4]})
     labels = [d[0] for d in data]
-    a1.bar(range(len(data)), [d[1] for d in data], color=["#888" if "bf16" in lab else "#3a7" for lab in labels])
-    bf16 = next(d[1] for d in data if d[0].startswith("bf16\neager"))
-    a1.axhline(0.67 * bf16, ls="--", c="r", lw=1, label=f"target 0.67 × bf16 eager = {0.67 * bf16:.0f} ms")
+
+    def color(label: str) -> str:
+        return "#888" if "bf16" in label else "#57a" if "FP8" in label else "#3a7"
+
+    a1.bar(range(len(data)), [d[1] for d in data], color=[color(lab) for lab in labels])
+    fp8 = next((d[1] for d in data if d[0].startswith("FP8")), None)
+    if fp8 is not None:  # issue 23: the FP8 W8A8 peer
+        a1.axhline(0.95 * fp8, ls="--", c="r", lw=1, label=f"target 0.95 × FP8 W8A8 = {0.95 * fp8:.0f} ms")
+    else:  # issue 10
+        bf16 = next(d[1] for d in data if d[0].startswith("bf16\neager"))
+        a1.axhline(0.67 * bf16, ls="--", c="r", lw=1, label=f"target 0.67 × bf16 eager = {0.67 * bf16:.0f} ms")
     for i, d in enumerate(data):
         a1.text(i, d[1], f"{d[1]:.0f}", ha="center", va="bottom", fontsize=8)
     a1.set_xticks(range(len(data)), labels, fontsize=7)
     a1.set_ylabel("ms per step (median)")
     a1.legend(fontsize=8)
-    weights = {"bf16": next(d[2] for d in data if "bf16" in d[0]),
-               "SVDQuant": next(d[2] for d in data if "SVDQuant" in d[0])}
-    a2.bar(list(weights), list(weights.values()), color=["#888", "#3a7"])
+    weights: dict[str, float] = {}
+    for name in ("bf16", "FP8", "SVDQuant"):
+        found = next((d[2] for d in data if name in d[0]), None)
+        if found is not None:
+            weights[name] = found
+    a2.bar(list(weights), list(weights.values()), color=[color(k) for k in weights])
     a2.axhline(7.0, ls="--", c="r", lw=1, label="target 7 GiB")
     for i, v in enumerate(weights.values()):
         a2.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)

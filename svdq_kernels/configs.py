@@ -14,7 +14,7 @@ from typing import Any
 from svdq_format.errors import UnsupportedError
 
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
-           "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS",
+           "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
            "config_by_name", "group64_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
@@ -115,6 +115,11 @@ class Group64GemmConfig(CutlassGemmConfig):
     #: The activation operand: ``"e4m3"`` (the ``fast8`` layer: FP8 MMAs) or ``"f16"`` (int4
     #: W4A16 layers: fp16 activations, weights converted exactly to fp16, fp16 MMAs).
     activations: str = "e4m3"
+    #: Run the low-rank up projection inside the mainloop: after the FP8 k-tiles, low-rank
+    #: k-tiles of bf16 MMAs add ``lr · L1ᵀ`` to the same accumulator (``lr`` divided by the token
+    #: scale, ``L1`` by the row's), so there is no separate low-rank GEMM and no bf16 source
+    #: tensor for the epilogue to read; the epilogue adds the bias (``e4m3`` only).
+    lowrank: bool = False
 
     kind: str = dataclasses.field(default="svdq_g64_gemm", init=False)
 
@@ -132,12 +137,15 @@ class Group64GemmConfig(CutlassGemmConfig):
             raise UnsupportedError(f"activations {self.activations!r} is not 'e4m3' or 'f16'")
         if self.lut and self.activations != "e4m3":
             raise UnsupportedError("the table conversion writes e4m3 weights: lut needs activations='e4m3'")
+        if self.lowrank and (self.activations != "e4m3" or self.promote or self.tile_k != 128):
+            raise UnsupportedError("the low-rank k-tiles need e4m3 activations, tile_k 128 and no promotion")
 
     @property
     def name(self) -> str:
         base = super().name if self.activations == "e4m3" else super().name.replace("s4fp8_", "s4f16_", 1)
         return ("g64" + base + (f"_p{self.promote}" if self.promote else "")
-                + ("_sk" if self.scheduler == "streamk" else "") + ("_lut" if self.lut else ""))
+                + ("_sk" if self.scheduler == "streamk" else "") + ("_lut" if self.lut else "")
+                + ("_lr" if self.lowrank else ""))
 
     def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
         if group != 64:
@@ -193,18 +201,29 @@ GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
 STREAMK_WAVE_EFFICIENCY = 0.95
 
 
+#: The automatic tilings with the low-rank up projection in the mainloop (``lowrank``): what the
+#: ``fast8`` layer runs when :data:`svdq_kernels.cutlass_fast8.LOWRANK_IN_GEMM` is on.
+AUTO_GROUP64_LR_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
+    dataclasses.replace(c, lowrank=True) for c in AUTO_GROUP64_CONFIGS)
+
+
 #: The int4 W4A16 variants (fp16 activations, no table conversion) of the automatic tilings.
 AUTO_GROUP64_W4A16_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
     dataclasses.replace(c, lut=False, activations="f16") for c in AUTO_GROUP64_CONFIGS)
 
 
-def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations: str = "e4m3") -> Group64GemmConfig:
+def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations: str = "e4m3",
+                   lowrank: bool = False) -> Group64GemmConfig:
     """The group-64 kernel for ``m`` tokens (and ``n`` output features on ``sms`` SMs): wide token
     tiles for large M, narrow ones below. At M ≥ 2048, when the ``[128 × 256]`` tiles fill their
     last wave so little that the waves run below :data:`STREAMK_WAVE_EFFICIENCY` busy, the
     stream-K twin balances the remainder. ``activations="f16"``: the same tiling's W4A16 variant
     (:data:`AUTO_GROUP64_W4A16_CONFIGS`). ``SVDQ_G64_CONFIG=<name>`` forces a tiling from
-    :data:`GROUP64_CONFIGS` or :data:`GROUP64_CANDIDATES` (benchmarks; ``e4m3`` only)."""
+    :data:`GROUP64_CONFIGS` or :data:`GROUP64_CANDIDATES` (benchmarks; ``e4m3`` only).
+    ``lowrank``: the tiling's variant with the low-rank k-tiles (:data:`AUTO_GROUP64_LR_CONFIGS`;
+    a forced tiling gets its ``lowrank`` twin)."""
+    if lowrank:
+        return dataclasses.replace(group64_config(m, n=n, sms=sms), lowrank=True)
     if activations != "e4m3":
         return AUTO_GROUP64_W4A16_CONFIGS[AUTO_GROUP64_CONFIGS.index(_auto_tiling(m, n=n, sms=sms))]
     forced = os.environ.get("SVDQ_G64_CONFIG")
@@ -242,7 +261,7 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
-    named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS)
+    named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS, *AUTO_GROUP64_LR_CONFIGS)
     for config in named:
         if config.name == name:
             return config

@@ -18,6 +18,10 @@ One layer call:
 3. the CUTLASS GEMM ``out = (Σ q · w8) · rowinv · a + c``: weights and their fp16 group scales
    read once per tile, the epilogue applies both scales and adds ``c``.
 
+With :data:`LOWRANK_IN_GEMM`, steps 2 and 3 are one kernel: the GEMM ends each output tile with
+low-rank k-tiles (bf16 MMAs of ``lr · L1ᵀ`` into the FP8 k-tiles' accumulator,
+:mod:`svdq_kernels.lowrank_tiles`) and its epilogue adds the bias — no ``c`` is written or read.
+
 In a compiled graph the activations arrive quantized (:func:`fast8_linear_fp8`, the
 ``svdquant::linear_fp8`` op: Inductor fused :func:`svdq_format.ops.quantize_fp8_rows` into the
 kernel that produced ``x``), and step 1 shrinks to the low-rank down projection alone
@@ -26,6 +30,7 @@ kernel that produced ``x``), and step 1 shrinks to the low-rank down projection 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Optional
@@ -36,14 +41,38 @@ from svdq_format import packing
 
 from ._device import device_guard
 from .build import load_kernel
-from .configs import AUTO_GROUP64_CONFIGS, AUTO_GROUP64_W4A16_CONFIGS, Group64GemmConfig, group64_config
+from .configs import (
+    AUTO_GROUP64_CONFIGS,
+    AUTO_GROUP64_LR_CONFIGS,
+    AUTO_GROUP64_W4A16_CONFIGS,
+    Group64GemmConfig,
+    group64_config,
+)
+from .lowrank_tiles import lowrank_k_tiles, lowrank_tiles, padded_up, sentinel_scale_rows
 from .tensor_cache import TensorCache
 from .triton_fast import layer_inputs
 from .triton_prologue import lowrank_down, prologue
 
-__all__ = ["fast8_weights", "fast8_linear", "fast8_linear_fp8", "lowrank_source", "group64_gemm", "group64_layer"]
+__all__ = ["LOWRANK_IN_GEMM", "fast8_weights", "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8",
+           "lowrank_source", "group64_gemm", "group64_gemm_lowrank", "group64_layer"]
 
-_WEIGHTS: TensorCache[tuple[torch.Tensor, torch.Tensor]] = TensorCache()
+#: Run the low-rank up projection inside the GEMM (``Group64GemmConfig.lowrank`` kernels) rather
+#: than as a cuBLAS GEMM whose bf16 output the GEMM's epilogue reads back.
+LOWRANK_IN_GEMM = True
+
+
+
+@dataclasses.dataclass
+class _Fast8Prep:
+    """A layer's GEMM-side weight preparation: ``scales`` ``[K/64 + 2·t, N]`` fp16 (the first
+    ``groups`` rows real, the rest the low-rank k-tiles' sentinels), ``rowinv`` ``[N]`` fp32."""
+
+    scales: torch.Tensor
+    groups: int
+    rowinv: torch.Tensor
+
+
+_WEIGHTS: TensorCache[_Fast8Prep] = TensorCache()
 _UPS: TensorCache[torch.Tensor] = TensorCache()
 
 
@@ -55,14 +84,31 @@ def fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.T
         power of two (:func:`svdq_format.packing.fp8_weight_scales`), transposed for the kernel's
         TMA, and one over that power of two. The packed codes are used as stored.
     """
-    return _WEIGHTS.get((qweight, wscales), lambda: _make_fast8_weights(qweight, wscales))
+    prep = _WEIGHTS.get((qweight, wscales), lambda: _make_fast8_weights(qweight, wscales))
+    return prep.scales[: prep.groups], prep.rowinv
 
 
-def _make_fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fast8_lowrank_weights(
+    qweight: torch.Tensor, wscales: torch.Tensor, tiles: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fast8_weights` for the ``lowrank`` kernels: the scales with ``2·tiles`` sentinel rows
+    after the ``K/64`` real ones (:func:`svdq_kernels.lowrank_tiles.sentinel_scale_rows`), a view
+    of the same cached tensor (grown when a LoRA widens the rank), and ``rowinv``."""
+    prep = _WEIGHTS.get((qweight, wscales), lambda: _make_fast8_weights(qweight, wscales))
+    rows = prep.groups + 2 * tiles
+    if prep.scales.shape[0] < rows:
+        extra = sentinel_scale_rows(tiles, prep.scales.shape[1], device=prep.scales.device)
+        prep.scales = torch.cat([prep.scales[: prep.groups], extra]).contiguous()
+    return prep.scales[:rows], prep.rowinv
+
+
+def _make_fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> _Fast8Prep:
     codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight))
     pw = packing.fp8_weight_row_scales(codes, wscales)
-    scales16 = packing.fp8_weight_scales(wscales, pw).t().contiguous()
-    return scales16, (1.0 / pw).to(torch.float32).contiguous()
+    scales16 = packing.fp8_weight_scales(wscales, pw).t()
+    # one tensor for both kernel kinds: [K/64, N] real rows, then one low-rank k-tile's sentinels
+    scales = torch.cat([scales16, sentinel_scale_rows(1, scales16.shape[1], device=scales16.device)]).contiguous()
+    return _Fast8Prep(scales, scales16.shape[0], (1.0 / pw).to(torch.float32).contiguous())
 
 
 def _doubled_up(lora_up: torch.Tensor) -> torch.Tensor:
@@ -118,6 +164,37 @@ def group64_gemm(
     return op(qweight, scales16, rowinv, q, a, c)
 
 
+def group64_gemm_lowrank(
+    qweight: torch.Tensor, scales: torch.Tensor, rowinv: torch.Tensor, q: torch.Tensor, a: torch.Tensor,
+    bias: Optional[torch.Tensor], lr: torch.Tensor, l1: torch.Tensor, *, config: Optional[Group64GemmConfig] = None,
+) -> torch.Tensor:
+    """``(Σ q · w8 + lr · l1ᵀ) · rowinv · a + bias`` in bf16 ``[M, N]`` on the ``lowrank`` group-64
+    kernel: ``scales`` and ``rowinv`` from :func:`fast8_lowrank_weights`, ``lr``/``a`` from
+    :func:`svdq_kernels.lowrank_tiles.lowrank_tiles`, ``l1`` from
+    :func:`svdq_kernels.lowrank_tiles.padded_up`."""
+    if config is None:
+        config = group64_config(q.shape[0], n=qweight.shape[0], sms=_sm_count(q.device.index), lowrank=True)
+    op = load_kernel(config, also_build=AUTO_GROUP64_LR_CONFIGS)
+    b = bias.to(torch.bfloat16) if bias is not None else q.new_empty(0, dtype=torch.bfloat16)
+    return op(qweight, scales, rowinv, q, a, b, lr, l1)
+
+
+def _fast8_lowrank_layer(
+    x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, down: torch.Tensor,
+    up: torch.Tensor, bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor],
+    quantized: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """The ``fast8`` layer with the low-rank k-tiles: ``quantized()`` → ``(q, a)``, then the
+    branch's inputs (:func:`svdq_kernels.lowrank_tiles.lowrank_tiles`) and one GEMM."""
+    n = qweight.shape[0]
+    with device_guard(x2.device):
+        q, a = quantized()
+        lr, ag = lowrank_tiles(x2, down, a, lora_scales=lora_scales)
+        scales, rowinv = fast8_lowrank_weights(qweight, wscales, lowrank_k_tiles(down.shape[0]))
+        y = group64_gemm_lowrank(qweight.contiguous(), scales, rowinv, q, ag, bias, lr, padded_up(up, rowinv))
+    return y.reshape(*x.shape[:-1], n)
+
+
 def fast8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -135,6 +212,12 @@ def fast8_linear(
 ) -> torch.Tensor:
     """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
+    if LOWRANK_IN_GEMM and down is not None and up is not None:
+        def quantized() -> tuple[torch.Tensor, torch.Tensor]:
+            q, a, _ = prologue(x2, smooth, None, act_shift=act_shift)
+            return q, a
+
+        return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, quantized)
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: prologue(
         x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales))
 
@@ -160,6 +243,9 @@ def fast8_linear_fp8(
     :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]``."""
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     m = x2.shape[0]
+    if LOWRANK_IN_GEMM and down is not None and up is not None:
+        return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, lambda: (
+            q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous()))
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: (
         q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous(),
         lowrank_down(x2, down, lora_scales=lora_scales) if down is not None else None))

@@ -9,6 +9,7 @@ cores, on the raw input) summed over the splits in order (deterministic):
   ``a = absmax / 448``; two kernels: the splits' absmax, then the codes) and W4A16 (``w16``:
   ``x̂`` in fp16 scaled by a per-token power of two);
 * :func:`lowrank_down` — the low-rank part alone (the compiled ``fast8`` path);
+  :func:`lowrank_partials` its per-split fp32 sums (the ``fast8`` GEMM's low-rank k-tiles);
 * :func:`prologue_exact` — the format's int4 activation quantizer per 64-group (``exact``);
 * :func:`prologue_nvfp4` — nvfp4 activations (E2M1 × e4m3 per 16), written dequantized.
 
@@ -23,8 +24,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["prologue", "lowrank_down", "prologue_exact", "prologue_nvfp4", "SPLIT_K_MAX_M", "SMALL_M_SPLITS",
-           "small_m_splits", "k_splits", "rank_tile", "cdiv", "kernels"]
+__all__ = ["prologue", "lowrank_down", "lowrank_partials", "prologue_exact", "prologue_nvfp4", "SPLIT_K_MAX_M",
+           "SMALL_M_SPLITS", "small_m_splits", "k_splits", "rank_tile", "cdiv", "kernels"]
 
 
 #: Up to this many tokens, K is cut finer (:func:`small_m_splits`).
@@ -363,10 +364,26 @@ def lowrank_down(
             (never slower than the prologue's tiles, 1.9× faster at 4608 × 3072). Other tiles
             change the fp32 summation order, not the math.
     """
-    k = kernels()
-    m, kk = x.shape
+    m = x.shape[0]
     r = lora_down.shape[0]
     lr = torch.empty(m, 2 * r, device=x.device, dtype=torch.bfloat16)
+    plr = lowrank_partials(x, lora_down, block_m=block_m, num_warps=num_warps, num_stages=num_stages,
+                           groups_per_split=groups_per_split)
+    kernels()["lowrank_sum"][(cdiv(m, 32),)](
+        plr, lr, lora_scales if lora_scales is not None else plr, m, r, plr.shape[0],
+        HAS_LRS=lora_scales is not None, BM=32, BR=plr.shape[2], num_warps=4)
+    return lr
+
+
+def lowrank_partials(
+    x: torch.Tensor, lora_down: torch.Tensor, *, block_m: int = 64, num_warps: Optional[int] = 8,
+    num_stages: int = 4, groups_per_split: Optional[int] = None,
+) -> torch.Tensor:
+    """The fp32 partial sums of ``x · L2ᵀ`` over :func:`lowrank_down`'s K splits, ``[splits, M, BR]``
+    (``BR``: the rank rounded up to a power of two ≥ 16, columns ≥ r zero); summing them in split
+    order gives :func:`lowrank_down`'s bits. Same arguments."""
+    m, kk = x.shape
+    r = lora_down.shape[0]
     br = rank_tile(r)
     if groups_per_split is None:
         nsplit, bps = k_splits(kk, m)
@@ -375,13 +392,10 @@ def lowrank_down(
         nsplit = cdiv(kk // 64, bps)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32)
     warps = num_warps or (4 if br <= 64 else 8)
-    k["prologue_stats"][(cdiv(m, block_m), nsplit)](
+    kernels()["prologue_stats"][(cdiv(m, block_m), nsplit)](
         x, x, lora_down, plr, plr, m, kk, r, bps, 0.0, HAS_LR=True, BM=block_m, BR=br, AMAX=False,
         num_warps=warps, num_stages=num_stages)
-    k["lowrank_sum"][(cdiv(m, 32),)](
-        plr, lr, lora_scales if lora_scales is not None else plr, m, r, nsplit, HAS_LRS=lora_scales is not None,
-        BM=32, BR=br, num_warps=4)
-    return lr
+    return plr
 
 
 def prologue_exact(

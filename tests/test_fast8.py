@@ -232,9 +232,11 @@ def test_group64_source_instantiates_our_mainloop():
     assert "using TileShape = Shape<_64, _128, _128>;" in src
     assert "cutlass::gemm::KernelTmaWarpSpecializedPingpong" in src
     assert "cutlass::epilogue::TmaWarpSpecialized;" in src
-    assert "SvdqSm90MixedInputGroup64Mma<" in src and "\n    1, false>;" in src  # PromoteKTiles, ScaleLut
+    # PromoteKTiles, ScaleLut, LowRankUp
+    assert "SvdqSm90MixedInputGroup64Mma<" in src and "\n    1, false, SVDQ_LOWRANK != 0>;" in src
+    assert "#define SVDQ_LOWRANK 0" in src
     lut = Group64GemmConfig(tile_m=128, tile_n=256, lut=True)
-    assert lut.name.endswith("_lut") and "\n    0, true>;" in render_source(lut)
+    assert lut.name.endswith("_lut") and "\n    0, true, SVDQ_LOWRANK != 0>;" in render_source(lut)
     assert f'm.def("{cfg.name}(Tensor w, Tensor scales, Tensor rowinv, Tensor q, Tensor a, Tensor c) -> Tensor")' in src
     assert "${" not in src
     assert "Mainloop, Epilogue, void>;" in src  # the persistent scheduler
@@ -243,6 +245,26 @@ def test_group64_source_instantiates_our_mainloop():
     header = (CSRC_DIR / "svdq_sm90_mixed_input_g64.hpp").read_text()
     assert "SPDX-License-Identifier: BSD-3-Clause" in header  # CUTLASS's license is kept
     assert header.count("svdq:") >= 6  # every change from the stock mainloop is marked
+
+
+def test_lowrank_kernels_render_their_own_op_and_refuse_what_they_cannot_run():
+    """``lowrank=True``: the low-rank k-tiles in the mainloop, an op that takes the bias, ``lr`` and
+    ``l1`` instead of ``c``, a name of its own; only for e4m3 activations, tile_k 128, no promotion."""
+    pytest.importorskip("cutlass_library")
+    from svdq_kernels.codegen import render_source
+    from svdq_kernels.configs import AUTO_GROUP64_CONFIGS, AUTO_GROUP64_LR_CONFIGS, Group64GemmConfig, group64_config
+
+    cfg = Group64GemmConfig(tile_m=128, tile_n=256, lut=True, lowrank=True)
+    src = render_source(cfg)
+    assert cfg.name.endswith("_lut_lr") and "#define SVDQ_LOWRANK 1" in src and "${" not in src
+    assert (f'm.def("{cfg.name}(Tensor w, Tensor scales, Tensor rowinv, Tensor q, Tensor a, Tensor bias, '
+            'Tensor lr, Tensor l1) -> Tensor")') in src
+    assert [dataclasses.replace(c, lowrank=False) for c in AUTO_GROUP64_LR_CONFIGS] == list(AUTO_GROUP64_CONFIGS)
+    for m, n in ((4608, 3072), (4096, 3072), (512, 3072), (64, 12288), (1, 18432)):
+        assert group64_config(m, n=n, lowrank=True) == dataclasses.replace(group64_config(m, n=n), lowrank=True)
+    for bad in ({"activations": "f16"}, {"promote": 1}, {"tile_k": 256}):
+        with pytest.raises(UnsupportedError, match="low-rank k-tiles"):
+            Group64GemmConfig(lowrank=True, **bad)
 
 
 def test_cache_key_covers_our_cpp_sources(monkeypatch):

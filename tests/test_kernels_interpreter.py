@@ -300,3 +300,61 @@ def test_w16_prologue_with_the_bf16_low_rank_output(kernels) -> None:
     assert q.dtype == torch.float16 and torch.equal(q.view(torch.int16), q16.view(torch.int16))
     assert torch.equal(a.view(torch.int32), a16.view(torch.int32))
     assert torch.equal(lr.view(torch.int16), lr16.view(torch.int16))
+
+
+@pytest.mark.parametrize("r", [16, 32, 48])
+def test_lowrank_tiles_divide_by_the_token_scale_and_pad_to_the_k_tiles(kernels, r) -> None:
+    """``lowrank_tiles`` (the ``fast8`` GEMM's low-rank k-tiles): ``lr · lora_scales / a'`` with
+    ``a' = a`` where positive, else 1; ranks ``32j + c`` in column ``64j + c``, zeros in the other
+    32 columns of each 64 and past the rank; ``a'`` itself. Against torch's fp32 math within one
+    bf16 step (the interpreter stores bf16 by truncation)."""
+    from svdq_kernels import lowrank_tiles
+
+    m, k = 37, 64 * 9
+    x, _, _, _, _, down, _ = _layer(m, k, 64, r, seed=90 + r)
+    x = torch.nan_to_num(x)
+    a = torch.rand(m) * 0.01 + 1e-3
+    a[3] = 0.0  # a row of zeros: the kernel's token scale becomes 1
+    for ls in (None, torch.linspace(0.25, 2.0, r)):
+        lr, ag = lowrank_tiles.lowrank_tiles(x, down, a, lora_scales=ls)
+        t = -(-r // 32)
+        assert lr.shape == (m, 64 * t) and lr.dtype == torch.bfloat16 and ag.dtype == torch.float32
+        assert torch.equal(ag, torch.where(a > 0, a, torch.ones_like(a)))
+        want = x.float() @ down.float().t() * (ls if ls is not None else 1.0) / ag.unsqueeze(1)
+        padded = torch.zeros(m, 32 * t)
+        padded[:, :r] = want
+        got = lr.float().view(m, t, 2, 32)
+        assert torch.equal(got[:, :, 1], torch.zeros_like(got[:, :, 1]))  # the B tile's unused half
+        have = got[:, :, 0].reshape(m, 32 * t)
+        assert ((have - padded).abs() <= padded.abs() * 2.0**-7 + 1e-30).all()
+
+
+def test_lowrank_k_tiles_compute_the_fast8_layer(kernels) -> None:
+    """The ``lowrank`` GEMM's inputs, evaluated in float64 as the kernel computes them —
+    ``(Σ q · w8 + lr · l1ᵀ) · rowinv · a' + bias`` — are the ``fast8`` reference layer: the
+    sentinel-extended scales hold the layer's real scales first, ``l1 = L1 / rowinv`` and
+    ``lr = x L2ᵀ / a'`` lose only their rounding to bf16. With a zero row (a = 0), per-rank
+    strengths and a rank that takes two k-tiles."""
+    from svdq_kernels import cutlass_fast8, lowrank_tiles
+
+    m, k, n, r = 19, 64 * 4, 128, 48
+    x, qweight, wscales, smooth, bias, down, up = _layer(m, k, n, r, seed=95)
+    x = torch.nan_to_num(x)
+    ls = torch.linspace(0.5, 1.5, r)
+    ref = ops.reference_linear(x, qweight, wscales, None, smooth, down, up, bias, ls, "int4", "fp8w").double()
+    q, a = ops.quantize_fp8_rows(ops.smoothed(x, smooth, 0.0))
+    lr, ag = lowrank_tiles.lowrank_tiles(x, down, a.float().reshape(-1), lora_scales=ls)
+    t = lowrank_tiles.lowrank_k_tiles(r)
+    scales, rowinv = cutlass_fast8.fast8_lowrank_weights(qweight, wscales, t)
+    plain, rowinv0 = cutlass_fast8.fast8_weights(qweight, wscales)
+    assert scales.shape == (k // 64 + 2 * t, n) and torch.equal(scales[: k // 64], plain)
+    assert torch.equal(rowinv, rowinv0)
+    assert (scales[k // 64:].view(torch.int16) == lowrank_tiles.SENTINEL_BITS).all()
+    l1 = lowrank_tiles.padded_up(up, rowinv)
+    assert l1.shape == (n, 32 * t) and not l1[:, r:].any()
+    codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight))
+    w8 = packing.fp8_weight_values(codes, plain.t()).double()
+    lr_used = lr.double().view(m, t, 2, 32)[:, :, 0].reshape(m, 32 * t)
+    acc = q.double() @ w8.t() + lr_used @ l1.double().t()
+    out = acc * rowinv.double() * ag.double().unsqueeze(1) + bias.double()
+    assert ((out - ref).norm() / ref.norm()).item() < 4e-3

@@ -72,7 +72,9 @@ template <class Collective> struct SvdqGroup64Utils;
 //    (64 : 0, TileK/64 : TileM), so k-block kb uses group kb * 32 / 64, and they copy the scales
 //    for every k-block (SvdqGroup64Utils::copy_tensors_MK; the stock code copies once per k-tile);
 //  * the group size must be 64 and K a multiple of TileK (can_implement);
-//  * optional promotion of the FP8 partial sums to the fp32 accumulator (PromoteKTiles).
+//  * optional promotion of the FP8 partial sums to the fp32 accumulator (PromoteKTiles);
+//  * optional low-rank k-tiles (LowRankUp): the SVDQuant up projection lr . L1^T as bf16 MMAs into
+//    the same accumulator, after the FP8 k-tiles (no separate GEMM, no bf16 source tensor).
 // Everything else (pipeline, TMA, warp specialization, the conversion) is the stock code.
 template <
   class DispatchPolicy_,
@@ -91,7 +93,8 @@ template <
   class SmemCopyAtomB_,
   class TransformB_,
   int PromoteKTiles_ = 0,
-  bool ScaleLut_ = false>
+  bool ScaleLut_ = false,
+  bool LowRankUp_ = false>
 struct SvdqSm90MixedInputGroup64Mma
 {
 public:
@@ -114,6 +117,14 @@ public:
   // code = -8..7 from the fp16 scale, then converts four weights with three byte permutes
   // instead of int4 -> fp16, an fp16 multiply and fp16 -> e4m3 per pair. Same bits.
   static constexpr bool ScaleLut = ScaleLut_;
+  // svdq: with LowRankUp the problem's K is the weights' K plus lr_k_tiles low-rank k-tiles. The
+  // producer fills a low-rank k-tile's stage with TileM x 32 bf16 of L1 (in the A buffer: the same
+  // bytes as TileM x TileK int4) and TileN x 64 bf16 of lr (in the B buffer: the same bytes as
+  // TileN x TileK e4m3; only the first 32 columns are used); the scale rows of such a k-tile hold
+  // LrScaleSentinel, by which the consumer recognises it and runs two bf16 SS MMAs (K = 16 each)
+  // into the accumulator instead of the FP8 ones. The epilogue scales the accumulator by
+  // rowinv[n] * a[m], so L1 arrives multiplied by 1 / rowinv and lr divided by a (host side).
+  static constexpr bool LowRankUp = LowRankUp_;
 
 private:
   template<class T> friend struct detail::MixedInputUtils;
@@ -125,7 +136,7 @@ private:
                                        GmemTiledCopyA_, SmemLayoutAtomA_, SmemCopyAtomA_,
                                        TransformA_,
                                        GmemTiledCopyB_, SmemLayoutAtomB_, SmemCopyAtomB_,
-                                       TransformB_, PromoteKTiles_, ScaleLut_>;
+                                       TransformB_, PromoteKTiles_, ScaleLut_, LowRankUp_>;
   using Utils = SvdqGroup64Utils<CollectiveType>;
 
   using ScaleA = detail::deduce_mixed_width_dtype_t<1, ElementAOptionalTuple>;
@@ -274,6 +285,31 @@ public:
       Shape<decltype(cute::shape<0>(TileShape{})), Shape<cute::Int<ScaleGroupK>, cute::Int<ScaleColsPerTile>>, cute::Int<DispatchPolicy::Stages>>,
       Stride<_1, Stride<_0, decltype(cute::shape<0>(TileShape{}))>, cute::Int<size<0>(TileShape{}) * ScaleColsPerTile>>>;
   static_assert(cute::cosize_v<SmemLayoutScaleMma> == cute::cosize_v<SmemLayoutScale>, "svdq: scale view must cover the scale buffer");
+
+  // svdq: the low-rank k-tiles (LowRankUp), bf16 views of the stage buffers.
+  using ElementLR = cutlass::bfloat16_t;
+  static constexpr int LrK = 32;        // bf16 K of one low-rank k-tile (A buffer: TileM x 32 bf16)
+  static constexpr int LrKB = 64;       // bf16 width of its lr box (B buffer rows: TileK bytes)
+  static constexpr int LrKBlocks = LrK / 16;
+  static constexpr uint16_t LrScaleSentinel = 0x7e5b;  // an fp16 NaN no quantizer writes
+  using LrTileShapeA = Shape<decltype(shape<0>(TileShape{})), decltype(shape<1>(TileShape{})), Int<LrK>>;
+  using LrTileShapeB = Shape<decltype(shape<0>(TileShape{})), decltype(shape<1>(TileShape{})), Int<LrKB>>;
+  using SmemLayoutALR = decltype(tile_to_shape(GMMA::Layout_K_SW64_Atom<ElementLR>{},
+      make_shape(shape<0>(TileShape{}), Int<LrK>{}, Int<Stages>{})));
+  using SmemLayoutBLR = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<ElementLR>{},
+      make_shape(shape<1>(TileShape{}), Int<LrKB>{}, Int<Stages>{})));
+  using TiledMmaLR = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<ElementLR, ElementLR, float, LrTileShapeA, GMMA::Major::K, GMMA::Major::K>(),
+      Layout<Shape<Int<size(TiledMma_{}) / NumThreadsPerWarpGroup>, _1, _1>>{}));
+  static_assert(!LowRankUp || PromoteKTiles == 0, "svdq: the low-rank k-tiles need the unpromoted accumulator");
+  static_assert(!LowRankUp || (sizeof_bits_v<RealSwappedElementB> == 8 && size<2>(TileShape{}) == 128),
+                "svdq: the low-rank k-tiles need e4m3 activations and TileK = 128");
+  static_assert(!LowRankUp || size(TiledMmaLR{}) == size(TiledMma_{}), "svdq: one thread layout for both MMAs");
+  // a low-rank k-tile's bf16 tiles fill exactly the stage buffers they are written into
+  static_assert(!LowRankUp || cute::cosize_v<SmemLayoutALR> * 16 == cute::cosize_v<SmemLayoutA> * sizeof_bits_v<RealSwappedElementA>,
+                "svdq: L1's bf16 tile must have the bytes of the int4 A tile");
+  static_assert(!LowRankUp || cute::cosize_v<SmemLayoutBLR> * 16 == cute::cosize_v<SmemLayoutB> * sizeof_bits_v<RealSwappedElementB>,
+                "svdq: lr's bf16 tile must have the bytes of the e4m3 B tile");
   
 
 private:
@@ -305,6 +341,9 @@ public:
   static constexpr size_t SmemAlignmentScale = cute::max(SmemAlignmentA, SmemAlignmentB);
 
   static_assert(SmemAlignmentA >= 128 and SmemAlignmentB >= 128, "Require at least 128B alignment");
+  static_assert(!LowRankUp || (cutlass::detail::alignment_for_swizzle(SmemLayoutALR{}) <= SmemAlignmentA &&
+                               cutlass::detail::alignment_for_swizzle(SmemLayoutBLR{}) <= SmemAlignmentB),
+                "svdq: the stage buffers are not aligned for the low-rank tiles' swizzle");
 
   struct SharedStorage
   {
@@ -334,6 +373,13 @@ public:
     int group_size = 0;
     ElementZero const* ptr_Z = nullptr;
     uint32_t mma_promotion_interval = 4;
+    // svdq: LowRankUp only. lr: [tokens, 64 * lr_k_tiles] bf16 (k-tile j reads columns 64j..64j+31);
+    // L1: [N, 32 * lr_k_tiles] bf16; both row-major with the given leading dimensions.
+    ElementLR const* ptr_LR = nullptr;
+    int64_t ld_LR = 0;
+    ElementLR const* ptr_L1 = nullptr;
+    int64_t ld_L1 = 0;
+    int lr_k_tiles = 0;
   };
 
   // Device side kernel params
@@ -372,6 +418,19 @@ public:
         SmemLayoutB{}(_,_,cute::Int<0>{}),
         TileShape{},
         ClusterShape{})); // mcast along M mode for this N load, if any
+    // svdq: the low-rank k-tiles' loads (LowRankUp): L1 like A, lr like B
+    using TMA_L1 = decltype(make_tma_copy_A_sm90<uint16_t>(
+        GmemTiledCopyA{},
+        make_tensor(detail::get_logical_ptr(static_cast<ElementLR const*>(nullptr)), LayoutA{}),
+        SmemLayoutALR{}(_,_,cute::Int<0>{}),
+        LrTileShapeA{},
+        ClusterShape{}));
+    using TMA_LR = decltype(make_tma_copy_B_sm90<uint16_t>(
+        GmemTiledCopyB{},
+        make_tensor(detail::get_logical_ptr(static_cast<ElementLR const*>(nullptr)), LayoutB{}),
+        SmemLayoutBLR{}(_,_,cute::Int<0>{}),
+        LrTileShapeB{},
+        ClusterShape{}));
     TMA_A tma_load_a;
     TMA_B tma_load_b;
     TMA_Scale tma_load_scale;
@@ -382,6 +441,9 @@ public:
     int reload_factor = (group_size + size<2>(TileShape{}) - 1) / size<2>(TileShape{});
     SwappedStrideA dA;
     SwappedStrideB dB;
+    TMA_L1 tma_load_l1{};
+    TMA_LR tma_load_lr{};
+    int lr_k_tiles = 0;
   };
 
   //
@@ -420,8 +482,23 @@ public:
       dB = args.dA;
     }
 
-    Tensor tensor_a = make_tensor(detail::get_logical_ptr(ptr_A), detail::get_gmem_layout(make_shape(M,K,L), dA));
-    Tensor tensor_b = make_tensor(detail::get_logical_ptr(ptr_B), detail::get_gmem_layout(make_shape(N,K,L), dB));
+    // svdq: with LowRankUp, K counts lr_k_tiles low-rank k-tiles after the weights' own K
+    int const lr_k_tiles = LowRankUp ? args.lr_k_tiles : 0;
+    int const K_real = static_cast<int>(K) - lr_k_tiles * static_cast<int>(size<2>(TileShape{}));
+    Tensor tensor_a = make_tensor(detail::get_logical_ptr(ptr_A), detail::get_gmem_layout(make_shape(M,K_real,L), dA));
+    Tensor tensor_b = make_tensor(detail::get_logical_ptr(ptr_B), detail::get_gmem_layout(make_shape(N,K_real,L), dB));
+    typename Params::TMA_L1 tma_load_l1{};
+    typename Params::TMA_LR tma_load_lr{};
+    if constexpr (LowRankUp) {
+      Tensor tensor_l1 = make_tensor(detail::get_logical_ptr(args.ptr_L1),
+          detail::get_gmem_layout(make_shape(M, lr_k_tiles * LrK, L), SwappedStrideA{args.ld_L1, _1{}, int64_t(0)}));
+      Tensor tensor_lr = make_tensor(detail::get_logical_ptr(args.ptr_LR),
+          detail::get_gmem_layout(make_shape(N, lr_k_tiles * LrKB, L), SwappedStrideB{args.ld_LR, _1{}, int64_t(0)}));
+      tma_load_l1 = make_tma_copy_A_sm90<uint16_t>(GmemTiledCopyA{}, tensor_l1, SmemLayoutALR{}(_,_,cute::Int<0>{}),
+                                                   LrTileShapeA{}, ClusterShape{});
+      tma_load_lr = make_tma_copy_B_sm90<uint16_t>(GmemTiledCopyB{}, tensor_lr, SmemLayoutBLR{}(_,_,cute::Int<0>{}),
+                                                   LrTileShapeB{}, ClusterShape{});
+    }
     typename Params::TMA_A tma_load_a = make_tma_copy_A_sm90<TmaElementA>(
         GmemTiledCopyA{},
         tensor_a,
@@ -456,7 +533,8 @@ public:
           _1{}); // mcast along N mode for this M load, if any
 
       if constexpr(KernelConversionMode == ConversionMode::ConvertAndScale) {
-        return { tma_load_a, tma_load_b, tma_load_scale, tma_load_zero, scale_k, args.group_size, tma_transaction_bytes + TmaTransactionBytesExtra, 1 /* svdq: one scale tile per k-tile */, dA, dB };
+        return { tma_load_a, tma_load_b, tma_load_scale, tma_load_zero, scale_k, args.group_size, tma_transaction_bytes + TmaTransactionBytesExtra, 1 /* svdq: one scale tile per k-tile */, dA, dB,
+                 tma_load_l1, tma_load_lr, lr_k_tiles };
       }
       else if constexpr(KernelConversionMode == ConversionMode::ConvertAndScaleWithZero) {
         Tensor tensor_zero = make_tensor(detail::get_logical_ptr(args.ptr_Z), make_layout(make_shape(M,scale_k,L), dS));
@@ -602,7 +680,17 @@ public:
       Tensor mS_mkl = mainloop_params.tma_load_scale.get_tma_tensor(make_shape(M,scale_k,L));          // (m,scale_k,l)
       Tensor gS_mkl = local_tile(mS_mkl, ScaleTileShape{}, make_coord(_,_));         // (BLK_M,BLK_Scale_K,m,scale_k,l)
       if constexpr (KernelConversionMode == ConversionMode::ConvertAndScale) {
-        return cute::make_tuple(gA_mkl, gB_nkl, gS_mkl);
+        if constexpr (LowRankUp) {  // svdq: the low-rank k-tiles' coordinates
+          int const lr_k_tiles = mainloop_params.lr_k_tiles;
+          Tensor mL1 = mainloop_params.tma_load_l1.get_tma_tensor(make_shape(M, lr_k_tiles * LrK, L));    // (m,lrk,l)
+          Tensor mLR = mainloop_params.tma_load_lr.get_tma_tensor(make_shape(N, lr_k_tiles * LrKB, L));   // (n,lrk,l)
+          Tensor gL1 = local_tile(mL1, LrTileShapeA{}, make_coord(_,_,_), Step<_1, X,_1>{});           // (BLK_M,LrK,m,j,l)
+          Tensor gLR = local_tile(mLR, LrTileShapeB{}, make_coord(_,_,_), Step< X,_1,_1>{});           // (BLK_N,LrKB,n,j,l)
+          return cute::make_tuple(gA_mkl, gB_nkl, gS_mkl, gL1, gLR);
+        }
+        else {
+          return cute::make_tuple(gA_mkl, gB_nkl, gS_mkl);
+        }
       }
       else if constexpr (KernelConversionMode == ConversionMode::ConvertAndScaleWithZero) {
         Tensor mZ_mkl = mainloop_params.tma_load_zero.get_tma_tensor(make_shape(M,scale_k,L));         // (m,scale_k,l)
@@ -640,7 +728,7 @@ public:
       static_assert(sizeof... (Ts) == 2, "Direct convert needs two inputs");
     }
     else if constexpr (KernelConversionMode == ConversionMode::ConvertAndScale) {
-      static_assert(sizeof... (Ts) == 3, "Scaled convert needs three inputs");
+      static_assert(sizeof... (Ts) == (LowRankUp ? 5 : 3), "Scaled convert needs three inputs (five with the low-rank k-tiles)");
     }
     else if constexpr (KernelConversionMode == ConversionMode::ConvertAndScaleWithZero) {
       static_assert(sizeof... (Ts) == 4, "Scaled and zero convert needs four inputs");
@@ -700,6 +788,10 @@ public:
     }
 
     auto extra_input_partitions = Utils::partition_extra_tma_inputs(mainloop_params, load_inputs, shared_tensors, cluster_local_block_id, m_coord, l_coord);
+    // svdq: the low-rank k-tiles' partitions: L1 into the A buffers, lr into the B buffers
+    auto lr_partitions = lr_load_partitions(mainloop_params, load_inputs, shared_tensors, cluster_local_block_id,
+                                            m_coord, n_coord, l_coord);
+    int const k_tiles_real = LowRankUp ? static_cast<int>(size<3>(gA_mkl)) - mainloop_params.lr_k_tiles : 0;
 
     // Mainloop
     CUTLASS_PRAGMA_NO_UNROLL
@@ -716,8 +808,19 @@ public:
 
       int write_stage = smem_pipe_write.index();
       if (cute::elect_one_sync()) {
-        copy(mainloop_params.tma_load_a.with(*tma_barrier, mcast_mask_a), tAgA(_,_,_,*k_tile_iter), tAsA(_,_,_,write_stage));
-        copy(mainloop_params.tma_load_b.with(*tma_barrier, mcast_mask_b), tBgB(_,_,_,*k_tile_iter), tBsB(_,_,_,write_stage));
+        bool lr_tile = false;
+        if constexpr (LowRankUp) {
+          int const j = *k_tile_iter - k_tiles_real;
+          if (j >= 0) {  // svdq: a low-rank k-tile: the same bytes per stage as an FP8 one
+            lr_tile = true;
+            copy(mainloop_params.tma_load_l1.with(*tma_barrier, mcast_mask_a), get<0>(lr_partitions)(_,_,_,j), get<1>(lr_partitions)(_,_,_,write_stage));
+            copy(mainloop_params.tma_load_lr.with(*tma_barrier, mcast_mask_b), get<2>(lr_partitions)(_,_,_,j), get<3>(lr_partitions)(_,_,_,write_stage));
+          }
+        }
+        if (!lr_tile) {
+          copy(mainloop_params.tma_load_a.with(*tma_barrier, mcast_mask_a), tAgA(_,_,_,*k_tile_iter), tAsA(_,_,_,write_stage));
+          copy(mainloop_params.tma_load_b.with(*tma_barrier, mcast_mask_b), tBgB(_,_,_,*k_tile_iter), tBsB(_,_,_,write_stage));
+        }
       }
 
       if constexpr (KernelConversionMode == ConversionMode::DirectConvert) {
@@ -754,6 +857,29 @@ public:
 
       // Advance smem_pipe_write
       ++smem_pipe_write;
+    }
+  }
+
+  // svdq: (tL1g, tL1s, tLRg, tLRs): the low-rank k-tiles' TMA partitions (LowRankUp; else empty)
+  template <class LoadInputs, class BlockId, class MCoord, class NCoord, class LCoord>
+  CUTLASS_DEVICE static auto
+  lr_load_partitions(Params const& mainloop_params, LoadInputs const& load_inputs, TensorStorage& shared_tensors,
+                     BlockId const& cluster_local_block_id, MCoord const& m_coord, NCoord const& n_coord,
+                     LCoord const& l_coord) {
+    if constexpr (LowRankUp) {
+      Tensor sL1 = as_position_independent_swizzle_tensor(
+          make_tensor(make_smem_ptr(reinterpret_cast<ElementLR*>(&shared_tensors.smem_A)), SmemLayoutALR{}));  // (BLK_M,LrK,PIPE)
+      Tensor sLR = as_position_independent_swizzle_tensor(
+          make_tensor(make_smem_ptr(reinterpret_cast<ElementLR*>(&shared_tensors.smem_B)), SmemLayoutBLR{}));  // (BLK_N,LrKB,PIPE)
+      auto block_tma_l1 = mainloop_params.tma_load_l1.get_slice(cluster_local_block_id.y);
+      auto block_tma_lr = mainloop_params.tma_load_lr.get_slice(cluster_local_block_id.x);
+      Tensor gL1 = get<3>(load_inputs)(_,_,m_coord,_,l_coord);                                    // (BLK_M,LrK,j)
+      Tensor gLR = get<4>(load_inputs)(_,_,n_coord,_,l_coord);                                    // (BLK_N,LrKB,j)
+      return cute::make_tuple(block_tma_l1.partition_S(gL1), block_tma_l1.partition_D(sL1),
+                              block_tma_lr.partition_S(gLR), block_tma_lr.partition_D(sLR));
+    }
+    else {
+      return cute::make_tuple();
     }
   }
 
@@ -879,7 +1005,28 @@ public:
       clear(accum);
     }
     int promote_count = 0;
-    auto mma_block = [&](int k_block, int stage) {
+    // svdq: the low-rank k-tiles (LowRankUp): bf16 SS MMAs on the stage's L1 and lr tiles
+    TiledMmaLR tiled_mma_lr;
+    auto lr_fragments = lr_mma_fragments(tiled_mma_lr, warp_group_thread_layout(warp_group_idx), shared_tensors);
+    auto is_lr_tile = [&](int stage) {
+      if constexpr (LowRankUp) {
+        auto const* scales = reinterpret_cast<uint16_t const*>(&shared_tensors.smem_scale);
+        return scales[SmemLayoutScale{}(0, 0, stage)] == LrScaleSentinel;
+      }
+      else {
+        return false;
+      }
+    };
+    auto mma_block = [&](int k_block, int stage, bool lr_tile) {
+      if constexpr (LowRankUp) {
+        if (lr_tile) {
+          if (k_block < LrKBlocks) {
+            tiled_mma_lr.accumulate_ = tiled_mma.accumulate_;
+            cute::gemm(tiled_mma_lr, get<0>(lr_fragments)(_,_,k_block,stage), get<1>(lr_fragments)(_,_,k_block,stage), accum);
+          }
+          return;
+        }
+      }
       if constexpr (Promote) {
         cute::gemm(tiled_mma, tCrA_mma(_,_,k_block), tCrB(_,_,k_block,stage), accum_tmp);
       } else {
@@ -916,6 +1063,7 @@ public:
       pipeline.consumer_wait(smem_pipe_read, barrier_token);
 
       int read_stage = smem_pipe_read.index();
+      bool const lr_tile = is_lr_tile(read_stage);
 
       ++smem_pipe_read;
       barrier_token = pipeline.consumer_try_wait(smem_pipe_read);
@@ -934,7 +1082,7 @@ public:
       for (int k_block = 0; k_block < K_BLOCK_MAX; ++k_block) {
         warpgroup_arrive();
         // (V,M) x (V,N) => (V,M,N)
-        mma_block(k_block, read_stage);
+        mma_block(k_block, read_stage, lr_tile);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
 
@@ -977,6 +1125,7 @@ public:
       //
 
       int read_stage = smem_pipe_read.index();
+      bool const lr_tile = is_lr_tile(read_stage);
       ++smem_pipe_read;
 
       warpgroup_fence_operand(accum);
@@ -986,7 +1135,7 @@ public:
 
         warpgroup_arrive();
         // (V,M) x (V,N) => (V,M,N)
-        mma_block(k_block, read_stage);
+        mma_block(k_block, read_stage, lr_tile);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
 
@@ -1030,6 +1179,7 @@ public:
       //
 
       int read_stage = smem_pipe_read.index();
+      bool const lr_tile = is_lr_tile(read_stage);
 
       warpgroup_fence_operand(accum);
 
@@ -1039,7 +1189,7 @@ public:
 
         warpgroup_arrive();
         // (V,M) x (V,N) => (V,M,N)
-        mma_block(k_block, read_stage);
+        mma_block(k_block, read_stage, lr_tile);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
         warpgroup_commit_batch();
 
@@ -1061,6 +1211,22 @@ public:
     }
 
     warpgroup_fence_operand(accum);
+  }
+
+  // svdq: (A descriptors, B descriptors) of the low-rank k-tiles' bf16 SS MMAs (LowRankUp; else empty)
+  template <class WarpGroupThread>
+  CUTLASS_DEVICE static auto
+  lr_mma_fragments(TiledMmaLR const& tiled_mma_lr, WarpGroupThread const& warp_group_thread, TensorStorage& shared_tensors) {
+    if constexpr (LowRankUp) {
+      Tensor sL1 = make_tensor(make_smem_ptr(reinterpret_cast<ElementLR*>(&shared_tensors.smem_A)), SmemLayoutALR{});  // (BLK_M,LrK,PIPE)
+      Tensor sLR = make_tensor(make_smem_ptr(reinterpret_cast<ElementLR*>(&shared_tensors.smem_B)), SmemLayoutBLR{});  // (BLK_N,LrKB,PIPE)
+      auto wg_mma = tiled_mma_lr.get_slice(warp_group_thread);
+      return cute::make_tuple(wg_mma.make_fragment_A(wg_mma.partition_A(sL1)),                 // (MMA,MMA_M,LrK/16,PIPE)
+                              wg_mma.make_fragment_B(wg_mma.partition_B(sLR)));                // (MMA,MMA_N,LrKB/16,PIPE)
+    }
+    else {
+      return cute::make_tuple();
+    }
   }
 
   /// Perform a Consumer Epilogue to release all buffers

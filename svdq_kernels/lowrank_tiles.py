@@ -1,0 +1,119 @@
+"""The ``fast8`` layer's low-rank branch as k-tiles of the GEMM (``Group64GemmConfig.lowrank``).
+
+The CUTLASS group-64 mainloop can finish each output tile with bf16 MMAs of the low-rank up
+projection into the same fp32 accumulator as the FP8 k-tiles (``csrc/svdq_sm90_mixed_input_g64.hpp``,
+``LowRankUp``). Its epilogue multiplies the accumulator by ``rowinv[n] · a[m]``, so the branch
+arrives pre-divided:
+
+* ``lr [M, 64·t]`` bf16 — ``(x · L2ᵀ · lora_scales) / a'`` with ``a' = a`` where ``a > 0``, else 1
+  (a row of zeros then still gets its low-rank term; the kernel takes ``a'`` as token scale). Low-rank
+  k-tile ``j`` reads ranks ``32j … 32j+31`` from columns ``64j … 64j+31``; the other 32 columns
+  of each 64 fill the B tile's 128-byte rows and are zero.
+* ``l1 [N, 32·t]`` bf16 — ``L1 · p`` (``p = 1 / rowinv``, a power of two: exact), ranks padded
+  with zeros to ``32·t``.
+* the group scales get ``2·t`` extra rows holding the mainloop's sentinel (an fp16 NaN pattern no
+  quantizer writes), by which the consumer warps recognise a low-rank k-tile.
+
+Against the two-step branch (a cuBLAS GEMM writing ``c = bias + lr · L1ᵀ`` in bf16, which the
+epilogue reads back) this removes a kernel and an ``[M, N]`` bf16 write and read per layer; the
+products are summed in fp32 and rounded once, with the output, instead of once into ``c`` and
+again with the output.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+
+from .tensor_cache import TensorCache
+
+__all__ = ["LR_K", "lowrank_k_tiles", "lowrank_tiles", "padded_up", "sentinel_scale_rows"]
+
+#: Ranks per low-rank k-tile (the mainloop's ``LrK``).
+LR_K = 32
+#: The fp16 bit pattern of the mainloop's ``LrScaleSentinel``.
+SENTINEL_BITS = 0x7E5B
+
+_UPS: TensorCache[torch.Tensor] = TensorCache()
+
+
+def lowrank_k_tiles(rank: int) -> int:
+    """How many low-rank k-tiles a rank takes (``ceil(rank / 32)``)."""
+    return -(-rank // LR_K)
+
+
+def sentinel_scale_rows(tiles: int, n: int, *, device: torch.device) -> torch.Tensor:
+    """``[2·tiles, n]`` fp16 rows of the sentinel (appended to the ``[K/64, N]`` group scales)."""
+    bits = torch.full((2 * tiles, n), SENTINEL_BITS, dtype=torch.int16, device=device)
+    return bits.view(torch.float16)
+
+
+def padded_up(lora_up: torch.Tensor, rowinv: torch.Tensor) -> torch.Tensor:
+    """``l1``: bf16 ``L1 / rowinv`` ``[N, 32·t]``, zero-padded ranks; cached per tensor and version."""
+    def make() -> torch.Tensor:
+        n, r = lora_up.shape
+        out = torch.zeros(n, LR_K * lowrank_k_tiles(r), device=lora_up.device, dtype=torch.bfloat16)
+        out[:, :r] = (lora_up.float() / rowinv.float().unsqueeze(1)).to(torch.bfloat16)
+        return out
+
+    return _UPS.get((lora_up, rowinv), make)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def lowrank_tiles_kernel(plr_ptr, lr_ptr, a_ptr, ag_ptr, lrs_ptr, M, R, NSPLIT, HAS_LRS: tl.constexpr,
+                             BM: tl.constexpr, PBR: tl.constexpr, BR: tl.constexpr, RT: tl.constexpr):
+        # the low-rank partials summed in split order (as lowrank_sum does), times the per-rank
+        # scales, divided by a' = (a > 0 ? a : 1); ranks 32j + c to column 64j + c, zeros to
+        # 64j + 32 + c; a' to ag
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        m_ok = rm < M
+        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
+        rr = tl.arange(0, BR)
+        lr = tl.zeros([BM, BR], dtype=tl.float32)
+        for t in range(0, NSPLIT):
+            lr += tl.load(plr_ptr + (t * M + rm_c[:, None]) * PBR + rr[None, :], mask=(rr < PBR)[None, :], other=0.0)
+        if HAS_LRS:
+            lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+        a = tl.load(a_ptr + rm_c, mask=m_ok, other=1.0)
+        ag = tl.where(a > 0, a, 1.0)
+        val = tl.where((rr < R)[None, :], tl.math.div_rn(lr, ag[:, None]), 0.0).to(tl.bfloat16)
+        col = (rr // 32) * 64 + rr % 32
+        mask = m_ok[:, None] & (rr < RT)[None, :]
+        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + col[None, :], val, mask=mask)
+        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + 32 + col[None, :], tl.zeros_like(val), mask=mask)
+        tl.store(ag_ptr + rm_c, ag, mask=m_ok)
+
+    return lowrank_tiles_kernel
+
+
+def lowrank_tiles(
+    x: torch.Tensor, lora_down: torch.Tensor, a: torch.Tensor, *, lora_scales: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lr [M, 64·t] bf16, a' [M] fp32)`` for the low-rank k-tiles (module docstring).
+
+    Args:
+        x: ``[M, K]`` contiguous bf16/fp16, the layer's raw input.
+        lora_down: ``[r, K]`` in ``x.dtype``.
+        a: ``[M]`` fp32 token scales of the FP8 activations.
+        lora_scales: Optional per-rank multipliers ``[r]``.
+    """
+    from .triton_prologue import cdiv, lowrank_partials
+
+    m = x.shape[0]
+    r = lora_down.shape[0]
+    rt = LR_K * lowrank_k_tiles(r)
+    plr = lowrank_partials(x, lora_down)
+    lr = torch.empty(m, 2 * rt, device=x.device, dtype=torch.bfloat16)
+    ag = torch.empty(m, device=x.device, dtype=torch.float32)
+    pbr = plr.shape[2]  # a power of two >= r, so max(pbr, 32) >= rt
+    _kernel()[(cdiv(m, 32),)](
+        plr, lr, a, ag, lora_scales if lora_scales is not None else plr, m, r, plr.shape[0],
+        HAS_LRS=lora_scales is not None, BM=32, PBR=pbr, BR=max(pbr, LR_K), RT=rt, num_warps=4)
+    return lr, ag
