@@ -433,7 +433,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, need_config: bool = False,
         headers, meta = read_checkpoint_files(files)
         if config_meta is not None:
             check_manifests_agree(str(cfg_path), config_meta.layers, meta.layers)
-        return Checkpoint(p, headers, meta, config, config_meta, str(cfg_path))
+        return Checkpoint(p, headers, meta, config, config_meta, str(cfg_path) if config is not None else str(p))
     raise FormatError(str(p), None, "no such file or directory")
 
 
