@@ -15,7 +15,8 @@ runs on an older checkout::
     PYTHONPATH=/path/to/other/checkout python benchmarks/checkpoint_bytes.py --out before.json
     diff before.json after.json
 
-``fidelity.json`` is hashed without its timings and memory figures (they change run to run).
+``fidelity.json`` is hashed without its timings and memory figures (they change run to run); the
+files are written under one fixed ``--workdir`` (the quantizer records its source path).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,10 +140,18 @@ def run(root: Path) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="checkpoint_bytes.json")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "svdq-checkpoint-bytes"),
+                    help="where the files are written (emptied first, removed after): the same path on both "
+                         "checkouts, since the quantizer records its source path in the metadata")
     args = ap.parse_args(argv)
-    os.environ.setdefault("SVDQ_CACHE", tempfile.mkdtemp(prefix="svdq-cache-"))
-    with tempfile.TemporaryDirectory() as tmp:
-        hashes = run(Path(tmp))
+    root = Path(args.workdir)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    os.environ["SVDQ_CACHE"] = str(root / "cache")
+    try:
+        hashes = run(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     Path(args.out).write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
     for name, digest in sorted(hashes.items()):
         print(f"{digest[:16]}  {name}")
