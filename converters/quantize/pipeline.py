@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from svdq_format.errors import QuantizationError
+from svdq_format.model import model_metadata
+from svdq_format.pretrained import attach_svdquant
 
 from .block_loop import quantize_blocks
 from .blocks import Placement, decide_placement, linear_at
@@ -221,13 +223,5 @@ def quantize_model(
 
 
 def mark_quantized(model: nn.Module, *, extra: dict[str, Any] | None = None) -> None:
-    """Attach the svdquant quantizer to a diffusers model (no-op for other modules)."""
-    try:
-        from diffusers import ModelMixin
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return
-    if isinstance(model, ModelMixin):
-        from svdq_format.diffusers import attach_quantizer
-        from svdq_format.model import model_metadata
-
-        attach_quantizer(model, model_metadata(model, extra=extra))
+    """Attach the svdquant quantizer to a diffusers or transformers model (no-op for other modules)."""
+    attach_svdquant(model, model_metadata(model, extra=extra))
