@@ -5,9 +5,12 @@ The recipe runs on the CPU in a minute: a tiny random FLUX transformer saved by 
 ``svdq quantize`` (one file; disk offload with shards; GPTQ on 2 processes; nvfp4, weight-only),
 ``load_pretrained`` → ``save_pretrained`` (sharded) / ``save_single_file``, diffusers'
 ``from_pretrained`` → ``save_pretrained``, the layer file API (``save_file``), ``svdq lora``
-(a PEFT LoRA → delta file), ``svdq extract-lora`` and the ``nunchaku_lite`` export (a random
+(a PEFT LoRA → delta file), ``svdq extract-lora``, the ``nunchaku_lite`` export (a random
 tiny model quantized by default settings is no Nunchaku checkpoint; tests/test_nunchaku.py
-checks those converters' bytes against an independent packer). Only public entry points (the
+checks those converters' bytes against an independent packer), and a tiny SD3 pipeline
+(tests/quantize_fixtures.py) through ``svdq quantize --components`` (transformer and two text
+encoders: transformers' ``model.safetensors``) and ``DiffusionPipeline.from_pretrained`` →
+``save_pretrained``. Only public entry points (the
 ``svdq`` CLI, the packages' top-level API, ``quantize_directory``) are used, so the same script
 runs on an older checkout::
 
@@ -128,13 +131,40 @@ def run(root: Path) -> dict[str, str]:
     step("q_lite", q_lite)
     step("to nunchaku-lite", _svdq, "convert", "--to", "nunchaku-lite", str(root / "q_lite"), str(root / "lite"))
 
+    def pipeline() -> None:  # svdq quantize --components: transformers' model.safetensors, and its loader
+        from diffusers import DiffusionPipeline
+
+        _fixtures().tiny_sd3_pipeline(wide_text_encoders=True).save_pretrained(root / "pipe_dense")
+        (root / "prompts.txt").write_text("a red cat\nblue sky over the sea\n")
+        _svdq("quantize", str(root / "pipe_dense"), str(root / "pipe_q"), "--components",
+              "transformer,text_encoder,text_encoder_3", "--prompts", str(root / "prompts.txt"), "--steps", "2",
+              "--num-samples", "2", "--rank", "8", "--alphas", "0.5", "--dtype", "float32", "-q")
+        DiffusionPipeline.from_pretrained(root / "pipe_q").save_pretrained(root / "pipe_resaved")
+
+    step("pipeline", pipeline)
+
     out: dict[str, str] = dict(errors)
     for name in ("q", "q_disk", "q_gptq2", "q_nvfp4", "q_w4a16", "q_lite", "resaved_sharded", "single.safetensors",
                  "resaved_f16", "diffusers_resaved", "layers.safetensors", "delta.safetensors",
-                 "extracted.safetensors", "lite"):
+                 "extracted.safetensors", "lite", *(f"{d}/{c}" for d in ("pipe_q", "pipe_resaved")
+                                                     for c in ("transformer", "text_encoder", "text_encoder_3"))):
         if (root / name).exists():
             out.update(_hashes(root, root / name))
     return out
+
+
+def _fixtures():
+    """tests/quantize_fixtures.py of the checkout whose ``svdq_format`` is imported (the tiny pipeline)."""
+    import importlib.util
+
+    import svdq_format
+
+    path = Path(svdq_format.__file__).resolve().parents[1] / "tests" / "quantize_fixtures.py"
+    spec = importlib.util.spec_from_file_location("svdq_checkpoint_bytes_fixtures", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: list[str] | None = None) -> int:

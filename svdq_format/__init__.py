@@ -11,7 +11,7 @@ This package depends on nothing else of svdquant. Quick start::
 
 from __future__ import annotations
 
-# diffusers: ``quant_method: "svdquant"`` (registered when diffusers' quantizers are imported).
+# diffusers and transformers: ``quant_method: "svdquant"`` (registered when their quantizers are imported).
 from ._autoregister import install as _install_integrations
 from .checkpoint import load_file, validate
 from .errors import (
