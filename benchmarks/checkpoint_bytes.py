@@ -18,8 +18,10 @@ runs on an older checkout::
     PYTHONPATH=/path/to/other/checkout python benchmarks/checkpoint_bytes.py --out before.json
     diff before.json after.json
 
-``fidelity.json`` is hashed without its timings and memory figures (they change run to run); the
-files are written under one fixed ``--workdir`` (the quantizer records its source path).
+``fidelity.json`` is hashed without its timings and memory figures (they change run to run); a
+safetensors file's ``__metadata__`` keys are hashed sorted (safetensors' writer orders them
+differently in every process: ``svdq extract-lora``'s file); the files are
+written under one fixed ``--workdir`` (the quantizer records its source path).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VOLATILE = ("timings", "environment", "peak_memory_bytes")
+VOLATILE = ("timings", "total_seconds", "environment", "peak_memory_bytes")
 
 
 def _digest(path: Path) -> str:
@@ -43,7 +45,16 @@ def _digest(path: Path) -> str:
         for key in VOLATILE:
             obj.pop(key, None)
         return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()
+    if path.suffix == ".safetensors":
+        # safetensors' own writer orders ``__metadata__`` as a Rust HashMap iterates, which changes
+        # from process to process: those keys are hashed sorted (the tensors' order, offsets,
+        # dtypes, shapes and every data byte as written)
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        data = json.dumps(header).encode() + data[8 + n:]
+    return hashlib.sha256(data).hexdigest()
 
 
 def _hashes(root: Path, where: Path) -> dict[str, str]:
