@@ -119,12 +119,12 @@ def test_hessian_budget_takes_the_smallest_layers_first():
 
 
 def test_too_few_rows_are_refused_before_any_layer_is_quantized(tmp_path, monkeypatch):
-    from converters.quantize import pipeline
+    from converters.quantize import block_loop
 
     model = tiny_flux()
     calib = synthetic_calibration(model, 4, image_tokens=16, text_tokens=8, warn=False)
     called = []
-    monkeypatch.setattr(pipeline, "quantize_group", lambda *a, **k: called.append(a) or {})
+    monkeypatch.setattr(block_loop, "quantize_group", lambda *a, **k: called.append(a) or {})
     with pytest.raises(QuantizationError) as exc:
         run_quantization(model, calib, options=QuantizeOptions(rank=16, gptq=True), state_dir=tmp_path / "st")
     msg = str(exc.value)

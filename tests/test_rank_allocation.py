@@ -94,7 +94,8 @@ def budget_run(tmp_path_factory):
 
 
 def test_budget_ranks_are_multiples_of_16_within_the_budget_and_recorded(budget_run, tmp_path):
-    from svdq_format.model import load_model_dir, save_model_dir
+    from svdq_format.model import save_model_dir
+    from svdq_format.pretrained import load_model_dir
     from svdq_format.summary import format_summary, summarize
 
     result, _, _ = budget_run

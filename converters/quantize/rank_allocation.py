@@ -16,26 +16,33 @@ group may differ: fused q|k|v layers stack them, docs/format.md §10).
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .layer import layer_seed, search_group
+from svdq_format.io import atomic_write
+
+from .blocks import Placement, placed_linears
+from .distributed import DistContext
+from .layer import input_groups, layer_seed, search_group
 from .lowrank import lowrank_factors
 from .options import RANK_STEP, QuantizeOptions
 from .residual import dequantized_residual
+from .selection import Selection
 from .smoothing import SmoothingChoice, approximate, group_smoothing_vector, relative_error, simulated_output
+from .state import ResumeState
 from .stats import CalibrationStats
+from .timing import PhaseTimer
 
 __all__ = ["LayerCurve", "RankPlan", "measure_group", "measure_blocks", "allocate", "make_plan", "plan_kwargs",
-           "max_rank_of", "PLAN_FILE", "SENSITIVITY_SAMPLES"]
+           "plan_ranks", "max_rank_of", "SENSITIVITY_SAMPLES"]
 
-#: The plan's file in a resume state directory.
-PLAN_FILE = "rank-plan.json"
 #: Calibration samples the layer sensitivities are measured on (2 random vectors each).
 SENSITIVITY_SAMPLES = 4
 
@@ -296,3 +303,40 @@ def plan_kwargs(plan: RankPlan | None, names: list[str]) -> dict[str, Any]:
     if names[0] in plan.searches:
         out["search"] = plan.searches[names[0]]
     return out
+
+
+def plan_ranks(
+    model: nn.Module,
+    selection: Selection,
+    stats: CalibrationStats,
+    opts: QuantizeOptions,
+    *,
+    place: Placement,
+    state: ResumeState,
+    timer: PhaseTimer,
+    dist: DistContext | None = None,
+    source: Any = None,
+    progress: bool = False,
+) -> RankPlan | None:
+    """The run's rank allocation (None unless ``opts.rank_allocation == "budget"``), before any
+    layer is quantized: read from the state dir (``rank-plan.json``) when a resumed run has it,
+    else measured (:func:`measure_blocks`, on rank 0 of a process group: every rank gets the
+    same plan) and saved there."""
+    if opts.rank_allocation != "budget":
+        return None
+    path = state.rank_plan_path
+
+    def measure() -> RankPlan:
+        if path is not None and path.is_file():
+            return RankPlan.from_json(json.loads(path.read_text()))
+        plan = measure_blocks(
+            list(selection.blocks.items()), selection.kinds, stats, opts, progress=progress,
+            place=lambda names: placed_linears(model, names, place.device, stream=place.stream, source=source),
+            groups=lambda names: input_groups(names, selection.kinds, stats))
+        if path is not None:
+            text = json.dumps(plan.to_json())
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        return plan
+
+    with timer.phase("rank_allocation"):
+        return measure() if dist is None else dist.on_root(measure, what="rank allocation")

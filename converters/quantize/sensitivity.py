@@ -44,13 +44,14 @@ def model_output(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the output tensor of a {type(out).__name__}")
 
 
-def _to(value: Any, device: torch.device | str) -> Any:
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    # (converters.quantize.stats.to_device; not imported: stats imports this module)
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, Mapping):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(_to_device(v, device) for v in value)
     return value
 
 
@@ -121,7 +122,7 @@ def layer_sensitivity(
         with _frozen(model), torch.enable_grad():
             for sample in samples:
                 for _ in range(draws):
-                    out = model_output(model(**_to(dict(sample), device)))
+                    out = model_output(model(**_to_device(dict(sample), device)))
                     v = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out.device, out.dtype)
                     (out * v).sum().backward()
     finally:
