@@ -38,3 +38,25 @@ def test_triton_column_loop_equals_the_torch_loop(n, k, block):
     assert (codes_torch - codes_triton).abs().max() <= 1
     assert (q_torch != q_triton).float().mean() < 0.001
     assert torch.equal(q_triton[3, 64:128], torch.zeros(64))
+
+
+def test_the_environment_picks_the_column_loop(monkeypatch):
+    from converters.quantize import residual
+
+    used = []
+    for name in ("_columns_torch", "_columns_triton"):
+        real = getattr(residual, name)
+        monkeypatch.setattr(residual, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 128, generator=g)
+    r = torch.randn(8, 128, generator=g) * 0.02
+    h = x.T @ x
+    for env, want in ((None, "_columns_torch"), ("triton", "_columns_triton"), ("torch", "_columns_torch"),
+                      ("bogus", "_columns_torch")):  # auto on the CPU: torch; the variable overrides it
+        if env is None:
+            monkeypatch.delenv("SVDQ_GPTQ_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("SVDQ_GPTQ_KERNEL", env)
+        used.clear()
+        gptq_int4(r, h)
+        assert used == [want], env

@@ -101,7 +101,8 @@ def gptq_int4(
         block: Columns per lazy-update block (≤ 128 with the Triton kernel).
         kernel: The column loop: ``"torch"`` (a few operations per column), ``"triton"`` (one
             launch per block: :mod:`converters.quantize.gptq_triton`) or ``"auto"`` (Triton on
-            CUDA when installed). Both give the same result.
+            CUDA when installed; the environment variable ``SVDQ_GPTQ_KERNEL=torch`` or
+            ``triton`` overrides it). Both give the same result.
 
     Returns:
         ``(q, scales)``: the quantized-and-dequantized residual (float32, exactly on the int4
@@ -122,9 +123,13 @@ def gptq_int4(
     h = h[perm][:, perm]
     hinv = _upper_inverse_cholesky(h)
     if kernel == "auto":
+        import os
+
         from . import gptq_triton
 
-        kernel = "triton" if r.device.type == "cuda" and gptq_triton.available(r.device) else "torch"
+        kernel = os.environ.get("SVDQ_GPTQ_KERNEL", "auto")
+        if kernel not in ("torch", "triton"):
+            kernel = "triton" if r.device.type == "cuda" and gptq_triton.available(r.device) else "torch"
     if kernel == "triton":
         q = _columns_triton(r.float()[:, perm].contiguous(), scales.float().repeat_interleave(64, dim=1)[:, perm],
                             hinv, block)
