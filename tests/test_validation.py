@@ -14,6 +14,7 @@ from safetensors.torch import save_file as st_save
 from svdq_format import SVDQLinear, load_file, save_file, validate
 from svdq_format.cli import main
 from svdq_format.errors import FormatError, HeaderError, ManifestError, TensorError, VersionError
+from svdq_format.spec import FORMAT_VERSION
 
 
 def make_layers():
@@ -110,8 +111,13 @@ CASES = [
      ManifestError, "unknown precision"),
     ("manifest-k-not-multiple", lambda p: edit_meta(p, lambda m: m["layers"]["blk.q"].update(in_features=100)),
      ManifestError, "not a multiple"),
-    ("future-format-version", lambda p: edit_meta(p, lambda m: m.update(format_version=2)),
-     VersionError, "format_version 2"),
+    ("future-format-version", lambda p: edit_meta(p, lambda m: m.update(format_version=FORMAT_VERSION + 1)),
+     VersionError, f"format_version {FORMAT_VERSION + 1}"),
+    ("unknown-feature", lambda p: edit_meta(p, lambda m: m.update(features=["k_tiles"])),
+     VersionError, "format feature 'k_tiles'"),
+    ("segments-without-feature",
+     lambda p: edit_meta(p, lambda m: m["layers"]["blk.q"].update(k_segments=[{"size": 64}, {"size": 64}])),
+     ManifestError, "uses k_segments, which needs format_version >= 2"),
     ("unknown-layout", lambda p: edit_meta(p, lambda m: m.update(layout="tiled-mma")), ManifestError, "unknown layout"),
     ("metadata-not-json",
      lambda p: (lambda h, d: (h["__metadata__"].update(svdquant="{not json"), join(p, h, d)))(*split(p)),
