@@ -244,8 +244,18 @@ class SVDQLinear(nn.Module):
         return layer
 
     @torch.no_grad()
-    def set_residual(self, residual: torch.Tensor, *, int4_scales: torch.Tensor | None = None) -> None:
-        """Quantize a float residual ``R`` ``[N, K]`` (smoothed domain) into this layer's buffers."""
+    def set_residual(
+        self, residual: torch.Tensor, *, int4_scales: torch.Tensor | None = None,
+        nvfp4_tensor_scale: float | None = None,
+    ) -> None:
+        """Quantize a float residual ``R`` ``[N, K]`` (smoothed domain) into this layer's buffers.
+
+        Args:
+            residual: The residual.
+            int4_scales: int4 group scales to use (default absmax / 7).
+            nvfp4_tensor_scale: nvfp4 tensor scale to use for every segment (default: each
+                segment's ``absmax / (6 · 448)``), e.g. one scale shared by layers fused later.
+        """
         if residual.shape != (self.out_features, self.in_features):
             raise QuantizationError(
                 f"residual shape {tuple(residual.shape)} != ({self.out_features}, {self.in_features})"
@@ -259,7 +269,8 @@ class SVDQLinear(nn.Module):
             assert self.wtscale is not None
             parts, lo = [], 0
             for i, size in enumerate(self.spec.segment_sizes):
-                nib_s, gscales, ts = packing.quantize_nvfp4(residual[:, lo : lo + size], group_size=16)
+                nib_s, gscales, ts = packing.quantize_nvfp4(residual[:, lo : lo + size], group_size=16,
+                                                            tensor_scale=nvfp4_tensor_scale)
                 self.wscales[:, lo // 16 : (lo + size) // 16].copy_(gscales)
                 self.wtscale.view(-1)[i].copy_(ts)
                 parts.append(nib_s)

@@ -124,6 +124,7 @@ def format_summary(s: dict[str, Any]) -> str:
     segmented = s.get("k_segmented") or {}
     if segmented:
         kinds = collections.Counter(" | ".join(v) for v in segmented.values())
-        lines.append(f"  k-segmented     {len(segmented)} layers (per-segment activation handling): "
+        lines.append(f"  k-segmented     {len(segmented)} layer{'s' if len(segmented) != 1 else ''} "
+                     "(per-segment activation handling): "
                      + ", ".join(f"[{k}] x{v}" for k, v in kinds.items()))
     return "\n".join(lines)

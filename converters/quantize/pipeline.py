@@ -285,7 +285,8 @@ def run_quantization(
     """
     opts = options or QuantizeOptions()
     timer = PhaseTimer()
-    selection = select_layers(model, include=opts.include, exclude=opts.exclude, weight_only=opts.weight_only)
+    selection = select_layers(model, include=opts.include, exclude=opts.exclude, weight_only=opts.weight_only,
+                              target=opts.target, precision=opts.precision)
     if not selection.kinds:
         why = (
             f" ({len(selection.skipped)} candidates kept 16-bit, e.g. {next(iter(selection.skipped.items()))})"
@@ -293,6 +294,13 @@ def run_quantization(
             else ""
         )
         raise QuantizationError(f"{type(model).__name__}: no linear layer can be quantized{why}")
+    if opts.target == "nunchaku":
+        dtypes = {_linear(model, n).weight.dtype for n in selection.kinds}
+        if not dtypes <= {torch.bfloat16, torch.float16}:
+            raise QuantizationError(
+                f"target nunchaku: Nunchaku runs bfloat16 or float16 models, this one has {sorted(map(str, dtypes))} "
+                "linears: load it in bfloat16 (svdq quantize --dtype bfloat16, or torch_dtype=torch.bfloat16)"
+            )
     first_param = next(model.parameters())
     dev = torch.device(device) if device is not None else first_param.device
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -414,7 +422,8 @@ def run_quantization(
             block_infos: list[dict[str, Any]] = []
             with _placed_linears(model, names, dev, stream=stream, source=source) as mods:
                 for group in _input_groups(names, selection.kinds, stats):
-                    res = quantize_group(group, mods, selection.kinds, stats, opts, timer=block_timer)
+                    res = quantize_group(group, mods, selection.kinds, stats, opts, timer=block_timer,
+                                         act_handling=selection.act_handling)
                     for name, (layer, info) in res.items():
                         done[name] = layer if release else layer.to(home)  # (release: written from the device)
                         block_infos.append(info)

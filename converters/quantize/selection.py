@@ -12,6 +12,10 @@ Default rule (works for any model built from repeated blocks, with per-architect
 
 ``include`` / ``exclude`` are shell-style patterns (:mod:`fnmatch`) on qualified module names;
 ``include`` adds layers, ``exclude`` removes them (exclude wins).
+
+``target="nunchaku"`` (:mod:`converters.quantize.targets`) keeps the AdaLN layers Nunchaku holds
+in 16 bits (``norm_out.linear``) unquantized and records the activation handling Nunchaku's
+kernels apply (:attr:`Selection.act_handling`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from svdq_format.spec import KSegment
+
 from .stats import block_containers
+from .targets import nunchaku_act_handling, nunchaku_weight_only
 
 __all__ = ["ADALN_PATTERNS", "EMBEDDER_PATTERN", "ARCH_EXTRA_EXCLUDES", "Selection", "select_layers", "MIN_GROUP"]
 
@@ -67,11 +74,15 @@ class Selection:
             matched a pattern, plus every non-multiple-of-64 shape).
         blocks: Block name (``"transformer_blocks.3"``, or ``""`` for layers outside blocks)
             → its selected layer names, in module order (the unit of streaming and resume).
+        act_handling: Layer → the activation handling a target requires of it (one
+            :class:`~svdq_format.spec.KSegment` for the whole layer, or several: ``k_segments``);
+            layers not listed get the quantizer's own choice.
     """
 
     kinds: dict[str, str]
     skipped: dict[str, str]
     blocks: dict[str, list[str]]
+    act_handling: dict[str, tuple[KSegment, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -89,6 +100,8 @@ def select_layers(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     weight_only: bool = False,
+    target: str = "svdquant",
+    precision: str = "int4",
 ) -> Selection:
     """Decide, for every ``nn.Linear`` of ``model``, whether and how to quantize it.
 
@@ -97,6 +110,8 @@ def select_layers(
         include: Patterns of extra layers to quantize (e.g. ``"proj_out"``).
         exclude: Patterns of layers to keep 16-bit (e.g. ``"*.ff_context.*"``).
         weight_only: Make every selected layer W4A16.
+        target: ``"svdquant"`` or ``"nunchaku"`` (see the module doc).
+        precision: W4A4 precision (the Nunchaku target shifts int4 activations only).
 
     Returns:
         The :class:`Selection`.
@@ -134,6 +149,10 @@ def select_layers(
         if mod.in_features % MIN_GROUP:
             skipped[name] = f"in_features {mod.in_features} is not a multiple of {MIN_GROUP}: kept 16-bit"
             continue
+        if target == "nunchaku" and adaln and not nunchaku_weight_only(name) and not _matches(name, include):
+            skipped[name] = "Nunchaku keeps this modulation layer 16-bit (--target nunchaku)"
+            continue
         kinds[name] = "w4a16" if (adaln or weight_only) else "w4a4"
         blocks.setdefault(block, []).append(name)
-    return Selection(kinds, skipped, blocks)
+    handling = nunchaku_act_handling(model, kinds, precision) if target == "nunchaku" else {}
+    return Selection(kinds, skipped, blocks, handling)
