@@ -492,7 +492,8 @@ def quantize_model(
         state_dir: Resumable state directory.
         progress: Show progress bars.
         **options: Further :class:`QuantizeOptions` fields (``smoothing``, ``alphas``,
-            ``clip_search``, ``gptq``, ``refine_iters``, ``include``, ``exclude``, ``seed`` ...).
+            ``clip_search``, ``gptq``, ``refine_iters``, ``include``, ``exclude``, ``seed``,
+            ``target="nunchaku"`` for a checkpoint that exports to Nunchaku ...).
 
     Returns:
         The same model with ``SVDQLinear`` layers. A diffusers model is marked as svdquant
