@@ -113,3 +113,20 @@ def test_target_nunchaku_in_the_python_api():
     assert isinstance(proj_out, SVDQLinear) and [s.size for s in proj_out.k_segments] == [64, 256]
     assert not isinstance(model.norm_out.linear, SVDQLinear)
     assert model.config.quantization_config.to_dict()["quantizer"]["options"]["target"] == "nunchaku"
+
+
+def test_nunchaku_flux_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch):
+    """The script of docs/interop.md's H100 section runs (CPU, tiny FLUX, one step): a random
+    Nunchaku-layout int4 file, converted, loaded with stock from_pretrained, stepped."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("nunchaku_flux")
+    out = tmp_path / "nf.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--out", str(out),
+                       "--workdir", str(tmp_path / "work")]) == 0
+    got = json.loads(out.read_text())
+    assert got["k_segmented_layers"] == 2 and got["svdq_layers"] == got["random_file"]["layers"]
+    assert got["output_finite"] and got["convert_s"] > 0 and got["step"]["eager"]["median_s"] > 0
+    assert sum(got["layers_by_backend"].values()) == got["svdq_layers"]
