@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from flux_step import inputs, measure, weight_bytes  # noqa: E402
+
 from quantize_flux import FLUX_DEV, TINY  # noqa: E402
 
 GIB = 2**30
@@ -133,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="nunchaku_flux.json")
     args = ap.parse_args(argv)
 
-    import svdq_format  # noqa: F401  (registers the "svdquant" quantizer with diffusers)
     from diffusers import FluxTransformer2DModel
 
+    import svdq_format  # noqa: F401  (registers the "svdquant" quantizer with diffusers)
     from converters.nunchaku_import import import_nunchaku
     from svdq_format import ops
     from svdq_format.model import svdq_modules
