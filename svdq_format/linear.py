@@ -342,7 +342,8 @@ class SVDQLinear(nn.Module):
             return "none"
         if self.mode == "auto":
             return auto_act(device, dtype, self.precision, self.in_features, self.out_features, self.rank,
-                            self.bias is not None, self.act_shift, self.act_unsigned, self.backend, self.k_segments)
+                            self.bias is not None, self.act_shift, self.act_unsigned, self.backend,
+                            tuple((seg.size, seg.act_shift, seg.act_unsigned) for seg in self.k_segments))
         if self.mode == "exact":
             return self.precision
         return "fp8w" if self.mode == "fast8" and self.precision == "int4" else "fp8"

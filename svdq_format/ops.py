@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -237,7 +237,8 @@ AUTO_FAST_ACTS: dict[str, tuple[str, ...]] = {"int4": ("fp8w", "fp8"), "nvfp4": 
 
 def auto_act(
     device: torch.device, dtype: torch.dtype, precision: str, in_features: int, out_features: int, rank: int,
-    has_bias: bool, act_shift: float, act_unsigned: bool, backend: str, k_segments: tuple[KSegment, ...] = (),
+    has_bias: bool, act_shift: float, act_unsigned: bool, backend: str,
+    k_segments: Sequence[KSegment | tuple[int, float, bool]] = (),
 ) -> str:
     """The activation mode of a W4A4 layer whose execution mode is ``"auto"``.
 
@@ -246,10 +247,13 @@ def auto_act(
     than the exact W4A4 math's on the fidelity layers (docs/benchmarks.md) and much faster on
     Hopper; else the exact W4A4 math (``precision``), which the reference backend runs anywhere.
     A layer forced onto the reference (``backend="reference"`` or ``SVDQ_BACKEND=reference``)
-    therefore stays exact. Constant for ``torch.compile`` (evaluated once while tracing).
+    therefore stays exact. Constant for ``torch.compile`` (evaluated once while tracing): a traced
+    caller passes ``k_segments`` as ``(size, act_shift, act_unsigned)`` tuples, which dynamo can hand
+    to a constant function (it cannot rebuild a frozen dataclass instance for it).
     """
+    segments = tuple(seg if isinstance(seg, KSegment) else KSegment(*seg) for seg in k_segments)
     return _auto_act(device, dtype, precision, in_features, out_features, rank, has_bias, act_shift, act_unsigned,
-                     tuple(k_segments), os.environ.get("SVDQ_BACKEND", backend) or "auto",
+                     segments, os.environ.get("SVDQ_BACKEND", backend) or "auto",
                      os.environ.get("SVDQ_DISABLE_KERNELS", ""), _REGISTRY_VERSION[0])
 
 

@@ -342,3 +342,15 @@ def test_the_op_carries_the_segments_through_torch_library():
     assert torch.equal(torch.ops.svdquant.linear(*args), want)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), want)
+
+
+def test_a_segmented_layer_in_auto_mode_compiles_whole():
+    """``auto`` asks :func:`ops.auto_act` for the mode while dynamo traces; the segments reach it as
+    plain tuples (a frozen dataclass argument made dynamo fail: "can't reconstruct arbitrary frozen
+    dataclass instances", seen compiling a converted Nunchaku FLUX on an H100)."""
+    layer = _layer()
+    x = _input()
+    layer.mode = "auto"
+    want = layer(x)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), want)
