@@ -26,7 +26,10 @@ Activation handling is given by ``act``:
 A layer with ``k_segments`` (format 2, docs/format.md §7.4) gives ``act_shift``/``act_unsigned``
 per segment of its input channels (and, for nvfp4, one tensor scale per segment); the op carries
 them as ``k_segments`` (:class:`~svdq_format.spec.KSegment`) in :class:`LinearCall` and to the
-backend's ``linear`` as the keyword ``k_segments`` (passed only when the layer has segments).
+backend's ``linear`` as the keyword ``k_segments`` (passed only when the layer has segments). A
+backend that refuses such a call but accepts each segment as a plain call runs it one call per
+segment (:mod:`svdq_format.segmented`; chosen by :func:`select_backend` and counted by
+:func:`auto_act`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Optional
 import torch
 from torch.utils import _python_dispatch
 
-from . import packing
+from . import packing, segmented
 from .errors import BackendError
 from .spec import KSegment
 
@@ -202,7 +205,10 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
 
     Returns:
         The chosen backend; the reference when nothing better accepts the call (with one
-        warning when a named backend was refused, or when a CUDA tensor has no kernel).
+        warning when a named backend was refused, or when a CUDA tensor has no kernel). A
+        k-segmented call that a backend refuses but whose segments it accepts as plain calls gets
+        that backend run once per segment (:func:`svdq_format.segmented.per_segment`, named
+        ``"<backend> per segment"``).
     """
     requested = os.environ.get("SVDQ_BACKEND", requested) or "auto"
     if call.device.type == "cuda":
@@ -212,6 +218,8 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         reason = backend.supports(call)
         if reason is None:
             return backend
+        if call.k_segments and requested != "reference" and segmented.refusal(backend, call) is None:
+            return segmented.per_segment(backend)
         _warn_once(
             (requested, reason),
             f"svdquant backend {requested!r} cannot run this layer ({reason}); "
@@ -219,8 +227,12 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         )
         return _REGISTRY["reference"]
     for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-        if backend.name != "reference" and backend.supports(call) is None:
+        if backend.name == "reference":
+            continue
+        if backend.supports(call) is None:
             return backend
+        if call.k_segments and segmented.refusal(backend, call) is None:
+            return segmented.per_segment(backend)
     if call.device.type == "cuda":
         _warn_once(
             ("auto", "cuda"),
@@ -245,7 +257,9 @@ def auto_act(
     The fastest FP8 mode (:data:`AUTO_FAST_ACTS`: ``fast8``'s ``"fp8w"``, then ``fast``'s
     ``"fp8"``) that a kernel backend runs for this layer on ``device`` — their outputs are no worse
     than the exact W4A4 math's on the fidelity layers (docs/benchmarks.md) and much faster on
-    Hopper; else the exact W4A4 math (``precision``), which the reference backend runs anywhere.
+    Hopper (a k-segmented layer's too, when the backend runs it one plain call per segment:
+    :mod:`svdq_format.segmented`); else the exact W4A4 math (``precision``), which the reference
+    backend runs anywhere.
     A layer forced onto the reference (``backend="reference"`` or ``SVDQ_BACKEND=reference``)
     therefore stays exact. Constant for ``torch.compile`` (evaluated once while tracing): a traced
     caller passes ``k_segments`` as ``(size, act_shift, act_unsigned)`` tuples, which dynamo can hand
@@ -281,7 +295,7 @@ def _auto_act(
         call = LinearCall(device=device, dtype=dtype, precision=precision, act=act, rows=1, in_features=in_features,
                           out_features=out_features, rank=rank, has_bias=has_bias, act_shift=act_shift,
                           act_unsigned=act_unsigned, k_segments=k_segments)
-        if any(b.supports(call) is None for b in candidates):
+        if any(b.supports(call) is None or (k_segments and segmented.refusal(b, call) is None) for b in candidates):
             return act
     return precision
 

@@ -311,7 +311,11 @@ def test_fusion_keeps_segments_and_refuses_mixed_ones():
         fuse_layers([a, c], ["to_q", "to_k"])
 
 
-def test_kernels_refuse_segmented_layers_so_they_fall_back(monkeypatch):
+def test_kernels_refuse_segmented_layers_and_run_them_per_segment(monkeypatch):
+    """The sm90 registry has no per-segment kernel, so it refuses a k-segmented call; it accepts each
+    segment as a plain call, so the selection runs it one call per segment and ``auto`` gives it the
+    mode a plain layer of its shape gets (fast8 where it is built, else the exact int4 kernel). A
+    call no segment can run (float32) still falls back to the reference, with one warning."""
     from svdq_kernels import registry
 
     monkeypatch.setattr(registry, "_capability", lambda index: (9, 0))
@@ -323,13 +327,17 @@ def test_kernels_refuse_segmented_layers_so_they_fall_back(monkeypatch):
                 in_features=15360, out_features=3072, rank=32, has_bias=True)
     assert registry.supports(ops.LinearCall(**base)) is None
     reason = registry.supports(ops.LinearCall(**base, k_segments=segs))
-    assert "k_segments" in reason and "reference" in reason
-    monkeypatch.setattr(ops, "_WARNED", set())
-    with pytest.warns(RuntimeWarning, match="no svdquant GPU kernel"):
-        assert ops.select_backend(ops.LinearCall(**base, k_segments=segs)).name == "reference"
+    assert "k_segments" in reason and "per segment" in reason
+    assert ops.select_backend(ops.LinearCall(**base, k_segments=segs)).name == "cutlass-sm90 per segment"
     args = (torch.device("cuda", 0), torch.bfloat16, "int4", 15360, 3072, 32, True, 0.0, False, "auto")
-    assert ops.auto_act(*args) in ("fp8w", "fp8")  # a plain layer of this shape runs a fast kernel
-    assert ops.auto_act(*args, segs) == "int4"  # the segmented one: the exact math, on the reference
+    plain = ops.auto_act(*args)
+    assert plain in ("fp8w", "fp8")  # a plain layer of this shape runs a fast kernel
+    # fp8w per segment (pre-quantized rows); "fp8" has no per-segment path: then the exact int4 kernel
+    assert ops.auto_act(*args, segs) == ("fp8w" if plain == "fp8w" else "int4")
+    monkeypatch.setattr(ops, "_WARNED", set())
+    f32 = {**base, "dtype": torch.float32}
+    with pytest.warns(RuntimeWarning, match="no svdquant GPU kernel"):
+        assert ops.select_backend(ops.LinearCall(**f32, k_segments=segs)).name == "reference"
 
 
 def test_the_op_carries_the_segments_through_torch_library():
