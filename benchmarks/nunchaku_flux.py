@@ -51,7 +51,7 @@ def random_nunchaku_file(path: Path, *, config: dict, precision: str, rank: int,
     """Write a random-weight FLUX in Nunchaku's single-file layout; returns what was built."""
     from diffusers import FluxTransformer2DModel
 
-    from converters.nunchaku_export import export_nunchaku
+    from converters.nunchaku.exporter import export_nunchaku
     from converters.quantize import select_layers
     from svdq_format.fusion import FUSIONS
     from svdq_format.model import replace_linears, save_model_dir
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import FluxTransformer2DModel
 
     import svdq_format  # noqa: F401  (registers the "svdquant" quantizer with diffusers)
-    from converters.nunchaku_import import import_nunchaku
+    from converters.nunchaku.importer import import_nunchaku
     from svdq_format import ops
     from svdq_format.model import svdq_modules
 

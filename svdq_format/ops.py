@@ -28,8 +28,8 @@ per segment of its input channels (and, for nvfp4, one tensor scale per segment)
 them as ``k_segments`` (:class:`~svdq_format.spec.KSegment`) in :class:`LinearCall` and to the
 backend's ``linear`` as the keyword ``k_segments`` (passed only when the layer has segments). A
 backend that refuses such a call but accepts each segment as a plain call runs it one call per
-segment (:mod:`svdq_format.segmented`; chosen by :func:`select_backend` and counted by
-:func:`auto_act`).
+segment (:func:`per_segment`, with :mod:`svdq_format.segmented`; chosen by :func:`select_backend` and
+counted by :func:`auto_act`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils import _python_dispatch
@@ -57,6 +57,8 @@ __all__ = [
     "get_backend",
     "available_backends",
     "select_backend",
+    "per_segment",
+    "per_segment_refusal",
     "reference_linear",
     "reference_linear_fp8",
     "auto_act",
@@ -207,7 +209,7 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         The chosen backend; the reference when nothing better accepts the call (with one
         warning when a named backend was refused, or when a CUDA tensor has no kernel). A
         k-segmented call that a backend refuses but whose segments it accepts as plain calls gets
-        that backend run once per segment (:func:`svdq_format.segmented.per_segment`, named
+        that backend run once per segment (:func:`per_segment`, named
         ``"<backend> per segment"``).
     """
     requested = os.environ.get("SVDQ_BACKEND", requested) or "auto"
@@ -218,8 +220,8 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         reason = backend.supports(call)
         if reason is None:
             return backend
-        if call.k_segments and requested != "reference" and segmented.refusal(backend, call) is None:
-            return segmented.per_segment(backend)
+        if call.k_segments and requested != "reference" and per_segment_refusal(backend, call) is None:
+            return per_segment(backend)
         _warn_once(
             (requested, reason),
             f"svdquant backend {requested!r} cannot run this layer ({reason}); "
@@ -231,8 +233,8 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
             continue
         if backend.supports(call) is None:
             return backend
-        if call.k_segments and segmented.refusal(backend, call) is None:
-            return segmented.per_segment(backend)
+        if call.k_segments and per_segment_refusal(backend, call) is None:
+            return per_segment(backend)
     if call.device.type == "cuda":
         _warn_once(
             ("auto", "cuda"),
@@ -241,6 +243,73 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
             "pip install 'svdquant[kernels]', or import svdq_kernels); using the slow reference backend",
         )
     return _REGISTRY["reference"]
+
+
+def _segment_calls(call: LinearCall) -> tuple[LinearCall, ...]:
+    """The plain calls, one per segment, that compute a k-segmented ``call`` (the bias on the first)."""
+    return tuple(
+        dataclasses.replace(call, in_features=seg.size, act_shift=seg.act_shift, act_unsigned=seg.act_unsigned,
+                            has_bias=call.has_bias and i == 0, k_segments=())
+        for i, seg in enumerate(call.k_segments)
+    )
+
+
+def per_segment_refusal(backend: Backend, call: LinearCall) -> Optional[str]:
+    """``None`` when ``backend`` can run the k-segmented ``call`` as one plain call per segment
+    (:func:`per_segment`), else why not: no segments, an FP8 mode without pre-quantized activations
+    (only :data:`SPLIT_ACTS` with a :attr:`Backend.linear_fp8`: the per-token scale spans the whole
+    row), or a segment the backend refuses."""
+    if not call.k_segments:
+        return "the layer has no k_segments"
+    if call.act in FP8_ACTS and (call.act not in SPLIT_ACTS or backend.linear_fp8 is None):
+        return (f"activation mode {call.act!r} quantizes the whole row: per segment it needs pre-quantized "
+                "activations (linear_fp8)")
+    for i, seg_call in enumerate(_segment_calls(call)):
+        reason = backend.supports(seg_call)
+        if reason is not None:
+            return f"segment {i}: {reason}"
+    return None
+
+
+_PER_SEGMENT: dict[str, tuple[Backend, Backend]] = {}
+
+
+def per_segment(backend: Backend) -> Backend:
+    """``backend`` running a k-segmented call as one plain call per segment, named
+    ``"<name> per segment"`` (made once per registered backend; :mod:`svdq_format.segmented`).
+
+    FP8 modes: the whole shifted row is quantized once (:func:`quantize_fp8_rows`; in a compiled
+    graph, by the graph before ``svdquant::linear_fp8``) and each segment gets its columns of the
+    codes through ``backend.linear_fp8``; a segment for which that returns ``None`` runs
+    :func:`reference_linear_fp8`."""
+    hit = _PER_SEGMENT.get(backend.name)
+    if hit is not None and hit[0] is backend:
+        return hit[1]
+
+    def linear_fp8(*args: Any) -> torch.Tensor:
+        y = backend.linear_fp8(*args) if backend.linear_fp8 is not None else None
+        return y if y is not None else reference_linear_fp8(*args)
+
+    def run_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
+                act_shift=0.0, act_unsigned=False, *, k_segments):
+        return segmented.run_segments_fp8(linear_fp8, x, q, a, qweight, wscales, wtscale, smooth, lora_down,
+                                          lora_up, bias, lora_scales, precision, act, k_segments=k_segments)
+
+    def run(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
+            act_shift=0.0, act_unsigned=False, *, k_segments):
+        if act in FP8_ACTS:
+            k = x.shape[-1]
+            q, a = quantize_fp8_rows(smoothed(x.reshape(-1, k).float(), smooth,
+                                              shift_vector(k, act_shift, k_segments, device=x.device)))
+            return run_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
+                           precision, act, k_segments=k_segments)
+        return segmented.run_segments(backend.linear, x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
+                                      lora_scales, precision, act, k_segments=k_segments)
+
+    wrapped = Backend(backend.name + " per segment", run, lambda call: per_segment_refusal(backend, call),
+                      backend.priority, linear_fp8=run_fp8)
+    _PER_SEGMENT[backend.name] = (backend, wrapped)
+    return wrapped
 
 
 #: The FP8 activation modes the ``auto`` execution mode tries, fastest first, per weight precision.
@@ -295,7 +364,7 @@ def _auto_act(
         call = LinearCall(device=device, dtype=dtype, precision=precision, act=act, rows=1, in_features=in_features,
                           out_features=out_features, rank=rank, has_bias=has_bias, act_shift=act_shift,
                           act_unsigned=act_unsigned, k_segments=k_segments)
-        if any(b.supports(call) is None or (k_segments and segmented.refusal(b, call) is None) for b in candidates):
+        if any(b.supports(call) is None or (k_segments and per_segment_refusal(b, call) is None) for b in candidates):
             return act
     return precision
 

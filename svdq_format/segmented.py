@@ -7,21 +7,23 @@ per segment: segment i is the plain layer with the i-th column slices of ``qweig
 concatenated ranks and ``lora_scales`` with them), its segment's ``act_shift`` / ``act_unsigned``
 and, for nvfp4, its own tensor scale ``wtscale[i]``; the bias is added once (by segment 0).
 
-:func:`svdq_format.ops.select_backend` uses :func:`per_segment` when a kernel backend refuses a
-call because of its ``k_segments`` but accepts each segment as a plain call (:func:`refusal`): the
-layer then runs as one backend call per segment, the outputs summed in fp32 and cast once; and
-:func:`svdq_format.ops.auto_act` counts that as the backend running the layer, so ``mode="auto"``
-gives such an int4 layer ``fast8`` on Hopper like any other.
+:func:`svdq_format.ops.select_backend` runs a layer this way (:func:`svdq_format.ops.per_segment`)
+when a kernel backend refuses a call because of its ``k_segments`` but accepts each segment as a
+plain call (:func:`svdq_format.ops.per_segment_refusal`); :func:`svdq_format.ops.auto_act` counts
+that as the backend running the layer, so ``mode="auto"`` gives such an int4 layer ``fast8`` on
+Hopper like any other. This module holds what that needs and nothing of the registry: the cached
+slices and the loops (:func:`run_segments`, :func:`run_segments_fp8`), outputs summed in fp32 and
+cast once.
 
 The FP8 modes quantize the *whole* shifted row with one per-token scale (``absmax(x̂[m, :]) / 448``,
 §6), which per-segment calls that quantize their own slice would not reproduce. So these calls get
 the activations already quantized — the backend's ``linear_fp8`` with the column slices of one
 :func:`~svdq_format.ops.quantize_fp8_rows` of the whole row (in a compiled graph that quantizer is
-the graph's own, fused by Inductor; eager, it runs here in plain torch) — which a backend offers
-for the :data:`~svdq_format.ops.SPLIT_ACTS` modes (``fp8w``, i.e. ``fast8``); ``fp8`` (``fast``)
-has no per-segment path, and ``auto`` passes over it to the exact W4A4 math, whose activations are
-quantized per group and so split exactly. A segment whose ``linear_fp8`` returns ``None`` (no such
-kernel after all) runs the reference math of that segment.
+the graph's own, fused by Inductor; eager, :func:`svdq_format.ops.per_segment` runs it in plain
+torch) — which a backend offers for the :data:`~svdq_format.ops.SPLIT_ACTS` modes (``fp8w``, i.e.
+``fast8``); ``fp8`` (``fast``) has no per-segment path, and ``auto`` passes over it to the exact W4A4
+math, whose activations are quantized per group and so split exactly. A segment whose
+``linear_fp8`` returns ``None`` (no such kernel after all) runs the reference math of that segment.
 
 The slices are made once per weight version and reused (:class:`~svdq_format.tensor_cache.TensorCache`,
 keyed by the layer's tensors: dropped when they are freed, remade when they change, e.g. when a
@@ -31,8 +33,8 @@ the slice it needs), the small ``wscales`` / ``lora_down`` slices as contiguous 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -41,62 +43,7 @@ from .errors import BackendError
 from .spec import KSegment
 from .tensor_cache import TensorCache
 
-if TYPE_CHECKING:
-    from .ops import Backend, LinearCall
-
-__all__ = ["per_segment", "refusal", "segment_calls", "segment_weights"]
-
-#: Name suffix of a per-segment backend (``"cutlass-sm90 per segment"``).
-SUFFIX = " per segment"
-
-
-def segment_calls(call: LinearCall) -> tuple[LinearCall, ...]:
-    """The plain calls, one per segment, that compute a k-segmented ``call`` (bias on the first)."""
-    return tuple(
-        dataclasses.replace(call, in_features=seg.size, act_shift=seg.act_shift, act_unsigned=seg.act_unsigned,
-                            has_bias=call.has_bias and i == 0, k_segments=())
-        for i, seg in enumerate(call.k_segments)
-    )
-
-
-def refusal(backend: Backend, call: LinearCall) -> Optional[str]:
-    """``None`` when ``backend`` can run the k-segmented ``call`` as one plain call per segment,
-    else why not (not segmented, an FP8 mode without pre-quantized activations, a segment refused)."""
-    from .ops import FP8_ACTS, SPLIT_ACTS
-
-    if not call.k_segments:
-        return "the layer has no k_segments"
-    if call.act in FP8_ACTS and (call.act not in SPLIT_ACTS or backend.linear_fp8 is None):
-        return (f"activation mode {call.act!r} quantizes the whole row: per segment it needs pre-quantized "
-                "activations (linear_fp8)")
-    for i, seg_call in enumerate(segment_calls(call)):
-        reason = backend.supports(seg_call)
-        if reason is not None:
-            return f"segment {i}: {reason}"
-    return None
-
-
-_WRAPPED: dict[str, tuple[Backend, Backend]] = {}
-
-
-def per_segment(backend: Backend) -> Backend:
-    """``backend`` running a k-segmented call as one plain call per segment (made once per backend)."""
-    hit = _WRAPPED.get(backend.name)
-    if hit is not None and hit[0] is backend:
-        return hit[1]
-    from .ops import Backend
-
-    def linear(*args: Any, k_segments: tuple[KSegment, ...] = ()) -> torch.Tensor:
-        return segmented_linear(backend, *args, k_segments=k_segments)
-
-    def linear_fp8(*args: Any, k_segments: tuple[KSegment, ...] = ()) -> torch.Tensor:
-        return segmented_linear_fp8(backend, *args, k_segments=k_segments)
-
-    wrapped = Backend(backend.name + SUFFIX, linear, lambda call: refusal(backend, call), backend.priority,
-                      linear_fp8=linear_fp8)
-    _WRAPPED[backend.name] = (backend, wrapped)
-    return wrapped
-
+__all__ = ["run_segments", "run_segments_fp8", "segment_bounds", "segment_downs", "segment_weights"]
 
 # --------------------------------------------------------------------------- slices (cached)
 
@@ -105,7 +52,8 @@ _WEIGHTS: TensorCache[tuple[tuple[int, ...], tuple[tuple[torch.Tensor, torch.Ten
 _DOWNS: TensorCache[tuple[tuple[int, ...], tuple[torch.Tensor, ...]]] = TensorCache()
 
 
-def _bounds(k_segments: tuple[KSegment, ...]) -> list[tuple[int, int]]:
+def segment_bounds(k_segments: tuple[KSegment, ...]) -> list[tuple[int, int]]:
+    """``[(lo, hi), …]``: the input channels of each segment."""
     out, lo = [], 0
     for seg in k_segments:
         out.append((lo, lo + seg.size))
@@ -132,7 +80,7 @@ def segment_weights(
         if ts is not None and ts.numel() != len(sizes):
             raise BackendError(f"wtscale has {ts.numel()} values for {len(sizes)} k_segments")
         parts = []
-        for i, (lo, hi) in enumerate(_bounds(k_segments)):
+        for i, (lo, hi) in enumerate(segment_bounds(k_segments)):
             if lo % g or hi % g:
                 raise BackendError(f"k_segment [{lo}, {hi}) is not on whole {precision} groups of {g}")
             parts.append((qw[:, lo // 2 : hi // 2], ws[:, lo // g : hi // g].contiguous(),
@@ -149,7 +97,7 @@ def segment_downs(lora_down: torch.Tensor, k_segments: tuple[KSegment, ...]) -> 
 
     def make() -> tuple[tuple[int, ...], tuple[torch.Tensor, ...]]:
         down = lora_down.detach()
-        return sizes, tuple(down[:, lo:hi].contiguous() for lo, hi in _bounds(k_segments))
+        return sizes, tuple(down[:, lo:hi].contiguous() for lo, hi in segment_bounds(k_segments))
 
     cached = _DOWNS.get((lora_down,), make)
     return cached[1] if cached[0] == sizes else make()[1]
@@ -166,51 +114,42 @@ def _sum(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return y.to(dtype)
 
 
-def segmented_linear(
-    backend: Backend, x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wtscale: Optional[torch.Tensor],
-    smooth: torch.Tensor, lora_down: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor], precision: str, act: str,
-    act_shift: float = 0.0, act_unsigned: bool = False, *, k_segments: tuple[KSegment, ...],
-) -> torch.Tensor:
-    """:func:`svdq_format.ops.reference_linear`'s function computed by ``backend`` one segment at a
-    time (FP8 modes: through :func:`segmented_linear_fp8` with the whole rows quantized here)."""
-    from . import ops
+Linear = Callable[..., torch.Tensor]
 
-    if act in ops.FP8_ACTS:
-        k = x.shape[-1]
-        shift = ops.shift_vector(k, act_shift, k_segments, device=x.device)
-        q, a = ops.quantize_fp8_rows(ops.smoothed(x.reshape(-1, k).float(), smooth, shift))
-        return segmented_linear_fp8(backend, x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
-                                    lora_scales, precision, act, act_shift, act_unsigned, k_segments=k_segments)
+
+def run_segments(
+    linear: Linear, x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wtscale: Optional[torch.Tensor],
+    smooth: torch.Tensor, lora_down: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor], precision: str, act: str, *,
+    k_segments: tuple[KSegment, ...],
+) -> torch.Tensor:
+    """The k-segmented layer's output from ``linear`` (signature of
+    :func:`svdq_format.ops.reference_linear`) called once per segment as a plain layer; for the
+    modes whose activations are quantized per group (W4A4 exact, W4A16), where the split is exact."""
     weights = segment_weights(qweight, wscales, wtscale, smooth, precision, k_segments)
     downs = segment_downs(lora_down, k_segments) if lora_down is not None else None
     parts = []
-    for i, ((lo, hi), seg, (qw, ws, ts, sm)) in enumerate(zip(_bounds(k_segments), k_segments, weights)):
-        parts.append(backend.linear(x[..., lo:hi], qw, ws, ts, sm, None if downs is None else downs[i], lora_up,
-                                    bias if i == 0 else None, lora_scales, precision, act, seg.act_shift,
-                                    seg.act_unsigned))
+    for i, ((lo, hi), seg, (qw, ws, ts, sm)) in enumerate(zip(segment_bounds(k_segments), k_segments, weights)):
+        parts.append(linear(x[..., lo:hi], qw, ws, ts, sm, None if downs is None else downs[i], lora_up,
+                            bias if i == 0 else None, lora_scales, precision, act, seg.act_shift, seg.act_unsigned))
     return _sum(parts, x.dtype)
 
 
-def segmented_linear_fp8(
-    backend: Backend, x: torch.Tensor, q: torch.Tensor, a: torch.Tensor, qweight: torch.Tensor,
+def run_segments_fp8(
+    linear_fp8: Linear, x: torch.Tensor, q: torch.Tensor, a: torch.Tensor, qweight: torch.Tensor,
     wscales: torch.Tensor, wtscale: Optional[torch.Tensor], smooth: torch.Tensor, lora_down: Optional[torch.Tensor],
     lora_up: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor],
-    precision: str, act: str, act_shift: float = 0.0, act_unsigned: bool = False, *,
-    k_segments: tuple[KSegment, ...],
+    precision: str, act: str, *, k_segments: tuple[KSegment, ...],
 ) -> torch.Tensor:
-    """:func:`svdq_format.ops.reference_linear_fp8`'s function computed by ``backend`` one segment
-    at a time: segment i gets the columns ``[lo, hi)`` of the whole rows' codes ``q`` and the rows'
-    scales ``a`` as they are."""
-    from . import ops
-
+    """The same with the activations already quantized over the whole row (``q`` ``[M, K]``, ``a``
+    ``[M]``): ``linear_fp8`` (signature of :func:`svdq_format.ops.reference_linear_fp8`) gets segment
+    i's columns ``[lo, hi)`` of ``q`` and the rows' scales ``a`` as they are."""
     weights = segment_weights(qweight, wscales, wtscale, smooth, precision, k_segments)
     downs = segment_downs(lora_down, k_segments) if lora_down is not None else None
     q2 = q.reshape(-1, x.shape[-1])
     parts = []
-    for i, ((lo, hi), seg, (qw, ws, ts, sm)) in enumerate(zip(_bounds(k_segments), k_segments, weights)):
-        args = (x[..., lo:hi], q2[:, lo:hi], a, qw, ws, ts, sm, None if downs is None else downs[i], lora_up,
-                bias if i == 0 else None, lora_scales, precision, act, seg.act_shift, seg.act_unsigned)
-        y = backend.linear_fp8(*args) if backend.linear_fp8 is not None else None
-        parts.append(y if y is not None else ops.reference_linear_fp8(*args))
+    for i, ((lo, hi), seg, (qw, ws, ts, sm)) in enumerate(zip(segment_bounds(k_segments), k_segments, weights)):
+        parts.append(linear_fp8(x[..., lo:hi], q2[:, lo:hi], a, qw, ws, ts, sm, None if downs is None else downs[i],
+                                lora_up, bias if i == 0 else None, lora_scales, precision, act, seg.act_shift,
+                                seg.act_unsigned))
     return _sum(parts, x.dtype)

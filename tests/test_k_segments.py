@@ -16,9 +16,10 @@ import torch
 
 import svdq_format as sf
 from svdq_format import ops, spec
+from svdq_format.checkpoint import load_file, validate
 from svdq_format.errors import ManifestError, UnsupportedError, VersionError
 from svdq_format.fusion import fuse_layers, split_layer
-from svdq_format.io import load_file, read_metadata, save_file, validate
+from svdq_format.io import read_metadata, save_file
 from svdq_format.spec import FormatMetadata, KSegment, LayerSpec
 from svdq_format.summary import format_summary, summarize
 

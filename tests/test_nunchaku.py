@@ -17,14 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file as st_save
 
 import nunchaku_reference as ref
-from converters.nunchaku_export import export_nunchaku
-from converters.nunchaku_import import import_nunchaku
-from converters.nunchaku_lite import export_nunchaku_lite
+from converters.nunchaku.exporter import export_nunchaku
+from converters.nunchaku.importer import import_nunchaku
+from converters.nunchaku.lite import export_nunchaku_lite
 from svdq_format import packing
+from svdq_format.checkpoint import load_file, validate
 from svdq_format.errors import SVDQError, UnsupportedError
-from svdq_format.io import load_file, validate
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import WEIGHTS_NAME, load_model_dir, save_model_dir
+from svdq_format.model import WEIGHTS_NAME, save_model_dir
+from svdq_format.pretrained import load_model_dir
 
 SHIFT = 0.171875
 
@@ -556,7 +557,7 @@ def test_cli_convert_of_a_file_without_config_asks_for_config_option(tmp_path, c
 
 
 def test_dialect_detection_and_names():
-    from converters.nunchaku_names import detect_dialect, from_native, to_native
+    from converters.nunchaku.names import detect_dialect, from_native, to_native
 
     sdxl = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.lora_down",
             "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.smooth"]
@@ -613,7 +614,7 @@ def test_imported_int4_flux_loads_with_stock_from_pretrained(tmp_path):
     from diffusers import FluxTransformer2DModel
 
     import svdq_format  # noqa: F401  (registers the "svdquant" quantizer with diffusers)
-    from converters.nunchaku_model import load_imported_model
+    from converters.nunchaku.model import load_imported_model
 
     src = tmp_path / "int4.safetensors"
     logical = build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.float32)
@@ -650,7 +651,7 @@ def test_imported_int4_flux_loads_with_stock_from_pretrained(tmp_path):
 
 
 def test_load_imported_model_refuses_a_two_layer_proj_out_directory(tmp_path):
-    from converters.nunchaku_model import load_imported_model
+    from converters.nunchaku.model import load_imported_model
 
     src = tmp_path / "int4.safetensors"
     build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.bfloat16)

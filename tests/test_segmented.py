@@ -1,5 +1,5 @@
 """A k-segmented layer on a kernel backend that takes only plain calls: one call per segment
-(svdq_format/segmented.py), against the reference's k-segmented math.
+(svdq_format.ops.per_segment, svdq_format/segmented.py), against the reference's k-segmented math.
 
 The stand-in backend accepts only plain calls (it refuses ``k_segments``, like the sm90 registry)
 in the activation modes it is told, records each call and computes it with the reference math.
@@ -151,7 +151,7 @@ def test_auto_mode_picks_fast8_for_a_segmented_int4_layer(stand_in):
     assert _err(nv(x), _reference(nv, x, "nvfp4")) <= 1e-6 and len(calls) == 4
     call = ops.LinearCall(device=torch.device("cpu"), dtype=torch.float32, precision="int4", act="fp8", rows=7,
                           in_features=320, out_features=96, rank=8, has_bias=True, k_segments=SEGS)
-    assert "pre-quantized" in segmented.refusal(ops.get_backend("stand-in"), call)
+    assert "pre-quantized" in ops.per_segment_refusal(ops.get_backend("stand-in"), call)
     assert ops.select_backend(call).name == "reference"  # mode="fast" asked explicitly: the reference
     assert ops.select_backend(dataclasses.replace(call, act="fp8w")).name == "stand-in per segment"
     layer.backend = "reference"
@@ -239,7 +239,7 @@ def test_a_wrong_slice_would_be_seen(stand_in):
     x = _input()
     want = _reference(layer, x, "int4")
     swapped = (SEGS[0], dataclasses.replace(SEGS[1], act_shift=0.0, act_unsigned=False))
-    wrong = segmented.segmented_linear(ops.get_backend("stand-in"), x, layer.qweight, layer.wscales, None,
-                                       layer.smooth, layer.lora_down, layer.lora_up, layer.bias, None, "int4",
-                                       "int4", k_segments=swapped)
+    wrong = ops.per_segment(ops.get_backend("stand-in")).linear(
+        x, layer.qweight, layer.wscales, None, layer.smooth, layer.lora_down, layer.lora_up, layer.bias, None, "int4",
+        "int4", k_segments=swapped)
     assert _err(wrong, want) > 1e-2

@@ -165,3 +165,13 @@ def test_cli_never_prints_a_traceback(tmp_path):
 def test_missing_path(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "nope.safetensors")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_whatever_the_key_or_file_name():
+    """A manifest's layer name is the file's text: one with a newline or other control character is
+    shown escaped, so the error stays one line (found by tests/test_fuzz.py)."""
+    from svdq_format.errors import ManifestError
+
+    err = ManifestError("dir/\rm.safetensors", "a\nb", "missing field 'kind'\n")
+    assert str(err) == "dir/\\rm.safetensors: a\\nb: missing field 'kind'"
+    assert str(ManifestError("m.safetensors", "blocks.0.proj_out", "bad")) == "m.safetensors: blocks.0.proj_out: bad"

@@ -51,7 +51,7 @@ def check_target(target: str, *, weight_only: bool, w4a16_rank: int) -> None:
 
 def nunchaku_weight_only(name: str) -> bool:
     """Whether Nunchaku stores this module as an AWQ W4A16 modulation layer."""
-    from ..nunchaku_names import adanorm_splits
+    from ..nunchaku.names import adanorm_splits
 
     return adanorm_splits(name) > 1
 
@@ -70,7 +70,7 @@ def nunchaku_act_handling(
         Layer → its segments (one segment: the whole layer shifted; two: FLUX single-block
         ``proj_out``, attention half plain, MLP half shifted). Layers not listed are plain.
     """
-    from ..nunchaku_common import is_gelu_fc2
+    from ..nunchaku.common import is_gelu_fc2
 
     if precision != "int4":
         return {}
