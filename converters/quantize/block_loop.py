@@ -44,7 +44,7 @@ def _quantize_block(model: nn.Module, block: str, names: list[str], selection: S
         with placed_linears(model, names, place.device, stream=place.stream, source=source) as mods:
             for group in input_groups(names, selection.kinds, stats):
                 res = quantize_group(group, mods, selection.kinds, stats, opts, timer=timer,
-                                     **plan_kwargs(rank_plan, group))
+                                     act_handling=selection.act_handling, **plan_kwargs(rank_plan, group))
                 for name, (layer, info) in res.items():
                     done[name] = layer if release else layer.to(place.home)  # (release: written from the device)
                     infos.append(info)

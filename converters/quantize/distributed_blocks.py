@@ -152,7 +152,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 # (disk: only this rank's layers are read from the source shards)
                 with placed_linears(model, names, device, stream=place.stream, source=source) as mods:
                     res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt,
-                                         **plan_kwargs(rank_plan, names))
+                                         act_handling=selection.act_handling, **plan_kwargs(rank_plan, names))
                 packed = []
                 for name, (layer, info) in res.items():
                     spec_json, roles = pack_layer(layer)

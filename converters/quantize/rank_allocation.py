@@ -136,8 +136,10 @@ def measure_group(
     kinds: Mapping[str, str],
     stats: CalibrationStats,
     opts: QuantizeOptions,
+    act_handling: Mapping[str, Any] | None = None,
 ) -> tuple[SmoothingChoice, dict[str, LayerCurve]]:
-    """Search an input group's smoothing (at ``opts.rank``) and measure each member's error curve.
+    """Search an input group's smoothing (at ``opts.rank``; ``act_handling`` as for
+    :func:`~converters.quantize.layer.quantize_group`) and measure each member's error curve.
 
     Returns:
         ``(the group's smoothing choice, layer → curve)``; no curves without calibration rows.
@@ -150,7 +152,7 @@ def measure_group(
     act_quant = kinds[names[0]] == "w4a4"
     weights = [linears[n].weight.detach() for n in names]
     choice = search_group(names, linears, kinds, stats, opts,
-                          rank=min(min(opts.rank, *w.shape) for w in weights))
+                          rank=min(min(opts.rank, *w.shape) for w in weights), act_handling=act_handling)
     if not all(n in stats.layers for n in names):
         return choice, {}
     amax_x = torch.stack([stats.layers[n].absmax for n in names]).amax(dim=0).to(device)
@@ -264,6 +266,7 @@ def measure_blocks(
     place: Callable[[list[str]], AbstractContextManager[Mapping[str, nn.Linear]]],
     groups: Callable[[list[str]], list[list[str]]],
     progress: bool = False,
+    act_handling: Mapping[str, Any] | None = None,
 ) -> RankPlan:
     """The measuring pass over every block, then the allocation.
 
@@ -286,7 +289,7 @@ def measure_blocks(
             for group in groups(names):
                 if kinds[group[0]] != "w4a4":
                     continue
-                choice, got = measure_group(group, mods, kinds, stats, opts)
+                choice, got = measure_group(group, mods, kinds, stats, opts, act_handling)
                 for n in group:
                     searches[n] = choice
                     shapes[n] = (mods[n].out_features, mods[n].in_features)
@@ -331,6 +334,7 @@ def plan_ranks(
             return RankPlan.from_json(json.loads(path.read_text()))
         plan = measure_blocks(
             list(selection.blocks.items()), selection.kinds, stats, opts, progress=progress,
+            act_handling=selection.act_handling,
             place=lambda names: placed_linears(model, names, place.device, stream=place.stream, source=source),
             groups=lambda names: input_groups(names, selection.kinds, stats))
         if path is not None:
