@@ -152,6 +152,51 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), norm_num_groups=32,
         cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=80, transformer_layers_per_block=(1, 1))),
+    "anyflow": ("AnyFlowTransformer3DModel", dict({k: v for k, v in _WAN.items() if k != "qk_norm"})),
+    "bria-fibo": ("BriaFiboTransformer2DModel", dict(_FLUX, text_encoder_dim=32, axes_dims_rope=[0, 8, 8])),
+    "consisid": ("ConsisIDTransformer3DModel", dict(
+        num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=64,
+        text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=8, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8, cross_attn_interval=1, cross_attn_dim_head=32,
+        cross_attn_num_heads=2, LFE_id_dim=16, LFE_vit_dim=16, LFE_depth=1, LFE_dim_head=16, LFE_num_heads=2,
+        LFE_num_id_token=2, LFE_num_querie=4, LFE_output_dim=32, LFE_ff_mult=1, LFE_num_scale=1)),
+    # concat_padding_mask=False: the padding-mask concatenation resizes with torchvision, which this
+    # environment's torch cannot have beside it (the rest of the model is the same)
+    "cosmos": ("CosmosTransformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1, mlp_ratio=2.0,
+        text_embed_dim=32, adaln_lora_dim=16, max_size=(4, 16, 16), patch_size=(1, 2, 2), concat_padding_mask=False)),
+    "dreamlite": ("DreamLiteTransformer2DModel", dict(
+        num_attention_heads=2, attention_head_dim=32, in_channels=32, num_layers=1, norm_num_groups=32,
+        cross_attention_dim=32)),
+    "flux3": ("Flux3Transformer2DModel", dict(
+        in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=64, timestep_channels=64, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4))),
+    "glm-image": ("GlmImageTransformer2DModel", dict(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=4,
+        text_embed_dim=32, time_embed_dim=64, condition_dim=4, prior_vq_quantizer_codebook_size=32)),
+    "hunyuanimage": ("HunyuanImageTransformer2DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=(1, 1), text_embed_dim=32, rope_axes_dim=(16, 16))),
+    "joyimage-edit-plus": ("JoyImageEditPlusTransformer3DModel", dict(
+        patch_size=[1, 2, 2], in_channels=16, hidden_size=64, num_attention_heads=2, text_dim=32, num_layers=1,
+        rope_dim_list=[8, 12, 12], theta=256)),
+    "kandinsky5": ("Kandinsky5Transformer3DModel", dict(
+        in_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=32, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=64, ff_dim=128, num_text_blocks=1, num_visual_blocks=1, axes_dims=(8, 12, 12))),
+    "kandinsky6": ("Kandinsky6Transformer3DModel", dict(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=32, patch_size=(1, 2, 2),
+        model_dim=64, ff_dim=128, num_text_blocks=1, num_visual_blocks=1, axes_dims=(8, 12, 12), visual_cond=False)),
+    "minimax-music3": ("MiniMaxMusic3Transformer1DModel", dict(
+        in_channels=8, condition_dim=32, num_layers=1, num_attention_heads=2, attention_head_dim=32, ff_inner_dim=128,
+        rotary_dim=16, fourier_embedding_dim=16)),
+    "stable-audio": ("StableAudioDiTModel", dict(
+        sample_size=16, in_channels=8, num_layers=1, attention_head_dim=32, num_attention_heads=2,
+        num_key_value_attention_heads=1, out_channels=8, cross_attention_dim=64, time_proj_dim=16,
+        global_states_input_dim=32, cross_attention_input_dim=32)),
+    # the continuous-input spatial transformer of SD UNets (a patched one loads back as PixArt / DiT: diffusers remaps it)
+    "transformer2d": ("Transformer2DModel", dict(
+        num_attention_heads=2, attention_head_dim=32, in_channels=32, num_layers=1, norm_num_groups=32,
+        cross_attention_dim=32, use_linear_projection=True)),
 }
 
 #: Family → the diffusers LoRA loader its pipelines use (``diffusers.loaders.lora_pipeline``), for

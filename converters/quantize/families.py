@@ -90,6 +90,11 @@ TESTED_FAMILIES: frozenset[str] = frozenset({
     "QwenImageTransformer2DModel", "SD3Transformer2DModel", "SanaTransformer2DModel",
     "SanaVideoTransformer3DModel", "SkyReelsV2Transformer3DModel", "StableAudio3DiTModel",
     "UNet2DConditionModel", "WanTransformer3DModel", "WanVACETransformer3DModel", "ZImageTransformer2DModel",
+    "AnyFlowTransformer3DModel", "BriaFiboTransformer2DModel", "ConsisIDTransformer3DModel",
+    "CosmosTransformer3DModel", "DreamLiteTransformer2DModel", "Flux3Transformer2DModel",
+    "GlmImageTransformer2DModel", "HunyuanImageTransformer2DModel", "JoyImageEditPlusTransformer3DModel",
+    "Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel", "MiniMaxMusic3Transformer1DModel",
+    "StableAudioDiTModel", "Transformer2DModel",
     # transformers text encoders
     "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel",
 })
