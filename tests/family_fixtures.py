@@ -170,7 +170,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         cross_attention_dim=32)),
     "flux3": ("Flux3Transformer2DModel", dict(
         in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=64, timestep_channels=64, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4))),
+        num_attention_heads=4, joint_attention_dim=64, timestep_channels=64, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4))),
     "glm-image": ("GlmImageTransformer2DModel", dict(
         patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=4,
         text_embed_dim=32, time_embed_dim=64, condition_dim=4, prior_vq_quantizer_codebook_size=32)),
@@ -193,7 +194,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         sample_size=16, in_channels=8, num_layers=1, attention_head_dim=32, num_attention_heads=2,
         num_key_value_attention_heads=1, out_channels=8, cross_attention_dim=64, time_proj_dim=16,
         global_states_input_dim=32, cross_attention_input_dim=32)),
-    # the continuous-input spatial transformer of SD UNets (a patched one loads back as PixArt / DiT: diffusers remaps it)
+    # the continuous-input spatial transformer of SD UNets (a patched one loads back as PixArt / DiT:
+    # diffusers remaps it)
     "transformer2d": ("Transformer2DModel", dict(
         num_attention_heads=2, attention_head_dim=32, in_channels=32, num_layers=1, norm_num_groups=32,
         cross_attention_dim=32, use_linear_projection=True)),
