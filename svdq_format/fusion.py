@@ -317,11 +317,14 @@ def install(model: nn.Module) -> int:
     ``fuse_qkv_projections()`` calls them). Legacy ``Attention`` modules, and modules whose q/k/v
     are only partly SVDQ layers, get a ``fuse_projections`` that refuses with the reason
     (diffusers' own would fail on ``.weight``).
+    Modules that declare ``_supports_qkv_fusion = False`` (diffusers never fuses them) are left alone.
     Returns how many modules can fuse."""
     count = 0
     projections = {n for names in FUSIONS.values() for n in names}
     for module in model.modules():
         if not callable(getattr(module, "fuse_projections", None)):
+            continue
+        if getattr(module, "_supports_qkv_fusion", True) is False:
             continue
         if _plan(module) and not _is_legacy(module):
             setattr(module, "fuse_projections", types.MethodType(_fuse_method, module))  # noqa: B010

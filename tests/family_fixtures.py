@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["FAMILIES", "build", "LORA_LOADERS"]
+__all__ = ["CAPTURED", "FAMILIES", "LORA_LOADERS", "build", "family_samples", "output"]
 
 _WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
             text_dim=32, freq_dim=64, ffn_dim=128, num_layers=2, cross_attn_norm=True,
@@ -199,6 +200,72 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "transformer2d": ("Transformer2DModel", dict(
         num_attention_heads=2, attention_head_dim=32, in_channels=32, num_layers=1, norm_num_groups=32,
         cross_attention_dim=32, use_linear_projection=True)),
+    "krea2": ("Krea2Transformer2DModel", dict(
+        in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, timestep_embed_dim=32, text_hidden_dim=32, num_text_layers=2, text_num_attention_heads=2,
+        text_num_key_value_heads=2, text_intermediate_size=64, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 6, 6))),
+    # no synthetic inputs (each says why in one line): quantized from a calibration file of CAPTURED inputs
+    "ace-step": ("AceStepTransformer1DModel", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, in_channels=24, audio_acoustic_hidden_dim=8, patch_size=2, sliding_window=8)),
+    "bria-fibo2": ("BriaFibo2Transformer2DModel", dict(
+        in_channels=16, patch_size=2, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=32,
+        injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+        gist_min_text_len=4, gist_max_text_len=16, axes_dims=(8, 12, 12), axes_lens=(64, 32, 32))),
+    "prior": ("PriorTransformer", dict(
+        num_attention_heads=2, attention_head_dim=32, num_layers=1, embedding_dim=32, num_embeddings=8,
+        additional_embeddings=4)),
+    "qwenimage21": ("QwenImage21Transformer2DModel", dict(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=4,
+        context_in_dim=32, mlp_ratio=2, axes_dims_rope=(8, 4, 4))),
+    "sana-wm": ("SanaWMTransformer3DModel", dict(
+        in_channels=8, num_layers=2, hidden_size=64, num_attention_heads=2, linear_head_dim=32, softmax_every_n=2,
+        chunk_plucker_channels=8, chunk_plucker_post_attn_blocks=2, image_size=64, caption_channels=32,
+        mlp_ratio=2.0)),
+    "wan-animate": ("WanAnimateTransformer3DModel", dict(
+        {k: v for k, v in _WAN.items() if k != "in_channels"}, in_channels=12, latent_channels=4, image_dim=16,
+        motion_encoder_size=16, motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=32,
+        face_encoder_num_heads=2, inject_face_latents_blocks=1)),
+}
+
+
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def _t(gen: torch.Generator, scale: float = 1000.0) -> torch.Tensor:
+    return scale * torch.rand(1, generator=gen)
+
+
+#: Family → its forward inputs built as its pipeline builds them, for the families whose inputs no
+#: generic rule derives (the one-line reason is asserted by the tests): they are quantized from a
+#: calibration file of these (``svdq quantize --calibration FILE``), the path a user of such a
+#: model takes.
+CAPTURED: dict[str, Callable[[torch.Generator], dict[str, Any]]] = {
+    # the context latents ride along the audio latent's channels: [B, N, in_channels - acoustic]
+    "ace-step": lambda g: dict(hidden_states=_randn(g, 1, 16, 8), timestep=_t(g, 1.0), timestep_r=_t(g, 0.5),
+                               encoder_hidden_states=_randn(g, 1, 8, 64), context_latents=_randn(g, 1, 16, 16)),
+    # text states in bundles: [B, 1 + len(injection_layer_ids), T, D]
+    "bria-fibo2": lambda g: dict(hidden_states=_randn(g, 1, 16, 8, 8), timestep=_t(g, 1.0),
+                                 encoder_hidden_states=_randn(g, 1, 2, 8, 32)),
+    # an image embedding, not a latent: [B, embedding_dim]
+    "prior": lambda g: dict(hidden_states=_randn(g, 1, 32), timestep=_t(g), proj_embedding=_randn(g, 1, 32),
+                            encoder_hidden_states=_randn(g, 1, 8, 32),
+                            attention_mask=torch.ones(1, 8, dtype=torch.bool)),
+    # img_mask: the vision-language sequence, text positions then one slot per 2x2 latent tokens
+    "qwenimage21": lambda g: dict(
+        hidden_states=_randn(g, 1, 16, 16), encoder_hidden_states=_randn(g, 1, 8, 32), timestep=_t(g, 1.0),
+        img_shapes=[[(1, 4, 4)]], img_mask=torch.cat([torch.zeros(1, 8, dtype=torch.bool),
+                                                      torch.ones(1, 4, dtype=torch.bool)], 1)),
+    # a timestep per frame as [B, 1, F]; text states as [B, 1, T, D]
+    "sana-wm": lambda g: dict(hidden_states=_randn(g, 1, 8, 2, 8, 8), timestep=_t(g).expand(1, 1, 2).clone(),
+                              encoder_hidden_states=_randn(g, 1, 1, 8, 32), mask=torch.ones(1, 8)),
+    # pose latents one frame shorter than the latent; face crops in pixels at motion_encoder_size
+    "wan-animate": lambda g: dict(
+        hidden_states=_randn(g, 1, 12, 3, 8, 8), timestep=_t(g), encoder_hidden_states=_randn(g, 1, 8, 32),
+        encoder_hidden_states_image=_randn(g, 1, 4, 16), pose_hidden_states=_randn(g, 1, 4, 2, 8, 8),
+        face_pixel_values=_randn(g, 1, 3, 5, 16, 16)),
 }
 
 #: Family → the diffusers LoRA loader its pipelines use (``diffusers.loaders.lora_pipeline``), for
@@ -261,3 +328,21 @@ def _lora_loaders() -> dict[str, str]:
             for cls_name in re.findall(r"\b(\w+Model\w*|\w+Transformer\w*)\b", str(ann.annotation)):
                 found.setdefault(cls_name, mixins[0].__name__)
     return found
+
+
+def family_samples(family: str, model: nn.Module, n: int, *, seed: int, **synthetic: Any) -> list[dict[str, Any]]:
+    """``n`` forward inputs of ``family``'s tiny ``model``: :data:`CAPTURED`'s where the family has them,
+    else the quantizer's synthetic ones (``synthetic`` goes to ``synthetic_samples``)."""
+    if family in CAPTURED:
+        gen = torch.Generator().manual_seed(seed)
+        return [CAPTURED[family](gen) for _ in range(n)]
+    from converters.quantize.synthetic import synthetic_samples
+
+    return synthetic_samples(model, n, seed=seed, **synthetic)[1]
+
+
+def output(out: Any) -> torch.Tensor:
+    """The denoiser's prediction in a forward's return value (tuple, ``BaseOutput`` or a tensor; a
+    list of per-sample latents gives the first)."""
+    o = out if isinstance(out, torch.Tensor) else out[0]
+    return o[0] if isinstance(o, list) else o

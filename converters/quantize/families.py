@@ -94,7 +94,10 @@ TESTED_FAMILIES: frozenset[str] = frozenset({
     "CosmosTransformer3DModel", "DreamLiteTransformer2DModel", "Flux3Transformer2DModel",
     "GlmImageTransformer2DModel", "HunyuanImageTransformer2DModel", "JoyImageEditPlusTransformer3DModel",
     "Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel", "MiniMaxMusic3Transformer1DModel",
-    "StableAudioDiTModel", "Transformer2DModel",
+    "StableAudioDiTModel", "Transformer2DModel", "Krea2Transformer2DModel",
+    # (no synthetic inputs: tested from a calibration file)
+    "AceStepTransformer1DModel", "BriaFibo2Transformer2DModel", "PriorTransformer", "QwenImage21Transformer2DModel",
+    "SanaWMTransformer3DModel", "WanAnimateTransformer3DModel",
     # transformers text encoders
     "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel",
 })

@@ -345,7 +345,7 @@ def build_sample(model: nn.Module, plan: InputPlan, gen: torch.Generator) -> dic
     channels = _int(_first(cfg, _CHANNEL_KEYS))
     if channels is None:
         raise QuantizationError(f"{cls}: cannot synthesize calibration inputs: the config names no latent channels "
-                                f"({', '.join(_CHANNEL_KEYS)})")
+                                f"({', '.join(_CHANNEL_KEYS)}); capture real inputs (--calibration FILE or --prompts)")
     pt, _ = _patch(cfg)
     gh, gw = (h, w) if plan.layout in ("tokens", "sequence") else (h // p, w // p)  # token grid
     tokens = f * gh * gw
@@ -422,6 +422,9 @@ def _text_rule(name: str, dim: int, cfg: Mapping[str, Any], txt: int, plan: Inpu
                         and k.split("_")[0] in name), None)
         if stacked is not None:  # per-layer hidden states of an LLM encoder: [layers, B, T, D]
             return randn(len(stacked), 1, n, dim)
+        layers = _int(cfg.get("num_text_layers"))
+        if layers:  # text states tapped from several encoder layers, fused by the model: [B, T, layers, D]
+            return randn(1, n, layers, dim)
         if plan.layout == "list":
             return [randn(n, dim)]
         return randn(1, n, dim)
