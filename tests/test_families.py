@@ -126,7 +126,8 @@ def test_family_quantize_load_lora_fuse_save(family, tmp_path):
 
 def test_tested_families_list_is_what_the_tests_run():
     tested = {cls for cls, _ in FAMILIES.values()}
-    transformers_encoders = {"BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"}
+    transformers_encoders = {"BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "Gemma2Model",
+                             "Qwen2_5_VLForConditionalGeneration", "T5EncoderModel"}  # tests/test_text_encoders.py
     assert families.TESTED_FAMILIES == tested | transformers_encoders
 
 

@@ -99,7 +99,8 @@ TESTED_FAMILIES: frozenset[str] = frozenset({
     "AceStepTransformer1DModel", "BriaFibo2Transformer2DModel", "PriorTransformer", "QwenImage21Transformer2DModel",
     "SanaWMTransformer3DModel", "WanAnimateTransformer3DModel",
     # transformers text encoders
-    "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel",
+    "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "Gemma2Model", "Qwen2_5_VLForConditionalGeneration",
+    "T5EncoderModel",
 })
 
 
