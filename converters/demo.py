@@ -4,8 +4,9 @@
    on real sentences and quantized four ways: SVDQ int4, SVDQ nvfp4 (both rank 32, smoothing
    search), naive W4A4 (rank 0, no smoothing) and weight-only W4A16. Each checkpoint is written,
    reloaded from disk into a fresh model, and its sentence embeddings (mean pooling) on
-   held-out sentences are compared to fp32 by cosine similarity. With ``--text-encoders``, twice
-   more as a pipeline's text encoder (:mod:`converters.text_encoders`, W4A16 and W4A4):
+   held-out sentences are compared to fp32 by cosine similarity. With ``--text-encoders``, three
+   times more as a pipeline's text encoder (:mod:`converters.text_encoders`: W4A16, W4A4 and the
+   default ``auto``, W4A4 only for the layers where it measures as faithful):
    ``save_pretrained`` and transformers' own ``AutoModel.from_pretrained`` (off by default: it
    multiplies the demo's time, and README's first command runs the demo).
 2. The SVDQ int4 file is summarised (``svdq inspect``) and validated.
@@ -162,7 +163,7 @@ def _minilm_text_encoder(out: Path, base: Any, stats: Any, ref: Any, eval_batch:
     from .text_encoders import quantize_text_encoder
 
     rows: list[dict[str, Any]] = []
-    for mode in ("w4a16", "w4a4"):
+    for mode in ("w4a16", "w4a4", "auto"):
         t = time.perf_counter()
         model = copy.deepcopy(base).to(torch.bfloat16)
         result = quantize_text_encoder(model, stats, mode=mode, options=QuantizeOptions(rank=rank))
@@ -173,7 +174,8 @@ def _minilm_text_encoder(out: Path, base: Any, stats: Any, ref: Any, eval_batch:
         cos = (emb * ref).sum(-1)
         s = summarize(d / "model.safetensors")
         rows.append({
-            "variant": f"text encoder {mode.upper()}", "file": str(d), "cos_mean": float(cos.mean()),
+            "variant": f"text encoder {mode.upper() if mode != 'auto' else 'auto'}", "file": str(d),
+            "cos_mean": float(cos.mean()),
             "cos_min": float(cos.min()), "layer_error": result.report.summary().get("svdq"),
             "bits_per_param": s["bits_per_param"], "reload_identical": torch.equal(emb, _embed(model, eval_batch)),
             "seconds": time.perf_counter() - t,
@@ -303,6 +305,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=32, help="SVDQ low-rank rank (default 32)")
     p.add_argument("--no-flux", action="store_true", help="skip the tiny FLUX part")
     p.add_argument("--text-encoders", action="store_true",
-                   help="also quantize MiniLM as a pipeline text encoder (W4A16, W4A4), saved with save_pretrained "
-                        "and loaded by transformers' from_pretrained (several times slower)")
+                   help="also quantize MiniLM as a pipeline text encoder (W4A16, W4A4, auto), saved with "
+                        "save_pretrained and loaded by transformers' from_pretrained (several times slower)")
     p.set_defaults(func=_cmd_demo)

@@ -193,6 +193,23 @@ def test_a_family_that_cannot_work_says_why_in_one_line(toy, reason):
     assert "--calibration FILE" in text  # and what to do instead
 
 
+def test_a_model_whose_forward_needs_a_missing_package_says_which_in_one_line():
+    """Cosmos concatenates its padding mask after a torchvision resize, which diffusers imports only
+    when torchvision is installed (this environment's torch cannot have it beside it)."""
+    import importlib.util
+
+    from svdq_format.errors import QuantizationError
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed")
+    cls, kwargs = FAMILIES["cosmos"]
+    model = getattr(__import__("diffusers"), cls)(**{**kwargs, "concat_padding_mask": True})
+    with pytest.raises(QuantizationError) as info:
+        synthetic_samples(model, 1, image_tokens=16, text_tokens=8)
+    assert str(info.value) == ("CosmosTransformer3DModel: its forward needs torchvision, which is not installed "
+                               "(pip install torchvision)")
+
+
 def test_an_unknown_architecture_gets_defaults_and_one_warning():
     class Known(_Toy):
         def forward(self, hidden_states, timestep):

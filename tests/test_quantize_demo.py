@@ -24,7 +24,7 @@ def _demo(tmp_path, capsys, *args: str) -> tuple[str, dict[str, float]]:
     for line in out.splitlines():
         cells = re.split(r"\s{2,}", line.strip())
         for label in ("SVDQ int4", "SVDQ nvfp4", "naive W4A4", "W4A16 int4", "text encoder W4A16",
-                      "text encoder W4A4"):
+                      "text encoder W4A4", "text encoder auto"):
             if cells[0].startswith(label) and len(cells) >= 3:
                 rows[label] = float(cells[1])  # mean cosine similarity to fp32
     return out, rows
@@ -48,9 +48,10 @@ def test_svdq_demo_end_to_end(tmp_path, capsys):
 @pytest.mark.slow
 def test_svdq_demo_text_encoder_rows(tmp_path, capsys):
     out, rows = _demo(tmp_path, capsys, "--text-encoders", "--no-flux")
-    assert {"text encoder W4A16", "text encoder W4A4"} <= set(rows), out
-    # the text-encoder path (save_pretrained, transformers' from_pretrained): both close to fp32, above
+    assert {"text encoder W4A16", "text encoder W4A4", "text encoder auto"} <= set(rows), out
+    # the text-encoder path (save_pretrained, transformers' from_pretrained): all close to fp32, above
     # the plain weight-only baseline (the text-encoder W4A16 searches its clipping)
-    assert min(rows["text encoder W4A4"], rows["text encoder W4A16"]) > max(rows["W4A16 int4"], 0.97)
-    for mode in ("w4a16", "w4a4"):
+    te = [rows[f"text encoder {m}"] for m in ("W4A16", "W4A4", "auto")]
+    assert min(te) > max(rows["W4A16 int4"], 0.97)
+    for mode in ("w4a16", "w4a4", "auto"):
         validate(tmp_path / "demo" / f"minilm-text-encoder-{mode}")

@@ -248,6 +248,12 @@ def plan_inputs(model: nn.Module, *, image_tokens: int = 256, text_tokens: int =
         sample = build_sample(model, plan, torch.Generator().manual_seed(0))
         try:
             _probe(model, sample)
+        except NameError as exc:  # a name its module imports only when an optional package is installed
+            missing = _missing_package(model, exc)
+            if missing is None:
+                raise
+            raise QuantizationError(f"{cls}: its forward needs {missing}, which is not installed "
+                                    f"(pip install {missing})") from None
         except Exception as exc:
             if plan.masks and not plan.frame_timesteps and len(errors) < len(layouts):  # (the first size's)
                 errors.append(f"{plan.layout}: {_one_line(exc)}")
@@ -256,6 +262,24 @@ def plan_inputs(model: nn.Module, *, image_tokens: int = 256, text_tokens: int =
     raise QuantizationError(
         f"{cls}: cannot synthesize calibration inputs: no latent layout fits its forward "
         f"({'; '.join(errors)[:300]}); capture real inputs (--calibration FILE or --prompts)")
+
+
+def _missing_package(model: nn.Module, exc: NameError) -> str | None:
+    """The package whose guarded import would have defined the name ``exc`` reports missing in the
+    model's module (diffusers' ``if is_torchvision_available(): from torchvision import transforms``)."""
+    import sys
+
+    name = getattr(exc, "name", None)
+    module = sys.modules.get(type(model).__module__)
+    if not name or module is None or hasattr(module, name):
+        return None
+    try:
+        src = inspect.getsource(module)
+    except (OSError, TypeError):
+        return None
+    found = (re.search(rf"^\s*from\s+([\w]+)[\w.]*\s+import\s+[^\n]*\b{re.escape(name)}\b", src, re.M)
+             or re.search(rf"^\s*import\s+([\w]+)[\w.]*\s+as\s+{re.escape(name)}\b", src, re.M))
+    return found.group(1) if found else None
 
 
 def _one_line(exc: BaseException) -> str:
