@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CAPTURED", "FAMILIES", "LORA_LOADERS", "build", "family_samples", "output"]
+__all__ = ["CAPTURED", "FAMILIES", "LORA_LOADERS", "NOTES", "build", "family_samples", "output"]
 
 _WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
             text_dim=32, freq_dim=64, ffn_dim=128, num_layers=2, cross_attn_norm=True,
@@ -266,6 +266,13 @@ CAPTURED: dict[str, Callable[[torch.Generator], dict[str, Any]]] = {
         hidden_states=_randn(g, 1, 12, 3, 8, 8), timestep=_t(g), encoder_hidden_states=_randn(g, 1, 8, 32),
         encoder_hidden_states_image=_randn(g, 1, 4, 16), pose_hidden_states=_randn(g, 1, 4, 2, 8, 8),
         face_pixel_values=_randn(g, 1, 3, 5, 16, 16)),
+}
+
+#: Family → what its tiny config leaves out and why (the docs table shows it).
+NOTES: dict[str, str] = {
+    "cosmos": "concat_padding_mask off: it resizes with torchvision, not installable beside this torch; "
+              "without torchvision, quantizing says so in one line",
+    "transformer2d": "continuous input as inside SD UNets; a patched config loads back as PixArt / DiT",
 }
 
 #: Family → the diffusers LoRA loader its pipelines use (``diffusers.loaders.lora_pipeline``), for
