@@ -13,9 +13,9 @@ LTX), an image ``[B, C, H, W]`` (SD3, PixArt, Lumina), a video ``[B, C, F, H, W]
 HunyuanVideo, Mochi), frames first ``[B, F, C, H, W]`` (CogVideoX), a channels-first sequence
 ``[B, C, N]`` (audio), a list of per-sample latents (Z-Image, whose forward annotates a list),
 channels last ``[B, F, H, W, C]`` (Kandinsky 5) or patches not yet embedded ``[B, N, C, pt, ph, pw]``
-(JoyImage-Edit+). It is found by trying them in that order on a forward that stops once it has
-been through the first block of every repeated-block list (before the first block, when that
-block is still on the meta device): the first layout the model accepts is used; when none fits at
+(JoyImage-Edit+). It is found by trying them in that order on the model's whole forward (up to
+the first repeated block, when the blocks are still on the meta device): the first layout the
+model accepts is used; when none fits at
 the requested size, half and a quarter of it are tried (position tables shorter than the request).
 Text masks are all ones; optional ones are left out only when the model fails with them; one
 timestep per latent frame (``[B, F]``) is tried when one per sample fails (flow-map and
@@ -23,17 +23,14 @@ diffusion-forcing video models).
 
 Beyond the names above, generic rules by name and config: token ids (``input_ids``,
 ``*_token_id``) below the config's ``*vocab_size`` / ``*codebook_size``; ``position_ids`` (text
-then the latent grid, one column per rotary axis); ``*_rope_pos`` (per-axis positions); per-block
-text states (``text_encoder_layers``: one tensor per repeated block); an argument named like a
-config entry takes the config's value; a required argument the forward fills in itself (its source
-tests ``if name is None``) is passed as ``None``.
-
-Timesteps are drawn in ``[0, 1]`` when the model scales them itself (its forward multiplies by
-1000, a ``t_scale``-like config entry, a ``Timesteps`` module with ``scale``), else in
-``[0, 1000)``.
-
-A required argument no rule knows, or a model no layout fits, raises
-:class:`~svdq_format.errors.QuantizationError` with one line saying which and why.
+then the latent grid, one column per rotary axis); the latent's frame indices
+(``indices_latents``); ``*_rope_pos`` (per-axis positions); per-block text states
+(``text_encoder_layers``: one tensor per repeated block); text states tapped from several encoder
+layers (``num_text_layers``: ``[B, T, layers, D]``); an argument named like a config entry takes
+the config's value; a required argument the forward fills in itself (its source tests
+``if name is None``) is passed as ``None``. A forward that fails on a name its module imports only
+when an optional package is installed (diffusers' ``is_torchvision_available()`` guards) is
+refused naming the package.
 """
 
 from __future__ import annotations
@@ -288,30 +285,19 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _probe(model: nn.Module, sample: Mapping[str, Any]) -> None:
-    """Run ``model(**sample)`` until it has been through the first block of every repeated-block list
-    it enters (a model may run its text blocks before its latent ones); up to the first block when
-    that block's weights are on the meta device (``--offload disk``); the whole forward when it has
-    no blocks or skips a list."""
+    """Run ``model(**sample)``: the whole forward (an input that only fails after the blocks, e.g. in
+    the output stage, must not pass), or up to the first repeated block when the blocks' weights are
+    on the meta device (``--offload disk``)."""
     from .families import block_lists
 
     firsts = [m[0] for _, m in block_lists(model)]
-    waiting = set(range(len(firsts)))
 
     def stop(*_args: Any) -> None:
         raise _Reached
 
-    def reached(i: int) -> Callable[..., None]:
-        def hook(*_args: Any) -> None:
-            waiting.discard(i)
-            if not waiting:
-                raise _Reached
-        return hook
-
-    handles = []
+    handle = None
     if any(p.is_meta for b in firsts for p in b.parameters()):
-        handles.append(firsts[0].register_forward_pre_hook(stop))
-    else:
-        handles = [b.register_forward_hook(reached(i)) for i, b in enumerate(firsts)]
+        handle = firsts[0].register_forward_pre_hook(stop)
     device = _device(model)
     try:
         with torch.no_grad():
@@ -319,7 +305,7 @@ def _probe(model: nn.Module, sample: Mapping[str, Any]) -> None:
     except _Reached:
         pass
     finally:
-        for handle in handles:
+        if handle is not None:
             handle.remove()
 
 
@@ -532,6 +518,8 @@ def _rule(name: str, cfg: Mapping[str, Any], model: nn.Module, plan: InputPlan, 
             return None
         n = txt if name == "input_ids" else tokens
         return lambda: torch.randint(0, vocab, (1, n), generator=gen)
+    if required and re.match(r"^(indices_latents|frame_indices)$", name):  # the latent's frame indices
+        return lambda: torch.arange(f)
     if name.endswith("_drop"):  # a per-sample drop flag: nothing dropped
         return lambda: torch.zeros(1, dtype=torch.bool)
     if name.endswith("_layers") and ("text" in name or "encoder" in name):  # per-block text states
