@@ -526,6 +526,33 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+
+def test_cli_convert_of_a_file_without_config_asks_for_config_option(tmp_path, capsys):
+    """The header-less case gives CLI advice at the CLI (--config), and --config makes it work."""
+    from svdq_format.cli import main
+
+    src = tmp_path / "src.safetensors"
+    build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.bfloat16)
+    with safe_open(str(src), "pt") as h:
+        meta = h.metadata()
+    config = json.loads(meta.pop("config"))
+    st_save(_all_tensors(src), str(tmp_path / "bare.safetensors"), metadata=meta)
+    assert main(["convert", "--from", "nunchaku", str(tmp_path / "bare.safetensors"), str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"error: {tmp_path / 'bare.safetensors'}: config: no diffusers config in the header: give the "
+                   "model's config with --config (its config.json, or the folder holding it)")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+    assert main(["convert", "--from", "nunchaku", str(tmp_path / "bare.safetensors"), str(tmp_path / "o"),
+                 "--config", str(tmp_path / "transformer")]) == 0
+    assert main(["convert", "--from", "nunchaku", str(src), str(tmp_path / "ref")]) == 0
+    got, ref = _all_tensors(tmp_path / "o" / WEIGHTS_NAME), _all_tensors(tmp_path / "ref" / WEIGHTS_NAME)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert main(["convert", "--from", "nunchaku", str(src), str(tmp_path / "x"), "--config", "nope.json"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "error: nope.json: no such file (--config: the model's config.json)"
+
+
 def test_dialect_detection_and_names():
     from converters.nunchaku_names import detect_dialect, from_native, to_native
 
