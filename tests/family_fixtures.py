@@ -205,6 +205,14 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         intermediate_size=128, timestep_embed_dim=32, text_hidden_dim=32, num_text_layers=2, text_num_attention_heads=2,
         text_num_key_value_heads=2, text_intermediate_size=64, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
         axes_dims_rope=(4, 6, 6))),
+    # the frame-autoregressive AnyFlow: its training-rollout forward (no KV cache) over two one-frame chunks
+    "anyflow-far": ("AnyFlowFARTransformer3DModel", dict(
+        {k: v for k, v in _WAN.items() if k not in ("qk_norm", "cross_attn_norm")}, compressed_patch_size=(1, 4, 4),
+        full_chunk_limit=1, chunk_partition=(1, 1))),
+    # the temporal transformer of AnimateDiff's motion modules (frames of one position attend to each other)
+    "transformer-temporal": ("TransformerTemporalModel", dict(
+        num_attention_heads=2, attention_head_dim=32, in_channels=64, num_layers=1, norm_num_groups=32,
+        double_self_attention=True, positional_embeddings="sinusoidal", num_positional_embeddings=32)),
     # no synthetic inputs (each says why in one line): quantized from a calibration file of CAPTURED inputs
     "ace-step": ("AceStepTransformer1DModel", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -227,6 +235,30 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         {k: v for k, v in _WAN.items() if k != "in_channels"}, in_channels=12, latent_channels=4, image_dim=16,
         motion_encoder_size=16, motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=32,
         face_encoder_num_heads=2, inject_face_latents_blocks=1)),
+    "hunyuanvideo-framepack": ("HunyuanVideoFramepackTransformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16,
+        rope_axes_dim=(8, 12, 12), has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True)),
+    "ideogram4": ("Ideogram4Transformer2DModel", dict(
+        in_channels=16, num_layers=1, attention_head_dim=32, num_attention_heads=2, intermediate_size=128, adaln_dim=32,
+        llm_features_dim=32, rope_theta=10000, mrope_section=(8, 4, 4))),
+    "kandinsky6-sr": ("Kandinsky6SRTransformer3DModel", dict(
+        in_visual_dim=4, out_visual_dim=4, time_dim=32, patch_size=(1, 2, 2), model_dim=64, ff_dim=128,
+        num_visual_blocks=1, axes_dims=(8, 12, 12))),
+    "lumina-next": ("LuminaNextDiT2DModel", dict(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_heads=2,
+        multiple_of=64, cross_attention_dim=32)),
+    "omnigen": ("OmniGenTransformer2DModel", dict(
+        in_channels=4, patch_size=2, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=128, num_layers=1, pad_token_id=0, vocab_size=64, max_position_embeddings=256,
+        original_max_position_embeddings=64, pos_embed_max_size=16, time_step_dim=32,
+        rope_scaling={"short_factor": [1.0] * 16, "long_factor": [1.0] * 16})),
+    "sana-wm-refiner": ("SanaWMLTX2RefinerTransformer3DModel", dict(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
+        audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=32,
+        audio_cross_attention_dim=64, num_layers=1, caption_channels=32, rope_double_precision=False)),
+    "t5-film": ("T5FilmDecoder", dict(
+        input_dims=8, targets_length=16, d_model=64, num_layers=1, num_heads=2, d_kv=32, d_ff=128, dropout_rate=0.0)),
 }
 
 
@@ -242,31 +274,88 @@ def _t(gen: torch.Generator, scale: float = 1000.0) -> torch.Tensor:
 #: generic rule derives (the one-line reason is asserted by the tests): they are quantized from a
 #: calibration file of these (``svdq quantize --calibration FILE``), the path a user of such a
 #: model takes.
-CAPTURED: dict[str, Callable[[torch.Generator], dict[str, Any]]] = {
+CAPTURED: dict[str, Callable[[torch.Generator, nn.Module], dict[str, Any]]] = {
     # the context latents ride along the audio latent's channels: [B, N, in_channels - acoustic]
-    "ace-step": lambda g: dict(hidden_states=_randn(g, 1, 16, 8), timestep=_t(g, 1.0), timestep_r=_t(g, 0.5),
+    "ace-step": lambda g, m: dict(hidden_states=_randn(g, 1, 16, 8), timestep=_t(g, 1.0), timestep_r=_t(g, 0.5),
                                encoder_hidden_states=_randn(g, 1, 8, 64), context_latents=_randn(g, 1, 16, 16)),
     # text states in bundles: [B, 1 + len(injection_layer_ids), T, D]
-    "bria-fibo2": lambda g: dict(hidden_states=_randn(g, 1, 16, 8, 8), timestep=_t(g, 1.0),
+    "bria-fibo2": lambda g, m: dict(hidden_states=_randn(g, 1, 16, 8, 8), timestep=_t(g, 1.0),
                                  encoder_hidden_states=_randn(g, 1, 2, 8, 32)),
     # an image embedding, not a latent: [B, embedding_dim]
-    "prior": lambda g: dict(hidden_states=_randn(g, 1, 32), timestep=_t(g), proj_embedding=_randn(g, 1, 32),
+    "prior": lambda g, m: dict(hidden_states=_randn(g, 1, 32), timestep=_t(g), proj_embedding=_randn(g, 1, 32),
                             encoder_hidden_states=_randn(g, 1, 8, 32),
                             attention_mask=torch.ones(1, 8, dtype=torch.bool)),
     # img_mask: the vision-language sequence, text positions then one slot per 2x2 latent tokens
-    "qwenimage21": lambda g: dict(
+    "qwenimage21": lambda g, m: dict(
         hidden_states=_randn(g, 1, 16, 16), encoder_hidden_states=_randn(g, 1, 8, 32), timestep=_t(g, 1.0),
         img_shapes=[[(1, 4, 4)]], img_mask=torch.cat([torch.zeros(1, 8, dtype=torch.bool),
                                                       torch.ones(1, 4, dtype=torch.bool)], 1)),
     # a timestep per frame as [B, 1, F]; text states as [B, 1, T, D]
-    "sana-wm": lambda g: dict(hidden_states=_randn(g, 1, 8, 2, 8, 8), timestep=_t(g).expand(1, 1, 2).clone(),
+    "sana-wm": lambda g, m: dict(hidden_states=_randn(g, 1, 8, 2, 8, 8), timestep=_t(g).expand(1, 1, 2).clone(),
                               encoder_hidden_states=_randn(g, 1, 1, 8, 32), mask=torch.ones(1, 8)),
     # pose latents one frame shorter than the latent; face crops in pixels at motion_encoder_size
-    "wan-animate": lambda g: dict(
+    "wan-animate": lambda g, m: dict(
         hidden_states=_randn(g, 1, 12, 3, 8, 8), timestep=_t(g), encoder_hidden_states=_randn(g, 1, 8, 32),
         encoder_hidden_states_image=_randn(g, 1, 4, 16), pose_hidden_states=_randn(g, 1, 4, 2, 8, 8),
         face_pixel_values=_randn(g, 1, 3, 5, 16, 16)),
+    # the pipeline always passes the clean and 2x / 4x history latents with their frame indices (the
+    # forward reads their rotary tables unconditionally)
+    "hunyuanvideo-framepack": lambda g, m: dict(
+        hidden_states=_randn(g, 1, 4, 2, 8, 8), timestep=_t(g), encoder_hidden_states=_randn(g, 1, 8, 32),
+        encoder_attention_mask=torch.ones(1, 8, dtype=torch.bool), pooled_projections=_randn(g, 1, 16),
+        image_embeds=_randn(g, 1, 4, 16), guidance=_t(g, 10_000.0), indices_latents=torch.arange(8, 10),
+        latents_clean=_randn(g, 1, 4, 2, 8, 8), indices_latents_clean=torch.tensor([0, 7]),
+        latents_history_2x=_randn(g, 1, 4, 2, 8, 8), indices_latents_history_2x=torch.arange(5, 7),
+        latents_history_4x=_randn(g, 1, 4, 4, 8, 8), indices_latents_history_4x=torch.arange(1, 5)),
+    # the packed [left-pad][text][image] sequence, ids from the pipeline's own helper
+    "ideogram4": lambda g, m: _ideogram4(g),
+    # channels last: the noisy latent, the anchor latent and its mask ([B, F, H, W, 2C + 1]); the token
+    # grid a multiple of 8 (NABLA blocks)
+    "kandinsky6-sr": lambda g, m: dict(hidden_states=_randn(g, 1, 1, 16, 16, 9), timestep=_t(g)),
+    # 2-D rotary table from the pipeline's helper; timestep in [0, 1]
+    "lumina-next": lambda g, m: dict(
+        hidden_states=_randn(g, 1, 4, 8, 8), timestep=_t(g, 1.0), encoder_hidden_states=_randn(g, 1, 8, 32),
+        encoder_mask=torch.ones(1, 8, dtype=torch.bool), image_rotary_emb=_lumina_rope(), cross_attention_kwargs={}),
+    # text-to-image: token ids, no input images; causal text / bidirectional image mask from the pipeline's collator
+    "omnigen": lambda g, m: _omnigen(g),
+    # token latents with a timestep per token; the RoPE of the window's absolute frames from the model's helper
+    "sana-wm-refiner": lambda g, m: dict(
+        hidden_states=_randn(g, 1, 32, 8), encoder_hidden_states=_randn(g, 1, 8, 32),
+        timestep=_t(g, 1.0).expand(1, 32).clone(), encoder_attention_mask=torch.ones(1, 8),
+        video_rotary_emb=m.build_rotary_emb_for_absolute_positions(
+            batch_size=1, frame_positions=[0, 1], height=4, width=4, device=torch.device("cpu"), fps=24.0)),
+    # a spectrogram decoder: no latent argument (decoder_input_tokens), the encoders' outputs as (states, mask)
+    "t5-film": lambda g, m: dict(
+        encodings_and_masks=[(_randn(g, 1, 8, 64), torch.ones(1, 8, dtype=torch.bool))],
+        decoder_input_tokens=_randn(g, 1, 16, 8), decoder_noise_time=_t(g, 1.0)),
 }
+
+
+def _ideogram4(g: torch.Generator) -> dict[str, Any]:
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import Ideogram4Pipeline
+
+    position_ids, segment_ids, indicator = Ideogram4Pipeline._prepare_ids([6], 4, 4, 8, torch.device("cpu"))
+    latent = torch.cat([torch.zeros(1, 8, 16), _randn(g, 1, 16, 16)], 1)  # text slots zero, then the image
+    return dict(hidden_states=latent, timestep=_t(g, 1.0), encoder_hidden_states=_randn(g, 1, 24, 32),
+                position_ids=position_ids, segment_ids=segment_ids, indicator=indicator)
+
+
+def _lumina_rope() -> torch.Tensor:
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    return get_2d_rotary_pos_embed_lumina(16, 32, 32)  # head_dim 16
+
+
+def _omnigen(g: torch.Generator) -> dict[str, Any]:
+    from diffusers.pipelines.omnigen.processor_omnigen import OmniGenCollator
+
+    text_mask = torch.ones(1, 6, dtype=torch.long)
+    collator = OmniGenCollator(pad_token_id=0, hidden_size=64)
+    mask, _ = collator.create_mask(text_mask, [16])
+    return dict(hidden_states=_randn(g, 1, 4, 8, 8), timestep=_t(g, 1.0),
+                input_ids=torch.randint(0, 64, (1, 6), generator=g), input_img_latents=[], input_image_sizes={},
+                attention_mask=mask, position_ids=collator.create_position(text_mask, [16]))
+
 
 #: Family → what its tiny config leaves out and why (the docs table shows it).
 NOTES: dict[str, str] = {
@@ -342,7 +431,7 @@ def family_samples(family: str, model: nn.Module, n: int, *, seed: int, **synthe
     else the quantizer's synthetic ones (``synthetic`` goes to ``synthetic_samples``)."""
     if family in CAPTURED:
         gen = torch.Generator().manual_seed(seed)
-        return [CAPTURED[family](gen) for _ in range(n)]
+        return [CAPTURED[family](gen, model) for _ in range(n)]
     from converters.quantize.synthetic import synthetic_samples
 
     return synthetic_samples(model, n, seed=seed, **synthetic)[1]

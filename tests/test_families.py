@@ -21,7 +21,18 @@ from svdq_format.model import svdq_modules
 from tests.family_fixtures import CAPTURED, FAMILIES, build, family_samples, lora_loader, output
 
 pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning"),
+              # torch's, for AnyFlow-FAR's causal mask on CPU (eager flex attention)
+              pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
+
+#: The families of the default run: FLUX (its LoRA loader, q/k/v fusion), SDXL's UNet, a video model (Wan)
+#: and one quantized from a calibration file (HunyuanVideo-Framepack, whose forward fails on synthetic
+#: inputs with an UnboundLocalError: the one-line reason). Every family runs with ``-m slow`` (or ``--soak``).
+DEFAULT_RUN = frozenset({"flux", "sdxl-unet", "wan", "hunyuanvideo-framepack"})
+
+
+def _sweep() -> list:
+    return [f if f in DEFAULT_RUN else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES)]
 
 #: Fast quantizer settings: the plumbing is under test here (benchmarks/families.py measures fidelity).
 FAST = ["--rank", "8", "--num-samples", "2", "--alphas", "0.5", "--activation-alphas", "", "--no-clip-search",
@@ -54,7 +65,7 @@ def _lora_layers(model: nn.Module, *, rank: int = 4) -> tuple[dict[str, torch.Te
     return layers, len(chosen)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", _sweep())
 def test_family_quantize_load_lora_fuse_save(family, tmp_path):
     import diffusers
 
@@ -234,7 +245,7 @@ def test_an_unknown_architecture_gets_defaults_and_one_warning():
                                                                     for n in ("attn.to_q", "attn.to_out", "ff")}
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", _sweep())
 def test_layer_roles_match_the_data_flow(family):
     """The structural roles agree with what the layers see: a modulation linear (W4A16 by AdaLN)
     reads one or two conditioning rows per sample, a W4A4 linear reads the tokens (16 or more)."""
@@ -245,7 +256,9 @@ def test_layer_roles_match_the_data_flow(family):
     samples = family_samples(family, model, 1, seed=0, image_tokens=16, text_tokens=8)
     roles = linear_roles(model)
     quantized = {n: r for n, r in roles.items() if r.kind != "keep"}
-    stats = collect_stats(model, {n: model.get_submodule(n) for n in quantized}, samples, max_rows=8)
+    with warnings.catch_warnings():  # (a branch the sample does not take is skipped below)
+        warnings.filterwarnings("ignore", ".*selected layers never ran during calibration", UserWarning)
+        stats = collect_stats(model, {n: model.get_submodule(n) for n in quantized}, samples, max_rows=8)
     for name, role in quantized.items():
         if name not in stats.layers:  # (a branch the sample does not take)
             continue

@@ -245,13 +245,14 @@ def plan_inputs(model: nn.Module, *, image_tokens: int = 256, text_tokens: int =
         sample = build_sample(model, plan, torch.Generator().manual_seed(0))
         try:
             _probe(model, sample)
-        except NameError as exc:  # a name its module imports only when an optional package is installed
-            missing = _missing_package(model, exc)
-            if missing is None:
-                raise
-            raise QuantizationError(f"{cls}: its forward needs {missing}, which is not installed "
-                                    f"(pip install {missing})") from None
         except Exception as exc:
+            # a name its module imports only when an optional package is installed (not a local
+            # variable the forward leaves unset for these inputs: UnboundLocalError is a NameError too)
+            missing = None if isinstance(exc, UnboundLocalError) or not isinstance(exc, NameError) \
+                else _missing_package(model, exc)
+            if missing is not None:
+                raise QuantizationError(f"{cls}: its forward needs {missing}, which is not installed "
+                                        f"(pip install {missing})") from None
             if plan.masks and not plan.frame_timesteps and len(errors) < len(layouts):  # (the first size's)
                 errors.append(f"{plan.layout}: {_one_line(exc)}")
             continue
