@@ -257,6 +257,15 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
         audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=32,
         audio_cross_attention_dim=64, num_layers=1, caption_channels=32, rope_double_precision=False)),
+    "minimax-h3": ("MiniMaxH3Transformer3DModel", dict(
+        num_attention_heads=2, attention_head_dim=32, hidden_size=64, num_layers=1, num_refiner_layers=1, ffn_dim=128,
+        in_channels=4, audio_in_channels=8, text_dim=32, freq_dim=32, time_embed_hidden_dim=64, time_embed_dim=32,
+        rope_freq_dim=4)),
+    # not a denoiser: the autoregressive RVQ depth decoder whose hidden states condition MiniMax-Music3's
+    # flow-matching transformer (quantized the same way)
+    "minimax-music3-depth": ("MiniMaxMusic3RVQDepthDecoder", dict(
+        hidden_size=64, num_layers=1, num_attention_heads=2, intermediate_size=128, audio_vocab_size=32,
+        num_codebooks=4, max_position_embeddings=8)),
     "t5-film": ("T5FilmDecoder", dict(
         input_dims=8, targets_length=16, d_model=64, num_layers=1, num_heads=2, d_kv=32, d_ff=128, dropout_rate=0.0)),
 }
@@ -324,6 +333,10 @@ CAPTURED: dict[str, Callable[[torch.Generator, nn.Module], dict[str, Any]]] = {
         timestep=_t(g, 1.0).expand(1, 32).clone(), encoder_attention_mask=torch.ones(1, 8),
         video_rotary_emb=m.build_rotary_emb_for_absolute_positions(
             batch_size=1, frame_positions=[0, 1], height=4, width=4, device=torch.device("cpu"), fps=24.0)),
+    # one packed sequence of text, video and audio rows; per row its modality, timestep index and (t, h, w)
+    "minimax-h3": lambda g, m: _minimax_h3(g),
+    # the global language model's hidden state then the frame's code embeddings: [B, steps, hidden]
+    "minimax-music3-depth": lambda g, m: dict(inputs_embeds=_randn(g, 1, 4, 64)),
     # a spectrogram decoder: no latent argument (decoder_input_tokens), the encoders' outputs as (states, mask)
     "t5-film": lambda g, m: dict(
         encodings_and_masks=[(_randn(g, 1, 8, 64), torch.ones(1, 8, dtype=torch.bool))],
@@ -338,6 +351,20 @@ def _ideogram4(g: torch.Generator) -> dict[str, Any]:
     latent = torch.cat([torch.zeros(1, 8, 16), _randn(g, 1, 16, 16)], 1)  # text slots zero, then the image
     return dict(hidden_states=latent, timestep=_t(g, 1.0), encoder_hidden_states=_randn(g, 1, 24, 32),
                 position_ids=position_ids, segment_ids=segment_ids, indicator=indicator)
+
+
+def _minimax_h3(g: torch.Generator) -> dict[str, Any]:
+    txt, vid, aud = 8, 16, 8  # text rows, then a 4 x 4 video latent (patched), then audio rows
+    tags = torch.cat([torch.ones(txt), torch.zeros(vid), torch.full((aud,), 2)]).long()  # 0 video, 1 text, 2 audio
+    pos = torch.zeros(txt + vid + aud, 3, dtype=torch.long)
+    grid = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    pos[txt:txt + vid, 1:] = torch.stack(grid, -1).reshape(-1, 2)
+    pos[txt + vid:, 0] = torch.arange(aud)
+    return dict(hidden_states=_randn(g, 1, vid, 16), audio_hidden_states=_randn(g, 1, aud, 8),
+                encoder_hidden_states=_randn(g, 1, txt, 32), timestep=torch.rand(2, generator=g),
+                timestep_indices=(tags == 2).long(), token_tags=tags, position_ids=pos,
+                video_indices=torch.arange(txt, txt + vid), audio_indices=torch.arange(txt + vid, txt + vid + aud),
+                text_indices=torch.arange(txt))
 
 
 def _lumina_rope() -> torch.Tensor:

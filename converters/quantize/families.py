@@ -100,7 +100,8 @@ TESTED_FAMILIES: frozenset[str] = frozenset({
     "AceStepTransformer1DModel", "BriaFibo2Transformer2DModel", "PriorTransformer", "QwenImage21Transformer2DModel",
     "SanaWMTransformer3DModel", "WanAnimateTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
     "Ideogram4Transformer2DModel", "Kandinsky6SRTransformer3DModel", "LuminaNextDiT2DModel",
-    "OmniGenTransformer2DModel", "SanaWMLTX2RefinerTransformer3DModel", "T5FilmDecoder",
+    "OmniGenTransformer2DModel", "SanaWMLTX2RefinerTransformer3DModel", "T5FilmDecoder", "MiniMaxH3Transformer3DModel",
+    "MiniMaxMusic3RVQDepthDecoder",
     # transformers text encoders
     "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "Gemma2Model", "Qwen2_5_VLForConditionalGeneration",
     "T5EncoderModel",
