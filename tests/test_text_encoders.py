@@ -246,3 +246,45 @@ def test_whole_pipeline_transformer_and_text_encoders_quantized_in_one_run(tmp_p
     assert svdq_main(["quantize", str(tmp_path / "dense" / "transformer"), str(tmp_path / "o"), "--components",
                       "all"]) == 1
     assert "--components needs a pipeline directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_meta_device_memory_accounting_is_what_save_and_load_give(mode, tmp_path):
+    """benchmarks/text_encoders.py reports FLUX's T5-XXL bytes on disk and loaded from a meta-device model
+    (no memory spent): the same accounting of a tiny T5 equals what the quantizer, ``save_pretrained`` and
+    transformers' ``from_pretrained`` really give."""
+    import importlib.util
+    import struct
+
+    from transformers import T5Config, T5EncoderModel
+
+    from converters.quantize import QuantizeOptions
+
+    spec = importlib.util.spec_from_file_location("bench_text_encoders",
+                                                  Path(__file__).resolve().parents[1] / "benchmarks/text_encoders.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = dict(bench.T5_XXL, vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    meta, counts = bench.quantized(mode, 8, cfg)
+    est = bench.sizes(meta, quantized=True)
+
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(**cfg)).to(torch.bfloat16).eval()
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        calib = text_encoder_calibration(model, None, num_samples=2, max_length=8)
+    quantize_text_encoder(model, calib, mode=mode, options=QuantizeOptions(rank=8))
+    assert {n: m.spec for n, m in svdq_modules(model).items()} == {n: m.spec for n, m in svdq_modules(meta).items()}
+    assert counts["layers"] == len(svdq_modules(model))
+    model.save_pretrained(tmp_path)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    tied = set(getattr(meta, "all_tied_weights_keys", {}) or {})
+    stored = {k: v for k, v in meta.state_dict().items() if k not in tied}
+    assert {k: v["shape"] for k, v in header.items() if k != "__metadata__"} == {k: list(v.shape)
+                                                                                  for k, v in stored.items()}
+    data = sum(v.numel() * v.element_size() for v in stored.values())
+    assert data == len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]  # the tensor bytes: exact
+    assert abs(est["disk"] - len(raw)) < 0.01 * len(raw)  # + the header, estimated within 1 %
+    loaded = T5EncoderModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert sum(t.numel() * t.element_size() for t in bench._unique(loaded)) == est["loaded"]  # exact
