@@ -43,7 +43,16 @@ from converters.quantize.report import environment_info  # noqa: E402
 from converters.quantize.synthetic import InputPlan, build_sample, synthetic_samples  # noqa: E402
 from svdq_format.errors import QuantizationError  # noqa: E402
 from svdq_format.model import svdq_modules  # noqa: E402
-from tests.family_fixtures import CAPTURED, FAMILIES, NOTES, build, family_samples, lora_loader, output  # noqa: E402
+from tests.family_fixtures import (  # noqa: E402
+    CAPTURED,
+    FAMILIES,
+    NOT_TESTED,
+    NOTES,
+    build,
+    family_samples,
+    lora_loader,
+    output,
+)
 
 BEGIN, END = "<!-- families-table:begin -->", "<!-- families-table:end -->"
 
@@ -105,6 +114,7 @@ def untested(cls_name: str) -> dict[str, Any]:
     from accelerate import init_empty_weights
 
     row: dict[str, Any] = {"family": "", "class": cls_name}
+    why = f"; not tested: {NOT_TESTED[cls_name]}" if cls_name in NOT_TESTED else ""
     try:
         with init_empty_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -115,13 +125,13 @@ def untested(cls_name: str) -> dict[str, Any]:
         params = inspect.signature(type(model).forward).parameters
         latent = next((n for n in ("hidden_states", "sample", "x", "latents") if n in params), None)
         if latent is None:
-            return {**row, "status": "no synthetic inputs: its forward has no latent argument"}
+            return {**row, "status": "no synthetic inputs: its forward has no latent argument" + why}
         build_sample(model, InputPlan(latent, "tokens", 1, 4, 4, 8, False), torch.Generator().manual_seed(0))
     except QuantizationError as exc:
-        return {**row, "status": f"no synthetic inputs: {_reason(exc)}"}
+        return {**row, "status": f"no synthetic inputs: {_reason(exc)}{why}"}
     except Exception:
         pass
-    return {**row, "status": "not tested (no tiny config)"}
+    return {**row, "status": f"not tested{why or ' (no tiny config)'}"}
 
 
 def _reason(exc: QuantizationError) -> str:
@@ -172,6 +182,8 @@ def main() -> None:
     result = {"environment": environment_info(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
               "options": {"rank": args.rank, "samples": args.samples, "threads": torch.get_num_threads()},
               "summary": {"classes": len(rows), "tested": len(tested),
+                          "failed": sum(r["status"].startswith("FAILED") for r in rows),
+                          "not_tested": [r["class"] for r in rows if r["status"] != "tested"],
                           "tested_from_calibration_file": sum(r["layout"].startswith("calibration file")
                                                               for r in tested),
                           "with_lora_loader": sum(bool(r["lora_loader"]) for r in tested)},

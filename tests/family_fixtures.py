@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CAPTURED", "FAMILIES", "LORA_LOADERS", "NOTES", "build", "family_samples", "output"]
+__all__ = ["CAPTURED", "FAMILIES", "LORA_LOADERS", "NOTES", "NOT_TESTED", "build", "family_samples", "output"]
 
 _WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
             text_dim=32, freq_dim=64, ffn_dim=128, num_layers=2, cross_attn_norm=True,
@@ -266,6 +266,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "minimax-music3-depth": ("MiniMaxMusic3RVQDepthDecoder", dict(
         hidden_size=64, num_layers=1, num_attention_heads=2, intermediate_size=128, audio_vocab_size=32,
         num_codebooks=4, max_position_embeddings=8)),
+    # the features reduced to the noisy state and its times (the released checkpoint also reads molecular
+    # topology features its preprocessor computes); the trunk's linears are the same
+    "rfd4-proteina": ("RFD4ProteinaTransformer", dict(
+        nlayers=1, token_dim=64, nheads=2, dim_cond=64, pair_repr_dim=32, latent_dim=8, token_type_emb_dim=8,
+        cath_emb_dim=8, t_emb_dim=32, seq_sep_dim=16, xt_pair_dist_dim=8, feats_seq=("xt_bb_ca", "xt_local_latents"),
+        feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"), feats_pair_repr=("xt_bb_ca_pair_dists",),
+        feats_pair_cond=("time_emb_bb_ca", "time_emb_local_latents"), tri_mult_c=16)),
     "t5-film": ("T5FilmDecoder", dict(
         input_dims=8, targets_length=16, d_model=64, num_layers=1, num_heads=2, d_kv=32, d_ff=128, dropout_rate=0.0)),
 }
@@ -337,6 +344,13 @@ CAPTURED: dict[str, Callable[[torch.Generator, nn.Module], dict[str, Any]]] = {
     "minimax-h3": lambda g, m: _minimax_h3(g),
     # the global language model's hidden state then the frame's code embeddings: [B, steps, hidden]
     "minimax-music3-depth": lambda g, m: dict(inputs_embeds=_randn(g, 1, 4, 64)),
+    # a protein: noisy backbone coordinates [B, N, 3] and local latents, a time for each
+    "rfd4-proteina": lambda g, m: dict(
+        bb_ca=_randn(g, 1, 16, 3), local_latents=_randn(g, 1, 16, 8), bb_ca_time=_t(g, 1.0),
+        local_latents_time=_t(g, 1.0), padding_mask=torch.ones(1, 16, dtype=torch.bool),
+        token_type=torch.zeros(1, 16, dtype=torch.long),
+        conditioning=dict(is_in_context_conditioning=torch.zeros(1, 16, dtype=torch.bool),
+                          supports_local_latent=torch.ones(1, 16, dtype=torch.bool))),
     # a spectrogram decoder: no latent argument (decoder_input_tokens), the encoders' outputs as (states, mask)
     "t5-film": lambda g, m: dict(
         encodings_and_masks=[(_randn(g, 1, 8, 64), torch.ones(1, 8, dtype=torch.bool))],
@@ -389,6 +403,19 @@ NOTES: dict[str, str] = {
     "cosmos": "concat_padding_mask off: it resizes with torchvision, not installable beside this torch; "
               "without torchvision, quantizing says so in one line",
     "transformer2d": "continuous input as inside SD UNets; a patched config loads back as PixArt / DiT",
+    "rfd4-proteina": "features reduced to the noisy state and its times (the checkpoint's molecular topology "
+                     "features come from its preprocessor)",
+    "minimax-music3-depth": "not a denoiser: the autoregressive RVQ depth decoder conditioning MiniMax-Music3",
+    "anyflow-far": "its training-rollout forward (no KV cache)",
+}
+
+#: Class → why the diffusers classes without a tiny test have none (the docs table shows it).
+NOT_TESTED: dict[str, str] = {
+    "WanAnimate2Transformer3DModel": "its forward takes a stateful KV cache (a reference pass fills it, each "
+                                     "denoising pass reads it): no calibration file holds one, and diffusers has no "
+                                     "pipeline to capture from",
+    "Cosmos3OmniTransformer": "its forward takes packed vision / sound / action token lists and sequence "
+                              "indexes that Cosmos3OmniPipeline builds; no tiny fixture of them yet",
 }
 
 #: Family → the diffusers LoRA loader its pipelines use (``diffusers.loaders.lora_pipeline``), for

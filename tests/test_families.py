@@ -31,6 +31,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWa
 DEFAULT_RUN = frozenset({"flux", "sdxl-unet", "wan", "hunyuanvideo-framepack"})
 
 
+#: Families whose AdaLN modulation reads a conditioning vector per token, not per sample (Proteina's
+#: adaptive norms condition each residue on its own features).
+PER_TOKEN_CONDITIONING = frozenset({"rfd4-proteina"})
+
+
 def _sweep() -> list:
     return [f if f in DEFAULT_RUN else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES)]
 
@@ -264,6 +269,6 @@ def test_layer_roles_match_the_data_flow(family):
             continue
         rows = stats.layers[name].count
         if role.why.startswith("AdaLN"):  # one conditioning row (Bria-Fibo 2: a noisy and a clean one)
-            assert rows <= 2, (name, rows)
+            assert rows <= 2 or family in PER_TOKEN_CONDITIONING, (name, rows)
         elif role.kind == "w4a4":
             assert rows > 1, (name, rows)

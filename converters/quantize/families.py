@@ -101,7 +101,7 @@ TESTED_FAMILIES: frozenset[str] = frozenset({
     "SanaWMTransformer3DModel", "WanAnimateTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
     "Ideogram4Transformer2DModel", "Kandinsky6SRTransformer3DModel", "LuminaNextDiT2DModel",
     "OmniGenTransformer2DModel", "SanaWMLTX2RefinerTransformer3DModel", "T5FilmDecoder", "MiniMaxH3Transformer3DModel",
-    "MiniMaxMusic3RVQDepthDecoder",
+    "MiniMaxMusic3RVQDepthDecoder", "RFD4ProteinaTransformer",
     # transformers text encoders
     "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "Gemma2Model", "Qwen2_5_VLForConditionalGeneration",
     "T5EncoderModel",
@@ -161,6 +161,10 @@ def _is_modulation(model: nn.Module, name: str) -> bool:
     parent = model.get_submodule(parent_name) if parent_name else model
     if _MODULATION_OWNER.search(type(parent).__name__):
         return True
+    if isinstance(parent, nn.Sequential) and parent_name:  # Sequential(Linear, Sigmoid) of a norm: ``adaln.to_gamma.0``
+        owner = parent_name.rpartition(".")[0]
+        if _MODULATION_OWNER.search(type(model.get_submodule(owner) if owner else model).__name__):
+            return True
     parts = name.split(".")
     own = parts[-2] if leaf.isdigit() and len(parts) > 1 else leaf  # Sequential(SiLU, Linear): ``img_mod.1``
     if _MODULATION_NAME.match(own) or (parent_name and _MODULATION_NAME.match(parent_name.rpartition(".")[2])):
