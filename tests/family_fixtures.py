@@ -273,6 +273,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         cath_emb_dim=8, t_emb_dim=32, seq_sep_dim=16, xt_pair_dist_dim=8, feats_seq=("xt_bb_ca", "xt_local_latents"),
         feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"), feats_pair_repr=("xt_bb_ca_pair_dists",),
         feats_pair_cond=("time_emb_bb_ca", "time_emb_local_latents"), tri_mult_c=16)),
+    "cosmos3-omni": ("Cosmos3OmniTransformer", dict(
+        head_dim=32, hidden_size=64, intermediate_size=128, latent_channel=4, latent_patch_size=2,
+        num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=1, patch_latent_dim=16, vocab_size=64,
+        rope_axes_dim=[8, 4, 4], dtype="float32")),
     "t5-film": ("T5FilmDecoder", dict(
         input_dims=8, targets_length=16, d_model=64, num_layers=1, num_heads=2, d_kv=32, d_ff=128, dropout_rate=0.0)),
 }
@@ -351,6 +355,8 @@ CAPTURED: dict[str, Callable[[torch.Generator, nn.Module], dict[str, Any]]] = {
         token_type=torch.zeros(1, 16, dtype=torch.long),
         conditioning=dict(is_in_context_conditioning=torch.zeros(1, 16, dtype=torch.bool),
                           supports_local_latent=torch.ones(1, 16, dtype=torch.bool))),
+    # one packed sequence of text tokens then vision latent tokens, laid out by the pipeline's own segment builders
+    "cosmos3-omni": lambda g, m: _cosmos3_omni(g, m),
     # a spectrogram decoder: no latent argument (decoder_input_tokens), the encoders' outputs as (states, mask)
     "t5-film": lambda g, m: dict(
         encodings_and_masks=[(_randn(g, 1, 8, 64), torch.ones(1, 8, dtype=torch.bool))],
@@ -379,6 +385,27 @@ def _minimax_h3(g: torch.Generator) -> dict[str, Any]:
                 timestep_indices=(tags == 2).long(), token_tags=tags, position_ids=pos,
                 video_indices=torch.arange(txt, txt + vid), audio_indices=torch.arange(txt + vid, txt + vid + aud),
                 text_indices=torch.arange(txt))
+
+
+def _cosmos3_omni(g: torch.Generator, model: nn.Module) -> dict[str, Any]:
+    import types
+
+    from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import Cosmos3OmniPipeline as Pipe
+
+    pipe = types.SimpleNamespace(transformer=model, vae_scale_factor_temporal=4)  # what the builders read
+    text = Pipe._prepare_text_segment(pipe, torch.randint(0, 64, (6,), generator=g).tolist(), device="cpu")
+    latents = _randn(g, 1, 4, 2, 8, 8)
+    vision = Pipe._prepare_vision_segment(
+        pipe, input_vision_tokens=latents, has_image_condition=False, mrope_offset=text["vision_start_temporal_offset"],
+        vision_fps=24.0, curr=text["und_len"], device="cpu", condition_frame_indexes=[])
+    return dict(input_ids=text["input_ids"], text_indexes=text["text_indexes"],
+                position_ids=torch.cat([text["text_mrope_ids"], vision["vision_mrope_ids"]], 1),
+                und_len=text["und_len"], sequence_length=text["und_len"] + vision["num_vision_tokens"],
+                vision_tokens=[latents], vision_token_shapes=vision["vision_token_shapes"],
+                vision_sequence_indexes=vision["vision_sequence_indexes"],
+                vision_mse_loss_indexes=vision["vision_mse_loss_indexes"],
+                vision_timesteps=_t(g).expand(vision["num_noisy_vision_tokens"]).clone(),
+                vision_noisy_frame_indexes=vision["vision_noisy_frame_indexes"])
 
 
 def _lumina_rope() -> torch.Tensor:
@@ -414,8 +441,6 @@ NOT_TESTED: dict[str, str] = {
     "WanAnimate2Transformer3DModel": "its forward takes a stateful KV cache (a reference pass fills it, each "
                                      "denoising pass reads it): no calibration file holds one, and diffusers has no "
                                      "pipeline to capture from",
-    "Cosmos3OmniTransformer": "its forward takes packed vision / sound / action token lists and sequence "
-                              "indexes that Cosmos3OmniPipeline builds; no tiny fixture of them yet",
 }
 
 #: Family → the diffusers LoRA loader its pipelines use (``diffusers.loaders.lora_pipeline``), for

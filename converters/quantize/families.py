@@ -101,7 +101,7 @@ TESTED_FAMILIES: frozenset[str] = frozenset({
     "SanaWMTransformer3DModel", "WanAnimateTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
     "Ideogram4Transformer2DModel", "Kandinsky6SRTransformer3DModel", "LuminaNextDiT2DModel",
     "OmniGenTransformer2DModel", "SanaWMLTX2RefinerTransformer3DModel", "T5FilmDecoder", "MiniMaxH3Transformer3DModel",
-    "MiniMaxMusic3RVQDepthDecoder", "RFD4ProteinaTransformer",
+    "MiniMaxMusic3RVQDepthDecoder", "RFD4ProteinaTransformer", "Cosmos3OmniTransformer",
     # transformers text encoders
     "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "Gemma2Model", "Qwen2_5_VLForConditionalGeneration",
     "T5EncoderModel",
