@@ -430,8 +430,8 @@ NOTES: dict[str, str] = {
     "cosmos": "concat_padding_mask off: it resizes with torchvision, not installable beside this torch; "
               "without torchvision, quantizing says so in one line",
     "transformer2d": "continuous input as inside SD UNets; a patched config loads back as PixArt / DiT",
-    "rfd4-proteina": "features reduced to the noisy state and its times (the checkpoint's molecular topology "
-                     "features come from its preprocessor)",
+    "rfd4-proteina": "features reduced to the noisy state and its times; the checkpoint's molecular topology "
+                     "features come from its preprocessor",
     "minimax-music3-depth": "not a denoiser: the autoregressive RVQ depth decoder conditioning MiniMax-Music3",
     "anyflow-far": "its training-rollout forward (no KV cache)",
 }
