@@ -293,7 +293,9 @@ def _t(gen: torch.Generator, scale: float = 1000.0) -> torch.Tensor:
 #: Family → its forward inputs built as its pipeline builds them, for the families whose inputs no
 #: generic rule derives (the one-line reason is asserted by the tests): they are quantized from a
 #: calibration file of these (``svdq quantize --calibration FILE``), the path a user of such a
-#: model takes.
+#: model takes. Each is called with a seeded generator and the tiny model (whose helpers some
+#: pipelines call: SANA-WM's rotary tables, Cosmos3-Omni's config); where diffusers has a
+#: pipeline helper that lays the inputs out, it is called rather than copied.
 CAPTURED: dict[str, Callable[[torch.Generator, nn.Module], dict[str, Any]]] = {
     # the context latents ride along the audio latent's channels: [B, N, in_channels - acoustic]
     "ace-step": lambda g, m: dict(hidden_states=_randn(g, 1, 16, 8), timestep=_t(g, 1.0), timestep_r=_t(g, 0.5),
