@@ -198,10 +198,21 @@ class _NothingFits(_Toy):
         raise ValueError("expects a 6-D latent")
 
 
+class _UnsetLocal(_Toy):
+    """A forward that reads a local it sets only for inputs the synthetic ones lack (HunyuanVideo-Framepack's
+    history rotary tables): an UnboundLocalError, which is a NameError but no missing optional package."""
+
+    def forward(self, hidden_states, timestep, history=None):
+        if history is not None:
+            table = history
+        return self.embed(hidden_states) + table
+
+
 @pytest.mark.parametrize("toy, reason", [
     (_NeedsTokens, "no rule for its required forward argument 'prior_token_id'"),
     (_NoLatent, "its forward has no latent argument"),
     (_NothingFits, "no latent layout fits its forward (tokens: ValueError: expects a 6-D latent"),
+    (_UnsetLocal, "no latent layout fits its forward (tokens: UnboundLocalError: cannot access local variable 'table'"),
 ])
 def test_a_family_that_cannot_work_says_why_in_one_line(toy, reason):
     from svdq_format.errors import QuantizationError
