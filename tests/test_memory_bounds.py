@@ -47,7 +47,7 @@ def test_streaming_load_matches_host_load_in_shapes_and_dtypes(tmp_path):
     host load's keys, shapes and dtypes, with and without a dtype cast."""
     import torch
 
-    from svdq_format.model import load_pretrained
+    from svdq_format.pretrained import load_pretrained
     from tests.hub_helpers import tiny_flux
 
     tiny_flux().save_pretrained(tmp_path, max_shard_size="120KB")
@@ -82,7 +82,7 @@ def test_tensor_reader_staging_buffer_gives_the_same_bytes(tmp_path):
 def test_streaming_load_to_cuda_is_bit_identical_to_host_load(tmp_path):
     import torch
 
-    from svdq_format.model import load_pretrained
+    from svdq_format.pretrained import load_pretrained
     from tests.hub_helpers import tiny_flux
 
     tiny_flux().save_pretrained(tmp_path, max_shard_size="120KB")

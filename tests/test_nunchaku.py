@@ -17,14 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file as st_save
 
 import nunchaku_reference as ref
-from converters.nunchaku_export import export_nunchaku
-from converters.nunchaku_import import import_nunchaku
-from converters.nunchaku_lite import export_nunchaku_lite
+from converters.nunchaku.exporter import export_nunchaku
+from converters.nunchaku.importer import import_nunchaku
+from converters.nunchaku.lite import export_nunchaku_lite
 from svdq_format import packing
+from svdq_format.checkpoint import load_file, validate
 from svdq_format.errors import SVDQError, UnsupportedError
-from svdq_format.io import load_file, validate
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import WEIGHTS_NAME, load_model_dir, save_model_dir
+from svdq_format.model import WEIGHTS_NAME, save_model_dir
+from svdq_format.pretrained import load_model_dir
 
 SHIFT = 0.171875
 
@@ -554,7 +555,7 @@ def test_cli_convert_of_a_file_without_config_asks_for_config_option(tmp_path, c
 
 
 def test_dialect_detection_and_names():
-    from converters.nunchaku_names import detect_dialect, from_native, to_native
+    from converters.nunchaku.names import detect_dialect, from_native, to_native
 
     sdxl = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.lora_down",
             "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.smooth"]
@@ -606,7 +607,7 @@ def test_native_quantized_flux_round_trips_through_nunchaku(tmp_path):
 
 
 def test_load_imported_int4_flux_with_k_split_proj_out(tmp_path):
-    from converters.nunchaku_model import KConcatLinear, load_imported_model
+    from converters.nunchaku.model import KConcatLinear, load_imported_model
 
     src = tmp_path / "int4.safetensors"
     logical = build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.float32)

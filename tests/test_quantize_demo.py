@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
+from svdq_format.checkpoint import validate
 from svdq_format.cli import main as svdq_main
-from svdq_format.io import validate
 
 
 def _demo(tmp_path, capsys, *args: str) -> tuple[str, dict[str, float]]:

@@ -26,8 +26,9 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
+from ..quantize.calibrate import resolve_calibration
 from ..quantize.options import QuantizeOptions
-from ..quantize.pipeline import QuantizeResult, mark_quantized, resolve_calibration, run_quantization
+from ..quantize.pipeline import QuantizeResult, mark_quantized, run_quantization
 from ..quantize.selection import select_layers
 from ..quantize.stats import CalibrationStats, collect_stats
 

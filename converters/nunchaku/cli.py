@@ -25,7 +25,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.source_format == "nunchaku":
         from svdq_format.errors import FormatError
 
-        from .nunchaku_import import import_nunchaku
+        from .importer import import_nunchaku
 
         try:
             out = import_nunchaku(args.input, args.output, dialect=args.dialect, config=_read_config(args.config))
@@ -36,12 +36,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                               "with --config (its config.json, or the folder holding it)") from None
         print(f"ok: {args.input} -> {out} (SVDQuant model directory)")
     elif args.target_format == "nunchaku":
-        from .nunchaku_export import export_nunchaku
+        from .exporter import export_nunchaku
 
         out = export_nunchaku(args.input, args.output, dialect=args.dialect)
         print(f"ok: {args.input} -> {out} (Nunchaku single file)")
     else:
-        from .nunchaku_lite import export_nunchaku_lite
+        from .lite import export_nunchaku_lite
 
         report = export_nunchaku_lite(args.input, args.output)
         print(f"ok: {args.input} -> {args.output} (nunchaku_lite; max nvfp4 scale rounding "

@@ -123,7 +123,7 @@ def _read_meta(path: str) -> Optional[dict[str, Any]]:
         raise LoRAError(f"{path}: cannot read safetensors file ({' '.join(str(exc).split())})") from None
     if raw is None:
         return None
-    from .lora_formats import metadata_json_object
+    from .formats import metadata_json_object
 
     return metadata_json_object(raw, path, DELTA_METADATA_KEY)
 
@@ -138,12 +138,12 @@ def load_delta(path: str | os.PathLike[str], *, adapter_name: Optional[str] = No
                device: Optional[torch.device] = None) -> tuple[LoraPlan, dict[str, Any]]:
     """Read a delta file into a :class:`~svdq_format.lora.LoraPlan` (not yet checked
     against a model; :func:`svdq_format.lora.check_plan` does that). A CUDA ``device``
-    reads the tensors straight onto it (see :func:`~converters.lora_formats.mmap_safetensors`).
+    reads the tensors straight onto it (see :func:`~converters.lora.formats.mmap_safetensors`).
 
     Raises:
         LoRAError: not a delta file, newer format version, missing/inconsistent tensors.
     """
-    from .lora_formats import mmap_safetensors
+    from .formats import mmap_safetensors
 
     p = os.fspath(path)
     meta = _read_meta(p)
