@@ -8,9 +8,12 @@ search scored on the whole SVDQ layer's output error, randomised SVD, clipping s
 refinement; GPTQ off), with the calibration statistics replaced by a model of the input that needs
 no data: every input channel of the same scale (``absmax = 1``), the scoring rows drawn from
 N(0, 1). Then the smoothing candidates ``s = amax_x^α / amax_w^(1−α)`` become
-``s = amax_w^(−β)`` (β = 1 − α ∈ {0.1 … 0.9}) and ``s = 1``: **smoothing from the weights alone**,
-each candidate judged on what it does to the 4-bit weights *and* the 4-bit activations; the
-clipping search weighs each input channel's error by ``E[(x/s)²] = 1/s²``.
+``s = amax_w^(−β)`` (β = 1 − α ∈ :data:`SMOOTHING_EXPONENTS`) and ``s = 1``: **smoothing from the
+weights alone**, each candidate judged on what it does to the 4-bit weights *and* the 4-bit
+activations (a fixed β = 0.5 without that judgement is the diffusers development branch's
+recipe); the clipping search weighs each input channel's error by ``E[(x/s)²] = 1/s²``.
+(A grid of four candidates, not the calibrated quantizer's ten: on MiniLM the full grid was no
+closer to the dense layers, 0.1191 against 0.1195, and cost twice the time; docs/quantization.md.)
 
 Input groups (linears reading one input, given one smoothing vector, which diffusers'
 ``fuse_qkv_projections`` needs: :mod:`svdq_format.fusion`) come from the attention modules'
@@ -31,22 +34,25 @@ from svdq_format.linear import SVDQLinear
 from svdq_format.quantize_on_load import LayerPlan, OnLoadOptions
 
 from .layer import layer_seed, quantize_group
-from .options import DEFAULT_ALPHAS, QuantizeOptions
+from .options import QuantizeOptions
 from .residual import DEFAULT_CLIP_RATIOS
 from .selection import select_layers
 from .stats import CalibrationStats, LayerStats
 
-__all__ = ["DataFreeQuantizer", "SEARCH_ROWS", "input_groups", "quantize_options"]
+__all__ = ["DataFreeQuantizer", "SEARCH_ROWS", "SMOOTHING_EXPONENTS", "input_groups", "quantize_options"]
 
 #: Synthetic N(0, 1) input rows the smoothing search scores its candidates on.
 SEARCH_ROWS = 64
+#: The weight exponents β of the smoothing candidates ``s = amax_w^(−β)`` (``s = 1`` is tried too).
+SMOOTHING_EXPONENTS: tuple[float, ...] = (0.75, 0.5, 0.25)
 
 
 def quantize_options(options: OnLoadOptions) -> QuantizeOptions:
     """The quantizer options of a data-free run (what ``svdq quantize`` would use, less what
     needs activations: GPTQ, unsigned post-GELU codes, activation-only smoothing candidates)."""
     return QuantizeOptions(
-        rank=options.rank, precision=options.precision, smoothing=options.smoothing, alphas=DEFAULT_ALPHAS,
+        rank=options.rank, precision=options.precision, smoothing=options.smoothing,
+        alphas=tuple(1.0 - b for b in SMOOTHING_EXPONENTS),
         activation_alphas=(), clip_search=options.clip_search, clip_ratios=DEFAULT_CLIP_RATIOS,
         unsigned_acts=False, gptq=False, refine_iters=options.refine_iters, lowrank="auto",
         w4a16_rank=options.w4a16_rank, weight_only=options.weight_only, calib_rows=SEARCH_ROWS,

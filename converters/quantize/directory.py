@@ -16,6 +16,7 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 from svdq_format.model import DEFAULT_MAX_SHARD_SIZE, save_pretrained
+from svdq_format.spec import QUANTIZER_KEY, QuantizerInfo
 
 from .memory import memory_report
 from .options import QuantizeOptions
@@ -240,8 +241,9 @@ def quantize_directory(
     if not result.complete:
         return result
     result.report.timings = {**{k: round(v, 3) for k, v in phases.items()}, **result.report.timings}
-    extra = {"quantizer": {"options": opts.to_json(), "calibration": result.report.calibration,
-                           "source": os.fspath(src)}}
+    info = QuantizerInfo(method="calibrated", options=opts.to_json(), calibration=result.report.calibration,
+                         extra={"source": os.fspath(src)})
+    extra = {QUANTIZER_KEY: info.to_json()}
     rank = 0 if dist is None else dist.rank
     mine = memory_report(device, rank=rank, host_reset=host_peak_reset)
     memory = [mine] if dist is None else dist.all_gather(mine, what="memory report")

@@ -26,6 +26,7 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 from svdq_format.io import atomic_write, load_file, read_metadata, save_file
 from svdq_format.linear import SVDQLinear
+from svdq_format.spec import QUANTIZER_KEY, QuantizerInfo
 
 from .calibration import CalibrationSet, load_calibration, synthetic_calibration
 from .layer import quantize_group
@@ -496,7 +497,8 @@ def quantize_model(
     result = run_quantization(model, calibration, options=opts, device=device, offload=offload,
                               state_dir=state_dir, progress=progress)
     if result.complete:
-        mark_quantized(result.model, extra={"quantizer": {"options": opts.to_json()}})
+        info = QuantizerInfo(method="calibrated", options=opts.to_json())
+        mark_quantized(result.model, extra={QUANTIZER_KEY: info.to_json()})
     return result.model
 
 
