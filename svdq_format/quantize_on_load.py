@@ -266,9 +266,11 @@ class OnLoadQuantization:
         """Plan the run on the (meta-device) model and check the checkpoint holds every planned
         tensor; reads headers only."""
         _check_patterns(model, self.options)
-        if not files or not all(str(f).endswith(".safetensors") for f in files):
-            first = files[0] if files else "the checkpoint"
-            raise UnsupportedError(f"{first}: quantizing while loading reads safetensors checkpoints only")
+        if not files:
+            raise UnsupportedError("quantizing while loading needs from_pretrained's checkpoint files (a model "
+                                   "directory or Hub repo; from_single_file is not supported)")
+        if not all(str(f).endswith(".safetensors") for f in files):
+            raise UnsupportedError(f"{files[0]}: quantizing while loading reads safetensors checkpoints only")
         self._file = str(files[0])
         plan = self.quantizer.plan(model, self.options)
         if not plan.kinds:

@@ -16,6 +16,7 @@ from converters.quantize.selection import select_layers
 from svdq_format.cli import main as svdq_main
 from svdq_format.diffusers import SVDQuantConfig, SVDQuantizer
 from svdq_format.errors import TensorError, UnsupportedError
+from svdq_format.fusion import fuse_layers
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import svdq_modules
 from svdq_format.quantize_on_load import OnLoadOptions, OnLoadQuantization
@@ -67,6 +68,8 @@ def test_loading_quantizes_the_layers_svdq_quantize_selects_with_the_data_free_m
     # the layers of one attention's q/k/v share one smoothing vector, so diffusers can fuse them
     attn = loaded.transformer_blocks[0].attn
     assert torch.equal(attn.to_q.smooth, attn.to_k.smooth) and torch.equal(attn.to_q.smooth, attn.to_v.smooth)
+    fuse_layers([attn.to_q, attn.to_k, attn.to_v], ("to_q", "to_k", "to_v"))
+    fuse_layers([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj], ("add_q_proj", "add_k_proj", "add_v_proj"))
     assert ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v") \
         in plan.groups
     # everything else is the dense model's
@@ -74,6 +77,17 @@ def test_loading_quantizes_the_layers_svdq_quantize_selects_with_the_data_free_m
     rest = {k: v for k, v in dense.state_dict().items() if k.rpartition(".")[0] not in quantized}
     got = loaded.state_dict()
     assert all(torch.equal(got[k], v) for k, v in rest.items())
+
+
+def test_loading_leaves_the_random_state_alone(dense_dir):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    FluxTransformer2DModel.from_pretrained(dense_dir[0], quantization_config=SVDQuantConfig(
+        rank=RANK, smoothing=False, clip_search=False, refine_iters=0), torch_dtype=torch.float32)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_the_data_free_model_is_closer_to_the_dense_one_than_naive_w4a4(dense_dir, loaded):

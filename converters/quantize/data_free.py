@@ -133,5 +133,7 @@ class DataFreeQuantizer:
         linears = {n: _linear(weights[n], biases[n]) for n in names}
         first = weights[names[0]]
         stats = _synthetic_stats(names, first.shape[1], options.seed, first.device)
-        done = quantize_group(names, linears, kinds, stats, quantize_options(options), report=False)
+        # quantize_group seeds torch's generators per layer: leave the caller's random state as it was
+        with torch.random.fork_rng(devices=[first.device] if first.device.type == "cuda" else []):
+            done = quantize_group(names, linears, kinds, stats, quantize_options(options), report=False)
         return {n: layer for n, (layer, _) in done.items()}
