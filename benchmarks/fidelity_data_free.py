@@ -61,12 +61,15 @@ from svdq_format.quantize_on_load import OnLoadOptions  # noqa: E402
 VARIANTS = ("calibrated", "data_free", "diffusers_dev", "naive_w4a4")
 
 
-def diffusers_dev_recipe(linear: nn.Linear, *, rank: int, precision: str, exponent: float = 0.5) -> SVDQLinear:
+def diffusers_dev_recipe(linear: nn.Linear, *, rank: int, precision: str, kind: str = "w4a4",
+                         exponent: float = 0.5) -> SVDQLinear:
     """The diffusers development branch's data-free layer: weight-span smoothing
-    ``s = 1 / absmax(W[:, j])^exponent``, exact rank-r SVD, round-to-nearest absmax residual."""
+    ``s = 1 / absmax(W[:, j])^exponent``, exact rank-r SVD, round-to-nearest absmax residual.
+    (That branch keeps AdaLN modulation linears 16-bit; here they are W4A16 like in the other
+    variants, with the same recipe, so every variant quantizes the same layers the same way.)"""
     span = linear.weight.detach().float().abs().amax(dim=0).clamp_min(1e-6)
     smooth = 1.0 / span.pow(exponent)
-    return SVDQLinear.from_linear(linear, rank=rank, precision=precision, smooth=smooth)
+    return SVDQLinear.from_linear(linear, rank=rank, precision=precision, kind=kind, smooth=smooth)
 
 
 def tiny_flux_layers(max_rows: int):
@@ -109,7 +112,7 @@ def quantize_all(linears, calib, kinds, *, rank: int, precision: str, model=None
         out["data_free"].update(quantizer.quantize(group, weights, biases, {n: kinds[n] for n in group}, options))
     for n, lin in linears.items():
         r = rank if kinds[n] == "w4a4" else 0
-        out["diffusers_dev"][n] = diffusers_dev_recipe(lin, rank=r, precision=precision)
+        out["diffusers_dev"][n] = diffusers_dev_recipe(lin, rank=r, precision=precision, kind=kinds[n])
         out["naive_w4a4"][n] = SVDQLinear.from_linear(lin, rank=0, precision=precision, kind=kinds[n])
     for variant in out.values():
         for layer in variant.values():

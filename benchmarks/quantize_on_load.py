@@ -15,6 +15,7 @@ FLUX.1-dev-shaped checkpoint on disk: wall time, peak host RSS, peak GPU memory.
 
     python benchmarks/quantize_on_load.py --workdir /data/flux1 --write-only    # the FLUX.1-dev shape
     python benchmarks/quantize_on_load.py --src /data/flux1/src --device cuda  # one H100: <= 60 s
+    python benchmarks/quantize_on_load.py --src /data/flux1/src --device cuda --cold  # the files read from disk
     python benchmarks/quantize_on_load.py --src /data/flux1/src --device cpu --fast   # host RSS on a CPU
     python benchmarks/quantize_on_load.py --width 5120 --double 1 --single 1 --device cpu --extrapolate 19,38
     python benchmarks/quantize_on_load.py --width 256 --double 1 --single 2 --device cpu    # smoke, seconds
@@ -96,6 +97,17 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
+def evict(directory: Path) -> None:
+    """Drop the directory's files from the page cache (clean pages; no root needed)."""
+    os.sync()
+    for f in directory.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def planned_params(cfg: dict) -> int:
     """Σ N·K of the layers quantizing while loading would quantize in a model of this config."""
     from converters.quantize.selection import select_layers
@@ -122,6 +134,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=None, help="where src/ goes (default: a temp dir, removed)")
     ap.add_argument("--write-only", action="store_true", help="write the source and stop")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the child (CPU runs)")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the source files from the page cache first (posix_fadvise DONTNEED: a read from disk)")
     ap.add_argument("--out", default="out/quantize_on_load", help="JSON output directory")
     args = ap.parse_args()
 
@@ -150,6 +164,8 @@ def main() -> int:
         options = {"precision": args.precision, "rank": args.rank}
         if args.fast:
             options.update(smoothing=False, clip_search=False, refine_iters=0)
+        if args.cold:
+            evict(src)
         env = dict(os.environ)
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
@@ -168,6 +184,7 @@ def main() -> int:
     result = {
         "benchmark": "quantize_on_load", "config": cfg, "parameters": params, "dense_bytes": dense,
         "largest_block": largest_name, "largest_block_bytes": largest, "device": args.device, "options": options,
+        "page_cache": "evicted first" if args.cold else "as left (warm after writing)",
         "source_written": written, "child_seconds": round(time.time() - t, 1), "run": run,
         # what memory must hold at least (the quantized model where it lives) vs what the run's peak was
         "host_peak_above_baseline_bytes": peak - base,
