@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from .spec import FLOAT_DTYPES, FormatMetadata, LayerSpec, dtype_name
 
 __all__ = [
     "WEIGHTS_NAME",
+    "TRANSFORMERS_WEIGHTS_NAME",
     "CONFIG_NAME",
     "svdq_modules",
     "set_mode",
@@ -85,6 +86,15 @@ INDEX_NAME = WEIGHTS_NAME + ".index.json"
 #: Shard file names: ``diffusion_pytorch_model-00001-of-00003.safetensors``.
 SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{total:05d}.safetensors"
 _SHARD_RE = re.compile(r"diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors")
+#: The weights file of a transformers model (a pipeline's text encoders): ``model.safetensors``.
+TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
+
+
+def _names(weights_name: str) -> tuple[str, str, re.Pattern[str]]:
+    """``(index name, shard name template, shard name pattern)`` of a weights file name."""
+    stem = weights_name.removesuffix(".safetensors")
+    return (weights_name + ".index.json", stem + "-{index:05d}-of-{total:05d}.safetensors",
+            re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors"))
 #: ``__metadata__`` key holding the model config (JSON) of a single-file checkpoint.
 SINGLE_FILE_CONFIG_KEY = "config"
 DEFAULT_MAX_SHARD_SIZE = "10GB"
@@ -388,12 +398,15 @@ def model_config(model: nn.Module, config: Mapping[str, Any] | None = None) -> d
         for k, v in dict(config).items()
         if k != "quantization_config" and (not k.startswith("_") or k in ("_class_name", "_diffusers_version"))
     }
-    cfg.setdefault("_class_name", type(model).__name__)
+    if "model_type" not in cfg:  # (a transformers config names its class in ``architectures``)
+        cfg.setdefault("_class_name", type(model).__name__)
     return json.loads(json.dumps(cfg, default=_json_default))
 
 
-def _split_state(model: nn.Module) -> tuple[dict[str, SVDQLinear], list[tuple[str | None, dict[str, torch.Tensor]]]]:
-    """``(layers, units)``: a unit is one SVDQ layer's tensors or one dense tensor, in model order."""
+def _split_state(model: nn.Module, skip: Collection[str] = ()
+                 ) -> tuple[dict[str, SVDQLinear], list[tuple[str | None, dict[str, torch.Tensor]]]]:
+    """``(layers, units)``: a unit is one SVDQ layer's tensors or one dense tensor, in model order
+    (``skip``: dense keys left out, e.g. a transformers model's tied copies)."""
     refuse_if_fused(model)
     layers = svdq_modules(model)
     units: list[tuple[str | None, dict[str, torch.Tensor]]] = []
@@ -405,7 +418,8 @@ def _split_state(model: nn.Module) -> tuple[dict[str, SVDQLinear], list[tuple[st
     for key, tensor in model.state_dict().items():
         layer_name = owner.get(key)
         if layer_name is None:
-            units.append((None, {key: tensor}))
+            if key not in skip:
+                units.append((None, {key: tensor}))
         elif layer_name not in seen:
             seen.add(layer_name)
             units.append((layer_name, layer_state(layer_name, layers[layer_name])))
@@ -463,6 +477,8 @@ def save_pretrained(
     config: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     read_tensor: Callable[[str], torch.Tensor] | None = None,
+    weights_name: str = WEIGHTS_NAME,
+    skip: Collection[str] = (),
 ) -> Path:
     """Write a quantized model as a diffusers-layout directory, sharded if needed.
 
@@ -483,38 +499,42 @@ def save_pretrained(
             included) may then be on the meta device, and are read one at a time while their
             shard is written (e.g. from files written earlier), so host memory holds one tensor
             beyond the model instead of a shard; the files are the same bytes.
+        weights_name: The weights file name (:data:`TRANSFORMERS_WEIGHTS_NAME` for a
+            transformers model: ``model.safetensors``, shards ``model-0000i-of-0000n...``).
+        skip: Dense state-dict keys not to write (tied copies the loader ties again).
 
     Returns:
         The directory.
     """
     cfg = model_config(model, config)
-    layers, units = _split_state(model)  # (refuses a fused model before anything is created)
+    layers, units = _split_state(model, skip)  # (refuses a fused model before anything is created)
     shards = _shards(units, max_shard_size)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     written: set[str] = set()
+    index_name, shard_name, shard_re = _names(weights_name)
     if len(shards) == 1:
-        _write_shard(shards[0], layers, d / WEIGHTS_NAME, metadata=metadata, read_tensor=read_tensor)
-        written.add(WEIGHTS_NAME)
+        _write_shard(shards[0], layers, d / weights_name, metadata=metadata, read_tensor=read_tensor)
+        written.add(weights_name)
     else:
         weight_map: dict[str, str] = {}
         total = 0
         for i, units in enumerate(shards, start=1):
-            name = SHARD_NAME.format(index=i, total=len(shards))
+            name = shard_name.format(index=i, total=len(shards))
             for key in _write_shard(units, layers, d / name, metadata=metadata, read_tensor=read_tensor):
                 weight_map[key] = name
             total += sum(t.numel() * t.element_size() for _, ts in units for t in ts.values())
             written.add(name)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        atomic_write(d / INDEX_NAME, lambda tmp: Path(tmp).write_text(text))
-        written.add(INDEX_NAME)
+        atomic_write(d / index_name, lambda tmp: Path(tmp).write_text(text))
+        written.add(index_name)
     meta = model_metadata(model, extra=metadata)
     cfg["quantization_config"] = meta.to_json()
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     atomic_write(d / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     for stale in d.iterdir():
-        if stale.name not in written and (stale.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.fullmatch(stale.name)):
+        if stale.name not in written and (stale.name in (weights_name, index_name) or shard_re.fullmatch(stale.name)):
             stale.unlink()
     return d
 
@@ -553,6 +573,11 @@ def checkpoint_files(directory: str | os.PathLike[str]) -> list[Path]:
     """The weight files of a model directory: the shards named by the index, else the single file."""
     d = Path(directory)
     index_path = d / INDEX_NAME
+    if not index_path.is_file() and not (d / WEIGHTS_NAME).is_file():  # a transformers model's directory
+        if (d / _names(TRANSFORMERS_WEIGHTS_NAME)[0]).is_file() or (d / TRANSFORMERS_WEIGHTS_NAME).is_file():
+            index_path = d / _names(TRANSFORMERS_WEIGHTS_NAME)[0]
+            if not index_path.is_file():
+                return [d / TRANSFORMERS_WEIGHTS_NAME]
     if index_path.is_file():
         index = _read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -760,3 +785,7 @@ def _attach_quantizer(model: nn.Module, meta: FormatMetadata) -> None:
         from .diffusers import attach_quantizer
 
         attach_quantizer(model, meta)
+    elif hasattr(model, "config") and hasattr(getattr(model, "config", None), "model_type"):
+        from .transformers import attach_quantizer as attach_hf
+
+        attach_hf(model, meta)

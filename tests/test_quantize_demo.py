@@ -24,10 +24,15 @@ def test_svdq_demo_end_to_end(tmp_path, capsys):
     rows = {}
     for line in out.splitlines():
         cells = re.split(r"\s{2,}", line.strip())
-        for label in ("SVDQ int4", "SVDQ nvfp4", "naive W4A4", "W4A16 int4"):
+        for label in ("SVDQ int4", "SVDQ nvfp4", "naive W4A4", "W4A16 int4", "text encoder W4A16",
+                      "text encoder W4A4"):
             if cells[0].startswith(label) and len(cells) >= 3:
                 rows[label] = float(cells[1])  # mean cosine similarity to fp32
-    assert set(rows) == {"SVDQ int4", "SVDQ nvfp4", "naive W4A4", "W4A16 int4"}, out
+    assert set(rows) == {"SVDQ int4", "SVDQ nvfp4", "naive W4A4", "W4A16 int4", "text encoder W4A16",
+                         "text encoder W4A4"}, out
+    # the text-encoder path (save_pretrained, transformers' from_pretrained): both close to fp32, above
+    # the plain weight-only baseline (the text-encoder W4A16 searches its clipping)
+    assert min(rows["text encoder W4A4"], rows["text encoder W4A16"]) > max(rows["W4A16 int4"], 0.97)
     # SVDQ beats both baselines on real sentence embeddings; everything stays close to fp32
     assert rows["SVDQ int4"] > rows["W4A16 int4"] > rows["naive W4A4"] > 0.8
     assert rows["SVDQ nvfp4"] > rows["naive W4A4"]

@@ -97,6 +97,9 @@ def _quantize(args: argparse.Namespace) -> int:
     from .distributed import init_distributed, rank_device
     from .memory import reset_host_peak
 
+    if args.components:
+        return _quantize_components(args, opts, prompts, call)
+
     dist = init_distributed(args.device, timeout_s=args.dist_timeout)
     root = dist is None or dist.is_root
     device = rank_device(args.device, dist) if dist is not None else args.device
@@ -146,6 +149,47 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0 if result.complete else 3
 
 
+def _quantize_components(args: argparse.Namespace, opts: object, prompts: list[str] | None,
+                         call: dict[str, object]) -> int:
+    """``--components``: several components of the pipeline in SRC into the pipeline directory OUT."""
+    import warnings
+
+    from svdq_format.errors import QuantizationError
+    from svdq_format.summary import format_size
+
+    from .components import quantize_pipeline
+    from .options import QuantizeOptions
+
+    if args.gpus > 1:
+        raise QuantizationError("--components runs in one process: drop --gpus")
+    if args.offload == "disk":
+        raise QuantizationError("--components loads each component: --offload disk is not supported with it")
+    assert isinstance(opts, QuantizeOptions)
+
+    def show(message: Warning | str, *_args: object, **_kwargs: object) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", UserWarning)
+        warnings.showwarning = show
+        results = quantize_pipeline(
+            args.src, args.out, [c.strip() for c in args.components.split(",") if c.strip()], prompts=prompts,
+            num_samples=args.num_samples, pipeline_kwargs=call if prompts else None, options=opts,
+            text_encoder_mode=args.text_encoder_mode, dtype=args.dtype, device=args.device, offload=args.offload,
+            progress=not args.quiet, keep_state=args.keep_state, max_shard_size=args.max_shard_size)
+    if not args.quiet:
+        from pathlib import Path
+
+        for name, result in results.items():
+            kinds = [r["kind"] for r in result.report.layers]
+            size = format_size(sum(f.stat().st_size for f in (Path(args.out) / name).glob("*.safetensors")))
+            mean = result.report.summary().get("svdq")
+            err = f", mean layer error {mean:.4f}" if mean is not None else ""
+            print(f"{name}: {kinds.count('w4a4')} W4A4 + {kinds.count('w4a16')} W4A16 layers{err}, {size}")
+        print(f"wrote pipeline {args.out} (DiffusionPipeline.from_pretrained loads it)")
+    return 0 if all(r.complete for r in results.values()) else 3
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``svdq quantize``."""
     p = subparsers.add_parser(
@@ -169,6 +213,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --prompts: image height x width of each call, e.g. 1024x1024 (default: the pipeline's)")
     p.add_argument("--guidance-scale", type=float, default=None, metavar="G",
                    help="with --prompts: guidance scale of each call (default: the pipeline's)")
+    p.add_argument("--components", default=None, metavar="LIST",
+                   help="comma-separated pipeline components to quantize, e.g. transformer,text_encoder_2 "
+                   "(or 'all'): OUT becomes a whole pipeline directory, the other components copied")
+    p.add_argument("--text-encoder-mode", choices=("w4a16", "w4a4"), default="w4a16",
+                   help="with --components: text encoders weight-only (default) or W4A4 + low-rank")
     p.add_argument("--calib-rows", type=int, default=256, help="activation rows kept per layer")
     p.add_argument("--alphas", type=_floats, default=None, help="smoothing grid, e.g. 0.2,0.4,0.6")
     p.add_argument("--activation-alphas", type=_floats, default=None,

@@ -81,7 +81,7 @@ def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
         raise QuantizationError(f"{root}: no such directory")
     if not root.is_dir():
         raise QuantizationError(f"{root}: not a directory (give a diffusers model directory)")
-    d = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
+    d = next((root / c for c in ("transformer", "unet") if (root / c / "config.json").is_file()), root)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise QuantizationError(f"{root}: not a diffusers model directory (no config.json)")
@@ -221,7 +221,7 @@ def quantize_directory(
         call = {"output_type": "latent", **(pipeline_kwargs or {})}
         calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed, **call)
         phases["pipeline_capture"] = time.time() - start - phases["load"]
-        model = pipe.transformer.to("cpu")
+        model = (getattr(pipe, "transformer", None) or pipe.unet).to("cpu")
         del pipe
     elif offload == "disk":
         from .streaming import load_lazy

@@ -503,13 +503,7 @@ def quantize_model(
 
 
 def mark_quantized(model: nn.Module, *, extra: dict[str, Any] | None = None) -> None:
-    """Attach the svdquant quantizer to a diffusers model (no-op for other modules)."""
-    try:
-        from diffusers import ModelMixin
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return
-    if isinstance(model, ModelMixin):
-        from svdq_format.diffusers import attach_quantizer
-        from svdq_format.model import model_metadata
+    """Attach the svdquant quantizer to a diffusers or transformers model (no-op for other modules)."""
+    from svdq_format.model import _attach_quantizer, model_metadata
 
-        attach_quantizer(model, model_metadata(model, extra=extra))
+    _attach_quantizer(model, model_metadata(model, extra=extra))

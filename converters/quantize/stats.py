@@ -113,25 +113,12 @@ class CalibrationStats:
                    float(info.get("seconds", 0.0)), str(info.get("source", "")))
 
 
-#: Names of ``nn.ModuleList`` attributes that hold a model's repeated blocks.
-_BLOCK_LISTS = (
-    "transformer_blocks", "single_transformer_blocks", "joint_transformer_blocks", "blocks",
-    "layers", "layer", "h", "noise_refiner", "context_refiner",
-)
-
-
 def block_containers(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The model's lists of repeated blocks, ``(qualified name, ModuleList)``, in module order.
+    """The model's lists of repeated blocks, ``(qualified name, ModuleList)``, in module order
+    (found from the structure: :func:`converters.quantize.families.block_lists`)."""
+    from .families import block_lists
 
-    Known attribute names first (``transformer_blocks``, ``single_transformer_blocks``,
-    ``blocks``, ``layer``, ...); nested ones (``encoder.layer``) are found too.
-    """
-    out: list[tuple[str, nn.ModuleList]] = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.rpartition(".")[2] in _BLOCK_LISTS and len(mod):
-            if not any(name.startswith(f"{prev}.") for prev, _ in out):
-                out.append((name, mod))
-    return out
+    return block_lists(model)
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
