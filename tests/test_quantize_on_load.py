@@ -251,3 +251,36 @@ def test_loading_onto_a_gpu_quantizes_there(dense_dir):
 
         y = model(**{k: v.cuda() for k, v in flux_inputs().items()}).sample.cpu()
     assert float((y - inputs_ref).norm() / inputs_ref.norm()) < 0.5
+
+
+#: Families quantized while loading in the default run; ``--soak`` runs every family of
+#: tests/family_fixtures.py (41, ~100 s on the shared CPU).
+QUICK_FAMILIES = ("sd3", "sdxl-unet", "wan", "pixart")
+
+
+def pytest_generate_tests(metafunc):
+    if "family" in metafunc.fixturenames:
+        from tests.family_fixtures import FAMILIES
+
+        metafunc.parametrize("family", sorted(FAMILIES) if metafunc.config.getoption("--soak") else QUICK_FAMILIES)
+
+
+@pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWarning")
+def test_every_family_quantizes_while_loading(family, tmp_path):
+    import diffusers
+
+    from converters.quantize.synthetic import synthetic_samples
+    from tests.family_fixtures import FAMILIES, build
+    from tests.test_families import run as run_family
+
+    cls = getattr(diffusers, FAMILIES[family][0])
+    dense = build(family)
+    dense.save_pretrained(tmp_path)
+    config = SVDQuantConfig(rank=RANK, smoothing=False, clip_search=False, refine_iters=0)
+    model = cls.from_pretrained(tmp_path, quantization_config=config, torch_dtype=torch.float32)
+    assert {n: m.kind for n, m in svdq_modules(model).items()} == select_layers(dense, warn_unknown=False).kinds
+    for group in input_groups(dense, select_layers(dense, warn_unknown=False).kinds):  # one smoothing vector each
+        assert all(torch.equal(model.get_submodule(n).smooth, model.get_submodule(group[0]).smooth) for n in group)
+    _, (x,) = synthetic_samples(dense, 1, seed=123, image_tokens=16, text_tokens=8)
+    ref, got = run_family(dense, x), run_family(model, x)
+    assert bool(torch.isfinite(got).all()) and float((got - ref).norm() / ref.norm()) < 0.5
