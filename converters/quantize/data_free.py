@@ -11,7 +11,12 @@ N(0, 1). Then the smoothing candidates ``s = amax_x^α / amax_w^(1−α)`` becom
 ``s = amax_w^(−β)`` (β = 1 − α ∈ :data:`SMOOTHING_EXPONENTS`) and ``s = 1``: **smoothing from the
 weights alone**, each candidate judged on what it does to the 4-bit weights *and* the 4-bit
 activations (a fixed β = 0.5 without that judgement is the diffusers development branch's
-recipe); the clipping search weighs each input channel's error by ``E[(x/s)²] = 1/s²``.
+recipe); the clipping search weighs each input channel's error by ``E[(x/s)²] = 1/s²``. A linear whose input is
+a GELU's output by the model's structure (diffusers' ``FeedForward`` with ``GELU``: ``ff.net.2``;
+transformers' ``*.output.dense`` after a GELU ``intermediate``) is scored on ``GELU(z)`` rows
+instead, bounded below like its real input, so the search also tries the format's shifted
+unsigned int4 activation codes (docs/format.md §7.2), as the calibrated quantizer does where it
+measures such inputs.
 (A grid of four candidates, not the calibrated quantizer's ten: on MiniLM the full grid was no
 closer to the dense layers, 0.1191 against 0.1195, and cost twice the time; docs/quantization.md.)
 
@@ -39,7 +44,8 @@ from .residual import DEFAULT_CLIP_RATIOS
 from .selection import select_layers
 from .stats import CalibrationStats, LayerStats
 
-__all__ = ["DataFreeQuantizer", "SEARCH_ROWS", "SMOOTHING_EXPONENTS", "input_groups", "quantize_options"]
+__all__ = ["DataFreeQuantizer", "SEARCH_ROWS", "SMOOTHING_EXPONENTS", "input_groups", "post_gelu_inputs",
+           "quantize_options"]
 
 #: Synthetic N(0, 1) input rows the smoothing search scores its candidates on.
 SEARCH_ROWS = 64
@@ -49,12 +55,12 @@ SMOOTHING_EXPONENTS: tuple[float, ...] = (0.75, 0.5, 0.25)
 
 def quantize_options(options: OnLoadOptions) -> QuantizeOptions:
     """The quantizer options of a data-free run (what ``svdq quantize`` would use, less what
-    needs activations: GPTQ, unsigned post-GELU codes, activation-only smoothing candidates)."""
+    needs activations: GPTQ and activation-only smoothing candidates)."""
     return QuantizeOptions(
         rank=options.rank, precision=options.precision, smoothing=options.smoothing,
         alphas=tuple(1.0 - b for b in SMOOTHING_EXPONENTS),
         activation_alphas=(), clip_search=options.clip_search, clip_ratios=DEFAULT_CLIP_RATIOS,
-        unsigned_acts=False, gptq=False, refine_iters=options.refine_iters, lowrank="auto",
+        unsigned_acts=True, gptq=False, refine_iters=options.refine_iters, lowrank="auto",
         w4a16_rank=options.w4a16_rank, weight_only=options.weight_only, calib_rows=SEARCH_ROWS,
         include=options.include, exclude=options.exclude, seed=options.seed,
     )
@@ -82,14 +88,42 @@ def input_groups(model: nn.Module, kinds: Mapping[str, str]) -> list[tuple[str, 
     return groups
 
 
-def _synthetic_stats(group: Sequence[str], in_features: int, seed: int, device: torch.device) -> CalibrationStats:
-    """One input model for the group: ``absmax = 1`` per channel, N(0, 1) rows (seeded by the
-    group's first layer; drawn on the CPU, so every device scores the same rows)."""
+def post_gelu_inputs(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """The linears among ``names`` whose input is a GELU's output, by the model's structure, with
+    the GELU's ``approximate`` (``"tanh"`` or ``"none"``): diffusers' ``FeedForward`` (``net[0]`` a
+    ``GELU``, the linear ``net.2``) and transformers' ``<layer>.output.dense`` after
+    ``<layer>.intermediate.intermediate_act_fn`` of a GELU class. Every GELU variant is ≥ −0.17."""
+    out: dict[str, str] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        try:
+            if name.endswith("net.2"):
+                act = model.get_submodule(parent.rpartition(".")[0]).net[0]
+                if type(act).__name__ == "GELU":
+                    out[name] = str(getattr(act, "approximate", "none"))
+            elif name.endswith("output.dense"):
+                layer = parent.rpartition(".")[0]
+                act = model.get_submodule(f"{layer}.intermediate" if layer else "intermediate").intermediate_act_fn
+                kind = type(act).__name__
+                if "GELU" in kind and "GLU" not in kind.replace("GELU", ""):
+                    out[name] = "tanh" if "Tanh" in kind or "New" in kind else "none"
+        except (AttributeError, IndexError, TypeError):
+            continue
+    return out
+
+
+def _synthetic_stats(group: Sequence[str], in_features: int, seed: int, device: torch.device,
+                     gelu: str | None = None) -> CalibrationStats:
+    """One input model for the group: ``absmax = 1`` per channel, N(0, 1) rows — ``GELU`` of them
+    for a post-GELU input (``gelu`` = its ``approximate``) — seeded by the group's first layer and
+    drawn on the CPU, so every device scores the same rows."""
     g = torch.Generator().manual_seed(layer_seed(seed, group[0]))
-    rows = torch.randn(SEARCH_ROWS, in_features, generator=g).to(device)
-    stats = LayerStats(absmax=torch.ones(in_features, device=device), rows=rows,
+    rows = torch.randn(SEARCH_ROWS, in_features, generator=g)
+    if gelu is not None:
+        rows = torch.nn.functional.gelu(rows, approximate=gelu)
+    stats = LayerStats(absmax=torch.ones(in_features, device=device), rows=rows.to(device),
                        keys=torch.arange(SEARCH_ROWS, dtype=torch.float64), count=SEARCH_ROWS,
-                       minval=float("-inf"))
+                       minval=float(rows.min()) if gelu is not None else float("-inf"))
     return CalibrationStats(dict.fromkeys(group, stats), [list(group)], source="data-free")
 
 
@@ -107,9 +141,14 @@ class DataFreeQuantizer:
 
     method = "data-free"
 
+    def __init__(self) -> None:
+        #: Planned linears whose input is a GELU's output → the GELU's ``approximate``.
+        self.post_gelu: dict[str, str] = {}
+
     def plan(self, model: nn.Module, options: OnLoadOptions) -> LayerPlan:
         """``svdq quantize``'s layer choice, in structural input groups."""
         sel = select_layers(model, include=options.include, exclude=options.exclude, weight_only=options.weight_only)
+        self.post_gelu = post_gelu_inputs(model, [n for n, k in sel.kinds.items() if k == "w4a4"])
         return LayerPlan(kinds=dict(sel.kinds), groups=input_groups(model, sel.kinds), skipped=dict(sel.skipped))
 
     def settings(self, options: OnLoadOptions) -> dict[str, Any]:
@@ -117,7 +156,7 @@ class DataFreeQuantizer:
         opts = quantize_options(options)
         return {
             "smoothing_exponents": [round(1.0 - a, 6) for a in opts.alphas] if options.smoothing else [],
-            "search_inputs": f"{SEARCH_ROWS} rows of N(0, 1) per input group",
+            "search_inputs": f"{SEARCH_ROWS} rows of N(0, 1) per input group (GELU of them after a GELU)",
             "clip_ratios": list(opts.clip_ratios) if options.clip_search else [],
             "lowrank": opts.lowrank,
             "gptq": opts.gptq,
@@ -132,7 +171,8 @@ class DataFreeQuantizer:
         names = list(group)
         linears = {n: _linear(weights[n], biases[n]) for n in names}
         first = weights[names[0]]
-        stats = _synthetic_stats(names, first.shape[1], options.seed, first.device)
+        gelu = self.post_gelu.get(names[0]) if len(names) == 1 else None
+        stats = _synthetic_stats(names, first.shape[1], options.seed, first.device, gelu)
         # quantize_group seeds torch's generators per layer: leave the caller's random state as it was
         with torch.random.fork_rng(devices=[first.device] if first.device.type == "cuda" else []):
             done = quantize_group(names, linears, kinds, stats, quantize_options(options), report=False)
