@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from converters import nunchaku_layout as L
+from converters.nunchaku import layout as L
 
 # FLUX.1 double block (inner 3072): fused qkv, out_proj, fc1, fc2 (N, K); rank 32.
 SHAPES = {"qkv_proj": (9216, 3072), "out_proj": (3072, 3072), "mlp_fc1": (12288, 3072), "mlp_fc2": (3072, 12288)}

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     linear_peers.GRAPHS = args.graphs
 
     from svdq_format import ops, packing
-    from svdq_kernels import cutlass_fast8, triton_fast
+    from svdq_kernels import cutlass_fast8, triton_fast, triton_prologue
     from svdq_kernels.build import load_kernel
     from svdq_kernels.configs import AUTO_GROUP64_CONFIGS, GROUP64_CANDIDATES, GROUP64_CONFIGS, group64_config
 
@@ -96,13 +96,13 @@ def main(argv=None) -> int:
         res["fast8"] = _bench(lambda: cutlass_fast8.fast8_linear(*layer8))
         res["fast"] = _bench(lambda: triton_fast.fast_linear(*layer))
         s16, rowinv = cutlass_fast8.fast8_weights(qweight, wscales)
-        q, a, lr = triton_fast.prologue(x, smooth, down, lr16=True)
-        res["fast8_prologue"] = _bench(lambda: triton_fast.prologue(x, smooth, down, lr16=True))
+        q, a, lr = triton_prologue.prologue(x, smooth, down, lr16=True)
+        res["fast8_prologue"] = _bench(lambda: triton_prologue.prologue(x, smooth, down, lr16=True))
         res["fast8_lowrank"] = _bench(lambda: cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device))
         # the compiled path: the quantizer as Inductor compiles it (stand-alone here; in a model it
         # is fused into the producer of x), then the layer given q and a
         res["quant_inductor"] = _bench(lambda: quant_graph(x, smooth))
-        res["fast8_lowrank_down"] = _bench(lambda: triton_fast.lowrank_down(x, down))
+        res["fast8_lowrank_down"] = _bench(lambda: triton_prologue.lowrank_down(x, down))
         res["fast8_given_q"] = _bench(lambda: cutlass_fast8.fast8_linear_fp8(x, q, a, *layer8[1:]))
         c = cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device)
         zero_c = torch.zeros_like(c)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         # host (CPU) time per call, launches not waited for: what eager mode pays per layer
         host = {name: linear_peers.host_us(fn) for name, fn in (
             ("fast8", lambda: cutlass_fast8.fast8_linear(*layer8)),
-            ("fast8_prologue", lambda: triton_fast.prologue(x, smooth, down, lr16=True)),
+            ("fast8_prologue", lambda: triton_prologue.prologue(x, smooth, down, lr16=True)),
             ("fast8_lowrank", lambda: cutlass_fast8.lowrank_source(lr, up, bias, m=m, n=n, device=x.device)),
             ("fast8_gemm", lambda: cutlass_fast8.group64_gemm(qweight, s16, rowinv, q, a, c)),
             ("bf16", lambda: torch.nn.functional.linear(x, lay.w, bias)))}

@@ -59,7 +59,7 @@ def fp8_rowwise(x: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor, bias: torch
 def measure_shape(m: int, k: int, n: int, rank: int) -> dict:
     """One shape's timings (milliseconds, see the module doc) and ratios."""
     from svdq_format import ops
-    from svdq_kernels import cutlass_fast8, lowrank_tiles, triton_fast
+    from svdq_kernels import cutlass_fast8, lowrank_tiles, triton_prologue
 
     torch.manual_seed(0)
     L = random_layer(m, k, n, rank)
@@ -96,9 +96,9 @@ def measure_shape(m: int, k: int, n: int, rank: int) -> dict:
     t["svdq_gemm_ktiles"] = bench(lambda: cutlass_fast8.group64_gemm_lowrank(
         L.qweight, scales, rowinv, q, ag, bias, lr, l1))
     s16, rowinv16 = cutlass_fast8.fast8_weights(L.qweight, L.wscales)
-    lr16 = triton_fast.lowrank_down(x, L.down)
+    lr16 = triton_prologue.lowrank_down(x, L.down)
     c = cutlass_fast8.lowrank_source(lr16, L.up, bias, m=m, n=n, device=x.device)
-    t["lowrank_down"] = bench(lambda: triton_fast.lowrank_down(x, L.down))
+    t["lowrank_down"] = bench(lambda: triton_prologue.lowrank_down(x, L.down))
     t["lowrank_source"] = bench(lambda: cutlass_fast8.lowrank_source(lr16, L.up, bias, m=m, n=n, device=x.device))
     t["svdq_gemm_plain"] = bench(lambda: cutlass_fast8.group64_gemm(L.qweight, s16, rowinv16, q, a, c))
     diff = ((outs["svdq_layer"].float() - outs["svdq_layer_two_step"].float()).norm()

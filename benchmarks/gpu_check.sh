@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv > "$
 python3 -c "import torch,triton;print(torch.__version__,torch.version.cuda,triton.__version__,torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 [ -n "${SKIP_BUILD:-}" ] && echo "build skipped" > "$OUT/build.log" || ( t0=$(date +%s); python3 -m svdq_format.cli kernels build -v > "$OUT/build.log" 2>&1; echo "build rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$OUT/build.log" ) &
 BUILD=$!
-python3 benchmarks/gemm_configs.py --out "$OUT/configs.json" 2>&1 | tee "$OUT/configs.log"
+python3 benchmarks/gemm_datapaths.py --out "$OUT/gemm_datapaths.json" 2>&1 | tee "$OUT/gemm_datapaths.log"
 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_kernels_dispatch.py 2>&1 | tee "$OUT/pytest.log" | tail -25
 wait $BUILD; tail -4 "$OUT/build.log"
 [ -n "${SKIP_BUILD:-}" ] || python3 - <<'PY' 2>&1 | tee -a "$OUT/build.log"

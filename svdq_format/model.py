@@ -1,4 +1,4 @@
-"""Whole models: find SVDQ layers, swap them in from a manifest, save/load model checkpoints.
+"""Whole models: find SVDQ layers, swap them in from a manifest, save model checkpoints.
 
 A *quantized model* is any ``nn.Module`` in which some ``nn.Linear`` children were replaced by
 :class:`~svdq_format.linear.SVDQLinear`. Its checkpoint is its full ``state_dict()``: the
@@ -9,23 +9,23 @@ format metadata describing the SVDQ layers (docs/format.md §8).
 * :func:`set_mode` — the execution mode (``exact`` / ``fast`` / ``fast8``) of every SVDQ layer.
 * :func:`replace_linears` — swap ``nn.Linear`` modules for empty ``SVDQLinear`` per a manifest
   (on the meta device by default, the way loaders build models before weights arrive).
-* :func:`save_model_file` / :func:`load_model_file` — one-file checkpoint of a whole model.
-* :func:`save_model_dir` / :func:`load_model_dir` — a model directory: ``config.json`` (with
-  ``quantization_config``) + ``diffusion_pytorch_model.safetensors``.
+* :func:`save_model_file` — one-file checkpoint of a whole model.
+* :func:`save_model_dir` — a model directory: ``config.json`` (with ``quantization_config``) +
+  ``diffusion_pytorch_model.safetensors``.
 * :func:`save_pretrained` — a model directory in the diffusers layout, sharded when larger than
   ``max_shard_size`` (``diffusion_pytorch_model-0000i-of-0000n.safetensors`` + index JSON); all
   tensors of one SVDQ layer stay in one shard and every shard's header carries the manifest of
   its own layers.
 * :func:`save_single_file` — the whole model in one ``.safetensors`` file with the model config
   embedded in the header (``__metadata__["config"]``).
-* :func:`load_pretrained` — either form (directory or single file) in one call: the model is
-  built on the meta device and tensors are streamed shard by shard to the target device.
+* the directory layout's names (:data:`WEIGHTS_NAME`, :data:`INDEX_NAME`, ...).
+
+Loading is :mod:`svdq_format.pretrained` (``load_pretrained``, ``load_model_file``,
+``load_model_dir``) on the loading core :mod:`svdq_format.checkpoint`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -36,50 +36,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FormatError, ManifestError, TensorError, UnsupportedError
+from .errors import ManifestError, UnsupportedError
 from .fusion import refuse_if_fused
-from .io import (
-    SafetensorsHeader,
-    TensorReader,
-    _check_tensors_against_manifest,
-    aligned,
-    atomic_write,
-    layer_state,
-    producer_info,
-    read_header,
-    read_metadata,
-    save_file,
-)
+from .io import atomic_write, layer_state, producer_info, save_file
 from .linear import EXEC_MODES, SVDQLinear
-from .spec import FLOAT_DTYPES, FormatMetadata, LayerSpec, dtype_name
+from .spec import FormatMetadata, LayerSpec
 
 __all__ = [
     "WEIGHTS_NAME",
     "TRANSFORMERS_WEIGHTS_NAME",
+    "TRANSFORMERS_INDEX_NAME",
     "CONFIG_NAME",
     "svdq_modules",
     "set_mode",
     "model_metadata",
     "replace_linears",
+    "set_submodule",
     "save_model_file",
-    "load_model_file",
     "save_model_dir",
-    "load_model_dir",
-    "read_model_config",
     "INDEX_NAME",
+    "SHARD_NAME",
     "SINGLE_FILE_CONFIG_KEY",
     "DEFAULT_MAX_SHARD_SIZE",
     "parse_size",
     "model_config",
     "plan_shards",
-    "checkpoint_files",
     "save_pretrained",
     "save_single_file",
-    "load_pretrained",
 ]
 
 #: File name of an unsharded model's weights (the diffusers name).
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+#: The model config (with ``quantization_config``) of a model directory.
 CONFIG_NAME = "config.json"
 #: Index of a sharded model directory (the diffusers name).
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -88,6 +76,12 @@ SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{total:05d}.safetensors"
 _SHARD_RE = re.compile(r"diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors")
 #: The weights file of a transformers model (a pipeline's text encoders): ``model.safetensors``.
 TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
+#: Index of a sharded transformers model directory.
+TRANSFORMERS_INDEX_NAME = TRANSFORMERS_WEIGHTS_NAME + ".index.json"
+#: ``__metadata__`` key holding the model config (JSON) of a single-file checkpoint.
+SINGLE_FILE_CONFIG_KEY = "config"
+#: Default largest weight file of :func:`save_pretrained`.
+DEFAULT_MAX_SHARD_SIZE = "10GB"
 
 
 def _names(weights_name: str) -> tuple[str, str, re.Pattern[str]]:
@@ -95,9 +89,6 @@ def _names(weights_name: str) -> tuple[str, str, re.Pattern[str]]:
     stem = weights_name.removesuffix(".safetensors")
     return (weights_name + ".index.json", stem + "-{index:05d}-of-{total:05d}.safetensors",
             re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors"))
-#: ``__metadata__`` key holding the model config (JSON) of a single-file checkpoint.
-SINGLE_FILE_CONFIG_KEY = "config"
-DEFAULT_MAX_SHARD_SIZE = "10GB"
 
 
 def svdq_modules(model: nn.Module) -> dict[str, SVDQLinear]:
@@ -144,7 +135,8 @@ def model_metadata(model: nn.Module, *, extra: Mapping[str, Any] | None = None) 
     )
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` of ``model`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -193,7 +185,7 @@ def replace_linears(
                 f"{spec.out_features}x{spec.in_features} one",
             )
         new = SVDQLinear.from_spec(spec, device=device)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         out[name] = new
     return out
 
@@ -216,51 +208,6 @@ def save_model_file(
     }
     save_file(layers, path, metadata=metadata, extra_tensors=extra)
     return model_metadata(model, extra=metadata)
-
-
-def load_model_file(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    *,
-    device: torch.device | str = "cpu",
-    strict: bool = True,
-) -> nn.Module:
-    """Load a whole-model SVDQuant file into a model built from its config (unquantized).
-
-    The manifest's linears are replaced by ``SVDQLinear`` modules, then every tensor is
-    loaded. With ``strict`` (default), a key the model lacks or a model tensor missing from
-    the file is an error, never a silent random init.
-
-    Returns:
-        The model (modified in place), on ``device``.
-    """
-    p = os.fspath(path)
-    header = read_header(p)
-    meta = read_metadata(p, header)
-    # Reuse the file-level checks (dtypes/shapes of every layer tensor, values).
-    _check_tensors_against_manifest(header, meta)
-    replace_linears(model, meta.layers, device="meta", file=p)
-    expected = model.state_dict(keep_vars=True)
-    names = set(header.tensors)
-    if strict:
-        missing = sorted(set(expected) - names)
-        unexpected = sorted(names - set(expected))
-        if missing:
-            raise TensorError(p, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
-        if unexpected:
-            raise TensorError(
-                p, unexpected[0], f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)"
-            )
-    state: dict[str, torch.Tensor] = {}
-    with TensorReader(header) as handle:
-        for key in sorted(names & set(expected)):
-            t = handle.get_tensor(key)
-            ref = expected[key]
-            if tuple(t.shape) != tuple(ref.shape):
-                raise TensorError(p, key, f"shape {list(t.shape)}, model expects {list(ref.shape)}")
-            state[key] = t
-    model.load_state_dict(state, strict=False, assign=True)
-    return model.to(device)
 
 
 def save_model_dir(
@@ -301,60 +248,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.dtype):
         return str(obj).removeprefix("torch.")
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def load_model_dir(
-    directory: str | os.PathLike[str],
-    model_cls: Any = None,
-    *,
-    device: torch.device | str = "cpu",
-) -> nn.Module:
-    """Load a directory written by :func:`save_model_dir` into a fresh model.
-
-    Args:
-        directory: The model directory.
-        model_cls: Class with ``from_config`` (diffusers) to build the model; default: the
-            diffusers class named by ``config.json``'s ``_class_name``.
-        device: Target device.
-
-    Returns:
-        The quantized model.
-    """
-    d = Path(directory)
-    cfg, _ = read_model_config(d)
-    if model_cls is None:
-        import diffusers
-
-        name = cfg.get("_class_name")
-        model_cls = getattr(diffusers, str(name), None)
-        if model_cls is None:
-            raise ManifestError(str(d / CONFIG_NAME), "_class_name", f"unknown diffusers class {name!r}")
-    model = model_cls.from_config(cfg)
-    return load_model_file(model, d / WEIGHTS_NAME, device=device)
-
-
-def read_model_config(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], FormatMetadata]:
-    """Read a model directory's ``config.json``: ``(model config without quantization_config,
-    the checked format metadata)``.
-
-    Raises:
-        FormatError: no ``config.json``; ``ManifestError`` when it is not JSON, has no
-            ``quantization_config``, or that fails the format's checks (version, layout, ...).
-    """
-    d = Path(directory)
-    cfg_path = d / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FormatError(str(d), CONFIG_NAME, "missing: not a model directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise ManifestError(str(cfg_path), None, f"not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise ManifestError(str(cfg_path), None, "not a JSON object")
-    qc = cfg.pop("quantization_config", None)
-    if qc is None:
-        raise ManifestError(str(cfg_path), "quantization_config", "missing: not an SVDQuant model")
-    return cfg, FormatMetadata.from_json(qc, file=str(cfg_path))
 
 
 # --------------------------------------------------------------------------- pretrained layouts
@@ -560,232 +453,3 @@ def save_single_file(
     _write_shard(units, layers, p, metadata=metadata,
                  header_metadata={SINGLE_FILE_CONFIG_KEY: json.dumps(cfg, sort_keys=True)})
     return p
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise ManifestError(str(path), None, f"not valid JSON ({exc})") from None
-
-
-def checkpoint_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """The weight files of a model directory: the shards named by the index, else the single file."""
-    d = Path(directory)
-    index_path = d / INDEX_NAME
-    if not index_path.is_file() and not (d / WEIGHTS_NAME).is_file():  # a transformers model's directory
-        if (d / _names(TRANSFORMERS_WEIGHTS_NAME)[0]).is_file() or (d / TRANSFORMERS_WEIGHTS_NAME).is_file():
-            index_path = d / _names(TRANSFORMERS_WEIGHTS_NAME)[0]
-            if not index_path.is_file():
-                return [d / TRANSFORMERS_WEIGHTS_NAME]
-    if index_path.is_file():
-        index = _read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ManifestError(str(index_path), "weight_map", "missing or not an object of file names")
-        files = []
-        for name in sorted(set(weight_map.values())):
-            if "/" in name or "\\" in name or name.startswith("."):
-                raise ManifestError(str(index_path), "weight_map", f"bad shard name {name!r}")
-            if not (d / name).is_file():
-                raise FormatError(str(d / name), None, "shard listed in the index is missing")
-            files.append(d / name)
-        return files
-    if (d / WEIGHTS_NAME).is_file():
-        return [d / WEIGHTS_NAME]
-    raise FormatError(str(d), WEIGHTS_NAME, "missing: no weights file or index in the model directory")
-
-
-def _checked_headers(files: list[Path]) -> tuple[list[SafetensorsHeader], dict[str, LayerSpec], FormatMetadata]:
-    """Parse every file's header, check its tensors against its own manifest, merge manifests."""
-    headers: list[SafetensorsHeader] = []
-    merged: dict[str, LayerSpec] = {}
-    first: FormatMetadata | None = None
-    owner: dict[str, str] = {}
-    for f in files:
-        header = read_header(f)
-        meta = read_metadata(f, header)
-        _check_tensors_against_manifest(header, meta)
-        for name, spec in meta.layers.items():
-            if name in merged:
-                raise ManifestError(str(f), name, "layer appears in more than one file")
-            merged[name] = spec
-        for key in header.tensors:
-            if key in owner:
-                raise TensorError(str(f), key, f"tensor also stored in {owner[key]}")
-            owner[key] = str(f)
-        headers.append(header)
-        first = first or meta
-    assert first is not None
-    return headers, merged, first
-
-
-def _model_class(cfg: Mapping[str, Any], file: str) -> Any:
-    name = cfg.get("_class_name")
-    import diffusers
-
-    cls = getattr(diffusers, str(name), None) if isinstance(name, str) else None
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ManifestError(file, "_class_name", f"unknown diffusers model class {name!r}")
-    return cls
-
-
-def _empty_model(model_cls: Any, cfg: Mapping[str, Any]) -> nn.Module:
-    """Build the model with its parameters on the meta device (no memory, no init)."""
-    try:
-        from accelerate import init_empty_weights
-    except ImportError:  # pragma: no cover - accelerate ships with diffusers installs
-        init_empty_weights = contextlib.nullcontext
-    with init_empty_weights():
-        return model_cls.from_config(dict(cfg))
-
-
-def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
-    module_name, _, name = key.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    if name in module._parameters:
-        old = module._parameters[name]
-        module._parameters[name] = nn.Parameter(value, requires_grad=bool(old is not None and old.requires_grad))
-    else:
-        module._buffers[name] = value
-
-
-def load_pretrained(
-    path: str | os.PathLike[str],
-    model_cls: Any = None,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Load a quantized model from a directory (sharded or not) or a single file, in one call.
-
-    The model is built from its config with parameters on the meta device, the manifest's
-    linears are swapped for ``SVDQLinear``, every header is checked against its manifest and
-    the key sets must match exactly (missing or unexpected tensors raise). Tensors are then
-    read one at a time and moved to ``device``, so host memory holds at most one tensor beyond
-    what the model keeps there.
-
-    Args:
-        path: A model directory (``config.json`` + weights) or a single-file checkpoint.
-        model_cls: Class with ``from_config``; default: the diffusers class named in the config.
-        device: Target device of every tensor.
-        dtype: Compute dtype to load in: the dense floating tensors are cast to it and it becomes
-            the SVDQ layers' compute dtype (their smooth, low-rank and bias tensors are cast;
-            4-bit codes and scales stay as stored). Default: as stored.
-
-    Returns:
-        The quantized model in eval mode. diffusers models come back with the svdquant
-        quantizer attached, so ``model.save_pretrained`` writes this format again.
-
-    Raises:
-        FormatError: (or a subclass) naming file, key and reason.
-    """
-    p = Path(path)
-    if p.is_file():
-        files = [p]
-        header = read_header(p)
-        text = header.metadata.get(SINGLE_FILE_CONFIG_KEY)
-        if text is None:
-            raise ManifestError(
-                str(p),
-                SINGLE_FILE_CONFIG_KEY,
-                "no model config in the header: not a single-file model (pass a directory)",
-            )
-        try:
-            cfg = json.loads(text)
-        except ValueError as exc:
-            raise ManifestError(str(p), SINGLE_FILE_CONFIG_KEY, f"not valid JSON ({exc})") from None
-        cfg_meta = None
-        where = str(p)
-    elif p.is_dir():
-        cfg_path = p / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise FormatError(str(p), CONFIG_NAME, "missing: not a model directory")
-        cfg = _read_json(cfg_path)
-        if not isinstance(cfg, dict):
-            raise ManifestError(str(cfg_path), None, "config must be a JSON object")
-        qc = cfg.get("quantization_config")
-        if qc is None:
-            raise ManifestError(str(cfg_path), "quantization_config", "missing: not an SVDQuant model")
-        cfg_meta = FormatMetadata.from_json(qc, file=str(cfg_path))
-        files = checkpoint_files(p)
-        where = str(cfg_path)
-    else:
-        raise FormatError(str(p), None, "no such file or directory")
-    headers, layers, first = _checked_headers(files)
-    if cfg_meta is not None and cfg_meta.layers != layers:
-        diff = sorted(set(layers) ^ set(cfg_meta.layers)) or [n for n in layers if layers[n] != cfg_meta.layers[n]]
-        raise ManifestError(where, diff[0], "config.json manifest disagrees with the safetensors files")
-    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    cls = model_cls if model_cls is not None else _model_class(cfg, where)
-    model = _empty_model(cls, cfg)
-    if dtype is not None:
-        if dtype_name(dtype) not in FLOAT_DTYPES:
-            raise UnsupportedError(f"dtype {dtype} is not one of {FLOAT_DTYPES}")
-        specs = {n: dataclasses.replace(spec, dtype=dtype_name(dtype)) for n, spec in layers.items()}
-    else:
-        specs = dict(layers)
-    replace_linears(model, specs, device="meta", file=where)
-    expected = model.state_dict(keep_vars=True)
-    stored = {key: h.path for h in headers for key in h.tensors}
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    if missing:
-        raise TensorError(where, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
-    if unexpected:
-        raise TensorError(
-            stored[unexpected[0]],
-            unexpected[0],
-            f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)",
-        )
-    # Onto another device, every tensor is read into one reused host buffer and copied onward:
-    # host memory stays at the largest tensor (fresh buffers per tensor would leave the heap
-    # as large as the allocator cares to keep, up to the whole model with glibc's defaults).
-    streaming = torch.device(device).type != "cpu"
-    staging = None
-    if streaming:
-        largest = max((e.end - e.begin for h in headers for e in h.tensors.values()), default=0)
-        staging = torch.empty(largest, dtype=torch.uint8)
-    for header in headers:
-        with TensorReader(header) as handle:  # plain reads into aligned tensors, one at a time
-            for key in header.tensors:
-                t = handle.get_tensor(key, out=staging)
-                ref = expected[key]
-                if tuple(t.shape) != tuple(ref.shape):
-                    raise TensorError(header.path, key, f"shape {list(t.shape)}, model expects {list(ref.shape)}")
-                head, _, role = key.rpartition(".")
-                is_layer = head in layers
-                cast = dtype is not None and (not is_layer or role in _COMPUTE_ROLES) and t.is_floating_point()
-                if streaming:
-                    t = t.to(device)  # a copy: the staging buffer is free again
-                    _assign(model, key, t.to(dtype) if cast else t)
-                else:
-                    _assign(model, key, aligned(t.to(dtype)) if cast else t)
-                del t
-    del staging
-    if torch.device(device).type != "cpu":
-        model.to(device)  # non-persistent buffers built on the host
-    _attach_quantizer(model, FormatMetadata(layers=specs, format_version=first.format_version,
-                                            layout=first.layout, producer=first.producer,
-                                            extra=(cfg_meta or first).extra))
-    return model.eval()
-
-
-#: SVDQ tensors in the compute dtype (cast by an explicit ``dtype``); codes and scales never are.
-_COMPUTE_ROLES = frozenset({"smooth", "lora_down", "lora_up", "bias"})
-
-
-def _attach_quantizer(model: nn.Module, meta: FormatMetadata) -> None:
-    """Give a diffusers model the svdquant quantizer (``save_pretrained``/pipelines then work)."""
-    try:
-        from diffusers import ModelMixin
-    except ImportError:  # pragma: no cover
-        return
-    if isinstance(model, ModelMixin):
-        from .diffusers import attach_quantizer
-
-        attach_quantizer(model, meta)
-    elif hasattr(model, "config") and hasattr(getattr(model, "config", None), "model_type"):
-        from .transformers import attach_quantizer as attach_hf
-
-        attach_hf(model, meta)

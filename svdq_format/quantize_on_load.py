@@ -7,7 +7,9 @@ rank=32))`` runs here, through :class:`~svdq_format.diffusers.SVDQuantizer`'s ho
    checked (:class:`OnLoadOptions`, at ``SVDQuantConfig(...)`` already), every ``include`` /
    ``exclude`` pattern must match a linear of the model, the layer plan comes from the quantizer
    plug-in (which linears, W4A4 or weight-only W4A16, their input groups: the same defaults as
-   ``svdq quantize``), and every planned tensor must be in the checkpoint's safetensors files.
+   ``svdq quantize``), and every planned tensor must be in the checkpoint's safetensors files
+   with the model's shape (headers only; the loading core's checks,
+   :func:`~svdq_format.checkpoint.check_key_sets` and :func:`~svdq_format.checkpoint.check_shape`).
 2. **Each shard** (``maybe_update_state_dict``): the planned weights and biases in the shard's
    state dict become meta placeholders, so diffusers never touches their memory-mapped pages.
 3. **Each planned tensor** (``check_if_quantized_param`` / ``create_quantized_param``): once every
@@ -39,10 +41,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .checkpoint import check_key_sets, check_shape
 from .device_read import read_to_device
 from .errors import TensorError, UnsupportedError
-from .io import SafetensorsHeader, TensorReader, producer_info, read_header
+from .io import SafetensorsHeader, TensorReader, read_header
 from .linear import SVDQLinear
+from .model import model_metadata, set_submodule
 from .spec import FLOAT_DTYPES, PRECISIONS, QUANTIZER_KEY, FormatMetadata, QuantizerInfo, dtype_name
 
 __all__ = [
@@ -286,10 +290,14 @@ class OnLoadQuantization:
         for name in plan.kinds:
             module = model.get_submodule(name)
             keys = (f"{name}.weight",) + ((f"{name}.bias",) if getattr(module, "bias", None) is not None else ())
-            for key in keys:
-                if key not in self._where:
-                    raise TensorError(self._file, key, "missing from the checkpoint: this layer cannot be quantized")
             self._needs[name] = keys
+        # the loading core's checks (svdq_format.checkpoint): every planned tensor stored, in its model shape
+        planned = [k for keys in self._needs.values() for k in keys]
+        check_key_sets(planned, {k: self._where[k].path for k in planned if k in self._where}, where=self._file,
+                       model_name=type(model).__name__)
+        for key in planned:
+            check_shape(self._where[key].path, key, self._where[key].tensors[key].shape,
+                        model.get_parameter(key).shape)
         self._group = {n: tuple(g) for g in plan.groups for n in g}
         self.plan = plan
         return plan
@@ -352,8 +360,7 @@ class OnLoadQuantization:
             if not isinstance(layer, SVDQLinear) or (layer.in_features, layer.out_features) != (
                     linear.in_features, linear.out_features):
                 raise UnsupportedError(f"{type(self.quantizer).__name__}: returned no matching SVDQLinear for {name}")
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer.to(self._target[name]))
+            set_submodule(model, name, layer.to(self._target[name]))
             self._done.add(name)
         self._bar.update(len(group))
 
@@ -370,5 +377,4 @@ class OnLoadQuantization:
                               f"{len(left)} layers not quantized")
         settings = {**self.options.to_json(), **self.quantizer.settings(self.options)}
         info = QuantizerInfo(method=self.quantizer.method, options=settings)
-        layers = {n: m.spec for n, m in model.named_modules() if isinstance(m, SVDQLinear)}
-        return FormatMetadata(layers=layers, producer=producer_info(), extra={QUANTIZER_KEY: info.to_json()})
+        return model_metadata(model, extra={QUANTIZER_KEY: info.to_json()})

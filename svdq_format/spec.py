@@ -39,6 +39,7 @@ __all__ = [
     "QuantizerInfo",
     "tensor_names",
     "expected_tensors",
+    "COMPUTE_ROLES",
     "dtype_name",
     "dtype_from_name",
 ]
@@ -338,6 +339,11 @@ class QuantizerInfo:
             calibration=dict(calibration) if isinstance(calibration, Mapping) else None,
             extra={k: v for k, v in obj.items() if k not in ("method", "options", "calibration")},
         )
+
+
+#: The roles of an SVDQ layer held in its compute dtype (``LayerSpec.dtype``): a load in another
+#: compute dtype casts them; the 4-bit codes and their scales never are.
+COMPUTE_ROLES: frozenset[str] = frozenset({"smooth", "lora_down", "lora_up", "bias"})
 
 
 @dataclasses.dataclass

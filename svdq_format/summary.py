@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .io import _model_files, read_header, read_metadata
+from .checkpoint import checkpoint_files
+from .errors import FormatError
+from .io import read_header, read_metadata
 from .spec import tensor_names
 
 __all__ = ["summarize", "format_summary", "format_size"]
@@ -27,7 +29,11 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         it was quantized: :class:`~svdq_format.spec.QuantizerInfo` as JSON, or ``None``).
     """
     p = Path(path)
-    files = [p] if p.is_file() else list(_model_files(p))
+    if not p.exists():  # the words of `svdq validate`
+        raise FormatError(str(p), None, "no such file or directory")
+    files = [p] if p.is_file() else checkpoint_files(p, any_names=True)
+    if not files:
+        raise FormatError(str(p), None, "directory holds no .safetensors files")
     by_kind: collections.Counter[str] = collections.Counter()
     ranks: collections.Counter[int] = collections.Counter()
     groups: set[int] = set()
@@ -55,8 +61,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
                 other_count += 1
                 other_bytes += entry.end - entry.begin
                 bf16_bytes += 2 * math.prod(entry.shape)
-    if meta0 is None:
-        raise FileNotFoundError(f"{p}: no .safetensors files")
+    assert meta0 is not None  # files is not empty
     stored = q_bytes + other_bytes
     return {
         "path": str(p),

@@ -28,12 +28,10 @@ shards, each shard carries its layers' manifest) and ``config.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,17 +39,16 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import ManifestError, TensorError, UnsupportedError
+from .checkpoint import check_key_sets, check_manifests_agree, read_checkpoint_files, with_compute_dtype
+from .errors import UnsupportedError
 from .io import aligned
 from .linear import SVDQLinear
-from .spec import FLOAT_DTYPES, FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, dtype_name
+from .model import TRANSFORMERS_WEIGHTS_NAME, replace_linears, set_submodule, svdq_modules
+from .model import save_pretrained as save
+from .spec import COMPUTE_ROLES, FLOAT_DTYPES, FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, dtype_name
 
 __all__ = ["SVDQuantHfConfig", "SVDQuantHfQuantizer", "register", "attach_quantizer", "save_pretrained",
            "no_dense_weight"]
-
-#: SVDQ tensors in the compute dtype (cast to the loading dtype); codes and scales never are.
-_COMPUTE_ROLES = frozenset({"smooth", "lora_down", "lora_up", "bias"})
-
 
 class SVDQuantHfConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of an SVDQuant transformers model: the format metadata.
@@ -132,22 +129,16 @@ class SVDQuantHfQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from .model import _checked_headers, replace_linears
-
+        # the loading core's checks (svdq_format.checkpoint); transformers reads the tensors itself
         meta = self.quantization_config.metadata
         files = [os.fspath(f) for f in kwargs.get("checkpoint_files") or [] if isinstance(f, (str, os.PathLike))]
         where = files[0] if files else "quantization_config"
         stored: dict[str, str] | None = None
         if files and all(f.endswith(".safetensors") for f in files):
-            headers, layers, _ = _checked_headers([Path(f) for f in files])
-            if layers != meta.layers:
-                diff = sorted(set(layers) ^ set(meta.layers)) or [n for n in layers if layers[n] != meta.layers[n]]
-                raise ManifestError(where, diff[0], "config.json manifest disagrees with the safetensors files")
+            headers, files_meta = read_checkpoint_files(files)
+            check_manifests_agree(where, meta.layers, files_meta.layers)
             stored = {key: entry.dtype for h in headers for key, entry in h.tensors.items()}
-        specs = meta.layers
-        if self._compute_dtype is not None:
-            specs = {n: dataclasses.replace(spec, dtype=self._compute_dtype) for n, spec in specs.items()}
-        replace_linears(model, specs, device="meta", file=where)
+        replace_linears(model, with_compute_dtype(meta.layers, self._compute_dtype), device="meta", file=where)
         no_dense_weight(model)
         # the dtype each SVDQ tensor loads in: compute tensors in the compute dtype, the rest as stored
         self._dtypes = {}
@@ -155,16 +146,11 @@ class SVDQuantHfQuantizer(HfQuantizer):
             if isinstance(mod, SVDQLinear):
                 for role, t in mod.state_dict().items():
                     key = f"{name}.{role}"
-                    keep = stored is not None and key in stored and role not in _COMPUTE_ROLES
+                    keep = stored is not None and key in stored and role not in COMPUTE_ROLES
                     self._dtypes[key] = getattr(torch, stored[key]) if keep and stored is not None else t.dtype
-        if stored is not None:
-            expected = set(model.state_dict())
-            missing, unexpected = sorted(expected - set(stored) - _tied_copies(model)), sorted(set(stored) - expected)
-            if missing:
-                raise TensorError(where, missing[0], f"missing from the checkpoint ({len(missing)} tensors missing)")
-            if unexpected:
-                raise TensorError(where, unexpected[0],
-                                  f"not a tensor of {type(model).__name__} ({len(unexpected)} unexpected)")
+        if stored is not None:  # (tied copies are not stored: transformers ties them again)
+            expected = set(model.state_dict()) - (_tied_copies(model) - set(stored))
+            check_key_sets(expected, dict.fromkeys(stored, where), where=where, model_name=type(model).__name__)
         return model
 
     def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -199,10 +185,8 @@ class SVDQuantHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        from .model import _set_submodule, svdq_modules
-
         for name, layer in svdq_modules(model).items():
-            _set_submodule(model, name, layer.to_linear())
+            set_submodule(model, name, layer.to_linear())
         model.__dict__.pop("save_pretrained", None)
         return model
 
@@ -212,9 +196,6 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
                     push_to_hub: bool = False, **kwargs: Any) -> None:
     """``PreTrainedModel.save_pretrained`` for SVDQuant models: ``config.json`` (with
     ``quantization_config``) and ``model.safetensors`` (or shards + index) in the svdquant layout."""
-    from .model import TRANSFORMERS_WEIGHTS_NAME
-    from .model import save_pretrained as save
-
     if not safe_serialization:
         raise UnsupportedError("svdquant models are saved as safetensors only (safe_serialization=True)")
     if variant is not None:

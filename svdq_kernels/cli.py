@@ -27,7 +27,7 @@ def _check_build_host() -> None:
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build_kernels
     from .configs import AUTO_GROUP64_W4A16_CONFIGS, DEFAULT_CONFIGS, config_by_name
-    from .triton_fast import experimental_kernels
+    from .registry import experimental_kernels
 
     if args.config:
         configs = [config_by_name(n) for n in args.config]
@@ -68,10 +68,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     on = registry.experimental_kernels()
     info["experimental_paths"] = {f"{prec}/{act}": f"{path.name} ({'on' if on else 'off: SVDQ_EXPERIMENTAL_KERNELS=1'})"
                                   for (prec, act), path in registry.EXPERIMENTAL_PATHS.items()}
-    from .triton_fast import SPLIT_K_MAX_M, small_m_splits
+    from .triton_prologue import SPLIT_K_MAX_M, small_m_splits
 
-    info["small_m_splits"] = (f"on at M <= {SPLIT_K_MAX_M} (SVDQ_SMALL_M_SPLITS=0 turns them off)" if small_m_splits()
-                              else "off (SVDQ_SMALL_M_SPLITS=0)")
+    info["small_m_splits"] = f"on at M <= {SPLIT_K_MAX_M}" if small_m_splits() else "off"
     if args.json:
         print(json.dumps(info, indent=2))
     else:

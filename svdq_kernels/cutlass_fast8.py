@@ -9,7 +9,7 @@ with the weights 4-bit in memory.
 
 One layer call:
 
-1. the ``fast`` prologue (:func:`svdq_kernels.triton_fast.prologue`, two short Triton
+1. the ``fast`` prologue (:func:`svdq_kernels.triton_prologue.prologue`, two short Triton
    kernels): ``q`` (e4m3), ``a`` (per-token scale) and ``lr = x · L2ᵀ`` (times the per-rank
    LoRA scales) as bf16 ``[hi | lo]``;
 2. ``c = bias + lr · L1ᵀ`` in bf16: one cuBLAS GEMM of the prologue's ``[hi | lo]`` bf16 split
@@ -25,7 +25,7 @@ low-rank k-tiles (bf16 MMAs of ``lr · L1ᵀ`` into the FP8 k-tiles' accumulator
 In a compiled graph the activations arrive quantized (:func:`fast8_linear_fp8`, the
 ``svdquant::linear_fp8`` op: Inductor fused :func:`svdq_format.ops.quantize_fp8_rows` into the
 kernel that produced ``x``), and step 1 shrinks to the low-rank down projection alone
-(:func:`svdq_kernels.triton_fast.lowrank_down`).
+(:func:`svdq_kernels.triton_prologue.lowrank_down`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from .configs import (
 )
 from .lowrank_tiles import lowrank_k_tiles, lowrank_tiles, padded_up, sentinel_scale_rows
 from .tensor_cache import TensorCache
-from .triton_fast import _layer_inputs, lowrank_down, prologue
+from .triton_fast import layer_inputs
+from .triton_prologue import lowrank_down, prologue
 
 __all__ = ["LOWRANK_IN_GEMM", "fast8_weights", "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8",
            "lowrank_source", "group64_gemm", "group64_gemm_lowrank", "group64_layer"]
@@ -210,7 +211,7 @@ def fast8_linear(
     act_unsigned: bool = False,
 ) -> torch.Tensor:
     """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
-    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
+    x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     if LOWRANK_IN_GEMM and down is not None and up is not None:
         def quantized() -> tuple[torch.Tensor, torch.Tensor]:
             q, a, _ = prologue(x2, smooth, None, act_shift=act_shift)
@@ -240,7 +241,7 @@ def fast8_linear_fp8(
 ) -> torch.Tensor:
     """:func:`fast8_linear` with the activations already quantized (signature of
     :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]``."""
-    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
+    x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     m = x2.shape[0]
     if LOWRANK_IN_GEMM and down is not None and up is not None:
         return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, lambda: (

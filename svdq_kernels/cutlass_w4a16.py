@@ -4,7 +4,7 @@ Semantics: :func:`svdq_format.ops.reference_linear` with ``act="none"`` (AdaLN m
 and whatever the quantizer keeps weight-only), as :func:`svdq_kernels.triton_fast.w4a16_linear`
 computes it: ``x̂`` rounded to fp16 with a per-token power of two (the Triton prologue's ``w16``
 output), int4 weights whose products ``code × scale × 2^e`` are exact in fp16 (``2^e`` per row,
-:func:`svdq_kernels.triton_fast._row_pow2`), fp16 tensor-core MMAs accumulating in fp32. The GEMM
+:func:`svdq_kernels.triton_gemm.row_pow2`), fp16 tensor-core MMAs accumulating in fp32. The GEMM
 is the ``fast8`` kernel's mainloop and epilogue with an fp16 activation operand
 (``Group64GemmConfig(activations="f16")``): the weights stay 4-bit in memory and are converted
 in registers, exactly. Layers whose scales cannot be folded exactly run the Triton path.
@@ -22,7 +22,9 @@ import torch
 from . import triton_fast
 from .cutlass_fast8 import group64_layer
 from .tensor_cache import TensorCache
-from .triton_fast import _layer_inputs, _row_pow2, prologue
+from .triton_fast import layer_inputs
+from .triton_gemm import row_pow2
+from .triton_prologue import prologue
 
 __all__ = ["w4a16_weights", "w4a16_linear"]
 
@@ -38,7 +40,7 @@ def w4a16_weights(wscales: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.T
         when no such power of two exists (then the Triton path runs the layer).
     """
     def make() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        pw = _row_pow2(wscales)
+        pw = row_pow2(wscales)
         if pw is None:
             return None
         scales16 = (wscales.float() * pw.unsqueeze(1)).to(torch.float16).t().contiguous()
@@ -67,6 +69,6 @@ def w4a16_linear(
     if prepared is None:
         return triton_fast.w4a16_linear(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
                                         lora_scales, precision, act, act_shift, act_unsigned)
-    x2, smooth, down, up, bias, lora_scales = _layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
+    x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     return group64_layer(x, x2, qweight, *prepared, up, bias, lambda: prologue(
         x2, smooth, down, act_shift=act_shift, w16=True, lr16=True, lora_scales=lora_scales))

@@ -104,7 +104,7 @@ def lowrank_tiles(
         a: ``[M]`` fp32 token scales of the FP8 activations.
         lora_scales: Optional per-rank multipliers ``[r]``.
     """
-    from .triton_fast import lowrank_partials, triton_cdiv
+    from .triton_prologue import cdiv, lowrank_partials
 
     m = x.shape[0]
     r = lora_down.shape[0]
@@ -113,7 +113,7 @@ def lowrank_tiles(
     lr = torch.empty(m, 2 * rt, device=x.device, dtype=torch.bfloat16)
     ag = torch.empty(m, device=x.device, dtype=torch.float32)
     pbr = plr.shape[2]  # a power of two >= r, so max(pbr, 32) >= rt
-    _kernel()[(triton_cdiv(m, 32),)](
+    _kernel()[(cdiv(m, 32),)](
         plr, lr, a, ag, lora_scales if lora_scales is not None else plr, m, r, plr.shape[0],
         HAS_LRS=lora_scales is not None, BM=32, PBR=pbr, BR=max(pbr, LR_K), RT=rt, num_warps=4)
     return lr, ag

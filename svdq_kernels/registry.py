@@ -32,10 +32,10 @@ from svdq_format.errors import BackendError
 
 from . import cutlass_w4a16
 from .cutlass_fast8 import fast8_linear, fast8_linear_fp8, fast8_unsupported
-from .triton_fast import exact_linear, experimental_kernels, fast_linear, nvfp4_linear, w4a16_linear
+from .triton_fast import exact_linear, fast_linear, nvfp4_linear, w4a16_linear
 
-__all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "EXPERIMENTAL_PATHS", "supports", "register",
-           "unregister", "requirement_missing"]
+__all__ = ["BACKEND_NAME", "PRIORITY", "KernelPath", "PATHS", "EXPERIMENTAL_PATHS", "experimental_kernels", "supports",
+           "register", "unregister", "requirement_missing"]
 
 #: Registry name (``SVDQ_BACKEND=cutlass-sm90`` / ``layer.backend = "cutlass-sm90"``).
 BACKEND_NAME = "cutlass-sm90"
@@ -78,6 +78,12 @@ EXPERIMENTAL_PATHS: dict[tuple[str, str], KernelPath] = {
     ("int4", "none"): KernelPath("w4a16-int4 (triton fp16 prologue + CUTLASS group-64 int4 x fp16 gemm)",
                                  cutlass_w4a16.w4a16_linear, ("triton", "nvcc", "nvidia-cutlass"), fast8_unsupported),
 }
+
+
+def experimental_kernels() -> bool:
+    """Whether ``SVDQ_EXPERIMENTAL_KERNELS=1``: the paths of :data:`EXPERIMENTAL_PATHS` replace
+    the :data:`PATHS` entries of the same combinations (kernels not yet validated on a GPU)."""
+    return os.environ.get("SVDQ_EXPERIMENTAL_KERNELS") == "1"
 
 
 def _path(precision: str, act: str) -> Optional[KernelPath]:

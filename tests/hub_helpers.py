@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import _set_submodule, model_metadata, svdq_modules
+from svdq_format.model import model_metadata, set_submodule, svdq_modules
 
 __all__ = ["quantize_all", "tiny_flux", "tiny_sd3", "flux_inputs", "sd3_inputs", "run"]
 
@@ -20,7 +20,7 @@ def quantize_all(model: nn.Module, *, rank: int = 8, precision: str = "int4",
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and m.in_features % 64 == 0:
             smooth = torch.rand(m.in_features, generator=g) + 0.5
-            _set_submodule(model, name,
+            set_submodule(model, name,
                            SVDQLinear.from_linear(m, rank=rank, precision=precision, smooth=smooth, dtype=dtype))
     assert svdq_modules(model)
     attach_quantizer(model, model_metadata(model, extra={"base_model": "tiny/base", "quantizer": {"rank": rank}}))

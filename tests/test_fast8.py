@@ -403,6 +403,9 @@ def test_fast8_and_w4a16_layers_share_the_group64_tail(monkeypatch):
     monkeypatch.setattr(cutlass_fast8, "prologue", fake_prologue)
     monkeypatch.setattr(cutlass_w4a16, "prologue", fake_prologue)
     monkeypatch.setattr(cutlass_fast8, "group64_gemm", fake_gemm)
+    # the fast8 layer with its low-rank source from cuBLAS (LOWRANK_IN_GEMM, the default now, runs
+    # the low-rank k-tiles GEMM instead, whose inputs test_lowrank_k_tiles_compute_the_fast8_layer checks)
+    monkeypatch.setattr(cutlass_fast8, "LOWRANK_IN_GEMM", False)
     args = (qw, ws, None, smooth, down, up, None, None, "int4")
     y8 = cutlass_fast8.fast8_linear(x, *args, "fp8w")
     y16 = cutlass_w4a16.w4a16_linear(x, *args, "none")

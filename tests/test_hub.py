@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from svdq_format import hub as svdq_hub  # noqa: E402
 from svdq_format.cli import main as cli_main  # noqa: E402
 from svdq_format.errors import FormatError, HubError  # noqa: E402
-from svdq_format.model import load_pretrained, svdq_modules  # noqa: E402
+from svdq_format.model import svdq_modules  # noqa: E402
+from svdq_format.pretrained import load_pretrained  # noqa: E402
 from tests.fakehub import FakeHub, git_sha1, sha256  # noqa: E402
 from tests.hub_helpers import run, tiny_flux  # noqa: E402
 

@@ -160,7 +160,9 @@ def test_cli_build_list_and_info(capsys, tmp_path, monkeypatch) -> None:
     assert info["cache_dir"] == str(tmp_path) and info["backend"] == "cutlass-sm90"
     assert info["nvidia-cutlass"] == "ok" and info["cached_kernels"] == []
     assert info["small_m_splits"].startswith("on at M <= 64")
-    monkeypatch.setenv("SVDQ_SMALL_M_SPLITS", "0")
+    from svdq_kernels import triton_prologue
+
+    monkeypatch.setattr(triton_prologue, "SMALL_M_SPLITS", False)
     assert main(["kernels", "info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["small_m_splits"].startswith("off")
     assert main(["kernels", "build", "--config", "nope"]) == 1
@@ -170,13 +172,13 @@ def test_cli_build_list_and_info(capsys, tmp_path, monkeypatch) -> None:
 def test_transposed_scales_cache_follows_version_and_lifetime() -> None:
     import gc
 
-    from svdq_kernels.triton_fast import _SCALES_T, _scales_t
+    from svdq_kernels.triton_gemm import _SCALES_T, scales_t
 
     ws = torch.randn(8, 3)
-    first = _scales_t(ws)
-    assert _scales_t(ws) is first and torch.equal(first, ws.t())
+    first = scales_t(ws)
+    assert scales_t(ws) is first and torch.equal(first, ws.t())
     ws.mul_(2)  # in-place change bumps the version: recomputed
-    second = _scales_t(ws)
+    second = scales_t(ws)
     assert second is not first and torch.equal(second, ws.t())
     assert len(_SCALES_T) >= 1
     ref = weakref.ref(ws)
@@ -230,20 +232,13 @@ def test_experimental_paths_only_on_request(hopper, monkeypatch: pytest.MonkeyPa
     assert registry._path("int4", "none").linear is cutlass_w4a16.w4a16_linear
 
 
-def test_fast_datapath_is_chosen_by_token_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``auto``: the FP8 MMA datapath for large M (faster there on the H100), the exact-product one
-    below; ``SVDQ_FAST_DATAPATH`` names one for every call; a benchmark-only one is refused."""
+def test_fast_datapath_is_chosen_by_token_count() -> None:
+    """The FP8 MMA datapath for large M (faster there on the H100), the exact-product one below;
+    nothing else chooses it (no environment variable)."""
     from svdq_kernels import triton_fast
 
-    monkeypatch.setattr(triton_fast, "DEFAULT_DATAPATH", "auto")
     assert triton_fast.fast_datapath(4608) == "fp8t" and triton_fast.fast_datapath(1024) == "fp8t"
     assert triton_fast.fast_datapath(1023) == "f16t" and triton_fast.fast_datapath(1) == "f16t"
-    monkeypatch.setattr(triton_fast, "DEFAULT_DATAPATH", "f16s")
-    assert triton_fast.fast_datapath(4608) == "f16s"
-    monkeypatch.setattr(triton_fast, "DEFAULT_DATAPATH", "fp8s")
-    x = torch.zeros(2, 64)
-    with pytest.raises(ValueError, match="benchmark datapath"):
-        triton_fast.fast_linear(x, None, None, None, None, None, None, None, None, "int4", "fp8")
 
 
 def test_a_torch_without_cuda_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 import svdq_kernels  # noqa: E402,F401  (registers cutlass-sm90)
-from svdq_kernels import cutlass_fast8, cutlass_w4a16, triton_fast  # noqa: E402
+from svdq_kernels import cutlass_fast8, cutlass_w4a16, triton_fast, triton_prologue  # noqa: E402
 from svdq_kernels.configs import AUTO_GROUP64_CONFIGS, GROUP64_CANDIDATES, GROUP64_CONFIGS  # noqa: E402
 
 FLUX_NK = [(3072, 3072), (12288, 3072), (3072, 12288)]
@@ -85,7 +85,7 @@ def test_group64_gemm_against_float64(config, m):
     n, k = 3072, 12288
     x, qw, ws, smooth, down, up, b = _inputs(m, n, k, 32, bias=True, seed=5)
     s16, rowinv = cutlass_fast8.fast8_weights(qw, ws)
-    q, a, lr = triton_fast.prologue(x, smooth, down, lr16=True)
+    q, a, lr = triton_prologue.prologue(x, smooth, down, lr16=True)
     c = cutlass_fast8.lowrank_source(lr, up, b, m=m, n=n, device=x.device)
     out = cutlass_fast8.group64_gemm(qw, s16, rowinv, q, a, c, config=config).double()
     codes = packing.nibbles_to_int4(packing.unpack_nibbles(qw))
@@ -166,13 +166,13 @@ def test_inductor_quantizer_gives_the_prologues_codes():
     torch._dynamo.reset()
     quant = torch.compile(lambda x, s: ops.quantize_fp8_rows(ops.smoothed(x.float(), s)), fullgraph=True)
     q, a = quant(x, smooth)
-    q0, a0, lr16 = triton_fast.prologue(x, smooth, down, lr16=True)
+    q0, a0, lr16 = triton_prologue.prologue(x, smooth, down, lr16=True)
     torch.testing.assert_close(a, a0, rtol=4 * 2.0**-23, atol=0)
     differ = q.view(torch.uint8) != q0.view(torch.uint8)
     assert differ.float().mean().item() <= 1e-3, differ.float().mean().item()
     qf, q0f = q.float(), q0.float()
     assert ((qf - q0f).abs() <= 2.0**-3 * torch.maximum(qf.abs(), q0f.abs()) + 2.0**-9).all()
-    assert torch.equal(triton_fast.lowrank_down(x, down).view(torch.int16), lr16.view(torch.int16))
+    assert torch.equal(triton_prologue.lowrank_down(x, down).view(torch.int16), lr16.view(torch.int16))
 
 
 @pytest.mark.parametrize("n,k", [(18432, 3072), (3072, 3072), (3072, 12288)])

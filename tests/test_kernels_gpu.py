@@ -35,7 +35,7 @@ def _hopper() -> bool:
 needs_hopper = pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
 
 import svdq_kernels  # noqa: E402,F401  (registers cutlass-sm90)
-from svdq_kernels import triton_fast  # noqa: E402
+from svdq_kernels import triton_fast, triton_gemm, triton_prologue  # noqa: E402
 
 FLUX_NK = [(3072, 3072), (12288, 3072), (3072, 12288)]
 
@@ -117,7 +117,7 @@ def test_lora_scales_act_shift_and_fp16() -> None:
 def test_fp8_codes_and_token_scales_are_the_reference_ones() -> None:
     x = _x(70, 3072)
     _, _, smooth, down, _, _ = _weights(256, 3072, 32, bias=False)
-    q, a, lr = triton_fast.prologue(x, smooth, down)
+    q, a, lr = triton_prologue.prologue(x, smooth, down)
     # correctly rounded fp32 divisions (torch's CUDA division by a Python scalar multiplies
     # by the reciprocal, so compute the expected values through float64)
     xs = (x.double() / smooth.double()).float()
@@ -166,32 +166,16 @@ def test_layer_dispatches_to_the_kernel_without_warning_and_compiles() -> None:
 
 @needs_hopper
 @pytest.mark.parametrize("m", [17, 4608])
-@pytest.mark.parametrize("datapath", triton_fast.DATAPATHS)
-def test_both_datapaths_and_prepacked_codes(m, datapath) -> None:
+@pytest.mark.parametrize("datapath", triton_gemm.DATAPATHS)
+def test_every_datapath_tracks_the_reference(m, datapath) -> None:
     n, k, r = 3072, 3072, 32
     qweight, wscales, smooth, down, up, b = _weights(n, k, r, bias=True, seed=11)
     x = _x(m, k, seed=12)
     ref = _reference(x, qweight, wscales, None, smooth, down, up, b, None, "int4", "fp8")
-    q, a, lr = triton_fast.prologue(x, smooth, down, perm=datapath in triton_fast.PERMUTED_DATAPATHS)
-    out = triton_fast.gemm(q, a, qweight, wscales, lr, up, b, None, out_dtype=x.dtype, datapath=datapath)
-    if datapath in ("f16", "fp8"):  # the transposed kernels read packed weights only
-        nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
-        codes = ((nib ^ 8) - 8).to(torch.int8)
-        out_w8 = triton_fast.gemm(q, a, codes, wscales, lr, up, b, None, out_dtype=x.dtype,
-                                  datapath=datapath, packed=False)
-        assert torch.equal(out, out_w8)
-    if datapath in triton_fast.BENCHMARK_ONLY_DATAPATHS:  # fp8s: weights rounded to e4m3 on purpose
-        nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
-        pw = triton_fast._row_pow2(wscales) * 2.0**-7
-        w = (((nib ^ 8) - 8).float() * wscales.float().repeat_interleave(64, dim=1) * pw[:, None])
-        w = w.to(torch.float8_e4m3fn).double() / pw.double()[:, None]
-        emu = (q.double() @ w.t()) * a.double()[:, None] + lr.double() @ up.double().t() + b.double()
-        # vs the emulation rounded to bf16 (bf16 vs float64: 1.7e-3 from the rounding alone). Hopper's
-        # FP8 MMA accumulates with reduced precision, and fp8s never promotes: 1.2e-3 measured (H100)
-        assert _rel(out, emu.to(out.dtype)) <= 2.5e-3
-        return
-    # f16: exact products, fp32 promotion per group (CPU float64 emulation of this math vs the
-    # fp32 reference: 2e-5); fp8: Hopper FP8 MMAs accumulate with reduced precision inside a group
+    q, a, lr = triton_prologue.prologue(x, smooth, down, codes16=datapath == "f16s")
+    out = triton_gemm.gemm(q, a, qweight, wscales, lr, up, b, None, out_dtype=x.dtype, datapath=datapath)
+    # f16t / f16s: exact products, fp32 accumulation (CPU float64 emulation of this math vs the
+    # fp32 reference: 2e-5); fp8t: Hopper FP8 MMAs accumulate with reduced precision inside a group
     assert _rel(out, ref) <= (1e-4 if datapath.startswith("f16") else 1e-3)
 
 
@@ -209,8 +193,8 @@ def test_exact_mode_matches_the_reference(m, nk) -> None:
     # compared in fp32 (the reference on fp32 copies of the same values): a final bf16 rounding
     # would turn a last-bit difference into a 4e-3 one
     ref32 = _reference(x.float(), qweight, wscales, None, smooth, down, up, b, None, "int4", "int4")
-    codes, scales, lr = triton_fast.prologue_exact(x, smooth, down)
-    out32 = triton_fast.gemm_exact(codes, scales, qweight, wscales, lr, up, b, None, out_dtype=torch.float32)
+    codes, scales, lr = triton_prologue.prologue_exact(x, smooth, down)
+    out32 = triton_gemm.gemm_exact(codes, scales, qweight, wscales, lr, up, b, None, out_dtype=torch.float32)
     assert _rel(out32, ref32) <= 1e-5
     av, asc = packing.quantize_activations(x.float().cpu() / smooth.float().cpu(), "int4")
     assert torch.equal(codes.float().cpu(), av) and torch.equal(scales.t().cpu(), asc)
@@ -227,8 +211,8 @@ def test_exact_mode_unsigned_shift_lora_scales_and_nan() -> None:
     lrs = torch.rand(48, device=x.device) + 0.5
     ref = _reference(x.float(), qweight, wscales, None, smooth, down, up, b, lrs, "int4", "int4",
                      act_shift=0.17, act_unsigned=True)
-    codes, scales, lr = triton_fast.prologue_exact(x, smooth, down, act_shift=0.17, unsigned=True)
-    out = triton_fast.gemm_exact(codes, scales, qweight, wscales, lr, up, b, lrs, out_dtype=torch.float32)
+    codes, scales, lr = triton_prologue.prologue_exact(x, smooth, down, act_shift=0.17, unsigned=True)
+    out = triton_gemm.gemm_exact(codes, scales, qweight, wscales, lr, up, b, lrs, out_dtype=torch.float32)
     ok = torch.isfinite(ref).all(dim=1)
     assert torch.equal(~torch.isfinite(out).all(dim=1), ~ok)
     assert _rel(out[ok], ref[ok]) <= 1e-5
@@ -268,11 +252,11 @@ def test_nvfp4_layers_match_the_reference(m, act) -> None:
     x = _x(m, k, seed=43)
     ref = _reference(x.float(), qweight, wscales, wtscale, smooth, down, up, b, None, "nvfp4", act)
     if act == "nvfp4":
-        xq, lr = triton_fast.prologue_nvfp4(x, smooth, down)
+        xq, lr = triton_prologue.prologue_nvfp4(x, smooth, down)
         a = None
     else:
-        xq, a, lr = triton_fast.prologue(x, smooth, down, w16=True)
-    out = triton_fast.gemm_nvfp4(xq, a, qweight, wscales, wtscale, lr, up, b, None, out_dtype=torch.float32)
+        xq, a, lr = triton_prologue.prologue(x, smooth, down, w16=True)
+    out = triton_gemm.gemm_nvfp4(xq, a, qweight, wscales, wtscale, lr, up, b, None, out_dtype=torch.float32)
     assert _rel(out, ref) <= (1e-5 if act == "nvfp4" else 1e-3)
     layer = triton_fast.nvfp4_linear(x, qweight, wscales, wtscale, smooth, down, up, b, None, "nvfp4", act)
     assert layer.dtype == x.dtype and _rel(layer, ref) <= 2e-3
@@ -289,12 +273,12 @@ def test_small_m_split_k_matches_the_reference(m, nk) -> None:
     x = _x(m, k, seed=52)
     splits = max(2, (k // 64) // 8)
     ref = _reference(x, qweight, wscales, None, smooth, down, up, b, None, "int4", "fp8")
-    q, a, lr = triton_fast.prologue(x, smooth, down)
-    out = triton_fast.gemm(q, a, qweight, wscales, lr, up, b, None, out_dtype=x.dtype, split_k=splits)
+    q, a, lr = triton_prologue.prologue(x, smooth, down)
+    out = triton_gemm.gemm(q, a, qweight, wscales, lr, up, b, None, out_dtype=x.dtype, split_k=splits)
     assert _rel(out, ref) <= 1e-3
     ref32 = _reference(x.float(), qweight, wscales, None, smooth, down, up, b, None, "int4", "int4")
-    codes, scales, lr = triton_fast.prologue_exact(x, smooth, down)
-    out32 = triton_fast.gemm_exact(codes, scales, qweight, wscales, lr, up, b, None, out_dtype=torch.float32,
+    codes, scales, lr = triton_prologue.prologue_exact(x, smooth, down)
+    out32 = triton_gemm.gemm_exact(codes, scales, qweight, wscales, lr, up, b, None, out_dtype=torch.float32,
                                    split_k=splits)
     assert _rel(out32, ref32) <= 1e-5
 

@@ -31,15 +31,28 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # an error, not a skip: CI would 
 
 @pytest.fixture()
 def kernels():
-    """The module with its kernels built for the interpreter, one tile configuration each."""
-    from svdq_kernels import triton_fast
+    """The Triton prologues and GEMMs with their kernels built for the interpreter, one tile
+    configuration each (the public functions of both modules, as one namespace)."""
+    from types import SimpleNamespace
 
-    triton_fast._kernels.cache_clear()
-    k = triton_fast._kernels()
-    k["gemm"].configs = [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=2)]
-    k["gemm_t"].configs = [triton.Config({"BN": 32, "BM": 16}, num_warps=4, num_stages=2)]
-    yield triton_fast
-    triton_fast._kernels.cache_clear()
+    from svdq_kernels import triton_gemm, triton_prologue
+
+    triton_prologue.kernels.cache_clear()
+    triton_gemm.kernels.cache_clear()
+    triton_gemm.kernels()["gemm_t"].configs = [triton.Config({"BN": 32, "BM": 16}, num_warps=4, num_stages=2)]
+    yield SimpleNamespace(**{name: getattr(mod, name) for mod in (triton_prologue, triton_gemm)
+                             for name in mod.__all__})
+    triton_prologue.kernels.cache_clear()
+    triton_gemm.kernels.cache_clear()
+
+
+@pytest.fixture()
+def no_small_m_splits(monkeypatch):
+    """The one-pass kernels at small M too (what the benchmarks' ``--no-small-m-splits`` times)."""
+    from svdq_kernels import triton_prologue
+
+    monkeypatch.setattr(triton_prologue, "SMALL_M_SPLITS", False)
+    return triton_prologue
 
 
 def _layer(m: int, k: int, n: int, r: int, seed: int):
@@ -58,13 +71,13 @@ def _layer(m: int, k: int, n: int, r: int, seed: int):
 
 @pytest.mark.parametrize("m, blocks, r, unsigned, shift", [
     (20, 20, 0, False, 0.0), (20, 20, 16, False, 0.0), (9, 3, 0, True, 0.17), (33, 2, 32, False, 0.0)])
-def test_exact_mode_equals_the_reference_bit_for_bit(kernels, m, blocks, r, unsigned, shift, monkeypatch) -> None:
+def test_exact_mode_equals_the_reference_bit_for_bit(kernels, m, blocks, r, unsigned, shift,
+                                                    no_small_m_splits) -> None:
     """Codes and scales equal the format's activation quantizer; without a low-rank branch the
     one-pass output equals ``reference_linear(act="int4")`` bit for bit (same per-group
     association, groups in order; small-M split-K sums the groups per split, see
     ``test_split_k_equals_the_one_pass_kernel``), with one it is within 1e-5 (``x · L2ᵀ`` is summed
     in another order); NaN inputs give NaN rows as in the reference."""
-    monkeypatch.setenv("SVDQ_SMALL_M_SPLITS", "0")
     k, n = 64 * blocks, 64
     x, qweight, wscales, smooth, bias, down, up = _layer(m, k, n, r, seed=m + r)
     ref = ops.reference_linear(x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "int4",
@@ -199,12 +212,13 @@ def test_split_k_equals_the_one_pass_kernel(kernels, m, blocks, splits) -> None:
 
 
 def test_split_k_is_for_small_m_and_can_be_turned_off(kernels, monkeypatch) -> None:
-    monkeypatch.setenv("SVDQ_SMALL_M_SPLITS", "0")
-    assert kernels._split_k(16, 3072, 3072) == 1
-    monkeypatch.delenv("SVDQ_SMALL_M_SPLITS")  # on by default
-    assert kernels._split_k(16, 3072, 3072) == 6  # 24 column programs; ≥ 8 groups of 64 per split
-    assert kernels._split_k(16, 12288, 3072) == 3  # 96 column programs: ~2 programs per SM
-    assert kernels._split_k(4608, 3072, 3072) == 1  # large M fills the GPU already
+    from svdq_kernels import triton_prologue
+
+    assert kernels.split_k_parts(16, 3072, 3072) == 6  # on by default; 24 column programs, ≥ 8 groups per split
+    assert kernels.split_k_parts(16, 12288, 3072) == 3  # 96 column programs: ~2 programs per SM
+    assert kernels.split_k_parts(4608, 3072, 3072) == 1  # large M fills the GPU already
+    monkeypatch.setattr(triton_prologue, "SMALL_M_SPLITS", False)
+    assert kernels.split_k_parts(16, 3072, 3072) == 1
 
 
 @pytest.mark.parametrize("m", [2, 20])
@@ -213,12 +227,14 @@ def test_small_m_prologue_splits_give_the_same_codes(kernels, monkeypatch, m) ->
     bit (a max is order-free), ``x · L2ᵀ`` within fp32 summation order; for all three prologues."""
     k, n, r = 64 * 24, 64, 16
     x, _, _, smooth, _, down, _ = _layer(m, k, n, r, seed=60 + m)
-    monkeypatch.setenv("SVDQ_SMALL_M_SPLITS", "0")
-    assert kernels._k_splits(k, m) == (3, 8)
-    base = (kernels.prologue(x, smooth, down), kernels.prologue_exact(x, smooth, down),
-            kernels.prologue_nvfp4(x, smooth, down))
-    monkeypatch.delenv("SVDQ_SMALL_M_SPLITS")
-    assert kernels._k_splits(k, m) == (12, 2)
+    from svdq_kernels import triton_prologue
+
+    with monkeypatch.context() as off:
+        off.setattr(triton_prologue, "SMALL_M_SPLITS", False)
+        assert kernels.k_splits(k, m) == (3, 8)
+        base = (kernels.prologue(x, smooth, down), kernels.prologue_exact(x, smooth, down),
+                kernels.prologue_nvfp4(x, smooth, down))
+    assert kernels.k_splits(k, m) == (12, 2)  # on by default
     more = (kernels.prologue(x, smooth, down), kernels.prologue_exact(x, smooth, down),
             kernels.prologue_nvfp4(x, smooth, down))
     for one, many in zip(base, more):
@@ -231,24 +247,6 @@ def test_small_m_prologue_splits_give_the_same_codes(kernels, monkeypatch, m) ->
         if ok.any():
             assert ((lr2[ok] - lr1[ok]).norm() / lr1[ok].norm()) <= 1e-6
         assert torch.equal(lr2[~ok].nan_to_num(), lr1[~ok].nan_to_num())
-
-
-def test_permuted_activations_and_the_halves_gemm(kernels) -> None:
-    """``prologue(perm=True)`` writes the same codes permuted within each 64-group (even k, then
-    odd k), and the ``f16h`` GEMM reading them equals ``f16t`` on the canonical order (fp32
-    summation order apart), low-rank branch, bias and token scales included."""
-    m, k, n, r = 20, 64 * 5, 64, 16
-    x, qweight, wscales, smooth, bias, down, up = _layer(m, k, n, r, seed=70)
-    q, a, lr = kernels.prologue(x, smooth, down, codes16=True)
-    qp, ap, lrp = kernels.prologue(x, smooth, down, codes16=True, perm=True)
-    order = torch.cat([g * 64 + torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)]) for g in range(k // 64)])
-    assert torch.equal(qp.view(torch.int16), q[:, order].view(torch.int16))
-    assert torch.equal(ap, a) and torch.equal(lrp.nan_to_num(), lr.nan_to_num())
-    y = kernels.gemm(q, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.float32, datapath="f16t")
-    yh = kernels.gemm(qp, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.float32, datapath="f16h")
-    ok = torch.isfinite(y).all(dim=1)
-    assert torch.equal(~torch.isfinite(yh).all(dim=1), ~ok)
-    assert ((yh[ok] - y[ok]).norm() / y[ok].norm()) <= 1e-6
 
 
 def test_prologue_writes_the_low_rank_product_as_bf16_hi_and_lo(kernels) -> None:

@@ -1,12 +1,12 @@
 """The ``f16s`` datapath's premise, checked on the CPU: with the per-row power of two of
-``svdq_kernels.triton_fast._row_pow2``, every int4 code times its bf16 group scale is exactly an
+``svdq_kernels.triton_gemm.row_pow2``, every int4 code times its bf16 group scale is exactly an
 fp16 number, so folding the scales into fp16 weights loses nothing."""
 
 from __future__ import annotations
 
 import torch
 
-from svdq_kernels.triton_fast import _row_pow2
+from svdq_kernels.triton_gemm import row_pow2
 
 
 def _products(wscales: torch.Tensor, pw: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ def test_every_code_times_scale_is_exact_in_fp16() -> None:
     s[7] = 0.0
     s[9] *= 2.0**-40
     wscales = s.bfloat16()
-    pw = _row_pow2(wscales)
+    pw = row_pow2(wscales)
     assert pw is not None and pw.dtype == torch.float32
     assert torch.equal(torch.exp2(torch.log2(pw).round()), pw)  # powers of two
     prod = _products(wscales, pw)
@@ -33,16 +33,16 @@ def test_every_code_times_scale_is_exact_in_fp16() -> None:
 def test_no_folding_when_it_could_not_be_exact() -> None:
     g = torch.Generator().manual_seed(1)
     fp16_scales = (torch.rand(8, 4, generator=g) * 0.01 + 1e-3).half()  # 11 significant bits
-    assert _row_pow2(fp16_scales) is None
+    assert row_pow2(fp16_scales) is None
     wide = torch.full((2, 4), 1.0)
     wide[0, 0] = 2.0**-30  # one row spans more binades than fp16 has
-    assert _row_pow2(wide.bfloat16()) is None
+    assert row_pow2(wide.bfloat16()) is None
 
 
 def test_cached_per_tensor_until_modified() -> None:
     s = (torch.rand(4, 2) + 0.5).bfloat16()
-    first = _row_pow2(s)
-    assert _row_pow2(s) is first
+    first = row_pow2(s)
+    assert row_pow2(s) is first
     s.mul_(1024)
-    again = _row_pow2(s)
+    again = row_pow2(s)
     assert again is not first and torch.equal(again, first / 1024)

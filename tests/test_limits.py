@@ -20,10 +20,11 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from svdq_format import hub as svdq_hub  # noqa: E402
+from svdq_format.checkpoint import load_file, validate  # noqa: E402
 from svdq_format.cli import main as cli_main  # noqa: E402
 from svdq_format.errors import BackendError, FormatError, HeaderError, HubError, QuantizationError  # noqa: E402
-from svdq_format.io import load_file, read_header, refuse_pickle, validate  # noqa: E402
-from svdq_format.model import load_pretrained  # noqa: E402
+from svdq_format.io import read_header, refuse_pickle  # noqa: E402
+from svdq_format.pretrained import load_pretrained  # noqa: E402
 from tests.test_hub import hub_fixture  # noqa: E402,F401  (the ``hub`` fixture)
 
 PICKLE_REASON = "never loads pickles"
@@ -62,7 +63,7 @@ def test_pickle_checkpoints_refused_with_explanation(pickle_file, capsys):
 
 
 def test_converters_refuse_pickle_inputs(pickle_file):
-    from converters.nunchaku_import import read_nunchaku
+    from converters.nunchaku.importer import read_nunchaku
     from converters.quantize.calibration import load_calibration
 
     path, marker = pickle_file

@@ -436,15 +436,15 @@ def test_lora_on_a_cuda_model_matches_cpu(dense, qbase):
 
 
 def test_batched_finite_check_names_the_bad_tensor_and_tolerates_huge_finite_values():
-    from svdq_format.lora import _check_finite_batch
+    from svdq_format.lora.checks import check_finite_batch
 
     huge = torch.full((64, 64), 1e30)  # 2-norm overflows fp32: must not be reported as inf
     good = torch.randn(8, 8, dtype=torch.bfloat16)
-    _check_finite_batch([("a", huge), ("b", good)])
+    check_finite_batch([("a", huge), ("b", good)])
     bad = good.clone()
     bad[3, 5] = float("inf")
     with pytest.raises(LoRAError, match=r"^t: layer\.x: lora_B contains NaN or inf$"):
-        _check_finite_batch([("a", huge), ("t: layer.x: lora_B", bad), ("b", good)])
+        check_finite_batch([("a", huge), ("t: layer.x: lora_B", bad), ("b", good)])
 
 
 @pytest.mark.gpu

@@ -10,12 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from converters import lora_delta
+from converters.lora import delta as lora_delta
 from converters.lora import load_lora, unload_all, unload_lora
 from svdq_format.cli import main
 from svdq_format.errors import LoRAError
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import load_model_dir, save_model_dir
+from svdq_format.model import save_model_dir
+from svdq_format.pretrained import load_model_dir
 from tests.lora_fixtures import (
     apply_dense,
     assert_deltas,

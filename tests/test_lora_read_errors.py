@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from converters.lora_formats import read_lora
+from converters.lora.formats import read_lora
 from svdq_format.errors import LoRAError
 
 A, B = "transformer.x.lora_A.weight", "transformer.x.lora_B.weight"

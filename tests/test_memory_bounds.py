@@ -1,4 +1,5 @@
-"""Memory bounds, CI size: peak RSS of streaming operations on a sharded 174 MB model (2 shards).
+"""Memory bounds, test size: peak RSS of streaming operations on a sharded 174 MB model (2 shards;
+marked ``slow``: ``python -m pytest -m slow``).
 
 Each operation runs in a fresh interpreter (benchmarks/memory_bounds.py ``measure``): peak RSS
 (VmHWM) minus the baseline after imports and a warm-up run on a tiny model must stay within
@@ -28,6 +29,7 @@ def sharded(tmp_path_factory):
     return d, mb.warmup_model(tmp / "warmup")
 
 
+@pytest.mark.slow  # a fresh interpreter per operation on a 174 MB model: `python -m pytest -m slow`
 @pytest.mark.parametrize("op", mb.STREAMING)
 def test_streaming_peak_rss_within_bound_of_largest_shard(sharded, op):
     d, warmup = sharded
@@ -45,7 +47,7 @@ def test_streaming_load_matches_host_load_in_shapes_and_dtypes(tmp_path):
     host load's keys, shapes and dtypes, with and without a dtype cast."""
     import torch
 
-    from svdq_format.model import load_pretrained
+    from svdq_format.pretrained import load_pretrained
     from tests.hub_helpers import tiny_flux
 
     tiny_flux().save_pretrained(tmp_path, max_shard_size="120KB")
@@ -80,7 +82,7 @@ def test_tensor_reader_staging_buffer_gives_the_same_bytes(tmp_path):
 def test_streaming_load_to_cuda_is_bit_identical_to_host_load(tmp_path):
     import torch
 
-    from svdq_format.model import load_pretrained
+    from svdq_format.pretrained import load_pretrained
     from tests.hub_helpers import tiny_flux
 
     tiny_flux().save_pretrained(tmp_path, max_shard_size="120KB")

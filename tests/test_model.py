@@ -8,7 +8,8 @@ from diffusers import FluxTransformer2DModel
 
 from svdq_format import SVDQLinear
 from svdq_format.errors import ManifestError, TensorError
-from svdq_format.model import load_model_dir, save_model_dir, svdq_modules
+from svdq_format.model import save_model_dir, svdq_modules
+from svdq_format.pretrained import load_model_dir
 
 
 def tiny_flux():
@@ -50,7 +51,7 @@ def test_model_directory_round_trip_is_bit_identical(tmp_path):
 def test_checkpoint_for_another_architecture_is_refused(tmp_path):
     model = quantize_blocks(tiny_flux())
     save_model_dir(model, tmp_path / "q")
-    from svdq_format.model import load_model_file
+    from svdq_format.pretrained import load_model_file
 
     other = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,

@@ -17,14 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file as st_save
 
 import nunchaku_reference as ref
-from converters.nunchaku_export import export_nunchaku
-from converters.nunchaku_import import import_nunchaku
-from converters.nunchaku_lite import export_nunchaku_lite
+from converters.nunchaku.exporter import export_nunchaku
+from converters.nunchaku.importer import import_nunchaku
+from converters.nunchaku.lite import export_nunchaku_lite
 from svdq_format import packing
+from svdq_format.checkpoint import load_file, validate
 from svdq_format.errors import SVDQError, UnsupportedError
-from svdq_format.io import load_file, validate
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import WEIGHTS_NAME, load_model_dir, save_model_dir
+from svdq_format.model import WEIGHTS_NAME, save_model_dir
+from svdq_format.pretrained import load_model_dir
 
 SHIFT = 0.171875
 
@@ -526,8 +527,35 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+
+def test_cli_convert_of_a_file_without_config_asks_for_config_option(tmp_path, capsys):
+    """The header-less case gives CLI advice at the CLI (--config), and --config makes it work."""
+    from svdq_format.cli import main
+
+    src = tmp_path / "src.safetensors"
+    build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.bfloat16)
+    with safe_open(str(src), "pt") as h:
+        meta = h.metadata()
+    config = json.loads(meta.pop("config"))
+    st_save(_all_tensors(src), str(tmp_path / "bare.safetensors"), metadata=meta)
+    assert main(["convert", "--from", "nunchaku", str(tmp_path / "bare.safetensors"), str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"error: {tmp_path / 'bare.safetensors'}: config: no diffusers config in the header: give the "
+                   "model's config with --config (its config.json, or the folder holding it)")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+    assert main(["convert", "--from", "nunchaku", str(tmp_path / "bare.safetensors"), str(tmp_path / "o"),
+                 "--config", str(tmp_path / "transformer")]) == 0
+    assert main(["convert", "--from", "nunchaku", str(src), str(tmp_path / "ref")]) == 0
+    got, ref = _all_tensors(tmp_path / "o" / WEIGHTS_NAME), _all_tensors(tmp_path / "ref" / WEIGHTS_NAME)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert main(["convert", "--from", "nunchaku", str(src), str(tmp_path / "x"), "--config", "nope.json"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "error: nope.json: no such file (--config: the model's config.json)"
+
+
 def test_dialect_detection_and_names():
-    from converters.nunchaku_names import detect_dialect, from_native, to_native
+    from converters.nunchaku.names import detect_dialect, from_native, to_native
 
     sdxl = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.lora_down",
             "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_qkv.smooth"]
@@ -579,7 +607,7 @@ def test_native_quantized_flux_round_trips_through_nunchaku(tmp_path):
 
 
 def test_load_imported_int4_flux_with_k_split_proj_out(tmp_path):
-    from converters.nunchaku_model import KConcatLinear, load_imported_model
+    from converters.nunchaku.model import KConcatLinear, load_imported_model
 
     src = tmp_path / "int4.safetensors"
     logical = build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.float32)

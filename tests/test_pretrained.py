@@ -15,7 +15,8 @@ from safetensors.torch import save_file as st_save
 
 import svdq_format as sf
 from svdq_format.errors import ManifestError, TensorError, UnsupportedError, VersionError
-from svdq_format.model import INDEX_NAME, SINGLE_FILE_CONFIG_KEY, load_pretrained, save_single_file, svdq_modules
+from svdq_format.model import INDEX_NAME, SINGLE_FILE_CONFIG_KEY, save_single_file, svdq_modules
+from svdq_format.pretrained import load_pretrained
 from svdq_format.spec import tensor_names
 from tests.hub_helpers import run, tiny_flux, tiny_sd3
 
@@ -193,7 +194,7 @@ def test_whole_pipeline_saves_and_loads_with_its_quantized_transformer(tmp_path)
     from diffusers import DiffusionPipeline
 
     from converters.quantize import capture_pipeline_inputs, quantize_model
-    from converters.quantize.directory import dtype_kwargs
+    from converters.quantize.source import dtype_kwargs
     from tests.quantize_fixtures import tiny_sd3_pipeline
 
     tiny_sd3_pipeline().save_pretrained(tmp_path / "dense")

@@ -245,20 +245,6 @@ def test_tensor_exchange_over_two_processes(tmp_path):
     assert errors[0] == errors[1] == "rank 1 failed during failing exchange: ValueError: boom"
 
 
-def test_windows_per_run_from_the_environment(monkeypatch) -> None:
-    from converters.quantize import distributed_blocks
-
-    monkeypatch.delenv("SVDQ_DIST_WINDOWS", raising=False)
-    assert distributed_blocks._windows_per_run() == distributed_blocks._WINDOWS
-    monkeypatch.setenv("SVDQ_DIST_WINDOWS", "1")
-    assert distributed_blocks._windows_per_run() == 1
-    for bad in ("0", "two", "-3"):
-        monkeypatch.setenv("SVDQ_DIST_WINDOWS", bad)
-        with pytest.raises(QuantizationError, match="SVDQ_DIST_WINDOWS"):
-            distributed_blocks._windows_per_run()
-
-
-
 def test_launch_reports_the_rank_that_failed_not_the_one_that_aborted_after_it():
     """Ranks found dead in the same poll: an error exit code beats a signal death (a peer's death
     makes the process group abort the others), then the lowest rank."""

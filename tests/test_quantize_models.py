@@ -21,11 +21,12 @@ from converters.quantize import (
     select_layers,
     synthetic_calibration,
 )
+from svdq_format.checkpoint import validate
 from svdq_format.cli import main as svdq_main
 from svdq_format.errors import QuantizationError
-from svdq_format.io import validate
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import load_model_dir, save_model_dir, svdq_modules
+from svdq_format.model import save_model_dir, svdq_modules
+from svdq_format.pretrained import load_model_dir
 from svdq_format.summary import format_size
 from tests.quantize_fixtures import tiny_flux, tiny_sd3_pipeline
 
@@ -315,23 +316,26 @@ def test_unsupported_shapes_stay_16bit_or_error():
         def forward(self, x):
             return self.blocks[0](x)
 
-    sel = select_layers(Odd())
+    with pytest.warns(UserWarning, match="Odd is not an architecture svdquant was tested on"):
+        sel = select_layers(Odd())
     assert list(sel.kinds) == ["blocks.0.1"]
     assert "not a multiple of 64" in sel.skipped["blocks.0.0"]
     m = Odd()
-    quantize_model(m, [{"x": torch.randn(4, 48)}], rank=4)
+    with pytest.warns(UserWarning, match="Odd is not an architecture svdquant was tested on"):
+        quantize_model(m, [{"x": torch.randn(4, 48)}], rank=4)
     assert isinstance(m.blocks[0][1], SVDQLinear) and type(m.blocks[0][0]) is nn.Linear
-    with pytest.raises(QuantizationError, match="no linear layer can be quantized"):
+    with pytest.raises(QuantizationError, match="no linear layer can be quantized"), \
+            pytest.warns(UserWarning, match="Odd is not an architecture svdquant was tested on"):
         quantize_model(Odd(), [{"x": torch.randn(4, 48)}], exclude=["blocks.0.1"])
 
 
 def test_out_of_memory_is_one_clear_error(monkeypatch):
-    import converters.quantize.pipeline as pipeline
+    import converters.quantize.block_loop as block_loop
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(pipeline, "quantize_group", oom)
+    monkeypatch.setattr(block_loop, "quantize_group", oom)
     with pytest.raises(QuantizationError, match=r"out of memory while quantizing block transformer_blocks\.0"):
         quantize_model(tiny_flux(), "synthetic", rank=4)
 

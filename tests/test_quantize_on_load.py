@@ -233,6 +233,30 @@ def test_a_checkpoint_missing_a_planned_weight_fails_naming_it(dense_dir, tmp_pa
         FluxTransformer2DModel.from_pretrained(tmp_path, quantization_config=SVDQuantConfig(rank=RANK))
 
 
+def test_a_planned_weight_of_another_shape_fails_naming_it_before_any_weight_is_read(dense_dir, tmp_path,
+                                                                                        monkeypatch):
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models import model_loading_utils
+    from safetensors.torch import load_file, save_file
+
+    _, dense = dense_dir
+    dense.save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    key = "single_transformer_blocks.0.proj_mlp.weight"
+    shape = list(tensors[key].shape)
+    tensors[key] = tensors[key][:-1].contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+    def no_read(*args, **kw):
+        raise AssertionError("a checkpoint shard was read")
+
+    monkeypatch.setattr(model_loading_utils, "load_state_dict", no_read)
+    with pytest.raises(TensorError) as exc:
+        FluxTransformer2DModel.from_pretrained(tmp_path, quantization_config=SVDQuantConfig(rank=RANK))
+    assert str(exc.value) == f"{path}: {key}: shape {[shape[0] - 1, shape[1]]}, model expects {shape}"
+
+
 def test_a_manifest_config_on_a_dense_checkpoint_and_disk_offload_are_refused(dense_dir):
     from diffusers import FluxTransformer2DModel
 

@@ -36,6 +36,7 @@ def test_disk_streaming_writes_the_byte_identical_checkpoint(tmp_path):
     opts = QuantizeOptions(rank=8, alphas=(0.5,))
     seen: list[int] = []
 
+    import converters.quantize.directory as directory
     import converters.quantize.streaming as streaming
 
     real = streaming.ShardedSource.materialize
@@ -56,7 +57,7 @@ def test_disk_streaming_writes_the_byte_identical_checkpoint(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(streaming.ShardedSource, "materialize", spy)
-        mp.setattr(streaming, "load_lazy", load)
+        mp.setattr(directory, "load_lazy", load)  # (where quantize_directory looks it up)
         res = quantize_directory(tmp_path / "src", tmp_path / "disk", num_samples=2, options=opts, dtype="float32",
                                  device="cpu", offload="disk", progress=False)
     assert res.complete and isinstance(res.model.transformer_blocks[0].attn.to_q, SVDQLinear)

@@ -6,6 +6,7 @@ that ``DiffusionPipeline.from_pretrained`` loads, giving the same latents bit fo
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ import pytest
 import torch
 
 from converters.text_encoders import quantize_text_encoder, text_encoder_calibration
+from svdq_format.checkpoint import checkpoint_files, validate
 from svdq_format.cli import main as svdq_main
-from svdq_format.errors import TensorError
-from svdq_format.io import validate
+from svdq_format.errors import ManifestError, TensorError
+from svdq_format.io import read_header
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import svdq_modules
 from tests.quantize_fixtures import tiny_sd3_pipeline
@@ -56,7 +58,8 @@ def test_text_encoder_round_trip_through_transformers_from_pretrained(build, mod
     model = build()
     x = _ids()
     ref = _out(model, x)
-    calib = text_encoder_calibration(model, None, num_samples=2, max_length=12)
+    with pytest.warns(UserWarning, match="no tokenizer: calibrating on random token ids"):
+        calib = text_encoder_calibration(model, None, num_samples=2, max_length=12)
     result = quantize_text_encoder(model, calib, mode=mode, options=None)
     layers = svdq_modules(model)
     assert layers and {m.kind for m in layers.values()} == {mode}
@@ -91,10 +94,11 @@ def test_damaged_text_encoder_checkpoint_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = tiny_t5()
-    quantize_text_encoder(model, text_encoder_calibration(model, None, num_samples=1, max_length=8))
+    with pytest.warns(UserWarning, match="no tokenizer: calibrating on random token ids"):
+        calib = text_encoder_calibration(model, None, num_samples=1, max_length=8)
+    quantize_text_encoder(model, calib)
     model.save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"
-    from svdq_format.io import read_header
 
     meta = read_header(path).metadata
     tensors = load_file(path)
@@ -105,6 +109,42 @@ def test_damaged_text_encoder_checkpoint_is_refused(tmp_path):
         type(model).from_pretrained(tmp_path)
     with pytest.raises(TensorError):
         validate(tmp_path)
+
+
+def test_transformers_loader_makes_the_loading_core_checks(tmp_path):
+    """transformers' ``from_pretrained`` of a text encoder runs the checks of svdq_format.checkpoint,
+    with their words: the manifests must agree and the key sets match (a tied copy, which
+    transformers does not store, is no missing tensor); the core finds ``model.safetensors``."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_t5()
+    with pytest.warns(UserWarning, match="no tokenizer: calibrating on random token ids"):
+        calib = text_encoder_calibration(model, None, num_samples=1, max_length=8)
+    quantize_text_encoder(model, calib)
+    model.save_pretrained(tmp_path / "ok")
+    assert "shared.weight" in load_file(tmp_path / "ok" / "model.safetensors")
+    assert "encoder.embed_tokens.weight" not in load_file(tmp_path / "ok" / "model.safetensors")  # tied: not stored
+    assert checkpoint_files(tmp_path / "ok") == [tmp_path / "ok" / "model.safetensors"]
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = checkpoint_files(tmp_path / "sharded")
+    assert len(shards) > 1 and all(p.name.startswith("model-0") for p in shards)
+
+    extra = tmp_path / "extra"
+    shutil.copytree(tmp_path / "ok", extra)
+    path = extra / "model.safetensors"
+    meta = read_header(path).metadata
+    save_file({**load_file(path), "encoder.stray": torch.zeros(3)}, path, metadata=meta)
+    with pytest.raises(TensorError, match=r"encoder\.stray: not a tensor of T5EncoderModel \(1 unexpected\)"):
+        type(model).from_pretrained(extra)
+
+    disagree = tmp_path / "disagree"
+    shutil.copytree(tmp_path / "ok", disagree)
+    cfg = json.loads((disagree / "config.json").read_text())
+    dropped = sorted(cfg["quantization_config"]["layers"])[0]
+    del cfg["quantization_config"]["layers"][dropped]
+    (disagree / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ManifestError, match=f"{dropped}: config.json manifest disagrees with the safetensors files"):
+        type(model).from_pretrained(disagree)
 
 
 def test_registration_with_transformers_is_lazy():

@@ -37,7 +37,8 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
-from .stats import CalibrationStats, StatsRecorder, _to, block_containers, sample_seed
+from .blocks import block_containers
+from .stats import CalibrationStats, StatsRecorder, sample_seed, to_device
 
 __all__ = ["blockwise_supported", "collect_stats_blockwise"]
 
@@ -139,7 +140,7 @@ def collect_stats_blockwise(
                     rec.begin(i, first=n == 0)
                     rec.gen.manual_seed(sample_seed(seed, i))
                     try:
-                        model(**_to(dict(samples[i]), device))
+                        model(**to_device(dict(samples[i]), device))
                     except _Captured:
                         pass
                     else:

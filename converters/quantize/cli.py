@@ -202,7 +202,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="local diffusers model (or pipeline) directory")
     p.add_argument("out", help="output model directory")
     p.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default 32)")
-    p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4")
+    p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4",
+                   help="4-bit format of the residual: int4 (group 64, any GPU) or nvfp4 (E2M1, group 16; "
+                   "Blackwell's native format) (default int4)")
     p.add_argument("--calibration", default="synthetic",
                    help="'synthetic' (default; lower quality) or a calibration .safetensors file")
     p.add_argument("--prompts", help="text file, one prompt per line: calibrate by running the pipeline in SRC")
@@ -226,17 +228,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-clip-search", action="store_true", help="int4 scales = absmax/7")
     p.add_argument("--gptq", action="store_true", help="GPTQ on the int4 residual (slower)")
     p.add_argument("--refine", type=int, default=3, metavar="N", help="low-rank refinement iterations")
-    p.add_argument("--lowrank", choices=("auto", "svd", "randomized"), default="auto")
+    p.add_argument("--lowrank", choices=("auto", "svd", "randomized"), default="auto",
+                   help="how the low-rank branch is computed: exact SVD, randomised SVD (much faster on large "
+                   "layers), or auto: exact only on small layers (default auto)")
     p.add_argument("--w4a16-rank", type=int, default=0, help="rank of weight-only (AdaLN) layers")
     p.add_argument("--weight-only", action="store_true", help="quantize every layer W4A16")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="also quantize these layers")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="keep these layers 16-bit")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype SRC is loaded in and the 16-bit parts (low-rank branch, smoothing, biases, "
+                   "unquantized layers) are stored in (default bfloat16)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--offload", choices=("auto", "blocks", "none", "disk"), default="auto",
                    help="stream blocks between CPU and device (auto: when the model does not fit); disk: "
                    "read each block from SRC's safetensors files when needed (model never fully in memory)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic calibration, the pipeline calls of --prompts, the row sampling "
+                   "and the randomised SVD: the same seed gives the same bytes (default 0)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="processes (one per GPU; gloo on --device cpu) sharing the work; the result is "
                    "byte-identical to one process. Under torchrun, WORLD_SIZE is used instead")
@@ -245,7 +253,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-state", action="store_true", help="keep OUT/.svdq-state after success")
     p.add_argument("--max-shard-size", default="10GB", help="largest weight file (default 10GB)")
     p.add_argument("--table-rows", type=int, default=40, help="rows of the fidelity table to print")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars and no closing report (errors and warnings still go to stderr)")
     p.set_defaults(func=_cmd_quantize)
 
 

@@ -144,13 +144,14 @@ def quantize_pipeline(
     import torch
 
     from ..text_encoders import quantize_text_encoder, text_encoder_calibration
-    from .directory import _DTYPES, FIDELITY_NAME, STATE_DIR, _loading_bars, quantize_directory
+    from .directory import FIDELITY_NAME, STATE_DIR, quantize_directory
+    from .source import DTYPES, loading_bars
 
     src_dir, out_dir = Path(src), Path(out)
     kinds = resolve_components(src_dir, components)
     index = pipeline_components(src_dir)
-    if dtype not in _DTYPES:
-        raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if out_dir.resolve() == src_dir.resolve():
         raise QuantizationError(f"{out_dir}: the output must be another directory than the pipeline")
     opts = options or QuantizeOptions()
@@ -176,8 +177,8 @@ def quantize_pipeline(
 
         cls = getattr(transformers, index[name][1])
         try:
-            with _loading_bars(progress):
-                encoder = cls.from_pretrained(src_dir / name, dtype=_DTYPES[dtype]).eval()
+            with loading_bars(progress):
+                encoder = cls.from_pretrained(src_dir / name, dtype=DTYPES[dtype]).eval()
                 tokenizer = _tokenizer_for(src_dir, name, index)
         except Exception as exc:
             raise QuantizationError(f"{src_dir / name}: cannot load {cls.__name__} "

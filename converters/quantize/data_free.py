@@ -98,12 +98,13 @@ def post_gelu_inputs(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
         parent, _, leaf = name.rpartition(".")
         try:
             if name.endswith("net.2"):
-                act = model.get_submodule(parent.rpartition(".")[0]).net[0]
+                act = model.get_submodule(f"{parent}.0")  # parent: the FeedForward's ``net``
                 if type(act).__name__ == "GELU":
                     out[name] = str(getattr(act, "approximate", "none"))
             elif name.endswith("output.dense"):
                 layer = parent.rpartition(".")[0]
-                act = model.get_submodule(f"{layer}.intermediate" if layer else "intermediate").intermediate_act_fn
+                act = getattr(model.get_submodule(f"{layer}.intermediate" if layer else "intermediate"),
+                              "intermediate_act_fn")
                 kind = type(act).__name__
                 if "GELU" in kind and "GLU" not in kind.replace("GELU", ""):
                     out[name] = "tanh" if "Tanh" in kind or "New" in kind else "none"

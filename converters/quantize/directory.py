@@ -2,125 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import nn
 
 from svdq_format.errors import QuantizationError
 from svdq_format.model import DEFAULT_MAX_SHARD_SIZE, save_pretrained
 from svdq_format.spec import QUANTIZER_KEY, QuantizerInfo
 
+from .calibration import capture_pipeline_inputs, load_calibration
+from .distributed import DistContext, rank_device
 from .memory import memory_report
 from .options import QuantizeOptions
 from .pipeline import QuantizeResult, run_quantization
+from .source import DTYPES, check_model_dir, dtype_kwargs, load_diffusers_model, loading_bars
+from .state import block_file_reader
+from .streaming import load_lazy
 
-if TYPE_CHECKING:
-    from .distributed import DistContext
-
-__all__ = ["STATE_DIR", "FIDELITY_NAME", "check_model_dir", "load_diffusers_model", "quantize_directory"]
+__all__ = ["STATE_DIR", "FIDELITY_NAME", "quantize_directory"]
 
 #: Resumable state, inside the output directory (removed when the checkpoint is complete).
 STATE_DIR = ".svdq-state"
 FIDELITY_NAME = "fidelity.json"
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The ``from_pretrained`` keyword for a load dtype: ``dtype`` where diffusers takes it (newer
-    releases deprecate ``torch_dtype`` with a warning), else ``torch_dtype``."""
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
-
-
-@contextlib.contextmanager
-def _loading_bars(enabled: bool) -> Iterator[None]:
-    """diffusers' and transformers' own loading progress bars off unless ``enabled``; restored after."""
-    import importlib
-
-    loggers = []
-    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
-        try:
-            loggers.append(importlib.import_module(name))
-        except ImportError:
-            continue
-    was = [mod.is_progress_bar_enabled() for mod in loggers]
-    if not enabled:
-        for mod in loggers:
-            mod.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for mod, on in zip(loggers, was):
-            (mod.enable_progress_bar if on else mod.disable_progress_bar)()
-
-
-def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
-    """Check that ``src`` is a local diffusers model (or pipeline) directory, reading no weights.
-
-    Returns:
-        ``(diffusers model class, the directory holding its config.json)``.
-
-    Raises:
-        QuantizationError: missing directory, not a diffusers model, unknown class, already
-            quantized.
-    """
-    import diffusers
-
-    root = Path(src)
-    if not root.exists():
-        raise QuantizationError(f"{root}: no such directory")
-    if not root.is_dir():
-        raise QuantizationError(f"{root}: not a directory (give a diffusers model directory)")
-    d = next((root / c for c in ("transformer", "unet") if (root / c / "config.json").is_file()), root)
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise QuantizationError(f"{root}: not a diffusers model directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise QuantizationError(f"{cfg_path}: not valid JSON ({exc})") from None
-    name = cfg.get("_class_name") if isinstance(cfg, dict) else None
-    cls = getattr(diffusers, str(name), None) if name else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise QuantizationError(f"{cfg_path}: _class_name {name!r} is not a diffusers model class")
-    if isinstance(cfg, dict) and "quantization_config" in cfg:
-        raise QuantizationError(f"{cfg_path}: the model is already quantized")
-    return cls, d
-
-
-def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16") -> tuple[nn.Module, Path]:
-    """Load the transformer of a local diffusers model (or pipeline) directory.
-
-    Args:
-        src: A model directory (``config.json`` with ``_class_name``) or a pipeline directory
-            with a ``transformer/`` subfolder.
-        dtype: ``bfloat16``, ``float16`` or ``float32``.
-
-    Returns:
-        ``(model, the directory it was loaded from)``.
-
-    Raises:
-        QuantizationError: missing directory, not a diffusers model, unknown class, load error.
-    """
-    cls, d = check_model_dir(src)
-    name = cls.__name__
-    if dtype not in _DTYPES:
-        raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-    try:
-        model = cls.from_pretrained(d, **dtype_kwargs(_DTYPES[dtype]))
-    except Exception as exc:  # diffusers raises many types for broken directories
-        raise QuantizationError(f"{d}: cannot load {name} ({' '.join(str(exc).split())[:200]})") from None
-    return model.eval(), d
 
 
 def quantize_directory(
@@ -177,8 +85,6 @@ def quantize_directory(
     """
     opts = options or QuantizeOptions()
     if dist is not None:
-        from .distributed import rank_device
-
         device = rank_device(device, dist)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out)
@@ -187,8 +93,6 @@ def quantize_directory(
     source = None
     start = time.time()
     if isinstance(calibration, (str, os.PathLike)) and os.fspath(calibration) != "synthetic":
-        from .calibration import load_calibration
-
         calibration = load_calibration(calibration)  # a bad file fails before any model load or OUT
     phases: dict[str, float] = {}  # seconds before the quantizer runs: loading, the pipeline's capture
     if offload == "disk" and prompts:
@@ -198,8 +102,6 @@ def quantize_directory(
     if prompts:
         from diffusers import DiffusionPipeline
 
-        from .calibration import capture_pipeline_inputs
-
         check_model_dir(src)
         if not (Path(src) / "model_index.json").is_file():
             parent = Path(src).resolve().parent
@@ -208,11 +110,11 @@ def quantize_directory(
                 f"{src}: --prompts runs the whole pipeline, so SRC must be a pipeline directory with "
                 f"model_index.json, not a transformer folder{hint}"
             )
-        if dtype not in _DTYPES:
-            raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         try:
-            with _loading_bars(progress):
-                pipe = DiffusionPipeline.from_pretrained(src, **dtype_kwargs(_DTYPES[dtype])).to(device)
+            with loading_bars(progress):
+                pipe = DiffusionPipeline.from_pretrained(src, **dtype_kwargs(DTYPES[dtype])).to(device)
         except Exception as exc:
             raise QuantizationError(f"{src}: cannot load the pipeline for prompt calibration ({exc})") from None
         pipe.set_progress_bar_config(disable=not progress)
@@ -224,11 +126,9 @@ def quantize_directory(
         model = (getattr(pipe, "transformer", None) or pipe.unet).to("cpu")
         del pipe
     elif offload == "disk":
-        from .streaming import load_lazy
-
-        if dtype not in _DTYPES:
-            raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-        model, source = load_lazy(src, dtype=_DTYPES[dtype])
+        if dtype not in DTYPES:
+            raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        model, source = load_lazy(src, dtype=DTYPES[dtype])
         offload = "blocks"
     else:
         model, _ = load_diffusers_model(src, dtype=dtype)
@@ -250,8 +150,6 @@ def quantize_directory(
 
     def write() -> None:
         if source is not None:  # layers released to meta: streamed from the block files
-            from .pipeline import block_file_reader
-
             save_pretrained(result.model, out_dir, metadata=extra, max_shard_size=max_shard_size,
                             read_tensor=block_file_reader(state))
         else:

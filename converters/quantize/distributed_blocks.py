@@ -1,4 +1,4 @@
-"""The block loop of :func:`converters.quantize.pipeline.run_quantization` over several ranks.
+"""The block loop over several ranks (one process: :mod:`converters.quantize.block_loop`).
 
 Windows of consecutive unfinished blocks (:func:`converters.quantize.distributed.windows`);
 within a window the input groups are assigned to ranks by cost
@@ -10,7 +10,6 @@ model's quantized layers are on the meta device): the complete model is rank 0's
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,34 +20,28 @@ import torch
 from torch import nn
 
 from svdq_format.errors import QuantizationError
-from svdq_format.io import save_file
+from svdq_format.model import set_submodule
 
+from .blocks import Placement, linear_at, placed_linears
 from .distributed import DistContext, assign, group_cost, pack_layer, unpack_layer, windows
-from .layer import quantize_group
+from .layer import input_groups, quantize_group
+from .memory import is_oom
 from .options import QuantizeOptions
 from .selection import Selection
+from .state import ResumeState, load_block_result, release_layers, save_block
 from .stats import CalibrationStats
 from .timing import PhaseTimer
 
-__all__ = ["quantize_blocks_distributed"]
+__all__ = ["WINDOWS_PER_RUN", "quantize_blocks_distributed"]
 
 
 def _candidates(opts: QuantizeOptions) -> int:
     return len(opts.alphas) + len(opts.activation_alphas) + 1 if opts.smoothing else 1
 
 
-#: Windows per run when nothing is released (each one ends with a wait for the slowest rank);
-#: ``SVDQ_DIST_WINDOWS`` overrides it (the checkpoint is the same for any value).
-_WINDOWS = 4
-
-
-def _windows_per_run() -> int:
-    value = os.environ.get("SVDQ_DIST_WINDOWS", "")
-    if not value:
-        return _WINDOWS
-    if not value.isdigit() or int(value) < 1:
-        raise QuantizationError(f"SVDQ_DIST_WINDOWS={value!r}: expected a positive integer")
-    return int(value)
+#: Windows per run when nothing is released (each one ends with a wait for the slowest rank;
+#: the checkpoint is the same for any value).
+WINDOWS_PER_RUN = 4
 
 
 def quantize_blocks_distributed(
@@ -58,19 +51,17 @@ def quantize_blocks_distributed(
     stats: CalibrationStats,
     opts: QuantizeOptions,
     *,
-    device: torch.device,
-    stream: bool,
-    home: torch.device,
-    state: Path | None,
-    done: list[int],
+    place: Placement,
+    state: ResumeState,
     timer: PhaseTimer,
     deadline: float | None,
     progress: bool,
     on_block_done: Callable[[int, str], None] | None,
     source: Any = None,
     release: bool = False,
+    windows_per_run: int = WINDOWS_PER_RUN,
 ) -> tuple[list[dict[str, Any]], bool, list[int]]:
-    """Quantize every block not in ``done``.
+    """Quantize every block that ``state`` does not hold yet (the others are read back).
 
     Returns:
         ``(layer infos in block order, complete, input groups quantized by each rank)``.
@@ -80,22 +71,21 @@ def quantize_blocks_distributed(
     """
     from tqdm.auto import tqdm
 
-    from .pipeline import _input_groups, load_block_result
-
     blocks = list(selection.blocks.items())
     infos: list[dict[str, Any]] = []
-    done_set = set(done)
+    done_set = set(state.done)
     for index in sorted(done_set):  # resumed blocks: every rank reads the files rank 0 wrote
-        block_file = state / f"block-{index:04d}.safetensors"  # type: ignore[operator]
-        infos.extend(load_block_result(model, block_file, home=home, timer=timer, release=release))
+        block_file = state.block_path(index)
+        assert block_file is not None
+        infos.extend(load_block_result(model, block_file, home=place.home, timer=timer, release=release))
     todo = [i for i in range(len(blocks)) if i not in done_set]
-    groups = {i: _input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
+    groups = {i: input_groups(blocks[i][1], selection.kinds, stats) for i in todo}
     # Every window ends with all ranks waiting for the slowest, so more groups per window
     # balance better (longest first over many unequal groups). Releasing (--offload disk):
     # small windows, so rank 0 holds few quantized layers at once. Otherwise: about a quarter
     # of the model per window (4 exchanges; resume files are written window by window).
     counts = [len(groups[i]) for i in todo]
-    per_rank_window = 2 if release else max(4, -(-sum(counts) // (_windows_per_run() * ctx.world_size)))
+    per_rank_window = 2 if release else max(4, -(-sum(counts) // (windows_per_run * ctx.world_size)))
     plan = [[todo[j] for j in w] for w in windows(counts, ctx.world_size, groups_per_rank=per_rank_window)]
     bar = tqdm(
         total=len(todo), desc=f"quantize x{ctx.world_size}", unit="block", disable=not (progress and ctx.is_root)
@@ -103,7 +93,8 @@ def quantize_blocks_distributed(
     per_rank = [0] * ctx.world_size
     # rank 0 writes the resume files in the background (one thread, in order) while the ranks
     # compute the next window: the writes are off the critical path
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdq-state") if ctx.is_root and state else None
+    writer = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdq-state")
+              if ctx.is_root and state.directory is not None else None)
     pending: list[Future[Any]] = []
 
     def flush(keep: int = 0) -> None:
@@ -111,9 +102,9 @@ def quantize_blocks_distributed(
             timer.add({"io": pending.pop(0).result()})  # a write error surfaces here, on rank 0
 
     try:
-        complete = _windows(ctx, plan, blocks, groups, model, selection, stats, opts, device=device, stream=stream,
-                            home=home, state=state, timer=timer, deadline=deadline, infos=infos, per_rank=per_rank,
-                            bar=bar, on_block_done=on_block_done, writer=writer, pending=pending, flush=flush,
+        complete = _windows(ctx, plan, blocks, groups, model, selection, stats, opts, place=place, state=state,
+                            timer=timer, deadline=deadline, infos=infos, per_rank=per_rank, bar=bar,
+                            on_block_done=on_block_done, writer=writer, pending=pending, flush=flush,
                             source=source, release=release)
         flush()
     finally:
@@ -128,20 +119,19 @@ def quantize_blocks_distributed(
 
 def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, list[str]]],
              groups: dict[int, list[list[str]]], model: nn.Module, selection: Selection, stats: CalibrationStats,
-             opts: QuantizeOptions, *, device: torch.device, stream: bool, home: torch.device, state: Path | None,
-             timer: PhaseTimer, deadline: float | None, infos: list[dict[str, Any]], per_rank: list[int], bar: Any,
+             opts: QuantizeOptions, *, place: Placement, state: ResumeState, timer: PhaseTimer,
+             deadline: float | None, infos: list[dict[str, Any]], per_rank: list[int], bar: Any,
              on_block_done: Callable[[int, str], None] | None, writer: ThreadPoolExecutor | None,
              pending: list[Future[Any]], flush: Callable[..., None], source: Any = None,
              release: bool = False) -> bool:
-    from .pipeline import _is_oom, _linear, _placed_linears, _set_submodule, release_layers
-
+    device, home = place.device, place.home
     for window in plan:
         if ctx.agree(deadline is not None and time.time() > deadline, what="deadline check"):
             return False
         tasks = [(b, g) for b in window for g in range(len(groups[b]))]
         costs = []
         for b, g in tasks:
-            shapes = [tuple(_linear(model, n).weight.shape) for n in groups[b][g]]
+            shapes = [tuple(linear_at(model, n).weight.shape) for n in groups[b][g]]
             costs.append(group_cost(shapes, _candidates(opts)))  # type: ignore[arg-type]
         owner = assign(costs, ctx.world_size)
         for r in owner:
@@ -156,7 +146,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 names = groups[b][g]
                 gt = PhaseTimer()
                 # (disk: only this rank's layers are read from the source shards)
-                with _placed_linears(model, names, device, stream=stream, source=source) as mods:
+                with placed_linears(model, names, device, stream=place.stream, source=source) as mods:
                     res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt)
                 packed = []
                 for name, (layer, info) in res.items():
@@ -166,7 +156,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 results[(b, g)] = (packed, gt.seconds)
         except Exception as exc:
             error = exc
-            if _is_oom(exc):
+            if is_oom(exc):
                 error = QuantizationError(f"out of memory while quantizing on {device}: use --offload blocks, "
                                           "a smaller --calib-rows, or fewer --gpus per host memory")
         with timer.phase("wait"):  # the slowest rank of the window (kept apart from the data movement)
@@ -199,11 +189,11 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                         layers_done[name] = unpack_layer(spec_json, layer_tensors, device=where)
                     block_infos.append(info)
             for name, layer in (release_layers(layers_done) if release else layers_done).items():
-                _set_submodule(model, name, layer)
-            if writer is not None:
-                meta = {"svdq_block": {"block": block, "layers": block_infos, "timings": dict(block_timer.seconds)}}
-                target = state / f"block-{b:04d}.safetensors"  # type: ignore[operator]
-                pending.append(writer.submit(_timed_save, layers_done, target, meta, release))
+                set_submodule(model, name, layer)
+            target = state.block_path(b)
+            if writer is not None and target is not None:
+                pending.append(writer.submit(_timed_save, layers_done, target, block, block_infos,
+                                             dict(block_timer.seconds), release))
             timer.add(block_timer.seconds)
             infos.extend(block_infos)
             bar.update(1)
@@ -215,7 +205,8 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
     return True
 
 
-def _timed_save(layers: dict[str, Any], path: Path, metadata: dict[str, Any], streaming: bool = False) -> float:
+def _timed_save(layers: dict[str, Any], path: Path, block: str, infos: list[dict[str, Any]],
+                timings: dict[str, float], streaming: bool = False) -> float:
     t = time.perf_counter()
-    save_file(layers, path, metadata=metadata, streaming=streaming)
+    save_block(layers, path, block=block, infos=infos, timings=timings, streaming=streaming)
     return time.perf_counter() - t

@@ -1,4 +1,8 @@
-"""Quantize one input group of linears into ``SVDQLinear`` modules (+ fidelity numbers)."""
+"""Quantize one input group of linears into ``SVDQLinear`` modules (+ fidelity numbers).
+
+:func:`input_groups` cuts a block's layers into input groups (layers reading the same input);
+:func:`quantize_group` quantizes one.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +23,27 @@ from .smoothing import approximate, relative_error, search_smoothing, shift_corr
 from .stats import CalibrationStats
 from .timing import PhaseTimer
 
-__all__ = ["quantize_group", "layer_fidelity", "layer_seed", "GELU_SHIFT"]
+__all__ = ["input_groups", "quantize_group", "layer_fidelity", "layer_seed", "GELU_SHIFT"]
 
 #: Shift of post-GELU inputs (GELU ≥ −0.1700, rounded up to a short binary fraction) so that
 #: unsigned int4 activation codes (0..15, twice the resolution) apply (docs/format.md §7.2).
 GELU_SHIFT = 0.171875
+
+
+def input_groups(names: list[str], kinds: Mapping[str, str], stats: CalibrationStats) -> list[list[str]]:
+    """``names`` (one block's layers) cut into input groups: layers of one kind that read the same
+    input (q/k/v) are quantized together, with one smoothing vector; the rest alone."""
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            continue
+        g = [m for m in stats.group_of(n) if m in names and m not in seen and kinds[m] == kinds[n]] or [n]
+        if n not in g:
+            g = [n]
+        seen.update(g)
+        groups.append(g)
+    return groups
 
 
 def layer_seed(seed: int, name: str) -> int:

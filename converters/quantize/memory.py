@@ -1,4 +1,5 @@
-"""Peak memory of a quantization process: host (``VmHWM``) and GPU (the caching allocator's peak)."""
+"""Memory of a quantization process: peaks (host ``VmHWM``, the GPU caching allocator's) and
+out-of-memory errors recognised (:func:`is_oom`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["host_peak_bytes", "reset_host_peak", "memory_report"]
+__all__ = ["host_peak_bytes", "reset_host_peak", "memory_report", "is_oom"]
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device (or the host) ran out of memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _status_kib(field: str) -> int | None:

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,10 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
-__all__ = ["LayerStats", "CalibrationStats", "collect_stats", "merge_stats", "sample_seed", "block_containers",
-           "block_offload", "StatsRecorder"]
+from .blocks import block_offload
+
+__all__ = ["LayerStats", "CalibrationStats", "collect_stats", "merge_stats", "sample_seed", "StatsRecorder",
+           "to_device"]
 
 _SEP = "::"
 
@@ -113,80 +115,15 @@ class CalibrationStats:
                    float(info.get("seconds", 0.0)), str(info.get("source", "")))
 
 
-def block_containers(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The model's lists of repeated blocks, ``(qualified name, ModuleList)``, in module order
-    (found from the structure: :func:`converters.quantize.families.block_lists`)."""
-    from .families import block_lists
-
-    return block_lists(model)
-
-
-def _to(value: Any, device: torch.device | str) -> Any:
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor in it (nested dicts, lists, tuples) moved to ``device``."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, Mapping):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     return value
-
-
-@contextlib.contextmanager
-def block_offload(model: nn.Module, device: torch.device | str) -> Iterator[None]:
-    """Keep blocks on the CPU and move each onto ``device`` only while it runs.
-
-    Everything outside the block lists (embedders, norms, final layers) lives on ``device``
-    for the duration. Restores the CPU placement afterwards.
-    """
-    blocks = [b for _, lst in block_containers(model) for b in lst]
-    block_ids = {id(b) for b in blocks}
-
-    def place_rest(mod: nn.Module) -> None:
-        for child in mod.children():
-            if id(child) in block_ids:
-                continue
-            if isinstance(child, nn.ModuleList) and any(id(c) in block_ids for c in child):
-                continue
-            if any(id(m) in block_ids for m in child.modules()):
-                place_rest(child)
-            else:
-                child.to(device)
-        for pname, param in list(mod.named_parameters(recurse=False)):
-            param.data = param.data.to(device)
-        for bname, buf in list(mod.named_buffers(recurse=False)):
-            if buf is not None:
-                setattr(mod, bname, buf.to(device))
-
-    def load(mod: nn.Module, _args: tuple) -> None:
-        mod.to(device)
-
-    def unload(mod: nn.Module, _args: tuple, _out: Any) -> None:
-        mod.to("cpu")
-
-    place_rest(model)
-    try:
-        with around_blocks(blocks, load, unload):
-            yield
-    finally:
-        model.to("cpu")
-
-
-@contextlib.contextmanager
-def around_blocks(
-    blocks: Iterable[nn.Module], before: Callable[[nn.Module, tuple], None],
-    after: Callable[[nn.Module, tuple, Any], None],
-) -> Iterator[None]:
-    """Call ``before(block, args)`` as each block's forward starts and ``after(block, args,
-    output)`` as it ends (forward hooks, removed on exit): how blocks are streamed in and out."""
-    handles = []
-    for b in blocks:
-        handles.append(b.register_forward_pre_hook(before))
-        handles.append(b.register_forward_hook(after))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def collect_stats(
@@ -240,7 +177,7 @@ def collect_stats(
             for i, sample in tqdm(mine, desc="calibration", unit="sample", disable=not progress):
                 rec.begin(i, first=rec.state["first"])
                 rec.gen.manual_seed(sample_seed(seed, i))
-                model(**_to(sample, device))
+                model(**to_device(sample, device))
                 rec.state["first"] = False
                 rec.state["last"] = None
     finally:

@@ -22,7 +22,8 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
-from .stats import around_blocks, block_containers
+from .blocks import around_blocks, block_containers, in_block
+from .source import check_model_dir
 
 __all__ = ["ShardedSource", "load_lazy", "stream_from_source"]
 
@@ -130,8 +131,6 @@ def load_lazy(src: str | os.PathLike[str], *, dtype: torch.dtype) -> tuple[nn.Mo
     Raises:
         QuantizationError: not a diffusers model directory, no safetensors weights.
     """
-    from .directory import check_model_dir
-
     cls, d = check_model_dir(src)
     source = ShardedSource(d, dtype)
     old = torch.get_default_dtype()
@@ -142,7 +141,7 @@ def load_lazy(src: str | os.PathLike[str], *, dtype: torch.dtype) -> tuple[nn.Mo
     finally:
         torch.set_default_dtype(old)
     for name, mod in model.named_modules():  # everything outside the repeated blocks
-        if _in_block(model, name):
+        if in_block(model, name):
             continue
         own = [n for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)] if t.is_meta]
         if own:
@@ -152,14 +151,6 @@ def load_lazy(src: str | os.PathLike[str], *, dtype: torch.dtype) -> tuple[nn.Mo
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), source
-
-
-def _in_block(model: nn.Module, name: str) -> bool:
-    names = getattr(model, "_svdq_block_names", None)
-    if names is None:
-        names = [f"{c}.{i}" for c, lst in block_containers(model) for i in range(len(lst))]
-        object.__setattr__(model, "_svdq_block_names", names)
-    return any(name == b or name.startswith(b + ".") for b in names)
 
 
 @contextlib.contextmanager

@@ -39,6 +39,8 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
+from .stats import to_device
+
 __all__ = ["InputPlan", "plan_inputs", "synthetic_samples"]
 
 #: Names of the latent argument, in order of preference.
@@ -254,7 +256,7 @@ def _probe(model: nn.Module, sample: Mapping[str, Any]) -> None:
     device = _device(model)
     try:
         with torch.no_grad():
-            model(**_to(sample, device))
+            model(**to_device(sample, device))
     except _Reached:
         pass
     finally:
@@ -267,16 +269,6 @@ def _device(model: nn.Module) -> torch.device:
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    return value
 
 
 def _dtype(model: nn.Module) -> torch.dtype:

@@ -3,9 +3,9 @@
 Flow (docs/interop.md has the tables):
 
 1. read the file and its header (``config`` = the diffusers config, ``quantization_config``);
-2. bring every key to native module names and canonical roles (:mod:`converters.nunchaku_names`);
+2. bring every key to native module names and canonical roles (:mod:`converters.nunchaku.names`);
 3. undo the kernel tiling of each quantized layer and cut the 128-padding
-   (:mod:`converters.nunchaku_layout`), sizes taken from the diffusers model built on the meta
+   (:mod:`converters.nunchaku.layout`), sizes taken from the diffusers model built on the meta
    device from the config;
 4. map to diffusers modules: fused q|k|v split into ``to_q``/``to_k``/``to_v`` (shared
    ``smooth`` and ``lora_down``, rows of the rest), FLUX single-block ``out_proj`` + ``mlp_fc2``
@@ -33,15 +33,16 @@ import torch
 from torch import nn
 
 from svdq_format import packing
+from svdq_format.checkpoint import validate
 from svdq_format.errors import FormatError, SVDQError, UnsupportedError
-from svdq_format.io import atomic_write, producer_info, refuse_pickle, save_file, validate
+from svdq_format.io import atomic_write, producer_info, refuse_pickle, save_file
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
 
-from . import nunchaku_layout as L
-from .nunchaku_awq import awq_to_ours
-from .nunchaku_common import (
+from . import layout as L
+from .awq import awq_to_ours
+from .common import (
     EXACT_BIAS_KEY,
     GELU_SHIFT,
     build_skeleton,
@@ -52,7 +53,7 @@ from .nunchaku_common import (
     new_layer,
     tensor_scale,
 )
-from .nunchaku_names import (
+from .names import (
     FUSED,
     LAYER_ROLES,
     REBUILT_FUSED,

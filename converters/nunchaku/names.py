@@ -13,7 +13,7 @@ Three dialects ship on the Hub:
 Inside this package every Nunchaku key is first brought to *native* module names with
 *canonical* tensor roles (our names: ``lora_down``, ``lora_up``, ``smooth``, ``smooth_orig``);
 the mapping from there to diffusers modules (splitting q|k|v, FLUX single-block ``proj_out``)
-is done against the model (:mod:`converters.nunchaku_import`).
+is done against the model (:mod:`converters.nunchaku.importer`).
 """
 
 from __future__ import annotations

@@ -21,17 +21,17 @@ def _lora_arg(text: str) -> tuple[str, float]:
 def _cmd_lora(args: argparse.Namespace) -> int:
     from svdq_format.errors import LoRAError
     from svdq_format.lora import base_fingerprint, compose_plans
-    from svdq_format.model import load_model_dir
+    from svdq_format.pretrained import load_model_dir
 
-    from .lora import _enforce, convert_lora
-    from .lora_delta import file_sha256, save_delta
+    from .delta import file_sha256, save_delta
+    from .load import check_report, convert_lora
 
     model = load_model_dir(args.base)
     plans, strengths, sources, reports = [], [], [], []
     for i, item in enumerate(args.loras):
         src, strength = _lora_arg(item)
         plan, report = convert_lora(model, src, adapter_name=f"lora{i}", weight_name=args.weight_name)
-        _enforce(report, strict=not args.no_strict)
+        check_report(report, strict=not args.no_strict)
         plans.append(plan)
         strengths.append(strength)
         reports.append(report)
@@ -59,7 +59,7 @@ def _cmd_lora(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     import torch
 
-    from .lora_extract import extract_lora
+    from .extract import extract_lora
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     report = extract_lora(args.base, args.tuned, rank=args.rank, out=args.out, dtype=dtype, exact=args.exact,
@@ -95,7 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("tuned", help="dense fine-tuned weights with the same tensor names")
     p.add_argument("--rank", type=int, required=True, help="LoRA rank")
     p.add_argument("--out", required=True, help="output LoRA .safetensors (diffusers/PEFT keys)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the written LoRA factors (default bfloat16)")
     p.add_argument("--prefix", default="transformer.", help="key prefix (default 'transformer.')")
     p.add_argument("--exact", action="store_true", help="full SVD instead of randomised SVD")
     p.add_argument("--json", action="store_true", help="print the energy report as JSON")

@@ -1,6 +1,6 @@
 """Export an SVDQuant model directory to Nunchaku's single-file layout.
 
-The inverse of :mod:`converters.nunchaku_import`: diffusers module names → Nunchaku modules
+The inverse of :mod:`converters.nunchaku.importer`: diffusers module names → Nunchaku modules
 (q|k|v fused, FLUX single-block ``proj_out`` split along K into ``out_proj`` + ``mlp_fc2``,
 ``proj_mlp`` → ``mlp_fc1``), canonical tensors → kernel tilings padded to 128, nvfp4 tensor
 scales → ``wtscale`` (fp32, which the C++ loader accepts) plus ``wcscales`` for fused layers,
@@ -9,7 +9,7 @@ modulation layers), and the four header strings Nunchaku's loaders read.
 
 Everything is exact, except a case Nunchaku cannot store: where the baked ``+1`` rounds a
 modulation bias in 16 bits, the exact bias is kept in the header under
-:data:`~converters.nunchaku_import.EXACT_BIAS_KEY` (Nunchaku ignores it; our importer uses it,
+:data:`~converters.nunchaku.importer.EXACT_BIAS_KEY` (Nunchaku ignores it; our importer uses it,
 so ours → Nunchaku → ours is bit-identical).
 """
 
@@ -26,15 +26,15 @@ import torch
 from torch import nn
 
 from svdq_format import packing
-from svdq_format.errors import FormatError, UnsupportedError
-from svdq_format.io import atomic_write, load_file
+from svdq_format.checkpoint import load_tensors, open_checkpoint
+from svdq_format.errors import UnsupportedError
+from svdq_format.io import atomic_write
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.spec import FormatMetadata
 
-from . import nunchaku_layout as L
-from .nunchaku_awq import ours_to_awq
-from .nunchaku_common import (
+from . import layout as L
+from .awq import ours_to_awq
+from .common import (
     EXACT_BIAS_KEY,
     GELU_SHIFT,
     build_skeleton,
@@ -44,7 +44,7 @@ from .nunchaku_common import (
     lora_up,
     tensor_scale,
 )
-from .nunchaku_names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native, stock_to_unquantized
+from .names import FUSED, REBUILT_FUSED, REBUILT_PLAIN, adanorm_splits, from_native, stock_to_unquantized
 
 __all__ = ["export_nunchaku", "read_model_dir", "NUNCHAKU_MODEL_CLASSES"]
 
@@ -60,27 +60,12 @@ NUNCHAKU_MODEL_CLASSES = {
 def read_model_dir(
     model_dir: str | os.PathLike[str],
 ) -> tuple[dict[str, Any], FormatMetadata, dict[str, SVDQLinear], dict[str, torch.Tensor]]:
-    """``(config, metadata, layers, other tensors)`` of an SVDQuant model directory."""
-    from safetensors import safe_open
-
-    d = Path(model_dir)
-    cfg_path, weights = d / CONFIG_NAME, d / WEIGHTS_NAME
-    if not cfg_path.is_file() or not weights.is_file():
-        raise FormatError(str(d), None, f"not an SVDQuant model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise FormatError(str(cfg_path), None, f"not valid JSON ({exc})") from None
-    meta = FormatMetadata.from_json(cfg.pop("quantization_config", None) or {}, file=str(cfg_path))
-    layers = load_file(weights)
-    owned = {
-        f"{p}.{r}"
-        for p, layer in layers.items()
-        for r in ("qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up", "bias")
-    }
-    with safe_open(str(weights), framework="pt", device="cpu") as h:
-        extras = {k: h.get_tensor(k) for k in h.keys() if k not in owned}
-    return cfg, meta, layers, extras
+    """``(config, metadata, layers, other tensors)`` of an SVDQuant model directory (through the
+    loading core: :func:`svdq_format.checkpoint.open_checkpoint`, :func:`~svdq_format.checkpoint.load_tensors`)."""
+    ckpt = open_checkpoint(model_dir, need_config=True)
+    assert ckpt.config is not None and ckpt.config_metadata is not None
+    layers, extras = load_tensors(ckpt)
+    return dict(ckpt.config), ckpt.config_metadata, layers, extras
 
 
 def _codes(layer: SVDQLinear) -> torch.Tensor:

@@ -35,9 +35,9 @@ from svdq_format.io import atomic_write
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 
-from . import nunchaku_layout as L
-from .nunchaku_common import build_skeleton, lora_down, lora_up, tensor_scale
-from .nunchaku_export import read_model_dir
+from . import layout as L
+from .common import build_skeleton, lora_down, lora_up, tensor_scale
+from .exporter import read_model_dir
 
 __all__ = ["export_nunchaku_lite", "lite_config", "split_tensor_scale"]
 

@@ -110,28 +110,7 @@ def save_delta(
     }
     header = {DELTA_METADATA_KEY: json.dumps(meta, sort_keys=True)}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
-    if durable:
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-    else:
-        _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-
-def _replace_atomically(path: str | os.PathLike[str], write: Any) -> None:
-    """Write to a temporary file beside ``path`` and rename it over ``path`` (no fsync)."""
-    import tempfile
-
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), durable=durable)
 
 
 def _read_meta(path: str) -> Optional[dict[str, Any]]:
@@ -144,7 +123,7 @@ def _read_meta(path: str) -> Optional[dict[str, Any]]:
         raise LoRAError(f"{path}: cannot read safetensors file ({' '.join(str(exc).split())})") from None
     if raw is None:
         return None
-    from .lora_formats import metadata_json_object
+    from .formats import metadata_json_object
 
     return metadata_json_object(raw, path, DELTA_METADATA_KEY)
 
@@ -159,12 +138,12 @@ def load_delta(path: str | os.PathLike[str], *, adapter_name: Optional[str] = No
                device: Optional[torch.device] = None) -> tuple[LoraPlan, dict[str, Any]]:
     """Read a delta file into a :class:`~svdq_format.lora.LoraPlan` (not yet checked
     against a model; :func:`svdq_format.lora.check_plan` does that). A CUDA ``device``
-    reads the tensors straight onto it (see :func:`~converters.lora_formats.mmap_safetensors`).
+    reads the tensors straight onto it (see :func:`~converters.lora.formats.mmap_safetensors`).
 
     Raises:
         LoRAError: not a delta file, newer format version, missing/inconsistent tensors.
     """
-    from .lora_formats import mmap_safetensors
+    from .formats import mmap_safetensors
 
     p = os.fspath(path)
     meta = _read_meta(p)

@@ -16,9 +16,9 @@ from svdq_format import packing
 from svdq_format.errors import FormatError, UnsupportedError
 from svdq_format.linear import SVDQLinear
 
-from . import nunchaku_layout as L
-from .nunchaku_common import EXACT_BIAS_KEY, group_indicator, lora_down, lora_up, new_layer
-from .nunchaku_names import adanorm_splits
+from . import layout as L
+from .common import EXACT_BIAS_KEY, group_indicator, lora_down, lora_up, new_layer
+from .names import adanorm_splits
 
 __all__ = ["awq_to_ours", "ours_to_awq"]
 
