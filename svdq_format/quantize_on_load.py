@@ -46,6 +46,7 @@ from .device_read import read_to_device
 from .errors import TensorError, UnsupportedError
 from .io import SafetensorsHeader, TensorReader, read_header
 from .linear import SVDQLinear
+from .lora.types import RANK_MULTIPLE  # low-rank ranks are multiples of it (the kernels' granularity)
 from .model import model_metadata, set_submodule
 from .spec import FLOAT_DTYPES, PRECISIONS, QUANTIZER_KEY, FormatMetadata, QuantizerInfo, dtype_name
 
@@ -61,8 +62,6 @@ __all__ = [
 
 #: ``module:attribute`` of the layer quantizer plug-in (a :class:`LayerQuantizer` class).
 LAYER_QUANTIZER = "converters.quantize.data_free:DataFreeQuantizer"
-#: Low-rank ranks are multiples of this (the kernels' granularity, as Nunchaku's).
-RANK_MULTIPLE = 16
 
 
 def _bad(reason: str) -> UnsupportedError:
