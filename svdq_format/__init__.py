@@ -33,7 +33,7 @@ from .linear import EXEC_MODES, SVDQLinear
 from .model import save_pretrained, save_single_file, set_mode
 from .ops import Backend, available_backends, reference_linear, register_backend, svdq_linear
 from .pretrained import load_pretrained
-from .spec import FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, LayerSpec
+from .spec import FEATURES, FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, KSegment, LayerSpec
 from .version import __version__
 
 _install_integrations()
@@ -41,11 +41,13 @@ _install_integrations()
 __all__ = [
     "__version__",
     "FORMAT_VERSION",
+    "FEATURES",
     "LAYOUT",
     "QUANT_METHOD",
     "EXEC_MODES",
     "FormatMetadata",
     "LayerSpec",
+    "KSegment",
     "SVDQLinear",
     "save_file",
     "load_file",

@@ -228,9 +228,9 @@ def check_values(file: str | None, prefix: str, layer: SVDQLinear) -> None:
     if bad.any():
         raise TensorError(file, names["wscales"], f"non-finite or negative scale at index {_first_bad(bad)}")
     if layer.wtscale is not None:
-        ts = float(layer.wtscale)
-        if not math.isfinite(ts) or ts <= 0:
-            raise TensorError(file, names["wtscale"], f"tensor scale must be finite and positive, got {ts}")
+        for ts in layer.wtscale.float().reshape(-1).tolist():  # one per k-segment (format 2) or one
+            if not math.isfinite(ts) or ts <= 0:
+                raise TensorError(file, names["wtscale"], f"tensor scale must be finite and positive, got {ts}")
     s = layer.smooth.float()
     bad = ~torch.isfinite(s) | (s <= 0)
     if bad.any():

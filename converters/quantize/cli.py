@@ -65,7 +65,10 @@ def _quantize(args: argparse.Namespace) -> int:
         clip_search=not args.no_clip_search, gptq=args.gptq, refine_iters=args.refine,
         lowrank=args.lowrank, w4a16_rank=args.w4a16_rank, weight_only=args.weight_only,
         calib_rows=args.calib_rows, include=tuple(args.include), exclude=tuple(args.exclude), seed=args.seed,
+        target=args.target,
     )
+    if args.target == "nunchaku" and args.dtype == "float32":
+        raise QuantizationError("--target nunchaku: Nunchaku runs bfloat16 or float16 models; drop --dtype float32")
     if args.alphas is not None:
         opts_kw["alphas"] = args.alphas
     if args.activation_alphas is not None:
@@ -205,6 +208,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4",
                    help="4-bit format of the residual: int4 (group 64, any GPU) or nvfp4 (E2M1, group 16; "
                    "Blackwell's native format) (default int4)")
+    p.add_argument("--target", choices=("svdquant", "nunchaku"), default="svdquant",
+                   help="runtime preset: svdquant (default) or nunchaku: every layer representable in Nunchaku's "
+                   "files (norm_out 16-bit, AdaLN as AWQ W4A16, int4 GELU-fed inputs shifted unsigned), so "
+                   "'svdq convert --to nunchaku' succeeds")
     p.add_argument("--calibration", default="synthetic",
                    help="'synthetic' (default; lower quality) or a calibration .safetensors file")
     p.add_argument("--prompts", help="text file, one prompt per line: calibrate by running the pipeline in SRC")

@@ -65,7 +65,8 @@ class QuantizeResult:
 
 
 def _select(model: nn.Module, opts: QuantizeOptions) -> Selection:
-    selection = select_layers(model, include=opts.include, exclude=opts.exclude, weight_only=opts.weight_only)
+    selection = select_layers(model, include=opts.include, exclude=opts.exclude, weight_only=opts.weight_only,
+                              target=opts.target, precision=opts.precision)
     if not selection.kinds:
         why = (
             f" ({len(selection.skipped)} candidates kept 16-bit, e.g. {next(iter(selection.skipped.items()))})"
@@ -73,6 +74,13 @@ def _select(model: nn.Module, opts: QuantizeOptions) -> Selection:
             else ""
         )
         raise QuantizationError(f"{type(model).__name__}: no linear layer can be quantized{why}")
+    if opts.target == "nunchaku":
+        dtypes = {linear_at(model, n).weight.dtype for n in selection.kinds}
+        if not dtypes <= {torch.bfloat16, torch.float16}:
+            raise QuantizationError(
+                f"target nunchaku: Nunchaku runs bfloat16 or float16 models, this one has {sorted(map(str, dtypes))} "
+                "linears: load it in bfloat16 (svdq quantize --dtype bfloat16, or torch_dtype=torch.bfloat16)"
+            )
     return selection
 
 
@@ -206,7 +214,8 @@ def quantize_model(
         state_dir: Resumable state directory.
         progress: Show progress bars.
         **options: Further :class:`QuantizeOptions` fields (``smoothing``, ``alphas``,
-            ``clip_search``, ``gptq``, ``refine_iters``, ``include``, ``exclude``, ``seed`` ...).
+            ``clip_search``, ``gptq``, ``refine_iters``, ``include``, ``exclude``, ``seed``,
+            ``target="nunchaku"`` for a checkpoint that exports to Nunchaku ...).
 
     Returns:
         The same model with ``SVDQLinear`` layers. A diffusers model is marked as svdquant

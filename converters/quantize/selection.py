@@ -10,6 +10,10 @@ warning naming what was guessed.
 
 ``include`` / ``exclude`` are shell-style patterns (:mod:`fnmatch`) on qualified module names;
 ``include`` adds layers, ``exclude`` removes them (exclude wins).
+
+``target="nunchaku"`` (:mod:`converters.quantize.targets`) keeps the modulation layers Nunchaku
+holds in 16 bits (``norm_out.linear``) unquantized and records the activation handling Nunchaku's
+kernels apply (:attr:`Selection.act_handling`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from svdq_format.spec import KSegment
+
 from .families import ADALN_PATTERNS, EMBEDDER_PATTERN, guessed_summary, is_tested, linear_roles
+from .targets import nunchaku_act_handling, nunchaku_weight_only
 
 __all__ = ["ADALN_PATTERNS", "EMBEDDER_PATTERN", "Selection", "select_layers", "MIN_GROUP", "is_adaln"]
 
@@ -39,11 +46,15 @@ class Selection:
             matched a pattern, plus every non-multiple-of-64 shape).
         blocks: Block name (``"transformer_blocks.3"``, or ``""`` for layers outside blocks)
             → its selected layer names, in module order (the unit of streaming and resume).
+        act_handling: Layer → the activation handling a target requires of it (one
+            :class:`~svdq_format.spec.KSegment` for the whole layer, or several: ``k_segments``);
+            layers not listed get the quantizer's own choice.
     """
 
     kinds: dict[str, str]
     skipped: dict[str, str]
     blocks: dict[str, list[str]]
+    act_handling: dict[str, tuple[KSegment, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -64,6 +75,8 @@ def select_layers(
     exclude: Sequence[str] = (),
     weight_only: bool = False,
     warn_unknown: bool = True,
+    target: str = "svdquant",
+    precision: str = "int4",
 ) -> Selection:
     """Decide, for every ``nn.Linear`` of ``model``, whether and how to quantize it.
 
@@ -74,6 +87,8 @@ def select_layers(
         weight_only: Make every selected layer W4A16.
         warn_unknown: For an architecture the family tests do not cover, one ``UserWarning``
             naming the blocks and roles that were guessed.
+        target: ``"svdquant"`` or ``"nunchaku"`` (see the module doc).
+        precision: W4A4 precision (the Nunchaku target shifts int4 activations only).
 
     Returns:
         The :class:`Selection`.
@@ -102,6 +117,10 @@ def select_layers(
         if mod.in_features % MIN_GROUP:
             skipped[name] = f"in_features {mod.in_features} is not a multiple of {MIN_GROUP}: kept 16-bit"
             continue
+        if target == "nunchaku" and role.kind == "w4a16" and not nunchaku_weight_only(name) and not included:
+            skipped[name] = "Nunchaku keeps this modulation layer 16-bit (--target nunchaku)"
+            continue
         kinds[name] = "w4a16" if (role.kind == "w4a16" or weight_only) else "w4a4"
         blocks.setdefault(role.block, []).append(name)
-    return Selection(kinds, skipped, blocks)
+    handling = nunchaku_act_handling(model, kinds, precision) if target == "nunchaku" else {}
+    return Selection(kinds, skipped, blocks, handling)
