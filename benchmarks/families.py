@@ -5,7 +5,9 @@ For each transformer class of the installed diffusers (``diffusers.models.transf
 
 * with a tiny config in ``tests/family_fixtures.py``: quantize it as ``svdq quantize`` does
   (synthetic calibration from the forward signature, 8 samples, the default search; rank 8, as
-  the layers are 64 wide), then count the linears W4A4 / W4A16 / kept 16-bit and measure the
+  the layers are 64 wide; the families no generic rule can synthesize from a calibration file of
+  inputs built as their pipelines build them, ``family_fixtures.CAPTURED``, with the one-line
+  reason in the table), then count the linears W4A4 / W4A16 / kept 16-bit and measure the
   relative output error ``‖y − y_dense‖ / ‖y_dense‖`` on a held-out synthetic input; note whether
   diffusers has a LoRA loader for its pipelines and whether its attention fuses q/k/v;
 * without one: whether synthetic inputs can be derived at all (the one-line reason when not),
@@ -41,7 +43,16 @@ from converters.quantize.report import environment_info  # noqa: E402
 from converters.quantize.synthetic import InputPlan, build_sample, synthetic_samples  # noqa: E402
 from svdq_format.errors import QuantizationError  # noqa: E402
 from svdq_format.model import svdq_modules  # noqa: E402
-from tests.family_fixtures import FAMILIES, build, lora_loader  # noqa: E402
+from tests.family_fixtures import (  # noqa: E402
+    CAPTURED,
+    FAMILIES,
+    NOT_TESTED,
+    NOTES,
+    build,
+    family_samples,
+    lora_loader,
+    output,
+)
 
 BEGIN, END = "<!-- families-table:begin -->", "<!-- families-table:end -->"
 
@@ -60,11 +71,6 @@ def diffusers_classes() -> list[str]:
     return sorted(names) + ["UNet2DConditionModel"]
 
 
-def _output(out: Any) -> torch.Tensor:
-    o = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
-    return o[0] if isinstance(o, list) else o
-
-
 def measure(family: str, *, rank: int, samples: int) -> dict[str, Any]:
     from svdq_format import fusion
 
@@ -73,19 +79,27 @@ def measure(family: str, *, rank: int, samples: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        plan, calib = synthetic_samples(dense, samples, seed=0)
-        _, (x,) = synthetic_samples(dense, 1, seed=123)
+        if family in CAPTURED:
+            try:
+                synthetic_samples(dense, 1)
+                layout = "synthesizable"  # (the tests would fail: CAPTURED is for the ones that are not)
+            except QuantizationError as exc:
+                layout = "calibration file: " + _reason(exc)
+        else:
+            layout = synthetic_samples(dense, 1, seed=0)[0].layout
+        calib = family_samples(family, dense, samples, seed=0)
+        (x,) = family_samples(family, dense, 1, seed=123)
     with torch.no_grad():
-        ref = _output(dense(**x))
+        ref = output(dense(**x))
     linears = [n for n, m in dense.named_modules() if type(m) is nn.Linear]
     result = run_quantization(dense, calib, options=QuantizeOptions(rank=rank), device="cpu", offload=False)
     layers = svdq_modules(result.model)
     with torch.no_grad():
-        y = _output(result.model(**x))
+        y = output(result.model(**x))
     kinds = [m.kind for m in layers.values()]
     loader = lora_loader(cls_name)
     return {
-        "family": family, "class": cls_name, "status": "tested", "layout": plan.layout, "plan": plan.describe(),
+        "family": family, "class": cls_name, "status": "tested", "layout": layout, "note": NOTES.get(family, ""),
         "linears": len(linears), "w4a4": kinds.count("w4a4"), "w4a16": kinds.count("w4a16"),
         "kept": len(linears) - len(layers), "rel_error": float((y - ref).norm() / ref.norm()),
         "mean_layer_error": result.report.summary().get("svdq"), "lora_loader": loader,
@@ -100,6 +114,7 @@ def untested(cls_name: str) -> dict[str, Any]:
     from accelerate import init_empty_weights
 
     row: dict[str, Any] = {"family": "", "class": cls_name}
+    why = f"; not tested: {NOT_TESTED[cls_name]}" if cls_name in NOT_TESTED else ""
     try:
         with init_empty_weights(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -110,24 +125,30 @@ def untested(cls_name: str) -> dict[str, Any]:
         params = inspect.signature(type(model).forward).parameters
         latent = next((n for n in ("hidden_states", "sample", "x", "latents") if n in params), None)
         if latent is None:
-            return {**row, "status": "no synthetic inputs: its forward has no latent argument"}
+            return {**row, "status": "no synthetic inputs: its forward has no latent argument" + why}
         build_sample(model, InputPlan(latent, "tokens", 1, 4, 4, 8, False), torch.Generator().manual_seed(0))
     except QuantizationError as exc:
-        reason = str(exc).split("calibration inputs: ", 1)[-1].split(";")[0].split(" (")[0]
-        return {**row, "status": f"no synthetic inputs: {reason}"}
+        return {**row, "status": f"no synthetic inputs: {_reason(exc)}{why}"}
     except Exception:
         pass
-    return {**row, "status": "not tested (no tiny config)"}
+    return {**row, "status": f"not tested{why or ' (no tiny config)'}"}
+
+
+def _reason(exc: QuantizationError) -> str:
+    """The reason part of a synthetic-inputs refusal (without the class and the advice)."""
+    return str(exc).split("calibration inputs: ", 1)[-1].split(";")[0].split(" (")[0]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| class | status | quantized / linears | W4A4 / W4A16 / kept 16-bit | output error (tiny) | "
-            "LoRA loader | fuse q/k/v | synthetic latent |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+            "LoRA loader | fuse q/k/v | calibration: synthetic latent, or why a file |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
         if r["status"] == "tested":
             lora = r["lora_loader"].removesuffix("LoraLoaderMixin") if r["lora_loader"] else "no"
-            lines.append(f"| {r['class']} | tested | {r['w4a4'] + r['w4a16']} / {r['linears']} | "
+            status = f"tested ({r['note']})" if r.get("note") else "tested"
+            lines.append(f"| {r['class']} | {status} | {r['w4a4'] + r['w4a16']} / {r['linears']} | "
                          f"{r['w4a4']} / {r['w4a16']} / {r['kept']} | {r['rel_error']:.3f} | {lora} | "
                          f"{'yes' if r['fuse_qkv'] else 'no'} | {r['layout']} |")
         else:
@@ -161,6 +182,10 @@ def main() -> None:
     result = {"environment": environment_info(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
               "options": {"rank": args.rank, "samples": args.samples, "threads": torch.get_num_threads()},
               "summary": {"classes": len(rows), "tested": len(tested),
+                          "failed": sum(r["status"].startswith("FAILED") for r in rows),
+                          "not_tested": [r["class"] for r in rows if r["status"] != "tested"],
+                          "tested_from_calibration_file": sum(r["layout"].startswith("calibration file")
+                                                              for r in tested),
                           "with_lora_loader": sum(bool(r["lora_loader"]) for r in tested)},
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -47,12 +47,13 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
               dropout_rate=0.1, layer_norm_epsilon=1e-6, tie_word_embeddings=False)
 
 
-def t5_xxl() -> nn.Module:
+def t5_xxl(config: dict[str, Any] | None = None) -> nn.Module:
+    """A bf16 ``T5EncoderModel`` of ``config`` (default: T5-XXL) on the meta device."""
     from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
 
     with init_empty_weights():
-        model = T5EncoderModel(T5Config(**T5_XXL)).to(torch.bfloat16)
+        model = T5EncoderModel(T5Config(**(T5_XXL if config is None else config))).to(torch.bfloat16)
     model.encoder.embed_tokens = model.shared  # tied, as from_pretrained leaves them
     return model
 
@@ -87,8 +88,9 @@ def sizes(model: nn.Module, *, quantized: bool) -> dict[str, int]:
     return {"disk": data + head, "loaded": loaded, "params": params}
 
 
-def quantized(mode: str, rank: int) -> tuple[nn.Module, dict[str, int]]:
-    model = t5_xxl()
+def quantized(mode: str, rank: int, config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, int]]:
+    """The meta-device T5 of ``config`` with empty ``SVDQLinear`` layers where ``--components`` puts them."""
+    model = t5_xxl(config)
     sel = select_layers(model, weight_only=mode == "w4a16", warn_unknown=False)
     specs = {}
     for name, kind in sel.kinds.items():

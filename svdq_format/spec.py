@@ -39,6 +39,9 @@ __all__ = [
     "KSegment",
     "LayerSpec",
     "FormatMetadata",
+    "QUANTIZER_KEY",
+    "QUANTIZATION_METHODS",
+    "QuantizerInfo",
     "tensor_names",
     "expected_tensors",
     "COMPUTE_ROLES",
@@ -67,6 +70,11 @@ KINDS: tuple[str, ...] = ("w4a4", "w4a16")
 GROUP_SIZE: dict[str, int] = GROUP_SIZES
 #: The 16/32-bit float dtypes allowed for smooth, lora_down, lora_up, bias (the compute dtype).
 FLOAT_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+#: Key of the optional, informative provenance object of the metadata (docs/format.md §7.2).
+QUANTIZER_KEY = "quantizer"
+#: Values of ``quantizer.method``: ``"calibrated"`` (chosen on captured activations: ``svdq
+#: quantize``) or ``"data-free"`` (from the weights alone: quantized while loading).
+QUANTIZATION_METHODS: tuple[str, ...] = ("calibrated", "data-free")
 
 _TORCH_DTYPES = {
     "bfloat16": "bfloat16",
@@ -390,6 +398,52 @@ def expected_tensors(spec: LayerSpec) -> dict[str, tuple[tuple[str, ...], tuple[
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizerInfo:
+    """How a checkpoint was quantized: the optional ``"quantizer"`` object of the metadata.
+
+    Informative only (the tensors mean the same whatever made them), so a reader never refuses a
+    file for it: an absent or malformed object reads as ``None``, unknown keys are kept.
+
+    Attributes:
+        method: One of :data:`QUANTIZATION_METHODS`, or another string a later writer used.
+            Objects written before the field existed (by the calibrated quantizer, the only one
+            then) have none and read as ``"calibrated"``.
+        options: The quantizer's settings (rank, precision, smoothing, ...), as it wrote them.
+        calibration: Where the calibration inputs came from (calibrated only).
+        extra: Any other keys of the object, kept as they are.
+    """
+
+    method: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object stored under :data:`QUANTIZER_KEY`."""
+        out: dict[str, Any] = dict(self.extra)
+        out["method"] = self.method
+        out["options"] = dict(self.options)
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> QuantizerInfo | None:
+        """Read the object leniently: ``None`` when it is absent or not an object."""
+        if not isinstance(obj, Mapping):
+            return None
+        method = obj.get("method", "calibrated")
+        options = obj.get("options")
+        calibration = obj.get("calibration")
+        return cls(
+            method=method if isinstance(method, str) else "calibrated",
+            options=dict(options) if isinstance(options, Mapping) else {},
+            calibration=dict(calibration) if isinstance(calibration, Mapping) else None,
+            extra={k: v for k, v in obj.items() if k not in ("method", "options", "calibration")},
+        )
+
+
 #: The roles of an SVDQ layer held in its compute dtype (``LayerSpec.dtype``): a load in another
 #: compute dtype casts them; the 4-bit codes and their scales never are.
 COMPUTE_ROLES: frozenset[str] = frozenset({"smooth", "lora_down", "lora_up", "bias"})
@@ -414,6 +468,11 @@ class FormatMetadata:
     layout: str = LAYOUT
     producer: dict[str, str] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def quantizer(self) -> QuantizerInfo | None:
+        """How the checkpoint was quantized (the optional ``"quantizer"`` object), if recorded."""
+        return QuantizerInfo.from_json(self.extra.get(QUANTIZER_KEY))
 
     @property
     def features(self) -> list[str]:

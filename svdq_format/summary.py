@@ -39,8 +39,9 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         quantized layers' tensors), ``other_tensors``/``other_bytes`` (16-bit rest),
         ``file_bytes``, ``bits_per_param`` (quantized layers, all their tensors included),
         ``bf16_bytes`` (the same model in bf16) and ``compression_vs_bf16``, ``features`` (format
-        features used, e.g. ``["k_segments"]``) and ``k_segmented`` (layer → its segments as
-        ``"<size>"`` / ``"<size>+shift<a>[u]"`` strings, for layers with per-segment activation handling).
+        features used, e.g. ``["k_segments"]``), ``k_segmented`` (layer → its segments as
+        ``"<size>"`` / ``"<size>+shift<a>[u]"`` strings, for layers with per-segment activation handling)
+        and ``quantizer`` (how it was quantized: :class:`~svdq_format.spec.QuantizerInfo` as JSON, or ``None``).
     """
     p = Path(path)
     if not p.exists():  # the words of `svdq validate`
@@ -117,6 +118,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "bf16_bytes": bf16_bytes,
         "compression_vs_bf16": (bf16_bytes / stored) if stored else None,
         "k_segmented": dict(sorted(segmented.items())),
+        "quantizer": None if meta0.quantizer is None else meta0.quantizer.to_json(),
     }
 
 
@@ -129,6 +131,20 @@ def format_size(n: float) -> str:
     return str(n)  # unreachable
 
 
+def _quantizer_text(q: dict[str, Any]) -> str:
+    """``data-free (int4, rank 32; smoothing on, clip_search on, gptq off)``: the method and the
+    settings a reader compares first."""
+    o = q.get("options", {})
+    head = [str(o["precision"])] if "precision" in o else []
+    head += [f"rank {o['rank']}"] if "rank" in o else []
+    flags = [f"{k} {'on' if o[k] else 'off'}" for k in ("smoothing", "clip_search", "gptq")
+             if isinstance(o.get(k), bool)]
+    cal = q.get("calibration") or {}
+    flags += [f"calibration {cal['source']}"] if cal.get("source") else []
+    inner = ", ".join(head) + ("; " if head and flags else "") + ", ".join(flags)
+    return f"{q.get('method', '?')}" + (f" ({inner})" if inner else "")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """Human-readable text of :func:`summarize`'s result."""
     prod = s["producer"]
@@ -138,6 +154,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  format_version  {s['format_version']}   layout {s['layout']}{features}",
         f"  producer        {prod.get('name', '?')} {prod.get('version', '')}".rstrip(),
         f"  files           {s['files']}",
+        *([f"  quantized by    {_quantizer_text(s['quantizer'])}"] if s.get("quantizer") else []),
         f"  quantized layers {s['layers']}: "
         + ", ".join(f"{k} x{v}" for k, v in s["by_kind"].items()),
         "  ranks           " + ", ".join(f"r={r} x{c}" for r, c in s["ranks"].items())

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from svdq_format import SVDQLinear, packing, save_file
+from svdq_format.spec import LAYOUT, FormatMetadata
 
 # docs/format.md §4, worked int4 example: qweight[0] of w[k] = 0.5 * ((k mod 15) - 7), K = 64.
 SPEC_INT4_BYTES = bytes.fromhex(
@@ -159,3 +160,22 @@ def test_non_finite_input_poisons_only_its_token():
     assert torch.isfinite(y[0]).all()
     assert torch.isnan(y[1]).all()
     assert torch.isnan(y[2]).all()
+
+
+def test_the_quantizer_object_is_informative_and_read_leniently():
+    from svdq_format.spec import QuantizerInfo
+
+    info = QuantizerInfo(method="data-free", options={"rank": 32}, extra={"source": "x"})
+    assert QuantizerInfo.from_json(info.to_json()) == info
+    meta = FormatMetadata.from_json({"format_version": 1, "layout": LAYOUT, "layers": {}, "quantizer": info.to_json()})
+    assert meta.quantizer == info and FormatMetadata.loads(meta.dumps()).quantizer == info
+    # written before "method" existed (only the calibrated quantizer wrote the object): calibrated
+    old = FormatMetadata.from_json({"format_version": 1, "layout": LAYOUT, "layers": {},
+                                    "quantizer": {"options": {"rank": 8}, "calibration": {"source": "synthetic"}}})
+    assert old.quantizer.method == "calibrated" and old.quantizer.calibration == {"source": "synthetic"}
+    # never a reason to refuse a file: absent / not an object / odd fields
+    for odd in (None, "int4", [1], {"method": 3, "options": "x"}):
+        meta = FormatMetadata.from_json({"format_version": 1, "layout": LAYOUT, "layers": {}, "quantizer": odd})
+        q = meta.quantizer
+        assert q is None or (q.method == "calibrated" and q.options == {})
+    assert FormatMetadata(layers={}).quantizer is None

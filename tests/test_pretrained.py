@@ -176,19 +176,6 @@ def test_quantization_config_is_the_format_metadata(tmp_path):
         SVDQuantConfig(**{**qc, "layout": "tiled"})
 
 
-def test_quantize_while_loading_is_refused(tmp_path):
-    from diffusers import FluxTransformer2DModel
-
-    from svdq_format.diffusers import SVDQuantConfig
-
-    dense = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                   pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-    dense.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedError, match="cannot quantize a model while loading"):
-        FluxTransformer2DModel.from_pretrained(tmp_path, quantization_config=SVDQuantConfig())
-
-
 def test_pipeline_takes_the_quantized_transformer(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 

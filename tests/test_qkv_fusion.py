@@ -203,9 +203,8 @@ def test_fusing_costs_only_the_block_diagonal_zeros(q):
     assert _storage_bytes(q) == before
 
 
-def test_sd3_legacy_attention_refuses_with_the_reason():
-    """SD3's legacy ``Attention`` keeps its fused state in the model's processors (its unfuse only
-    swaps them back): fusing its SVDQ projections is refused before anything changes."""
+def _sd3(*, dense_key: bool = False):
+    """A tiny SD3 (diffusers' legacy ``Attention``) with SVDQ q/k/v (one ``to_k`` left dense)."""
     from diffusers import SD3Transformer2DModel
     from torch import nn
 
@@ -215,13 +214,52 @@ def test_sd3_legacy_attention_refuses_with_the_reason():
                               pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
     for name, mod in list(m.named_modules()):
         if isinstance(mod, nn.Linear) and "transformer_blocks." in name and mod.in_features % 64 == 0:
+            if dense_key and name.endswith("attn.to_k"):
+                continue
             parent, _, child = name.rpartition(".")
             setattr(m.get_submodule(parent), child, SVDQLinear.from_linear(mod, rank=8))
-    assert fusion.install(m) == 0
+    gen = torch.Generator().manual_seed(1)
+    x = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=gen), encoder_hidden_states=torch.randn(1, 8, 64,
+             generator=gen), pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([500.0]))
+    return m, x
+
+
+def test_sd3_legacy_attention_fuses_and_unfuses(tmp_path):
+    """SD3's legacy ``Attention`` keeps its fused state in the model's processors, and diffusers'
+    unfuse only swaps them back: the SVDQ projections fuse behind the fused processors, and the
+    model's unfuse splits them back bit for bit (so the model saves again)."""
+
+    def run(model):
+        with torch.no_grad():
+            return model(**x, return_dict=False)[0]
+
+    m, x = _sd3()
+    assert fusion.install(m) == 1
     processors = {k: type(v) for k, v in m.attn_processors.items()}
-    with pytest.raises(UnsupportedError, match="legacy Attention"):
+    y = run(m)
+    m.fuse_qkv_projections()
+    assert sorted(fusion.fused_modules(m)) == ["transformer_blocks.0.attn.to_added_qkv",
+                                               "transformer_blocks.0.attn.to_qkv"]
+    assert {type(p).__name__ for p in m.attn_processors.values()} == {"FusedJointAttnProcessor2_0"}
+    assert _close(run(m), y)
+    with pytest.raises(SVDQError, match="unfuse_qkv_projections"):
+        save_pretrained(m, tmp_path / "fused")
+    m.unfuse_qkv_projections()
+    assert fusion.fused_modules(m) == [] and not hasattr(m.transformer_blocks[0].attn, "to_qkv")
+    assert {k: type(v) for k, v in m.attn_processors.items()} == processors
+    assert torch.equal(run(m), y)
+    save_pretrained(m, tmp_path / "unfused")
+
+
+def test_sd3_legacy_attention_with_a_dense_projection_refuses_with_the_reason():
+    """Projections only partly SVDQ layers cannot fuse; the model would switch to fused processors
+    next, so it is refused before that (diffusers' own fuse would fail on ``.weight``)."""
+    m, x = _sd3(dense_key=True)
+    fusion.install(m)
+    processors = {k: type(v) for k, v in m.attn_processors.items()}
+    with pytest.raises(UnsupportedError, match="not all SVDQ layers"):
         m.fuse_qkv_projections()
-    assert fusion.fused_modules(m) == [] and {k: type(v) for k, v in m.attn_processors.items()} == processors
+    assert {k: type(v) for k, v in m.attn_processors.items()} == processors
 
 
 def test_members_sharing_one_lora_down_keep_it_shared(q):

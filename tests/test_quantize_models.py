@@ -188,6 +188,8 @@ def test_cli_quantize_directory_and_errors(tmp_path, capsys):
     printed = capsys.readouterr().out  # what a user reads at the end of a run (not -q)
     assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
     assert not (out / ".svdq-state").exists()
+    quantizer = json.loads((out / "config.json").read_text())["quantization_config"]["quantizer"]
+    assert quantizer["method"] == "calibrated" and quantizer["options"]["rank"] == 8  # docs/format.md §7.2
     report = json.loads((out / "fidelity.json").read_text())
     names = [r["layer"] for r in report["layers"]]
     assert names and not any(".ff_context." in n for n in names)

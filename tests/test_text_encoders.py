@@ -1,10 +1,11 @@
-"""A pipeline's text encoders in the SVDQuant format: quantized (W4A16 by default, W4A4 on request),
+"""A pipeline's text encoders in the SVDQuant format: quantized (W4A16, W4A4 where measured as faithful),
 saved, loaded by transformers' own ``from_pretrained`` (our quantizer plug-in), and a whole tiny
 pipeline with its transformer and text encoders quantized in one ``svdq quantize --components`` run
 that ``DiffusionPipeline.from_pretrained`` loads, giving the same latents bit for bit after a reload."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from converters.text_encoders import quantize_text_encoder, text_encoder_calibration
+from converters.quantize.families import block_lists
+from converters.text_encoders import AUTO_TOLERANCE, quantize_text_encoder, text_encoder_calibration
 from svdq_format.checkpoint import checkpoint_files, validate
 from svdq_format.cli import main as svdq_main
-from svdq_format.errors import ManifestError, TensorError
+from svdq_format.errors import ManifestError, QuantizationError, TensorError
 from svdq_format.io import read_header
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import svdq_modules
@@ -43,28 +45,56 @@ def tiny_clip():
         max_position_embeddings=16, projection_dim=32)).eval()
 
 
+def tiny_gemma2():  # Lumina2's / SANA's text encoder
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    return Gemma2Model(Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                    max_position_embeddings=64, sliding_window=16)).eval()
+
+
+def tiny_qwen25_vl():  # Qwen-Image's text encoder (a vision-language model; the pipelines give it text)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=1, window_size=8, fullatt_block_indexes=[0])
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+
+
 def _ids(seed: int = 5):
     return {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(seed))}
 
 
 def _out(model, x):
     with torch.no_grad():
-        return model(**x)[0]
+        return model(**x, output_hidden_states=True).hidden_states[-1]
 
 
-@pytest.mark.parametrize("build", [tiny_t5, tiny_clip], ids=["t5", "clip"])
-@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+@pytest.mark.parametrize("build, mode", [
+    (tiny_t5, "w4a16"), (tiny_t5, "w4a4"), (tiny_t5, "auto"), (tiny_clip, "w4a16"), (tiny_clip, "w4a4"),
+    (tiny_clip, "auto"), (tiny_gemma2, "auto"), (tiny_qwen25_vl, "auto")],
+    ids=["t5-w4a16", "t5-w4a4", "t5-auto", "clip-w4a16", "clip-w4a4", "clip-auto", "gemma2-auto", "qwen2.5-vl-auto"])
+@pytest.mark.filterwarnings("ignore:.*no tokenizer:UserWarning")
 def test_text_encoder_round_trip_through_transformers_from_pretrained(build, mode, tmp_path):
     model = build()
     x = _ids()
     ref = _out(model, x)
+    blocks = [n for n, _ in block_lists(model)]
     with pytest.warns(UserWarning, match="no tokenizer: calibrating on random token ids"):
         calib = text_encoder_calibration(model, None, num_samples=2, max_length=12)
-    result = quantize_text_encoder(model, calib, mode=mode, options=None)
+    # (Qwen2.5-VL's vision tower is quantized too, for the edit pipelines; a text prompt does not run it)
+    with (pytest.warns(UserWarning, match=r"selected layers never ran during calibration \(e.g. model.visual")
+          if build is tiny_qwen25_vl else contextlib.nullcontext()):
+        result = quantize_text_encoder(model, calib, mode=mode, options=None)
     layers = svdq_modules(model)
-    assert layers and {m.kind for m in layers.values()} == {mode}
+    assert layers and {m.kind for m in layers.values()} <= ({mode} if mode != "auto" else {"w4a4", "w4a16"})
     # every linear of the repeated blocks, nothing else (embeddings, CLIP's text_projection stay 16-bit)
-    assert all(".layer" in n or ".block." in n for n in layers)
+    assert blocks and all(any(n.startswith(f"{b}.") for b in blocks) for n in layers)
     y = _out(model, x)
     assert 0 < float((y - ref).norm() / ref.norm()) < 0.5
     assert result.report.calibration["source"] == "random ids"
@@ -88,6 +118,46 @@ def test_text_encoder_round_trip_through_transformers_from_pretrained(build, mod
     assert layer.dtype == torch.bfloat16 and torch.equal(layer.qweight, src.qweight)
     assert layer.wscales.dtype == src.wscales.dtype and torch.equal(layer.wscales, src.wscales)  # codes, scales uncast
     assert torch.isfinite(_out(half, x).float()).all()
+
+
+def test_auto_mode_takes_w4a4_exactly_where_its_measured_error_is_within_the_tolerance():
+    import copy
+
+    base = tiny_t5()
+    with pytest.warns(UserWarning, match="no tokenizer: calibrating on random token ids"):
+        calib = text_encoder_calibration(base, None, num_samples=2, max_length=12)
+    single = {}
+    for mode in ("w4a16", "w4a4"):
+        model = copy.deepcopy(base)
+        quantize_text_encoder(model, calib, mode=mode)
+        single[mode] = svdq_modules(model)
+
+    def auto(**kw):
+        model = copy.deepcopy(base)
+        result = quantize_text_encoder(model, calib, **kw)  # mode="auto" is the default
+        return svdq_modules(model), {entry["layer"]: entry for entry in result.report.layers}
+
+    layers, report = auto()
+    assert set(layers) == set(single["w4a16"]) == set(report)
+    for name, layer in layers.items():
+        measured = report[name]["auto"]
+        want = "w4a4" if measured["w4a4_error"] <= (1 + AUTO_TOLERANCE) * measured["w4a16_error"] else "w4a16"
+        assert layer.kind == want == measured["chosen"] == report[name]["kind"], name
+        # the layer is the one that mode gives on its own, bit for bit, and the errors are its own
+        twin = single[want][name]
+        assert layer.spec == twin.spec
+        assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), twin.state_dict().values()))
+        assert measured[f"{want}_error"] == report[name]["error"]["svdq"]
+    # the tolerance moves the line: none -> fewer W4A4 layers, a huge one -> all of them
+    strict, _ = auto(tolerance=0.0)
+    loose, _ = auto(tolerance=100.0)
+    w4a4 = {n for n, m in layers.items() if m.kind == "w4a4"}
+    assert {n for n, m in strict.items() if m.kind == "w4a4"} <= w4a4 <= set(loose)
+    assert {m.kind for m in loose.values()} == {"w4a4"}
+    with pytest.raises(QuantizationError, match="tolerance must be >= 0"):
+        quantize_text_encoder(copy.deepcopy(base), calib, tolerance=-0.1)
+    with pytest.raises(QuantizationError, match="not one of auto, w4a16, w4a4"):
+        quantize_text_encoder(copy.deepcopy(base), calib, mode="w8a8")
 
 
 def test_damaged_text_encoder_checkpoint_is_refused(tmp_path):
@@ -171,11 +241,16 @@ def test_whole_pipeline_transformer_and_text_encoders_quantized_in_one_run(tmp_p
             "--alphas", "0.5", "--dtype", "float32"]
     assert svdq_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "text_encoder_3: 0 W4A4 + " in printed and f"wrote pipeline {out}" in printed
+    assert f"wrote pipeline {out}" in printed
     assert {p.name for p in out.iterdir()} == {p.name for p in (tmp_path / "dense").iterdir()}
     for name in ("transformer", "text_encoder", "text_encoder_3"):
         validate(out / name)
         assert json.loads((out / name / "fidelity.json").read_text())["layers"]
+    # the encoders' default (auto): W4A16, W4A4 where measured as faithful; what ran is what was written
+    t5 = json.loads((out / "text_encoder_3" / "fidelity.json").read_text())["layers"]
+    chosen = [entry["auto"]["chosen"] for entry in t5]
+    assert [entry["kind"] for entry in t5] == chosen
+    assert f"text_encoder_3: {chosen.count('w4a4')} W4A4 + {chosen.count('w4a16')} W4A16 layers" in printed
 
     def latents(p):
         p.set_progress_bar_config(disable=True)
@@ -187,7 +262,7 @@ def test_whole_pipeline_transformer_and_text_encoders_quantized_in_one_run(tmp_p
     for name in ("transformer", "text_encoder", "text_encoder_3"):
         assert svdq_modules(getattr(pipe, name)), name
     assert not svdq_modules(pipe.text_encoder_2)  # not listed: copied as it was
-    assert {m.kind for m in svdq_modules(pipe.text_encoder_3).values()} == {"w4a16"}
+    assert {n: m.kind for n, m in svdq_modules(pipe.text_encoder_3).items()} == {e["layer"]: e["kind"] for e in t5}
     ref, got = latents(dense), latents(pipe)
     assert float((got - ref).norm() / ref.norm()) < 0.5
     pipe.save_pretrained(tmp_path / "again")
@@ -208,3 +283,45 @@ def test_whole_pipeline_transformer_and_text_encoders_quantized_in_one_run(tmp_p
     assert svdq_main(["quantize", str(tmp_path / "dense" / "transformer"), str(tmp_path / "o"), "--components",
                       "all"]) == 1
     assert "--components needs a pipeline directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_meta_device_memory_accounting_is_what_save_and_load_give(mode, tmp_path):
+    """benchmarks/text_encoders.py reports FLUX's T5-XXL bytes on disk and loaded from a meta-device model
+    (no memory spent): the same accounting of a tiny T5 equals what the quantizer, ``save_pretrained`` and
+    transformers' ``from_pretrained`` really give."""
+    import importlib.util
+    import struct
+
+    from transformers import T5Config, T5EncoderModel
+
+    from converters.quantize import QuantizeOptions
+
+    spec = importlib.util.spec_from_file_location("bench_text_encoders",
+                                                  Path(__file__).resolve().parents[1] / "benchmarks/text_encoders.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = dict(bench.T5_XXL, vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    meta, counts = bench.quantized(mode, 8, cfg)
+    est = bench.sizes(meta, quantized=True)
+
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(**cfg)).to(torch.bfloat16).eval()
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        calib = text_encoder_calibration(model, None, num_samples=2, max_length=8)
+    quantize_text_encoder(model, calib, mode=mode, options=QuantizeOptions(rank=8))
+    assert {n: m.spec for n, m in svdq_modules(model).items()} == {n: m.spec for n, m in svdq_modules(meta).items()}
+    assert counts["layers"] == len(svdq_modules(model))
+    model.save_pretrained(tmp_path)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    tied = set(getattr(meta, "all_tied_weights_keys", {}) or {})
+    stored = {k: v for k, v in meta.state_dict().items() if k not in tied}
+    assert {k: v["shape"] for k, v in header.items() if k != "__metadata__"} == {k: list(v.shape)
+                                                                                  for k, v in stored.items()}
+    data = sum(v.numel() * v.element_size() for v in stored.values())
+    assert data == len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]  # the tensor bytes: exact
+    assert abs(est["disk"] - len(raw)) < 0.01 * len(raw)  # + the header, estimated within 1 %
+    loaded = T5EncoderModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert sum(t.numel() * t.element_size() for t in bench._unique(loaded)) == est["loaded"]  # exact

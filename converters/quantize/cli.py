@@ -236,8 +236,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--components", default=None, metavar="LIST",
                    help="comma-separated pipeline components to quantize, e.g. transformer,text_encoder_2 "
                    "(or 'all'): OUT becomes a whole pipeline directory, the other components copied")
-    p.add_argument("--text-encoder-mode", choices=("w4a16", "w4a4"), default="w4a16",
-                   help="with --components: text encoders weight-only (default) or W4A4 + low-rank")
+    p.add_argument("--text-encoder-mode", choices=("auto", "w4a16", "w4a4"), default="auto",
+                   help="with --components: text encoders W4A16 with W4A4 where its measured error is within 10%% "
+                        "of W4A16's (auto, default), all weight-only (w4a16) or all W4A4 + low-rank (w4a4)")
     p.add_argument("--calib-rows", type=int, default=256, help="activation rows kept per layer")
     p.add_argument("--alphas", type=_floats, default=None, help="smoothing grid, e.g. 0.2,0.4,0.6")
     p.add_argument("--activation-alphas", type=_floats, default=None,

@@ -2,7 +2,7 @@
 
 ``OUT`` becomes a whole pipeline directory that ``DiffusionPipeline.from_pretrained(OUT)`` loads:
 the listed components quantized (the denoiser as ``svdq quantize`` does it, text encoders with
-:mod:`converters.text_encoders`: W4A16 by default), every other component (tokenizers, scheduler,
+:mod:`converters.text_encoders`: W4A16, W4A4 where measured as faithful), every other component (tokenizers, scheduler,
 VAE, unlisted encoders) copied as it is, ``model_index.json`` written last.
 """
 
@@ -105,7 +105,7 @@ def quantize_pipeline(
     num_samples: int = 8,
     pipeline_kwargs: Mapping[str, Any] | None = None,
     options: QuantizeOptions | None = None,
-    text_encoder_mode: str = "w4a16",
+    text_encoder_mode: str = "auto",
     dtype: str = "bfloat16",
     device: str | None = None,
     offload: str | bool = "auto",
@@ -126,7 +126,8 @@ def quantize_pipeline(
         pipeline_kwargs: With ``prompts``: keyword arguments of the pipeline calls.
         options: Quantizer options (the denoiser's; text encoders get them made weight-only in
             ``w4a16`` mode).
-        text_encoder_mode: ``"w4a16"`` (default) or ``"w4a4"``.
+        text_encoder_mode: ``"auto"`` (default: W4A16, W4A4 where measured as faithful), ``"w4a16"`` or
+            ``"w4a4"`` (:func:`converters.text_encoders.quantize_text_encoder`).
         dtype: Load/compute dtype.
         device: Compute device.
         offload: The denoiser's block streaming (see :func:`run_quantization`).

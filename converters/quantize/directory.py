@@ -13,6 +13,7 @@ import torch
 
 from svdq_format.errors import QuantizationError
 from svdq_format.model import DEFAULT_MAX_SHARD_SIZE, save_pretrained
+from svdq_format.spec import QUANTIZER_KEY, QuantizerInfo
 
 from .calibration import capture_pipeline_inputs, load_calibration
 from .distributed import DistContext, rank_device
@@ -140,8 +141,9 @@ def quantize_directory(
     if not result.complete:
         return result
     result.report.timings = {**{k: round(v, 3) for k, v in phases.items()}, **result.report.timings}
-    extra = {"quantizer": {"options": opts.to_json(), "calibration": result.report.calibration,
-                           "source": os.fspath(src)}}
+    info = QuantizerInfo(method="calibrated", options=opts.to_json(), calibration=result.report.calibration,
+                         extra={"source": os.fspath(src)})
+    extra = {QUANTIZER_KEY: info.to_json()}
     rank = 0 if dist is None else dist.rank
     mine = memory_report(device, rank=rank, host_reset=host_peak_reset)
     memory = [mine] if dist is None else dist.all_gather(mine, what="memory report")

@@ -14,9 +14,9 @@ encoder) is built:
   - inside a block, **W4A4**, except
   - **AdaLN modulation** → **W4A16**: a linear owned by a normalisation or modulation module
     (``AdaLayerNormZero.linear``, ``CogVideoXLayerNormZero.linear``, ``MochiRMSNormZero.linear``,
-    ``Modulation.lin`` ...) or named like one (``adaLN_modulation``, ``img_mod``): its input is the
-    conditioning vector, one row per sample, so 4-bit activations would save nothing and cost
-    accuracy;
+    ``Modulation.lin``, ``T5FiLMLayer.scale_bias`` ...) or named like one (``adaLN_modulation``,
+    ``img_mod``): its input is the conditioning vector, one row per sample, so 4-bit activations
+    would save nothing and cost accuracy;
   - **video temporal layers** (in a block list named ``temporal*``, Latte) → **W4A16**: they mix
     the frames of one position, where activation error shows as flicker;
   - **embedders inside a block** (DiT's per-block timestep embedder) → kept 16-bit;
@@ -66,8 +66,8 @@ EMBEDDER_PATTERN = r"(^|\.)(emb|[A-Za-z_]*embedder|[A-Za-z_]*_embed(ding)?s?)\."
 _MODULATION_NAME = re.compile(r"(?i)^(ada_?ln\w*|\w*_mod|mod|modulation|\w*_modulation)$")
 
 #: Class-name fragments of the modules whose linears compute a modulation from the
-#: conditioning vector (AdaLN variants, modulation modules).
-_MODULATION_OWNER = re.compile(r"Norm|Modulation")
+#: conditioning vector (AdaLN variants, modulation modules, FiLM layers).
+_MODULATION_OWNER = re.compile(r"Norm|Modulation|FiLM")
 
 #: Block lists whose blocks mix frames (video temporal attention).
 _TEMPORAL = re.compile(r"(?i)temporal")
@@ -90,8 +90,21 @@ TESTED_FAMILIES: frozenset[str] = frozenset({
     "QwenImageTransformer2DModel", "SD3Transformer2DModel", "SanaTransformer2DModel",
     "SanaVideoTransformer3DModel", "SkyReelsV2Transformer3DModel", "StableAudio3DiTModel",
     "UNet2DConditionModel", "WanTransformer3DModel", "WanVACETransformer3DModel", "ZImageTransformer2DModel",
+    "AnyFlowTransformer3DModel", "BriaFiboTransformer2DModel", "ConsisIDTransformer3DModel",
+    "CosmosTransformer3DModel", "DreamLiteTransformer2DModel", "Flux3Transformer2DModel",
+    "GlmImageTransformer2DModel", "HunyuanImageTransformer2DModel", "JoyImageEditPlusTransformer3DModel",
+    "Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel", "MiniMaxMusic3Transformer1DModel",
+    "StableAudioDiTModel", "Transformer2DModel", "Krea2Transformer2DModel", "AnyFlowFARTransformer3DModel",
+    "TransformerTemporalModel",
+    # (no synthetic inputs: tested from a calibration file)
+    "AceStepTransformer1DModel", "BriaFibo2Transformer2DModel", "PriorTransformer", "QwenImage21Transformer2DModel",
+    "SanaWMTransformer3DModel", "WanAnimateTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
+    "Ideogram4Transformer2DModel", "Kandinsky6SRTransformer3DModel", "LuminaNextDiT2DModel",
+    "OmniGenTransformer2DModel", "SanaWMLTX2RefinerTransformer3DModel", "T5FilmDecoder", "MiniMaxH3Transformer3DModel",
+    "MiniMaxMusic3RVQDepthDecoder", "RFD4ProteinaTransformer", "Cosmos3OmniTransformer",
     # transformers text encoders
-    "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel",
+    "BertModel", "CLIPTextModel", "CLIPTextModelWithProjection", "Gemma2Model", "Qwen2_5_VLForConditionalGeneration",
+    "T5EncoderModel",
 })
 
 
@@ -148,6 +161,10 @@ def _is_modulation(model: nn.Module, name: str) -> bool:
     parent = model.get_submodule(parent_name) if parent_name else model
     if _MODULATION_OWNER.search(type(parent).__name__):
         return True
+    if isinstance(parent, nn.Sequential) and parent_name:  # Sequential(Linear, Sigmoid) of a norm: ``adaln.to_gamma.0``
+        owner = parent_name.rpartition(".")[0]
+        if _MODULATION_OWNER.search(type(model.get_submodule(owner) if owner else model).__name__):
+            return True
     parts = name.split(".")
     own = parts[-2] if leaf.isdigit() and len(parts) > 1 else leaf  # Sequential(SiLU, Linear): ``img_mod.1``
     if _MODULATION_NAME.match(own) or (parent_name and _MODULATION_NAME.match(parent_name.rpartition(".")[2])):

@@ -32,6 +32,7 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 from svdq_format.model import model_metadata
 from svdq_format.pretrained import attach_svdquant
+from svdq_format.spec import QUANTIZER_KEY, QuantizerInfo
 
 from .block_loop import quantize_blocks
 from .blocks import Placement, decide_placement, linear_at
@@ -237,7 +238,8 @@ def quantize_model(
     result = run_quantization(model, calibration, options=opts, device=device, offload=offload,
                               state_dir=state_dir, progress=progress)
     if result.complete:
-        mark_quantized(result.model, extra={"quantizer": {"options": opts.to_json()}})
+        info = QuantizerInfo(method="calibrated", options=opts.to_json())
+        mark_quantized(result.model, extra={QUANTIZER_KEY: info.to_json()})
     return result.model
 
 

@@ -11,18 +11,26 @@ with the sizes the *config* gives (``in_channels``, ``joint_attention_dim`` /
 The one thing a name does not say is the latent's layout: packed tokens ``[B, N, C]`` (FLUX,
 LTX), an image ``[B, C, H, W]`` (SD3, PixArt, Lumina), a video ``[B, C, F, H, W]`` (Wan,
 HunyuanVideo, Mochi), frames first ``[B, F, C, H, W]`` (CogVideoX), a channels-first sequence
-``[B, C, N]`` (audio) or a list of per-sample latents (Z-Image, whose forward annotates a list).
-It is found by trying them in that order on a forward that stops after the first repeated block
-(before it, when that block is still on the meta device): the first layout the model accepts is
-used; when none fits at the requested size, half and a quarter of it are tried (position tables
-shorter than the request). Text masks are all ones; optional ones are left out only when the model fails with them.
+``[B, C, N]`` (audio), a list of per-sample latents (Z-Image, whose forward annotates a list),
+channels last ``[B, F, H, W, C]`` (Kandinsky 5) or patches not yet embedded ``[B, N, C, pt, ph, pw]``
+(JoyImage-Edit+). It is found by trying them in that order on the model's whole forward (up to
+the first repeated block, when the blocks are still on the meta device): the first layout the
+model accepts is used; when none fits at
+the requested size, half and a quarter of it are tried (position tables shorter than the request).
+Text masks are all ones; optional ones are left out only when the model fails with them; one
+timestep per latent frame (``[B, F]``) is tried when one per sample fails (flow-map and
+diffusion-forcing video models).
 
-Timesteps are drawn in ``[0, 1]`` when the model scales them itself (its forward multiplies by
-1000, a ``t_scale``-like config entry, a ``Timesteps`` module with ``scale``), else in
-``[0, 1000)``.
-
-A required argument no rule knows, or a model no layout fits, raises
-:class:`~svdq_format.errors.QuantizationError` with one line saying which and why.
+Beyond the names above, generic rules by name and config: token ids (``input_ids``,
+``*_token_id``) below the config's ``*vocab_size`` / ``*codebook_size``; ``position_ids`` (text
+then the latent grid, one column per rotary axis); the latent's frame indices
+(``indices_latents``); ``*_rope_pos`` (per-axis positions); per-block text states
+(``text_encoder_layers``: one tensor per repeated block); text states tapped from several encoder
+layers (``num_text_layers``: ``[B, T, layers, D]``); an argument named like a config entry takes
+the config's value; a required argument the forward fills in itself (its source tests
+``if name is None``) is passed as ``None``. A forward that fails on a name its module imports only
+when an optional package is installed (diffusers' ``is_torchvision_available()`` guards) is
+refused naming the package.
 """
 
 from __future__ import annotations
@@ -46,18 +54,24 @@ __all__ = ["InputPlan", "plan_inputs", "synthetic_samples"]
 #: Names of the latent argument, in order of preference.
 LATENT_NAMES = ("hidden_states", "sample", "x", "latents")
 #: Layouts tried for the latent, in order.
-LAYOUTS = ("tokens", "image", "video", "frames-first", "sequence", "list")
+LAYOUTS = ("tokens", "image", "video", "frames-first", "sequence", "list", "channels-last", "patches")
 #: Config keys giving the latent's channels.
-_CHANNEL_KEYS = ("in_channels", "in_dim", "io_channels", "latent_dim", "in_chans")
+_CHANNEL_KEYS = ("in_channels", "in_dim", "io_channels", "latent_dim", "in_chans", "in_visual_dim")
 #: Config keys giving the text embedding width, in order of preference (the caption width
 #: before any projection first, the attention width last).
 _TEXT_KEYS = ("caption_channels", "joint_attention_dim", "text_embed_dim", "text_dim", "cap_feat_dim",
               "text_in_dim", "llm_features_dim", "context_in_dim", "text_hidden_dim", "dit_text_dim",
-              "cond_token_dim", "text_encoder_dim", "cross_attention_dim", "hidden_size", "dim")
+              "cond_token_dim", "in_text_dim", "cross_attention_input_dim", "encoder_hidden_size",
+              "text_encoder_dim", "cross_attention_dim", "hidden_size", "dim", "condition_dim")
 #: Config keys that fix the text length the model expects (a learned position table).
 _TEXT_LEN_KEYS = ("max_text_seq_length", "text_len", "max_sequence_length")
 #: Config keys of the pooled text embedding width.
-_POOLED_KEYS = ("pooled_projection_dim", "text_emb_dim", "pooled_embed_dim", "global_cond_dim")
+_POOLED_KEYS = ("pooled_projection_dim", "text_emb_dim", "pooled_embed_dim", "global_cond_dim",
+                "global_states_input_dim", "in_text_dim2")
+#: Config keys of a vocabulary / codebook size (token-id inputs are drawn below it).
+_VOCAB_KEYS = ("vocab_size", "codebook_size", "num_embeddings")
+#: Config keys of the width of per-block text states (a list, one tensor per repeated block).
+_LAYER_TEXT_KEYS = ("text_encoder_dim",)
 #: Config keys that bound the latent's side (in latent pixels / patches).
 _SIDE_LIMIT_KEYS = ("pos_embed_max_size", "sample_width", "sample_height")
 _FRAME_LIMIT_KEYS = ("sample_frames",)
@@ -68,6 +82,10 @@ _TEXT_NAME = re.compile(r"^(encoder_hidden_states(_t5|_llama\w*|_\d+)?|cap_feats
 _IMAGE_COND_NAME = re.compile(r"^(image_embeds|encoder_hidden_states_image)$")
 _MASK_NAME = re.compile(r"(^|_)(mask|masks)$|^encoder_mask$|_mask_\w+$|^text_embedding_mask\w*$")
 _TIMESTEP_NAME = re.compile(r"^(timestep|timesteps|t|timestep_r|r_timestep)$")
+
+
+#: Layouts without a frame axis.
+_FRAMELESS = ("tokens", "image", "sequence")
 
 
 class _Reached(Exception):
@@ -88,6 +106,8 @@ class InputPlan:
         unit_timesteps: Timesteps in ``[0, 1]`` (the model scales them) instead of ``[0, 1000)``.
         masks: Optional text masks are passed (all ones) too, not only the required ones (some
             models need the optional ones; Latte's fail with one when frames > 1).
+        frame_timesteps: One timestep per latent frame (``[B, F]``, diffusion-forcing and flow-map
+            video models) instead of one per sample.
     """
 
     latent: str
@@ -98,14 +118,17 @@ class InputPlan:
     text_tokens: int
     unit_timesteps: bool
     masks: bool = True
+    frame_timesteps: bool = False
 
     def describe(self) -> str:
         """One phrase, e.g. ``hidden_states as video [B, C, F, H, W] 2x16x16, 64 text tokens``."""
         shape = {"tokens": "[B, N, C]", "image": "[B, C, H, W]", "video": "[B, C, F, H, W]",
                  "frames-first": "[B, F, C, H, W]", "sequence": "[B, C, N]",
-                 "list": "list of [C, F, H, W]"}[self.layout]
+                 "list": "list of [C, F, H, W]", "channels-last": "[B, F, H, W, C]",
+                 "patches": "[B, N, C, pt, ph, pw]"}[self.layout]
+        per_frame = ", a timestep per frame" if self.frame_timesteps else ""
         return (f"{self.latent} as {self.layout} {shape} {self.frames}x{self.height}x{self.width}, "
-                f"{self.text_tokens} text tokens")
+                f"{self.text_tokens} text tokens{per_frame}")
 
 
 def _config(model: nn.Module) -> dict[str, Any]:
@@ -212,17 +235,27 @@ def plan_inputs(model: nn.Module, *, image_tokens: int = 256, text_tokens: int =
     for shrink in (1, 2, 4):
         sd, td = max(1, side // shrink), (txt if cap else max(1, txt // shrink))
         for masks in (True, False):
-            for layout in layouts:
-                f = 1 if layout in ("tokens", "image", "sequence") else frames
-                s = sd * (1 if layout in ("tokens", "sequence") else p)
-                tries.append(InputPlan(latent, layout, f, s, s, td, unit, masks))
+            for per_frame in (False, True):
+                for layout in layouts:
+                    if per_frame and layout in _FRAMELESS:
+                        continue
+                    f = 1 if layout in _FRAMELESS else frames
+                    s = sd * (1 if layout in ("tokens", "sequence") else p)
+                    tries.append(InputPlan(latent, layout, f, s, s, td, unit, masks, per_frame))
     errors: list[str] = []
     for plan in tries:
         sample = build_sample(model, plan, torch.Generator().manual_seed(0))
         try:
             _probe(model, sample)
         except Exception as exc:
-            if plan.masks and len(errors) < len(layouts):  # (the first size's errors tell why)
+            # a name its module imports only when an optional package is installed (not a local
+            # variable the forward leaves unset for these inputs: UnboundLocalError is a NameError too)
+            missing = None if isinstance(exc, UnboundLocalError) or not isinstance(exc, NameError) \
+                else _missing_package(model, exc)
+            if missing is not None:
+                raise QuantizationError(f"{cls}: its forward needs {missing}, which is not installed "
+                                        f"(pip install {missing})") from None
+            if plan.masks and not plan.frame_timesteps and len(errors) < len(layouts):  # (the first size's)
                 errors.append(f"{plan.layout}: {_one_line(exc)}")
             continue
         return plan
@@ -231,28 +264,43 @@ def plan_inputs(model: nn.Module, *, image_tokens: int = 256, text_tokens: int =
         f"({'; '.join(errors)[:300]}); capture real inputs (--calibration FILE or --prompts)")
 
 
+def _missing_package(model: nn.Module, exc: NameError) -> str | None:
+    """The package whose guarded import would have defined the name ``exc`` reports missing in the
+    model's module (diffusers' ``if is_torchvision_available(): from torchvision import transforms``)."""
+    import sys
+
+    name = getattr(exc, "name", None)
+    module = sys.modules.get(type(model).__module__)
+    if not name or module is None or hasattr(module, name):
+        return None
+    try:
+        src = inspect.getsource(module)
+    except (OSError, TypeError):
+        return None
+    found = (re.search(rf"^\s*from\s+([\w]+)[\w.]*\s+import\s+[^\n]*\b{re.escape(name)}\b", src, re.M)
+             or re.search(rf"^\s*import\s+([\w]+)[\w.]*\s+as\s+{re.escape(name)}\b", src, re.M))
+    return found.group(1) if found else None
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:120]}"
 
 
 def _probe(model: nn.Module, sample: Mapping[str, Any]) -> None:
-    """Run ``model(**sample)`` through its first repeated block (up to it when that block's weights
-    are on the meta device, as with ``--offload disk``; the whole forward when it has no blocks)."""
+    """Run ``model(**sample)``: the whole forward (an input that only fails after the blocks, e.g. in
+    the output stage, must not pass), or up to the first repeated block when the blocks' weights are
+    on the meta device (``--offload disk``)."""
     from .families import block_lists
 
-    lists = block_lists(model)
-    first = lists[0][1][0] if lists else None
+    firsts = [m[0] for _, m in block_lists(model)]
 
     def stop(*_args: Any) -> None:
         raise _Reached
 
     handle = None
-    if first is not None:
-        if any(p.is_meta for p in first.parameters()):
-            handle = first.register_forward_pre_hook(stop)
-        else:
-            handle = first.register_forward_hook(stop)
+    if any(p.is_meta for b in firsts for p in b.parameters()):
+        handle = firsts[0].register_forward_pre_hook(stop)
     device = _device(model)
     try:
         with torch.no_grad():
@@ -300,12 +348,15 @@ def build_sample(model: nn.Module, plan: InputPlan, gen: torch.Generator) -> dic
     channels = _int(_first(cfg, _CHANNEL_KEYS))
     if channels is None:
         raise QuantizationError(f"{cls}: cannot synthesize calibration inputs: the config names no latent channels "
-                                f"({', '.join(_CHANNEL_KEYS)})")
+                                f"({', '.join(_CHANNEL_KEYS)}); capture real inputs (--calibration FILE or --prompts)")
+    pt, _ = _patch(cfg)
     gh, gw = (h, w) if plan.layout in ("tokens", "sequence") else (h // p, w // p)  # token grid
     tokens = f * gh * gw
     layout_shape: dict[str, tuple[int, ...]] = {
         "tokens": (1, tokens, channels), "image": (1, channels, h, w), "video": (1, channels, f, h, w),
-        "frames-first": (1, f, channels, h, w), "sequence": (1, channels, tokens), "list": (channels, f, h, w)}
+        "frames-first": (1, f, channels, h, w), "sequence": (1, channels, tokens), "list": (channels, f, h, w),
+        "channels-last": (1, f, h, w, channels),
+        "patches": (1, max(1, f // pt) * gh * gw, channels, pt, p, p)}
     out: dict[str, Any] = {}
     latent = randn(*layout_shape[plan.layout])
     out[plan.latent] = [latent] if plan.layout == "list" else latent
@@ -322,7 +373,7 @@ def build_sample(model: nn.Module, plan: InputPlan, gen: torch.Generator) -> dic
         if name in rules or name == plan.latent:
             continue
         required = params[name].default is inspect.Parameter.empty
-        rule = _rule(name, cfg, model, plan, tokens, (gh, gw), txt, t, randn, required)
+        rule = _rule(name, cfg, model, plan, tokens, (gh, gw), txt, t, randn, required, gen)
         if rule is not None:
             rules[name] = rule
     for name, param in params.items():
@@ -336,6 +387,8 @@ def build_sample(model: nn.Module, plan: InputPlan, gen: torch.Generator) -> dic
             value = rule()
             if value is not _SKIP:
                 out[name] = value
+        elif required and _handles_none(model, name):
+            out[name] = None  # the forward fills it in itself (``if name is None: ...``)
         elif required:
             raise QuantizationError(
                 f"{cls}: cannot synthesize calibration inputs: no rule for its required forward argument "
@@ -372,6 +425,9 @@ def _text_rule(name: str, dim: int, cfg: Mapping[str, Any], txt: int, plan: Inpu
                         and k.split("_")[0] in name), None)
         if stacked is not None:  # per-layer hidden states of an LLM encoder: [layers, B, T, D]
             return randn(len(stacked), 1, n, dim)
+        layers = _int(cfg.get("num_text_layers"))
+        if layers:  # text states tapped from several encoder layers, fused by the model: [B, T, layers, D]
+            return randn(1, n, layers, dim)
         if plan.layout == "list":
             return [randn(n, dim)]
         return randn(1, n, dim)
@@ -380,11 +436,13 @@ def _text_rule(name: str, dim: int, cfg: Mapping[str, Any], txt: int, plan: Inpu
 
 def _rule(name: str, cfg: Mapping[str, Any], model: nn.Module, plan: InputPlan, tokens: int,
           grid: tuple[int, int], txt: int, t: float, randn: Callable[..., torch.Tensor],
-          required: bool) -> Callable[[], Any] | None:
+          required: bool, gen: torch.Generator) -> Callable[[], Any] | None:
     dtype = _dtype(model)
     f, gh, gw = plan.frames, grid[0], grid[1]
     if _TIMESTEP_NAME.match(name) and not (name in ("timestep_r", "r_timestep") and not required):
         value = t if plan.unit_timesteps else 1000.0 * t
+        if plan.frame_timesteps:  # one per latent frame: [B, F]
+            return lambda: torch.full((1, f), value, dtype=dtype)
         return lambda: torch.tensor([value], dtype=dtype)
     if name in ("pooled_projections", "pooled_embeds", "global_hidden_states", "pooled_text_embeds"):
         dim = _int(_first(cfg, _POOLED_KEYS))
@@ -432,8 +490,39 @@ def _rule(name: str, cfg: Mapping[str, Any], model: nn.Module, plan: InputPlan, 
         return None if dim is None else (lambda: randn(1, txt, dim))
     if name == "audio_num_frames":
         return lambda: _AUDIO_TOKENS
-    if name == "img_shapes":
+    if name in ("img_shapes", "shape_list"):  # per sample, the (frames, height, width) of each latent
         return lambda: [[(f, gh, gw)]]
+    if name == "position_ids":  # rotary positions of the joint sequence: text (all 0) then the latent grid
+        n_axes = len(_rope_axes(cfg))
+
+        def position_ids() -> torch.Tensor:
+            ids = torch.zeros(txt + f * gh * gw, n_axes, dtype=torch.long)
+            grid = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(gh), torch.arange(gw), indexing="ij"), -1)
+            ids[txt:, -3:] = grid.reshape(-1, 3)[:, 3 - min(3, n_axes):]
+            return ids
+        return position_ids
+    if name.endswith("rope_pos"):  # per-axis rotary positions: the text's, or the latent grid's (t, h, w)
+        if name.startswith("text"):
+            return lambda: torch.arange(txt)
+        return lambda: [torch.arange(f), torch.arange(gh), torch.arange(gw)]
+    if name == "input_ids" or re.search(r"_token_ids?$", name):  # token ids below the config's vocabulary
+        vocab = _vocab(cfg)
+        if vocab is None:
+            return None
+        n = txt if name == "input_ids" else tokens
+        return lambda: torch.randint(0, vocab, (1, n), generator=gen)
+    if required and re.match(r"^(indices_latents|frame_indices)$", name):  # the latent's frame indices
+        return lambda: torch.arange(f)
+    if name.endswith("_drop"):  # a per-sample drop flag: nothing dropped
+        return lambda: torch.zeros(1, dtype=torch.bool)
+    if name.endswith("_layers") and ("text" in name or "encoder" in name):  # per-block text states
+        from .families import block_lists
+
+        dim = _int(_first(cfg, _LAYER_TEXT_KEYS)) or next(iter(_text_dims(cfg)), None)
+        count = sum(len(m) for _, m in block_lists(model))
+        if dim is None or not count:
+            return None
+        return lambda: [randn(1, txt, dim) for _ in range(count)]
     if name == "num_frames":
         return lambda: f
     if name == "height":
@@ -458,7 +547,36 @@ def _rule(name: str, cfg: Mapping[str, Any], model: nn.Module, plan: InputPlan, 
         return lambda: torch.tensor([label])
     if name == "added_cond_kwargs":
         return lambda: _added_cond(cfg, randn, dtype, gh, gw)
+    if required and name in cfg and cfg[name] is not None:  # an argument named like a config entry
+        value = cfg[name]
+        return lambda: list(value) if isinstance(value, tuple) else value
     return None
+
+
+def _rope_axes(cfg: Mapping[str, Any]) -> list[int]:
+    for key in ("axes_dims_rope", "axes_dim", "axes_dims", "rope_axes_dim", "axes_dim_rope"):
+        v = cfg.get(key)
+        if isinstance(v, (list, tuple)) and v:
+            return [int(x) for x in v]
+    return [0, 0, 0]
+
+
+def _vocab(cfg: Mapping[str, Any]) -> int | None:
+    """The vocabulary (or codebook) size the config names: ``vocab_size``, ``*_codebook_size`` ..."""
+    for key in _VOCAB_KEYS:
+        for k, v in cfg.items():
+            if (k == key or k.endswith(f"_{key}")) and isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return int(v)
+    return None
+
+
+def _handles_none(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` fills in a missing ``name`` itself (its source tests ``name is None``)."""
+    try:
+        src = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(rf"\bif\s+{re.escape(name)}\s+is\s+None\b", src) is not None
 
 
 def _added_cond(cfg: Mapping[str, Any], randn: Callable[..., torch.Tensor], dtype: torch.dtype,
