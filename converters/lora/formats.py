@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +35,8 @@ import torch
 
 from svdq_format.errors import LoRAError
 from svdq_format.lora import LoraAdapter, LoraDelta
+
+from .patterns import ModulePattern, compile_patterns, first_match
 
 __all__ = [
     "RawLora",
@@ -362,38 +364,62 @@ def _diffusers_normalise(sd: dict[str, torch.Tensor], path: str) -> tuple[dict, 
     return out, alphas, leftovers
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any:
-    for pat, val in patterns.items():
-        p = pat.lstrip("^")
-        if module == p or module.endswith("." + p) or re.fullmatch(rf"(.*\.)?{p}", module):
-            return val
-    return None
+#: Largest ``|lora_alpha|`` accepted: the largest fp16 value (a bigger alpha makes a scale that
+#: no 16-bit compute dtype holds; real adapters use alphas of a few hundred at most).
+MAX_LORA_ALPHA = 65504.0
+
+
+def _alpha_number(value: Any, path: str, key: str) -> float:
+    """An alpha (or rank) from a file as a finite float within ±:data:`MAX_LORA_ALPHA`.
+
+    Raises:
+        LoRAError: ``<path>: <key>: ...`` — not a number, not finite, or out of range.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise LoRAError(f"{path}: {key}: must be one number, got a tensor of shape {list(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LoRAError(f"{path}: {key}: must be a number, got {type(value).__name__} {str(value)[:40]!r}")
+    x = float(value) if abs(value) < 1e300 else math.inf
+    if not math.isfinite(x) or abs(x) > MAX_LORA_ALPHA:
+        raise LoRAError(f"{path}: {key}: {str(value)[:40]} is not finite or beyond ±{MAX_LORA_ALPHA:g}")
+    return x
 
 
 def _unit_scale(module: str, rank: int, config: Optional[Mapping[str, Any]],
-                alphas: Optional[Mapping[str, Any]]) -> float:
-    """``alpha/r`` (``alpha/√r`` with rsLoRA); 1 when the format carries no alpha."""
+                alphas: Optional[Mapping[str, Any]], *, path: str,
+                patterns: Sequence[tuple[ModulePattern, object]] = ()) -> float:
+    """``alpha/r`` (``alpha/√r`` with rsLoRA); 1 when the format carries no alpha.
+
+    ``patterns``: the config's compiled ``alpha_pattern`` (:func:`compile_patterns`). Every
+    alpha is checked (:func:`_alpha_number`).
+    """
     alpha: Any = None
+    key = "lora_alpha"
     rslora = False
     if config:
         rslora = bool(config.get("use_rslora", False))
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
+        alpha = first_match(patterns, module)
+        key = f"alpha_pattern[{module}]"
         if alpha is None:
-            alpha = config.get("lora_alpha")
+            alpha, key = config.get("lora_alpha"), "lora_alpha"
             if alpha is None:  # PEFT default lora_alpha=8 applies only with a real PEFT config
-                alpha = config.get("r", rank)
+                alpha, key = config.get("r", rank), "r"
     elif alphas:
         a = alphas.get(f"{module}.alpha")
+        key = f"{module}.alpha"
         if a is None:
-            a = Counter(float(v) for v in alphas.values()).most_common(1)[0][0]
+            a = Counter(_alpha_number(v, path, k) for k, v in alphas.items()).most_common(1)[0][0]
         alpha = a
     if alpha is None:
         return 1.0
-    alpha = float(alpha.item() if isinstance(alpha, torch.Tensor) else alpha)
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
+    x = _alpha_number(alpha, path, key)
+    return x / math.sqrt(rank) if rslora else x / rank
 
 
-def _fix_final_layer(fmt: str, source: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, float]:
+def _fix_final_layer(fmt: str, source: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor],
+                     path: str) -> dict[str, float]:
     """Correct two slips of diffusers' Flux converters (diffusers 0.42) on the final layer.
 
     * kohya/ComfyUI: the ``final_layer`` ``.alpha`` keys are consumed but never applied, so
@@ -410,7 +436,7 @@ def _fix_final_layer(fmt: str, source: Mapping[str, torch.Tensor], out: dict[str
                             ("lora_unet_final_layer_adaLN_modulation_1", "norm_out.linear")):
             alpha, down = flat.get(f"{src}_alpha"), flat.get(f"{src}_lora_down_weight")
             if alpha is not None and down is not None and down.ndim == 2:
-                fixes[target] = float(alpha) / down.shape[0]
+                fixes[target] = _alpha_number(alpha, path, f"{src}.alpha") / down.shape[0]
     elif fmt in ("bfl-control", "fal-kontext"):
         prefix = "base_model.model." if fmt == "fal-kontext" else ""
         a = source.get(f"{prefix}final_layer.adaLN_modulation.1.lora_A.weight")
@@ -456,7 +482,7 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
         source = sd
         sd, alphas, leftovers = _diffusers_normalise(dict(sd), path)
         dropped.extend(leftovers)
-        extra_scale = _fix_final_layer(fmt, source, sd)
+        extra_scale = _fix_final_layer(fmt, source, sd, path)
         if fmt in ("kohya", "comfyui", "mixture", "xlabs", "bfl-control", "fal-kontext"):
             alphas = None  # folded into the weights by diffusers' converters
             config = None
@@ -469,6 +495,7 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
 
         sd = convert_unet_state_dict_to_peft(sd)
 
+    patterns = compile_patterns(config.get("alpha_pattern"), where=f"{path}: alpha_pattern") if config else []
     deltas: dict[str, LoraDelta] = {}
     params: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -499,7 +526,7 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
         r = int(a.shape[0])
         if r == 0:
             raise LoRAError(f"{path}: {mod}: rank 0")
-        scale = _unit_scale(mod, r, config, alphas) * extra_scale.get(mod, 1.0)
+        scale = _unit_scale(mod, r, config, alphas, path=path, patterns=patterns) * extra_scale.get(mod, 1.0)
         deltas[mod] = LoraDelta(
             a, b, torch.full((r,), scale, dtype=torch.float32, device=a.device), parts.get("lora_B.bias")
         )
