@@ -21,6 +21,7 @@ from .errors import (
     HubError,
     LoRAError,
     ManifestError,
+    OutputError,
     QuantizationError,
     SVDQError,
     TensorError,
@@ -71,5 +72,6 @@ __all__ = [
     "QuantizationError",
     "LoRAError",
     "HubError",
+    "OutputError",
     "WriteError",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "QuantizationError",
     "LoRAError",
     "HubError",
+    "OutputError",
     "WriteError",
 ]
 
@@ -87,6 +88,17 @@ class LoRAError(SVDQError, ValueError):
 
 class HubError(SVDQError, RuntimeError):
     """A Hub push or pull failed after retries (the message names repo and file)."""
+
+
+class OutputError(SVDQError, ValueError):
+    """An output path that would destroy data: it is, contains or lies inside an input, is a
+    non-empty directory that is not ours (without ``overwrite``), or is a file where a directory
+    is needed. Nothing has been written when it is raised."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {' '.join(reason.split())}")
 
 
 class WriteError(SVDQError, OSError):

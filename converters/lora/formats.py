@@ -35,6 +35,7 @@ import torch
 
 from svdq_format.errors import LoRAError
 from svdq_format.lora import LoraAdapter, LoraDelta
+from svdq_format.outputs import inside_directory
 
 from .patterns import ModulePattern, compile_patterns, first_match
 
@@ -205,7 +206,10 @@ def _config_from_metadata(meta: Mapping[str, str], path: str) -> Optional[dict[s
 
 def _pick_file(d: Path, weight_name: Optional[str]) -> Path:
     if weight_name:
-        p = d / weight_name
+        inside = inside_directory(d, weight_name)
+        if inside is None:
+            raise LoRAError(f"{d}: weight_name {weight_name!r} leaves the LoRA directory")
+        p = inside
         if not p.is_file():
             raise LoRAError(f"{d}: no file {weight_name!r}")
         return p
@@ -285,6 +289,8 @@ def _read_hub(repo_id: str, *, weight_name: Optional[str], revision: Optional[st
               device: Optional[torch.device] = None) -> RawLora:
     from huggingface_hub import snapshot_download
 
+    if weight_name and inside_directory(".", weight_name) is None:
+        raise LoRAError(f"{repo_id}: weight_name {weight_name!r} leaves the repository")
     patterns = [weight_name] if weight_name else ["*.safetensors"]
     try:
         local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns + [_PEFT_CONFIG])

@@ -20,7 +20,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.source_format == "nunchaku":
         from .importer import import_nunchaku
 
-        out = import_nunchaku(args.input, args.output, dialect=args.dialect)
+        out = import_nunchaku(args.input, args.output, dialect=args.dialect, overwrite=args.overwrite)
         print(f"ok: {args.input} -> {out} (SVDQuant model directory)")
     elif args.target_format == "nunchaku":
         from .exporter import export_nunchaku
@@ -30,7 +30,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         from .lite import export_nunchaku_lite
 
-        report = export_nunchaku_lite(args.input, args.output)
+        report = export_nunchaku_lite(args.input, args.output, overwrite=args.overwrite)
         print(f"ok: {args.input} -> {args.output} (nunchaku_lite; max nvfp4 scale rounding "
               f"{report['max_rel_scale_error']:.2e})")
     return 0
@@ -45,4 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Nunchaku key dialect (default: detected on import, the model's usual one on export)")
     p.add_argument("input", help="Nunchaku .safetensors (or org/repo/file.safetensors) for --from; model dir for --to")
     p.add_argument("output", help="model directory (--from, --to nunchaku-lite) or .safetensors file (--to nunchaku)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model in a non-empty output directory (refused otherwise)")
     p.set_defaults(func=_cmd_convert)

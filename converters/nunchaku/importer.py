@@ -38,6 +38,7 @@ from svdq_format.errors import FormatError, SVDQError, UnsupportedError
 from svdq_format.io import atomic_write, producer_info, refuse_pickle, save_file
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
+from svdq_format.outputs import check_output
 from svdq_format.spec import FormatMetadata
 
 from . import layout as L
@@ -269,6 +270,7 @@ def import_nunchaku(
     *,
     dialect: str | None = None,
     config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a Nunchaku single-file checkpoint into an SVDQuant model directory.
 
@@ -277,6 +279,8 @@ def import_nunchaku(
         out_dir: Directory to write (``config.json`` + ``diffusion_pytorch_model.safetensors``).
         dialect: ``"flux-cpp"``, ``"sdxl"`` or ``"native"``; detected when omitted.
         config: The diffusers model config, for files whose header has none.
+        overwrite: Replace the model of a non-empty ``out_dir`` (else refused,
+            :func:`svdq_format.outputs.check_output`).
 
     Returns:
         The output directory (validated).
@@ -284,7 +288,10 @@ def import_nunchaku(
     Raises:
         FormatError: a malformed or incomplete file (names the key).
         UnsupportedError: something the format cannot express (names the layer).
+        OutputError: ``out_dir`` is or overlaps ``source``, is a file, or is a non-empty
+            directory without ``overwrite``.
     """
+    check_output(out_dir, [source], directory=True, overwrite=overwrite)
     nf = read_nunchaku(source, dialect=dialect, config=config)
     file = nf.path
     model = build_skeleton(nf.config, file=file)
