@@ -24,6 +24,7 @@ shard carries the manifest of its own layers.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from enum import Enum
 from pathlib import Path
@@ -43,7 +44,7 @@ from .checkpoint import (
     read_checkpoint_files,
     with_compute_dtype,
 )
-from .errors import UnsupportedError
+from .errors import HeaderError, UnsupportedError
 from .hub_push import push_to_hub as publish
 from .io import aligned
 from .linear import SVDQLinear
@@ -171,7 +172,9 @@ class SVDQuantizer(DiffusersQuantizer):
     # -- environment -------------------------------------------------------------------------
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing to check: the reference backend runs everywhere."""
+        """The reference backend runs everywhere; installs the pickle guard (:func:`guard_pickle_weights`)
+        before diffusers resolves the weights file."""
+        guard_pickle_weights()
 
     # diffusers passes and accepts None (no torch_dtype) but annotates torch.dtype
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:  # type: ignore[override]
@@ -194,6 +197,8 @@ class SVDQuantizer(DiffusersQuantizer):
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         self._loaded_keys = list(loaded_keys)
         self._files = [os.fspath(f) for f in checkpoint_files if isinstance(f, (str, os.PathLike))]
+        for f in self._files:  # shards: before diffusers reads any of them
+            refuse_pickle_weights(f)
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -321,6 +326,55 @@ def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantizer:
         register_to_config(quantization_config=quantizer.quantization_config)
     _install_save_pretrained(model)
     return quantizer
+
+
+def refuse_pickle_weights(file: str | os.PathLike[str]) -> None:
+    """Refuse an SVDQuant model's weights file that is not safetensors (diffusers would unpickle it).
+
+    Raises:
+        HeaderError: ``<file>: not safetensors: svdquant never loads pickles ...`` (one line).
+    """
+    name = os.fspath(file)
+    if name.endswith(".safetensors"):
+        return
+    raise HeaderError(name, None, "weights are not safetensors: svdquant never loads pickles (unpickling can run "
+                      "arbitrary code); an SVDQuant model's weights are .safetensors files")
+
+
+def _svdquant_config_beside(file: str) -> bool:
+    cfg = Path(file).parent / "config.json"
+    try:
+        obj = json.loads(cfg.read_text()) if cfg.is_file() else None
+    except (OSError, ValueError):
+        return False
+    qc = obj.get("quantization_config") if isinstance(obj, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def guard_pickle_weights() -> None:
+    """Make diffusers' single-file weight loader refuse pickles of SVDQuant models (idempotent).
+
+    For a non-sharded model, diffusers' ``from_pretrained`` reads the weights file
+    (``torch.load(weights_only=True)`` for a ``.bin``) *before* any quantizer hook sees its name,
+    so the hooks cannot refuse it in time. This wraps ``diffusers.models.modeling_utils.load_state_dict``:
+    a weights file that is not ``.safetensors`` next to a ``config.json`` whose
+    ``quantization_config`` is svdquant is refused (:func:`refuse_pickle_weights`) before it is
+    opened; every other file goes to diffusers' own function unchanged. Sharded models are
+    refused by :meth:`SVDQuantizer.maybe_update_loaded_keys`, which sees the shard names first.
+    """
+    from diffusers.models import modeling_utils
+
+    inner = modeling_utils.load_state_dict
+    if getattr(inner, "_svdquant_guard", False):
+        return
+
+    def load_state_dict(checkpoint_file: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(checkpoint_file, (str, os.PathLike)) and _svdquant_config_beside(os.fspath(checkpoint_file)):
+            refuse_pickle_weights(checkpoint_file)
+        return inner(checkpoint_file, *args, **kwargs)
+
+    load_state_dict._svdquant_guard = True  # type: ignore[attr-defined]  # marks the wrapper
+    modeling_utils.load_state_dict = load_state_dict
 
 
 def register() -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
-__all__ = ["DTYPES", "dtype_kwargs", "check_model_dir", "load_diffusers_model"]
+__all__ = ["DTYPES", "dtype_kwargs", "check_model_dir", "load_diffusers_model", "refuse_pickle_weights"]
 
 #: Load dtypes by name (``--dtype``).
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -62,7 +62,26 @@ def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
         raise QuantizationError(f"{cfg_path}: _class_name {name!r} is not a diffusers model class")
     if isinstance(cfg, dict) and "quantization_config" in cfg:
         raise QuantizationError(f"{cfg_path}: the model is already quantized")
+    refuse_pickle_weights(d)
     return cls, d
+
+
+def refuse_pickle_weights(d: Path) -> None:
+    """Refuse a model directory whose weights are pickles (``.bin``/``.pt``/``.pth``/``.ckpt``).
+
+    diffusers would unpickle them (``torch.load(weights_only=True)``); svdquant never loads a
+    pickle, so the dense source must be safetensors.
+
+    Raises:
+        QuantizationError: naming the pickle file.
+    """
+    if any(d.glob("*.safetensors")):
+        return
+    pickles = sorted(p for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickles:
+        raise QuantizationError(
+            f"{pickles[0]}: weights are not safetensors: svdquant never loads pickles (unpickling can run "
+            "arbitrary code); convert them to .safetensors with a tool you trust")
 
 
 def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16") -> tuple[nn.Module, Path]:
@@ -84,7 +103,7 @@ def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16"
     if dtype not in DTYPES:
         raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     try:
-        model = cls.from_pretrained(d, **dtype_kwargs(DTYPES[dtype]))
+        model = cls.from_pretrained(d, use_safetensors=True, **dtype_kwargs(DTYPES[dtype]))  # never a pickle
     except Exception as exc:  # diffusers raises many types for broken directories
         raise QuantizationError(f"{d}: cannot load {name} ({' '.join(str(exc).split())[:200]})") from None
     return model.eval(), d
