@@ -39,9 +39,12 @@ from . import fusion
 from .checkpoint import (
     check_key_sets,
     check_layer_tensor,
+    check_config,
     check_manifests_agree,
+    check_model_values,
     check_shape,
     read_checkpoint_files,
+    read_json,
     with_compute_dtype,
 )
 from .errors import HeaderError, UnsupportedError
@@ -206,8 +209,14 @@ class SVDQuantizer(DiffusersQuantizer):
         meta = self.quantization_config.metadata
         where = self._files[0] if self._files else "quantization_config"
         if self._files and all(f.endswith(".safetensors") for f in self._files):
-            _, files_meta = read_checkpoint_files([Path(f) for f in self._files])
+            headers, files_meta = read_checkpoint_files([Path(f) for f in self._files])
             check_manifests_agree(where, meta.layers, files_meta.layers)
+            cfg_path = Path(self._files[0]).parent / "config.json"
+            if cfg_path.is_file():  # diffusers parsed it with json.loads: duplicate keys, nesting, sanity
+                cfg = read_json(cfg_path)
+                if isinstance(cfg, dict):
+                    check_config({k: v for k, v in cfg.items() if k != "quantization_config"},
+                                 {k: e.shape for h in headers for k, e in h.tensors.items()}, file=str(cfg_path))
         replace_linears(model, with_compute_dtype(meta.layers, self._compute_dtype), device="meta", file=where)
         if self._loaded_keys is not None:
             check_key_sets(model.state_dict(), dict.fromkeys(self._loaded_keys, where), where=where,
@@ -246,6 +255,8 @@ class SVDQuantizer(DiffusersQuantizer):
         module._buffers[role] = aligned(raw).to(device)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        where = self._files[0] if self._files else "quantization_config"
+        check_model_values(model, self.quantization_config.metadata.layers, file=where)  # as load_pretrained
         _install_save_pretrained(model)
         return model
 

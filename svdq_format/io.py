@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import jsonsafe
 from .errors import HeaderError, ManifestError, TensorError, WriteError
 from .linear import SVDQLinear
 from .spec import (
@@ -109,15 +110,6 @@ class SafetensorsHeader:
     data_start: int
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 _PICKLE_REFUSAL = ("svdquant never loads pickles (unpickling can run arbitrary code); "
                    "convert it to .safetensors with a tool you trust")
 
@@ -178,8 +170,8 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raw = f.read(n)
     try:
         text = raw.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        obj = jsonsafe.loads(text)  # duplicate keys, NaN/Infinity, deep nesting refused
+    except (UnicodeDecodeError, ValueError) as exc:
         raise HeaderError(p, None, f"header is not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise HeaderError(p, None, "header is not a JSON object")
@@ -203,6 +195,8 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
         ) or len(shape) > 8:
             raise HeaderError(p, name, f"bad shape {shape!r}")
+        if math.prod(d for d in shape if d) >= 2**48:  # also with a 0 dim: no tensor has 2^48 elements
+            raise HeaderError(p, name, f"absurd shape {shape!r} (more than 2^48 elements without its zero dims)")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2

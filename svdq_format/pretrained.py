@@ -24,7 +24,7 @@ from .checkpoint import Checkpoint, load_into, open_checkpoint
 from .errors import ManifestError
 from .spec import FormatMetadata, LayerSpec
 
-__all__ = ["load_pretrained", "load_model_file", "load_model_dir", "model_class"]
+__all__ = ["load_pretrained", "load_model_file", "load_model_dir", "model_class", "build_model"]
 
 
 def model_class(config: Mapping[str, Any], file: str) -> Any:
@@ -36,10 +36,28 @@ def model_class(config: Mapping[str, Any], file: str) -> Any:
     name = config.get("_class_name")
     import diffusers
 
-    cls = getattr(diffusers, str(name), None) if isinstance(name, str) else None
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ManifestError(file, "_class_name", f"unknown diffusers model class {name!r}")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)) or cls.__name__.startswith("Auto"):
+        raise ManifestError(file, "_class_name", f"{str(name)[:80]!r} is not a diffusers model class "
+                            "(an auto class, a pipeline or an unknown name)")
     return cls
+
+
+def build_model(model_cls: Any, cfg: Mapping[str, Any], *, file: str, meta: bool = True) -> nn.Module:
+    """``model_cls.from_config(cfg)`` (parameters on the meta device when ``meta``), any failure
+    of the class on this config one typed line.
+
+    Raises:
+        ManifestError: naming ``file`` and what the class said.
+    """
+    try:
+        return _empty_model(model_cls, cfg) if meta else model_cls.from_config(dict(cfg))
+    except RecursionError:
+        raise ManifestError(file, None, f"cannot build {model_cls.__name__} from this config (recursion)") from None
+    except Exception as exc:  # the model class's own checks raise anything
+        first = " ".join(str(exc).split())[:200]
+        raise ManifestError(file, None, f"cannot build {getattr(model_cls, '__name__', model_cls)} from this "
+                            f"config ({type(exc).__name__}: {first})") from None
 
 
 def _empty_model(model_cls: Any, cfg: Mapping[str, Any]) -> nn.Module:
@@ -97,7 +115,7 @@ def load_pretrained(
     ckpt = open_checkpoint(path, need_config=True)
     assert ckpt.config is not None
     cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
-    model = _empty_model(cls, ckpt.config)
+    model = build_model(cls, ckpt.config, file=ckpt.where)
     specs = load_into(model, ckpt, device=device, dtype=dtype)
     _attach_quantizer(model, _loaded_metadata(ckpt, specs))
     return model.eval()
@@ -149,6 +167,6 @@ def load_model_dir(
     ckpt = open_checkpoint(directory, need_config=True)
     assert ckpt.config is not None
     cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
-    model = cls.from_config(ckpt.config)
+    model = build_model(cls, ckpt.config, file=ckpt.where, meta=False)
     load_into(model, ckpt, device=device)
     return model.to(device)

@@ -20,7 +20,6 @@ the format bakes alpha in).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from typing import Any, Optional
 
 import torch
 
+from svdq_format import jsonsafe
 from svdq_format.errors import LoRAError
 from svdq_format.lora import LoraAdapter, LoraDelta
 from svdq_format.outputs import inside_directory
@@ -185,11 +185,26 @@ def metadata_json_object(raw: str, path: str, key: str) -> dict[str, Any]:
         LoRAError: ``<path>: <key>: not valid JSON`` / ``not a JSON object``.
     """
     try:
-        obj = json.loads(raw)
-    except ValueError:
-        raise LoRAError(f"{path}: {key}: not valid JSON") from None
+        obj = jsonsafe.loads(raw)
+    except ValueError as exc:
+        raise LoRAError(f"{path}: {key}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise LoRAError(f"{path}: {key}: not a JSON object")
+    return obj
+
+
+def _peft_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json``: a JSON object (duplicate keys, NaN and deep nesting refused).
+
+    Raises:
+        LoRAError: ``<path>: not valid JSON (<why>)`` / ``not a JSON object``.
+    """
+    try:
+        obj = jsonsafe.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LoRAError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise LoRAError(f"{path}: not a JSON object")
     return obj
 
 
@@ -232,10 +247,7 @@ def _read_dir(d: Path, weight_name: Optional[str], device: Optional[torch.device
     cfg = _config_from_metadata(meta, str(f))
     peft = False
     if (d / _PEFT_CONFIG).is_file():
-        try:
-            cfg = json.loads((d / _PEFT_CONFIG).read_text())
-        except ValueError:
-            raise LoRAError(f"{d / _PEFT_CONFIG}: not valid JSON") from None
+        cfg = _peft_config(d / _PEFT_CONFIG)
         peft = True
     return RawLora(sd, cfg, str(f), peft_dir=peft)
 
@@ -272,10 +284,7 @@ def read_lora(
         cfg_file = p.parent / _PEFT_CONFIG
         peft = p.name == _PEFT_WEIGHTS and cfg_file.is_file()
         if peft:
-            try:
-                cfg = json.loads(cfg_file.read_text())
-            except ValueError:
-                raise LoRAError(f"{cfg_file}: not valid JSON") from None
+            cfg = _peft_config(cfg_file)
         return RawLora(sd, cfg, path, peft_dir=peft)
     if p.is_dir():
         return _read_dir(p, weight_name, device)

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdq_format import packing
-from svdq_format.checkpoint import validate
+from svdq_format import jsonsafe, packing
+from svdq_format.checkpoint import check_config, validate
 from svdq_format.errors import FormatError, SVDQError, UnsupportedError
-from svdq_format.io import atomic_write, producer_info, refuse_pickle, save_file
+from svdq_format.io import atomic_write, producer_info, read_header, refuse_pickle, save_file
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
 from svdq_format.outputs import check_output
@@ -115,6 +115,7 @@ def read_nunchaku(
 
     path = _resolve(source)
     refuse_pickle(path)  # a .bin/.pt checkpoint: refused with an explanation, never unpickled
+    header = read_header(path)  # our header checks before safetensors maps the file
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
@@ -125,9 +126,12 @@ def read_nunchaku(
         if "config" not in metadata:
             raise FormatError(path, "config", "no diffusers config in the header (pass config=)")
         try:
-            config = json.loads(metadata["config"])
+            config = jsonsafe.loads(metadata["config"])
         except ValueError as exc:
             raise FormatError(path, "config", f"not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise FormatError(path, "config", "not a JSON object")
+        check_config(config, {k: e.shape for k, e in header.tensors.items()}, file=f"{path}: config")
     dialect = dialect or detect_dialect(raw)
     tensors = {to_native(k, dialect): v for k, v in raw.items()}
     return NunchakuFile(path, tensors, metadata, dict(config), dialect)
@@ -487,7 +491,7 @@ def _read_exact_biases(metadata: Mapping[str, str], file: str) -> dict[str, torc
     if not text:
         return {}
     try:
-        obj = json.loads(text)
+        obj = jsonsafe.loads(text)
         out = {}
         for name, entry in obj.items():
             raw = bytearray(base64.b64decode(entry["data"]))
@@ -501,6 +505,6 @@ def _loads_or_none(text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return jsonsafe.loads(text)
     except ValueError:
         return text

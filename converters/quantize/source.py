@@ -7,7 +7,6 @@ transformer (``svdq quantize``; ``--offload disk`` builds it lazily instead,
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from svdq_format import jsonsafe
 from svdq_format.errors import QuantizationError
 
 __all__ = ["DTYPES", "dtype_kwargs", "check_model_dir", "load_diffusers_model", "refuse_pickle_weights"]
@@ -53,7 +53,7 @@ def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
     if not cfg_path.is_file():
         raise QuantizationError(f"{root}: not a diffusers model directory (no config.json)")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = jsonsafe.loads(cfg_path.read_text())
     except ValueError as exc:
         raise QuantizationError(f"{cfg_path}: not valid JSON ({exc})") from None
     name = cfg.get("_class_name") if isinstance(cfg, dict) else None
