@@ -39,7 +39,9 @@ then makes it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -51,10 +53,11 @@ import torch
 from torch import nn
 
 from . import jsonsafe
-from .errors import FormatError, HeaderError, ManifestError, TensorError, UnsupportedError
-from .io import SafetensorsHeader, TensorReader, aligned, read_header, read_metadata
+from .commit import retry_mixed
+from .errors import FormatError, HeaderError, ManifestError, MixedDirectoryError, TensorError, UnsupportedError
+from .io import DATA_HASH_KEY, SafetensorsHeader, TensorReader, aligned, read_header, read_metadata
 from .linear import SVDQLinear
-from .model import CONFIG_NAME, INDEX_NAME, SINGLE_FILE_CONFIG_KEY, WEIGHTS_NAME, replace_linears
+from .model import CONFIG_NAME, FILES_KEY, INDEX_NAME, SINGLE_FILE_CONFIG_KEY, WEIGHTS_NAME, replace_linears
 from .spec import (
     COMPUTE_ROLES,
     FLOAT_DTYPES,
@@ -515,6 +518,57 @@ def _single_file_config(header: SafetensorsHeader) -> dict[str, Any] | None:
     return {k: v for k, v in cfg.items() if k != "quantization_config"}
 
 
+def check_write_record(directory: Path, config_meta: FormatMetadata | None,
+                       headers: Sequence[SafetensorsHeader]) -> None:
+    """The directory's files are the set its ``config.json`` committed (docs/format.md §8.1).
+
+    ``quantization_config["files"]`` names every weight file (and the index) of the save that
+    wrote ``config.json`` last, with the sha256 of its data; each weight file carries its own in
+    its header. A file of another save, a missing or extra weight file, or weight files sealed by
+    a directory save with no ``config.json`` committing them (a save killed before its commit,
+    by another tool) make the directory mixed or incomplete. Directories written before the
+    record existed (no ``files``) are not checked.
+
+    Raises:
+        MixedDirectoryError: naming the first file that disagrees and how.
+    """
+    record = config_meta.extra.get(FILES_KEY) if config_meta is not None else None
+    cfg_path = str(directory / CONFIG_NAME)
+    if record is None:
+        sealed = [h for h in headers if DATA_HASH_KEY in h.metadata]
+        if config_meta is None and sealed:
+            raise MixedDirectoryError(str(directory), CONFIG_NAME, f"incomplete model directory: "
+                                      f"{Path(sealed[0].path).name} was written by a model-directory save that "
+                                      "never committed (no config.json)")
+        return
+    if not isinstance(record, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in record.items()):
+        raise ManifestError(cfg_path, FILES_KEY, "must be an object of file name → sha256")
+    present = {Path(h.path).name: h for h in headers}
+    for name, h in present.items():
+        if name not in record:
+            raise MixedDirectoryError(cfg_path, name, "mixed model directory: this weight file is not part of the "
+                                      "save config.json records (another save wrote it)")
+        got = h.metadata.get(DATA_HASH_KEY)
+        if got != record[name]:
+            raise MixedDirectoryError(cfg_path, name, f"mixed model directory: the file holds data "
+                                      f"{(got or 'unsealed')[:12]}…, config.json records {record[name][:12]}… "
+                                      "(written by another save, or a save was interrupted)")
+    for name, digest in record.items():
+        if name.endswith(".safetensors"):
+            if name not in present:
+                raise MixedDirectoryError(cfg_path, name, "incomplete model directory: a weight file config.json "
+                                          "records is not used (missing, or the index names other files)")
+            continue
+        try:
+            data = (directory / name).read_bytes()
+        except OSError:
+            raise MixedDirectoryError(cfg_path, name, "incomplete model directory: the index config.json "
+                                      "records is missing") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise MixedDirectoryError(cfg_path, name, "mixed model directory: the index is not the one "
+                                      "config.json records (written by another save)")
+
+
 def _shapes(headers: Sequence[SafetensorsHeader]) -> dict[str, tuple[int, ...]]:
     return {k: e.shape for h in headers for k, e in h.tensors.items()}
 
@@ -555,6 +609,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, need_config: bool = False,
         if not files:
             raise FormatError(str(p), None, "directory holds no .safetensors files")
         headers, meta = read_checkpoint_files(files)
+        check_write_record(p, config_meta, headers)
         if config_meta is not None:
             check_manifests_agree(str(cfg_path), config_meta.layers, meta.layers)
         if config is not None:
@@ -671,12 +726,15 @@ def validate(path: str | os.PathLike[str], *, check_values: bool = True) -> Form
     Raises:
         FormatError: (or a subclass) naming file, key and reason.
     """
-    ckpt = open_checkpoint(path, any_names=True)
-    if check_values:
-        for header in ckpt.headers:  # (each layer's tensors are in the file that lists it)
-            own = {n: s for n, s in ckpt.layers.items() if tensor_names(n)["qweight"] in header.tensors}
-            _read_layers(header, dataclasses.replace(ckpt.metadata, layers=own), check=True, device=None)
-    return ckpt.metadata
+    def attempt() -> FormatMetadata:
+        ckpt = open_checkpoint(path, any_names=True)
+        if check_values:
+            for header in ckpt.headers:  # (each layer's tensors are in the file that lists it)
+                own = {n: s for n, s in ckpt.layers.items() if tensor_names(n)["qweight"] in header.tensors}
+                _read_layers(header, dataclasses.replace(ckpt.metadata, layers=own), check=True, device=None)
+        return ckpt.metadata
+
+    return retry_mixed(attempt, directory=path)  # a save that committed meanwhile: read the new model whole
 
 
 # --------------------------------------------------------------------------- into a model
@@ -738,24 +796,35 @@ def load_into(
     if streaming:
         largest = max((e.end - e.begin for h in checkpoint.headers for e in h.tensors.values()), default=0)
         staging = torch.empty(largest, dtype=torch.uint8)
-    for header in checkpoint.headers:
-        with TensorReader(header) as handle:  # plain reads into aligned tensors, one at a time
-            for key in header.tensors:
-                ref = expected.get(key)
-                if ref is None:
-                    continue  # (not strict: a tensor the model does not have)
-                t = handle.get_tensor(key, out=staging)
-                check_shape(header.path, key, t.shape, ref.shape)
-                head, _, role = key.rpartition(".")
-                cast = dtype is not None and (head not in layers or role in COMPUTE_ROLES) and t.is_floating_point()
-                if streaming:
-                    t = t.to(device)  # a copy: the staging buffer is free again
-                    _assign(model, key, t.to(dtype) if cast else t)
-                else:
-                    _assign(model, key, aligned(t.to(dtype)) if cast else t)
-                del t
+    with contextlib.ExitStack() as stack:
+        # every file opened first (each checked to be the file whose header was read): the reads
+        # below then come from these descriptors, whatever a later save renames over the names
+        readers = [stack.enter_context(TensorReader(h)) for h in checkpoint.headers]
+        _read_into(model, checkpoint, readers, expected, layers, dtype, device, staging)
     del staging
     check_model_values(model, layers, file=checkpoint.where)  # one batched pass (step 6 on every load)
     if streaming:
         model.to(device)  # non-persistent buffers built on the host
     return specs
+
+
+def _read_into(model: nn.Module, checkpoint: Checkpoint, readers: list[TensorReader], expected: Mapping[str, Any],
+               layers: Mapping[str, LayerSpec], dtype: torch.dtype | None, device: torch.device | str,
+               staging: torch.Tensor | None) -> None:
+    """Step 7's reads: every tensor from its opened file, shape-checked, cast, put in place."""
+    streaming = staging is not None
+    for header, handle in zip(checkpoint.headers, readers):
+        for key in header.tensors:  # plain reads into aligned tensors, one at a time
+            ref = expected.get(key)
+            if ref is None:
+                continue  # (not strict: a tensor the model does not have)
+            t = handle.get_tensor(key, out=staging)
+            check_shape(header.path, key, t.shape, ref.shape)
+            head, _, role = key.rpartition(".")
+            cast = dtype is not None and (head not in layers or role in COMPUTE_ROLES) and t.is_floating_point()
+            if streaming:
+                t = t.to(device)  # a copy: the staging buffer is free again
+                _assign(model, key, t.to(dtype) if cast else t)
+            else:
+                _assign(model, key, aligned(t.to(dtype)) if cast else t)
+            del t

@@ -37,21 +37,23 @@ from torch import nn
 
 from . import fusion
 from .checkpoint import (
+    check_config,
     check_key_sets,
     check_layer_tensor,
-    check_config,
     check_manifests_agree,
     check_model_values,
     check_shape,
+    check_write_record,
     read_checkpoint_files,
     read_json,
     with_compute_dtype,
 )
-from .errors import HeaderError, UnsupportedError
+from .commit import SharedCommitLock
+from .errors import HeaderError, MixedDirectoryError, UnsupportedError
 from .hub_push import push_to_hub as publish
-from .io import aligned
+from .io import aligned, file_identity
 from .linear import SVDQLinear
-from .model import replace_linears, save_pretrained, set_submodule, svdq_modules
+from .model import FILES_KEY, replace_linears, save_pretrained, set_submodule, svdq_modules
 from .spec import (
     COMPUTE_ROLES,
     FLOAT_DTYPES,
@@ -169,6 +171,8 @@ class SVDQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.pre_quantized = True
         self._files: list[str] = []
+        self._identities: list[tuple[int, ...] | None] = []
+        self._commit_lock: SharedCommitLock | None = None
         self._loaded_keys: list[str] | None = None
         self._compute_dtype: str | None = None  # set by an explicit torch_dtype
 
@@ -209,7 +213,18 @@ class SVDQuantizer(DiffusersQuantizer):
         meta = self.quantization_config.metadata
         where = self._files[0] if self._files else "quantization_config"
         if self._files and all(f.endswith(".safetensors") for f in self._files):
+            # commits wait until the weights are read (after-hook); one that came since diffusers
+            # read config.json is caught by the write record below
+            self._commit_lock = SharedCommitLock(Path(self._files[0]).parent)
             headers, files_meta = read_checkpoint_files([Path(f) for f in self._files])
+            self._identities = [h.identity for h in headers]
+            for h in headers:  # a single file diffusers read already: the one whose header we check
+                seen = _LOADED.pop(os.path.abspath(h.path), None)
+                if seen is not None and seen != h.identity:
+                    raise MixedDirectoryError(h.path, None, "the file was replaced while diffusers read it "
+                                              "(another save committed meanwhile)")
+            if FILES_KEY in meta.extra:  # the files are the set the config diffusers read committed
+                check_write_record(Path(self._files[0]).parent, meta, headers)
             check_manifests_agree(where, meta.layers, files_meta.layers)
             cfg_path = Path(self._files[0]).parent / "config.json"
             if cfg_path.is_file():  # diffusers parsed it with json.loads: duplicate keys, nesting, sanity
@@ -256,6 +271,13 @@ class SVDQuantizer(DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         where = self._files[0] if self._files else "quantization_config"
+        if self._commit_lock is not None:
+            self._commit_lock.release()
+            self._commit_lock = None
+        for f, ident in zip(self._files, self._identities):  # no save renamed a file while diffusers read
+            if ident is not None and file_identity(f) != ident:
+                raise MixedDirectoryError(f, None, "the file was replaced while diffusers read it "
+                                          "(another save committed meanwhile)")
         check_model_values(model, self.quantization_config.metadata.layers, file=where)  # as load_pretrained
         _install_save_pretrained(model)
         return model
@@ -362,6 +384,10 @@ def _svdquant_config_beside(file: str) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
+#: Single weight files diffusers' loader read (absolute path → identity), for the hooks' check.
+_LOADED: dict[str, tuple[int, ...]] = {}
+
+
 def guard_pickle_weights() -> None:
     """Make diffusers' single-file weight loader refuse pickles of SVDQuant models (idempotent).
 
@@ -380,9 +406,21 @@ def guard_pickle_weights() -> None:
         return
 
     def load_state_dict(checkpoint_file: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(checkpoint_file, (str, os.PathLike)) and _svdquant_config_beside(os.fspath(checkpoint_file)):
-            refuse_pickle_weights(checkpoint_file)
-        return inner(checkpoint_file, *args, **kwargs)
+        ours = isinstance(checkpoint_file, (str, os.PathLike)) and _svdquant_config_beside(os.fspath(checkpoint_file))
+        if not ours:
+            return inner(checkpoint_file, *args, **kwargs)
+        refuse_pickle_weights(checkpoint_file)
+        lock = SharedCommitLock(Path(checkpoint_file).parent)  # no commit while the file is read
+        try:
+            before = file_identity(checkpoint_file)
+            state = inner(checkpoint_file, *args, **kwargs)
+        finally:
+            lock.release()
+        if file_identity(checkpoint_file) != before:
+            raise MixedDirectoryError(os.fspath(checkpoint_file), None, "the file was replaced while diffusers "
+                                      "read it (another save committed meanwhile)")
+        _LOADED[os.path.abspath(checkpoint_file)] = before  # checked against the header the hooks read
+        return state
 
     load_state_dict._svdquant_guard = True  # type: ignore[attr-defined]  # marks the wrapper
     modeling_utils.load_state_dict = load_state_dict

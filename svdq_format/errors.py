@@ -17,6 +17,7 @@ __all__ = [
     "HeaderError",
     "VersionError",
     "ManifestError",
+    "MixedDirectoryError",
     "TensorError",
     "UnsupportedError",
     "BackendError",
@@ -64,6 +65,11 @@ class VersionError(FormatError):
 
 class ManifestError(FormatError):
     """The SVDQuant metadata (manifest) is missing, malformed or disagrees with the tensors."""
+
+
+class MixedDirectoryError(ManifestError):
+    """A model directory whose files come from different saves (or a save that did not finish),
+    or a file replaced while it was being read."""
 
 
 class TensorError(FormatError):

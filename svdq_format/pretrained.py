@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, load_into, open_checkpoint
+from .commit import retry_mixed
 from .errors import ManifestError
 from .spec import FormatMetadata, LayerSpec
 
@@ -112,13 +113,16 @@ def load_pretrained(
     Raises:
         FormatError: (or a subclass) naming file, key and reason.
     """
-    ckpt = open_checkpoint(path, need_config=True)
-    assert ckpt.config is not None
-    cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
-    model = build_model(cls, ckpt.config, file=ckpt.where)
-    specs = load_into(model, ckpt, device=device, dtype=dtype)
-    _attach_quantizer(model, _loaded_metadata(ckpt, specs))
-    return model.eval()
+    def attempt() -> nn.Module:
+        ckpt = open_checkpoint(path, need_config=True)
+        assert ckpt.config is not None
+        cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
+        model = build_model(cls, ckpt.config, file=ckpt.where)
+        specs = load_into(model, ckpt, device=device, dtype=dtype)
+        _attach_quantizer(model, _loaded_metadata(ckpt, specs))
+        return model.eval()
+
+    return retry_mixed(attempt, directory=path)  # a save that committed meanwhile: the new model, whole
 
 
 def _loaded_metadata(ckpt: Checkpoint, specs: dict[str, LayerSpec]) -> FormatMetadata:
@@ -164,9 +168,12 @@ def load_model_dir(
     Returns:
         The quantized model.
     """
-    ckpt = open_checkpoint(directory, need_config=True)
-    assert ckpt.config is not None
-    cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
-    model = build_model(cls, ckpt.config, file=ckpt.where, meta=False)
-    load_into(model, ckpt, device=device)
-    return model.to(device)
+    def attempt() -> nn.Module:
+        ckpt = open_checkpoint(directory, need_config=True)
+        assert ckpt.config is not None
+        cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
+        model = build_model(cls, ckpt.config, file=ckpt.where, meta=False)
+        load_into(model, ckpt, device=device)
+        return model.to(device)
+
+    return retry_mixed(attempt, directory=directory)

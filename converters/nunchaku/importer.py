@@ -34,10 +34,11 @@ from torch import nn
 
 from svdq_format import jsonsafe, packing
 from svdq_format.checkpoint import check_config, validate
+from svdq_format.commit import DirectoryWrite
 from svdq_format.errors import FormatError, SVDQError, UnsupportedError
 from svdq_format.io import atomic_write, producer_info, read_header, refuse_pickle, save_file
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
+from svdq_format.model import CONFIG_NAME, FILES_KEY, WEIGHTS_NAME, is_weight_file, write_record
 from svdq_format.outputs import check_output
 from svdq_format.spec import FormatMetadata
 
@@ -398,13 +399,16 @@ def import_nunchaku(
         "nunchaku": {k: v for k, v in record.items() if v},
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(layers, out / WEIGHTS_NAME, metadata=extra_meta, extra_tensors={k: extras[k] for k in sorted(extras)})
-    meta = FormatMetadata(layers={k: v.spec for k, v in layers.items()}, producer=producer_info(), extra=extra_meta)
-    cfg = {k: v for k, v in nf.config.items() if k != "quantization_config"}
-    cfg["quantization_config"] = meta.to_json()
-    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with DirectoryWrite(out) as w:  # one unit: staged, config.json committed last, old weights removed
+        save_file(layers, w.path(WEIGHTS_NAME), metadata=extra_meta,
+                  extra_tensors={k: extras[k] for k in sorted(extras)}, seal=True)
+        meta = FormatMetadata(layers={k: v.spec for k, v in layers.items()}, producer=producer_info(),
+                              extra=extra_meta)
+        cfg = {k: v for k, v in nf.config.items() if k != "quantization_config"}
+        cfg["quantization_config"] = {**meta.to_json(), FILES_KEY: write_record(w, [WEIGHTS_NAME])}
+        text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+        atomic_write(w.path(CONFIG_NAME), lambda tmp: Path(tmp).write_text(text))
+        w.commit([WEIGHTS_NAME], config=CONFIG_NAME, stale=is_weight_file)
     validate(out)
     return out
 

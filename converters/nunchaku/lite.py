@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from svdq_format import packing
+from svdq_format.commit import DirectoryWrite
 from svdq_format.errors import UnsupportedError
 from svdq_format.io import atomic_write
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
+from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME, is_weight_file
 from svdq_format.outputs import check_output
 
 from . import layout as L
@@ -209,13 +210,13 @@ def export_nunchaku_lite(model_dir: str | os.PathLike[str], out_dir: str | os.Pa
         {"precision": "int4", "group_size": 64, "targets": sorted(awq)} if awq else None,
         dtype,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file as st_save
 
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: st_save(tensors, tmp, metadata={"format": "pt"}))
-    new_cfg = dict(cfg)
-    new_cfg["quantization_config"] = qc
-    text = json.dumps(new_cfg, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with DirectoryWrite(out_dir) as w:  # one writer, staged, config.json last, old weights removed
+        atomic_write(w.path(WEIGHTS_NAME), lambda tmp: st_save(tensors, tmp, metadata={"format": "pt"}))
+        new_cfg = dict(cfg)
+        new_cfg["quantization_config"] = qc
+        text = json.dumps(new_cfg, indent=2, sort_keys=True) + "\n"
+        atomic_write(w.path(CONFIG_NAME), lambda tmp: Path(tmp).write_text(text))
+        w.commit([WEIGHTS_NAME], config=CONFIG_NAME, stale=is_weight_file)
     return {"quantization_config": qc, "max_rel_scale_error": err}
