@@ -248,6 +248,8 @@ class DirectoryWrite:
             _lock_within(lock, d, self.commit_wait)  # diffusers readers in progress (our loaders need no lock)
             atomic_write(self.staging / _PLAN, lambda tmp: Path(tmp).write_text(plan))
             _finish(d, self.staging)
+            with contextlib.suppress(FileNotFoundError):  # no lasting file: readers open it only if it exists
+                (d / COMMIT_LOCK).unlink()
         except OSError as exc:
             raise WriteError(d, f"commit failed: {exc.strerror or exc}") from None
         finally:
