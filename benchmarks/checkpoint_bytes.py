@@ -5,9 +5,12 @@ The recipe runs on the CPU in a minute: a tiny random FLUX transformer saved by 
 ``svdq quantize`` (one file; disk offload with shards; GPTQ on 2 processes; nvfp4, weight-only),
 ``load_pretrained`` → ``save_pretrained`` (sharded) / ``save_single_file``, diffusers'
 ``from_pretrained`` → ``save_pretrained``, the layer file API (``save_file``), ``svdq lora``
-(a PEFT LoRA → delta file), ``svdq extract-lora`` and the ``nunchaku_lite`` export (a random
+(a PEFT LoRA → delta file), ``svdq extract-lora``, the ``nunchaku_lite`` export (a random
 tiny model quantized by default settings is no Nunchaku checkpoint; tests/test_nunchaku.py
-checks those converters' bytes against an independent packer). Only public entry points (the
+checks those converters' bytes against an independent packer), and a tiny SD3 pipeline
+(tests/quantize_fixtures.py) through ``svdq quantize --components`` (transformer and two text
+encoders: transformers' ``model.safetensors``) and ``DiffusionPipeline.from_pretrained`` →
+``save_pretrained``. Only public entry points (the
 ``svdq`` CLI, the packages' top-level API, ``quantize_directory``) are used, so the same script
 runs on an older checkout::
 
@@ -15,8 +18,10 @@ runs on an older checkout::
     PYTHONPATH=/path/to/other/checkout python benchmarks/checkpoint_bytes.py --out before.json
     diff before.json after.json
 
-``fidelity.json`` is hashed without its timings and memory figures (they change run to run); the
-files are written under one fixed ``--workdir`` (the quantizer records its source path).
+``fidelity.json`` is hashed without its timings and memory figures (they change run to run); a
+safetensors file's ``__metadata__`` keys are hashed sorted (safetensors' writer orders them
+differently in every process: ``svdq extract-lora``'s file); the files are
+written under one fixed ``--workdir`` (the quantizer records its source path).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VOLATILE = ("timings", "environment", "peak_memory_bytes")
+VOLATILE = ("timings", "total_seconds", "environment", "peak_memory_bytes")
 
 
 def _digest(path: Path) -> str:
@@ -40,7 +45,16 @@ def _digest(path: Path) -> str:
         for key in VOLATILE:
             obj.pop(key, None)
         return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()
+    if path.suffix == ".safetensors":
+        # safetensors' own writer orders ``__metadata__`` as a Rust HashMap iterates, which changes
+        # from process to process: those keys are hashed sorted (the tensors' order, offsets,
+        # dtypes, shapes and every data byte as written)
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        data = json.dumps(header).encode() + data[8 + n:]
+    return hashlib.sha256(data).hexdigest()
 
 
 def _hashes(root: Path, where: Path) -> dict[str, str]:
@@ -128,13 +142,40 @@ def run(root: Path) -> dict[str, str]:
     step("q_lite", q_lite)
     step("to nunchaku-lite", _svdq, "convert", "--to", "nunchaku-lite", str(root / "q_lite"), str(root / "lite"))
 
+    def pipeline() -> None:  # svdq quantize --components: transformers' model.safetensors, and its loader
+        from diffusers import DiffusionPipeline
+
+        _fixtures().tiny_sd3_pipeline(wide_text_encoders=True).save_pretrained(root / "pipe_dense")
+        (root / "prompts.txt").write_text("a red cat\nblue sky over the sea\n")
+        _svdq("quantize", str(root / "pipe_dense"), str(root / "pipe_q"), "--components",
+              "transformer,text_encoder,text_encoder_3", "--prompts", str(root / "prompts.txt"), "--steps", "2",
+              "--num-samples", "2", "--rank", "8", "--alphas", "0.5", "--dtype", "float32", "-q")
+        DiffusionPipeline.from_pretrained(root / "pipe_q").save_pretrained(root / "pipe_resaved")
+
+    step("pipeline", pipeline)
+
     out: dict[str, str] = dict(errors)
     for name in ("q", "q_disk", "q_gptq2", "q_nvfp4", "q_w4a16", "q_lite", "resaved_sharded", "single.safetensors",
                  "resaved_f16", "diffusers_resaved", "layers.safetensors", "delta.safetensors",
-                 "extracted.safetensors", "lite"):
+                 "extracted.safetensors", "lite", *(f"{d}/{c}" for d in ("pipe_q", "pipe_resaved")
+                                                     for c in ("transformer", "text_encoder", "text_encoder_3"))):
         if (root / name).exists():
             out.update(_hashes(root, root / name))
     return out
+
+
+def _fixtures():
+    """tests/quantize_fixtures.py of the checkout whose ``svdq_format`` is imported (the tiny pipeline)."""
+    import importlib.util
+
+    import svdq_format
+
+    path = Path(svdq_format.__file__).resolve().parents[1] / "tests" / "quantize_fixtures.py"
+    spec = importlib.util.spec_from_file_location("svdq_checkpoint_bytes_fixtures", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: list[str] | None = None) -> int:

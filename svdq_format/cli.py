@@ -135,7 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # the optional package is not installed
             raise
         getattr(module, func)(sub)
+    _add_summaries(parser)
     return parser
+
+
+def _add_summaries(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand without a description its one-line help as the summary line of
+    ``svdq COMMAND --help`` (nested commands too)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and helps.get(name):
+                    text = str(helps[name])
+                    sub.description = text[:1].upper() + text[1:] + "."
+                _add_summaries(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -345,7 +345,7 @@ def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantizer:
     """Mark a diffusers model holding SVDQ layers as svdquant-quantized.
 
     For models built outside ``from_pretrained`` (by the converters or
-    :func:`svdq_format.model.load_pretrained`): sets ``hf_quantizer``, ``is_quantized`` and the
+    :func:`svdq_format.pretrained.load_pretrained`): sets ``hf_quantizer``, ``is_quantized`` and the
     config's ``quantization_config``, so ``save_pretrained``/``push_to_hub`` and pipelines treat
     the model like one loaded by diffusers.
     """

@@ -50,8 +50,11 @@ class FormatError(SVDQError, ValueError):
         super().__init__(self._line())
 
     def _line(self) -> str:
-        parts = [p for p in (self.file, self.key) if p]
-        parts.append(" ".join(self.reason.split()))  # always one line
+        # always one line: a file or key name with control characters (a hostile manifest's "a\nb") is
+        # shown escaped, the reason's whitespace collapsed
+        parts = [p if p.isprintable() else p.encode("unicode_escape").decode("ascii") for p in (self.file, self.key)
+                 if p]
+        parts.append(" ".join(self.reason.split()))
         return ": ".join(parts)
 
 

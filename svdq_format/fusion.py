@@ -69,7 +69,8 @@ def _same(members: Sequence[SVDQLinear], attr: str) -> bool:
 
 def _why_not(members: Sequence[SVDQLinear]) -> Optional[str]:
     first = members[0]
-    for attr in ("in_features", "precision", "kind", "dtype", "act_shift", "act_unsigned", "mode", "backend"):
+    for attr in ("in_features", "precision", "kind", "dtype", "act_shift", "act_unsigned", "k_segments", "mode",
+                 "backend"):
         if not _same(members, attr):
             return f"their {attr} differ ({', '.join(str(getattr(m, attr)) for m in members)})"
     if any(m.fused_from for m in members):
@@ -119,7 +120,7 @@ def fuse_layers(members: Sequence[SVDQLinear], names: Sequence[str]) -> SVDQLine
     fused = SVDQLinear(first.in_features, sum(sizes), rank=rank, precision=first.precision, kind=first.kind,
                        bias=has_bias, dtype=first.dtype, scale_dtype=first.wscales.dtype, device="meta",
                        fused_from=tuple(names), split_sizes=tuple(sizes), act_shift=first.act_shift,
-                       act_unsigned=first.act_unsigned)
+                       act_unsigned=first.act_unsigned, k_segments=first.k_segments)
     dev = first.qweight.device
     buffers = fused._buffers
     buffers["qweight"] = torch.cat([m.qweight for m in members])
@@ -176,7 +177,7 @@ def split_layer(fused: SVDQLinear) -> list[SVDQLinear]:
         member = SVDQLinear(fused.in_features, size, rank=0 if down is None else down.shape[0],
                             precision=fused.precision, kind=fused.kind, bias=fused.bias is not None,
                             dtype=fused.dtype, scale_dtype=fused.wscales.dtype, device="meta",
-                            act_shift=fused.act_shift, act_unsigned=fused.act_unsigned)
+                            act_shift=fused.act_shift, act_unsigned=fused.act_unsigned, k_segments=fused.k_segments)
         b = member._buffers
         b["qweight"], b["wscales"] = fused.qweight[rows], fused.wscales[rows]
         b["wtscale"], b["smooth"] = fused.wtscale, fused.smooth

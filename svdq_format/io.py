@@ -19,8 +19,9 @@ import hashlib
 import json
 import math
 import os
+import secrets
+import stat
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,14 @@ def _bad_start(p: str, head: bytes, reason: str) -> HeaderError:
     return HeaderError(p, None, f"{kind}, not safetensors: {_PICKLE_REFUSAL}" if kind else reason)
 
 
+def _not_safetensors(head: bytes, n: int) -> str:
+    """Why a file whose first 8 bytes give an impossible header length ``n`` is refused."""
+    what = f"its first 8 bytes give a header length of {n}, over the {MAX_HEADER_BYTES}-byte limit"
+    if all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        what = f"it starts with text {head.decode('ascii')!r}"
+    return f"not a safetensors file ({what})"
+
+
 def refuse_pickle(path: str | os.PathLike[str]) -> None:
     """Raise :class:`HeaderError` with an explanation if ``path`` is a pickle checkpoint.
 
@@ -175,7 +184,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         head = f.read(8)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES:
-            raise _bad_start(p, head, f"absurd header length {n} (limit {MAX_HEADER_BYTES})")
+            raise _bad_start(p, head, _not_safetensors(head, n))
         if n > size - 8:
             raise _bad_start(p, head, f"header length {n} exceeds the file size {size} (truncated?)")
         raw = f.read(n)
@@ -261,12 +270,19 @@ def read_metadata(path: str | os.PathLike[str], header: SafetensorsHeader | None
 # --------------------------------------------------------------------------- write
 
 
-def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Any, *, durable: bool = True) -> None:
     """Run ``write(tmp_path)`` and atomically rename the result to ``path``.
 
     The temporary file sits next to ``path`` (same filesystem; hidden, ending in ``.tmp`` so
     no reader ever picks it up), is fsync'ed before the rename, and is removed on any
-    failure, so ``path`` is either the old file or the complete new one.
+    failure, so ``path`` is either the old file or the complete new one. The file gets the
+    permissions a new file of ``open(path, "w")`` gets, ``0o666 & ~umask`` (readable by the
+    group and others under the usual umask 022), also when it replaces an older file.
+
+    Args:
+        path: The file to write.
+        write: Called with the temporary file's path (an empty file); writes the content.
+        durable: fsync the file and its directory (off for caches: a lost entry only costs time).
 
     Raises:
         WriteError: the directory is missing or read-only, the disk is full, or another
@@ -275,14 +291,17 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        tmp = _create_temp_beside(target, directory)
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 & ~umask, as the kernel created it
     except OSError as exc:
         raise WriteError(target, exc.strerror or str(exc)) from None
-    os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # safetensors >= 0.7 writes a new 0600 file
+            os.chmod(tmp, mode)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException as exc:
         try:
@@ -292,6 +311,8 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(target, exc.strerror or str(exc)) from None
         raise
+    if not durable:
+        return
     try:
         dfd = os.open(directory, os.O_RDONLY)
         try:
@@ -300,6 +321,24 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
             os.close(dfd)
     except OSError:  # pragma: no cover - some filesystems cannot fsync a directory
         pass
+
+
+def _create_temp_beside(target: Path, directory: Path) -> str:
+    """Create an empty hidden ``.<name>.<random>.tmp`` file in ``directory``; return its path.
+
+    Not ``tempfile.mkstemp``: that makes every file 0600 whatever the umask, and the rename
+    would hand that mode to the checkpoint (unreadable to a server running as another user).
+    ``os.open(..., 0o666)`` lets the umask decide, like ``open(path, "w")``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:  # pragma: no cover - 48 random bits collided
+            continue
+        return tmp
+    raise FileExistsError(f"{directory}: no free temporary file name")  # pragma: no cover
 
 
 def _write_safetensors(

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ from .spec import FormatMetadata, LayerSpec
 
 __all__ = [
     "WEIGHTS_NAME",
+    "TRANSFORMERS_WEIGHTS_NAME",
+    "TRANSFORMERS_INDEX_NAME",
     "CONFIG_NAME",
     "svdq_modules",
     "set_mode",
@@ -77,10 +79,21 @@ INDEX_NAME = WEIGHTS_NAME + ".index.json"
 #: Shard file names: ``diffusion_pytorch_model-00001-of-00003.safetensors``.
 SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{total:05d}.safetensors"
 _SHARD_RE = re.compile(r"diffusion_pytorch_model-\d{5}-of-\d{5}\.safetensors")
+#: The weights file of a transformers model (a pipeline's text encoders): ``model.safetensors``.
+TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
+#: Index of a sharded transformers model directory.
+TRANSFORMERS_INDEX_NAME = TRANSFORMERS_WEIGHTS_NAME + ".index.json"
 #: ``__metadata__`` key holding the model config (JSON) of a single-file checkpoint.
 SINGLE_FILE_CONFIG_KEY = "config"
 #: Default largest weight file of :func:`save_pretrained`.
 DEFAULT_MAX_SHARD_SIZE = "10GB"
+
+
+def _names(weights_name: str) -> tuple[str, str, re.Pattern[str]]:
+    """``(index name, shard name template, shard name pattern)`` of a weights file name."""
+    stem = weights_name.removesuffix(".safetensors")
+    return (weights_name + ".index.json", stem + "-{index:05d}-of-{total:05d}.safetensors",
+            re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors"))
 
 
 def svdq_modules(model: nn.Module) -> dict[str, SVDQLinear]:
@@ -319,12 +332,15 @@ def model_config(model: nn.Module, config: Mapping[str, Any] | None = None) -> d
         for k, v in dict(config).items()
         if k != "quantization_config" and (not k.startswith("_") or k in ("_class_name", "_diffusers_version"))
     }
-    cfg.setdefault("_class_name", type(model).__name__)
+    if "model_type" not in cfg:  # (a transformers config names its class in ``architectures``)
+        cfg.setdefault("_class_name", type(model).__name__)
     return json.loads(json.dumps(cfg, default=_json_default))
 
 
-def _split_state(model: nn.Module) -> tuple[dict[str, SVDQLinear], list[tuple[str | None, dict[str, torch.Tensor]]]]:
-    """``(layers, units)``: a unit is one SVDQ layer's tensors or one dense tensor, in model order."""
+def _split_state(model: nn.Module, skip: Collection[str] = ()
+                 ) -> tuple[dict[str, SVDQLinear], list[tuple[str | None, dict[str, torch.Tensor]]]]:
+    """``(layers, units)``: a unit is one SVDQ layer's tensors or one dense tensor, in model order
+    (``skip``: dense keys left out, e.g. a transformers model's tied copies)."""
     refuse_if_fused(model)
     layers = svdq_modules(model)
     units: list[tuple[str | None, dict[str, torch.Tensor]]] = []
@@ -336,7 +352,8 @@ def _split_state(model: nn.Module) -> tuple[dict[str, SVDQLinear], list[tuple[st
     for key, tensor in model.state_dict().items():
         layer_name = owner.get(key)
         if layer_name is None:
-            units.append((None, {key: tensor}))
+            if key not in skip:
+                units.append((None, {key: tensor}))
         elif layer_name not in seen:
             seen.add(layer_name)
             units.append((layer_name, layer_state(layer_name, layers[layer_name])))
@@ -394,6 +411,8 @@ def save_pretrained(
     config: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     read_tensor: Callable[[str], torch.Tensor] | None = None,
+    weights_name: str = WEIGHTS_NAME,
+    skip: Collection[str] = (),
 ) -> Path:
     """Write a quantized model as a diffusers-layout directory, sharded if needed.
 
@@ -414,38 +433,46 @@ def save_pretrained(
             included) may then be on the meta device, and are read one at a time while their
             shard is written (e.g. from files written earlier), so host memory holds one tensor
             beyond the model instead of a shard; the files are the same bytes.
+        weights_name: The weights file name (:data:`TRANSFORMERS_WEIGHTS_NAME` for a
+            transformers model: ``model.safetensors``, shards ``model-0000i-of-0000n...``).
+        skip: Dense state-dict keys not to write (tied copies the loader ties again).
 
     Returns:
         The directory.
     """
     cfg = model_config(model, config)
-    layers, units = _split_state(model)  # (refuses a fused model before anything is created)
+    layers, units = _split_state(model, skip)  # (refuses a fused model before anything is created)
     shards = _shards(units, max_shard_size)
     d = Path(directory)
     metadata = _without_record(metadata)
+    index_name, shard_name, shard_re = _names(weights_name)
+
+    def stale(name: str) -> bool:
+        return name in (weights_name, index_name) or bool(shard_re.fullmatch(name))
+
     with DirectoryWrite(d) as w:  # one writer; staged, then committed with config.json last
         written: list[str] = []
         if len(shards) == 1:
-            _write_shard(shards[0], layers, w.path(WEIGHTS_NAME), metadata=metadata, read_tensor=read_tensor)
-            written.append(WEIGHTS_NAME)
+            _write_shard(shards[0], layers, w.path(weights_name), metadata=metadata, read_tensor=read_tensor)
+            written.append(weights_name)
         else:
             weight_map: dict[str, str] = {}
             total = 0
             for i, units in enumerate(shards, start=1):
-                name = SHARD_NAME.format(index=i, total=len(shards))
+                name = shard_name.format(index=i, total=len(shards))
                 for key in _write_shard(units, layers, w.path(name), metadata=metadata, read_tensor=read_tensor):
                     weight_map[key] = name
                 total += sum(t.numel() * t.element_size() for _, ts in units for t in ts.values())
                 written.append(name)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-            atomic_write(w.path(INDEX_NAME), lambda tmp: Path(tmp).write_text(text))
-            written.append(INDEX_NAME)
+            atomic_write(w.path(index_name), lambda tmp: Path(tmp).write_text(text))
+            written.append(index_name)
         meta = model_metadata(model, extra=metadata)
         cfg["quantization_config"] = {**meta.to_json(), FILES_KEY: write_record(w, written)}
         text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
         atomic_write(w.path(CONFIG_NAME), lambda tmp: Path(tmp).write_text(text))
-        w.commit(written, config=CONFIG_NAME, stale=is_weight_file)
+        w.commit(written, config=CONFIG_NAME, stale=stale)
     return d
 
 

@@ -22,6 +22,14 @@ Activation handling is given by ``act``:
   after scaling each row by a power of two (:func:`svdq_format.packing.fp8_weight_values`): the
   math of an FP8 tensor-core GEMM that converts the weights in its mainloop;
 * ``"none"`` — W4A16: activations are not quantized.
+
+A layer with ``k_segments`` (format 2, docs/format.md §7.4) gives ``act_shift``/``act_unsigned``
+per segment of its input channels (and, for nvfp4, one tensor scale per segment); the op carries
+them as ``k_segments`` (:class:`~svdq_format.spec.KSegment`) in :class:`LinearCall` and to the
+backend's ``linear`` as the keyword ``k_segments`` (passed only when the layer has segments). A
+backend that refuses such a call but accepts each segment as a plain call runs it one call per
+segment (:func:`per_segment`, with :mod:`svdq_format.segmented`; chosen by :func:`select_backend` and
+counted by :func:`auto_act`).
 """
 
 from __future__ import annotations
@@ -30,14 +38,15 @@ import dataclasses
 import functools
 import os
 import warnings
-from collections.abc import Callable
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 from torch.utils import _python_dispatch
 
-from . import packing
+from . import packing, segmented
 from .errors import BackendError
+from .spec import KSegment
 
 __all__ = [
     "ACT_MODES",
@@ -48,6 +57,8 @@ __all__ = [
     "get_backend",
     "available_backends",
     "select_backend",
+    "per_segment",
+    "per_segment_refusal",
     "reference_linear",
     "reference_linear_fp8",
     "auto_act",
@@ -83,6 +94,8 @@ class LinearCall:
     has_bias: bool
     act_shift: float = 0.0
     act_unsigned: bool = False
+    #: Per-segment activation handling (empty: ``act_shift``/``act_unsigned`` hold for all of K).
+    k_segments: tuple[KSegment, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +104,11 @@ class Backend:
 
     Attributes:
         name: Registry key, e.g. ``"reference"`` or ``"cutlass-sm90"``.
-        linear: Callable with the signature of :func:`reference_linear`.
+        linear: Callable with the signature of :func:`reference_linear` (``k_segments`` is passed
+            only for a call whose :attr:`LinearCall.k_segments` is not empty).
         supports: ``supports(call) -> None`` when the backend can run ``call``, else a short
-            reason string (shown in the fallback warning).
+            reason string (shown in the fallback warning). A backend that does not implement
+            per-segment activation handling must refuse calls with ``k_segments``.
         priority: Higher wins in automatic selection; the reference has 0.
         linear_fp8: Optional callable with the signature of :func:`reference_linear_fp8`: the
             same layer with its activations already quantized by :func:`quantize_fp8_rows`
@@ -192,7 +207,10 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
 
     Returns:
         The chosen backend; the reference when nothing better accepts the call (with one
-        warning when a named backend was refused, or when a CUDA tensor has no kernel).
+        warning when a named backend was refused, or when a CUDA tensor has no kernel). A
+        k-segmented call that a backend refuses but whose segments it accepts as plain calls gets
+        that backend run once per segment (:func:`per_segment`, named
+        ``"<backend> per segment"``).
     """
     requested = os.environ.get("SVDQ_BACKEND", requested) or "auto"
     if call.device.type == "cuda":
@@ -202,6 +220,8 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         reason = backend.supports(call)
         if reason is None:
             return backend
+        if call.k_segments and requested != "reference" and per_segment_refusal(backend, call) is None:
+            return per_segment(backend)
         _warn_once(
             (requested, reason),
             f"svdquant backend {requested!r} cannot run this layer ({reason}); "
@@ -209,8 +229,12 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
         )
         return _REGISTRY["reference"]
     for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-        if backend.name != "reference" and backend.supports(call) is None:
+        if backend.name == "reference":
+            continue
+        if backend.supports(call) is None:
             return backend
+        if call.k_segments and per_segment_refusal(backend, call) is None:
+            return per_segment(backend)
     if call.device.type == "cuda":
         _warn_once(
             ("auto", "cuda"),
@@ -221,6 +245,73 @@ def select_backend(call: LinearCall, requested: str = "auto") -> Backend:
     return _REGISTRY["reference"]
 
 
+def _segment_calls(call: LinearCall) -> tuple[LinearCall, ...]:
+    """The plain calls, one per segment, that compute a k-segmented ``call`` (the bias on the first)."""
+    return tuple(
+        dataclasses.replace(call, in_features=seg.size, act_shift=seg.act_shift, act_unsigned=seg.act_unsigned,
+                            has_bias=call.has_bias and i == 0, k_segments=())
+        for i, seg in enumerate(call.k_segments)
+    )
+
+
+def per_segment_refusal(backend: Backend, call: LinearCall) -> Optional[str]:
+    """``None`` when ``backend`` can run the k-segmented ``call`` as one plain call per segment
+    (:func:`per_segment`), else why not: no segments, an FP8 mode without pre-quantized activations
+    (only :data:`SPLIT_ACTS` with a :attr:`Backend.linear_fp8`: the per-token scale spans the whole
+    row), or a segment the backend refuses."""
+    if not call.k_segments:
+        return "the layer has no k_segments"
+    if call.act in FP8_ACTS and (call.act not in SPLIT_ACTS or backend.linear_fp8 is None):
+        return (f"activation mode {call.act!r} quantizes the whole row: per segment it needs pre-quantized "
+                "activations (linear_fp8)")
+    for i, seg_call in enumerate(_segment_calls(call)):
+        reason = backend.supports(seg_call)
+        if reason is not None:
+            return f"segment {i}: {reason}"
+    return None
+
+
+_PER_SEGMENT: dict[str, tuple[Backend, Backend]] = {}
+
+
+def per_segment(backend: Backend) -> Backend:
+    """``backend`` running a k-segmented call as one plain call per segment, named
+    ``"<name> per segment"`` (made once per registered backend; :mod:`svdq_format.segmented`).
+
+    FP8 modes: the whole shifted row is quantized once (:func:`quantize_fp8_rows`; in a compiled
+    graph, by the graph before ``svdquant::linear_fp8``) and each segment gets its columns of the
+    codes through ``backend.linear_fp8``; a segment for which that returns ``None`` runs
+    :func:`reference_linear_fp8`."""
+    hit = _PER_SEGMENT.get(backend.name)
+    if hit is not None and hit[0] is backend:
+        return hit[1]
+
+    def linear_fp8(*args: Any) -> torch.Tensor:
+        y = backend.linear_fp8(*args) if backend.linear_fp8 is not None else None
+        return y if y is not None else reference_linear_fp8(*args)
+
+    def run_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
+                act_shift=0.0, act_unsigned=False, *, k_segments):
+        return segmented.run_segments_fp8(linear_fp8, x, q, a, qweight, wscales, wtscale, smooth, lora_down,
+                                          lora_up, bias, lora_scales, precision, act, k_segments=k_segments)
+
+    def run(x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
+            act_shift=0.0, act_unsigned=False, *, k_segments):
+        if act in FP8_ACTS:
+            k = x.shape[-1]
+            q, a = quantize_fp8_rows(smoothed(x.reshape(-1, k).float(), smooth,
+                                              shift_vector(k, act_shift, k_segments, device=x.device)))
+            return run_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
+                           precision, act, k_segments=k_segments)
+        return segmented.run_segments(backend.linear, x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
+                                      lora_scales, precision, act, k_segments=k_segments)
+
+    wrapped = Backend(backend.name + " per segment", run, lambda call: per_segment_refusal(backend, call),
+                      backend.priority, linear_fp8=run_fp8)
+    _PER_SEGMENT[backend.name] = (backend, wrapped)
+    return wrapped
+
+
 #: The FP8 activation modes the ``auto`` execution mode tries, fastest first, per weight precision.
 AUTO_FAST_ACTS: dict[str, tuple[str, ...]] = {"int4": ("fp8w", "fp8"), "nvfp4": ("fp8",)}
 
@@ -228,19 +319,25 @@ AUTO_FAST_ACTS: dict[str, tuple[str, ...]] = {"int4": ("fp8w", "fp8"), "nvfp4": 
 def auto_act(
     device: torch.device, dtype: torch.dtype, precision: str, in_features: int, out_features: int, rank: int,
     has_bias: bool, act_shift: float, act_unsigned: bool, backend: str,
+    k_segments: Sequence[KSegment | tuple[int, float, bool]] = (),
 ) -> str:
     """The activation mode of a W4A4 layer whose execution mode is ``"auto"``.
 
     The fastest FP8 mode (:data:`AUTO_FAST_ACTS`: ``fast8``'s ``"fp8w"``, then ``fast``'s
     ``"fp8"``) that a kernel backend runs for this layer on ``device`` — their outputs are no worse
     than the exact W4A4 math's on the fidelity layers (docs/benchmarks.md) and much faster on
-    Hopper; else the exact W4A4 math (``precision``), which the reference backend runs anywhere.
+    Hopper (a k-segmented layer's too, when the backend runs it one plain call per segment:
+    :mod:`svdq_format.segmented`); else the exact W4A4 math (``precision``), which the reference
+    backend runs anywhere.
     A layer forced onto the reference (``backend="reference"`` or ``SVDQ_BACKEND=reference``)
-    therefore stays exact. Constant for ``torch.compile`` (evaluated once while tracing).
+    therefore stays exact. Constant for ``torch.compile`` (evaluated once while tracing): a traced
+    caller passes ``k_segments`` as ``(size, act_shift, act_unsigned)`` tuples, which dynamo can hand
+    to a constant function (it cannot rebuild a frozen dataclass instance for it).
     """
+    segments = tuple(seg if isinstance(seg, KSegment) else KSegment(*seg) for seg in k_segments)
     return _auto_act(device, dtype, precision, in_features, out_features, rank, has_bias, act_shift, act_unsigned,
-                     os.environ.get("SVDQ_BACKEND", backend) or "auto", os.environ.get("SVDQ_DISABLE_KERNELS", ""),
-                     _REGISTRY_VERSION[0])
+                     segments, os.environ.get("SVDQ_BACKEND", backend) or "auto",
+                     os.environ.get("SVDQ_DISABLE_KERNELS", ""), _REGISTRY_VERSION[0])
 
 
 # What ``torch.compiler.assume_constant_result`` does (dynamo calls the function while tracing and
@@ -252,7 +349,8 @@ auto_act._dynamo_marked_constant = True  # type: ignore[attr-defined]
 @functools.lru_cache(maxsize=4096)
 def _auto_act(
     device: torch.device, dtype: torch.dtype, precision: str, in_features: int, out_features: int, rank: int,
-    has_bias: bool, act_shift: float, act_unsigned: bool, requested: str, _disabled: str, _version: int,
+    has_bias: bool, act_shift: float, act_unsigned: bool, k_segments: tuple[KSegment, ...], requested: str,
+    _disabled: str, _version: int,
 ) -> str:
     if requested == "reference":
         return precision
@@ -265,8 +363,8 @@ def _auto_act(
     for act in AUTO_FAST_ACTS.get(precision, ()):
         call = LinearCall(device=device, dtype=dtype, precision=precision, act=act, rows=1, in_features=in_features,
                           out_features=out_features, rank=rank, has_bias=has_bias, act_shift=act_shift,
-                          act_unsigned=act_unsigned)
-        if any(b.supports(call) is None for b in candidates):
+                          act_unsigned=act_unsigned, k_segments=k_segments)
+        if any(b.supports(call) is None or (k_segments and per_segment_refusal(b, call) is None) for b in candidates):
             return act
     return precision
 
@@ -296,6 +394,8 @@ def reference_linear(
     act: str,
     act_shift: float = 0.0,
     act_unsigned: bool = False,
+    *,
+    k_segments: tuple[KSegment, ...] = (),
 ) -> torch.Tensor:
     """The normative forward of one SVDQuant linear (docs/format.md §6), in plain torch.
 
@@ -316,17 +416,19 @@ def reference_linear(
             ``x̂ = (x + act_shift) / s``.
         act_unsigned: int4 activations with unsigned codes 0..15 (see
             :func:`svdq_format.packing.quantize_activations`).
+        k_segments: Per-segment ``act_shift``/``act_unsigned`` (docs/format.md §7.4; then the two
+            arguments above are 0 / false); for nvfp4, ``wtscale`` holds one scale per segment.
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
     """
     k = x.shape[-1]
     xf = x.reshape(-1, k).float()
-    xs = smoothed(xf, smooth, act_shift)
+    xs = smoothed(xf, smooth, shift_vector(k, act_shift, k_segments, device=x.device))
     if act in FP8_ACTS:
         q, a = quantize_fp8_rows(xs)
         return reference_linear_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
-                                    lora_scales, precision, act)
+                                    lora_scales, precision, act, k_segments=k_segments)
     n = qweight.shape[0]
     wv = _weight_values(qweight, precision)
     g = packing.GROUP_SIZES[precision]
@@ -334,24 +436,50 @@ def reference_linear(
     if act in ("int4", "nvfp4"):
         if act != precision:
             raise BackendError(f"activation mode {act!r} does not match weight precision {precision!r}")
-        av, asc = packing.quantize_activations(xs, act, unsigned=act_unsigned)
+        segments = k_segments or (KSegment(k, act_shift, act_unsigned),)
+        tscales = None if wtscale is None else wtscale.float().reshape(-1)
         y = torch.zeros(xf.shape[0], n, dtype=torch.float32, device=x.device)
-        # Integer (int4) or quarter-integer (E2M1) products summed over one group are exact in
-        # fp32; scales are applied per group and groups are summed in order.
-        for j in range(k // g):
-            part = av[:, j * g : (j + 1) * g] @ wv[:, j * g : (j + 1) * g].T
-            y += part * (asc[:, j : j + 1] * ws[:, j].unsqueeze(0))
-        if wtscale is not None:
-            y *= wtscale.float()
+        lo = 0
+        for i, seg in enumerate(segments):
+            # One partial sum per segment (one for a plain layer), scaled by its nvfp4 tensor scale.
+            ys = y if tscales is None or len(segments) == 1 else torch.zeros_like(y)
+            av, asc = packing.quantize_activations(xs[:, lo : lo + seg.size], act, unsigned=seg.act_unsigned)
+            # Integer (int4) or quarter-integer (E2M1) products summed over one group are exact in
+            # fp32; scales are applied per group and groups are summed in order.
+            for j in range(seg.size // g):
+                c = lo + j * g
+                part = av[:, j * g : (j + 1) * g] @ wv[:, c : c + g].T
+                ys += part * (asc[:, j : j + 1] * ws[:, c // g].unsqueeze(0))
+            if tscales is not None:
+                if ys is y:
+                    y *= tscales[i]
+                else:
+                    y += ys * tscales[i]
+            lo += seg.size
     elif act == "none":
-        y = xs @ _dense_weight(wv, wscales, wtscale, precision, act).T
+        y = xs @ _dense_weight(wv, wscales, wtscale, precision, act, k_segments).T
     else:
         raise BackendError(f"unknown activation mode {act!r} (expected one of {ACT_MODES})")
     return _finish(y, xf, x, lora_down, lora_up, bias, lora_scales)
 
 
-def smoothed(xf: torch.Tensor, smooth: torch.Tensor, act_shift: float = 0.0) -> torch.Tensor:
-    """``x̂ = (x + act_shift) / s`` in float32 (the 4-bit branch's input)."""
+def shift_vector(
+    k: int, act_shift: float, k_segments: tuple[KSegment, ...] = (), *, device: torch.device | None = None,
+) -> float | torch.Tensor:
+    """The 4-bit branch's input shift: ``act_shift`` (a number) for a plain layer, or the
+    per-channel float32 vector ``[K]`` of a layer with ``k_segments``."""
+    if not k_segments:
+        return act_shift
+    if sum(seg.size for seg in k_segments) != k:
+        raise BackendError(f"k_segments cover {sum(seg.size for seg in k_segments)} input channels, not {k}")
+    return torch.cat([torch.full((seg.size,), float(seg.act_shift), device=device) for seg in k_segments])
+
+
+def smoothed(xf: torch.Tensor, smooth: torch.Tensor, act_shift: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """``x̂ = (x + act_shift) / s`` in float32 (the 4-bit branch's input); ``act_shift`` is a number
+    or a per-channel vector (:func:`shift_vector`)."""
+    if isinstance(act_shift, torch.Tensor):
+        return (xf + act_shift) / smooth.float()
     return (xf + act_shift) / smooth.float() if act_shift else xf / smooth.float()
 
 
@@ -377,6 +505,7 @@ def quantize_fp8_rows(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _dense_weight(
     wv: torch.Tensor, wscales: torch.Tensor, wtscale: Optional[torch.Tensor], precision: str, act: str,
+    k_segments: tuple[KSegment, ...] = (),
 ) -> torch.Tensor:
     """The float32 ``[N, K]`` weight the non-W4A4 modes multiply by (``fp8w``: rounded to e4m3)."""
     n, k = wv.shape
@@ -388,7 +517,10 @@ def _dense_weight(
         w = packing.fp8_weight_values(wv, packing.fp8_weight_scales(wscales, pw), group_size=g) / pw.unsqueeze(1)
     else:
         w = (packing.group_view(wv, g) * wscales.float().unsqueeze(-1)).reshape(n, k)
-    if wtscale is not None:
+    if wtscale is not None and k_segments:  # one tensor scale per segment of the columns
+        sizes = torch.tensor([seg.size for seg in k_segments], device=w.device)
+        w = w * wtscale.float().reshape(-1).repeat_interleave(sizes).unsqueeze(0)
+    elif wtscale is not None:
         w = w * wtscale.float()
     return w
 
@@ -424,6 +556,8 @@ def reference_linear_fp8(
     act: str,
     act_shift: float = 0.0,
     act_unsigned: bool = False,
+    *,
+    k_segments: tuple[KSegment, ...] = (),
 ) -> torch.Tensor:
     """:func:`reference_linear` for ``act`` in :data:`FP8_ACTS` with the activations already
     quantized: ``q``, ``a`` from :func:`quantize_fp8_rows` of ``x``'s smoothed rows (``[M, K]``,
@@ -432,7 +566,7 @@ def reference_linear_fp8(
     if act not in FP8_ACTS:
         raise BackendError(f"pre-quantized activations are FP8 ({FP8_ACTS}), not {act!r}")
     k = x.shape[-1]
-    w = _dense_weight(_weight_values(qweight, precision), wscales, wtscale, precision, act)
+    w = _dense_weight(_weight_values(qweight, precision), wscales, wtscale, precision, act, k_segments)
     y = (q.float() @ w.T) * a.float().unsqueeze(-1)
     return _finish(y, x.reshape(-1, k).float(), x, lora_down, lora_up, bias, lora_scales)
 
@@ -463,13 +597,39 @@ def _run_linear(
     act_shift: float,
     act_unsigned: bool,
     backend: str,
+    seg_sizes: Optional[list[int]] = None,
+    seg_shifts: Optional[list[float]] = None,
+    seg_unsigned: Optional[list[bool]] = None,
 ) -> torch.Tensor:
-    """What ``svdquant::linear`` does: pick the backend for the call and run it."""
-    chosen = select_backend(_call(x, qweight, lora_down, bias, precision, act, act_shift, act_unsigned), backend)
+    """What ``svdquant::linear`` does: pick the backend for the call and run it (``seg_*``: the
+    layer's ``k_segments`` as three lists, empty for a plain layer)."""
+    segments = _segments(seg_sizes, seg_shifts, seg_unsigned)
+    chosen = select_backend(_call(x, qweight, lora_down, bias, precision, act, act_shift, act_unsigned, segments),
+                            backend)
+    extra = {"k_segments": segments} if segments else {}
     return chosen.linear(
         x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision,
-        act, act_shift, act_unsigned,
+        act, act_shift, act_unsigned, **extra,
     )
+
+
+def _segments(
+    sizes: Optional[list[int]], shifts: Optional[list[float]], unsigned: Optional[list[bool]],
+) -> tuple[KSegment, ...]:
+    if not sizes:
+        return ()
+    if shifts is None or unsigned is None or not len(sizes) == len(shifts) == len(unsigned):
+        raise BackendError("seg_sizes, seg_shifts and seg_unsigned must be given together, of one length")
+    return tuple(KSegment(int(n), float(a), bool(u)) for n, a, u in zip(sizes, shifts, unsigned))
+
+
+def _segment_lists(
+    k_segments: tuple[KSegment, ...],
+) -> tuple[Optional[list[int]], Optional[list[float]], Optional[list[bool]]]:
+    if not k_segments:
+        return None, None, None
+    return ([seg.size for seg in k_segments], [float(seg.act_shift) for seg in k_segments],
+            [bool(seg.act_unsigned) for seg in k_segments])
 
 
 _linear_op = torch.library.custom_op("svdquant::linear", _run_linear, mutates_args=())
@@ -495,7 +655,7 @@ def _plain_eager(x: torch.Tensor) -> bool:
 
 def _call(
     x: torch.Tensor, qweight: torch.Tensor, lora_down: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    precision: str, act: str, act_shift: float, act_unsigned: bool,
+    precision: str, act: str, act_shift: float, act_unsigned: bool, k_segments: tuple[KSegment, ...] = (),
 ) -> LinearCall:
     return LinearCall(
         device=x.device,
@@ -509,13 +669,14 @@ def _call(
         has_bias=bias is not None,
         act_shift=act_shift,
         act_unsigned=act_unsigned,
+        k_segments=k_segments,
     )
 
 
 @_linear_op.register_fake
 def _linear_fake(
     x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
-    act_shift, act_unsigned, backend,
+    act_shift, act_unsigned, backend, seg_sizes=None, seg_shifts=None, seg_unsigned=None,
 ):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
@@ -538,23 +699,29 @@ def _linear_fp8_op(
     act_shift: float,
     act_unsigned: bool,
     backend: str,
+    seg_sizes: Optional[list[int]] = None,
+    seg_shifts: Optional[list[float]] = None,
+    seg_unsigned: Optional[list[bool]] = None,
 ) -> torch.Tensor:
     """``svdquant::linear`` with the FP8 activations given (``q``, ``a`` of
     :func:`quantize_fp8_rows`); a backend without :attr:`Backend.linear_fp8` recomputes them."""
-    chosen = select_backend(_call(x, qweight, lora_down, bias, precision, act, act_shift, act_unsigned), backend)
+    segments = _segments(seg_sizes, seg_shifts, seg_unsigned)
+    chosen = select_backend(_call(x, qweight, lora_down, bias, precision, act, act_shift, act_unsigned, segments),
+                            backend)
     args = (qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act, act_shift,
             act_unsigned)
+    extra = {"k_segments": segments} if segments else {}
     if chosen.linear_fp8 is not None:
-        y = chosen.linear_fp8(x, q, a, *args)
+        y = chosen.linear_fp8(x, q, a, *args, **extra)
         if y is not None:
             return y
-    return chosen.linear(x, *args)
+    return chosen.linear(x, *args, **extra)
 
 
 @_linear_fp8_op.register_fake
 def _linear_fp8_fake(
     x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act,
-    act_shift, act_unsigned, backend,
+    act_shift, act_unsigned, backend, seg_sizes=None, seg_shifts=None, seg_unsigned=None,
 ):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
@@ -575,20 +742,23 @@ def svdq_linear(
     act_shift: float = 0.0,
     act_unsigned: bool = False,
     backend: str = "auto",
+    k_segments: tuple[KSegment, ...] = (),
 ) -> torch.Tensor:
     """Call the ``svdquant::linear`` op (see :func:`reference_linear` for the arguments)."""
     if act not in ACT_MODES:
         raise BackendError(f"unknown activation mode {act!r} (expected one of {ACT_MODES})")
+    segs = _segment_lists(tuple(k_segments))
     if act in SPLIT_ACTS and torch.compiler.is_compiling():
         # Compiled: the activation quantizer is plain torch in the graph, so Inductor fuses it
         # into whatever produces x (a norm, a modulation, a GELU) instead of a separate pass.
-        q, a = quantize_fp8_rows(smoothed(x.reshape(-1, x.shape[-1]).float(), smooth, act_shift))
+        shift = shift_vector(x.shape[-1], act_shift, tuple(k_segments), device=x.device)
+        q, a = quantize_fp8_rows(smoothed(x.reshape(-1, x.shape[-1]).float(), smooth, shift))
         return torch.ops.svdquant.linear_fp8(
             x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
-            precision, act, float(act_shift), bool(act_unsigned), backend,
+            precision, act, float(act_shift), bool(act_unsigned), backend, *segs,
         )
     run = _run_linear if _plain_eager(x) else torch.ops.svdquant.linear
     return run(
         x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
-        precision, act, float(act_shift), bool(act_unsigned), backend,
+        precision, act, float(act_shift), bool(act_unsigned), backend, *segs,
     )

@@ -3,6 +3,8 @@
 * :func:`load_pretrained` — a model directory (sharded or not) or a single-file model in one
   call: the model is built on the meta device and tensors are streamed to the target device;
   a diffusers model comes back with the svdquant quantizer attached.
+* :func:`attach_svdquant` — that quantizer on a diffusers or transformers model (also what the
+  quantizer's output gets).
 * :func:`load_model_file` — a whole-model file into a model you built.
 * :func:`load_model_dir` — a directory written by :func:`svdq_format.model.save_model_dir`.
 
@@ -25,7 +27,8 @@ from .commit import retry_mixed
 from .errors import ManifestError
 from .spec import FormatMetadata, LayerSpec
 
-__all__ = ["load_pretrained", "load_model_file", "load_model_dir", "model_class", "build_model"]
+__all__ = ["load_pretrained", "load_model_file", "load_model_dir", "model_class", "build_model",
+           "attach_svdquant"]
 
 
 def model_class(config: Mapping[str, Any], file: str) -> Any:
@@ -71,16 +74,26 @@ def _empty_model(model_cls: Any, cfg: Mapping[str, Any]) -> nn.Module:
         return model_cls.from_config(dict(cfg))
 
 
-def _attach_quantizer(model: nn.Module, meta: FormatMetadata) -> None:
-    """Give a diffusers model the svdquant quantizer (``save_pretrained``/pipelines then work)."""
+def attach_svdquant(model: nn.Module, meta: FormatMetadata) -> None:
+    """Give a model holding SVDQ layers its library's svdquant quantizer, as loading leaves one.
+
+    A diffusers model gets :func:`svdq_format.diffusers.attach_quantizer`, a transformers model
+    (a config with ``model_type``) :func:`svdq_format.transformers.attach_quantizer`: its
+    ``save_pretrained`` then writes this format again and pipelines accept it. Other modules are
+    left as they are.
+    """
     try:
         from diffusers import ModelMixin
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - diffusers is a dependency
         return
     if isinstance(model, ModelMixin):
         from .diffusers import attach_quantizer  # (imports diffusers' quantizers: only for its models)
 
         attach_quantizer(model, meta)
+    elif hasattr(getattr(model, "config", None), "model_type"):
+        from .transformers import attach_quantizer as attach_hf  # (imports transformers' quantizers)
+
+        attach_hf(model, meta)
 
 
 def load_pretrained(
@@ -119,7 +132,7 @@ def load_pretrained(
         cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
         model = build_model(cls, ckpt.config, file=ckpt.where)
         specs = load_into(model, ckpt, device=device, dtype=dtype)
-        _attach_quantizer(model, _loaded_metadata(ckpt, specs))
+        attach_svdquant(model, _loaded_metadata(ckpt, specs))
         return model.eval()
 
     return retry_mixed(attempt, directory=path)  # a save that committed meanwhile: the new model, whole

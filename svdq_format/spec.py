@@ -1,13 +1,16 @@
-"""The SVDQuant checkpoint format, version 1, as Python types (normative text: docs/format.md).
+"""The SVDQuant checkpoint format, versions 1–2, as Python types (normative text: docs/format.md).
 
 This module holds the constants of the format, the per-layer manifest entry
 (:class:`LayerSpec`) and the file-level metadata (:class:`FormatMetadata`), and turns them into
 and out of the JSON string stored in every file's safetensors ``__metadata__`` under the key
 ``"svdquant"`` (and in ``config.json``'s ``quantization_config`` for model directories).
 
-Compatibility rules (docs/format.md §7): a reader refuses a ``format_version`` newer than
-:data:`FORMAT_VERSION`; unknown *optional* fields are ignored, so later additive changes keep
-the version; a required field that is missing or of the wrong JSON type is an error.
+Compatibility rules (docs/format.md §7.3): a reader refuses a ``format_version`` newer than
+:data:`FORMAT_VERSION` and a listed ``features`` entry it does not implement (naming both);
+unknown *optional* fields are ignored, so later additive changes keep the version; a required
+field that is missing or of the wrong JSON type is an error. Writers give a file the lowest
+version its content needs (:meth:`FormatMetadata.required_version`): a file without per-segment
+layers stays version 1, which every reader reads.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .packing import GROUP_SIZES
 
 __all__ = [
     "FORMAT_VERSION",
+    "FEATURES",
     "LAYOUT",
     "QUANT_METHOD",
     "METADATA_KEY",
@@ -33,6 +37,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "Precision",
     "Kind",
+    "KSegment",
     "LayerSpec",
     "FormatMetadata",
     "tensor_names",
@@ -44,8 +49,12 @@ __all__ = [
     "dtype_from_name",
 ]
 
-#: The format version this library writes and the newest it reads.
-FORMAT_VERSION = 1
+#: The newest format version this library reads (and writes, for files that need it).
+FORMAT_VERSION = 2
+#: Format features (listed in a file's ``features``) → the format version that introduced them.
+#: ``k_segments``: a layer whose input channels are split into segments with their own activation
+#: handling (and nvfp4 tensor scale), docs/format.md §7.4.
+FEATURES: dict[str, int] = {"k_segments": 2}
 #: Name of the (only) on-disk layout of version 1: row-major, two codes per byte, low nibble first.
 LAYOUT = "rowmajor-nibble-lo-first"
 #: Value of ``quant_method`` in ``config.json``'s ``quantization_config``.
@@ -99,6 +108,48 @@ def tensor_names(prefix: str) -> dict[str, str]:
 
 
 @dataclasses.dataclass(frozen=True)
+class KSegment:
+    """One segment of a layer's input channels with its own activation handling (format 2, §7.4).
+
+    Attributes:
+        size: Number of consecutive input channels, a positive multiple of the group size.
+        act_shift: This segment's ``act_shift`` (``x̂ = (x + act_shift) / s`` on its channels).
+        act_unsigned: int4 only: this segment's activations use unsigned codes 0..15.
+    """
+
+    size: int
+    act_shift: float = 0.0
+    act_unsigned: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"size": …}`` plus the non-default activation fields."""
+        out: dict[str, Any] = {"size": self.size}
+        if self.act_shift:
+            out["act_shift"] = self.act_shift
+        if self.act_unsigned:
+            out["act_unsigned"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any, *, where: str | None = None, file: str | None = None) -> KSegment:
+        """Parse one ``k_segments`` entry (types only; :meth:`LayerSpec.check` checks values)."""
+        if not isinstance(obj, Mapping):
+            raise ManifestError(file, where, f"k_segments entries must be JSON objects, got {_jtype(obj)}")
+        size: Any = obj.get("size")
+        if not _is_int(size):
+            raise ManifestError(file, where, f"k_segments entry field 'size' must be int, got {_jtype(size)}")
+        shift = obj.get("act_shift", 0.0)
+        if not isinstance(shift, (int, float)) or isinstance(shift, bool):
+            raise ManifestError(file, where, f"k_segments entry field 'act_shift' must be number, got {_jtype(shift)}")
+        unsigned = obj.get("act_unsigned", False)
+        if not isinstance(unsigned, bool):
+            raise ManifestError(
+                file, where, f"k_segments entry field 'act_unsigned' must be boolean, got {_jtype(unsigned)}"
+            )
+        return cls(size=size, act_shift=float(shift), act_unsigned=unsigned)
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """Manifest entry of one quantized linear layer ``y = x Wᵀ + b`` (W is N×K).
 
@@ -121,6 +172,10 @@ class LayerSpec:
             GELU (bounded below by −0.171875) together with ``act_unsigned``.
         act_unsigned: int4 w4a4 only: activations use unsigned codes 0..15 with scale
             ``absmax / 15`` (negative x̂ clamp to 0) instead of signed −8..7.
+        k_segments: Format 2 (feature ``k_segments``): the input channels split into two or
+            more consecutive segments, each with its own ``act_shift`` / ``act_unsigned`` (then
+            the layer-level ones stay 0 / false) and, for nvfp4, its own tensor scale
+            (``wtscale`` has one element per segment). Empty: one handling for all of K.
     """
 
     kind: str
@@ -134,6 +189,17 @@ class LayerSpec:
     split_sizes: tuple[int, ...] = ()
     act_shift: float = 0.0
     act_unsigned: bool = False
+    k_segments: tuple[KSegment, ...] = ()
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The format features (:data:`FEATURES`) this entry uses."""
+        return frozenset({"k_segments"}) if self.k_segments else frozenset()
+
+    @property
+    def segment_sizes(self) -> tuple[int, ...]:
+        """Input channels per segment: ``(in_features,)`` for a layer without ``k_segments``."""
+        return tuple(seg.size for seg in self.k_segments) if self.k_segments else (self.in_features,)
 
     @property
     def group_size(self) -> int:
@@ -186,6 +252,8 @@ class LayerSpec:
             raise bad("act_shift/act_unsigned only apply to w4a4 layers")
         if self.act_unsigned and self.precision != "int4":
             raise bad("act_unsigned is only defined for int4")
+        if self.k_segments:
+            self._check_segments(bad)
         if bool(self.fused_from) != bool(self.split_sizes):
             raise bad("fused_from and split_sizes must be given together")
         if self.fused_from:
@@ -198,6 +266,35 @@ class LayerSpec:
                     f"split_sizes sum to {sum(self.split_sizes)}, not out_features "
                     f"{self.out_features}"
                 )
+
+    def _check_segments(self, bad: Any) -> None:
+        if self.kind != "w4a4":
+            raise bad("k_segments only apply to w4a4 layers")
+        if self.act_shift or self.act_unsigned:
+            raise bad("a layer with k_segments gives act_shift/act_unsigned per segment, not for the whole layer")
+        if len(self.k_segments) < 2:
+            raise bad("k_segments must list two or more segments (one is the plain layer)")
+        for i, seg in enumerate(self.k_segments):
+            if not isinstance(seg, KSegment):
+                raise bad(f"k_segments[{i}] is not a segment")
+            if not _is_int(seg.size) or seg.size <= 0 or seg.size % self.group_size:
+                raise bad(
+                    f"k_segments[{i}].size {seg.size!r} is not a positive multiple of the {self.precision} "
+                    f"group size {self.group_size}"
+                )
+            if (
+                not isinstance(seg.act_shift, (int, float))
+                or isinstance(seg.act_shift, bool)
+                or not math.isfinite(seg.act_shift)
+            ):
+                raise bad(f"k_segments[{i}].act_shift must be a finite number, got {seg.act_shift!r}")
+            if not isinstance(seg.act_unsigned, bool):
+                raise bad(f"k_segments[{i}].act_unsigned must be a boolean, got {seg.act_unsigned!r}")
+            if seg.act_unsigned and self.precision != "int4":
+                raise bad(f"k_segments[{i}]: act_unsigned is only defined for int4")
+        total = sum(seg.size for seg in self.k_segments)
+        if total != self.in_features:
+            raise bad(f"k_segments sizes sum to {total}, not in_features {self.in_features}")
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict (optional fields omitted when empty)."""
@@ -218,6 +315,8 @@ class LayerSpec:
             out["act_shift"] = self.act_shift
         if self.act_unsigned:
             out["act_unsigned"] = True
+        if self.k_segments:
+            out["k_segments"] = [seg.to_json() for seg in self.k_segments]
         return out
 
     @classmethod
@@ -261,11 +360,15 @@ class LayerSpec:
         unsigned = obj.get("act_unsigned", False)
         if not isinstance(unsigned, bool):
             raise ManifestError(file, where, f"field 'act_unsigned' must be boolean, got {_jtype(unsigned)}")
+        segments = obj.get("k_segments", [])
+        if not isinstance(segments, list):
+            raise ManifestError(file, where, f"field 'k_segments' must be array, got {_jtype(segments)}")
         spec = cls(
             fused_from=tuple(fused),
             split_sizes=tuple(sizes),
             act_shift=float(shift),
             act_unsigned=unsigned,
+            k_segments=tuple(KSegment.from_json(seg, where=where, file=file) for seg in segments),
             **values,
         )
         spec.check(where=where, file=file)
@@ -290,7 +393,7 @@ def expected_tensors(spec: LayerSpec) -> dict[str, tuple[tuple[str, ...], tuple[
         out["wscales"] = (("bfloat16", "float16"), (n, g))
     else:
         out["wscales"] = (("float8_e4m3fn",), (n, g))
-        out["wtscale"] = (("float32",), ())
+        out["wtscale"] = (("float32",), (len(spec.k_segments),) if spec.k_segments else ())
     if r > 0:
         out["lora_down"] = ((spec.dtype,), (r, k))
         out["lora_up"] = ((spec.dtype,), (n, r))
@@ -310,7 +413,8 @@ class FormatMetadata:
 
     Attributes:
         layers: Layer prefix → manifest entry, for every quantized linear in the file.
-        format_version: Integer schema version (1).
+        format_version: Integer schema version the metadata was read with (a writer gives the
+            file :meth:`required_version` instead: the lowest version its content needs).
         layout: Named on-disk layout (:data:`LAYOUT`).
         producer: Who wrote the file, e.g. ``{"name": "svdquant", "version": "0.1.0"}``.
         extra: Further JSON-able fields (base model, quantizer settings, ...); kept on
@@ -323,18 +427,30 @@ class FormatMetadata:
     producer: dict[str, str] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def features(self) -> list[str]:
+        """The format features (:data:`FEATURES`) the layers use, sorted."""
+        return sorted(set().union(*(spec.features for spec in self.layers.values())))
+
+    def required_version(self) -> int:
+        """The lowest ``format_version`` that expresses these layers: 1 unless a feature needs more."""
+        return max([1] + [FEATURES[f] for f in self.features])
+
     def to_json(self) -> dict[str, Any]:
-        """The JSON object (``quant_method`` included), layers sorted by name."""
-        out: dict[str, Any] = dict(self.extra)
+        """The JSON object (``quant_method`` included), layers sorted by name; ``format_version``
+        is :meth:`required_version` and ``features`` lists what the layers use (omitted if none)."""
+        out: dict[str, Any] = {k: v for k, v in self.extra.items() if k != "features"}
         out.update(
             {
                 "quant_method": QUANT_METHOD,
-                "format_version": self.format_version,
+                "format_version": self.required_version(),
                 "layout": self.layout,
                 "producer": dict(self.producer),
                 "layers": {name: self.layers[name].to_json() for name in sorted(self.layers)},
             }
         )
+        if self.features:
+            out["features"] = self.features
         return out
 
     def dumps(self) -> str:
@@ -351,12 +467,24 @@ class FormatMetadata:
             raise ManifestError(file, "format_version", "missing")
         if not _is_int(version) or version < 1:
             raise ManifestError(file, "format_version", f"must be a positive integer, got {version!r}")
+        features = obj.get("features", [])
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise ManifestError(file, "features", "must be a list of strings")
+        unknown = [f for f in features if f not in FEATURES]
         if version > FORMAT_VERSION:
+            uses = f" (features: {', '.join(features)})" if features else ""
             raise VersionError(
                 file,
                 "format_version",
-                f"file has format_version {version}, this svdquant reads up to {FORMAT_VERSION}: "
+                f"file has format_version {version}{uses}, this svdquant reads up to {FORMAT_VERSION}: "
                 "upgrade svdquant (pip install -U svdquant)",
+            )
+        if unknown:
+            raise VersionError(
+                file,
+                "features",
+                f"file uses format feature {', '.join(map(repr, unknown))}, which this svdquant does not implement "
+                f"(it knows {', '.join(sorted(FEATURES))}): upgrade svdquant (pip install -U svdquant)",
             )
         method = obj.get("quant_method", QUANT_METHOD)
         if method != QUANT_METHOD:
@@ -376,7 +504,16 @@ class FormatMetadata:
             str(name): LayerSpec.from_json(entry, where=str(name), file=file)
             for name, entry in layers_obj.items()
         }
-        known = {"quant_method", "format_version", "layout", "producer", "layers"}
+        for name, spec in layers.items():
+            for feature in sorted(spec.features):
+                if feature not in features or version < FEATURES[feature]:
+                    raise ManifestError(
+                        file,
+                        name,
+                        f"uses {feature}, which needs format_version >= {FEATURES[feature]} and {feature!r} in "
+                        f"the file's features (has format_version {version}, features {features})",
+                    )
+        known = {"quant_method", "format_version", "layout", "producer", "layers", "features"}
         extra = {k: v for k, v in obj.items() if k not in known}
         return cls(
             layers=layers,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import checkpoint_files
+from .errors import FormatError
 from .io import read_header, read_metadata
 from .spec import tensor_names
 
@@ -24,13 +25,21 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         ``group_sizes``, ``quantized_params`` (Σ N·K), ``quantized_bytes`` (bytes of the
         quantized layers' tensors), ``other_tensors``/``other_bytes`` (16-bit rest),
         ``file_bytes``, ``bits_per_param`` (quantized layers, all their tensors included),
-        ``bf16_bytes`` (the same model in bf16) and ``compression_vs_bf16``.
+        ``bf16_bytes`` (the same model in bf16) and ``compression_vs_bf16``, ``features`` (format
+        features used, e.g. ``["k_segments"]``) and ``k_segmented`` (layer → its segments as
+        ``"<size>"`` / ``"<size>+shift<a>[u]"`` strings, for layers with per-segment activation handling).
     """
     p = Path(path)
+    if not p.exists():  # the words of `svdq validate`
+        raise FormatError(str(p), None, "no such file or directory")
     files = [p] if p.is_file() else checkpoint_files(p, any_names=True)
+    if not files:
+        raise FormatError(str(p), None, "directory holds no .safetensors files")
     by_kind: collections.Counter[str] = collections.Counter()
     ranks: collections.Counter[int] = collections.Counter()
     groups: set[int] = set()
+    features: set[str] = set()
+    segmented: dict[str, list[str]] = {}
     q_params = q_bytes = other_bytes = other_count = file_bytes = bf16_bytes = 0
     meta0 = None
     for f in files:
@@ -43,6 +52,13 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
             by_kind[f"{spec.kind}/{spec.precision}"] += 1
             ranks[spec.rank] += 1
             groups.add(spec.group_size)
+            features |= spec.features
+            if spec.k_segments:
+                segmented[prefix] = [
+                    f"{seg.size}" + (f"+shift{seg.act_shift:g}" if seg.act_shift else "")
+                    + ("u" if seg.act_unsigned else "")
+                    for seg in spec.k_segments
+                ]
             q_params += spec.in_features * spec.out_features
             bf16_bytes += 2 * (spec.in_features * spec.out_features + (spec.out_features if spec.has_bias else 0))
             for name in tensor_names(prefix).values():
@@ -55,12 +71,12 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
                 other_count += 1
                 other_bytes += entry.end - entry.begin
                 bf16_bytes += 2 * math.prod(entry.shape)
-    if meta0 is None:
-        raise FileNotFoundError(f"{p}: no .safetensors files")
+    assert meta0 is not None  # files is not empty
     stored = q_bytes + other_bytes
     return {
         "path": str(p),
         "format_version": meta0.format_version,
+        "features": sorted(features),
         "layout": meta0.layout,
         "producer": meta0.producer,
         "files": len(files),
@@ -76,6 +92,7 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "bits_per_param": (8 * q_bytes / q_params) if q_params else None,
         "bf16_bytes": bf16_bytes,
         "compression_vs_bf16": (bf16_bytes / stored) if stored else None,
+        "k_segmented": dict(sorted(segmented.items())),
     }
 
 
@@ -91,9 +108,10 @@ def format_size(n: float) -> str:
 def format_summary(s: dict[str, Any]) -> str:
     """Human-readable text of :func:`summarize`'s result."""
     prod = s["producer"]
+    features = f"   features {', '.join(s['features'])}" if s.get("features") else ""
     lines = [
         f"{s['path']}",
-        f"  format_version  {s['format_version']}   layout {s['layout']}",
+        f"  format_version  {s['format_version']}   layout {s['layout']}{features}",
         f"  producer        {prod.get('name', '?')} {prod.get('version', '')}".rstrip(),
         f"  files           {s['files']}",
         f"  quantized layers {s['layers']}: "
@@ -108,4 +126,10 @@ def format_summary(s: dict[str, Any]) -> str:
         + (f"  ({s['compression_vs_bf16']:.2f}x smaller than bf16, {format_size(s['bf16_bytes'])})"
            if s["compression_vs_bf16"] else ""),
     ]
+    segmented = s.get("k_segmented") or {}
+    if segmented:
+        kinds = collections.Counter(" | ".join(v) for v in segmented.values())
+        lines.append(f"  k-segmented     {len(segmented)} layer{'s' if len(segmented) != 1 else ''} "
+                     "(per-segment activation handling): "
+                     + ", ".join(f"[{k}] x{v}" for k, v in kinds.items()))
     return "\n".join(lines)

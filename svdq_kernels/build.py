@@ -204,7 +204,7 @@ def file_lock(path: Path, *, timeout: float = _LOCK_TIMEOUT_S, poll: float = 0.1
         BackendError: when the lock is not obtained within ``timeout`` seconds.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for the kernels
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -131,6 +131,9 @@ def supports(call: ops.LinearCall) -> Optional[str]:
     major, minor = capability
     if (major, minor) != (9, 0):
         return f"GPU is sm_{major}{minor}; these kernels are for Hopper (sm_90)"
+    if call.k_segments:
+        return ("per-segment activation handling (k_segments, format 2) has no sm90 kernel: "
+                "the layer runs one plain call per segment where each is accepted (svdq_format.segmented)")
     path = _path(call.precision, call.act)
     broken = BROKEN.get((call.precision, call.act))
     if broken:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,20 +10,39 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (fuzzing.py, fakehub.py, ...)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # child processes too (see _one_torch_thread_everywhere)
 
 
 def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true",
-                     help="run the long reliability runs (fuzz, kill-during-write, Hub fault rounds)")
+                     help="run the long reliability runs (fuzz, kill-during-write, Hub fault rounds); "
+                     "includes the slow tests")
 
 
 def pytest_collection_modifyitems(config, items):
+    # `slow` tests (multi-process memory bounds, fault rounds, the whole demo) are left out of the
+    # default run, which CI runs; `-m slow` runs them (the README's command), `--soak` too.
+    if not config.getoption("--soak") and "slow" not in (config.getoption("markexpr") or ""):
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread_everywhere():
+    """One torch thread for the whole suite: its matrices are tiny, and on a shared or busy
+    2-core machine a second thread only spin-waits (tests ran several times slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

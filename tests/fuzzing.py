@@ -19,11 +19,13 @@ import torch
 
 from svdq_format import SVDQLinear, load_file, save_file, validate
 from svdq_format.errors import FormatError
+from svdq_format.spec import KSegment
 
 JSON_VALUES = [
     None, True, False, 0, 1, -1, 7, 64, 2**31, 2**63 - 1, 2**64, -(2**62), 1.5, float("1e308"),
     "", "x", "U8", "F16", "BF16", "F8_E4M3", "I64", "int4", "nvfp4", "w4a4", "w4a16",
     "bfloat16", [], [1], [0, 0], [-1, 2], [2**62, 2**62], [1, 2, 3], {}, {"a": 1}, [[1]],
+    ["k_segments"], [{"size": 64}], [{"size": 64}, {"size": "x"}], [{"size": 2**62}, {"size": -2**62 + 128}],
 ]
 HUGE_HEADER = [0, 1, 7, 8, 2**20, 2**32, 2**63, 2**64 - 1]
 
@@ -38,6 +40,7 @@ def base_files(directory: Path) -> list[Path]:
         "nvfp4": {"x": SVDQLinear.from_linear(lin, rank=0, precision="nvfp4", dtype=torch.float16),
                   "y": SVDQLinear.from_linear(lin_nb, rank=2, precision="nvfp4", dtype=torch.float32)},
         "mixed": {"p": SVDQLinear.from_linear(lin_nb, rank=0, kind="w4a16", dtype=torch.bfloat16)},
+        "segments": {"s": _segmented(lin)},  # format 2: k_segments, per-segment nvfp4 tensor scales
     }
     paths = []
     for name, layers in sets.items():
@@ -46,6 +49,16 @@ def base_files(directory: Path) -> list[Path]:
         save_file(layers, path, extra_tensors=extra)
         paths.append(path)
     return paths
+
+
+def _segmented(lin: torch.nn.Linear) -> SVDQLinear:
+    seg = (KSegment(64), KSegment(64, 0.171875))
+    layer = SVDQLinear(128, 16, rank=2, precision="nvfp4", dtype=torch.bfloat16, k_segments=seg)
+    plain = SVDQLinear.from_linear(lin, rank=2, precision="nvfp4", dtype=torch.bfloat16)
+    for role in ("smooth", "lora_down", "lora_up", "bias"):
+        getattr(layer, role).copy_(getattr(plain, role))
+    layer.set_residual(lin.weight.detach().float())
+    return layer
 
 
 def _split(raw: bytes) -> tuple[dict, bytes]:
@@ -101,7 +114,7 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
     meta_text = header.get("__metadata__", {}).get("svdquant", "{}")
     meta = json.loads(meta_text)
     if kind == "manifest":
-        key = rng.choice(["format_version", "layout", "layers", "producer", "quant_method", "extra"])
+        key = rng.choice(["format_version", "layout", "layers", "producer", "quant_method", "extra", "features"])
         if rng.random() < 0.2:
             meta.pop(key, None)
         else:
@@ -112,7 +125,7 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
             lname = rng.choice(list(layers))
             field = rng.choice(["kind", "precision", "in_features", "out_features", "rank", "dtype",
                                 "has_bias", "group_size", "fused_from", "split_sizes", "act_shift",
-                                "act_unsigned", "__rename__", "__delete__"])
+                                "act_unsigned", "k_segments", "__rename__", "__delete__"])
             if field == "__rename__":
                 layers[lname + rng.choice([".x", "", "z"])] = layers.pop(lname)
             elif field == "__delete__":

@@ -18,9 +18,12 @@ def tiny_flux(num_layers: int = 1, num_single_layers: int = 1) -> nn.Module:
                                   joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
 
 
-def tiny_sd3_pipeline():
+def tiny_sd3_pipeline(*, wide_text_encoders: bool = False):
     """A whole text-to-image pipeline (SD3: two CLIP encoders, T5, transformer, VAE), random and tiny,
-    built offline: its tokenizers come from a hand-written vocabulary (seed 0, float32)."""
+    built offline: its tokenizers come from a hand-written vocabulary (seed 0, float32).
+
+    ``wide_text_encoders``: CLIP and T5 64 / 128 wide (their linears quantizable), the transformer's
+    text width to match."""
     import tempfile
     from pathlib import Path
 
@@ -49,14 +52,17 @@ def tiny_sd3_pipeline():
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
         clip_tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=16)
-    clip = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+    width = 64 if wide_text_encoders else 32  # SD3 concatenates the two CLIP widths, padded to T5's
+    clip = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width if wide_text_encoders
+                          else 37, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=16, projection_dim=16,
                           bos_token_id=0, eos_token_id=1, pad_token_id=1)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -5.0) for c in letters]
     t5_tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=16)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=2 * width, d_kv=16, d_ff=2 * width, num_layers=1,
+                                 num_heads=4))
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
-                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=2 * width,
                                         caption_projection_dim=64, pooled_projection_dim=32, out_channels=4,
                                         pos_embed_max_size=16)
     vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4, norm_num_groups=32, sample_size=16,

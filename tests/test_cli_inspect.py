@@ -110,3 +110,46 @@ def test_saving_with_runtime_lora_attached_is_refused(tmp_path):
     unload_all(model)
     save_file({"0": model[0]}, path)
     validate(path)
+
+
+def test_inspect_and_validate_word_a_bad_path_the_same(tmp_path, capsys):
+    """Missing path, empty directory, a text file: one identical line from both commands."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello world, not tensors\n")
+    expected = {
+        "nope": "no such file or directory",
+        "nope.safetensors": "no such file or directory",
+        "empty": "directory holds no .safetensors files",
+        "notes.txt": "not a safetensors file (it starts with text 'hello wo')",
+    }
+    for name, reason in expected.items():
+        lines = []
+        for command in ("inspect", "validate"):
+            assert main([command, str(tmp_path / name)]) == 1
+            lines.append(capsys.readouterr().err)
+        assert lines[0] == lines[1] == f"error: {tmp_path / name}: {reason}\n"
+
+
+def test_every_command_has_a_summary_and_every_option_a_help_text():
+    import argparse
+
+    from svdq_format.cli import build_parser
+
+    def subcommands(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, sub in action.choices.items():
+                    yield name, sub, helps.get(name)
+
+    missing = []
+    todo = [("svdq", build_parser())]
+    while todo:
+        path, parser = todo.pop()
+        for name, sub, listed in subcommands(parser):
+            todo.append((f"{path} {name}", sub))
+            if not listed or not sub.description:  # `svdq --help` line, `svdq NAME --help` summary
+                missing.append(f"{path} {name}")
+        missing += [f"{path} {a.option_strings or a.dest}" for a in parser._actions
+                    if a.help is None and not isinstance(a, argparse._SubParsersAction)]
+    assert missing == []

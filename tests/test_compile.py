@@ -16,20 +16,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:calibrating on synthetic:UserWar
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-@pytest.mark.parametrize("mode", ["exact", "fast", "fast8"])
-def test_whole_quantized_model_compiles_without_graph_breaks(family, mode):
+def test_whole_quantized_model_compiles_without_graph_breaks(family):
+    """Every execution mode in one graph (the W4A4 layers take exact, fast and fast8 in turn):
+    one compilation per model family instead of one per mode; ``fullgraph=True`` raises, with
+    the reason, at the first graph break."""
     torch._dynamo.reset()
     model = BUILDERS[family]()
     calib = synthetic_calibration(model, 2, image_tokens=16, text_tokens=8)
     quantize_model(model, calib, rank=8, alphas=(0.5,))
     layers = svdq_modules(model)
     assert {m.kind for m in layers.values()} == {"w4a4", "w4a16"}
-    for m in layers.values():
-        m.mode = mode
+    w4a4 = [m for m in layers.values() if m.kind == "w4a4"]
+    for i, m in enumerate(w4a4):
+        m.mode = ("exact", "fast", "fast8")[i % 3]
+    assert len(w4a4) >= 3
     x = eval_input(model)
     eager = run(model, x)
-    explanation = torch._dynamo.explain(model)(**x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         got = compiled(**x).sample

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,12 +14,13 @@ import torch
 
 from svdq_format import load_file, validate
 
-WRITER = textwrap.dedent(
-    """
-    import sys, torch
+
+def write_versions(path: str, mode: str, conn) -> None:
+    """The writer, a child process: version after version of one ~24 MB checkpoint (a file or a
+    model directory), each announced on ``conn`` once written; killed by the test."""
     from svdq_format import SVDQLinear, save_file
     from svdq_format.model import save_model_dir
-    path, mode = sys.argv[1], sys.argv[2]
+
     version = 0
     lin = torch.nn.Linear(256, 256)
     while True:
@@ -36,26 +35,29 @@ WRITER = textwrap.dedent(
             model = torch.nn.Sequential(layer)
             model.register_buffer("filler", extra["filler"])
             save_model_dir(model, path, config={"_class_name": "Sequential", "version": version})
-        print(version, flush=True)
-    """
-)
+        conn.send(version)
 
 
 def run_trials(tmp_path: Path, mode: str, trials: int, seed: int) -> dict:
     rng = random.Random(seed)
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER)
     target = tmp_path / ("ckpt.safetensors" if mode == "file" else "model")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     stats = {"trials": 0, "kills_mid_write": 0, "files_lost": 0, "partial_picked_up": 0}
+    # Writers are forked from a server that imported torch and svdq_format once: a fresh
+    # process per trial without paying the imports every time.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "svdq_format", "svdq_format.model"])
     for _ in range(trials):
-        proc = subprocess.Popen([sys.executable, str(script), str(target), mode], stdout=subprocess.PIPE, env=env)
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=write_versions, args=(str(target), mode, send), daemon=True)
+        proc.start()
+        send.close()
         # wait until at least one version is complete, then kill at a random moment
-        assert proc.stdout.readline(), "writer died"
+        assert receive.poll(300) and receive.recv() >= 1, "writer died"
         time.sleep(rng.uniform(0.0, 0.4))
         temps_before = list(tmp_path.rglob("*.tmp"))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        receive.close()
         temps = list(tmp_path.rglob("*.tmp"))
         stats["kills_mid_write"] += bool(temps) and len(temps) >= len(temps_before)
         stats["trials"] += 1

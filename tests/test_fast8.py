@@ -399,6 +399,7 @@ def test_fast8_and_w4a16_layers_share_the_group64_tail(monkeypatch):
         seen.append((scales16, rowinv, q.dtype))
         return c.clone()
 
+    monkeypatch.setattr(cutlass_fast8, "LOWRANK_IN_GEMM", False)  # the two-step tail (test below: the k-tiles)
     monkeypatch.setattr(cutlass_fast8, "prologue", fake_prologue)
     monkeypatch.setattr(cutlass_w4a16, "prologue", fake_prologue)
     monkeypatch.setattr(cutlass_fast8, "group64_gemm", fake_gemm)
@@ -414,3 +415,52 @@ def test_fast8_and_w4a16_layers_share_the_group64_tail(monkeypatch):
     want8, want16 = cutlass_fast8.fast8_weights(qw, ws), cutlass_w4a16.w4a16_weights(ws)
     assert torch.equal(s8, want8[0]) and torch.equal(r8, want8[1])
     assert want16 is not None and torch.equal(s16, want16[0]) and torch.equal(r16, want16[1])
+
+
+def test_fast8_layer_with_lowrank_k_tiles_hands_the_kernel_its_inputs(monkeypatch):
+    """With the low-rank k-tiles (the default) both fast8 entry points quantize without the low-rank
+    branch, then call the ``lowrank`` GEMM with the sentinel-extended scales, ``a'`` and ``lr`` of
+    ``lowrank_tiles``, ``l1 = L1 / rowinv`` and the bias: checked on the CPU with stand-ins for
+    the Triton and CUTLASS kernels (their math: tests/test_kernels_interpreter.py, the GPU tests)."""
+    from svdq_format import ops
+    from svdq_kernels import cutlass_fast8, lowrank_tiles
+
+    assert cutlass_fast8.LOWRANK_IN_GEMM
+    g = torch.Generator().manual_seed(8)
+    m, k, n, r = 5, 256, 128, 40
+    x = torch.randn(2, m, k, generator=g).to(torch.bfloat16)
+    qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    ws = (torch.rand(n, k // 64, generator=g) * 0.004 + 0.001).to(torch.bfloat16)
+    smooth = torch.ones(k, dtype=torch.bfloat16)
+    down = torch.randn(r, k, generator=g).to(torch.bfloat16)
+    up = torch.randn(n, r, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    calls = []
+
+    def fake_prologue(x2, smooth, down, **kw):
+        assert down is None and not kw.get("lr16")  # the branch is the GEMM's now
+        return torch.zeros(x2.shape, dtype=torch.float8_e4m3fn), torch.full((x2.shape[0],), 0.5), None
+
+    def fake_tiles(x2, down_, a, *, lora_scales=None):
+        assert x2.shape == (2 * m, k) and down_ is not None and a.shape == (2 * m,)
+        return torch.zeros(2 * m, 128, dtype=torch.bfloat16), a.clone()
+
+    def fake_gemm(qweight, scales, rowinv, q, a, b, lr, l1, *, config=None):
+        calls.append((scales, rowinv, q, a, b, lr, l1))
+        return torch.zeros(q.shape[0], qweight.shape[0], dtype=torch.bfloat16)
+
+    monkeypatch.setattr(cutlass_fast8, "prologue", fake_prologue)
+    monkeypatch.setattr(cutlass_fast8, "lowrank_tiles", fake_tiles)
+    monkeypatch.setattr(cutlass_fast8, "group64_gemm_lowrank", fake_gemm)
+    args = (qw, ws, None, smooth, down, up, bias, None, "int4", "fp8w")
+    assert cutlass_fast8.fast8_linear(x, *args).shape == (2, m, n)
+    q, a = ops.quantize_fp8_rows(ops.smoothed(x.reshape(-1, k).float(), smooth, 0.0))
+    assert cutlass_fast8.fast8_linear_fp8(x, q, a, *args).shape == (2, m, n)
+    assert len(calls) == 2
+    plain, rowinv0 = cutlass_fast8.fast8_weights(qw, ws)
+    for scales, rowinv, _q, _a, b, lr, l1 in calls:
+        assert scales.shape == (k // 64 + 2 * 2, n) and torch.equal(scales[: k // 64], plain)  # rank 40: 2 k-tiles
+        assert (scales[k // 64:].view(torch.int16) == lowrank_tiles.SENTINEL_BITS).all()
+        assert torch.equal(rowinv, rowinv0) and torch.equal(b, bias)
+        assert torch.equal(l1, lowrank_tiles.padded_up(up, rowinv0)) and l1.shape == (n, 64)
+    assert torch.equal(calls[1][2].view(torch.uint8), q.view(torch.uint8)) and torch.equal(calls[1][3], a)

@@ -53,11 +53,12 @@ def test_structured_header_and_manifest_edits(bases, tmp_path, data, value):
         field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
         header[name][field] = value
     elif where == "manifest":
-        meta[data.draw(st.sampled_from(["format_version", "layout", "layers", "producer", "new"]))] = value
+        meta[data.draw(st.sampled_from(["format_version", "layout", "layers", "producer", "features", "new"]))] = value
     else:
         lname = data.draw(st.sampled_from(sorted(meta["layers"])))
         field = data.draw(st.sampled_from(["kind", "precision", "in_features", "out_features", "rank",
-                                           "dtype", "has_bias", "fused_from", "split_sizes", "act_shift"]))
+                                           "dtype", "has_bias", "fused_from", "split_sizes", "act_shift",
+                                           "k_segments"]))
         meta["layers"][lname][field] = value
     header["__metadata__"]["svdquant"] = json.dumps(meta)
     hb = json.dumps(header).encode()

@@ -15,7 +15,8 @@ artefacts — must be 0:
 * pulled snapshot: a file that differs from the remote commit it names, or that does not
   validate as an SVDQuant model.
 
-CI runs 50 rounds (< 1 min); ``--soak`` runs 500. The figures are printed (``-s``).
+``python -m pytest -m slow`` runs 50 rounds (< 1 min; not in the default run), ``--soak`` 500. The
+figures are printed (``-s``).
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ def fast_backoff(monkeypatch):
         shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
         shim.sleep = lambda s: time.sleep(s * HF_SLEEP_SCALE)
         monkeypatch.setattr(mod, "time", shim)
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+    was_disabled = are_progress_bars_disabled()  # (HF_HUB_DISABLE_PROGRESS_BARS=1: enabling would warn)
     disable_progress_bars()
     yield
-    enable_progress_bars()
+    if not was_disabled:
+        enable_progress_bars()
 
 
 def local_files(d: Path) -> dict[str, bytes]:
@@ -165,6 +168,7 @@ def run_rounds(hub: FakeHub, tmp: Path, rounds: int, *, rate: float, seed: int) 
     }
 
 
+@pytest.mark.slow  # soak-style rounds: `python -m pytest -m slow` (50), `--soak` (500)
 def test_push_pull_rounds_with_random_faults(hub, fast_backoff, tmp_path, request):
     rounds = 500 if request.config.getoption("--soak") else 50
     r = run_rounds(hub, tmp_path, rounds, rate=RATE, seed=SEED)

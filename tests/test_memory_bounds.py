@@ -1,4 +1,5 @@
-"""Memory bounds, CI size: peak RSS of streaming operations on a sharded 174 MB model (2 shards).
+"""Memory bounds, test size: peak RSS of streaming operations on a sharded 174 MB model (2 shards;
+marked ``slow``: ``python -m pytest -m slow``).
 
 Each operation runs in a fresh interpreter (benchmarks/memory_bounds.py ``measure``): peak RSS
 (VmHWM) minus the baseline after imports and a warm-up run on a tiny model must stay within
@@ -28,6 +29,7 @@ def sharded(tmp_path_factory):
     return d, mb.warmup_model(tmp / "warmup")
 
 
+@pytest.mark.slow  # a fresh interpreter per operation on a 174 MB model: `python -m pytest -m slow`
 @pytest.mark.parametrize("op", mb.STREAMING)
 def test_streaming_peak_rss_within_bound_of_largest_shard(sharded, op):
     d, warmup = sharded

@@ -294,11 +294,7 @@ def _check_forward(out_dir, logical, inner):
     xb = torch.nn.functional.gelu(2 * xb, approximate="tanh")
     int4 = la["precision"] == "int4"
     y_ref = ref.w4a4_forward(xa, la, 0.0, False) + ref.w4a4_forward(xb, lb, SHIFT if int4 else 0.0, int4)
-    b = "single_transformer_blocks.0"
-    if f"{b}.proj_out" in ours:
-        y = ours[f"{b}.proj_out"](torch.cat([xa, xb], dim=-1))
-    else:
-        y = ours[f"{b}.attn.to_out"](xa) + ours[f"{b}.mlp_fc2"](xb)
+    y = ours["single_transformer_blocks.0.proj_out"](torch.cat([xa, xb], dim=-1))
     return max(worst, _rel(y, y_ref)), ours
 
 
@@ -321,9 +317,15 @@ def test_import_forward_matches_nunchaku_math(tmp_path, precision, dialect):
     assert "transformer_blocks.0.attn.to_k" in qc["layers"] and "transformer_blocks.0.attn.to_qkv" not in qc["layers"]
     with safe_open(str(out / WEIGHTS_NAME), "pt") as h:
         assert "transformer_blocks.0.attn.norm_added_q.weight" in h.keys()
-    # int4: shifted MLP half; nvfp4: two different tensor scales -> proj_out stays two layers
-    assert qc["nunchaku"]["k_concat"]["single_transformer_blocks.0.proj_out"] == [
-        "single_transformer_blocks.0.attn.to_out", "single_transformer_blocks.0.mlp_fc2"]
+    # int4: shifted MLP half; nvfp4: two different tensor scales -> one proj_out with two k-segments
+    proj_out = qc["layers"]["single_transformer_blocks.0.proj_out"]
+    mlp_half = {"size": 256, "act_shift": SHIFT, "act_unsigned": True} if precision == "int4" else {"size": 256}
+    assert proj_out["k_segments"] == [{"size": 64}, mlp_half] and "act_shift" not in proj_out
+    assert qc["format_version"] == 2 and qc["features"] == ["k_segments"] and "k_concat" not in qc["nunchaku"]
+    assert ours["single_transformer_blocks.0.proj_out"].k_segments
+    assert not {"single_transformer_blocks.0.attn.to_out", "single_transformer_blocks.0.mlp_fc2"} & set(qc["layers"])
+    if precision == "nvfp4":
+        assert ours["single_transformer_blocks.0.proj_out"].wtscale.shape == (2,)
 
 
 @pytest.mark.parametrize("precision", ["int4"])
@@ -493,9 +495,9 @@ def test_export_refuses_what_nunchaku_cannot_express(tmp_path):
     with pytest.raises(UnsupportedError, match="16-bit compute dtype"):
         export_nunchaku(ours, tmp_path / "z.safetensors")
     b16 = tmp_path / "b16.safetensors"
-    build_file(b16, precision="int4", dialect="flux-cpp", dtype=torch.bfloat16)
-    with pytest.raises(UnsupportedError, match="layer single_transformer_blocks.0.attn.to_out"):
-        export_nunchaku_lite(import_nunchaku(b16, tmp_path / "o16"), tmp_path / "lite")  # the 2-layer proj_out
+    build_file(b16, precision="int4", dialect="flux-cpp", dtype=torch.bfloat16, inner=128)
+    with pytest.raises(UnsupportedError, match=r"layer \S+(proj_out|net\.2): nunchaku_lite has no activation shift"):
+        export_nunchaku_lite(import_nunchaku(b16, tmp_path / "o16"), tmp_path / "lite")  # shifted int4 layers
 
 
 def test_import_errors_name_the_problem(tmp_path):
@@ -525,6 +527,33 @@ def test_cli_convert_round_trip(tmp_path, capsys):
     assert main(["convert", "--to", "nunchaku", str(tmp_path / "ours"), str(tmp_path / "n.safetensors")]) == 0
     assert main(["convert", "--to", "nunchaku-lite", str(tmp_path / "ours"), str(tmp_path / "lite")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+
+def test_cli_convert_of_a_file_without_config_asks_for_config_option(tmp_path, capsys):
+    """The header-less case gives CLI advice at the CLI (--config), and --config makes it work."""
+    from svdq_format.cli import main
+
+    src = tmp_path / "src.safetensors"
+    build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.bfloat16)
+    with safe_open(str(src), "pt") as h:
+        meta = h.metadata()
+    config = json.loads(meta.pop("config"))
+    st_save(_all_tensors(src), str(tmp_path / "bare.safetensors"), metadata=meta)
+    assert main(["convert", "--from", "nunchaku", str(tmp_path / "bare.safetensors"), str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"error: {tmp_path / 'bare.safetensors'}: config: no diffusers config in the header: give the "
+                   "model's config with --config (its config.json, or the folder holding it)")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+    assert main(["convert", "--from", "nunchaku", str(tmp_path / "bare.safetensors"), str(tmp_path / "o"),
+                 "--config", str(tmp_path / "transformer")]) == 0
+    assert main(["convert", "--from", "nunchaku", str(src), str(tmp_path / "ref")]) == 0
+    got, ref = _all_tensors(tmp_path / "o" / WEIGHTS_NAME), _all_tensors(tmp_path / "ref" / WEIGHTS_NAME)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert main(["convert", "--from", "nunchaku", str(src), str(tmp_path / "x"), "--config", "nope.json"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "error: nope.json: no such file (--config: the model's config.json)"
 
 
 def test_dialect_detection_and_names():
@@ -579,28 +608,82 @@ def test_native_quantized_flux_round_trips_through_nunchaku(tmp_path):
         assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
 
 
-def test_load_imported_int4_flux_with_k_split_proj_out(tmp_path):
-    from converters.nunchaku.model import KConcatLinear, load_imported_model
+def test_imported_int4_flux_loads_with_stock_from_pretrained(tmp_path):
+    """One proj_out per single block (k_segments): stock diffusers loads the import, and the model's
+    layers compute Nunchaku's math within the bounds of the forward test."""
+    from diffusers import FluxTransformer2DModel
+
+    import svdq_format  # noqa: F401  (registers the "svdquant" quantizer with diffusers)
+    from converters.nunchaku.model import load_imported_model
 
     src = tmp_path / "int4.safetensors"
     logical = build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.float32)
     out = import_nunchaku(src, tmp_path / "ours")
-    with pytest.raises(SVDQError, match="attn.to_out"):
-        load_model_dir(out)  # the stock loader cannot place the K-split halves
-    model = load_imported_model(out)
+    model = FluxTransformer2DModel.from_pretrained(out)
     proj_out = model.single_transformer_blocks[0].proj_out
-    assert isinstance(proj_out, KConcatLinear)
+    assert isinstance(proj_out, SVDQLinear) and [s.size for s in proj_out.k_segments] == [64, 256]
     la = logical[("single_transformer_blocks.0", "attn.to_out")][1]
     lb = logical[("single_transformer_blocks.0", "mlp_fc2")][1]
     torch.manual_seed(2)
     xa, xb = torch.randn(3, 64), torch.nn.functional.gelu(torch.randn(3, 256), approximate="tanh")
     y_ref = ref.w4a4_forward(xa, la, 0.0, False) + ref.w4a4_forward(xb, lb, SHIFT, True)
     assert _rel(proj_out(torch.cat([xa, xb], -1)), y_ref) <= 1e-5
-    with torch.no_grad():
-        y = model(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 64),
+    fc2 = model.transformer_blocks[0].ff.net[2]
+    x2 = torch.nn.functional.gelu(torch.randn(3, 256), approximate="tanh")
+    lay2 = logical[("transformer_blocks.0", "ff.net.2")][1]
+    assert _rel(fc2(x2), ref.w4a4_forward(x2, lay2, SHIFT, True)) <= 1e-5
+    inputs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 64),
                   pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3)).sample
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
+    with torch.no_grad():
+        y = model(**inputs).sample
     assert y.shape == (1, 16, 16) and torch.isfinite(y).all()
+    with pytest.deprecated_call():  # the old loader is an alias now
+        again = load_imported_model(out)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).sample, y)
+    # a model saved from the loaded one keeps the per-segment layer (format 2) and reloads to the same outputs
+    model.save_pretrained(tmp_path / "saved", max_shard_size="200KB")
+    assert len(list((tmp_path / "saved").glob("*.safetensors"))) > 1
+    reloaded = FluxTransformer2DModel.from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).sample, y)
+
+
+def test_load_imported_model_refuses_a_two_layer_proj_out_directory(tmp_path):
+    from converters.nunchaku.model import load_imported_model
+
+    src = tmp_path / "int4.safetensors"
+    build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.bfloat16)
+    out = import_nunchaku(src, tmp_path / "ours")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["nunchaku"]["k_concat"] = {"single_transformer_blocks.0.proj_out": ["a", "b"]}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.deprecated_call(), pytest.raises(UnsupportedError, match="re-import"):
+        load_imported_model(out)
+
+
+def test_import_errors_name_the_tensor_as_written_in_the_file(tmp_path):
+    src = tmp_path / "src.safetensors"
+    build_file(src, precision="int4", dialect="flux-cpp", dtype=torch.bfloat16)
+    t = _all_tensors(src)
+    with safe_open(str(src), "pt") as h:
+        meta = h.metadata()
+    bad = dict(t)
+    bad["transformer_blocks.0.qkv_proj.qweight"] = bad["transformer_blocks.0.qkv_proj.qweight"][:64].clone()
+    st_save(bad, str(tmp_path / "short.safetensors"), metadata=meta)
+    with pytest.raises(SVDQError, match=r"transformer_blocks\.0\.qkv_proj\.qweight: packed shape") as info:
+        import_nunchaku(tmp_path / "short.safetensors", tmp_path / "o1")
+    assert "to_qkv" not in str(info.value)
+    bad = dict(t)
+    del bad["single_transformer_blocks.0.mlp_fc2.smooth"]
+    st_save(bad, str(tmp_path / "nosmooth.safetensors"), metadata=meta)
+    with pytest.raises(SVDQError, match=r"single_transformer_blocks\.0\.mlp_fc2\.smooth: missing"):
+        import_nunchaku(tmp_path / "nosmooth.safetensors", tmp_path / "o2")
+    bad = {k: v for k, v in t.items() if not k.startswith("single_transformer_blocks.0.out_proj.")}
+    st_save(bad, str(tmp_path / "half.safetensors"), metadata=meta)
+    with pytest.raises(SVDQError, match=r"single_transformer_blocks\.0\.mlp_fc2\.qweight: only one half"):
+        import_nunchaku(tmp_path / "half.safetensors", tmp_path / "o3")
 
 
 def test_zimage_unquantized_refiners_round_trip(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -13,21 +14,36 @@ from svdq_format.cli import main as svdq_main
 
 @pytest.mark.slow
 def test_svdq_demo_end_to_end(tmp_path, capsys):
-    old = torch.get_num_threads()
+    from transformers.utils import logging as hf_logging
+
+    old, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(1)
+    with warnings.catch_warnings():  # (under HF_HUB_DISABLE_PROGRESS_BARS=1 huggingface_hub says it keeps its own off)
+        warnings.filterwarnings("ignore", "Cannot enable progress bars", UserWarning)
+        hf_logging.enable_progress_bar()  # as in a fresh `svdq demo` process
     try:
         code = svdq_main(["demo", "--out", str(tmp_path / "demo")])
     finally:
         torch.set_num_threads(old)
-    out = capsys.readouterr().out
+        if not bars:
+            hf_logging.disable_progress_bar()
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0, out
+    assert "Loading weights" not in captured.err  # transformers' bar used to print between our lines
+    assert re.search(r"layers quantized \(W4A4 rank 32 x\d+; W4A16 x\d+\)", out), out  # the --rank default
     rows = {}
     for line in out.splitlines():
         cells = re.split(r"\s{2,}", line.strip())
-        for label in ("SVDQ int4", "SVDQ nvfp4", "naive W4A4", "W4A16 int4"):
+        for label in ("SVDQ int4", "SVDQ nvfp4", "naive W4A4", "W4A16 int4", "text encoder W4A16",
+                      "text encoder W4A4"):
             if cells[0].startswith(label) and len(cells) >= 3:
                 rows[label] = float(cells[1])  # mean cosine similarity to fp32
-    assert set(rows) == {"SVDQ int4", "SVDQ nvfp4", "naive W4A4", "W4A16 int4"}, out
+    assert set(rows) == {"SVDQ int4", "SVDQ nvfp4", "naive W4A4", "W4A16 int4", "text encoder W4A16",
+                         "text encoder W4A4"}, out
+    # the text-encoder path (save_pretrained, transformers' from_pretrained): both close to fp32, above
+    # the plain weight-only baseline (the text-encoder W4A16 searches its clipping)
+    assert min(rows["text encoder W4A4"], rows["text encoder W4A16"]) > max(rows["W4A16 int4"], 0.97)
     # SVDQ beats both baselines on real sentence embeddings; everything stays close to fp32
     assert rows["SVDQ int4"] > rows["W4A16 int4"] > rows["naive W4A4"] > 0.8
     assert rows["SVDQ nvfp4"] > rows["naive W4A4"]
@@ -35,3 +51,37 @@ def test_svdq_demo_end_to_end(tmp_path, capsys):
     assert "bit-identical to the in-memory model" in out
     for name in ("minilm-svdq-int4.safetensors", "minilm-svdq-nvfp4.safetensors", "tiny-flux-svdq"):
         validate(tmp_path / "demo" / name)
+
+
+def test_demo_loads_minilm_without_transformers_progress_bar(capfd):
+    """transformers' "Loading weights" bar printed between the demo's own lines (issue 26)."""
+    from transformers.utils import logging as hf_logging
+
+    from converters.demo import load_minilm
+
+    was = hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():  # (under HF_HUB_DISABLE_PROGRESS_BARS=1 huggingface_hub says it keeps its own off)
+        warnings.filterwarnings("ignore", "Cannot enable progress bars", UserWarning)
+        hf_logging.enable_progress_bar()  # transformers' default (another test may have turned it off)
+    try:
+        capfd.readouterr()
+        tok, model = load_minilm()
+        assert capfd.readouterr().err == ""
+        assert hf_logging.is_progress_bar_enabled()  # restored
+    finally:
+        if not was:
+            hf_logging.disable_progress_bar()
+    assert model.config.hidden_size == 384 and tok("a b")["input_ids"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_demo_tiny_flux_is_quantized_at_the_requested_rank(tmp_path):
+    """`svdq demo --rank 32` used to end with the tiny FLUX at rank 16 (a hard-coded min(rank, 16))."""
+    from converters.demo import _tiny_flux
+
+    f = _tiny_flux(tmp_path, rank=32, log=print)
+    meta = validate(f["dir"])
+    w4a4 = [spec for spec in meta.layers.values() if spec.kind == "w4a4"]
+    assert w4a4 and {spec.rank for spec in w4a4} == {32} and f["w4a4_ranks"] == {32: len(w4a4)}
+    assert min(min(spec.in_features, spec.out_features) for spec in w4a4) >= 128  # rank 32 is low rank here
+    assert f["identical"] and f["rel_error"] < 0.05

@@ -18,6 +18,7 @@ from converters.quantize.smoothing import (
     smoothing_vector,
 )
 from converters.quantize.stats import CalibrationStats, LayerStats
+from svdq_format.errors import QuantizationError
 from svdq_format.linear import SVDQLinear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only spin on a shared CPU
@@ -60,13 +61,40 @@ def test_simulated_output_matches_svdqlinear_forward(precision, kind):
 def test_approximate_matches_from_linear_bit_for_bit():
     lin, x = outlier_layer()
     s = smoothing_vector(x.abs().amax(0), lin.weight.abs().amax(0), 0.4)
-    ref = SVDQLinear.from_linear(lin, rank=8, precision="int4", smooth=s)
+    ref = SVDQLinear.from_linear(lin, rank=8, precision="int4", smooth=s, lowrank="svd")
     ap = approximate(lin.weight, s, 8, precision="int4", dtype=torch.float32, scale_dtype=torch.float16, lowrank="svd")
     assert torch.equal(ap.smooth, ref.smooth.float())
     q = dequantized_residual(ap.residual, "int4", scale_dtype=torch.float16)
     # SVD sign/rotation freedom: compare the products, and the quantized residuals
     assert torch.allclose(ap.up @ ap.down, ref.lora_up @ ref.lora_down, atol=1e-5)
     assert (q - ref.residual()).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("k,n,rank,method", [(256, 192, 8, "randomized"), (128, 96, 16, "svd")])
+def test_from_linear_follows_the_quantizers_auto_rule_deterministically(k, n, rank, method):
+    """``from_linear``'s default low-rank method is the quantizer's ``"auto"``: the randomised SVD
+    on layers larger than 4·(rank + 16) (bit for bit the quantizer's factors for the same seed),
+    the exact one on smaller layers; the same layer gives the same bits, and the caller's random
+    state is left alone."""
+    lin, x = outlier_layer(k, n)
+    s = smoothing_vector(x.abs().amax(0), lin.weight.abs().amax(0), 0.4)
+    state = torch.get_rng_state()
+    layer = SVDQLinear.from_linear(lin, rank=rank, precision="int4", smooth=s)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = SVDQLinear.from_linear(lin, rank=rank, precision="int4", smooth=s)
+    assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), again.state_dict().values()))
+    torch.manual_seed(0)  # the seed from_linear draws its sketch from
+    ap = approximate(lin.weight, s, rank, precision="int4", dtype=torch.float32, scale_dtype=torch.float16,
+                     lowrank=method)
+    assert torch.equal(ap.up, layer.lora_up) and torch.equal(ap.down, layer.lora_down)
+    exact = SVDQLinear.from_linear(lin, rank=rank, precision="int4", smooth=s, lowrank="svd")
+    assert torch.equal(exact.lora_up, layer.lora_up) == (method == "svd")
+    # the randomised branch costs (almost) nothing in accuracy: the layer's weight error
+    w = lin.weight.detach().float()
+    err = {m: float((q.dequantize().float() - w).norm() / w.norm()) for m, q in (("auto", layer), ("svd", exact))}
+    assert err["auto"] <= 1.01 * err["svd"], err
+    with pytest.raises(QuantizationError, match="low-rank method 'qr'"):
+        SVDQLinear.from_linear(lin, rank=rank, lowrank="qr")
 
 
 def test_smoothing_vector_normalised_and_interpolates():

@@ -314,13 +314,16 @@ def test_unsupported_shapes_stay_16bit_or_error():
         def forward(self, x):
             return self.blocks[0](x)
 
-    sel = select_layers(Odd())
+    with pytest.warns(UserWarning, match="Odd is not an architecture svdquant was tested on"):
+        sel = select_layers(Odd())
     assert list(sel.kinds) == ["blocks.0.1"]
     assert "not a multiple of 64" in sel.skipped["blocks.0.0"]
     m = Odd()
-    quantize_model(m, [{"x": torch.randn(4, 48)}], rank=4)
+    with pytest.warns(UserWarning, match="Odd is not an architecture svdquant was tested on"):
+        quantize_model(m, [{"x": torch.randn(4, 48)}], rank=4)
     assert isinstance(m.blocks[0][1], SVDQLinear) and type(m.blocks[0][0]) is nn.Linear
-    with pytest.raises(QuantizationError, match="no linear layer can be quantized"):
+    with pytest.raises(QuantizationError, match="no linear layer can be quantized"), \
+            pytest.warns(UserWarning, match="Odd is not an architecture svdquant was tested on"):
         quantize_model(Odd(), [{"x": torch.randn(4, 48)}], exclude=["blocks.0.1"])
 
 

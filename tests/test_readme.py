@@ -1,4 +1,4 @@
-"""The README's two set-up commands stay what CI runs; no library code loads a pickle.
+"""The README's commands stay what CI and conftest run; no library code loads a pickle.
 
 (The import rules of docs/design.md are tests/test_imports.py.)
 """
@@ -22,6 +22,45 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert demo.endswith("svdq demo") and "torch==2.13.0" in demo
     assert "pytest" in tests and "torch==2.13.0" in tests
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_says_which_torch_build_the_pin_gives_and_how_to_get_the_cpu_one():
+    """``torch==2.13.0`` pins a version, not a build: on stock Linux PyPI it is the CUDA build."""
+    text = (ROOT / "README.md").read_text()
+    setup = re.search(r"## Set-up: two commands(.*?)\n## ", text, re.S).group(1)
+    blocks = re.findall(r"```bash\n(.*?)```", setup, re.S)
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in blocks[1].splitlines()
+    assert "CUDA build" in setup and "does not pull" not in setup
+
+
+def test_readme_slow_command_runs_the_slow_tests_the_test_command_leaves_out():
+    """conftest's selection, driven with the README's two commands: the test command (CI's) leaves
+    the ``slow`` tests out, the slow command (``-m slow``) keeps them, and so does ``--soak``."""
+    import shlex
+    from types import SimpleNamespace
+
+    from tests.conftest import pytest_collection_modifyitems
+
+    text = (ROOT / "README.md").read_text()
+    (slow_cmd,) = re.search(r"## Development.*?```bash\n(.*?)```", text, re.S).group(1).splitlines()
+    test_cmd = readme_commands()[1].split("&& ")[-1]
+    assert test_cmd == "python -m pytest" and slow_cmd.startswith("python -m pytest -m ")
+    markexpr = shlex.split(slow_cmd)[4]
+
+    def selected(markexpr: str, soak: bool = False) -> list[str]:
+        items = [SimpleNamespace(name=n, keywords={n: 1, **({"slow": 1} if n.startswith("slow") else {})})
+                 for n in ("fast_a", "slow_b", "fast_c", "slow_d")]
+        left_out: list = []
+        options = {"--soak": soak, "markexpr": markexpr}
+        config = SimpleNamespace(getoption=options.__getitem__,
+                                 hook=SimpleNamespace(pytest_deselected=lambda items: left_out.extend(items)))
+        pytest_collection_modifyitems(config, items)
+        assert not {i.name for i in items} & {i.name for i in left_out}
+        return [i.name for i in items]
+
+    assert selected("") == ["fast_a", "fast_c"]  # the test command: no -m
+    assert selected(markexpr) == ["fast_a", "slow_b", "fast_c", "slow_d"]  # pytest's -m then keeps slow_*
+    assert selected("", soak=True) == ["fast_a", "slow_b", "fast_c", "slow_d"]
 
 
 #: Every call that unpickles, anywhere in the packages: ``pickle.load(s)``, ``torch.load`` without

@@ -14,6 +14,7 @@ from safetensors.torch import save_file as st_save
 from svdq_format import SVDQLinear, load_file, save_file, validate
 from svdq_format.cli import main
 from svdq_format.errors import FormatError, HeaderError, ManifestError, TensorError, VersionError
+from svdq_format.spec import FORMAT_VERSION
 
 
 def make_layers():
@@ -73,7 +74,7 @@ CASES = [
     ("bad-header-json", lambda p: join(p, None, split(p)[1], header_text='{"a": [1, 2'), HeaderError, "not valid JSON"),
     ("header-not-object", lambda p: join(p, None, b"", header_text="[1, 2, 3]"), HeaderError, "not a JSON object"),
     ("absurd-header-length", lambda p: p.write_bytes(struct.pack("<Q", 1 << 40) + p.read_bytes()[8:]),
-     HeaderError, "absurd header length"),
+     HeaderError, "not a safetensors file (its first 8 bytes give a header length of 1099511627776"),
     ("duplicate-key",
      lambda p: join(p, None, split(p)[1], header_text=json.dumps(split(p)[0])[:-1] + ', "__metadata__": {}}'),
      HeaderError, "duplicate key"),
@@ -110,8 +111,13 @@ CASES = [
      ManifestError, "unknown precision"),
     ("manifest-k-not-multiple", lambda p: edit_meta(p, lambda m: m["layers"]["blk.q"].update(in_features=100)),
      ManifestError, "not a multiple"),
-    ("future-format-version", lambda p: edit_meta(p, lambda m: m.update(format_version=2)),
-     VersionError, "format_version 2"),
+    ("future-format-version", lambda p: edit_meta(p, lambda m: m.update(format_version=FORMAT_VERSION + 1)),
+     VersionError, f"format_version {FORMAT_VERSION + 1}"),
+    ("unknown-feature", lambda p: edit_meta(p, lambda m: m.update(features=["k_tiles"])),
+     VersionError, "format feature 'k_tiles'"),
+    ("segments-without-feature",
+     lambda p: edit_meta(p, lambda m: m["layers"]["blk.q"].update(k_segments=[{"size": 64}, {"size": 64}])),
+     ManifestError, "uses k_segments, which needs format_version >= 2"),
     ("unknown-layout", lambda p: edit_meta(p, lambda m: m.update(layout="tiled-mma")), ManifestError, "unknown layout"),
     ("metadata-not-json",
      lambda p: (lambda h, d: (h["__metadata__"].update(svdquant="{not json"), join(p, h, d)))(*split(p)),
@@ -159,3 +165,13 @@ def test_cli_never_prints_a_traceback(tmp_path):
 def test_missing_path(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "nope.safetensors")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_whatever_the_key_or_file_name():
+    """A manifest's layer name is the file's text: one with a newline or other control character is
+    shown escaped, so the error stays one line (found by tests/test_fuzz.py)."""
+    from svdq_format.errors import ManifestError
+
+    err = ManifestError("dir/\rm.safetensors", "a\nb", "missing field 'kind'\n")
+    assert str(err) == "dir/\\rm.safetensors: a\\nb: missing field 'kind'"
+    assert str(ManifestError("m.safetensors", "blocks.0.proj_out", "bad")) == "m.safetensors: blocks.0.proj_out: bad"

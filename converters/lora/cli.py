@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("tuned", help="dense fine-tuned weights with the same tensor names")
     p.add_argument("--rank", type=int, required=True, help="LoRA rank")
     p.add_argument("--out", required=True, help="output LoRA .safetensors (diffusers/PEFT keys)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the written LoRA factors (default bfloat16)")
     p.add_argument("--prefix", default="transformer.", help="key prefix (default 'transformer.')")
     p.add_argument("--exact", action="store_true", help="full SVD instead of randomised SVD")
     p.add_argument("--json", action="store_true", help="print the energy report as JSON")

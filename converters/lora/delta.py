@@ -110,28 +110,7 @@ def save_delta(
     }
     header = {DELTA_METADATA_KEY: json.dumps(meta, sort_keys=True)}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
-    if durable:
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-    else:
-        _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-
-def _replace_atomically(path: str | os.PathLike[str], write: Any) -> None:
-    """Write to a temporary file beside ``path`` and rename it over ``path`` (no fsync)."""
-    import tempfile
-
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), durable=durable)
 
 
 def _read_meta(path: str) -> Optional[dict[str, Any]]:

@@ -379,6 +379,13 @@ def _diffusers_normalise(sd: dict[str, torch.Tensor], path: str) -> tuple[dict, 
     return out, alphas, leftovers
 
 
+def _strip_component(key: str) -> str:
+    for prefix in ("transformer.", "unet."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
 #: Largest ``|lora_alpha|`` accepted: the largest fp16 value (a bigger alpha makes a scale that
 #: no 16-bit compute dtype holds; real adapters use alphas of a few hundred at most).
 MAX_LORA_ALPHA = 65504.0
@@ -502,9 +509,10 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
             alphas = None  # folded into the weights by diffusers' converters
             config = None
     skipped = sorted(k for k in sd if k.startswith(("text_encoder.", "text_encoder_2.")))
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k not in skipped}
+    # the denoiser's prefix: "transformer." (DiTs) or "unet." (SD / SDXL UNet LoRAs in diffusers' format)
+    sd = {_strip_component(k): v for k, v in sd.items() if k not in skipped}
     if alphas:
-        alphas = {k.removeprefix("transformer."): v for k, v in alphas.items() if not k.startswith("text_encoder")}
+        alphas = {_strip_component(k): v for k, v in alphas.items() if not k.startswith("text_encoder")}
     if sd and not any(".lora_A." in k or ".lora_B." in k for k in sd) and any("lora" in k for k in sd):
         from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 

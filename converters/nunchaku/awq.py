@@ -17,7 +17,7 @@ from svdq_format.errors import FormatError, UnsupportedError
 from svdq_format.linear import SVDQLinear
 
 from . import layout as L
-from .common import EXACT_BIAS_KEY, group_indicator, lora_down, lora_up, new_layer
+from .common import EXACT_BIAS_KEY, PRESET_HINT, group_indicator, lora_down, lora_up, new_layer
 from .names import adanorm_splits
 
 __all__ = ["awq_to_ours", "ours_to_awq"]
@@ -95,9 +95,11 @@ def awq_to_ours(
 def ours_to_awq(name: str, layer: SVDQLinear, exact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our ``w4a16`` int4 layer → Nunchaku AWQ tensors (zero point 8, exact)."""
     if not bool((layer.smooth == 1).all()):
-        raise UnsupportedError(f"layer {name}: a w4a16 layer with smoothing has no Nunchaku AWQ form")
+        raise UnsupportedError(f"layer {name}: a w4a16 layer with smoothing has no Nunchaku AWQ form; {PRESET_HINT}")
     if layer.precision != "int4":
-        raise UnsupportedError(f"layer {name}: Nunchaku's AWQ layers are int4, this one is {layer.precision}")
+        raise UnsupportedError(
+            f"layer {name}: Nunchaku's AWQ layers are int4, this one is {layer.precision}; {PRESET_HINT}"
+        )
     if layer.wscales.dtype != layer.dtype:
         raise UnsupportedError(
             f"layer {name}: AWQ scales are stored in the compute dtype {layer.dtype}, not {layer.wscales.dtype}"
@@ -111,7 +113,9 @@ def ours_to_awq(name: str, layer: SVDQLinear, exact: dict[str, torch.Tensor]) ->
     if layer.rank:  # only the importer's zero-point remainder (per-group sums) folds back
         g = k // 64
         if layer.rank != g or not torch.equal(lora_down(layer), group_indicator(g, k, layer.dtype)):
-            raise UnsupportedError(f"layer {name}: a w4a16 layer with a low-rank branch has no Nunchaku AWQ form")
+            raise UnsupportedError(
+                f"layer {name}: a w4a16 layer with a low-rank branch has no Nunchaku AWQ form; {PRESET_HINT}"
+            )
         want = lora_up(layer).float() - 8 * scales.float()
         zeros = want.to(scales.dtype)
         if not torch.equal(zeros.float() + 8 * scales.float(), lora_up(layer).float()):

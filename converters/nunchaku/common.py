@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,14 +10,17 @@ from torch import nn
 
 from svdq_format.linear import SVDQLinear
 from svdq_format.pretrained import build_model, model_class
+from svdq_format.spec import KSegment
 
-__all__ = ["GELU_SHIFT", "EXACT_BIAS_KEY", "build_skeleton", "find_linear", "is_gelu_fc2", "new_layer",
+__all__ = ["GELU_SHIFT", "EXACT_BIAS_KEY", "PRESET_HINT", "build_skeleton", "find_linear", "is_gelu_fc2", "new_layer",
            "group_indicator", "lora_down", "lora_up", "tensor_scale"]
 
 #: The constant Nunchaku adds to GELU outputs before unsigned int4 quantization.
 GELU_SHIFT = 0.171875
 #: Header key where our exporter keeps biases that Nunchaku's baked ``+1`` would round.
 EXACT_BIAS_KEY = "svdquant_exact_bias"
+#: Ends every export error that the quantizer's Nunchaku preset avoids.
+PRESET_HINT = 'quantize with `svdq quantize --target nunchaku` (Python: target="nunchaku") so every layer fits Nunchaku'
 
 
 def build_skeleton(config: Mapping[str, Any], *, file: str | None = None) -> nn.Module:
@@ -56,7 +59,7 @@ def new_layer(
     kind: str,
     qweight: torch.Tensor,
     wscales: torch.Tensor,
-    wtscale: float | None,
+    wtscale: float | Sequence[float] | None,
     smooth: torch.Tensor,
     down: torch.Tensor | None,
     up: torch.Tensor | None,
@@ -64,20 +67,23 @@ def new_layer(
     dtype: torch.dtype,
     act_shift: float = 0.0,
     act_unsigned: bool = False,
+    k_segments: Sequence[KSegment] = (),
 ) -> SVDQLinear:
-    """An ``SVDQLinear`` holding the given canonical tensors (``qweight``: packed uint8 [N, K/2])."""
+    """An ``SVDQLinear`` holding the given canonical tensors (``qweight``: packed uint8 [N, K/2];
+    ``wtscale``: nvfp4 tensor scale, one per segment for a layer with ``k_segments``)."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     rank = 0 if down is None else down.shape[0]
     layer = SVDQLinear(
         k, n, rank=rank, precision=precision, kind=kind, bias=bias is not None, dtype=dtype,
         scale_dtype=wscales.dtype if precision == "int4" else None,
-        act_shift=act_shift, act_unsigned=act_unsigned,
+        act_shift=act_shift, act_unsigned=act_unsigned, k_segments=k_segments,
     )
     with torch.no_grad():
         layer.qweight.copy_(qweight)
         layer.wscales.copy_(wscales)
         if precision == "nvfp4":
-            tensor_scale(layer).copy_(torch.tensor(wtscale if wtscale is not None else 1.0, dtype=torch.float32))
+            ts = tensor_scale(layer)
+            ts.copy_(torch.tensor(wtscale if wtscale is not None else 1.0, dtype=torch.float32).reshape(ts.shape))
         layer.smooth.copy_(smooth)
         if rank:
             assert down is not None and up is not None  # rank > 0: down is given, and up with it

@@ -7,6 +7,12 @@ scales → ``wtscale`` (fp32, which the C++ loader accepts) plus ``wcscales`` fo
 ``w4a16`` layers → AWQ (zero point 8, rows interleaved and ``+1`` baked into the scale chunks of
 modulation layers), and the four header strings Nunchaku's loaders read.
 
+A FLUX single-block ``proj_out`` with ``k_segments`` (format 2: attention half signed, MLP half
+GELU-shifted unsigned, as :func:`converters.nunchaku.importer.import_nunchaku` writes an int4 file's)
+splits into exactly Nunchaku's two layers, each with its segment's tensor scale.
+
+Errors that ``svdq quantize --target nunchaku`` would have avoided say so (:data:`PRESET_HINT`).
+
 Everything is exact, except a case Nunchaku cannot store: where the baked ``+1`` rounds a
 modulation bias in 16 bits, the exact bias is kept in the header under
 :data:`~converters.nunchaku.importer.EXACT_BIAS_KEY` (Nunchaku ignores it; our importer uses it,
@@ -38,6 +44,7 @@ from .awq import ours_to_awq
 from .common import (
     EXACT_BIAS_KEY,
     GELU_SHIFT,
+    PRESET_HINT,
     build_skeleton,
     find_linear,
     is_gelu_fc2,
@@ -85,6 +92,10 @@ class _Out:
 
 
 def _single(layer: SVDQLinear) -> _Out:
+    if layer.k_segments:
+        raise UnsupportedError(
+            "per-segment activation handling (k_segments) has a Nunchaku form only on FLUX single-block proj_out"
+        )
     return _Out(layer.precision, _codes(layer), layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
                 layer.bias, None if layer.wtscale is None else float(layer.wtscale), None, layer.dtype)
 
@@ -99,10 +110,11 @@ def _fuse(name: str, members: list[tuple[str, SVDQLinear]]) -> _Out:
             )
         if not torch.equal(layer.smooth, first.smooth):
             raise UnsupportedError(
-                f"layer {m}: smoothing differs from {members[0][0]}; Nunchaku's fused {name} has one smooth"
+                f"layer {m}: smoothing differs from {members[0][0]}; Nunchaku's fused {name} has one smooth; "
+                f"{PRESET_HINT}"
             )
-        if layer.act_shift or layer.act_unsigned:
-            raise UnsupportedError(f"layer {m}: shifted activations cannot be fused into {name}")
+        if layer.act_shift or layer.act_unsigned or layer.k_segments:
+            raise UnsupportedError(f"layer {m}: shifted activations cannot be fused into {name}; {PRESET_HINT}")
     layers = [layer for _, layer in members]
     codes = torch.cat([_codes(x) for x in layers])
     wscales = torch.cat([x.wscales for x in layers])
@@ -144,28 +156,48 @@ def _fuse(name: str, members: list[tuple[str, SVDQLinear]]) -> _Out:
                 raise UnsupportedError(
                     f"layer {m}: its nvfp4 tensor scale is not {members[0][0]}'s times a "
                     f"{str(dtype).removeprefix('torch.')} "
-                    f"number, so Nunchaku's fused {name} (alpha × wcscales) cannot express it exactly"
+                    f"number, so Nunchaku's fused {name} (alpha × wcscales) cannot express it exactly; {PRESET_HINT}"
                 )
             parts.append(ratio.expand(x.out_features))
         wc = torch.cat(parts)
     return _Out(first.precision, codes, wscales, first.smooth, down, up, bias, alpha, wc, dtype)
 
 
-def _split_k(name: str, layer: SVDQLinear, k_attn: int) -> tuple[_Out, _Out]:
-    """Our FLUX single-block ``proj_out`` → (``out_proj`` on attn, ``mlp_fc2`` on the MLP)."""
+def _split_k(name: str, layer: SVDQLinear, k_attn: int) -> tuple[_Out, _Out, list[tuple[float, bool]]]:
+    """Our FLUX single-block ``proj_out`` → (``out_proj`` on attn, ``mlp_fc2`` on the MLP, each
+    half's (act_shift, act_unsigned)); with ``k_segments`` the segments must be these halves."""
     g = layer.group_size
     if k_attn % g:
         raise UnsupportedError(f"layer {name}: attention width {k_attn} is not a multiple of the group size {g}")
+    bounds = ((0, k_attn), (k_attn, layer.in_features))
+    if layer.k_segments:
+        sizes = tuple(seg.size for seg in layer.k_segments)
+        if sizes != (k_attn, layer.in_features - k_attn):
+            raise UnsupportedError(
+                f"layer {name}: k_segments {list(sizes)} are not the attention and MLP halves "
+                f"[{k_attn}, {layer.in_features - k_attn}] that Nunchaku stores as two layers"
+            )
+        handling = [(seg.act_shift, seg.act_unsigned) for seg in layer.k_segments]
+    else:
+        handling = [(layer.act_shift, layer.act_unsigned)] * 2
     codes, ws = _codes(layer), layer.wscales
-    alpha = None if layer.wtscale is None else float(layer.wtscale)
+    scales = [None, None] if layer.wtscale is None else [float(t) for t in layer.wtscale.reshape(-1)]
+    if len(scales) == 1:
+        scales = scales * 2
     down, up = layer.lora_down, layer.lora_up
     halves = []
-    for lo, hi in ((0, k_attn), (k_attn, layer.in_features)):
+    for (lo, hi), alpha in zip(bounds, scales):
+        d_half, u_half = None, None
+        if down is not None and up is not None:
+            # rank columns that act on the other half only (an imported block-diagonal branch) are dropped
+            keep = (down[:, lo:hi] != 0).any(dim=1) & (up != 0).any(dim=0)
+            if bool(keep.any()):
+                d_half, u_half = down[keep, lo:hi], up[:, keep]
         halves.append(_Out(layer.precision, codes[:, lo // 2 : hi // 2], ws[:, lo // g : hi // g], layer.smooth[lo:hi],
-                           None if down is None else down[:, lo:hi], up, None, alpha, None, layer.dtype))
+                           d_half, u_half, None, alpha, None, layer.dtype))
     halves[1].bias = layer.bias
     halves[0].bias = torch.zeros(layer.out_features, dtype=layer.dtype)
-    return halves[0], halves[1]
+    return halves[0], halves[1], handling
 
 
 def _tile(out: _Out, rank: int) -> dict[str, torch.Tensor]:
@@ -222,7 +254,9 @@ def _check_coverage(model: nn.Module, layers: Mapping[str, SVDQLinear], dialect:
             name == f"{block}.proj_out" and f"{block}.attn.to_out" in layers and f"{block}.mlp_fc2" in layers
         )
         if not covered:
-            raise UnsupportedError(f"layer {name}: not quantized, but Nunchaku's FLUX model runs it as a 4-bit layer")
+            raise UnsupportedError(
+                f"layer {name}: not quantized, but Nunchaku's FLUX model runs it as a 4-bit layer; {PRESET_HINT}"
+            )
 
 
 def export_nunchaku(
@@ -291,7 +325,7 @@ def export_nunchaku(
             raise UnsupportedError(
                 f"layer {name}: Nunchaku runs "
                 f"{'only AdaLN modulation layers' if layer.kind == 'w4a16' else 'AdaLN modulation layers'} "
-                f"as AWQ W4A16; this layer is {layer.kind}"
+                f"as AWQ W4A16; this layer is {layer.kind}; {PRESET_HINT}"
             )
         if layer.kind == "w4a16":
             awq[name] = ours_to_awq(name, layer, exact)
@@ -300,14 +334,14 @@ def export_nunchaku(
         if layer.precision == "int4" and layer.wscales.dtype != layer.dtype:
             raise UnsupportedError(
                 f"layer {name}: int4 scales are {layer.wscales.dtype}, "
-                f"Nunchaku stores them in the compute dtype {layer.dtype}"
+                f"Nunchaku stores them in the compute dtype {layer.dtype}; {PRESET_HINT}"
             )
         parent, _, leaf = name.rpartition(".")
         rebuilt = _rebuilt_target(name, layers)
         if rebuilt is not None:
             target, members = rebuilt
-            if any(layers[m].act_shift or layers[m].act_unsigned for m in members):
-                raise UnsupportedError(f"layer {name}: Nunchaku does not shift this layer's activations")
+            if any(layers[m].act_shift or layers[m].act_unsigned or layers[m].k_segments for m in members):
+                raise UnsupportedError(f"layer {name}: Nunchaku does not shift this layer's activations; {PRESET_HINT}")
             if len(members) == 1:
                 outs[target] = _single(layer)
             else:
@@ -331,11 +365,15 @@ def export_nunchaku(
             block_k = find_linear(model, parent + ".proj_mlp")
             if block_k is None:
                 raise UnsupportedError(f"layer {name}: model has no {parent}.proj_mlp")
-            a, b = _split_k(name, layer, layer.in_features - block_k.out_features)
-            if precision == "int4":
+            a, b, handling = _split_k(name, layer, layer.in_features - block_k.out_features)
+            shifted = (GELU_SHIFT, True) if precision == "int4" else (0.0, False)
+            if handling != [(0.0, False), shifted]:
+                have = ", ".join(f"act_shift={h[0]:g} act_unsigned={h[1]}" for h in handling)
                 raise UnsupportedError(
-                    f"layer {name}: Nunchaku runs the MLP half of an int4 proj_out on GELU outputs shifted by "
-                    f"{GELU_SHIFT} with unsigned codes; this layer was quantized without (act_shift 0)"
+                    f"layer {name}: Nunchaku runs the attention half of a proj_out on signed activations and the MLP "
+                    + (f"half on GELU outputs shifted by {GELU_SHIFT} with unsigned codes (int4)"
+                       if precision == "int4" else "half unshifted (nvfp4)")
+                    + f"; this layer's halves have ({have}); {PRESET_HINT}"
                 )
             outs[f"{parent}.attn.to_out"], outs[f"{parent}.mlp_fc2"] = a, b
             done.add(name)
@@ -344,14 +382,21 @@ def export_nunchaku(
         shifted_kernel = precision == "int4" and (
             is_gelu_fc2(model, name) or name == f"{parent}.mlp_fc2" and single
         )
+        if layer.k_segments:
+            raise UnsupportedError(
+                f"layer {name}: per-segment activation handling (k_segments) has a Nunchaku form only on FLUX "
+                f"single-block proj_out; {PRESET_HINT}"
+            )
         if shifted_kernel != bool(layer.act_unsigned) or (layer.act_unsigned and layer.act_shift != GELU_SHIFT):
             raise UnsupportedError(
                 f"layer {name}: Nunchaku {'shifts' if shifted_kernel else 'does not shift'} this layer's activations "
                 f"(int4 GELU shift {GELU_SHIFT}, unsigned codes) but the layer has act_shift={layer.act_shift}, "
-                f"act_unsigned={layer.act_unsigned}"
+                f"act_unsigned={layer.act_unsigned}; {PRESET_HINT}"
             )
         if layer.act_shift and not layer.act_unsigned:
-            raise UnsupportedError(f"layer {name}: act_shift without unsigned codes has no Nunchaku form")
+            raise UnsupportedError(
+                f"layer {name}: act_shift without unsigned codes has no Nunchaku form; {PRESET_HINT}"
+            )
         outs[target] = _single(layer)
         if single and name.endswith(".attn.to_out") and layer.bias is None:
             outs[target].bias = torch.zeros(layer.out_features, dtype=layer.dtype)  # C++ out_proj has one

@@ -9,7 +9,9 @@ Flow (docs/interop.md has the tables):
    device from the config;
 4. map to diffusers modules: fused q|k|v split into ``to_q``/``to_k``/``to_v`` (shared
    ``smooth`` and ``lora_down``, rows of the rest), FLUX single-block ``out_proj`` + ``mlp_fc2``
-   concatenated along K into ``proj_out`` when that is exact;
+   concatenated along K into one ``proj_out`` (a format-2 layer with ``k_segments`` when the two
+   halves' activation handling or nvfp4 tensor scales differ: int4 files always, whose MLP half
+   runs on GELU-shifted unsigned activations);
 5. un-bake: nvfp4 ``wtscale · wcscales`` → our fp32 ``wtscale`` per member; the fc2 GELU shift
    with unsigned codes → ``act_shift``/``act_unsigned`` (the stored bias already holds the
    correction, so it is kept); AWQ modulation rows de-interleaved and the baked ``+1`` removed
@@ -17,6 +19,9 @@ Flow (docs/interop.md has the tables):
    correction when the zero is not an integer multiple of the scale);
 6. write ``config.json`` (with ``quantization_config``) and
    ``diffusion_pytorch_model.safetensors``, then validate the directory.
+
+Errors about a tensor of the Nunchaku file name it as the file writes it (``…qkv_proj.qweight``),
+not by its converted name.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from svdq_format.io import atomic_write, producer_info, read_header, refuse_pick
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, FILES_KEY, WEIGHTS_NAME, is_weight_file, write_record
 from svdq_format.outputs import check_output
-from svdq_format.spec import FormatMetadata
+from svdq_format.spec import FormatMetadata, KSegment
 
 from . import layout as L
 from .awq import awq_to_ours
@@ -80,6 +85,7 @@ class NunchakuFile:
         metadata: The safetensors header strings.
         config: The diffusers model config (``metadata["config"]``).
         dialect: ``flux-cpp``, ``sdxl`` or ``native``.
+        file_keys: Native key → the key as written in the file (for messages).
     """
 
     path: str
@@ -87,6 +93,19 @@ class NunchakuFile:
     metadata: dict[str, str]
     config: dict[str, Any]
     dialect: str
+    file_keys: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def file_key(self, key: str) -> str:
+        """``key`` (native module name + canonical role) as the file writes it."""
+        if key in self.file_keys:
+            return self.file_keys[key]
+        prefix, _, role = key.rpartition(".")  # a role the file lacks: the layer's prefix as written
+        known = self.file_keys.get(f"{prefix}.qweight")
+        return f"{known.rpartition('.')[0]}.{role}" if known else key
+
+    def file_prefix(self, prefix: str) -> str:
+        """A layer's native prefix as the file writes it."""
+        return self.file_key(f"{prefix}.qweight").rpartition(".")[0]
 
 
 def _resolve(source: str | os.PathLike[str]) -> str:
@@ -134,8 +153,9 @@ def read_nunchaku(
             raise FormatError(path, "config", "not a JSON object")
         check_config(config, {k: e.shape for k, e in header.tensors.items()}, file=f"{path}: config")
     dialect = dialect or detect_dialect(raw)
-    tensors = {to_native(k, dialect): v for k, v in raw.items()}
-    return NunchakuFile(path, tensors, metadata, dict(config), dialect)
+    file_keys = {to_native(k, dialect): k for k in raw}
+    tensors = {native: raw[k] for native, k in file_keys.items()}
+    return NunchakuFile(path, tensors, metadata, dict(config), dialect, file_keys)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -165,9 +185,12 @@ class _Layer:
     bias: torch.Tensor | None
 
 
-def _untile(name: str, t: Mapping[str, torch.Tensor], n: int, k: int, file: str) -> _Layer:
+def _untile(nf: NunchakuFile, name: str, t: Mapping[str, torch.Tensor], n: int, k: int) -> _Layer:
+    """Layer ``name`` (native prefix) un-tiled; errors name its tensors as the file writes them."""
+    file = nf.path
+
     def bad(reason: str) -> FormatError:
-        return FormatError(file, f"{name}.qweight", reason)
+        return FormatError(file, nf.file_key(f"{name}.qweight"), reason)
 
     q = t["qweight"]
     if q.dtype not in (torch.int8, torch.uint8) or q.ndim != 2:
@@ -177,7 +200,7 @@ def _untile(name: str, t: Mapping[str, torch.Tensor], n: int, k: int, file: str)
         raise bad(f"packed shape {list(q.shape)} is not the {n}x{k} layer of the model padded to 128")
     for role in ("wscales", "smooth"):
         if role not in t:
-            raise FormatError(file, f"{name}.{role}", "missing")
+            raise FormatError(file, nf.file_key(f"{name}.{role}"), "missing")
     ws = t["wscales"]
     precision = "nvfp4" if ws.dtype == torch.float8_e4m3fn else "int4"
     g = packing.GROUP_SIZES[precision]
@@ -201,14 +224,15 @@ def _untile(name: str, t: Mapping[str, torch.Tensor], n: int, k: int, file: str)
     return _Layer(precision, qweight, wscales.contiguous(), alpha, wc, smooth, smooth_orig, down, up, bias)
 
 
-def _member_tscale(name: str, lay: _Layer, rows: slice, file: str) -> float | None:
-    """Our fp32 ``wtscale`` of rows ``rows``: Nunchaku's ``alpha`` × the (constant) wcscales."""
+def _member_tscale(lay: _Layer, rows: slice, where: str) -> float | None:
+    """Our fp32 ``wtscale`` of rows ``rows``: Nunchaku's ``alpha`` × the (constant) wcscales.
+    ``where``: ``"<file>: layer <name as in the file>"``."""
     wc = lay.wcscales
     if lay.precision == "int4":
         if wc is not None and not bool((wc.float() == 1).all()):
-            raise UnsupportedError(f"{file}: layer {name}: int4 with per-channel wcscales != 1 cannot be expressed")
+            raise UnsupportedError(f"{where}: int4 with per-channel wcscales != 1 cannot be expressed")
         if lay.alpha not in (None, 1.0):
-            raise UnsupportedError(f"{file}: layer {name}: int4 with wtscale {lay.alpha} cannot be expressed")
+            raise UnsupportedError(f"{where}: int4 with wtscale {lay.alpha} cannot be expressed")
         return None
     alpha = torch.tensor(lay.alpha if lay.alpha is not None else 1.0, dtype=torch.float32)
     if wc is None:
@@ -216,7 +240,7 @@ def _member_tscale(name: str, lay: _Layer, rows: slice, file: str) -> float | No
     part = wc[rows].float()
     if not bool((part == part[0]).all()):
         raise UnsupportedError(
-            f"{file}: layer {name}: wcscales vary within one output group; our nvfp4 layers have "
+            f"{where}: wcscales vary within one output group; our nvfp4 layers have "
             "one tensor scale per layer"
         )
     return float(alpha * part[0])
@@ -239,13 +263,14 @@ def _rebuilt(model: nn.Module, name: str, file: str) -> tuple[str, Any] | None:
     return None
 
 
-def _plan_targets(model: nn.Module, names: list[str], file: str) -> dict[str, tuple[str, Any]]:
+def _plan_targets(model: nn.Module, names: list[str], nf: NunchakuFile) -> dict[str, tuple[str, Any]]:
     """Native layer name → (how, detail) where how ∈ plain | fused | kconcat_attn | kconcat_mlp."""
     plan: dict[str, tuple[str, Any]] = {}
     for name in names:
         parent, _, leaf = name.rpartition(".")
         pre = parent + "." if parent else ""
-        rebuilt = _rebuilt(model, name, file)
+        file = f"{nf.path}: layer {nf.file_prefix(name)}"  # messages name the layer as the file writes it
+        rebuilt = _rebuilt(model, name, nf.path)
         if find_linear(model, name) is not None:
             plan[name] = ("plain", name)
         elif rebuilt is not None:
@@ -255,17 +280,15 @@ def _plan_targets(model: nn.Module, names: list[str], file: str) -> dict[str, tu
         elif name.startswith("single_transformer_blocks.") and leaf in ("mlp_fc1",):
             block = name.rsplit(".", 1)[0]
             if find_linear(model, block + ".proj_mlp") is None:
-                raise UnsupportedError(f"{file}: layer {name}: model has no {block}.proj_mlp")
+                raise UnsupportedError(f"{file}: model has no {block}.proj_mlp")
             plan[name] = ("plain", block + ".proj_mlp")
         elif name.startswith("single_transformer_blocks.") and (name.endswith(".attn.to_out") or leaf == "mlp_fc2"):
             block = name.split(".attn.to_out")[0] if name.endswith(".attn.to_out") else parent
             if find_linear(model, block + ".proj_out") is None:
-                raise UnsupportedError(f"{file}: layer {name}: model has no {block}.proj_out")
+                raise UnsupportedError(f"{file}: model has no {block}.proj_out")
             plan[name] = ("kconcat_attn" if name.endswith(".attn.to_out") else "kconcat_mlp", block + ".proj_out")
         else:
-            raise UnsupportedError(
-                f"{file}: layer {name}: no matching module in {type(model).__name__} (unknown layer name)"
-            )
+            raise UnsupportedError(f"{file}: no matching module in {type(model).__name__} (unknown layer name)")
     return plan
 
 
@@ -310,17 +333,18 @@ def import_nunchaku(
         else:
             extras[key] = tensor
     exact_bias = _read_exact_biases(nf.metadata, file)
-    plan = _plan_targets(model, prefixes, file)
+    plan = _plan_targets(model, prefixes, nf)
 
     layers: dict[str, SVDQLinear] = {}
-    record: dict[str, Any] = {"dialect": nf.dialect, "smooth_fused": [], "adanorm": {}, "k_concat": {}}
+    record: dict[str, Any] = {"dialect": nf.dialect, "smooth_fused": [], "adanorm": {}, "k_segmented": {}}
     kparts: dict[str, dict[str, tuple[str, SVDQLinear]]] = {}
     for name in prefixes:
         how, target = plan[name]
         t = groups[name]
+        where = f"{file}: layer {nf.file_prefix(name)}"  # the layer as the file writes it
         if t["qweight"].dtype == torch.int32:  # AWQ W4A16
             if how != "plain":
-                raise UnsupportedError(f"{file}: layer {name}: AWQ layer maps to a {how} target")
+                raise UnsupportedError(f"{where}: AWQ layer maps to a {how} target")
             mod = _linear(model, target)
             layers[target] = awq_to_ours(name, t, mod.out_features, mod.in_features, exact_bias.get(name), file)
             if adanorm_splits(name) > 1:
@@ -338,7 +362,7 @@ def import_nunchaku(
         else:
             mod = _linear(model, target)
             n, k = mod.out_features, mod.in_features
-        lay = _untile(name, t, n, k, file)
+        lay = _untile(nf, name, t, n, k)
         dtype = lay.smooth.dtype
         if lay.smooth_orig is not None and not torch.equal(lay.smooth_orig, lay.smooth):
             record["smooth_fused"].append(name)
@@ -355,11 +379,11 @@ def import_nunchaku(
                 bias = lay.bias  # resolved when both halves are known
             elif _linear(model, member).bias is None:
                 if bias is not None and bool((bias != 0).any()):
-                    raise UnsupportedError(f"{file}: layer {name}: non-zero bias for {member}, which has none")
+                    raise UnsupportedError(f"{where}: non-zero bias for {member}, which has none")
                 bias = None
             elif bias is None:
                 bias = torch.zeros(size, dtype=dtype)
-            tscale = _member_tscale(name, lay, rows, file)
+            tscale = _member_tscale(lay, rows, where)
             try:
                 new = new_layer(
                     precision=lay.precision, kind="w4a4", qweight=lay.qweight[rows], wscales=lay.wscales[rows],
@@ -367,23 +391,21 @@ def import_nunchaku(
                     act_shift=GELU_SHIFT if shifted else 0.0, act_unsigned=shifted,
                 )
             except (SVDQError, RuntimeError) as exc:  # dtypes/shapes our format does not allow
-                raise UnsupportedError(f"{file}: layer {name}: {exc}") from None
+                raise UnsupportedError(f"{where}: {exc}") from None
             if how.startswith("kconcat"):
                 kparts.setdefault(target, {})[how] = (name, new)
             else:
                 layers[member] = new
     for target, parts in kparts.items():
         if set(parts) != {"kconcat_attn", "kconcat_mlp"}:
-            raise FormatError(file, target, "only one half of a FLUX single-block proj_out is quantized")
+            (name_x, _), = parts.values()
+            raise FormatError(file, nf.file_key(f"{name_x}.qweight"),
+                              f"only one half of the FLUX single-block {target} is quantized in the file")
         (name_a, a), (name_b, b) = parts["kconcat_attn"], parts["kconcat_mlp"]
-        merged = _merge_k(a, b, has_bias=_linear(model, target).bias is not None)
-        if merged is not None:
-            layers[target] = merged
-        else:  # not expressible as one layer: keep both halves under Nunchaku-V2 names
-            _finish_bias(a, keep=False)
-            _finish_bias(b, keep=True)
-            layers[name_a], layers[name_b] = a, b
-            record["k_concat"][target] = [name_a, name_b]
+        where = f"{file}: layers {nf.file_prefix(name_a)} + {nf.file_prefix(name_b)}"
+        layers[target] = _merge_k(a, b, has_bias=_linear(model, target).bias is not None, where=where)
+        if layers[target].k_segments:
+            record["k_segmented"][target] = [nf.file_prefix(name_a), nf.file_prefix(name_b)]
 
     extras = unquantized_to_stock(extras, lambda m: find_linear(model, m) is not None)
     expected = _expected_extras(model, layers, record)
@@ -420,25 +442,23 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return mod
 
 
-def _finish_bias(layer: SVDQLinear, *, keep: bool) -> None:
-    """K-concat halves carry the whole layer's bias on the mlp half only (attn half: zeros)."""
-    if not keep and layer.bias is not None:
-        if bool((layer.bias != 0).any()):
-            raise UnsupportedError("FLUX single-block out_proj has a non-zero bias; cannot place it")
-        layer.register_buffer("bias", None)
+def _merge_k(a: SVDQLinear, b: SVDQLinear, *, has_bias: bool, where: str) -> SVDQLinear:
+    """Concatenate two layers along K into one exact layer: ``y = A x_a + B x_b``.
 
-
-def _merge_k(a: SVDQLinear, b: SVDQLinear, *, has_bias: bool) -> SVDQLinear | None:
-    """Concatenate two layers along K into one (``y = A x_a + B x_b``) when that is exact."""
-    if (a.precision, a.act_shift, a.act_unsigned, a.dtype) != (b.precision, b.act_shift, b.act_unsigned, b.dtype):
-        return None
-    if a.wscales.dtype != b.wscales.dtype:
-        return None
-    if a.precision == "nvfp4" and not torch.equal(tensor_scale(a), tensor_scale(b)):
-        return None
-    if a.bias is not None and bool((a.bias != 0).any()) and b.bias is not None and bool((b.bias != 0).any()):
-        return None
+    A plain layer when both halves have the same activation handling (and nvfp4 tensor scale);
+    else a format-2 layer with ``k_segments`` (one segment per half, each with its own shift,
+    unsigned codes and tensor scale).
+    """
+    if (a.precision, a.dtype, a.wscales.dtype) != (b.precision, b.dtype, b.wscales.dtype):
+        raise UnsupportedError(
+            f"{where}: the two halves of proj_out differ in precision or dtypes "
+            f"({a.precision}/{a.dtype}/{a.wscales.dtype} vs {b.precision}/{b.dtype}/{b.wscales.dtype})"
+        )
     n, ka, kb = a.out_features, a.in_features, b.in_features
+    same = (a.act_shift, a.act_unsigned) == (b.act_shift, b.act_unsigned) and (
+        a.precision != "nvfp4" or torch.equal(tensor_scale(a), tensor_scale(b))
+    )
+    segments = () if same else (KSegment(ka, a.act_shift, a.act_unsigned), KSegment(kb, b.act_shift, b.act_unsigned))
     down: torch.Tensor | None
     up: torch.Tensor | None
     if a.rank and b.rank and a.rank == b.rank and torch.equal(lora_up(a), lora_up(b)):
@@ -457,20 +477,30 @@ def _merge_k(a: SVDQLinear, b: SVDQLinear, *, has_bias: bool) -> SVDQLinear | No
         down = up = None
     bias = None
     if has_bias:
-        parts = [x.bias for x in (a, b) if x.bias is not None and bool((x.bias != 0).any())]
-        bias = parts[0] if parts else torch.zeros(n, dtype=a.dtype)
+        zero = torch.zeros(n, dtype=a.dtype)
+        ba = zero if a.bias is None else a.bias
+        bb = zero if b.bias is None else b.bias
+        bias = (ba.float() + bb.float()).to(a.dtype)
+        if not torch.equal(bias.float(), ba.float() + bb.float()):
+            raise UnsupportedError(f"{where}: both halves of proj_out have biases whose sum rounds in {a.dtype}")
+    elif any(x.bias is not None and bool((x.bias != 0).any()) for x in (a, b)):
+        raise UnsupportedError(f"{where}: proj_out has no bias in the model, but the file's halves do")
     qweight = torch.cat([a.qweight, b.qweight], dim=1)  # K_a is even: bytes never straddle
+    wtscale: float | list[float] | None = None
+    if a.precision == "nvfp4":
+        wtscale = [float(tensor_scale(a)), float(tensor_scale(b))] if segments else float(tensor_scale(a))
     return new_layer(
         precision=a.precision, kind=a.kind, qweight=qweight, wscales=torch.cat([a.wscales, b.wscales], dim=1),
-        wtscale=None if a.wtscale is None else float(a.wtscale), smooth=torch.cat([a.smooth, b.smooth]),
-        down=down, up=up, bias=bias, dtype=a.dtype, act_shift=a.act_shift, act_unsigned=a.act_unsigned,
+        wtscale=wtscale, smooth=torch.cat([a.smooth, b.smooth]), down=down, up=up, bias=bias, dtype=a.dtype,
+        act_shift=0.0 if segments else a.act_shift, act_unsigned=False if segments else a.act_unsigned,
+        k_segments=segments,
     )
 
 
 def _expected_extras(
     model: nn.Module, layers: Mapping[str, SVDQLinear], record: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
-    owned = set(layers) | set(record["k_concat"])
+    owned = set(layers)
     return {
         k: v
         for k, v in model.state_dict().items()

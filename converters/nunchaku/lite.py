@@ -74,8 +74,10 @@ def _svdq_tensors(
     n, k = layer.out_features, layer.in_features
     if n % L.TILE_N or k % L.TILE_K:
         raise UnsupportedError(f"layer {name}: nunchaku_lite stores unpadded tiles; {n}x{k} is not a multiple of 128")
-    if layer.act_shift or layer.act_unsigned:
-        raise UnsupportedError(f"layer {name}: nunchaku_lite has no activation shift / unsigned codes")
+    if layer.act_shift or layer.act_unsigned or layer.k_segments:
+        raise UnsupportedError(
+            f"layer {name}: nunchaku_lite has no activation shift / unsigned codes / per-segment handling (k_segments)"
+        )
     if layer.dtype != dtype or (layer.precision == "int4" and layer.wscales.dtype != dtype):
         raise UnsupportedError(f"layer {name}: tensors are not all in the compute dtype {dtype}")
     t: dict[str, torch.Tensor] = {

@@ -41,7 +41,8 @@ def _quantize_block(model: nn.Module, block: str, names: list[str], selection: S
     try:
         with placed_linears(model, names, place.device, stream=place.stream, source=source) as mods:
             for group in input_groups(names, selection.kinds, stats):
-                res = quantize_group(group, mods, selection.kinds, stats, opts, timer=timer)
+                res = quantize_group(group, mods, selection.kinds, stats, opts, timer=timer,
+                                     act_handling=selection.act_handling)
                 for name, (layer, info) in res.items():
                     done[name] = layer if release else layer.to(place.home)  # (release: written from the device)
                     infos.append(info)

@@ -21,8 +21,9 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
+from .families import block_lists
+
 __all__ = [
-    "BLOCK_LISTS",
     "block_containers",
     "in_block",
     "Placement",
@@ -33,25 +34,10 @@ __all__ = [
     "placed_linears",
 ]
 
-#: Names of ``nn.ModuleList`` attributes that hold a model's repeated blocks.
-BLOCK_LISTS = (
-    "transformer_blocks", "single_transformer_blocks", "joint_transformer_blocks", "blocks",
-    "layers", "layer", "h", "noise_refiner", "context_refiner",
-)
-
-
 def block_containers(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The model's lists of repeated blocks, ``(qualified name, ModuleList)``, in module order.
-
-    Known attribute names first (``transformer_blocks``, ``single_transformer_blocks``,
-    ``blocks``, ``layer``, ...); nested ones (``encoder.layer``) are found too.
-    """
-    out: list[tuple[str, nn.ModuleList]] = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.rpartition(".")[2] in BLOCK_LISTS and len(mod):
-            if not any(name.startswith(f"{prev}.") for prev, _ in out):
-                out.append((name, mod))
-    return out
+    """The model's lists of repeated blocks, ``(qualified name, ModuleList)``, in module order
+    (found from the structure: :func:`converters.quantize.families.block_lists`)."""
+    return block_lists(model)
 
 
 def in_block(model: nn.Module, name: str) -> bool:

@@ -70,13 +70,25 @@ class CalibrationSet:
 # --------------------------------------------------------------------------- files
 
 
-def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor], static: dict[str, Any]) -> None:
+def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor], static: dict[str, Any],
+             seen: set[int]) -> None:
     if isinstance(value, torch.Tensor):
-        tensors[prefix] = value.detach().to("cpu").contiguous()
+        t = value.detach().to("cpu").contiguous()
+        storage = t.untyped_storage().data_ptr()
+        # one tensor object in several samples (a shared ``timestep``), or views of one batch:
+        # safetensors refuses tensors that share memory, so every repeat gets its own copy
+        if storage in seen and t.numel():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[prefix] = t
     elif isinstance(value, Mapping):
         static[prefix] = {"__dict__": sorted(value)}
         for k, v in value.items():
-            _flatten(f"{prefix}{_SEP}{k}", v, tensors, static)
+            _flatten(f"{prefix}{_SEP}{k}", v, tensors, static, seen)
+    elif isinstance(value, (list, tuple)):
+        static[prefix] = {"__list__": len(value), "tuple": isinstance(value, tuple)}
+        for k, v in enumerate(value):
+            _flatten(f"{prefix}{_SEP}{k}", v, tensors, static, seen)
     elif value is None or isinstance(value, (bool, int, float, str)):
         static[prefix] = value
     else:
@@ -87,7 +99,8 @@ def save_calibration(samples: Iterable[Sample], path: str | os.PathLike[str]) ->
     """Write calibration samples to a safetensors file (atomic).
 
     Tensor ``name`` of sample ``i`` is stored as ``"{i:05d}::name"`` (nested dicts add
-    ``"::key"``); non-tensor values (``None``, numbers, strings) go to the header metadata.
+    ``"::key"``, lists and tuples ``"::index"``); non-tensor values (``None``, numbers, strings)
+    go to the header metadata. A tensor object used by several samples is stored once per use.
     """
     from safetensors.torch import save_file
 
@@ -95,10 +108,11 @@ def save_calibration(samples: Iterable[Sample], path: str | os.PathLike[str]) ->
 
     tensors: dict[str, torch.Tensor] = {}
     static: dict[str, Any] = {}
+    seen: set[int] = set()
     n = 0
     for i, sample in enumerate(samples):
         for name, value in sample.items():
-            _flatten(f"{i:05d}{_SEP}{name}", value, tensors, static)
+            _flatten(f"{i:05d}{_SEP}{name}", value, tensors, static, seen)
         n = i + 1
     meta = {_META_KEY: json.dumps({"version": 1, "num_samples": n, "static": static})}
     p = Path(path)
@@ -141,20 +155,39 @@ def load_calibration(path: str | os.PathLike[str]) -> CalibrationSet:
     entries = [(k, v, True) for k, v in tensors.items()] + [
         (k, v, False) for k, v in info.get("static", {}).items()
     ]
+    lists: dict[str, tuple[int, bool]] = {}
     for key, value, _is_tensor in sorted(entries, key=lambda e: e[0].count(_SEP)):
         parts = key.split(_SEP)
         try:
             target = samples[int(parts[0])]
-        except (ValueError, IndexError):
+            for part in parts[1:-1]:
+                target = target.setdefault(part, {})
+        except (ValueError, IndexError, AttributeError):
             raise QuantizationError(f"{p}: {key}: bad calibration key") from None
-        for part in parts[1:-1]:
-            target = target.setdefault(part, {})
         if isinstance(value, dict) and "__dict__" in value:
             target.setdefault(parts[-1], {})
+        elif isinstance(value, dict) and "__list__" in value:
+            target.setdefault(parts[-1], {})
+            lists[key] = (int(value["__list__"]), bool(value.get("tuple")))
         else:
             target[parts[-1]] = value
     if not samples:
         raise QuantizationError(f"{p}: calibration file holds no samples")
+
+    def rebuild(node: Any, key: str) -> Any:  # lists and tuples were stored as {"0": ..., "1": ...}
+        if not isinstance(node, dict):
+            return node
+        items = {k: rebuild(v, f"{key}{_SEP}{k}") for k, v in node.items()}
+        if key not in lists:
+            return items
+        n, is_tuple = lists[key]
+        try:
+            seq = [items[str(i)] for i in range(n)]
+        except KeyError:
+            raise QuantizationError(f"{p}: {key}: list entries missing") from None
+        return tuple(seq) if is_tuple else seq
+
+    samples = [{k: rebuild(v, f"{i:05d}{_SEP}{k}") for k, v in s.items()} for i, s in enumerate(samples)]
     return CalibrationSet(samples, source=os.path.basename(p))
 
 
@@ -208,7 +241,7 @@ def capture_pipeline_inputs(
     """Run a diffusers pipeline and capture its transformer's inputs at every denoising step.
 
     Args:
-        pipe: A diffusers pipeline with a ``.transformer``.
+        pipe: A diffusers pipeline with a ``.transformer`` (or ``.unet``).
         prompts: Text prompts (each becomes one call with ``prompt=``).
         calls: Instead of prompts, keyword arguments of each pipeline call (e.g.
             ``{"class_labels": [3]}`` for class-conditional pipelines).
@@ -217,9 +250,9 @@ def capture_pipeline_inputs(
         seed: Seed of each call's generator (``seed + call index``).
         **pipe_kwargs: Passed to every call (e.g. ``height``, ``width``, ``guidance_scale``).
     """
-    transformer = getattr(pipe, "transformer", None)
+    transformer = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)  # (SD / SDXL: a UNet)
     if transformer is None:
-        raise QuantizationError(f"{type(pipe).__name__} has no .transformer to calibrate")
+        raise QuantizationError(f"{type(pipe).__name__} has no .transformer (or .unet) to calibrate")
     todo = [dict(c) for c in calls] if calls else [{"prompt": p} for p in (prompts or [])]
     if not todo:
         raise QuantizationError("no prompts given for calibration")
@@ -248,78 +281,30 @@ def synthetic_calibration(
     text_tokens: int | None = None,
     warn: bool = True,
 ) -> CalibrationSet:
-    """Random inputs shaped from a diffusers transformer's config (Flux, SD3, PixArt, Sana).
+    """Random inputs shaped from the model's forward signature and config (any diffusers denoiser).
 
     Real captured inputs calibrate better; this exists for benchmarks, smoke tests and when no
-    pipeline is at hand (a warning says so).
+    pipeline is at hand (a warning says so). How the inputs are derived:
+    :mod:`converters.quantize.synthetic`.
 
     Args:
-        model: The diffusers transformer.
+        model: The diffusers transformer (or UNet).
         num_samples: Number of forward calls (batch 1 each).
         seed: Seed of the generator.
-        image_tokens: Image tokens per sample (a square number; default 256).
-        text_tokens: Text tokens per sample (default 64).
+        image_tokens: Latent tokens per sample after patching (default 256).
+        text_tokens: Text tokens per sample (default 64; a text-length limit in the config wins).
 
     Raises:
-        QuantizationError: the architecture has no synthetic input recipe.
+        QuantizationError: one line saying why inputs cannot be synthesized for this model.
     """
-    cfg = dict(getattr(model, "config", {}) or {})
-    cls = type(model).__name__
-    gen = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    img = image_tokens or 256
-    txt = text_tokens or 64
-    side = int(round(math.sqrt(img)))
+    from .synthetic import synthetic_samples
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(dtype)
-
-    def t() -> torch.Tensor:
-        return torch.rand(1, generator=gen)
-
-    samples: list[Sample] = []
-    for _ in range(num_samples):
-        if cls.startswith("Flux"):
-            rows = torch.arange(side).repeat_interleave(side)
-            cols = torch.arange(side).repeat(side)
-            img_ids = torch.stack([torch.zeros(side * side), rows.float(), cols.float()], dim=-1)
-            s: Sample = {
-                "hidden_states": randn(1, side * side, cfg["in_channels"]),
-                "encoder_hidden_states": randn(1, txt, cfg["joint_attention_dim"]),
-                "pooled_projections": randn(1, cfg["pooled_projection_dim"]),
-                "timestep": t().to(dtype),
-                "img_ids": img_ids.to(dtype),
-                "txt_ids": torch.zeros(txt, 3, dtype=dtype),
-            }
-            if cfg.get("guidance_embeds"):
-                s["guidance"] = (1.0 + 4.0 * t()).to(dtype)
-        elif cls.startswith("SD3"):
-            p = cfg["patch_size"]
-            s = {
-                "hidden_states": randn(1, cfg["in_channels"], side * p, side * p),
-                "encoder_hidden_states": randn(1, txt, cfg["joint_attention_dim"]),
-                "pooled_projections": randn(1, cfg["pooled_projection_dim"]),
-                "timestep": (1000 * t()).to(dtype),
-            }
-        elif cls.startswith("PixArt") or cls.startswith("Sana"):
-            p = cfg["patch_size"]
-            s = {
-                "hidden_states": randn(1, cfg["in_channels"], side * p, side * p),
-                "encoder_hidden_states": randn(1, txt, cfg["caption_channels"]),
-                "timestep": (1000 * t()).long() if cls.startswith("PixArt") else (1000 * t()).to(dtype),
-            }
-            if cls.startswith("PixArt"):
-                s["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-        else:
-            raise QuantizationError(
-                f"no synthetic calibration recipe for {cls}; capture real inputs "
-                "(--calibration FILE.safetensors or --prompts)"
-            )
-        samples.append(s)
+    plan, samples = synthetic_samples(model, num_samples, seed=seed, image_tokens=image_tokens or 256,
+                                      text_tokens=text_tokens or 64)
     if warn:
         warnings.warn(
             "calibrating on synthetic random inputs: quantization quality will be lower than "
-            "with captured inputs (--calibration FILE or --prompts)",
+            f"with captured inputs (--calibration FILE or --prompts); {plan.describe()}",
             UserWarning,
             stacklevel=2,
         )

@@ -65,7 +65,10 @@ def _quantize(args: argparse.Namespace) -> int:
         clip_search=not args.no_clip_search, gptq=args.gptq, refine_iters=args.refine,
         lowrank=args.lowrank, w4a16_rank=args.w4a16_rank, weight_only=args.weight_only,
         calib_rows=args.calib_rows, include=tuple(args.include), exclude=tuple(args.exclude), seed=args.seed,
+        target=args.target,
     )
+    if args.target == "nunchaku" and args.dtype == "float32":
+        raise QuantizationError("--target nunchaku: Nunchaku runs bfloat16 or float16 models; drop --dtype float32")
     if args.alphas is not None:
         opts_kw["alphas"] = args.alphas
     if args.activation_alphas is not None:
@@ -96,6 +99,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
     from .distributed import init_distributed, rank_device
     from .memory import reset_host_peak
+
+    if args.components:
+        return _quantize_components(args, opts, prompts, call)
 
     dist = init_distributed(args.device, timeout_s=args.dist_timeout)
     root = dist is None or dist.is_root
@@ -146,6 +152,47 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0 if result.complete else 3
 
 
+def _quantize_components(args: argparse.Namespace, opts: object, prompts: list[str] | None,
+                         call: dict[str, object]) -> int:
+    """``--components``: several components of the pipeline in SRC into the pipeline directory OUT."""
+    import warnings
+
+    from svdq_format.errors import QuantizationError
+    from svdq_format.summary import format_size
+
+    from .components import quantize_pipeline
+    from .options import QuantizeOptions
+
+    if args.gpus > 1:
+        raise QuantizationError("--components runs in one process: drop --gpus")
+    if args.offload == "disk":
+        raise QuantizationError("--components loads each component: --offload disk is not supported with it")
+    assert isinstance(opts, QuantizeOptions)
+
+    def show(message: Warning | str, *_args: object, **_kwargs: object) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", UserWarning)
+        warnings.showwarning = show
+        results = quantize_pipeline(
+            args.src, args.out, [c.strip() for c in args.components.split(",") if c.strip()], prompts=prompts,
+            num_samples=args.num_samples, pipeline_kwargs=call if prompts else None, options=opts,
+            text_encoder_mode=args.text_encoder_mode, dtype=args.dtype, device=args.device, offload=args.offload,
+            progress=not args.quiet, keep_state=args.keep_state, max_shard_size=args.max_shard_size)
+    if not args.quiet:
+        from pathlib import Path
+
+        for name, result in results.items():
+            kinds = [r["kind"] for r in result.report.layers]
+            size = format_size(sum(f.stat().st_size for f in (Path(args.out) / name).glob("*.safetensors")))
+            mean = result.report.summary().get("svdq")
+            err = f", mean layer error {mean:.4f}" if mean is not None else ""
+            print(f"{name}: {kinds.count('w4a4')} W4A4 + {kinds.count('w4a16')} W4A16 layers{err}, {size}")
+        print(f"wrote pipeline {args.out} (DiffusionPipeline.from_pretrained loads it)")
+    return 0 if all(r.complete for r in results.values()) else 3
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``svdq quantize``."""
     p = subparsers.add_parser(
@@ -161,7 +208,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="replace the model in a non-empty OUT (refused otherwise, unless OUT holds only the "
                         "resume state of an interrupted run)")
     p.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default 32)")
-    p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4")
+    p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4",
+                   help="4-bit format of the residual: int4 (group 64, any GPU) or nvfp4 (E2M1, group 16; "
+                   "Blackwell's native format) (default int4)")
+    p.add_argument("--target", choices=("svdquant", "nunchaku"), default="svdquant",
+                   help="runtime preset: svdquant (default) or nunchaku: every layer representable in Nunchaku's "
+                   "files (norm_out 16-bit, AdaLN as AWQ W4A16, int4 GELU-fed inputs shifted unsigned), so "
+                   "'svdq convert --to nunchaku' succeeds")
     p.add_argument("--calibration", default="synthetic",
                    help="'synthetic' (default; lower quality) or a calibration .safetensors file")
     p.add_argument("--prompts", help="text file, one prompt per line: calibrate by running the pipeline in SRC")
@@ -172,6 +225,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --prompts: image height x width of each call, e.g. 1024x1024 (default: the pipeline's)")
     p.add_argument("--guidance-scale", type=float, default=None, metavar="G",
                    help="with --prompts: guidance scale of each call (default: the pipeline's)")
+    p.add_argument("--components", default=None, metavar="LIST",
+                   help="comma-separated pipeline components to quantize, e.g. transformer,text_encoder_2 "
+                   "(or 'all'): OUT becomes a whole pipeline directory, the other components copied")
+    p.add_argument("--text-encoder-mode", choices=("w4a16", "w4a4"), default="w4a16",
+                   help="with --components: text encoders weight-only (default) or W4A4 + low-rank")
     p.add_argument("--calib-rows", type=int, default=256, help="activation rows kept per layer")
     p.add_argument("--alphas", type=_floats, default=None, help="smoothing grid, e.g. 0.2,0.4,0.6")
     p.add_argument("--activation-alphas", type=_floats, default=None,
@@ -180,17 +238,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-clip-search", action="store_true", help="int4 scales = absmax/7")
     p.add_argument("--gptq", action="store_true", help="GPTQ on the int4 residual (slower)")
     p.add_argument("--refine", type=int, default=3, metavar="N", help="low-rank refinement iterations")
-    p.add_argument("--lowrank", choices=("auto", "svd", "randomized"), default="auto")
+    p.add_argument("--lowrank", choices=("auto", "svd", "randomized"), default="auto",
+                   help="how the low-rank branch is computed: exact SVD, randomised SVD (much faster on large "
+                   "layers), or auto: exact only on small layers (default auto)")
     p.add_argument("--w4a16-rank", type=int, default=0, help="rank of weight-only (AdaLN) layers")
     p.add_argument("--weight-only", action="store_true", help="quantize every layer W4A16")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="also quantize these layers")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="keep these layers 16-bit")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype SRC is loaded in and the 16-bit parts (low-rank branch, smoothing, biases, "
+                   "unquantized layers) are stored in (default bfloat16)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--offload", choices=("auto", "blocks", "none", "disk"), default="auto",
                    help="stream blocks between CPU and device (auto: when the model does not fit); disk: "
                    "read each block from SRC's safetensors files when needed (model never fully in memory)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic calibration, the pipeline calls of --prompts, the row sampling "
+                   "and the randomised SVD: the same seed gives the same bytes (default 0)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="processes (one per GPU; gloo on --device cpu) sharing the work; the result is "
                    "byte-identical to one process. Under torchrun, WORLD_SIZE is used instead")
@@ -199,7 +263,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-state", action="store_true", help="keep OUT/.svdq-state after success")
     p.add_argument("--max-shard-size", default="10GB", help="largest weight file (default 10GB)")
     p.add_argument("--table-rows", type=int, default=40, help="rows of the fidelity table to print")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars and no closing report (errors and warnings still go to stderr)")
     p.set_defaults(func=_cmd_quantize)
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from .distributed import DistContext, rank_device
 from .memory import memory_report
 from .options import QuantizeOptions
 from .pipeline import QuantizeResult, run_quantization
-from .source import DTYPES, check_model_dir, dtype_kwargs, load_diffusers_model
+from .source import DTYPES, check_model_dir, dtype_kwargs, load_diffusers_model, loading_bars
 from .state import block_file_reader
 from .streaming import load_lazy
 
@@ -30,28 +29,6 @@ __all__ = ["STATE_DIR", "FIDELITY_NAME", "quantize_directory"]
 #: Resumable state, inside the output directory (removed when the checkpoint is complete).
 STATE_DIR = ".svdq-state"
 FIDELITY_NAME = "fidelity.json"
-
-
-@contextlib.contextmanager
-def _loading_bars(enabled: bool) -> Iterator[None]:
-    """diffusers' and transformers' own loading progress bars off unless ``enabled``; restored after."""
-    import importlib
-
-    loggers = []
-    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
-        try:
-            loggers.append(importlib.import_module(name))
-        except ImportError:
-            continue
-    was = [mod.is_progress_bar_enabled() for mod in loggers]
-    if not enabled:
-        for mod in loggers:
-            mod.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for mod, on in zip(loggers, was):
-            (mod.enable_progress_bar if on else mod.disable_progress_bar)()
 
 
 def quantize_directory(
@@ -138,7 +115,7 @@ def quantize_directory(
         if dtype not in DTYPES:
             raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         try:
-            with _loading_bars(progress):
+            with loading_bars(progress):
                 pipe = DiffusionPipeline.from_pretrained(src, use_safetensors=True,  # never a pickle
                                                          **dtype_kwargs(DTYPES[dtype])).to(device)
         except Exception as exc:
@@ -149,7 +126,7 @@ def quantize_directory(
         call = {"output_type": "latent", **(pipeline_kwargs or {})}
         calibration = capture_pipeline_inputs(pipe, list(prompts), max_samples=num_samples, seed=opts.seed, **call)
         phases["pipeline_capture"] = time.time() - start - phases["load"]
-        model = pipe.transformer.to("cpu")
+        model = (getattr(pipe, "transformer", None) or pipe.unet).to("cpu")
         del pipe
     elif offload == "disk":
         if dtype not in DTYPES:

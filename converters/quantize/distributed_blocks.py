@@ -147,7 +147,8 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 gt = PhaseTimer()
                 # (disk: only this rank's layers are read from the source shards)
                 with placed_linears(model, names, device, stream=place.stream, source=source) as mods:
-                    res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt)
+                    res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt,
+                                         act_handling=selection.act_handling)
                 packed = []
                 for name, (layer, info) in res.items():
                     spec_json, roles = pack_layer(layer)

@@ -10,6 +10,7 @@ from svdq_format.spec import PRECISIONS
 
 from .lowrank import LOWRANK_METHODS
 from .residual import DEFAULT_CLIP_RATIOS
+from .targets import check_target
 
 __all__ = ["QuantizeOptions", "DEFAULT_ALPHAS"]
 
@@ -41,6 +42,9 @@ class QuantizeOptions:
         include: fnmatch patterns of extra layers to quantize.
         exclude: fnmatch patterns of layers to keep 16-bit.
         seed: Seed of every random choice (row sampling, randomised SVD).
+        target: Preset for the runtime the checkpoint is for: ``"svdquant"`` (default) or
+            ``"nunchaku"`` (every layer representable in Nunchaku's files, so
+            ``svdq convert --to nunchaku`` succeeds; :mod:`converters.quantize.targets`).
     """
 
     rank: int = 32
@@ -60,6 +64,7 @@ class QuantizeOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     seed: int = 0
+    target: str = "svdquant"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -72,6 +77,7 @@ class QuantizeOptions:
             raise UnsupportedError("--gptq is implemented for int4 residuals only")
         if self.calib_rows < 1:
             raise UnsupportedError("calib_rows must be >= 1")
+        check_target(self.target, weight_only=self.weight_only, w4a16_rank=self.w4a16_rank)
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
         object.__setattr__(self, "activation_alphas", tuple(float(a) for a in self.activation_alphas))
         object.__setattr__(self, "clip_ratios", tuple(float(a) for a in self.clip_ratios))

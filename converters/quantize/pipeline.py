@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from svdq_format.errors import QuantizationError
+from svdq_format.model import model_metadata
+from svdq_format.pretrained import attach_svdquant
 
 from .block_loop import quantize_blocks
 from .blocks import Placement, decide_placement, linear_at
@@ -62,7 +64,8 @@ class QuantizeResult:
 
 
 def _select(model: nn.Module, opts: QuantizeOptions) -> Selection:
-    selection = select_layers(model, include=opts.include, exclude=opts.exclude, weight_only=opts.weight_only)
+    selection = select_layers(model, include=opts.include, exclude=opts.exclude, weight_only=opts.weight_only,
+                              target=opts.target, precision=opts.precision)
     if not selection.kinds:
         why = (
             f" ({len(selection.skipped)} candidates kept 16-bit, e.g. {next(iter(selection.skipped.items()))})"
@@ -70,6 +73,13 @@ def _select(model: nn.Module, opts: QuantizeOptions) -> Selection:
             else ""
         )
         raise QuantizationError(f"{type(model).__name__}: no linear layer can be quantized{why}")
+    if opts.target == "nunchaku":
+        dtypes = {linear_at(model, n).weight.dtype for n in selection.kinds}
+        if not dtypes <= {torch.bfloat16, torch.float16}:
+            raise QuantizationError(
+                f"target nunchaku: Nunchaku runs bfloat16 or float16 models, this one has {sorted(map(str, dtypes))} "
+                "linears: load it in bfloat16 (svdq quantize --dtype bfloat16, or torch_dtype=torch.bfloat16)"
+            )
     return selection
 
 
@@ -203,7 +213,8 @@ def quantize_model(
         state_dir: Resumable state directory.
         progress: Show progress bars.
         **options: Further :class:`QuantizeOptions` fields (``smoothing``, ``alphas``,
-            ``clip_search``, ``gptq``, ``refine_iters``, ``include``, ``exclude``, ``seed`` ...).
+            ``clip_search``, ``gptq``, ``refine_iters``, ``include``, ``exclude``, ``seed``,
+            ``target="nunchaku"`` for a checkpoint that exports to Nunchaku ...).
 
     Returns:
         The same model with ``SVDQLinear`` layers. A diffusers model is marked as svdquant
@@ -221,13 +232,5 @@ def quantize_model(
 
 
 def mark_quantized(model: nn.Module, *, extra: dict[str, Any] | None = None) -> None:
-    """Attach the svdquant quantizer to a diffusers model (no-op for other modules)."""
-    try:
-        from diffusers import ModelMixin
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return
-    if isinstance(model, ModelMixin):
-        from svdq_format.diffusers import attach_quantizer
-        from svdq_format.model import model_metadata
-
-        attach_quantizer(model, model_metadata(model, extra=extra))
+    """Attach the svdquant quantizer to a diffusers or transformers model (no-op for other modules)."""
+    attach_svdquant(model, model_metadata(model, extra=extra))

@@ -1,60 +1,39 @@
 """Which linears get quantized, and how (W4A4, weight-only W4A16, or kept 16-bit).
 
-Default rule (works for any model built from repeated blocks, with per-architecture extras):
-
-* every ``nn.Linear`` inside the repeated blocks (``transformer_blocks``,
-  ``single_transformer_blocks``, ``blocks``, ``encoder.layer`` ...) → **W4A4**;
-* AdaLN modulation linears (``norm1.linear``, ``norm1_context.linear``, ``norm.linear``,
-  ``norm_out.linear``, Qwen-Image ``img_mod.1`` ...) → **W4A16** (weight-only: their input is
-  the tiny conditioning vector, whose activations quantize badly and cost nothing);
-* everything else (patch/text/time embedders, norms, the final ``proj_out``) stays 16-bit;
-* linears whose ``in_features`` is not a multiple of 64 stay 16-bit, with a note.
+The defaults come from the module structure (:mod:`converters.quantize.families`): every
+``nn.Linear`` inside the repeated blocks → **W4A4**; AdaLN modulation linears (owned by a
+normalisation / modulation module, or named ``norm_out.linear``, ``adaLN_modulation`` ...) and
+video temporal layers → **W4A16**; embedders and everything else outside the blocks stay 16-bit;
+linears whose ``in_features`` is not a multiple of 64 stay 16-bit, with a note. A class that is
+not in :data:`~converters.quantize.families.TESTED_FAMILIES` gets the same defaults and one
+warning naming what was guessed.
 
 ``include`` / ``exclude`` are shell-style patterns (:mod:`fnmatch`) on qualified module names;
 ``include`` adds layers, ``exclude`` removes them (exclude wins).
+
+``target="nunchaku"`` (:mod:`converters.quantize.targets`) keeps the modulation layers Nunchaku
+holds in 16 bits (``norm_out.linear``) unquantized and records the activation handling Nunchaku's
+kernels apply (:attr:`Selection.act_handling`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
 
-from .blocks import block_containers
+from svdq_format.spec import KSegment
 
-__all__ = ["ADALN_PATTERNS", "EMBEDDER_PATTERN", "ARCH_EXTRA_EXCLUDES", "Selection", "select_layers", "MIN_GROUP"]
+from .families import ADALN_PATTERNS, EMBEDDER_PATTERN, guessed_summary, is_tested, linear_roles
+from .targets import nunchaku_act_handling, nunchaku_weight_only
+
+__all__ = ["ADALN_PATTERNS", "EMBEDDER_PATTERN", "Selection", "select_layers", "MIN_GROUP", "is_adaln"]
 
 #: Every quantized K must be a multiple of this (int4 group; kernels tile K by 64).
 MIN_GROUP = 64
-
-#: Regular expressions (searched in the qualified name) of AdaLN modulation linears.
-ADALN_PATTERNS: tuple[str, ...] = (
-    r"(^|\.)norm1(_context)?\.linear$",
-    r"(^|\.)norm1_context\.linear$",
-    r"(^|\.)norm2(_context)?\.linear$",
-    r"(^|\.)norm\.linear$",
-    r"(^|\.)norm_out\.linear$",
-    r"(^|\.)(img|txt)_mod\.\d+$",
-    r"(^|\.)adaLN_modulation(\.\d+)?$",
-)
-
-#: Regular expression of embedder linears inside blocks (e.g. DiT's per-block timestep/label
-#: embedders ``norm1.emb.timestep_embedder.linear_1``): kept 16-bit like every embedder.
-EMBEDDER_PATTERN = r"(^|\.)(emb|[A-Za-z_]*embedder|[A-Za-z_]*_embed(ding)?s?)\."
-
-#: Extra default exclusions per architecture (class name prefix → fnmatch patterns).
-ARCH_EXTRA_EXCLUDES: dict[str, tuple[str, ...]] = {
-    "Flux": (),
-    "SD3": (),
-    "PixArt": (),
-    "Sana": (),
-    "QwenImage": (),
-    "Wan": ("*.norm_added_q*", "*.norm_added_k*"),
-    "Bert": ("pooler.*",),
-}
 
 
 @dataclasses.dataclass
@@ -67,11 +46,15 @@ class Selection:
             matched a pattern, plus every non-multiple-of-64 shape).
         blocks: Block name (``"transformer_blocks.3"``, or ``""`` for layers outside blocks)
             → its selected layer names, in module order (the unit of streaming and resume).
+        act_handling: Layer → the activation handling a target requires of it (one
+            :class:`~svdq_format.spec.KSegment` for the whole layer, or several: ``k_segments``);
+            layers not listed get the quantizer's own choice.
     """
 
     kinds: dict[str, str]
     skipped: dict[str, str]
     blocks: dict[str, list[str]]
+    act_handling: dict[str, tuple[KSegment, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -80,6 +63,8 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 def is_adaln(name: str) -> bool:
     """Whether a linear's name looks like an AdaLN modulation projection."""
+    import re
+
     return any(re.search(p, name) for p in ADALN_PATTERNS)
 
 
@@ -89,51 +74,53 @@ def select_layers(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     weight_only: bool = False,
+    warn_unknown: bool = True,
+    target: str = "svdquant",
+    precision: str = "int4",
 ) -> Selection:
     """Decide, for every ``nn.Linear`` of ``model``, whether and how to quantize it.
 
     Args:
-        model: The model (any ``nn.Module``; diffusers transformers get sensible defaults).
+        model: The model (any ``nn.Module``; the defaults come from its structure).
         include: Patterns of extra layers to quantize (e.g. ``"proj_out"``).
         exclude: Patterns of layers to keep 16-bit (e.g. ``"*.ff_context.*"``).
         weight_only: Make every selected layer W4A16.
+        warn_unknown: For an architecture the family tests do not cover, one ``UserWarning``
+            naming the blocks and roles that were guessed.
+        target: ``"svdquant"`` or ``"nunchaku"`` (see the module doc).
+        precision: W4A4 precision (the Nunchaku target shifts int4 activations only).
 
     Returns:
         The :class:`Selection`.
     """
-    cls = type(model).__name__
-    extra_ex = next((v for k, v in ARCH_EXTRA_EXCLUDES.items() if cls.startswith(k)), ())
-    prefixes = [name for name, _ in block_containers(model)]
+    roles = linear_roles(model)
+    if warn_unknown and not is_tested(model):
+        warnings.warn(f"{type(model).__name__} is not an architecture svdquant was tested on; guessed "
+                      f"{guessed_summary(model, roles)}. Check fidelity.json; --include/--exclude adjust it",
+                      UserWarning, stacklevel=2)
     kinds: dict[str, str] = {}
     skipped: dict[str, str] = {}
     blocks: dict[str, list[str]] = {}
-    for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear:
-            continue
-        block = ""
-        for p in prefixes:
-            if name.startswith(f"{p}."):
-                idx = name[len(p) + 1 :].split(".", 1)[0]
-                block = f"{p}.{idx}"
-                break
-        adaln = is_adaln(name)
-        wanted = bool(block) or adaln
-        if _matches(name, include):
-            wanted = True
-        if not wanted:
+    for name, role in roles.items():
+        mod = model.get_submodule(name)
+        assert isinstance(mod, nn.Linear)
+        wanted = role.kind != "keep" or role.block != ""  # (16-bit layers inside blocks are reported)
+        included = _matches(name, include)
+        if not (wanted or included):
             continue
         if _matches(name, exclude):
             skipped[name] = "excluded by pattern"
             continue
-        if _matches(name, extra_ex) and not _matches(name, include):
-            skipped[name] = f"kept 16-bit by the {cls} defaults"
-            continue
-        if re.search(EMBEDDER_PATTERN, name) and not _matches(name, include):
-            skipped[name] = "embedder: kept 16-bit"
+        if role.kind == "keep" and not included:
+            skipped[name] = role.why
             continue
         if mod.in_features % MIN_GROUP:
             skipped[name] = f"in_features {mod.in_features} is not a multiple of {MIN_GROUP}: kept 16-bit"
             continue
-        kinds[name] = "w4a16" if (adaln or weight_only) else "w4a4"
-        blocks.setdefault(block, []).append(name)
-    return Selection(kinds, skipped, blocks)
+        if target == "nunchaku" and role.kind == "w4a16" and not nunchaku_weight_only(name) and not included:
+            skipped[name] = "Nunchaku keeps this modulation layer 16-bit (--target nunchaku)"
+            continue
+        kinds[name] = "w4a16" if (role.kind == "w4a16" or weight_only) else "w4a4"
+        blocks.setdefault(role.block, []).append(name)
+    handling = nunchaku_act_handling(model, kinds, precision) if target == "nunchaku" else {}
+    return Selection(kinds, skipped, blocks, handling)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from svdq_format import packing
+from svdq_format.spec import KSegment
 
 from .lowrank import lowrank_factors
 from .residual import dequantized_residual
@@ -103,12 +104,14 @@ def simulated_output(
     precision: str,
     act_quant: bool,
     act_shift: float = 0.0,
+    k_segments: tuple[KSegment, ...] = (),
 ) -> torch.Tensor:
     """SVDQ layer output (no bias) from dequantized tensors, float32 ``[M, N]``.
 
     With ``act_shift`` (post-GELU inputs), the 4-bit branch sees ``(x + shift) / s`` with
     unsigned int4 codes, and the output includes the bias correction ``−Q(R)·(shift/s)`` that
-    the stored bias carries (docs/format.md §7.2).
+    the stored bias carries (docs/format.md §7.2). With ``k_segments`` (then ``act_shift`` is 0)
+    each segment of the input channels has its own shift and signedness (§7.4).
 
     Args:
         x: Raw inputs ``[M, K]``.
@@ -119,22 +122,34 @@ def simulated_output(
         act_quant: Quantize activations (W4A4) or not (W4A16).
     """
     xf = x.float()
-    xs = (xf + act_shift) / smooth if act_shift else xf / smooth
+    shift = segment_shift(k_segments, device=xf.device) if k_segments else act_shift
+    xs = (xf + shift) / smooth if k_segments or act_shift else xf / smooth
     if act_quant:
-        vals, scales = packing.quantize_activations(xs, precision, unsigned=bool(act_shift))
         g = packing.GROUP_SIZES[precision]
-        xs = (packing.group_view(vals, g) * scales.unsqueeze(-1)).reshape(xs.shape)
+        parts, lo = [], 0
+        for seg in k_segments or (KSegment(xs.shape[1], act_shift, bool(act_shift)),):
+            vals, scales = packing.quantize_activations(xs[:, lo : lo + seg.size], precision,
+                                                        unsigned=seg.act_unsigned)
+            parts.append((packing.group_view(vals, g) * scales.unsqueeze(-1)).reshape(vals.shape))
+            lo += seg.size
+        xs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     y = xs @ qres.T
-    if act_shift:
-        y = y - shift_correction(qres, smooth, act_shift)
+    if k_segments or act_shift:
+        y = y - shift_correction(qres, smooth, shift)
     if up.shape[1]:
         y = y + (xf @ down.T) @ up.T
     return y
 
 
-def shift_correction(qres: torch.Tensor, smooth: torch.Tensor, act_shift: float) -> torch.Tensor:
-    """``Q(R) · (shift / s)`` ``[N]``: what the shifted 4-bit branch adds, removed via the bias."""
+def shift_correction(qres: torch.Tensor, smooth: torch.Tensor, act_shift: float | torch.Tensor) -> torch.Tensor:
+    """``Q(R) · (shift / s)`` ``[N]``: what the shifted 4-bit branch adds, removed via the bias
+    (``act_shift``: a number, or the per-channel vector of a layer with k-segments)."""
     return qres @ (act_shift / smooth)
+
+
+def segment_shift(k_segments: tuple[KSegment, ...], *, device: torch.device | None = None) -> torch.Tensor:
+    """The per-channel float32 shift vector ``[K]`` of a layer's k-segments."""
+    return torch.cat([torch.full((seg.size,), float(seg.act_shift), device=device) for seg in k_segments])
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -158,6 +173,7 @@ def search_smoothing(
     lowrank: str = "auto",
     shifts: tuple[float, ...] = (0.0,),
     activation_alphas: tuple[float, ...] = (),
+    k_segments: tuple[KSegment, ...] = (),
 ) -> tuple[torch.Tensor | None, tuple[float, float] | None, float, list[tuple[Any, float, float]]]:
     """Pick the smoothing vector of an input group by the whole-layer output error.
 
@@ -170,6 +186,8 @@ def search_smoothing(
         activation_alphas: Extra candidates ``(α, 0)``: ``s = amax_x^α`` (weights ignored).
         shifts: Activation shifts to try (``0.0``; plus the GELU shift for layers whose
             inputs never go below it, scored with unsigned int4 codes).
+        k_segments: Per-segment activation handling the layers will have (then ``shifts`` must
+            be ``(0.0,)``): the candidates are scored with it.
 
     Returns:
         ``(smooth or None, best (α, β) or None, best shift, [((α, β), shift, error), ...])``;
@@ -191,7 +209,8 @@ def search_smoothing(
             q = dequantized_residual(ap.residual, precision, scale_dtype=scale_dtype)
             for shift in shifts:
                 y = simulated_output(x, smooth=ap.smooth, up=ap.up, down=ap.down, qres=q,
-                                     precision=precision, act_quant=act_quant, act_shift=shift)
+                                     precision=precision, act_quant=act_quant, act_shift=shift,
+                                     k_segments=k_segments)
                 errs[shift] += relative_error(y, ref) ** 2
         for shift, total in errs.items():
             err = total ** 0.5

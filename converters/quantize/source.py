@@ -7,7 +7,9 @@ transformer (``svdq quantize``; ``--offload disk`` builds it lazily instead,
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from torch import nn
 from svdq_format import jsonsafe
 from svdq_format.errors import QuantizationError
 
-__all__ = ["DTYPES", "dtype_kwargs", "check_model_dir", "load_diffusers_model", "refuse_pickle_weights"]
+__all__ = ["DTYPES", "dtype_kwargs", "loading_bars", "check_model_dir", "load_diffusers_model",
+           "refuse_pickle_weights"]
 
 #: Load dtypes by name (``--dtype``).
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -29,6 +32,28 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     from diffusers.utils import deprecation_utils
 
     return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+@contextlib.contextmanager
+def loading_bars(enabled: bool) -> Iterator[None]:
+    """diffusers' and transformers' own loading progress bars off unless ``enabled``; restored after."""
+    import importlib
+
+    loggers = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            loggers.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    was = [mod.is_progress_bar_enabled() for mod in loggers]
+    if not enabled:
+        for mod in loggers:
+            mod.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for mod, on in zip(loggers, was):
+            (mod.enable_progress_bar if on else mod.disable_progress_bar)()
 
 
 def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
@@ -48,7 +73,7 @@ def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
         raise QuantizationError(f"{root}: no such directory")
     if not root.is_dir():
         raise QuantizationError(f"{root}: not a directory (give a diffusers model directory)")
-    d = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
+    d = next((root / c for c in ("transformer", "unet") if (root / c / "config.json").is_file()), root)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise QuantizationError(f"{root}: not a diffusers model directory (no config.json)")
