@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import MixedDirectoryError, WriteError
-from .io import atomic_write
+from .io import atomic_write, fsync_dir
 
 __all__ = ["STAGING_PREFIX", "COMMIT_LOCK", "DirectoryWrite", "retry_mixed", "clean_stale", "recover",
            "SharedCommitLock"]
@@ -55,17 +55,6 @@ _PLAN = ".commit.json"
 _TMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # atomic_write's temporary files (tempfile names)
 
 T = TypeVar("T")
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - some filesystems cannot fsync a directory
-        pass
 
 
 def clean_stale(d: Path) -> list[str]:
@@ -106,10 +95,10 @@ def _finish(d: Path, staging: Path) -> None:
     for name in plan["files"]:
         if (staging / name).exists():
             os.replace(staging / name, d / name)
-    _fsync_dir(d)
+    fsync_dir(d)
     if (staging / plan["config"]).exists():
         os.replace(staging / plan["config"], d / plan["config"])
-    _fsync_dir(d)
+    fsync_dir(d)
     for name in plan["remove"]:
         with contextlib.suppress(FileNotFoundError):
             (d / name).unlink()

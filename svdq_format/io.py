@@ -311,8 +311,13 @@ def atomic_write(path: str | os.PathLike[str], write: Any, *, durable: bool = Tr
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(target, exc.strerror or str(exc)) from None
         raise
-    if not durable:
-        return
+    if durable:
+        fsync_dir(directory)
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make the renames and creations in ``directory`` durable (``fsync`` of the directory; a
+    filesystem that cannot fsync a directory is left as it is)."""
     try:
         dfd = os.open(directory, os.O_RDONLY)
         try:
