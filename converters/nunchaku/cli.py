@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from svdq_format import jsonsafe
 from svdq_format.errors import UnsupportedError
 
 __all__ = ["register"]
@@ -60,7 +60,7 @@ def _read_config(path: str | None) -> dict[str, Any] | None:
     if p.is_dir():
         p = p / "config.json"
     try:
-        config = json.loads(p.read_text())
+        config = jsonsafe.loads(p.read_text())
     except FileNotFoundError:
         raise FormatError(str(p), None, "no such file (--config: the model's config.json)") from None
     except (OSError, ValueError) as exc:
