@@ -256,7 +256,7 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the synthetic-calibration warning: expected here
         result = quantize_directory(src, dst, calibration="synthetic", num_samples=4, dtype="float32",
-                                    device="cpu", progress=False,
+                                    device="cpu", progress=False, overwrite=True,  # the demo's own folder
                                     options=QuantizeOptions(rank=rank))
     meta = validate(dst)
     reloaded = load_model_dir(dst)

@@ -21,6 +21,7 @@ from .errors import (
     HubError,
     LoRAError,
     ManifestError,
+    OutputError,
     QuantizationError,
     SVDQError,
     TensorError,
@@ -73,5 +74,6 @@ __all__ = [
     "QuantizationError",
     "LoRAError",
     "HubError",
+    "OutputError",
     "WriteError",
 ]

@@ -39,10 +39,12 @@ then makes it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import hashlib
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,11 +52,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FormatError, HeaderError, ManifestError, TensorError, UnsupportedError
-from .io import SafetensorsHeader, TensorReader, aligned, read_header, read_metadata
+from . import jsonsafe
+from .commit import retry_mixed
+from .errors import FormatError, HeaderError, ManifestError, MixedDirectoryError, TensorError, UnsupportedError
+from .io import DATA_HASH_KEY, SafetensorsHeader, TensorReader, aligned, read_header, read_metadata
 from .linear import SVDQLinear
 from .model import (
     CONFIG_NAME,
+    FILES_KEY,
     INDEX_NAME,
     SINGLE_FILE_CONFIG_KEY,
     TRANSFORMERS_INDEX_NAME,
@@ -65,6 +70,8 @@ from .model import (
 from .spec import (
     COMPUTE_ROLES,
     FLOAT_DTYPES,
+    MAX_ABS_VALUE,
+    MAX_SMOOTH,
     FormatMetadata,
     LayerSpec,
     dtype_name,
@@ -86,6 +93,8 @@ __all__ = [
     "check_key_sets",
     "check_shape",
     "check_values",
+    "check_model_values",
+    "check_config",
     "with_compute_dtype",
     "load_layer",
     "load_file",
@@ -214,33 +223,146 @@ def _first_bad(mask: torch.Tensor) -> int:
     return int(mask.flatten().nonzero()[0, 0])
 
 
+#: Role → (lowest, highest) accepted value (NaN/inf always refused); docs/format.md §9.
+VALUE_BOUNDS: dict[str, tuple[float, float]] = {
+    "wscales": (0.0, MAX_ABS_VALUE),
+    "wtscale": (0.0, MAX_ABS_VALUE),
+    "smooth": (1.0 / MAX_SMOOTH, MAX_SMOOTH),
+    "lora_down": (-MAX_ABS_VALUE, MAX_ABS_VALUE),
+    "lora_up": (-MAX_ABS_VALUE, MAX_ABS_VALUE),
+    "bias": (-MAX_ABS_VALUE, MAX_ABS_VALUE),
+}
+_WHAT = {"wscales": "weight scale", "wtscale": "tensor scale", "smooth": "smoothing factor",
+         "lora_down": "value", "lora_up": "value", "bias": "value"}
+
+
+def _value_tensors(layer: SVDQLinear) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for role in VALUE_BOUNDS:
+        t = getattr(layer, role, None)
+        if isinstance(t, torch.Tensor) and t.numel() and not t.is_meta:
+            out.append((role, t))
+    return out
+
+
 def check_values(file: str | None, prefix: str, layer: SVDQLinear) -> None:
-    """The values of one loaded layer: finite non-negative weight scales, a finite positive
-    tensor scale and smoothing vector, finite low-rank and bias tensors (the packed codes are
-    never scanned).
+    """The values of one loaded layer against :data:`VALUE_BOUNDS`: finite weight and tensor
+    scales in ``[0, 65504]`` (a zero tensor scale refused), smoothing factors in ``[2^-40, 2^40]``,
+    low-rank and bias values finite within ±65504 (the packed codes are never scanned).
 
     Raises:
-        TensorError: naming the tensor and the first bad index.
+        TensorError: naming the tensor, the first bad index and the value.
     """
     names = tensor_names(prefix)
-    ws = layer.wscales.float()
-    bad = ~torch.isfinite(ws) | (ws < 0)
-    if bad.any():
-        raise TensorError(file, names["wscales"], f"non-finite or negative scale at index {_first_bad(bad)}")
-    if layer.wtscale is not None:
-        for ts in layer.wtscale.float().reshape(-1).tolist():  # one per k-segment (format 2) or one
-            if not math.isfinite(ts) or ts <= 0:
-                raise TensorError(file, names["wtscale"], f"tensor scale must be finite and positive, got {ts}")
-    s = layer.smooth.float()
-    bad = ~torch.isfinite(s) | (s <= 0)
-    if bad.any():
-        raise TensorError(file, names["smooth"], f"smoothing factor not finite and positive at index {_first_bad(bad)}")
-    for role in ("lora_down", "lora_up", "bias"):
-        t = getattr(layer, role)
-        if t is not None and t.numel():
-            bad = ~torch.isfinite(t.float())
-            if bad.any():
-                raise TensorError(file, names[role], f"non-finite value at index {_first_bad(bad)}")
+    for role, t in _value_tensors(layer):
+        lo, hi = VALUE_BOUNDS[role]
+        v = t.float()
+        bad = ~torch.isfinite(v) | (v < lo) | (v > hi)
+        if role in ("smooth", "wtscale"):
+            bad |= v <= 0
+        if not bad.any():
+            continue
+        k = _first_bad(bad)
+        value = float(v.flatten()[k])
+        broken = not math.isfinite(value) or value < 0 or (value <= 0 and role in ("smooth", "wtscale"))
+        if role == "wscales" and broken:
+            reason = f"non-finite or negative scale at index {k}"
+        elif role == "wtscale" and broken:
+            reason = f"tensor scale must be finite and positive, got {value}"
+        elif role == "smooth" and broken:
+            reason = f"smoothing factor not finite and positive at index {k}"
+        elif not math.isfinite(value):
+            reason = f"non-finite value at index {k}"
+        else:
+            reason = f"{_WHAT[role]} {value:g} at index {k} is absurd (outside [{lo:g}, {hi:g}])"
+        raise TensorError(file, names[role], reason)
+
+
+def check_model_values(model: nn.Module, layers: Iterable[str], *, file: str | None) -> None:
+    """:func:`check_values` of every SVDQ layer of a loaded model, as one batched pass.
+
+    Each checked tensor is reduced on its own device (``aminmax``) and the results are read back
+    with a single synchronisation; only a layer that fails is then checked element by element,
+    for the error message. Cheap enough to run on every load (the packed codes are not read).
+
+    Raises:
+        TensorError: naming the tensor, the first bad index and the value.
+    """
+    items: list[tuple[str, SVDQLinear, str, torch.Tensor]] = []
+    for prefix in layers:
+        layer = model.get_submodule(prefix)
+        if isinstance(layer, SVDQLinear):
+            items.extend((prefix, layer, role, t) for role, t in _value_tensors(layer))
+    if not items:
+        return
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, (_, _, _, t) in enumerate(items):
+        src = t.to(torch.bfloat16) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+        lo_t, hi_t = torch.aminmax(src.reshape(-1))
+        by_device.setdefault(t.device, []).append((i, torch.stack([lo_t.float(), hi_t.float()])))
+    got: list[list[float]] = [[0.0, 0.0]] * len(items)
+    for pairs in by_device.values():  # one synchronisation per device
+        for (i, _), row in zip(pairs, torch.stack([r for _, r in pairs]).tolist()):
+            got[i] = row
+    for (prefix, layer, role, _), (lo, hi) in zip(items, got):
+        low, high = VALUE_BOUNDS[role]
+        positive = role in ("smooth", "wtscale")
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo >= low and hi <= high and (lo > 0 or not positive)):
+            check_values(file, prefix, layer)
+
+
+_COUNT_KEY = re.compile(r"num_\w*(layers|blocks)|layers_per_block|num_hidden_layers")
+_DIM_KEY = re.compile(r"\w*(_dim|_dims|_channels|_size|_features)|dim")
+_INDEX = re.compile(r"\.(\d+)(?=\.)")
+#: Largest integer accepted anywhere in a model config.
+MAX_CONFIG_INT = 2**31
+
+
+def _config_ints(value: Any) -> Iterable[int]:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, int) and not isinstance(v, bool):
+            yield v
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def check_config(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], *, file: str | None) -> None:
+    """A model config against the tensors present, before any model is built from it.
+
+    A config edit must not make the loader build something the checkpoint cannot hold (a
+    ``num_layers: 20000`` takes minutes and gigabytes before the key check fails; a dimension of
+    2^40 fails inside the allocator). Refused, one line each: ``_class_name`` that is not a
+    string; any integer beyond ±2^31; a block count (``num_*layers``, ``num_*blocks``,
+    ``layers_per_block``) above the number of numbered blocks the tensor keys hold; a dimension
+    (``*_dim``, ``*_channels``, ``*_size``, ``*_features``) above 16 × the largest stored
+    dimension.
+
+    Args:
+        config: The model config (``quantization_config`` removed).
+        shapes: Tensor key → shape, of every tensor of the checkpoint.
+        file: Named in the errors.
+
+    Raises:
+        ManifestError: naming the config key and the bound.
+    """
+    name = config.get("_class_name")
+    if name is not None and not isinstance(name, str):
+        raise ManifestError(file, "_class_name", f"must be a string, got {type(name).__name__}")
+    blocks = 0
+    for key in shapes:
+        for m in _INDEX.finditer(key):
+            blocks = max(blocks, int(m.group(1)) + 1)
+    largest = max((d for shape in shapes.values() for d in shape), default=0)
+    for key, value in config.items():
+        for v in _config_ints(value):
+            if abs(v) > MAX_CONFIG_INT:
+                raise ManifestError(file, key, f"absurd value {v} (beyond ±2^31)")
+            if _COUNT_KEY.fullmatch(key) and v > blocks:
+                raise ManifestError(file, key, f"{v} blocks, but the tensors hold {blocks} numbered blocks")
+            if _DIM_KEY.fullmatch(key) and v > 16 * largest:
+                raise ManifestError(file, key, f"{v} is absurd: the largest stored dimension is {largest}")
 
 
 def with_compute_dtype(layers: Mapping[str, LayerSpec], dtype: str | None) -> dict[str, LayerSpec]:
@@ -260,7 +382,7 @@ def parse_json(text: str | bytes, *, file: str | None, key: str | None = None) -
         ManifestError: not valid JSON, naming ``file`` and ``key``.
     """
     try:
-        return json.loads(text)
+        return jsonsafe.loads(text)  # duplicate keys, NaN/Infinity, deep nesting refused
     except ValueError as exc:
         raise ManifestError(file, key, f"not valid JSON ({exc})") from None
 
@@ -414,6 +536,61 @@ def _single_file_config(header: SafetensorsHeader) -> dict[str, Any] | None:
     return {k: v for k, v in cfg.items() if k != "quantization_config"}
 
 
+def check_write_record(directory: Path, config_meta: FormatMetadata | None,
+                       headers: Sequence[SafetensorsHeader]) -> None:
+    """The directory's files are the set its ``config.json`` committed (docs/format.md §8.1).
+
+    ``quantization_config["files"]`` names every weight file (and the index) of the save that
+    wrote ``config.json`` last, with the sha256 of its data; each weight file carries its own in
+    its header. A file of another save, a missing or extra weight file, or weight files sealed by
+    a directory save with no ``config.json`` committing them (a save killed before its commit,
+    by another tool) make the directory mixed or incomplete. Directories written before the
+    record existed (no ``files``) are not checked.
+
+    Raises:
+        MixedDirectoryError: naming the first file that disagrees and how.
+    """
+    record = config_meta.extra.get(FILES_KEY) if config_meta is not None else None
+    cfg_path = str(directory / CONFIG_NAME)
+    if record is None:
+        sealed = [h for h in headers if DATA_HASH_KEY in h.metadata]
+        if config_meta is None and sealed:
+            raise MixedDirectoryError(str(directory), CONFIG_NAME, f"incomplete model directory: "
+                                      f"{Path(sealed[0].path).name} was written by a model-directory save that "
+                                      "never committed (no config.json)")
+        return
+    if not isinstance(record, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in record.items()):
+        raise ManifestError(cfg_path, FILES_KEY, "must be an object of file name → sha256")
+    present = {Path(h.path).name: h for h in headers}
+    for name, h in present.items():
+        if name not in record:
+            raise MixedDirectoryError(cfg_path, name, "mixed model directory: this weight file is not part of the "
+                                      "save config.json records (another save wrote it)")
+        got = h.metadata.get(DATA_HASH_KEY)
+        if got != record[name]:
+            raise MixedDirectoryError(cfg_path, name, f"mixed model directory: the file holds data "
+                                      f"{(got or 'unsealed')[:12]}…, config.json records {record[name][:12]}… "
+                                      "(written by another save, or a save was interrupted)")
+    for name, digest in record.items():
+        if name.endswith(".safetensors"):
+            if name not in present:
+                raise MixedDirectoryError(cfg_path, name, "incomplete model directory: a weight file config.json "
+                                          "records is not used (missing, or the index names other files)")
+            continue
+        try:
+            data = (directory / name).read_bytes()
+        except OSError:
+            raise MixedDirectoryError(cfg_path, name, "incomplete model directory: the index config.json "
+                                      "records is missing") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise MixedDirectoryError(cfg_path, name, "mixed model directory: the index is not the one "
+                                      "config.json records (written by another save)")
+
+
+def _shapes(headers: Sequence[SafetensorsHeader]) -> dict[str, tuple[int, ...]]:
+    return {k: e.shape for h in headers for k, e in h.tensors.items()}
+
+
 def open_checkpoint(path: str | os.PathLike[str], *, need_config: bool = False,
                     any_names: bool = False) -> Checkpoint:
     """Open an SVDQuant file or model directory: steps 1–5 of this module (no tensor data read).
@@ -438,6 +615,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, need_config: bool = False,
                 SINGLE_FILE_CONFIG_KEY,
                 "no model config in the header: not a single-file model (pass a directory)",
             )
+        if config is not None:
+            check_config(config, _shapes(headers), file=f"{p}: {SINGLE_FILE_CONFIG_KEY}")
         return Checkpoint(p, headers, meta, config, None, str(p))
     if p.is_dir():
         cfg_path = p / CONFIG_NAME
@@ -448,8 +627,11 @@ def open_checkpoint(path: str | os.PathLike[str], *, need_config: bool = False,
         if not files:
             raise FormatError(str(p), None, "directory holds no .safetensors files")
         headers, meta = read_checkpoint_files(files)
+        check_write_record(p, config_meta, headers)
         if config_meta is not None:
             check_manifests_agree(str(cfg_path), config_meta.layers, meta.layers)
+        if config is not None:
+            check_config(config, _shapes(headers), file=str(cfg_path))
         return Checkpoint(p, headers, meta, config, config_meta, str(cfg_path) if config is not None else str(p))
     raise FormatError(str(p), None, "no such file or directory")
 
@@ -562,12 +744,15 @@ def validate(path: str | os.PathLike[str], *, check_values: bool = True) -> Form
     Raises:
         FormatError: (or a subclass) naming file, key and reason.
     """
-    ckpt = open_checkpoint(path, any_names=True)
-    if check_values:
-        for header in ckpt.headers:  # (each layer's tensors are in the file that lists it)
-            own = {n: s for n, s in ckpt.layers.items() if tensor_names(n)["qweight"] in header.tensors}
-            _read_layers(header, dataclasses.replace(ckpt.metadata, layers=own), check=True, device=None)
-    return ckpt.metadata
+    def attempt() -> FormatMetadata:
+        ckpt = open_checkpoint(path, any_names=True)
+        if check_values:
+            for header in ckpt.headers:  # (each layer's tensors are in the file that lists it)
+                own = {n: s for n, s in ckpt.layers.items() if tensor_names(n)["qweight"] in header.tensors}
+                _read_layers(header, dataclasses.replace(ckpt.metadata, layers=own), check=True, device=None)
+        return ckpt.metadata
+
+    return retry_mixed(attempt, directory=path)  # a save that committed meanwhile: read the new model whole
 
 
 # --------------------------------------------------------------------------- into a model
@@ -629,23 +814,35 @@ def load_into(
     if streaming:
         largest = max((e.end - e.begin for h in checkpoint.headers for e in h.tensors.values()), default=0)
         staging = torch.empty(largest, dtype=torch.uint8)
-    for header in checkpoint.headers:
-        with TensorReader(header) as handle:  # plain reads into aligned tensors, one at a time
-            for key in header.tensors:
-                ref = expected.get(key)
-                if ref is None:
-                    continue  # (not strict: a tensor the model does not have)
-                t = handle.get_tensor(key, out=staging)
-                check_shape(header.path, key, t.shape, ref.shape)
-                head, _, role = key.rpartition(".")
-                cast = dtype is not None and (head not in layers or role in COMPUTE_ROLES) and t.is_floating_point()
-                if streaming:
-                    t = t.to(device)  # a copy: the staging buffer is free again
-                    _assign(model, key, t.to(dtype) if cast else t)
-                else:
-                    _assign(model, key, aligned(t.to(dtype)) if cast else t)
-                del t
+    with contextlib.ExitStack() as stack:
+        # every file opened first (each checked to be the file whose header was read): the reads
+        # below then come from these descriptors, whatever a later save renames over the names
+        readers = [stack.enter_context(TensorReader(h)) for h in checkpoint.headers]
+        _read_into(model, checkpoint, readers, expected, layers, dtype, device, staging)
     del staging
+    check_model_values(model, layers, file=checkpoint.where)  # one batched pass (step 6 on every load)
     if streaming:
         model.to(device)  # non-persistent buffers built on the host
     return specs
+
+
+def _read_into(model: nn.Module, checkpoint: Checkpoint, readers: list[TensorReader], expected: Mapping[str, Any],
+               layers: Mapping[str, LayerSpec], dtype: torch.dtype | None, device: torch.device | str,
+               staging: torch.Tensor | None) -> None:
+    """Step 7's reads: every tensor from its opened file, shape-checked, cast, put in place."""
+    streaming = staging is not None
+    for header, handle in zip(checkpoint.headers, readers):
+        for key in header.tensors:  # plain reads into aligned tensors, one at a time
+            ref = expected.get(key)
+            if ref is None:
+                continue  # (not strict: a tensor the model does not have)
+            t = handle.get_tensor(key, out=staging)
+            check_shape(header.path, key, t.shape, ref.shape)
+            head, _, role = key.rpartition(".")
+            cast = dtype is not None and (head not in layers or role in COMPUTE_ROLES) and t.is_floating_point()
+            if streaming:
+                t = t.to(device)  # a copy: the staging buffer is free again
+                _assign(model, key, t.to(dtype) if cast else t)
+            else:
+                _assign(model, key, aligned(t.to(dtype)) if cast else t)
+            del t

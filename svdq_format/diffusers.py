@@ -30,6 +30,7 @@ A dense checkpoint quantizes while it loads (data-free; :mod:`svdq_format.quanti
 from __future__ import annotations
 
 import functools
+import json
 import os
 from enum import Enum
 from pathlib import Path
@@ -43,18 +44,23 @@ from torch import nn
 
 from . import fusion
 from .checkpoint import (
+    check_config,
     check_key_sets,
     check_layer_tensor,
     check_manifests_agree,
+    check_model_values,
     check_shape,
+    check_write_record,
     read_checkpoint_files,
+    read_json,
     with_compute_dtype,
 )
-from .errors import UnsupportedError
+from .commit import SharedCommitLock
+from .errors import HeaderError, MixedDirectoryError, UnsupportedError
 from .hub_push import push_to_hub as publish
-from .io import aligned
+from .io import aligned, file_identity
 from .linear import SVDQLinear
-from .model import replace_linears, save_pretrained, set_submodule, svdq_modules
+from .model import FILES_KEY, replace_linears, save_pretrained, set_submodule, svdq_modules
 from .quantize_on_load import OnLoadOptions, OnLoadQuantization
 from .spec import (
     COMPUTE_ROLES,
@@ -188,13 +194,17 @@ class SVDQuantizer(DiffusersQuantizer):
         #: The quantize-while-loading run, until loading ends (``None`` for a quantized checkpoint).
         self.on_load = None if request is None else OnLoadQuantization(request, progress=is_progress_bar_enabled())
         self._files: list[str] = []
+        self._identities: list[tuple[int, ...] | None] = []
+        self._commit_lock: SharedCommitLock | None = None
         self._loaded_keys: list[str] | None = None
         self._compute_dtype: str | None = None  # set by an explicit torch_dtype
 
     # -- environment -------------------------------------------------------------------------
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        """The reference backend runs everywhere; quantizing while loading refuses disk offload."""
+        """The reference backend runs everywhere; installs the pickle guard (:func:`guard_pickle_weights`)
+        before diffusers resolves the weights file; quantizing while loading refuses disk offload."""
+        guard_pickle_weights()
         if self.on_load is not None:
             self.on_load.check_device_map(kwargs.get("device_map"))
 
@@ -221,6 +231,8 @@ class SVDQuantizer(DiffusersQuantizer):
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         self._loaded_keys = list(loaded_keys)
         self._files = [os.fspath(f) for f in checkpoint_files if isinstance(f, (str, os.PathLike))]
+        for f in self._files:  # shards: before diffusers reads any of them
+            refuse_pickle_weights(f)
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -231,8 +243,25 @@ class SVDQuantizer(DiffusersQuantizer):
         meta = self.quantization_config.metadata
         where = self._files[0] if self._files else "quantization_config"
         if self._files and all(f.endswith(".safetensors") for f in self._files):
-            _, files_meta = read_checkpoint_files([Path(f) for f in self._files])
+            # commits wait until the weights are read (after-hook); one that came since diffusers
+            # read config.json is caught by the write record below
+            self._commit_lock = SharedCommitLock(Path(self._files[0]).parent)
+            headers, files_meta = read_checkpoint_files([Path(f) for f in self._files])
+            self._identities = [h.identity for h in headers]
+            for h in headers:  # a single file diffusers read already: the one whose header we check
+                seen = _LOADED.pop(os.path.abspath(h.path), None)
+                if seen is not None and seen != h.identity:
+                    raise MixedDirectoryError(h.path, None, "the file was replaced while diffusers read it "
+                                              "(another save committed meanwhile)")
+            if FILES_KEY in meta.extra:  # the files are the set the config diffusers read committed
+                check_write_record(Path(self._files[0]).parent, meta, headers)
             check_manifests_agree(where, meta.layers, files_meta.layers)
+            cfg_path = Path(self._files[0]).parent / "config.json"
+            if cfg_path.is_file():  # diffusers parsed it with json.loads: duplicate keys, nesting, sanity
+                cfg = read_json(cfg_path)
+                if isinstance(cfg, dict):
+                    check_config({k: v for k, v in cfg.items() if k != "quantization_config"},
+                                 {k: e.shape for h in headers for k, e in h.tensors.items()}, file=str(cfg_path))
         replace_linears(model, with_compute_dtype(meta.layers, self._compute_dtype), device="meta", file=where)
         if self._loaded_keys is not None:
             check_key_sets(model.state_dict(), dict.fromkeys(self._loaded_keys, where), where=where,
@@ -286,6 +315,16 @@ class SVDQuantizer(DiffusersQuantizer):
             register_to_config = getattr(model, "register_to_config", None)
             if register_to_config is not None:
                 register_to_config(quantization_config=self.quantization_config)
+        else:
+            where = self._files[0] if self._files else "quantization_config"
+            if self._commit_lock is not None:
+                self._commit_lock.release()
+                self._commit_lock = None
+            for f, ident in zip(self._files, self._identities):  # no save renamed a file while diffusers read
+                if ident is not None and file_identity(f) != ident:
+                    raise MixedDirectoryError(f, None, "the file was replaced while diffusers read it "
+                                              "(another save committed meanwhile)")
+            check_model_values(model, self.quantization_config.metadata.layers, file=where)  # as load_pretrained
         _install_save_pretrained(model)
         return model
 
@@ -376,6 +415,71 @@ def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantizer:
         register_to_config(quantization_config=quantizer.quantization_config)
     _install_save_pretrained(model)
     return quantizer
+
+
+def refuse_pickle_weights(file: str | os.PathLike[str]) -> None:
+    """Refuse an SVDQuant model's weights file that is not safetensors (diffusers would unpickle it).
+
+    Raises:
+        HeaderError: ``<file>: not safetensors: svdquant never loads pickles ...`` (one line).
+    """
+    name = os.fspath(file)
+    if name.endswith(".safetensors"):
+        return
+    raise HeaderError(name, None, "weights are not safetensors: svdquant never loads pickles (unpickling can run "
+                      "arbitrary code); an SVDQuant model's weights are .safetensors files")
+
+
+def _svdquant_config_beside(file: str) -> bool:
+    cfg = Path(file).parent / "config.json"
+    try:
+        obj = json.loads(cfg.read_text()) if cfg.is_file() else None
+    except (OSError, ValueError):
+        return False
+    qc = obj.get("quantization_config") if isinstance(obj, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+#: Single weight files diffusers' loader read (absolute path → identity), for the hooks' check.
+_LOADED: dict[str, tuple[int, ...]] = {}
+
+
+def guard_pickle_weights() -> None:
+    """Make diffusers' single-file weight loader refuse pickles of SVDQuant models (idempotent).
+
+    For a non-sharded model, diffusers' ``from_pretrained`` reads the weights file
+    (``torch.load(weights_only=True)`` for a ``.bin``) *before* any quantizer hook sees its name,
+    so the hooks cannot refuse it in time. This wraps ``diffusers.models.modeling_utils.load_state_dict``:
+    a weights file that is not ``.safetensors`` next to a ``config.json`` whose
+    ``quantization_config`` is svdquant is refused (:func:`refuse_pickle_weights`) before it is
+    opened; every other file goes to diffusers' own function unchanged. Sharded models are
+    refused by :meth:`SVDQuantizer.maybe_update_loaded_keys`, which sees the shard names first.
+    """
+    from diffusers.models import modeling_utils
+
+    inner = modeling_utils.load_state_dict
+    if getattr(inner, "_svdquant_guard", False):
+        return
+
+    def load_state_dict(checkpoint_file: Any, *args: Any, **kwargs: Any) -> Any:
+        ours = isinstance(checkpoint_file, (str, os.PathLike)) and _svdquant_config_beside(os.fspath(checkpoint_file))
+        if not ours:
+            return inner(checkpoint_file, *args, **kwargs)
+        refuse_pickle_weights(checkpoint_file)
+        lock = SharedCommitLock(Path(checkpoint_file).parent)  # no commit while the file is read
+        try:
+            before = file_identity(checkpoint_file)
+            state = inner(checkpoint_file, *args, **kwargs)
+        finally:
+            lock.release()
+        if file_identity(checkpoint_file) != before:
+            raise MixedDirectoryError(os.fspath(checkpoint_file), None, "the file was replaced while diffusers "
+                                      "read it (another save committed meanwhile)")
+        _LOADED[os.path.abspath(checkpoint_file)] = before  # checked against the header the hooks read
+        return state
+
+    load_state_dict._svdquant_guard = True  # type: ignore[attr-defined]  # marks the wrapper
+    modeling_utils.load_state_dict = load_state_dict
 
 
 def register() -> None:

@@ -17,12 +17,14 @@ __all__ = [
     "HeaderError",
     "VersionError",
     "ManifestError",
+    "MixedDirectoryError",
     "TensorError",
     "UnsupportedError",
     "BackendError",
     "QuantizationError",
     "LoRAError",
     "HubError",
+    "OutputError",
     "WriteError",
 ]
 
@@ -68,6 +70,11 @@ class ManifestError(FormatError):
     """The SVDQuant metadata (manifest) is missing, malformed or disagrees with the tensors."""
 
 
+class MixedDirectoryError(ManifestError):
+    """A model directory whose files come from different saves (or a save that did not finish),
+    or a file replaced while it was being read."""
+
+
 class TensorError(FormatError):
     """A tensor has the wrong dtype or shape, is missing, unexpected, or holds bad values."""
 
@@ -90,6 +97,17 @@ class LoRAError(SVDQError, ValueError):
 
 class HubError(SVDQError, RuntimeError):
     """A Hub push or pull failed after retries (the message names repo and file)."""
+
+
+class OutputError(SVDQError, ValueError):
+    """An output path that would destroy data: it is, contains or lies inside an input, is a
+    non-empty directory that is not ours (without ``overwrite``), or is a file where a directory
+    is needed. Nothing has been written when it is raised."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {' '.join(reason.split())}")
 
 
 class WriteError(SVDQError, OSError):

@@ -15,6 +15,7 @@ What an SVDQuant checkpoint must contain (manifests, key sets, values) is checke
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .errors import HeaderError, ManifestError, TensorError, WriteError
+from . import jsonsafe
+from .errors import HeaderError, ManifestError, MixedDirectoryError, TensorError, WriteError
 from .linear import SVDQLinear
 from .spec import (
     METADATA_KEY,
@@ -40,6 +42,9 @@ from .version import __version__
 
 __all__ = [
     "MAX_HEADER_BYTES",
+    "DATA_HASH_KEY",
+    "file_identity",
+    "data_hash",
     "SafetensorsHeader",
     "read_header",
     "read_metadata",
@@ -54,6 +59,11 @@ __all__ = [
 
 #: Largest header accepted (safetensors itself allows 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+#: ``__metadata__`` key of a weight file written as part of a model directory: the sha256 (hex)
+#: of the file's data buffer (every byte after the header). ``config.json`` records the set
+#: (docs/format.md §8.1).
+DATA_HASH_KEY = "svdquant_data_sha256"
+_UNSEALED = "0" * 64
 
 # safetensors dtype string → (torch dtype name, itemsize in bytes)
 _ST_DTYPES: dict[str, tuple[str, int]] = {
@@ -108,15 +118,7 @@ class SafetensorsHeader:
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
     data_start: int
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
+    identity: tuple[int, ...] | None = None  # (device, inode, size, mtime_ns) when the header was read
 
 
 _PICKLE_REFUSAL = ("svdquant never loads pickles (unpickling can run arbitrary code); "
@@ -178,6 +180,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     if size < 8:
         raise HeaderError(p, None, f"file is {size} bytes, too short for a safetensors header")
     with open(p, "rb") as f:
+        identity = _identity(f.fileno())
         head = f.read(8)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES:
@@ -187,8 +190,8 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raw = f.read(n)
     try:
         text = raw.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        obj = jsonsafe.loads(text)  # duplicate keys, NaN/Infinity, deep nesting refused
+    except (UnicodeDecodeError, ValueError) as exc:
         raise HeaderError(p, None, f"header is not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise HeaderError(p, None, "header is not a JSON object")
@@ -212,6 +215,8 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape
         ) or len(shape) > 8:
             raise HeaderError(p, name, f"bad shape {shape!r}")
+        if math.prod(d for d in shape if d) >= 2**48:  # also with a 0 dim: no tensor has 2^48 elements
+            raise HeaderError(p, name, f"absurd shape {shape!r} (more than 2^48 elements without its zero dims)")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -236,7 +241,19 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         cursor = e.end
     if cursor != data_len:
         raise HeaderError(p, None, f"{data_len - cursor} trailing bytes after the last tensor")
-    return SafetensorsHeader(p, entries, dict(meta_obj), data_start)
+    return SafetensorsHeader(p, entries, dict(meta_obj), data_start, identity)
+
+
+def _identity(fd: int) -> tuple[int, ...]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """``(device, inode, size, mtime_ns)`` of the file now at ``path``: it changes when a save
+    renames another file over the name (what :attr:`SafetensorsHeader.identity` records)."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_metadata(path: str | os.PathLike[str], header: SafetensorsHeader | None = None) -> FormatMetadata:
@@ -294,8 +311,13 @@ def atomic_write(path: str | os.PathLike[str], write: Any, *, durable: bool = Tr
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(target, exc.strerror or str(exc)) from None
         raise
-    if not durable:
-        return
+    if durable:
+        fsync_dir(directory)
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make the renames and creations in ``directory`` durable (``fsync`` of the directory; a
+    filesystem that cannot fsync a directory is left as it is)."""
     try:
         dfd = os.open(directory, os.O_RDONLY)
         try:
@@ -465,6 +487,7 @@ def save_file(
     header_metadata: Mapping[str, str] | None = None,
     read_tensor: Callable[[str], torch.Tensor] | None = None,
     streaming: bool = False,
+    seal: bool = False,
 ) -> None:
     """Write SVDQuant layers to one safetensors file, atomically.
 
@@ -486,6 +509,8 @@ def save_file(
             on their device: each is copied to the host when written), instead of building the
             whole file in memory (safetensors' writer holds a copy of every tensor's bytes).
             Same bytes.
+        seal: Record the sha256 of the data buffer under :data:`DATA_HASH_KEY` (weight files of
+            a model directory: ``config.json`` records the set, :mod:`svdq_format.commit`).
 
     Raises:
         FormatError: a name collision, an invalid layer, or a tensor read back with another
@@ -511,8 +536,10 @@ def save_file(
             raise ManifestError(p, reserved, "is set by svdquant and cannot be given in metadata")
     meta = FormatMetadata(layers=specs, producer=producer_info(), extra=extra)
     header_meta = {METADATA_KEY: meta.dumps(), "format": "pt"}
+    if seal:
+        header_meta[DATA_HASH_KEY] = _UNSEALED  # filled in once the data is on disk
     for key, value in (header_metadata or {}).items():
-        if key in header_meta or not isinstance(value, str):
+        if key in header_meta or key == DATA_HASH_KEY or not isinstance(value, str):
             raise ManifestError(p, key, "header metadata must be a string and cannot replace svdquant/format")
         header_meta[key] = value
 
@@ -521,9 +548,44 @@ def save_file(
             name = next(k for k, t in tensors.items() if t.is_meta)
             raise TensorError(p, name, "is on the meta device and no read_tensor was given")
         read = read_tensor or (lambda key: tensors[key])
-        atomic_write(p, lambda tmp: write_safetensors_streaming(tensors, tmp, header_meta, read, target=p))
+
+        def write(tmp: str) -> None:
+            write_safetensors_streaming(tensors, tmp, header_meta, read, target=p)
+            if seal:
+                _seal(tmp)
     else:
-        atomic_write(p, lambda tmp: _write_safetensors(tensors, tmp, header_meta, target=p))
+        def write(tmp: str) -> None:
+            _write_safetensors(tensors, tmp, header_meta, target=p)
+            if seal:
+                _seal(tmp)
+    atomic_write(p, write)
+
+
+def data_hash(path: str | os.PathLike[str], *, data_start: int | None = None) -> str:
+    """sha256 (hex) of a safetensors file's data buffer (every byte after the header)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if data_start is None:
+            (n,) = struct.unpack("<Q", f.read(8))
+            data_start = 8 + n
+        f.seek(data_start)
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _seal(path: str) -> None:
+    """Fill in the :data:`DATA_HASH_KEY` placeholder of a freshly written file, in place."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        mark = f'"{DATA_HASH_KEY}":"'.encode()
+        at = raw.find(mark + _UNSEALED.encode())
+        if at < 0:
+            raise HeaderError(path, DATA_HASH_KEY, "placeholder not found in the written header")
+        digest = data_hash(path, data_start=8 + n)
+        f.seek(8 + at + len(mark))
+        f.write(digest.encode())
 
 
 # --------------------------------------------------------------------------- read
@@ -553,6 +615,10 @@ class TensorReader:
     def __init__(self, header: SafetensorsHeader) -> None:
         self.header = header
         self._file = open(header.path, "rb")
+        if header.identity is not None and _identity(self._file.fileno()) != header.identity:
+            self._file.close()
+            raise MixedDirectoryError(header.path, None, "the file was replaced after its header was read "
+                                      "(another save committed meanwhile)")
 
     def __enter__(self) -> TensorReader:
         return self

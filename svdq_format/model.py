@@ -26,19 +26,21 @@ Loading is :mod:`svdq_format.pretrained` (``load_pretrained``, ``load_model_file
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .commit import DirectoryWrite
 from .errors import ManifestError, UnsupportedError
 from .fusion import refuse_if_fused
-from .io import atomic_write, layer_state, producer_info, save_file
+from .io import DATA_HASH_KEY, atomic_write, layer_state, producer_info, read_header, save_file
 from .linear import EXEC_MODES, SVDQLinear
 from .spec import FormatMetadata, LayerSpec
 
@@ -63,6 +65,9 @@ __all__ = [
     "plan_shards",
     "save_pretrained",
     "save_single_file",
+    "FILES_KEY",
+    "write_record",
+    "is_weight_file",
 ]
 
 #: File name of an unsharded model's weights (the diffusers name).
@@ -230,16 +235,52 @@ def save_model_dir(
         The directory.
     """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    meta = save_model_file(model, d / WEIGHTS_NAME, metadata=metadata)
-    cfg = dict(config if config is not None else getattr(model, "config", {}) or {})
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") or k in ("_class_name", "_diffusers_version")}
-    if "_class_name" not in cfg:
-        cfg["_class_name"] = type(model).__name__
-    cfg["quantization_config"] = meta.to_json()
-    text = json.dumps(cfg, indent=2, sort_keys=True, default=_json_default) + "\n"
-    atomic_write(d / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    refuse_if_fused(model)
+    layers = svdq_modules(model)
+    owned = {f"{name}." for name in layers}
+    extra = {k: v for k, v in model.state_dict().items() if not any(k.startswith(prefix) for prefix in owned)}
+    metadata = _without_record(metadata)
+    with DirectoryWrite(d) as w:
+        save_file(layers, w.path(WEIGHTS_NAME), metadata=metadata, extra_tensors=extra, seal=True)
+        meta = model_metadata(model, extra=metadata)
+        cfg = dict(config if config is not None else getattr(model, "config", {}) or {})
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") or k in ("_class_name", "_diffusers_version")}
+        if "_class_name" not in cfg:
+            cfg["_class_name"] = type(model).__name__
+        cfg["quantization_config"] = {**meta.to_json(), FILES_KEY: write_record(w, [WEIGHTS_NAME])}
+        text = json.dumps(cfg, indent=2, sort_keys=True, default=_json_default) + "\n"
+        atomic_write(w.path(CONFIG_NAME), lambda tmp: Path(tmp).write_text(text))
+        w.commit([WEIGHTS_NAME], config=CONFIG_NAME, stale=is_weight_file)
     return d
+
+
+#: ``quantization_config`` field of a model directory: weight file (and index) name → sha256
+#: of its data buffer (of its bytes, for the index); ``config.json`` commits the set last
+#: (docs/format.md §8.1).
+FILES_KEY = "files"
+
+
+def _without_record(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Format metadata to write, without a loaded model's old write record."""
+    return None if metadata is None else {k: v for k, v in metadata.items() if k != FILES_KEY}
+
+
+def write_record(w: DirectoryWrite, names: Sequence[str]) -> dict[str, str]:
+    """The :data:`FILES_KEY` record of staged files: a weight file's own sealed data hash, an
+    index's sha256."""
+    record = {}
+    for name in names:
+        p = w.path(name)
+        if name.endswith(".safetensors"):
+            record[name] = read_header(p).metadata[DATA_HASH_KEY]
+        else:
+            record[name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return record
+
+
+def is_weight_file(name: str) -> bool:
+    """A weight file (or index) name of the diffusers directory layout (what a new save replaces)."""
+    return name in (WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD_RE.fullmatch(name))
 
 
 def _json_default(obj: Any) -> Any:
@@ -358,7 +399,7 @@ def _write_shard(
     shard_layers = {name: layers[name] for name, _ in units if name is not None}
     dense = {k: t for name, ts in units if name is None for k, t in ts.items()}
     save_file(shard_layers, path, metadata=metadata, extra_tensors=dense, header_metadata=header_metadata,
-              read_tensor=read_tensor)
+              read_tensor=read_tensor, seal=header_metadata is None)  # (a single-file model is atomic by itself)
     return [k for _, ts in units for k in ts]
 
 
@@ -403,32 +444,35 @@ def save_pretrained(
     layers, units = _split_state(model, skip)  # (refuses a fused model before anything is created)
     shards = _shards(units, max_shard_size)
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    written: set[str] = set()
+    metadata = _without_record(metadata)
     index_name, shard_name, shard_re = _names(weights_name)
-    if len(shards) == 1:
-        _write_shard(shards[0], layers, d / weights_name, metadata=metadata, read_tensor=read_tensor)
-        written.add(weights_name)
-    else:
-        weight_map: dict[str, str] = {}
-        total = 0
-        for i, units in enumerate(shards, start=1):
-            name = shard_name.format(index=i, total=len(shards))
-            for key in _write_shard(units, layers, d / name, metadata=metadata, read_tensor=read_tensor):
-                weight_map[key] = name
-            total += sum(t.numel() * t.element_size() for _, ts in units for t in ts.values())
-            written.add(name)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        atomic_write(d / index_name, lambda tmp: Path(tmp).write_text(text))
-        written.add(index_name)
-    meta = model_metadata(model, extra=metadata)
-    cfg["quantization_config"] = meta.to_json()
-    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    atomic_write(d / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    for stale in d.iterdir():
-        if stale.name not in written and (stale.name in (weights_name, index_name) or shard_re.fullmatch(stale.name)):
-            stale.unlink()
+
+    def stale(name: str) -> bool:
+        return name in (weights_name, index_name) or bool(shard_re.fullmatch(name))
+
+    with DirectoryWrite(d) as w:  # one writer; staged, then committed with config.json last
+        written: list[str] = []
+        if len(shards) == 1:
+            _write_shard(shards[0], layers, w.path(weights_name), metadata=metadata, read_tensor=read_tensor)
+            written.append(weights_name)
+        else:
+            weight_map: dict[str, str] = {}
+            total = 0
+            for i, units in enumerate(shards, start=1):
+                name = shard_name.format(index=i, total=len(shards))
+                for key in _write_shard(units, layers, w.path(name), metadata=metadata, read_tensor=read_tensor):
+                    weight_map[key] = name
+                total += sum(t.numel() * t.element_size() for _, ts in units for t in ts.values())
+                written.append(name)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+            atomic_write(w.path(index_name), lambda tmp: Path(tmp).write_text(text))
+            written.append(index_name)
+        meta = model_metadata(model, extra=metadata)
+        cfg["quantization_config"] = {**meta.to_json(), FILES_KEY: write_record(w, written)}
+        text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+        atomic_write(w.path(CONFIG_NAME), lambda tmp: Path(tmp).write_text(text))
+        w.commit(written, config=CONFIG_NAME, stale=stale)
     return d
 
 

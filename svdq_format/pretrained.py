@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, load_into, open_checkpoint
+from .commit import retry_mixed
 from .errors import ManifestError
 from .spec import FormatMetadata, LayerSpec
 
-__all__ = ["load_pretrained", "load_model_file", "load_model_dir", "model_class", "attach_svdquant"]
+__all__ = ["load_pretrained", "load_model_file", "load_model_dir", "model_class", "build_model",
+           "attach_svdquant"]
 
 
 def model_class(config: Mapping[str, Any], file: str) -> Any:
@@ -38,10 +40,28 @@ def model_class(config: Mapping[str, Any], file: str) -> Any:
     name = config.get("_class_name")
     import diffusers
 
-    cls = getattr(diffusers, str(name), None) if isinstance(name, str) else None
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ManifestError(file, "_class_name", f"unknown diffusers model class {name!r}")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)) or cls.__name__.startswith("Auto"):
+        raise ManifestError(file, "_class_name", f"{str(name)[:80]!r} is not a diffusers model class "
+                            "(an auto class, a pipeline or an unknown name)")
     return cls
+
+
+def build_model(model_cls: Any, cfg: Mapping[str, Any], *, file: str, meta: bool = True) -> nn.Module:
+    """``model_cls.from_config(cfg)`` (parameters on the meta device when ``meta``), any failure
+    of the class on this config one typed line.
+
+    Raises:
+        ManifestError: naming ``file`` and what the class said.
+    """
+    try:
+        return _empty_model(model_cls, cfg) if meta else model_cls.from_config(dict(cfg))
+    except RecursionError:
+        raise ManifestError(file, None, f"cannot build {model_cls.__name__} from this config (recursion)") from None
+    except Exception as exc:  # the model class's own checks raise anything
+        first = " ".join(str(exc).split())[:200]
+        raise ManifestError(file, None, f"cannot build {getattr(model_cls, '__name__', model_cls)} from this "
+                            f"config ({type(exc).__name__}: {first})") from None
 
 
 def _empty_model(model_cls: Any, cfg: Mapping[str, Any]) -> nn.Module:
@@ -106,13 +126,16 @@ def load_pretrained(
     Raises:
         FormatError: (or a subclass) naming file, key and reason.
     """
-    ckpt = open_checkpoint(path, need_config=True)
-    assert ckpt.config is not None
-    cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
-    model = _empty_model(cls, ckpt.config)
-    specs = load_into(model, ckpt, device=device, dtype=dtype)
-    attach_svdquant(model, _loaded_metadata(ckpt, specs))
-    return model.eval()
+    def attempt() -> nn.Module:
+        ckpt = open_checkpoint(path, need_config=True)
+        assert ckpt.config is not None
+        cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
+        model = build_model(cls, ckpt.config, file=ckpt.where)
+        specs = load_into(model, ckpt, device=device, dtype=dtype)
+        attach_svdquant(model, _loaded_metadata(ckpt, specs))
+        return model.eval()
+
+    return retry_mixed(attempt, directory=path)  # a save that committed meanwhile: the new model, whole
 
 
 def _loaded_metadata(ckpt: Checkpoint, specs: dict[str, LayerSpec]) -> FormatMetadata:
@@ -158,9 +181,12 @@ def load_model_dir(
     Returns:
         The quantized model.
     """
-    ckpt = open_checkpoint(directory, need_config=True)
-    assert ckpt.config is not None
-    cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
-    model = cls.from_config(ckpt.config)
-    load_into(model, ckpt, device=device)
-    return model.to(device)
+    def attempt() -> nn.Module:
+        ckpt = open_checkpoint(directory, need_config=True)
+        assert ckpt.config is not None
+        cls = model_cls if model_cls is not None else model_class(ckpt.config, ckpt.where)
+        model = build_model(cls, ckpt.config, file=ckpt.where, meta=False)
+        load_into(model, ckpt, device=device)
+        return model.to(device)
+
+    return retry_mixed(attempt, directory=directory)

@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from . import jsonsafe
 from .errors import ManifestError, VersionError
 from .packing import GROUP_SIZES
 
@@ -45,6 +46,8 @@ __all__ = [
     "tensor_names",
     "expected_tensors",
     "COMPUTE_ROLES",
+    "MAX_ABS_VALUE",
+    "MAX_SMOOTH",
     "dtype_name",
     "dtype_from_name",
 ]
@@ -96,6 +99,13 @@ def dtype_from_name(name: str) -> Any:
 
     return getattr(torch, _TORCH_DTYPES[name])
 
+
+#: Largest magnitude accepted for a layer's dense values (low-rank branch, bias, weight and tensor
+#: scales) and ``act_shift``: fp16's largest value. Beyond it a 16-bit compute dtype overflows,
+#: and no real checkpoint comes near it (docs/format.md §9).
+MAX_ABS_VALUE = 65504.0
+#: Smoothing factors must lie in ``[1/MAX_SMOOTH, MAX_SMOOTH]`` (x / s must stay finite).
+MAX_SMOOTH = 2.0**40
 
 def tensor_names(prefix: str) -> dict[str, str]:
     """The full tensor keys of one quantized linear, by role (see docs/format.md §2)."""
@@ -242,6 +252,8 @@ class LayerSpec:
             or not math.isfinite(self.act_shift)
         ):
             raise bad(f"act_shift must be a finite number, got {self.act_shift!r}")
+        if abs(self.act_shift) > MAX_ABS_VALUE:
+            raise bad(f"act_shift {self.act_shift!r} is absurd (beyond ±{MAX_ABS_VALUE:g}, fp16's range)")
         if not isinstance(self.act_unsigned, bool):
             raise bad(f"act_unsigned must be a boolean, got {self.act_unsigned!r}")
         if (self.act_unsigned or self.act_shift) and self.kind != "w4a4":
@@ -574,14 +586,10 @@ class FormatMetadata:
     def loads(cls, text: str, *, file: str | None = None) -> FormatMetadata:
         """Parse the JSON text stored under ``__metadata__["svdquant"]``."""
         try:
-            obj = json.loads(text, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:
+            obj = jsonsafe.loads(text)  # duplicate keys, NaN/Infinity, deep nesting refused
+        except ValueError as exc:
             raise ManifestError(file, METADATA_KEY, f"metadata is not valid JSON ({exc})") from None
         return cls.from_json(obj, file=file)
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"non-standard JSON constant {name}")
 
 
 def _is_int(value: Any) -> bool:

@@ -139,3 +139,21 @@ def test_the_library_never_creates_files_with_mkstemp():
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert found == []
 
+
+
+def test_a_durable_write_syncs_the_file_then_its_directory(tmp_path, monkeypatch):
+    """``atomic_write`` fsyncs the new file and, after the rename, the directory that holds it
+    (``io.fsync_dir``, which the directory commit uses too); ``durable=False`` syncs neither."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    atomic_write(tmp_path / "a.txt", lambda p: Path(p).write_text("x"))
+    assert synced == ["file", "dir"] and (tmp_path / "a.txt").read_text() == "x"
+    synced.clear()
+    atomic_write(tmp_path / "b.txt", lambda p: Path(p).write_text("y"), durable=False)
+    assert synced == []

@@ -166,3 +166,64 @@ def test_read_only_hub_cache_still_serves_what_it_holds(hub, tmp_path):
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         mnt.rmdir()
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory) -> Path:
+    from svdq_format.model import save_pretrained
+    from tests.lora_fixtures import quantize, tiny_flux
+
+    d = tmp_path_factory.mktemp("q") / "model"
+    save_pretrained(quantize(tiny_flux()), d)
+    return d
+
+
+def _as_pickle(src: Path, dst: Path, *, sharded: bool) -> Path:
+    """A copy of the quantized directory whose weights are a ``torch.save`` pickle (with a payload)."""
+    from safetensors.torch import load_file as st_load
+
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    sd = st_load(str(src / "diffusion_pytorch_model.safetensors"))
+    payload = _Payload()
+    payload.marker = str(dst / "unpickled")
+    if sharded:  # an index naming .bin shards
+        keys = sorted(sd)
+        half = len(keys) // 2
+        names = ["diffusion_pytorch_model-00001-of-00002.bin", "diffusion_pytorch_model-00002-of-00002.bin"]
+        for name, part in zip(names, (keys[:half], keys[half:])):
+            torch.save({k: sd[k] for k in part}, dst / name)
+        index = {"metadata": {}, "weight_map": {k: names[i >= half] for i, k in enumerate(keys)}}
+        (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+        return dst / names[0]
+    torch.save(sd, dst / "diffusion_pytorch_model.bin")
+    return dst / "diffusion_pytorch_model.bin"
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_diffusers_from_pretrained_refuses_pickle_weights(quantized_dir, tmp_path, sharded):
+    from diffusers import FluxTransformer2DModel
+
+    bad = _as_pickle(quantized_dir, tmp_path / "pickled", sharded=sharded)
+    with pytest.raises(HeaderError, match=PICKLE_REASON) as info:
+        FluxTransformer2DModel.from_pretrained(bad.parent)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    # the safetensors original still loads through the same guarded loader
+    assert FluxTransformer2DModel.from_pretrained(quantized_dir).config.num_layers == 1
+
+
+def test_quantize_refuses_a_pickle_source(tmp_path, capsys):
+    from safetensors.torch import load_file as st_load
+
+    from tests.lora_fixtures import tiny_flux
+
+    src = tmp_path / "dense"
+    tiny_flux().save_pretrained(src)
+    weights = src / "diffusion_pytorch_model.safetensors"
+    torch.save(st_load(str(weights)), src / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    assert cli_main(["quantize", str(src), str(tmp_path / "out"), "--num-samples", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {src / 'diffusion_pytorch_model.bin'}: weights are not safetensors: svdquant never loads "
+                   "pickles (unpickling can run arbitrary code); convert them to .safetensors with a tool you trust\n")
+    assert not (tmp_path / "out").exists()

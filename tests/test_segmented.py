@@ -17,12 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-import svdq_format as sf
 from svdq_format import ops, segmented
-from svdq_format.spec import KSegment
-
-SHIFT = 0.171875
-SEGS = (KSegment(128), KSegment(192, SHIFT, True))
+from tests.test_k_segments import SEGS, SHIFT, _layer  # the same random k-segmented layer
 
 
 @pytest.fixture
@@ -53,25 +49,6 @@ def stand_in():
     ops.register_backend(ops.Backend("stand-in", linear, supports, priority=50, linear_fp8=linear_fp8))
     yield accepts, calls
     ops.unregister_backend("stand-in")
-
-
-def _layer(precision="int4", *, dtype=torch.float32, rank=8, bias=True, seed=0, n=96, segments=SEGS):
-    torch.manual_seed(seed)
-    k = sum(s.size for s in segments)
-    if precision == "nvfp4":
-        segments = tuple(dataclasses.replace(s, act_unsigned=False) for s in segments)
-    layer = sf.SVDQLinear(k, n, rank=rank, precision=precision, dtype=dtype, bias=bias, k_segments=segments)
-    with torch.no_grad():
-        layer.smooth.copy_(torch.rand(k) + 0.5)
-        if rank:
-            layer.lora_down.normal_(0, 0.05)
-            layer.lora_up.normal_(0, 0.05)
-        if bias:
-            layer.bias.normal_(0, 0.1)
-        w = torch.randn(n, k)
-        w[:, segments[0].size:] *= 4.0  # the halves differ in range: nvfp4 tensor scales differ
-        layer.set_residual(w)
-    return layer
 
 
 def _input(m=7, k=320, split=128, seed=1, dtype=torch.float32):

@@ -325,3 +325,15 @@ def test_meta_device_memory_accounting_is_what_save_and_load_give(mode, tmp_path
     assert abs(est["disk"] - len(raw)) < 0.01 * len(raw)  # + the header, estimated within 1 %
     loaded = T5EncoderModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert sum(t.numel() * t.element_size() for t in bench._unique(loaded)) == est["loaded"]  # exact
+
+
+def test_a_model_index_with_a_duplicate_key_is_refused_in_one_line(tmp_path):
+    """``model_index.json`` is parsed like every JSON we did not write (svdq_format.jsonsafe: issue 19):
+    a key given twice is refused, not silently the last one."""
+    from converters.quantize.components import pipeline_components
+    from svdq_format.errors import QuantizationError
+
+    (tmp_path / "model_index.json").write_text(
+        '{"transformer": ["diffusers", "FluxTransformer2DModel"], "transformer": ["transformers", "T5EncoderModel"]}')
+    with pytest.raises(QuantizationError, match=r"model_index\.json: not valid JSON \(duplicate key 'transformer'\)"):
+        pipeline_components(tmp_path)

@@ -21,11 +21,13 @@ def _lora_arg(text: str) -> tuple[str, float]:
 def _cmd_lora(args: argparse.Namespace) -> int:
     from svdq_format.errors import LoRAError
     from svdq_format.lora import base_fingerprint, compose_plans
+    from svdq_format.outputs import check_output
     from svdq_format.pretrained import load_model_dir
 
     from .delta import file_sha256, save_delta
     from .load import check_report, convert_lora
 
+    check_output(args.out, [args.base, *(_lora_arg(item)[0] for item in args.loras)], directory=False)
     model = load_model_dir(args.base)
     plans, strengths, sources, reports = [], [], [], []
     for i, item in enumerate(args.loras):

@@ -21,6 +21,7 @@ import torch
 
 from svdq_format.errors import LoRAError
 from svdq_format.io import atomic_write
+from svdq_format.outputs import check_output
 
 __all__ = ["ExtractionReport", "extract_lora", "open_dense_weights"]
 
@@ -110,9 +111,11 @@ def extract_lora(
 
     Raises:
         LoRAError: no common tensors, shape mismatches, non-finite values.
+        OutputError: ``out`` is, contains or lies inside ``base`` or ``tuned``, or is a directory.
     """
     from safetensors.torch import save_file
 
+    check_output(out, [base, tuned], directory=False)
     if rank <= 0:
         raise LoRAError(f"rank must be positive, got {rank}")
     b_idx, t_idx = open_dense_weights(base), open_dense_weights(tuned)

@@ -20,21 +20,24 @@ the format bakes alpha in).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from svdq_format import jsonsafe
 from svdq_format.errors import LoRAError
 from svdq_format.lora import LoraAdapter, LoraDelta
+from svdq_format.outputs import inside_directory
+
+from .patterns import ModulePattern, compile_patterns, first_match
 
 __all__ = [
     "RawLora",
@@ -182,11 +185,26 @@ def metadata_json_object(raw: str, path: str, key: str) -> dict[str, Any]:
         LoRAError: ``<path>: <key>: not valid JSON`` / ``not a JSON object``.
     """
     try:
-        obj = json.loads(raw)
-    except ValueError:
-        raise LoRAError(f"{path}: {key}: not valid JSON") from None
+        obj = jsonsafe.loads(raw)
+    except ValueError as exc:
+        raise LoRAError(f"{path}: {key}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise LoRAError(f"{path}: {key}: not a JSON object")
+    return obj
+
+
+def _peft_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json``: a JSON object (duplicate keys, NaN and deep nesting refused).
+
+    Raises:
+        LoRAError: ``<path>: not valid JSON (<why>)`` / ``not a JSON object``.
+    """
+    try:
+        obj = jsonsafe.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LoRAError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise LoRAError(f"{path}: not a JSON object")
     return obj
 
 
@@ -203,7 +221,10 @@ def _config_from_metadata(meta: Mapping[str, str], path: str) -> Optional[dict[s
 
 def _pick_file(d: Path, weight_name: Optional[str]) -> Path:
     if weight_name:
-        p = d / weight_name
+        inside = inside_directory(d, weight_name)
+        if inside is None:
+            raise LoRAError(f"{d}: weight_name {weight_name!r} leaves the LoRA directory")
+        p = inside
         if not p.is_file():
             raise LoRAError(f"{d}: no file {weight_name!r}")
         return p
@@ -226,10 +247,7 @@ def _read_dir(d: Path, weight_name: Optional[str], device: Optional[torch.device
     cfg = _config_from_metadata(meta, str(f))
     peft = False
     if (d / _PEFT_CONFIG).is_file():
-        try:
-            cfg = json.loads((d / _PEFT_CONFIG).read_text())
-        except ValueError:
-            raise LoRAError(f"{d / _PEFT_CONFIG}: not valid JSON") from None
+        cfg = _peft_config(d / _PEFT_CONFIG)
         peft = True
     return RawLora(sd, cfg, str(f), peft_dir=peft)
 
@@ -266,10 +284,7 @@ def read_lora(
         cfg_file = p.parent / _PEFT_CONFIG
         peft = p.name == _PEFT_WEIGHTS and cfg_file.is_file()
         if peft:
-            try:
-                cfg = json.loads(cfg_file.read_text())
-            except ValueError:
-                raise LoRAError(f"{cfg_file}: not valid JSON") from None
+            cfg = _peft_config(cfg_file)
         return RawLora(sd, cfg, path, peft_dir=peft)
     if p.is_dir():
         return _read_dir(p, weight_name, device)
@@ -283,6 +298,8 @@ def _read_hub(repo_id: str, *, weight_name: Optional[str], revision: Optional[st
               device: Optional[torch.device] = None) -> RawLora:
     from huggingface_hub import snapshot_download
 
+    if weight_name and inside_directory(".", weight_name) is None:
+        raise LoRAError(f"{repo_id}: weight_name {weight_name!r} leaves the repository")
     patterns = [weight_name] if weight_name else ["*.safetensors"]
     try:
         local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns + [_PEFT_CONFIG])
@@ -369,38 +386,62 @@ def _strip_component(key: str) -> str:
     return key
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any:
-    for pat, val in patterns.items():
-        p = pat.lstrip("^")
-        if module == p or module.endswith("." + p) or re.fullmatch(rf"(.*\.)?{p}", module):
-            return val
-    return None
+#: Largest ``|lora_alpha|`` accepted: the largest fp16 value (a bigger alpha makes a scale that
+#: no 16-bit compute dtype holds; real adapters use alphas of a few hundred at most).
+MAX_LORA_ALPHA = 65504.0
+
+
+def _alpha_number(value: Any, path: str, key: str) -> float:
+    """An alpha (or rank) from a file as a finite float within ±:data:`MAX_LORA_ALPHA`.
+
+    Raises:
+        LoRAError: ``<path>: <key>: ...`` — not a number, not finite, or out of range.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise LoRAError(f"{path}: {key}: must be one number, got a tensor of shape {list(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LoRAError(f"{path}: {key}: must be a number, got {type(value).__name__} {str(value)[:40]!r}")
+    x = float(value) if abs(value) < 1e300 else math.inf
+    if not math.isfinite(x) or abs(x) > MAX_LORA_ALPHA:
+        raise LoRAError(f"{path}: {key}: {str(value)[:40]} is not finite or beyond ±{MAX_LORA_ALPHA:g}")
+    return x
 
 
 def _unit_scale(module: str, rank: int, config: Optional[Mapping[str, Any]],
-                alphas: Optional[Mapping[str, Any]]) -> float:
-    """``alpha/r`` (``alpha/√r`` with rsLoRA); 1 when the format carries no alpha."""
+                alphas: Optional[Mapping[str, Any]], *, path: str,
+                patterns: Sequence[tuple[ModulePattern, object]] = ()) -> float:
+    """``alpha/r`` (``alpha/√r`` with rsLoRA); 1 when the format carries no alpha.
+
+    ``patterns``: the config's compiled ``alpha_pattern`` (:func:`compile_patterns`). Every
+    alpha is checked (:func:`_alpha_number`).
+    """
     alpha: Any = None
+    key = "lora_alpha"
     rslora = False
     if config:
         rslora = bool(config.get("use_rslora", False))
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
+        alpha = first_match(patterns, module)
+        key = f"alpha_pattern[{module}]"
         if alpha is None:
-            alpha = config.get("lora_alpha")
+            alpha, key = config.get("lora_alpha"), "lora_alpha"
             if alpha is None:  # PEFT default lora_alpha=8 applies only with a real PEFT config
-                alpha = config.get("r", rank)
+                alpha, key = config.get("r", rank), "r"
     elif alphas:
         a = alphas.get(f"{module}.alpha")
+        key = f"{module}.alpha"
         if a is None:
-            a = Counter(float(v) for v in alphas.values()).most_common(1)[0][0]
+            a = Counter(_alpha_number(v, path, k) for k, v in alphas.items()).most_common(1)[0][0]
         alpha = a
     if alpha is None:
         return 1.0
-    alpha = float(alpha.item() if isinstance(alpha, torch.Tensor) else alpha)
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
+    x = _alpha_number(alpha, path, key)
+    return x / math.sqrt(rank) if rslora else x / rank
 
 
-def _fix_final_layer(fmt: str, source: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, float]:
+def _fix_final_layer(fmt: str, source: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor],
+                     path: str) -> dict[str, float]:
     """Correct two slips of diffusers' Flux converters (diffusers 0.42) on the final layer.
 
     * kohya/ComfyUI: the ``final_layer`` ``.alpha`` keys are consumed but never applied, so
@@ -417,7 +458,7 @@ def _fix_final_layer(fmt: str, source: Mapping[str, torch.Tensor], out: dict[str
                             ("lora_unet_final_layer_adaLN_modulation_1", "norm_out.linear")):
             alpha, down = flat.get(f"{src}_alpha"), flat.get(f"{src}_lora_down_weight")
             if alpha is not None and down is not None and down.ndim == 2:
-                fixes[target] = float(alpha) / down.shape[0]
+                fixes[target] = _alpha_number(alpha, path, f"{src}.alpha") / down.shape[0]
     elif fmt in ("bfl-control", "fal-kontext"):
         prefix = "base_model.model." if fmt == "fal-kontext" else ""
         a = source.get(f"{prefix}final_layer.adaLN_modulation.1.lora_A.weight")
@@ -463,7 +504,7 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
         source = sd
         sd, alphas, leftovers = _diffusers_normalise(dict(sd), path)
         dropped.extend(leftovers)
-        extra_scale = _fix_final_layer(fmt, source, sd)
+        extra_scale = _fix_final_layer(fmt, source, sd, path)
         if fmt in ("kohya", "comfyui", "mixture", "xlabs", "bfl-control", "fal-kontext"):
             alphas = None  # folded into the weights by diffusers' converters
             config = None
@@ -477,6 +518,7 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
 
         sd = convert_unet_state_dict_to_peft(sd)
 
+    patterns = compile_patterns(config.get("alpha_pattern"), where=f"{path}: alpha_pattern") if config else []
     deltas: dict[str, LoraDelta] = {}
     params: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -507,7 +549,7 @@ def normalize_lora(raw: RawLora, *, adapter_name: str) -> NormalizedLora:
         r = int(a.shape[0])
         if r == 0:
             raise LoRAError(f"{path}: {mod}: rank 0")
-        scale = _unit_scale(mod, r, config, alphas) * extra_scale.get(mod, 1.0)
+        scale = _unit_scale(mod, r, config, alphas, path=path, patterns=patterns) * extra_scale.get(mod, 1.0)
         deltas[mod] = LoraDelta(
             a, b, torch.full((r,), scale, dtype=torch.float32, device=a.device), parts.get("lora_B.bias")
         )

@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from svdq_format import jsonsafe
 from svdq_format.errors import UnsupportedError
 
 __all__ = ["register"]
@@ -28,7 +28,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from .importer import import_nunchaku
 
         try:
-            out = import_nunchaku(args.input, args.output, dialect=args.dialect, config=_read_config(args.config))
+            out = import_nunchaku(args.input, args.output, dialect=args.dialect, config=_read_config(args.config),
+                                  overwrite=args.overwrite)
         except FormatError as exc:
             if exc.key != "config" or not exc.reason.startswith("no diffusers config"):
                 raise
@@ -43,7 +44,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         from .lite import export_nunchaku_lite
 
-        report = export_nunchaku_lite(args.input, args.output)
+        report = export_nunchaku_lite(args.input, args.output, overwrite=args.overwrite)
         print(f"ok: {args.input} -> {args.output} (nunchaku_lite; max nvfp4 scale rounding "
               f"{report['max_rel_scale_error']:.2e})")
     return 0
@@ -59,7 +60,7 @@ def _read_config(path: str | None) -> dict[str, Any] | None:
     if p.is_dir():
         p = p / "config.json"
     try:
-        config = json.loads(p.read_text())
+        config = jsonsafe.loads(p.read_text())
     except FileNotFoundError:
         raise FormatError(str(p), None, "no such file (--config: the model's config.json)") from None
     except (OSError, ValueError) as exc:
@@ -81,4 +82,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "config.json (or the folder holding it), e.g. the base model's transformer/config.json")
     p.add_argument("input", help="Nunchaku .safetensors (or org/repo/file.safetensors) for --from; model dir for --to")
     p.add_argument("output", help="model directory (--from, --to nunchaku-lite) or .safetensors file (--to nunchaku)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model in a non-empty output directory (refused otherwise)")
     p.set_defaults(func=_cmd_convert)

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdq_format.errors import UnsupportedError
 from svdq_format.linear import SVDQLinear
+from svdq_format.pretrained import build_model, model_class
 from svdq_format.spec import KSegment
 
 __all__ = ["GELU_SHIFT", "EXACT_BIAS_KEY", "PRESET_HINT", "build_skeleton", "find_linear", "is_gelu_fc2", "new_layer",
@@ -25,15 +25,11 @@ PRESET_HINT = 'quantize with `svdq quantize --target nunchaku` (Python: target="
 
 def build_skeleton(config: Mapping[str, Any], *, file: str | None = None) -> nn.Module:
     """The diffusers model of ``config["_class_name"]`` on the meta device (no memory)."""
-    import diffusers
-
-    name = config.get("_class_name")
-    cls = getattr(diffusers, str(name), None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise UnsupportedError(f"{file}: config names unknown diffusers class {name!r}")
+    where = file or "config"
+    cls = model_class(config, where)
     cfg = {k: v for k, v in config.items() if k != "quantization_config"}
     with torch.device("meta"):
-        return cls.from_config(cfg)
+        return build_model(cls, cfg, file=where, meta=False)
 
 
 def find_linear(model: nn.Module, name: str) -> nn.Linear | None:

@@ -36,6 +36,7 @@ from svdq_format.checkpoint import load_tensors, open_checkpoint
 from svdq_format.errors import UnsupportedError
 from svdq_format.io import atomic_write
 from svdq_format.linear import SVDQLinear
+from svdq_format.outputs import check_output
 from svdq_format.spec import FormatMetadata
 
 from . import layout as L
@@ -266,6 +267,8 @@ def export_nunchaku(
 ) -> Path:
     """Write an SVDQuant model directory as one Nunchaku single-file checkpoint.
 
+    ``out_file`` must not be, contain or lie inside ``model_dir`` (one ``OutputError`` line).
+
     Args:
         model_dir: An SVDQuant model directory (``config.json`` + weights).
         out_file: The ``.safetensors`` file to write (atomically).
@@ -280,6 +283,7 @@ def export_nunchaku(
         UnsupportedError: a layer Nunchaku cannot express (mixed precisions, unfusable q|k|v,
             fc2 without/with the GELU shift Nunchaku's int4 kernels apply, ...), naming it.
     """
+    check_output(out_file, [model_dir], directory=False)
     cfg, meta, layers, extras = read_model_dir(model_dir)
     file = os.fspath(model_dir)
     class_name = str(cfg.get("_class_name"))

@@ -37,12 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdq_format import packing
-from svdq_format.checkpoint import validate
+from svdq_format import jsonsafe, packing
+from svdq_format.checkpoint import check_config, validate
+from svdq_format.commit import DirectoryWrite
 from svdq_format.errors import FormatError, SVDQError, UnsupportedError
-from svdq_format.io import atomic_write, producer_info, refuse_pickle, save_file
+from svdq_format.io import atomic_write, producer_info, read_header, refuse_pickle, save_file
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
+from svdq_format.model import CONFIG_NAME, FILES_KEY, WEIGHTS_NAME, is_weight_file, write_record
+from svdq_format.outputs import check_output
 from svdq_format.spec import FormatMetadata, KSegment
 
 from . import layout as L
@@ -133,6 +135,7 @@ def read_nunchaku(
 
     path = _resolve(source)
     refuse_pickle(path)  # a .bin/.pt checkpoint: refused with an explanation, never unpickled
+    header = read_header(path)  # our header checks before safetensors maps the file
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
@@ -143,9 +146,12 @@ def read_nunchaku(
         if "config" not in metadata:
             raise FormatError(path, "config", "no diffusers config in the header (pass config=)")
         try:
-            config = json.loads(metadata["config"])
+            config = jsonsafe.loads(metadata["config"])
         except ValueError as exc:
             raise FormatError(path, "config", f"not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise FormatError(path, "config", "not a JSON object")
+        check_config(config, {k: e.shape for k, e in header.tensors.items()}, file=f"{path}: config")
     dialect = dialect or detect_dialect(raw)
     file_keys = {to_native(k, dialect): k for k in raw}
     tensors = {native: raw[k] for native, k in file_keys.items()}
@@ -292,6 +298,7 @@ def import_nunchaku(
     *,
     dialect: str | None = None,
     config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a Nunchaku single-file checkpoint into an SVDQuant model directory.
 
@@ -300,6 +307,8 @@ def import_nunchaku(
         out_dir: Directory to write (``config.json`` + ``diffusion_pytorch_model.safetensors``).
         dialect: ``"flux-cpp"``, ``"sdxl"`` or ``"native"``; detected when omitted.
         config: The diffusers model config, for files whose header has none.
+        overwrite: Replace the model of a non-empty ``out_dir`` (else refused,
+            :func:`svdq_format.outputs.check_output`).
 
     Returns:
         The output directory (validated).
@@ -307,7 +316,10 @@ def import_nunchaku(
     Raises:
         FormatError: a malformed or incomplete file (names the key).
         UnsupportedError: something the format cannot express (names the layer).
+        OutputError: ``out_dir`` is or overlaps ``source``, is a file, or is a non-empty
+            directory without ``overwrite``.
     """
+    check_output(out_dir, [source], directory=True, overwrite=overwrite)
     nf = read_nunchaku(source, dialect=dialect, config=config)
     file = nf.path
     model = build_skeleton(nf.config, file=file)
@@ -409,13 +421,16 @@ def import_nunchaku(
         "nunchaku": {k: v for k, v in record.items() if v},
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(layers, out / WEIGHTS_NAME, metadata=extra_meta, extra_tensors={k: extras[k] for k in sorted(extras)})
-    meta = FormatMetadata(layers={k: v.spec for k, v in layers.items()}, producer=producer_info(), extra=extra_meta)
-    cfg = {k: v for k, v in nf.config.items() if k != "quantization_config"}
-    cfg["quantization_config"] = meta.to_json()
-    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with DirectoryWrite(out) as w:  # one unit: staged, config.json committed last, old weights removed
+        save_file(layers, w.path(WEIGHTS_NAME), metadata=extra_meta,
+                  extra_tensors={k: extras[k] for k in sorted(extras)}, seal=True)
+        meta = FormatMetadata(layers={k: v.spec for k, v in layers.items()}, producer=producer_info(),
+                              extra=extra_meta)
+        cfg = {k: v for k, v in nf.config.items() if k != "quantization_config"}
+        cfg["quantization_config"] = {**meta.to_json(), FILES_KEY: write_record(w, [WEIGHTS_NAME])}
+        text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+        atomic_write(w.path(CONFIG_NAME), lambda tmp: Path(tmp).write_text(text))
+        w.commit([WEIGHTS_NAME], config=CONFIG_NAME, stale=is_weight_file)
     validate(out)
     return out
 
@@ -510,7 +525,7 @@ def _read_exact_biases(metadata: Mapping[str, str], file: str) -> dict[str, torc
     if not text:
         return {}
     try:
-        obj = json.loads(text)
+        obj = jsonsafe.loads(text)
         out = {}
         for name, entry in obj.items():
             raw = bytearray(base64.b64decode(entry["data"]))
@@ -524,6 +539,6 @@ def _loads_or_none(text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return jsonsafe.loads(text)
     except ValueError:
         return text

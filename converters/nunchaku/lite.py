@@ -30,10 +30,12 @@ import torch
 from torch import nn
 
 from svdq_format import packing
+from svdq_format.commit import DirectoryWrite
 from svdq_format.errors import UnsupportedError
 from svdq_format.io import atomic_write
 from svdq_format.linear import SVDQLinear
-from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME
+from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME, is_weight_file
+from svdq_format.outputs import check_output
 
 from . import layout as L
 from .common import build_skeleton, lora_down, lora_up, tensor_scale
@@ -128,7 +130,8 @@ def _awq_tensors(name: str, layer: SVDQLinear, module: nn.Linear, dtype: torch.d
     return t
 
 
-def export_nunchaku_lite(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def export_nunchaku_lite(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                         overwrite: bool = False) -> dict[str, Any]:
     """Write an SVDQuant model directory as a diffusers ``nunchaku_lite`` model directory.
 
     The result (``config.json`` with the compact ``quantization_config`` +
@@ -139,9 +142,17 @@ def export_nunchaku_lite(model_dir: str | os.PathLike[str], out_dir: str | os.Pa
         ``{"quantization_config": ..., "max_rel_scale_error": float}`` — the second is the
         largest relative rounding of an nvfp4 tensor scale (0 for int4).
 
+    Args:
+        model_dir: The SVDQuant model directory.
+        out_dir: The output directory.
+        overwrite: Replace the files of a non-empty ``out_dir`` (else refused).
+
     Raises:
         UnsupportedError: a layer nunchaku_lite cannot express, naming it.
+        OutputError: ``out_dir`` is or overlaps ``model_dir``, is a file, or is a non-empty
+            directory without ``overwrite``.
     """
+    check_output(out_dir, [model_dir], directory=True, overwrite=overwrite)
     cfg, _meta, layers, extras = read_model_dir(model_dir)
     file = os.fspath(model_dir)
     model = build_skeleton(cfg, file=file)
@@ -201,13 +212,13 @@ def export_nunchaku_lite(model_dir: str | os.PathLike[str], out_dir: str | os.Pa
         {"precision": "int4", "group_size": 64, "targets": sorted(awq)} if awq else None,
         dtype,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file as st_save
 
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: st_save(tensors, tmp, metadata={"format": "pt"}))
-    new_cfg = dict(cfg)
-    new_cfg["quantization_config"] = qc
-    text = json.dumps(new_cfg, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with DirectoryWrite(out_dir) as w:  # one writer, staged, config.json last, old weights removed
+        atomic_write(w.path(WEIGHTS_NAME), lambda tmp: st_save(tensors, tmp, metadata={"format": "pt"}))
+        new_cfg = dict(cfg)
+        new_cfg["quantization_config"] = qc
+        text = json.dumps(new_cfg, indent=2, sort_keys=True) + "\n"
+        atomic_write(w.path(CONFIG_NAME), lambda tmp: Path(tmp).write_text(text))
+        w.commit([WEIGHTS_NAME], config=CONFIG_NAME, stale=is_weight_file)
     return {"quantization_config": qc, "max_rel_scale_error": err}

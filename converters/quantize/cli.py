@@ -125,7 +125,7 @@ def _quantize(args: argparse.Namespace) -> int:
                 pipeline_kwargs=call if prompts else None,
                 options=opts, dtype=args.dtype, device=args.device, offload=args.offload,
                 progress=not args.quiet and root, keep_state=args.keep_state, max_shard_size=args.max_shard_size,
-                dist=dist, host_peak_reset=host_reset,
+                dist=dist, host_peak_reset=host_reset, overwrite=args.overwrite,
             )
         finished = True
     finally:
@@ -208,6 +208,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", help="local diffusers model (or pipeline) directory")
     p.add_argument("out", help="output model directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model in a non-empty OUT (refused otherwise, unless OUT holds only the "
+                        "resume state of an interrupted run)")
     defaults = QuantizeOptions()
     p.add_argument("--rank", type=int, default=32,
                    help="low-rank branch rank (default 32); with --rank-allocation budget: the average")

@@ -8,7 +8,6 @@ VAE, unlisted encoders) copied as it is, ``model_index.json`` written last.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -16,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from svdq_format import jsonsafe
 from svdq_format.errors import QuantizationError
 
 from .options import QuantizeOptions
@@ -38,7 +38,7 @@ def pipeline_components(src: str | os.PathLike[str]) -> dict[str, tuple[str, str
     if not index.is_file():
         raise QuantizationError(f"{src}: --components needs a pipeline directory (with model_index.json)")
     try:
-        data = json.loads(index.read_text())
+        data = jsonsafe.loads(index.read_text())
     except ValueError as exc:
         raise QuantizationError(f"{index}: not valid JSON ({exc})") from None
     return {k: (str(v[0]), str(v[1])) for k, v in data.items()

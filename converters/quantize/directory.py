@@ -13,6 +13,7 @@ import torch
 
 from svdq_format.errors import QuantizationError
 from svdq_format.model import DEFAULT_MAX_SHARD_SIZE, save_pretrained
+from svdq_format.outputs import check_output
 from svdq_format.spec import QUANTIZER_KEY, QuantizerInfo
 
 from .calibration import capture_pipeline_inputs, load_calibration
@@ -49,6 +50,7 @@ def quantize_directory(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dist: DistContext | None = None,
     host_peak_reset: bool = False,
+    overwrite: bool = False,
 ) -> QuantizeResult:
     """Quantize the diffusers transformer in ``src`` and write an SVDQuant model directory.
 
@@ -79,6 +81,8 @@ def quantize_directory(
             work is split over the ranks, rank 0 writes ``out``.
         host_peak_reset: The caller reset the process's peak RSS just before (the CLI does):
             the reported host peaks are this run's own.
+        overwrite: Replace the model of a non-empty ``out`` (else refused unless it holds only
+            an interrupted run's resume state; :func:`svdq_format.outputs.check_output`).
 
     ``fidelity.json`` reports each rank's peak host RSS and peak GPU memory
     (``environment.memory_per_rank``; rank 0's peak includes writing the checkpoint).
@@ -87,9 +91,9 @@ def quantize_directory(
     if dist is not None:
         device = rank_device(device, dist)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QuantizationError(f"{out_dir}: exists and is not a directory")
+    check_model_dir(src)  # a missing or wrong SRC is named before OUT is looked at
+    calib_path = calibration if isinstance(calibration, (str, os.PathLike)) else None
+    out_dir = check_output(out, [src, calib_path], directory=True, overwrite=overwrite)
     source = None
     start = time.time()
     if isinstance(calibration, (str, os.PathLike)) and os.fspath(calibration) != "synthetic":
@@ -102,7 +106,6 @@ def quantize_directory(
     if prompts:
         from diffusers import DiffusionPipeline
 
-        check_model_dir(src)
         if not (Path(src) / "model_index.json").is_file():
             parent = Path(src).resolve().parent
             hint = f" (its parent {parent} is one)" if (parent / "model_index.json").is_file() else ""
@@ -114,7 +117,8 @@ def quantize_directory(
             raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         try:
             with loading_bars(progress):
-                pipe = DiffusionPipeline.from_pretrained(src, **dtype_kwargs(DTYPES[dtype])).to(device)
+                pipe = DiffusionPipeline.from_pretrained(src, use_safetensors=True,  # never a pickle
+                                                         **dtype_kwargs(DTYPES[dtype])).to(device)
         except Exception as exc:
             raise QuantizationError(f"{src}: cannot load the pipeline for prompt calibration ({exc})") from None
         pipe.set_progress_bar_config(disable=not progress)

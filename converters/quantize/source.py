@@ -8,7 +8,6 @@ transformer (``svdq quantize``; ``--offload disk`` builds it lazily instead,
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from svdq_format import jsonsafe
 from svdq_format.errors import QuantizationError
 
-__all__ = ["DTYPES", "dtype_kwargs", "loading_bars", "check_model_dir", "load_diffusers_model"]
+__all__ = ["DTYPES", "dtype_kwargs", "loading_bars", "check_model_dir", "load_diffusers_model",
+           "refuse_pickle_weights"]
 
 #: Load dtypes by name (``--dtype``).
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -77,7 +78,7 @@ def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
     if not cfg_path.is_file():
         raise QuantizationError(f"{root}: not a diffusers model directory (no config.json)")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = jsonsafe.loads(cfg_path.read_text())
     except ValueError as exc:
         raise QuantizationError(f"{cfg_path}: not valid JSON ({exc})") from None
     name = cfg.get("_class_name") if isinstance(cfg, dict) else None
@@ -86,7 +87,26 @@ def check_model_dir(src: str | os.PathLike[str]) -> tuple[Any, Path]:
         raise QuantizationError(f"{cfg_path}: _class_name {name!r} is not a diffusers model class")
     if isinstance(cfg, dict) and "quantization_config" in cfg:
         raise QuantizationError(f"{cfg_path}: the model is already quantized")
+    refuse_pickle_weights(d)
     return cls, d
+
+
+def refuse_pickle_weights(d: Path) -> None:
+    """Refuse a model directory whose weights are pickles (``.bin``/``.pt``/``.pth``/``.ckpt``).
+
+    diffusers would unpickle them (``torch.load(weights_only=True)``); svdquant never loads a
+    pickle, so the dense source must be safetensors.
+
+    Raises:
+        QuantizationError: naming the pickle file.
+    """
+    if any(d.glob("*.safetensors")):
+        return
+    pickles = sorted(p for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickles:
+        raise QuantizationError(
+            f"{pickles[0]}: weights are not safetensors: svdquant never loads pickles (unpickling can run "
+            "arbitrary code); convert them to .safetensors with a tool you trust")
 
 
 def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16") -> tuple[nn.Module, Path]:
@@ -108,7 +128,7 @@ def load_diffusers_model(src: str | os.PathLike[str], *, dtype: str = "bfloat16"
     if dtype not in DTYPES:
         raise QuantizationError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     try:
-        model = cls.from_pretrained(d, **dtype_kwargs(DTYPES[dtype]))
+        model = cls.from_pretrained(d, use_safetensors=True, **dtype_kwargs(DTYPES[dtype]))  # never a pickle
     except Exception as exc:  # diffusers raises many types for broken directories
         raise QuantizationError(f"{d}: cannot load {name} ({' '.join(str(exc).split())[:200]})") from None
     return model.eval(), d

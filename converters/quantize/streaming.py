@@ -11,7 +11,6 @@ layers are quantized; what is left on meta at the end (block norms) is read last
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from svdq_format import jsonsafe
 from svdq_format.errors import QuantizationError
 
 from .blocks import around_blocks, block_containers, in_block
@@ -42,7 +42,7 @@ class ShardedSource:
         index = d / "diffusion_pytorch_model.safetensors.index.json"
         single = d / "diffusion_pytorch_model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            weight_map = jsonsafe.loads(index.read_text()).get("weight_map", {})
             self.files = {k: d / v for k, v in weight_map.items()}
         elif single.is_file():
             from safetensors import safe_open
