@@ -166,7 +166,8 @@ for step in $STEPS; do
       timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gptq_gpu.py > "$OUT/pytest_gptq_gpu.log" 2>&1
       rc=$?; echo "gptq gpu tests rc=$rc"; grep -E "passed|failed|Error" "$OUT/pytest_gptq_gpu.log" | tail -4
       if [ $rc -ne 0 ]; then export SVDQ_GPTQ_KERNEL=torch; echo "(the default recipe runs GPTQ's torch column loop)"; fi
-      for r in old default; do
+      timeout 90 python3 benchmarks/sdpa_backward_probe.py --out "$OUT/sdpa_backward_probe.json" 2>&1 | tail -4
+      for r in default old; do
         lim=$([ "$r" = old ] && echo 140 || echo 230)
         rm -rf "/tmp/q25_state_$r"
         timeout $lim python3 benchmarks/quantize_flux.py ${Q25_MODEL:---device cuda} --recipe $r \
@@ -175,6 +176,12 @@ for step in $STEPS; do
         grep -E "^(calibration|smoothing_search|svd|residual|report|io|sensitivity|rank_allocation|total) |peak GPU|stopped|Error" \
           "$OUT/q25_$r.log" | tail -14
         rm -rf "/tmp/q25_state_$r"
+        if [ "$r" = default ] && grep -q "illegal memory access" "$OUT/q25_$r.log"; then  # where it faults, then stop
+          CUDA_LAUNCH_BLOCKING=1 timeout 200 python3 benchmarks/quantize_flux.py ${Q25_MODEL:---device cuda} \
+            --recipe default --state-dir /tmp/q25_state_clb --out "$OUT/q25_clb" > "$OUT/q25_clb.log" 2>&1
+          grep -B30 -m1 "illegal memory access" "$OUT/q25_clb.log" | grep -E "File|Error" | tail -12; rm -rf /tmp/q25_state_clb
+          break
+        fi
       done
       unset SVDQ_GPTQ_KERNEL ;;
     *) echo "unknown step $step" ;;

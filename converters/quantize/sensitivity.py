@@ -10,7 +10,10 @@ at once). A layer output error ``δ`` in a random direction then moves the model
 ``sensitivity · ‖δ‖²``.
 
 It needs a differentiable forward of the whole model on the compute device (no block streaming).
-Parameters are frozen for it (no weight gradients are made: activation memory only).
+Parameters are frozen for it (no weight gradients are made: activation memory only). On CUDA the
+attention runs on the flash, memory-efficient or math kernels, not cuDNN's: on an H100 with torch
+2.11 the FLUX.1-dev-shaped backward (24 heads × 4608 tokens) died in it with an illegal memory
+access (``benchmarks/sdpa_backward_probe.py``; results in ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ def _to_device(value: Any, device: torch.device | str) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+def _attention_backends(device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """The SDPA backends of the backward passes: every one but cuDNN's on CUDA (module text)."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @contextlib.contextmanager
@@ -119,7 +131,7 @@ def layer_sensitivity(
         handles.append(mod.register_forward_pre_hook(pre(name)))
         handles.append(mod.register_forward_hook(post(name)))
     try:
-        with _frozen(model), torch.enable_grad():
+        with _frozen(model), torch.enable_grad(), _attention_backends(device):
             for sample in samples:
                 for _ in range(draws):
                     out = model_output(model(**_to_device(dict(sample), device)))
