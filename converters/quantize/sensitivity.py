@@ -11,9 +11,10 @@ at once). A layer output error ``δ`` in a random direction then moves the model
 
 It needs a differentiable forward of the whole model on the compute device (no block streaming).
 Parameters are frozen for it (no weight gradients are made: activation memory only). On CUDA the
-attention runs on the flash, memory-efficient or math kernels, not cuDNN's: on an H100 with torch
-2.11 the FLUX.1-dev-shaped backward (24 heads × 4608 tokens) died in it with an illegal memory
-access (``benchmarks/sdpa_backward_probe.py``; results in ``benchmarks/results/``).
+attention runs on the flash, memory-efficient or math kernels, not cuDNN's: a FLUX.1-dev-shaped
+run on an H100 (torch 2.11) died in this pass with an illegal memory access while cuDNN was
+allowed, and completes without it (docs/quantization.md, "Speed"; cuDNN alone passed
+``benchmarks/sdpa_backward_probe.py``, so the exclusion is a precaution, not a proven fix).
 """
 
 from __future__ import annotations
