@@ -196,3 +196,20 @@ def test_model_output_of_every_output_kind():
     assert model_output((a, 1)) is a and model_output({"x": a, "y": b}) is a
     with pytest.raises(TypeError, match="cannot find the output tensor of a int"):
         model_output(3)
+
+
+def test_sensitivity_backward_passes_keep_cudnn_attention_off_on_cuda():
+    """The sensitivity pass's SDPA backends (converters/quantize/sensitivity.py): on CUDA every
+    backend but cuDNN's while it runs, the user's settings back after; on the CPU nothing changes."""
+    import torch
+
+    from converters.quantize.sensitivity import _attention_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with _attention_backends("cuda"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with _attention_backends("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
