@@ -156,6 +156,34 @@ for step in $STEPS; do
       timeout 90 python3 benchmarks/quantizer_variants.py --out "$OUT/quantizer_variants.json" --code "$OUT/qcode" \
         > "$OUT/quantizer_variants.log" 2>&1; echo "quantizer rc=$?"; grep -v Warn "$OUT/quantizer_variants.log" | tail -3 | cut -c1-300
       tar -czf "$OUT/qcode.tgz" -C "$OUT" qcode 2>/dev/null; rm -rf "$OUT/qcode" ;;
+    q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
+          # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
+          # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
+          # GPTQ), then today's default (GPTQ, rank allocation under the rank-32 budget) on the same
+          # machine. State (statistics with Hessians, finished blocks) in /tmp, removed after; JSON +
+          # logs in $OUT. Q25_MODEL="--tiny --device cpu" runs the quantize part on a CPU (a check of
+          # the step itself).
+      timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gptq_gpu.py > "$OUT/pytest_gptq_gpu.log" 2>&1
+      rc=$?; echo "gptq gpu tests rc=$rc"; grep -E "passed|failed|Error" "$OUT/pytest_gptq_gpu.log" | tail -4
+      if [ $rc -ne 0 ]; then export SVDQ_GPTQ_KERNEL=torch; echo "(the default recipe runs GPTQ's torch column loop)"; fi
+      timeout 90 python3 benchmarks/sdpa_backward_probe.py --out "$OUT/sdpa_backward_probe.json" 2>&1 | tail -4
+      for r in default old; do
+        lim=$([ "$r" = old ] && echo 140 || echo 230)
+        rm -rf "/tmp/q25_state_$r"
+        timeout $lim python3 benchmarks/quantize_flux.py ${Q25_MODEL:---device cuda} --recipe $r \
+          --time-budget $((lim - 30)) --state-dir "/tmp/q25_state_$r" --out "$OUT/q25_$r" > "$OUT/q25_$r.log" 2>&1
+        echo "q25 $r rc=$? (3: stopped at the time budget, partial timings in the JSON)"
+        grep -E "^(calibration|smoothing_search|svd|residual|report|io|sensitivity|rank_allocation|total) |peak GPU|stopped|Error" \
+          "$OUT/q25_$r.log" | tail -14
+        rm -rf "/tmp/q25_state_$r"
+        if [ "$r" = default ] && grep -q "illegal memory access" "$OUT/q25_$r.log"; then  # where it faults, then stop
+          CUDA_LAUNCH_BLOCKING=1 timeout 200 python3 benchmarks/quantize_flux.py ${Q25_MODEL:---device cuda} \
+            --recipe default --state-dir /tmp/q25_state_clb --out "$OUT/q25_clb" > "$OUT/q25_clb.log" 2>&1
+          grep -B30 -m1 "illegal memory access" "$OUT/q25_clb.log" | grep -E "File|Error" | tail -12; rm -rf /tmp/q25_state_clb
+          break
+        fi
+      done
+      unset SVDQ_GPTQ_KERNEL ;;
     *) echo "unknown step $step" ;;
   esac
 done
