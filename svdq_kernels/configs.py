@@ -120,6 +120,16 @@ class Group64GemmConfig(CutlassGemmConfig):
     #: scale, ``L1`` by the row's), so there is no separate low-rank GEMM and no bf16 source
     #: tensor for the epilogue to read; the epilogue adds the bias (``e4m3`` only).
     lowrank: bool = False
+    #: Where the int4 weights become e4m3: ``"consumer"`` (the MMA warps convert into registers and
+    #: issue register-sourced wgmmas) or ``"producer"`` (the producer warpgroup's idle warps
+    #: convert each TMA stage into a ring of ``convert_slots`` e4m3 tiles in shared memory, and the
+    #: MMA warps issue shared-memory-sourced FP8 wgmmas like a dense FP8 GEMM; same bits).
+    #: ``"producer"`` needs the table conversion, the cooperative schedule, the low-rank k-tiles
+    #: (their epilogue reads no source tensor, which leaves three idle producer warps) and no
+    #: promotion; it waits for its GPU run (:data:`PRODUCER_CONVERT_CONFIGS`, not used by default).
+    convert: str = "consumer"
+    #: Slots of the producer conversion's e4m3 ring (``convert="producer"``; 16 KiB each at tile_m 128).
+    convert_slots: int = 2
 
     kind: str = dataclasses.field(default="svdq_g64_gemm", init=False)
 
@@ -139,13 +149,23 @@ class Group64GemmConfig(CutlassGemmConfig):
             raise UnsupportedError("the table conversion writes e4m3 weights: lut needs activations='e4m3'")
         if self.lowrank and (self.activations != "e4m3" or self.promote or self.tile_k != 128):
             raise UnsupportedError("the low-rank k-tiles need e4m3 activations, tile_k 128 and no promotion")
+        if self.convert not in ("consumer", "producer"):
+            raise UnsupportedError(f"convert {self.convert!r} is not 'consumer' or 'producer'")
+        if self.convert == "producer":
+            if not (self.lut and self.lowrank and self.schedule == "cooperative"):
+                raise UnsupportedError("convert='producer' needs lut, lowrank and the cooperative schedule")
+            if self.tile_n * self.tile_m > 128 * 256 or self.cluster_m * self.cluster_n != 1:
+                raise UnsupportedError("convert='producer' is built for tiles up to 128 x 256 without clusters")
+            if not 1 <= self.convert_slots <= 4:
+                raise UnsupportedError(f"convert_slots {self.convert_slots} is not 1..4")
 
     @property
     def name(self) -> str:
         base = super().name if self.activations == "e4m3" else super().name.replace("s4fp8_", "s4f16_", 1)
         return ("g64" + base + (f"_p{self.promote}" if self.promote else "")
                 + ("_sk" if self.scheduler == "streamk" else "") + ("_lut" if self.lut else "")
-                + ("_lr" if self.lowrank else ""))
+                + ("_lr" if self.lowrank else "")
+                + (f"_pc{self.convert_slots}" if self.convert == "producer" else ""))
 
     def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
         if group != 64:
