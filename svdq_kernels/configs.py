@@ -15,7 +15,7 @@ from svdq_format.errors import UnsupportedError
 
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
            "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
-           "config_by_name", "group64_config"]
+           "PRODUCER_CONVERT_CONFIGS", "config_by_name", "group64_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
@@ -227,13 +227,20 @@ AUTO_GROUP64_LR_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
     dataclasses.replace(c, lowrank=True) for c in AUTO_GROUP64_CONFIGS)
 
 
+#: The producer-conversion twins (``convert="producer"``) of the large-M low-rank tilings (128 × 256
+#: and its stream-K twin): opt-in (:data:`svdq_kernels.cutlass_fast8.CONVERT`), not prebuilt, until
+#: a GPU run shows them faster than the consumer conversion.
+PRODUCER_CONVERT_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
+    dataclasses.replace(c, convert="producer") for c in AUTO_GROUP64_LR_CONFIGS[:2])
+
+
 #: The int4 W4A16 variants (fp16 activations, no table conversion) of the automatic tilings.
 AUTO_GROUP64_W4A16_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
     dataclasses.replace(c, lut=False, activations="f16") for c in AUTO_GROUP64_CONFIGS)
 
 
 def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations: str = "e4m3",
-                   lowrank: bool = False) -> Group64GemmConfig:
+                   lowrank: bool = False, convert: str = "consumer") -> Group64GemmConfig:
     """The group-64 kernel for ``m`` tokens (and ``n`` output features on ``sms`` SMs): wide token
     tiles for large M, narrow ones below. At M ≥ 2048, when the ``[128 × 256]`` tiles fill their
     last wave so little that the waves run below :data:`STREAMK_WAVE_EFFICIENCY` busy, the
@@ -241,9 +248,18 @@ def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations:
     (:data:`AUTO_GROUP64_W4A16_CONFIGS`). ``SVDQ_G64_CONFIG=<name>`` forces a tiling from
     :data:`GROUP64_CONFIGS` or :data:`GROUP64_CANDIDATES` (benchmarks; ``e4m3`` only).
     ``lowrank``: the tiling's variant with the low-rank k-tiles (:data:`AUTO_GROUP64_LR_CONFIGS`;
-    a forced tiling gets its ``lowrank`` twin)."""
+    a forced tiling gets its ``lowrank`` twin). ``convert="producer"`` (with ``lowrank``): the
+    tiling's producer-conversion twin where it has one (:data:`PRODUCER_CONVERT_CONFIGS`: M ≥ 2048),
+    else the tiling itself."""
+    if convert not in ("consumer", "producer"):
+        raise UnsupportedError(f"convert {convert!r} is not 'consumer' or 'producer'")
     if lowrank:
-        return dataclasses.replace(group64_config(m, n=n, sms=sms), lowrank=True)
+        config = dataclasses.replace(group64_config(m, n=n, sms=sms), lowrank=True)
+        if convert == "producer":
+            for twin in PRODUCER_CONVERT_CONFIGS:
+                if dataclasses.replace(twin, convert="consumer") == config:
+                    return twin
+        return config
     if activations != "e4m3":
         return AUTO_GROUP64_W4A16_CONFIGS[AUTO_GROUP64_CONFIGS.index(_auto_tiling(m, n=n, sms=sms))]
     forced = os.environ.get("SVDQ_G64_CONFIG")
@@ -281,7 +297,8 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
-    named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS, *AUTO_GROUP64_LR_CONFIGS)
+    named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS, *AUTO_GROUP64_LR_CONFIGS,
+             *PRODUCER_CONVERT_CONFIGS)
     for config in named:
         if config.name == name:
             return config

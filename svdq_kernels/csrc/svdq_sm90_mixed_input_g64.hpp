@@ -1418,23 +1418,29 @@ public:
       pipeline.consumer_wait(read);
       conv.full[conv_read.index()].wait(conv_read.phase());
     };
+    // one k-tile's wgmmas as one batch; each branch arrives and commits itself, so the batch's
+    // last wgmma carries the commit (a commit after the branches' join costs a dummy wgmma)
     auto mma_tile = [&](int stage, int slot) {
       if constexpr (LowRankUp) {
         if (scale_bits[SmemLayoutScale{}(0, 0, stage)] == LrScaleSentinel) {
+          warpgroup_arrive();
           CUTLASS_PRAGMA_UNROLL
           for (int k_block = 0; k_block < LrKBlocks; ++k_block) {
             tiled_mma_lr.accumulate_ = tiled_mma.accumulate_;
             cute::gemm(tiled_mma_lr, get<0>(lr_fragments)(_,_,k_block,stage), get<1>(lr_fragments)(_,_,k_block,stage), accum);
             tiled_mma.accumulate_ = GMMA::ScaleOut::One;
           }
+          warpgroup_commit_batch();
           return;
         }
       }
+      warpgroup_arrive();
       CUTLASS_PRAGMA_UNROLL
       for (int k_block = 0; k_block < K_BLOCK_MAX; ++k_block) {
         cute::gemm(tiled_mma, tCrA(_,_,k_block,slot), tCrB(_,_,k_block,stage), accum);
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
       }
+      warpgroup_commit_batch();
     };
 
     ConvertPipelineState conv_read = convert_read_state(smem_pipe_read.count());
@@ -1445,9 +1451,7 @@ public:
     warpgroup_fence_operand(accum);
     {  // first k-tile
       wait(smem_pipe_read, conv_read);
-      warpgroup_arrive();
       mma_tile(smem_pipe_read.index(), conv_read.index());
-      warpgroup_commit_batch();
       ++smem_pipe_read;
       ++conv_read;
     }
@@ -1457,9 +1461,7 @@ public:
     for ( ; k_tile_count > 0; --k_tile_count) {
       wait(smem_pipe_read, conv_read);
       warpgroup_fence_operand(accum);
-      warpgroup_arrive();
       mma_tile(smem_pipe_read.index(), conv_read.index());
-      warpgroup_commit_batch();
       warpgroup_wait<1>();  // the previous k-tile's wgmmas are done: release its stage and slot
       warpgroup_fence_operand(accum);
       pipeline.consumer_release(smem_pipe_release);
