@@ -15,7 +15,7 @@ from svdq_format.errors import UnsupportedError
 
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
            "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
-           "PRODUCER_CONVERT_CONFIGS", "config_by_name", "group64_config"]
+           "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "config_by_name", "group64_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
@@ -233,6 +233,11 @@ AUTO_GROUP64_LR_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
 PRODUCER_CONVERT_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
     dataclasses.replace(c, convert="producer") for c in AUTO_GROUP64_LR_CONFIGS[:2])
 
+#: Measured beside them (benchmarks/fast8_producer.py), not selected: a three-slot converted ring
+#: (more slack for the converter warps, at the cost of one TMA stage at 128 × 256).
+PRODUCER_CONVERT_CANDIDATES: tuple[Group64GemmConfig, ...] = (
+    dataclasses.replace(PRODUCER_CONVERT_CONFIGS[0], convert_slots=3),)
+
 
 #: The int4 W4A16 variants (fp16 activations, no table conversion) of the automatic tilings.
 AUTO_GROUP64_W4A16_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
@@ -298,7 +303,7 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
     named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS, *AUTO_GROUP64_LR_CONFIGS,
-             *PRODUCER_CONVERT_CONFIGS)
+             *PRODUCER_CONVERT_CONFIGS, *PRODUCER_CONVERT_CANDIDATES)
     for config in named:
         if config.name == name:
             return config

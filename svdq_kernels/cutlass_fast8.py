@@ -182,7 +182,8 @@ def group64_gemm_lowrank(
     if config is None:
         config = group64_config(q.shape[0], n=qweight.shape[0], sms=_sm_count(q.device.index), lowrank=True,
                                 convert=CONVERT)
-    op = load_kernel(config, also_build=AUTO_GROUP64_LR_CONFIGS + (PRODUCER_CONVERT_CONFIGS if CONVERT == "producer" else ()))
+    producer = PRODUCER_CONVERT_CONFIGS if CONVERT == "producer" else ()
+    op = load_kernel(config, also_build=AUTO_GROUP64_LR_CONFIGS + producer)
     b = bias.to(torch.bfloat16) if bias is not None else q.new_empty(0, dtype=torch.bfloat16)
     return op(qweight, scales, rowinv, q, a, b, lr, l1)
 

@@ -25,7 +25,8 @@ PC = Group64GemmConfig(tile_m=128, tile_n=256, lut=True, lowrank=True, convert="
 
 
 def test_producer_configs_are_the_large_m_low_rank_tilings_with_their_own_names():
-    assert [dataclasses.replace(c, convert="consumer") for c in PRODUCER_CONVERT_CONFIGS] == list(AUTO_GROUP64_LR_CONFIGS[:2])
+    twins = [dataclasses.replace(c, convert="consumer") for c in PRODUCER_CONVERT_CONFIGS]
+    assert twins == list(AUTO_GROUP64_LR_CONFIGS[:2])
     assert PRODUCER_CONVERT_CONFIGS[0] == PC and PC.name == "g64s4fp8_128x256x128_c1x1_cooperative_lut_lr_pc2"
     assert PRODUCER_CONVERT_CONFIGS[1].name.endswith("_sk_lut_lr_pc2")
     consumer = dataclasses.replace(PC, convert="consumer")
@@ -35,6 +36,8 @@ def test_producer_configs_are_the_large_m_low_rank_tilings_with_their_own_names(
                          cutlass_dir="/x", arch="sm_90a", torch_version="2.13", svdquant_version="0")
     assert build.cache_key(PC, tc) != build.cache_key(consumer, tc)
     assert config_by_name(PC.name) == PC
+    (pc3,) = configs.PRODUCER_CONVERT_CANDIDATES
+    assert config_by_name(pc3.name) == pc3 == dataclasses.replace(PC, convert_slots=3)
 
 
 def test_producer_configs_are_opt_in():
@@ -45,7 +48,8 @@ def test_producer_configs_are_opt_in():
     for m, n in ((4608, 3072), (4608, 21504), (4096, 3072), (2048, 12288)):
         default = group64_config(m, n=n, lowrank=True)
         assert default.convert == "consumer"
-        assert group64_config(m, n=n, lowrank=True, convert="producer") == dataclasses.replace(default, convert="producer")
+        producer = group64_config(m, n=n, lowrank=True, convert="producer")
+        assert producer == dataclasses.replace(default, convert="producer")
     # below 2048 tokens the tilings have no producer twin: the consumer kernel runs
     for m in (1, 16, 17, 255, 256, 2047):
         assert group64_config(m, n=3072, lowrank=True, convert="producer") == group64_config(m, n=3072, lowrank=True)
