@@ -13,6 +13,9 @@ graphs (``do_bench_cudagraph`` median):
   producer conversion (``convert="producer"``: SS wgmmas on an e4m3 tile the producer
   warpgroup wrote); ``consumer_128x256`` / ``producer_128x256`` and ``…_sk``: both tilings forced;
   ``producer_128x256_pc3``: a three-slot converted ring (``PRODUCER_CONVERT_CANDIDATES``);
+  ``probe_128x256`` / ``probe_128x256_sk``: the producer kernels with the conversion skipped
+  (``PRODUCER_CONVERT_PROBES``, wrong results): their time if the conversion were free — how much
+  of the gap to ``fp8_gemm`` is the converter warps' and how much the rest of the kernel's;
 * ``svdq_layer`` / ``svdq_layer_producer`` — the compiled SVDQuant layer (quantizer in the graph,
   ``svdquant::linear_fp8`` with the low-rank k-tiles) with ``cutlass_fast8.CONVERT`` consumer /
   producer (``--no-layer`` skips them).
@@ -49,7 +52,12 @@ def measure_shape(m: int, k: int, n: int, rank: int, *, layer: bool) -> dict:
     """One shape's timings (milliseconds) and ratios (``fp8 time / ours``)."""
     from svdq_format import ops
     from svdq_kernels import cutlass_fast8, lowrank_tiles
-    from svdq_kernels.configs import PRODUCER_CONVERT_CANDIDATES, PRODUCER_CONVERT_CONFIGS, group64_config
+    from svdq_kernels.configs import (
+        PRODUCER_CONVERT_CANDIDATES,
+        PRODUCER_CONVERT_CONFIGS,
+        PRODUCER_CONVERT_PROBES,
+        group64_config,
+    )
 
     torch.manual_seed(0)
     L = random_layer(m, k, n, rank)
@@ -83,6 +91,11 @@ def measure_shape(m: int, k: int, n: int, rank: int, *, layer: bool) -> dict:
     for pc in PRODUCER_CONVERT_CANDIDATES:
         t[f"producer_128x256_pc{pc.convert_slots}"] = bench(gemm(pc))
         equal[pc.name] = bool(torch.equal(gemm(pc)(), gemm(dataclasses.replace(pc, convert="consumer"))()))
+    for probe in PRODUCER_CONVERT_PROBES:
+        key = "probe_128x256" + ("_sk" if probe.scheduler == "streamk" else "")
+        t[key] = bench(gemm(probe))
+        if dataclasses.replace(probe, convert="consumer", convert_probe=False) == auto:
+            t["probe"] = t[key]
     if layer:
         def svdq(x: torch.Tensor) -> torch.Tensor:
             return ops.svdq_linear(x, L.qweight, L.wscales, None, L.smooth, L.down, L.up, bias,
@@ -125,15 +138,15 @@ def main(argv=None) -> int:
     print()
     layer = not args.no_layer
     print(f"{'M x K x N':<18} {'fp8 gemm':>9} {'consumer':>9} {'producer':>9} {'prod/cons':>10} {'cons/fp8':>9} "
-          f"{'prod/fp8':>9} {'p 128x256':>10} {'p sk':>8}"
+          f"{'prod/fp8':>9} {'probe':>8} {'p 128x256':>10} {'p sk':>8} {'p pc3':>8}"
           + (f" {'fp8 lyr':>8} {'lyr c/fp8':>10} {'lyr p/fp8':>10}" if layer else "")
           + "  equal   (us; ratios = speed-ups)")
     for r in rows:
         t = r["ms"]
         line = (f"{r['m']}x{r['k']}x{r['n']:<8} {t['fp8_gemm'] * 1e3:9.1f} {t['consumer'] * 1e3:9.1f} "
                 f"{t['producer'] * 1e3:9.1f} {r['producer_vs_consumer']:10.3f} {r['consumer_vs_fp8_gemm']:9.3f} "
-                f"{r['producer_vs_fp8_gemm']:9.3f} {t['producer_128x256'] * 1e3:10.1f} "
-                f"{t['producer_128x256_sk'] * 1e3:8.1f}")
+                f"{r['producer_vs_fp8_gemm']:9.3f} {t['probe'] * 1e3:8.1f} {t['producer_128x256'] * 1e3:10.1f} "
+                f"{t['producer_128x256_sk'] * 1e3:8.1f} {t['producer_128x256_pc3'] * 1e3:8.1f}")
         if layer:
             line += (f" {t['fp8_layer'] * 1e3:8.1f} {r['layer_consumer_vs_fp8_layer']:10.3f} "
                      f"{r['layer_producer_vs_fp8_layer']:10.3f}")

@@ -15,7 +15,8 @@ from svdq_format.errors import UnsupportedError
 
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
            "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
-           "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "config_by_name", "group64_config"]
+           "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "PRODUCER_CONVERT_PROBES", "config_by_name",
+           "group64_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
@@ -130,6 +131,9 @@ class Group64GemmConfig(CutlassGemmConfig):
     convert: str = "consumer"
     #: Slots of the producer conversion's e4m3 ring (``convert="producer"``; 16 KiB each at tile_m 128).
     convert_slots: int = 2
+    #: Benchmark probe of ``convert="producer"`` (**wrong results**): the converter warps only keep
+    #: the barriers, so the kernel's time is the producer kernel's with a free conversion.
+    convert_probe: bool = False
 
     kind: str = dataclasses.field(default="svdq_g64_gemm", init=False)
 
@@ -158,6 +162,8 @@ class Group64GemmConfig(CutlassGemmConfig):
                 raise UnsupportedError("convert='producer' is built for tiles up to 128 x 256 without clusters")
             if not 1 <= self.convert_slots <= 4:
                 raise UnsupportedError(f"convert_slots {self.convert_slots} is not 1..4")
+        elif self.convert_probe:
+            raise UnsupportedError("convert_probe times the producer conversion: it needs convert='producer'")
 
     @property
     def name(self) -> str:
@@ -165,7 +171,8 @@ class Group64GemmConfig(CutlassGemmConfig):
         return ("g64" + base + (f"_p{self.promote}" if self.promote else "")
                 + ("_sk" if self.scheduler == "streamk" else "") + ("_lut" if self.lut else "")
                 + ("_lr" if self.lowrank else "")
-                + (f"_pc{self.convert_slots}" if self.convert == "producer" else ""))
+                + (f"_pc{self.convert_slots}" if self.convert == "producer" else "")
+                + ("_probe" if self.convert_probe else ""))
 
     def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
         if group != 64:
@@ -238,6 +245,10 @@ PRODUCER_CONVERT_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
 PRODUCER_CONVERT_CANDIDATES: tuple[Group64GemmConfig, ...] = (
     dataclasses.replace(PRODUCER_CONVERT_CONFIGS[0], convert_slots=3),)
 
+#: Timing probes (``convert_probe``, wrong results: benchmarks only) of the producer kernels.
+PRODUCER_CONVERT_PROBES: tuple[Group64GemmConfig, ...] = tuple(
+    dataclasses.replace(c, convert_probe=True) for c in PRODUCER_CONVERT_CONFIGS)
+
 
 #: The int4 W4A16 variants (fp16 activations, no table conversion) of the automatic tilings.
 AUTO_GROUP64_W4A16_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
@@ -303,7 +314,7 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
     named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS, *AUTO_GROUP64_LR_CONFIGS,
-             *PRODUCER_CONVERT_CONFIGS, *PRODUCER_CONVERT_CANDIDATES)
+             *PRODUCER_CONVERT_CONFIGS, *PRODUCER_CONVERT_CANDIDATES, *PRODUCER_CONVERT_PROBES)
     for config in named:
         if config.name == name:
             return config

@@ -38,6 +38,9 @@ def test_producer_configs_are_the_large_m_low_rank_tilings_with_their_own_names(
     assert config_by_name(PC.name) == PC
     (pc3,) = configs.PRODUCER_CONVERT_CANDIDATES
     assert config_by_name(pc3.name) == pc3 == dataclasses.replace(PC, convert_slots=3)
+    probes = configs.PRODUCER_CONVERT_PROBES
+    assert [p.name for p in probes] == [c.name + "_probe" for c in PRODUCER_CONVERT_CONFIGS]
+    assert all(config_by_name(p.name) == p for p in probes)
 
 
 def test_producer_configs_are_opt_in():
@@ -66,6 +69,7 @@ def test_producer_configs_are_opt_in():
     ({"convert_slots": 0}, "convert_slots"),
     ({"convert_slots": 5}, "convert_slots"),
     ({"convert": "warp"}, "is not 'consumer' or 'producer'"),
+    ({"convert": "consumer", "convert_probe": True}, "convert_probe"),
 ])
 def test_invalid_producer_configs_are_refused(bad, needle):
     fields = {**dataclasses.asdict(PC), **bad}
@@ -80,6 +84,8 @@ def test_producer_source_instantiates_the_converting_kernel():
 
     src = render_source(PC)
     assert "#define SVDQ_CONVERT_STAGES 2" in src and "#define SVDQ_LOWRANK 1" in src and "${" not in src
+    assert "#define SVDQ_CONVERT_PROBE 0" in src
+    assert "#define SVDQ_CONVERT_PROBE 1" in render_source(dataclasses.replace(PC, convert_probe=True))
     assert '#include "svdq_sm90_gemm_producer_convert.hpp"' in src
     assert "cutlass::gemm::SvdqMainloopSm90ProducerConvert<kStages, ClusterShape>" in src
     assert "\n    0, true, SVDQ_LOWRANK != 0, kConvertStages>;" in src

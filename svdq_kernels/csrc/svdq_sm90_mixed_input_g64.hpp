@@ -56,6 +56,13 @@
 
 /////////////////////////////////////////////////////////////////////////////////////////////////
 
+// svdq: a timing probe of the producer conversion (benchmarks only, wrong results): the converter
+// warps keep their barriers but convert nothing, so the consumers multiply stale e4m3 slots. Its
+// time is what the producer kernel would take if the conversion were free.
+#ifndef SVDQ_CONVERT_PROBE
+#define SVDQ_CONVERT_PROBE 0
+#endif
+
 namespace cutlass::gemm::collective {
 using namespace cute;
 
@@ -1352,7 +1359,7 @@ public:
       if constexpr (LowRankUp) {
         lr_tile = reinterpret_cast<uint16_t const*>(scales)[SmemLayoutScale{}(0, 0, stage)] == LrScaleSentinel;
       }
-      if (!lr_tile) {
+      if (!lr_tile && !SVDQ_CONVERT_PROBE) {
         CUTLASS_PRAGMA_NO_UNROLL
         for (int u = convert_thread_idx; u < Units; u += convert_threads) {
           int const m = u % TileM;   // consecutive threads, consecutive rows: no bank conflicts
