@@ -112,7 +112,7 @@ def producer_convert(monkeypatch):
 
 
 @pytest.mark.parametrize("n,k", FLUX_NK[:3], ids=lambda v: str(v))
-@pytest.mark.parametrize("m", [4096, 4608])
+@pytest.mark.parametrize("m", [4608])  # (the references run on one CPU thread: tests/conftest.py)
 def test_fast8_layer_with_the_producer_conversion_matches_the_reference(producer_convert, m, n, k):
     """The whole layer (prologue, low-rank k-tiles, bias) with ``CONVERT = "producer"``: within the
     fast8 layer's bound of ``reference_linear`` (fp8w), and the fast8_linear_fp8 entry (what a
