@@ -3,6 +3,10 @@ both ``quantization_config`` classes and both quantizers behave alike where they
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from torch import nn
 
@@ -50,3 +54,20 @@ def test_save_pretrained_refuses_pickles_and_variants(save, tmp_path):
     with pytest.raises(UnsupportedError, match="variant='fp16' is not supported"):
         save(nn.Linear(2, 2), tmp_path, variant="fp16")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("library, quantizer, config", [
+    ("diffusers", "SVDQuantizer", "SVDQuantConfig"),
+    ("transformers", "SVDQuantHfQuantizer", "SVDQuantHfConfig"),
+])
+def test_registration_is_lazy(library, quantizer, config):
+    code = (
+        "import sys, svdq_format\n"
+        f"assert {library!r} not in sys.modules, 'import svdq_format pulled in {library}'\n"
+        f"from {library}.quantizers import auto\n"
+        f"assert auto.AUTO_QUANTIZER_MAPPING['svdquant'].__name__ == {quantizer!r}\n"
+        f"assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING['svdquant'].__name__ == {config!r}\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
