@@ -11,6 +11,11 @@ set -u
 OUT=${OUT:-/tmp/svdq-gpu-session}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STEPS=${*:-next}
+# A kernel cache prebuilt elsewhere (`svdq kernels build --torch-dir`, docs/kernels.md), carried as
+# .kcache/kcache.tgz: unpacked once into this machine's cache, so no step waits for nvcc.
+KC=${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}
+if [ -f .kcache/kcache.tgz ] && [ ! -e "$KC/.unpacked" ]; then
+  mkdir -p "$KC" && tar -C "$KC" -xzf .kcache/kcache.tgz && touch "$KC/.unpacked"; fi
 build_g64() {  # $1: parallel nvcc jobs; $2: which kernels — all: GROUP64_CONFIGS + the candidates;
                # lut: the auto tilings with and without the table conversion; w4a16: the W4A16
                # kernels; n1: GROUP64_CONFIGS, the plain twins of the auto tilings and W4A16; lr: the auto
@@ -210,6 +215,12 @@ for c in PC:
         timeout 150 python3 benchmarks/fast8_producer.py --no-layer --out "$OUT/fast8_producer.json" > "$OUT/fast8_producer.log" 2>&1
         echo "p23 bench rc=$?"; grep -v Warn "$OUT/fast8_producer.log" | tail -8 | cut -c1-250
       fi ;;
+    seg)  # the k-segmented layers (Nunchaku FLUX single blocks' proj_out) on the kernels: the GPU test, then
+          # on a failure the per-segment, per-path errors (benchmarks/segmented_parts.py; ~3 min in all)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
+      rc=$?; echo "segmented gpu tests rc=$rc"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5
+      if [ $rc -ne 0 ]; then timeout 120 python3 benchmarks/segmented_parts.py > "$OUT/segmented_parts.log" 2>&1
+        echo "parts rc=$?"; grep -v Warn "$OUT/segmented_parts.log" | tail -18; fi ;;
     *) echo "unknown step $step" ;;
   esac
 done
