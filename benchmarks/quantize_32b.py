@@ -129,6 +129,17 @@ def describe_model(args: argparse.Namespace) -> tuple[dict, int, int, int, str]:
     return cfg, params, total, largest, largest_name
 
 
+def write_source_unless_given(args: argparse.Namespace, cfg: dict, src: Path) -> dict | None:
+    """Write the random source checkpoint of ``cfg`` into ``src`` unless ``--src`` names one; what
+    :func:`write_source` returns (``None``: reused)."""
+    from svdq_format.model import parse_size
+
+    if args.src:
+        return None
+    print(f"writing {src} ...", flush=True)
+    return write_source(cfg, src, shard_bytes=parse_size(args.shard_size))
+
+
 def random_tensor(key: str, like, seed: int):
     """The deterministic random value of one tensor (as benchmarks/quantize_flux.py initialises)."""
     import torch
@@ -264,7 +275,6 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from svdq_format.model import parse_size
 
     cfg, params, total, largest, largest_name = describe_model(args)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="svdq-32b-"))
@@ -272,10 +282,7 @@ def main() -> int:
     if not args.workdir and not args.write_only:  # a directory we made goes at exit; a named one stays
         atexit.register(shutil.rmtree, work, ignore_errors=True)
     src = Path(args.src) if args.src else work / "src"
-    written = None
-    if not args.src:
-        print(f"writing {src} ...", flush=True)
-        written = write_source(cfg, src, shard_bytes=parse_size(args.shard_size))
+    written = write_source_unless_given(args, cfg, src)
     if args.write_only:
         print(f"source in {src}")
         return 0

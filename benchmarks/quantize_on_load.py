@@ -43,7 +43,7 @@ from quantize_32b import (  # noqa: E402
     describe_model,
     flux_config,
     meta_model,
-    write_source,
+    write_source_unless_given,
 )
 
 _CHILD = r"""
@@ -143,16 +143,13 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from svdq_format.model import parse_size
 
     cfg, params, dense, largest, largest_name = describe_model(args)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="svdq-onload-"))
     src = Path(args.src) if args.src else work / "src"
     written = None
     try:
-        if not args.src:
-            print(f"writing {src} ...", flush=True)
-            written = write_source(cfg, src, shard_bytes=parse_size(args.shard_size))
+        written = write_source_unless_given(args, cfg, src)
         if args.write_only:
             print(f"source in {src}")
             return 0

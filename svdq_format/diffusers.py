@@ -43,6 +43,7 @@ from diffusers.utils.logging import is_progress_bar_enabled
 from torch import nn
 
 from . import fusion
+from . import quantizer_plugin as plugin
 from .checkpoint import (
     check_config,
     check_key_sets,
@@ -62,15 +63,6 @@ from .io import aligned, file_identity
 from .linear import SVDQLinear
 from .model import FILES_KEY, replace_linears, save_pretrained
 from .quantize_on_load import OnLoadOptions, OnLoadQuantization
-from .quantizer_plugin import (
-    MetadataConfigMixin,
-    PreQuantizedMixin,
-    config_metadata,
-    dequantize,
-    mark_quantized,
-    refuse_dense_load,
-    refuse_save_options,
-)
 from .spec import (
     COMPUTE_ROLES,
     FLOAT_DTYPES,
@@ -91,7 +83,7 @@ class SVDQuantMethod(str, Enum):
     SVDQUANT = QUANT_METHOD
 
 
-class SVDQuantConfig(MetadataConfigMixin, QuantizationConfigMixin):
+class SVDQuantConfig(plugin.MetadataConfigMixin, QuantizationConfigMixin):
     """The ``quantization_config`` of an SVDQuant model, in one of two forms.
 
     * **A quantized checkpoint's** (``layers`` given): the format metadata (docs/format.md), what
@@ -128,7 +120,7 @@ class SVDQuantConfig(MetadataConfigMixin, QuantizationConfigMixin):
     ) -> None:
         #: The options of a request to quantize while loading (``None``: a checkpoint's config).
         self.request = OnLoadOptions.from_kwargs(**extra) if layers is None else None
-        self.metadata = config_metadata(layers, format_version, layout, producer, quant_method,
+        self.metadata = plugin.config_metadata(layers, format_version, layout, producer, quant_method,
                                         {} if layers is None else extra)
         # diffusers types quant_method as its own QuantizationMethod enum; any str enum works
         self.quant_method = SVDQuantMethod.SVDQUANT  # type: ignore[assignment]
@@ -159,7 +151,7 @@ def _owner(model: nn.Module, param_name: str) -> tuple[SVDQLinear | None, str]:
     return (module if isinstance(module, SVDQLinear) else None), role
 
 
-class SVDQuantizer(PreQuantizedMixin, DiffusersQuantizer):
+class SVDQuantizer(plugin.PreQuantizedMixin, DiffusersQuantizer):
     """diffusers quantizer for SVDQuant checkpoints (loading and saving), and for dense ones
     quantized while they load (a request config: each hook delegates to
     :class:`~svdq_format.quantize_on_load.OnLoadQuantization`; afterwards the model is an
@@ -172,8 +164,9 @@ class SVDQuantizer(PreQuantizedMixin, DiffusersQuantizer):
     def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
         request = getattr(quantization_config, "request", None)
         if request is None:
-            refuse_dense_load(kwargs, "SVDQuantConfig(layers=...) describes a quantized checkpoint, and this one is "
-                              "dense: to quantize it while loading, pass SVDQuantConfig(precision=..., rank=...)")
+            plugin.refuse_dense_load(kwargs, "SVDQuantConfig(layers=...) describes a quantized checkpoint, and this "
+                                     "one is dense: to quantize it while loading, pass SVDQuantConfig(precision=..., "
+                                     "rank=...)")
         super().__init__(quantization_config, **kwargs)
         self.pre_quantized = request is None
         #: The quantize-while-loading run, until loading ends (``None`` for a quantized checkpoint).
@@ -330,7 +323,7 @@ class SVDQuantizer(PreQuantizedMixin, DiffusersQuantizer):
         return True
 
     def _dequantize(self, model: nn.Module) -> nn.Module:
-        dequantize(model)
+        plugin.dequantize(model)
         register_to_config = getattr(model, "register_to_config", None)
         if register_to_config is not None:
             register_to_config(quantization_config=None)
@@ -349,7 +342,7 @@ def _save_pretrained(
     **kwargs: Any,
 ) -> None:
     """``ModelMixin.save_pretrained`` for SVDQuant models (same arguments, svdquant layout)."""
-    refuse_save_options(safe_serialization=safe_serialization, variant=variant)
+    plugin.refuse_save_options(safe_serialization=safe_serialization, variant=variant)
     if not is_main_process:
         return
     quantizer = getattr(model, "hf_quantizer", None)
@@ -378,7 +371,7 @@ def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantizer:
     the model like one loaded by diffusers.
     """
     quantizer = SVDQuantizer(SVDQuantConfig.from_metadata(meta), pre_quantized=True)
-    mark_quantized(model, quantizer, quantizer.quantization_config.quant_method)
+    plugin.mark_quantized(model, quantizer, quantizer.quantization_config.quant_method)
     register_to_config = getattr(model, "register_to_config", None)
     if register_to_config is not None:
         register_to_config(quantization_config=quantizer.quantization_config)

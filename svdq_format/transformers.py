@@ -38,27 +38,19 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import quantizer_plugin as plugin
 from .checkpoint import check_key_sets, check_manifests_agree, read_checkpoint_files, with_compute_dtype
 from .errors import UnsupportedError
 from .io import aligned
 from .linear import SVDQLinear
 from .model import TRANSFORMERS_WEIGHTS_NAME, replace_linears
 from .model import save_pretrained as save
-from .quantizer_plugin import (
-    MetadataConfigMixin,
-    PreQuantizedMixin,
-    config_metadata,
-    dequantize,
-    mark_quantized,
-    refuse_dense_load,
-    refuse_save_options,
-)
 from .spec import COMPUTE_ROLES, FLOAT_DTYPES, FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, dtype_name
 
 __all__ = ["SVDQuantHfConfig", "SVDQuantHfQuantizer", "register", "attach_quantizer", "save_pretrained",
            "no_dense_weight"]
 
-class SVDQuantHfConfig(MetadataConfigMixin, QuantizationConfigMixin):
+class SVDQuantHfConfig(plugin.MetadataConfigMixin, QuantizationConfigMixin):
     """The ``quantization_config`` of an SVDQuant transformers model: the format metadata.
 
     Same JSON as diffusers' :class:`~svdq_format.diffusers.SVDQuantConfig` (docs/format.md):
@@ -78,12 +70,12 @@ class SVDQuantHfConfig(MetadataConfigMixin, QuantizationConfigMixin):
         quant_method: str = QUANT_METHOD,
         **extra: Any,
     ) -> None:
-        self.metadata = config_metadata(layers, format_version, layout, producer, quant_method, extra)
+        self.metadata = plugin.config_metadata(layers, format_version, layout, producer, quant_method, extra)
         # transformers types quant_method as its own QuantizationMethod enum; the registry key is a str
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]
 
 
-class SVDQuantHfQuantizer(PreQuantizedMixin, HfQuantizer):
+class SVDQuantHfQuantizer(plugin.PreQuantizedMixin, HfQuantizer):
     """transformers quantizer for pre-quantized SVDQuant checkpoints (loading and saving).
 
     Quantizing while loading is not supported: quantize with the svdquant converters
@@ -94,8 +86,8 @@ class SVDQuantHfQuantizer(PreQuantizedMixin, HfQuantizer):
     quantization_config: SVDQuantHfConfig
 
     def __init__(self, quantization_config: SVDQuantHfConfig, **kwargs: Any) -> None:
-        refuse_dense_load(kwargs, "svdquant cannot quantize a model while loading it: quantize it with the svdquant "
-                          "converters (svdq quantize) and load the result")
+        plugin.refuse_dense_load(kwargs, "svdquant cannot quantize a model while loading it: quantize it with the "
+                                 "svdquant converters (svdq quantize) and load the result")
         super().__init__(quantization_config, **kwargs)
         self._compute_dtype: str | None = None
         self._dtypes: dict[str, torch.dtype] = {}
@@ -159,7 +151,7 @@ class SVDQuantHfQuantizer(PreQuantizedMixin, HfQuantizer):
         return True
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        return dequantize(model)
+        return plugin.dequantize(model)
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *, is_main_process: bool = True,
@@ -167,7 +159,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
                     push_to_hub: bool = False, **kwargs: Any) -> None:
     """``PreTrainedModel.save_pretrained`` for SVDQuant models: ``config.json`` (with
     ``quantization_config``) and ``model.safetensors`` (or shards + index) in the svdquant layout."""
-    refuse_save_options(safe_serialization=safe_serialization, variant=variant)
+    plugin.refuse_save_options(safe_serialization=safe_serialization, variant=variant)
     if push_to_hub:
         raise UnsupportedError("push_to_hub: save, then svdq push (svdq_format.hub.push_to_hub)")
     if not is_main_process:
@@ -218,7 +210,7 @@ def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantHfQuanti
     dtypes = {spec.dtype for spec in meta.layers.values()}
     if len(dtypes) == 1:
         quantizer._compute_dtype = next(iter(dtypes))
-    mark_quantized(model, quantizer, QUANT_METHOD)
+    plugin.mark_quantized(model, quantizer, QUANT_METHOD)
     config = getattr(model, "config", None)
     if config is not None:
         config.quantization_config = quantizer.quantization_config
