@@ -159,6 +159,13 @@ for step in $STEPS; do
       timeout 90 python3 benchmarks/quantizer_variants.py --out "$OUT/quantizer_variants.json" --code "$OUT/qcode" \
         > "$OUT/quantizer_variants.log" 2>&1; echo "quantizer rc=$?"; grep -v Warn "$OUT/quantizer_variants.log" | tail -3 | cut -c1-300
       tar -czf "$OUT/qcode.tgz" -C "$OUT" qcode 2>/dev/null; rm -rf "$OUT/qcode" ;;
+    lr3)  # issue 23, after p23: one FLUX.1-dev step (fused q|k|v, reduce-overhead) of the FP8 W8A8 peer and
+          # SVDQuant with the consumer and the producer conversion (bf16 compiled left out to fit 10 min;
+          # bf16 eager kept), GPU time by kernel kind
+      timeout 560 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --convert both \
+        --out "$OUT/flux_step_producer.json" > "$OUT/flux_step_producer.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_producer.log" | cut -c1-400 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
