@@ -215,7 +215,7 @@ for c in PC:
     y = f.group64_gemm_lowrank(qw, s, ri, q, ag, None, lr, l1, config=c); torch.cuda.synchronize(); print('smoke', c.name, 'ok', bool(y.isfinite().all()))
 " > "$OUT/smoke_p23.log" 2>&1; rc=$?; echo "p23 smoke rc=$rc"; tail -3 "$OUT/smoke_p23.log" | cut -c1-300
       if [ $rc -eq 0 ]; then
-        timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_producer_gpu.py > "$OUT/pytest_p23.log" 2>&1
+        timeout 210 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_producer_gpu.py > "$OUT/pytest_p23.log" 2>&1
         echo "p23 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_p23.log" | tail -12 | cut -c1-300
         timeout 150 python3 benchmarks/fast8_producer.py --no-layer --out "$OUT/fast8_producer.json" > "$OUT/fast8_producer.log" 2>&1
         echo "p23 bench rc=$?"; grep -v Warn "$OUT/fast8_producer.log" | tail -8 | cut -c1-250
