@@ -509,3 +509,46 @@ def test_fast8_layer_with_lowrank_k_tiles_hands_the_kernel_its_inputs(monkeypatc
         assert torch.equal(rowinv, rowinv0) and torch.equal(b, bias)
         assert torch.equal(l1, lowrank_tiles.padded_up(up, rowinv0)) and l1.shape == (n, 64)
     assert torch.equal(calls[1][2].view(torch.uint8), q.view(torch.uint8)) and torch.equal(calls[1][3], a)
+
+
+def test_fused_prologue_hands_the_kernel_the_quantize_lowrank_outputs(monkeypatch):
+    """``SVDQ_FAST8_PROLOGUE=fused``: the eager ``fast8`` layer (and so the compiled graph's
+    ``svdquant::linear``) takes ``q``, ``a'`` and the k-tiles from one ``quantize_lowrank`` call
+    (shift and per-rank scales passed on) instead of the prologue and ``lowrank_tiles``."""
+    from svdq_kernels import cutlass_fast8
+
+    g = torch.Generator().manual_seed(9)
+    m, k, n, r = 6, 256, 128, 16
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    ws = (torch.rand(n, k // 64, generator=g) * 0.004 + 0.001).to(torch.bfloat16)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
+    down = torch.randn(r, k, generator=g).to(torch.bfloat16)
+    up = torch.randn(n, r, generator=g).to(torch.bfloat16)
+    ls = torch.linspace(0.5, 1.5, r).to(torch.bfloat16)
+    outs = (torch.ones(m, k, dtype=torch.float8_e4m3fn), torch.full((m,), 0.25),
+            torch.ones(m, 64, dtype=torch.bfloat16), torch.full((m,), 0.5))
+    seen = []
+
+    def fake_quantize_lowrank(x2, smooth_, down_, *, act_shift=0.0, lora_scales=None):
+        seen.append((x2, smooth_, down_, act_shift, lora_scales))
+        return outs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused prologue replaces the prologue and lowrank_tiles")
+
+    def fake_gemm(qweight, scales, rowinv, q, a, b, lr, l1, *, config=None):
+        seen.append((q, a, lr))
+        return torch.zeros(q.shape[0], qweight.shape[0], dtype=torch.bfloat16)
+
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "fused")
+    monkeypatch.setattr(cutlass_fast8, "quantize_lowrank", fake_quantize_lowrank)
+    monkeypatch.setattr(cutlass_fast8, "prologue", refuse)
+    monkeypatch.setattr(cutlass_fast8, "lowrank_tiles", refuse)
+    monkeypatch.setattr(cutlass_fast8, "group64_gemm_lowrank", fake_gemm)
+    y = cutlass_fast8.fast8_linear(x, qw, ws, None, smooth, down, up, None, ls, "int4", "fp8w", 0.5)
+    assert y.shape == (m, n) and len(seen) == 2
+    x2, smooth_, down_, shift, lrs = seen[0]
+    assert torch.equal(x2, x) and smooth_ is smooth and torch.equal(down_, down) and shift == 0.5 and lrs is ls
+    q, a, lr = seen[1]
+    assert q is outs[0] and a is outs[3] and lr is outs[2]  # a' (not a) is the GEMM's token scale
