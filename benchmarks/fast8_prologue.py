@@ -64,7 +64,7 @@ def measure_shape(m: int, k: int, n: int, rank: int, producers: tuple[str, ...])
     # the fused path's inputs are the default eager path's, bit for bit
     q0, a0, _ = triton_prologue.prologue(L.x, L.smooth, None)
     lr0, ag0 = lowrank_tiles.lowrank_tiles(L.x, L.down, a0)
-    q1, a1, lr1, ag1 = triton_prologue.quantize_lowrank(L.x, L.smooth, L.down)
+    q1, a1, lr1, ag1 = lowrank_tiles.quantize_lowrank(L.x, L.smooth, L.down)
     bits = (torch.equal(q0.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(a0, a1)
             and torch.equal(lr0.view(torch.int16), lr1.view(torch.int16)) and torch.equal(ag0, ag1))
 
@@ -89,7 +89,7 @@ def measure_shape(m: int, k: int, n: int, rank: int, producers: tuple[str, ...])
     quant = torch.compile(lambda x: ops.graph_fp8_activations(x.float(), L.smooth), dynamic=False)
     t["quant"] = bench(lambda: quant(L.x))
     t["lowrank_tiles"] = bench(lambda: lowrank_tiles.lowrank_tiles(L.x, L.down, a0))
-    t["quantize_lowrank"] = bench(lambda: triton_prologue.quantize_lowrank(L.x, L.smooth, L.down))
+    t["quantize_lowrank"] = bench(lambda: lowrank_tiles.quantize_lowrank(L.x, L.smooth, L.down))
     t["prologue_plus_tiles"] = bench(lambda: lowrank_tiles.lowrank_tiles(
         L.x, L.down, triton_prologue.prologue(L.x, L.smooth, None)[1]))  # the eager default's two steps
     scales, rowinv = cutlass_fast8.fast8_lowrank_weights(L.qweight, L.wscales, lowrank_tiles.lowrank_k_tiles(rank))

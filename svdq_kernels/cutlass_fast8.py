@@ -23,7 +23,7 @@ low-rank k-tiles (bf16 MMAs of ``lr · L1ᵀ`` into the FP8 k-tiles' accumulator
 :mod:`svdq_kernels.lowrank_tiles`) and its epilogue adds the bias — no ``c`` is written or read.
 
 With ``SVDQ_FAST8_PROLOGUE=fused`` (:data:`svdq_format.ops.FAST8_PROLOGUE`) step 1 and the
-low-rank k-tiles are one prologue (:func:`svdq_kernels.triton_prologue.quantize_lowrank`: ``x``
+low-rank k-tiles are one prologue (:func:`svdq_kernels.lowrank_tiles.quantize_lowrank`: ``x``
 read for the absmax and ``x · L2ᵀ`` together, then for the codes), and a compiled graph calls
 this function through ``svdquant::linear`` instead of quantizing in the graph.
 
@@ -53,10 +53,10 @@ from .configs import (
     Group64GemmConfig,
     group64_config,
 )
-from .lowrank_tiles import lowrank_k_tiles, lowrank_tiles, padded_up, sentinel_scale_rows
+from .lowrank_tiles import lowrank_k_tiles, lowrank_tiles, padded_up, quantize_lowrank, sentinel_scale_rows
 from .tensor_cache import TensorCache
 from .triton_fast import layer_inputs
-from .triton_prologue import lowrank_down, prologue, quantize_lowrank
+from .triton_prologue import lowrank_down, prologue
 
 __all__ = ["LOWRANK_IN_GEMM", "fast8_weights", "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8",
            "lowrank_source", "group64_gemm", "group64_gemm_lowrank", "group64_layer"]
@@ -192,7 +192,7 @@ def _fast8_lowrank_layer(
 ) -> torch.Tensor:
     """The ``fast8`` layer with the low-rank k-tiles: ``quantized()`` → ``(q, a)``, then the
     branch's inputs (:func:`svdq_kernels.lowrank_tiles.lowrank_tiles`) — or ``fused()`` → ``(q, a,
-    lr, a')`` in one prologue (:func:`svdq_kernels.triton_prologue.quantize_lowrank`) — and one GEMM."""
+    lr, a')`` in one prologue (:func:`svdq_kernels.lowrank_tiles.quantize_lowrank`) — and one GEMM."""
     n = qweight.shape[0]
     with device_guard(x2.device):
         if fused is not None:

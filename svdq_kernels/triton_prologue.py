@@ -8,8 +8,8 @@ cores, on the raw input) summed over the splits in order (deterministic):
 * :func:`prologue` — ``fast`` / ``fast8`` (float8_e4m3 codes with a per-token scale
   ``a = absmax / 448``; two kernels: the splits' absmax, then the codes) and W4A16 (``w16``:
   ``x̂`` in fp16 scaled by a per-token power of two);
-* :func:`quantize_lowrank` — the ``fast8`` codes and the GEMM's low-rank k-tiles in one read of
-  ``x`` for the stats and one for the codes (``SVDQ_FAST8_PROLOGUE=fused``);
+* (``codes_tiles``: the second kernel of :func:`svdq_kernels.lowrank_tiles.quantize_lowrank`, the
+  ``fast8`` codes and the GEMM's low-rank k-tiles after a stats pass that also computes ``x · L2ᵀ``);
 * :func:`lowrank_down` — the low-rank part alone (the compiled ``fast8`` path);
   :func:`lowrank_partials` its per-split fp32 sums (the ``fast8`` GEMM's low-rank k-tiles);
 * :func:`prologue_exact` — the format's int4 activation quantizer per 64-group (``exact``);
@@ -28,7 +28,7 @@ import torch
 
 from svdq_format import ops
 
-__all__ = ["prologue", "quantize_lowrank", "lowrank_down", "lowrank_partials", "prologue_exact", "prologue_nvfp4",
+__all__ = ["prologue", "lowrank_down", "lowrank_partials", "prologue_exact", "prologue_nvfp4",
            "SPLIT_K_MAX_M", "SMALL_M_SPLITS", "small_m_splits", "k_splits", "rank_tile", "cdiv", "kernels"]
 
 
@@ -405,52 +405,6 @@ def prologue(
                               r, bps, nsplit, float(act_shift), HAS_LR=bool(r), Q16=codes16, W16=w16, BM=bm,
                               BR=br, LR16=lr16, HAS_LRS=has_lrs, RCP=rcp, num_warps=4, num_stages=3)
     return q, a, lr
-
-
-def quantize_lowrank(
-    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, *, act_shift: float = 0.0,
-    lora_scales: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``fast8`` activations and the GEMM's low-rank k-tiles with ``x`` read twice, not three
-    times: :func:`prologue`'s ``q`` and ``a`` and :func:`svdq_kernels.lowrank_tiles.lowrank_tiles`'s
-    ``lr``/``a'``, bit for bit, from two kernels — the stats kernel computes each split's absmax and
-    its ``x · L2ᵀ`` partial in one pass (with :func:`lowrank_partials`' tiling, so the same partial
-    bits), then ``codes_tiles`` writes the codes and, from split 0, ``a``, ``a'`` and the k-tiles.
-
-    Args:
-        x: ``[M, K]`` contiguous, bf16 or fp16.
-        smooth: ``[K]`` (its reciprocal is cached, :func:`svdq_format.ops.smooth_reciprocal`).
-        lora_down: ``[r, K]`` in ``x.dtype``, r ≥ 1.
-        act_shift: Added to ``x`` before smoothing (not on the low-rank branch).
-        lora_scales: Optional per-rank multipliers ``[r]``.
-
-    Returns:
-        ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, 64·t] bf16, a' [M] float32)``.
-    """
-    from .lowrank_tiles import LR_K, lowrank_k_tiles
-
-    k = kernels()
-    m, kk = x.shape
-    r = lora_down.shape[0]
-    rcp = ops.smooth_reciprocal(smooth)
-    br = rank_tile(r)
-    rt = LR_K * lowrank_k_tiles(r)
-    nsplit, bps = k_splits(kk, m)
-    pamax = torch.empty(nsplit, m, device=x.device, dtype=torch.float32)
-    plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32)
-    q = torch.empty(m, kk, device=x.device, dtype=torch.float8_e4m3fn)
-    a = torch.empty(m, device=x.device, dtype=torch.float32)
-    ag = torch.empty(m, device=x.device, dtype=torch.float32)
-    lr = torch.empty(m, 2 * rt, device=x.device, dtype=torch.bfloat16)
-    # lowrank_partials' tiling (block_m 64, 8 warps, 4 stages): the same x · L2ᵀ partial bits
-    k["prologue_stats"][(cdiv(m, 64), nsplit)](
-        x, rcp, lora_down, pamax, plr, m, kk, r, bps, float(act_shift), HAS_LR=True, BM=64, BR=br, RCP=True,
-        num_warps=8, num_stages=4)
-    k["codes_tiles"][(cdiv(m, 32), nsplit)](
-        x, rcp, pamax, plr, q, a, lr, ag, lora_scales if lora_scales is not None else a, m, kk, r, bps, nsplit,
-        float(act_shift), HAS_LRS=lora_scales is not None, BM=32, PBR=br, BR=max(br, LR_K), RT=rt, num_warps=4,
-        num_stages=3)
-    return q, a, lr, ag
 
 
 def lowrank_down(

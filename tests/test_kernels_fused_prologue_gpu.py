@@ -1,5 +1,5 @@
 """Issue 23, levers 2 and 3 on a Hopper GPU: the FP8 modes' reciprocal quantizer and the fused
-``fast8`` prologue (``SVDQ_FAST8_PROLOGUE=fused``, :func:`svdq_kernels.triton_prologue.quantize_lowrank`).
+``fast8`` prologue (``SVDQ_FAST8_PROLOGUE=fused``, :func:`svdq_kernels.lowrank_tiles.quantize_lowrank`).
 
 * ``quantize_lowrank`` gives the current path's inputs bit for bit: the prologue's codes and token
   scales (themselves the reference quantizer's, evaluated on the CPU: every operation of the
@@ -53,7 +53,7 @@ def _rel(out, ref):
 def test_quantize_lowrank_gives_the_current_paths_bits(m, k, r):
     x, _, _, smooth, down, _, _ = _inputs(m, 256, k, r, seed=m + k)
     for shift, ls in ((0.0, None), (0.171875, torch.linspace(0.5, 1.5, r, device="cuda").to(torch.bfloat16))):
-        q, a, lr, ag = triton_prologue.quantize_lowrank(x, smooth, down, act_shift=shift, lora_scales=ls)
+        q, a, lr, ag = lowrank_tiles.quantize_lowrank(x, smooth, down, act_shift=shift, lora_scales=ls)
         q0, a0, _ = triton_prologue.prologue(x, smooth, None, act_shift=shift)
         lr0, ag0 = lowrank_tiles.lowrank_tiles(x, down, a0, lora_scales=ls)
         assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
