@@ -82,11 +82,12 @@ __all__ = [
 ACT_MODES = ("int4", "nvfp4", "fp8", "fp8w", "none")
 
 #: Where a compiled ``fast8`` graph quantizes the activations (``SVDQ_FAST8_PROLOGUE``, read once at
-#: import, a constant for ``torch.compile``): ``"inductor"`` (default) — :func:`quantize_fp8_rows` as
-#: plain torch in the graph, fused by Inductor into the op producing ``x``, then
+#: import, a constant for ``torch.compile``): ``"inductor"`` (default) — :func:`graph_fp8_activations`
+#: as plain torch in the graph, fused by Inductor into the op producing ``x``, then
 #: ``svdquant::linear_fp8``; ``"fused"`` — the whole layer is ``svdquant::linear``, whose kernel
-#: backend quantizes ``x`` in the same pass that computes ``x · L2ᵀ`` (``x`` read once, not fused
-#: with its producer; eager ``fast8`` calls use that kernel too). Opt-in until a GPU timing decides.
+#: backend finds the rows' absmax in the same pass over ``x`` that computes ``x · L2ᵀ`` (then the
+#: codes; not fused with ``x``'s producer; eager ``fast8`` calls use that prologue too). Opt-in
+#: until a GPU timing decides (docs/kernels.md, "The fused prologue").
 FAST8_PROLOGUES = ("inductor", "fused")
 
 
@@ -100,6 +101,7 @@ def _fast8_prologue_setting() -> str:
 
 
 FAST8_PROLOGUE = _fast8_prologue_setting()
+
 #: The modes whose activations are FP8 per token (:func:`quantize_fp8_rows`).
 FP8_ACTS = ("fp8", "fp8w")
 #: The modes whose quantizer runs outside the op when compiled (:func:`svdq_linear`).
