@@ -13,8 +13,10 @@ inside CUDA graphs (``do_bench_cudagraph`` median: what a compiled ``reduce-over
 Each with two producers of x: ``x`` (x is the compiled function's input: nothing to fuse the
 quantizer into — flatters ``fused``) and ``gelu`` (``x = gelu_tanh(h)`` inside the graph, as before
 FLUX's MLP down projection: Inductor fuses the default path's quantizer into it). The parts, alone:
-``quant`` (the graph quantizer from x), ``lowrank_tiles``, ``quantize_lowrank``, ``gemm`` (the
-low-rank-k-tile GEMM given its inputs). Before timing, the fused path's inputs are checked bit for
+``quant`` (the graph quantizer from x), ``lowrank_tiles``, ``quantize_lowrank`` (and with 128 / 256
+columns per step of its codes kernel: ``quantize_lowrank_bk128``, ``_bk256``), ``prologue_plus_tiles``
+(the default eager path's prologue + ``lowrank_tiles``), ``gemm`` (the low-rank-k-tile GEMM given its
+inputs). Before timing, the fused path's inputs are checked bit for
 bit against the default eager path's (``q``, ``a'``, ``lr``).
 
     python benchmarks/fast8_prologue.py --out benchmarks/results/fast8_prologue_h100.json
@@ -90,6 +92,11 @@ def measure_shape(m: int, k: int, n: int, rank: int, producers: tuple[str, ...])
     t["quant"] = bench(lambda: quant(L.x))
     t["lowrank_tiles"] = bench(lambda: lowrank_tiles.lowrank_tiles(L.x, L.down, a0))
     t["quantize_lowrank"] = bench(lambda: lowrank_tiles.quantize_lowrank(L.x, L.smooth, L.down))
+    for bk in (128, 256):  # wider steps of the codes kernel (elementwise: the same codes)
+        wide = lowrank_tiles.quantize_lowrank(L.x, L.smooth, L.down, codes_block=bk)
+        bits = bits and torch.equal(wide[0].view(torch.uint8), q1.view(torch.uint8))
+        t[f"quantize_lowrank_bk{bk}"] = bench(lambda: lowrank_tiles.quantize_lowrank(L.x, L.smooth, L.down,
+                                                                                   codes_block=bk))
     t["prologue_plus_tiles"] = bench(lambda: lowrank_tiles.lowrank_tiles(
         L.x, L.down, triton_prologue.prologue(L.x, L.smooth, None)[1]))  # the eager default's two steps
     scales, rowinv = cutlass_fast8.fast8_lowrank_weights(L.qweight, L.wscales, lowrank_tiles.lowrank_k_tiles(rank))
@@ -126,14 +133,15 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     print()
     head = "".join(f" {'dflt ' + p:>9} {'fused ' + p:>9} {'fp8 ' + p:>8} {'speedup':>7}" for p in producers)
-    print(f"{'M x K x N':<18}{head} {'quant':>6} {'lr_tiles':>8} {'q+lr':>6} {'gemm':>6}  "
+    print(f"{'M x K x N':<18}{head} {'quant':>6} {'lr_tiles':>8} {'q+lr':>6} {'bk256':>6} {'eager0':>6} {'gemm':>6}  "
           "(us; speedup = default / fused)")
     for r in rows:
         t = r["ms"]
         cols = "".join(f" {t[f'default_{p}'] * 1e3:9.1f} {t[f'fused_{p}'] * 1e3:9.1f} {t[f'fp8_{p}'] * 1e3:8.1f}"
                        f" {r['fused_speedup'][p]:7.3f}" for p in producers)
         print(f"{r['m']}x{r['k']}x{r['n']:<8}{cols} {t['quant'] * 1e3:6.1f} {t['lowrank_tiles'] * 1e3:8.1f} "
-              f"{t['quantize_lowrank'] * 1e3:6.1f} {t['gemm'] * 1e3:6.1f}")
+              f"{t['quantize_lowrank'] * 1e3:6.1f} {t['quantize_lowrank_bk256'] * 1e3:6.1f} "
+              f"{t['prologue_plus_tiles'] * 1e3:6.1f} {t['gemm'] * 1e3:6.1f}")
     print(f"wrote {args.out}")
     return 0
 

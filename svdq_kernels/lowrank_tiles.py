@@ -126,7 +126,7 @@ def lowrank_tiles(
 
 def quantize_lowrank(
     x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, *, act_shift: float = 0.0,
-    lora_scales: Optional[torch.Tensor] = None,
+    lora_scales: Optional[torch.Tensor] = None, codes_block: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``fast8`` activations and the GEMM's low-rank k-tiles with ``x`` read twice, not three
     times: :func:`svdq_kernels.triton_prologue.prologue`'s ``q`` and ``a`` and :func:`lowrank_tiles`'s
@@ -141,6 +141,8 @@ def quantize_lowrank(
         lora_down: ``[r, K]`` in ``x.dtype``, r ≥ 1.
         act_shift: Added to ``x`` before smoothing (not on the low-rank branch).
         lora_scales: Optional per-rank multipliers ``[r]``.
+        codes_block: Columns per step of the codes kernel (a power of two ≥ 64; elementwise, so
+            the same bits whatever it is; benchmarks/fast8_prologue.py times 64 … 256).
 
     Returns:
         ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, 64·t] bf16, a' [M] float32)``.
@@ -166,6 +168,6 @@ def quantize_lowrank(
         num_warps=8, num_stages=4)
     k["codes_tiles"][(cdiv(m, 32), nsplit)](
         x, rcp, pamax, plr, q, a, lr, ag, lora_scales if lora_scales is not None else a, m, kk, r, bps, nsplit,
-        float(act_shift), HAS_LRS=lora_scales is not None, BM=32, PBR=br, BR=max(br, LR_K), RT=rt, num_warps=4,
-        num_stages=3)
+        float(act_shift), HAS_LRS=lora_scales is not None, BM=32, PBR=br, BR=max(br, LR_K), RT=rt, BK=codes_block,
+        num_warps=4, num_stages=3)
     return q, a, lr, ag

@@ -207,9 +207,11 @@ def kernels() -> dict[str, Any]:
     def codes_tiles_kernel(
         x_ptr, rs_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, ag_ptr, lrs_ptr, M, K, R, BPS, NSPLIT, shift,
         HAS_LRS: tl.constexpr, BM: tl.constexpr, PBR: tl.constexpr, BR: tl.constexpr, RT: tl.constexpr,
+        BK: tl.constexpr = 64,
     ):
         # quantize_lowrank's second kernel, split s of K: the rows' scale from every split's absmax
-        # and the e4m3 codes of this split (as prologue_quant with RCP); split 0 also writes a and
+        # and the e4m3 codes of this split (as prologue_quant with RCP; BK columns per step, the
+        # split's end masked); split 0 also writes a and
         # the low-rank k-tiles from the stats kernel's partials, as lowrank_tiles does: summed in
         # split order, times the per-rank scales, divided by a' = (a > 0 ? a : 1), ranks 32j + c to
         # column 64j + c and zeros to 64j + 32 + c; a' to ag
@@ -224,16 +226,17 @@ def kernels() -> dict[str, Any]:
         a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
         ok = (a > 0) & (a < float("inf"))
         ra = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.where(ok, a, 1.0))
-        kb0 = split * BPS
-        kb1 = tl.minimum(kb0 + BPS, K // 64)
-        for kb in range(kb0, kb1):
-            rk = kb * 64 + tl.arange(0, 64)
-            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
-            rs = tl.load(rs_ptr + rk)
+        k0 = split * BPS * 64
+        k1 = tl.minimum(k0 + BPS * 64, K)
+        for c0 in range(k0, k1, BK):
+            rk = c0 + tl.arange(0, BK)
+            k_ok = rk < k1
+            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :], mask=k_ok[None, :], other=0.0)
+            rs = tl.load(rs_ptr + rk, mask=k_ok, other=0.0)
             q = ((x.to(tl.float32) + shift) * rs[None, :]) * ra[:, None]
             q = tl.minimum(tl.maximum(q, -448.0), 448.0)
             q = tl.where(ok[:, None], q, 0.0)
-            tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None])
+            tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None] & k_ok[None, :])
         if split == 0:
             tl.store(a_ptr + rm, a, mask=m_ok)
             rr = tl.arange(0, BR)

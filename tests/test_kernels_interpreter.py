@@ -346,6 +346,8 @@ def test_quantize_lowrank_equals_the_prologue_and_the_lowrank_tiles(kernels, m, 
         assert q.dtype == torch.float8_e4m3fn and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
         assert torch.equal(a.view(torch.int32), a0.view(torch.int32))
         assert torch.equal(lr.view(torch.int16), lr0.view(torch.int16)) and torch.equal(ag, ag0)
+        wide = lowrank_tiles.quantize_lowrank(x, smooth, down, act_shift=shift, lora_scales=ls, codes_block=256)
+        assert torch.equal(wide[0].view(torch.uint8), q.view(torch.uint8))  # codes_block: the split's end masked
         _, a_ref = ops.fp8_activations(x.float(), smooth, shift)
         fin = torch.isfinite(a_ref)  # a NaN row's scale is inf here (the output is NaN either way)
         assert torch.equal(a[fin].view(torch.int32), a_ref[fin].view(torch.int32)) and not a[~fin].isfinite().any()
