@@ -161,14 +161,16 @@ for step in $STEPS; do
            # the FP8 peer's); the compiled fast8 layer with the default and the fused prologue at M = 4608
       if [ -f .kcache/kcache.tgz ]; then mkdir -p "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" && \
         tar -C "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" -xzf .kcache/kcache.tgz; fi
-      timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fused_prologue_gpu.py \
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fused_prologue_gpu.py \
         tests/test_kernels_gpu.py::test_fp8_codes_and_token_scales_are_the_reference_ones \
-        tests/test_kernels_fast8_gpu.py::test_inductor_quantizer_gives_the_prologues_codes \
-        tests/test_kernels_lowrank_gpu.py -k "not against_float64" > "$OUT/pytest_p23b.log" 2>&1
+        tests/test_kernels_fast8_gpu.py::test_inductor_quantizer_gives_the_prologues_codes tests/test_kernels_lowrank_gpu.py \
+        -k "not against_float64 and not (matches_the_reference and not 4608)" > "$OUT/pytest_p23b.log" 2>&1
       echo "p23b tests rc=$?"; grep -E "passed|failed|Error|^E " "$OUT/pytest_p23b.log" | tail -8 | cut -c1-300
-      timeout 60 python3 benchmarks/quantizer_variants.py --out "$OUT/quantizer_variants.json" \
+      timeout 60 python3 benchmarks/quantizer_variants.py --variants peer,ours,ours_rcp_const,ours_div,ours_recip \
+        --out "$OUT/quantizer_variants.json" \
         > "$OUT/quantizer_variants.log" 2>&1; echo "quantizer rc=$?"; grep -v Warn "$OUT/quantizer_variants.log" | tail -4 | cut -c1-300
-      timeout 150 python3 benchmarks/fast8_prologue.py --out "$OUT/fast8_prologue.json" > "$OUT/fast8_prologue.log" 2>&1
+      timeout 170 python3 benchmarks/fast8_prologue.py --peers gelu --out "$OUT/fast8_prologue.json" \
+        > "$OUT/fast8_prologue.log" 2>&1
       echo "prologue bench rc=$?"; grep -v Warn "$OUT/fast8_prologue.log" | tail -9 | cut -c1-300 ;;
     *) echo "unknown step $step" ;;
   esac

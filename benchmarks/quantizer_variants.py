@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="quantizer_variants.json")
     ap.add_argument("--code", default="", help="directory for Inductor's generated code of each variant")
+    ap.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     args = ap.parse_args(argv)
     linear_peers.GRAPHS = True
     from torch._inductor.utils import run_and_get_code
@@ -88,7 +89,10 @@ def main(argv=None) -> int:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         s = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
         row = {"m": m, "k": k, "us": {}}
+        keep = set(args.variants.split(",")) if args.variants else None
         for name, fn in variants(s).items():
+            if keep is not None and name not in keep:
+                continue
             torch._dynamo.reset()
             compiled = torch.compile(fn)
             _, code = run_and_get_code(compiled, x)
