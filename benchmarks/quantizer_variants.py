@@ -105,9 +105,10 @@ def main(argv=None) -> int:
         print(f"{m}x{k}: " + "  ".join(f"{n} {v:.1f}us ({row['kernels'][n]} kernels)" for n, v in row["us"].items()),
               flush=True)
         us = row["us"]
-        print(f"  ours / peer {us['ours'] / us['peer']:.2f}x, ours_div / peer {us['ours_div'] / us['peer']:.2f}x, "
-              f"ours_rcp_const / peer {us['ours_rcp_const'] / us['peer']:.2f}x, ours vs ours_div "
-              f"{us['ours_div'] / us['ours']:.2f}x faster", flush=True)
+        if {"peer", "ours", "ours_div", "ours_rcp_const"} <= set(us):
+            print(f"  ours / peer {us['ours'] / us['peer']:.2f}x, ours_div / peer {us['ours_div'] / us['peer']:.2f}x, "
+                  f"ours_rcp_const / peer {us['ours_rcp_const'] / us['peer']:.2f}x, ours vs ours_div "
+                  f"{us['ours_div'] / us['ours']:.2f}x faster", flush=True)
         Path(args.out).write_text(json.dumps({"meta": run_meta(), "rows": rows}, indent=1) + "\n")
     return 0
 
