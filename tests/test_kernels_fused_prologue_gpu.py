@@ -84,7 +84,9 @@ def test_fused_fast8_layer_equals_the_default_one(monkeypatch, m, n, k):
         assert _rel(fused, base) < 1e-3
 
 
-def test_compiled_fused_layer_is_one_op_and_matches_the_reference(monkeypatch):
+def test_compiled_fused_layer_matches_the_reference(monkeypatch):
+    """Compiled with the fused prologue (the graph: one svdquant::linear, tests/test_fast8.py), the
+    layer runs the same kernels as eager: within the fast8 bound of the reference, next to eager."""
     from svdq_format.linear import SVDQLinear
 
     m, n, k = 1000, 3072, 3072
