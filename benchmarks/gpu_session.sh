@@ -2,7 +2,7 @@
 # One-GPU measurements in one command on one H100 (docs/benchmarks.md). Every step has its own
 # time limit and log; a failing step does not stop the next. Usage (repo root, wheels installed
 # as the device README says):
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [n1] [n2] [next] [tests] [gemm] [step] [fast8] [fast8b] [step8] [p23b] …
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [n1] [n2] [next] [tests] [gemm] [step] [fast8] [fast8b] [step8] [p23] [p23b] …
 #   (default: next; n1 then n2 is the plan for the session after 2026-11-27's fourth)
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
@@ -11,12 +11,17 @@ set -u
 OUT=${OUT:-/tmp/svdq-gpu-session}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STEPS=${*:-next}
+# A kernel cache prebuilt elsewhere (`svdq kernels build --torch-dir`, docs/kernels.md), carried as
+# .kcache/kcache.tgz: unpacked once into this machine's cache, so no step waits for nvcc.
+KC=${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}
+if [ -f .kcache/kcache.tgz ] && [ ! -e "$KC/.unpacked" ]; then
+  mkdir -p "$KC" && tar -C "$KC" -xzf .kcache/kcache.tgz && touch "$KC/.unpacked"; fi
 build_g64() {  # $1: parallel nvcc jobs; $2: which kernels — all: GROUP64_CONFIGS + the candidates;
                # lut: the auto tilings with and without the table conversion; w4a16: the W4A16
                # kernels; n1: GROUP64_CONFIGS, the plain twins of the auto tilings and W4A16; lr: the auto
-               # tilings and their low-rank-k-tile twins; else
-               # GROUP64_CONFIGS
-  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
+               # tilings and their low-rank-k-tile twins; p23: the large-M low-rank tilings, their
+               # producer-conversion twins, its candidates and timing probes; else GROUP64_CONFIGS
+  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R, PRODUCER_CONVERT_CONFIGS as PC, PRODUCER_CONVERT_CANDIDATES as PX, PRODUCER_CONVERT_PROBES as PP; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R, 'p23': R[:2] + PC + PX + PP}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
 }
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do
@@ -172,6 +177,66 @@ for step in $STEPS; do
       timeout 170 python3 benchmarks/fast8_prologue.py --peers gelu --out "$OUT/fast8_prologue.json" \
         > "$OUT/fast8_prologue.log" 2>&1
       echo "prologue bench rc=$?"; grep -v Warn "$OUT/fast8_prologue.log" | tail -9 | cut -c1-300 ;;
+    q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
+          # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
+          # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
+          # GPTQ), then today's default (GPTQ, rank allocation under the rank-32 budget) on the same
+          # machine. State (statistics with Hessians, finished blocks) in /tmp, removed after; JSON +
+          # logs in $OUT. Q25_MODEL="--tiny --device cpu" runs the quantize part on a CPU (a check of
+          # the step itself).
+      timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gptq_gpu.py > "$OUT/pytest_gptq_gpu.log" 2>&1
+      rc=$?; echo "gptq gpu tests rc=$rc"; grep -E "passed|failed|Error" "$OUT/pytest_gptq_gpu.log" | tail -4
+      if [ $rc -ne 0 ]; then export SVDQ_GPTQ_KERNEL=torch; echo "(the default recipe runs GPTQ's torch column loop)"; fi
+      timeout 90 python3 benchmarks/sdpa_backward_probe.py --out "$OUT/sdpa_backward_probe.json" 2>&1 | tail -4
+      for r in default old; do
+        lim=$([ "$r" = old ] && echo 140 || echo 230)
+        rm -rf "/tmp/q25_state_$r"
+        timeout $lim python3 benchmarks/quantize_flux.py ${Q25_MODEL:---device cuda} --recipe $r \
+          --time-budget $((lim - 30)) --state-dir "/tmp/q25_state_$r" --out "$OUT/q25_$r" > "$OUT/q25_$r.log" 2>&1
+        echo "q25 $r rc=$? (3: stopped at the time budget, partial timings in the JSON)"
+        grep -E "^(calibration|smoothing_search|svd|residual|report|io|sensitivity|rank_allocation|total) |peak GPU|stopped|Error" \
+          "$OUT/q25_$r.log" | tail -14
+        rm -rf "/tmp/q25_state_$r"
+        if [ "$r" = default ] && grep -q "illegal memory access" "$OUT/q25_$r.log"; then  # where it faults, then stop
+          CUDA_LAUNCH_BLOCKING=1 timeout 200 python3 benchmarks/quantize_flux.py ${Q25_MODEL:---device cuda} \
+            --recipe default --state-dir /tmp/q25_state_clb --out "$OUT/q25_clb" > "$OUT/q25_clb.log" 2>&1
+          grep -B30 -m1 "illegal memory access" "$OUT/q25_clb.log" | grep -E "File|Error" | tail -12; rm -rf /tmp/q25_state_clb
+          break
+        fi
+      done
+      unset SVDQ_GPTQ_KERNEL ;;
+    p23)  # issue 23 lever 1 (<= 8 min on a fresh H100): the producer conversion (convert="producer":
+          # the producer warpgroup converts int4 -> e4m3 into shared memory, SS FP8 wgmmas) and its
+          # consumer twins (128x256 and stream-K, low-rank k-tiles) built at once; a 30 s smoke call
+          # (a pipeline hang stops the step there); its GPU tests (bits against the consumer kernel at
+          # M 1/17/4608 on the six FLUX shapes, float64 and reference bounds); then both timed with
+          # torch's FP8 rowwise GEMM and layer at M = 4608 ($OUT/fast8_producer.json)
+      build_g64 16 p23 > "$OUT/build_p23.log" 2>&1; echo "build rc=$?"; tail -2 "$OUT/build_p23.log"
+      timeout 60 python3 -c "
+import torch, svdq_kernels
+from svdq_format import ops
+from svdq_kernels import cutlass_fast8 as f, lowrank_tiles as t
+from svdq_kernels.configs import PRODUCER_CONVERT_CONFIGS as PC
+m, n, k = 4608, 3072, 3072
+x = torch.randn(m, k, device='cuda', dtype=torch.bfloat16); qw = torch.randint(0, 256, (n, k // 2), device='cuda', dtype=torch.uint8)
+ws = (torch.rand(n, k // 64, device='cuda') * 0.004 + 0.001).to(torch.bfloat16); down = torch.randn(32, k, device='cuda', dtype=torch.bfloat16) / 64
+q, a = ops.quantize_fp8_rows(x.float()); lr, ag = t.lowrank_tiles(x, down, a.reshape(m).float())
+s, ri = f.fast8_lowrank_weights(qw, ws, 1); l1 = t.padded_up(torch.randn(n, 32, device='cuda', dtype=torch.bfloat16), ri)
+for c in PC:
+    y = f.group64_gemm_lowrank(qw, s, ri, q, ag, None, lr, l1, config=c); torch.cuda.synchronize(); print('smoke', c.name, 'ok', bool(y.isfinite().all()))
+" > "$OUT/smoke_p23.log" 2>&1; rc=$?; echo "p23 smoke rc=$rc"; tail -3 "$OUT/smoke_p23.log" | cut -c1-300
+      if [ $rc -eq 0 ]; then
+        timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_producer_gpu.py > "$OUT/pytest_p23.log" 2>&1
+        echo "p23 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_p23.log" | tail -12 | cut -c1-300
+        timeout 150 python3 benchmarks/fast8_producer.py --no-layer --out "$OUT/fast8_producer.json" > "$OUT/fast8_producer.log" 2>&1
+        echo "p23 bench rc=$?"; grep -v Warn "$OUT/fast8_producer.log" | tail -8 | cut -c1-250
+      fi ;;
+    seg)  # the k-segmented layers (Nunchaku FLUX single blocks' proj_out) on the kernels: the GPU test, then
+          # on a failure the per-segment, per-path errors (benchmarks/segmented_parts.py; ~3 min in all)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
+      rc=$?; echo "segmented gpu tests rc=$rc"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5
+      if [ $rc -ne 0 ]; then timeout 120 python3 benchmarks/segmented_parts.py > "$OUT/segmented_parts.log" 2>&1
+        echo "parts rc=$?"; grep -v Warn "$OUT/segmented_parts.log" | tail -18; fi ;;
     *) echo "unknown step $step" ;;
   esac
 done

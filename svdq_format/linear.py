@@ -394,7 +394,8 @@ class SVDQLinear(nn.Module):
         are not quantized (exactly the W4A16 function).
         """
         w = self.residual() / self.smooth.float().unsqueeze(0)
-        if self.lora_down is not None and self.lora_up is not None and self.rank > 0:
+        # (runtime LoRA ranks sit here too, also on a layer stored with rank 0)
+        if self.lora_down is not None and self.lora_up is not None and self.lora_down.shape[0] > 0:
             up, down = self.lora_up.float(), self.lora_down.float()
             if self.lora_scales is not None:
                 up = up * self.lora_scales.float()

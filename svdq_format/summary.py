@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,14 @@ from .errors import FormatError
 from .io import read_header, read_metadata
 from .spec import tensor_names
 
-__all__ = ["summarize", "format_summary", "format_size"]
+__all__ = ["summarize", "format_summary", "format_size", "layer_role"]
+
+
+def layer_role(name: str) -> str:
+    """A layer's name with its block indices as ``*`` (``transformer_blocks.3.attn.to_q`` →
+    ``transformer_blocks.*.attn.to_q``; indices after a plural or ``layer`` only, so
+    ``ff.net.2`` and ``to_out.0`` stay)."""
+    return re.sub(r"(s|layer)\.\d+(?=\.)", r"\1.*", name)
 
 
 def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -22,6 +30,11 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     Returns:
         A JSON-able dict: ``format_version``, ``layout``, ``producer``, ``files``,
         ``layers`` (count), ``by_kind`` (``"w4a4/int4"`` → count), ``ranks`` (rank → count),
+        ``mean_rank`` (the W4A4 layers' rank weighted by ``N + K``: the one uniform rank with the
+        same low-rank bytes, e.g. the ``--rank`` budget of a per-layer allocation; None without
+        W4A4 layers), ``ranks_by_role`` (only when the W4A4 ranks differ, as a per-layer rank
+        allocation makes them: layer name with block indices as ``*`` → ``min`` / ``mean`` /
+        ``max`` rank and ``layers``),
         ``group_sizes``, ``quantized_params`` (Σ N·K), ``quantized_bytes`` (bytes of the
         quantized layers' tensors), ``other_tensors``/``other_bytes`` (16-bit rest),
         ``file_bytes``, ``bits_per_param`` (quantized layers, all their tensors included),
@@ -42,6 +55,8 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
     features: set[str] = set()
     segmented: dict[str, list[str]] = {}
     q_params = q_bytes = other_bytes = other_count = file_bytes = bf16_bytes = 0
+    lowrank = lowrank_width = 0  # Σ r·(N + K), Σ (N + K) over W4A4 layers
+    by_role: dict[str, list[int]] = {}
     meta0 = None
     for f in files:
         header = read_header(f)
@@ -52,6 +67,10 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         for prefix, spec in meta.layers.items():
             by_kind[f"{spec.kind}/{spec.precision}"] += 1
             ranks[spec.rank] += 1
+            if spec.kind == "w4a4":
+                lowrank += spec.rank * (spec.in_features + spec.out_features)
+                lowrank_width += spec.in_features + spec.out_features
+                by_role.setdefault(layer_role(prefix), []).append(spec.rank)
             groups.add(spec.group_size)
             features |= spec.features
             if spec.k_segments:
@@ -84,6 +103,11 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         "layers": sum(by_kind.values()),
         "by_kind": dict(sorted(by_kind.items())),
         "ranks": {str(r): c for r, c in sorted(ranks.items())},
+        "mean_rank": (lowrank / lowrank_width) if lowrank_width else None,
+        "ranks_by_role": {
+            role: {"min": min(rs), "mean": sum(rs) / len(rs), "max": max(rs), "layers": len(rs)}
+            for role, rs in sorted(by_role.items())
+        } if len({r for rs in by_role.values() for r in rs}) > 1 else {},
         "group_sizes": sorted(groups),
         "quantized_params": q_params,
         "quantized_bytes": q_bytes,
@@ -133,7 +157,9 @@ def format_summary(s: dict[str, Any]) -> str:
         *([f"  quantized by    {_quantizer_text(s['quantizer'])}"] if s.get("quantizer") else []),
         f"  quantized layers {s['layers']}: "
         + ", ".join(f"{k} x{v}" for k, v in s["by_kind"].items()),
-        "  ranks           " + ", ".join(f"r={r} x{c}" for r, c in s["ranks"].items()),
+        "  ranks           " + ", ".join(f"r={r} x{c}" for r, c in s["ranks"].items())
+        + (f"  (W4A4 mean rank {s['mean_rank']:.1f}, by low-rank bytes)"
+           if s.get("mean_rank") is not None and len(s["ranks"]) > 1 else ""),
         "  group size      " + ", ".join(str(g) for g in s["group_sizes"]),
         f"  quantized       {s['quantized_params']:,} params in {format_size(s['quantized_bytes'])}"
         + (f"  ({s['bits_per_param']:.2f} bits/param incl. scales, smoothing, low-rank, bias)"
@@ -149,4 +175,9 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  k-segmented     {len(segmented)} layer{'s' if len(segmented) != 1 else ''} "
                      "(per-segment activation handling): "
                      + ", ".join(f"[{k}] x{v}" for k, v in kinds.items()))
+    if s.get("ranks_by_role"):
+        lines.append("  W4A4 ranks by layer (min / mean / max over blocks):")
+        width = max(len(r) for r in s["ranks_by_role"])
+        for role, r in s["ranks_by_role"].items():
+            lines.append(f"    {role:<{width}}  {r['min']:>4} / {r['mean']:>6.1f} / {r['max']:<4} x{r['layers']}")
     return "\n".join(lines)

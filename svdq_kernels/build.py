@@ -73,6 +73,9 @@ class Toolchain:
     arch: str
     torch_version: str
     svdquant_version: str
+    #: An unpacked torch wheel (its ``torch/`` folder) whose headers and libraries the kernels are
+    #: built against instead of the running torch's (:func:`torch_dir_version`); "" = the running one.
+    torch_dir: str = ""
 
     def key_fields(self) -> dict[str, str]:
         """The fields that enter the cache key (paths excluded: a moved venv keeps its cache)."""
@@ -132,8 +135,36 @@ def _nvcc_version(nvcc: str) -> str:
     return match.group(2)
 
 
-def detect_toolchain(*, nvcc: Optional[str] = None, arch: str = ARCH) -> Toolchain:
-    """Find nvcc and nvidia-cutlass; raise :class:`BackendError` naming what is missing."""
+_VERSION_LINE = re.compile(r"^(__version__|cuda)(?:\s*:\s*[^=]+)?\s*=\s*'([^']*)'\s*$", re.MULTILINE)
+
+
+def torch_dir_version(torch_dir: str | os.PathLike[str]) -> str:
+    """The cache-key torch version (``"<__version__>+cuda<cuda>"``) of an unpacked torch wheel.
+
+    Read from ``torch/version.py`` as text (never imported or executed), with the checks that
+    the folder holds what a build needs (``include/torch``, ``lib/libtorch.so``).
+
+    Raises:
+        BackendError: one line naming the folder and what is missing or unreadable.
+    """
+    root = Path(torch_dir)
+    for need in ("version.py", "include/torch", "lib/libtorch.so", "lib/libc10_cuda.so"):
+        if not (root / need).exists():
+            raise BackendError(f"{root}: not an unpacked CUDA torch wheel's torch/ folder (no {need})")
+    found = dict(_VERSION_LINE.findall((root / "version.py").read_text(encoding="utf-8", errors="replace")))
+    if not found.get("__version__") or not found.get("cuda"):
+        raise BackendError(f"{root / 'version.py'}: no __version__ / cuda string (a CPU-only torch cannot "
+                           "build the kernels)")
+    return f"{found['__version__']}+cuda{found['cuda']}"
+
+
+def detect_toolchain(*, nvcc: Optional[str] = None, arch: str = ARCH,
+                     torch_dir: str | os.PathLike[str] | None = None) -> Toolchain:
+    """Find nvcc and nvidia-cutlass; raise :class:`BackendError` naming what is missing.
+
+    ``torch_dir``: build against an unpacked torch wheel (its ``torch/`` folder) instead of the
+    running torch — how a CPU machine prebuilds the kernel cache of a GPU machine whose torch
+    differs (the cache key then carries that torch's version, so the GPU machine finds them)."""
     import torch
 
     from svdq_format import __version__
@@ -150,8 +181,10 @@ def detect_toolchain(*, nvcc: Optional[str] = None, arch: str = ARCH) -> Toolcha
         cutlass_version=cutlass_version(),
         cutlass_dir=str(cutlass_source_dir()),
         arch=arch,
-        torch_version=f"{torch.__version__}+cuda{torch.version.cuda}",
+        torch_version=(torch_dir_version(torch_dir) if torch_dir is not None
+                       else f"{torch.__version__}+cuda{torch.version.cuda}"),
         svdquant_version=__version__,
+        torch_dir=str(Path(torch_dir).resolve()) if torch_dir is not None else "",
     )
 
 
@@ -185,12 +218,18 @@ def nvcc_command(source: Path, output: Path, toolchain: Toolchain) -> list[str]:
         toolchain.nvcc, "-O3", "-std=c++17", "-DNDEBUG",
         f"-gencode=arch=compute_{arch_num},code={toolchain.arch}",
         "--expt-relaxed-constexpr", "--expt-extended-lambda", "-shared", "-Xcompiler", "-fPIC",
-        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        # a wheel in torch_dir: every torch wheel since 2.7 is built with the C++11 ABI
+        f"-D_GLIBCXX_USE_CXX11_ABI={1 if toolchain.torch_dir else int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{cutlass / 'include'}", f"-I{cutlass / 'tools' / 'util' / 'include'}", f"-I{CSRC_DIR}",
     ]
-    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    for lib_dir in cpp_extension.library_paths():
-        cmd += [f"-L{lib_dir}"]  # libtorch is already loaded when torch.ops.load_library runs
+    if toolchain.torch_dir:
+        root = Path(toolchain.torch_dir)
+        cmd += [f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+                f"-L{root / 'lib'}"]
+    else:
+        cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
+        for lib_dir in cpp_extension.library_paths():
+            cmd += [f"-L{lib_dir}"]  # libtorch is already loaded when torch.ops.load_library runs
     cmd += ["-lc10", "-lc10_cuda", "-ltorch", "-ltorch_cpu"]
     cmd += [str(source), "-o", str(output)]
     return cmd

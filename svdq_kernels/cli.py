@@ -37,8 +37,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
         for config in configs:
             print(config.name)
         return 0
-    _check_build_host()
-    results = build_kernels(configs, jobs=args.jobs, force=args.force, verbose=args.verbose)
+    toolchain = None
+    if args.torch_dir:
+        from .build import detect_toolchain
+
+        toolchain = detect_toolchain(torch_dir=args.torch_dir)
+        print(f"building against torch {toolchain.torch_version} in {toolchain.torch_dir}")
+    else:
+        _check_build_host()
+    results = build_kernels(configs, jobs=args.jobs, force=args.force, verbose=args.verbose, toolchain=toolchain)
     for config, res in zip(configs, results):
         state = "cached" if res.cached else f"built in {res.seconds:.0f} s"
         print(f"{config.name}: {state}: {res.path}")
@@ -90,6 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--jobs", type=int, default=0, help="parallel nvcc processes (default: auto)")
     b.add_argument("--list", action="store_true", help="print the configuration names and exit")
+    b.add_argument("--torch-dir", metavar="DIR",
+                   help="build against this unpacked CUDA torch wheel (its torch/ folder) instead of the "
+                        "installed torch: prebuild a GPU machine's cache on a machine without a GPU "
+                        "(copy the cache directory over)")
     b.add_argument("-v", "--verbose", action="store_true", help="print nvcc commands and timings")
     b.set_defaults(func=_cmd_build)
     i = sub.add_parser("info", help="cache directory, toolchain, GPU and backend requirements")

@@ -101,6 +101,8 @@ def render_group64_source(config: Group64GemmConfig) -> str:
         ELEMENT_X=_ACTIVATIONS[config.activations][0], Q_DTYPE=_ACTIVATIONS[config.activations][1],
         Q_DTYPE_NAME=_ACTIVATIONS[config.activations][2],
         OP_NAME=config.name, LOWRANK=1 if config.lowrank else 0,
+        CONVERT_STAGES=config.convert_slots if config.convert == "producer" else 0,
+        CONVERT_PROBE=1 if config.convert_probe else 0,
         TILE_SCHEDULER="cutlass::gemm::StreamKScheduler" if config.scheduler == "streamk" else "void",
     )
 

@@ -15,7 +15,8 @@ from svdq_format.errors import UnsupportedError
 
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
            "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
-           "config_by_name", "group64_config"]
+           "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "PRODUCER_CONVERT_PROBES", "config_by_name",
+           "group64_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
@@ -120,6 +121,19 @@ class Group64GemmConfig(CutlassGemmConfig):
     #: scale, ``L1`` by the row's), so there is no separate low-rank GEMM and no bf16 source
     #: tensor for the epilogue to read; the epilogue adds the bias (``e4m3`` only).
     lowrank: bool = False
+    #: Where the int4 weights become e4m3: ``"consumer"`` (the MMA warps convert into registers and
+    #: issue register-sourced wgmmas) or ``"producer"`` (the producer warpgroup's idle warps
+    #: convert each TMA stage into a ring of ``convert_slots`` e4m3 tiles in shared memory, and the
+    #: MMA warps issue shared-memory-sourced FP8 wgmmas like a dense FP8 GEMM; same bits).
+    #: ``"producer"`` needs the table conversion, the cooperative schedule, the low-rank k-tiles
+    #: (their epilogue reads no source tensor, which leaves three idle producer warps) and no
+    #: promotion; it waits for its GPU run (:data:`PRODUCER_CONVERT_CONFIGS`, not used by default).
+    convert: str = "consumer"
+    #: Slots of the producer conversion's e4m3 ring (``convert="producer"``; 16 KiB each at tile_m 128).
+    convert_slots: int = 2
+    #: Benchmark probe of ``convert="producer"`` (**wrong results**): the converter warps only keep
+    #: the barriers, so the kernel's time is the producer kernel's with a free conversion.
+    convert_probe: bool = False
 
     kind: str = dataclasses.field(default="svdq_g64_gemm", init=False)
 
@@ -139,13 +153,26 @@ class Group64GemmConfig(CutlassGemmConfig):
             raise UnsupportedError("the table conversion writes e4m3 weights: lut needs activations='e4m3'")
         if self.lowrank and (self.activations != "e4m3" or self.promote or self.tile_k != 128):
             raise UnsupportedError("the low-rank k-tiles need e4m3 activations, tile_k 128 and no promotion")
+        if self.convert not in ("consumer", "producer"):
+            raise UnsupportedError(f"convert {self.convert!r} is not 'consumer' or 'producer'")
+        if self.convert == "producer":
+            if not (self.lut and self.lowrank and self.schedule == "cooperative"):
+                raise UnsupportedError("convert='producer' needs lut, lowrank and the cooperative schedule")
+            if self.tile_n * self.tile_m > 128 * 256 or self.cluster_m * self.cluster_n != 1:
+                raise UnsupportedError("convert='producer' is built for tiles up to 128 x 256 without clusters")
+            if not 1 <= self.convert_slots <= 4:
+                raise UnsupportedError(f"convert_slots {self.convert_slots} is not 1..4")
+        elif self.convert_probe:
+            raise UnsupportedError("convert_probe times the producer conversion: it needs convert='producer'")
 
     @property
     def name(self) -> str:
         base = super().name if self.activations == "e4m3" else super().name.replace("s4fp8_", "s4f16_", 1)
         return ("g64" + base + (f"_p{self.promote}" if self.promote else "")
                 + ("_sk" if self.scheduler == "streamk" else "") + ("_lut" if self.lut else "")
-                + ("_lr" if self.lowrank else ""))
+                + ("_lr" if self.lowrank else "")
+                + (f"_pc{self.convert_slots}" if self.convert == "producer" else "")
+                + ("_probe" if self.convert_probe else ""))
 
     def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
         if group != 64:
@@ -207,13 +234,29 @@ AUTO_GROUP64_LR_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
     dataclasses.replace(c, lowrank=True) for c in AUTO_GROUP64_CONFIGS)
 
 
+#: The producer-conversion twins (``convert="producer"``) of the large-M low-rank tilings (128 × 256
+#: and its stream-K twin): opt-in (:data:`svdq_kernels.cutlass_fast8.CONVERT`), not prebuilt, until
+#: a GPU run shows them faster than the consumer conversion.
+PRODUCER_CONVERT_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
+    dataclasses.replace(c, convert="producer") for c in AUTO_GROUP64_LR_CONFIGS[:2])
+
+#: Measured beside them (benchmarks/fast8_producer.py), not selected: a three-slot converted ring
+#: (more slack for the converter warps, at the cost of one TMA stage at 128 × 256).
+PRODUCER_CONVERT_CANDIDATES: tuple[Group64GemmConfig, ...] = (
+    dataclasses.replace(PRODUCER_CONVERT_CONFIGS[0], convert_slots=3),)
+
+#: Timing probes (``convert_probe``, wrong results: benchmarks only) of the producer kernels.
+PRODUCER_CONVERT_PROBES: tuple[Group64GemmConfig, ...] = tuple(
+    dataclasses.replace(c, convert_probe=True) for c in PRODUCER_CONVERT_CONFIGS)
+
+
 #: The int4 W4A16 variants (fp16 activations, no table conversion) of the automatic tilings.
 AUTO_GROUP64_W4A16_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
     dataclasses.replace(c, lut=False, activations="f16") for c in AUTO_GROUP64_CONFIGS)
 
 
 def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations: str = "e4m3",
-                   lowrank: bool = False) -> Group64GemmConfig:
+                   lowrank: bool = False, convert: str = "consumer") -> Group64GemmConfig:
     """The group-64 kernel for ``m`` tokens (and ``n`` output features on ``sms`` SMs): wide token
     tiles for large M, narrow ones below. At M ≥ 2048, when the ``[128 × 256]`` tiles fill their
     last wave so little that the waves run below :data:`STREAMK_WAVE_EFFICIENCY` busy, the
@@ -221,9 +264,18 @@ def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations:
     (:data:`AUTO_GROUP64_W4A16_CONFIGS`). ``SVDQ_G64_CONFIG=<name>`` forces a tiling from
     :data:`GROUP64_CONFIGS` or :data:`GROUP64_CANDIDATES` (benchmarks; ``e4m3`` only).
     ``lowrank``: the tiling's variant with the low-rank k-tiles (:data:`AUTO_GROUP64_LR_CONFIGS`;
-    a forced tiling gets its ``lowrank`` twin)."""
+    a forced tiling gets its ``lowrank`` twin). ``convert="producer"`` (with ``lowrank``): the
+    tiling's producer-conversion twin where it has one (:data:`PRODUCER_CONVERT_CONFIGS`: M ≥ 2048),
+    else the tiling itself."""
+    if convert not in ("consumer", "producer"):
+        raise UnsupportedError(f"convert {convert!r} is not 'consumer' or 'producer'")
     if lowrank:
-        return dataclasses.replace(group64_config(m, n=n, sms=sms), lowrank=True)
+        config = dataclasses.replace(group64_config(m, n=n, sms=sms), lowrank=True)
+        if convert == "producer":
+            for twin in PRODUCER_CONVERT_CONFIGS:
+                if dataclasses.replace(twin, convert="consumer") == config:
+                    return twin
+        return config
     if activations != "e4m3":
         return AUTO_GROUP64_W4A16_CONFIGS[AUTO_GROUP64_CONFIGS.index(_auto_tiling(m, n=n, sms=sms))]
     forced = os.environ.get("SVDQ_G64_CONFIG")
@@ -261,7 +313,8 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
-    named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS, *AUTO_GROUP64_LR_CONFIGS)
+    named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS, *AUTO_GROUP64_LR_CONFIGS,
+             *PRODUCER_CONVERT_CONFIGS, *PRODUCER_CONVERT_CANDIDATES, *PRODUCER_CONVERT_PROBES)
     for config in named:
         if config.name == name:
             return config

@@ -50,6 +50,7 @@ from .configs import (
     AUTO_GROUP64_CONFIGS,
     AUTO_GROUP64_LR_CONFIGS,
     AUTO_GROUP64_W4A16_CONFIGS,
+    PRODUCER_CONVERT_CONFIGS,
     Group64GemmConfig,
     group64_config,
 )
@@ -58,12 +59,18 @@ from .tensor_cache import TensorCache
 from .triton_fast import layer_inputs
 from .triton_prologue import lowrank_down, prologue
 
-__all__ = ["LOWRANK_IN_GEMM", "fast8_weights", "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8",
+__all__ = ["LOWRANK_IN_GEMM", "CONVERT", "fast8_weights", "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8",
            "lowrank_source", "group64_gemm", "group64_gemm_lowrank", "group64_layer"]
 
 #: Run the low-rank up projection inside the GEMM (``Group64GemmConfig.lowrank`` kernels) rather
 #: than as a cuBLAS GEMM whose bf16 output the GEMM's epilogue reads back.
 LOWRANK_IN_GEMM = True
+
+#: Where the low-rank kernels at M ≥ 2048 convert the int4 weights to e4m3: ``"consumer"`` (the
+#: MMA warps, into registers: the default) or ``"producer"`` (the producer warpgroup's idle warps,
+#: into shared memory, for shared-memory-sourced FP8 MMAs: :data:`svdq_kernels.configs.
+#: PRODUCER_CONVERT_CONFIGS`, same results; opt-in until a GPU run shows it faster).
+CONVERT = "consumer"
 
 
 
@@ -178,8 +185,10 @@ def group64_gemm_lowrank(
     :func:`svdq_kernels.lowrank_tiles.lowrank_tiles`, ``l1`` from
     :func:`svdq_kernels.lowrank_tiles.padded_up`."""
     if config is None:
-        config = group64_config(q.shape[0], n=qweight.shape[0], sms=_sm_count(q.device.index), lowrank=True)
-    op = load_kernel(config, also_build=AUTO_GROUP64_LR_CONFIGS)
+        config = group64_config(q.shape[0], n=qweight.shape[0], sms=_sm_count(q.device.index), lowrank=True,
+                                convert=CONVERT)
+    producer = PRODUCER_CONVERT_CONFIGS if CONVERT == "producer" else ()
+    op = load_kernel(config, also_build=AUTO_GROUP64_LR_CONFIGS + producer)
     b = bias.to(torch.bfloat16) if bias is not None else q.new_empty(0, dtype=torch.bfloat16)
     return op(qweight, scales, rowinv, q, a, b, lr, l1)
 

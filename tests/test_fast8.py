@@ -277,11 +277,12 @@ def test_group64_source_instantiates_our_mainloop():
     assert "using TileShape = Shape<_64, _128, _128>;" in src
     assert "cutlass::gemm::KernelTmaWarpSpecializedPingpong" in src
     assert "cutlass::epilogue::TmaWarpSpecialized;" in src
-    # PromoteKTiles, ScaleLut, LowRankUp
-    assert "SvdqSm90MixedInputGroup64Mma<" in src and "\n    1, false, SVDQ_LOWRANK != 0>;" in src
+    # PromoteKTiles, ScaleLut, LowRankUp, ConvertStages (0: the consumer conversion)
+    assert "SvdqSm90MixedInputGroup64Mma<" in src and "\n    1, false, SVDQ_LOWRANK != 0, kConvertStages>;" in src
+    assert "#define SVDQ_CONVERT_STAGES 0" in src
     assert "#define SVDQ_LOWRANK 0" in src
     lut = Group64GemmConfig(tile_m=128, tile_n=256, lut=True)
-    assert lut.name.endswith("_lut") and "\n    0, true, SVDQ_LOWRANK != 0>;" in render_source(lut)
+    assert lut.name.endswith("_lut") and "\n    0, true, SVDQ_LOWRANK != 0, kConvertStages>;" in render_source(lut)
     assert f'm.def("{cfg.name}(Tensor w, Tensor scales, Tensor rowinv, Tensor q, Tensor a, Tensor c) -> Tensor")' in src
     assert "${" not in src
     assert "Mainloop, Epilogue, void>;" in src  # the persistent scheduler

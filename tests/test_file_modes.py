@@ -157,3 +157,39 @@ def test_a_durable_write_syncs_the_file_then_its_directory(tmp_path, monkeypatch
     synced.clear()
     atomic_write(tmp_path / "b.txt", lambda p: Path(p).write_text("y"), durable=False)
     assert synced == []
+
+
+def test_write_tensors_sorts_the_metadata_so_equal_files_are_equal_bytes(tmp_path):
+    """safetensors writes ``__metadata__`` from a hash map (its order changes from process to
+    process); ``write_tensors`` leaves the entries sorted, so a file's bytes depend only on its
+    content — what makes ``svdq extract-lora`` / LoRA deltas / calibration sets / Nunchaku exports
+    reproducible."""
+    import json
+    import struct
+
+    import torch
+
+    from svdq_format.io import write_tensors
+
+    keys = [f"key{i}" for i in (7, 3, 9, 1, 5, 0, 8, 2)]  # 8 entries: hash order ≠ sorted order, except by 1/8! luck
+    write_tensors(tmp_path / "a.safetensors", {"x": torch.arange(4.0)}, metadata={k: k for k in keys})
+    write_tensors(tmp_path / "b.safetensors", {"x": torch.arange(4.0)}, metadata={k: k for k in reversed(keys)})
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert list(json.loads(raw[8:8 + n])["__metadata__"]) == sorted(keys)
+    assert raw == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_plain_tensor_files_are_written_through_write_tensors():
+    """No module calls safetensors' ``save_file`` itself except ``svdq_format.io`` (one writer:
+    atomic, metadata sorted)."""
+    found = []
+    for package in ("svdq_format", "svdq_kernels", "converters"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.relative_to(ROOT).as_posix() == "svdq_format/io.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module == "safetensors.torch" and any(
+                        a.name == "save_file" for a in node.names):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []

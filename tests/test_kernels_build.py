@@ -231,3 +231,53 @@ def test_build_kernels_compiles_several_in_parallel_in_order(_cache: Path) -> No
     assert not any(r.cached for r in first) and peak[0] == 2
     again = build.build_kernels(configs, jobs=2, toolchain=TC, compiler=failing_nvcc)  # never called
     assert all(r.cached for r in again) and [r.path for r in again] == [r.path for r in first]
+
+
+def _fake_torch_wheel(root: Path, *, cuda: str | None = "'13.0'", version: str = "'2.11.0+cu130'") -> Path:
+    """The parts of an unpacked CUDA torch wheel's ``torch/`` folder a cross build reads."""
+    t = root / "torch"
+    (t / "include" / "torch" / "csrc" / "api" / "include").mkdir(parents=True)
+    (t / "lib").mkdir()
+    for lib in ("libtorch.so", "libc10_cuda.so"):
+        (t / "lib" / lib).write_bytes(b"")
+    (t / "version.py").write_text(
+        "from typing import Optional\n\n__all__ = ['__version__', 'cuda']\n"
+        f"__version__ = {version}\ndebug = False\ncuda: Optional[str] = {cuda}\n"
+        "raise SystemExit('never executed')\n")
+    return t
+
+
+def test_a_cross_build_takes_headers_libraries_and_key_from_the_unpacked_wheel(tmp_path: Path) -> None:
+    """``svdq kernels build --torch-dir``: the GPU machine's torch (2.11.0+cu130 here) gives the
+    cache key's torch version (read as text, never executed) and the -I / -L paths, so a CPU
+    machine prebuilds the exact cache entries the GPU machine looks up."""
+    t = _fake_torch_wheel(tmp_path)
+    assert build.torch_dir_version(t) == "2.11.0+cu130+cuda13.0"
+    nvcc = build.find_nvcc()  # detect_toolchain runs nvcc --version: where there is none, the same fields by hand
+    tc = build.detect_toolchain(nvcc=nvcc, torch_dir=t) if nvcc else dataclasses.replace(
+        TC, torch_version=build.torch_dir_version(t), torch_dir=str(t.resolve()))
+    assert tc.torch_version == "2.11.0+cu130+cuda13.0" and tc.torch_dir == str(t.resolve())
+    assert "torch_dir" not in tc.key_fields()  # where the wheel lies does not change the artefact
+    assert build.cache_key(CFG, tc) == build.cache_key(CFG, dataclasses.replace(tc, torch_dir=""))
+    cmd = build.nvcc_command(Path("k.cu"), Path("k.so"), tc)
+    torch_flags = [a for a in cmd if a.startswith(("-I", "-L")) and "torch" in a]
+    assert torch_flags == [f"-I{t.resolve()}/include", f"-I{t.resolve()}/include/torch/csrc/api/include",
+                           f"-L{t.resolve()}/lib"]
+    assert "-D_GLIBCXX_USE_CXX11_ABI=1" in cmd
+    res = build.build_kernel(CFG, toolchain=tc, compiler=fake_nvcc)
+    assert res.path.is_file() and res.key == build.cache_key(CFG, tc)
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("no_lib", "no lib/libtorch.so"), ("cpu_only", "no __version__ / cuda"), ("empty", "no version.py")])
+def test_a_cross_build_refuses_a_folder_that_is_not_a_cuda_torch_wheel(tmp_path: Path, damage, words) -> None:
+    if damage == "empty":
+        t = tmp_path / "torch"
+        t.mkdir()
+    else:
+        t = _fake_torch_wheel(tmp_path, cuda="None" if damage == "cpu_only" else "'13.0'")
+        if damage == "no_lib":
+            (t / "lib" / "libtorch.so").unlink()
+    with pytest.raises(BackendError, match=words) as err:
+        build.torch_dir_version(t)
+    assert "\n" not in str(err.value) and str(t) in str(err.value)

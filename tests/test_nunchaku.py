@@ -703,3 +703,50 @@ def test_zimage_unquantized_refiners_round_trip(tmp_path):
     assert ours.keys() == back.keys()
     for k in ours:
         assert torch.equal(ours[k].reshape(-1).view(torch.uint8), back[k].reshape(-1).view(torch.uint8)), k
+
+
+def _with_rank(layer: SVDQLinear, rank: int) -> SVDQLinear:
+    """``layer`` with its low-rank branch cut to the first ``rank`` ranks (as the rank allocation
+    gives layers different ranks)."""
+    new = SVDQLinear(layer.in_features, layer.out_features, rank=rank, precision=layer.precision, kind=layer.kind,
+                     bias=layer.bias is not None, dtype=layer.dtype, scale_dtype=layer.wscales.dtype,
+                     act_shift=layer.act_shift, act_unsigned=layer.act_unsigned)
+    with torch.no_grad():
+        for name in ("qweight", "wscales", "wtscale", "smooth", "bias"):
+            if getattr(layer, name, None) is not None:
+                getattr(new, name).copy_(getattr(layer, name))
+        if rank:
+            new.lora_down.copy_(layer.lora_down[:rank])
+            new.lora_up.copy_(layer.lora_up[:, :rank])
+    return new
+
+
+def test_export_of_per_layer_ranks_pads_them_and_keeps_every_layer(tmp_path):
+    """Unequal ranks, inside a fused q|k|v group too: the file gets one rank (zero-padded branches)
+    and every layer comes back computing what it did."""
+    src = tmp_path / "src.safetensors"
+    build_file(src, precision="nvfp4", dialect="native", dtype=torch.bfloat16, seed=4, single_alpha=0.5)
+    model = load_model_dir(import_nunchaku(src, tmp_path / "ours"))  # (int4's K-split proj_out needs its own loader)
+    cuts = {"transformer_blocks.0.attn.to_k": 0, "transformer_blocks.0.attn.to_v": 8,
+            "transformer_blocks.0.ff.net.0.proj": 0, "single_transformer_blocks.0.attn.to_q": 0}
+    for name, rank in cuts.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, _with_rank(model.get_submodule(name), rank))
+    ours = save_model_dir(model, tmp_path / "ranks")
+    layers = json.loads((ours / "config.json").read_text())["quantization_config"]["layers"]
+    assert {n: layers[n]["rank"] for n in cuts} == cuts
+    nun = export_nunchaku(ours, tmp_path / "nun.safetensors")
+    with safe_open(str(nun), "pt") as h:
+        file_rank = json.loads(h.metadata()["quantization_config"])["rank"]
+        assert file_rank >= max(x["rank"] for x in layers.values())  # one rank: every branch zero-padded to it
+        fc1 = h.get_tensor("transformer_blocks.0.mlp_fc1.lora_down")  # (flux-cpp names: [K, rank])
+    assert fc1.shape[1] == file_rank and not fc1.any()  # a rank-0 layer: all padding
+    back = load_model_dir(import_nunchaku(nun, tmp_path / "back"))
+    g = torch.Generator().manual_seed(0)
+    for name, layer in model.named_modules():
+        if isinstance(layer, SVDQLinear):
+            x = torch.randn(5, layer.in_features, generator=g).to(torch.bfloat16)
+            with torch.no_grad():
+                a, b = layer(x).float(), back.get_submodule(name)(x).float()
+            assert _rel(b, a) < 1e-2, name  # bf16 outputs; the branches' zero padding adds nothing
+            assert torch.allclose(back.get_submodule(name).dequantize(), layer.dequantize(), rtol=0, atol=1e-6), name

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from svdq_format.errors import LoRAError
-from svdq_format.io import atomic_write
+from svdq_format.io import atomic_write, write_tensors
 from svdq_format.lora import LayerDelta, LoraPlan
 
 __all__ = [
@@ -73,8 +73,6 @@ def save_delta(
         durable: fsync before the atomic rename (off for cache entries: a lost entry is only
             a cache miss, and the rename still makes the file appear whole or not at all).
     """
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, dict[str, Any]] = {}
     for lname, d in plan.layers.items():
@@ -110,7 +108,7 @@ def save_delta(
     }
     header = {DELTA_METADATA_KEY: json.dumps(meta, sort_keys=True)}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), durable=durable)
+    write_tensors(path, tensors, metadata=header, durable=durable)
 
 
 def _read_meta(path: str) -> Optional[dict[str, Any]]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from svdq_format.errors import LoRAError
-from svdq_format.io import atomic_write
+from svdq_format.io import write_tensors
 from svdq_format.outputs import check_output
 
 __all__ = ["ExtractionReport", "extract_lora", "open_dense_weights"]
@@ -113,8 +113,6 @@ def extract_lora(
         LoRAError: no common tensors, shape mismatches, non-finite values.
         OutputError: ``out`` is, contains or lies inside ``base`` or ``tuned``, or is a directory.
     """
-    from safetensors.torch import save_file
-
     check_output(out, [base, tuned], directory=False)
     if rank <= 0:
         raise LoRAError(f"rank must be positive, got {rank}")
@@ -162,5 +160,5 @@ def extract_lora(
         "r": rank, "lora_alpha": rank, "target_modules": sorted(report.layers)}
     header = {"lora_adapter_metadata": json.dumps(meta), "svdquant_extraction": json.dumps(
         {"rank": rank, "captured_fraction": report.captured_fraction, "not_captured": report.not_captured})}
-    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=header))
+    write_tensors(out, tensors, metadata=header)
     return report

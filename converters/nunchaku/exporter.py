@@ -34,7 +34,7 @@ from torch import nn
 from svdq_format import packing
 from svdq_format.checkpoint import load_tensors, open_checkpoint
 from svdq_format.errors import UnsupportedError
-from svdq_format.io import atomic_write
+from svdq_format.io import write_tensors
 from svdq_format.linear import SVDQLinear
 from svdq_format.outputs import check_output
 from svdq_format.spec import FormatMetadata
@@ -453,9 +453,7 @@ def export_nunchaku(
                 "data": base64.b64encode(v.contiguous().view(torch.uint8).numpy().tobytes()).decode()}
             for k, v in exact.items()
         })
-    from safetensors.torch import save_file as st_save
-
     out_path = Path(out_file)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, lambda tmp: st_save(tensors, tmp, metadata=header))
+    write_tensors(out_path, tensors, metadata=header)
     return out_path

@@ -32,7 +32,7 @@ from torch import nn
 from svdq_format import packing
 from svdq_format.commit import DirectoryWrite
 from svdq_format.errors import UnsupportedError
-from svdq_format.io import atomic_write
+from svdq_format.io import atomic_write, write_tensors
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import CONFIG_NAME, WEIGHTS_NAME, is_weight_file
 from svdq_format.outputs import check_output
@@ -212,10 +212,8 @@ def export_nunchaku_lite(model_dir: str | os.PathLike[str], out_dir: str | os.Pa
         {"precision": "int4", "group_size": 64, "targets": sorted(awq)} if awq else None,
         dtype,
     )
-    from safetensors.torch import save_file as st_save
-
     with DirectoryWrite(out_dir) as w:  # one writer, staged, config.json last, old weights removed
-        atomic_write(w.path(WEIGHTS_NAME), lambda tmp: st_save(tensors, tmp, metadata={"format": "pt"}))
+        write_tensors(w.path(WEIGHTS_NAME), tensors, metadata={"format": "pt"})
         new_cfg = dict(cfg)
         new_cfg["quantization_config"] = qc
         text = json.dumps(new_cfg, indent=2, sort_keys=True) + "\n"

@@ -24,6 +24,7 @@ from .blocks import Placement, placed_linears
 from .layer import input_groups, quantize_group
 from .memory import is_oom
 from .options import QuantizeOptions
+from .rank_allocation import RankPlan, plan_kwargs
 from .selection import Selection
 from .state import ResumeState, load_block_result, release_layers, save_block
 from .stats import CalibrationStats
@@ -34,7 +35,8 @@ __all__ = ["quantize_blocks"]
 
 def _quantize_block(model: nn.Module, block: str, names: list[str], selection: Selection, stats: CalibrationStats,
                     opts: QuantizeOptions, place: Placement, *, source: Any, release: bool,
-                    timer: PhaseTimer) -> tuple[dict[str, SVDQLinear], list[dict[str, Any]]]:
+                    timer: PhaseTimer, rank_plan: RankPlan | None = None
+                    ) -> tuple[dict[str, SVDQLinear], list[dict[str, Any]]]:
     """One block's layers quantized: ``(layers by name, report rows)``."""
     done: dict[str, SVDQLinear] = {}
     infos: list[dict[str, Any]] = []
@@ -42,7 +44,7 @@ def _quantize_block(model: nn.Module, block: str, names: list[str], selection: S
         with placed_linears(model, names, place.device, stream=place.stream, source=source) as mods:
             for group in input_groups(names, selection.kinds, stats):
                 res = quantize_group(group, mods, selection.kinds, stats, opts, timer=timer,
-                                     act_handling=selection.act_handling)
+                                     act_handling=selection.act_handling, **plan_kwargs(rank_plan, group))
                 for name, (layer, info) in res.items():
                     done[name] = layer if release else layer.to(place.home)  # (release: written from the device)
                     infos.append(info)
@@ -59,8 +61,9 @@ def _quantize_block(model: nn.Module, block: str, names: list[str], selection: S
 def quantize_blocks(model: nn.Module, selection: Selection, stats: CalibrationStats, opts: QuantizeOptions, *,
                     place: Placement, state: ResumeState, timer: PhaseTimer, deadline: float | None, progress: bool,
                     on_block_done: Callable[[int, str], None] | None, source: Any = None,
-                    release: bool = False) -> tuple[list[dict[str, Any]], bool]:
-    """Quantize every block of the selection in this process, in order.
+                    release: bool = False, rank_plan: RankPlan | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """Quantize every block of the selection in this process, in order (each layer at its rank in
+    ``rank_plan``, with the smoothing searched for it, when there is one).
 
     Returns:
         ``(report rows in block order, complete)``; ``complete`` is False when the deadline
@@ -85,7 +88,7 @@ def quantize_blocks(model: nn.Module, selection: Selection, stats: CalibrationSt
             break
         block_timer = PhaseTimer()
         done, block_infos = _quantize_block(model, block, names, selection, stats, opts, place, source=source,
-                                            release=release, timer=block_timer)
+                                            release=release, timer=block_timer, rank_plan=rank_plan)
         if block_file is not None:
             with block_timer.phase("io"):
                 save_block(done, block_file, block=block, infos=block_infos, timings=block_timer.seconds,

@@ -29,7 +29,7 @@ which.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -92,6 +92,7 @@ def collect_stats_blockwise(
     drop_block: Callable[[nn.Module], None],
     shard: tuple[int, int] = (0, 1),
     progress: bool = False,
+    hessians: Collection[str] = (),
 ) -> CalibrationStats:
     """:func:`converters.quantize.stats.collect_stats`, one block at a time (same result).
 
@@ -108,6 +109,7 @@ def collect_stats_blockwise(
         drop_block: Gives a block's device memory back after all samples ran through it.
         shard: ``(rank, world)``: run only samples ``i`` with ``i % world == rank``.
         progress: A tqdm bar over the blocks.
+        hessians: Layers whose ``XᵀX`` over every row is accumulated.
 
     Raises:
         QuantizationError: NaN/inf activations (naming the layer and sample), empty set.
@@ -121,7 +123,8 @@ def collect_stats_blockwise(
     blocks = [(f"{cname}.{j}", b) for cname, lst in block_containers(model) for j, b in enumerate(lst)]
     block_ids = {id(b) for _, b in blocks}
     rest = [m for m in model.children() if not any(id(x) in block_ids for x in m.modules())]
-    rec = StatsRecorder(max_rows=max_rows, row_device=device)  # rows stay on the device (off host RAM)
+    # rows stay on the device (off host RAM)
+    rec = StatsRecorder(max_rows=max_rows, row_device=device, hessians=hessians)
     handles = [mod.register_forward_pre_hook(rec.hook(name)) for name, mod in layers.items()]
     inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     gens: list[torch.Tensor] = []

@@ -5,7 +5,10 @@ through the model — block by block when the weights stream and the model's wir
 (:mod:`converters.quantize.blockwise`), else whole-model forwards
 (:func:`converters.quantize.stats.collect_stats`); with several processes each runs its share of
 the samples and the parts are merged (:func:`converters.quantize.distributed.gather_stats`).
-Every way gives the same statistics.
+Every way gives the same statistics. With GPTQ on, the hooks also sum ``XᵀX`` over every row
+for the layers :func:`converters.quantize.gptq.hessian_plan` picks; with the budget rank
+allocation, the layer sensitivities (:mod:`converters.quantize.sensitivity`) are measured on
+the first samples and kept with the statistics.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from torch import nn
 
 from svdq_format.errors import QuantizationError
 
-from .blocks import Placement, linear_at
+from .blocks import Placement, block_offload, linear_at
 from .blockwise import blockwise_supported, collect_stats_blockwise
 from .calibration import CalibrationSet, load_calibration, synthetic_calibration
 from .distributed import DistContext, gather_stats
+from .gptq import hessian_plan
 from .memory import is_oom
 from .options import QuantizeOptions
+from .rank_allocation import SENSITIVITY_SAMPLES
 from .selection import Selection
+from .sensitivity import measure_sensitivity
 from .state import ResumeState
 from .stats import CalibrationStats, collect_stats
 from .streaming import ShardedSource, stream_from_source
@@ -55,7 +61,7 @@ def resolve_calibration(
 
 def _forward_stats(model: nn.Module, linears: Mapping[str, nn.Linear], samples: list[Any], opts: QuantizeOptions, *,
                    place: Placement, source: ShardedSource | None, progress: bool,
-                   shard: tuple[int, int]) -> CalibrationStats:
+                   shard: tuple[int, int], hessians: list[str]) -> CalibrationStats:
     """Statistics of this process's samples: block by block when the weights are streamed and the
     model's wiring is known (each block placed once), else whole-model forwards."""
     device, stream = place.device, place.stream
@@ -74,10 +80,22 @@ def _forward_stats(model: nn.Module, linears: Mapping[str, nn.Linear], samples: 
                 block.to("cpu")
         return collect_stats_blockwise(model, linears, samples, max_rows=opts.calib_rows, seed=opts.seed,
                                        device=device, load_block=load, drop_block=drop, shard=shard,
-                                       progress=progress)
+                                       progress=progress, hessians=hessians)
     placement = stream_from_source(model, source, device) if source is not None else None
     return collect_stats(model, linears, samples, max_rows=opts.calib_rows, seed=opts.seed, device=device,
-                         offload=stream, progress=progress, shard=shard, placement=placement)
+                         offload=stream, progress=progress, shard=shard, placement=placement, hessians=hessians)
+
+
+def _sensitivity(model: nn.Module, linears: Mapping[str, nn.Linear], samples: list[Any], opts: QuantizeOptions, *,
+                 place: Placement, source: ShardedSource | None) -> dict[str, float]:
+    """The layer sensitivities (backward passes; weights placed as for the calibration's
+    whole-model forwards; ``{}`` with a warning when that runs out of memory)."""
+    import contextlib
+
+    where = (stream_from_source(model, source, place.device) if source is not None
+             else block_offload(model, place.device) if place.stream else contextlib.nullcontext())
+    with where:
+        return measure_sensitivity(model, linears, samples[:SENSITIVITY_SAMPLES], device=place.device, seed=opts.seed)
 
 
 def calibrate(model: nn.Module, calibration: Any, selection: Selection, opts: QuantizeOptions, *,
@@ -102,11 +120,19 @@ def calibrate(model: nn.Module, calibration: Any, selection: Selection, opts: Qu
     else:
         linears = {n: linear_at(model, n) for n in selection.kinds}
         shard = (0, 1) if dist is None else (dist.rank, dist.world_size)
+
+        # GPTQ's Hessians over every row, as many as the memory budget allows (decided once:
+        # every rank accumulates the same ones)
+        def plan_hessians() -> list[str]:
+            return hessian_plan(opts.gptq is not False, opts.precision, opts.gptq_hessian_gib,
+                                {n: m.in_features for n, m in linears.items()}, place.device)
+
+        hessians = plan_hessians() if dist is None else dist.on_root(plan_hessians, what="Hessian plan")
         part, error = None, None
         try:
             with timer.phase("calibration"):
                 part = _forward_stats(model, linears, calib.samples, opts, place=place, source=source,
-                                      progress=progress, shard=shard)
+                                      progress=progress, shard=shard, hessians=hessians)
         except Exception as exc:
             if is_oom(exc):
                 exc = QuantizationError(
@@ -124,6 +150,13 @@ def calibrate(model: nn.Module, calibration: Any, selection: Selection, opts: Qu
                 dist.barrier(what="calibration end")
             with timer.phase("exchange"):
                 stats = gather_stats(dist, part, error, max_rows=opts.calib_rows, layers=list(linears))
+        if opts.rank_allocation == "budget":
+            def sensitivity() -> dict[str, float]:
+                return _sensitivity(model, linears, calib.samples, opts, place=place, source=source)
+
+            with timer.phase("sensitivity"):
+                stats.sensitivity = sensitivity() if dist is None else dist.on_root(sensitivity,
+                                                                                   what="layer sensitivities")
         stats.seconds = timer.seconds["calibration"]
         stats.source = calib.source
         info = {"source": calib.source, "samples": len(calib)}

@@ -102,9 +102,7 @@ def save_calibration(samples: Iterable[Sample], path: str | os.PathLike[str]) ->
     ``"::key"``, lists and tuples ``"::index"``); non-tensor values (``None``, numbers, strings)
     go to the header metadata. A tensor object used by several samples is stored once per use.
     """
-    from safetensors.torch import save_file
-
-    from svdq_format.io import atomic_write
+    from svdq_format.io import write_tensors
 
     tensors: dict[str, torch.Tensor] = {}
     static: dict[str, Any] = {}
@@ -116,7 +114,7 @@ def save_calibration(samples: Iterable[Sample], path: str | os.PathLike[str]) ->
         n = i + 1
     meta = {_META_KEY: json.dumps({"version": 1, "num_samples": n, "static": static})}
     p = Path(path)
-    atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_tensors(p, tensors, metadata=meta)
     return p
 
 

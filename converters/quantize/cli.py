@@ -62,7 +62,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
     opts_kw = dict(
         rank=args.rank, precision=args.precision, smoothing=not args.no_smoothing,
-        clip_search=not args.no_clip_search, gptq=args.gptq, refine_iters=args.refine,
+        clip_search=not args.no_clip_search, gptq=args.gptq, gptq_rounds=args.gptq_rounds,
+        gptq_damp=args.gptq_damp, gptq_hessian_gib=args.gptq_hessian_gib, rank_allocation=args.rank_allocation,
+        max_rank=args.max_rank, refine_iters=args.refine,
         lowrank=args.lowrank, w4a16_rank=args.w4a16_rank, weight_only=args.weight_only,
         calib_rows=args.calib_rows, include=tuple(args.include), exclude=tuple(args.exclude), seed=args.seed,
         target=args.target,
@@ -195,6 +197,8 @@ def _quantize_components(args: argparse.Namespace, opts: object, prompts: list[s
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``svdq quantize``."""
+    from .options import RANK_ALLOCATIONS, QuantizeOptions
+
     p = subparsers.add_parser(
         "quantize",
         help="quantize a diffusers transformer directory to SVDQuant (W4A4 + low-rank)",
@@ -207,7 +211,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model in a non-empty OUT (refused otherwise, unless OUT holds only the "
                         "resume state of an interrupted run)")
-    p.add_argument("--rank", type=int, default=32, help="low-rank branch rank (default 32)")
+    defaults = QuantizeOptions()
+    p.add_argument("--rank", type=int, default=32,
+                   help="low-rank branch rank (default 32); with --rank-allocation budget: the average")
+    p.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS, default=defaults.rank_allocation,
+                   help="uniform: every W4A4 layer gets --rank; budget: the same low-rank bytes spent where they "
+                   f"lower the model's output error most (ranks multiples of 16; default {defaults.rank_allocation})")
+    p.add_argument("--max-rank", type=int, default=None, metavar="R",
+                   help="largest rank of --rank-allocation budget (default 4 x --rank)")
     p.add_argument("--precision", choices=("int4", "nvfp4"), default="int4",
                    help="4-bit format of the residual: int4 (group 64, any GPU) or nvfp4 (E2M1, group 16; "
                    "Blackwell's native format) (default int4)")
@@ -237,7 +248,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="extra candidates s = amax_x^alpha (default 0.4,0.6)")
     p.add_argument("--no-smoothing", action="store_true", help="no smoothing search (s = 1)")
     p.add_argument("--no-clip-search", action="store_true", help="int4 scales = absmax/7")
-    p.add_argument("--gptq", action="store_true", help="GPTQ on the int4 residual (slower)")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=defaults.gptq,
+                   help="GPTQ on the int4 residual, low-rank branch re-fitted after it. Default: on int4 layers "
+                   "with enough calibration rows; --gptq: required (refused when a layer has too few rows)")
+    p.add_argument("--gptq-rounds", type=int, default=defaults.gptq_rounds, metavar="N",
+                   help=f"GPTQ + low-rank re-fit rounds (default {defaults.gptq_rounds})")
+    p.add_argument("--gptq-damp", type=float, default=defaults.gptq_damp, metavar="D",
+                   help=f"GPTQ damping, a fraction of the Hessian's mean diagonal (default {defaults.gptq_damp})")
+    p.add_argument("--gptq-hessian-gib", type=float, default=None, metavar="GIB",
+                   help="memory for GPTQ's Hessians over every calibration row (default: 16 GiB or a quarter of "
+                   "the device's memory, whichever is less); layers left out use the kept rows")
     p.add_argument("--refine", type=int, default=3, metavar="N", help="low-rank refinement iterations")
     p.add_argument("--lowrank", choices=("auto", "svd", "randomized"), default="auto",
                    help="how the low-rank branch is computed: exact SVD, randomised SVD (much faster on large "

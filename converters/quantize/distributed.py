@@ -479,5 +479,42 @@ def gather_stats(
         warnings.warn(f"{len(missing)} selected layers never ran during calibration (e.g. {missing[0]})",
                       UserWarning, stacklevel=2)
     groups: list[Any] = next((p.groups for p in lights if p.groups), [])
+    if part is not None:
+        _sum_hessians(ctx, part, merged)
     return CalibrationStats(merged, [list(g) for g in groups], samples=sum(p.samples for p in lights),
                             seconds=max((p.seconds for p in lights), default=0.0))
+
+
+# ---- issue 25: GPTQ's Hessians over every row, summed over the ranks ---------------------------
+def _sum_hessians(ctx: DistContext, part: Any, merged: Mapping[str, Any]) -> None:
+    """Sum the ranks' Hessians (every rank accumulated the same layers' in float64: exact sums,
+    so the result is the one process's) into ``merged``, sharing them as ``part`` does; batches
+    of about ``_ROWS_BATCH_BYTES`` per rank cross the wire at a time."""
+    owners: dict[int, str] = {}
+    shared: dict[str, str] = {}
+    for name, st in part.layers.items():
+        if st.hessian is not None:
+            shared[name] = owners.setdefault(id(st.hessian), name)
+    own = [n for n in shared if shared[n] == n]
+    sums: dict[str, torch.Tensor] = {}
+    batch: list[str] = []
+    size = 0
+    for i, name in enumerate(own):
+        h = part.layers[name].hessian
+        batch.append(name)
+        size += h.numel() * h.element_size()
+        if size < _ROWS_BATCH_BYTES and i + 1 < len(own):
+            continue
+        got = ctx.exchange_tensors(None, {n: part.layers[n].hessian for n in batch}, None, what="Hessians")
+        for n in batch:
+            total = part.layers[n].hessian.clone()
+            total.zero_()
+            for _, theirs in got:  # rank order
+                total += theirs[n].to(total.device)
+            sums[n] = total
+        del got
+        batch, size = [], 0
+    for name, owner in shared.items():
+        if name in merged:
+            merged[name].hessian = sums[owner]
+

@@ -27,6 +27,7 @@ from .distributed import DistContext, assign, group_cost, pack_layer, unpack_lay
 from .layer import input_groups, quantize_group
 from .memory import is_oom
 from .options import QuantizeOptions
+from .rank_allocation import RankPlan, plan_kwargs
 from .selection import Selection
 from .state import ResumeState, load_block_result, release_layers, save_block
 from .stats import CalibrationStats
@@ -60,8 +61,11 @@ def quantize_blocks_distributed(
     source: Any = None,
     release: bool = False,
     windows_per_run: int = WINDOWS_PER_RUN,
+    rank_plan: RankPlan | None = None,
 ) -> tuple[list[dict[str, Any]], bool, list[int]]:
     """Quantize every block that ``state`` does not hold yet (the others are read back).
+
+    ``rank_plan``: the rank allocation (issue 25), the same on every rank.
 
     Returns:
         ``(layer infos in block order, complete, input groups quantized by each rank)``.
@@ -105,7 +109,7 @@ def quantize_blocks_distributed(
         complete = _windows(ctx, plan, blocks, groups, model, selection, stats, opts, place=place, state=state,
                             timer=timer, deadline=deadline, infos=infos, per_rank=per_rank, bar=bar,
                             on_block_done=on_block_done, writer=writer, pending=pending, flush=flush,
-                            source=source, release=release)
+                            source=source, release=release, rank_plan=rank_plan)
         flush()
     finally:
         if writer is not None:
@@ -123,7 +127,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
              deadline: float | None, infos: list[dict[str, Any]], per_rank: list[int], bar: Any,
              on_block_done: Callable[[int, str], None] | None, writer: ThreadPoolExecutor | None,
              pending: list[Future[Any]], flush: Callable[..., None], source: Any = None,
-             release: bool = False) -> bool:
+             release: bool = False, rank_plan: RankPlan | None = None) -> bool:
     device, home = place.device, place.home
     for window in plan:
         if ctx.agree(deadline is not None and time.time() > deadline, what="deadline check"):
@@ -148,7 +152,7 @@ def _windows(ctx: DistContext, plan: list[list[int]], blocks: list[tuple[str, li
                 # (disk: only this rank's layers are read from the source shards)
                 with placed_linears(model, names, device, stream=place.stream, source=source) as mods:
                     res = quantize_group(names, mods, selection.kinds, stats, opts, timer=gt,
-                                         act_handling=selection.act_handling)
+                                         act_handling=selection.act_handling, **plan_kwargs(rank_plan, names))
                 packed = []
                 for name, (layer, info) in res.items():
                     spec_json, roles = pack_layer(layer)

@@ -7,6 +7,8 @@ The steps, each a module of its own:
 3. **check** the selected weights are finite;
 4. **resume**: open the state dir — its fingerprint must match (:mod:`~converters.quantize.state`);
 5. **calibrate**: input statistics, saved there (:mod:`~converters.quantize.calibrate`);
+   then, before any layer is quantized, GPTQ's row check (:mod:`~converters.quantize.gptq`) and
+   the rank allocation (:mod:`~converters.quantize.rank_allocation`, saved there too);
 6. **quantize the blocks**: each block's input groups → ``SVDQLinear`` modules, written to the
    state dir block by block (:mod:`~converters.quantize.block_loop`; several processes:
    :mod:`~converters.quantize.distributed_blocks`);
@@ -37,7 +39,9 @@ from .blocks import Placement, decide_placement, linear_at
 from .calibrate import calibrate
 from .distributed import DistContext
 from .distributed_blocks import quantize_blocks_distributed
+from .gptq import check_gptq_rows
 from .options import QuantizeOptions
+from .rank_allocation import RankPlan, plan_ranks
 from .report import FidelityReport, environment_info
 from .selection import Selection, select_layers
 from .state import fingerprint, open_state
@@ -94,7 +98,7 @@ def _check_weights(model: nn.Module, selection: Selection) -> None:
 
 def _report(infos: list[dict[str, Any]], selection: Selection, opts: QuantizeOptions, timer: PhaseTimer,
             calib_info: dict[str, Any], place: Placement, dist: DistContext | None,
-            per_rank: list[int] | None) -> FidelityReport:
+            per_rank: list[int] | None, rank_plan: RankPlan | None) -> FidelityReport:
     dev = place.device
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     report = FidelityReport(
@@ -105,6 +109,7 @@ def _report(infos: list[dict[str, Any]], selection: Selection, opts: QuantizeOpt
         calibration=calib_info,
         environment=environment_info(dev),
         peak_memory_bytes=int(peak),
+        rank_allocation=None if rank_plan is None else rank_plan.summary(opts.rank),
     )
     if dist is not None:
         report.environment.update({"world_size": dist.world_size, "rank": dist.rank, "backend": dist.backend,
@@ -174,18 +179,23 @@ def run_quantization(
              else dist.on_root(lambda: open_state(state_dir, fp, opts, selection), what="resume check"))
     stats, calib_info = calibrate(model, calibration, selection, opts, place=place, state=state, timer=timer,
                                   num_samples=num_samples, progress=progress, dist=dist, source=source)
+    if opts.gptq is True:
+        in_features = {n: linear_at(model, n).in_features for n in selection.kinds}
+        check_gptq_rows(stats, in_features, calib_rows=opts.calib_rows)
+    rank_plan = plan_ranks(model, selection, stats, opts, place=place, state=state, timer=timer, dist=dist,
+                           source=source, progress=progress)
     per_rank = None
     if dist is None:
         infos, complete = quantize_blocks(model, selection, stats, opts, place=place, state=state, timer=timer,
                                           deadline=deadline, progress=progress, on_block_done=on_block_done,
-                                          source=source, release=release)
+                                          source=source, release=release, rank_plan=rank_plan)
     else:
         infos, complete, per_rank = quantize_blocks_distributed(
             dist, model, selection, stats, opts, place=place, state=state, timer=timer, deadline=deadline,
-            progress=progress, on_block_done=on_block_done, source=source, release=release)
+            progress=progress, on_block_done=on_block_done, source=source, release=release, rank_plan=rank_plan)
     if source is not None and complete:
         source.materialize(model, "", place.home)  # what the blocks hold besides their linears (norms)
-    report = _report(infos, selection, opts, timer, calib_info, place, dist, per_rank)
+    report = _report(infos, selection, opts, timer, calib_info, place, dist, per_rank, rank_plan)
     return QuantizeResult(model, report, complete, selection)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FidelityReport", "format_table", "environment_info"]
+__all__ = ["FidelityReport", "format_table", "format_rank_allocation", "environment_info"]
 
 
 def environment_info(device: torch.device | str | None = None) -> dict[str, Any]:
@@ -73,6 +73,30 @@ def format_table(layers: list[dict[str, Any]], *, limit: int | None = None) -> s
     return "\n".join(lines)
 
 
+def format_rank_allocation(alloc: dict[str, Any], layers: list[dict[str, Any]]) -> str:
+    """Lines on a budget rank allocation: ranks used, bytes against the budget, the measured
+    error sums it predicts against uniform ranks, and the mean rank per layer role (the layer
+    name with block indices as ``*``; each layer's rank is in the table's ``r`` column)."""
+    from svdq_format.summary import format_size, layer_role
+
+    hist = ", ".join(f"r={r} x{c}" for r, c in alloc["ranks"].items())
+    head = (f"rank allocation over {alloc['layers']} W4A4 layers: {hist}; low-rank "
+            f"{format_size(alloc['used_bytes'])} of the {format_size(alloc['budget_bytes'])} budget")
+    if not alloc.get("weighted", True):
+        return head + " (no layer sensitivities: ranks uniform)"
+    uni, got = alloc["predicted_sq_error_uniform"], alloc["predicted_sq_error_allocated"]
+    lines = [head + (f"; predicted output error {got:.3g} vs {uni:.3g} with uniform ranks ({got / uni:.2f}x)"
+                     if uni > 0 else "")]
+    roles: dict[str, list[int]] = {}
+    for r in layers:
+        if r.get("kind") == "w4a4":
+            roles.setdefault(layer_role(r["layer"]), []).append(int(r["rank"]))
+    means = sorted(((sum(rs) / len(rs), role) for role, rs in roles.items()), key=lambda mr: (-mr[0], mr[1]))
+    if means:
+        lines.append("  mean rank by layer: " + ", ".join(f"{role} {m:.0f}" for m, role in means))
+    return "\n".join(lines)
+
+
 def summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean relative errors over the layers that have them."""
     rows = [r["error"] for r in layers if "error" in r]
@@ -106,6 +130,10 @@ class FidelityReport:
         calibration: Source and sample count.
         environment: Device and versions.
         peak_memory_bytes: Peak CUDA memory (0 on CPU).
+        rank_allocation: With ``--rank-allocation budget``: budget and used low-rank bytes, the
+            rank histogram and the predicted error sums (:meth:`RankPlan.summary
+            <converters.quantize.rank_allocation.RankPlan.summary>`); each layer's rank is in
+            ``layers``.
     """
 
     layers: list[dict[str, Any]]
@@ -115,6 +143,7 @@ class FidelityReport:
     calibration: dict[str, Any]
     environment: dict[str, Any]
     peak_memory_bytes: int = 0
+    rank_allocation: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """Mean errors over all layers."""
@@ -129,8 +158,12 @@ class FidelityReport:
         return d
 
     def table(self, *, limit: int | None = None) -> str:
-        """Text table (see :func:`format_table`)."""
-        return format_table(self.layers, limit=limit)
+        """Text table (see :func:`format_table`), then the rank allocation
+        (:func:`format_rank_allocation`) when there is one."""
+        text = format_table(self.layers, limit=limit)
+        if self.rank_allocation:
+            text += "\n" + format_rank_allocation(self.rank_allocation, self.layers)
+        return text
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON report atomically."""

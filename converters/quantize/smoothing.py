@@ -29,10 +29,13 @@ __all__ = [
     "smoothing_vector",
     "Approximation",
     "approximate",
+    "refit_lowrank",
     "simulated_output",
     "relative_error",
     "shift_correction",
     "search_smoothing",
+    "group_smoothing_vector",
+    "SmoothingChoice",
 ]
 
 
@@ -88,9 +91,27 @@ def approximate(
     for _ in range(refine_iters):
         q = dequantized_residual(w_hat - up @ vh, precision, scale_dtype=scale_dtype)
         up, vh = lowrank_factors(w_hat - q, rank, method=lowrank, niter=niter)
+    return _stored(w_hat, s, up, vh, dtype)
+
+
+def refit_lowrank(
+    w: torch.Tensor, smooth: torch.Tensor, qres: torch.Tensor, rank: int, *, dtype: torch.dtype,
+    lowrank: str = "auto", niter: int = 4,
+) -> Approximation:
+    """The low-rank branch re-fitted to what a fixed 4-bit residual leaves: ``L1·L2 ←
+    SVD_r(Ŵ − Q(R))`` (``smooth`` as stored, e.g. ``Approximation.smooth``); the returned
+    ``residual`` is ``Ŵ − L1·L2`` with the new factors as stored."""
+    w_hat = w.float() * smooth
+    up, vh = lowrank_factors(w_hat - qres, rank, method=lowrank, niter=niter)
+    return _stored(w_hat, smooth, up, vh, dtype)
+
+
+def _stored(w_hat: torch.Tensor, s: torch.Tensor, up: torch.Tensor, vh: torch.Tensor,
+            dtype: torch.dtype) -> Approximation:
+    """Factors rounded as stored (``down`` on the raw input) and the residual they leave."""
     up_st = up.to(dtype).float()
     down_st = (vh / s).to(dtype).float()
-    residual = w_hat - up_st @ (down_st * s) if rank > 0 else w_hat
+    residual = w_hat - up_st @ (down_st * s) if up.shape[1] > 0 else w_hat
     return Approximation(s, up_st, down_st, residual)
 
 
@@ -193,7 +214,7 @@ def search_smoothing(
         ``(smooth or None, best (α, β) or None, best shift, [((α, β), shift, error), ...])``;
         ``None`` means no smoothing won.
     """
-    amax_w = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    amax_w = _amax_w(weights)
     refs = [x @ w.float().T for x, w in zip(rows, weights)]
     tried: list[tuple[Any, float, float]] = []
     best: tuple[float, torch.Tensor | None, tuple[float, float] | None, float] = (float("inf"), None, None, 0.0)
@@ -218,3 +239,49 @@ def search_smoothing(
             if err < best[0]:
                 best = (err, s, alpha, shift)
     return best[1], best[2], best[3], tried
+
+
+def _amax_w(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+
+
+def group_smoothing_vector(
+    weights: list[torch.Tensor], amax_x: torch.Tensor, alpha: tuple[float, float] | None
+) -> torch.Tensor | None:
+    """The smoothing vector :func:`search_smoothing` builds for candidate ``alpha`` (bit for bit),
+    so a search result kept as ``(α, β)`` gives the same ``s`` again; None for ``s = 1``."""
+    if alpha is None:
+        return None
+    amax_w = _amax_w(weights)
+    return smoothing_vector(amax_x.to(amax_w.device), amax_w, alpha[0], beta=alpha[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothingChoice:
+    """What the smoothing search chose for an input group (kept so it is not searched twice).
+
+    Attributes:
+        alpha: ``(α, β)`` of the winning candidate, None for ``s = 1``.
+        shift: Activation shift (the GELU shift with unsigned codes, or 0).
+        tried: ``[((α, β) or None, shift, error), ...]`` as :func:`search_smoothing` returns it.
+        searched: False when no search ran (no calibration rows, or nothing to search).
+    """
+
+    alpha: tuple[float, float] | None = None
+    shift: float = 0.0
+    tried: tuple[tuple[Any, float, float], ...] = ()
+    searched: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {"alpha": None if self.alpha is None else list(self.alpha), "shift": self.shift,
+                "tried": [[None if a is None else list(a), sh, e] for a, sh, e in self.tried],
+                "searched": self.searched}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SmoothingChoice:
+        """Inverse of :meth:`to_json`."""
+        alpha = None if d.get("alpha") is None else (float(d["alpha"][0]), float(d["alpha"][1]))
+        tried = tuple((None if a is None else (float(a[0]), float(a[1])), float(sh), float(e))
+                      for a, sh, e in d.get("tried", []))
+        return cls(alpha, float(d.get("shift", 0.0)), tried, bool(d.get("searched", False)))

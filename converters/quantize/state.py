@@ -1,7 +1,8 @@
 """The resumable state of a quantization run: one directory, written as the run goes.
 
 ``plan.json`` (a fingerprint of the model and the options: a state dir is never resumed with
-other settings), ``calibration-stats.safetensors`` (the statistics) and one
+other settings), ``calibration-stats.safetensors`` (the statistics), ``rank-plan.json`` (the
+rank allocation, :mod:`converters.quantize.rank_allocation`) and one
 ``block-NNNN.safetensors`` per finished block (its layers and report rows). A rerun with the
 same settings reads what is there and computes the rest, bit-identical: every block depends
 only on the original weights, the statistics and a per-layer seed.
@@ -34,6 +35,7 @@ from .timing import PhaseTimer
 __all__ = [
     "STATS_FILE",
     "PLAN_FILE",
+    "RANK_PLAN_FILE",
     "ResumeState",
     "fingerprint",
     "open_state",
@@ -45,6 +47,7 @@ __all__ = [
 
 STATS_FILE = "calibration-stats.safetensors"
 PLAN_FILE = "plan.json"
+RANK_PLAN_FILE = "rank-plan.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,11 @@ class ResumeState:
     def stats_path(self) -> Path | None:
         """Where the statistics are (to be) saved."""
         return None if self.directory is None else self.directory / STATS_FILE
+
+    @property
+    def rank_plan_path(self) -> Path | None:
+        """Where the rank allocation is (to be) saved."""
+        return None if self.directory is None else self.directory / RANK_PLAN_FILE
 
     def block_path(self, index: int) -> Path | None:
         """Where block ``index``'s layers are (to be) saved."""

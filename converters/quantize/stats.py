@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,11 @@ class LayerStats:
         keys: The reservoir keys of ``rows`` (float64; the smallest keys are kept, ascending).
         count: Number of rows seen.
         minval: Smallest input value seen (decides unsigned activation codes after a GELU).
+        hessian: ``XᵀX`` over *every* row seen (``[K, K]``, raw inputs), for GPTQ; only for the
+            layers the recorder was asked to accumulate it for (memory budget). Layers that read
+            the same input tensor share one tensor object. float64 sums of float32 per-call
+            products: exact, so the same whatever the order the samples are added in (one
+            process, or shards merged), unless one entry's per-call values span more than 2²⁹.
     """
 
     absmax: torch.Tensor
@@ -54,6 +59,7 @@ class LayerStats:
     keys: torch.Tensor
     count: int = 0
     minval: float = float("-inf")
+    hessian: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -67,6 +73,9 @@ class CalibrationStats:
     seconds: float = 0.0
     #: Where the calibration inputs came from (kept so a resumed run records the same source).
     source: str = ""
+    #: Layer → how much its output error reaches the model output
+    #: (:func:`converters.quantize.sensitivity.layer_sensitivity`; measured for the rank allocation).
+    sensitivity: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def group_of(self, name: str) -> list[str]:
         """The input group containing ``name`` (``[name]`` when it shares with nobody)."""
@@ -83,14 +92,22 @@ class CalibrationStats:
         tensors: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         mins: dict[str, float] = {}
+        hessian_of: dict[str, str] = {}  # layer → the layer whose entry holds its (shared) Hessian
+        owners: dict[int, str] = {}
         for name, st in self.layers.items():
             mins[name] = st.minval
             tensors[f"{name}{_SEP}absmax"] = st.absmax.contiguous()
             tensors[f"{name}{_SEP}rows"] = st.rows.contiguous()
             tensors[f"{name}{_SEP}keys"] = st.keys.contiguous()
             counts[name] = st.count
+            if st.hessian is not None:
+                owner = owners.setdefault(id(st.hessian), name)
+                hessian_of[name] = owner
+                if owner == name:
+                    tensors[f"{name}{_SEP}hessian"] = st.hessian.contiguous()
         meta = {"svdq_stats": json.dumps({"groups": self.groups, "counts": counts, "mins": mins,
-                                          "samples": self.samples, "seconds": self.seconds, "source": self.source})}
+                                          "samples": self.samples, "seconds": self.seconds, "source": self.source,
+                                          "hessian_of": hessian_of, "sensitivity": self.sensitivity})}
         # tensor by tensor (rows may live on the GPU): no second copy of the statistics in memory
         atomic_write(Path(path), lambda tmp: write_safetensors_streaming(tensors, tmp, meta, lambda k: tensors[k]))
 
@@ -111,8 +128,14 @@ class CalibrationStats:
                 )
                 for name, count in info["counts"].items()
             }
+            shared: dict[str, torch.Tensor] = {}
+            for name, owner in info.get("hessian_of", {}).items():
+                if owner not in shared:
+                    shared[owner] = h.get_tensor(f"{owner}{_SEP}hessian")
+                layers[name].hessian = shared[owner]
         return cls(layers, [list(g) for g in info["groups"]], int(info.get("samples", 0)),
-                   float(info.get("seconds", 0.0)), str(info.get("source", "")))
+                   float(info.get("seconds", 0.0)), str(info.get("source", "")),
+                   {k: float(v) for k, v in info.get("sensitivity", {}).items()})
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
@@ -138,6 +161,8 @@ def collect_stats(
     progress: bool = False,
     shard: tuple[int, int] = (0, 1),
     placement: contextlib.AbstractContextManager[Any] | None = None,
+    hessians: Collection[str] = (),
+    sensitivity_samples: int = 0,
 ) -> CalibrationStats:
     """Run the calibration inputs through the model and gather per-layer statistics.
 
@@ -154,6 +179,10 @@ def collect_stats(
             parts with :func:`merge_stats`; no "never ran" warning for a part).
         placement: A context that places the model's weights during the forwards (e.g.
             :func:`converters.quantize.streaming.stream_from_source`); overrides ``offload``.
+        hessians: Layers whose ``XᵀX`` over every row is accumulated (``LayerStats.hessian``).
+        sensitivity_samples: Also measure the layers' sensitivities
+            (:func:`converters.quantize.sensitivity.measure_sensitivity`) on the first this many
+            samples (whole-model forwards on ``device``; not with ``offload`` or ``placement``).
 
     Raises:
         QuantizationError: NaN/inf activations (naming the layer and sample).
@@ -163,7 +192,7 @@ def collect_stats(
         device = next(model.parameters()).device
     # the sampled rows stay where the forward runs (a GPU: no copies to the host, and the
     # reservoir's concatenations run there); the quantizer reads them there
-    rec = StatsRecorder(max_rows=max_rows, row_device=device)
+    rec = StatsRecorder(max_rows=max_rows, row_device=device, hessians=hessians)
     handles = [mod.register_forward_pre_hook(rec.hook(name)) for name, mod in layers.items()]
     samples = list(calibration)
     if not samples:
@@ -180,10 +209,16 @@ def collect_stats(
                 model(**to_device(sample, device))
                 rec.state["first"] = False
                 rec.state["last"] = None
+                rec.state["last_hessian"] = None
     finally:
         for h in handles:
             h.remove()
-    return rec.finish(layers, world=world, samples=len(mine))
+    stats = rec.finish(layers, world=world, samples=len(mine))
+    if sensitivity_samples > 0 and not offload and placement is None:
+        from .sensitivity import measure_sensitivity
+
+        stats.sensitivity = measure_sensitivity(model, layers, samples[:sensitivity_samples], device=device, seed=seed)
+    return stats
 
 
 class StatsRecorder:
@@ -196,25 +231,31 @@ class StatsRecorder:
     sample carried from block to block), which therefore compute the same statistics.
     """
 
-    def __init__(self, *, max_rows: int, row_device: torch.device | str = "cpu") -> None:
+    def __init__(self, *, max_rows: int, row_device: torch.device | str = "cpu",
+                 hessians: Collection[str] = ()) -> None:
         self.max_rows = max_rows
         self.row_device = row_device
         self.gen = torch.Generator()
         self.stats: dict[str, LayerStats] = {}
         self.groups: list[list[str]] = []
-        self.state: dict[str, Any] = {"last": None, "sample": 0, "first": True}
+        #: "last_hessian": (input tensor, Hessian) of the last accumulation: a layer reading the
+        #: same tensor shares that Hessian and does not add the rows twice
+        self.state: dict[str, Any] = {"last": None, "sample": 0, "first": True, "last_hessian": None}
         self.placed: set[str] = set()
+        self.hessians = frozenset(hessians)
 
     def begin(self, index: int, *, first: bool) -> None:
         """Set the sample being run (for error messages) and whether groups are recorded."""
         self.state["sample"] = index
         self.state["first"] = first
+        self.state["last_hessian"] = None
 
     def hook(self, name: str) -> Callable[..., None]:
         """The forward pre-hook of linear ``name``."""
         gen, stats, groups, state, placed, max_rows = (self.gen, self.stats, self.groups, self.state, self.placed,
                                                        self.max_rows)
         row_device = self.row_device
+        want_hessian = name in self.hessians
 
         def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
@@ -240,8 +281,12 @@ class StatsRecorder:
             top = torch.topk(keys, take, largest=False)
             new_rows = flat[top.indices.to(flat.device)].to(row_device)
             st = stats.get(name)
+            if want_hessian:
+                _accumulate_hessian(state, st, x, flat)
             if st is None:  # absmax stays where the forward runs until finish()
                 stats[name] = LayerStats(amax, new_rows, top.values, m, lo)
+                if want_hessian:
+                    stats[name].hessian = state["last_hessian"][1]
                 return
             st.minval = min(st.minval, lo)
             st.absmax = torch.maximum(st.absmax, amax)
@@ -268,6 +313,31 @@ class StatsRecorder:
         return CalibrationStats(stats, [g for g in groups if g], samples=samples)
 
 
+def _accumulate_hessian(state: dict[str, Any], st: LayerStats | None, x: torch.Tensor, flat: torch.Tensor) -> None:
+    """Add ``flatᵀ·flat`` to the layer's Hessian (made at its first call, or shared with the
+    layer that just read the very same input tensor); ``state["last_hessian"]`` says which."""
+    last = state["last_hessian"]
+    h = st.hessian if st is not None else None
+    if last is not None and last[0] is x and (h is None or h is last[1]):
+        state["last_hessian"] = (x, last[1])  # same input as the previous layer: already added
+        return
+    if h is None:
+        h = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
+    h.add_(gram(flat))
+    state["last_hessian"] = (x, h)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀx`` in float32 (16-bit inputs: products exact, float32 accumulation)."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda:
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # (torch without the mixed-dtype mm)
+            pass
+    xf = x.float()
+    return xf.T @ xf
+
+
 def sample_seed(seed: int, index: int) -> int:
     """Seed of the row-sampling keys of calibration sample ``index`` (order/shard independent)."""
     return (seed * 1_000_003 + index * 7_919 + 1) % (2**63)
@@ -290,8 +360,13 @@ def merge_stats(parts: list[CalibrationStats], *, max_rows: int, layers: Iterabl
         for name, st in part.layers.items():
             cur = merged.get(name)
             if cur is None:
-                merged[name] = LayerStats(st.absmax.clone(), st.rows, st.keys, st.count, st.minval)
+                merged[name] = LayerStats(st.absmax.clone(), st.rows, st.keys, st.count, st.minval,
+                                          None if st.hessian is None else st.hessian.clone())
                 continue
+            if cur.hessian is not None and st.hessian is not None:
+                cur.hessian += st.hessian.to(cur.hessian.device)  # (summation order: part by part)
+            else:
+                cur.hessian = None
             keys = torch.cat([cur.keys, st.keys])
             rows = torch.cat([cur.rows, st.rows])
             order = torch.sort(keys, stable=True).indices[:max_rows]

@@ -53,7 +53,9 @@ def text_encoder_options(mode: str = "w4a16", base: QuantizeOptions | None = Non
     if mode not in ("w4a16", "w4a4"):
         raise QuantizationError(f"text-encoder mode {mode!r} is not one of w4a16, w4a4")
     opts = base or QuantizeOptions()
-    return dataclasses.replace(opts, weight_only=mode == "w4a16")
+    # uniform ranks: auto mode picks W4A4 layer by layer, so a budget over "the W4A4 layers" would
+    # change with the pick (and the memory accounting predicts ranks before quantizing)
+    return dataclasses.replace(opts, weight_only=mode == "w4a16", rank_allocation="uniform")
 
 
 def quantize_text_encoder(

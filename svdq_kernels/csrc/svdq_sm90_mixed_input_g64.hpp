@@ -56,6 +56,13 @@
 
 /////////////////////////////////////////////////////////////////////////////////////////////////
 
+// svdq: a timing probe of the producer conversion (benchmarks only, wrong results): the converter
+// warps keep their barriers but convert nothing, so the consumers multiply stale e4m3 slots. Its
+// time is what the producer kernel would take if the conversion were free.
+#ifndef SVDQ_CONVERT_PROBE
+#define SVDQ_CONVERT_PROBE 0
+#endif
+
 namespace cutlass::gemm::collective {
 using namespace cute;
 
@@ -94,7 +101,8 @@ template <
   class TransformB_,
   int PromoteKTiles_ = 0,
   bool ScaleLut_ = false,
-  bool LowRankUp_ = false>
+  bool LowRankUp_ = false,
+  int ConvertStages_ = 0>
 struct SvdqSm90MixedInputGroup64Mma
 {
 public:
@@ -125,6 +133,14 @@ public:
   // into the accumulator instead of the FP8 ones. The epilogue scales the accumulator by
   // rowinv[n] * a[m], so L1 arrives multiplied by 1 / rowinv and lr divided by a (host side).
   static constexpr bool LowRankUp = LowRankUp_;
+  // svdq: with ConvertStages > 0 (the producer conversion, kernel svdq_sm90_gemm_producer_convert.hpp)
+  // the consumer warps no longer convert: the producer warpgroup's idle warps wait on a stage's TMA
+  // barrier, convert its int4 A tile by the same table lookup (same bits) into an e4m3 tile in a
+  // ring of ConvertStages swizzled K-major slots (smem_A8), fence it for the async proxy and arrive
+  // on the slot's "converted full" barrier; the consumers run SS FP8 wgmmas from that slot and
+  // the stage's B tile, then release the TMA stage and arrive on the slot's "converted empty" one.
+  static constexpr int ConvertStages = ConvertStages_;
+  static constexpr bool ProducerConvert = ConvertStages_ > 0;
 
 private:
   template<class T> friend struct detail::MixedInputUtils;
@@ -136,7 +152,7 @@ private:
                                        GmemTiledCopyA_, SmemLayoutAtomA_, SmemCopyAtomA_,
                                        TransformA_,
                                        GmemTiledCopyB_, SmemLayoutAtomB_, SmemCopyAtomB_,
-                                       TransformB_, PromoteKTiles_, ScaleLut_, LowRankUp_>;
+                                       TransformB_, PromoteKTiles_, ScaleLut_, LowRankUp_, ConvertStages_>;
   using Utils = SvdqGroup64Utils<CollectiveType>;
 
   using ScaleA = detail::deduce_mixed_width_dtype_t<1, ElementAOptionalTuple>;
@@ -345,16 +361,34 @@ public:
                                cutlass::detail::alignment_for_swizzle(SmemLayoutBLR{}) <= SmemAlignmentB),
                 "svdq: the stage buffers are not aligned for the low-rank tiles' swizzle");
 
+  // svdq: the producer conversion's e4m3 ring (ProducerConvert): ConvertStages slots of TileM x TileK,
+  // K-major with the 128-byte swizzle the SS FP8 wgmma reads (TileK = 128 e4m3 = one swizzle row).
+  using ElementA8 = cutlass::float_e4m3_t;
+  using SmemLayoutA8 = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<ElementA8>{},
+      make_shape(shape<0>(TileShape{}), shape<2>(TileShape{}), Int<cute::max(ConvertStages, 1)>{})));
+  static_assert(!ProducerConvert || (ScaleLut && PromoteKTiles == 0 && sizeof_bits_v<RealSwappedElementB> == 8 &&
+                                     size<2>(TileShape{}) == 128 && !SwapAB),
+                "svdq: the producer conversion is for the table-lookup e4m3 kernels with TileK = 128, unpromoted");
+
   struct SharedStorage
   {
     static constexpr int scale_elements = Utils::elements_per_smem_scale();
     static constexpr int zero_elements = Utils::elements_per_smem_zero();
-    struct TensorStorage {
+    struct TensorStorageRs {
       CUTE_ALIGNAS(SmemAlignmentA) cute::ArrayEngine<RealSwappedElementA, cute::cosize_v<SmemLayoutA>> smem_A;
       CUTE_ALIGNAS(SmemAlignmentB) cute::ArrayEngine<typename TiledMma::ValTypeB, cute::cosize_v<SmemLayoutB>> smem_B;
       cute::ArrayEngine<NonVoidElementScale, scale_elements> smem_scale;
       cute::ArrayEngine<NonVoidElementZero, zero_elements> smem_zero;
-    } tensors;
+    };
+    struct TensorStorageConvert {
+      CUTE_ALIGNAS(SmemAlignmentA) cute::ArrayEngine<RealSwappedElementA, cute::cosize_v<SmemLayoutA>> smem_A;
+      CUTE_ALIGNAS(SmemAlignmentB) cute::ArrayEngine<typename TiledMma::ValTypeB, cute::cosize_v<SmemLayoutB>> smem_B;
+      CUTE_ALIGNAS(1024) cute::ArrayEngine<ElementA8, cute::cosize_v<SmemLayoutA8>> smem_A8;
+      cute::ArrayEngine<NonVoidElementScale, scale_elements> smem_scale;
+      cute::ArrayEngine<NonVoidElementZero, zero_elements> smem_zero;
+    };
+    using TensorStorage = cute::conditional_t<ProducerConvert, TensorStorageConvert, TensorStorageRs>;
+    TensorStorage tensors;
 
     using PipelineStorage = typename MainloopPipeline::SharedStorage;
     PipelineStorage pipeline;
@@ -1227,6 +1261,233 @@ public:
     else {
       return cute::make_tuple();
     }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // svdq: the producer conversion (ProducerConvert; kernel: svdq_sm90_gemm_producer_convert.hpp)
+  // ---------------------------------------------------------------------------------------------
+
+  // Per converted slot: "full" (the converter threads arrive once their bytes are fenced) and
+  // "empty" (every MMA thread arrives once its wgmmas on the slot have completed).
+  struct ConvertStorage {
+    cutlass::arch::ClusterBarrier full[cute::max(ConvertStages, 1)];
+    cutlass::arch::ClusterBarrier empty[cute::max(ConvertStages, 1)];
+  };
+  using ConvertPipelineState = cutlass::PipelineState<cute::max(ConvertStages, 1)>;
+  // the SS FP8 MMA of the consumers: the stock tiled MMA's warpgroup layout, A and B from smem
+  using TiledMmaSS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<ElementA8, RealSwappedElementB, ElementAccumulator, TileShape, GMMA::Major::K, GMMA::Major::K>(),
+      Layout<Shape<Int<size(TiledMma_{}) / NumThreadsPerWarpGroup>, _1, _1>>{}));
+  static_assert(!ProducerConvert || size(TiledMmaSS{}) == size(TiledMma_{}), "svdq: one thread layout for both MMAs");
+
+  // The converter reads 32 int4 codes of a row as one 16-byte chunk of the int4 tile and writes
+  // them as two 16-byte chunks of the e4m3 slot. A swizzled smem layout's swizzle acts on byte
+  // addresses (cute's swizzle_ptr; the TMA's swizzle modes), so a byte offset is the swizzle of
+  // the unswizzled layout's element offset times the element's bytes. Both swizzles move whole
+  // 16-byte units (base 2^4), so a chunk stays contiguous when the unswizzled layout keeps its run
+  // contiguous and aligned: checked at the chunks' ends and middles, every row and chunk.
+  template <class SmemLayout, int Bits>
+  CUTLASS_HOST_DEVICE static constexpr int smem_byte_offset(int m, int k, int stage) {
+    return SmemLayout{}.layout_a()(int(SmemLayout{}.layout_b()(m, k, stage)) * Bits / 8);
+  }
+  static constexpr bool convert_chunks_contiguous() {
+    using SwizzleA = decltype(SmemLayoutA{}.layout_a());
+    using SwizzleA8 = decltype(SmemLayoutA8{}.layout_a());
+    if (SwizzleA::num_base < 4 || SwizzleA8::num_base < 4) {
+      return false;
+    }
+    for (int m = 0; m < size<0>(TileShape{}); ++m) {
+      for (int k0 = 0; k0 < size<2>(TileShape{}); k0 += 32) {
+        int const a = SmemLayoutA{}.layout_b()(m, k0, 0);
+        if (a % 32 != 0 || int(SmemLayoutA{}.layout_b()(m, k0 + 1, 0)) != a + 1 ||
+            int(SmemLayoutA{}.layout_b()(m, k0 + 16, 0)) != a + 16 || int(SmemLayoutA{}.layout_b()(m, k0 + 31, 0)) != a + 31) {
+          return false;
+        }
+      }
+      for (int k0 = 0; k0 < size<2>(TileShape{}); k0 += 16) {
+        int const b = SmemLayoutA8{}.layout_b()(m, k0, 0);
+        if (b % 16 != 0 || int(SmemLayoutA8{}.layout_b()(m, k0 + 1, 0)) != b + 1 ||
+            int(SmemLayoutA8{}.layout_b()(m, k0 + 15, 0)) != b + 15) {
+          return false;
+        }
+      }
+    }
+    return true;
+  }
+  static_assert(!ProducerConvert || convert_chunks_contiguous(), "svdq: the converter's 16-byte chunks are not contiguous");
+
+  /// One thread initialises the converted ring's barriers (before the kernel's block-wide sync).
+  CUTLASS_DEVICE static void
+  init_convert_barriers(ConvertStorage& storage, uint32_t convert_threads, uint32_t mma_threads) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < ConvertStages; ++i) {
+      storage.full[i].init(convert_threads);
+      storage.empty[i].init(mma_threads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+
+  /// The consumers' slot of the converted ring for a TMA pipeline position: both walk the same
+  /// k-tiles, so slot = count mod ConvertStages (phase: its parity of wraps).
+  CUTLASS_DEVICE static ConvertPipelineState
+  convert_read_state(uint32_t count) {
+    constexpr uint32_t C = cute::max(ConvertStages, 1);
+    return ConvertPipelineState(static_cast<int>(count % C), (count / C) & 1u, count);
+  }
+
+  /// The converter threads' loop over one work tile's k-tiles: wait for the stage's TMA bytes and
+  /// a free converted slot, write e4m3(fp16(code * scale)) by the table lookup (the consumers'
+  /// SvdqGroup64Utils::make_lut / lut4: the same bytes), fence, arrive. A low-rank k-tile has no
+  /// int4 tile (its L1 is in the A buffer, read by the consumers' bf16 MMAs): nothing converted.
+  CUTLASS_DEVICE void
+  convert(MainloopPipeline pipeline, PipelineState tma_state, ConvertPipelineState conv_state,
+          int k_tile_count, int convert_thread_idx, int convert_threads,
+          TensorStorage& shared_tensors, ConvertStorage& conv) {
+    static_assert(ProducerConvert, "svdq: convert() is the producer conversion's");
+    constexpr int TileM = size<0>(TileShape{});
+    constexpr int Units = TileM * ScaleColsPerTile;  // (row, 64-group) pairs of a k-tile
+    auto const* a_bytes = reinterpret_cast<uint8_t const*>(&shared_tensors.smem_A);
+    auto* a8_bytes = reinterpret_cast<uint8_t*>(&shared_tensors.smem_A8);
+    auto const* scales = reinterpret_cast<cutlass::half_t const*>(&shared_tensors.smem_scale);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for ( ; k_tile_count > 0; --k_tile_count) {
+      int const stage = tma_state.index();
+      int const slot = conv_state.index();
+      pipeline.consumer_wait(tma_state);
+      conv.empty[slot].wait(conv_state.phase());
+      bool lr_tile = false;
+      if constexpr (LowRankUp) {
+        lr_tile = reinterpret_cast<uint16_t const*>(scales)[SmemLayoutScale{}(0, 0, stage)] == LrScaleSentinel;
+      }
+      if (!lr_tile && !SVDQ_CONVERT_PROBE) {
+        CUTLASS_PRAGMA_NO_UNROLL
+        for (int u = convert_thread_idx; u < Units; u += convert_threads) {
+          int const m = u % TileM;   // consecutive threads, consecutive rows: no bank conflicts
+          int const g = u / TileM;   // (both swizzles spread 8 rows over 8 distinct 16-byte chunks)
+          auto const lut = Utils::make_lut(scales[SmemLayoutScale{}(m, g, stage)]);
+          CUTLASS_PRAGMA_UNROLL
+          for (int h = 0; h < 2; ++h) {  // 32 codes: one 16-byte chunk of the int4 tile
+            int const k0 = g * ScaleGroupK + h * 32;
+            uint4 const w = *reinterpret_cast<uint4 const*>(
+                a_bytes + smem_byte_offset<SmemLayoutA, sizeof_bits_v<RealSwappedElementA>>(m, k0, stage));
+            uint32_t const words[4] = {w.x, w.y, w.z, w.w};
+            uint32_t out[8];
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < 4; ++i) {  // the consumer conversion's selector math, codes 8i..8i+7
+              uint32_t const idx = words[i] & 0x77777777u;
+              uint32_t const sel = ((words[i] & 0x88888888u) | 0x64206420u) >> 1;
+              out[2 * i] = Utils::lut4(idx, sel, lut);
+              out[2 * i + 1] = Utils::lut4(idx >> 16, sel >> 16, lut);
+            }
+            // 32 e4m3 bytes: two 16-byte chunks of the swizzled K-major slot
+            *reinterpret_cast<uint4*>(a8_bytes + smem_byte_offset<SmemLayoutA8, 8>(m, k0, slot)) =
+                make_uint4(out[0], out[1], out[2], out[3]);
+            *reinterpret_cast<uint4*>(a8_bytes + smem_byte_offset<SmemLayoutA8, 8>(m, k0 + 16, slot)) =
+                make_uint4(out[4], out[5], out[6], out[7]);
+          }
+        }
+      }
+      cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> the wgmmas' async proxy
+      conv.full[slot].arrive();
+      ++tma_state;
+      ++conv_state;
+    }
+  }
+
+  /// The consumers with the producer conversion: per k-tile wait for the TMA stage (B) and the
+  /// converted slot (A), then SS wgmmas (FP8: 4 k-blocks of K = 32; a low-rank k-tile: 2 bf16
+  /// k-blocks of K = 16 on the stage's L1 and lr) in the order the RS mainloop issues them. One
+  /// k-tile of MMAs stays in flight; the previous one's TMA stage and slot are then released.
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void
+  mma_converted(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
+                int thread_idx, TensorStorage& shared_tensors, ConvertStorage& conv) {
+    static_assert(ProducerConvert, "svdq: mma_converted() is the producer conversion's");
+    static_assert(is_rmem<FrgTensorC>::value, "C tensor must be rmem resident.");
+    constexpr int MmaWarpGroups = size(TiledMma{}) / NumThreadsPerWarpGroup;
+    Layout warp_group_thread_layout = make_layout(Int<MmaWarpGroups>{}, Int<NumThreadsPerWarpGroup>{});
+    int warp_group_idx = __shfl_sync(0xFFFFFFFF, thread_idx / NumThreadsPerWarpGroup, 0);
+
+    Tensor sA8 = make_tensor(make_smem_ptr(shared_tensors.smem_A8.begin()), SmemLayoutA8{});   // (BLK_M,BLK_K,SLOT)
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.begin()), SmemLayoutB{});      // (BLK_N,BLK_K,PIPE)
+    TiledMmaSS tiled_mma;
+    auto wg_mma = tiled_mma.get_slice(warp_group_thread_layout(warp_group_idx));
+    Tensor tCrA = wg_mma.make_fragment_A(wg_mma.partition_A(sA8));                              // (MMA,MMA_M,MMA_K,SLOT)
+    Tensor tCrB = wg_mma.make_fragment_B(wg_mma.partition_B(sB));                               // (MMA,MMA_N,MMA_K,PIPE)
+    CUTE_STATIC_ASSERT_V(size<1>(tCrA) == size<1>(accum));
+    CUTE_STATIC_ASSERT_V(size<1>(tCrB) == size<2>(accum));
+    constexpr int K_BLOCK_MAX = size<2>(tCrA);
+    TiledMmaLR tiled_mma_lr;
+    auto lr_fragments = lr_mma_fragments(tiled_mma_lr, warp_group_thread_layout(warp_group_idx), shared_tensors);
+    auto const* scale_bits = reinterpret_cast<uint16_t const*>(&shared_tensors.smem_scale);
+
+    auto wait = [&](PipelineState const& read, ConvertPipelineState const& conv_read) {
+      pipeline.consumer_wait(read);
+      conv.full[conv_read.index()].wait(conv_read.phase());
+    };
+    // one k-tile's wgmmas as one batch; each branch arrives and commits itself, so the batch's
+    // last wgmma carries the commit (a commit after the branches' join costs a dummy wgmma)
+    auto mma_tile = [&](int stage, int slot) {
+      if constexpr (LowRankUp) {
+        if (scale_bits[SmemLayoutScale{}(0, 0, stage)] == LrScaleSentinel) {
+          warpgroup_arrive();
+          CUTLASS_PRAGMA_UNROLL
+          for (int k_block = 0; k_block < LrKBlocks; ++k_block) {
+            tiled_mma_lr.accumulate_ = tiled_mma.accumulate_;
+            cute::gemm(tiled_mma_lr, get<0>(lr_fragments)(_,_,k_block,stage), get<1>(lr_fragments)(_,_,k_block,stage), accum);
+            tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+          }
+          warpgroup_commit_batch();
+          return;
+        }
+      }
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < K_BLOCK_MAX; ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_,_,k_block,slot), tCrB(_,_,k_block,stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
+
+    ConvertPipelineState conv_read = convert_read_state(smem_pipe_read.count());
+    PipelineState smem_pipe_release = smem_pipe_read;
+    ConvertPipelineState conv_release = conv_read;
+
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+    {  // first k-tile
+      wait(smem_pipe_read, conv_read);
+      mma_tile(smem_pipe_read.index(), conv_read.index());
+      ++smem_pipe_read;
+      ++conv_read;
+    }
+    warpgroup_fence_operand(accum);
+    --k_tile_count;
+    CUTLASS_PRAGMA_NO_UNROLL
+    for ( ; k_tile_count > 0; --k_tile_count) {
+      wait(smem_pipe_read, conv_read);
+      warpgroup_fence_operand(accum);
+      mma_tile(smem_pipe_read.index(), conv_read.index());
+      warpgroup_wait<1>();  // the previous k-tile's wgmmas are done: release its stage and slot
+      warpgroup_fence_operand(accum);
+      pipeline.consumer_release(smem_pipe_release);
+      conv.empty[conv_release.index()].arrive();
+      ++smem_pipe_read;
+      ++conv_read;
+      ++smem_pipe_release;
+      ++conv_release;
+    }
+    warpgroup_fence_operand(accum);
+  }
+
+  /// mma_tail for the producer conversion: wait for the last k-tile's wgmmas, release its stage and slot.
+  CUTLASS_DEVICE void
+  mma_tail_converted(MainloopPipeline pipeline, PipelineState smem_pipe_release, int k_tile_count, ConvertStorage& conv) {
+    smem_pipe_release.advance(k_tile_count - 1);
+    warpgroup_wait<0>();
+    pipeline.consumer_release(smem_pipe_release);
+    conv.empty[convert_read_state(smem_pipe_release.count()).index()].arrive();
   }
 
   /// Perform a Consumer Epilogue to release all buffers
