@@ -103,8 +103,9 @@ def run(root: Path) -> dict[str, str]:
     step("q", _svdq, "quantize", str(src), str(q), "--dtype", "bfloat16", "--rank", "16", *cpu)
     step("q_disk", _svdq, "quantize", str(src), str(root / "q_disk"), "--dtype", "bfloat16", "--rank", "8",
          "--offload", "disk", "--max-shard-size", "200KB", *cpu)
+    # --gptq needs 16 rows per layer (the AdaLN linears see one per sample): 16 samples
     step("q_gptq2", _svdq, "quantize", str(src), str(root / "q_gptq2"), "--dtype", "float32", "--rank", "8",
-         "--gptq", "--gpus", "2", *cpu)
+         "--gptq", "--gpus", "2", "--device", "cpu", "--num-samples", "16", "-q")
     step("q_nvfp4", _svdq, "quantize", str(src), str(root / "q_nvfp4"), "--dtype", "bfloat16", "--rank", "16",
          "--precision", "nvfp4", "--no-smoothing", *cpu)
     step("q_w4a16", _svdq, "quantize", str(src), str(root / "q_w4a16"), "--dtype", "float16", "--weight-only", *cpu)

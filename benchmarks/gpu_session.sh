@@ -146,14 +146,12 @@ for step in $STEPS; do
       timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py \
         -k "fast8_layer_matches or ranks_bias or weights_are" > "$OUT/pytest_fast8.log" 2>&1
       echo "fast8 tests rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_fast8.log" | tail -4
-      tar -C "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" -czf "$OUT/kcache.tgz" . ; ls -la "$OUT/kcache.tgz"
+      tar -C "$KC" -czf "$OUT/kcache.tgz" . ; ls -la "$OUT/kcache.tgz"
       timeout 200 python3 benchmarks/fast8_vs_fp8.py --out "$OUT/fast8_vs_fp8.json" > "$OUT/fast8_vs_fp8.log" 2>&1
       echo "layer bench rc=$?"; grep -v Warn "$OUT/fast8_vs_fp8.log" | tail -11 ;;
     lr2)  # issue 23, call 2: one FLUX.1-dev step (fused q|k|v, reduce-overhead) of bf16 eager and compiled,
           # FP8 rowwise W8A8 compiled and SVDQuant compiled with the low-rank branch in the GEMM and as
-          # before, each with its GPU time by kernel kind; kernels from call 1's cache (.kcache/kcache.tgz)
-      if [ -f .kcache/kcache.tgz ]; then mkdir -p "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" && \
-        tar -C "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" -xzf .kcache/kcache.tgz; fi
+          # before, each with its GPU time by kernel kind; kernels from call 1's cache (.kcache/kcache.tgz, unpacked above)
       timeout 470 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
         --fuse-qkv --fp8-peer --no-svdq-eager --profile --lowrank gemm --out "$OUT/flux_step_vs_fp8.json" \
         > "$OUT/flux_step_vs_fp8.log" 2>&1

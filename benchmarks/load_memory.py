@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memory_bounds import _status_kib, build  # noqa: E402  (one random-code model builder)
+from memory_bounds import _status_kib, add_model_arguments, build, write_result  # noqa: E402  (one random-code model builder)
 
 
 def child(loader: str, path: str, device: str) -> None:
@@ -59,11 +59,7 @@ def child(loader: str, path: str, device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=3, metavar=("LOADER", "PATH", "DEVICE"), help=argparse.SUPPRESS)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--single-layers", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--shard-size", default="32MB")
+    add_model_arguments(parser, dim=1024, layers=2, single_layers=4, shard_size="32MB")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load_memory.json"))
     args = parser.parse_args()
@@ -121,9 +117,7 @@ def main() -> None:
         "config": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

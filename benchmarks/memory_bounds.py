@@ -188,14 +188,27 @@ def run_all(path: Path, ops: tuple[str, ...], warmup: Path) -> list[dict[str, An
     return rows
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, *, dim: int, layers: int, single_layers: int,
+                        shard_size: str) -> None:
+    """The random-code model's options (:func:`build`) and its shard size, with these defaults."""
+    parser.add_argument("--dim", type=int, default=dim)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--single-layers", type=int, default=single_layers)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--shard-size", default=shard_size)
+
+
+def write_result(result: dict[str, Any], out: str) -> None:
+    """Write a benchmark's JSON result to ``out`` (its folder made) and say so."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=4, metavar=("OP", "PATH", "SHARD", "WARMUP"), help=argparse.SUPPRESS)
-    parser.add_argument("--dim", type=int, default=3072)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--single-layers", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--shard-size", default="1GB")
+    add_model_arguments(parser, dim=3072, layers=4, single_layers=8, shard_size="1GB")
     parser.add_argument("--dir", help="keep the generated model here (default: a temporary directory)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_bounds.json"))
     args = parser.parse_args()
@@ -238,9 +251,7 @@ def main() -> None:
         "bound": BOUND, "bound_holds": not bad,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

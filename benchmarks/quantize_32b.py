@@ -100,6 +100,46 @@ def block_bytes(model) -> tuple[int, int, str]:
     return total, sizes[name], name
 
 
+def add_model_arguments(ap: argparse.ArgumentParser, *, width: int, note: str = "") -> None:
+    """The synthetic FLUX's shape options: ``--width`` (default ``width``), ``--double``, ``--single``."""
+    ap.add_argument("--width", type=int, default=width, help=f"inner dim, a multiple of 128 (default {width}{note})")
+    ap.add_argument("--double", type=int, default=19, help="double-stream blocks (default 19)")
+    ap.add_argument("--single", type=int, default=38, help="single-stream blocks (default 38)")
+
+
+def add_source_arguments(ap: argparse.ArgumentParser, *, workdir_help: str) -> None:
+    """The options of the source checkpoint a run writes or reuses, and of its child process."""
+    ap.add_argument("--shard-size", default="5GB", help="source shard size (default 5GB, like FLUX.1-dev's)")
+    ap.add_argument("--src", default=None, help="reuse this source directory (written by an earlier run)")
+    ap.add_argument("--workdir", default=None, help=workdir_help)
+    ap.add_argument("--write-only", action="store_true", help="write the source and stop")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the child (CPU runs)")
+
+
+def describe_model(args: argparse.Namespace) -> tuple[dict, int, int, int, str]:
+    """The FLUX config of ``args`` and its sizes, printed: (config, parameters, bf16 bytes, largest block's
+    bytes, largest block's name)."""
+    cfg = flux_config(args.width, args.double, args.single)
+    model = meta_model(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    total, largest, largest_name = block_bytes(model)
+    del model
+    print(f"FLUX config width {args.width}, {args.double} + {args.single} blocks: {params:,} parameters, "
+          f"{total / GIB:.2f} GiB bf16, largest block {largest_name} {largest / GIB:.3f} GiB", flush=True)
+    return cfg, params, total, largest, largest_name
+
+
+def write_source_unless_given(args: argparse.Namespace, cfg: dict, src: Path) -> dict | None:
+    """Write the random source checkpoint of ``cfg`` into ``src`` unless ``--src`` names one; what
+    :func:`write_source` returns (``None``: reused)."""
+    from svdq_format.model import parse_size
+
+    if args.src:
+        return None
+    print(f"writing {src} ...", flush=True)
+    return write_source(cfg, src, shard_bytes=parse_size(args.shard_size))
+
+
 def random_tensor(key: str, like, seed: int):
     """The deterministic random value of one tensor (as benchmarks/quantize_flux.py initialises)."""
     import torch
@@ -219,46 +259,30 @@ def run_child(device: str, argv: list[str], threads: int | None) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--width", type=int, default=5120, help="inner dim, a multiple of 128 (default 5120)")
-    ap.add_argument("--double", type=int, default=19, help="double-stream blocks (default 19)")
-    ap.add_argument("--single", type=int, default=38, help="single-stream blocks (default 38)")
+    add_model_arguments(ap, width=5120)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--gpus", type=int, default=1, help="svdq quantize --gpus N (processes)")
     ap.add_argument("--samples", type=int, default=8, help="calibration samples (synthetic)")
     ap.add_argument("--calib-rows", type=int, default=256)
     ap.add_argument("--fast", action="store_true",
                     help="--no-smoothing --no-clip-search --refine 0 --lowrank randomized (memory, not quality)")
-    ap.add_argument("--shard-size", default="5GB", help="source shard size (default 5GB)")
     ap.add_argument("--out-shard-size", default="10GB", help="svdq quantize --max-shard-size (default 10GB)")
-    ap.add_argument("--src", default=None, help="reuse this source directory (written by an earlier run)")
-    ap.add_argument("--workdir", default=None, help="where src/ and quantized/ go (default: a temp dir)")
-    ap.add_argument("--write-only", action="store_true", help="write the source and stop")
     ap.add_argument("--keep", action="store_true", help="keep the written source and output")
-    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the child (CPU runs)")
+    add_source_arguments(ap, workdir_help="where src/ and quantized/ go (default: a temp dir)")
     ap.add_argument("--out", default="out/quantize_32b", help="JSON output directory")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from svdq_format.model import parse_size
 
-    cfg = flux_config(args.width, args.double, args.single)
-    model = meta_model(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    total, largest, largest_name = block_bytes(model)
-    del model
-    print(f"FLUX config width {args.width}, {args.double} + {args.single} blocks: {params:,} parameters, "
-          f"{total / GIB:.2f} GiB bf16, largest block {largest_name} {largest / GIB:.3f} GiB")
+    cfg, params, total, largest, largest_name = describe_model(args)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="svdq-32b-"))
     work.mkdir(parents=True, exist_ok=True)
     if not args.workdir and not args.write_only:  # a directory we made goes at exit; a named one stays
         atexit.register(shutil.rmtree, work, ignore_errors=True)
     src = Path(args.src) if args.src else work / "src"
-    written = None
-    if not args.src:
-        print(f"writing {src} ...", flush=True)
-        written = write_source(cfg, src, shard_bytes=parse_size(args.shard_size))
+    written = write_source_unless_given(args, cfg, src)
     if args.write_only:
         print(f"source in {src}")
         return 0

@@ -77,15 +77,28 @@ def build_model(config: dict, device: str, dtype: torch.dtype, seed: int) -> tor
     return model.eval()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda")
+def add_workload_arguments(ap: argparse.ArgumentParser, *, small_help: str) -> None:
+    """The model-size and calibration options of the FLUX quantizer benchmarks (this one, quantize_flux_dist)."""
     ap.add_argument("--tiny", action="store_true", help="tiny config (CPU test of the script)")
-    ap.add_argument("--small", action="store_true", help="width-256 config (CPU test at non-trivial shapes)")
+    ap.add_argument("--small", action="store_true", help=small_help)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--image-tokens", type=int, default=None, help="default 4096 (tiny: 64)")
     ap.add_argument("--text-tokens", type=int, default=None, help="default 512 (tiny: 16)")
     ap.add_argument("--rank", type=int, default=32)
+
+
+def workload(args: argparse.Namespace) -> tuple[dict, int, int, str]:
+    """(model config, image tokens, text tokens, config name) of :func:`add_workload_arguments`' options."""
+    config = TINY if args.tiny else SMALL if args.small else FLUX_DEV
+    img = args.image_tokens or (64 if args.tiny else 256 if args.small else 4096)
+    txt = args.text_tokens or (16 if args.tiny else 64 if args.small else 512)
+    return config, img, txt, "tiny" if args.tiny else "small" if args.small else "FLUX.1-dev"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    add_workload_arguments(ap, small_help="width-256 config (CPU test at non-trivial shapes)")
     ap.add_argument("--precision", choices=("int4", "nvfp4"), default="int4")
     ap.add_argument("--calib-rows", type=int, default=256)
     ap.add_argument("--offload", choices=("auto", "blocks", "none"), default="auto")
@@ -102,9 +115,7 @@ def main() -> int:
 
     start = time.time()
     deadline = start + args.time_budget
-    config = TINY if args.tiny else SMALL if args.small else FLUX_DEV
-    img = args.image_tokens or (64 if args.tiny else 256 if args.small else 4096)
-    txt = args.text_tokens or (16 if args.tiny else 64 if args.small else 512)
+    config, img, txt, config_name = workload(args)
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     chunks_file = state / "bench-chunks.json"
@@ -134,7 +145,7 @@ def main() -> int:
     out = {
         "benchmark": "quantize_flux",
         "complete": result.complete,
-        "config": "tiny" if args.tiny else "small" if args.small else "FLUX.1-dev",
+        "config": config_name,
         "params": params,
         "samples": args.samples,
         "image_tokens": img,

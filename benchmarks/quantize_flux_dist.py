@@ -40,7 +40,7 @@ from converters.quantize import QuantizeOptions, run_quantization, synthetic_cal
 from converters.quantize.distributed import init_distributed, rank_device  # noqa: E402
 from converters.quantize.memory import host_peak_bytes  # noqa: E402
 from converters.quantize.report import environment_info  # noqa: E402
-from quantize_flux import FLUX_DEV, SMALL, TINY, build_model  # noqa: E402
+from quantize_flux import add_workload_arguments, build_model, workload  # noqa: E402
 from svdq_format.io import layer_state  # noqa: E402
 from svdq_format.model import svdq_modules  # noqa: E402
 
@@ -59,12 +59,7 @@ def checksum(model: torch.nn.Module) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (rank r uses cuda:LOCAL_RANK) or cpu (gloo)")
-    ap.add_argument("--tiny", action="store_true", help="tiny config (CPU test of the script)")
-    ap.add_argument("--small", action="store_true", help="width-256 config")
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--image-tokens", type=int, default=None, help="default 4096 (tiny: 64)")
-    ap.add_argument("--text-tokens", type=int, default=None, help="default 512 (tiny: 16)")
-    ap.add_argument("--rank", type=int, default=32)
+    add_workload_arguments(ap, small_help="width-256 config")
     ap.add_argument("--calib-rows", type=int, default=256)
     ap.add_argument("--offload", choices=("auto", "blocks", "none"), default="auto")
     ap.add_argument("--state-dir", default=None, help="per-block resume files (emptied first); default none")
@@ -79,9 +74,7 @@ def main() -> int:
     world = 1 if ctx is None else ctx.world_size
     rank = 0 if ctx is None else ctx.rank
     device = rank_device(args.device, ctx)
-    config = TINY if args.tiny else SMALL if args.small else FLUX_DEV
-    img = args.image_tokens or (64 if args.tiny else 256 if args.small else 4096)
-    txt = args.text_tokens or (16 if args.tiny else 64 if args.small else 512)
+    config, img, txt, config_name = workload(args)
     if args.tiny or args.small:
         torch.set_num_threads(1)  # CPU tests: one thread per rank (a fair 1-vs-N comparison)
     else:  # torchrun sets OMP_NUM_THREADS=1; give each rank its share of the host's cores
@@ -123,7 +116,7 @@ def main() -> int:
         "benchmark": "quantize_flux_dist",
         "world_size": world,
         "backend": None if ctx is None else ctx.backend,
-        "config": "tiny" if args.tiny else "small" if args.small else "FLUX.1-dev",
+        "config": config_name,
         "params": params,
         "samples": args.samples,
         "image_tokens": img,

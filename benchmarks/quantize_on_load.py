@@ -37,7 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 GIB = 2**30
 
-from quantize_32b import block_bytes, flux_config, meta_model, write_source  # noqa: E402
+from quantize_32b import (  # noqa: E402
+    add_model_arguments,
+    add_source_arguments,
+    describe_model,
+    flux_config,
+    meta_model,
+    write_source_unless_given,
+)
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -119,9 +126,7 @@ def planned_params(cfg: dict) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--width", type=int, default=3072, help="inner dim, a multiple of 128 (default 3072: FLUX.1)")
-    ap.add_argument("--double", type=int, default=19, help="double-stream blocks (default 19)")
-    ap.add_argument("--single", type=int, default=38, help="single-stream blocks (default 38)")
+    add_model_arguments(ap, width=3072, note=": FLUX.1")
     ap.add_argument("--device", default="cuda", help="cuda (device_map) or cpu")
     ap.add_argument("--precision", default="int4")
     ap.add_argument("--rank", type=int, default=32)
@@ -129,11 +134,7 @@ def main() -> int:
                     help="smoothing=False, clip_search=False, refine_iters=0 (memory, not quality)")
     ap.add_argument("--extrapolate", default=None, metavar="D,S",
                     help="also report the time of D double + S single blocks of this width (scaled by Σ N·K)")
-    ap.add_argument("--shard-size", default="5GB", help="source shard size (default 5GB, like FLUX.1-dev's)")
-    ap.add_argument("--src", default=None, help="reuse this source directory (written by an earlier run)")
-    ap.add_argument("--workdir", default=None, help="where src/ goes (default: a temp dir, removed)")
-    ap.add_argument("--write-only", action="store_true", help="write the source and stop")
-    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the child (CPU runs)")
+    add_source_arguments(ap, workdir_help="where src/ goes (default: a temp dir, removed)")
     ap.add_argument("--cold", action="store_true",
                     help="evict the source files from the page cache first (posix_fadvise DONTNEED: a read from disk)")
     ap.add_argument("--out", default="out/quantize_on_load", help="JSON output directory")
@@ -142,22 +143,13 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from svdq_format.model import parse_size
 
-    cfg = flux_config(args.width, args.double, args.single)
-    model = meta_model(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    dense, largest, largest_name = block_bytes(model)
-    del model
-    print(f"FLUX config width {args.width}, {args.double} + {args.single} blocks: {params:,} parameters, "
-          f"{dense / GIB:.2f} GiB bf16, largest block {largest_name} {largest / GIB:.3f} GiB", flush=True)
+    cfg, params, dense, largest, largest_name = describe_model(args)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="svdq-onload-"))
     src = Path(args.src) if args.src else work / "src"
     written = None
     try:
-        if not args.src:
-            print(f"writing {src} ...", flush=True)
-            written = write_source(cfg, src, shard_bytes=parse_size(args.shard_size))
+        written = write_source_unless_given(args, cfg, src)
         if args.write_only:
             print(f"source in {src}")
             return 0

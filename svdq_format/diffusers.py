@@ -43,6 +43,7 @@ from diffusers.utils.logging import is_progress_bar_enabled
 from torch import nn
 
 from . import fusion
+from . import quantizer_plugin as plugin
 from .checkpoint import (
     check_config,
     check_key_sets,
@@ -60,7 +61,7 @@ from .errors import HeaderError, MixedDirectoryError, UnsupportedError
 from .hub_push import push_to_hub as publish
 from .io import aligned, file_identity
 from .linear import SVDQLinear
-from .model import FILES_KEY, replace_linears, save_pretrained, set_submodule, svdq_modules
+from .model import FILES_KEY, replace_linears, save_pretrained
 from .quantize_on_load import OnLoadOptions, OnLoadQuantization
 from .spec import (
     COMPUTE_ROLES,
@@ -82,7 +83,7 @@ class SVDQuantMethod(str, Enum):
     SVDQUANT = QUANT_METHOD
 
 
-class SVDQuantConfig(QuantizationConfigMixin):
+class SVDQuantConfig(plugin.MetadataConfigMixin, QuantizationConfigMixin):
     """The ``quantization_config`` of an SVDQuant model, in one of two forms.
 
     * **A quantized checkpoint's** (``layers`` given): the format metadata (docs/format.md), what
@@ -119,22 +120,10 @@ class SVDQuantConfig(QuantizationConfigMixin):
     ) -> None:
         #: The options of a request to quantize while loading (``None``: a checkpoint's config).
         self.request = OnLoadOptions.from_kwargs(**extra) if layers is None else None
-        obj = {} if layers is None else dict(extra)
-        obj.update(
-            quant_method=str(getattr(quant_method, "value", quant_method)),
-            format_version=format_version,
-            layout=layout,
-            producer=dict(producer or {}),
-            layers=dict(layers or {}),
-        )
-        self.metadata = FormatMetadata.from_json(obj, file="quantization_config")
+        self.metadata = plugin.config_metadata(layers, format_version, layout, producer, quant_method,
+                                        {} if layers is None else extra)
         # diffusers types quant_method as its own QuantizationMethod enum; any str enum works
         self.quant_method = SVDQuantMethod.SVDQUANT  # type: ignore[assignment]
-
-    @classmethod
-    def from_metadata(cls, meta: FormatMetadata) -> SVDQuantConfig:
-        """The config describing ``meta``."""
-        return cls(**meta.to_json())
 
     @property
     def layers(self) -> dict[str, Any]:
@@ -145,22 +134,12 @@ class SVDQuantConfig(QuantizationConfigMixin):
         """The JSON object stored as ``quantization_config`` (a request: its options)."""
         if self.request is not None:
             return {"quant_method": QUANT_METHOD, **self.request.to_json()}
-        return self.metadata.to_json()
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
-
-    def __iter__(self):
-        yield from self.to_dict().items()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SVDQuantConfig) and self.to_dict() == other.to_dict()
+        return super().to_dict()
 
     def __repr__(self) -> str:
         if self.request is not None:
             return f"SVDQuantConfig({', '.join(f'{k}={v!r}' for k, v in self.request.to_json().items())})"
-        n = len(self.metadata.layers)
-        return f"SVDQuantConfig(format_version={self.metadata.format_version}, layers={n})"
+        return super().__repr__()
 
 
 def _owner(model: nn.Module, param_name: str) -> tuple[SVDQLinear | None, str]:
@@ -172,7 +151,7 @@ def _owner(model: nn.Module, param_name: str) -> tuple[SVDQLinear | None, str]:
     return (module if isinstance(module, SVDQLinear) else None), role
 
 
-class SVDQuantizer(DiffusersQuantizer):
+class SVDQuantizer(plugin.PreQuantizedMixin, DiffusersQuantizer):
     """diffusers quantizer for SVDQuant checkpoints (loading and saving), and for dense ones
     quantized while they load (a request config: each hook delegates to
     :class:`~svdq_format.quantize_on_load.OnLoadQuantization`; afterwards the model is an
@@ -184,11 +163,10 @@ class SVDQuantizer(DiffusersQuantizer):
 
     def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
         request = getattr(quantization_config, "request", None)
-        if request is None and not kwargs.get("pre_quantized", True):
-            raise UnsupportedError(
-                "SVDQuantConfig(layers=...) describes a quantized checkpoint, and this one is dense: to quantize "
-                "it while loading, pass SVDQuantConfig(precision=..., rank=...)"
-            )
+        if request is None:
+            plugin.refuse_dense_load(kwargs, "SVDQuantConfig(layers=...) describes a quantized checkpoint, and this "
+                                     "one is dense: to quantize it while loading, pass SVDQuantConfig(precision=..., "
+                                     "rank=...)")
         super().__init__(quantization_config, **kwargs)
         self.pre_quantized = request is None
         #: The quantize-while-loading run, until loading ends (``None`` for a quantized checkpoint).
@@ -344,18 +322,8 @@ class SVDQuantizer(DiffusersQuantizer):
     def is_serializable(self) -> bool:
         return True
 
-    @property
-    def is_trainable(self) -> bool:
-        return False
-
-    @property
-    def is_compileable(self) -> bool:
-        return True
-
     def _dequantize(self, model: nn.Module) -> nn.Module:
-        for name, layer in svdq_modules(model).items():
-            set_submodule(model, name, layer.to_linear())
-        model.__dict__.pop("save_pretrained", None)
+        plugin.dequantize(model)
         register_to_config = getattr(model, "register_to_config", None)
         if register_to_config is not None:
             register_to_config(quantization_config=None)
@@ -374,10 +342,7 @@ def _save_pretrained(
     **kwargs: Any,
 ) -> None:
     """``ModelMixin.save_pretrained`` for SVDQuant models (same arguments, svdquant layout)."""
-    if not safe_serialization:
-        raise UnsupportedError("svdquant models are saved as safetensors only (safe_serialization=True)")
-    if variant is not None:
-        raise UnsupportedError(f"variant={variant!r} is not supported for svdquant models")
+    plugin.refuse_save_options(safe_serialization=safe_serialization, variant=variant)
     if not is_main_process:
         return
     quantizer = getattr(model, "hf_quantizer", None)
@@ -406,10 +371,7 @@ def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantizer:
     the model like one loaded by diffusers.
     """
     quantizer = SVDQuantizer(SVDQuantConfig.from_metadata(meta), pre_quantized=True)
-    # setattr: nn.Module types its attributes as tensors and submodules
-    setattr(model, "is_quantized", True)
-    setattr(model, "quantization_method", quantizer.quantization_config.quant_method)
-    setattr(model, "hf_quantizer", quantizer)
+    plugin.mark_quantized(model, quantizer, quantizer.quantization_config.quant_method)
     register_to_config = getattr(model, "register_to_config", None)
     if register_to_config is not None:
         register_to_config(quantization_config=quantizer.quantization_config)

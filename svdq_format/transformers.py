@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,18 +38,19 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import quantizer_plugin as plugin
 from .checkpoint import check_key_sets, check_manifests_agree, read_checkpoint_files, with_compute_dtype
 from .errors import UnsupportedError
 from .io import aligned
 from .linear import SVDQLinear
-from .model import TRANSFORMERS_WEIGHTS_NAME, replace_linears, set_submodule, svdq_modules
+from .model import TRANSFORMERS_WEIGHTS_NAME, replace_linears
 from .model import save_pretrained as save
 from .spec import COMPUTE_ROLES, FLOAT_DTYPES, FORMAT_VERSION, LAYOUT, QUANT_METHOD, FormatMetadata, dtype_name
 
 __all__ = ["SVDQuantHfConfig", "SVDQuantHfQuantizer", "register", "attach_quantizer", "save_pretrained",
            "no_dense_weight"]
 
-class SVDQuantHfConfig(QuantizationConfigMixin):
+class SVDQuantHfConfig(plugin.MetadataConfigMixin, QuantizationConfigMixin):
     """The ``quantization_config`` of an SVDQuant transformers model: the format metadata.
 
     Same JSON as diffusers' :class:`~svdq_format.diffusers.SVDQuantConfig` (docs/format.md):
@@ -70,36 +70,12 @@ class SVDQuantHfConfig(QuantizationConfigMixin):
         quant_method: str = QUANT_METHOD,
         **extra: Any,
     ) -> None:
-        obj = dict(extra)
-        obj.update(quant_method=str(getattr(quant_method, "value", quant_method)), format_version=format_version,
-                   layout=layout, producer=dict(producer or {}), layers=dict(layers or {}))
-        self.metadata = FormatMetadata.from_json(obj, file="quantization_config")
+        self.metadata = plugin.config_metadata(layers, format_version, layout, producer, quant_method, extra)
         # transformers types quant_method as its own QuantizationMethod enum; the registry key is a str
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]
 
-    @classmethod
-    def from_metadata(cls, meta: FormatMetadata) -> SVDQuantHfConfig:
-        """The config describing ``meta``."""
-        return cls(**meta.to_json())
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object stored as ``quantization_config``."""
-        return self.metadata.to_json()
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        return self.to_dict()
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        yield from self.to_dict().items()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SVDQuantHfConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return f"SVDQuantHfConfig(format_version={self.metadata.format_version}, layers={len(self.metadata.layers)})"
-
-
-class SVDQuantHfQuantizer(HfQuantizer):
+class SVDQuantHfQuantizer(plugin.PreQuantizedMixin, HfQuantizer):
     """transformers quantizer for pre-quantized SVDQuant checkpoints (loading and saving).
 
     Quantizing while loading is not supported: quantize with the svdquant converters
@@ -110,10 +86,8 @@ class SVDQuantHfQuantizer(HfQuantizer):
     quantization_config: SVDQuantHfConfig
 
     def __init__(self, quantization_config: SVDQuantHfConfig, **kwargs: Any) -> None:
-        if not kwargs.get("pre_quantized", True):
-            raise UnsupportedError(
-                "svdquant cannot quantize a model while loading it: quantize it with the svdquant "
-                "converters (svdq quantize) and load the result")
+        plugin.refuse_dense_load(kwargs, "svdquant cannot quantize a model while loading it: quantize it with the "
+                                 "svdquant converters (svdq quantize) and load the result")
         super().__init__(quantization_config, **kwargs)
         self._compute_dtype: str | None = None
         self._dtypes: dict[str, torch.dtype] = {}
@@ -176,19 +150,8 @@ class SVDQuantHfQuantizer(HfQuantizer):
     def is_serializable(self) -> bool:
         return True
 
-    @property
-    def is_trainable(self) -> bool:
-        return False
-
-    @property
-    def is_compileable(self) -> bool:
-        return True
-
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        for name, layer in svdq_modules(model).items():
-            set_submodule(model, name, layer.to_linear())
-        model.__dict__.pop("save_pretrained", None)
-        return model
+        return plugin.dequantize(model)
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *, is_main_process: bool = True,
@@ -196,10 +159,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
                     push_to_hub: bool = False, **kwargs: Any) -> None:
     """``PreTrainedModel.save_pretrained`` for SVDQuant models: ``config.json`` (with
     ``quantization_config``) and ``model.safetensors`` (or shards + index) in the svdquant layout."""
-    if not safe_serialization:
-        raise UnsupportedError("svdquant models are saved as safetensors only (safe_serialization=True)")
-    if variant is not None:
-        raise UnsupportedError(f"variant={variant!r} is not supported for svdquant models")
+    plugin.refuse_save_options(safe_serialization=safe_serialization, variant=variant)
     if push_to_hub:
         raise UnsupportedError("push_to_hub: save, then svdq push (svdq_format.hub.push_to_hub)")
     if not is_main_process:
@@ -250,9 +210,7 @@ def attach_quantizer(model: nn.Module, meta: FormatMetadata) -> SVDQuantHfQuanti
     dtypes = {spec.dtype for spec in meta.layers.values()}
     if len(dtypes) == 1:
         quantizer._compute_dtype = next(iter(dtypes))
-    setattr(model, "is_quantized", True)
-    setattr(model, "quantization_method", QUANT_METHOD)
-    setattr(model, "hf_quantizer", quantizer)
+    plugin.mark_quantized(model, quantizer, QUANT_METHOD)
     config = getattr(model, "config", None)
     if config is not None:
         config.quantization_config = quantizer.quantization_config

@@ -1,12 +1,14 @@
 """Tiny Flux transformers (dense and SVDQuant) and LoRA state dicts in every key format.
 
-Used by tests/test_lora*.py. Everything is random and built in memory; nothing downloads.
+Used by tests/test_lora*.py. Everything is random and built in memory; nothing downloads. The
+pytest fixtures here (:func:`isolated_cache`, :func:`models`) work in a test module that imports them.
 """
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -17,6 +19,19 @@ FF = 4 * INNER
 CTX = 64
 HEADS = 4
 HEAD_DIM = 16
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """The converted-LoRA cache of each test in its own temporary folder (``SVDQ_CACHE``)."""
+    monkeypatch.setenv("SVDQ_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def models():
+    """``(dense, quantized)``: the tiny Flux transformer and its SVDQuant version (shared by a module)."""
+    dense = tiny_flux()
+    return dense, quantize(dense)
 
 
 def tiny_flux(seed: int = 0) -> nn.Module:

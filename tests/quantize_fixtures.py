@@ -18,6 +18,15 @@ def tiny_flux(num_layers: int = 1, num_single_layers: int = 1) -> nn.Module:
                                   joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
 
 
+def tiny_flux_inputs(seed: int) -> dict[str, torch.Tensor]:
+    """bfloat16 inputs of :func:`tiny_flux` (16 image and 8 text tokens), drawn after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 16, 16, dtype=torch.bfloat16),
+                encoder_hidden_states=torch.randn(1, 8, 64, dtype=torch.bfloat16),
+                pooled_projections=torch.randn(1, 32, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
+
+
 def tiny_sd3_pipeline(*, wide_text_encoders: bool = False):
     """A whole text-to-image pipeline (SD3: two CLIP encoders, T5, transformer, VAE), random and tiny,
     built offline: its tokenizers come from a hand-written vocabulary (seed 0, float32).

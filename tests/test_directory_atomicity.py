@@ -138,9 +138,7 @@ def test_kill_during_save_pretrained(tmp_path, capsys, base_model):
 
 
 @pytest.mark.slow
-def test_kill_during_save_pretrained_soak(tmp_path, capsys, request, base_model):
-    if not (request.config.getoption("--soak") or "slow" in (request.config.getoption("markexpr") or "")):
-        pytest.skip("large counts: -m slow or --soak")
+def test_kill_during_save_pretrained_soak(tmp_path, capsys, base_model):
     _run_kill(tmp_path, capsys, 30, base_model)
 
 
@@ -174,9 +172,7 @@ def test_concurrent_writers(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_concurrent_writers_soak(tmp_path, capsys, request):
-    if not (request.config.getoption("--soak") or "slow" in (request.config.getoption("markexpr") or "")):
-        pytest.skip("large counts: -m slow or --soak")
+def test_concurrent_writers_soak(tmp_path, capsys):
     _run_concurrent(tmp_path, capsys, 10)
 
 
@@ -231,9 +227,7 @@ def test_reader_during_writes(tmp_path, capsys, base_model):
 
 
 @pytest.mark.slow
-def test_reader_during_writes_soak(tmp_path, capsys, request, base_model):
-    if not (request.config.getoption("--soak") or "slow" in (request.config.getoption("markexpr") or "")):
-        pytest.skip("large counts: -m slow or --soak")
+def test_reader_during_writes_soak(tmp_path, capsys, base_model):
     _run_reader(tmp_path, capsys, 90, base_model)
 
 

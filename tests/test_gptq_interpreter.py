@@ -4,19 +4,12 @@ tests/test_gptq_gpu.py runs it compiled on a GPU). Skipped without triton or wit
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    pytest.skip("interpreter checks are for machines without a GPU", allow_module_level=True)
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":  # an error, not a skip: CI would lose these checks silently
-    raise RuntimeError("triton was imported before the interpreter could be switched on")
+from tests.triton_interpreter import interpreted_triton
+
+triton = interpreted_triton()
 
 from converters.quantize.residual import gptq_int4, int4_clip_scales  # noqa: E402
 

@@ -22,6 +22,7 @@ from svdq_format.fusion import fuse_layers, split_layer
 from svdq_format.io import read_metadata, save_file
 from svdq_format.spec import FormatMetadata, KSegment, LayerSpec
 from svdq_format.summary import format_summary, summarize
+from tests.quantize_fixtures import tiny_flux, tiny_flux_inputs
 
 SHIFT = 0.171875
 SEGS = (KSegment(128), KSegment(192, SHIFT, True))
@@ -216,28 +217,13 @@ def test_a_bad_per_segment_tensor_scale_is_named(tmp_path):
         validate(path)
 
 
-def _tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
-                                  pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).to(torch.bfloat16).eval()
-
-
-def _flux_inputs():
-    torch.manual_seed(5)
-    return dict(hidden_states=torch.randn(1, 16, 16, dtype=torch.bfloat16),
-                encoder_hidden_states=torch.randn(1, 8, 64, dtype=torch.bfloat16),
-                pooled_projections=torch.randn(1, 32, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
-                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
 
 
 def _segmented_flux():
     """A tiny FLUX whose single blocks' proj_out are k-segmented (attention | shifted MLP)."""
     from svdq_format.model import replace_linears
 
-    model = _tiny_flux()
+    model = tiny_flux(num_layers=1, num_single_layers=2).to(torch.bfloat16).eval()
     specs = {}
     for i in range(2):
         name = f"single_transformer_blocks.{i}.proj_out"
@@ -261,7 +247,7 @@ def test_sharded_save_pretrained_and_stock_from_pretrained(tmp_path):
 
     model = _segmented_flux()
     with torch.no_grad():
-        y = model(**_flux_inputs()).sample
+        y = model(**tiny_flux_inputs(5)).sample
     save_pretrained(model, tmp_path / "m", max_shard_size="100KB")
     assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1
     qc = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
@@ -270,7 +256,7 @@ def test_sharded_save_pretrained_and_stock_from_pretrained(tmp_path):
     loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "m")
     assert loaded.single_transformer_blocks[1].proj_out.k_segments[1].act_unsigned
     with torch.no_grad():
-        assert torch.equal(loaded(**_flux_inputs()).sample, y)
+        assert torch.equal(loaded(**tiny_flux_inputs(5)).sample, y)
 
 
 def test_lora_attach_and_unload_on_a_segmented_layer():

@@ -9,24 +9,13 @@ IEEE, so the checks use fp16 layers and compare codes and fp32 outputs (the GPU 
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
 from svdq_format import ops, packing
+from tests.triton_interpreter import interpreted_triton
 
-# Triton decides at import whether its own library functions (tl.cdiv, ...) are interpreted:
-# the switch must be on before the first import, and only where no GPU will use Triton.
-if torch.cuda.is_available():
-    pytest.skip("interpreter checks are for machines without a GPU", allow_module_level=True)
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":  # an error, not a skip: CI would lose these checks silently
-    raise RuntimeError("triton was imported in this test process before the interpreter could be switched on: "
-                       "a test module collected earlier imports triton at import time")
+triton = interpreted_triton()
 
 
 @pytest.fixture()

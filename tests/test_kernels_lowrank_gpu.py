@@ -98,7 +98,14 @@ def test_lowrank_k_tiles_ranks_bias_and_lora_strengths(lowrank_in_gemm, r, bias,
 
 def test_lowrank_k_tiles_zero_and_nan_rows(lowrank_in_gemm):
     """A row of zeros (token scale 0) gives the bias; a NaN row stays NaN and no other row moves."""
-    x, qw, ws, smooth, down, up, b = _inputs(64, 3072, 3072, 32, bias=True, seed=9)
+    assert_zero_and_nan_rows(64)
+
+
+def assert_zero_and_nan_rows(m: int) -> None:
+    """The fast8 layer at ``m`` tokens (FLUX 3072 × 3072, rank 32, bias): row 5 zero gives exactly
+    the bias, a NaN in row 7 makes that row NaN and leaves every other row's bits unchanged.
+    (Also test_kernels_producer_gpu's check of the producer conversion.)"""
+    x, qw, ws, smooth, down, up, b = _inputs(m, 3072, 3072, 32, bias=True, seed=9)
     x[5] = 0
     args = (x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
     clean = cutlass_fast8.fast8_linear(*args)
@@ -107,7 +114,7 @@ def test_lowrank_k_tiles_zero_and_nan_rows(lowrank_in_gemm):
     x2[7, 100] = float("nan")
     dirty = cutlass_fast8.fast8_linear(x2, *args[1:])
     assert torch.isnan(dirty[7]).all()
-    rows = [i for i in range(64) if i != 7]
+    rows = [i for i in range(m) if i != 7]
     assert torch.equal(dirty[rows], clean[rows])
 
 

@@ -30,24 +30,14 @@ pytestmark = [
 import svdq_kernels  # noqa: E402,F401  (registers cutlass-sm90)
 from svdq_kernels import cutlass_fast8, lowrank_tiles  # noqa: E402
 from svdq_kernels.configs import PRODUCER_CONVERT_CONFIGS  # noqa: E402
+from tests import test_kernels_lowrank_gpu as lowrank_gpu  # noqa: E402
 
 #: FLUX.1-dev's K → N at 4608 tokens (single blocks: fused q|k|v+MLP up, proj_out; double blocks:
 #: q/k/v/out, MLP up, MLP down) as (N, K).
 FLUX_NK = [(3072, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360), (9216, 3072)]
 
 
-def _inputs(m, n, k, r, *, bias, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
-    qweight = torch.randint(0, 256, (n, k // 2), generator=g, device=dev, dtype=torch.uint8)
-    wscales = (torch.rand(n, k // 64, generator=g, device=dev) * 0.004 + 0.001).to(torch.bfloat16)
-    smooth = (torch.rand(k, generator=g, device=dev) * 1.5 + 0.25).to(torch.bfloat16)
-    down = (torch.randn(r, k, generator=g, device=dev) / k**0.5).to(torch.bfloat16)
-    up = (torch.randn(n, r, generator=g, device=dev) * 0.5).to(torch.bfloat16)
-    b = (torch.randn(n, generator=g, device=dev) * 0.1).to(torch.bfloat16) if bias else None
-    x = torch.randn(m, k, generator=g, device=dev)
-    x[:, :: max(1, k // 16)] *= 20.0  # outlier channels
-    return x.to(torch.bfloat16), qweight, wscales, smooth, down, up, b
+_inputs = lowrank_gpu._inputs  # the same random layer (outlier channels, FLUX scales)
 
 
 def _gemm_inputs(m, n, k, r, *, seed):
@@ -131,15 +121,5 @@ def test_fast8_layer_with_the_producer_conversion_matches_the_reference(producer
 
 
 def test_producer_conversion_zero_and_nan_rows(producer_convert):
-    """A row of zeros gives the bias; a NaN row stays NaN and no other row moves."""
-    x, qw, ws, smooth, down, up, b = _inputs(4608, 3072, 3072, 32, bias=True, seed=9)
-    x[5] = 0
-    args = (x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
-    clean = cutlass_fast8.fast8_linear(*args)
-    assert torch.equal(clean[5], b)
-    x2 = x.clone()
-    x2[7, 100] = float("nan")
-    dirty = cutlass_fast8.fast8_linear(x2, *args[1:])
-    assert torch.isnan(dirty[7]).all()
-    rows = [i for i in range(4608) if i != 7]
-    assert torch.equal(dirty[rows], clean[rows])
+    """A row of zeros gives the bias; a NaN row stays NaN and no other row moves (at M = 4608)."""
+    lowrank_gpu.assert_zero_and_nan_rows(4608)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from converters.lora import list_loras, load_lora, set_lora_strengths, unload_all, unload_lora
 from svdq_format.errors import LoRAError
 from svdq_format.linear import SVDQLinear
+from tests import lora_fixtures
 from tests.lora_fixtures import (
     INNER,
     apply_dense,
@@ -32,6 +33,9 @@ from tests.lora_fixtures import (
     xlabs_lora,
 )
 
+# the LoRA tests' shared pytest fixtures (tests/lora_fixtures.py)
+isolated_cache = lora_fixtures.isolated_cache
+
 
 @pytest.fixture(scope="module")
 def dense():
@@ -46,11 +50,6 @@ def qbase(dense):
 @pytest.fixture
 def q(qbase):
     return copy.deepcopy(qbase)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SVDQ_CACHE", str(tmp_path / "cache"))
 
 
 # --------------------------------------------------------------------------- formats

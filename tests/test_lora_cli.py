@@ -17,6 +17,7 @@ from svdq_format.errors import LoRAError
 from svdq_format.linear import SVDQLinear
 from svdq_format.model import save_model_dir
 from svdq_format.pretrained import load_model_dir
+from tests import lora_fixtures
 from tests.lora_fixtures import (
     apply_dense,
     assert_deltas,
@@ -31,16 +32,9 @@ from tests.lora_fixtures import (
     tiny_flux,
 )
 
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SVDQ_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def models():
-    dense = tiny_flux()
-    return dense, quantize(dense)
+# the LoRA tests' shared pytest fixtures (tests/lora_fixtures.py)
+isolated_cache = lora_fixtures.isolated_cache
+models = lora_fixtures.models
 
 
 @pytest.fixture(scope="module")

@@ -10,29 +10,21 @@ from safetensors.torch import save_file
 
 from converters.lora import enable_diffusers_lora, list_loras
 from svdq_format.errors import LoRAError
+from tests import lora_fixtures
 from tests.lora_fixtures import (
     assert_deltas,
     factors_expected,
     kohya_lora,
     lora_targets,
     peft_state_dict,
-    quantize,
     random_factors,
     same_tensors,
     snapshot,
-    tiny_flux,
 )
 
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SVDQ_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def models():
-    dense = tiny_flux()
-    return dense, quantize(dense)
+# the LoRA tests' shared pytest fixtures (tests/lora_fixtures.py)
+isolated_cache = lora_fixtures.isolated_cache
+models = lora_fixtures.models
 
 
 def _pipe(transformer):

@@ -15,20 +15,12 @@ import torch
 
 import svdq_format  # noqa: F401  (registers the "svdquant" quantizer with diffusers)
 from converters.quantize import QuantizeOptions, quantize_model
-from quantize_fixtures import tiny_flux
+from quantize_fixtures import tiny_flux, tiny_flux_inputs
 from svdq_format.cli import main
 from svdq_format.errors import QuantizationError, UnsupportedError
 from svdq_format.linear import SVDQLinear
 
 SHIFT = 0.171875
-
-
-def _inputs():
-    torch.manual_seed(7)
-    return dict(hidden_states=torch.randn(1, 16, 16, dtype=torch.bfloat16),
-                encoder_hidden_states=torch.randn(1, 8, 64, dtype=torch.bfloat16),
-                pooled_projections=torch.randn(1, 32, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
-                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
 
 
 def _quantize(tmp_path, capsys, name, *extra):
@@ -53,7 +45,7 @@ def test_target_nunchaku_round_trips_bit_for_bit(tmp_path, capsys, precision):
     quantized = FluxTransformer2DModel.from_pretrained(q)
     imported = FluxTransformer2DModel.from_pretrained(back)  # stock diffusers, after `import svdq_format`
     with torch.no_grad():
-        assert torch.equal(imported(**_inputs()).sample, quantized(**_inputs()).sample)
+        assert torch.equal(imported(**tiny_flux_inputs(7)).sample, quantized(**tiny_flux_inputs(7)).sample)
     layers_q = json.loads((q / "config.json").read_text())["quantization_config"]["layers"]
     layers_b = json.loads((back / "config.json").read_text())["quantization_config"]["layers"]
     assert layers_q == layers_b

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .device_tree import to_device
+
 __all__ = ["layer_sensitivity", "measure_sensitivity", "model_output"]
 
 
@@ -46,17 +48,6 @@ def model_output(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out:
         return model_output(out[0])
     raise TypeError(f"cannot find the output tensor of a {type(out).__name__}")
-
-
-def _to_device(value: Any, device: torch.device | str) -> Any:
-    # (converters.quantize.stats.to_device; not imported: stats imports this module)
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
 
 
 def _attention_backends(device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
@@ -135,7 +126,7 @@ def layer_sensitivity(
         with _frozen(model), torch.enable_grad(), _attention_backends(device):
             for sample in samples:
                 for _ in range(draws):
-                    out = model_output(model(**_to_device(dict(sample), device)))
+                    out = model_output(model(**to_device(dict(sample), device)))
                     v = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out.device, out.dtype)
                     (out * v).sum().backward()
     finally:

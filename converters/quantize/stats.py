@@ -27,6 +27,7 @@ from torch import nn
 from svdq_format.errors import QuantizationError
 
 from .blocks import block_offload
+from .device_tree import to_device
 
 __all__ = ["LayerStats", "CalibrationStats", "collect_stats", "merge_stats", "sample_seed", "StatsRecorder",
            "to_device"]
@@ -136,17 +137,6 @@ class CalibrationStats:
         return cls(layers, [list(g) for g in info["groups"]], int(info.get("samples", 0)),
                    float(info.get("seconds", 0.0)), str(info.get("source", "")),
                    {k: float(v) for k, v in info.get("sensitivity", {}).items()})
-
-
-def to_device(value: Any, device: torch.device | str) -> Any:
-    """``value`` with every tensor in it (nested dicts, lists, tuples) moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
-    return value
 
 
 def collect_stats(
