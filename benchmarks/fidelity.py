@@ -103,14 +103,17 @@ def fast_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[float, float]:
+def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[float, float, float]:
     """``fast8`` mode: the residual's ``code × scale`` rounded to e4m3 (each row scaled by a
     power of two into [128, 256) first, :func:`svdq_format.packing.fp8_weight_values`) — the math
     of an FP8-weight GEMM that applies the group scales in its int4 → FP8 conversion (stock
     CUTLASS's lookup-table mode, the ``fp8s`` benchmark datapath) instead of promoting per group.
-    Returns ``(error with the rounded weights, error of the same emulation with exact weights)``;
-    the second checks the emulation against :func:`fast_mode_error`. Not the format's math: a
-    measurement for the kernel design."""
+    Returns ``(error with the rounded weights, error of the same emulation with exact weights,
+    error with the rounded weights and the low-rank branch fed the dequantized codes)``; the
+    second checks the emulation against :func:`fast_mode_error`. The third measures a design
+    that would spare a compiled model the bf16 ``x`` (the branch reads ``q · a · s − shift``, one
+    byte per element, instead of ``x``; issue 23). Not the format's math: measurements for the
+    kernel design."""
     x = rows.to(torch.float32)
     ref = F.linear(x, linear.weight.float(), None if linear.bias is None else linear.bias.float())
     xs = (x + layer.act_shift) * (1.0 / layer.smooth.float())  # the FP8 modes' 4-bit branch input (format.md §6)
@@ -122,11 +125,14 @@ def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[floa
     codes = packing.nibbles_to_int4(packing.unpack_nibbles(layer.qweight)).float()
     pw = packing.fp8_weight_row_scales(codes, layer.wscales)
     r8 = packing.fp8_weight_values(codes, packing.fp8_weight_scales(layer.wscales, pw)) / pw.unsqueeze(1)
-    low = 0.0
+    low = low_codes = 0.0
     if layer.lora_down is not None and layer.lora_down.shape[0]:
         low = (x @ layer.lora_down.float().t()) @ layer.lora_up.float().t()
+        dequantized = q * a * layer.smooth.float() - layer.act_shift
+        low_codes = (dequantized @ layer.lora_down.float().t()) @ layer.lora_up.float().t()
     b = 0.0 if layer.bias is None else layer.bias.float()
-    return (relative_error((q @ r8.t()) * a + low + b, ref), relative_error((q @ r.t()) * a + low + b, ref))
+    return (relative_error((q @ r8.t()) * a + low + b, ref), relative_error((q @ r.t()) * a + low + b, ref),
+            relative_error((q @ r8.t()) * a + low_codes + b, ref))
 
 
 def _fp8_rows_by_division(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,12 +173,13 @@ def evaluate(linears, calib, held, kinds, opts: QuantizeOptions, *, fast: bool =
             info["error"] = layer_fidelity(linears[n], layer, held.layers[n].rows, precision=opts.precision)
             if fast and kinds[n] == "w4a4" and opts.precision == "int4":
                 info["error"]["svdq_fast"] = fast_mode_error(linears[n], layer, held.layers[n].rows)
-                fast8, emulated = fast8_mode_error(linears[n], layer, held.layers[n].rows)
+                fast8, emulated, codes = fast8_mode_error(linears[n], layer, held.layers[n].rows)
                 info["error"]["svdq_fast_e4m3_weights"] = fast8
                 info["error"]["svdq_fast_emulated"] = emulated
                 change = fp8_reciprocal_change(linears[n], layer, held.layers[n].rows)
                 info["error"]["svdq_fast8_division"] = change.pop("error_fast8_division")
                 info["fp8_reciprocal"] = change
+                info["error"]["svdq_fast8_lowrank_from_codes"] = codes
             info.pop("search", None)
             out.append(info)
     return out
@@ -220,6 +227,10 @@ def main() -> int:
                 "fast_e4m3_weights_no_worse": sum(e["svdq_fast_e4m3_weights"] <= e["svdq"] for e in both),
                 "worst_fast_e4m3_weights_over_exact": max(e["svdq_fast_e4m3_weights"] / e["svdq"] for e in both),
                 "max_emulation_gap": max(abs(e["svdq_fast_emulated"] - e["svdq_fast"]) / e["svdq_fast"] for e in both),
+                "mean_fast8_lowrank_from_codes": sum(e["svdq_fast8_lowrank_from_codes"] for e in both) / len(both),
+                "fast8_lowrank_from_codes_no_worse": sum(e["svdq_fast8_lowrank_from_codes"] <= e["svdq"] for e in both),
+                "worst_fast8_lowrank_from_codes_over_exact": max(e["svdq_fast8_lowrank_from_codes"] / e["svdq"]
+                                                                 for e in both),
             }
             rc = [r["fp8_reciprocal"] for r in layers if "fp8_reciprocal" in r]
             s["fp8_reciprocal"] = {
@@ -246,6 +257,10 @@ def main() -> int:
                   f"error {fr['mean_fast8']:.6f} vs {fr['mean_fast8_division']:.6f} (largest per-layer change "
                   f"{fr['max_fast8_change']:.1e}); no worse than exact on {fr['fast8_no_worse']}/{fe['layers']}, "
                   f"worst / exact {fr['worst_fast8_over_exact']:.3f}")
+            print(f"fast8 with the low-rank branch on the dequantized codes (no bf16 x; a design, not the "
+                  f"format's math): mean {fe['mean_fast8_lowrank_from_codes']:.4f}; no worse than exact on "
+                  f"{fe['fast8_lowrank_from_codes_no_worse']}/{fe['layers']}; worst / exact "
+                  f"{fe['worst_fast8_lowrank_from_codes_over_exact']:.3f}")
         curve = []
         for r in (int(x) for x in args.ranks.split(",")):
             rl = evaluate(linears, calib, held, kinds, QuantizeOptions(rank=r, precision=args.precision))

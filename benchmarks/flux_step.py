@@ -213,6 +213,9 @@ def main(argv=None) -> int:
                     help="fuse q/k/v projections (diffusers' fuse_qkv_projections) in both models")
     ap.add_argument("--fp8-peer", action="store_true",
                     help="also time the model as dynamic FP8 rowwise W8A8 (torch._scaled_mm), compiled like the others")
+    ap.add_argument("--convert", default="consumer", choices=("consumer", "producer", "both"),
+                    help="where the fast8 kernels at M >= 2048 convert the int4 weights (svdq_kernels."
+                         "cutlass_fast8.CONVERT); both: the SVDQuant model timed with each")
     ap.add_argument("--lowrank", default="gemm", choices=("gemm", "two-step", "both"),
                     help="fast8's low-rank branch: inside the GEMM (k-tiles), as a cuBLAS GEMM + bf16 source, "
                          "or both (the SVDQuant model compiled and timed twice)")
@@ -291,30 +294,34 @@ def main(argv=None) -> int:
     for w in result["svdq_warnings"]:
         print(f"warning: {w}")
     save()
-    variants = {"gemm": [True], "two-step": [False], "both": [True, False]}[args.lowrank]
+    # (key, label, low-rank branch in the GEMM, where the weights are converted): the first is "svdq"
+    variants = [("svdq", "svdquant", args.lowrank != "two-step", convert)
+                for convert in {"both": ["consumer", "producer"]}.get(args.convert, [args.convert])]
+    variants[1:] = [(f"svdq_{c}", f"svdq {c[:5]}", g, c) for _, _, g, c in variants[1:]]
+    if args.lowrank == "both":
+        variants.append(("svdq_two_step", "svdq 2step", False, variants[0][3]))
     if args.device.startswith("cuda"):
         from svdq_kernels import cutlass_fast8
-    for i, in_gemm in enumerate(variants):
+    for key, label, in_gemm, convert in variants:
         if args.device.startswith("cuda"):
-            cutlass_fast8.LOWRANK_IN_GEMM = in_gemm
-        key = "svdq" if i == 0 else "svdq_two_step"
-        result[key] = measure(model, x, label="svdquant" if i == 0 else "svdq 2step", args=args,
-                              eager=not args.no_svdq_eager)
-        result[key]["lowrank_in_gemm"] = in_gemm
+            cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT = in_gemm, convert
+        result[key] = measure(model, x, label=label, args=args, eager=not args.no_svdq_eager)
+        result[key]["lowrank_in_gemm"], result[key]["convert"] = in_gemm, convert
         save()
     if args.device.startswith("cuda"):
-        cutlass_fast8.LOWRANK_IN_GEMM = variants[0]
+        cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT = variants[0][2], variants[0][3]
     with torch.no_grad():
         y = model(**x).sample.float()
     result["svdq_output_rel_err_vs_bf16"] = float((y - ref).norm() / ref.norm())
-    for k in ("eager", "compiled"):
-        if k in result["svdq"]:
-            result["svdq"][k]["vs_bf16_eager"] = result["svdq"][k]["median_s"] / result["bf16"]["eager"]["median_s"]
-            if "compiled" in result.get("fp8", {}) and k == "compiled":
-                result["svdq"][k]["vs_fp8_compiled"] = (result["svdq"][k]["median_s"]
-                                                        / result["fp8"]["compiled"]["median_s"])
-                print(f"svdquant compiled vs FP8 W8A8 compiled: {result['svdq'][k]['vs_fp8_compiled']:.3f}x "
-                      "(target <= 0.95)")
+    for key, label, _, _ in variants:
+        for k in ("eager", "compiled"):
+            if k in result[key]:
+                result[key][k]["vs_bf16_eager"] = result[key][k]["median_s"] / result["bf16"]["eager"]["median_s"]
+                if "compiled" in result.get("fp8", {}) and k == "compiled":
+                    result[key][k]["vs_fp8_compiled"] = (result[key][k]["median_s"]
+                                                         / result["fp8"]["compiled"]["median_s"])
+                    print(f"{label} compiled vs FP8 W8A8 compiled: {result[key][k]['vs_fp8_compiled']:.3f}x "
+                          "(target <= 0.95)")
     best = min((result["svdq"][k]["vs_bf16_eager"], k) for k in ("eager", "compiled") if k in result["svdq"])
     print(f"quantized in {result['quantize_s']} s; "
           f"output vs bf16: rel err {result['svdq_output_rel_err_vs_bf16']:.3f}; "

@@ -175,6 +175,13 @@ for step in $STEPS; do
       timeout 170 python3 benchmarks/fast8_prologue.py --peers gelu --out "$OUT/fast8_prologue.json" \
         > "$OUT/fast8_prologue.log" 2>&1
       echo "prologue bench rc=$?"; grep -v Warn "$OUT/fast8_prologue.log" | tail -9 | cut -c1-300 ;;
+    lr3)  # issue 23, after p23: one FLUX.1-dev step (fused q|k|v, reduce-overhead) of the FP8 W8A8 peer and
+          # SVDQuant with the consumer and the producer conversion (bf16 compiled left out to fit 10 min;
+          # bf16 eager kept), GPU time by kernel kind
+      timeout 560 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --convert both \
+        --out "$OUT/flux_step_producer.json" > "$OUT/flux_step_producer.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_producer.log" | cut -c1-400 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
@@ -224,7 +231,7 @@ for c in PC:
     y = f.group64_gemm_lowrank(qw, s, ri, q, ag, None, lr, l1, config=c); torch.cuda.synchronize(); print('smoke', c.name, 'ok', bool(y.isfinite().all()))
 " > "$OUT/smoke_p23.log" 2>&1; rc=$?; echo "p23 smoke rc=$rc"; tail -3 "$OUT/smoke_p23.log" | cut -c1-300
       if [ $rc -eq 0 ]; then
-        timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_producer_gpu.py > "$OUT/pytest_p23.log" 2>&1
+        timeout 210 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_producer_gpu.py > "$OUT/pytest_p23.log" 2>&1
         echo "p23 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_p23.log" | tail -12 | cut -c1-300
         timeout 150 python3 benchmarks/fast8_producer.py --no-layer --out "$OUT/fast8_producer.json" > "$OUT/fast8_producer.log" 2>&1
         echo "p23 bench rc=$?"; grep -v Warn "$OUT/fast8_producer.log" | tail -8 | cut -c1-250

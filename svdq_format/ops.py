@@ -82,21 +82,23 @@ __all__ = [
 ACT_MODES = ("int4", "nvfp4", "fp8", "fp8w", "none")
 
 #: Where a compiled ``fast8`` graph quantizes the activations (``SVDQ_FAST8_PROLOGUE``, read once at
-#: import, a constant for ``torch.compile``): ``"inductor"`` (default) — :func:`graph_fp8_activations`
-#: as plain torch in the graph, fused by Inductor into the op producing ``x``, then
-#: ``svdquant::linear_fp8``; ``"fused"`` — the whole layer is ``svdquant::linear``, whose kernel
-#: backend finds the rows' absmax in the same pass over ``x`` that computes ``x · L2ᵀ`` (then the
-#: codes; not fused with ``x``'s producer; eager ``fast8`` calls use that prologue too). Opt-in
-#: until a GPU timing decides (docs/kernels.md, "The fused prologue").
-FAST8_PROLOGUES = ("inductor", "fused")
+#: import, a constant for ``torch.compile``): ``"fused"`` (default) — the whole layer is
+#: ``svdquant::linear``, whose kernel backend finds the rows' absmax in the same pass over ``x``
+#: that computes ``x · L2ᵀ`` (then the codes; not fused with ``x``'s producer; eager ``fast8``
+#: calls use that prologue too); ``"inductor"`` — :func:`graph_fp8_activations` as plain torch in
+#: the graph, fused by Inductor into the op producing ``x``, then ``svdquant::linear_fp8``. The
+#: fused prologue is the default since its H100 timing: the compiled layer 1.02–1.15× faster at
+#: M = 4608 on FLUX.1's six shapes, with and without a GELU producer (docs/kernels.md, "The fused
+#: prologue"). k-segmented layers always take the graph quantizer (one scale spans the segments).
+FAST8_PROLOGUES = ("fused", "inductor")
 
 
 def _fast8_prologue_setting() -> str:
-    value = os.environ.get("SVDQ_FAST8_PROLOGUE", "").strip().lower() or "inductor"
+    value = os.environ.get("SVDQ_FAST8_PROLOGUE", "").strip().lower() or FAST8_PROLOGUES[0]
     if value not in FAST8_PROLOGUES:
-        warnings.warn(f"SVDQ_FAST8_PROLOGUE={value!r} is not one of {FAST8_PROLOGUES}; using 'inductor'",
-                      stacklevel=2)
-        return "inductor"
+        warnings.warn(f"SVDQ_FAST8_PROLOGUE={value!r} is not one of {FAST8_PROLOGUES}; using "
+                      f"{FAST8_PROLOGUES[0]!r}", stacklevel=2)
+        return FAST8_PROLOGUES[0]
     return value
 
 

@@ -160,8 +160,9 @@ class Group64GemmConfig(CutlassGemmConfig):
                 raise UnsupportedError("convert='producer' needs lut, lowrank and the cooperative schedule")
             if self.tile_n * self.tile_m > 128 * 256 or self.cluster_m * self.cluster_n != 1:
                 raise UnsupportedError("convert='producer' is built for tiles up to 128 x 256 without clusters")
-            if not 1 <= self.convert_slots <= 4:
-                raise UnsupportedError(f"convert_slots {self.convert_slots} is not 1..4")
+            # one slot deadlocks: the consumers free slot t only after waiting for tile t + 1's
+            if not 2 <= self.convert_slots <= 4:
+                raise UnsupportedError(f"convert_slots {self.convert_slots} is not 2..4 (one slot deadlocks)")
         elif self.convert_probe:
             raise UnsupportedError("convert_probe times the producer conversion: it needs convert='producer'")
 

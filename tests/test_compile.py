@@ -75,9 +75,11 @@ def test_flux_step_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch):
     # with fused q/k/v projections in both models: the same output, no more weight bytes
     fused = tmp_path / "fused.json"
     assert flux_step.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--fast",
-                           "--mode", "auto", "--fuse-qkv", "--out", str(fused)]) == 0
+                           "--mode", "auto", "--fuse-qkv", "--convert", "both", "--out", str(fused)]) == 0
     got2 = json.loads(fused.read_text())
     assert got2["fuse_qkv"] and got2["svdq_fused_layers"] > 0
+    # --convert both: the model timed once per weight conversion, each entry saying which
+    assert (got2["svdq"]["convert"], got2["svdq_producer"]["convert"]) == ("consumer", "producer")
     # more bytes only for the zeros of the block-diagonal lora_up (large here: rank 32 of 64 features)
     assert got2["svdq"]["weights_bytes"] <= got["svdq"]["weights_bytes"] * 1.25
     assert abs(got2["svdq_output_rel_err_vs_bf16"] - got["svdq_output_rel_err_vs_bf16"]) < 1e-3

@@ -152,10 +152,11 @@ def _graph_ops(model, x):
     return found, out
 
 
-def test_compiled_fast8_quantizes_the_activations_in_the_graph():
-    """Compiled, a ``fast8`` layer is plain-torch quantization + ``svdquant::linear_fp8`` (so
-    Inductor can fuse the quantizer into the producer of ``x``), with the eager output; the other
-    modes stay one ``svdquant::linear`` node."""
+def test_compiled_fast8_quantizes_the_activations_in_the_graph(monkeypatch):
+    """With ``SVDQ_FAST8_PROLOGUE=inductor`` a compiled ``fast8`` layer is plain-torch quantization +
+    ``svdquant::linear_fp8`` (so Inductor can fuse the quantizer into the producer of ``x``), with
+    the eager output; the other modes stay one ``svdquant::linear`` node."""
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "inductor")
     layer, x = _fast8_layer()
     found, out = _graph_ops(layer, x)
     assert found == ["svdquant.smooth_reciprocal", "svdquant.linear_fp8"]
@@ -177,13 +178,13 @@ def test_fused_prologue_setting_makes_the_compiled_layer_one_op(monkeypatch):
 
 
 def test_fast8_prologue_setting_is_read_from_the_environment(monkeypatch):
-    monkeypatch.setenv("SVDQ_FAST8_PROLOGUE", "fused")
-    assert ops._fast8_prologue_setting() == "fused"
-    monkeypatch.setenv("SVDQ_FAST8_PROLOGUE", "")
+    monkeypatch.setenv("SVDQ_FAST8_PROLOGUE", "Inductor ")
     assert ops._fast8_prologue_setting() == "inductor"
+    monkeypatch.setenv("SVDQ_FAST8_PROLOGUE", "")
+    assert ops._fast8_prologue_setting() == "fused"  # the default
     monkeypatch.setenv("SVDQ_FAST8_PROLOGUE", "fusd")
-    with pytest.warns(UserWarning, match="SVDQ_FAST8_PROLOGUE='fusd' is not one of"):
-        assert ops._fast8_prologue_setting() == "inductor"
+    with pytest.warns(UserWarning, match="SVDQ_FAST8_PROLOGUE='fusd' is not one of .* using 'fused'"):
+        assert ops._fast8_prologue_setting() == "fused"
 
 
 def test_fp8_quantizer_multiplies_by_reciprocals():

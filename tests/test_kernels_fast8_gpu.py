@@ -139,7 +139,9 @@ def test_fast8_nan_rows_stay_nan():
     assert _rel(out[~bad].cpu(), ref[~bad]) < 5e-3
 
 
-def test_fast8_layer_dispatches_to_the_kernel():
+@pytest.mark.parametrize("prologue", ["fused", "inductor"])
+def test_fast8_layer_dispatches_to_the_kernel(monkeypatch, prologue):
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", prologue)
     layer = sf.SVDQLinear(3072, 3072, rank=32, bias=True, dtype=torch.bfloat16, device="cuda")
     x, qw, ws, smooth, down, up, b = _inputs(128, 3072, 3072, 32, bias=True, seed=9)
     with torch.no_grad():
@@ -152,7 +154,7 @@ def test_fast8_layer_dispatches_to_the_kernel():
     ref = _reference(x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
     assert _rel(out.cpu(), ref) < 5e-3
     compiled = torch.compile(layer, fullgraph=True)
-    got = compiled(x)  # quantized by Inductor's kernel, then svdquant::linear_fp8
+    got = compiled(x)  # fused: svdquant::linear; inductor: Inductor's quantizer, then svdquant::linear_fp8
     assert _rel(got.cpu(), ref) < 5e-3 and _rel(got, out) < 1e-3
 
 

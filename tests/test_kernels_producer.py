@@ -66,7 +66,7 @@ def test_producer_configs_are_opt_in():
     ({"schedule": "pingpong", "tile_m": 64}, "needs lut, lowrank"),
     ({"cluster_m": 2}, "without clusters"),
     ({"tile_m": 256}, "tiles up to 128 x 256"),
-    ({"convert_slots": 0}, "convert_slots"),
+    ({"convert_slots": 1}, "deadlocks"),
     ({"convert_slots": 5}, "convert_slots"),
     ({"convert": "warp"}, "is not 'consumer' or 'producer'"),
     ({"convert": "consumer", "convert_probe": True}, "convert_probe"),
