@@ -8,7 +8,7 @@ Per shape (M tokens × K in × N out), all measured in one process on one GPU:
 * ``fast8``      — our whole ``fast8`` layer (prologue + low-rank source + CUTLASS GEMM);
   ``fast8_gemm[<config>]`` — the CUTLASS GEMM alone, every group-64 configuration;
   ``fast8_prologue``, ``fast8_lowrank`` — the other two launches alone;
-* the compiled path: ``quant_inductor`` (``ops.quantize_fp8_rows`` compiled by Inductor, stand-alone
+* the compiled path: ``quant_inductor`` (``ops.graph_fp8_activations`` compiled by Inductor, stand-alone
   — in a model it is fused into the producer of x), ``fast8_given_q`` (the layer given q and a:
   ``lowrank_down`` + low-rank source + GEMM), ``fast8_lowrank_down``;
 * ``fast``       — the Triton ``fast`` layer (the previous default), for comparison.
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         build_s[cfg.name] = round(time.perf_counter() - t0, 2)
     print(f"kernels ready: {build_s}", flush=True)
 
-    quant_graph = torch.compile(lambda x, s: ops.quantize_fp8_rows(ops.smoothed(x.float(), s)), dynamic=False)
+    quant_graph = torch.compile(lambda x, s: ops.graph_fp8_activations(x.float(), s), dynamic=False)
     shapes = {"all": SHAPES, "quick": SHAPES[:2], "small": [s for s in SHAPES if s[0] <= 256],
               "qkv": QKV_SHAPES}[args.shapes]
     if args.ms:

@@ -71,7 +71,7 @@ def measure_shape(m: int, k: int, n: int, rank: int) -> dict:
                                precision="int4", act="fp8w")
 
     svdq_layer = torch.compile(svdq)
-    quant = torch.compile(lambda x: ops.quantize_fp8_rows(ops.smoothed(x.float(), L.smooth, 0.0)))
+    quant = torch.compile(lambda x: ops.graph_fp8_activations(x.float(), L.smooth))
     q, a = quant(x)
     a = a.reshape(m).float().contiguous()
     t = {}

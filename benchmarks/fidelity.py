@@ -37,7 +37,7 @@ from converters.quantize.report import environment_info  # noqa: E402
 from converters.quantize.selection import select_layers  # noqa: E402
 from converters.quantize.smoothing import relative_error  # noqa: E402
 from converters.quantize.stats import CalibrationStats, LayerStats, collect_stats  # noqa: E402
-from svdq_format import packing  # noqa: E402
+from svdq_format import ops, packing  # noqa: E402
 
 
 def minilm_layers(max_rows: int) -> tuple[dict[str, nn.Linear], CalibrationStats, CalibrationStats, dict[str, str]]:
@@ -116,10 +116,10 @@ def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[floa
     kernel design."""
     x = rows.to(torch.float32)
     ref = F.linear(x, linear.weight.float(), None if linear.bias is None else linear.bias.float())
-    xs = (x + layer.act_shift) / layer.smooth.float()  # the 4-bit branch's input (docs/format.md §6)
+    xs = (x + layer.act_shift) * (1.0 / layer.smooth.float())  # the FP8 modes' 4-bit branch input (format.md §6)
     amax = xs.abs().amax(dim=1, keepdim=True)
     a = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-    q = (xs / a).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    q = (xs * (1.0 / a)).clamp(-448, 448).to(torch.float8_e4m3fn).float()
     r = layer.residual().float()
     # the fast8 weights (svdq_format.packing, the same code as the reference and the kernel)
     codes = packing.nibbles_to_int4(packing.unpack_nibbles(layer.qweight)).float()
@@ -133,6 +133,31 @@ def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[floa
     b = 0.0 if layer.bias is None else layer.bias.float()
     return (relative_error((q @ r8.t()) * a + low + b, ref), relative_error((q @ r.t()) * a + low + b, ref),
             relative_error((q @ r8.t()) * a + low_codes + b, ref))
+
+
+def _fp8_rows_by_division(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 modes' per-token quantizer before issue 23's lever 3: ``e4m3(x̂ / a)``."""
+    a = xs.abs().amax(dim=-1, keepdim=True) / packing.FP8_E4M3_MAX
+    ok = (a > 0) & torch.isfinite(a)
+    return packing.round_to_e4m3(torch.where(ok, xs / torch.where(ok, a, 1.0), 0.0)), a.squeeze(-1)
+
+
+@torch.no_grad()
+def fp8_reciprocal_change(linear: nn.Linear, layer, rows: torch.Tensor) -> dict:
+    """The FP8 modes' quantizer now (``x̂ = (x + shift) · (1/s)``, codes ``x̂ · (1/a)``) against before
+    (``(x + shift) / s``, ``x̂ / a``) on the same held-out rows: how many codes and token scales
+    differ, and the ``fast8`` layer's error with each (``svdq_fast8`` is the current one)."""
+    x = rows.to(layer.qweight.device, linear.weight.dtype)
+    xf = x.float()
+    ref = F.linear(xf, linear.weight.float(), None if linear.bias is None else linear.bias.float())
+    shift = ops.shift_vector(xf.shape[-1], layer.act_shift, layer.k_segments, device=xf.device)
+    q_old, a_old = _fp8_rows_by_division(ops.smoothed(xf, layer.smooth, shift))
+    q_new, a_new = ops.fp8_activations(xf, layer.smooth, shift)
+    y_old = ops.reference_linear_fp8(x, q_old, a_old, layer.qweight, layer.wscales, layer.wtscale, layer.smooth,
+                                     layer.lora_down, layer.lora_up, layer.bias, layer.lora_scales, "int4", "fp8w",
+                                     k_segments=layer.k_segments)
+    return {"codes": q_new.numel(), "codes_changed": int((q_old.view(torch.uint8) != q_new.view(torch.uint8)).sum()),
+            "scales_changed": int((a_old != a_new).sum()), "error_fast8_division": relative_error(y_old, ref)}
 
 
 def evaluate(linears, calib, held, kinds, opts: QuantizeOptions, *, fast: bool = False) -> list[dict]:
@@ -151,6 +176,9 @@ def evaluate(linears, calib, held, kinds, opts: QuantizeOptions, *, fast: bool =
                 fast8, emulated, codes = fast8_mode_error(linears[n], layer, held.layers[n].rows)
                 info["error"]["svdq_fast_e4m3_weights"] = fast8
                 info["error"]["svdq_fast_emulated"] = emulated
+                change = fp8_reciprocal_change(linears[n], layer, held.layers[n].rows)
+                info["error"]["svdq_fast8_division"] = change.pop("error_fast8_division")
+                info["fp8_reciprocal"] = change
                 info["error"]["svdq_fast8_lowrank_from_codes"] = codes
             info.pop("search", None)
             out.append(info)
@@ -204,6 +232,17 @@ def main() -> int:
                 "worst_fast8_lowrank_from_codes_over_exact": max(e["svdq_fast8_lowrank_from_codes"] / e["svdq"]
                                                                  for e in both),
             }
+            rc = [r["fp8_reciprocal"] for r in layers if "fp8_reciprocal" in r]
+            s["fp8_reciprocal"] = {
+                "codes": sum(c["codes"] for c in rc), "codes_changed": sum(c["codes_changed"] for c in rc),
+                "scales_changed": sum(c["scales_changed"] for c in rc),
+                "mean_fast8": sum(e["svdq_fast8"] for e in both) / len(both),
+                "mean_fast8_division": sum(e["svdq_fast8_division"] for e in both) / len(both),
+                "fast8_no_worse": sum(e["svdq_fast8"] <= e["svdq"] for e in both),
+                "worst_fast8_over_exact": max(e["svdq_fast8"] / e["svdq"] for e in both),
+                "max_fast8_change": max(abs(e["svdq_fast8"] - e["svdq_fast8_division"]) / e["svdq_fast8_division"]
+                                        for e in both),
+            }
             fe = s["fast_vs_exact"]
             print(f"fast mode (FP8 activations) vs exact W4A4 on the same layers: mean error "
                   f"{fe['mean_fast']:.4f} vs {fe['mean_exact']:.4f}; fast no worse on {fe['fast_no_worse']}/"
@@ -212,6 +251,12 @@ def main() -> int:
                   f"{fe['mean_fast_e4m3_weights']:.4f}; no worse than exact on {fe['fast_e4m3_weights_no_worse']}/"
                   f"{fe['layers']}; worst / exact {fe['worst_fast_e4m3_weights_over_exact']:.3f} (emulation vs "
                   f"fast mode: {fe['max_emulation_gap']:.1e})")
+            fr = s["fp8_reciprocal"]
+            print(f"fast8 with the reciprocal quantizer (x·(1/s), ·(1/a)) vs by division: codes changed "
+                  f"{fr['codes_changed']} of {fr['codes']}, token scales changed {fr['scales_changed']}; mean "
+                  f"error {fr['mean_fast8']:.6f} vs {fr['mean_fast8_division']:.6f} (largest per-layer change "
+                  f"{fr['max_fast8_change']:.1e}); no worse than exact on {fr['fast8_no_worse']}/{fe['layers']}, "
+                  f"worst / exact {fr['worst_fast8_over_exact']:.3f}")
             print(f"fast8 with the low-rank branch on the dequantized codes (no bf16 x; a design, not the "
                   f"format's math): mean {fe['mean_fast8_lowrank_from_codes']:.4f}; no worse than exact on "
                   f"{fe['fast8_lowrank_from_codes_no_worse']}/{fe['layers']}; worst / exact "

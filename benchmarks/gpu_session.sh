@@ -2,7 +2,7 @@
 # One-GPU measurements in one command on one H100 (docs/benchmarks.md). Every step has its own
 # time limit and log; a failing step does not stop the next. Usage (repo root, wheels installed
 # as the device README says):
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [n1] [n2] [next] [tests] [gemm] [step] [fast8] [fast8b] [step8] [p23] …
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [n1] [n2] [next] [tests] [gemm] [step] [fast8] [fast8b] [step8] [p23] [p23b] …
 #   (default: next; n1 then n2 is the plan for the session after 2026-11-27's fourth)
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
@@ -159,6 +159,22 @@ for step in $STEPS; do
       timeout 90 python3 benchmarks/quantizer_variants.py --out "$OUT/quantizer_variants.json" --code "$OUT/qcode" \
         > "$OUT/quantizer_variants.log" 2>&1; echo "quantizer rc=$?"; grep -v Warn "$OUT/quantizer_variants.log" | tail -3 | cut -c1-300
       tar -czf "$OUT/qcode.tgz" -C "$OUT" qcode 2>/dev/null; rm -rf "$OUT/qcode" ;;
+    p23b)  # issue 23, levers 2 and 3 (~5 min on an H100, kernels from .kcache/kcache.tgz): the GPU tests of the
+           # reciprocal quantizer and the fused prologue; the stand-alone quantizer (old division, reciprocal,
+           # the FP8 peer's); the compiled fast8 layer with the default and the fused prologue at M = 4608
+      if [ -f .kcache/kcache.tgz ]; then mkdir -p "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" && \
+        tar -C "${SVDQ_KERNEL_CACHE:-$HOME/.cache/svdquant/kernels}" -xzf .kcache/kcache.tgz; fi
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fused_prologue_gpu.py \
+        tests/test_kernels_gpu.py::test_fp8_codes_and_token_scales_are_the_reference_ones \
+        tests/test_kernels_fast8_gpu.py::test_inductor_quantizer_gives_the_prologues_codes tests/test_kernels_lowrank_gpu.py \
+        -k "not against_float64 and not (matches_the_reference and not 4608)" > "$OUT/pytest_p23b.log" 2>&1
+      echo "p23b tests rc=$?"; grep -E "passed|failed|Error|^E " "$OUT/pytest_p23b.log" | tail -8 | cut -c1-300
+      timeout 60 python3 benchmarks/quantizer_variants.py --variants peer,ours,ours_rcp_const,ours_div,ours_recip \
+        --out "$OUT/quantizer_variants.json" \
+        > "$OUT/quantizer_variants.log" 2>&1; echo "quantizer rc=$?"; grep -v Warn "$OUT/quantizer_variants.log" | tail -4 | cut -c1-300
+      timeout 170 python3 benchmarks/fast8_prologue.py --peers gelu --out "$OUT/fast8_prologue.json" \
+        > "$OUT/fast8_prologue.log" 2>&1
+      echo "prologue bench rc=$?"; grep -v Warn "$OUT/fast8_prologue.log" | tail -9 | cut -c1-300 ;;
     lr3)  # issue 23, after p23: one FLUX.1-dev step (fused q|k|v, reduce-overhead) of the FP8 W8A8 peer and
           # SVDQuant with the consumer and the producer conversion (bf16 compiled left out to fit 10 min;
           # bf16 eager kept), GPU time by kernel kind

@@ -4,10 +4,14 @@ Times, inside CUDA graphs, Inductor's code for variants of the per-token e4m3 qu
 shapes, each compiled stand-alone from a bf16 ``x``:
 
 * ``peer``        — the FP8 W8A8 peer's: ``absmax(x) / 448`` (clamped), ``e4m3(x / a)``;
-* ``ours``        — ``svdq_format.ops.quantize_fp8_rows(ops.smoothed(x, s))`` (what compiled
-  ``fast8`` graphs run: smoothing division, finite check, saturation);
-* ``ours_recip``  — the same with ``x · (1/s)`` instead of ``x / s``;
-* ``ours_nocheck`` — without the finite check and saturation (``where``/``clamp``);
+* ``ours``        — what compiled ``fast8`` graphs run now (``svdq_format.ops.graph_fp8_activations``):
+  ``x · (1/s)`` with ``1/s`` from the ``svdquant::smooth_reciprocal`` op (a copy of the cached
+  vector per call), ``e4m3(x̂ · (1/a))``, finite check and saturation;
+* ``ours_rcp_const`` — the same with ``1/s`` a constant of the graph (no op: what a reciprocal kept
+  outside the graph would cost);
+* ``ours_div``    — the quantizer before issue 23's lever 3: ``x / s`` in both passes, then ``/ a``;
+* ``ours_recip``  — ``ours_div`` with ``x · (1/s)`` (a constant) but still ``/ a``;
+* ``ours_nocheck`` — ``ours_div`` without the finite check and saturation (``where``/``clamp``);
 * ``smooth_only`` — ``x / s`` and the peer's quantizer.
 
 Writes the median µs and Inductor's generated source of each (``--code DIR``).
@@ -31,7 +35,7 @@ from linear_peers import bench, run_meta  # noqa: E402
 
 
 def variants(s: torch.Tensor) -> dict:
-    from svdq_format import ops
+    from svdq_format import ops, packing
 
     inv = (1.0 / s.float()).contiguous()
 
@@ -39,11 +43,22 @@ def variants(s: torch.Tensor) -> dict:
         a = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 448.0
         return (x.float() / a).to(torch.float8_e4m3fn), a
 
+    def divide_by_a(xs):  # quantize_fp8_rows before lever 3
+        a = xs.abs().amax(dim=-1, keepdim=True) / packing.FP8_E4M3_MAX
+        ok = (a > 0) & torch.isfinite(a)
+        return packing.round_to_e4m3(torch.where(ok, xs / torch.where(ok, a, 1.0), 0.0)), a.squeeze(-1)
+
     def ours(x):
-        return ops.quantize_fp8_rows(ops.smoothed(x.float(), s, 0.0))
+        return ops.graph_fp8_activations(x.float(), s)
+
+    def ours_rcp_const(x):
+        return ops.quantize_fp8_rows(x.float() * inv)
+
+    def ours_div(x):
+        return divide_by_a(x.float() / s.float())
 
     def ours_recip(x):
-        return ops.quantize_fp8_rows(x.float() * inv)
+        return divide_by_a(x.float() * inv)
 
     def ours_nocheck(x):
         xs = x.float() / s.float()
@@ -53,17 +68,20 @@ def variants(s: torch.Tensor) -> dict:
     def smooth_only(x):
         return peer((x.float() / s.float()))
 
-    return {"peer": peer, "ours": ours, "ours_recip": ours_recip, "ours_nocheck": ours_nocheck,
-            "smooth_only": smooth_only}
+    return {"peer": peer, "ours": ours, "ours_rcp_const": ours_rcp_const, "ours_div": ours_div,
+            "ours_recip": ours_recip, "ours_nocheck": ours_nocheck, "smooth_only": smooth_only}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="quantizer_variants.json")
     ap.add_argument("--code", default="", help="directory for Inductor's generated code of each variant")
+    ap.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     args = ap.parse_args(argv)
     linear_peers.GRAPHS = True
     from torch._inductor.utils import run_and_get_code
+
+    import svdq_kernels  # noqa: F401  (the svdquant ops, as in a model)
 
     rows = []
     for m, k in ((4608, 3072), (4608, 12288)):
@@ -71,7 +89,10 @@ def main(argv=None) -> int:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         s = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
         row = {"m": m, "k": k, "us": {}}
+        keep = set(args.variants.split(",")) if args.variants else None
         for name, fn in variants(s).items():
+            if keep is not None and name not in keep:
+                continue
             torch._dynamo.reset()
             compiled = torch.compile(fn)
             _, code = run_and_get_code(compiled, x)
@@ -83,6 +104,11 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{m}x{k}: " + "  ".join(f"{n} {v:.1f}us ({row['kernels'][n]} kernels)" for n, v in row["us"].items()),
               flush=True)
+        us = row["us"]
+        if {"peer", "ours", "ours_div", "ours_rcp_const"} <= set(us):
+            print(f"  ours / peer {us['ours'] / us['peer']:.2f}x, ours_div / peer {us['ours_div'] / us['peer']:.2f}x, "
+                  f"ours_rcp_const / peer {us['ours_rcp_const'] / us['peer']:.2f}x, ours vs ours_div "
+                  f"{us['ours_div'] / us['ours']:.2f}x faster", flush=True)
         Path(args.out).write_text(json.dumps({"meta": run_meta(), "rows": rows}, indent=1) + "\n")
     return 0
 

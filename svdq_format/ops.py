@@ -47,6 +47,7 @@ from torch.utils import _python_dispatch
 from . import packing, segmented
 from .errors import BackendError
 from .spec import KSegment
+from .tensor_cache import TensorCache
 
 __all__ = [
     "ACT_MODES",
@@ -66,13 +67,43 @@ __all__ = [
     "load_plugins",
     "PLUGIN_GROUP",
     "quantize_fp8_rows",
+    "fp8_activations",
+    "graph_fp8_activations",
+    "fp8_smoothed",
+    "smooth_reciprocal",
     "smoothed",
     "FP8_ACTS",
     "SPLIT_ACTS",
+    "FAST8_PROLOGUE",
+    "FAST8_PROLOGUES",
     "svdq_linear",
 ]
 
 ACT_MODES = ("int4", "nvfp4", "fp8", "fp8w", "none")
+
+#: Where a compiled ``fast8`` graph quantizes the activations (``SVDQ_FAST8_PROLOGUE``, read once at
+#: import, a constant for ``torch.compile``): ``"fused"`` (default) — the whole layer is
+#: ``svdquant::linear``, whose kernel backend finds the rows' absmax in the same pass over ``x``
+#: that computes ``x · L2ᵀ`` (then the codes; not fused with ``x``'s producer; eager ``fast8``
+#: calls use that prologue too); ``"inductor"`` — :func:`graph_fp8_activations` as plain torch in
+#: the graph, fused by Inductor into the op producing ``x``, then ``svdquant::linear_fp8``. The
+#: fused prologue is the default since its H100 timing: the compiled layer 1.02–1.15× faster at
+#: M = 4608 on FLUX.1's six shapes, with and without a GELU producer (docs/kernels.md, "The fused
+#: prologue"). k-segmented layers always take the graph quantizer (one scale spans the segments).
+FAST8_PROLOGUES = ("fused", "inductor")
+
+
+def _fast8_prologue_setting() -> str:
+    value = os.environ.get("SVDQ_FAST8_PROLOGUE", "").strip().lower() or FAST8_PROLOGUES[0]
+    if value not in FAST8_PROLOGUES:
+        warnings.warn(f"SVDQ_FAST8_PROLOGUE={value!r} is not one of {FAST8_PROLOGUES}; using "
+                      f"{FAST8_PROLOGUES[0]!r}", stacklevel=2)
+        return FAST8_PROLOGUES[0]
+    return value
+
+
+FAST8_PROLOGUE = _fast8_prologue_setting()
+
 #: The modes whose activations are FP8 per token (:func:`quantize_fp8_rows`).
 FP8_ACTS = ("fp8", "fp8w")
 #: The modes whose quantizer runs outside the op when compiled (:func:`svdq_linear`).
@@ -299,8 +330,8 @@ def per_segment(backend: Backend) -> Backend:
             act_shift=0.0, act_unsigned=False, *, k_segments):
         if act in FP8_ACTS:
             k = x.shape[-1]
-            q, a = quantize_fp8_rows(smoothed(x.reshape(-1, k).float(), smooth,
-                                              shift_vector(k, act_shift, k_segments, device=x.device)))
+            q, a = fp8_activations(x.reshape(-1, k).float(), smooth,
+                                   shift_vector(k, act_shift, k_segments, device=x.device))
             return run_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
                            precision, act, k_segments=k_segments)
         return segmented.run_segments(backend.linear, x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
@@ -424,11 +455,12 @@ def reference_linear(
     """
     k = x.shape[-1]
     xf = x.reshape(-1, k).float()
-    xs = smoothed(xf, smooth, shift_vector(k, act_shift, k_segments, device=x.device))
+    shift = shift_vector(k, act_shift, k_segments, device=x.device)
     if act in FP8_ACTS:
-        q, a = quantize_fp8_rows(xs)
+        q, a = quantize_fp8_rows(fp8_smoothed(xf, smooth_reciprocal(smooth), shift))
         return reference_linear_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
                                     lora_scales, precision, act, k_segments=k_segments)
+    xs = smoothed(xf, smooth, shift)
     n = qweight.shape[0]
     wv = _weight_values(qweight, precision)
     g = packing.GROUP_SIZES[precision]
@@ -483,8 +515,43 @@ def smoothed(xf: torch.Tensor, smooth: torch.Tensor, act_shift: float | torch.Te
     return (xf + act_shift) / smooth.float() if act_shift else xf / smooth.float()
 
 
+_RECIPROCALS: TensorCache[torch.Tensor] = TensorCache()
+
+
+def smooth_reciprocal(smooth: torch.Tensor) -> torch.Tensor:
+    """``1 / s`` in float32 (correctly rounded), the ``fast``/``fast8`` quantizer's smoothing factor.
+
+    Made once per smoothing tensor and version (:class:`~svdq_format.tensor_cache.TensorCache`), so
+    an eager layer pays no division per call; a tensor that requires grad or is not a plain tensor
+    (a tracer's) gets it computed afresh.
+    """
+    if type(smooth) is not torch.Tensor or smooth.requires_grad:
+        return 1.0 / smooth.float()
+    return _RECIPROCALS.get((smooth,), lambda: (1.0 / smooth.float()).contiguous())
+
+
+def fp8_smoothed(xf: torch.Tensor, smooth_rcp: torch.Tensor, act_shift: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """The ``fast``/``fast8`` modes' smoothed input ``x̂ = (x + act_shift) · (1/s)`` in float32 —
+    a multiplication by :func:`smooth_reciprocal` where :func:`smoothed` (``exact``, W4A16)
+    divides by ``s`` (docs/format.md §6, execution modes)."""
+    if isinstance(act_shift, torch.Tensor) or act_shift:
+        return (xf + act_shift) * smooth_rcp
+    return xf * smooth_rcp
+
+
+def fp8_activations(
+    xf: torch.Tensor, smooth: torch.Tensor, act_shift: float | torch.Tensor = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``fast``/``fast8`` activation quantizer of float32 rows ``[M, K]``:
+    :func:`quantize_fp8_rows` of :func:`fp8_smoothed` (``act_shift``: a number or
+    :func:`shift_vector`)."""
+    return quantize_fp8_rows(fp8_smoothed(xf, smooth_reciprocal(smooth), act_shift))
+
+
 def quantize_fp8_rows(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``fast``/``fast8`` activation quantizer: float8_e4m3fn per token, ``a = absmax / 448``.
+    """The ``fast``/``fast8`` activation quantizer: float8_e4m3fn per token, ``a = absmax / 448``,
+    ``q = e4m3(x̂ · (1/a))`` (one correctly rounded reciprocal per row, then a multiplication per
+    element — what the kernels compute; docs/format.md §6).
 
     Plain torch (so ``torch.compile`` can fuse it into the op that produces ``x``; see
     :func:`svdq_linear`). A row with no finite positive absmax (all zeros, or a NaN/inf) gets
@@ -492,14 +559,15 @@ def quantize_fp8_rows(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     math says.
 
     Args:
-        xs: Smoothed activations ``[M, K]`` (float32).
+        xs: Smoothed activations ``[M, K]`` (float32; :func:`fp8_smoothed`).
 
     Returns:
         ``(q [M, K] float8_e4m3fn, a [M] float32)`` with ``x̂ ≈ q · a`` per row.
     """
     a = xs.abs().amax(dim=-1, keepdim=True) / packing.FP8_E4M3_MAX
     ok = (a > 0) & torch.isfinite(a)
-    q = packing.round_to_e4m3(torch.where(ok, xs / torch.where(ok, a, 1.0), 0.0))
+    ra = 1.0 / torch.where(ok, a, 1.0)
+    q = packing.round_to_e4m3(torch.where(ok, xs * ra, 0.0))
     return q, a.squeeze(-1).float()
 
 
@@ -726,6 +794,28 @@ def _linear_fp8_fake(
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
+@torch.library.custom_op("svdquant::smooth_reciprocal", mutates_args=())
+def _smooth_reciprocal_op(smooth: torch.Tensor) -> torch.Tensor:
+    """:func:`smooth_reciprocal` as a node of a compiled graph: a copy of the cached ``1/s`` (an op
+    returns a fresh tensor). Inductor cannot inline it into the quantizer, where it would be a
+    division per element again (and an approximate one in Triton)."""
+    return smooth_reciprocal(smooth).clone()
+
+
+@_smooth_reciprocal_op.register_fake
+def _smooth_reciprocal_fake(smooth):
+    return smooth.new_empty(smooth.shape, dtype=torch.float32)
+
+
+def graph_fp8_activations(
+    xf: torch.Tensor, smooth: torch.Tensor, act_shift: float | torch.Tensor = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_activations` as a compiled ``fast8`` graph holds it: ``1/s`` from the
+    ``svdquant::smooth_reciprocal`` op (inlined into Inductor's fused quantizer, ``1/s`` would be a
+    division per element again), the rest plain torch for Inductor to fuse into ``x``'s producer."""
+    return quantize_fp8_rows(fp8_smoothed(xf, torch.ops.svdquant.smooth_reciprocal(smooth), act_shift))
+
+
 def svdq_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -748,11 +838,12 @@ def svdq_linear(
     if act not in ACT_MODES:
         raise BackendError(f"unknown activation mode {act!r} (expected one of {ACT_MODES})")
     segs = _segment_lists(tuple(k_segments))
-    if act in SPLIT_ACTS and torch.compiler.is_compiling():
+    if act in SPLIT_ACTS and torch.compiler.is_compiling() and not (FAST8_PROLOGUE == "fused" and not k_segments):
         # Compiled: the activation quantizer is plain torch in the graph, so Inductor fuses it
         # into whatever produces x (a norm, a modulation, a GELU) instead of a separate pass.
+        # (SVDQ_FAST8_PROLOGUE=fused: the op quantizes x itself, in the pass that computes x · L2ᵀ.)
         shift = shift_vector(x.shape[-1], act_shift, tuple(k_segments), device=x.device)
-        q, a = quantize_fp8_rows(smoothed(x.reshape(-1, x.shape[-1]).float(), smooth, shift))
+        q, a = graph_fp8_activations(x.reshape(-1, x.shape[-1]).float(), smooth, shift)
         return torch.ops.svdquant.linear_fp8(
             x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
             precision, act, float(act_shift), bool(act_unsigned), backend, *segs,

@@ -22,6 +22,11 @@ With :data:`LOWRANK_IN_GEMM`, steps 2 and 3 are one kernel: the GEMM ends each o
 low-rank k-tiles (bf16 MMAs of ``lr · L1ᵀ`` into the FP8 k-tiles' accumulator,
 :mod:`svdq_kernels.lowrank_tiles`) and its epilogue adds the bias — no ``c`` is written or read.
 
+With ``SVDQ_FAST8_PROLOGUE=fused`` (:data:`svdq_format.ops.FAST8_PROLOGUE`) step 1 and the
+low-rank k-tiles are one prologue (:func:`svdq_kernels.lowrank_tiles.quantize_lowrank`: ``x``
+read for the absmax and ``x · L2ᵀ`` together, then for the codes), and a compiled graph calls
+this function through ``svdquant::linear`` instead of quantizing in the graph.
+
 In a compiled graph the activations arrive quantized (:func:`fast8_linear_fp8`, the
 ``svdquant::linear_fp8`` op: Inductor fused :func:`svdq_format.ops.quantize_fp8_rows` into the
 kernel that produced ``x``), and step 1 shrinks to the low-rank down projection alone
@@ -37,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from svdq_format import packing
+from svdq_format import ops, packing
 
 from ._device import device_guard
 from .build import load_kernel
@@ -49,7 +54,7 @@ from .configs import (
     Group64GemmConfig,
     group64_config,
 )
-from .lowrank_tiles import lowrank_k_tiles, lowrank_tiles, padded_up, sentinel_scale_rows
+from .lowrank_tiles import lowrank_k_tiles, lowrank_tiles, padded_up, quantize_lowrank, sentinel_scale_rows
 from .tensor_cache import TensorCache
 from .triton_fast import layer_inputs
 from .triton_prologue import lowrank_down, prologue
@@ -192,13 +197,18 @@ def _fast8_lowrank_layer(
     x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, down: torch.Tensor,
     up: torch.Tensor, bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor],
     quantized: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    fused: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """The ``fast8`` layer with the low-rank k-tiles: ``quantized()`` → ``(q, a)``, then the
-    branch's inputs (:func:`svdq_kernels.lowrank_tiles.lowrank_tiles`) and one GEMM."""
+    branch's inputs (:func:`svdq_kernels.lowrank_tiles.lowrank_tiles`) — or ``fused()`` → ``(q, a,
+    lr, a')`` in one prologue (:func:`svdq_kernels.lowrank_tiles.quantize_lowrank`) — and one GEMM."""
     n = qweight.shape[0]
     with device_guard(x2.device):
-        q, a = quantized()
-        lr, ag = lowrank_tiles(x2, down, a, lora_scales=lora_scales)
+        if fused is not None:
+            q, _, lr, ag = fused()
+        else:
+            q, a = quantized()
+            lr, ag = lowrank_tiles(x2, down, a, lora_scales=lora_scales)
         scales, rowinv = fast8_lowrank_weights(qweight, wscales, lowrank_k_tiles(down.shape[0]))
         y = group64_gemm_lowrank(qweight.contiguous(), scales, rowinv, q, ag, bias, lr, padded_up(up, rowinv))
     return y.reshape(*x.shape[:-1], n)
@@ -226,7 +236,11 @@ def fast8_linear(
             q, a, _ = prologue(x2, smooth, None, act_shift=act_shift)
             return q, a
 
-        return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, quantized)
+        def fused() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            return quantize_lowrank(x2, smooth, down, act_shift=act_shift, lora_scales=lora_scales)
+
+        return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, quantized,
+                                    fused if ops.FAST8_PROLOGUE == "fused" else None)
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: prologue(
         x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales))
 

@@ -14,6 +14,9 @@ arrives pre-divided:
 * the group scales get ``2·t`` extra rows holding the mainloop's sentinel (an fp16 NaN pattern no
   quantizer writes), by which the consumer warps recognise a low-rank k-tile.
 
+:func:`quantize_lowrank` makes these and the FP8 activations from ``x`` in two kernels
+(``SVDQ_FAST8_PROLOGUE=fused``; docs/kernels.md, "The fused prologue").
+
 Against the two-step branch (a cuBLAS GEMM writing ``c = bias + lr · L1ᵀ`` in bf16, which the
 epilogue reads back) this removes a kernel and an ``[M, N]`` bf16 write and read per layer; the
 products are summed in fp32 and rounded once, with the output, instead of once into ``c`` and
@@ -27,9 +30,11 @@ from typing import Any, Optional
 
 import torch
 
+from svdq_format.ops import smooth_reciprocal
+
 from .tensor_cache import TensorCache
 
-__all__ = ["LR_K", "lowrank_k_tiles", "lowrank_tiles", "padded_up", "sentinel_scale_rows"]
+__all__ = ["LR_K", "lowrank_k_tiles", "lowrank_tiles", "quantize_lowrank", "padded_up", "sentinel_scale_rows"]
 
 #: Ranks per low-rank k-tile (the mainloop's ``LrK``).
 LR_K = 32
@@ -117,3 +122,53 @@ def lowrank_tiles(
         plr, lr, a, ag, lora_scales if lora_scales is not None else plr, m, r, plr.shape[0],
         HAS_LRS=lora_scales is not None, BM=32, PBR=pbr, BR=max(pbr, LR_K), RT=rt, num_warps=4)
     return lr, ag
+
+
+def quantize_lowrank(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, *, act_shift: float = 0.0,
+    lora_scales: Optional[torch.Tensor] = None, codes_block: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``fast8`` activations and the GEMM's low-rank k-tiles with ``x`` read twice, not three
+    times: :func:`svdq_kernels.triton_prologue.prologue`'s ``q`` and ``a`` and :func:`lowrank_tiles`'s
+    ``lr``/``a'``, bit for bit, from two kernels — the stats kernel computes each split's absmax and
+    its ``x · L2ᵀ`` partial in one pass (with the tiling of
+    :func:`~svdq_kernels.triton_prologue.lowrank_partials`, so the same partial bits), then
+    ``codes_tiles`` writes the codes and, from split 0, ``a``, ``a'`` and the k-tiles.
+
+    Args:
+        x: ``[M, K]`` contiguous, bf16 or fp16.
+        smooth: ``[K]`` (its reciprocal is cached, :func:`svdq_format.ops.smooth_reciprocal`).
+        lora_down: ``[r, K]`` in ``x.dtype``, r ≥ 1.
+        act_shift: Added to ``x`` before smoothing (not on the low-rank branch).
+        lora_scales: Optional per-rank multipliers ``[r]``.
+        codes_block: Columns per step of the codes kernel (a power of two ≥ 64; elementwise, so
+            the same bits whatever it is). 256: on an H100 at M = 4608 the prologue takes 29.4–145 µs
+            against 32.0–150 µs at 64 (benchmarks/fast8_prologue.py, ``fast8_prologue_h100.json``).
+
+    Returns:
+        ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, 64·t] bf16, a' [M] float32)``.
+    """
+    from .triton_prologue import cdiv, k_splits, kernels, rank_tile
+
+    k = kernels()
+    m, kk = x.shape
+    r = lora_down.shape[0]
+    rcp = smooth_reciprocal(smooth)
+    br = rank_tile(r)
+    rt = LR_K * lowrank_k_tiles(r)
+    nsplit, bps = k_splits(kk, m)
+    pamax = torch.empty(nsplit, m, device=x.device, dtype=torch.float32)
+    plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32)
+    q = torch.empty(m, kk, device=x.device, dtype=torch.float8_e4m3fn)
+    a = torch.empty(m, device=x.device, dtype=torch.float32)
+    ag = torch.empty(m, device=x.device, dtype=torch.float32)
+    lr = torch.empty(m, 2 * rt, device=x.device, dtype=torch.bfloat16)
+    # lowrank_partials' tiling (block_m 64, 8 warps, 4 stages): the same x · L2ᵀ partial bits
+    k["prologue_stats"][(cdiv(m, 64), nsplit)](
+        x, rcp, lora_down, pamax, plr, m, kk, r, bps, float(act_shift), HAS_LR=True, BM=64, BR=br, RCP=True,
+        num_warps=8, num_stages=4)
+    k["codes_tiles"][(cdiv(m, 32), nsplit)](
+        x, rcp, pamax, plr, q, a, lr, ag, lora_scales if lora_scales is not None else a, m, kk, r, bps, nsplit,
+        float(act_shift), HAS_LRS=lora_scales is not None, BM=32, PBR=br, BR=max(br, LR_K), RT=rt, BK=codes_block,
+        num_warps=4, num_stages=3)
+    return q, a, lr, ag

@@ -1,13 +1,15 @@
 """The Triton prologues: what a layer computes from its input before the 4-bit GEMM.
 
 Each prologue reads ``x`` once, split over K (up to 16 parts, finer at small M: even a few
-tokens fill the GPU), and computes the smoothed input ``x̂ = (x + shift) / s`` quantized the
-way the layer's GEMM reads it, plus the low-rank down projection ``x · L2ᵀ`` (fp32, tensor
+tokens fill the GPU), and computes the smoothed input ``x̂ = (x + shift) / s`` (``· (1/s)`` in the
+FP8 modes) quantized the way the layer's GEMM reads it, plus the low-rank down projection ``x · L2ᵀ`` (fp32, tensor
 cores, on the raw input) summed over the splits in order (deterministic):
 
 * :func:`prologue` — ``fast`` / ``fast8`` (float8_e4m3 codes with a per-token scale
   ``a = absmax / 448``; two kernels: the splits' absmax, then the codes) and W4A16 (``w16``:
   ``x̂`` in fp16 scaled by a per-token power of two);
+* (``codes_tiles``: the second kernel of :func:`svdq_kernels.lowrank_tiles.quantize_lowrank`, the
+  ``fast8`` codes and the GEMM's low-rank k-tiles after a stats pass that also computes ``x · L2ᵀ``);
 * :func:`lowrank_down` — the low-rank part alone (the compiled ``fast8`` path);
   :func:`lowrank_partials` its per-split fp32 sums (the ``fast8`` GEMM's low-rank k-tiles);
 * :func:`prologue_exact` — the format's int4 activation quantizer per 64-group (``exact``);
@@ -24,8 +26,10 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["prologue", "lowrank_down", "lowrank_partials", "prologue_exact", "prologue_nvfp4", "SPLIT_K_MAX_M",
-           "SMALL_M_SPLITS", "small_m_splits", "k_splits", "rank_tile", "cdiv", "kernels"]
+from svdq_format import ops
+
+__all__ = ["prologue", "lowrank_down", "lowrank_partials", "prologue_exact", "prologue_nvfp4",
+           "SPLIT_K_MAX_M", "SMALL_M_SPLITS", "small_m_splits", "k_splits", "rank_tile", "cdiv", "kernels"]
 
 
 #: Up to this many tokens, K is cut finer (:func:`small_m_splits`).
@@ -77,8 +81,10 @@ def kernels() -> dict[str, Any]:
     def prologue_stats_kernel(
         x_ptr, s_ptr, l2_ptr, pamax_ptr, plr_ptr, M, K, R, BPS, shift,
         HAS_LR: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, AMAX: tl.constexpr = True,
+        RCP: tl.constexpr = False,
     ):
-        # split s of K (BPS blocks of 64): partial row absmax of x̂ (AMAX) and partial x · L2ᵀ
+        # split s of K (BPS blocks of 64): partial row absmax of x̂ (AMAX) and partial x · L2ᵀ;
+        # RCP: s_ptr holds 1/s in fp32 and x̂ = (x + shift) · (1/s) (the fast modes), else x̂ = (x + shift) / s
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -94,7 +100,10 @@ def kernels() -> dict[str, Any]:
             x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
             if AMAX:
                 s = tl.load(s_ptr + rk).to(tl.float32)
-                xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
+                if RCP:
+                    xs = (x.to(tl.float32) + shift) * s[None, :]
+                else:
+                    xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
                 ax = tl.where(xs == xs, tl.abs(xs), float("inf"))  # NaN -> inf -> row not ok
                 amax = tl.maximum(amax, tl.max(ax, axis=1))
             if HAS_LR:
@@ -109,7 +118,7 @@ def kernels() -> dict[str, Any]:
     def prologue_quant_kernel(
         x_ptr, s_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, lrs_ptr, M, K, R, BPS, NSPLIT, shift,
         HAS_LR: tl.constexpr, Q16: tl.constexpr, W16: tl.constexpr, BM: tl.constexpr,
-        BR: tl.constexpr, LR16: tl.constexpr = False, HAS_LRS: tl.constexpr = False,
+        BR: tl.constexpr, LR16: tl.constexpr = False, HAS_LRS: tl.constexpr = False, RCP: tl.constexpr = False,
     ):
         # split s of K: the rows' scale from every split's absmax, then FP8 codes of this split
         # (W16: x̂ itself in fp16, scaled by a power of two that keeps the row below 2^15);
@@ -134,14 +143,18 @@ def kernels() -> dict[str, Any]:
             a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
             ok = (a > 0) & (a < float("inf"))
             a_div = tl.where(ok, a, 1.0)
+        ra = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), a_div)  # RCP: codes = x̂ · (1/a)
         kb0 = split * BPS
         kb1 = tl.minimum(kb0 + BPS, K // 64)
         for kb in range(kb0, kb1):
             rk = kb * 64 + tl.arange(0, 64)
             x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
             s = tl.load(s_ptr + rk).to(tl.float32)
-            xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
-            q = tl.math.div_rn(xs, a_div[:, None])
+            if RCP:
+                q = ((x.to(tl.float32) + shift) * s[None, :]) * ra[:, None]
+            else:
+                xs = tl.math.div_rn(x.to(tl.float32) + shift, s[None, :])
+                q = tl.math.div_rn(xs, a_div[:, None])
             if W16:  # a power of two: exact; the one rounding is to fp16
                 tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float16), mask=m_ok[:, None])
             else:
@@ -189,6 +202,57 @@ def kernels() -> dict[str, Any]:
         lo = (lr - hi.to(tl.float32)).to(tl.bfloat16)
         tl.store(lr_ptr + rm_c[:, None] * (2 * R) + rr[None, :], hi, mask=lr_mask)
         tl.store(lr_ptr + rm_c[:, None] * (2 * R) + R + rr[None, :], lo, mask=lr_mask)
+
+    @triton.jit
+    def codes_tiles_kernel(
+        x_ptr, rs_ptr, pamax_ptr, plr_ptr, q_ptr, a_ptr, lr_ptr, ag_ptr, lrs_ptr, M, K, R, BPS, NSPLIT, shift,
+        HAS_LRS: tl.constexpr, BM: tl.constexpr, PBR: tl.constexpr, BR: tl.constexpr, RT: tl.constexpr,
+        BK: tl.constexpr = 64,
+    ):
+        # quantize_lowrank's second kernel, split s of K: the rows' scale from every split's absmax
+        # and the e4m3 codes of this split (as prologue_quant with RCP; BK columns per step, the
+        # split's end masked); split 0 also writes a and
+        # the low-rank k-tiles from the stats kernel's partials, as lowrank_tiles does: summed in
+        # split order, times the per-rank scales, divided by a' = (a > 0 ? a : 1), ranks 32j + c to
+        # column 64j + c and zeros to 64j + 32 + c; a' to ag
+        pid_m = tl.program_id(0)
+        split = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        m_ok = rm < M
+        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
+        amax = tl.zeros([BM], dtype=tl.float32)
+        for t in range(0, NSPLIT):
+            amax = tl.maximum(amax, tl.load(pamax_ptr + t * M + rm_c))
+        a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
+        ok = (a > 0) & (a < float("inf"))
+        ra = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.where(ok, a, 1.0))
+        k0 = split * BPS * 64
+        k1 = tl.minimum(k0 + BPS * 64, K)
+        for c0 in range(k0, k1, BK):
+            rk = c0 + tl.arange(0, BK)
+            k_ok = rk < k1
+            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :], mask=k_ok[None, :], other=0.0)
+            rs = tl.load(rs_ptr + rk, mask=k_ok, other=0.0)
+            q = ((x.to(tl.float32) + shift) * rs[None, :]) * ra[:, None]
+            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+            q = tl.where(ok[:, None], q, 0.0)
+            tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None] & k_ok[None, :])
+        if split == 0:
+            tl.store(a_ptr + rm, a, mask=m_ok)
+            rr = tl.arange(0, BR)
+            lr = tl.zeros([BM, BR], dtype=tl.float32)
+            for t in range(0, NSPLIT):
+                lr += tl.load(plr_ptr + (t * M + rm_c[:, None]) * PBR + rr[None, :], mask=(rr < PBR)[None, :],
+                              other=0.0)
+            if HAS_LRS:
+                lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+            ag = tl.where(a > 0, a, 1.0)
+            val = tl.where((rr < R)[None, :], tl.math.div_rn(lr, ag[:, None]), 0.0).to(tl.bfloat16)
+            col = (rr // 32) * 64 + rr % 32
+            mask = m_ok[:, None] & (rr < RT)[None, :]
+            tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + col[None, :], val, mask=mask)
+            tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + 32 + col[None, :], tl.zeros_like(val), mask=mask)
+            tl.store(ag_ptr + rm, ag, mask=m_ok)
 
     @triton.jit
     def prologue_exact_kernel(
@@ -292,7 +356,7 @@ def kernels() -> dict[str, Any]:
 
     return {"prologue_stats": prologue_stats_kernel, "prologue_quant": prologue_quant_kernel,
             "prologue_exact": prologue_exact_kernel, "prologue_nvfp4": prologue_nvfp4_kernel,
-            "lowrank_sum": lowrank_sum_kernel}
+            "lowrank_sum": lowrank_sum_kernel, "codes_tiles": codes_tiles_kernel}
 
 
 def prologue(
@@ -320,6 +384,8 @@ def prologue(
     k = kernels()
     m, kk = x.shape
     r = 0 if lora_down is None else lora_down.shape[0]
+    rcp = not w16  # the FP8 modes multiply by 1/s and 1/a (svdq_format.ops.quantize_fp8_rows)
+    s_in = ops.smooth_reciprocal(smooth) if rcp else smooth
     q = torch.empty(m, kk, device=x.device, dtype=torch.float16 if (codes16 or w16) else torch.float8_e4m3fn)
     a = torch.empty(m, device=x.device, dtype=torch.float32)
     if lr16:
@@ -336,11 +402,11 @@ def prologue(
     bm = 32
     grid = (cdiv(m, bm), nsplit)
     warps = 4 if br <= 64 else 8
-    k["prologue_stats"][grid](x, smooth, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift),
-                              HAS_LR=bool(r), BM=bm, BR=br, num_warps=warps, num_stages=3)
-    k["prologue_quant"][grid](x, smooth, pamax, plr, q, a, lr if r else a, lora_scales if has_lrs else a, m, kk,
+    k["prologue_stats"][grid](x, s_in, lora_down if r else x, pamax, plr, m, kk, r, bps, float(act_shift),
+                              HAS_LR=bool(r), BM=bm, BR=br, RCP=rcp, num_warps=warps, num_stages=3)
+    k["prologue_quant"][grid](x, s_in, pamax, plr, q, a, lr if r else a, lora_scales if has_lrs else a, m, kk,
                               r, bps, nsplit, float(act_shift), HAS_LR=bool(r), Q16=codes16, W16=w16, BM=bm,
-                              BR=br, LR16=lr16, HAS_LRS=has_lrs, num_warps=4, num_stages=3)
+                              BR=br, LR16=lr16, HAS_LRS=has_lrs, RCP=rcp, num_warps=4, num_stages=3)
     return q, a, lr
 
 

@@ -85,16 +85,21 @@ def test_auto_takes_the_fastest_fp8_mode_a_backend_runs(stand_in, monkeypatch):
     assert nv.act == "nvfp4" and _layer()[0].act == "int4"
 
 
-def test_auto_is_a_constant_for_torch_compile(stand_in):
+@pytest.mark.parametrize("prologue,graph", [
+    ("fused", ["svdquant.linear"]),  # the default: the backend quantizes x in its low-rank pass
+    ("inductor", ["svdquant.smooth_reciprocal", "svdquant.linear_fp8"]),  # the quantizer in the graph
+])
+def test_auto_is_a_constant_for_torch_compile(stand_in, monkeypatch, prologue, graph):
     """Dynamo evaluates the choice once while tracing (no graph break); the compiled layer runs the
-    chosen mode (fp8w: the quantizer in the graph, then ``svdquant::linear_fp8``)."""
+    chosen mode (fp8w) as the ``SVDQ_FAST8_PROLOGUE`` setting says."""
     from tests.test_fast8 import _graph_ops
 
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", prologue)
     accepts, _ = stand_in
     accepts.add("fp8w")
     layer, x = _layer()
     found, got = _graph_ops(layer, x)
-    assert found == ["svdquant.linear_fp8"]
+    assert found == graph
     assert torch.equal(got, _run(layer, x, "fp8w"))
 
 

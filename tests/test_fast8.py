@@ -77,9 +77,9 @@ def test_reference_fp8w_is_fp8_activations_times_e4m3_weights():
     codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight)).float()
     pw = packing.fp8_weight_row_scales(codes, wscales)
     w8 = packing.fp8_weight_values(codes, packing.fp8_weight_scales(wscales, pw)) / pw.unsqueeze(1)
-    xs = x.float() / smooth.float()
+    xs = x.float() * (1 / smooth.float())  # the FP8 modes multiply by reciprocals
     a = xs.abs().amax(dim=1, keepdim=True) / 448
-    q = (xs / a).to(torch.float8_e4m3fn).float()
+    q = (xs * (1 / a)).to(torch.float8_e4m3fn).float()
     want = (q @ w8.T) * a + (x.float() @ down.float().T) @ up.float().T + bias.float()
     assert torch.equal(out, want.to(torch.bfloat16).float())
     fast = ops.reference_linear(*args[:10], "fp8").float()
@@ -132,7 +132,7 @@ def test_reference_with_given_fp8_activations_is_the_reference(act):
     args[0][6] = 0
     for shift in (0.0, 0.75):
         x, smooth = args[0], args[4]
-        q, a = ops.quantize_fp8_rows(ops.smoothed(x.float(), smooth, shift))
+        q, a = ops.fp8_activations(x.float(), smooth, shift)
         assert q.dtype == torch.float8_e4m3fn and a.shape == (9,) and (a[6] == 0) == (shift == 0)
         want = ops.reference_linear(*args, act_shift=shift)
         got = torch.ops.svdquant.linear_fp8(x, q, a, *args[1:], shift, False, "reference")
@@ -152,18 +152,64 @@ def _graph_ops(model, x):
     return found, out
 
 
-def test_compiled_fast8_quantizes_the_activations_in_the_graph():
-    """Compiled, a ``fast8`` layer is plain-torch quantization + ``svdquant::linear_fp8`` (so
-    Inductor can fuse the quantizer into the producer of ``x``), with the eager output; the other
-    modes stay one ``svdquant::linear`` node."""
+def test_compiled_fast8_quantizes_the_activations_in_the_graph(monkeypatch):
+    """With ``SVDQ_FAST8_PROLOGUE=inductor`` a compiled ``fast8`` layer is plain-torch quantization +
+    ``svdquant::linear_fp8`` (so Inductor can fuse the quantizer into the producer of ``x``), with
+    the eager output; the other modes stay one ``svdquant::linear`` node."""
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "inductor")
     layer, x = _fast8_layer()
     found, out = _graph_ops(layer, x)
-    assert found == ["svdquant.linear_fp8"]
+    assert found == ["svdquant.smooth_reciprocal", "svdquant.linear_fp8"]
     assert torch.equal(out, layer(x))
     for mode in ("exact", "fast"):
         layer.mode = mode
         found, out = _graph_ops(layer, x)
         assert found == ["svdquant.linear"] and torch.equal(out, layer(x))
+
+
+def test_fused_prologue_setting_makes_the_compiled_layer_one_op(monkeypatch):
+    """``SVDQ_FAST8_PROLOGUE=fused`` (read at import into ``ops.FAST8_PROLOGUE``): the compiled
+    ``fast8`` layer is one ``svdquant::linear`` (its backend quantizes x in the low-rank pass), with
+    the eager output; a k-segmented layer keeps the graph quantizer (its scale spans the segments)."""
+    layer, x = _fast8_layer()
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "fused")
+    found, out = _graph_ops(layer, x)
+    assert found == ["svdquant.linear"] and torch.equal(out, layer(x))
+
+
+def test_fast8_prologue_setting_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SVDQ_FAST8_PROLOGUE", "Inductor ")
+    assert ops._fast8_prologue_setting() == "inductor"
+    monkeypatch.setenv("SVDQ_FAST8_PROLOGUE", "")
+    assert ops._fast8_prologue_setting() == "fused"  # the default
+    monkeypatch.setenv("SVDQ_FAST8_PROLOGUE", "fusd")
+    with pytest.warns(UserWarning, match="SVDQ_FAST8_PROLOGUE='fusd' is not one of .* using 'fused'"):
+        assert ops._fast8_prologue_setting() == "fused"
+
+
+def test_fp8_quantizer_multiplies_by_reciprocals():
+    """The FP8 modes' quantizer (docs/format.md §6): ``x̂ = (x + shift) · fp32(1/s)``, ``a = absmax/448``,
+    ``q = e4m3(x̂ · fp32(1/a))`` — not the divisions (``exact`` keeps ``x / s``): the codes differ
+    from dividing in rare entries (none here; ~1e-6 of them on real activations), by one e4m3
+    step; ``1/s`` is made once per smoothing version."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1024, generator=g) * torch.logspace(-2, 2, 1024)
+    smooth = (torch.rand(1024, generator=g) * 3 + 0.1).to(torch.bfloat16)
+    q, a = ops.fp8_activations(x, smooth, 0.25)
+    xs = (x + 0.25) * (1.0 / smooth.float())
+    ra = 1.0 / (xs.abs().amax(dim=1, keepdim=True) / 448)
+    assert torch.equal(a, (xs.abs().amax(dim=1) / 448))
+    assert torch.equal(q.view(torch.uint8), (xs * ra).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+    xd = (x + 0.25) / smooth.float()
+    qd = (xd / (xd.abs().amax(dim=1, keepdim=True) / 448)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    differ = q.view(torch.uint8) != qd.view(torch.uint8)
+    assert differ.float().mean() < 1e-4  # a last-bit difference must meet an e4m3 rounding tie
+    step = (q.float() - qd.float()).abs()[differ] / torch.maximum(q.float().abs(), qd.float().abs())[differ]
+    assert (step <= 2.0**-3 + 1e-6).all()
+    assert ops.smooth_reciprocal(smooth) is ops.smooth_reciprocal(smooth)
+    before = ops.smooth_reciprocal(smooth).clone()
+    smooth.mul_(2)
+    assert torch.equal(ops.smooth_reciprocal(smooth), before / 2)
 
 
 def test_compiled_fast8_with_inductor_matches_eager():
@@ -455,7 +501,7 @@ def test_fast8_layer_with_lowrank_k_tiles_hands_the_kernel_its_inputs(monkeypatc
     monkeypatch.setattr(cutlass_fast8, "group64_gemm_lowrank", fake_gemm)
     args = (qw, ws, None, smooth, down, up, bias, None, "int4", "fp8w")
     assert cutlass_fast8.fast8_linear(x, *args).shape == (2, m, n)
-    q, a = ops.quantize_fp8_rows(ops.smoothed(x.reshape(-1, k).float(), smooth, 0.0))
+    q, a = ops.fp8_activations(x.reshape(-1, k).float(), smooth)
     assert cutlass_fast8.fast8_linear_fp8(x, q, a, *args).shape == (2, m, n)
     assert len(calls) == 2
     plain, rowinv0 = cutlass_fast8.fast8_weights(qw, ws)
@@ -465,3 +511,46 @@ def test_fast8_layer_with_lowrank_k_tiles_hands_the_kernel_its_inputs(monkeypatc
         assert torch.equal(rowinv, rowinv0) and torch.equal(b, bias)
         assert torch.equal(l1, lowrank_tiles.padded_up(up, rowinv0)) and l1.shape == (n, 64)
     assert torch.equal(calls[1][2].view(torch.uint8), q.view(torch.uint8)) and torch.equal(calls[1][3], a)
+
+
+def test_fused_prologue_hands_the_kernel_the_quantize_lowrank_outputs(monkeypatch):
+    """``SVDQ_FAST8_PROLOGUE=fused``: the eager ``fast8`` layer (and so the compiled graph's
+    ``svdquant::linear``) takes ``q``, ``a'`` and the k-tiles from one ``quantize_lowrank`` call
+    (shift and per-rank scales passed on) instead of the prologue and ``lowrank_tiles``."""
+    from svdq_kernels import cutlass_fast8
+
+    g = torch.Generator().manual_seed(9)
+    m, k, n, r = 6, 256, 128, 16
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    ws = (torch.rand(n, k // 64, generator=g) * 0.004 + 0.001).to(torch.bfloat16)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
+    down = torch.randn(r, k, generator=g).to(torch.bfloat16)
+    up = torch.randn(n, r, generator=g).to(torch.bfloat16)
+    ls = torch.linspace(0.5, 1.5, r).to(torch.bfloat16)
+    outs = (torch.ones(m, k, dtype=torch.float8_e4m3fn), torch.full((m,), 0.25),
+            torch.ones(m, 64, dtype=torch.bfloat16), torch.full((m,), 0.5))
+    seen = []
+
+    def fake_quantize_lowrank(x2, smooth_, down_, *, act_shift=0.0, lora_scales=None):
+        seen.append((x2, smooth_, down_, act_shift, lora_scales))
+        return outs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused prologue replaces the prologue and lowrank_tiles")
+
+    def fake_gemm(qweight, scales, rowinv, q, a, b, lr, l1, *, config=None):
+        seen.append((q, a, lr))
+        return torch.zeros(q.shape[0], qweight.shape[0], dtype=torch.bfloat16)
+
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "fused")
+    monkeypatch.setattr(cutlass_fast8, "quantize_lowrank", fake_quantize_lowrank)
+    monkeypatch.setattr(cutlass_fast8, "prologue", refuse)
+    monkeypatch.setattr(cutlass_fast8, "lowrank_tiles", refuse)
+    monkeypatch.setattr(cutlass_fast8, "group64_gemm_lowrank", fake_gemm)
+    y = cutlass_fast8.fast8_linear(x, qw, ws, None, smooth, down, up, None, ls, "int4", "fp8w", 0.5)
+    assert y.shape == (m, n) and len(seen) == 2
+    x2, smooth_, down_, shift, lrs = seen[0]
+    assert torch.equal(x2, x) and smooth_ is smooth and torch.equal(down_, down) and shift == 0.5 and lrs is ls
+    q, a, lr = seen[1]
+    assert q is outs[0] and a is outs[3] and lr is outs[2]  # a' (not a) is the GEMM's token scale

@@ -52,6 +52,14 @@ CASES = [
      dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp8e4nv", lr_ptr="*bf16", lrs_ptr="*bf16")),
     ("prologue_quant", dict(LR, LR16=True, HAS_LRS=True, Q16=False, W16=True),  # CUTLASS W4A16
      dict(x_ptr="*bf16", s_ptr="*bf16", q_ptr="*fp16", lr_ptr="*bf16", lrs_ptr="*bf16")),
+    ("prologue_stats", dict(LR, AMAX=True, RCP=True, BM=64),  # fast modes: x · (1/s); quantize_lowrank's stats
+     dict(x_ptr="*bf16", l2_ptr="*bf16")),
+    ("prologue_quant", dict(LR, LR16=False, HAS_LRS=False, Q16=False, W16=False, RCP=True),  # codes = x̂ · (1/a)
+     dict(x_ptr="*bf16", q_ptr="*fp8e4nv")),
+    ("codes_tiles", dict(HAS_LRS=True, BM=32, PBR=64, BR=64, RT=64),  # quantize_lowrank's codes + k-tiles
+     dict(x_ptr="*bf16", q_ptr="*fp8e4nv", lr_ptr="*bf16", lrs_ptr="*bf16")),
+    ("codes_tiles", dict(HAS_LRS=False, BM=32, PBR=32, BR=32, RT=32, BK=256),  # wider codes steps
+     dict(x_ptr="*bf16", q_ptr="*fp8e4nv", lr_ptr="*bf16")),
     ("prologue_exact", dict(LR, UNSIGNED=True), dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16", c_ptr="*fp16")),
     ("prologue_nvfp4", LR, dict(x_ptr="*bf16", s_ptr="*bf16", l2_ptr="*bf16", c_ptr="*fp16")),
     ("gemm_t", GEMM_T, FP8),                                                    # fp8t
@@ -77,10 +85,12 @@ for name, const, ptrs in mine:
             sig[p.name] = ptrs.get(p.name, "*fp32")
         else:
             sig[p.name] = "fp32" if p.name in ("shift", "one") else "i32"
-    consts = {p.name: const[p.name] for p in fn.params if p.is_constexpr}
+    consts = {p.name: const[p.name] if p.name in const or not p.has_default else p.default
+              for p in fn.params if p.is_constexpr}
     try:
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 8 if name == "gemm_t" else 4, "num_stages": 3})
+                       options={"num_warps": 8 if name == "gemm_t" or const.get("BM") == 64 else 4,
+                                "num_stages": 3})
     except Exception as exc:  # report every failing variant, not only the first
         failed += 1
         print(f"FAILED {name} {const}: {' '.join(str(exc).split())[:400]}")
@@ -104,4 +114,4 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path: Path) -> None:
     outs = [log.read_text() for log in logs]
     assert codes == [0, 0], "\n".join(out[-3000:] for out in outs)
     compiled = [int(line.split()[1]) for out in outs for line in out.splitlines() if line.startswith("compiled ")]
-    assert sum(compiled) == 18 and all(f"of {n} of 18" in out for out, n in zip(outs, (9, 9))), outs
+    assert sum(compiled) == 22 and all(f"of {n} of 22" in out for out, n in zip(outs, (11, 11))), outs

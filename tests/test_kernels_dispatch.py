@@ -273,7 +273,7 @@ def test_a_kernel_that_fails_to_build_falls_back_and_is_refused_afterwards(hoppe
     assert torch.equal(y, ops.reference_linear(*args))
     call = ops.LinearCall(torch.device("cuda"), torch.bfloat16, "int4", "fp8w", 3, 128, 128, 8, True)
     assert "is unavailable: nvcc failed" in registry.supports(call)
-    q, a = ops.quantize_fp8_rows(ops.smoothed(x.float(), layer.smooth))
+    q, a = ops.fp8_activations(x.float(), layer.smooth)
     broken_fp8 = registry.KernelPath("fast8-int4 (test)", failing, ("nvcc",), None, failing)
     monkeypatch.setitem(registry.PATHS, ("int4", "fp8w"), broken_fp8)
     with pytest.warns(RuntimeWarning, match="unavailable"):

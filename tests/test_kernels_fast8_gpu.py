@@ -139,7 +139,9 @@ def test_fast8_nan_rows_stay_nan():
     assert _rel(out[~bad].cpu(), ref[~bad]) < 5e-3
 
 
-def test_fast8_layer_dispatches_to_the_kernel():
+@pytest.mark.parametrize("prologue", ["fused", "inductor"])
+def test_fast8_layer_dispatches_to_the_kernel(monkeypatch, prologue):
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", prologue)
     layer = sf.SVDQLinear(3072, 3072, rank=32, bias=True, dtype=torch.bfloat16, device="cuda")
     x, qw, ws, smooth, down, up, b = _inputs(128, 3072, 3072, 32, bias=True, seed=9)
     with torch.no_grad():
@@ -152,19 +154,21 @@ def test_fast8_layer_dispatches_to_the_kernel():
     ref = _reference(x, qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
     assert _rel(out.cpu(), ref) < 5e-3
     compiled = torch.compile(layer, fullgraph=True)
-    got = compiled(x)  # quantized by Inductor's kernel, then svdquant::linear_fp8
+    got = compiled(x)  # fused: svdquant::linear; inductor: Inductor's quantizer, then svdquant::linear_fp8
     assert _rel(got.cpu(), ref) < 5e-3 and _rel(got, out) < 1e-3
 
 
 def test_inductor_quantizer_gives_the_prologues_codes():
-    """The compiled path's quantizer (``ops.quantize_fp8_rows`` lowered by Inductor to Triton) and
-    the eager Triton prologue agree up to Triton's fp32 division (Inductor's ``/`` is not correctly
-    rounded; the prologue's ``div_rn`` is): token scales within a few ulp (measured: 2 ulp in
-    13 % of the rows on an H100), codes equal but where a last-bit difference crosses an e4m3
-    rounding boundary, and then by one e4m3 step."""
+    """The compiled path's quantizer (``ops.graph_fp8_activations`` lowered by Inductor to Triton)
+    and the eager Triton prologue agree up to Inductor's per-row arithmetic (``absmax / 448`` becomes
+    ``absmax · fp32(1/448)``, and ``1/a`` is Triton's approximate division; the prologue's ``div_rn``
+    is correctly rounded; ``1/s`` comes from the same cached vector in both): token scales within a
+    few ulp (measured: 2 ulp in 13 % of the rows on an H100 with the old division quantizer), codes
+    equal but where a last-bit difference crosses an e4m3 rounding boundary, and then by one e4m3
+    step."""
     x, _, _, smooth, down, *_ = _inputs(4608, 3072, 3072, 32, bias=False, seed=11)
     torch._dynamo.reset()
-    quant = torch.compile(lambda x, s: ops.quantize_fp8_rows(ops.smoothed(x.float(), s)), fullgraph=True)
+    quant = torch.compile(lambda x, s: ops.graph_fp8_activations(x.float(), s), fullgraph=True)
     q, a = quant(x, smooth)
     q0, a0, lr16 = triton_prologue.prologue(x, smooth, down, lr16=True)
     torch.testing.assert_close(a, a0, rtol=4 * 2.0**-23, atol=0)

@@ -118,12 +118,16 @@ def test_fp8_codes_and_token_scales_are_the_reference_ones() -> None:
     x = _x(70, 3072)
     _, _, smooth, down, _, _ = _weights(256, 3072, 32, bias=False)
     q, a, lr = triton_prologue.prologue(x, smooth, down)
-    # correctly rounded fp32 divisions (torch's CUDA division by a Python scalar multiplies
-    # by the reciprocal, so compute the expected values through float64)
-    xs = (x.double() / smooth.double()).float()
+    # the FP8 modes' quantizer: x̂ = x · fp32(1/s), a = fp32(absmax / 448), q = e4m3(x̂ · fp32(1/a)),
+    # every operation correctly rounded (torch's CUDA division by a Python scalar multiplies by the
+    # reciprocal, so compute the expected values through float64: exact for these fp32 operations)
+    rcp = (1.0 / smooth.double()).float()
+    assert torch.equal(sf.ops.smooth_reciprocal(smooth), rcp)
+    xs = (x.double() * rcp.double()).float()
     a_ref = (xs.abs().amax(dim=-1).double() / 448.0).float()
     assert torch.equal(a, a_ref)
-    q_ref = sf.packing.round_to_e4m3((xs.double() / a_ref.double()[:, None]).float())
+    ra = (1.0 / a_ref.double()).float()
+    q_ref = sf.packing.round_to_e4m3((xs.double() * ra.double()[:, None]).float())
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     lr_ref = x.double() @ down.double().T
     assert ((lr.double() - lr_ref).norm() / lr_ref.norm()).item() < 1e-6

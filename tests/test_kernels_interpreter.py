@@ -318,6 +318,32 @@ def test_lowrank_tiles_divide_by_the_token_scale_and_pad_to_the_k_tiles(kernels,
         assert ((have - padded).abs() <= padded.abs() * 2.0**-7 + 1e-30).all()
 
 
+@pytest.mark.parametrize("m, blocks, r, shift", [(37, 9, 16, 0.0), (70, 40, 48, 0.25), (5, 20, 32, 0.0)])
+def test_quantize_lowrank_equals_the_prologue_and_the_lowrank_tiles(kernels, m, blocks, r, shift) -> None:
+    """``quantize_lowrank`` (``SVDQ_FAST8_PROLOGUE=fused``: x read for absmax and ``x · L2ᵀ``
+    together) gives the current ``fast8`` path's inputs bit for bit: the prologue's codes and token
+    scales (and those are the reference quantizer's, a NaN row's inf), ``lowrank_tiles``' k-tiles and ``a'`` —
+    with NaN and zero rows, an activation shift, per-rank scales, one K split or several."""
+    from svdq_kernels import lowrank_tiles
+
+    k = 64 * blocks
+    x, _, _, smooth, _, down, _ = _layer(m, k, 64, r, seed=100 + r)
+    for ls in (None, torch.linspace(0.25, 2.0, r)):
+        q, a, lr, ag = lowrank_tiles.quantize_lowrank(x, smooth, down, act_shift=shift, lora_scales=ls)
+        q0, a0, _ = kernels.prologue(x, smooth, None, act_shift=shift)
+        lr0, ag0 = lowrank_tiles.lowrank_tiles(x, down, a0, lora_scales=ls)
+        assert q.dtype == torch.float8_e4m3fn and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
+        assert torch.equal(a.view(torch.int32), a0.view(torch.int32))
+        assert torch.equal(lr.view(torch.int16), lr0.view(torch.int16)) and torch.equal(ag, ag0)
+        wide = lowrank_tiles.quantize_lowrank(x, smooth, down, act_shift=shift, lora_scales=ls, codes_block=256)
+        assert torch.equal(wide[0].view(torch.uint8), q.view(torch.uint8))  # codes_block: the split's end masked
+        _, a_ref = ops.fp8_activations(x.float(), smooth, shift)
+        fin = torch.isfinite(a_ref)  # a NaN row's scale is inf here (the output is NaN either way)
+        assert torch.equal(a[fin].view(torch.int32), a_ref[fin].view(torch.int32)) and not a[~fin].isfinite().any()
+    z = min(6, m - 1)  # _layer's zero row
+    assert (a[z] == 0) == (shift == 0) and ag[z] == (1.0 if shift == 0 else a[z])
+
+
 def test_lowrank_k_tiles_compute_the_fast8_layer(kernels) -> None:
     """The ``lowrank`` GEMM's inputs, evaluated in float64 as the kernel computes them —
     ``(Σ q · w8 + lr · l1ᵀ) · rowinv · a' + bias`` — are the ``fast8`` reference layer: the
@@ -331,7 +357,7 @@ def test_lowrank_k_tiles_compute_the_fast8_layer(kernels) -> None:
     x = torch.nan_to_num(x)
     ls = torch.linspace(0.5, 1.5, r)
     ref = ops.reference_linear(x, qweight, wscales, None, smooth, down, up, bias, ls, "int4", "fp8w").double()
-    q, a = ops.quantize_fp8_rows(ops.smoothed(x, smooth, 0.0))
+    q, a = ops.fp8_activations(x, smooth)
     lr, ag = lowrank_tiles.lowrank_tiles(x, down, a.float().reshape(-1), lora_scales=ls)
     t = lowrank_tiles.lowrank_k_tiles(r)
     scales, rowinv = cutlass_fast8.fast8_lowrank_weights(qweight, wscales, t)

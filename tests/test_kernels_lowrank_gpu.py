@@ -62,7 +62,7 @@ def test_lowrank_gemm_against_float64(config, m, r):
     float64, rounded to bf16 like the output; one and two low-rank k-tiles."""
     n, k = 3072, 3072
     x, qw, ws, smooth, down, up, b = _inputs(m, n, k, r, bias=True, seed=5)
-    q, a = ops.quantize_fp8_rows(ops.smoothed(x, smooth, 0.0))
+    q, a = ops.fp8_activations(x, smooth)
     a = a.reshape(m).float()
     lr, ag = lowrank_tiles.lowrank_tiles(x, down, a)
     t = lowrank_tiles.lowrank_k_tiles(r)
@@ -139,7 +139,7 @@ def test_compiled_path_with_lowrank_k_tiles(lowrank_in_gemm):
     """``svdquant::linear_fp8`` (activations quantized by Inductor) runs the k-tiles too and
     equals the eager layer within the quantizers' rounding difference."""
     x, qw, ws, smooth, down, up, b = _inputs(512, 3072, 3072, 32, bias=True, seed=17)
-    q, a = ops.quantize_fp8_rows(ops.smoothed(x, smooth, 0.0))
+    q, a = ops.fp8_activations(x, smooth)
     args = (qw, ws, None, smooth, down, up, b, None, "int4", "fp8w")
     got = cutlass_fast8.fast8_linear_fp8(x, q, a, *args)
     want = cutlass_fast8.fast8_linear(x, *args)

@@ -160,9 +160,12 @@ def test_a_segmented_layer_on_a_plain_backend_compiles_whole(stand_in):
     x = _input(dtype=torch.bfloat16)
     want = layer(x)
     found, got = _graph_ops(layer, x)
-    assert found == ["svdquant.linear_fp8"]
+    assert found == ["svdquant.smooth_reciprocal", "svdquant.linear_fp8"]
     assert torch.equal(got, want)
     assert [c[0] for c in calls] == ["linear_fp8"] * 4
+    with pytest.MonkeyPatch.context() as mp:  # the fused prologue is for plain layers: the scale spans segments
+        mp.setattr(ops, "FAST8_PROLOGUE", "fused")
+        assert _graph_ops(layer, x)[0] == ["svdquant.smooth_reciprocal", "svdquant.linear_fp8"]
     layer.mode = "exact"
     accepts.add("int4")
     want = layer(x)
