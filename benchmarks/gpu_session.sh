@@ -241,7 +241,9 @@ for c in PC:
       timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
       rc=$?; echo "segmented gpu tests rc=$rc"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5
       if [ $rc -ne 0 ]; then timeout 120 python3 benchmarks/segmented_parts.py > "$OUT/segmented_parts.log" 2>&1
-        echo "parts rc=$?"; grep -v Warn "$OUT/segmented_parts.log" | tail -18; fi ;;
+        echo "parts rc=$?"; grep -v Warn "$OUT/segmented_parts.log" | tail -18; fi
+      # hardware or kernel? cuBLAS on the same K = 12288 operands with and without fast accumulation
+      timeout 150 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation.json" 2>&1 | grep -v Warn | tail -3 ;;
     *) echo "unknown step $step" ;;
   esac
 done
