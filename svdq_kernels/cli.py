@@ -78,6 +78,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .triton_prologue import SPLIT_K_MAX_M, small_m_splits
 
     info["small_m_splits"] = f"on at M <= {SPLIT_K_MAX_M}" if small_m_splits() else "off"
+    from svdq_format import ops
+
+    from . import cutlass_fast8
+
+    # the fast8 layer's two settings (docs/kernels.md): where it quantizes, where it converts weights
+    info["fast8_prologue"] = f"{ops.FAST8_PROLOGUE} (SVDQ_FAST8_PROLOGUE: {' | '.join(ops.FAST8_PROLOGUES)})"
+    info["fast8_convert"] = f"{cutlass_fast8.CONVERT} (cutlass_fast8.CONVERT: consumer | producer, at M >= 2048)"
     if args.json:
         print(json.dumps(info, indent=2))
     else:

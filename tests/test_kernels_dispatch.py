@@ -160,7 +160,13 @@ def test_cli_build_list_and_info(capsys, tmp_path, monkeypatch) -> None:
     assert info["cache_dir"] == str(tmp_path) and info["backend"] == "cutlass-sm90"
     assert info["nvidia-cutlass"] == "ok" and info["cached_kernels"] == []
     assert info["small_m_splits"].startswith("on at M <= 64")
+    assert info["fast8_prologue"].startswith("fused (") and info["fast8_convert"].startswith("consumer (")
+    from svdq_format import ops
     from svdq_kernels import triton_prologue
+
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "inductor")
+    assert main(["kernels", "info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fast8_prologue"].startswith("inductor (")
 
     monkeypatch.setattr(triton_prologue, "SMALL_M_SPLITS", False)
     assert main(["kernels", "info", "--json"]) == 0
