@@ -3,7 +3,10 @@
 # time limit and log; a failing step does not stop the next. Usage (repo root, wheels installed
 # as the device README says):
 #   OUT=/some/dir bash benchmarks/gpu_session.sh [n1] [n2] [next] [tests] [gemm] [step] [fast8] [fast8b] [step8] [p23] [p23b] …
-#   (default: next; n1 then n2 is the plan for the session after 2026-11-27's fourth)
+#   (default: next.) After 2026-12-07 the plan is two calls with .whl and .kcache carried: `lr2`
+#   (the FLUX step with the defaults since then: fused prologue, reciprocal quantizer; ~8 min),
+#   then `seg` (the segmented test, its split, fp8_accumulation.py: cuBLAS with and without fast
+#   accumulation on the K = 12288 operands; ~5 min).
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
 # removed untimed.)
