@@ -236,8 +236,8 @@ AUTO_GROUP64_LR_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
 
 
 #: The producer-conversion twins (``convert="producer"``) of the large-M low-rank tilings (128 × 256
-#: and its stream-K twin): opt-in (:data:`svdq_kernels.cutlass_fast8.CONVERT`), not prebuilt, until
-#: a GPU run shows them faster than the consumer conversion.
+#: and its stream-K twin): opt-in (:data:`svdq_kernels.cutlass_fast8.CONVERT`), not prebuilt. On an
+#: H100 they give the consumer kernels' bits at 0.87–0.91× their speed (docs/kernels.md).
 PRODUCER_CONVERT_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
     dataclasses.replace(c, convert="producer") for c in AUTO_GROUP64_LR_CONFIGS[:2])
 

@@ -15,7 +15,7 @@ arrives pre-divided:
   quantizer writes), by which the consumer warps recognise a low-rank k-tile.
 
 :func:`quantize_lowrank` makes these and the FP8 activations from ``x`` in two kernels
-(``SVDQ_FAST8_PROLOGUE=fused``; docs/kernels.md, "The fused prologue").
+(the default, ``SVDQ_FAST8_PROLOGUE=fused``; docs/kernels.md, "The fused prologue").
 
 Against the two-step branch (a cuBLAS GEMM writing ``c = bias + lr · L1ᵀ`` in bf16, which the
 epilogue reads back) this removes a kernel and an ``[M, N]`` bf16 write and read per layer; the
