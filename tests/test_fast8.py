@@ -465,14 +465,16 @@ def test_fast8_and_w4a16_layers_share_the_group64_tail(monkeypatch):
 
 
 def test_fast8_layer_with_lowrank_k_tiles_hands_the_kernel_its_inputs(monkeypatch):
-    """With the low-rank k-tiles (the default) both fast8 entry points quantize without the low-rank
-    branch, then call the ``lowrank`` GEMM with the sentinel-extended scales, ``a'`` and ``lr`` of
-    ``lowrank_tiles``, ``l1 = L1 / rowinv`` and the bias: checked on the CPU with stand-ins for
-    the Triton and CUTLASS kernels (their math: tests/test_kernels_interpreter.py, the GPU tests)."""
+    """With the low-rank k-tiles (the default) and ``SVDQ_FAST8_PROLOGUE=inductor`` both fast8 entry
+    points quantize without the low-rank branch, then call the ``lowrank`` GEMM with the
+    sentinel-extended scales, ``a'`` and ``lr`` of ``lowrank_tiles``, ``l1 = L1 / rowinv`` and the
+    bias: checked on the CPU with stand-ins for the Triton and CUTLASS kernels (their math:
+    tests/test_kernels_interpreter.py, the GPU tests; the fused prologue: the next test)."""
     from svdq_format import ops
     from svdq_kernels import cutlass_fast8, lowrank_tiles
 
     assert cutlass_fast8.LOWRANK_IN_GEMM
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "inductor")
     g = torch.Generator().manual_seed(8)
     m, k, n, r = 5, 256, 128, 40
     x = torch.randn(2, m, k, generator=g).to(torch.bfloat16)
