@@ -7,7 +7,9 @@ of the same e4m3 operands (rows quantized per token, e4m3 weights of ``fast8``):
 
 * ``scaled_mm_fast`` / ``scaled_mm``: ``torch._scaled_mm`` with and without ``use_fast_accum`` —
   cuBLAS on the same operands, so a hardware property shows in both cuBLAS and ours;
-  ours (``gpu_session.sh seg``, ``benchmarks/segmented_parts.py``) is 1.05–1.16e-2 on this half;
+* ``ours``: our group-64 ``fast8`` GEMM (``cutlass_fast8.group64_gemm``, the tiling it picks for
+  the rows) on the same packed weights and codes, token scale 1, no source: its bf16 output
+  against ``exact · rowinv`` (the layer test's split found 1.05–1.16e-2 on this half);
 * on the CPU, ``fp22_truncate`` / ``fp22_round``: the product summed per 32-wide k-block, the
   running sum kept to 13 mantissa bits (the accumulator width SageAttention2 reports for Hopper's
   FP8 MMA) by truncation / by rounding — the model the GPU numbers are checked against.
@@ -37,8 +39,9 @@ def fp22(t: torch.Tensor, *, rounding: bool) -> torch.Tensor:
     return (i & ~((1 << 10) - 1)).view(torch.float32).double()
 
 
-def operands(m: int, *, signed: bool, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q [M, K] e4m3, w8 [N, K] e4m3 values as float32, rowinv [N])`` of the test layer's MLP half."""
+def operands(m: int, *, signed: bool, device: str) -> tuple[torch.Tensor, ...]:
+    """``(q [M, K] e4m3, w8 [N, K] e4m3 values as float32, rowinv [N], qweight [N, K/2], wscales)``
+    of the test layer's MLP half (the last two: its packed slice, for our kernel)."""
     from tests.test_kernels_segmented_gpu import flux_proj_out, flux_proj_out_input
 
     layer = flux_proj_out("int4", device="cpu")
@@ -52,7 +55,8 @@ def operands(m: int, *, signed: bool, device: str) -> tuple[torch.Tensor, torch.
     ws = layer.wscales.float()[:, k0 // 64:]
     pw = packing.fp8_weight_row_scales(codes, ws)
     w8 = packing.fp8_weight_values(codes, packing.fp8_weight_scales(ws, pw))
-    return q[:, k0:].contiguous().to(device), w8.float().to(device), (1.0 / pw).float().to(device)
+    return (q[:, k0:].contiguous().to(device), w8.float().to(device), (1.0 / pw).float().to(device),
+            layer.qweight[:, k0 // 2:].contiguous().to(device), layer.wscales[:, k0 // 64:].contiguous().to(device))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device": torch.cuda.get_device_name() if cuda else "cpu", "cases": {}}
     for signed in (False, True):
         label = "signed" if signed else "post_gelu"
-        q, w8, rowinv = operands(args.rows, signed=signed, device="cuda" if cuda else "cpu")
+        q, w8, rowinv, qweight, wscales = operands(args.rows, signed=signed, device="cuda" if cuda else "cpu")
         exact = q.double().cpu() @ w8.double().cpu().t()
         case: dict = {}
         for rounding in (False, True):
@@ -85,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                 y = torch._scaled_mm(q, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32,
                                      use_fast_accum=fast)
                 case["scaled_mm_fast" if fast else "scaled_mm"] = rel(y.cpu(), exact)
+            from svdq_kernels import cutlass_fast8
+
+            scales16, rowinv_k = cutlass_fast8.fast8_weights(qweight, wscales)
+            m = q.shape[0]
+            y = cutlass_fast8.group64_gemm(qweight, scales16, rowinv_k, q, torch.ones(m, device=q.device),
+                                           torch.zeros(m, qweight.shape[0], device=q.device, dtype=torch.bfloat16))
+            case["ours"] = rel(y.float().cpu(), exact * rowinv_k.double().cpu())
+            case["bf16_rounding_floor"] = rel((exact * rowinv_k.double().cpu()).to(torch.bfloat16), exact
+                                              * rowinv_k.double().cpu())
         result["cases"][label] = case
         print(label, " ".join(f"{k} {v:.2e}" for k, v in case.items()), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
