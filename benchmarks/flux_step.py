@@ -216,6 +216,9 @@ def main(argv=None) -> int:
     ap.add_argument("--convert", default="consumer", choices=("consumer", "producer", "both"),
                     help="where the fast8 kernels at M >= 2048 convert the int4 weights (svdq_kernels."
                          "cutlass_fast8.CONVERT); both: the SVDQuant model timed with each")
+    ap.add_argument("--prologue", default=None, choices=("fused", "inductor", "both"),
+                    help="the fast8 prologue (svdq_format.ops.FAST8_PROLOGUE; default: SVDQ_FAST8_PROLOGUE's "
+                         "setting); both: the SVDQuant model timed with each")
     ap.add_argument("--lowrank", default="gemm", choices=("gemm", "two-step", "both"),
                     help="fast8's low-rank branch: inside the GEMM (k-tiles), as a cuBLAS GEMM + bf16 source, "
                          "or both (the SVDQuant model compiled and timed twice)")
@@ -294,26 +297,44 @@ def main(argv=None) -> int:
     for w in result["svdq_warnings"]:
         print(f"warning: {w}")
     save()
-    # (key, label, low-rank branch in the GEMM, where the weights are converted): the first is "svdq"
-    variants = [("svdq", "svdquant", args.lowrank != "two-step", convert)
-                for convert in {"both": ["consumer", "producer"]}.get(args.convert, [args.convert])]
-    variants[1:] = [(f"svdq_{c}", f"svdq {c[:5]}", g, c) for _, _, g, c in variants[1:]]
+    from svdq_format import ops
+
+    # (key, label, low-rank branch in the GEMM, weight conversion, fast8 prologue): the first is "svdq"
+    prologue = args.prologue or ops.FAST8_PROLOGUE
+    first = ("svdq", "svdquant", args.lowrank != "two-step", "consumer" if args.convert == "both" else args.convert,
+             "fused" if prologue == "both" else prologue)
+    variants = [first]
+    if args.convert == "both":
+        variants.append(("svdq_producer", "svdq produ", first[2], "producer", first[4]))
+    if prologue == "both":
+        variants.append(("svdq_inductor", "svdq induc", first[2], first[3], "inductor"))
     if args.lowrank == "both":
-        variants.append(("svdq_two_step", "svdq 2step", False, variants[0][3]))
+        variants.append(("svdq_two_step", "svdq 2step", False, first[3], first[4]))
+    cutlass_fast8 = None
     if args.device.startswith("cuda"):
         from svdq_kernels import cutlass_fast8
-    for key, label, in_gemm, convert in variants:
-        if args.device.startswith("cuda"):
+    saved = (ops.FAST8_PROLOGUE, cutlass_fast8 and (cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT))
+
+    def use(in_gemm: bool, convert: str, fast8_prologue: str) -> None:
+        ops.FAST8_PROLOGUE = fast8_prologue  # read while tracing: each compile sees its own
+        if cutlass_fast8 is not None:
             cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT = in_gemm, convert
-        result[key] = measure(model, x, label=label, args=args, eager=not args.no_svdq_eager)
-        result[key]["lowrank_in_gemm"], result[key]["convert"] = in_gemm, convert
-        save()
-    if args.device.startswith("cuda"):
-        cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT = variants[0][2], variants[0][3]
-    with torch.no_grad():
-        y = model(**x).sample.float()
+
+    try:
+        for key, label, in_gemm, convert, fast8_prologue in variants:
+            use(in_gemm, convert, fast8_prologue)
+            result[key] = measure(model, x, label=label, args=args, eager=not args.no_svdq_eager)
+            result[key].update(lowrank_in_gemm=in_gemm, convert=convert, prologue=fast8_prologue)
+            save()
+        use(*first[2:])
+        with torch.no_grad():
+            y = model(**x).sample.float()
+    finally:  # the process's settings as they were
+        ops.FAST8_PROLOGUE = saved[0]
+        if cutlass_fast8 is not None:
+            cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT = saved[1]
     result["svdq_output_rel_err_vs_bf16"] = float((y - ref).norm() / ref.norm())
-    for key, label, _, _ in variants:
+    for key, label, *_ in variants:
         for k in ("eager", "compiled"):
             if k in result[key]:
                 result[key][k]["vs_bf16_eager"] = result[key][k]["median_s"] / result["bf16"]["eager"]["median_s"]

@@ -3,9 +3,9 @@
 # time limit and log; a failing step does not stop the next. Usage (repo root, wheels installed
 # as the device README says):
 #   OUT=/some/dir bash benchmarks/gpu_session.sh [n1] [n2] [next] [tests] [gemm] [step] [fast8] [fast8b] [step8] [p23] [p23b] …
-#   (default: next.) After 2026-12-07 the plan is two calls with .whl and .kcache carried: `lr2`
-#   (the FLUX step with the defaults since then: fused prologue, reciprocal quantizer; ~8 min),
-#   then `seg` (the segmented test, its split, fp8_accumulation.py: cuBLAS with and without fast
+#   (default: next.) After 2026-12-07 the plan is two calls with .whl and .kcache carried: `lr4`
+#   (the FLUX step with the fused prologue, the default since then, and with Inductor's quantizer,
+#   beside the FP8 peer; ~8 min; `lr2` is the full table with bf16 compiled), then `seg` (the segmented test, its split, fp8_accumulation.py: cuBLAS with and without fast
 #   accumulation on the K = 12288 operands; ~5 min).
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
@@ -185,6 +185,13 @@ for step in $STEPS; do
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --convert both \
         --out "$OUT/flux_step_producer.json" > "$OUT/flux_step_producer.log" 2>&1
       echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_producer.log" | cut -c1-400 ;;
+    lr4)  # issue 23: one FLUX.1-dev step (fused q|k|v, reduce-overhead) of the FP8 W8A8 peer and SVDQuant with
+          # the fused prologue (the default since 2026-12-07) and with Inductor's quantizer, in one run
+          # (bf16 compiled left out to fit 10 min), GPU time by kernel kind
+      timeout 560 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --prologue both \
+        --out "$OUT/flux_step_prologue.json" > "$OUT/flux_step_prologue.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_prologue.log" | cut -c1-400 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no

@@ -73,13 +73,20 @@ def test_flux_step_benchmark_runs_on_a_tiny_model(tmp_path, monkeypatch):
     assert got["svdq_layers"] > 0 and got["svdq"]["weights_bytes"] > 0 and got["mode"] == "auto"
     assert 0 < got["svdq_output_rel_err_vs_bf16"] < 0.5
     # with fused q/k/v projections in both models: the same output, no more weight bytes
+    from svdq_format import ops
+
+    setting = ops.FAST8_PROLOGUE
     fused = tmp_path / "fused.json"
     assert flux_step.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--fast",
-                           "--mode", "auto", "--fuse-qkv", "--convert", "both", "--out", str(fused)]) == 0
+                           "--mode", "auto", "--fuse-qkv", "--convert", "both", "--prologue", "both",
+                           "--out", str(fused)]) == 0
     got2 = json.loads(fused.read_text())
     assert got2["fuse_qkv"] and got2["svdq_fused_layers"] > 0
-    # --convert both: the model timed once per weight conversion, each entry saying which
+    # --convert / --prologue both: the model timed once per setting, each entry saying which; the
+    # process's settings are left as they were
     assert (got2["svdq"]["convert"], got2["svdq_producer"]["convert"]) == ("consumer", "producer")
+    assert (got2["svdq"]["prologue"], got2["svdq_inductor"]["prologue"]) == ("fused", "inductor")
+    assert ops.FAST8_PROLOGUE == setting
     # more bytes only for the zeros of the block-diagonal lora_up (large here: rank 32 of 64 features)
     assert got2["svdq"]["weights_bytes"] <= got["svdq"]["weights_bytes"] * 1.25
     assert abs(got2["svdq_output_rel_err_vs_bf16"] - got["svdq_output_rel_err_vs_bf16"]) < 1e-3
