@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     for signed in (False, True):
         label = "signed" if signed else "post_gelu"
         q, w8, rowinv, qweight, wscales = operands(args.rows, signed=signed, device="cuda" if cuda else "cpu")
-        exact = q.double().cpu() @ w8.double().cpu().t()
+        qd, wd = q.double().cpu(), w8.double().cpu()
+        exact = qd @ wd.t()
         case: dict = {}
         for rounding in (False, True):
             acc = torch.zeros_like(exact)
-            qd, wd = q.double().cpu(), w8.double().cpu()
             for kb in range(0, qd.shape[1], 32):
                 acc = fp22(acc + qd[:, kb:kb + 32] @ wd[:, kb:kb + 32].t(), rounding=rounding)
             case["fp22_round" if rounding else "fp22_truncate"] = rel(acc, exact)
