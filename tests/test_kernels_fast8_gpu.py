@@ -126,6 +126,25 @@ def test_fast8_weights_are_the_reference_weights():
     assert torch.equal(rowinv.cpu(), 1.0 / pw)
 
 
+@pytest.mark.parametrize("n,k", [(3072, 3072), (3072, 12288), (15360, 3072)])
+def test_e4m3_weights_are_the_reference_weights_bit_for_bit(n, k):
+    """The per-call e4m3 pass (``weights_e4m3``) writes exactly the weights the mainloop converts:
+    :func:`svdq_format.packing.fp8_weight_values`'s bits, with the layer's own scales and with
+    scales from e4m3's subnormals to past its saturation (448), negative ones included."""
+    from svdq_kernels.weights_e4m3 import e4m3_weights
+
+    _, qw, ws, *_ = _inputs(1, n, k, 0, bias=False)
+    codes = packing.nibbles_to_int4(packing.unpack_nibbles(qw.cpu()))
+    s16, _ = cutlass_fast8.fast8_weights(qw, ws)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    wide = torch.exp2(torch.rand(k // 64, n, generator=g, device="cuda") * 20 - 13).to(torch.float16)
+    wide[:, ::7] *= -1
+    for scales in (s16, wide):
+        ref = packing.fp8_weight_values(codes, scales.t().cpu()).to(torch.float8_e4m3fn)
+        out = e4m3_weights(qw, scales.contiguous())
+        assert torch.equal(out.cpu().view(torch.uint8), ref.view(torch.uint8))
+
+
 def test_fast8_nan_rows_stay_nan():
     x, qw, ws, smooth, down, up, b = _inputs(64, 3072, 3072, 32, bias=True, seed=7)
     x[3, 5] = float("nan")
