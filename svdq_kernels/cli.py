@@ -26,13 +26,16 @@ def _check_build_host() -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build_kernels
-    from .configs import AUTO_GROUP64_W4A16_CONFIGS, DEFAULT_CONFIGS, config_by_name
+    from .configs import AUTO_GROUP64_W4A16_CONFIGS, DEFAULT_CONFIGS, SS_LOWRANK_CONFIGS, config_by_name
+    from .cutlass_fast8 import WEIGHTS
     from .registry import experimental_kernels
 
     if args.config:
         configs = [config_by_name(n) for n in args.config]
-    else:  # what the model will ask for: the experimental W4A16 kernels only when they are on
-        configs = list(DEFAULT_CONFIGS) + (list(AUTO_GROUP64_W4A16_CONFIGS) if experimental_kernels() else [])
+    else:  # what the model will ask for: the experimental W4A16 kernels only when they are on, the
+        # pre-converted fast8 ones only with SVDQ_FAST8_WEIGHTS=e4m3
+        configs = (list(DEFAULT_CONFIGS) + (list(AUTO_GROUP64_W4A16_CONFIGS) if experimental_kernels() else [])
+                   + (list(SS_LOWRANK_CONFIGS) if WEIGHTS == "e4m3" else []))
     if args.list:
         for config in configs:
             print(config.name)
@@ -85,6 +88,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     # the fast8 layer's two settings (docs/kernels.md): where it quantizes, where it converts weights
     info["fast8_prologue"] = f"{ops.FAST8_PROLOGUE} (SVDQ_FAST8_PROLOGUE: {' | '.join(ops.FAST8_PROLOGUES)})"
     info["fast8_convert"] = f"{cutlass_fast8.CONVERT} (cutlass_fast8.CONVERT: consumer | producer, at M >= 2048)"
+    from .configs import SS_LOWRANK_CONFIGS
+
+    info["fast8_weights"] = (f"{cutlass_fast8.WEIGHTS} (SVDQ_FAST8_WEIGHTS: {' | '.join(cutlass_fast8.WEIGHTS_CHOICES)}; "
+                             f"e4m3 at M >= {cutlass_fast8.SS_MIN_M}: "
+                             f"{', '.join(c.name for c in SS_LOWRANK_CONFIGS)})")
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -100,7 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="compile the CUTLASS kernels into the cache (needs nvcc + CUDA torch)")
     b.add_argument("--config", action="append", metavar="NAME",
                    help="a kernel configuration name (repeatable; default: all defaults, plus the "
-                        "experimental W4A16 kernels with SVDQ_EXPERIMENTAL_KERNELS=1)")
+                        "experimental W4A16 kernels with SVDQ_EXPERIMENTAL_KERNELS=1 and the pre-converted "
+                        "fast8 kernels with SVDQ_FAST8_WEIGHTS=e4m3)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--jobs", type=int, default=0, help="parallel nvcc processes (default: auto)")
     b.add_argument("--list", action="store_true", help="print the configuration names and exit")

@@ -12,9 +12,10 @@ import string
 from pathlib import Path
 
 from ._cuda_compat import import_cutlass_library
-from .configs import CutlassGemmConfig, Group64GemmConfig
+from .configs import CutlassGemmConfig, Group64GemmConfig, SsLowrankGemmConfig
 
-__all__ = ["CSRC_DIR", "emit_cutlass_gemm", "render_source", "render_group64_source", "csrc_template"]
+__all__ = ["CSRC_DIR", "emit_cutlass_gemm", "render_source", "render_group64_source", "render_ss_lowrank_source",
+           "csrc_template"]
 
 #: Our C++/CUDA templates and headers.
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
@@ -107,10 +108,25 @@ def render_group64_source(config: Group64GemmConfig) -> str:
     )
 
 
+def render_ss_lowrank_source(config: SsLowrankGemmConfig) -> str:
+    """The ``.cu`` of the pre-converted GEMM (``csrc/svdq_ss_gemm.cu.in`` + ``svdq_sm90_ss_lowrank.hpp``)."""
+    kernel_schedule, epilogue_schedule = _schedule_tags(config.schedule)
+    header = f"// svdquant kernel {config.name}\n// config: {sorted(config.as_dict().items())}\n"
+    return header + csrc_template("svdq_ss_gemm.cu.in").substitute(
+        TILE_M=config.tile_m, TILE_N=config.tile_n, TILE_K=config.tile_k,
+        CLUSTER_M=config.cluster_m, CLUSTER_N=config.cluster_n,
+        KERNEL_SCHEDULE=kernel_schedule, EPILOGUE_SCHEDULE=epilogue_schedule, STAGES=config.stages,
+        OP_NAME=config.name,
+        TILE_SCHEDULER="cutlass::gemm::StreamKScheduler" if config.scheduler == "streamk" else "void",
+    )
+
+
 def render_source(config: CutlassGemmConfig) -> str:
     """The complete ``.cu`` translation unit for ``config`` (kernel + torch op registration)."""
     if isinstance(config, Group64GemmConfig):
         return render_group64_source(config)
+    if isinstance(config, SsLowrankGemmConfig):
+        return render_ss_lowrank_source(config)
     operation_name, cpp = emit_cutlass_gemm(config)
     header = (
         f"// svdquant kernel {config.name}\n"

@@ -15,8 +15,8 @@ from svdq_format.errors import UnsupportedError
 
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
            "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
-           "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "PRODUCER_CONVERT_PROBES", "config_by_name",
-           "group64_config"]
+           "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "PRODUCER_CONVERT_PROBES", "SsLowrankGemmConfig",
+           "SS_LOWRANK_CONFIGS", "config_by_name", "group64_config", "ss_lowrank_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
@@ -251,6 +251,72 @@ PRODUCER_CONVERT_PROBES: tuple[Group64GemmConfig, ...] = tuple(
     dataclasses.replace(c, convert_probe=True) for c in PRODUCER_CONVERT_CONFIGS)
 
 
+@dataclasses.dataclass(frozen=True)
+class SsLowrankGemmConfig(CutlassGemmConfig):
+    """The pre-converted ``fast8`` GEMM (``csrc/svdq_sm90_ss_lowrank.hpp``; issue 23, lever 5).
+
+    The weights arrive already converted, as a plain e4m3 ``[N, K]`` matrix
+    (:func:`svdq_kernels.weights_e4m3.e4m3_weights`, one pass per layer call), so the mainloop is
+    CUTLASS's dense FP8 one — both operands from shared memory, accumulating without promotion —
+    plus the low-rank k-tiles of the ``lowrank`` group-64 kernels and their epilogue:
+    ``out = (Σ q · w8 + lr · l1ᵀ) · rowinv[n] · a[m] + bias[n]``. ``stages = 0``: as many as fit.
+    """
+
+    #: ``"persistent"`` or ``"streamk"`` (as :attr:`Group64GemmConfig.scheduler`).
+    scheduler: str = "persistent"
+
+    kind: str = dataclasses.field(default="svdq_ss_gemm", init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tile_k != 128:
+            raise UnsupportedError(f"tile_k {self.tile_k}: the low-rank k-tiles need tile_k 128")
+        if self.scheduler not in ("persistent", "streamk"):
+            raise UnsupportedError(f"scheduler {self.scheduler!r} is not 'persistent' or 'streamk'")
+        if self.schedule != "cooperative":
+            raise UnsupportedError("the pre-converted kernel is built for the cooperative schedule")
+        if self.cluster_m * self.cluster_n != 1:
+            raise UnsupportedError("the pre-converted kernel is built without clusters")
+
+    @property
+    def name(self) -> str:
+        return ("ss_" + super().name.replace("s4fp8_", "e4m3_", 1)
+                + ("_sk" if self.scheduler == "streamk" else "") + "_lr")
+
+    def supports(self, *, m: int, n: int, k: int, group: int) -> str | None:
+        if k % self.tile_k:
+            return f"K={k} is not a multiple of tile_k {self.tile_k}"
+        if n % 128:
+            return f"N={n} is not a multiple of 128 (the fast8 kernels are validated on whole weight tiles)"
+        return None
+
+    def tiling(self) -> tuple[int, int, int, str, str]:
+        """``(tile_m, tile_n, tile_k, schedule, scheduler)``: what it shares with its group-64 twin."""
+        return self.tile_m, self.tile_n, self.tile_k, self.schedule, self.scheduler
+
+
+def _tiling(config: Group64GemmConfig) -> tuple[int, int, int, str, str]:
+    return config.tile_m, config.tile_n, config.tile_k, config.schedule, config.scheduler
+
+
+#: The pre-converted kernels (:class:`SsLowrankGemmConfig`): the two large-M automatic tilings
+#: (128 × 256 and its stream-K twin) and 128 × 128. Opt-in (``SVDQ_FAST8_WEIGHTS=e4m3``,
+#: :data:`svdq_kernels.cutlass_fast8.WEIGHTS`): not prebuilt unless that is on.
+SS_LOWRANK_CONFIGS: tuple[SsLowrankGemmConfig, ...] = tuple(
+    SsLowrankGemmConfig(tile_m=c.tile_m, tile_n=c.tile_n, tile_k=c.tile_k, schedule=c.schedule, scheduler=c.scheduler)
+    for c in AUTO_GROUP64_LR_CONFIGS[:3])
+
+
+def ss_lowrank_config(m: int, *, n: int | None = None, sms: int = 132) -> SsLowrankGemmConfig | None:
+    """The pre-converted kernel with the tiling the ``lowrank`` group-64 kernel would use for ``m``
+    tokens (:func:`group64_config`), or ``None`` where that tiling has no pre-converted twin."""
+    tiling = _tiling(group64_config(m, n=n, sms=sms, lowrank=True))
+    for config in SS_LOWRANK_CONFIGS:
+        if config.tiling() == tiling:
+            return config
+    return None
+
+
 #: The int4 W4A16 variants (fp16 activations, no table conversion) of the automatic tilings.
 AUTO_GROUP64_W4A16_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
     dataclasses.replace(c, lut=False, activations="f16") for c in AUTO_GROUP64_CONFIGS)
@@ -315,7 +381,7 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
     named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS, *AUTO_GROUP64_LR_CONFIGS,
-             *PRODUCER_CONVERT_CONFIGS, *PRODUCER_CONVERT_CANDIDATES, *PRODUCER_CONVERT_PROBES)
+             *PRODUCER_CONVERT_CONFIGS, *PRODUCER_CONVERT_CANDIDATES, *PRODUCER_CONVERT_PROBES, *SS_LOWRANK_CONFIGS)
     for config in named:
         if config.name == name:
             return config

@@ -27,6 +27,12 @@ the low-rank k-tiles are one prologue (:func:`svdq_kernels.lowrank_tiles.quantiz
 read for the absmax and ``x · L2ᵀ`` together, then for the codes), and a compiled graph calls
 this function through ``svdquant::linear`` instead of quantizing in the graph.
 
+With ``SVDQ_FAST8_WEIGHTS=e4m3`` (:data:`WEIGHTS`; opt-in), a low-rank layer at M ≥ 2048 converts
+its weights in a pre-pass instead of in the GEMM's mainloop: :func:`svdq_kernels.weights_e4m3.
+e4m3_weights` writes them as a plain e4m3 ``[N, K]`` matrix (per call: the model stays 4-bit in
+memory), and the pre-converted GEMM (:class:`svdq_kernels.configs.SsLowrankGemmConfig`: a dense
+FP8 mainloop with the same low-rank k-tiles and epilogue) runs on it — the same results.
+
 With ``SVDQ_FAST8_PROLOGUE=inductor``, and for k-segmented layers, a compiled graph hands the
 activations over quantized (:func:`fast8_linear_fp8`, the
 ``svdquant::linear_fp8`` op: Inductor fused :func:`svdq_format.ops.quantize_fp8_rows` into the
@@ -38,12 +44,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import warnings
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 
 from svdq_format import ops, packing
+from svdq_format.errors import UnsupportedError
 
 from ._device import device_guard
 from .build import load_kernel
@@ -52,16 +61,28 @@ from .configs import (
     AUTO_GROUP64_LR_CONFIGS,
     AUTO_GROUP64_W4A16_CONFIGS,
     PRODUCER_CONVERT_CONFIGS,
+    SS_LOWRANK_CONFIGS,
     Group64GemmConfig,
+    SsLowrankGemmConfig,
     group64_config,
+    ss_lowrank_config,
 )
-from .lowrank_tiles import lowrank_k_tiles, lowrank_tiles, padded_up, quantize_lowrank, sentinel_scale_rows
+from .lowrank_tiles import (
+    lowrank_k_tiles,
+    lowrank_tiles,
+    padded_up,
+    padded_up64,
+    quantize_lowrank,
+    sentinel_scale_rows,
+)
 from .tensor_cache import TensorCache
 from .triton_fast import layer_inputs
 from .triton_prologue import lowrank_down, prologue
+from .weights_e4m3 import e4m3_weights
 
-__all__ = ["LOWRANK_IN_GEMM", "CONVERT", "fast8_weights", "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8",
-           "lowrank_source", "group64_gemm", "group64_gemm_lowrank", "group64_layer"]
+__all__ = ["LOWRANK_IN_GEMM", "CONVERT", "WEIGHTS", "WEIGHTS_CHOICES", "SS_MIN_M", "fast8_weights",
+           "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8", "lowrank_source", "group64_gemm",
+           "group64_gemm_lowrank", "ss_gemm_lowrank", "group64_layer"]
 
 #: Run the low-rank up projection inside the GEMM (``Group64GemmConfig.lowrank`` kernels) rather
 #: than as a cuBLAS GEMM whose bf16 output the GEMM's epilogue reads back.
@@ -72,6 +93,30 @@ LOWRANK_IN_GEMM = True
 #: into shared memory, for shared-memory-sourced FP8 MMAs: :data:`svdq_kernels.configs.
 #: PRODUCER_CONVERT_CONFIGS`, same results; opt-in: 0.87–0.91× the consumer kernels on an H100).
 CONVERT = "consumer"
+
+#: The values of :data:`WEIGHTS`.
+WEIGHTS_CHOICES = ("int4", "e4m3")
+
+
+def _weights_setting() -> str:
+    value = os.environ.get("SVDQ_FAST8_WEIGHTS", "").strip().lower() or WEIGHTS_CHOICES[0]
+    if value not in WEIGHTS_CHOICES:  # as SVDQ_FAST8_PROLOGUE: a warning, the default
+        warnings.warn(f"SVDQ_FAST8_WEIGHTS={value!r} is not one of {WEIGHTS_CHOICES}; using "
+                      f"{WEIGHTS_CHOICES[0]!r}", stacklevel=2)
+        return WEIGHTS_CHOICES[0]
+    return value
+
+
+#: What the low-rank ``fast8`` GEMM at M ≥ :data:`SS_MIN_M` reads as weights: ``"int4"`` (the packed
+#: codes, converted to e4m3 inside the GEMM: the default) or ``"e4m3"`` (a per-call pre-pass,
+#: :func:`svdq_kernels.weights_e4m3.e4m3_weights`, writes them as a plain e4m3 matrix and the
+#: pre-converted kernel, :data:`svdq_kernels.configs.SS_LOWRANK_CONFIGS`, runs on it; same results;
+#: opt-in until its GPU timing exists). Read once at import from ``SVDQ_FAST8_WEIGHTS``.
+WEIGHTS = _weights_setting()
+
+#: The smallest token count for which :data:`WEIGHTS` ``= "e4m3"`` takes the pre-converted path (the
+#: pre-pass costs N·K/2 + N·K/32 bytes read and N·K written per call: worth it only on large M).
+SS_MIN_M = 2048
 
 
 
@@ -194,6 +239,31 @@ def group64_gemm_lowrank(
     return op(qweight, scales, rowinv, q, a, b, lr, l1)
 
 
+def ss_gemm_lowrank(
+    w8: torch.Tensor, rowinv: torch.Tensor, q: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor],
+    lr: torch.Tensor, l1: torch.Tensor, *, config: Optional[SsLowrankGemmConfig] = None,
+) -> torch.Tensor:
+    """``(Σ q · w8 + lr · l1ᵀ) · rowinv · a + bias`` in bf16 ``[M, N]`` on the pre-converted kernel
+    (:class:`svdq_kernels.configs.SsLowrankGemmConfig`): ``w8`` float8_e4m3fn ``[N, K]`` from
+    :func:`svdq_kernels.weights_e4m3.e4m3_weights`, ``rowinv`` from :func:`fast8_weights`, ``lr``/``a``
+    as for :func:`group64_gemm_lowrank`, ``l1`` from :func:`svdq_kernels.lowrank_tiles.padded_up64`.
+    Without ``config``: the twin of the tiling :func:`group64_gemm_lowrank` would use (M ≥ 2048)."""
+    if config is None:
+        config = ss_lowrank_config(q.shape[0], n=w8.shape[0], sms=_sm_count(q.device.index))
+        if config is None:
+            raise UnsupportedError(f"no pre-converted fast8 kernel for M={q.shape[0]} (M >= {SS_MIN_M} only)")
+    op = load_kernel(config, also_build=SS_LOWRANK_CONFIGS)
+    b = bias.to(torch.bfloat16) if bias is not None else q.new_empty(0, dtype=torch.bfloat16)
+    return op(w8, rowinv, q, a, b, lr, l1)
+
+
+def _preconverted(m: int, n: int, device: torch.device) -> Optional[SsLowrankGemmConfig]:
+    """The pre-converted kernel for an ``m``-token low-rank layer call, if :data:`WEIGHTS` asks for it."""
+    if WEIGHTS != "e4m3" or m < SS_MIN_M:
+        return None
+    return ss_lowrank_config(m, n=n, sms=_sm_count(device.index))
+
+
 def _fast8_lowrank_layer(
     x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, down: torch.Tensor,
     up: torch.Tensor, bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor],
@@ -210,8 +280,14 @@ def _fast8_lowrank_layer(
         else:
             q, a = quantized()
             lr, ag = lowrank_tiles(x2, down, a, lora_scales=lora_scales)
-        scales, rowinv = fast8_lowrank_weights(qweight, wscales, lowrank_k_tiles(down.shape[0]))
-        y = group64_gemm_lowrank(qweight.contiguous(), scales, rowinv, q, ag, bias, lr, padded_up(up, rowinv))
+        ss = _preconverted(q.shape[0], n, q.device)
+        if ss is not None:  # SVDQ_FAST8_WEIGHTS=e4m3: the weights converted by a pre-pass, a dense FP8 GEMM
+            scales16, rowinv = fast8_weights(qweight, wscales)
+            w8 = e4m3_weights(qweight.contiguous(), scales16)
+            y = ss_gemm_lowrank(w8, rowinv, q, ag, bias, lr, padded_up64(up, rowinv), config=ss)
+        else:
+            scales, rowinv = fast8_lowrank_weights(qweight, wscales, lowrank_k_tiles(down.shape[0]))
+            y = group64_gemm_lowrank(qweight.contiguous(), scales, rowinv, q, ag, bias, lr, padded_up(up, rowinv))
     return y.reshape(*x.shape[:-1], n)
 
 

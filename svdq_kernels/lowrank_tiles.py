@@ -34,7 +34,8 @@ from svdq_format.ops import smooth_reciprocal
 
 from .tensor_cache import TensorCache
 
-__all__ = ["LR_K", "lowrank_k_tiles", "lowrank_tiles", "quantize_lowrank", "padded_up", "sentinel_scale_rows"]
+__all__ = ["LR_K", "lowrank_k_tiles", "lowrank_tiles", "quantize_lowrank", "padded_up", "padded_up64",
+           "sentinel_scale_rows"]
 
 #: Ranks per low-rank k-tile (the mainloop's ``LrK``).
 LR_K = 32
@@ -42,6 +43,7 @@ LR_K = 32
 SENTINEL_BITS = 0x7E5B
 
 _UPS: TensorCache[torch.Tensor] = TensorCache()
+_UPS64: TensorCache[torch.Tensor] = TensorCache()
 
 
 def lowrank_k_tiles(rank: int) -> int:
@@ -64,6 +66,22 @@ def padded_up(lora_up: torch.Tensor, rowinv: torch.Tensor) -> torch.Tensor:
         return out
 
     return _UPS.get((lora_up, rowinv), make)
+
+
+def padded_up64(lora_up: torch.Tensor, rowinv: torch.Tensor) -> torch.Tensor:
+    """``l1`` of the pre-converted kernels (:class:`svdq_kernels.configs.SsLowrankGemmConfig`): bf16
+    ``L1 / rowinv`` ``[N, 64·t]`` laid out like ``lr`` — ranks ``32j … 32j+31`` in columns
+    ``64j … 64j+31``, zeros in the other 32 of each 64 (a low-rank k-tile of their A buffer holds
+    64 bf16 per row, like the B buffer's ``lr``). The values are :func:`padded_up`'s; cached per
+    tensor and version."""
+    def make() -> torch.Tensor:
+        up = padded_up(lora_up, rowinv)  # [N, 32·t]
+        n, cols = up.shape
+        out = torch.zeros(n, cols // LR_K, 2 * LR_K, device=up.device, dtype=torch.bfloat16)
+        out[:, :, :LR_K] = up.view(n, cols // LR_K, LR_K)
+        return out.view(n, 2 * cols)
+
+    return _UPS64.get((lora_up, rowinv), make)
 
 
 @functools.lru_cache(maxsize=None)
