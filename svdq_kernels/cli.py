@@ -90,9 +90,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     info["fast8_convert"] = f"{cutlass_fast8.CONVERT} (cutlass_fast8.CONVERT: consumer | producer, at M >= 2048)"
     from .configs import SS_LOWRANK_CONFIGS
 
-    info["fast8_weights"] = (f"{cutlass_fast8.WEIGHTS} (SVDQ_FAST8_WEIGHTS: {' | '.join(cutlass_fast8.WEIGHTS_CHOICES)}; "
-                             f"e4m3 at M >= {cutlass_fast8.SS_MIN_M}: "
-                             f"{', '.join(c.name for c in SS_LOWRANK_CONFIGS)})")
+    choices = " | ".join(cutlass_fast8.WEIGHTS_CHOICES)
+    info["fast8_weights"] = (f"{cutlass_fast8.WEIGHTS} (SVDQ_FAST8_WEIGHTS: {choices}; e4m3 at M >= "
+                             f"{cutlass_fast8.SS_MIN_M}: {', '.join(c.name for c in SS_LOWRANK_CONFIGS)})")
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -375,6 +375,34 @@ def test_lowrank_k_tiles_compute_the_fast8_layer(kernels) -> None:
     assert ((out - ref).norm() / ref.norm()).item() < 4e-3
 
 
+def test_preconverted_kernel_inputs_compute_the_fast8_layer(kernels) -> None:
+    """The pre-converted GEMM's inputs (``SVDQ_FAST8_WEIGHTS=e4m3``) evaluated in float64 as the
+    kernel computes them — ``(Σ q · w8 + lr · l1ᵀ) · rowinv · a' + bias`` with ``lr`` whole (its
+    ``[M, 64·t]`` k-tiles, padding included) and ``l1 = padded_up64`` — are the ``lowrank`` kernel's
+    math on the same layer, and the ``fast8`` reference layer within its bound."""
+    from svdq_kernels import cutlass_fast8, lowrank_tiles
+
+    m, k, n, r = 19, 64 * 4, 128, 48
+    x, qweight, wscales, smooth, bias, down, up = _layer(m, k, n, r, seed=96)
+    x = torch.nan_to_num(x)
+    ref = ops.reference_linear(x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "fp8w").double()
+    q, a = ops.fp8_activations(x, smooth)
+    lr, ag = lowrank_tiles.lowrank_tiles(x, down, a.float().reshape(-1))
+    t = lowrank_tiles.lowrank_k_tiles(r)
+    scales16, rowinv = cutlass_fast8.fast8_weights(qweight, wscales)
+    l1 = lowrank_tiles.padded_up64(up, rowinv)
+    assert lr.shape[1] == l1.shape[1] == 64 * t and l1.shape[0] == n
+    codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight))
+    w8 = packing.fp8_weight_values(codes, scales16.t()).double()
+    out = (q.double() @ w8.t() + lr.double() @ l1.double().t()) * rowinv.double() * ag.double().unsqueeze(1)
+    out = out + bias.double()
+    lr_used = lr.double().view(m, t, 2, 32)[:, :, 0].reshape(m, 32 * t)
+    narrow = lowrank_tiles.padded_up(up, rowinv).double()
+    lowrank = (q.double() @ w8.t() + lr_used @ narrow.t()) * rowinv.double() * ag.double().unsqueeze(1) + bias.double()
+    torch.testing.assert_close(out, lowrank, rtol=1e-12, atol=1e-12)
+    assert ((out - ref).norm() / ref.norm()).item() < 4e-3
+
+
 def test_e4m3_weights_unpack_scale_and_interleave_like_the_reference() -> None:
     """The per-call e4m3 weight pass (``weights_e4m3``): nibble order, sign extension, each group's
     scale column and the interleaved store, checked where the interpreter's e4m3 conversion is exact
