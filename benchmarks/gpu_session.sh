@@ -7,6 +7,7 @@
 #   (the FLUX step with the fused prologue, the default since then, and with Inductor's quantizer,
 #   beside the FP8 peer; ~8 min; `lr2` is the full table with bf16 compiled), then `seg` (the segmented test, its split, fp8_accumulation.py: cuBLAS with and without fast
 #   accumulation on the K = 12288 operands; ~5 min) and `e4p` (the e4m3 weight pass's bound, ~2 min).
+#   Issue 23 lever 5: `ss` (the pre-converted kernel's tests and timing, ~5 min; carry .kcache-ss.tgz).
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
 # removed untimed.)
@@ -23,8 +24,9 @@ build_g64() {  # $1: parallel nvcc jobs; $2: which kernels — all: GROUP64_CONF
                # lut: the auto tilings with and without the table conversion; w4a16: the W4A16
                # kernels; n1: GROUP64_CONFIGS, the plain twins of the auto tilings and W4A16; lr: the auto
                # tilings and their low-rank-k-tile twins; p23: the large-M low-rank tilings, their
-               # producer-conversion twins, its candidates and timing probes; else GROUP64_CONFIGS
-  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R, PRODUCER_CONVERT_CONFIGS as PC, PRODUCER_CONVERT_CANDIDATES as PX, PRODUCER_CONVERT_PROBES as PP; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R, 'p23': R[:2] + PC + PX + PP}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
+               # producer-conversion twins, its candidates and timing probes; ss: the low-rank tilings and
+               # the pre-converted kernels (SS_LOWRANK_CONFIGS); else GROUP64_CONFIGS
+  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R, PRODUCER_CONVERT_CONFIGS as PC, PRODUCER_CONVERT_CANDIDATES as PX, PRODUCER_CONVERT_PROBES as PP, SS_LOWRANK_CONFIGS as S; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R, 'p23': R[:2] + PC + PX + PP, 'ss': R + S}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
 }
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do
@@ -261,6 +263,34 @@ for c in PC:
       echo "e4m3 pass tests rc=$?"; grep -E "passed|failed" "$OUT/pytest_e4m3.log" | tail -3
       timeout 150 python3 benchmarks/fast8_e4m3_pass.py --out "$OUT/fast8_e4m3_pass.json" > "$OUT/fast8_e4m3_pass.log" 2>&1
       echo "e4m3 pass bench rc=$?"; grep -v Warn "$OUT/fast8_e4m3_pass.log" | tail -8 | cut -c1-200 ;;
+    ss)  # issue 23 lever 5 (~5 min on an H100; kernels from .kcache-ss.tgz, else built here, ~3 min on 16
+         # cores): the pre-converted kernel (SVDQ_FAST8_WEIGHTS=e4m3: the e4m3 pass + a dense SS FP8 mainloop
+         # with the low-rank k-tiles); a 60 s smoke call (a pipeline hang stops the step there); its GPU tests
+         # (bits against the consumer kernel at M 2048/4608 on six FLUX shapes, ranks 32/64, with and without
+         # bias; float64 and reference bounds); then timed beside _scaled_mm and the consumer kernel at
+         # M = 4608 ($OUT/fast8_preconverted.json)
+      if [ -f .kcache-ss.tgz ]; then mkdir -p "$KC" && tar -C "$KC" -xzf .kcache-ss.tgz; fi
+      build_g64 16 ss > "$OUT/build_ss.log" 2>&1; echo "build rc=$?"; tail -2 "$OUT/build_ss.log"
+      timeout 60 python3 -c "
+import torch, svdq_kernels
+from svdq_format import ops
+from svdq_kernels import cutlass_fast8 as f, lowrank_tiles as t
+from svdq_kernels.configs import SS_LOWRANK_CONFIGS as SS
+from svdq_kernels.weights_e4m3 import e4m3_weights
+m, n, k = 4608, 3072, 3072
+x = torch.randn(m, k, device='cuda', dtype=torch.bfloat16); qw = torch.randint(0, 256, (n, k // 2), device='cuda', dtype=torch.uint8)
+ws = (torch.rand(n, k // 64, device='cuda') * 0.004 + 0.001).to(torch.bfloat16); down = torch.randn(64, k, device='cuda', dtype=torch.bfloat16) / 64
+q, a = ops.quantize_fp8_rows(x.float()); lr, ag = t.lowrank_tiles(x, down, a.reshape(m).float())
+s16, ri = f.fast8_weights(qw, ws); w8 = e4m3_weights(qw, s16); l1 = t.padded_up64(torch.randn(n, 64, device='cuda', dtype=torch.bfloat16), ri)
+for c in SS:
+    y = f.ss_gemm_lowrank(w8, ri, q, ag, None, lr, l1, config=c); torch.cuda.synchronize(); print('smoke', c.name, 'ok', bool(y.isfinite().all()))
+" > "$OUT/smoke_ss.log" 2>&1; rc=$?; echo "ss smoke rc=$rc"; tail -3 "$OUT/smoke_ss.log" | cut -c1-300
+      if [ $rc -eq 0 ]; then
+        timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py > "$OUT/pytest_ss.log" 2>&1
+        echo "ss tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_ss.log" | tail -12 | cut -c1-300
+        timeout 150 python3 benchmarks/fast8_preconverted.py --out "$OUT/fast8_preconverted.json" > "$OUT/fast8_preconverted.log" 2>&1
+        echo "ss bench rc=$?"; grep -v Warn "$OUT/fast8_preconverted.log" | tail -9 | cut -c1-250
+      fi ;;
     *) echo "unknown step $step" ;;
   esac
 done
