@@ -98,7 +98,7 @@ def inspect(name: str, work: Path) -> dict:
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
     sass = subprocess.run([_cuobjdump(tc.nvcc), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
     (work / f"{name}.sass").write_text(sass)
-    stages = re.search(r"(?:ProducerConvert|MixedInput)ILi(\d+)E", sass)
+    stages = re.search(r"(?:ProducerConvert|MixedInput|TmaGmmaWarpSpecialized)ILi(\d+)E", sass)
     return {"name": name, "config": config.as_dict(), "stages": int(stages.group(1)) if stages else None,
             "registers": [int(r) for r in regs], "spill_bytes": [[int(a), int(b)] for a, b in spills],
             **census(sass)}
