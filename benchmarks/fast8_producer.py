@@ -48,10 +48,31 @@ SHAPES = [(4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3
           (4608, 15360, 3072), (4608, 3072, 9216)]
 
 
+def bench_fp8_gemm(L) -> float:
+    """Milliseconds of ``torch._scaled_mm`` on the FP8 peer's weights (per-token / per-row e4m3, bias,
+    fast accumulation), the activations given quantized."""
+    sx = L.x.abs().amax(dim=-1, keepdim=True).float() / 448.0
+    xq = (L.x.float() / sx).to(torch.float8_e4m3fn)
+    return bench(lambda: torch._scaled_mm(xq, L.w8.t(), scale_a=sx, scale_b=L.sw, bias=L.bias,
+                                          out_dtype=torch.bfloat16, use_fast_accum=True))
+
+
+def lowrank_gemm_inputs(L) -> tuple[torch.Tensor, ...]:
+    """``(q, a, lr, a', scales, rowinv, l1)``: what our low-rank GEMM takes for the random layer ``L``."""
+    from svdq_format import ops
+    from svdq_kernels import cutlass_fast8, lowrank_tiles
+
+    m, rank = L.x.shape[0], L.down.shape[0]
+    q, a = ops.quantize_fp8_rows(ops.smoothed(L.x.float(), L.smooth, 0.0))
+    lr, ag = lowrank_tiles.lowrank_tiles(L.x, L.down, a.reshape(m).float().contiguous())
+    scales, rowinv = cutlass_fast8.fast8_lowrank_weights(L.qweight, L.wscales, lowrank_tiles.lowrank_k_tiles(rank))
+    return q, a, lr, ag, scales, rowinv, lowrank_tiles.padded_up(L.up, rowinv)
+
+
 def measure_shape(m: int, k: int, n: int, rank: int, *, layer: bool) -> dict:
     """One shape's timings (milliseconds) and ratios (``fp8 time / ours``)."""
     from svdq_format import ops
-    from svdq_kernels import cutlass_fast8, lowrank_tiles
+    from svdq_kernels import cutlass_fast8
     from svdq_kernels.configs import (
         PRODUCER_CONVERT_CANDIDATES,
         PRODUCER_CONVERT_CONFIGS,
@@ -65,14 +86,8 @@ def measure_shape(m: int, k: int, n: int, rank: int, *, layer: bool) -> dict:
     t: dict[str, float] = {}
     fp8_layer = torch.compile(lambda x: fp8_rowwise(x, L.w8, L.sw, bias))
     t["fp8_layer"] = bench(lambda: fp8_layer(x))
-    sx = x.abs().amax(dim=-1, keepdim=True).float() / 448.0
-    xq = (x.float() / sx).to(torch.float8_e4m3fn)
-    t["fp8_gemm"] = bench(lambda: torch._scaled_mm(xq, L.w8.t(), scale_a=sx, scale_b=L.sw, bias=bias,
-                                                   out_dtype=torch.bfloat16, use_fast_accum=True))
-    q, a = ops.quantize_fp8_rows(ops.smoothed(x.float(), L.smooth, 0.0))
-    lr, ag = lowrank_tiles.lowrank_tiles(x, L.down, a.reshape(m).float().contiguous())
-    scales, rowinv = cutlass_fast8.fast8_lowrank_weights(L.qweight, L.wscales, lowrank_tiles.lowrank_k_tiles(rank))
-    l1 = lowrank_tiles.padded_up(L.up, rowinv)
+    t["fp8_gemm"] = bench_fp8_gemm(L)
+    q, a, lr, ag, scales, rowinv, l1 = lowrank_gemm_inputs(L)
 
     def gemm(config):
         return lambda: cutlass_fast8.group64_gemm_lowrank(L.qweight, scales, rowinv, q, ag, bias, lr, l1, config=config)

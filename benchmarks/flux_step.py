@@ -129,6 +129,7 @@ KINDS = (
     ("Inductor fused kernels (norms, quantizer, elementwise)", ("triton_",)),  # names may mention sdpa
     ("svdq gemm (CUTLASS group-64)", ("Svdq",)),
     ("svdq prologue / low-rank down (Triton)", ("prologue_", "lowrank_sum", "lowrank_tiles")),
+    ("svdq e4m3 weight pass (Triton)", ("e4m3_weights",)),
     ("FP8 GEMM (torch._scaled_mm)", ("f8f8bf16", "e4m3", "Float8", "fp8")),
     ("svdq gemm (Triton)", ("gemm_kernel", "gemm_t_kernel", "splitk_reduce")),
     ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
@@ -216,6 +217,10 @@ def main(argv=None) -> int:
     ap.add_argument("--convert", default="consumer", choices=("consumer", "producer", "both"),
                     help="where the fast8 kernels at M >= 2048 convert the int4 weights (svdq_kernels."
                          "cutlass_fast8.CONVERT); both: the SVDQuant model timed with each")
+    ap.add_argument("--weights", default=None, choices=("int4", "e4m3", "both"),
+                    help="what the fast8 GEMM at M >= 2048 reads (svdq_kernels.cutlass_fast8.WEIGHTS; default: "
+                         "SVDQ_FAST8_WEIGHTS's setting): the int4 codes, or e4m3 weights from a per-call pass; "
+                         "both: the SVDQuant model timed with each")
     ap.add_argument("--prologue", default=None, choices=("fused", "inductor", "both"),
                     help="the fast8 prologue (svdq_format.ops.FAST8_PROLOGUE; default: SVDQ_FAST8_PROLOGUE's "
                          "setting); both: the SVDQuant model timed with each")
@@ -299,32 +304,39 @@ def main(argv=None) -> int:
     save()
     from svdq_format import ops
 
-    # (key, label, low-rank branch in the GEMM, weight conversion, fast8 prologue): the first is "svdq"
-    prologue = args.prologue or ops.FAST8_PROLOGUE
-    first = ("svdq", "svdquant", args.lowrank != "two-step", "consumer" if args.convert == "both" else args.convert,
-             "fused" if prologue == "both" else prologue)
-    variants = [first]
-    if args.convert == "both":
-        variants.append(("svdq_producer", "svdq produ", first[2], "producer", first[4]))
-    if prologue == "both":
-        variants.append(("svdq_inductor", "svdq induc", first[2], first[3], "inductor"))
-    if args.lowrank == "both":
-        variants.append(("svdq_two_step", "svdq 2step", False, first[3], first[4]))
     cutlass_fast8 = None
     if args.device.startswith("cuda"):
         from svdq_kernels import cutlass_fast8
-    saved = (ops.FAST8_PROLOGUE, cutlass_fast8 and (cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT))
+    # (key, label, low-rank branch in the GEMM, weight conversion, fast8 prologue, GEMM weights): the
+    # first is "svdq"
+    prologue = args.prologue or ops.FAST8_PROLOGUE
+    weights = args.weights or getattr(cutlass_fast8, "WEIGHTS", "int4")
+    first = ("svdq", "svdquant", args.lowrank != "two-step", "consumer" if args.convert == "both" else args.convert,
+             "fused" if prologue == "both" else prologue, "int4" if weights == "both" else weights)
+    variants = [first]
+    if args.convert == "both":
+        variants.append(("svdq_producer", "svdq produ", first[2], "producer", *first[4:]))
+    if prologue == "both":
+        variants.append(("svdq_inductor", "svdq induc", *first[2:4], "inductor", first[5]))
+    if weights == "both":
+        variants.append(("svdq_e4m3", "svdq e4m3", *first[2:5], "e4m3"))
+    if args.lowrank == "both":
+        variants.append(("svdq_two_step", "svdq 2step", False, *first[3:]))
+    saved = (ops.FAST8_PROLOGUE, cutlass_fast8 and (cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT,
+                                                    getattr(cutlass_fast8, "WEIGHTS", "int4")))
 
-    def use(in_gemm: bool, convert: str, fast8_prologue: str) -> None:
+    def use(in_gemm: bool, convert: str, fast8_prologue: str, gemm_weights: str) -> None:
         ops.FAST8_PROLOGUE = fast8_prologue  # read while tracing: each compile sees its own
         if cutlass_fast8 is not None:
             cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT = in_gemm, convert
+            cutlass_fast8.WEIGHTS = gemm_weights  # read at each call (the op runs Python)
 
     try:
-        for key, label, in_gemm, convert, fast8_prologue in variants:
-            use(in_gemm, convert, fast8_prologue)
+        for key, label, in_gemm, convert, fast8_prologue, gemm_weights in variants:
+            use(in_gemm, convert, fast8_prologue, gemm_weights)
             result[key] = measure(model, x, label=label, args=args, eager=not args.no_svdq_eager)
-            result[key].update(lowrank_in_gemm=in_gemm, convert=convert, prologue=fast8_prologue)
+            result[key].update(lowrank_in_gemm=in_gemm, convert=convert, prologue=fast8_prologue,
+                               weights=gemm_weights)
             save()
         use(*first[2:])
         with torch.no_grad():
@@ -332,7 +344,7 @@ def main(argv=None) -> int:
     finally:  # the process's settings as they were
         ops.FAST8_PROLOGUE = saved[0]
         if cutlass_fast8 is not None:
-            cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT = saved[1]
+            cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT, cutlass_fast8.WEIGHTS = saved[1]
     result["svdq_output_rel_err_vs_bf16"] = float((y - ref).norm() / ref.norm())
     for key, label, *_ in variants:
         for k in ("eager", "compiled"):

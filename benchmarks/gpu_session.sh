@@ -200,6 +200,17 @@ for step in $STEPS; do
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --prologue fused \
         --out "$OUT/flux_step_defaults.json" > "$OUT/flux_step_defaults.log" 2>&1
       echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_defaults.log" | cut -c1-400 ;;
+    lr6)  # issue 23 lever 5 in the step (~9 min): one FLUX.1-dev step (fused q|k|v, reduce-overhead) of the FP8
+          # W8A8 peer and SVDQuant with today's defaults, then with SVDQ_FAST8_WEIGHTS=e4m3 (per-call e4m3
+          # weight pass + the pre-converted SS kernel), GPU time by kernel kind
+      timeout 570 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --prologue fused --weights both \
+        --out "$OUT/flux_step_weights.json" > "$OUT/flux_step_weights.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_weights.log" | cut -c1-400 ;;
+    seg2) # the k-segmented layers' error, hardware or kernel (~2 min): cuBLAS with and without fast accumulation
+          # and our GEMM on the K = 12288 MLP half's operands (benchmarks/fp8_accumulation.py)
+      timeout 150 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation.json" > "$OUT/fp8_accumulation.log" 2>&1
+      echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_accumulation.log" | tail -12 | cut -c1-250 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
