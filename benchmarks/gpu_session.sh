@@ -211,6 +211,12 @@ for step in $STEPS; do
           # and our GEMM on the K = 12288 MLP half's operands (benchmarks/fp8_accumulation.py)
       timeout 150 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation.json" > "$OUT/fp8_accumulation.log" 2>&1
       echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_accumulation.log" | tail -12 | cut -c1-250 ;;
+    lr7)  # issue 23 lever 5, the short form of lr6 (~7.5 min, room for seg2 in the same call): one FLUX.1-dev step
+          # (fused q|k|v, reduce-overhead) of the FP8 W8A8 peer and SVDQuant with SVDQ_FAST8_WEIGHTS=e4m3
+      timeout 440 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --prologue fused --weights e4m3 \
+        --out "$OUT/flux_step_e4m3.json" > "$OUT/flux_step_e4m3.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_e4m3.log" | cut -c1-400 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
