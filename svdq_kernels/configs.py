@@ -16,7 +16,7 @@ from svdq_format.errors import UnsupportedError
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
            "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
            "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "PRODUCER_CONVERT_PROBES", "SsLowrankGemmConfig",
-           "SS_LOWRANK_CONFIGS", "config_by_name", "group64_config", "ss_lowrank_config"]
+           "SS_LOWRANK_CONFIGS", "PROMOTED_GROUP64_CONFIGS", "config_by_name", "group64_config", "ss_lowrank_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
@@ -210,6 +210,17 @@ GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = (
 AUTO_GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(GROUP64_CONFIGS[i] for i in (1, 6, 0, 2, 5))
 
 
+#: The promoted kernels (``promote=1``: the FP8 partial sums added to an fp32 accumulator every
+#: k-tile) that :func:`group64_config` picks with ``promote=True`` — for one-signed activations (a
+#: Nunchaku GELU segment's shifted, unsigned codes), where Hopper's FP8 MMA accumulation loses
+#: precision: on a FLUX single block's ``proj_out`` MLP half (H100) the unpromoted kernel is off by
+#: 1.16e-2 (cuBLAS ``_scaled_mm`` with fast accumulation: 1.15e-2), the promoted 128 × 128 one by
+#: 1.66e-3 (the bf16 output rounding; signed activations: 2.6e-3 unpromoted). 128 × 128 cooperative
+#: (M ≥ 256) and 64 × 128 pingpong (16 < M < 256); built together on first use, 87–90 % of the
+#: unpromoted kernels' speed. They have no low-rank k-tiles (the layer takes the two-step path).
+PROMOTED_GROUP64_CONFIGS: tuple[Group64GemmConfig, ...] = (GROUP64_CONFIGS[3], GROUP64_CONFIGS[4])
+
+
 #: Other group-64 tilings, measured by ``benchmarks/fast8_linear.py --configs all`` (not prebuilt).
 GROUP64_CANDIDATES: tuple[Group64GemmConfig, ...] = (
     _G64(tile_m=128, tile_n=256, tile_k=128, schedule="cooperative", cluster_m=2),
@@ -323,7 +334,7 @@ AUTO_GROUP64_W4A16_CONFIGS: tuple[Group64GemmConfig, ...] = tuple(
 
 
 def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations: str = "e4m3",
-                   lowrank: bool = False, convert: str = "consumer") -> Group64GemmConfig:
+                   lowrank: bool = False, convert: str = "consumer", promote: bool = False) -> Group64GemmConfig:
     """The group-64 kernel for ``m`` tokens (and ``n`` output features on ``sms`` SMs): wide token
     tiles for large M, narrow ones below. At M ≥ 2048, when the ``[128 × 256]`` tiles fill their
     last wave so little that the waves run below :data:`STREAMK_WAVE_EFFICIENCY` busy, the
@@ -333,9 +344,14 @@ def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations:
     ``lowrank``: the tiling's variant with the low-rank k-tiles (:data:`AUTO_GROUP64_LR_CONFIGS`;
     a forced tiling gets its ``lowrank`` twin). ``convert="producer"`` (with ``lowrank``): the
     tiling's producer-conversion twin where it has one (:data:`PRODUCER_CONVERT_CONFIGS`: M ≥ 2048),
-    else the tiling itself."""
+    else the tiling itself. ``promote`` (``e4m3``, without ``lowrank``): for M > 16 the promoted
+    kernel (:data:`PROMOTED_GROUP64_CONFIGS`: 128 × 128 for M ≥ 256, 64 × 128 pingpong below), for
+    one-signed activations; M ≤ 16 keeps the 128 × 16 stream-K tiling (its split-K parts sum in
+    fp32: 2.3e-3 on the layer where the unpromoted 128 × 128 kernel gives 1.16e-2)."""
     if convert not in ("consumer", "producer"):
         raise UnsupportedError(f"convert {convert!r} is not 'consumer' or 'producer'")
+    if promote and (lowrank or activations != "e4m3"):
+        raise UnsupportedError("the promoted group-64 kernels take e4m3 activations and have no low-rank k-tiles")
     if lowrank:
         config = dataclasses.replace(group64_config(m, n=n, sms=sms), lowrank=True)
         if convert == "producer":
@@ -352,6 +368,8 @@ def group64_config(m: int, *, n: int | None = None, sms: int = 132, activations:
                 return config
         known = [c.name for c in (*GROUP64_CONFIGS, *GROUP64_CANDIDATES)]
         raise UnsupportedError(f"SVDQ_G64_CONFIG={forced!r} is not one of {known}")
+    if promote and m > 16:
+        return PROMOTED_GROUP64_CONFIGS[0] if m >= 256 else PROMOTED_GROUP64_CONFIGS[1]
     return _auto_tiling(m, n=n, sms=sms)
 
 

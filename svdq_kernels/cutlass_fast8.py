@@ -38,6 +38,14 @@ activations over quantized (:func:`fast8_linear_fp8`, the
 ``svdquant::linear_fp8`` op: Inductor fused :func:`svdq_format.ops.quantize_fp8_rows` into the
 kernel that produced ``x``), and step 1 shrinks to the low-rank down projection alone
 (:func:`svdq_kernels.triton_prologue.lowrank_down`).
+
+A call whose activations are one-signed (``act_unsigned``: a Nunchaku GELU segment, shifted to
+unsigned codes — a converted FLUX single block's ``proj_out`` MLP half) with M > 16 runs the
+promoted kernel (:data:`svdq_kernels.configs.PROMOTED_GROUP64_CONFIGS`) on the two-step path:
+Hopper's FP8 MMAs accumulate with reduced precision, which on such activations gave 1.16e-2 on
+that half (H100; cuBLAS ``_scaled_mm`` with fast accumulation: 1.15e-2), the promoted kernel
+1.66e-3 (the bf16 output rounding). Signed activations stay on the faster kernels (2.6e-3 there,
+as the FP8 peer's fast accumulation).
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from .configs import (
     AUTO_GROUP64_LR_CONFIGS,
     AUTO_GROUP64_W4A16_CONFIGS,
     PRODUCER_CONVERT_CONFIGS,
+    PROMOTED_GROUP64_CONFIGS,
     SS_LOWRANK_CONFIGS,
     Group64GemmConfig,
     SsLowrankGemmConfig,
@@ -204,6 +213,16 @@ def _sm_count(device_index: Optional[int]) -> int:
         device_index if device_index is not None else torch.cuda.current_device()).multi_processor_count
 
 
+def _promoted(m: int, act_unsigned: bool) -> Optional[Group64GemmConfig]:
+    """The promoted group-64 kernel for an ``m``-token ``fast8`` call whose activations are one-signed
+    (``act_unsigned``), else ``None`` (signed activations, or M ≤ 16: the 128 × 16 stream-K tiling,
+    whose split-K parts sum in fp32: 2.3e-3 on FLUX's ``proj_out`` MLP half)."""
+    if not act_unsigned:
+        return None
+    config = group64_config(m, promote=True)
+    return config if config.promote else None
+
+
 def group64_gemm(
     qweight: torch.Tensor, scales16: torch.Tensor, rowinv: torch.Tensor, q: torch.Tensor, a: torch.Tensor,
     c: torch.Tensor, *, config: Optional[Group64GemmConfig] = None,
@@ -217,8 +236,11 @@ def group64_gemm(
         config = group64_config(q.shape[0], n=qweight.shape[0], sms=_sm_count(q.device.index),
                                 activations=activations)
     # the first use compiles every kernel group64_config picks, in parallel: a model asks for
-    # several token counts (image, text, 1-token batches), and each nvcc run takes ~2 minutes
-    op = load_kernel(config, also_build=AUTO_GROUP64_W4A16_CONFIGS if activations == "f16" else AUTO_GROUP64_CONFIGS)
+    # several token counts (image, text, 1-token batches), and each nvcc run takes ~2 minutes; the
+    # promoted kernels (one-signed activations) likewise as a pair
+    others = (AUTO_GROUP64_W4A16_CONFIGS if activations == "f16"
+              else PROMOTED_GROUP64_CONFIGS if config.promote else AUTO_GROUP64_CONFIGS)
+    op = load_kernel(config, also_build=others)
     return op(qweight, scales16, rowinv, q, a, c)
 
 
@@ -306,9 +328,11 @@ def fast8_linear(
     act_shift: float = 0.0,
     act_unsigned: bool = False,
 ) -> torch.Tensor:
-    """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
+    """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`).
+    ``act_unsigned`` (one-signed activations) with M > 16: the promoted kernel, two-step path."""
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
-    if LOWRANK_IN_GEMM and down is not None and up is not None:
+    promoted = _promoted(x2.shape[0], act_unsigned)
+    if LOWRANK_IN_GEMM and down is not None and up is not None and promoted is None:
         def quantized() -> tuple[torch.Tensor, torch.Tensor]:
             q, a, _ = prologue(x2, smooth, None, act_shift=act_shift)
             return q, a
@@ -319,7 +343,7 @@ def fast8_linear(
         return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, quantized,
                                     fused if ops.FAST8_PROLOGUE == "fused" else None)
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: prologue(
-        x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales))
+        x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales), config=promoted)
 
 
 def fast8_linear_fp8(
@@ -340,31 +364,35 @@ def fast8_linear_fp8(
     act_unsigned: bool = False,
 ) -> torch.Tensor:
     """:func:`fast8_linear` with the activations already quantized (signature of
-    :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]``."""
+    :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]``
+    (the k-segmented layers' path in a compiled graph; ``act_unsigned`` as there)."""
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     m = x2.shape[0]
-    if LOWRANK_IN_GEMM and down is not None and up is not None:
+    promoted = _promoted(m, act_unsigned)
+    if LOWRANK_IN_GEMM and down is not None and up is not None and promoted is None:
         return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, lambda: (
             q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous()))
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: (
         q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous(),
-        lowrank_down(x2, down, lora_scales=lora_scales) if down is not None else None))
+        lowrank_down(x2, down, lora_scales=lora_scales) if down is not None else None), config=promoted)
 
 
 def group64_layer(
     x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, scales16: torch.Tensor, rowinv: torch.Tensor,
     up: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    activations: Callable[[], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+    activations: Callable[[], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]], *,
+    config: Optional[Group64GemmConfig] = None,
 ) -> torch.Tensor:
     """What every layer on the group-64 GEMM does after its weight preparation (``scales16``,
     ``rowinv``: :func:`fast8_weights`, or :func:`svdq_kernels.cutlass_w4a16.w4a16_weights`): on
     ``x``'s device, ``activations()`` → ``(q, a, lr16)`` (``q`` e4m3 or fp16), then the low-rank
-    source and the GEMM; the output shaped like ``x`` with N features."""
+    source and the GEMM (``config``: its kernel, else :func:`group64_gemm`'s choice); the output
+    shaped like ``x`` with N features."""
     n = qweight.shape[0]
     with device_guard(x2.device):
         q, a, lr16 = activations()
         c = lowrank_source(lr16, up, bias, m=x2.shape[0], n=n, device=x2.device)
-        y = group64_gemm(qweight.contiguous(), scales16, rowinv, q, a, c)
+        y = group64_gemm(qweight.contiguous(), scales16, rowinv, q, a, c, config=config)
     return y.reshape(*x.shape[:-1], n)
 
 

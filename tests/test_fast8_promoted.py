@@ -1,0 +1,187 @@
+"""The ``fast8`` layer on one-signed activations (``act_unsigned``: a Nunchaku GELU segment, e.g. a
+converted FLUX single block's ``proj_out`` MLP half) runs the promoted group-64 kernel on the
+two-step path (issue 23 / 21): its choice, the dispatch of both entry points, and the layer's
+output, checked on the CPU with the kernels replaced by their float64 arithmetic. On the GPU:
+tests/test_kernels_segmented_gpu.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from svdq_format import ops, packing
+from svdq_format.errors import UnsupportedError
+from svdq_kernels import cutlass_fast8, lowrank_tiles
+from svdq_kernels.configs import (
+    AUTO_GROUP64_CONFIGS,
+    DEFAULT_CONFIGS,
+    GROUP64_CONFIGS,
+    PROMOTED_GROUP64_CONFIGS,
+    group64_config,
+)
+
+SHIFT = 0.171875  # Nunchaku's GELU shift
+
+
+def test_promoted_choice_by_token_count(monkeypatch):
+    """``promote=True``: 64 × 128 pingpong p1 for 16 < M < 256, 128 × 128 cooperative p1 from 256
+    (large M too: no promoted 128 × 256), the unpromoted 128 × 16 stream-K tiling for M ≤ 16."""
+    monkeypatch.delenv("SVDQ_G64_CONFIG", raising=False)
+    small, large = PROMOTED_GROUP64_CONFIGS[1], PROMOTED_GROUP64_CONFIGS[0]
+    assert (large.tile_m, large.tile_n, large.schedule, large.promote) == (128, 128, "cooperative", 1)
+    assert (small.tile_m, small.tile_n, small.schedule, small.promote) == (64, 128, "pingpong", 1)
+    for m in (17, 64, 255):
+        assert group64_config(m, promote=True) == small
+    for m in (256, 2047, 2048, 4608, 65536):
+        for n in (None, 3072, 12288):
+            assert group64_config(m, n=n, promote=True) == large
+    for m in (1, 16):
+        assert group64_config(m, promote=True) == group64_config(m) and group64_config(m).scheduler == "streamk"
+    # `svdq kernels build` prebuilds them; they are not among the unpromoted automatic tilings
+    assert set(PROMOTED_GROUP64_CONFIGS) <= set(GROUP64_CONFIGS) <= set(DEFAULT_CONFIGS)
+    assert not set(PROMOTED_GROUP64_CONFIGS) & set(AUTO_GROUP64_CONFIGS)
+    with pytest.raises(UnsupportedError, match="no low-rank k-tiles"):
+        group64_config(300, lowrank=True, promote=True)
+    with pytest.raises(UnsupportedError, match="e4m3"):
+        group64_config(300, activations="f16", promote=True)
+
+
+# --- the layer's dispatch, the kernels replaced by their arithmetic in float64 -----------------------
+
+def _w8(qweight, scales16, k):
+    codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight))
+    return packing.fp8_weight_values(codes, scales16[: k // 64].t())
+
+
+def _g64_op(qweight, scales16, rowinv, q, a, c):
+    """The two-step group-64 kernel's math: ``(q · w8ᵀ) · rowinv · a + c`` (bf16 out)."""
+    acc = q.double() @ _w8(qweight, scales16, q.shape[1]).double().t()
+    return (acc * rowinv.double() * a.double()[:, None] + c.double()).to(torch.bfloat16)
+
+
+def _g64_lr_op(qweight, scales, rowinv, q, a, bias, lr, l1):
+    """The ``lowrank`` group-64 kernel's math (sentinel-extended scales, l1 ``[N, 32 t]``)."""
+    m, t = q.shape[0], l1.shape[1] // 32
+    lr_used = lr.view(m, t, 2, 32)[:, :, 0].reshape(m, 32 * t)
+    acc = q.double() @ _w8(qweight, scales, q.shape[1]).double().t() + lr_used.double() @ l1.double().t()
+    out = acc * rowinv.double() * a.double()[:, None]
+    return (out + bias.double() if bias.numel() else out).to(torch.bfloat16)
+
+
+def _lr16(x, down, lora_scales):
+    """``x · L2ᵀ`` (per-rank scales applied) as bf16 ``[hi | lo]``: the prologue's ``lr16``."""
+    lr = x.double() @ down.double().t()
+    if lora_scales is not None:
+        lr = lr * lora_scales.double()
+    hi = lr.to(torch.bfloat16)
+    return torch.cat([hi, (lr - hi.double()).to(torch.bfloat16)], dim=1)
+
+
+@pytest.fixture()
+def emulated(monkeypatch):
+    """``cutlass_fast8`` with its Triton and CUTLASS kernels replaced by CPU arithmetic; records
+    ``(kernel config, also_build)`` per GEMM and the prologues that ran."""
+    calls: list[object] = []
+
+    def load(config, *, also_build=()):
+        calls.append((config, tuple(also_build)))
+        return _g64_lr_op if config.lowrank else _g64_op
+
+    def prologue(x2, smooth, down, *, act_shift=0.0, lr16=False, lora_scales=None, **_):
+        calls.append(("prologue", down is not None, lr16))
+        q, a = ops.quantize_fp8_rows(ops.smoothed(x2.float(), smooth, act_shift))
+        return q, a, _lr16(x2, down, lora_scales) if down is not None else None
+
+    def lowrank_down(x2, down, *, lora_scales=None):
+        calls.append("lowrank_down")
+        return _lr16(x2, down, lora_scales)
+
+    def tiles(x, down, a, *, lora_scales=None):
+        m, r = x.shape[0], down.shape[0]
+        t = lowrank_tiles.lowrank_k_tiles(r)
+        ag = torch.where(a > 0, a, torch.ones_like(a))
+        ranks = torch.zeros(m, 32 * t, dtype=torch.float64)
+        ranks[:, :r] = x.double() @ down.double().t() / ag.double()[:, None]
+        lr = torch.zeros(m, t, 64, dtype=torch.bfloat16)
+        lr[:, :, :32] = ranks.view(m, t, 32).to(torch.bfloat16)
+        return lr.view(m, 64 * t), ag
+
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "inductor")  # eager: prologue + lowrank_tiles (no fused kernel)
+    monkeypatch.setattr(cutlass_fast8, "load_kernel", load)
+    monkeypatch.setattr(cutlass_fast8, "prologue", prologue)
+    monkeypatch.setattr(cutlass_fast8, "lowrank_down", lowrank_down)
+    monkeypatch.setattr(cutlass_fast8, "lowrank_tiles", tiles)
+    monkeypatch.setattr(cutlass_fast8, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(cutlass_fast8, "LOWRANK_IN_GEMM", True)
+    monkeypatch.setattr(cutlass_fast8, "WEIGHTS", "int4")
+    monkeypatch.delenv("SVDQ_G64_CONFIG", raising=False)
+    return calls
+
+
+def _gelu_segment(m, n=128, k=256, r=32, seed=0):
+    """A layer and post-GELU input (≥ −0.17: one-signed once shifted by :data:`SHIFT`)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.gelu(3 * torch.randn(m, k, generator=g), approximate="tanh").to(torch.bfloat16)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    wscales = (torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
+    down = (torch.randn(r, k, generator=g) / k**0.5).to(torch.bfloat16)
+    up = (torch.randn(n, r, generator=g) * 0.5).to(torch.bfloat16)
+    bias = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16)
+    scales = torch.linspace(0.5, 1.5, r).to(torch.bfloat16)
+    return x, (qweight, wscales, None, smooth, down, up, bias, scales, "int4", "fp8w")
+
+
+def _call(entry, x, args, unsigned):
+    if entry == "linear":
+        return cutlass_fast8.fast8_linear(x, *args, SHIFT, unsigned)
+    q, a = ops.quantize_fp8_rows(ops.smoothed(x.float(), args[3], SHIFT))
+    return cutlass_fast8.fast8_linear_fp8(x, q, a, *args, SHIFT, unsigned)
+
+
+@pytest.mark.parametrize("entry", ["linear", "linear_fp8"])
+@pytest.mark.parametrize("m", [16, 17, 300])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_one_signed_activations_run_the_promoted_kernel_on_the_two_step_path(emulated, entry, m, unsigned):
+    """``act_unsigned`` with M > 16: the prologue's ``lr16`` (eager) or ``lowrank_down`` (compiled),
+    the cuBLAS low-rank source, then the promoted kernel (built with its twin); otherwise the
+    ``lowrank`` kernel of today's tiling. Both within the fast8 bound of the reference."""
+    x, args = _gelu_segment(m)
+    out = _call(entry, x, args, unsigned)
+    promoted = unsigned and m > 16
+    gemms = [c for c in emulated if isinstance(c, tuple) and c[0] != "prologue"]
+    assert len(gemms) == 1
+    config, also = gemms[0]
+    if promoted:
+        assert config == group64_config(m, promote=True) and config.promote == 1 and not config.lowrank
+        assert set(also) == set(PROMOTED_GROUP64_CONFIGS)
+        assert (("prologue", True, True) in emulated) == (entry == "linear")
+        assert ("lowrank_down" in emulated) == (entry == "linear_fp8")
+    else:
+        assert config == group64_config(m, n=128, sms=132, lowrank=True) and config.promote == 0
+        assert "lowrank_down" not in emulated and ("prologue", True, True) not in emulated
+    ref = ops.reference_linear(x, *args, act_shift=SHIFT, act_unsigned=unsigned).double()
+    assert out.shape == (m, 128) and out.dtype == torch.bfloat16
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def test_one_signed_two_step_output_equals_the_lowrank_kernels(emulated):
+    """The two paths compute one function: in float64 arithmetic the promoted two-step output and
+    the low-rank k-tiles' differ only by the bf16 roundings of their low-rank terms."""
+    x, args = _gelu_segment(300, seed=3)
+    promoted = _call("linear", x, args, True).double()
+    plain = _call("linear", x, args, False).double()
+    assert ((promoted - plain).norm() / plain.norm()).item() < 2e-3
+
+
+def test_a_forced_unpromoted_tiling_keeps_the_lowrank_path(emulated, monkeypatch):
+    """``SVDQ_G64_CONFIG`` (benchmarks) overrides the choice: an unpromoted tiling there runs the
+    ``lowrank`` kernels even for one-signed activations."""
+    forced = dataclasses.replace(AUTO_GROUP64_CONFIGS[2])
+    monkeypatch.setenv("SVDQ_G64_CONFIG", forced.name)
+    x, args = _gelu_segment(300)
+    _call("linear", x, args, True)
+    ((config, _),) = [c for c in emulated if isinstance(c, tuple) and c[0] != "prologue"]
+    assert config == dataclasses.replace(forced, lowrank=True)
