@@ -272,7 +272,10 @@ for c in PC:
         echo "p23 bench rc=$?"; grep -v Warn "$OUT/fast8_producer.log" | tail -8 | cut -c1-250
       fi ;;
     seg)  # the k-segmented layers (Nunchaku FLUX single blocks' proj_out) on the kernels: the GPU test, then
-          # on a failure the per-segment, per-path errors (benchmarks/segmented_parts.py; ~3 min in all)
+          # on a failure the per-segment, per-path errors (benchmarks/segmented_parts.py; ~3 min in all).
+          # Since the promoted-kernel fix (act_unsigned, M > 16: g64 ..._p1 pair, two-step path) 9/9
+          # expected; the pair must be in the carried kernel cache (GROUP64_CONFIGS), else its first use
+          # compiles it (~2 min, past this timeout).
       timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
       rc=$?; echo "segmented gpu tests rc=$rc"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5
       if [ $rc -ne 0 ]; then timeout 120 python3 benchmarks/segmented_parts.py > "$OUT/segmented_parts.log" 2>&1

@@ -10,6 +10,13 @@ before the fp32 sum. Measured on the CPU with the reference math per segment on 
 2.4e-3 for int4 exact, nvfp4 and fast8 alike, where one bf16 rounding of the reference gives
 1.7e-3 — so 4e-3 for the exact modes (whose kernels are within 1e-5 in fp32), and the fast8 bound
 5e-3 kept (its FP8 accumulation error, ≲ 3e-3, adds in quadrature: ~4e-3 expected).
+
+That FP8 accumulation bound holds for signed activations only: on the MLP half's one-signed
+(post-GELU, shifted, unsigned) activations Hopper's unpromoted FP8 accumulation gave 1.04–1.16e-2
+here (6 of 9 passed on 2026-12-06/07; cuBLAS ``_scaled_mm`` with fast accumulation: 1.15e-2), the
+promoted kernel 1.66e-3 (benchmarks/fp8_accumulation.py, H100). So ``fast8`` runs ``act_unsigned``
+calls with M > 16 on the promoted kernel (svdq_kernels/cutlass_fast8.py; M ≤ 16: stream-K's fp32
+split-K parts, 2.3e-3), and the 5e-3 bound stands.
 """
 
 from __future__ import annotations
