@@ -103,7 +103,8 @@ def emulated(monkeypatch):
         t = lowrank_tiles.lowrank_k_tiles(r)
         ag = torch.where(a > 0, a, torch.ones_like(a))
         ranks = torch.zeros(m, 32 * t, dtype=torch.float64)
-        ranks[:, :r] = x.double() @ down.double().t() / ag.double()[:, None]
+        lr_ranks = x.double() @ down.double().t()
+        ranks[:, :r] = (lr_ranks * lora_scales.double() if lora_scales is not None else lr_ranks) / ag.double()[:, None]
         lr = torch.zeros(m, t, 64, dtype=torch.bfloat16)
         lr[:, :, :32] = ranks.view(m, t, 32).to(torch.bfloat16)
         return lr.view(m, 64 * t), ag
@@ -167,13 +168,16 @@ def test_one_signed_activations_run_the_promoted_kernel_on_the_two_step_path(emu
     assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
 
 
-def test_one_signed_two_step_output_equals_the_lowrank_kernels(emulated):
-    """The two paths compute one function: in float64 arithmetic the promoted two-step output and
-    the low-rank k-tiles' differ only by the bf16 roundings of their low-rank terms."""
+def test_one_signed_entry_points_agree_and_stay_near_the_lowrank_kernels(emulated):
+    """On the promoted path the eager entry (the prologue's ``lr16``) and the compiled one
+    (``lowrank_down`` beside the graph's quantizer) give the same bits; against the low-rank
+    k-tiles' output (signed dispatch, same arithmetic here) they differ by bf16 roundings only
+    (3.2e-3 measured: the source ``c`` and both outputs rounded)."""
     x, args = _gelu_segment(300, seed=3)
-    promoted = _call("linear", x, args, True).double()
+    eager, compiled = _call("linear", x, args, True), _call("linear_fp8", x, args, True)
+    assert torch.equal(eager, compiled)
     plain = _call("linear", x, args, False).double()
-    assert ((promoted - plain).norm() / plain.norm()).item() < 2e-3
+    assert ((eager.double() - plain).norm() / plain.norm()).item() < 4e-3
 
 
 def test_a_forced_unpromoted_tiling_keeps_the_lowrank_path(emulated, monkeypatch):
