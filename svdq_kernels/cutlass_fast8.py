@@ -45,7 +45,8 @@ promoted kernel (:data:`svdq_kernels.configs.PROMOTED_GROUP64_CONFIGS`) on the t
 Hopper's FP8 MMAs accumulate with reduced precision, which on such activations gave 1.16e-2 on
 that half (H100; cuBLAS ``_scaled_mm`` with fast accumulation: 1.15e-2), the promoted kernel
 1.66e-3 (the bf16 output rounding). Signed activations stay on the faster kernels (2.6e-3 there,
-as the FP8 peer's fast accumulation).
+as the FP8 peer's fast accumulation). This comes before :data:`WEIGHTS`: the pre-converted kernel
+accumulates without promotion too.
 """
 
 from __future__ import annotations
