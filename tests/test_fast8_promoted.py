@@ -189,3 +189,19 @@ def test_a_forced_unpromoted_tiling_keeps_the_lowrank_path(emulated, monkeypatch
     _call("linear", x, args, True)
     ((config, _),) = [c for c in emulated if isinstance(c, tuple) and c[0] != "prologue"]
     assert config == dataclasses.replace(forced, lowrank=True)
+
+
+def test_promotion_comes_before_the_pre_converted_weights(emulated, monkeypatch):
+    """With ``SVDQ_FAST8_WEIGHTS=e4m3`` an M ≥ 2048 one-signed call still runs the promoted kernel (the
+    pre-converted one accumulates without promotion); a signed one takes the e4m3 pre-pass."""
+    monkeypatch.setattr(cutlass_fast8, "WEIGHTS", "e4m3")
+    monkeypatch.setattr(cutlass_fast8, "e4m3_weights", lambda *a: emulated.append("e4m3_weights"))
+    monkeypatch.setattr(cutlass_fast8, "ss_gemm_lowrank",
+                        lambda w8, rowinv, q, *a, **kw: torch.zeros(q.shape[0], 128, dtype=torch.bfloat16))
+    x, args = _gelu_segment(2048, k=128)
+    _call("linear_fp8", x, args, True)
+    assert "e4m3_weights" not in emulated
+    assert [c[0] for c in emulated if isinstance(c, tuple) and c[0] != "prologue"] == [PROMOTED_GROUP64_CONFIGS[0]]
+    emulated.clear()
+    _call("linear_fp8", x, args, False)
+    assert emulated == ["e4m3_weights"]
