@@ -163,6 +163,25 @@ def profile_step(fn, *, label: str) -> dict:
     return kinds
 
 
+def profile_ops(model, x, *, label: str, rows: int = 30) -> None:
+    """Which ops launch the GPU time of a compiled step, by op and input shapes: ``model`` compiled
+    without CUDA graphs (graph replays hide the launching op), profiled with ``record_shapes``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    plain = torch.compile(model)
+    with torch.no_grad():
+        plain(**x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            plain(**x)
+            torch.cuda.synchronize()
+    print(f"{label}: compiled without CUDA graphs, GPU time by op and input shapes")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=rows,
+                                                               max_name_column_width=60, max_shapes_column_width=90))
+    torch._dynamo.reset()
+
+
 def measure(model, x, *, label: str, args, compile: bool = True, eager: bool = True) -> dict:
     """Eager (unless ``eager=False``) and compiled step times of ``model`` on ``x``."""
     out = {"weights_bytes": weight_bytes(model)}
@@ -183,6 +202,8 @@ def measure(model, x, *, label: str, args, compile: bool = True, eager: bool = T
                            "first_call_s": compile_s, "mode": args.compile_mode}
         if args.profile and args.device.startswith("cuda"):
             out["compiled"]["gpu_ms_by_kind"] = profile_step(lambda: compiled(**x), label=f"{label} compiled")
+        if args.profile_shapes and args.device.startswith("cuda") and label.startswith("svd"):
+            profile_ops(model, x, label=label)
     for k in ("eager", "compiled"):
         if k in out:
             print(f"{label:<10} {k:<9} {out[k]['median_s'] * 1e3:9.1f} ms/step  weights "
@@ -204,6 +225,9 @@ def main(argv=None) -> int:
                     help="with --compile: time the SVDQuant model compiled only (a shorter GPU run)")
     ap.add_argument("--profile", action="store_true",
                     help="GPU time of one SVDQuant step by kernel kind, eager and compiled (torch.profiler)")
+    ap.add_argument("--profile-shapes", action="store_true",
+                    help="also profile the SVDQuant model compiled without CUDA graphs, by op and input shapes "
+                         "(names the ops behind 'other' GPU time)")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                     help="torch.compile mode (e.g. reduce-overhead for CUDA graphs)")
     ap.add_argument("--samples", type=int, default=4, help="synthetic calibration samples")

@@ -7,7 +7,10 @@
 #   (the FLUX step with the fused prologue, the default since then, and with Inductor's quantizer,
 #   beside the FP8 peer; ~8 min; `lr2` is the full table with bf16 compiled), then `seg` (the segmented test, its split, fp8_accumulation.py: cuBLAS with and without fast
 #   accumulation on the K = 12288 operands; ~5 min) and `e4p` (the e4m3 weight pass's bound, ~2 min).
-#   Issue 23 lever 5: `ss` (the pre-converted kernel's tests and timing, ~5 min; carry .kcache-ss.tgz).
+#   Issue 23 lever 5: `ss` (the pre-converted kernel's tests and timing, ~5 min), measured 2026-12-07 and the
+#   default since. Next: `prof` (what the compiled step's 12.4 ms of "other" GPU time is, ~5 min), `lr4` (the
+#   step with both prologues beside the FP8 peer, ~9 min), `seg` (the segmented test with the promoted
+#   kernels for one-signed segments), `cg` (a first compiled call with reduce-overhead).
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
 # removed untimed.)
@@ -217,6 +220,13 @@ for step in $STEPS; do
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --prologue fused --weights e4m3 \
         --out "$OUT/flux_step_e4m3.json" > "$OUT/flux_step_e4m3.log" 2>&1
       echo "step rc=$?"; grep -E "ms/step|by kind|quantized|vs FP8|svdq kernels" "$OUT/flux_step_e4m3.log" | cut -c1-400 ;;
+    prof) # issue 23 (~5 min): which ops are the compiled step's 12.4 ms of "other" GPU time (an ATen
+          # elementwise kernel, 171 calls, since the fused prologue): SVDQuant's default compiled also without
+          # CUDA graphs and profiled by op and input shapes (flux_step.py --profile-shapes)
+      timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --no-bf16-compile --no-svdq-eager --profile --profile-shapes \
+        --out "$OUT/flux_step_ops.json" > "$OUT/flux_step_ops.log" 2>&1
+      echo "step rc=$?"; grep -A40 "by op and input shapes" "$OUT/flux_step_ops.log" | cut -c1-260 | head -45 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no

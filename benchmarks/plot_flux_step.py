@@ -15,12 +15,16 @@ def bars(results: list[dict]) -> list[tuple[str, float, float]]:
     out: list[tuple[str, float, float]] = []
     seen: set[str] = set()
     for r in results:
-        for model in ("bf16", "fp8", "svdq"):
+        # the SVDQuant variants of one run (flux_step.py --weights/--prologue/... both) after "svdq"
+        variants = sorted(k for k in r if k.startswith("svdq_") and isinstance(r[k], dict) and "weights_bytes" in r[k])
+        for model in ("bf16", "fp8", "svdq", *variants):
             for kind in ("eager", "compiled"):
                 m = r.get(model, {}).get(kind)
                 if not m:
                     continue
                 name = {"bf16": "bf16", "fp8": "FP8 W8A8"}.get(model) or f"SVDQuant {r.get('mode', 'fast')}"
+                if model.startswith("svdq") and "weights" in r[model]:  # which GEMM weights the variant read
+                    name += f" ({r[model]['weights']})"
                 label = f"{name}\n{kind}" + (f"\n({m['mode']})" if kind == "compiled" else "")
                 if label not in seen:
                     seen.add(label)

@@ -33,7 +33,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.config:
         configs = [config_by_name(n) for n in args.config]
     else:  # what the model will ask for: the experimental W4A16 kernels only when they are on, the
-        # pre-converted fast8 ones only with SVDQ_FAST8_WEIGHTS=e4m3
+        # pre-converted fast8 ones with SVDQ_FAST8_WEIGHTS=e4m3 (the default)
         configs = (list(DEFAULT_CONFIGS) + (list(AUTO_GROUP64_W4A16_CONFIGS) if experimental_kernels() else [])
                    + (list(SS_LOWRANK_CONFIGS) if WEIGHTS == "e4m3" else []))
     if args.list:
@@ -109,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--config", action="append", metavar="NAME",
                    help="a kernel configuration name (repeatable; default: all defaults, plus the "
                         "experimental W4A16 kernels with SVDQ_EXPERIMENTAL_KERNELS=1 and the pre-converted "
-                        "fast8 kernels with SVDQ_FAST8_WEIGHTS=e4m3)")
+                        "fast8 kernels with SVDQ_FAST8_WEIGHTS=e4m3, the default)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--jobs", type=int, default=0, help="parallel nvcc processes (default: auto)")
     b.add_argument("--list", action="store_true", help="print the configuration names and exit")

@@ -300,8 +300,8 @@ def _tiling(config: Group64GemmConfig) -> tuple[int, int, int, str, str]:
 
 
 #: The pre-converted kernels (:class:`SsLowrankGemmConfig`): the two large-M automatic tilings
-#: (128 × 256 and its stream-K twin) and 128 × 128. Opt-in (``SVDQ_FAST8_WEIGHTS=e4m3``,
-#: :data:`svdq_kernels.cutlass_fast8.WEIGHTS`): not prebuilt unless that is on.
+#: (128 × 256 and its stream-K twin) and 128 × 128. Used with ``SVDQ_FAST8_WEIGHTS=e4m3`` (the
+#: default, :data:`svdq_kernels.cutlass_fast8.WEIGHTS`), and prebuilt by ``svdq kernels build`` then.
 SS_LOWRANK_CONFIGS: tuple[SsLowrankGemmConfig, ...] = tuple(
     SsLowrankGemmConfig(tile_m=c.tile_m, tile_n=c.tile_n, tile_k=c.tile_k, schedule=c.schedule, scheduler=c.scheduler)
     for c in AUTO_GROUP64_LR_CONFIGS[:3])

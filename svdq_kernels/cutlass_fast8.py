@@ -27,7 +27,7 @@ the low-rank k-tiles are one prologue (:func:`svdq_kernels.lowrank_tiles.quantiz
 read for the absmax and ``x · L2ᵀ`` together, then for the codes), and a compiled graph calls
 this function through ``svdquant::linear`` instead of quantizing in the graph.
 
-With ``SVDQ_FAST8_WEIGHTS=e4m3`` (:data:`WEIGHTS`; opt-in), a low-rank layer at M ≥ 2048 converts
+By default (``SVDQ_FAST8_WEIGHTS=e4m3``, :data:`WEIGHTS`), a low-rank layer at M ≥ 2048 converts
 its weights in a pre-pass instead of in the GEMM's mainloop: :func:`svdq_kernels.weights_e4m3.
 e4m3_weights` writes them as a plain e4m3 ``[N, K]`` matrix (per call: the model stays 4-bit in
 memory), and the pre-converted GEMM (:class:`svdq_kernels.configs.SsLowrankGemmConfig`: a dense
@@ -80,7 +80,7 @@ from .triton_fast import layer_inputs
 from .triton_prologue import lowrank_down, prologue
 from .weights_e4m3 import e4m3_weights
 
-__all__ = ["LOWRANK_IN_GEMM", "CONVERT", "WEIGHTS", "WEIGHTS_CHOICES", "SS_MIN_M", "fast8_weights",
+__all__ = ["LOWRANK_IN_GEMM", "CONVERT", "WEIGHTS", "WEIGHTS_CHOICES", "DEFAULT_WEIGHTS", "SS_MIN_M", "fast8_weights",
            "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8", "lowrank_source", "group64_gemm",
            "group64_gemm_lowrank", "ss_gemm_lowrank", "group64_layer"]
 
@@ -96,22 +96,26 @@ CONVERT = "consumer"
 
 #: The values of :data:`WEIGHTS`.
 WEIGHTS_CHOICES = ("int4", "e4m3")
+#: :data:`WEIGHTS` without ``SVDQ_FAST8_WEIGHTS``: the pre-converted path since 2026-12-07 (an H100:
+#: the layer's GEMM 1.09–1.18× faster with its pass, the FLUX.1-dev step 127.7 → 125.1 ms, same
+#: bits; docs/benchmarks.md).
+DEFAULT_WEIGHTS = "e4m3"
 
 
 def _weights_setting() -> str:
-    value = os.environ.get("SVDQ_FAST8_WEIGHTS", "").strip().lower() or WEIGHTS_CHOICES[0]
+    value = os.environ.get("SVDQ_FAST8_WEIGHTS", "").strip().lower() or DEFAULT_WEIGHTS
     if value not in WEIGHTS_CHOICES:  # as SVDQ_FAST8_PROLOGUE: a warning, the default
         warnings.warn(f"SVDQ_FAST8_WEIGHTS={value!r} is not one of {WEIGHTS_CHOICES}; using "
-                      f"{WEIGHTS_CHOICES[0]!r}", stacklevel=2)
-        return WEIGHTS_CHOICES[0]
+                      f"{DEFAULT_WEIGHTS!r}", stacklevel=2)
+        return DEFAULT_WEIGHTS
     return value
 
 
-#: What the low-rank ``fast8`` GEMM at M ≥ :data:`SS_MIN_M` reads as weights: ``"int4"`` (the packed
-#: codes, converted to e4m3 inside the GEMM: the default) or ``"e4m3"`` (a per-call pre-pass,
-#: :func:`svdq_kernels.weights_e4m3.e4m3_weights`, writes them as a plain e4m3 matrix and the
-#: pre-converted kernel, :data:`svdq_kernels.configs.SS_LOWRANK_CONFIGS`, runs on it; same results;
-#: opt-in until its GPU timing exists). Read once at import from ``SVDQ_FAST8_WEIGHTS``.
+#: What the low-rank ``fast8`` GEMM at M ≥ :data:`SS_MIN_M` reads as weights: ``"e4m3"`` (the
+#: default: a per-call pre-pass, :func:`svdq_kernels.weights_e4m3.e4m3_weights`, writes them as a
+#: plain e4m3 matrix and the pre-converted kernel, :data:`svdq_kernels.configs.SS_LOWRANK_CONFIGS`,
+#: runs on it) or ``"int4"`` (the packed codes, converted to e4m3 inside the GEMM's mainloop); the
+#: same bits either way. Read once at import from ``SVDQ_FAST8_WEIGHTS``.
 WEIGHTS = _weights_setting()
 
 #: The smallest token count for which :data:`WEIGHTS` ``= "e4m3"`` takes the pre-converted path (the

@@ -244,27 +244,28 @@ def test_ss_gemm_lowrank_builds_the_ss_kernels_together(monkeypatch):
 
 
 def test_weights_setting_comes_from_the_environment(monkeypatch):
-    """``SVDQ_FAST8_WEIGHTS`` (read at import into ``WEIGHTS``): ``int4`` by default, a bad value warns."""
-    for value, want in (("e4m3", "e4m3"), ("", "int4"), (" INT4 ", "int4")):
+    """``SVDQ_FAST8_WEIGHTS`` (read at import into ``WEIGHTS``): ``e4m3`` by default, a bad value warns."""
+    for value, want in (("e4m3", "e4m3"), ("", "e4m3"), (" INT4 ", "int4")):
         monkeypatch.setenv("SVDQ_FAST8_WEIGHTS", value)
         assert cutlass_fast8._weights_setting() == want
     monkeypatch.setenv("SVDQ_FAST8_WEIGHTS", "fp8")
     with pytest.warns(UserWarning, match="SVDQ_FAST8_WEIGHTS='fp8' is not one of"):
-        assert cutlass_fast8._weights_setting() == "int4"
-    assert cutlass_fast8.WEIGHTS == "int4"  # this process's setting (the suite runs without it)
+        assert cutlass_fast8._weights_setting() == "e4m3"
+    assert cutlass_fast8.WEIGHTS == "e4m3"  # this process's setting (the suite runs without it)
 
 
-def test_cli_lists_the_ss_kernels_when_opted_in(capsys, tmp_path, monkeypatch):
+def test_cli_lists_the_ss_kernels_unless_opted_out(capsys, tmp_path, monkeypatch):
     pytest.importorskip("cutlass_library")
     from svdq_format.cli import main
 
     monkeypatch.setenv("SVDQ_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cutlass_fast8, "WEIGHTS", "int4")
     assert main(["kernels", "build", "--list"]) == 0
-    default = capsys.readouterr().out.split()
-    assert not any(n.startswith("ss_") for n in default)
+    int4 = capsys.readouterr().out.split()
+    assert not any(n.startswith("ss_") for n in int4)
     monkeypatch.setattr(cutlass_fast8, "WEIGHTS", "e4m3")
     assert main(["kernels", "build", "--list"]) == 0
-    assert sorted(set(capsys.readouterr().out.split()) - set(default)) == sorted(c.name for c in SS_LOWRANK_CONFIGS)
+    assert sorted(set(capsys.readouterr().out.split()) - set(int4)) == sorted(c.name for c in SS_LOWRANK_CONFIGS)
     assert main(["kernels", "build", "--list", "--config", SS.name]) == 0
     assert capsys.readouterr().out.split() == [SS.name]
     assert main(["kernels", "info"]) == 0
