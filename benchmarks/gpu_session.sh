@@ -327,6 +327,12 @@ for c in SS:
         timeout 150 python3 benchmarks/fast8_preconverted.py --out "$OUT/fast8_preconverted.json" > "$OUT/fast8_preconverted.log" 2>&1
         echo "ss bench rc=$?"; grep -v Warn "$OUT/fast8_preconverted.log" | tail -9 | cut -c1-250
       fi ;;
+    cg)  # the CUDA-graph pool fix (~1-2 min with the kernels in .kcache; else first use builds them): a
+         # two-layer fast8 model compiled with mode="reduce-overhead" and called first compiled (empty
+         # per-weight caches), default int4 and e4m3 weights, against its eager output
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py \
+        -k reduce_overhead_compiles_on_a_first_call > "$OUT/pytest_cg.log" 2>&1
+      echo "cg tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_cg.log" | tail -8 | cut -c1-300 ;;
     *) echo "unknown step $step" ;;
   esac
 done

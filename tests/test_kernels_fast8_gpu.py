@@ -177,6 +177,37 @@ def test_fast8_layer_dispatches_to_the_kernel(monkeypatch, prologue):
     assert _rel(got.cpu(), ref) < 5e-3 and _rel(got, out) < 1e-3
 
 
+
+@pytest.mark.parametrize("weights", ["int4", "e4m3"])
+def test_reduce_overhead_compiles_on_a_first_call(monkeypatch, weights):
+    """``torch.compile(model, mode="reduce-overhead")`` called first compiled, with the layers'
+    per-weight caches still empty: CUDA graph trees' warm-up routes the calling thread's
+    allocations into the graph's pool, so the caches are made on svdq_format.tensor_cache's
+    worker thread — made inline, the recording failed ("tensor(s) in the cudagraph pool not
+    tracked as outputs"). Three calls (warm-up, recording, replay) give the eager output."""
+    monkeypatch.setattr(cutlass_fast8, "WEIGHTS", weights)  # e4m3: the pre-converted path at M >= 2048
+    torch._dynamo.reset()
+    layers = []
+    for seed in (21, 22):
+        layer = sf.SVDQLinear(3072, 3072, rank=32, bias=True, dtype=torch.bfloat16, device="cuda")
+        _, qw, ws, smooth, down, up, b = _inputs(1, 3072, 3072, 32, bias=True, seed=seed)
+        with torch.no_grad():
+            layer.qweight.copy_(qw), layer.wscales.copy_(ws), layer.smooth.copy_(smooth)
+            layer.lora_down.copy_(down), layer.lora_up.copy_(up), layer.bias.copy_(b)
+        layer.mode = "fast8"
+        layers.append(layer)
+    model = torch.nn.Sequential(layers[0], torch.nn.GELU(approximate="tanh"), layers[1])
+    assert all((la.qweight, la.wscales) not in cutlass_fast8._WEIGHTS for la in layers)  # fresh caches
+    x = _inputs(4608, 3072, 3072, 0, bias=False, seed=23)[0]
+    compiled = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        outs = [compiled(x).clone() for _ in range(3)]
+        made = [(la.qweight, la.wscales) in cutlass_fast8._WEIGHTS for la in layers]
+        want = model(x)
+    assert made == [True, True], "the compiled calls did not cache the layers' fast8 scales"
+    for out in outs:
+        assert out.shape == want.shape and _rel(out, want) <= 1e-3
+
 def test_inductor_quantizer_gives_the_prologues_codes():
     """The compiled path's quantizer (``ops.graph_fp8_activations`` lowered by Inductor to Triton)
     and the eager Triton prologue agree up to Inductor's per-row arithmetic (``absmax / 448`` becomes
