@@ -26,15 +26,23 @@ def _check_build_host() -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build_kernels
-    from .configs import AUTO_GROUP64_W4A16_CONFIGS, DEFAULT_CONFIGS, SS_LOWRANK_CONFIGS, config_by_name
+    from .configs import (
+        AUTO_GROUP64_LR_CONFIGS,
+        AUTO_GROUP64_W4A16_CONFIGS,
+        DEFAULT_CONFIGS,
+        SS_LOWRANK_CONFIGS,
+        config_by_name,
+    )
     from .cutlass_fast8 import WEIGHTS
     from .registry import experimental_kernels
 
     if args.config:
         configs = [config_by_name(n) for n in args.config]
-    else:  # what the model will ask for: the experimental W4A16 kernels only when they are on, the
-        # pre-converted fast8 ones with SVDQ_FAST8_WEIGHTS=e4m3 (the default)
-        configs = (list(DEFAULT_CONFIGS) + (list(AUTO_GROUP64_W4A16_CONFIGS) if experimental_kernels() else [])
+    else:  # what the model will ask for: the low-rank k-tile kernels (every fast8 layer with a low-rank
+        # branch), the experimental W4A16 kernels only when they are on, the pre-converted fast8 ones
+        # with SVDQ_FAST8_WEIGHTS=e4m3 (the default)
+        configs = (list(DEFAULT_CONFIGS) + list(AUTO_GROUP64_LR_CONFIGS)
+                   + (list(AUTO_GROUP64_W4A16_CONFIGS) if experimental_kernels() else [])
                    + (list(SS_LOWRANK_CONFIGS) if WEIGHTS == "e4m3" else []))
     if args.list:
         for config in configs:
@@ -107,9 +115,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="kernels_command", metavar="ACTION")
     b = sub.add_parser("build", help="compile the CUTLASS kernels into the cache (needs nvcc + CUDA torch)")
     b.add_argument("--config", action="append", metavar="NAME",
-                   help="a kernel configuration name (repeatable; default: all defaults, plus the "
-                        "experimental W4A16 kernels with SVDQ_EXPERIMENTAL_KERNELS=1 and the pre-converted "
-                        "fast8 kernels with SVDQ_FAST8_WEIGHTS=e4m3, the default)")
+                   help="a kernel configuration name (repeatable; default: all defaults and the low-rank "
+                        "k-tile kernels, plus the experimental W4A16 kernels with SVDQ_EXPERIMENTAL_KERNELS=1 "
+                        "and the pre-converted fast8 kernels with SVDQ_FAST8_WEIGHTS=e4m3, the default)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--jobs", type=int, default=0, help="parallel nvcc processes (default: auto)")
     b.add_argument("--list", action="store_true", help="print the configuration names and exit")

@@ -15,7 +15,7 @@ from svdq_format import ops
 from svdq_format.cli import main
 from svdq_format.errors import BackendError
 from svdq_kernels import cutlass_w4a16, registry, triton_fast
-from svdq_kernels.configs import AUTO_GROUP64_W4A16_CONFIGS
+from svdq_kernels.configs import AUTO_GROUP64_LR_CONFIGS, AUTO_GROUP64_W4A16_CONFIGS
 
 
 def _call(**kw) -> ops.LinearCall:
@@ -151,6 +151,7 @@ def test_cli_build_list_and_info(capsys, tmp_path, monkeypatch) -> None:
     # ss_e4m3_: the pre-converted kernels (SVDQ_FAST8_WEIGHTS=e4m3, the default)
     assert names and all(n.startswith(("s4fp8_", "g64s4fp8_", "ss_e4m3_")) for n in names)
     assert any(n.startswith("g64s4fp8_") for n in names)  # the fast8 kernels are prebuilt too
+    assert {c.name for c in AUTO_GROUP64_LR_CONFIGS} <= set(names)  # with the low-rank k-tiles: the default path
     monkeypatch.setenv("SVDQ_EXPERIMENTAL_KERNELS", "1")  # and the experimental W4A16 ones when on
     assert main(["kernels", "build", "--list"]) == 0
     assert sorted(set(capsys.readouterr().out.split()) - set(names)) == sorted(
