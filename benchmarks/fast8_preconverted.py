@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fast8_producer import bench_fp8_gemm, lowrank_gemm_inputs  # noqa: E402
+
 import linear_peers  # noqa: E402  (benchmarks/)
 from linear_peers import bench, random_layer, run_meta  # noqa: E402
 
@@ -42,22 +44,14 @@ SHAPES = [(4608, 3072, 3072), (4608, 3072, 9216), (4608, 3072, 12288), (4608, 12
 
 def measure_shape(m: int, k: int, n: int, rank: int) -> dict:
     """One shape's timings (milliseconds) and ratios (speed-ups)."""
-    from svdq_format import ops
     from svdq_kernels import cutlass_fast8, lowrank_tiles
     from svdq_kernels.weights_e4m3 import e4m3_weights
 
     torch.manual_seed(0)
     L = random_layer(m, k, n, rank)
-    x, bias = L.x, L.bias
-    t: dict[str, float] = {}
-    sx = x.abs().amax(dim=-1, keepdim=True).float() / 448.0
-    xq = (x.float() / sx).to(torch.float8_e4m3fn)
-    t["fp8_gemm"] = bench(lambda: torch._scaled_mm(xq, L.w8.t(), scale_a=sx, scale_b=L.sw, bias=bias,
-                                                   out_dtype=torch.bfloat16, use_fast_accum=True))
-    q, a = ops.quantize_fp8_rows(ops.smoothed(x.float(), L.smooth, 0.0))
-    lr, ag = lowrank_tiles.lowrank_tiles(x, L.down, a.reshape(m).float().contiguous())
-    scales, rowinv = cutlass_fast8.fast8_lowrank_weights(L.qweight, L.wscales, lowrank_tiles.lowrank_k_tiles(rank))
-    l1 = lowrank_tiles.padded_up(L.up, rowinv)
+    bias = L.bias
+    t: dict[str, float] = {"fp8_gemm": bench_fp8_gemm(L)}
+    q, _, lr, ag, scales, rowinv, l1 = lowrank_gemm_inputs(L)
     t["consumer"] = bench(lambda: cutlass_fast8.group64_gemm_lowrank(L.qweight, scales, rowinv, q, ag, bias, lr, l1))
     s16 = cutlass_fast8.fast8_weights(L.qweight, L.wscales)[0]
     t["e4m3_pass"] = bench(lambda: e4m3_weights(L.qweight, s16))

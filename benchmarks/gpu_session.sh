@@ -6,7 +6,7 @@
 #   (default: next.) After 2026-12-07 the plan is two calls with .whl and .kcache carried: `lr4`
 #   (the FLUX step with the fused prologue, the default since then, and with Inductor's quantizer,
 #   beside the FP8 peer; ~8 min; `lr2` is the full table with bf16 compiled), then `seg` (the segmented test, its split, fp8_accumulation.py: cuBLAS with and without fast
-#   accumulation on the K = 12288 operands; ~5 min) and `e4p` (the e4m3 weight pass's bound, ~2 min).
+#   accumulation on the K = 12288 operands; ~5 min).
 #   Issue 23 lever 5: `ss` (the pre-converted kernel's tests and timing, ~5 min), measured 2026-12-07 and the
 #   default since. Next: `prof` (what the compiled step's 12.4 ms of "other" GPU time is, ~5 min), `lr4` (the
 #   step with both prologues beside the FP8 peer, ~9 min), `seg` (the segmented test with the promoted
@@ -292,13 +292,6 @@ for c in PC:
         echo "parts rc=$?"; grep -v Warn "$OUT/segmented_parts.log" | tail -18; fi
       # hardware or kernel? cuBLAS on the same K = 12288 operands with and without fast accumulation
       timeout 150 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation.json" 2>&1 | grep -v Warn | tail -3 ;;
-    e4p)  # issue 23 lever 5's bound (~2 min): the per-call e4m3 weight pass (svdq_kernels/weights_e4m3.py)
-          # — its GPU bit test, then alone and followed by cuBLAS's FP8 GEMM beside our consumer kernel at
-          # M = 4608 on the six FLUX shapes ($OUT/fast8_e4m3_pass.json)
-      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fast8_gpu.py -k e4m3_weights > "$OUT/pytest_e4m3.log" 2>&1
-      echo "e4m3 pass tests rc=$?"; grep -E "passed|failed" "$OUT/pytest_e4m3.log" | tail -3
-      timeout 150 python3 benchmarks/fast8_e4m3_pass.py --out "$OUT/fast8_e4m3_pass.json" > "$OUT/fast8_e4m3_pass.log" 2>&1
-      echo "e4m3 pass bench rc=$?"; grep -v Warn "$OUT/fast8_e4m3_pass.log" | tail -8 | cut -c1-200 ;;
     ss)  # issue 23 lever 5 (~5 min on an H100; kernels from .kcache-ss.tgz, else built here, ~3 min on 16
          # cores): the pre-converted kernel (SVDQ_FAST8_WEIGHTS=e4m3: the e4m3 pass + a dense SS FP8 mainloop
          # with the low-rank k-tiles); a 60 s smoke call (a pipeline hang stops the step there); its GPU tests
