@@ -23,7 +23,7 @@ import concurrent.futures
 import dataclasses
 import threading
 import weakref
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
 
 import torch
 
@@ -36,11 +36,13 @@ class TensorCache(Generic[T]):
     """A cache of ``make()`` results keyed by a tuple of tensors (see the module doc)."""
 
     def __init__(self) -> None:
-        self._store: dict[tuple[int, ...], tuple[tuple, T]] = {}
+        self._store: dict[tuple[Hashable, ...], tuple[tuple, T]] = {}
 
-    def get(self, tensors: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:
-        """The cached value for ``tensors``, or ``make()`` (then cached) if it is missing or stale."""
-        key = tuple(id(t) for t in tensors)
+    def get(self, tensors: tuple[torch.Tensor, ...], make: Callable[[], T], *, variant: Hashable = None) -> T:
+        """The cached value for ``tensors``, or ``make()`` (then cached) if it is missing or stale.
+        ``variant``: a further part of the key (values of one kind made from the same tensors in
+        several forms, e.g. for a number of low-rank k-tiles), each cached and dropped like the rest."""
+        key = (*(id(t) for t in tensors), variant)
         state = tuple((t._version, tuple(t.shape)) for t in tensors)
         hit = self._store.get(key)
         if hit is not None and hit[0] == state:
@@ -53,7 +55,7 @@ class TensorCache(Generic[T]):
         return value
 
     def __contains__(self, tensors: tuple[torch.Tensor, ...]) -> bool:
-        return tuple(id(t) for t in tensors) in self._store
+        return (*(id(t) for t in tensors), None) in self._store
 
     def __len__(self) -> int:
         return len(self._store)

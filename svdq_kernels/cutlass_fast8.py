@@ -145,6 +145,8 @@ class _Fast8Prep:
 
 
 _WEIGHTS: TensorCache[_Fast8Prep] = TensorCache()
+#: The scales with more than one low-rank k-tile's sentinel rows (a LoRA that widens the rank), per tile count.
+_WIDER_SCALES: TensorCache[torch.Tensor] = TensorCache()
 _UPS: TensorCache[torch.Tensor] = TensorCache()
 
 
@@ -164,14 +166,19 @@ def fast8_lowrank_weights(
     qweight: torch.Tensor, wscales: torch.Tensor, tiles: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fast8_weights` for the ``lowrank`` kernels: the scales with ``2·tiles`` sentinel rows
-    after the ``K/64`` real ones (:func:`svdq_kernels.lowrank_tiles.sentinel_scale_rows`), a view
-    of the same cached tensor (grown when a LoRA widens the rank), and ``rowinv``."""
+    after the ``K/64`` real ones (:func:`svdq_kernels.lowrank_tiles.sentinel_scale_rows`) — a view
+    of the same cached tensor for one k-tile, a cached copy per tile count beyond (a LoRA that
+    widens the rank) — and ``rowinv``."""
     prep = _WEIGHTS.get((qweight, wscales), lambda: _make_fast8_weights(qweight, wscales))
     rows = prep.groups + 2 * tiles
-    if prep.scales.shape[0] < rows:
+    if prep.scales.shape[0] >= rows:
+        return prep.scales[:rows], prep.rowinv
+
+    def wider() -> torch.Tensor:  # a cache entry of its own, so it too is made outside CUDA graphs' pool
         extra = sentinel_scale_rows(tiles, prep.scales.shape[1], device=prep.scales.device)
-        prep.scales = torch.cat([prep.scales[: prep.groups], extra]).contiguous()
-    return prep.scales[:rows], prep.rowinv
+        return torch.cat([prep.scales[: prep.groups], extra]).contiguous()
+
+    return _WIDER_SCALES.get((qweight, wscales), wider, variant=tiles), prep.rowinv
 
 
 def _make_fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> _Fast8Prep:

@@ -145,3 +145,30 @@ def test_inference_mode_is_carried_to_the_worker(fake_cuda):
         value = cache.get((w,), lambda: seen.append(
             (torch.is_inference_mode_enabled(), torch.is_grad_enabled(), threading.get_ident())) or torch.zeros(1))
     assert seen[0][:2] == (True, False) and seen[0][2] != threading.get_ident() and value.is_inference()
+
+
+def test_variants_are_cached_apart_and_dropped_with_their_tensors() -> None:
+    """``variant`` keys several values made from the same tensors (the fast8 scales per low-rank
+    k-tile count): each made once, stale after an in-place change, gone with the tensor."""
+    import gc
+
+    cache: TensorCache[torch.Tensor] = TensorCache()
+    held = [torch.ones(4)]
+    made: list[int] = []
+
+    def make(n: int):
+        def run() -> torch.Tensor:
+            made.append(n)
+            return held[0].repeat(n)
+        return run
+
+    w = held[0]
+    assert cache.get((w,), make(1)).shape == (4,) and cache.get((w,), make(2), variant=2).shape == (8,)
+    assert cache.get((w,), make(2), variant=2).shape == (8,) and cache.get((w,), make(1)).shape == (4,)
+    assert made == [1, 2] and len(cache) == 2 and (w,) in cache
+    w.add_(1)  # in place: both entries stale
+    assert cache.get((w,), make(2), variant=2).sum().item() == 16 and made == [1, 2, 2]
+    held.clear()
+    del w
+    gc.collect()
+    assert len(cache) == 0
