@@ -76,6 +76,7 @@ __all__ = [
     "SPLIT_ACTS",
     "FAST8_PROLOGUE",
     "FAST8_PROLOGUES",
+    "env_choice",
     "svdq_linear",
 ]
 
@@ -93,13 +94,19 @@ ACT_MODES = ("int4", "nvfp4", "fp8", "fp8w", "none")
 FAST8_PROLOGUES = ("fused", "inductor")
 
 
-def _fast8_prologue_setting() -> str:
-    value = os.environ.get("SVDQ_FAST8_PROLOGUE", "").strip().lower() or FAST8_PROLOGUES[0]
-    if value not in FAST8_PROLOGUES:
-        warnings.warn(f"SVDQ_FAST8_PROLOGUE={value!r} is not one of {FAST8_PROLOGUES}; using "
-                      f"{FAST8_PROLOGUES[0]!r}", stacklevel=2)
-        return FAST8_PROLOGUES[0]
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """A setting read from the environment variable ``name``: one of ``choices`` (case and
+    surrounding spaces ignored), ``default`` when unset or empty; any other value warns and gives
+    ``default`` (a typo must not stop a model from running)."""
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        warnings.warn(f"{name}={value!r} is not one of {choices}; using {default!r}", stacklevel=3)
+        return default
     return value
+
+
+def _fast8_prologue_setting() -> str:
+    return env_choice("SVDQ_FAST8_PROLOGUE", FAST8_PROLOGUES, FAST8_PROLOGUES[0])
 
 
 FAST8_PROLOGUE = _fast8_prologue_setting()

@@ -53,8 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import warnings
 from collections.abc import Callable
 from typing import Optional
 
@@ -113,12 +111,7 @@ DEFAULT_WEIGHTS = "e4m3"
 
 
 def _weights_setting() -> str:
-    value = os.environ.get("SVDQ_FAST8_WEIGHTS", "").strip().lower() or DEFAULT_WEIGHTS
-    if value not in WEIGHTS_CHOICES:  # as SVDQ_FAST8_PROLOGUE: a warning, the default
-        warnings.warn(f"SVDQ_FAST8_WEIGHTS={value!r} is not one of {WEIGHTS_CHOICES}; using "
-                      f"{DEFAULT_WEIGHTS!r}", stacklevel=2)
-        return DEFAULT_WEIGHTS
-    return value
+    return ops.env_choice("SVDQ_FAST8_WEIGHTS", WEIGHTS_CHOICES, DEFAULT_WEIGHTS)
 
 
 #: What the low-rank ``fast8`` GEMM at M ≥ :data:`SS_MIN_M` reads as weights: ``"e4m3"`` (the
