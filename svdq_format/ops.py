@@ -17,7 +17,8 @@ Activation handling is given by ``act``:
 * ``"int4"`` / ``"nvfp4"`` — the W4A4 (``exact``) math: activations quantized per token per
   group as the format defines;
 * ``"fp8"`` — the Hopper ``fast`` mode: activations quantized to float8_e4m3 per token
-  (scale = absmax / 448), weights exactly as stored;
+  (scale = absmax / 448), weights exactly as stored; a layer's ``act_shift`` is not applied to
+  the quantized activations but added exactly to the bias (:func:`fp8_bias`), in ``"fp8w"`` too;
 * ``"fp8w"`` — the Hopper ``fast8`` mode: ``fp8`` activations, and int4 weights rounded to e4m3
   after scaling each row by a power of two (:func:`svdq_format.packing.fp8_weight_values`): the
   math of an FP8 tensor-core GEMM that converts the weights in its mainloop;
@@ -70,6 +71,8 @@ __all__ = [
     "fp8_activations",
     "graph_fp8_activations",
     "fp8_smoothed",
+    "fp8_bias",
+    "fp8_one_signed",
     "smooth_reciprocal",
     "smoothed",
     "FP8_ACTS",
@@ -316,10 +319,10 @@ def per_segment(backend: Backend) -> Backend:
     """``backend`` running a k-segmented call as one plain call per segment, named
     ``"<name> per segment"`` (made once per registered backend; :mod:`svdq_format.segmented`).
 
-    FP8 modes: the whole shifted row is quantized once (:func:`quantize_fp8_rows`; in a compiled
+    FP8 modes: the whole row is quantized once, unshifted (:func:`quantize_fp8_rows`; in a compiled
     graph, by the graph before ``svdquant::linear_fp8``) and each segment gets its columns of the
-    codes through ``backend.linear_fp8``; a segment for which that returns ``None`` runs
-    :func:`reference_linear_fp8`."""
+    codes through ``backend.linear_fp8``, with its shift (which that entry adds to its bias,
+    :func:`fp8_bias`); a segment for which that returns ``None`` runs :func:`reference_linear_fp8`."""
     hit = _PER_SEGMENT.get(backend.name)
     if hit is not None and hit[0] is backend:
         return hit[1]
@@ -337,8 +340,7 @@ def per_segment(backend: Backend) -> Backend:
             act_shift=0.0, act_unsigned=False, *, k_segments):
         if act in FP8_ACTS:
             k = x.shape[-1]
-            q, a = fp8_activations(x.reshape(-1, k).float(), smooth,
-                                   shift_vector(k, act_shift, k_segments, device=x.device))
+            q, a = fp8_activations(x.reshape(-1, k).float(), smooth)  # unshifted (fp8_bias)
             return run_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
                            precision, act, k_segments=k_segments)
         return segmented.run_segments(backend.linear, x, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
@@ -451,9 +453,12 @@ def reference_linear(
         precision: ``"int4"`` or ``"nvfp4"`` (of the stored residual).
         act: Activation handling, one of :data:`ACT_MODES`.
         act_shift: Added to ``x`` before smoothing on the 4-bit branch only:
-            ``x̂ = (x + act_shift) / s``.
+            ``x̂ = (x + act_shift) / s`` (W4A4 ``int4`` / ``nvfp4``). The FP8 modes
+            (:data:`FP8_ACTS`) quantize the unshifted ``x · (1/s)`` and add the shift's exact
+            contribution to the bias instead (:func:`fp8_bias`): the same function up to the
+            activation rounding, with signed activations.
         act_unsigned: int4 activations with unsigned codes 0..15 (see
-            :func:`svdq_format.packing.quantize_activations`).
+            :func:`svdq_format.packing.quantize_activations`); ignored by the FP8 modes' math.
         k_segments: Per-segment ``act_shift``/``act_unsigned`` (docs/format.md §7.4; then the two
             arguments above are 0 / false); for nvfp4, ``wtscale`` holds one scale per segment.
 
@@ -462,12 +467,11 @@ def reference_linear(
     """
     k = x.shape[-1]
     xf = x.reshape(-1, k).float()
-    shift = shift_vector(k, act_shift, k_segments, device=x.device)
-    if act in FP8_ACTS:
-        q, a = quantize_fp8_rows(fp8_smoothed(xf, smooth_reciprocal(smooth), shift))
+    if act in FP8_ACTS:  # unshifted: the shift's contribution is in the bias (fp8_bias)
+        q, a = quantize_fp8_rows(fp8_smoothed(xf, smooth_reciprocal(smooth)))
         return reference_linear_fp8(x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias,
-                                    lora_scales, precision, act, k_segments=k_segments)
-    xs = smoothed(xf, smooth, shift)
+                                    lora_scales, precision, act, act_shift, act_unsigned, k_segments=k_segments)
+    xs = smoothed(xf, smooth, shift_vector(k, act_shift, k_segments, device=x.device))
     n = qweight.shape[0]
     wv = _weight_values(qweight, precision)
     g = packing.GROUP_SIZES[precision]
@@ -538,9 +542,10 @@ def smooth_reciprocal(smooth: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_smoothed(xf: torch.Tensor, smooth_rcp: torch.Tensor, act_shift: float | torch.Tensor = 0.0) -> torch.Tensor:
-    """The ``fast``/``fast8`` modes' smoothed input ``x̂ = (x + act_shift) · (1/s)`` in float32 —
-    a multiplication by :func:`smooth_reciprocal` where :func:`smoothed` (``exact``, W4A16)
-    divides by ``s`` (docs/format.md §6, execution modes)."""
+    """``(x + act_shift) · (1/s)`` in float32 — a multiplication by :func:`smooth_reciprocal` where
+    :func:`smoothed` (``exact``, W4A16) divides by ``s``. The ``fast``/``fast8`` modes' smoothed
+    input is ``x · (1/s)``, without a shift (docs/format.md §6, execution modes; the shift is in
+    :func:`fp8_bias`)."""
     if isinstance(act_shift, torch.Tensor) or act_shift:
         return (xf + act_shift) * smooth_rcp
     return xf * smooth_rcp
@@ -550,9 +555,92 @@ def fp8_activations(
     xf: torch.Tensor, smooth: torch.Tensor, act_shift: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``fast``/``fast8`` activation quantizer of float32 rows ``[M, K]``:
-    :func:`quantize_fp8_rows` of :func:`fp8_smoothed` (``act_shift``: a number or
-    :func:`shift_vector`)."""
+    :func:`quantize_fp8_rows` of :func:`fp8_smoothed`. The modes call it without ``act_shift``
+    (a number or :func:`shift_vector`: for measurements of the shifted quantizer only)."""
     return quantize_fp8_rows(fp8_smoothed(xf, smooth_reciprocal(smooth), act_shift))
+
+
+def fp8_one_signed(act_shift: float, act_unsigned: bool) -> bool:
+    """Whether an FP8-activation call's activations are one-signed: ``act_unsigned`` without a shift
+    (e.g. a ReLU-fed layer). A layer whose unsigned codes come from its ``act_shift`` (a GELU) is
+    quantized unshifted in the FP8 modes (:func:`fp8_bias`), so its FP8 activations are signed."""
+    return bool(act_unsigned) and not act_shift
+
+
+_SHIFT_BIASES: TensorCache[torch.Tensor] = TensorCache()
+#: Output rows per step of :func:`fp8_bias`'s product (bounds its temporaries: ~12 bytes per weight).
+_SHIFT_BIAS_ROWS = 256
+
+
+def _shift_bias(
+    qweight: torch.Tensor, wscales: torch.Tensor, wtscale: Optional[torch.Tensor], smooth: torch.Tensor,
+    bias: Optional[torch.Tensor], precision: str, act: str, shift: float | torch.Tensor,
+    k_segments: tuple[KSegment, ...], dtype: torch.dtype,
+) -> torch.Tensor:
+    n, k = qweight.shape[0], smooth.shape[0]
+    rcp = smooth_reciprocal(smooth).double()
+    sv = (shift.double() if isinstance(shift, torch.Tensor)
+          else torch.full((k,), float(shift), dtype=torch.float64, device=rcp.device))
+    v = torch.where(sv == 0, 0.0, sv * rcp)  # a segment without shift adds nothing, whatever its 1/s
+    out = torch.zeros(n, dtype=torch.float64, device=qweight.device) if bias is None else bias.detach().double()
+    for lo in range(0, n, _SHIFT_BIAS_ROWS):  # the weights' values, a block of rows at a time, in float64
+        hi = min(lo + _SHIFT_BIAS_ROWS, n)
+        w = _dense_weight(_weight_values(qweight[lo:hi], precision), wscales[lo:hi], wtscale, precision, act,
+                          k_segments)
+        out[lo:hi] += w.double() @ v
+    return out.to(dtype)
+
+
+def fp8_bias(
+    qweight: torch.Tensor, wscales: torch.Tensor, wtscale: Optional[torch.Tensor], smooth: torch.Tensor,
+    bias: Optional[torch.Tensor], precision: str, act: str, act_shift: float = 0.0, *,
+    k_segments: tuple[KSegment, ...] = (), dtype: torch.dtype,
+) -> Optional[torch.Tensor]:
+    """The bias of an FP8-activation call (``act`` in :data:`FP8_ACTS`): the layer's ``bias`` when it
+    has no shift, else ``b' = bias + Σ_k shift_k · fp32(1/s_k) · W[n, k]`` — the shift's exact
+    contribution to the 4-bit branch, which the FP8 modes quantize unshifted (``x · (1/s)``): an
+    e4m3 rounding of ``x`` instead of ``x + shift`` (finer, and signed activations, on which
+    Hopper's FP8 accumulation keeps its accuracy).
+
+    ``W`` are the weight values the mode's GEMM multiplies (:func:`reference_linear_fp8`: for
+    ``fp8w`` the e4m3-rounded weights of :func:`svdq_format.packing.fp8_weight_values` over the row's
+    power of two; for ``fp8`` ``code × scale``; nvfp4's tensor scale(s) applied). The product is
+    summed in float64 and ``b'`` rounded once to the bias's dtype (``dtype`` when the layer has no
+    bias), which is what the reference adds and the kernels read — so they agree bit for bit.
+
+    Made once per weight version, bias, shift, mode and dtype
+    (:class:`~svdq_format.tensor_cache.TensorCache`: remade when a tensor changes, dropped when one
+    is freed, a CUDA entry made outside CUDA graphs' pool); tensors that require grad or are not
+    plain tensors (a tracer's) get it computed afresh.
+
+    Args:
+        qweight, wscales, wtscale, smooth, bias, precision, act: The layer's (as
+            :func:`reference_linear`).
+        act_shift: A plain layer's shift (0 with ``k_segments``).
+        k_segments: Per-segment shifts (and nvfp4 tensor scales) of a k-segmented layer.
+        dtype: The dtype of ``b'`` when ``bias`` is ``None`` (the compute dtype).
+
+    Returns:
+        ``bias`` itself when no channel is shifted, else ``b'`` ``[N]``.
+    """
+    if act not in FP8_ACTS:
+        raise BackendError(f"fp8_bias is for the FP8 activation modes {FP8_ACTS}, not {act!r}")
+    segments = tuple(k_segments)
+    if not (any(seg.act_shift for seg in segments) if segments else act_shift):
+        return bias
+    shift = shift_vector(smooth.shape[0], act_shift, segments, device=smooth.device)
+    out_dtype = bias.dtype if bias is not None else dtype
+    keys = (qweight, wscales, smooth) + ((wtscale,) if wtscale is not None else ()) + (
+        (bias,) if bias is not None else ())
+
+    def make() -> torch.Tensor:
+        return _shift_bias(qweight, wscales, wtscale, smooth, bias, precision, act, shift, segments, out_dtype)
+
+    if any(type(t) is not torch.Tensor or t.requires_grad for t in keys):
+        return make()
+    variant = (act, precision, float(act_shift), tuple((seg.size, float(seg.act_shift)) for seg in segments),
+               out_dtype)
+    return _SHIFT_BIASES.get(keys, make, variant=variant)
 
 
 def quantize_fp8_rows(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,12 +723,16 @@ def reference_linear_fp8(
     k_segments: tuple[KSegment, ...] = (),
 ) -> torch.Tensor:
     """:func:`reference_linear` for ``act`` in :data:`FP8_ACTS` with the activations already
-    quantized: ``q``, ``a`` from :func:`quantize_fp8_rows` of ``x``'s smoothed rows (``[M, K]``,
-    ``[M]``). ``x`` still feeds the low-rank branch. Equal to :func:`reference_linear` bit for bit.
+    quantized: ``q``, ``a`` from :func:`quantize_fp8_rows` of ``x``'s smoothed, unshifted rows
+    ``x · (1/s)`` (``[M, K]``, ``[M]``; :func:`fp8_activations`). ``x`` still feeds the low-rank
+    branch; ``act_shift`` / ``k_segments``' shifts enter through the bias (:func:`fp8_bias`). Equal
+    to :func:`reference_linear` bit for bit.
     """
     if act not in FP8_ACTS:
         raise BackendError(f"pre-quantized activations are FP8 ({FP8_ACTS}), not {act!r}")
     k = x.shape[-1]
+    bias = fp8_bias(qweight, wscales, wtscale, smooth, bias, precision, act, act_shift, k_segments=k_segments,
+                    dtype=x.dtype)
     w = _dense_weight(_weight_values(qweight, precision), wscales, wtscale, precision, act, k_segments)
     y = (q.float() @ w.T) * a.float().unsqueeze(-1)
     return _finish(y, x.reshape(-1, k).float(), x, lora_down, lora_up, bias, lora_scales)
@@ -849,8 +941,8 @@ def svdq_linear(
         # Compiled: the activation quantizer is plain torch in the graph, so Inductor fuses it
         # into whatever produces x (a norm, a modulation, a GELU) instead of a separate pass.
         # (SVDQ_FAST8_PROLOGUE=fused: the op quantizes x itself, in the pass that computes x · L2ᵀ.)
-        shift = shift_vector(x.shape[-1], act_shift, tuple(k_segments), device=x.device)
-        q, a = graph_fp8_activations(x.reshape(-1, x.shape[-1]).float(), smooth, shift)
+        # unshifted: a shift's contribution is added to the bias inside the op (fp8_bias)
+        q, a = graph_fp8_activations(x.reshape(-1, x.shape[-1]).float(), smooth)
         return torch.ops.svdquant.linear_fp8(
             x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
             precision, act, float(act_shift), bool(act_unsigned), backend, *segs,

@@ -39,14 +39,18 @@ activations over quantized (:func:`fast8_linear_fp8`, the
 kernel that produced ``x``), and step 1 shrinks to the low-rank down projection alone
 (:func:`svdq_kernels.triton_prologue.lowrank_down`).
 
-A call whose activations are one-signed (``act_unsigned``: a Nunchaku GELU segment, shifted to
-unsigned codes — a converted FLUX single block's ``proj_out`` MLP half) with M > 16 runs the
-promoted kernel (:data:`svdq_kernels.configs.PROMOTED_GROUP64_CONFIGS`) on the two-step path:
-Hopper's FP8 MMAs accumulate with reduced precision, which on such activations gave 1.16e-2 on
-that half (H100; cuBLAS ``_scaled_mm`` with fast accumulation: 1.15e-2), the promoted kernel
-1.66e-3 (the bf16 output rounding). Signed activations stay on the faster kernels (2.6e-3 there,
-as the FP8 peer's fast accumulation). This comes before :data:`WEIGHTS`: the pre-converted kernel
-accumulates without promotion too.
+A layer's ``act_shift`` (a Nunchaku GELU segment: FLUX's ``mlp_fc2`` layers, a converted single
+block's ``proj_out`` MLP half) is not applied to the FP8 activations: both entry points quantize
+``x · (1/s)`` and add the shift's exact contribution to the bias
+(:func:`svdq_format.ops.fp8_bias`, cached per layer), so those activations are signed and take
+the fast kernels above. A call whose activations are one-signed without a shift
+(``act_unsigned`` and no ``act_shift``, :func:`svdq_format.ops.fp8_one_signed`: e.g. a ReLU-fed
+layer) with M > 16 runs the promoted kernel (:data:`svdq_kernels.configs.PROMOTED_GROUP64_CONFIGS`)
+on the two-step path: Hopper's FP8 MMAs accumulate with reduced precision, which on one-signed
+activations (the shifted GELU half, when it was quantized shifted) gave 1.16e-2 (H100; cuBLAS
+``_scaled_mm`` with fast accumulation: 1.15e-2), the promoted kernel 1.66e-3 (the bf16 output
+rounding); signed activations 2.6e-3 on the fast kernels, as the FP8 peer's fast accumulation.
+This comes before :data:`WEIGHTS`: the pre-converted kernel accumulates without promotion too.
 """
 
 from __future__ import annotations
@@ -218,11 +222,12 @@ def _sm_count(device_index: Optional[int]) -> int:
         device_index if device_index is not None else torch.cuda.current_device()).multi_processor_count
 
 
-def _promoted(m: int, act_unsigned: bool) -> Optional[Group64GemmConfig]:
+def _promoted(m: int, one_signed: bool) -> Optional[Group64GemmConfig]:
     """The promoted group-64 kernel for an ``m``-token ``fast8`` call whose activations are one-signed
-    (``act_unsigned``), else ``None`` (signed activations, or M ≤ 16: the 128 × 16 stream-K tiling,
-    whose split-K parts sum in fp32: 2.3e-3 on FLUX's ``proj_out`` MLP half)."""
-    if not act_unsigned:
+    (:func:`svdq_format.ops.fp8_one_signed`: ``act_unsigned`` without a shift), else ``None`` (signed
+    activations — GELU-shifted layers included, quantized unshifted —, or M ≤ 16: the 128 × 16
+    stream-K tiling, whose split-K parts sum in fp32: 2.3e-3 on FLUX's ``proj_out`` MLP half)."""
+    if not one_signed:
         return None
     config = group64_config(m, promote=True)
     return config if config.promote else None
@@ -333,22 +338,25 @@ def fast8_linear(
     act_shift: float = 0.0,
     act_unsigned: bool = False,
 ) -> torch.Tensor:
-    """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`).
-    ``act_unsigned`` (one-signed activations) with M > 16: the promoted kernel, two-step path."""
+    """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`). The
+    activations are quantized unshifted and ``act_shift`` enters through the bias
+    (:func:`svdq_format.ops.fp8_bias`); one-signed activations (``act_unsigned`` without a shift,
+    :func:`svdq_format.ops.fp8_one_signed`) with M > 16: the promoted kernel, two-step path."""
+    bias = ops.fp8_bias(qweight, wscales, wtscale, smooth, bias, precision, act, act_shift, dtype=x.dtype)
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
-    promoted = _promoted(x2.shape[0], act_unsigned)
+    promoted = _promoted(x2.shape[0], ops.fp8_one_signed(act_shift, act_unsigned))
     if LOWRANK_IN_GEMM and down is not None and up is not None and promoted is None:
         def quantized() -> tuple[torch.Tensor, torch.Tensor]:
-            q, a, _ = prologue(x2, smooth, None, act_shift=act_shift)
+            q, a, _ = prologue(x2, smooth, None)
             return q, a
 
         def fused() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-            return quantize_lowrank(x2, smooth, down, act_shift=act_shift, lora_scales=lora_scales)
+            return quantize_lowrank(x2, smooth, down, lora_scales=lora_scales)
 
         return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, quantized,
                                     fused if ops.FAST8_PROLOGUE == "fused" else None)
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: prologue(
-        x2, smooth, down, act_shift=act_shift, lr16=True, lora_scales=lora_scales), config=promoted)
+        x2, smooth, down, lr16=True, lora_scales=lora_scales), config=promoted)
 
 
 def fast8_linear_fp8(
@@ -369,11 +377,13 @@ def fast8_linear_fp8(
     act_unsigned: bool = False,
 ) -> torch.Tensor:
     """:func:`fast8_linear` with the activations already quantized (signature of
-    :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]``
-    (the k-segmented layers' path in a compiled graph; ``act_unsigned`` as there)."""
+    :func:`svdq_format.ops.reference_linear_fp8`): ``q`` float8_e4m3fn ``[M, K]``, ``a`` ``[M]`` of the
+    unshifted ``x · (1/s)`` (the k-segmented layers' path in a compiled graph; ``act_shift`` and
+    ``act_unsigned`` as there)."""
+    bias = ops.fp8_bias(qweight, wscales, wtscale, smooth, bias, precision, act, act_shift, dtype=x.dtype)
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     m = x2.shape[0]
-    promoted = _promoted(m, act_unsigned)
+    promoted = _promoted(m, ops.fp8_one_signed(act_shift, act_unsigned))
     if LOWRANK_IN_GEMM and down is not None and up is not None and promoted is None:
         return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, lambda: (
             q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous()))

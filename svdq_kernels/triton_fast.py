@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from svdq_format import ops
+
 from ._device import device_guard
 from .triton_gemm import gemm, gemm_exact, gemm_nvfp4
 from .triton_prologue import prologue, prologue_exact, prologue_nvfp4
@@ -159,11 +161,13 @@ def fast_linear(
     act_shift: float = 0.0,
     act_unsigned: bool = False,
 ) -> torch.Tensor:
-    """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`)."""
+    """The backend entry point (signature of :func:`svdq_format.ops.reference_linear`): activations
+    quantized unshifted, ``act_shift`` in the bias (:func:`svdq_format.ops.fp8_bias`)."""
+    bias = ops.fp8_bias(qweight, wscales, wtscale, smooth, bias, precision, act, act_shift, dtype=x.dtype)
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     datapath = fast_datapath(x2.shape[0])
     with device_guard(x2.device):  # Triton launches on the current device
-        q, a, lr = prologue(x2, smooth, down, act_shift=act_shift)
+        q, a, lr = prologue(x2, smooth, down)
         y = gemm(q, a, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,
                  out_dtype=x.dtype, datapath=datapath)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
