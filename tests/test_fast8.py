@@ -519,7 +519,8 @@ def test_fast8_layer_with_lowrank_k_tiles_hands_the_kernel_its_inputs(monkeypatc
 def test_fused_prologue_hands_the_kernel_the_quantize_lowrank_outputs(monkeypatch):
     """``SVDQ_FAST8_PROLOGUE=fused``: the eager ``fast8`` layer (and so the compiled graph's
     ``svdquant::linear``) takes ``q``, ``a'`` and the k-tiles from one ``quantize_lowrank`` call
-    (shift and per-rank scales passed on) instead of the prologue and ``lowrank_tiles``."""
+    (per-rank scales passed on; no shift: it is in the bias the GEMM gets, ``ops.fp8_bias``) instead of
+    the prologue and ``lowrank_tiles``."""
     from svdq_kernels import cutlass_fast8
 
     g = torch.Generator().manual_seed(9)
@@ -543,7 +544,7 @@ def test_fused_prologue_hands_the_kernel_the_quantize_lowrank_outputs(monkeypatc
         raise AssertionError("the fused prologue replaces the prologue and lowrank_tiles")
 
     def fake_gemm(qweight, scales, rowinv, q, a, b, lr, l1, *, config=None):
-        seen.append((q, a, lr))
+        seen.append((q, a, lr, b))
         return torch.zeros(q.shape[0], qweight.shape[0], dtype=torch.bfloat16)
 
     monkeypatch.setattr(ops, "FAST8_PROLOGUE", "fused")
@@ -554,6 +555,8 @@ def test_fused_prologue_hands_the_kernel_the_quantize_lowrank_outputs(monkeypatc
     y = cutlass_fast8.fast8_linear(x, qw, ws, None, smooth, down, up, None, ls, "int4", "fp8w", 0.5)
     assert y.shape == (m, n) and len(seen) == 2
     x2, smooth_, down_, shift, lrs = seen[0]
-    assert torch.equal(x2, x) and smooth_ is smooth and torch.equal(down_, down) and shift == 0.5 and lrs is ls
-    q, a, lr = seen[1]
+    assert torch.equal(x2, x) and smooth_ is smooth and torch.equal(down_, down) and shift == 0 and lrs is ls
+    q, a, lr, b = seen[1]
     assert q is outs[0] and a is outs[3] and lr is outs[2]  # a' (not a) is the GEMM's token scale
+    want = ops.fp8_bias(qw, ws, None, smooth, None, "int4", "fp8w", 0.5, dtype=torch.bfloat16)
+    assert want is not None and b is not None and torch.equal(b, want)  # the shift, as a bias

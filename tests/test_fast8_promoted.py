@@ -1,7 +1,9 @@
-"""The ``fast8`` layer on one-signed activations (``act_unsigned``: a Nunchaku GELU segment, e.g. a
-converted FLUX single block's ``proj_out`` MLP half) runs the promoted group-64 kernel on the
-two-step path (issue 23 / 21): its choice, the dispatch of both entry points, and the layer's
-output, checked on the CPU with the kernels replaced by their float64 arithmetic. On the GPU:
+"""The ``fast8`` layer on one-signed activations (``act_unsigned`` without an ``act_shift``, e.g. a
+ReLU-fed layer) runs the promoted group-64 kernel on the two-step path (issue 23 / 21): its choice,
+the dispatch of both entry points, and the layer's output, checked on the CPU with the kernels
+replaced by their float64 arithmetic. A GELU-shifted unsigned layer (a Nunchaku ``mlp_fc2``, a
+converted FLUX single block's ``proj_out`` MLP half) is quantized unshifted in the FP8 modes (the
+shift in the bias, ``ops.fp8_bias``): signed activations, the fast kernels. On the GPU:
 tests/test_kernels_segmented_gpu.py."""
 
 from __future__ import annotations
@@ -121,10 +123,12 @@ def emulated(monkeypatch):
     return calls
 
 
-def _gelu_segment(m, n=128, k=256, r=32, seed=0):
-    """A layer and post-GELU input (≥ −0.17: one-signed once shifted by :data:`SHIFT`)."""
+def _gelu_segment(m, n=128, k=256, r=32, seed=0, relu=False):
+    """A layer and post-GELU input (≥ −0.17: one-signed once shifted by :data:`SHIFT`), or post-ReLU
+    (``relu``: one-signed as it is)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.gelu(3 * torch.randn(m, k, generator=g), approximate="tanh").to(torch.bfloat16)
+    act = torch.relu if relu else (lambda t: torch.nn.functional.gelu(t, approximate="tanh"))
+    x = act(3 * torch.randn(m, k, generator=g)).to(torch.bfloat16)
     qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
     wscales = (torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
     smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
@@ -135,23 +139,24 @@ def _gelu_segment(m, n=128, k=256, r=32, seed=0):
     return x, (qweight, wscales, None, smooth, down, up, bias, scales, "int4", "fp8w")
 
 
-def _call(entry, x, args, unsigned):
+def _call(entry, x, args, unsigned, shift=SHIFT):
     if entry == "linear":
-        return cutlass_fast8.fast8_linear(x, *args, SHIFT, unsigned)
-    q, a = ops.quantize_fp8_rows(ops.smoothed(x.float(), args[3], SHIFT))
-    return cutlass_fast8.fast8_linear_fp8(x, q, a, *args, SHIFT, unsigned)
+        return cutlass_fast8.fast8_linear(x, *args, shift, unsigned)
+    q, a = ops.quantize_fp8_rows(ops.smoothed(x.float(), args[3]))  # the FP8 modes' activations: unshifted
+    return cutlass_fast8.fast8_linear_fp8(x, q, a, *args, shift, unsigned)
 
 
 @pytest.mark.parametrize("entry", ["linear", "linear_fp8"])
 @pytest.mark.parametrize("m", [16, 17, 300])
-@pytest.mark.parametrize("unsigned", [False, True])
-def test_one_signed_activations_run_the_promoted_kernel_on_the_two_step_path(emulated, entry, m, unsigned):
-    """``act_unsigned`` with M > 16: the prologue's ``lr16`` (eager) or ``lowrank_down`` (compiled),
-    the cuBLAS low-rank source, then the promoted kernel (built with its twin); otherwise the
-    ``lowrank`` kernel of today's tiling. Both within the fast8 bound of the reference."""
-    x, args = _gelu_segment(m)
-    out = _call(entry, x, args, unsigned)
-    promoted = unsigned and m > 16
+@pytest.mark.parametrize("unsigned,shift", [(False, 0.0), (True, 0.0), (False, SHIFT), (True, SHIFT)])
+def test_one_signed_activations_run_the_promoted_kernel_on_the_two_step_path(emulated, entry, m, unsigned, shift):
+    """``act_unsigned`` without a shift (ReLU-fed) and M > 16: the prologue's ``lr16`` (eager) or
+    ``lowrank_down`` (compiled), the cuBLAS low-rank source, then the promoted kernel (built with its
+    twin); otherwise — GELU-shifted unsigned layers included: quantized unshifted, the shift in the
+    bias — the ``lowrank`` kernel of today's tiling. Both within the fast8 bound of the reference."""
+    x, args = _gelu_segment(m, relu=unsigned and not shift)
+    out = _call(entry, x, args, unsigned, shift)
+    promoted = unsigned and not shift and m > 16
     gemms = [c for c in emulated if isinstance(c, tuple) and c[0] != "prologue"]
     assert len(gemms) == 1
     config, also = gemms[0]
@@ -163,7 +168,7 @@ def test_one_signed_activations_run_the_promoted_kernel_on_the_two_step_path(emu
     else:
         assert config == group64_config(m, n=128, sms=132, lowrank=True) and config.promote == 0
         assert "lowrank_down" not in emulated and ("prologue", True, True) not in emulated
-    ref = ops.reference_linear(x, *args, act_shift=SHIFT, act_unsigned=unsigned).double()
+    ref = ops.reference_linear(x, *args, act_shift=shift, act_unsigned=unsigned).double()
     assert out.shape == (m, 128) and out.dtype == torch.bfloat16
     assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
 
@@ -173,10 +178,10 @@ def test_one_signed_entry_points_agree_and_stay_near_the_lowrank_kernels(emulate
     (``lowrank_down`` beside the graph's quantizer) give the same bits; against the low-rank
     k-tiles' output (signed dispatch, same arithmetic here) they differ by bf16 roundings only
     (3.2e-3 measured: the source ``c`` and both outputs rounded)."""
-    x, args = _gelu_segment(300, seed=3)
-    eager, compiled = _call("linear", x, args, True), _call("linear_fp8", x, args, True)
+    x, args = _gelu_segment(300, seed=3, relu=True)
+    eager, compiled = _call("linear", x, args, True, 0.0), _call("linear_fp8", x, args, True, 0.0)
     assert torch.equal(eager, compiled)
-    plain = _call("linear", x, args, False).double()
+    plain = _call("linear", x, args, False, 0.0).double()
     assert ((eager.double() - plain).norm() / plain.norm()).item() < 4e-3
 
 
@@ -191,17 +196,30 @@ def test_a_forced_unpromoted_tiling_keeps_the_lowrank_path(emulated, monkeypatch
     assert config == dataclasses.replace(forced, lowrank=True)
 
 
-def test_promotion_comes_before_the_pre_converted_weights(emulated, monkeypatch):
-    """With ``SVDQ_FAST8_WEIGHTS=e4m3`` an M ≥ 2048 one-signed call still runs the promoted kernel (the
-    pre-converted one accumulates without promotion); a signed one takes the e4m3 pre-pass."""
+@pytest.mark.parametrize("entry", ["linear", "linear_fp8"])
+def test_promotion_comes_before_the_pre_converted_weights(emulated, monkeypatch, entry):
+    """With ``SVDQ_FAST8_WEIGHTS=e4m3`` an M ≥ 2048 one-signed call (unsigned, no shift) still runs the
+    promoted kernel (the pre-converted one accumulates without promotion); a signed one, and a
+    GELU-shifted unsigned one (quantized unshifted), take the e4m3 pre-pass and the pre-converted
+    kernel, with the shift-corrected bias (``ops.fp8_bias``) as its bias."""
+    ss_calls = []
+
+    def ss(w8, rowinv, q, a, bias, lr, l1, **kw):
+        ss_calls.append(bias)
+        return torch.zeros(q.shape[0], 128, dtype=torch.bfloat16)
+
     monkeypatch.setattr(cutlass_fast8, "WEIGHTS", "e4m3")
     monkeypatch.setattr(cutlass_fast8, "e4m3_weights", lambda *a: emulated.append("e4m3_weights"))
-    monkeypatch.setattr(cutlass_fast8, "ss_gemm_lowrank",
-                        lambda w8, rowinv, q, *a, **kw: torch.zeros(q.shape[0], 128, dtype=torch.bfloat16))
+    monkeypatch.setattr(cutlass_fast8, "ss_gemm_lowrank", ss)
     x, args = _gelu_segment(2048, k=128)
-    _call("linear_fp8", x, args, True)
-    assert "e4m3_weights" not in emulated
+    _call(entry, x, args, True, 0.0)
+    assert "e4m3_weights" not in emulated and not ss_calls
     assert [c[0] for c in emulated if isinstance(c, tuple) and c[0] != "prologue"] == [PROMOTED_GROUP64_CONFIGS[0]]
-    emulated.clear()
-    _call("linear_fp8", x, args, False)
-    assert emulated == ["e4m3_weights"]
+    for unsigned, shift in ((False, 0.0), (True, SHIFT)):
+        emulated.clear()
+        _call(entry, x, args, unsigned, shift)
+        assert [c for c in emulated if not (isinstance(c, tuple) and c[0] == "prologue")] == ["e4m3_weights"]
+    qweight, wscales, _, smooth, _, _, bias = args[:7]
+    assert torch.equal(ss_calls[0], bias)
+    want = ops.fp8_bias(qweight, wscales, None, smooth, bias, "int4", "fp8w", SHIFT, dtype=torch.bfloat16)
+    assert want is not None and not torch.equal(want, bias) and torch.equal(ss_calls[1], want)

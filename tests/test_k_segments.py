@@ -92,16 +92,22 @@ def test_exact_forward_is_the_sum_of_its_segments(precision):
 
 
 @pytest.mark.parametrize("mode", ["fast", "fast8"])
-def test_fp8_modes_quantize_the_whole_shifted_row(mode):
-    """FP8 modes: one per-token scale over x̂ = (x + shift per channel) / s: the plain layer fed the
-    shifted input computes the same bits (rank 0: the low-rank branch would see the shift)."""
-    layer = _layer("int4", rank=0)
+def test_fp8_modes_quantize_the_whole_unshifted_row(mode):
+    """FP8 modes: one per-token scale over the unshifted x̂ = x · (1/s), all segments together, and
+    each segment's shift as a bias (``ops.fp8_bias``): the plain, unshifted layer with that bias
+    computes the same bits (low-rank branch included: it sees the raw x either way)."""
+    layer = _layer("int4")
     plain = sf.SVDQLinear.from_spec(dataclasses.replace(layer.spec, k_segments=()))
     plain.load_state_dict(layer.state_dict())
     layer.mode = plain.mode = mode
+    act = "fp8w" if mode == "fast8" else "fp8"
+    bias = ops.fp8_bias(layer.qweight, layer.wscales, None, layer.smooth, layer.bias, "int4", act,
+                        k_segments=layer.k_segments, dtype=layer.dtype)
+    assert bias is not None and not torch.equal(bias, layer.bias)
+    with torch.no_grad():
+        plain.bias.copy_(bias)
     x = _input()
-    shift = torch.cat([torch.zeros(128), torch.full((192,), SHIFT)])
-    assert torch.equal(layer(x), plain(x + shift))
+    assert torch.equal(layer(x), plain(x))
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
