@@ -582,13 +582,14 @@ def _shift_bias(
     sv = (shift.double() if isinstance(shift, torch.Tensor)
           else torch.full((k,), float(shift), dtype=torch.float64, device=rcp.device))
     v = torch.where(sv == 0, 0.0, sv * rcp)  # a segment without shift adds nothing, whatever its 1/s
-    out = torch.zeros(n, dtype=torch.float64, device=qweight.device) if bias is None else bias.detach().double()
-    for lo in range(0, n, _SHIFT_BIAS_ROWS):  # the weights' values, a block of rows at a time, in float64
-        hi = min(lo + _SHIFT_BIAS_ROWS, n)
-        w = _dense_weight(_weight_values(qweight[lo:hi], precision), wscales[lo:hi], wtscale, precision, act,
-                          k_segments)
-        out[lo:hi] += w.double() @ v
-    return out.to(dtype)
+    corr = torch.empty(n, dtype=torch.float64, device=qweight.device)
+    with torch.no_grad():
+        for lo in range(0, n, _SHIFT_BIAS_ROWS):  # the weights' values, a block of rows at a time, in float64
+            hi = min(lo + _SHIFT_BIAS_ROWS, n)
+            w = _dense_weight(_weight_values(qweight[lo:hi], precision), wscales[lo:hi], wtscale, precision, act,
+                              k_segments)
+            corr[lo:hi] = w.double() @ v
+    return (corr if bias is None else bias.double() + corr).to(dtype)
 
 
 def fp8_bias(
