@@ -19,6 +19,7 @@ import svdq_format as sf
 from svdq_format import ops, packing
 from svdq_format.errors import BackendError
 from svdq_format.spec import KSegment
+from tests.test_fast8_promoted import emulated  # noqa: F401  (the fixture, asked for by name below)
 
 SHIFT = 0.171875  # Nunchaku's GELU shift
 
@@ -304,3 +305,40 @@ def test_fast8_kernel_paths_use_the_unshifted_codes_and_the_shift_bias(monkeypat
     assert ((outs["e4m3"].double() - ref).norm() / ref.norm()).item() < 4e-3
     old = _old_fp8_reference(layer, x, "fp8w").double()  # the shifted codes are not what ran
     assert ((outs["e4m3"].double() - old).norm() / ref.norm()).item() > 4e-3
+
+
+@pytest.mark.parametrize("shift", [SHIFT, 0.0])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_segmented_layer_runs_its_shifted_half_on_the_fast_kernels(request, shift, compiled):
+    """A FLUX single block's ``proj_out`` in small (attention half signed, MLP half unsigned and
+    GELU-shifted), on a kernel backend that runs it one plain call per segment: the shifted half takes
+    the ``lowrank`` kernels like the signed one (the shift in its bias); with ``shift = 0`` (one-signed
+    as it is) the promoted kernel. Eager and compiled (the graph's unshifted quantizer, then
+    ``linear_fp8`` per segment), within the per-segment bound of the reference (tests/test_segmented.py)."""
+    from svdq_kernels import cutlass_fast8
+
+    calls = request.getfixturevalue("emulated")  # cutlass_fast8's kernels as float64 arithmetic
+
+    def supports(call):
+        if call.k_segments:
+            return "emulated: no k_segments"
+        return None if call.act == "fp8w" else f"emulated: no {call.act}"
+
+    ops.register_backend(ops.Backend("emulated-fast8", cutlass_fast8.fast8_linear, supports, priority=60,
+                                     linear_fp8=cutlass_fast8.fast8_linear_fp8))
+    try:
+        segs = (KSegment(256), KSegment(512, shift, True))
+        layer = _gelu_layer(k=768, n=128, r=32, segments=segs)
+        layer.mode = "fast8"
+        x = _gelu_input(300, 768)
+        if shift == 0.0:
+            x[:, 256:] = x[:, 256:].clamp(min=0)  # ReLU-fed: one-signed without a shift
+        want = ops.reference_linear(x, *_args(layer, "fp8w"), k_segments=segs).double()
+        out = _captured(layer, x)[1] if compiled else layer(x)
+    finally:
+        ops.unregister_backend("emulated-fast8")
+    gemms = [c[0] for c in calls if isinstance(c, tuple) and c[0] != "prologue"]
+    assert len(gemms) == 2 and not gemms[0].promote and gemms[0].lowrank
+    assert (gemms[1].promote, gemms[1].lowrank) == ((1, False) if shift == 0.0 else (0, True))
+    err = ((out.double() - want).abs().max() / want.abs().max()).item()
+    assert err < 1.5e-2, err
