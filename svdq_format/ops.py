@@ -629,12 +629,12 @@ def fp8_bias(
     segments = tuple(k_segments)
     if not (any(seg.act_shift for seg in segments) if segments else act_shift):
         return bias
-    shift = shift_vector(smooth.shape[0], act_shift, segments, device=smooth.device)
     out_dtype = bias.dtype if bias is not None else dtype
     keys = (qweight, wscales, smooth) + ((wtscale,) if wtscale is not None else ()) + (
         (bias,) if bias is not None else ())
 
     def make() -> torch.Tensor:
+        shift = shift_vector(smooth.shape[0], act_shift, segments, device=smooth.device)
         return _shift_bias(qweight, wscales, wtscale, smooth, bias, precision, act, shift, segments, out_dtype)
 
     if any(type(t) is not torch.Tensor or t.requires_grad for t in keys):

@@ -92,9 +92,9 @@ from .triton_fast import layer_inputs
 from .triton_prologue import lowrank_down, prologue
 from .weights_e4m3 import e4m3_weights
 
-__all__ = ["LOWRANK_IN_GEMM", "CONVERT", "WEIGHTS", "WEIGHTS_CHOICES", "DEFAULT_WEIGHTS", "SS_MIN_M", "fast8_weights",
-           "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8", "lowrank_source", "group64_gemm",
-           "group64_gemm_lowrank", "ss_gemm_lowrank", "group64_layer"]
+__all__ = ["LOWRANK_IN_GEMM", "CONVERT", "PROMOTE_SHIFTED", "WEIGHTS", "WEIGHTS_CHOICES", "DEFAULT_WEIGHTS",
+           "SS_MIN_M", "fast8_weights", "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8", "lowrank_source",
+           "group64_gemm", "group64_gemm_lowrank", "ss_gemm_lowrank", "group64_layer"]
 
 #: Run the low-rank up projection inside the GEMM (``Group64GemmConfig.lowrank`` kernels) rather
 #: than as a cuBLAS GEMM whose bf16 output the GEMM's epilogue reads back.
@@ -105,6 +105,13 @@ LOWRANK_IN_GEMM = True
 #: into shared memory, for shared-memory-sourced FP8 MMAs: :data:`svdq_kernels.configs.
 #: PRODUCER_CONVERT_CONFIGS`, same results; opt-in: 0.87–0.91× the consumer kernels on an H100).
 CONVERT = "consumer"
+
+#: Also run GELU-shifted unsigned layers (``act_unsigned`` with an ``act_shift``) on the promoted
+#: kernels, as before their activations were quantized unshifted. Off: unshifted, their activations
+#: are signed (the promoted kernels are for one-signed ones, :func:`svdq_format.ops.fp8_one_signed`);
+#: the switch is for an H100 measurement that says otherwise (post-GELU rows keep a positive mean
+#: without the shift; tests/test_fp8_shift_bias_gpu.py, benchmarks/fp8_accumulation.py).
+PROMOTE_SHIFTED = False
 
 #: The values of :data:`WEIGHTS`.
 WEIGHTS_CHOICES = ("int4", "e4m3")
@@ -220,6 +227,12 @@ def lowrank_source(
 def _sm_count(device_index: Optional[int]) -> int:
     return torch.cuda.get_device_properties(
         device_index if device_index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def _one_signed(act_shift: float, act_unsigned: bool) -> bool:
+    """Whether a call takes the promoted kernels' route: :func:`svdq_format.ops.fp8_one_signed`, or any
+    ``act_unsigned`` call with :data:`PROMOTE_SHIFTED`."""
+    return ops.fp8_one_signed(act_shift, act_unsigned) or (PROMOTE_SHIFTED and bool(act_unsigned))
 
 
 def _promoted(m: int, one_signed: bool) -> Optional[Group64GemmConfig]:
@@ -344,7 +357,7 @@ def fast8_linear(
     :func:`svdq_format.ops.fp8_one_signed`) with M > 16: the promoted kernel, two-step path."""
     bias = ops.fp8_bias(qweight, wscales, wtscale, smooth, bias, precision, act, act_shift, dtype=x.dtype)
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
-    promoted = _promoted(x2.shape[0], ops.fp8_one_signed(act_shift, act_unsigned))
+    promoted = _promoted(x2.shape[0], _one_signed(act_shift, act_unsigned))
     if LOWRANK_IN_GEMM and down is not None and up is not None and promoted is None:
         def quantized() -> tuple[torch.Tensor, torch.Tensor]:
             q, a, _ = prologue(x2, smooth, None)
@@ -383,7 +396,7 @@ def fast8_linear_fp8(
     bias = ops.fp8_bias(qweight, wscales, wtscale, smooth, bias, precision, act, act_shift, dtype=x.dtype)
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     m = x2.shape[0]
-    promoted = _promoted(m, ops.fp8_one_signed(act_shift, act_unsigned))
+    promoted = _promoted(m, _one_signed(act_shift, act_unsigned))
     if LOWRANK_IN_GEMM and down is not None and up is not None and promoted is None:
         return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, lambda: (
             q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous()))

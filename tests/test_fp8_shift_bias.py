@@ -342,3 +342,22 @@ def test_segmented_layer_runs_its_shifted_half_on_the_fast_kernels(request, shif
     assert (gemms[1].promote, gemms[1].lowrank) == ((1, False) if shift == 0.0 else (0, True))
     err = ((out.double() - want).abs().max() / want.abs().max()).item()
     assert err < 1.5e-2, err
+
+
+def test_promote_shifted_switch_routes_gelu_layers_to_the_promoted_kernel(request, monkeypatch):
+    """``cutlass_fast8.PROMOTE_SHIFTED`` (off by default): on, a GELU-shifted unsigned call takes the
+    promoted kernel again — with the unshifted codes and the shift bias, so still the new reference."""
+    from svdq_kernels import cutlass_fast8
+
+    calls = request.getfixturevalue("emulated")
+    monkeypatch.setattr(cutlass_fast8, "PROMOTE_SHIFTED", True)
+    layer = _gelu_layer(k=256, n=128, r=32)
+    x = _gelu_input(300, 256)
+    out = cutlass_fast8.fast8_linear(x, *_args(layer, "fp8w"), SHIFT, True)
+    gemms = [c[0] for c in calls if isinstance(c, tuple) and c[0] != "prologue"]
+    assert [g.promote for g in gemms] == [1]
+    ref = ops.reference_linear(x, *_args(layer, "fp8w"), SHIFT, True).double()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+    calls.clear()
+    cutlass_fast8.fast8_linear(x, *_args(layer, "fp8w"), SHIFT, False)  # signed: never promoted
+    assert [c[0].promote for c in calls if isinstance(c, tuple) and c[0] != "prologue"] == [0]
