@@ -2,8 +2,10 @@
 segmented ``proj_out`` finding, issue 23).
 
 On the k-segmented test layer's MLP half (K = 12288, post-GELU activations: every product of one
-sign dominates) and on the same layer with signed activations, it compares with a float64 product
-of the same e4m3 operands (rows quantized per token, e4m3 weights of ``fast8``):
+sign dominates) quantized shifted by 0.171875 (``post_gelu``: the FP8 modes before the shift moved
+into the bias) and unshifted (``post_gelu_unshifted``: the FP8 modes now, ``ops.fp8_bias``), and on
+the same layer with signed activations, it compares with a float64 product of the same e4m3
+operands (rows quantized per token, e4m3 weights of ``fast8``):
 
 * ``scaled_mm_fast`` / ``scaled_mm``: ``torch._scaled_mm`` with and without ``use_fast_accum`` —
   cuBLAS on the same operands, so a hardware property shows in both cuBLAS and ours;
@@ -39,9 +41,10 @@ def fp22(t: torch.Tensor, *, rounding: bool) -> torch.Tensor:
     return (i & ~((1 << 10) - 1)).view(torch.float32).double()
 
 
-def operands(m: int, *, signed: bool, device: str) -> tuple[torch.Tensor, ...]:
+def operands(m: int, *, signed: bool, device: str, shifted: bool = True) -> tuple[torch.Tensor, ...]:
     """``(q [M, K] e4m3, w8 [N, K] e4m3 values as float32, rowinv [N], qweight [N, K/2], wscales)``
-    of the test layer's MLP half (the last two: its packed slice, for our kernel)."""
+    of the test layer's MLP half (the last two: its packed slice, for our kernel); ``shifted``: its
+    rows quantized with the segment's shift added (else without)."""
     from tests.test_kernels_segmented_gpu import flux_proj_out, flux_proj_out_input
 
     layer = flux_proj_out("int4", device="cpu")
@@ -49,7 +52,7 @@ def operands(m: int, *, signed: bool, device: str) -> tuple[torch.Tensor, ...]:
     if signed:
         x[:, 3072:] = torch.randn(m, 12288, generator=torch.Generator().manual_seed(5))
     k0 = 3072
-    shift = ops.shift_vector(15360, 0.0, layer.k_segments, device=x.device)
+    shift = ops.shift_vector(15360, 0.0, layer.k_segments, device=x.device) if shifted else 0.0
     q, _ = ops.quantize_fp8_rows(ops.smoothed(x, layer.smooth, shift))
     codes = packing.nibbles_to_int4(packing.unpack_nibbles(layer.qweight))[:, k0:]
     ws = layer.wscales.float()[:, k0 // 64:]
@@ -71,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     result: dict = {"rows": args.rows, "k": 12288, "n": 3072,
                     "device": torch.cuda.get_device_name() if cuda else "cpu", "cases": {}}
-    for signed in (False, True):
-        label = "signed" if signed else "post_gelu"
-        q, w8, rowinv, qweight, wscales = operands(args.rows, signed=signed, device="cuda" if cuda else "cpu")
+    for label, signed, shifted in (("post_gelu", False, True), ("post_gelu_unshifted", False, False),
+                                   ("signed", True, True)):
+        q, w8, rowinv, qweight, wscales = operands(args.rows, signed=signed, device="cuda" if cuda else "cpu",
+                                                   shifted=shifted)
         qd, wd = q.double().cpu(), w8.double().cpu()
         exact = qd @ wd.t()
         case: dict = {}

@@ -7,14 +7,17 @@ for one-signed layers without a shift (a ReLU-fed layer). CPU side: tests/test_f
 
 Bounds (errors ‖out − ref‖₂ / ‖ref‖₂ as in test_kernels_gpu.py): against the reference (CPU, IEEE
 fp32) the fast8 kernels' 5e-3 (test_kernels_fast8_gpu.py; on signed activations Hopper's FP8 fast
-accumulation measured 2.6e-3 at K = 12288, benchmarks/results/fp8_accumulation_h100.json). Against
-the float64 product on unquantized activations: no worse than the reference math of quantizing
-``x + shift`` (measured on the CPU on such data: 2.58e-2 against 2.83e-2; the kernels add their
-accumulation and bf16 roundings, ~3e-3, in quadrature).
+accumulation measured 2.6e-3 at K = 12288, benchmarks/results/fp8_accumulation_h100.json, but
+1.15e-2 on the shifted post-GELU rows, which the promoted kernels were for). Unshifted, these rows
+are still mostly positive (their e4m3 codes' mean / std 11.3 / 23.0 against 12.9 / 23.4 shifted, on
+tests/test_kernels_segmented_gpu.py's data), so whether the fast accumulation keeps its signed-data
+accuracy on them is what these tests measure; if not, ``cutlass_fast8.PROMOTE_SHIFTED = True`` sends
+such layers to the promoted kernels again (the unshifted codes and the shift bias stay).
 """
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import pytest
@@ -114,15 +117,20 @@ def test_gelu_shifted_layer_runs_the_fast_kernels(monkeypatch, kernels_run, prol
     torch._dynamo.reset()
     got = torch.compile(layer, fullgraph=True)(x)
     assert _rel(got, ref) < 5e-3 and _rel(got, out) < 1e-3
-    assert kernels_run and not any(getattr(c, "promote", 0) for c in kernels_run), kernels_run
+    if not cutlass_fast8.PROMOTE_SHIFTED:
+        assert kernels_run and not any(getattr(c, "promote", 0) for c in kernels_run), kernels_run
     if m >= cutlass_fast8.SS_MIN_M and cutlass_fast8.WEIGHTS == "e4m3":
         assert any(isinstance(c, SsLowrankGemmConfig) for c in kernels_run)
 
 
-def test_gelu_shifted_layer_is_no_worse_than_quantizing_the_shift():
+def test_gelu_shifted_layer_against_the_promoted_path_it_replaces(kernels_run):
     """Against the float64 product on unquantized activations ``(x + shift) / s`` (the GEMM's weights,
-    the stored bias, the low-rank branch), the kernels' output is no worse than the reference math of
-    the FP8 modes before (``x + shift`` quantized: one-signed, and coarser)."""
+    the stored bias, the low-rank branch): the fast kernels on the unshifted codes, and the path they
+    replace — the promoted kernel on the shifted codes with the stored bias (what ``fast8`` ran before;
+    ``fast8_linear_fp8`` with no shift and ``act_unsigned`` still takes it). The new path is within
+    1.25× of the old: its finer activations (CPU, this data: 5.22e-3 against 5.45e-3 for the reference
+    math) against the fast accumulation (2.6e-3 in quadrature on signed activations; 1.15e-2 on the
+    shifted ones, which this bound would catch)."""
     layer = _fc2(seed=3)
     x = _rows(1024, seed=4)
     xd = x.double()
@@ -132,11 +140,14 @@ def test_gelu_shifted_layer_is_no_worse_than_quantizing_the_shift():
     exact = ((xd + SHIFT) / layer.smooth.double()) @ w.t() + layer.bias.double()
     exact += (xd @ layer.lora_down.double().t()) @ layer.lora_up.double().t()
     del w
-    q, a = ops.fp8_activations(x.float(), layer.smooth, SHIFT)  # the shifted quantizer of before
-    old = ops.reference_linear_fp8(x, q, a, *_args(layer, "cuda")[:10])  # no shift: the stored bias as it is
     out = layer(x)
+    q, a = ops.fp8_activations(x.float(), layer.smooth, SHIFT)  # the shifted quantizer of before
+    old = cutlass_fast8.fast8_linear_fp8(x, q, a, *_args(layer, "cuda")[:10], 0.0, True)  # stored bias as it is
+    assert [c.promote for c in kernels_run][-1] == 1
     e_new, e_old = _rel(out, exact), _rel(old, exact)
-    assert e_new <= e_old, (e_new, e_old)
+    print(f"fast8 error against the float64 product: unshifted, fast kernels {e_new:.3e}; "
+          f"shifted, promoted kernel {e_old:.3e}")
+    assert e_new <= 1.25 * e_old, (e_new, e_old)
 
 
 def test_relu_fed_unsigned_layer_keeps_the_promoted_kernel(kernels_run):
@@ -157,6 +168,7 @@ def test_reduce_overhead_with_shifted_layers_compiles_on_a_first_call():
     layers = [_fc2(3072, 3072, seed=s) for s in (21, 22)]
     model = torch.nn.Sequential(layers[0], torch.nn.GELU(approximate="tanh"), layers[1])
     x = _rows(4608, 3072, seed=23)
+    gc.collect()  # earlier tests' layers: their entries would leave during the calls
     before = len(ops._SHIFT_BIASES)
     compiled = torch.compile(model, mode="reduce-overhead")
     with torch.no_grad():
