@@ -116,7 +116,7 @@ def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[floa
     kernel design."""
     x = rows.to(torch.float32)
     ref = F.linear(x, linear.weight.float(), None if linear.bias is None else linear.bias.float())
-    xs = (x + layer.act_shift) * (1.0 / layer.smooth.float())  # the FP8 modes' 4-bit branch input (format.md §6)
+    xs = x * (1.0 / layer.smooth.float())  # the FP8 modes' 4-bit branch input, unshifted (format.md §6)
     amax = xs.abs().amax(dim=1, keepdim=True)
     a = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
     q = (xs * (1.0 / a)).clamp(-448, 448).to(torch.float8_e4m3fn).float()
@@ -128,11 +128,17 @@ def fast8_mode_error(linear: nn.Linear, layer, rows: torch.Tensor) -> tuple[floa
     low = low_codes = 0.0
     if layer.lora_down is not None and layer.lora_down.shape[0]:
         low = (x @ layer.lora_down.float().t()) @ layer.lora_up.float().t()
-        dequantized = q * a * layer.smooth.float() - layer.act_shift
+        dequantized = q * a * layer.smooth.float()
         low_codes = (dequantized @ layer.lora_down.float().t()) @ layer.lora_up.float().t()
-    b = 0.0 if layer.bias is None else layer.bias.float()
-    return (relative_error((q @ r8.t()) * a + low + b, ref), relative_error((q @ r.t()) * a + low + b, ref),
-            relative_error((q @ r8.t()) * a + low_codes + b, ref))
+
+    def bias(act: str) -> torch.Tensor | float:  # the layer's act_shift enters through the bias (ops.fp8_bias)
+        b = ops.fp8_bias(layer.qweight, layer.wscales, layer.wtscale, layer.smooth, layer.bias, layer.precision, act,
+                         layer.act_shift, k_segments=layer.k_segments, dtype=layer.dtype)
+        return 0.0 if b is None else b.float()
+
+    b8, b = bias("fp8w"), bias("fp8")
+    return (relative_error((q @ r8.t()) * a + low + b8, ref), relative_error((q @ r.t()) * a + low + b, ref),
+            relative_error((q @ r8.t()) * a + low_codes + b8, ref))
 
 
 def _fp8_rows_by_division(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,18 +150,18 @@ def _fp8_rows_by_division(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def fp8_reciprocal_change(linear: nn.Linear, layer, rows: torch.Tensor) -> dict:
-    """The FP8 modes' quantizer now (``x̂ = (x + shift) · (1/s)``, codes ``x̂ · (1/a)``) against before
-    (``(x + shift) / s``, ``x̂ / a``) on the same held-out rows: how many codes and token scales
-    differ, and the ``fast8`` layer's error with each (``svdq_fast8`` is the current one)."""
+    """The FP8 modes' quantizer now (``x̂ = x · (1/s)``, codes ``x̂ · (1/a)``) against dividing
+    (``x / s``, ``x̂ / a``) on the same held-out rows (both unshifted, a shift in the bias): how many
+    codes and token scales differ, and the ``fast8`` layer's error with each (``svdq_fast8`` is the
+    current one)."""
     x = rows.to(layer.qweight.device, linear.weight.dtype)
     xf = x.float()
     ref = F.linear(xf, linear.weight.float(), None if linear.bias is None else linear.bias.float())
-    shift = ops.shift_vector(xf.shape[-1], layer.act_shift, layer.k_segments, device=xf.device)
-    q_old, a_old = _fp8_rows_by_division(ops.smoothed(xf, layer.smooth, shift))
-    q_new, a_new = ops.fp8_activations(xf, layer.smooth, shift)
+    q_old, a_old = _fp8_rows_by_division(ops.smoothed(xf, layer.smooth))
+    q_new, a_new = ops.fp8_activations(xf, layer.smooth)
     y_old = ops.reference_linear_fp8(x, q_old, a_old, layer.qweight, layer.wscales, layer.wtscale, layer.smooth,
                                      layer.lora_down, layer.lora_up, layer.bias, layer.lora_scales, "int4", "fp8w",
-                                     k_segments=layer.k_segments)
+                                     layer.act_shift, layer.act_unsigned, k_segments=layer.k_segments)
     return {"codes": q_new.numel(), "codes_changed": int((q_old.view(torch.uint8) != q_new.view(torch.uint8)).sum()),
             "scales_changed": int((a_old != a_new).sum()), "error_fast8_division": relative_error(y_old, ref)}
 
