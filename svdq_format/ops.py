@@ -637,7 +637,7 @@ def fp8_bias(
         shift = shift_vector(smooth.shape[0], act_shift, segments, device=smooth.device)
         return _shift_bias(qweight, wscales, wtscale, smooth, bias, precision, act, shift, segments, out_dtype)
 
-    if any(type(t) is not torch.Tensor or t.requires_grad for t in keys):
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or t.requires_grad for t in keys):
         return make()
     variant = (act, precision, float(act_shift), tuple((seg.size, float(seg.act_shift)) for seg in segments),
                out_dtype)
