@@ -19,9 +19,9 @@ The FP8 modes quantize the *whole* row, unshifted, with one per-token scale (``a
 §6; each segment's shift enters through its bias, :func:`svdq_format.ops.fp8_bias`), which per-segment
 calls that quantize their own slice would not reproduce. So these calls get the activations already
 quantized — the backend's ``linear_fp8`` with the column slices of one
-:func:`~svdq_format.ops.quantize_fp8_rows` of the whole row and the segment's shift (in a compiled graph that quantizer is
-the graph's own, fused by Inductor; eager, :func:`svdq_format.ops.per_segment` runs it in plain
-torch) — which a backend offers for the :data:`~svdq_format.ops.SPLIT_ACTS` modes (``fp8w``, i.e.
+:func:`~svdq_format.ops.quantize_fp8_rows` of the whole row and the segment's shift (in a compiled
+graph that quantizer is the graph's own, fused by Inductor; eager, :func:`svdq_format.ops.per_segment`
+runs it in plain torch) — which a backend offers for the :data:`~svdq_format.ops.SPLIT_ACTS` modes (``fp8w``, i.e.
 ``fast8``); ``fp8`` (``fast``) has no per-segment path, and ``auto`` passes over it to the exact W4A4
 math, whose activations are quantized per group and so split exactly. A segment whose
 ``linear_fp8`` returns ``None`` (no such kernel after all) runs the reference math of that segment.
