@@ -227,7 +227,12 @@ def _captured(model, x):
         return gm.forward
 
     torch._dynamo.reset()
-    return found, torch.compile(model, backend=backend, fullgraph=True)(x)
+    try:
+        return found, torch.compile(model, backend=backend, fullgraph=True)(x)
+    finally:
+        # dynamo's frame state would keep a shift that differed between two compiles of the layer's
+        # forward as a dynamic float, which a later `mode="auto"` compile cannot pass to ops.auto_act
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("prologue", ["fused", "inductor"])
