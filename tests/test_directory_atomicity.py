@@ -15,6 +15,7 @@ The default run does a few of each; ``--soak`` (``@pytest.mark.slow``) the large
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import signal
@@ -255,7 +256,25 @@ def test_reader_during_writes_soak(tmp_path, capsys, base_model):
     _run_reader(tmp_path, capsys, 90, base_model)
 
 
-def test_mixed_and_incomplete_directories_are_one_line(tmp_path, base_model):
+class _RecordedSleeps:
+    """``svdq_format.commit``'s ``time`` with ``sleep`` recorded, not slept: a reader's retries of a
+    directory that stays mixed back off for seconds, to no end without a writer to wait for."""
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def test_mixed_and_incomplete_directories_are_one_line(tmp_path, base_model, monkeypatch):
+    from svdq_format import commit
+
+    waits = _RecordedSleeps()
+    monkeypatch.setattr(commit, "time", waits)
     a, b = tmp_path / "a", tmp_path / "b"
     for d, v in ((a, 1.0), (b, 2.0)):
         for m in base_model.modules():
@@ -275,6 +294,12 @@ def test_mixed_and_incomplete_directories_are_one_line(tmp_path, base_model):
     (b / "config.json").unlink()  # sealed shards that no config.json commits: a save killed before its commit
     with pytest.raises(MixedDirectoryError, match="incomplete model directory: .* never committed"):
         validate(b)
+    # each of the three refused reads (validate, load_pretrained, validate) backed off and read again
+    # until retry_mixed's last attempt, then refused
+    params = inspect.signature(commit.retry_mixed).parameters
+    attempts, wait = params["attempts"].default, params["wait"].default
+    assert waits.slept == [wait * 2**i for i in range(attempts - 1)] * 3
+    monkeypatch.undo()
     # a write in progress is another process's lock: the second writer changes nothing
     from svdq_format.commit import DirectoryWrite
     with DirectoryWrite(tmp_path / "c"):
