@@ -16,7 +16,8 @@ from svdq_format.errors import UnsupportedError
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
            "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
            "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "PRODUCER_CONVERT_PROBES", "SsLowrankGemmConfig",
-           "SS_LOWRANK_CONFIGS", "SS_LOWRANK_CANDIDATES", "PROMOTED_GROUP64_CONFIGS", "config_by_name", "group64_config", "ss_lowrank_config"]
+           "SS_LOWRANK_CONFIGS", "SS_LOWRANK_CANDIDATES", "PROMOTED_GROUP64_CONFIGS", "config_by_name",
+           "group64_config", "ss_lowrank_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
