@@ -320,6 +320,21 @@ for c in SS:
         timeout 150 python3 benchmarks/fast8_preconverted.py --out "$OUT/fast8_preconverted.json" > "$OUT/fast8_preconverted.log" 2>&1
         echo "ss bench rc=$?"; grep -v Warn "$OUT/fast8_preconverted.log" | tail -9 | cut -c1-250
       fi ;;
+    ssc)  # issue 23: the pre-converted kernel's other tilings (SS_LOWRANK_CANDIDATES: 2x1 / 1x2 clusters with TMA
+          # multicast, 256 x 128, pingpong), prebuilt on the CPU into .kcache/kcache-ss-cand.tgz (~5 min on an H100;
+          # today's SS_LOWRANK_CONFIGS from .kcache/kcache.tgz): a 60 s smoke call (each cached candidate once; a
+          # pipeline hang stops the step there), then every candidate that ran timed beside _scaled_mm and today's
+          # kernels at M = 4608 on the seven shapes, bits against today's pick ($OUT/fast8_ss_candidates.json)
+      if [ -f .kcache/kcache-ss-cand.tgz ]; then mkdir -p "$KC" && tar -C "$KC" -xzf .kcache/kcache-ss-cand.tgz; fi
+      timeout 60 python3 benchmarks/fast8_preconverted.py --smoke > "$OUT/smoke_ssc.log" 2>&1; rc=$?
+      echo "ssc smoke rc=$rc"; grep -E "^smoke (ok|error|skip)|Error" "$OUT/smoke_ssc.log" | tail -14 | cut -c1-250
+      [ $rc -eq 0 ] || { echo "ssc: smoke failed or hung at: $(grep '^smoke start' "$OUT/smoke_ssc.log" | tail -1)"; }
+      ok=$(awk '$1 == "smoke" && $2 == "ok" {print $3}' "$OUT/smoke_ssc.log" | paste -sd, -)
+      if [ $rc -eq 0 ] && [ -n "$ok" ]; then
+        timeout 240 python3 benchmarks/fast8_preconverted.py --candidates "$ok" --out "$OUT/fast8_ss_candidates.json" \
+          > "$OUT/fast8_ss_candidates.log" 2>&1
+        echo "ssc bench rc=$?"; grep -v Warn "$OUT/fast8_ss_candidates.log" | tail -100 | cut -c1-200
+      fi ;;
     cg)  # the CUDA-graph pool fix (~1-2 min with the kernels in .kcache; else first use builds them): a
          # two-layer fast8 model compiled with mode="reduce-overhead" and called first compiled (empty
          # per-weight caches), default int4 and e4m3 weights, against its eager output
