@@ -149,12 +149,17 @@ def profile_step(fn, *, label: str) -> dict:
             fn()
             torch.cuda.synchronize()
     kinds: dict[str, float] = {}
+    other: list[tuple[float, int, str]] = []
     for evt in prof.key_averages():
         us = getattr(evt, "self_device_time_total", 0.0)
         if not us or evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         kind = next((k for k, pats in KINDS if any(p in evt.key for p in pats)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
+        if kind == "other":
+            other.append((us / 1e3, evt.count, evt.key))
+    for ms, count, key in sorted(other, reverse=True)[:8]:  # full names: the table cuts them at 70 characters
+        print(f"{label}: other {ms:7.2f} ms {count:5d} calls  {key[:400]}")
     kinds["total"] = sum(kinds.values())
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
     print(f"{label}: GPU ms by kind: "

@@ -226,7 +226,16 @@ for step in $STEPS; do
       timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
         --fuse-qkv --no-bf16-compile --no-svdq-eager --profile --profile-shapes \
         --out "$OUT/flux_step_ops.json" > "$OUT/flux_step_ops.log" 2>&1
-      echo "step rc=$?"; grep -A40 "by op and input shapes" "$OUT/flux_step_ops.log" | cut -c1-260 | head -45 ;;
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other " "$OUT/flux_step_ops.log" | cut -c1-400
+      grep -A40 "by op and input shapes" "$OUT/flux_step_ops.log" | cut -c1-260 | head -45 ;;
+    p24)  # issue 23, one call (~7 min): the FLUX.1-dev step (fused q|k|v, reduce-overhead) of the FP8 W8A8 peer
+          # and SVDQuant's defaults, GPU time by kernel kind with the "other" kernels' full names, then
+          # SVDQuant compiled without CUDA graphs by op and input shapes (what launches "other")
+      timeout 470 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --profile-shapes \
+        --out "$OUT/flux_step_p24.json" > "$OUT/flux_step_p24.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p24.log" | cut -c1-400
+      grep -A40 "by op and input shapes" "$OUT/flux_step_p24.log" | cut -c1-260 | head -45 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
