@@ -236,6 +236,16 @@ for step in $STEPS; do
         --out "$OUT/flux_step_p24.json" > "$OUT/flux_step_p24.log" 2>&1
       echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p24.log" | cut -c1-400
       grep -A40 "by op and input shapes" "$OUT/flux_step_p24.log" | cut -c1-260 | head -45 ;;
+    p25)  # issue 23 (~7 min): rank-0 layers on the low-rank kernels (one zero k-tile) and quantized in the
+          # compiled graph (x never written): their GPU tests, then the step beside the FP8 peer (as p24, no
+          # by-op profile)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
+        -k "rank0 or reduce_overhead" > "$OUT/pytest_rank0.log" 2>&1
+      echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300
+      timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
+        --out "$OUT/flux_step_p25.json" > "$OUT/flux_step_p25.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p25.log" | cut -c1-300 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no

@@ -350,3 +350,21 @@ def test_cli_lists_the_ss_kernels_unless_opted_out(capsys, tmp_path, monkeypatch
 def test_configs_module_lists_the_new_names():
     assert {"SsLowrankGemmConfig", "SS_LOWRANK_CONFIGS", "SS_LOWRANK_CANDIDATES", "ss_lowrank_config"} <= set(
         configs.__all__)
+
+
+@pytest.mark.parametrize("weights, m", [("e4m3", 2048), ("int4", 2048), ("int4", 64)])
+def test_a_rank0_layer_runs_the_lowrank_kernels_with_one_zero_tile(emulated, monkeypatch, weights, m):
+    """A layer without a low-rank branch (rank 0: a rank allocation's least sensitive layers) takes
+    the low-rank kernels with one k-tile of zeros — its bias from the epilogue, not a bias-filled
+    ``[M, N]`` source (a broadcast copy the size of the output) on the two-step path — and gives the
+    same output as a zero-valued rank-32 branch, within the fast8 bound of the reference."""
+    monkeypatch.setattr(cutlass_fast8, "WEIGHTS", weights)
+    x, qweight, wscales, smooth, down, up, bias = _layer(m, r=32)
+    got = _run(x, qweight, wscales, smooth, None, None, bias)
+    want_kernel = ss_lowrank_config(m, n=128, sms=132) if weights == "e4m3" and m >= cutlass_fast8.SS_MIN_M \
+        else group64_config(m, n=128, sms=132, lowrank=True)
+    assert emulated[-1] == want_kernel
+    zero = _run(x, qweight, wscales, smooth, torch.zeros_like(down), torch.zeros_like(up), bias)
+    assert torch.equal(got, zero)
+    ref = ops.reference_linear(x, qweight, wscales, None, smooth, None, None, bias, None, "int4", "fp8w").double()
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 4e-3

@@ -164,3 +164,19 @@ def test_fast8_layer_with_e4m3_weights_matches_the_reference(e4m3_weights_on, m,
 def test_e4m3_weights_zero_and_nan_rows(e4m3_weights_on):
     """A row of zeros gives the bias; a NaN row stays NaN and no other row moves (at M = 4608)."""
     lowrank_gpu.assert_zero_and_nan_rows(4608)
+
+
+@pytest.mark.parametrize("weights", ["e4m3", "int4"])
+@pytest.mark.parametrize("m", [64, 4608])
+def test_rank0_layer_on_the_lowrank_kernels(e4m3_weights_on, weights, m):
+    """A rank-0 layer (no low-rank branch) runs the low-rank kernels with one k-tile of zeros: the same
+    bits as a zero-valued rank-32 branch, within the fast8 bound of the reference, bias included."""
+    cutlass_fast8.WEIGHTS = weights  # (restored by the fixture's monkeypatch)
+    x, qw, ws, smooth, down, up, b = _inputs(m, 3072, 3072, 32, bias=True)
+    out = cutlass_fast8.fast8_linear(x, qw, ws, None, smooth, None, None, b, None, "int4", "fp8w")
+    zero = cutlass_fast8.fast8_linear(x, qw, ws, None, smooth, torch.zeros_like(down), torch.zeros_like(up), b,
+                                      None, "int4", "fp8w")
+    assert torch.equal(out, zero)
+    ref = ops.reference_linear(x.cpu(), qw.cpu(), ws.cpu(), None, smooth.cpu(), None, None, b.cpu(), None,
+                               "int4", "fp8w")
+    assert _rel(out.cpu(), ref) < 5e-3
