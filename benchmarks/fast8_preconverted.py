@@ -18,11 +18,26 @@ At M = 4608 on FLUX.1-dev's layer shapes, in one process on one GPU, every time 
 ``same_bits``: the pre-converted kernel's output equals the consumer kernel's bit for bit.
 
     python benchmarks/fast8_preconverted.py --out benchmarks/results/fast8_preconverted_h100.json
+
+``--candidates [NAME,...]``: the other tilings of the pre-converted kernel instead
+(:data:`svdq_kernels.configs.SS_LOWRANK_CANDIDATES`: 2 × 1 / 1 × 2 clusters with TMA multicast, 256 × 128,
+pingpong; all of them, or the names given), each one found in the kernel cache (never compiled here:
+``svdq kernels build --config NAME`` prebuilds them) timed per shape beside ``_scaled_mm`` and today's
+large-M kernels (128 × 256 and its stream-K twin, ``pick`` the one the layer runs), with its
+output checked against today's pick and today's persistent 128 × 256 kernel bit for bit (``same_bits_*``:
+the k-tile order is the same, so persistent tilings must match; stream-K splits sum partial
+accumulators) and against the float64 evaluation of its inputs (``rel_err_f64``). ``--smoke``: each
+cached candidate once at 4608 × 3072 → 3072, one ``smoke ok NAME`` line per kernel that finished (run it
+under ``timeout``: a pipeline hang never returns).
+
+    python benchmarks/fast8_preconverted.py --smoke
+    python benchmarks/fast8_preconverted.py --candidates --out fast8_ss_candidates.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -74,14 +89,158 @@ def measure_shape(m: int, k: int, n: int, rank: int) -> dict:
             "pass_gbs": (n * k // 2 + n * k // 32 + n * k) / (t["e4m3_pass"] * 1e-3) / 1e9}
 
 
+def cached(config) -> bool:
+    """Whether ``config``'s kernel is in the kernel cache for this machine's toolchain (a candidate is
+    timed only then: compiling one takes minutes)."""
+    from svdq_kernels import build
+
+    key = build.cache_key(config, _toolchain())
+    return (build.cache_dir() / f"{config.name}-{key}.so").is_file()
+
+
+@functools.lru_cache(maxsize=1)
+def _toolchain():
+    from svdq_kernels import build
+
+    return build.detect_toolchain()
+
+
+def candidate_configs(names: str) -> list:
+    """``"all"``: every :data:`~svdq_kernels.configs.SS_LOWRANK_CANDIDATES`; else the comma-separated names."""
+    from svdq_kernels.configs import SS_LOWRANK_CANDIDATES
+
+    if names == "all":
+        return list(SS_LOWRANK_CANDIDATES)
+    by_name = {c.name: c for c in SS_LOWRANK_CANDIDATES}
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        raise SystemExit(f"error: not in SS_LOWRANK_CANDIDATES: {', '.join(unknown)} (known: {', '.join(by_name)})")
+    return [by_name[n] for n in names.split(",")]
+
+
+def _ss_inputs(m: int, k: int, n: int, rank: int) -> tuple:
+    """``(layer, (w8, rowinv, q, a', bias, lr, l1))``: the pre-converted kernel's operands (seed 0,
+    the layer :func:`measure_shape` times)."""
+    from svdq_kernels import cutlass_fast8, lowrank_tiles
+    from svdq_kernels.weights_e4m3 import e4m3_weights
+
+    torch.manual_seed(0)
+    L = random_layer(m, k, n, rank)
+    q, _, lr, ag, _, rowinv, _ = lowrank_gemm_inputs(L)
+    w8 = e4m3_weights(L.qweight, cutlass_fast8.fast8_weights(L.qweight, L.wscales)[0])
+    return L, (w8, rowinv, q, ag, L.bias, lr, lowrank_tiles.padded_up64(L.up, rowinv))
+
+
+def smoke(configs: list) -> int:
+    """Each cached kernel of ``configs`` once (one ``smoke ok|error|skip NAME`` line each, flushed: under
+    ``timeout`` the last line names a kernel that hangs)."""
+    from svdq_kernels import build, cutlass_fast8
+
+    _, args = _ss_inputs(4608, 3072, 3072, 32)
+    for config in configs:
+        if not cached(config):
+            print(f"smoke skip {config.name} (not in the kernel cache {build.cache_dir()})", flush=True)
+            continue
+        print(f"smoke start {config.name}", flush=True)
+        try:
+            build.load_kernel(config)  # alone: no also_build (today's kernels are not needed here)
+            out = cutlass_fast8.ss_gemm_lowrank(*args, config=config)
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001  (a benchmark: report and go on)
+            print(f"smoke error {config.name} {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+            continue
+        print(f"smoke ok {config.name} finite={bool(out.isfinite().all())}", flush=True)
+    return 0
+
+
+def measure_candidates(m: int, k: int, n: int, rank: int, candidates: list) -> dict:
+    """One shape: ``_scaled_mm``, today's pre-converted kernels and each cached candidate (ms, speed-ups
+    against ``_scaled_mm`` and today's pick, bits against today's pick and persistent 128 × 256 kernel,
+    relative error against float64); ``best``: the fastest kernel within the bound."""
+    from svdq_kernels import build, cutlass_fast8
+    from svdq_kernels.configs import SS_LOWRANK_CONFIGS, ss_lowrank_config
+
+    L, args = _ss_inputs(m, k, n, rank)
+    w8, rowinv, q, ag, bias, lr, l1 = args
+    pick = ss_lowrank_config(m, n=n, sms=cutlass_fast8._sm_count(None))
+    assert pick is not None, f"M={m}: no pre-converted kernel"
+    acc = q.double() @ w8.double().t() + lr.double() @ l1.double().t()
+    ref = acc * rowinv.double() * ag.double().unsqueeze(1) + bias.double()
+    del acc
+    want = {"pick": cutlass_fast8.ss_gemm_lowrank(*args, config=pick),
+            "persistent": cutlass_fast8.ss_gemm_lowrank(*args, config=SS_LOWRANK_CONFIGS[0])}
+    fp8 = bench_fp8_gemm(L)
+    kernels = [pick, *(c for c in SS_LOWRANK_CONFIGS[:2] if c != pick), *candidates]  # [:2]: the large-M tilings
+    entries = []
+    for config in kernels:
+        entry: dict = {"config": config.name, "today": config in SS_LOWRANK_CONFIGS}
+        if not entry["today"] and not cached(config):
+            entries.append({**entry, "skipped": "not in the kernel cache"})
+            continue
+        try:
+            build.load_kernel(config)
+            out = cutlass_fast8.ss_gemm_lowrank(*args, config=config)
+            ms = bench(lambda c=config: cutlass_fast8.ss_gemm_lowrank(*args, config=c))
+        except Exception as exc:  # noqa: BLE001  (a benchmark: report and go on)
+            entries.append({**entry, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+            continue
+        rel = ((out.double() - ref).norm() / ref.norm()).item()
+        entries.append({**entry, "ms": ms, "vs_fp8_gemm": fp8 / ms,
+                        "same_bits_as_pick": bool(torch.equal(out, want["pick"])),
+                        "same_bits_as_persistent": bool(torch.equal(out, want["persistent"])),
+                        "max_abs_diff_vs_pick": (out.float() - want["pick"].float()).abs().max().item(),
+                        "rel_err_f64": rel})
+    pick_ms = entries[0]["ms"]
+    for e in entries:
+        if "ms" in e:
+            e["vs_pick"] = pick_ms / e["ms"]
+    good = [e for e in entries if "ms" in e and e["rel_err_f64"] < 5e-3]
+    best = min(good, key=lambda e: e["ms"])
+    return {"m": m, "k": k, "n": n, "rank": rank, "fp8_gemm_ms": fp8, "pick": pick.name, "kernels": entries,
+            "best": best["config"], "best_vs_fp8_gemm": fp8 / best["ms"], "best_vs_pick": pick_ms / best["ms"]}
+
+
+def _print_candidates(r: dict) -> None:
+    print(f"{r['m']}x{r['k']}x{r['n']}: _scaled_mm {r['fp8_gemm_ms'] * 1e3:.1f} us; best {r['best']} "
+          f"({r['best_vs_fp8_gemm']:.3f}x _scaled_mm, {r['best_vs_pick']:.3f}x today's pick)", flush=True)
+    for e in r["kernels"]:
+        if "ms" not in e:
+            print(f"  {e['config']:<46} {e.get('skipped') or e.get('error')}", flush=True)
+            continue
+        mark = "*" if e["config"] == r["pick"] else " "
+        print(f" {mark}{e['config']:<46} {e['ms'] * 1e3:8.1f} {e['vs_fp8_gemm']:7.3f} {e['vs_pick']:7.3f}  "
+              f"{e['same_bits_as_pick']!s:<5} {e['same_bits_as_persistent']!s:<5} {e['rel_err_f64']:.2e}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--out", default="fast8_preconverted.json")
+    ap.add_argument("--out", default=None, help="results JSON (default: fast8_preconverted.json, with "
+                    "--candidates fast8_ss_candidates.json)")
+    ap.add_argument("--candidates", nargs="?", const="all", default=None, metavar="NAME,...",
+                    help="time the cached SS_LOWRANK_CANDIDATES (all, or these) beside today's kernels")
+    ap.add_argument("--smoke", action="store_true", help="run each cached candidate once and exit")
     args = ap.parse_args(argv)
     linear_peers.GRAPHS = True
 
     import svdq_kernels  # noqa: F401  (registers cutlass-sm90)
+
+    if args.smoke:
+        return smoke(candidate_configs(args.candidates or "all"))
+    if args.candidates is not None:
+        candidates = candidate_configs(args.candidates)
+        out = Path(args.out or "fast8_ss_candidates.json")
+        print(f"{len(candidates)} candidates; per kernel: us, speed-up vs _scaled_mm, vs today's pick (*), same "
+              "bits as the pick, as the persistent 128x256 kernel, relative error vs float64", flush=True)
+        rows = []
+        for m, k, n in SHAPES:
+            rows.append(measure_candidates(m, k, n, args.rank, candidates))
+            _print_candidates(rows[-1])
+            out.write_text(json.dumps({"meta": run_meta(rank=args.rank), "rows": rows}, indent=1) + "\n")
+            torch.cuda.empty_cache()
+        print(f"wrote {out}")
+        return 0
+    args.out = args.out or "fast8_preconverted.json"
 
     rows = []
     print(f"{'M x K x N':<18} {'fp8 gemm':>9} {'consumer':>9} {'pass':>7} {'ss':>7} {'pass+ss':>8} "

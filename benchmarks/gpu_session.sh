@@ -236,6 +236,16 @@ for step in $STEPS; do
         --out "$OUT/flux_step_p24.json" > "$OUT/flux_step_p24.log" 2>&1
       echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p24.log" | cut -c1-400
       grep -A40 "by op and input shapes" "$OUT/flux_step_p24.log" | cut -c1-260 | head -45 ;;
+    p25)  # issue 23 (~7 min): rank-0 layers on the low-rank kernels (one zero k-tile) and quantized in the
+          # compiled graph (x never written): their GPU tests, then the step beside the FP8 peer (as p24, no
+          # by-op profile)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
+        -k "rank0 or reduce_overhead" > "$OUT/pytest_rank0.log" 2>&1
+      echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300
+      timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
+        --out "$OUT/flux_step_p25.json" > "$OUT/flux_step_p25.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p25.log" | cut -c1-300 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
@@ -328,6 +338,21 @@ for c in SS:
         echo "ss tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_ss.log" | tail -12 | cut -c1-300
         timeout 150 python3 benchmarks/fast8_preconverted.py --out "$OUT/fast8_preconverted.json" > "$OUT/fast8_preconverted.log" 2>&1
         echo "ss bench rc=$?"; grep -v Warn "$OUT/fast8_preconverted.log" | tail -9 | cut -c1-250
+      fi ;;
+    ssc)  # issue 23: the pre-converted kernel's other tilings (SS_LOWRANK_CANDIDATES: 2x1 / 1x2 clusters with TMA
+          # multicast, 256 x 128, pingpong), prebuilt on the CPU into .kcache/kcache-ss-cand.tgz (~5 min on an H100;
+          # today's SS_LOWRANK_CONFIGS from .kcache/kcache.tgz): a 60 s smoke call (each cached candidate once; a
+          # pipeline hang stops the step there), then every candidate that ran timed beside _scaled_mm and today's
+          # kernels at M = 4608 on the seven shapes, bits against today's pick ($OUT/fast8_ss_candidates.json)
+      if [ -f .kcache/kcache-ss-cand.tgz ]; then mkdir -p "$KC" && tar -C "$KC" -xzf .kcache/kcache-ss-cand.tgz; fi
+      timeout 60 python3 benchmarks/fast8_preconverted.py --smoke > "$OUT/smoke_ssc.log" 2>&1; rc=$?
+      echo "ssc smoke rc=$rc"; grep -E "^smoke (ok|error|skip)|Error" "$OUT/smoke_ssc.log" | tail -14 | cut -c1-250
+      [ $rc -eq 0 ] || { echo "ssc: smoke failed or hung at: $(grep '^smoke start' "$OUT/smoke_ssc.log" | tail -1)"; }
+      ok=$(awk '$1 == "smoke" && $2 == "ok" {print $3}' "$OUT/smoke_ssc.log" | paste -sd, -)
+      if [ $rc -eq 0 ] && [ -n "$ok" ]; then
+        timeout 240 python3 benchmarks/fast8_preconverted.py --candidates "$ok" --out "$OUT/fast8_ss_candidates.json" \
+          > "$OUT/fast8_ss_candidates.log" 2>&1
+        echo "ssc bench rc=$?"; grep -v Warn "$OUT/fast8_ss_candidates.log" | tail -100 | cut -c1-200
       fi ;;
     cg)  # the CUDA-graph pool fix (~1-2 min with the kernels in .kcache; else first use builds them): a
          # two-layer fast8 model compiled with mode="reduce-overhead" and called first compiled (empty

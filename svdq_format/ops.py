@@ -114,6 +114,14 @@ def _fast8_prologue_setting() -> str:
 
 FAST8_PROLOGUE = _fast8_prologue_setting()
 
+#: In a compiled graph with the fused prologue, quantize a layer without a low-rank branch in the
+#: graph (Inductor fuses it into x's producer and x is never written; :func:`svdq_linear`).
+GRAPH_QUANTIZE_RANK0 = True
+
+
+def _has_lowrank(lora_down: Optional[torch.Tensor], lora_up: Optional[torch.Tensor]) -> bool:
+    return lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
+
 #: The modes whose activations are FP8 per token (:func:`quantize_fp8_rows`).
 FP8_ACTS = ("fp8", "fp8w")
 #: The modes whose quantizer runs outside the op when compiled (:func:`svdq_linear`).
@@ -736,7 +744,7 @@ def reference_linear_fp8(
                     dtype=x.dtype)
     w = _dense_weight(_weight_values(qweight, precision), wscales, wtscale, precision, act, k_segments)
     y = (q.float() @ w.T) * a.float().unsqueeze(-1)
-    return _finish(y, x.reshape(-1, k).float(), x, lora_down, lora_up, bias, lora_scales)
+    return _finish(y, x.reshape(q.shape[0], k).float(), x, lora_down, lora_up, bias, lora_scales)
 
 
 def _reference_supports(call: LinearCall) -> Optional[str]:
@@ -872,10 +880,20 @@ def _linear_fp8_op(
     seg_unsigned: Optional[list[bool]] = None,
 ) -> torch.Tensor:
     """``svdquant::linear`` with the FP8 activations given (``q``, ``a`` of
-    :func:`quantize_fp8_rows`); a backend without :attr:`Backend.linear_fp8` recomputes them."""
+    :func:`quantize_fp8_rows`); a backend without :attr:`Backend.linear_fp8` recomputes them.
+
+    A layer without a low-rank branch may pass an empty stand-in for ``x`` (``[..., 0]``, its
+    leading shape and dtype; :func:`svdq_linear` in a compiled graph does): the codes are then all
+    the op reads of the input."""
     segments = _segments(seg_sizes, seg_shifts, seg_unsigned)
-    chosen = select_backend(_call(x, qweight, lora_down, bias, precision, act, act_shift, act_unsigned, segments),
-                            backend)
+    call = _call(x, qweight, lora_down, bias, precision, act, act_shift, act_unsigned, segments)
+    stand_in = x.shape[-1] == 0 and q.shape[-1] > 0
+    if stand_in:
+        if _has_lowrank(lora_down, lora_up) or segments:
+            raise BackendError("svdquant::linear_fp8: an empty stand-in for x needs a layer without a low-rank "
+                               "branch or k_segments")
+        call = dataclasses.replace(call, in_features=q.shape[-1], rows=q.numel() // q.shape[-1])
+    chosen = select_backend(call, backend)
     args = (qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales, precision, act, act_shift,
             act_unsigned)
     extra = {"k_segments": segments} if segments else {}
@@ -883,6 +901,9 @@ def _linear_fp8_op(
         y = chosen.linear_fp8(x, q, a, *args, **extra)
         if y is not None:
             return y
+    if stand_in:
+        raise BackendError(f"svdquant::linear_fp8: backend {chosen.name!r} cannot take pre-quantized activations "
+                           "without x")
     return chosen.linear(x, *args, **extra)
 
 
@@ -938,14 +959,19 @@ def svdq_linear(
     if act not in ACT_MODES:
         raise BackendError(f"unknown activation mode {act!r} (expected one of {ACT_MODES})")
     segs = _segment_lists(tuple(k_segments))
-    if act in SPLIT_ACTS and torch.compiler.is_compiling() and not (FAST8_PROLOGUE == "fused" and not k_segments):
+    rank0 = not _has_lowrank(lora_down, lora_up)
+    if act in SPLIT_ACTS and torch.compiler.is_compiling() and (
+            k_segments or FAST8_PROLOGUE != "fused" or (rank0 and GRAPH_QUANTIZE_RANK0)):
         # Compiled: the activation quantizer is plain torch in the graph, so Inductor fuses it
         # into whatever produces x (a norm, a modulation, a GELU) instead of a separate pass.
-        # (SVDQ_FAST8_PROLOGUE=fused: the op quantizes x itself, in the pass that computes x · L2ᵀ.)
-        # unshifted: a shift's contribution is added to the bias inside the op (fp8_bias)
+        # (SVDQ_FAST8_PROLOGUE=fused: the op quantizes x itself, in the pass that computes x · L2ᵀ —
+        # except for a layer without a low-rank branch, which needs nothing of x but its codes: the op
+        # then gets an empty stand-in for x, so x itself is never written, only q and a.)
+        # Unshifted: a shift's contribution is added to the bias inside the op (fp8_bias).
         q, a = graph_fp8_activations(x.reshape(-1, x.shape[-1]).float(), smooth)
+        xin = x.new_empty((*x.shape[:-1], 0)) if rank0 and not k_segments else x
         return torch.ops.svdquant.linear_fp8(
-            x, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
+            xin, q, a, qweight, wscales, wtscale, smooth, lora_down, lora_up, bias, lora_scales,
             precision, act, float(act_shift), bool(act_unsigned), backend, *segs,
         )
     run = _run_linear if _plain_eager(x) else torch.ops.svdquant.linear

@@ -16,7 +16,8 @@ from svdq_format.errors import UnsupportedError
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
            "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
            "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "PRODUCER_CONVERT_PROBES", "SsLowrankGemmConfig",
-           "SS_LOWRANK_CONFIGS", "PROMOTED_GROUP64_CONFIGS", "config_by_name", "group64_config", "ss_lowrank_config"]
+           "SS_LOWRANK_CONFIGS", "SS_LOWRANK_CANDIDATES", "PROMOTED_GROUP64_CONFIGS", "config_by_name",
+           "group64_config", "ss_lowrank_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
@@ -284,10 +285,19 @@ class SsLowrankGemmConfig(CutlassGemmConfig):
             raise UnsupportedError(f"tile_k {self.tile_k}: the low-rank k-tiles need tile_k 128")
         if self.scheduler not in ("persistent", "streamk"):
             raise UnsupportedError(f"scheduler {self.scheduler!r} is not 'persistent' or 'streamk'")
-        if self.schedule != "cooperative":
-            raise UnsupportedError("the pre-converted kernel is built for the cooperative schedule")
-        if self.cluster_m * self.cluster_n != 1:
-            raise UnsupportedError("the pre-converted kernel is built without clusters")
+        if self.scheduler == "streamk" and self.schedule != "cooperative":
+            raise UnsupportedError("the stream-K scheduler needs the cooperative schedule (CUTLASS 4.2)")
+        # the fp32 accumulator: at most 128 registers a thread (two consumer warpgroups share a
+        # cooperative tile, one warpgroup owns a pingpong tile)
+        threads = 256 if self.schedule == "cooperative" else 128
+        if self.tile_m * self.tile_n > 128 * threads:
+            raise UnsupportedError(
+                f"tile {self.tile_m} x {self.tile_n}: over 128 accumulator registers a thread for the "
+                f"{self.schedule} schedule (at most {128 * threads} outputs a tile)")
+        # 2 x 1 and 1 x 2: the low-rank k-tiles' L1 and lr loads multicast like the operands they
+        # replace (CUTLASS's mcast masks; both CTAs of a cluster run the same k-tiles)
+        if self.cluster_m * self.cluster_n > 2:
+            raise UnsupportedError("the pre-converted kernel is built for clusters of 1 x 1, 2 x 1 and 1 x 2")
 
     @property
     def name(self) -> str:
@@ -299,6 +309,8 @@ class SsLowrankGemmConfig(CutlassGemmConfig):
             return f"K={k} is not a multiple of tile_k {self.tile_k}"
         if n % 128:
             return f"N={n} is not a multiple of 128 (the fast8 kernels are validated on whole weight tiles)"
+        if n % self.tile_m:
+            return f"N={n} is not a multiple of tile_m {self.tile_m} (whole weight tiles)"
         return None
 
     def tiling(self) -> tuple[int, int, int, str, str]:
@@ -316,6 +328,28 @@ def _tiling(config: Group64GemmConfig) -> tuple[int, int, int, str, str]:
 SS_LOWRANK_CONFIGS: tuple[SsLowrankGemmConfig, ...] = tuple(
     SsLowrankGemmConfig(tile_m=c.tile_m, tile_n=c.tile_n, tile_k=c.tile_k, schedule=c.schedule, scheduler=c.scheduler)
     for c in AUTO_GROUP64_LR_CONFIGS[:3])
+
+
+_SS = SsLowrankGemmConfig
+
+#: Other tilings of the pre-converted kernel, timed by ``benchmarks/fast8_preconverted.py
+#: --candidates`` beside :data:`SS_LOWRANK_CONFIGS` and cuBLAS (not prebuilt, never picked by
+#: :func:`ss_lowrank_config`), in build-priority order. The kernel's A operand is the weights, so
+#: ``tile_m``/``cluster_m`` run along the weights' rows and ``tile_n``/``cluster_n`` along the tokens:
+#: a 2 × 1 cluster shares the token tile (B and lr multicast), 1 × 2 the weight tile (A and L1).
+#: vLLM's FP8 choices on sm_90, in these terms: large M a 128 × 256 cooperative tile with the cluster
+#: along the tokens (1 × 2), otherwise 128 × 128 pingpong (FP8 fast accumulation), 1 × 2.
+SS_LOWRANK_CANDIDATES: tuple[SsLowrankGemmConfig, ...] = (
+    _SS(tile_m=128, tile_n=256, cluster_m=2),
+    _SS(tile_m=128, tile_n=256, cluster_m=2, scheduler="streamk"),
+    _SS(tile_m=128, tile_n=128, cluster_n=2, schedule="pingpong"),
+    _SS(tile_m=128, tile_n=256, cluster_n=2),
+    _SS(tile_m=128, tile_n=256, cluster_n=2, scheduler="streamk"),
+    _SS(tile_m=256, tile_n=128),
+    _SS(tile_m=256, tile_n=128, cluster_m=2),
+    _SS(tile_m=128, tile_n=128, cluster_m=2, schedule="pingpong"),
+    _SS(tile_m=64, tile_n=256, schedule="pingpong"),
+)
 
 
 def ss_lowrank_config(m: int, *, n: int | None = None, sms: int = 132) -> SsLowrankGemmConfig | None:
@@ -399,7 +433,8 @@ DEFAULT_CONFIGS: tuple[CutlassGemmConfig, ...] = (
 def config_by_name(name: str) -> CutlassGemmConfig:
     """Find a default configuration by :attr:`CutlassGemmConfig.name`."""
     named = (*DEFAULT_CONFIGS, *GROUP64_CANDIDATES, *AUTO_GROUP64_W4A16_CONFIGS, *AUTO_GROUP64_LR_CONFIGS,
-             *PRODUCER_CONVERT_CONFIGS, *PRODUCER_CONVERT_CANDIDATES, *PRODUCER_CONVERT_PROBES, *SS_LOWRANK_CONFIGS)
+             *PRODUCER_CONVERT_CONFIGS, *PRODUCER_CONVERT_CANDIDATES, *PRODUCER_CONVERT_PROBES, *SS_LOWRANK_CONFIGS,
+             *SS_LOWRANK_CANDIDATES)
     for config in named:
         if config.name == name:
             return config

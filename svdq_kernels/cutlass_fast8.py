@@ -21,6 +21,7 @@ One layer call:
 With :data:`LOWRANK_IN_GEMM`, steps 2 and 3 are one kernel: the GEMM ends each output tile with
 low-rank k-tiles (bf16 MMAs of ``lr · L1ᵀ`` into the FP8 k-tiles' accumulator,
 :mod:`svdq_kernels.lowrank_tiles`) and its epilogue adds the bias — no ``c`` is written or read.
+A layer without a low-rank branch (rank 0) takes this path too, with one k-tile of zeros.
 
 By default (``SVDQ_FAST8_PROLOGUE=fused``, :data:`svdq_format.ops.FAST8_PROLOGUE`) step 1 and
 the low-rank k-tiles are one prologue (:func:`svdq_kernels.lowrank_tiles.quantize_lowrank`: ``x``
@@ -80,6 +81,7 @@ from .configs import (
     ss_lowrank_config,
 )
 from .lowrank_tiles import (
+    LR_K,
     lowrank_k_tiles,
     lowrank_tiles,
     padded_up,
@@ -152,6 +154,14 @@ _WEIGHTS: TensorCache[_Fast8Prep] = TensorCache()
 #: The scales with more than one low-rank k-tile's sentinel rows (a LoRA that widens the rank), per tile count.
 _WIDER_SCALES: TensorCache[torch.Tensor] = TensorCache()
 _UPS: TensorCache[torch.Tensor] = TensorCache()
+_ZERO_UPS: TensorCache[torch.Tensor] = TensorCache()
+
+
+def _zero_up(qweight: torch.Tensor) -> torch.Tensor:
+    """A rank-0 layer's stand-in ``L1``: bf16 zeros ``[N, 1]`` (one low-rank k-tile of zeros), cached
+    per weight like the other preparations (made outside a CUDA graph's pool)."""
+    return _ZERO_UPS.get((qweight,), lambda: torch.zeros(qweight.shape[0], 1, device=qweight.device,
+                                                           dtype=torch.bfloat16))
 
 
 def fast8_weights(qweight: torch.Tensor, wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,28 +320,38 @@ def _preconverted(m: int, n: int, device: torch.device) -> Optional[SsLowrankGem
 
 
 def _fast8_lowrank_layer(
-    x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, down: torch.Tensor,
-    up: torch.Tensor, bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor],
+    x: torch.Tensor, x2: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, down: Optional[torch.Tensor],
+    up: Optional[torch.Tensor], bias: Optional[torch.Tensor], lora_scales: Optional[torch.Tensor],
     quantized: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     fused: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """The ``fast8`` layer with the low-rank k-tiles: ``quantized()`` → ``(q, a)``, then the
     branch's inputs (:func:`svdq_kernels.lowrank_tiles.lowrank_tiles`) — or ``fused()`` → ``(q, a,
-    lr, a')`` in one prologue (:func:`svdq_kernels.lowrank_tiles.quantize_lowrank`) — and one GEMM."""
+    lr, a')`` in one prologue (:func:`svdq_kernels.lowrank_tiles.quantize_lowrank`) — and one GEMM.
+
+    A layer without a low-rank branch (``down``/``up`` ``None``: rank 0, as a rank allocation gives
+    the least sensitive layers) runs the same kernels with one k-tile of zeros (``lr`` zeros, a
+    cached zero ``L1``): its bias then comes from the epilogue, where the two-step path would write
+    and read back a bias-filled ``[M, N]`` source — a broadcast copy and a read as large as the
+    output (7.4 ms of a FLUX.1-dev step on an H100) — and it gets the pre-converted kernel too."""
     n = qweight.shape[0]
     with device_guard(x2.device):
         if fused is not None:
             q, _, lr, ag = fused()
         else:
             q, a = quantized()
-            lr, ag = lowrank_tiles(x2, down, a, lora_scales=lora_scales)
+            if down is None:
+                lr, ag = torch.zeros(q.shape[0], 2 * LR_K, device=q.device, dtype=torch.bfloat16), a
+            else:
+                lr, ag = lowrank_tiles(x2, down, a, lora_scales=lora_scales)
+        up = _zero_up(qweight) if up is None else up
         ss = _preconverted(q.shape[0], n, q.device)
         if ss is not None:  # SVDQ_FAST8_WEIGHTS=e4m3: the weights converted by a pre-pass, a dense FP8 GEMM
             scales16, rowinv = fast8_weights(qweight, wscales)
             w8 = e4m3_weights(qweight.contiguous(), scales16)
             y = ss_gemm_lowrank(w8, rowinv, q, ag, bias, lr, padded_up64(up, rowinv), config=ss)
         else:
-            scales, rowinv = fast8_lowrank_weights(qweight, wscales, lowrank_k_tiles(down.shape[0]))
+            scales, rowinv = fast8_lowrank_weights(qweight, wscales, lowrank_k_tiles(up.shape[1]))
             y = group64_gemm_lowrank(qweight.contiguous(), scales, rowinv, q, ag, bias, lr, padded_up(up, rowinv))
     return y.reshape(*x.shape[:-1], n)
 
@@ -358,16 +378,17 @@ def fast8_linear(
     bias = ops.fp8_bias(qweight, wscales, wtscale, smooth, bias, precision, act, act_shift, dtype=x.dtype)
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     promoted = _promoted(x2.shape[0], _one_signed(act_shift, act_unsigned))
-    if LOWRANK_IN_GEMM and down is not None and up is not None and promoted is None:
+    if LOWRANK_IN_GEMM and promoted is None:  # rank 0 too (_fast8_lowrank_layer)
         def quantized() -> tuple[torch.Tensor, torch.Tensor]:
             q, a, _ = prologue(x2, smooth, None)
             return q, a
 
         def fused() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            assert down is not None  # (offered only with a low-rank branch)
             return quantize_lowrank(x2, smooth, down, lora_scales=lora_scales)
 
         return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, quantized,
-                                    fused if ops.FAST8_PROLOGUE == "fused" else None)
+                                    fused if ops.FAST8_PROLOGUE == "fused" and down is not None else None)
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: prologue(
         x2, smooth, down, lr16=True, lora_scales=lora_scales), config=promoted)
 
@@ -397,7 +418,7 @@ def fast8_linear_fp8(
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     m = x2.shape[0]
     promoted = _promoted(m, _one_signed(act_shift, act_unsigned))
-    if LOWRANK_IN_GEMM and down is not None and up is not None and promoted is None:
+    if LOWRANK_IN_GEMM and promoted is None:  # rank 0 too (_fast8_lowrank_layer)
         return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, lambda: (
             q.reshape(m, -1).contiguous(), a.reshape(m).to(torch.float32).contiguous()))
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: (

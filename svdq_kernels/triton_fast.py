@@ -17,6 +17,7 @@ this module is free on CPU.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -57,7 +58,7 @@ def layer_inputs(
            Optional[torch.Tensor]]:
     """A layer call's tensors as the kernels take them: ``x`` as a contiguous ``[M, K]``; the
     low-rank factors (and per-rank scales) only when both exist with a rank, ``L2`` in x's dtype."""
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()  # (also an empty [..., 0] stand-in)
     lr_on = lora_down is not None and lora_up is not None and lora_down.shape[0] > 0
     return (x2, smooth.contiguous(),
             lora_down.to(x2.dtype).contiguous() if lr_on else None,  # type: ignore[union-attr]

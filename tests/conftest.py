@@ -19,6 +19,22 @@ def pytest_addoption(parser):
                      "includes the slow tests")
 
 
+def pytest_collection_finish(session):
+    # mypy (tests/test_typing.py) runs in the background from here on, niced, on the core the
+    # single-threaded tests leave idle; its test waits for the report (tests/mypy_background.py)
+    from tests import mypy_background
+
+    if not session.config.option.collectonly and any(
+            item.nodeid == mypy_background.TEST_ID for item in session.items):
+        mypy_background.start()
+
+
+def pytest_sessionfinish(session):
+    from tests import mypy_background
+
+    mypy_background.stop()  # a run ended before the test (-x, Ctrl-C): no mypy left behind
+
+
 def pytest_collection_modifyitems(config, items):
     # `slow` tests (multi-process memory bounds, fault rounds, the whole demo) are left out of the
     # default run, which CI runs; `-m slow` runs them (the README's command), `--soak` too.

@@ -15,6 +15,7 @@ The default run does a few of each; ``--soak`` (``@pytest.mark.slow``) the large
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import signal
@@ -50,6 +51,7 @@ WRITER = textwrap.dedent(
     model = quantize(tiny_flux())
     layers = [m for m in model.modules() if isinstance(m, SVDQLinear)]
     print("ready", flush=True)
+    sys.stdin.readline()  # the caller's "go" (it starts several writers ahead of time)
     v = first
     for _ in range(rounds):
         for m in layers:
@@ -70,9 +72,19 @@ def _versions(model) -> set[float]:
 
 def _start(tmp_path: Path, target: Path, first: int, rounds: int) -> subprocess.Popen:
     script = tmp_path / "writer.py"
-    script.write_text(WRITER)
+    if not script.exists():  # (never rewritten under a writer that is starting)
+        script.write_text(WRITER)
     return subprocess.Popen([sys.executable, str(script), str(target), str(first), str(rounds), str(ROOT)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _go(*procs: subprocess.Popen) -> None:
+    """Wait until the writers are ready (imports done, model built), then let them write."""
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", "writer died"
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
 
 
 def _read(target: Path) -> str:
@@ -98,27 +110,39 @@ def kill_trials(tmp_path: Path, trials: int, seed: int) -> dict[str, int]:
     stats = {"trials": 0, "killed_mid_write": 0, "whole": 0, "detected": 0, "mixed": 0, "validate_mixed": 0,
              "stale_left_after_next_save": 0}
     target = tmp_path / "model"
-    for t in range(trials):
-        proc = _start(tmp_path, target, first=1000 * (t + 1), rounds=10_000)
-        assert proc.stdout.readline().strip() == "ready"
-        assert proc.stdout.readline().strip(), "writer died"  # one whole save done
-        time.sleep(rng.uniform(0.0, 0.3))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        stats["trials"] += 1
-        stats["killed_mid_write"] += any(p.name.startswith(STAGING_PREFIX) for p in target.iterdir())
-        outcome = _read(target)
-        stats[outcome] += 1
-        try:
-            meta = validate(target)
-            assert meta.layers
-        except MixedDirectoryError:
-            pass
-        else:
-            stats["validate_mixed"] += outcome == "mixed"
+    # the next trial's writer starts while this one runs (its imports and model overlap the
+    # trial); it writes only once told to, after this trial's writer was killed and checked
+    procs: list[subprocess.Popen] = []
+    try:
+        for t in range(trials):
+            while len(procs) < min(trials, t + 2):
+                procs.append(_start(tmp_path, target, first=1000 * (len(procs) + 1), rounds=10_000))
+            _kill_trial(procs[t], target, rng, stats)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
     return stats
+
+
+def _kill_trial(proc: subprocess.Popen, target: Path, rng: random.Random, stats: dict[str, int]) -> None:
+    _go(proc)
+    assert proc.stdout.readline().strip(), "writer died"  # one whole save done
+    time.sleep(rng.uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stats["trials"] += 1
+    stats["killed_mid_write"] += any(p.name.startswith(STAGING_PREFIX) for p in target.iterdir())
+    outcome = _read(target)
+    stats[outcome] += 1
+    try:
+        meta = validate(target)
+        assert meta.layers
+    except MixedDirectoryError:
+        pass
+    else:
+        stats["validate_mixed"] += outcome == "mixed"
 
 
 def _run_kill(tmp_path, capsys, trials, base_model):
@@ -147,8 +171,9 @@ def concurrent_rounds(tmp_path: Path, rounds: int) -> dict[str, int]:
     target = tmp_path / "model"
     for r in range(rounds):
         procs = [_start(tmp_path, target, first=10 * r + k, rounds=1) for k in (1, 2)]
+        _go(*procs)  # both ready first: their saves overlap
         outs = [p.communicate(timeout=300) for p in procs]
-        lines = [o[0].split("\n")[1] for o in outs]
+        lines = [o[0].split("\n")[0] for o in outs]
         if any(p.returncode != 0 for p in procs):
             stats["errors"] += 1
             continue
@@ -182,7 +207,7 @@ def reader_during_writes(tmp_path: Path, seconds: float, base_model) -> dict[str
     target = tmp_path / "model"
     save_pretrained(base_model, target, max_shard_size=SHARD)
     proc = _start(tmp_path, target, first=1, rounds=100_000)
-    assert proc.stdout.readline().strip() == "ready"
+    _go(proc)
     stats = {"load_pretrained": 0, "load_pretrained_mixed": 0, "load_pretrained_refused": 0,
              "from_pretrained": 0, "from_pretrained_mixed": 0, "from_pretrained_refused": 0,
              "validate": 0, "validate_refused": 0, "saves_seen": 0}
@@ -231,7 +256,25 @@ def test_reader_during_writes_soak(tmp_path, capsys, base_model):
     _run_reader(tmp_path, capsys, 90, base_model)
 
 
-def test_mixed_and_incomplete_directories_are_one_line(tmp_path, base_model):
+class _RecordedSleeps:
+    """``svdq_format.commit``'s ``time`` with ``sleep`` recorded, not slept: a reader's retries of a
+    directory that stays mixed back off for seconds, to no end without a writer to wait for."""
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def test_mixed_and_incomplete_directories_are_one_line(tmp_path, base_model, monkeypatch):
+    from svdq_format import commit
+
+    waits = _RecordedSleeps()
+    monkeypatch.setattr(commit, "time", waits)
     a, b = tmp_path / "a", tmp_path / "b"
     for d, v in ((a, 1.0), (b, 2.0)):
         for m in base_model.modules():
@@ -251,6 +294,12 @@ def test_mixed_and_incomplete_directories_are_one_line(tmp_path, base_model):
     (b / "config.json").unlink()  # sealed shards that no config.json commits: a save killed before its commit
     with pytest.raises(MixedDirectoryError, match="incomplete model directory: .* never committed"):
         validate(b)
+    # each of the three refused reads (validate, load_pretrained, validate) backed off and read again
+    # until retry_mixed's last attempt, then refused
+    params = inspect.signature(commit.retry_mixed).parameters
+    attempts, wait = params["attempts"].default, params["wait"].default
+    assert waits.slept == [wait * 2**i for i in range(attempts - 1)] * 3
+    monkeypatch.undo()
     # a write in progress is another process's lock: the second writer changes nothing
     from svdq_format.commit import DirectoryWrite
     with DirectoryWrite(tmp_path / "c"):

@@ -178,6 +178,51 @@ def test_fused_prologue_setting_makes_the_compiled_layer_one_op(monkeypatch):
     assert found == ["svdquant.linear"] and torch.equal(out, layer(x))
 
 
+def _rank0_fast8_layer():
+    layer = sf.SVDQLinear(256, 48, rank=0, bias=True, dtype=torch.bfloat16)
+    x, qweight, wscales, _, smooth = _layer_args(m=7)[:5]
+    with torch.no_grad():
+        layer.qweight.copy_(qweight), layer.wscales.copy_(wscales), layer.smooth.copy_(smooth)
+        layer.bias.normal_()
+    layer.mode = "fast8"
+    return layer, x.reshape(1, 7, 256)
+
+
+def test_compiled_rank0_layer_quantizes_in_the_graph_and_never_hands_over_x(monkeypatch):
+    """With the fused prologue (the default), a compiled ``fast8`` layer without a low-rank branch
+    quantizes in the graph (Inductor fuses it into x's producer) and gives ``svdquant::linear_fp8`` an
+    empty ``[..., 0]`` stand-in for x — so x itself need not be written — with the eager output, also
+    through Inductor; ``GRAPH_QUANTIZE_RANK0 = False`` keeps it one ``svdquant::linear``."""
+    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "fused")
+    layer, x = _rank0_fast8_layer()
+    seen: list[tuple[int, ...]] = []
+
+    def backend(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if "linear_fp8" in str(n.target):
+                seen.append(tuple(n.args[0].meta["example_value"].shape))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(layer, backend=backend, fullgraph=True)(x)
+    assert seen == [(1, 7, 0)] and torch.equal(out, layer(x))
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
+    monkeypatch.setattr(ops, "GRAPH_QUANTIZE_RANK0", False)
+    found, out = _graph_ops(layer, x)
+    assert found == ["svdquant.linear"] and torch.equal(out, layer(x))
+
+
+def test_linear_fp8_stand_in_needs_a_layer_without_low_rank_branch():
+    """The empty stand-in for x is refused where x would be read: a layer with a low-rank branch."""
+    layer, x = _fast8_layer()
+    q, a = ops.fp8_activations(x.float(), layer.smooth)
+    with pytest.raises(BackendError, match="stand-in for x needs a layer without a low-rank branch"):
+        torch.ops.svdquant.linear_fp8(x.new_empty(7, 0), q, a, layer.qweight, layer.wscales, None, layer.smooth,
+                                      layer.lora_down, layer.lora_up, layer.bias, None, "int4", "fp8w", 0.0,
+                                      False, "reference")
+
+
 def test_fast8_prologue_setting_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("SVDQ_FAST8_PROLOGUE", "Inductor ")
     assert ops._fast8_prologue_setting() == "inductor"

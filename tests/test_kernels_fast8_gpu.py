@@ -208,6 +208,39 @@ def test_reduce_overhead_compiles_on_a_first_call(monkeypatch, weights):
     for out in outs:
         assert out.shape == want.shape and _rel(out, want) <= 1e-3
 
+@pytest.mark.parametrize("weights", ["int4", "e4m3"])
+def test_compiled_rank0_layers_match_eager(monkeypatch, weights):
+    """A rank-0 layer (no low-rank branch) beside a rank-32 one, compiled with reduce-overhead: the
+    rank-0 layer quantizes in the graph and its op gets an empty stand-in for x
+    (``ops.GRAPH_QUANTIZE_RANK0``), then runs the low-rank kernels with one zero k-tile; within the
+    compiled-vs-eager bound of the eager model (which takes the Triton prologue), and of the float64
+    reference."""
+    monkeypatch.setattr(cutlass_fast8, "WEIGHTS", weights)
+    torch._dynamo.reset()
+    layers = []
+    for seed, r in ((31, 0), (32, 32), (33, 0)):
+        layer = sf.SVDQLinear(3072, 3072, rank=r, bias=True, dtype=torch.bfloat16, device="cuda")
+        _, qw, ws, smooth, down, up, b = _inputs(1, 3072, 3072, r, bias=True, seed=seed)
+        with torch.no_grad():
+            layer.qweight.copy_(qw), layer.wscales.copy_(ws), layer.smooth.copy_(smooth), layer.bias.copy_(b)
+            if r:
+                layer.lora_down.copy_(down), layer.lora_up.copy_(up)
+        layer.mode = "fast8"
+        layers.append(layer)
+    model = torch.nn.Sequential(layers[0], torch.nn.GELU(approximate="tanh"), layers[1], torch.nn.SiLU(), layers[2])
+    x = _inputs(4608, 3072, 3072, 0, bias=False, seed=34)[0]
+    compiled = torch.compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        want = model(x)
+        outs = [compiled(x).clone() for _ in range(3)]
+        first = layers[0](x)
+    ref = _reference(x, layers[0].qweight, layers[0].wscales, None, layers[0].smooth, None, None, layers[0].bias,
+                     None, "int4", "fp8w")
+    assert _rel(first.cpu(), ref) < 5e-3
+    for out in outs:
+        assert out.shape == want.shape and _rel(out, want) <= 1e-3
+
+
 def test_inductor_quantizer_gives_the_prologues_codes():
     """The compiled path's quantizer (``ops.graph_fp8_activations`` lowered by Inductor to Triton)
     and the eager Triton prologue agree up to Inductor's per-row arithmetic (``absmax / 448`` becomes

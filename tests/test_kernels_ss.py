@@ -46,8 +46,12 @@ def test_ss_configs_are_the_low_rank_tilings_with_their_own_names_and_keys():
 
 @pytest.mark.parametrize("bad, needle", [
     ({"tile_k": 256}, "tile_k 256"),
-    ({"schedule": "pingpong", "tile_m": 64}, "cooperative"),
-    ({"cluster_m": 2}, "without clusters"),
+    ({"schedule": "pingpong", "tile_m": 64, "tile_n": 128, "scheduler": "streamk"}, "stream-K scheduler needs"),
+    ({"schedule": "pingpong"}, "tile 128 x 256: over 128 accumulator registers a thread for the pingpong"),
+    ({"tile_m": 256}, "tile 256 x 256: over 128 accumulator registers a thread for the cooperative"),
+    ({"cluster_m": 2, "cluster_n": 2}, "clusters of 1 x 1, 2 x 1 and 1 x 2"),
+    ({"cluster_m": 4}, "cluster sizes must be 1 or 2"),
+    ({"schedule": "cooperative", "tile_m": 64, "tile_n": 128}, "multiple of 128"),
     ({"scheduler": "splitk"}, "'persistent' or 'streamk'"),
     ({"tile_n": 48}, "wgmma N tile"),
 ])
@@ -62,6 +66,44 @@ def test_ss_config_supports_whole_tiles_only():
     assert SS.supports(m=4608, n=3072, k=3072, group=64) is None
     assert "multiple of tile_k" in SS.supports(m=4608, n=3072, k=3136, group=64)
     assert "multiple of 128" in SS.supports(m=4608, n=3000, k=3072, group=64)
+    wide = SsLowrankGemmConfig(tile_m=256, tile_n=128)
+    assert wide.supports(m=4608, n=3072, k=3072, group=64) is None
+    assert "multiple of tile_m 256" in wide.supports(m=4608, n=3200, k=3072, group=64)
+
+
+def test_ss_candidates_are_valid_new_named_tilings_never_picked():
+    """The candidate tilings (clusters, 256 × 128, pingpong): unique names and cache keys, none of today's
+    kernels, found by name, buildable on their own (``svdq kernels build --config``), never chosen by
+    :func:`ss_lowrank_config` nor built by default."""
+    from svdq_kernels.configs import SS_LOWRANK_CANDIDATES
+
+    names = [c.name for c in SS_LOWRANK_CANDIDATES]
+    assert 6 <= len(names) <= 10 and len(set(names)) == len(names)
+    assert not set(names) & {c.name for c in (*SS_LOWRANK_CONFIGS, *DEFAULT_CONFIGS, *AUTO_GROUP64_LR_CONFIGS)}
+    assert all(config_by_name(n) == c for n, c in zip(names, SS_LOWRANK_CANDIDATES))
+    assert all(isinstance(c, SsLowrankGemmConfig) and c.tile_k == 128 for c in SS_LOWRANK_CANDIDATES)
+    # what the brief of the search asked for, first: a 2 x 1 cluster of 128 x 256 on both schedulers, a pingpong
+    assert names[:3] == ["ss_e4m3_128x256x128_c2x1_cooperative_lr", "ss_e4m3_128x256x128_c2x1_cooperative_sk_lr",
+                         "ss_e4m3_128x128x128_c1x2_pingpong_lr"]
+    assert {(c.cluster_m, c.cluster_n) for c in SS_LOWRANK_CANDIDATES} == {(1, 1), (2, 1), (1, 2)}
+    assert {c.schedule for c in SS_LOWRANK_CANDIDATES} == {"cooperative", "pingpong"}
+    tc = build.Toolchain(nvcc="/x/nvcc", nvcc_version="13.0", cutlass_version="4.2.0.0",
+                         cutlass_dir="/x", arch="sm_90a", torch_version="2.13", svdquant_version="0")
+    keys = {build.cache_key(c, tc) for c in (*SS_LOWRANK_CANDIDATES, *SS_LOWRANK_CONFIGS)}
+    assert len(keys) == len(SS_LOWRANK_CANDIDATES) + len(SS_LOWRANK_CONFIGS)
+    for m in (2048, 3000, 4096, 4608, 8192, 16384):
+        for n in (3072, 9216, 12288, 15360, 21504):
+            assert ss_lowrank_config(m, n=n, sms=132) in SS_LOWRANK_CONFIGS
+    for c in SS_LOWRANK_CANDIDATES:  # the FLUX shapes the benchmark times are whole tiles of each
+        for n, k in ((3072, 3072), (9216, 3072), (3072, 15360), (21504, 3072)):
+            assert c.supports(m=4608, n=n, k=k, group=64) is None
+
+
+def test_today_s_ss_kernels_keep_their_cache_keys():
+    """Allowing clusters and pingpong added no field: today's kernels' keys (and the prebuilt caches that
+    carry them) are what they were; the dict hashed is the same fields as before."""
+    assert set(SS.as_dict()) == {"tile_m", "tile_n", "tile_k", "cluster_m", "cluster_n", "schedule", "stages",
+                                 "kind", "scheduler"}
 
 
 @pytest.mark.parametrize("m, n", [(4608, 3072), (4608, 21504), (4096, 3072), (2048, 12288), (4608, 9216),
@@ -96,11 +138,43 @@ def test_ss_source_instantiates_the_ss_mainloop_with_the_lowrank_op():
                 'Tensor lr, Tensor l1) -> Tensor")') in src
         assert "at::kFloat8_e4m3fn" in src and "Sm90ColBroadcast<0, TileShape, ElementOut" in src  # the bias
     header = (CSRC_DIR / "svdq_sm90_ss_lowrank.hpp").read_text()
+    # the multicast masks of the operands also carry the low-rank k-tiles' L1 (like A) and lr (like B)
+    assert "tma_load_l1.with(*tma_barrier, mcast_mask_a)" in header
+    assert "tma_load_lr.with(*tma_barrier, mcast_mask_b)" in header
     assert "SPDX-License-Identifier: BSD-3-Clause" in header  # CUTLASS's license is kept
     assert header.count("svdq:") >= 15  # every change from the stock mainloop is marked
     for piece in ("struct SvdqSm90SsLowRankMma", "store_k_tile_index(", "load_k_tile_index(", "TiledMmaLR",
                   "GMMA::ScaleOut::Zero"):
         assert piece in header
+
+
+def test_ss_candidate_sources_carry_their_cluster_and_schedule():
+    """Each candidate renders the same template (so today's kernels' sources and digest are unchanged)
+    with its cluster shape and CUTLASS's kernel / epilogue schedule pair; stream-K only cooperative."""
+    pytest.importorskip("cutlass_library")
+    from svdq_kernels.codegen import render_source
+    from svdq_kernels.configs import SS_LOWRANK_CANDIDATES
+
+    schedules = {
+        "cooperative": ("cutlass::gemm::KernelTmaWarpSpecializedCooperative",
+                        "cutlass::epilogue::TmaWarpSpecializedCooperative"),
+        "pingpong": ("cutlass::gemm::KernelTmaWarpSpecializedPingpong", "cutlass::epilogue::TmaWarpSpecialized"),
+    }
+    for config in SS_LOWRANK_CANDIDATES:
+        src = render_source(config)
+        assert "${" not in src and f"// svdquant kernel {config.name}" in src
+        assert f"using TileShape = Shape<_{config.tile_m}, _{config.tile_n}, _128>;" in src
+        assert f"using ClusterShape = Shape<_{config.cluster_m}, _{config.cluster_n}, _1>;" in src
+        kernel, epilogue = schedules[config.schedule]
+        assert f"using KernelSchedule = {kernel};" in src and f"using EpilogueSchedule = {epilogue};" in src
+        scheduler = "cutlass::gemm::StreamKScheduler" if config.scheduler == "streamk" else "void"
+        assert f"GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, {scheduler}>" in src
+        assert f'm.def("{config.name}(Tensor w8,' in src
+        # the same translation unit as today's kernel but for these lines
+        today = render_source(SS_LOWRANK_CONFIGS[0])
+        differ = [a for a, b in zip(src.splitlines()[2:], today.splitlines()[2:]) if a != b]
+        expected = ("TileShape = ", "ClusterShape = ", "Schedule = ", "GemmUniversal<", "kStageBytes", config.name)
+        assert all(any(t in line for t in expected) for line in differ), differ
 
 
 def test_padded_up64_spreads_padded_up_over_the_k_tiles():
@@ -274,4 +348,23 @@ def test_cli_lists_the_ss_kernels_unless_opted_out(capsys, tmp_path, monkeypatch
 
 
 def test_configs_module_lists_the_new_names():
-    assert {"SsLowrankGemmConfig", "SS_LOWRANK_CONFIGS", "ss_lowrank_config"} <= set(configs.__all__)
+    assert {"SsLowrankGemmConfig", "SS_LOWRANK_CONFIGS", "SS_LOWRANK_CANDIDATES", "ss_lowrank_config"} <= set(
+        configs.__all__)
+
+
+@pytest.mark.parametrize("weights, m", [("e4m3", 2048), ("int4", 2048), ("int4", 64)])
+def test_a_rank0_layer_runs_the_lowrank_kernels_with_one_zero_tile(emulated, monkeypatch, weights, m):
+    """A layer without a low-rank branch (rank 0: a rank allocation's least sensitive layers) takes
+    the low-rank kernels with one k-tile of zeros — its bias from the epilogue, not a bias-filled
+    ``[M, N]`` source (a broadcast copy the size of the output) on the two-step path — and gives the
+    same output as a zero-valued rank-32 branch, within the fast8 bound of the reference."""
+    monkeypatch.setattr(cutlass_fast8, "WEIGHTS", weights)
+    x, qweight, wscales, smooth, down, up, bias = _layer(m, r=32)
+    got = _run(x, qweight, wscales, smooth, None, None, bias)
+    want_kernel = ss_lowrank_config(m, n=128, sms=132) if weights == "e4m3" and m >= cutlass_fast8.SS_MIN_M \
+        else group64_config(m, n=128, sms=132, lowrank=True)
+    assert emulated[-1] == want_kernel
+    zero = _run(x, qweight, wscales, smooth, torch.zeros_like(down), torch.zeros_like(up), bias)
+    assert torch.equal(got, zero)
+    ref = ops.reference_linear(x, qweight, wscales, None, smooth, None, None, bias, None, "int4", "fp8w").double()
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 4e-3

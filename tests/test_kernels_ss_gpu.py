@@ -29,6 +29,7 @@ import svdq_kernels  # noqa: E402,F401  (registers cutlass-sm90)
 from svdq_kernels import cutlass_fast8, lowrank_tiles  # noqa: E402
 from svdq_kernels.configs import (  # noqa: E402
     AUTO_GROUP64_LR_CONFIGS,
+    SS_LOWRANK_CANDIDATES,
     SS_LOWRANK_CONFIGS,
     group64_config,
     ss_lowrank_config,
@@ -97,6 +98,33 @@ def test_every_ss_tiling_against_float64(config, m, r):
     assert torch.equal(out, cutlass_fast8.group64_gemm_lowrank(*int4, config=twin))
 
 
+def _cached(config) -> bool:
+    from svdq_kernels import build
+
+    return (build.cache_dir() / f"{config.name}-{build.cache_key(config, build.detect_toolchain())}.so").is_file()
+
+
+@pytest.mark.parametrize("config", SS_LOWRANK_CANDIDATES, ids=lambda c: c.name)
+@pytest.mark.parametrize("m,n,r", [(4608, 3072, 32), (1000, 3200, 48)])
+def test_ss_candidate_tilings_against_float64_and_today_s_bits(config, m, n, r):
+    """A candidate tiling (2 × 1 / 1 × 2 clusters multicasting the operands and the low-rank k-tiles,
+    256 × 128, pingpong; not prebuilt: run where ``gpu_session.sh ssc`` unpacked them), also with 25
+    weight tiles (a cluster half out of the matrix) and partial token tiles: within the float64 bound,
+    and — one accumulation per output tile in the same k-tile order — today's persistent 128 × 256
+    kernel's bits unless stream-K splits the k-tiles."""
+    if not _cached(config):
+        pytest.skip(f"{config.name} is not in the kernel cache (svdq kernels build --config {config.name})")
+    k = 3072
+    _, (w8, rowinv, q, ag, b, lr, l1) = _both_inputs(m, n, k, r, bias=True, seed=7 + r)
+    out = cutlass_fast8.ss_gemm_lowrank(w8, rowinv, q, ag, b, lr, l1, config=config)
+    acc = q.double() @ w8.double().t() + lr.double() @ l1.double().t()
+    ref = (acc * rowinv.double() * ag.double().unsqueeze(1) + b.double()).to(torch.bfloat16)
+    assert _rel(out.double(), ref) < 5e-3
+    if config.scheduler == "persistent":
+        want = cutlass_fast8.ss_gemm_lowrank(w8, rowinv, q, ag, b, lr, l1, config=SS_LOWRANK_CONFIGS[0])
+        assert torch.equal(out, want), f"max |diff| {(out.float() - want.float()).abs().max().item():.3e}"
+
+
 def test_e4m3_weights_are_the_consumer_conversions_bytes():
     """The pre-pass writes ``packing.fp8_weight_values`` of the layer's own scales."""
     x, qw, ws, smooth, down, up, b = _inputs(16, 3072, 3072, 32, bias=True, seed=2)
@@ -136,3 +164,19 @@ def test_fast8_layer_with_e4m3_weights_matches_the_reference(e4m3_weights_on, m,
 def test_e4m3_weights_zero_and_nan_rows(e4m3_weights_on):
     """A row of zeros gives the bias; a NaN row stays NaN and no other row moves (at M = 4608)."""
     lowrank_gpu.assert_zero_and_nan_rows(4608)
+
+
+@pytest.mark.parametrize("weights", ["e4m3", "int4"])
+@pytest.mark.parametrize("m", [64, 4608])
+def test_rank0_layer_on_the_lowrank_kernels(e4m3_weights_on, weights, m):
+    """A rank-0 layer (no low-rank branch) runs the low-rank kernels with one k-tile of zeros: the same
+    bits as a zero-valued rank-32 branch, within the fast8 bound of the reference, bias included."""
+    cutlass_fast8.WEIGHTS = weights  # (restored by the fixture's monkeypatch)
+    x, qw, ws, smooth, down, up, b = _inputs(m, 3072, 3072, 32, bias=True)
+    out = cutlass_fast8.fast8_linear(x, qw, ws, None, smooth, None, None, b, None, "int4", "fp8w")
+    zero = cutlass_fast8.fast8_linear(x, qw, ws, None, smooth, torch.zeros_like(down), torch.zeros_like(up), b,
+                                      None, "int4", "fp8w")
+    assert torch.equal(out, zero)
+    ref = ops.reference_linear(x.cpu(), qw.cpu(), ws.cpu(), None, smooth.cpu(), None, None, b.cpu(), None,
+                               "int4", "fp8w")
+    assert _rel(out.cpu(), ref) < 5e-3

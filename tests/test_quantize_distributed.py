@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from converters.quantize import QuantizeOptions, collect_stats, run_quantization, save_calibration, select_layers
 from converters.quantize.calibration import synthetic_calibration
-from converters.quantize.distributed import _first_failure, assign, init_distributed, launch, windows
+from converters.quantize.distributed import DistContext, _first_failure, assign, init_distributed, launch, windows
 from converters.quantize.stats import merge_stats
 from svdq_format.cli import main as svdq_main
 from svdq_format.errors import QuantizationError
@@ -113,16 +114,16 @@ def _calibration(broken: bool = False) -> list[dict]:
 
 
 def _worker(tmp: str) -> None:
-    """One rank of one process group, four runs in a row: (1) a run where rank 1 fails,
-    (2) a run every rank stops after block 0 (like Ctrl-C to the group), (3) its resume,
-    (4) a run where rank 1 dies without a word (the process exits)."""
-    from pathlib import Path
-
+    """One rank of one process group: the tensor exchanges (:func:`_exchange_checks`), then four
+    runs in a row: (1) a run where rank 1 fails, (2) a run every rank stops after block 0 (like
+    Ctrl-C to the group), (3) its resume, (4) a run where rank 1 dies without a word (the process
+    exits)."""
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=60)
     assert ctx is not None
     out, opts = Path(tmp), QuantizeOptions(**OPTS)
     try:
+        _exchange_checks(ctx, out)
         try:
             run_quantization(tiny_flux(), _calibration(broken=True), options=opts, dist=ctx)
         except QuantizationError as exc:
@@ -155,26 +156,39 @@ def _worker(tmp: str) -> None:
         ctx.close()
 
 
-def test_failing_rank_interrupt_and_resume_over_two_processes(tmp_path):
+@pytest.fixture(scope="module")
+def two_rank_group(tmp_path_factory):
+    """One launch of :func:`_worker` over two processes, shared by the tests that read what its
+    ranks wrote (each launch costs two fresh interpreters' imports: seconds). Returns the
+    directory, what ``launch`` raised (None if nothing) and how long it took."""
+    tmp = tmp_path_factory.mktemp("two-ranks")
+    start, raised = time.time(), None
+    try:
+        launch(_worker, 2, (str(tmp),), join_timeout_s=120)
+    except QuantizationError as exc:
+        raised = exc
+    return tmp, raised, time.time() - start
+
+
+def test_failing_rank_interrupt_and_resume_over_two_processes(tmp_path, two_rank_group):
     ref = run_quantization(tiny_flux(), _calibration(), options=QuantizeOptions(**OPTS)).model
     save_model_file(ref, tmp_path / "ref.safetensors")
-    start = time.time()
-    with pytest.raises(QuantizationError, match="rank 1 exited with code 9"):
-        launch(_worker, 2, (str(tmp_path),), join_timeout_s=120)
-    assert time.time() - start < 120
+    group, raised, seconds = two_rank_group
+    assert raised is not None and "rank 1 exited with code 9" in str(raised), raised
+    assert seconds < 120
     # (1) the failure of rank 1 ended the run on both ranks with the same one-line reason
-    errors = [(tmp_path / f"error-{r}.txt").read_text() for r in range(2)]
+    errors = [(group / f"error-{r}.txt").read_text() for r in range(2)]
     assert errors[0] == errors[1] and "\n" not in errors[0]
     assert errors[0].startswith("rank 1 failed during calibration: layer ")
     assert "NaN or inf activations in calibration sample 1" in errors[0]
     # (2) both ranks stopped after block 0, whose file rank 0 (the writer) had written
-    assert (tmp_path / "stopped-1.txt").is_file()
-    assert (tmp_path / "stopped-0.txt").read_text() == "block-0000.safetensors"
+    assert (group / "stopped-1.txt").is_file()
+    assert (group / "stopped-0.txt").read_text() == "block-0000.safetensors"
     # (3) the resumed run quantized the rest over both ranks: the one-process model, byte for byte
-    assert all(n > 0 for n in json.loads((tmp_path / "groups.json").read_text()))
-    assert (tmp_path / "dist.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert all(n > 0 for n in json.loads((group / "groups.json").read_text()))
+    assert (group / "dist.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     # (4) rank 1 vanished: rank 0 failed at its next exchange with a clear line (no hang)
-    lost = (tmp_path / "lost-0.txt").read_text()
+    lost = (group / "lost-0.txt").read_text()
     assert lost.startswith("rank 0: ") and "failed: another rank died or did not answer" in lost
 
 
@@ -192,31 +206,24 @@ def test_cli_failure_of_a_rank_is_one_line_per_rank(tmp_path, capfd):
     assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
 
 
-def _exchange_worker(tmp: str) -> None:
+def _exchange_checks(ctx: DistContext, out: Path) -> None:
     """Each rank sends tensors of several dtypes and shapes (one rank sends none, one sends an
-    empty and a 0-d tensor) and writes what it received from every rank."""
-    from pathlib import Path
-
-    ctx = init_distributed("cpu", timeout_s=60)
-    assert ctx is not None
+    empty and a 0-d tensor) and writes what it received from every rank (run by :func:`_worker`)."""
+    mine = _exchange_payload(ctx.rank)
+    got = ctx.exchange_tensors({"rank": ctx.rank}, mine, None, what="test exchange")
+    ok = all(payload == {"rank": r} and _same(got_t, _exchange_payload(r))
+             for r, (payload, got_t) in enumerate(got))
+    # to rank 0 only: rank 0 gets both ranks' tensors, rank 1 every payload but its own tensors only
+    send = _exchange_payload(2 * ctx.rank)
+    got = ctx.exchange_tensors({"rank": ctx.rank}, send, None, what="test gather", to_root=True)
+    ok = ok and [p for p, _ in got] == [{"rank": 0}, {"rank": 1}]
+    for r, (_, got_t) in enumerate(got):
+        ok = ok and (_same(got_t, _exchange_payload(2 * r)) if ctx.rank in (0, r) else got_t == {})
+    (out / f"exchange-{ctx.rank}.txt").write_text(str(ok))
     try:
-        mine = _exchange_payload(ctx.rank)
-        got = ctx.exchange_tensors({"rank": ctx.rank}, mine, None, what="test exchange")
-        ok = all(payload == {"rank": r} and _same(got_t, _exchange_payload(r))
-                 for r, (payload, got_t) in enumerate(got))
-        # to rank 0 only: rank 0 gets both ranks' tensors, rank 1 every payload but its own tensors only
-        send = _exchange_payload(2 * ctx.rank)
-        got = ctx.exchange_tensors({"rank": ctx.rank}, send, None, what="test gather", to_root=True)
-        ok = ok and [p for p, _ in got] == [{"rank": 0}, {"rank": 1}]
-        for r, (_, got_t) in enumerate(got):
-            ok = ok and (_same(got_t, _exchange_payload(2 * r)) if ctx.rank in (0, r) else got_t == {})
-        (Path(tmp) / f"exchange-{ctx.rank}.txt").write_text(str(ok))
-        try:
-            ctx.exchange_tensors(None, mine, ValueError("boom") if ctx.rank == 1 else None, what="failing exchange")
-        except QuantizationError as exc:
-            (Path(tmp) / f"exchange-error-{ctx.rank}.txt").write_text(str(exc))
-    finally:
-        ctx.close()
+        ctx.exchange_tensors(None, mine, ValueError("boom") if ctx.rank == 1 else None, what="failing exchange")
+    except QuantizationError as exc:
+        (out / f"exchange-error-{ctx.rank}.txt").write_text(str(exc))
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -235,13 +242,13 @@ def _exchange_payload(rank: int) -> dict[str, torch.Tensor]:
             "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5), "mask": torch.tensor([True, False, True])}
 
 
-def test_tensor_exchange_over_two_processes(tmp_path):
+def test_tensor_exchange_over_two_processes(two_rank_group):
     """The flat-buffer broadcast gives every rank every rank's tensors bit for bit (odd sizes,
     mixed dtypes, empty and 0-d tensors, a rank with nothing to send); an error on one rank
     is raised on both with its one line; ``to_root`` sends the tensors to rank 0 only."""
-    launch(_exchange_worker, 2, (str(tmp_path),), join_timeout_s=120)
-    assert [(tmp_path / f"exchange-{r}.txt").read_text() for r in range(2)] == ["True", "True"]
-    errors = [(tmp_path / f"exchange-error-{r}.txt").read_text() for r in range(2)]
+    group = two_rank_group[0]  # (the same launch as the test above: its ranks exchange first)
+    assert [(group / f"exchange-{r}.txt").read_text() for r in range(2)] == ["True", "True"]
+    errors = [(group / f"exchange-error-{r}.txt").read_text() for r in range(2)]
     assert errors[0] == errors[1] == "rank 1 failed during failing exchange: ValueError: boom"
 
 
