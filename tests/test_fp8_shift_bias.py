@@ -236,17 +236,18 @@ def _captured(model, x):
 
 
 @pytest.mark.parametrize("prologue", ["fused", "inductor"])
-@pytest.mark.parametrize("segmented", [False, True])
-def test_compiled_shifted_layer_gives_the_eager_bits(monkeypatch, prologue, segmented):
-    """Compiled ``fast8``: the graph's quantizer (``inductor``, and every k-segmented layer) quantizes
-    ``x · (1/s)`` without the shift, the op adds it as a bias — the eager output bit for bit."""
+@pytest.mark.parametrize("segmented,rank", [(False, 16), (True, 16), (False, 0)])
+def test_compiled_shifted_layer_gives_the_eager_bits(monkeypatch, prologue, segmented, rank):
+    """Compiled ``fast8``: the graph's quantizer (``inductor``, every k-segmented layer, every layer
+    without a low-rank branch — its op gets an empty stand-in for x) quantizes ``x · (1/s)`` without
+    the shift, the op adds it as a bias — the eager output bit for bit."""
     monkeypatch.setattr(ops, "FAST8_PROLOGUE", prologue)
     segs = (KSegment(384), KSegment(640, SHIFT, True)) if segmented else ()
-    layer = _gelu_layer(segments=segs)
+    layer = _gelu_layer(segments=segs, r=rank)
     layer.mode = "fast8"
     x = _gelu_input(7, 1024)
     found, out = _captured(layer, x)
-    split = prologue == "inductor" or segmented
+    split = prologue == "inductor" or segmented or (rank == 0 and ops.GRAPH_QUANTIZE_RANK0)
     assert found == (["svdquant.smooth_reciprocal", "svdquant.linear_fp8"] if split else ["svdquant.linear"])
     assert torch.equal(out, layer(x))
     assert torch.equal(out, ops.reference_linear(x, *_args(layer, "fp8w"), layer.act_shift, layer.act_unsigned,
