@@ -84,8 +84,10 @@ def _lr16(x, down, lora_scales):
 @pytest.fixture()
 def emulated(monkeypatch):
     """``cutlass_fast8`` with its Triton and CUTLASS kernels replaced by CPU arithmetic; records
-    ``(kernel config, also_build)`` per GEMM and the prologues that ran."""
+    ``(kernel config, also_build)`` per GEMM and the prologues that ran. ``PROMOTE_SHIFTED`` off (the
+    routing of the unshifted quantizer; its default, on, is tests/test_fp8_shift_bias.py's)."""
     calls: list[object] = []
+    monkeypatch.setattr(cutlass_fast8, "PROMOTE_SHIFTED", False)
 
     def load(config, *, also_build=()):
         calls.append((config, tuple(also_build)))

@@ -267,6 +267,9 @@ def test_fast8_kernel_paths_use_the_unshifted_codes_and_the_shift_bias(monkeypat
     and the int4 ``lowrank`` kernel get the unshifted codes and ``b'``, give the same bits and stay
     within the fast8 bound of the new reference; no promoted kernel is built."""
     from svdq_kernels import cutlass_fast8
+
+    monkeypatch.setattr(cutlass_fast8, "PROMOTE_SHIFTED", False)  # the fast kernels' routing (default: on)
+    from svdq_kernels import cutlass_fast8
     from svdq_kernels.configs import SsLowrankGemmConfig
     from tests.test_kernels_ss import _g64_op, _ss_op
 
@@ -315,12 +318,15 @@ def test_fast8_kernel_paths_use_the_unshifted_codes_and_the_shift_bias(monkeypat
 
 @pytest.mark.parametrize("shift", [SHIFT, 0.0])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_segmented_layer_runs_its_shifted_half_on_the_fast_kernels(request, shift, compiled):
+def test_segmented_layer_runs_its_shifted_half_on_the_fast_kernels(request, monkeypatch, shift, compiled):
     """A FLUX single block's ``proj_out`` in small (attention half signed, MLP half unsigned and
     GELU-shifted), on a kernel backend that runs it one plain call per segment: the shifted half takes
     the ``lowrank`` kernels like the signed one (the shift in its bias); with ``shift = 0`` (one-signed
     as it is) the promoted kernel. Eager and compiled (the graph's unshifted quantizer, then
     ``linear_fp8`` per segment), within the per-segment bound of the reference (tests/test_segmented.py)."""
+    from svdq_kernels import cutlass_fast8
+
+    monkeypatch.setattr(cutlass_fast8, "PROMOTE_SHIFTED", False)  # the fast kernels' routing (default: on)
     from svdq_kernels import cutlass_fast8
 
     calls = request.getfixturevalue("emulated")  # cutlass_fast8's kernels as float64 arithmetic
@@ -351,8 +357,9 @@ def test_segmented_layer_runs_its_shifted_half_on_the_fast_kernels(request, shif
 
 
 def test_promote_shifted_switch_routes_gelu_layers_to_the_promoted_kernel(request, monkeypatch):
-    """``cutlass_fast8.PROMOTE_SHIFTED`` (off by default): on, a GELU-shifted unsigned call takes the
-    promoted kernel again — with the unshifted codes and the shift bias, so still the new reference."""
+    """``cutlass_fast8.PROMOTE_SHIFTED`` (on by default, until an H100 measurement): on, a GELU-shifted
+    unsigned call takes the promoted kernel again — with the unshifted codes and the shift bias, so still
+    the new reference."""
     from svdq_kernels import cutlass_fast8
 
     calls = request.getfixturevalue("emulated")
