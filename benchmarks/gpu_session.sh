@@ -246,6 +246,21 @@ for step in $STEPS; do
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
         --out "$OUT/flux_step_p25.json" > "$OUT/flux_step_p25.log" 2>&1
       echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p25.log" | cut -c1-300 ;;
+    p26)  # issue 23, one call (~8 min): the rank-0 GPU tests, the step beside the FP8 peer (rank-0 layers on
+          # the low-rank kernels and quantized in the graph; shifted layers quantized unshifted, still
+          # promoted), then fp8_accumulation.py's post_gelu_unshifted case (decides PROMOTE_SHIFTED) and
+          # the shift-bias GPU tests
+      timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
+        -k "rank0" > "$OUT/pytest_rank0.log" 2>&1
+      echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300
+      timeout 330 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
+        --out "$OUT/flux_step_p26.json" > "$OUT/flux_step_p26.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p26.log" | cut -c1-300
+      timeout 90 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation_unshifted.json" > "$OUT/fp8_acc.log" 2>&1
+      echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_acc.log" | tail -14 | cut -c1-250
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_shift_bias_gpu.py -s > "$OUT/pytest_shift_bias.log" 2>&1
+      echo "shift-bias tests rc=$?"; grep -E "passed|failed|rel|Error|assert" "$OUT/pytest_shift_bias.log" | tail -14 | cut -c1-250 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
