@@ -261,6 +261,14 @@ for step in $STEPS; do
       echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_acc.log" | tail -14 | cut -c1-250
       timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_shift_bias_gpu.py -s > "$OUT/pytest_shift_bias.log" 2>&1
       echo "shift-bias tests rc=$?"; grep -E "passed|failed|rel|Error|assert" "$OUT/pytest_shift_bias.log" | tail -14 | cut -c1-250 ;;
+    p27)  # issue 23, the short form of p26 (~5.5 min): the step beside the FP8 peer first, then the rank-0 GPU tests
+      timeout 320 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
+        --out "$OUT/flux_step_p27.json" > "$OUT/flux_step_p27.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p27.log" | cut -c1-300
+      timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
+        -k "rank0" > "$OUT/pytest_rank0.log" 2>&1
+      echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
