@@ -267,39 +267,10 @@ def test_fast8_kernel_paths_use_the_unshifted_codes_and_the_shift_bias(monkeypat
     and the int4 ``lowrank`` kernel get the unshifted codes and ``b'``, give the same bits and stay
     within the fast8 bound of the new reference; no promoted kernel is built."""
     from svdq_kernels import cutlass_fast8
+    from tests.test_kernels_ss import emulate_kernels
 
     monkeypatch.setattr(cutlass_fast8, "PROMOTE_SHIFTED", False)  # the fast kernels' routing (default: on)
-    from svdq_kernels import cutlass_fast8
-    from svdq_kernels.configs import SsLowrankGemmConfig
-    from tests.test_kernels_ss import _g64_op, _ss_op
-
-    calls: list = []
-
-    def load(config, *, also_build=()):
-        calls.append(config)
-        return _ss_op if isinstance(config, SsLowrankGemmConfig) else _g64_op
-
-    def e4m3_weights(qweight, scales16):
-        codes = packing.nibbles_to_int4(packing.unpack_nibbles(qweight))
-        return packing.fp8_weight_values(codes, scales16.t()).to(torch.float8_e4m3fn)
-
-    def tiles(x, down, a, *, lora_scales=None):
-        from svdq_kernels import lowrank_tiles
-
-        m, r = x.shape[0], down.shape[0]
-        t = lowrank_tiles.lowrank_k_tiles(r)
-        ag = torch.where(a > 0, a, torch.ones_like(a))
-        ranks = torch.zeros(m, 32 * t)
-        ranks[:, :r] = x.float() @ down.float().t() / ag[:, None]
-        lr = torch.zeros(m, t, 64, dtype=torch.bfloat16)
-        lr[:, :, :32] = ranks.view(m, t, 32).to(torch.bfloat16)
-        return lr.view(m, 64 * t), ag
-
-    monkeypatch.setattr(cutlass_fast8, "load_kernel", load)
-    monkeypatch.setattr(cutlass_fast8, "e4m3_weights", e4m3_weights)
-    monkeypatch.setattr(cutlass_fast8, "lowrank_tiles", tiles)
-    monkeypatch.setattr(cutlass_fast8, "_sm_count", lambda index: 132)
-    monkeypatch.setattr(cutlass_fast8, "LOWRANK_IN_GEMM", True)
+    recorded = emulate_kernels(monkeypatch)
     layer = _gelu_layer(k=256, n=128, r=32)
     x = _gelu_input(2048, 256)
     q, a = ops.fp8_activations(x.float(), layer.smooth)
@@ -307,6 +278,7 @@ def test_fast8_kernel_paths_use_the_unshifted_codes_and_the_shift_bias(monkeypat
     for weights in ("e4m3", "int4"):
         monkeypatch.setattr(cutlass_fast8, "WEIGHTS", weights)
         outs[weights] = cutlass_fast8.fast8_linear_fp8(x, q, a, *_args(layer, "fp8w"), SHIFT, True)
+    calls = [c for c in recorded if not isinstance(c, str)]  # (the kernels; "e4m3_weights" for the pass)
     assert [type(c).__name__ for c in calls] == ["SsLowrankGemmConfig", "Group64GemmConfig"]
     assert not any(getattr(c, "promote", 0) for c in calls)
     assert torch.equal(outs["e4m3"], outs["int4"])
@@ -327,7 +299,6 @@ def test_segmented_layer_runs_its_shifted_half_on_the_fast_kernels(request, monk
     from svdq_kernels import cutlass_fast8
 
     monkeypatch.setattr(cutlass_fast8, "PROMOTE_SHIFTED", False)  # the fast kernels' routing (default: on)
-    from svdq_kernels import cutlass_fast8
 
     calls = request.getfixturevalue("emulated")  # cutlass_fast8's kernels as float64 arithmetic
 

@@ -225,6 +225,11 @@ def _g64_op(qweight, scales, rowinv, q, a, bias, lr, l1):
 def emulated(monkeypatch):
     """``cutlass_fast8`` with its kernels (CUTLASS ops, the e4m3 pass, ``lowrank_tiles``) replaced by
     CPU arithmetic; records which kernels ran."""
+    return emulate_kernels(monkeypatch)
+
+
+def emulate_kernels(monkeypatch) -> list[object]:
+    """:func:`emulated`'s body, for other modules' tests: the list it records the kernels in."""
     calls: list[object] = []
 
     def load(config, *, also_build=()):
