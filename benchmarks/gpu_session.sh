@@ -8,9 +8,11 @@
 #   beside the FP8 peer; ~8 min; `lr2` is the full table with bf16 compiled), then `seg` (the segmented test, its split, fp8_accumulation.py: cuBLAS with and without fast
 #   accumulation on the K = 12288 operands; ~5 min).
 #   Issue 23 lever 5: `ss` (the pre-converted kernel's tests and timing, ~5 min), measured 2026-12-07 and the
-#   default since. Next: `prof` (what the compiled step's 12.4 ms of "other" GPU time is, ~5 min), `lr4` (the
-#   step with both prologues beside the FP8 peer, ~9 min), `seg` (the segmented test with the promoted
-#   kernels for one-signed segments), `cg` (a first compiled call with reduce-overhead).
+#   default since. `p24` (third session) named the "other" GPU time (rank-0 layers) and `cg` passed.
+#   Next session, in order: `p27` (the step with the rank-0 fixes beside FP8, then their GPU tests;
+#   ~5.5 min), `p26` minus its step (fp8_accumulation.py's post_gelu_unshifted case and
+#   tests/test_fp8_shift_bias_gpu.py: whether PROMOTE_SHIFTED can go off; ~3 min), `seg` (~3 min),
+#   `ssc` (the nine SS candidate tilings, ~4 min; .kcache/kcache-ss-cand.tgz carried).
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
 # removed untimed.)
