@@ -27,6 +27,7 @@ weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -216,6 +217,19 @@ def measure(model, x, *, label: str, args, compile: bool = True, eager: bool = T
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of running the SVDQuant model (the settings :func:`main` sets before timing it)."""
+
+    key: str  #: its entry in the results JSON
+    label: str  #: its printed name (10 characters)
+    in_gemm: bool  #: the low-rank branch inside the GEMM (svdq_kernels.cutlass_fast8.LOWRANK_IN_GEMM)
+    convert: str  #: where the int4 kernels convert the weights (cutlass_fast8.CONVERT)
+    prologue: str  #: the fast8 prologue (svdq_format.ops.FAST8_PROLOGUE)
+    weights: str  #: what the GEMM reads at M >= 2048 (cutlass_fast8.WEIGHTS)
+    rank0_graph: bool  #: rank-0 layers quantized in the compiled graph (svdq_format.ops.GRAPH_QUANTIZE_RANK0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -230,6 +244,10 @@ def main(argv=None) -> int:
                     help="with --compile: time the SVDQuant model compiled only (a shorter GPU run)")
     ap.add_argument("--profile", action="store_true",
                     help="GPU time of one SVDQuant step by kernel kind, eager and compiled (torch.profiler)")
+    ap.add_argument("--rank0-graph", choices=("on", "off", "both"), default=None,
+                    help="compiled: rank-0 layers quantized in the graph with an empty stand-in for x (on, "
+                         "svdq_format.ops.GRAPH_QUANTIZE_RANK0's default) or inside svdquant::linear (off); both: "
+                         "the SVDQuant model timed with each")
     ap.add_argument("--profile-shapes", action="store_true",
                     help="also profile the SVDQuant model compiled without CUDA graphs, by op and input shapes "
                          "(names the ops behind 'other' GPU time)")
@@ -336,48 +354,54 @@ def main(argv=None) -> int:
     cutlass_fast8 = None
     if args.device.startswith("cuda"):
         from svdq_kernels import cutlass_fast8
-    # (key, label, low-rank branch in the GEMM, weight conversion, fast8 prologue, GEMM weights): the
-    # first is "svdq"
     prologue = args.prologue or ops.FAST8_PROLOGUE
     weights = args.weights or getattr(cutlass_fast8, "WEIGHTS", "int4")
-    first = ("svdq", "svdquant", args.lowrank != "two-step", "consumer" if args.convert == "both" else args.convert,
-             "fused" if prologue == "both" else prologue, "int4" if weights == "both" else weights)
+    rank0 = args.rank0_graph or ("on" if ops.GRAPH_QUANTIZE_RANK0 else "off")
+    first = Variant("svdq", "svdquant", in_gemm=args.lowrank != "two-step",
+                    convert="consumer" if args.convert == "both" else args.convert,
+                    prologue="fused" if prologue == "both" else prologue,
+                    weights="int4" if weights == "both" else weights, rank0_graph=rank0 != "off")
     variants = [first]
     if args.convert == "both":
-        variants.append(("svdq_producer", "svdq produ", first[2], "producer", *first[4:]))
+        variants.append(dataclasses.replace(first, key="svdq_producer", label="svdq produ", convert="producer"))
     if prologue == "both":
-        variants.append(("svdq_inductor", "svdq induc", *first[2:4], "inductor", first[5]))
+        variants.append(dataclasses.replace(first, key="svdq_inductor", label="svdq induc", prologue="inductor"))
     if weights == "both":
-        variants.append(("svdq_e4m3", "svdq e4m3", *first[2:5], "e4m3"))
+        variants.append(dataclasses.replace(first, key="svdq_e4m3", label="svdq e4m3", weights="e4m3"))
     if args.lowrank == "both":
-        variants.append(("svdq_two_step", "svdq 2step", False, *first[3:]))
-    saved = (ops.FAST8_PROLOGUE, cutlass_fast8 and (cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT,
-                                                    getattr(cutlass_fast8, "WEIGHTS", "int4")))
+        variants.append(dataclasses.replace(first, key="svdq_two_step", label="svdq 2step", in_gemm=False))
+    if rank0 == "both":
+        variants.append(dataclasses.replace(first, key="svdq_rank0_op", label="svdq r0op", rank0_graph=False))
+    saved = (ops.FAST8_PROLOGUE, ops.GRAPH_QUANTIZE_RANK0,
+             cutlass_fast8 and (cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT,
+                                getattr(cutlass_fast8, "WEIGHTS", "int4")))
 
-    def use(in_gemm: bool, convert: str, fast8_prologue: str, gemm_weights: str) -> None:
-        ops.FAST8_PROLOGUE = fast8_prologue  # read while tracing: each compile sees its own
+    def use(v: Variant) -> None:
+        ops.FAST8_PROLOGUE = v.prologue  # read while tracing: each compile sees its own
+        ops.GRAPH_QUANTIZE_RANK0 = v.rank0_graph
         if cutlass_fast8 is not None:
-            cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT = in_gemm, convert
-            cutlass_fast8.WEIGHTS = gemm_weights  # read at each call (the op runs Python)
+            cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT = v.in_gemm, v.convert
+            cutlass_fast8.WEIGHTS = v.weights  # read at each call (the op runs Python)
 
     try:
-        for key, label, in_gemm, convert, fast8_prologue, gemm_weights in variants:
-            use(in_gemm, convert, fast8_prologue, gemm_weights)
+        for v in variants:
+            use(v)
             with torch.no_grad():  # the variant's per-weight caches made outside CUDA graphs' memory pool
                 model(**x)
-            result[key] = measure(model, x, label=label, args=args, eager=not args.no_svdq_eager)
-            result[key].update(lowrank_in_gemm=in_gemm, convert=convert, prologue=fast8_prologue,
-                               weights=gemm_weights)
+            result[v.key] = measure(model, x, label=v.label, args=args, eager=not args.no_svdq_eager)
+            result[v.key].update(lowrank_in_gemm=v.in_gemm, convert=v.convert, prologue=v.prologue,
+                                 weights=v.weights, rank0_graph=v.rank0_graph)
             save()
-        use(*first[2:])
+        use(first)
         with torch.no_grad():
             y = model(**x).sample.float()
     finally:  # the process's settings as they were
-        ops.FAST8_PROLOGUE = saved[0]
+        ops.FAST8_PROLOGUE, ops.GRAPH_QUANTIZE_RANK0 = saved[0], saved[1]
         if cutlass_fast8 is not None:
-            cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT, cutlass_fast8.WEIGHTS = saved[1]
+            cutlass_fast8.LOWRANK_IN_GEMM, cutlass_fast8.CONVERT, cutlass_fast8.WEIGHTS = saved[2]
     result["svdq_output_rel_err_vs_bf16"] = float((y - ref).norm() / ref.norm())
-    for key, label, *_ in variants:
+    for v in variants:
+        key, label = v.key, v.label
         for k in ("eager", "compiled"):
             if k in result[key]:
                 result[key][k]["vs_bf16_eager"] = result[key][k]["median_s"] / result["bf16"]["eager"]["median_s"]

@@ -10,7 +10,7 @@
 #   Issue 23 lever 5: `ss` (the pre-converted kernel's tests and timing, ~5 min), measured 2026-12-07 and the
 #   default since. `p24` (third session) named the "other" GPU time (rank-0 layers) and `cg` passed.
 #   Next session, in order: `p27` (the step with the rank-0 fixes beside FP8, then their GPU tests;
-#   ~5.5 min), `p26` minus its step (fp8_accumulation.py's post_gelu_unshifted case and
+#   ~5.5 min; `p28`: the step with the rank-0 graph quantizer on and off, ~7 min), `p26` minus its step (fp8_accumulation.py's post_gelu_unshifted case and
 #   tests/test_fp8_shift_bias_gpu.py: whether PROMOTE_SHIFTED can go off; ~3 min), `seg` (~3 min),
 #   `ssc` (the nine SS candidate tilings, ~4 min; .kcache/kcache-ss-cand.tgz carried).
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
@@ -271,6 +271,11 @@ for step in $STEPS; do
       timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
         -k "rank0" > "$OUT/pytest_rank0.log" 2>&1
       echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300 ;;
+    p28)  # p27 with the rank-0 graph quantizer timed on and off in one run (~7 min): what each rank-0 fix gives
+      timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --rank0-graph both \
+        --out "$OUT/flux_step_p28.json" > "$OUT/flux_step_p28.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p28.log" | cut -c1-300 ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
