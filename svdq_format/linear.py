@@ -341,8 +341,11 @@ class SVDQLinear(nn.Module):
         if self.kind == "w4a16":
             return "none"
         if self.mode == "auto":
+            # (act_shift 0.0: no backend's choice reads the shift, and a shift that differed between
+            # two compiles of this forward is a symbolic float to dynamo, which auto_act, a constant
+            # function, cannot take)
             return auto_act(device, dtype, self.precision, self.in_features, self.out_features, self.rank,
-                            self.bias is not None, self.act_shift, self.act_unsigned, self.backend,
+                            self.bias is not None, 0.0, self.act_unsigned, self.backend,
                             tuple((seg.size, seg.act_shift, seg.act_unsigned) for seg in self.k_segments))
         if self.mode == "exact":
             return self.precision

@@ -380,7 +380,9 @@ def auto_act(
     A layer forced onto the reference (``backend="reference"`` or ``SVDQ_BACKEND=reference``)
     therefore stays exact. Constant for ``torch.compile`` (evaluated once while tracing): a traced
     caller passes ``k_segments`` as ``(size, act_shift, act_unsigned)`` tuples, which dynamo can hand
-    to a constant function (it cannot rebuild a frozen dataclass instance for it).
+    to a constant function (it cannot rebuild a frozen dataclass instance for it). No backend's
+    choice reads ``act_shift``: :meth:`svdq_format.SVDQLinear.act_for` passes 0.0 (dynamo may hold a
+    layer's shift as a symbolic float, which a constant function cannot take).
     """
     segments = tuple(seg if isinstance(seg, KSegment) else KSegment(*seg) for seg in k_segments)
     return _auto_act(device, dtype, precision, in_features, out_features, rank, has_bias, act_shift, act_unsigned,

@@ -155,3 +155,28 @@ def test_backend_plugins_load_on_the_first_gpu_call(monkeypatch):
     finally:
         ops.unregister_backend("plugged")
 
+
+
+def test_auto_mode_compiles_after_layers_whose_shifts_differed():
+    """Layers compiled one by one whose ``act_shift`` differs (the same ``forward``: dynamo then makes
+    the shift a symbolic float), then a layer in ``auto`` mode: its ``auto_act`` (a constant function)
+    must not be handed that symbolic float ("assume_constant_result argument conversion failed")."""
+    def layer(shift, mode):
+        lin = sf.SVDQLinear(256, 64, rank=16, bias=True, dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.qweight.random_(0, 255), lin.wscales.fill_(0.01), lin.smooth.fill_(1), lin.bias.zero_()
+            lin.lora_down.normal_(), lin.lora_up.normal_()
+        lin.act_shift, lin.act_unsigned, lin.mode = shift, bool(shift), mode
+        return lin
+
+    def backend(gm, example_inputs):
+        return gm.forward
+
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    try:
+        for shift, mode in ((0.171875, "fast8"), (0.0, "fast8"), (0.171875, "fast8"), (0.25, "auto")):
+            lin = layer(shift, mode)
+            assert torch.equal(torch.compile(lin, backend=backend, fullgraph=True)(x), lin(x))
+    finally:
+        torch._dynamo.reset()
