@@ -386,12 +386,9 @@ def fast8_linear(
             q, a, _ = prologue(x2, smooth, None)
             return q, a
 
-        def fused() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-            assert down is not None  # (offered only with a low-rank branch)
-            return quantize_lowrank(x2, smooth, down, lora_scales=lora_scales)
-
-        return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, quantized,
-                                    fused if ops.FAST8_PROLOGUE == "fused" and down is not None else None)
+        fused = (functools.partial(quantize_lowrank, x2, smooth, down, lora_scales=lora_scales)
+                 if ops.FAST8_PROLOGUE == "fused" and down is not None else None)  # (rank 0: nothing to fuse)
+        return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, quantized, fused)
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: prologue(
         x2, smooth, down, lr16=True, lora_scales=lora_scales), config=promoted)
 
