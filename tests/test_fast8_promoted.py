@@ -23,6 +23,7 @@ from svdq_kernels.configs import (
     PROMOTED_GROUP64_CONFIGS,
     group64_config,
 )
+from tests.test_kernels_ss import layer_weights
 
 SHIFT = 0.171875  # Nunchaku's GELU shift
 
@@ -131,12 +132,7 @@ def _gelu_segment(m, n=128, k=256, r=32, seed=0, relu=False):
     g = torch.Generator().manual_seed(seed)
     act = torch.relu if relu else (lambda t: torch.nn.functional.gelu(t, approximate="tanh"))
     x = act(3 * torch.randn(m, k, generator=g)).to(torch.bfloat16)
-    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    wscales = (torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
-    smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
-    down = (torch.randn(r, k, generator=g) / k**0.5).to(torch.bfloat16)
-    up = (torch.randn(n, r, generator=g) * 0.5).to(torch.bfloat16)
-    bias = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16)
+    qweight, wscales, smooth, down, up, bias = layer_weights(g, n, k, r)
     scales = torch.linspace(0.5, 1.5, r).to(torch.bfloat16)
     return x, (qweight, wscales, None, smooth, down, up, bias, scales, "int4", "fp8w")
 

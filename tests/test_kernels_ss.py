@@ -259,17 +259,23 @@ def emulate_kernels(monkeypatch) -> list[object]:
     return calls
 
 
-def _layer(m, n=128, k=256, r=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    x[3] = 0  # a zero row: a' = 1, the low-rank term still added
+def layer_weights(g: torch.Generator, n: int, k: int, r: int) -> tuple[torch.Tensor, ...]:
+    """A random fast8 layer's ``(qweight, wscales, smooth, down, up, bias)``, drawn from ``g`` in that
+    order (bf16 factors; the emulated-kernel tests' layers)."""
     qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
     wscales = (torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
     smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
     down = (torch.randn(r, k, generator=g) / k**0.5).to(torch.bfloat16)
     up = (torch.randn(n, r, generator=g) * 0.5).to(torch.bfloat16)
     bias = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16)
-    return x, qweight, wscales, smooth, down, up, bias
+    return qweight, wscales, smooth, down, up, bias
+
+
+def _layer(m, n=128, k=256, r=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    x[3] = 0  # a zero row: a' = 1, the low-rank term still added
+    return (x, *layer_weights(g, n, k, r))
 
 
 def _run(x, qweight, wscales, smooth, down, up, bias):
