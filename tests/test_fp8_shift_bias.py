@@ -19,6 +19,7 @@ import svdq_format as sf
 from svdq_format import ops, packing
 from svdq_format.errors import BackendError
 from svdq_format.spec import KSegment
+from tests.test_fast8 import _graph_ops
 from tests.test_fast8_promoted import emulated  # noqa: F401  (the fixture, asked for by name below)
 
 SHIFT = 0.171875  # Nunchaku's GELU shift
@@ -220,18 +221,12 @@ def test_reference_fp8_entry_and_the_layer_agree(act):
 
 
 def _captured(model, x):
-    found: list[str] = []
-
-    def backend(gm, example_inputs):
-        found.extend(str(n.target) for n in gm.graph.nodes if "svdquant" in str(n.target))
-        return gm.forward
-
-    torch._dynamo.reset()
+    """tests/test_fast8.py's ``_graph_ops`` (the ``svdquant`` ops of the captured graph, and the
+    output), with dynamo reset afterwards too: the next test's compiles start from a clean frame
+    state, not one where a shift that differed between compiles is a symbolic float."""
     try:
-        return found, torch.compile(model, backend=backend, fullgraph=True)(x)
+        return _graph_ops(model, x)
     finally:
-        # dynamo's frame state would keep a shift that differed between two compiles of the layer's
-        # forward as a dynamic float, which a later `mode="auto"` compile cannot pass to ops.auto_act
         torch._dynamo.reset()
 
 
