@@ -178,6 +178,18 @@ def test_fast8_layer_dispatches_to_the_kernel(monkeypatch, prologue):
 
 
 
+def _fast8_layer_3072(seed, r):
+    """A 3072 → 3072 ``fast8`` SVDQLinear on the GPU with rank ``r`` and a bias, from :func:`_inputs`."""
+    layer = sf.SVDQLinear(3072, 3072, rank=r, bias=True, dtype=torch.bfloat16, device="cuda")
+    _, qw, ws, smooth, down, up, b = _inputs(1, 3072, 3072, r, bias=True, seed=seed)
+    with torch.no_grad():
+        layer.qweight.copy_(qw), layer.wscales.copy_(ws), layer.smooth.copy_(smooth), layer.bias.copy_(b)
+        if r:
+            layer.lora_down.copy_(down), layer.lora_up.copy_(up)
+    layer.mode = "fast8"
+    return layer
+
+
 @pytest.mark.parametrize("weights", ["int4", "e4m3"])
 def test_reduce_overhead_compiles_on_a_first_call(monkeypatch, weights):
     """``torch.compile(model, mode="reduce-overhead")`` called first compiled, with the layers'
@@ -187,15 +199,7 @@ def test_reduce_overhead_compiles_on_a_first_call(monkeypatch, weights):
     tracked as outputs"). Three calls (warm-up, recording, replay) give the eager output."""
     monkeypatch.setattr(cutlass_fast8, "WEIGHTS", weights)  # e4m3: the pre-converted path at M >= 2048
     torch._dynamo.reset()
-    layers = []
-    for seed in (21, 22):
-        layer = sf.SVDQLinear(3072, 3072, rank=32, bias=True, dtype=torch.bfloat16, device="cuda")
-        _, qw, ws, smooth, down, up, b = _inputs(1, 3072, 3072, 32, bias=True, seed=seed)
-        with torch.no_grad():
-            layer.qweight.copy_(qw), layer.wscales.copy_(ws), layer.smooth.copy_(smooth)
-            layer.lora_down.copy_(down), layer.lora_up.copy_(up), layer.bias.copy_(b)
-        layer.mode = "fast8"
-        layers.append(layer)
+    layers = [_fast8_layer_3072(seed, 32) for seed in (21, 22)]
     model = torch.nn.Sequential(layers[0], torch.nn.GELU(approximate="tanh"), layers[1])
     assert all((la.qweight, la.wscales) not in cutlass_fast8._WEIGHTS for la in layers)  # fresh caches
     x = _inputs(4608, 3072, 3072, 0, bias=False, seed=23)[0]
@@ -217,16 +221,7 @@ def test_compiled_rank0_layers_match_eager(monkeypatch, weights):
     reference."""
     monkeypatch.setattr(cutlass_fast8, "WEIGHTS", weights)
     torch._dynamo.reset()
-    layers = []
-    for seed, r in ((31, 0), (32, 32), (33, 0)):
-        layer = sf.SVDQLinear(3072, 3072, rank=r, bias=True, dtype=torch.bfloat16, device="cuda")
-        _, qw, ws, smooth, down, up, b = _inputs(1, 3072, 3072, r, bias=True, seed=seed)
-        with torch.no_grad():
-            layer.qweight.copy_(qw), layer.wscales.copy_(ws), layer.smooth.copy_(smooth), layer.bias.copy_(b)
-            if r:
-                layer.lora_down.copy_(down), layer.lora_up.copy_(up)
-        layer.mode = "fast8"
-        layers.append(layer)
+    layers = [_fast8_layer_3072(seed, r) for seed, r in ((31, 0), (32, 32), (33, 0))]
     model = torch.nn.Sequential(layers[0], torch.nn.GELU(approximate="tanh"), layers[1], torch.nn.SiLU(), layers[2])
     x = _inputs(4608, 3072, 3072, 0, bias=False, seed=34)[0]
     compiled = torch.compile(model, mode="reduce-overhead")
