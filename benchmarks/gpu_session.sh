@@ -30,8 +30,9 @@ build_g64() {  # $1: parallel nvcc jobs; $2: which kernels — all: GROUP64_CONF
                # kernels; n1: GROUP64_CONFIGS, the plain twins of the auto tilings and W4A16; lr: the auto
                # tilings and their low-rank-k-tile twins; p23: the large-M low-rank tilings, their
                # producer-conversion twins, its candidates and timing probes; ss: the low-rank tilings and
-               # the pre-converted kernels (SS_LOWRANK_CONFIGS); else GROUP64_CONFIGS
-  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R, PRODUCER_CONVERT_CONFIGS as PC, PRODUCER_CONVERT_CANDIDATES as PX, PRODUCER_CONVERT_PROBES as PP, SS_LOWRANK_CONFIGS as S; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R, 'p23': R[:2] + PC + PX + PP, 'ss': R + S}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
+               # the pre-converted kernels (SS_LOWRANK_CONFIGS); step: those and the promoted pair (what
+               # the default step runs); ssc: SS_LOWRANK_CANDIDATES; else GROUP64_CONFIGS
+  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R, PRODUCER_CONVERT_CONFIGS as PC, PRODUCER_CONVERT_CANDIDATES as PX, PRODUCER_CONVERT_PROBES as PP, SS_LOWRANK_CONFIGS as S, SS_LOWRANK_CANDIDATES as SC, PROMOTED_GROUP64_CONFIGS as PR; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R, 'p23': R[:2] + PC + PX + PP, 'ss': R + S, 'step': S + R + PR, 'ssc': SC}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
 }
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do
@@ -271,6 +272,16 @@ for step in $STEPS; do
       timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
         -k "rank0" > "$OUT/pytest_rank0.log" 2>&1
       echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300 ;;
+    p29)  # p27 on a machine without a carried cache for all of it (~9.5 min): the step's kernels built here
+          # on 16 cores (those in .kcache/kcache.tgz are found), the step beside FP8, then the post-GELU
+          # unshifted accumulation (fp8_accumulation.py: whether PROMOTE_SHIFTED can go off)
+      build_g64 16 step > "$OUT/build.log" 2>&1; echo "build rc=$? ($(grep -c compiling "$OUT/build.log") compiled)"
+      timeout 330 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
+        --out "$OUT/flux_step_p29.json" > "$OUT/flux_step_p29.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p29.log" | cut -c1-300
+      timeout 60 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation_unshifted.json" > "$OUT/fp8_acc.log" 2>&1
+      echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_acc.log" | tail -14 | cut -c1-250 ;;
     p28)  # p27 with the rank-0 graph quantizer timed on and off in one run (~7 min): what each rank-0 fix gives
       timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --rank0-graph both \
