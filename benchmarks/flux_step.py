@@ -194,6 +194,7 @@ def measure(model, x, *, label: str, args, compile: bool = True, eager: bool = T
     if eager:
         times, peak = time_steps(lambda: model(**x), steps=args.steps, warmup=args.warmup, device=args.device)
         out["eager"] = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak}
+        _print_time(label, "eager", out)
         if args.profile and args.device.startswith("cuda"):
             out["eager"]["gpu_ms_by_kind"] = profile_step(lambda: model(**x), label=f"{label} eager")
     if args.compile and compile:
@@ -206,15 +207,20 @@ def measure(model, x, *, label: str, args, compile: bool = True, eager: bool = T
         times, peak = time_steps(lambda: compiled(**x), steps=args.steps, warmup=args.warmup, device=args.device)
         out["compiled"] = {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak,
                            "first_call_s": compile_s, "mode": args.compile_mode}
+        _print_time(label, "compiled", out)
         if args.profile and args.device.startswith("cuda"):
             out["compiled"]["gpu_ms_by_kind"] = profile_step(lambda: compiled(**x), label=f"{label} compiled")
         if args.profile_shapes and args.device.startswith("cuda") and label.startswith("svd"):
             profile_ops(model, x, label=label)
-    for k in ("eager", "compiled"):
-        if k in out:
-            print(f"{label:<10} {k:<9} {out[k]['median_s'] * 1e3:9.1f} ms/step  weights "
-                  f"{out['weights_bytes'] / GIB:6.2f} GiB  peak {out[k]['peak_bytes'] / GIB:6.2f} GiB", flush=True)
     return out
+
+
+def _print_time(label: str, kind: str, out: dict) -> None:
+    """One ``ms/step`` line, printed as soon as it is timed (before any profiling: a run cut short
+    still reports it)."""
+    extra = f"  first call {out[kind]['first_call_s']:.0f} s" if "first_call_s" in out[kind] else ""
+    print(f"{label:<10} {kind:<9} {out[kind]['median_s'] * 1e3:9.1f} ms/step  weights "
+          f"{out['weights_bytes'] / GIB:6.2f} GiB  peak {out[kind]['peak_bytes'] / GIB:6.2f} GiB{extra}", flush=True)
 
 
 @dataclasses.dataclass(frozen=True)

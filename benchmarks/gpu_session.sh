@@ -282,6 +282,12 @@ for step in $STEPS; do
       echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p29.log" | cut -c1-300
       timeout 60 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation_unshifted.json" > "$OUT/fp8_acc.log" 2>&1
       echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_acc.log" | tail -14 | cut -c1-250 ;;
+    p30)  # the step alone, beside FP8 (~9 min: bf16 eager and FP8 ~2.5 min, quantizing 64 s, SVDQuant's eager
+          # call, compile and profile the rest; p29's 330 s were too short): all kernels from .kcache/kcache.tgz
+      timeout 565 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
+        --out "$OUT/flux_step_p30.json" > "$OUT/flux_step_p30.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p30.log" | cut -c1-300 ;;
     p28)  # p27 with the rank-0 graph quantizer timed on and off in one run (~7 min): what each rank-0 fix gives
       timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --rank0-graph both \
