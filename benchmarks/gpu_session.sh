@@ -288,6 +288,16 @@ for step in $STEPS; do
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
         --out "$OUT/flux_step_p30.json" > "$OUT/flux_step_p30.log" 2>&1
       echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p30.log" | cut -c1-300 ;;
+    p31)  # after p30 (~9.5 min): the SS candidate tilings (ssc), then the post-GELU unshifted accumulation
+          # (decides PROMOTE_SHIFTED), the rank-0 GPU tests and the shift-bias GPU tests
+      bash "$0" ssc
+      timeout 80 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation_unshifted.json" > "$OUT/fp8_acc.log" 2>&1
+      echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_acc.log" | tail -14 | cut -c1-250
+      timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
+        -k "rank0" > "$OUT/pytest_rank0.log" 2>&1
+      echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300
+      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_shift_bias_gpu.py -s > "$OUT/pytest_shift_bias.log" 2>&1
+      echo "shift-bias tests rc=$?"; grep -E "passed|failed|rel|Error|assert" "$OUT/pytest_shift_bias.log" | tail -14 | cut -c1-250 ;;
     p28)  # p27 with the rank-0 graph quantizer timed on and off in one run (~7 min): what each rank-0 fix gives
       timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --rank0-graph both \
