@@ -298,6 +298,16 @@ for step in $STEPS; do
       echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300
       timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_shift_bias_gpu.py -s > "$OUT/pytest_shift_bias.log" 2>&1
       echo "shift-bias tests rc=$?"; grep -E "passed|failed|rel|Error|assert" "$OUT/pytest_shift_bias.log" | tail -14 | cut -c1-250 ;;
+    p32)  # after p31 (~9.5 min): the step with the tuned pre-converted tilings (SS_TUNED_CONFIGS) and
+          # PROMOTE_SHIFTED off, beside FP8 (all 24 kernels in .kcache/kcache.tgz), then the GPU tests of
+          # what changed: the tuned tilings (the candidates' test), the rank-0 and the shift-bias tests
+      timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
+        --out "$OUT/flux_step_p32.json" > "$OUT/flux_step_p32.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p32.log" | cut -c1-300
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
+        tests/test_fp8_shift_bias_gpu.py -k "candidate or rank0 or gelu_shifted" > "$OUT/pytest_p32.log" 2>&1
+      echo "tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_p32.log" | tail -8 | cut -c1-300 ;;
     p28)  # p27 with the rank-0 graph quantizer timed on and off in one run (~7 min): what each rank-0 fix gives
       timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --rank0-graph both \

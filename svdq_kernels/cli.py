@@ -31,6 +31,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         AUTO_GROUP64_W4A16_CONFIGS,
         DEFAULT_CONFIGS,
         SS_LOWRANK_CONFIGS,
+        SS_TUNED_CONFIGS,
         config_by_name,
     )
     from .cutlass_fast8 import WEIGHTS
@@ -43,7 +44,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         # with SVDQ_FAST8_WEIGHTS=e4m3 (the default)
         configs = (list(DEFAULT_CONFIGS) + list(AUTO_GROUP64_LR_CONFIGS)
                    + (list(AUTO_GROUP64_W4A16_CONFIGS) if experimental_kernels() else [])
-                   + (list(SS_LOWRANK_CONFIGS) if WEIGHTS == "e4m3" else []))
+                   + (list(SS_TUNED_CONFIGS + SS_LOWRANK_CONFIGS) if WEIGHTS == "e4m3" else []))
     if args.list:
         for config in configs:
             print(config.name)
@@ -96,11 +97,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     # the fast8 layer's two settings (docs/kernels.md): where it quantizes, where it converts weights
     info["fast8_prologue"] = f"{ops.FAST8_PROLOGUE} (SVDQ_FAST8_PROLOGUE: {' | '.join(ops.FAST8_PROLOGUES)})"
     info["fast8_convert"] = f"{cutlass_fast8.CONVERT} (cutlass_fast8.CONVERT: consumer | producer, at M >= 2048)"
-    from .configs import SS_LOWRANK_CONFIGS
+    from .configs import SS_TUNED_CONFIGS
 
     choices = " | ".join(cutlass_fast8.WEIGHTS_CHOICES)
     info["fast8_weights"] = (f"{cutlass_fast8.WEIGHTS} (SVDQ_FAST8_WEIGHTS: {choices}; e4m3 at M >= "
-                             f"{cutlass_fast8.SS_MIN_M}: {', '.join(c.name for c in SS_LOWRANK_CONFIGS)})")
+                             f"{cutlass_fast8.SS_MIN_M}: {', '.join(c.name for c in SS_TUNED_CONFIGS)})")
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -16,8 +16,8 @@ from svdq_format.errors import UnsupportedError
 __all__ = ["CutlassGemmConfig", "Group64GemmConfig", "SCHEDULES", "DEFAULT_CONFIGS", "GROUP64_CONFIGS",
            "GROUP64_CANDIDATES", "AUTO_GROUP64_CONFIGS", "AUTO_GROUP64_W4A16_CONFIGS", "AUTO_GROUP64_LR_CONFIGS",
            "PRODUCER_CONVERT_CONFIGS", "PRODUCER_CONVERT_CANDIDATES", "PRODUCER_CONVERT_PROBES", "SsLowrankGemmConfig",
-           "SS_LOWRANK_CONFIGS", "SS_LOWRANK_CANDIDATES", "PROMOTED_GROUP64_CONFIGS", "config_by_name",
-           "group64_config", "ss_lowrank_config"]
+           "SS_LOWRANK_CONFIGS", "SS_LOWRANK_CANDIDATES", "SS_TUNED_CONFIGS", "PROMOTED_GROUP64_CONFIGS",
+           "config_by_name", "group64_config", "ss_lowrank_config", "ss_tuned_config"]
 
 #: Kernel schedules (the CUTLASS sm90 warp-specialized mainloops) we emit.
 SCHEDULES = ("cooperative", "pingpong")
@@ -333,8 +333,9 @@ SS_LOWRANK_CONFIGS: tuple[SsLowrankGemmConfig, ...] = tuple(
 _SS = SsLowrankGemmConfig
 
 #: Other tilings of the pre-converted kernel, timed by ``benchmarks/fast8_preconverted.py
-#: --candidates`` beside :data:`SS_LOWRANK_CONFIGS` and cuBLAS (not prebuilt, never picked by
-#: :func:`ss_lowrank_config`), in build-priority order. The kernel's A operand is the weights, so
+#: --candidates`` beside :data:`SS_LOWRANK_CONFIGS` and cuBLAS (never picked by
+#: :func:`ss_lowrank_config`; three of them are :data:`SS_TUNED_CONFIGS`), in build-priority order.
+#: The kernel's A operand is the weights, so
 #: ``tile_m``/``cluster_m`` run along the weights' rows and ``tile_n``/``cluster_n`` along the tokens:
 #: a 2 × 1 cluster shares the token tile (B and lr multicast), 1 × 2 the weight tile (A and L1).
 #: vLLM's FP8 choices on sm_90, in these terms: large M a 128 × 256 cooperative tile with the cluster
@@ -350,6 +351,30 @@ SS_LOWRANK_CANDIDATES: tuple[SsLowrankGemmConfig, ...] = (
     _SS(tile_m=128, tile_n=128, cluster_m=2, schedule="pingpong"),
     _SS(tile_m=64, tile_n=256, schedule="pingpong"),
 )
+
+
+#: The pre-converted kernels a ``fast8`` layer runs at M ≥ 2048 (:func:`ss_tuned_config`), from the
+#: candidates' H100 timing at M = 4608 on FLUX.1-dev's seven shapes (``gpu_session.sh ssc``,
+#: ``benchmarks/results/fast8_ss_candidates_h100.json``; speed-up over the twin of the group-64 tiling,
+#: :func:`ss_lowrank_config`): K ≤ 4096 and N ≤ 4096, 128 × 128 pingpong with a 1 × 2 cluster
+#: (1.148× on 3072 → 3072); K ≤ 4096 and wider N, 128 × 128 pingpong with a 2 × 1 cluster
+#: (1.016–1.051×); K > 4096, 128 × 256 stream-K with a 2 × 1 cluster (1.010–1.026×). Each within the
+#: twin's float64 bound; the persistent ones give the persistent twin's bits.
+SS_TUNED_CONFIGS: tuple[SsLowrankGemmConfig, ...] = (
+    SS_LOWRANK_CANDIDATES[2], SS_LOWRANK_CANDIDATES[7], SS_LOWRANK_CANDIDATES[1])
+
+#: The largest K of the tuned 128 × 128 pingpong tilings (:func:`ss_tuned_config`).
+SS_TUNED_MAX_K = 4096
+
+
+def ss_tuned_config(m: int, *, n: int, k: int, sms: int = 132) -> SsLowrankGemmConfig | None:
+    """The pre-converted kernel a ``fast8`` layer of ``m`` tokens, ``k`` inputs and ``n`` outputs runs
+    (:data:`SS_TUNED_CONFIGS`), or ``None`` where :func:`ss_lowrank_config` has none (the small-M
+    tilings). Their weight tiles are 128 rows, like the twins': they take the same shapes."""
+    if ss_lowrank_config(m, n=n, sms=sms) is None:
+        return None
+    pingpong_1x2, pingpong_2x1, streamk_2x1 = SS_TUNED_CONFIGS
+    return streamk_2x1 if k > SS_TUNED_MAX_K else pingpong_1x2 if n <= SS_TUNED_MAX_K else pingpong_2x1
 
 
 def ss_lowrank_config(m: int, *, n: int | None = None, sms: int = 132) -> SsLowrankGemmConfig | None:

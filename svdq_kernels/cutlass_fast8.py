@@ -75,10 +75,12 @@ from .configs import (
     PRODUCER_CONVERT_CONFIGS,
     PROMOTED_GROUP64_CONFIGS,
     SS_LOWRANK_CONFIGS,
+    SS_TUNED_CONFIGS,
     Group64GemmConfig,
     SsLowrankGemmConfig,
     group64_config,
     ss_lowrank_config,
+    ss_tuned_config,
 )
 from .lowrank_tiles import (
     LR_K,
@@ -109,14 +111,14 @@ LOWRANK_IN_GEMM = True
 CONVERT = "consumer"
 
 #: Also run GELU-shifted unsigned layers (``act_unsigned`` with an ``act_shift``) on the promoted
-#: kernels, as before their activations were quantized unshifted. On until an H100 measurement
-#: shows the unshifted post-GELU rows accumulate like signed ones: they keep a positive mean without
-#: the shift (11.3 against 12.9, std 23, on the segmented test's data), and Hopper's fast FP8
-#: accumulation lost 1.15e-2 on the shifted rows (tests/test_fp8_shift_bias_gpu.py and
-#: benchmarks/fp8_accumulation.py's ``post_gelu_unshifted`` case decide; off, they run the fast and
-#: pre-converted kernels like signed layers). The promoted kernels otherwise serve one-signed layers
-#: without a shift (:func:`svdq_format.ops.fp8_one_signed`).
-PROMOTE_SHIFTED = True
+#: kernels, as before their activations were quantized unshifted. Off since an H100 measured the
+#: unshifted post-GELU rows accumulating like signed ones (``benchmarks/fp8_accumulation.py``, K = 12288,
+#: against the float64 product: ours 2.94e-3 unshifted, 3.12e-3 signed, 1.16e-2 shifted; the whole
+#: layer on the fast kernels 5.28e-3 against the promoted path's 5.52e-3,
+#: ``tests/test_fp8_shift_bias_gpu.py``): those layers run the fast and pre-converted kernels like
+#: signed ones. The promoted kernels serve one-signed layers without a shift
+#: (:func:`svdq_format.ops.fp8_one_signed`).
+PROMOTE_SHIFTED = False
 
 #: The values of :data:`WEIGHTS`.
 WEIGHTS_CHOICES = ("int4", "e4m3")
@@ -132,9 +134,10 @@ def _weights_setting() -> str:
 
 #: What the low-rank ``fast8`` GEMM at M ≥ :data:`SS_MIN_M` reads as weights: ``"e4m3"`` (the
 #: default: a per-call pre-pass, :func:`svdq_kernels.weights_e4m3.e4m3_weights`, writes them as a
-#: plain e4m3 matrix and the pre-converted kernel, :data:`svdq_kernels.configs.SS_LOWRANK_CONFIGS`,
+#: plain e4m3 matrix and the pre-converted kernel, :data:`svdq_kernels.configs.SS_TUNED_CONFIGS`,
 #: runs on it) or ``"int4"`` (the packed codes, converted to e4m3 inside the GEMM's mainloop); the
-#: same bits either way. Read once at import from ``SVDQ_FAST8_WEIGHTS``.
+#: same bits either way at K ≤ 4096 (persistent tilings, one k-tile order), within the same float64
+#: bound above (stream-K splits the k-tiles differently). Read once at import from ``SVDQ_FAST8_WEIGHTS``.
 WEIGHTS = _weights_setting()
 
 #: The smallest token count for which :data:`WEIGHTS` ``= "e4m3"`` takes the pre-converted path (the
@@ -310,16 +313,17 @@ def ss_gemm_lowrank(
         config = ss_lowrank_config(q.shape[0], n=w8.shape[0], sms=_sm_count(q.device.index))
         if config is None:
             raise UnsupportedError(f"no pre-converted fast8 kernel for M={q.shape[0]} (M >= {SS_MIN_M} only)")
-    op = load_kernel(config, also_build=SS_LOWRANK_CONFIGS)
+    op = load_kernel(config, also_build=SS_LOWRANK_CONFIGS + SS_TUNED_CONFIGS)
     b = bias.to(torch.bfloat16) if bias is not None else q.new_empty(0, dtype=torch.bfloat16)
     return op(w8, rowinv, q, a, b, lr, l1)
 
 
-def _preconverted(m: int, n: int, device: torch.device) -> Optional[SsLowrankGemmConfig]:
-    """The pre-converted kernel for an ``m``-token low-rank layer call, if :data:`WEIGHTS` asks for it."""
+def _preconverted(m: int, n: int, k: int, device: torch.device) -> Optional[SsLowrankGemmConfig]:
+    """The pre-converted kernel for an ``m``-token low-rank layer call (its tuned tiling,
+    :func:`svdq_kernels.configs.ss_tuned_config`), if :data:`WEIGHTS` asks for it."""
     if WEIGHTS != "e4m3" or m < SS_MIN_M:
         return None
-    return ss_lowrank_config(m, n=n, sms=_sm_count(device.index))
+    return ss_tuned_config(m, n=n, k=k, sms=_sm_count(device.index))
 
 
 def _fast8_lowrank_layer(
@@ -348,7 +352,7 @@ def _fast8_lowrank_layer(
             else:
                 lr, ag = lowrank_tiles(x2, down, a, lora_scales=lora_scales)
         up = _zero_up(qweight) if up is None else up
-        ss = _preconverted(q.shape[0], n, q.device)
+        ss = _preconverted(q.shape[0], n, q.shape[1], q.device)
         if ss is not None:  # SVDQ_FAST8_WEIGHTS=e4m3: the weights converted by a pre-pass, a dense FP8 GEMM
             scales16, rowinv = fast8_weights(qweight, wscales)
             w8 = e4m3_weights(qweight.contiguous(), scales16)

@@ -214,26 +214,36 @@ def test_reduce_overhead_compiles_on_a_first_call(monkeypatch, weights):
 
 @pytest.mark.parametrize("weights", ["int4", "e4m3"])
 def test_compiled_rank0_layers_match_eager(monkeypatch, weights):
-    """A rank-0 layer (no low-rank branch) beside a rank-32 one, compiled with reduce-overhead: the
-    rank-0 layer quantizes in the graph and its op gets an empty stand-in for x
-    (``ops.GRAPH_QUANTIZE_RANK0``), then runs the low-rank kernels with one zero k-tile; within the
-    compiled-vs-eager bound of the eager model (which takes the Triton prologue), and of the float64
-    reference."""
+    """A rank-0 layer (no low-rank branch) compiled with reduce-overhead: it quantizes in the graph
+    and its op gets an empty stand-in for x (``ops.GRAPH_QUANTIZE_RANK0``), then runs the low-rank
+    kernels with one zero k-tile. Alone, within the compiled-vs-eager bound of the eager layer (which
+    takes the Triton prologue: Inductor's quantizer differs from it by a few ulp in the token scales)
+    and of the float64 reference. Chained with a rank-32 layer and another rank-0 one, three calls
+    (warm-up, recording, replay) give the same output, near eager's: each quantized layer amplifies a
+    difference in its input (the first H100 run measured 7.8e-3 for this chain; on the CPU, 1 % of the
+    first layer's outputs moved by one bf16 step, 5.7e-4, became 6.6e-3 two layers on), so the chain's
+    bound is the quantization-noise level, 2e-2, and the single layer carries the tight one."""
     monkeypatch.setattr(cutlass_fast8, "WEIGHTS", weights)
-    torch._dynamo.reset()
     layers = [_fast8_layer_3072(seed, r) for seed, r in ((31, 0), (32, 32), (33, 0))]
-    model = torch.nn.Sequential(layers[0], torch.nn.GELU(approximate="tanh"), layers[1], torch.nn.SiLU(), layers[2])
     x = _inputs(4608, 3072, 3072, 0, bias=False, seed=34)[0]
+    torch._dynamo.reset()
+    alone = torch.compile(layers[0], mode="reduce-overhead")
+    with torch.no_grad():
+        first = layers[0](x)
+        got = [alone(x).clone() for _ in range(3)]
+    ref = _reference(x, layers[0].qweight, layers[0].wscales, None, layers[0].smooth, None, None, layers[0].bias,
+                     None, "int4", "fp8w")
+    assert _rel(first.cpu(), ref) < 5e-3
+    for out in got:
+        assert out.shape == first.shape and _rel(out, first) <= 1e-3 and _rel(out.cpu(), ref) < 5e-3
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(layers[0], torch.nn.GELU(approximate="tanh"), layers[1], torch.nn.SiLU(), layers[2])
     compiled = torch.compile(model, mode="reduce-overhead")
     with torch.no_grad():
         want = model(x)
         outs = [compiled(x).clone() for _ in range(3)]
-        first = layers[0](x)
-    ref = _reference(x, layers[0].qweight, layers[0].wscales, None, layers[0].smooth, None, None, layers[0].bias,
-                     None, "int4", "fp8w")
-    assert _rel(first.cpu(), ref) < 5e-3
-    for out in outs:
-        assert out.shape == want.shape and _rel(out, want) <= 1e-3
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+    assert outs[0].shape == want.shape and _rel(outs[0], want) <= 2e-2
 
 
 def test_inductor_quantizer_gives_the_prologues_codes():

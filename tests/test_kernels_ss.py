@@ -16,12 +16,15 @@ from svdq_kernels import build, configs, cutlass_fast8, lowrank_tiles
 from svdq_kernels.configs import (
     AUTO_GROUP64_LR_CONFIGS,
     DEFAULT_CONFIGS,
+    SS_LOWRANK_CANDIDATES,
     SS_LOWRANK_CONFIGS,
+    SS_TUNED_CONFIGS,
     Group64GemmConfig,
     SsLowrankGemmConfig,
     config_by_name,
     group64_config,
     ss_lowrank_config,
+    ss_tuned_config,
 )
 
 SS = SsLowrankGemmConfig(tile_m=128, tile_n=256)
@@ -74,7 +77,7 @@ def test_ss_config_supports_whole_tiles_only():
 def test_ss_candidates_are_valid_new_named_tilings_never_picked():
     """The candidate tilings (clusters, 256 × 128, pingpong): unique names and cache keys, none of today's
     kernels, found by name, buildable on their own (``svdq kernels build --config``), never chosen by
-    :func:`ss_lowrank_config` nor built by default."""
+    :func:`ss_lowrank_config` (three of them are :data:`SS_TUNED_CONFIGS`)."""
     from svdq_kernels.configs import SS_LOWRANK_CANDIDATES
 
     names = [c.name for c in SS_LOWRANK_CANDIDATES]
@@ -112,6 +115,29 @@ def test_ss_selection_is_the_twin_of_the_lowrank_tiling(m, n):
     g64 = group64_config(m, n=n, sms=132, lowrank=True)
     ss = ss_lowrank_config(m, n=n, sms=132)
     assert ss is not None and ss.tiling() == (g64.tile_m, g64.tile_n, g64.tile_k, g64.schedule, g64.scheduler)
+
+
+_P12, _P21, _SK21 = ("ss_e4m3_128x128x128_c1x2_pingpong_lr", "ss_e4m3_128x128x128_c2x1_pingpong_lr",
+                      "ss_e4m3_128x256x128_c2x1_cooperative_sk_lr")
+
+
+@pytest.mark.parametrize("m, k, n, want", [
+    (4608, 3072, 3072, _P12), (4096, 3072, 3072, _P12), (4608, 3072, 4096, _P12),
+    (4608, 3072, 9216, _P21), (2048, 3072, 21504, _P21),
+    (4608, 12288, 3072, _SK21), (4096, 15360, 3072, _SK21), (4608, 4224, 3072, _SK21),
+])
+def test_layers_take_the_tuned_ss_tiling_of_their_shape(m, k, n, want):
+    """K ≤ 4096: 128 × 128 pingpong, the cluster along the weights (1 × 2) up to N = 4096, along the
+    tokens (2 × 1) above; K > 4096: 128 × 256 stream-K with a 2 × 1 cluster (the H100 timing of the
+    candidates, :data:`SS_TUNED_CONFIGS`); each a prebuilt candidate."""
+    config = ss_tuned_config(m, n=n, k=k, sms=132)
+    assert config is not None and config.name == want and config in SS_TUNED_CONFIGS
+    assert config in SS_LOWRANK_CANDIDATES and config.supports(m=m, n=n, k=k, group=64) is None
+
+
+def test_small_m_has_no_tuned_ss_tiling():
+    """Where the group-64 tiling has no pre-converted twin (small M), no tuned kernel either."""
+    assert ss_tuned_config(255, n=3072, k=3072) is None and ss_tuned_config(16, n=3072, k=12288) is None
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 255])
@@ -295,7 +321,7 @@ def test_e4m3_weights_setting_routes_large_m_through_the_pre_pass_and_the_ss_ker
     emulated.clear()
     monkeypatch.setattr(cutlass_fast8, "WEIGHTS", "e4m3")
     got = _run(x, qweight, wscales, smooth, down, up, bias)
-    assert emulated == ["e4m3_weights", ss_lowrank_config(2048, n=128, sms=132)]
+    assert emulated == ["e4m3_weights", ss_tuned_config(2048, n=128, k=256, sms=132)]
     assert got.shape == (2048, 128) and got.dtype == torch.bfloat16
     assert torch.equal(got, want)
     ref = ops.reference_linear(x, qweight, wscales, None, smooth, down, up, bias, None, "int4", "fp8w").double()
@@ -322,7 +348,7 @@ def test_ss_gemm_lowrank_builds_the_ss_kernels_together(monkeypatch):
     cutlass_fast8.ss_gemm_lowrank(w8, None, torch.zeros(4608, 3072, dtype=torch.float8_e4m3fn), None, None, None, None)
     ((config, also),) = calls
     assert config == ss_lowrank_config(4608, n=3072) == SS_LOWRANK_CONFIGS[1]  # 3.3 waves: stream-K
-    assert set(also) == set(SS_LOWRANK_CONFIGS)
+    assert set(also) == set(SS_LOWRANK_CONFIGS + SS_TUNED_CONFIGS)
     with pytest.raises(UnsupportedError, match="M >= 2048"):
         cutlass_fast8.ss_gemm_lowrank(w8, None, torch.zeros(16, 3072, dtype=torch.float8_e4m3fn), None, None, None,
                                       None)
@@ -350,12 +376,14 @@ def test_cli_lists_the_ss_kernels_unless_opted_out(capsys, tmp_path, monkeypatch
     assert not any(n.startswith("ss_") for n in int4)
     monkeypatch.setattr(cutlass_fast8, "WEIGHTS", "e4m3")
     assert main(["kernels", "build", "--list"]) == 0
-    assert sorted(set(capsys.readouterr().out.split()) - set(int4)) == sorted(c.name for c in SS_LOWRANK_CONFIGS)
+    assert sorted(set(capsys.readouterr().out.split()) - set(int4)) == sorted(
+        c.name for c in SS_LOWRANK_CONFIGS + SS_TUNED_CONFIGS)
     assert main(["kernels", "build", "--list", "--config", SS.name]) == 0
     assert capsys.readouterr().out.split() == [SS.name]
     assert main(["kernels", "info"]) == 0
     info = capsys.readouterr().out
-    assert "fast8_weights: e4m3 (SVDQ_FAST8_WEIGHTS: int4 | e4m3; e4m3 at M >= 2048: " + SS.name in info
+    want = "fast8_weights: e4m3 (SVDQ_FAST8_WEIGHTS: int4 | e4m3; e4m3 at M >= 2048: " + SS_TUNED_CONFIGS[0].name
+    assert want in info
 
 
 def test_configs_module_lists_the_new_names():
@@ -372,7 +400,7 @@ def test_a_rank0_layer_runs_the_lowrank_kernels_with_one_zero_tile(emulated, mon
     monkeypatch.setattr(cutlass_fast8, "WEIGHTS", weights)
     x, qweight, wscales, smooth, down, up, bias = _layer(m, r=32)
     got = _run(x, qweight, wscales, smooth, None, None, bias)
-    want_kernel = ss_lowrank_config(m, n=128, sms=132) if weights == "e4m3" and m >= cutlass_fast8.SS_MIN_M \
+    want_kernel = ss_tuned_config(m, n=128, k=256, sms=132) if weights == "e4m3" and m >= cutlass_fast8.SS_MIN_M \
         else group64_config(m, n=128, sms=132, lowrank=True)
     assert emulated[-1] == want_kernel
     zero = _run(x, qweight, wscales, smooth, torch.zeros_like(down), torch.zeros_like(up), bias)
