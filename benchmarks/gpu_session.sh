@@ -9,10 +9,11 @@
 #   accumulation on the K = 12288 operands; ~5 min).
 #   Issue 23 lever 5: `ss` (the pre-converted kernel's tests and timing, ~5 min), measured 2026-12-07 and the
 #   default since. `p24` (third session) named the "other" GPU time (rank-0 layers) and `cg` passed.
-#   Next session, in order: `p27` (the step with the rank-0 fixes beside FP8, then their GPU tests;
-#   ~5.5 min; `p28`: the step with the rank-0 graph quantizer on and off, ~7 min), `p26` minus its step (fp8_accumulation.py's post_gelu_unshifted case and
-#   tests/test_fp8_shift_bias_gpu.py: whether PROMOTE_SHIFTED can go off; ~3 min), `seg` (~3 min),
-#   `ssc` (the nine SS candidate tilings, ~4 min; .kcache/kcache-ss-cand.tgz carried).
+#   Fourth session: `p30` (the step with the rank-0 fixes, 123.6 ms), `p31` (SS candidates, post-GELU
+#   accumulation, rank-0 and shift-bias GPU tests), `p32` (the step with the tuned tilings and
+#   PROMOTE_SHIFTED off: 114.0 ms against FP8 97.6; 31 GPU tests). Next: `seg` (the segmented GPU test
+#   with PROMOTE_SHIFTED off, ~3 min), then a one-read prologue's timing. A fresh machine needs the
+#   kernels in .kcache/kcache.tgz: `svdq kernels build --torch-dir` on the CPU (docs/kernels.md), or p29's build.
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
 # removed untimed.)
