@@ -16,8 +16,10 @@ FLUX's MLP down projection: Inductor fuses the default path's quantizer into it)
 ``quant`` (the graph quantizer from x), ``lowrank_tiles``, ``quantize_lowrank`` (and with 128 / 256
 columns per step of its codes kernel: ``quantize_lowrank_bk128``, ``_bk256``), ``prologue_plus_tiles``
 (the default eager path's prologue + ``lowrank_tiles``), ``gemm`` (the low-rank-k-tile GEMM given its
-inputs). Before timing, the fused path's inputs are checked bit for
-bit against the default eager path's (``q``, ``a'``, ``lr``).
+inputs), ``stats_kernel`` and ``codes_kernel`` (``quantize_lowrank``'s two kernels alone), and the
+floors of a prologue that reads x once: ``floor_read_x`` (a compiled row absmax of x: one read) and
+``floor_cast_x`` (x cast to e4m3: one read, the codes' bytes written). Before timing, the fused path's
+inputs are checked bit for bit against the default eager path's (``q``, ``a'``, ``lr``).
 
     python benchmarks/fast8_prologue.py --out benchmarks/results/fast8_prologue_h100.json
 """
@@ -98,6 +100,15 @@ def measure_shape(m: int, k: int, n: int, rank: int, producers: tuple[str, ...],
         bits = bits and torch.equal(wide[0].view(torch.uint8), q1.view(torch.uint8))
         t[f"quantize_lowrank_bk{bk}"] = bench(lambda: lowrank_tiles.quantize_lowrank(L.x, L.smooth, L.down,
                                                                                    codes_block=bk))
+    # the fused prologue's two kernels alone, and what one read of x costs: a row absmax (read only)
+    # and an e4m3 cast (read x, write the codes' bytes) — the floors of a one-read prologue
+    stats = lowrank_tiles.quantize_lowrank_stats(L.x, L.smooth, L.down)
+    t["stats_kernel"] = bench(lambda: lowrank_tiles.quantize_lowrank_stats(L.x, L.smooth, L.down))
+    t["codes_kernel"] = bench(lambda: lowrank_tiles.quantize_lowrank_codes(L.x, stats))
+    torch._dynamo.reset()
+    read_x = torch.compile(lambda x: x.float().abs().amax(dim=1), dynamic=False)
+    t["floor_read_x"] = bench(lambda: read_x(L.x))
+    t["floor_cast_x"] = bench(lambda: L.x.to(torch.float8_e4m3fn))
     t["prologue_plus_tiles"] = bench(lambda: lowrank_tiles.lowrank_tiles(
         L.x, L.down, triton_prologue.prologue(L.x, L.smooth, None)[1]))  # the eager default's two steps
     scales, rowinv = cutlass_fast8.fast8_lowrank_weights(L.qweight, L.wscales, lowrank_tiles.lowrank_k_tiles(rank))
@@ -137,15 +148,17 @@ def main(argv=None) -> int:
     print()
     head = "".join(f" {'dflt ' + p:>9} {'fused ' + p:>9} {'fp8 ' + p:>8} {'speedup':>7}" for p in producers)
     nan = float("nan")
-    print(f"{'M x K x N':<18}{head} {'quant':>6} {'lr_tiles':>8} {'q+lr':>6} {'bk256':>6} {'eager0':>6} {'gemm':>6}  "
-          "(us; speedup = default / fused)")
+    print(f"{'M x K x N':<18}{head} {'quant':>6} {'lr_tiles':>8} {'q+lr':>6} {'bk256':>6} {'eager0':>6} {'gemm':>6} "
+          f"{'stats':>6} {'codes':>6} {'read':>6} {'cast':>6}  "
+          "(us; speedup = default / fused; read / cast: one-read floors)")
     for r in rows:
         t = r["ms"]
         cols = "".join(f" {t[f'default_{p}'] * 1e3:9.1f} {t[f'fused_{p}'] * 1e3:9.1f}"
                        f" {t.get(f'fp8_{p}', nan) * 1e3:8.1f} {r['fused_speedup'][p]:7.3f}" for p in producers)
         print(f"{r['m']}x{r['k']}x{r['n']:<8}{cols} {t['quant'] * 1e3:6.1f} {t['lowrank_tiles'] * 1e3:8.1f} "
               f"{t['quantize_lowrank'] * 1e3:6.1f} {t['quantize_lowrank_bk256'] * 1e3:6.1f} "
-              f"{t['prologue_plus_tiles'] * 1e3:6.1f} {t['gemm'] * 1e3:6.1f}")
+              f"{t['prologue_plus_tiles'] * 1e3:6.1f} {t['gemm'] * 1e3:6.1f} {t['stats_kernel'] * 1e3:6.1f} "
+              f"{t['codes_kernel'] * 1e3:6.1f} {t['floor_read_x'] * 1e3:6.1f} {t['floor_cast_x'] * 1e3:6.1f}")
     print(f"wrote {args.out}")
     return 0
 

@@ -25,6 +25,7 @@ again with the output.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -34,8 +35,8 @@ from svdq_format.ops import smooth_reciprocal
 
 from .tensor_cache import TensorCache
 
-__all__ = ["LR_K", "lowrank_k_tiles", "lowrank_tiles", "quantize_lowrank", "padded_up", "padded_up64",
-           "sentinel_scale_rows"]
+__all__ = ["LR_K", "LowrankStats", "lowrank_k_tiles", "lowrank_tiles", "quantize_lowrank", "quantize_lowrank_stats",
+           "quantize_lowrank_codes", "padded_up", "padded_up64", "sentinel_scale_rows"]
 
 #: Ranks per low-rank k-tile (the mainloop's ``LrK``).
 LR_K = 32
@@ -166,27 +167,60 @@ def quantize_lowrank(
     Returns:
         ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, 64·t] bf16, a' [M] float32)``.
     """
+    stats = quantize_lowrank_stats(x, smooth, lora_down, act_shift=act_shift)
+    return quantize_lowrank_codes(x, stats, lora_scales=lora_scales, codes_block=codes_block)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowrankStats:
+    """What :func:`quantize_lowrank`'s first kernel leaves for its second: per K split, each row's
+    absmax of ``x̂`` and its ``x · L2ᵀ`` partial."""
+
+    pamax: torch.Tensor  #: ``[splits, M]`` fp32
+    plr: torch.Tensor  #: ``[splits, M, BR]`` fp32 (``BR``: the rank tile, ``triton_prologue.rank_tile``)
+    rcp: torch.Tensor  #: ``1/s``, the cached reciprocal of the smoothing vector
+    rank: int
+    groups_per_split: int
+    act_shift: float
+
+
+def quantize_lowrank_stats(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, *, act_shift: float = 0.0,
+) -> LowrankStats:
+    """:func:`quantize_lowrank`'s first kernel (x read once: absmax and ``x · L2ᵀ`` per split), alone
+    so that benchmarks can time it; same arguments."""
     from .triton_prologue import cdiv, k_splits, kernels, rank_tile
 
-    k = kernels()
     m, kk = x.shape
     r = lora_down.shape[0]
     rcp = smooth_reciprocal(smooth)
     br = rank_tile(r)
-    rt = LR_K * lowrank_k_tiles(r)
     nsplit, bps = k_splits(kk, m)
     pamax = torch.empty(nsplit, m, device=x.device, dtype=torch.float32)
     plr = torch.empty(nsplit, m, br, device=x.device, dtype=torch.float32)
+    # lowrank_partials' tiling (block_m 64, 8 warps, 4 stages): the same x · L2ᵀ partial bits
+    kernels()["prologue_stats"][(cdiv(m, 64), nsplit)](
+        x, rcp, lora_down, pamax, plr, m, kk, r, bps, float(act_shift), HAS_LR=True, BM=64, BR=br, RCP=True,
+        num_warps=8, num_stages=4)
+    return LowrankStats(pamax, plr, rcp, r, bps, float(act_shift))
+
+
+def quantize_lowrank_codes(
+    x: torch.Tensor, stats: LowrankStats, *, lora_scales: Optional[torch.Tensor] = None, codes_block: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_lowrank`'s second kernel (x read again for the codes; the k-tiles from the
+    partials), alone so that benchmarks can time it: ``(q, a, lr, a')`` as :func:`quantize_lowrank`."""
+    from .triton_prologue import cdiv, kernels
+
+    m, kk = x.shape
+    nsplit, br = stats.pamax.shape[0], stats.plr.shape[2]
+    rt = LR_K * lowrank_k_tiles(stats.rank)
     q = torch.empty(m, kk, device=x.device, dtype=torch.float8_e4m3fn)
     a = torch.empty(m, device=x.device, dtype=torch.float32)
     ag = torch.empty(m, device=x.device, dtype=torch.float32)
     lr = torch.empty(m, 2 * rt, device=x.device, dtype=torch.bfloat16)
-    # lowrank_partials' tiling (block_m 64, 8 warps, 4 stages): the same x · L2ᵀ partial bits
-    k["prologue_stats"][(cdiv(m, 64), nsplit)](
-        x, rcp, lora_down, pamax, plr, m, kk, r, bps, float(act_shift), HAS_LR=True, BM=64, BR=br, RCP=True,
-        num_warps=8, num_stages=4)
-    k["codes_tiles"][(cdiv(m, 32), nsplit)](
-        x, rcp, pamax, plr, q, a, lr, ag, lora_scales if lora_scales is not None else a, m, kk, r, bps, nsplit,
-        float(act_shift), HAS_LRS=lora_scales is not None, BM=32, PBR=br, BR=max(br, LR_K), RT=rt, BK=codes_block,
-        num_warps=4, num_stages=3)
+    kernels()["codes_tiles"][(cdiv(m, 32), nsplit)](
+        x, stats.rcp, stats.pamax, stats.plr, q, a, lr, ag, lora_scales if lora_scales is not None else a, m, kk,
+        stats.rank, stats.groups_per_split, nsplit, stats.act_shift, HAS_LRS=lora_scales is not None, BM=32, PBR=br,
+        BR=max(br, LR_K), RT=rt, BK=codes_block, num_warps=4, num_stages=3)
     return q, a, lr, ag
