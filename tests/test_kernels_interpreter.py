@@ -403,14 +403,15 @@ def test_preconverted_kernel_inputs_compute_the_fast8_layer(kernels) -> None:
     assert ((out - ref).norm() / ref.norm()).item() < 4e-3
 
 
-def test_e4m3_weights_unpack_scale_and_interleave_like_the_reference() -> None:
+@pytest.mark.parametrize("blocking", [None, "candidates"])
+def test_e4m3_weights_unpack_scale_and_interleave_like_the_reference(blocking) -> None:
     """The per-call e4m3 weight pass (``weights_e4m3``): nibble order, sign extension, each group's
     scale column and the interleaved store, checked where the interpreter's e4m3 conversion is exact
     — power-of-two scales, so every ``code × scale`` is an e4m3 value and rounding never decides
     (the interpreter's conversion is not IEEE: ties away from zero, truncated subnormals, and a
     mantissa that rounds up past 1.75 loses its carry, 31.8 → 16). The GPU test checks the bits
     with the layer's own scales and with any others."""
-    from svdq_kernels.weights_e4m3 import e4m3_weights
+    from svdq_kernels.weights_e4m3 import PASS_CANDIDATES, e4m3_weights
 
     g = torch.Generator().manual_seed(3)
     n, k = 70, 512  # a partial row block
@@ -419,16 +420,32 @@ def test_e4m3_weights_unpack_scale_and_interleave_like_the_reference() -> None:
     exact = torch.exp2(torch.randint(-6, 5, (k // 64, n), generator=g).float()).half()
     exact[:, ::3] *= -1
     ref = packing.fp8_weight_values(codes, exact.t())
-    out = e4m3_weights(qweight, exact)
-    assert out.dtype == torch.float8_e4m3fn and out.shape == (n, k)
-    assert torch.equal(out.float(), ref)
+    if blocking is None:  # the default blocking
+        out = e4m3_weights(qweight, exact)
+        assert out.dtype == torch.float8_e4m3fn and out.shape == (n, k)
+        assert torch.equal(out.float(), ref)
+        return
+    # every candidate blocking of the benchmark's sweep writes the same bytes (K = 1024: each fits)
+    k = 1024
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    exact = torch.exp2(torch.randint(-6, 5, (k // 64, n), generator=g).float()).half()
+    ref = packing.fp8_weight_values(packing.nibbles_to_int4(packing.unpack_nibbles(qweight)), exact.t())
+    for b in PASS_CANDIDATES:
+        out = e4m3_weights(qweight, exact, blocking=b)
+        assert torch.equal(out.float(), ref), b
 
 
 def test_e4m3_weights_refuses_mismatched_scales() -> None:
-    from svdq_kernels.weights_e4m3 import e4m3_weights
+    from svdq_kernels.weights_e4m3 import PassBlocking, e4m3_weights
 
     qweight = torch.zeros(128, 128, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"scales \(8, 128\)"):
         e4m3_weights(qweight, torch.ones(8, 128, dtype=torch.float16))
     with pytest.raises(ValueError, match="float16"):
         e4m3_weights(qweight, torch.ones(4, 128, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="multiple of 1024"):  # K = 256
+        e4m3_weights(qweight, torch.ones(4, 128, dtype=torch.float16), blocking=PassBlocking(64, 1024, 8))
+    with pytest.raises(ValueError, match="powers of two"):
+        e4m3_weights(qweight, torch.ones(4, 128, dtype=torch.float16), blocking=PassBlocking(48, 256))
+    with pytest.raises(ValueError, match="multiple of 64 x groups_per_step"):
+        e4m3_weights(qweight, torch.ones(4, 128, dtype=torch.float16), blocking=PassBlocking(64, 256, 8))
