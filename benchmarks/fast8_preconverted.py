@@ -31,12 +31,14 @@ cached candidate once at 4608 × 3072 → 3072, one ``smoke ok NAME`` line per k
 under ``timeout``: a pipeline hang never returns).
 
     python benchmarks/fast8_preconverted.py --smoke
+    python benchmarks/fast8_preconverted.py --pass-sweep --out fast8_pass_blockings.json   # the e4m3 pass's blockings
     python benchmarks/fast8_preconverted.py --candidates --out fast8_ss_candidates.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -200,6 +202,28 @@ def measure_candidates(m: int, k: int, n: int, rank: int, candidates: list) -> d
             "best": best["config"], "best_vs_fp8_gemm": fp8 / best["ms"], "best_vs_pick": pick_ms / best["ms"]}
 
 
+def measure_pass_blockings(k: int, n: int) -> dict:
+    """The e4m3 pass on an ``[n, k]`` weight with :data:`~svdq_kernels.weights_e4m3.DEFAULT_BLOCKING` and
+    each of :data:`~svdq_kernels.weights_e4m3.PASS_CANDIDATES`: µs, GB/s moved (codes and scales read,
+    e4m3 written), and whether it wrote the default's bytes."""
+    from svdq_kernels.weights_e4m3 import DEFAULT_BLOCKING, PASS_CANDIDATES, e4m3_weights
+
+    g = torch.Generator(device="cuda").manual_seed(k + n)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, device="cuda", dtype=torch.uint8)
+    s16 = (torch.rand(k // 64, n, generator=g, device="cuda") * 0.01 + 1e-3).half()
+    want = e4m3_weights(qweight, s16).view(torch.uint8)
+    moved = n * k // 2 + n * k // 32 + n * k
+    entries = []
+    for b in (DEFAULT_BLOCKING, *PASS_CANDIDATES):
+        if k % b.block_k:
+            continue  # (FLUX's K are multiples of 1024: every blocking takes them)
+        ms = bench(lambda: e4m3_weights(qweight, s16, blocking=b))
+        same = bool(torch.equal(e4m3_weights(qweight, s16, blocking=b).view(torch.uint8), want))
+        entries.append({"blocking": dataclasses.asdict(b), "us": ms * 1e3, "gbs": moved / (ms * 1e-3) / 1e9,
+                        "same_bytes": same, "default": b == DEFAULT_BLOCKING})
+    return {"k": k, "n": n, "entries": entries}
+
+
 def _print_candidates(r: dict) -> None:
     print(f"{r['m']}x{r['k']}x{r['n']}: _scaled_mm {r['fp8_gemm_ms'] * 1e3:.1f} us; best {r['best']} "
           f"({r['best_vs_fp8_gemm']:.3f}x _scaled_mm, {r['best_vs_pick']:.3f}x today's pick)", flush=True)
@@ -220,6 +244,8 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", nargs="?", const="all", default=None, metavar="NAME,...",
                     help="time the cached SS_LOWRANK_CANDIDATES (all, or these) beside today's kernels")
     ap.add_argument("--smoke", action="store_true", help="run each cached candidate once and exit")
+    ap.add_argument("--pass-sweep", action="store_true",
+                    help="time the e4m3 pass's blockings (weights_e4m3.PASS_CANDIDATES) on the shapes' weights, exit")
     args = ap.parse_args(argv)
     linear_peers.GRAPHS = True
 
@@ -227,6 +253,20 @@ def main(argv=None) -> int:
 
     if args.smoke:
         return smoke(candidate_configs(args.candidates or "all"))
+    if args.pass_sweep:
+        out = Path(args.out or "fast8_pass_blockings.json")
+        rows = []
+        for k, n in dict.fromkeys((k, n) for _, k, n in SHAPES):
+            rows.append(measure_pass_blockings(k, n))
+            default = rows[-1]["entries"][0]["us"]
+            for e in rows[-1]["entries"]:
+                b = e["blocking"]
+                print(f"{k}x{n}: {b['block_n']:>4}x{b['block_k']:<5} groups/step {b['groups_per_step']:>2} warps "
+                      f"{b['num_warps']}  {e['us']:7.1f} us {e['gbs']:7.0f} GB/s  {default / e['us']:.3f}x  "
+                      f"same bytes {e['same_bytes']}{'  (default)' if e['default'] else ''}", flush=True)
+            out.write_text(json.dumps({"meta": run_meta(rank=args.rank), "rows": rows}, indent=1) + "\n")
+        print(f"wrote {out}")
+        return 0
     if args.candidates is not None:
         candidates = candidate_configs(args.candidates)
         out = Path(args.out or "fast8_ss_candidates.json")

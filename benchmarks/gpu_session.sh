@@ -12,7 +12,7 @@
 #   Fourth session: `p30` (the step with the rank-0 fixes, 123.6 ms), `p31` (SS candidates, post-GELU
 #   accumulation, rank-0 and shift-bias GPU tests), `p32` (the step with the tuned tilings and
 #   PROMOTE_SHIFTED off: 114.0 ms against FP8 97.6; 31 GPU tests). Next: `seg` (the segmented GPU test
-#   with PROMOTE_SHIFTED off, ~3 min) and the prologue's parts: `p33`. A fresh machine needs the
+#   with PROMOTE_SHIFTED off, ~3 min), the e4m3 pass's blockings and the prologue's parts: `p33`. A fresh machine needs the
 #   kernels in .kcache/kcache.tgz: `svdq kernels build --torch-dir` on the CPU (docs/kernels.md), or p29's build.
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
@@ -309,9 +309,12 @@ for step in $STEPS; do
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
         tests/test_fp8_shift_bias_gpu.py -k "candidate or rank0 or gelu_shifted" > "$OUT/pytest_p32.log" 2>&1
       echo "tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_p32.log" | tail -8 | cut -c1-300 ;;
-    p33)  # next (~6 min): the segmented GPU test with PROMOTE_SHIFTED off (seg), then where the fused
-          # prologue's time goes: its two kernels alone against one read of x (fast8_prologue.py's
-          # stats_kernel / codes_kernel / floor_read_x / floor_cast_x), to size a one-read prologue
+    p33)  # next (~7 min): the e4m3 pass's blockings (weights_e4m3.PASS_CANDIDATES: the pass runs at
+          # 55-70 % of HBM3's bandwidth), the segmented GPU test with PROMOTE_SHIFTED off (seg), then
+          # where the fused prologue's time goes: its two kernels alone against one read of x
+          # (fast8_prologue.py's stats_kernel / codes_kernel / floor_read_x / floor_cast_x)
+      timeout 100 python3 benchmarks/fast8_preconverted.py --pass-sweep --out "$OUT/fast8_pass_blockings.json" \
+        > "$OUT/fast8_pass_blockings.log" 2>&1; echo "pass sweep rc=$?"; grep -v Warn "$OUT/fast8_pass_blockings.log" | tail -46
       bash "$0" seg
       timeout 200 python3 benchmarks/fast8_prologue.py --producers x --peers x --out "$OUT/fast8_prologue_parts.json" \
         > "$OUT/fast8_prologue_parts.log" 2>&1; echo "prologue parts rc=$?"; grep -v Warn "$OUT/fast8_prologue_parts.log" | tail -9 | cut -c1-300 ;;
