@@ -309,14 +309,18 @@ for step in $STEPS; do
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
         tests/test_fp8_shift_bias_gpu.py -k "candidate or rank0 or gelu_shifted" > "$OUT/pytest_p32.log" 2>&1
       echo "tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_p32.log" | tail -8 | cut -c1-300 ;;
-    p33)  # next (~7 min): the e4m3 pass's blockings (weights_e4m3.PASS_CANDIDATES: the pass runs at
-          # 55-70 % of HBM3's bandwidth), the segmented GPU test with PROMOTE_SHIFTED off (seg), then
+    p33)  # next (~9 min): the e4m3 pass's blockings (weights_e4m3.PASS_CANDIDATES: the pass runs at
+          # 55-70 % of HBM3's bandwidth), the segmented GPU test with PROMOTE_SHIFTED off, then
           # where the fused prologue's time goes: its two kernels alone against one read of x
-          # (fast8_prologue.py's stats_kernel / codes_kernel / floor_read_x / floor_cast_x)
+          # (fast8_prologue.py's stats_kernel / codes_kernel / floor_read_x / floor_cast_x) and the
+          # experimental one-read prologue (quantize_lowrank_rows: its GPU test first, then rows_bm16/32)
       timeout 100 python3 benchmarks/fast8_preconverted.py --pass-sweep --out "$OUT/fast8_pass_blockings.json" \
         > "$OUT/fast8_pass_blockings.log" 2>&1; echo "pass sweep rc=$?"; grep -v Warn "$OUT/fast8_pass_blockings.log" | tail -46
-      bash "$0" seg
-      timeout 200 python3 benchmarks/fast8_prologue.py --producers x --peers x --out "$OUT/fast8_prologue_parts.json" \
+      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fused_prologue_gpu.py -k rows \
+        > "$OUT/pytest_rows.log" 2>&1; echo "one-read prologue tests rc=$?"; grep -E "passed|failed|assert" "$OUT/pytest_rows.log" | tail -4
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
+      echo "segmented gpu tests rc=$?"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5
+      timeout 190 python3 benchmarks/fast8_prologue.py --producers x --peers x --out "$OUT/fast8_prologue_parts.json" \
         > "$OUT/fast8_prologue_parts.log" 2>&1; echo "prologue parts rc=$?"; grep -v Warn "$OUT/fast8_prologue_parts.log" | tail -9 | cut -c1-300 ;;
     p28)  # p27 with the rank-0 graph quantizer timed on and off in one run (~7 min): what each rank-0 fix gives
       timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \

@@ -36,7 +36,8 @@ from svdq_format.ops import smooth_reciprocal
 from .tensor_cache import TensorCache
 
 __all__ = ["LR_K", "LowrankStats", "lowrank_k_tiles", "lowrank_tiles", "quantize_lowrank", "quantize_lowrank_stats",
-           "quantize_lowrank_codes", "padded_up", "padded_up64", "sentinel_scale_rows"]
+           "quantize_lowrank_codes", "quantize_lowrank_rows", "ROWS_MIN_M", "padded_up", "padded_up64",
+           "sentinel_scale_rows"]
 
 #: Ranks per low-rank k-tile (the mainloop's ``LrK``).
 LR_K = 32
@@ -223,4 +224,109 @@ def quantize_lowrank_codes(
         x, stats.rcp, stats.pamax, stats.plr, q, a, lr, ag, lora_scales if lora_scales is not None else a, m, kk,
         stats.rank, stats.groups_per_split, nsplit, stats.act_shift, HAS_LRS=lora_scales is not None, BM=32, PBR=br,
         BR=max(br, LR_K), RT=rt, BK=codes_block, num_warps=4, num_stages=3)
+    return q, a, lr, ag
+
+
+#: :func:`quantize_lowrank_rows` keeps whole rows in one program, without K splits: below this many
+#: tokens too few programs would run (the split kernels fill the GPU there).
+ROWS_MIN_M = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_rows_kernel(
+        x_ptr, rs_ptr, l2_ptr, q_ptr, a_ptr, lr_ptr, ag_ptr, lrs_ptr, M, K, R, BPS, NSPLIT, shift,
+        HAS_LRS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, RT: tl.constexpr, BK: tl.constexpr,
+    ):
+        # BM whole rows: pass 1 reads them from memory for the absmax and x · L2ᵀ (the stats kernel's
+        # split structure: a fresh fp32 partial per split of BPS 64-groups, the partials summed in
+        # split order); pass 2 reads the same rows again — just read by this program, so from the
+        # caches, not HBM — for the e4m3 codes (codes_tiles' arithmetic); then a, a' and the k-tiles
+        pid_m = tl.program_id(0)
+        rm = pid_m * BM + tl.arange(0, BM)
+        m_ok = rm < M
+        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
+        rr = tl.arange(0, BR)
+        amax = tl.zeros([BM], dtype=tl.float32)
+        lr = tl.zeros([BM, BR], dtype=tl.float32)
+        for split in range(0, NSPLIT):
+            acc = tl.zeros([BM, BR], dtype=tl.float32)
+            kb1 = tl.minimum(split * BPS + BPS, K // 64)
+            for kb in range(split * BPS, kb1):
+                rk = kb * 64 + tl.arange(0, 64)
+                x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
+                xs = (x.to(tl.float32) + shift) * tl.load(rs_ptr + rk)[None, :]
+                amax = tl.maximum(amax, tl.max(tl.where(xs == xs, tl.abs(xs), float("inf")), axis=1))
+                l2 = tl.load(l2_ptr + rr[:, None] * K + rk[None, :], mask=(rr < R)[:, None], other=0.0)
+                acc += tl.dot(x, tl.trans(l2))
+            lr += acc
+        a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
+        ok = (a > 0) & (a < float("inf"))
+        ra = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.where(ok, a, 1.0))
+        for c0 in range(0, K, BK):
+            rk = c0 + tl.arange(0, BK)
+            k_ok = rk < K
+            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :], mask=k_ok[None, :], other=0.0)
+            rs = tl.load(rs_ptr + rk, mask=k_ok, other=0.0)
+            q = ((x.to(tl.float32) + shift) * rs[None, :]) * ra[:, None]
+            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+            q = tl.where(ok[:, None], q, 0.0)
+            tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None] & k_ok[None, :])
+        tl.store(a_ptr + rm, a, mask=m_ok)
+        if HAS_LRS:
+            lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+        ag = tl.where(a > 0, a, 1.0)
+        val = tl.where((rr < R)[None, :], tl.math.div_rn(lr, ag[:, None]), 0.0).to(tl.bfloat16)
+        col = (rr // 32) * 64 + rr % 32
+        mask = m_ok[:, None] & (rr < RT)[None, :]
+        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + col[None, :], val, mask=mask)
+        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + 32 + col[None, :], tl.zeros_like(val), mask=mask)
+        tl.store(ag_ptr + rm, ag, mask=m_ok)
+
+    return quantize_rows_kernel
+
+
+def quantize_lowrank_rows(
+    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, *, act_shift: float = 0.0,
+    lora_scales: Optional[torch.Tensor] = None, block_m: int = 16, num_warps: int = 4, codes_block: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_lowrank`'s outputs from one kernel that reads ``x`` from memory once (issue 23:
+    "fuse the low-rank down projection into the activation-quantization prologue, so x is read
+    once"): each program owns ``block_m`` whole rows, computes their absmax and ``x · L2ᵀ``, then
+    writes the codes from the rows it just read (a 16 × 3072 bf16 block is 96 KB: its second read
+    comes from the SM's caches, not HBM). No K splits, so it is meant for M ≥ :data:`ROWS_MIN_M`.
+
+    Experimental: ``benchmarks/fast8_prologue.py`` times it beside :func:`quantize_lowrank`; no layer
+    runs it yet. ``q``, ``a`` and ``a'`` are :func:`quantize_lowrank`'s bit for bit; the low-rank
+    partials are summed over the same K splits in the same order, with tiles of ``block_m`` rows
+    instead of 64 (the tensor cores' summation inside a tile may round differently).
+
+    Args:
+        x, smooth, lora_down, act_shift, lora_scales: As :func:`quantize_lowrank`.
+        block_m: Rows per program (a power of two ≥ 16).
+        num_warps: Triton warps per program.
+        codes_block: Columns per step of the codes pass (a power of two ≥ 64).
+
+    Returns:
+        ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, 64·t] bf16, a' [M] float32)``.
+    """
+    from .triton_prologue import cdiv, k_splits, rank_tile
+
+    m, kk = x.shape
+    r = lora_down.shape[0]
+    br = rank_tile(r)
+    rt = LR_K * lowrank_k_tiles(r)
+    nsplit, bps = k_splits(kk, m)
+    q = torch.empty(m, kk, device=x.device, dtype=torch.float8_e4m3fn)
+    a = torch.empty(m, device=x.device, dtype=torch.float32)
+    ag = torch.empty(m, device=x.device, dtype=torch.float32)
+    lr = torch.empty(m, 2 * rt, device=x.device, dtype=torch.bfloat16)
+    _rows_kernel()[(cdiv(m, block_m),)](
+        x, smooth_reciprocal(smooth), lora_down, q, a, lr, ag, lora_scales if lora_scales is not None else a, m, kk,
+        r, bps, nsplit, float(act_shift), HAS_LRS=lora_scales is not None, BM=block_m, BR=max(br, LR_K), RT=rt,
+        BK=codes_block, num_warps=num_warps, num_stages=3)
     return q, a, lr, ag
