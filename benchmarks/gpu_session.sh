@@ -12,7 +12,7 @@
 #   Fourth session: `p30` (the step with the rank-0 fixes, 123.6 ms), `p31` (SS candidates, post-GELU
 #   accumulation, rank-0 and shift-bias GPU tests), `p32` (the step with the tuned tilings and
 #   PROMOTE_SHIFTED off: 114.0 ms against FP8 97.6; 31 GPU tests). Next: `seg` (the segmented GPU test
-#   with PROMOTE_SHIFTED off, ~3 min), the e4m3 pass's blockings and the prologue's parts: `p33`. A fresh machine needs the
+#   with PROMOTE_SHIFTED off, ~3 min), the e4m3 pass's blockings and the prologue's parts: `p33`; the full table with bf16 compiled: `p34`. A fresh machine needs the
 #   kernels in .kcache/kcache.tgz: `svdq kernels build --torch-dir` on the CPU (docs/kernels.md), or p29's build.
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
@@ -322,6 +322,11 @@ for step in $STEPS; do
       echo "segmented gpu tests rc=$?"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5
       timeout 190 python3 benchmarks/fast8_prologue.py --producers x --peers x --out "$OUT/fast8_prologue_parts.json" \
         > "$OUT/fast8_prologue_parts.log" 2>&1; echo "prologue parts rc=$?"; grep -v Warn "$OUT/fast8_prologue_parts.log" | tail -9 | cut -c1-300 ;;
+    p34)  # the issue's full step table in one run (~10 min): bf16 eager and compiled (reduce-overhead), FP8,
+          # SVDQuant's default, GPU time by kind for each
+      timeout 590 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-svdq-eager --profile --out "$OUT/flux_step_p34.json" > "$OUT/flux_step_p34.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|by kind|vs FP8|rel err" "$OUT/flux_step_p34.log" | cut -c1-300 ;;
     p28)  # p27 with the rank-0 graph quantizer timed on and off in one run (~7 min): what each rank-0 fix gives
       timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
         --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --rank0-graph both \
