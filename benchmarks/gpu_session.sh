@@ -31,9 +31,10 @@ build_g64() {  # $1: parallel nvcc jobs; $2: which kernels — all: GROUP64_CONF
                # kernels; n1: GROUP64_CONFIGS, the plain twins of the auto tilings and W4A16; lr: the auto
                # tilings and their low-rank-k-tile twins; p23: the large-M low-rank tilings, their
                # producer-conversion twins, its candidates and timing probes; ss: the low-rank tilings and
-               # the pre-converted kernels (SS_LOWRANK_CONFIGS); step: those and the promoted pair (what
-               # the default step runs); ssc: SS_LOWRANK_CANDIDATES; else GROUP64_CONFIGS
-  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R, PRODUCER_CONVERT_CONFIGS as PC, PRODUCER_CONVERT_CANDIDATES as PX, PRODUCER_CONVERT_PROBES as PP, SS_LOWRANK_CONFIGS as S, SS_LOWRANK_CANDIDATES as SC, PROMOTED_GROUP64_CONFIGS as PR; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R, 'p23': R[:2] + PC + PX + PP, 'ss': R + S, 'step': S + R + PR, 'ssc': SC}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
+               # the pre-converted kernels (SS_LOWRANK_CONFIGS); step: what the default step runs (the
+               # tuned pre-converted kernels, the low-rank tilings, the promoted pair); ssc:
+               # SS_LOWRANK_CANDIDATES; else GROUP64_CONFIGS
+  python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R, PRODUCER_CONVERT_CONFIGS as PC, PRODUCER_CONVERT_CANDIDATES as PX, PRODUCER_CONVERT_PROBES as PP, SS_LOWRANK_CONFIGS as S, SS_LOWRANK_CANDIDATES as SC, SS_TUNED_CONFIGS as ST, PROMOTED_GROUP64_CONFIGS as PR; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R, 'p23': R[:2] + PC + PX + PP, 'ss': R + S, 'step': ST + R + PR, 'ssc': SC}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
 }
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do

@@ -30,7 +30,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
         AUTO_GROUP64_LR_CONFIGS,
         AUTO_GROUP64_W4A16_CONFIGS,
         DEFAULT_CONFIGS,
-        SS_LOWRANK_CONFIGS,
         SS_TUNED_CONFIGS,
         config_by_name,
     )
@@ -40,11 +39,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.config:
         configs = [config_by_name(n) for n in args.config]
     else:  # what the model will ask for: the low-rank k-tile kernels (every fast8 layer with a low-rank
-        # branch), the experimental W4A16 kernels only when they are on, the pre-converted fast8 ones
-        # with SVDQ_FAST8_WEIGHTS=e4m3 (the default)
+        # branch), the experimental W4A16 kernels only when they are on, the tuned pre-converted fast8
+        # ones with SVDQ_FAST8_WEIGHTS=e4m3 (the default)
         configs = (list(DEFAULT_CONFIGS) + list(AUTO_GROUP64_LR_CONFIGS)
                    + (list(AUTO_GROUP64_W4A16_CONFIGS) if experimental_kernels() else [])
-                   + (list(SS_TUNED_CONFIGS + SS_LOWRANK_CONFIGS) if WEIGHTS == "e4m3" else []))
+                   + (list(SS_TUNED_CONFIGS) if WEIGHTS == "e4m3" else []))
     if args.list:
         for config in configs:
             print(config.name)

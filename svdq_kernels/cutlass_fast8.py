@@ -313,7 +313,8 @@ def ss_gemm_lowrank(
         config = ss_lowrank_config(q.shape[0], n=w8.shape[0], sms=_sm_count(q.device.index))
         if config is None:
             raise UnsupportedError(f"no pre-converted fast8 kernel for M={q.shape[0]} (M >= {SS_MIN_M} only)")
-    op = load_kernel(config, also_build=SS_LOWRANK_CONFIGS + SS_TUNED_CONFIGS)
+    # a first use builds the kernel's family in parallel: the tuned kernels the layers run, or the twins
+    op = load_kernel(config, also_build=SS_TUNED_CONFIGS if config in SS_TUNED_CONFIGS else SS_LOWRANK_CONFIGS)
     b = bias.to(torch.bfloat16) if bias is not None else q.new_empty(0, dtype=torch.bfloat16)
     return op(w8, rowinv, q, a, b, lr, l1)
 
