@@ -20,7 +20,10 @@ inputs), ``stats_kernel`` and ``codes_kernel`` (``quantize_lowrank``'s two kerne
 floors of a prologue that reads x once: ``floor_read_x`` (a compiled row absmax of x: one read) and
 ``floor_cast_x`` (x cast to e4m3: one read, the codes' bytes written), and ``rows_bm16`` / ``rows_bm32``:
 the experimental one-read prologue (``quantize_lowrank_rows``, 16 / 32 rows per program; its bits
-against ``quantize_lowrank``'s in ``rows_bit_equal``). Before timing, the fused path's
+against ``quantize_lowrank``'s in ``rows_bit_equal``); at M ≥ 2048 also ``e4m3_pass`` and ``ss_gemm`` (what the
+fused layer runs after its prologue: the pass and the tuned pre-converted kernel) and
+``gemm_share_of_fused_layer`` (``ss_gemm`` / the whole compiled layer: one minus it is the share of the
+quantization, the low-rank down projection and the pass; issue 23 asks ≤ 10 %). Before timing, the fused path's
 inputs are checked bit for bit against the default eager path's (``q``, ``a'``, ``lr``).
 
     python benchmarks/fast8_prologue.py --out benchmarks/results/fast8_prologue_h100.json
@@ -52,6 +55,8 @@ PRODUCERS = ("x", "gelu")
 def measure_shape(m: int, k: int, n: int, rank: int, producers: tuple[str, ...], peers: tuple[str, ...]) -> dict:
     from svdq_format import ops
     from svdq_kernels import cutlass_fast8, lowrank_tiles, triton_prologue
+    from svdq_kernels.configs import ss_tuned_config
+    from svdq_kernels.weights_e4m3 import e4m3_weights
 
     torch.manual_seed(0)
     L = random_layer(m, k, n, rank)
@@ -125,10 +130,21 @@ def measure_shape(m: int, k: int, n: int, rank: int, producers: tuple[str, ...],
     scales, rowinv = cutlass_fast8.fast8_lowrank_weights(L.qweight, L.wscales, lowrank_tiles.lowrank_k_tiles(rank))
     l1 = lowrank_tiles.padded_up(L.up, rowinv)
     t["gemm"] = bench(lambda: cutlass_fast8.group64_gemm_lowrank(L.qweight, scales, rowinv, q0, ag0, bias, lr0, l1))
+    # what the fused layer runs after its prologue at M >= 2048: the e4m3 pass, the tuned pre-converted kernel
+    share = {}
+    if m >= cutlass_fast8.SS_MIN_M and cutlass_fast8.WEIGHTS == "e4m3":
+        s16, rowinv8 = cutlass_fast8.fast8_weights(L.qweight, L.wscales)
+        w8 = e4m3_weights(L.qweight, s16)
+        l1w = lowrank_tiles.padded_up64(L.up, rowinv8)
+        tuned = ss_tuned_config(m, n=n, k=k, sms=cutlass_fast8._sm_count(None))
+        t["e4m3_pass"] = bench(lambda: e4m3_weights(L.qweight, s16))
+        t["ss_gemm"] = bench(lambda: cutlass_fast8.ss_gemm_lowrank(w8, rowinv8, q1, ag1, bias, lr1, l1w, config=tuned))
+        # the GEMM's share of the whole compiled layer; 1 - share: quantization, low-rank down, the pass
+        share = {kind: t["ss_gemm"] / t[f"fused_{kind}"] for kind in producers}
     diffs = {kind: ((outs[f"fused_{kind}"].float() - outs[f"default_{kind}"].float()).norm()
                     / outs[f"default_{kind}"].float().norm()).item() for kind in producers}
     return {"m": m, "k": k, "n": n, "rank": rank, "ms": t, "inputs_bit_equal": bits, "rows_bit_equal": rows_bits,
-            "fused_vs_default_rel_diff": diffs,
+            "fused_vs_default_rel_diff": diffs, "gemm_share_of_fused_layer": share,
             "fused_speedup": {kind: t[f"default_{kind}"] / t[f"fused_{kind}"] for kind in producers},
             "vs_fp8": {f"{p}_{kind}": t[f"fp8_{kind}"] / t[f"{p}_{kind}"] for p in ("default", "fused")
                        for kind in producers if kind in peers}}
@@ -161,7 +177,8 @@ def main(argv=None) -> int:
     head = "".join(f" {'dflt ' + p:>9} {'fused ' + p:>9} {'fp8 ' + p:>8} {'speedup':>7}" for p in producers)
     nan = float("nan")
     print(f"{'M x K x N':<18}{head} {'quant':>6} {'lr_tiles':>8} {'q+lr':>6} {'bk256':>6} {'eager0':>6} {'gemm':>6} "
-          f"{'stats':>6} {'codes':>6} {'read':>6} {'cast':>6} {'rows16':>6} {'rows32':>6}  "
+          f"{'stats':>6} {'codes':>6} {'read':>6} {'cast':>6} {'rows16':>6} {'rows32':>6} {'pass':>6} {'ss':>6} "
+          f"{'share':>5}  "
           "(us; speedup = default / fused; read / cast: one-read floors)")
     for r in rows:
         t = r["ms"]
@@ -171,7 +188,8 @@ def main(argv=None) -> int:
               f"{t['quantize_lowrank'] * 1e3:6.1f} {t['quantize_lowrank_bk256'] * 1e3:6.1f} "
               f"{t['prologue_plus_tiles'] * 1e3:6.1f} {t['gemm'] * 1e3:6.1f} {t['stats_kernel'] * 1e3:6.1f} "
               f"{t['codes_kernel'] * 1e3:6.1f} {t['floor_read_x'] * 1e3:6.1f} {t['floor_cast_x'] * 1e3:6.1f} "
-              f"{t['rows_bm16'] * 1e3:6.1f} {t['rows_bm32'] * 1e3:6.1f}")
+              f"{t['rows_bm16'] * 1e3:6.1f} {t['rows_bm32'] * 1e3:6.1f} {t.get('e4m3_pass', nan) * 1e3:6.1f} "
+              f"{t.get('ss_gemm', nan) * 1e3:6.1f} {r['gemm_share_of_fused_layer'].get(producers[0], nan):5.2f}")
     print(f"wrote {args.out}")
     return 0
 
