@@ -36,8 +36,8 @@ from svdq_format.ops import smooth_reciprocal
 from .tensor_cache import TensorCache
 
 __all__ = ["LR_K", "LowrankStats", "lowrank_k_tiles", "lowrank_tiles", "quantize_lowrank", "quantize_lowrank_stats",
-           "quantize_lowrank_codes", "quantize_lowrank_rows", "ROWS_MIN_M", "padded_up", "padded_up64",
-           "sentinel_scale_rows"]
+           "quantize_lowrank_codes", "quantize_lowrank_rows", "ROWS_MIN_M", "k_tiles_store", "padded_up",
+           "padded_up64", "sentinel_scale_rows"]
 
 #: Ranks per low-rank k-tile (the mainloop's ``LrK``).
 LR_K = 32
@@ -45,6 +45,10 @@ LR_K = 32
 SENTINEL_BITS = 0x7E5B
 
 _UPS: TensorCache[torch.Tensor] = TensorCache()
+
+#: The k-tile store helper (:func:`svdq_kernels.lowrank_tiles.k_tiles_store`), bound here when the
+#: kernels are first built: Triton's interpreter resolves a kernel's callees among its module's globals.
+store_k_tiles: Any = None
 _UPS64: TensorCache[torch.Tensor] = TensorCache()
 
 
@@ -87,9 +91,38 @@ def padded_up64(lora_up: torch.Tensor, rowinv: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def k_tiles_store() -> Any:
+    """The Triton helper (``@triton.jit``, called from inside a kernel) that writes the low-rank
+    k-tiles and ``a'`` of a block of rows, in the layout of the module docstring, for the three
+    kernels that make them (:func:`lowrank_tiles`, :func:`quantize_lowrank`'s second kernel,
+    :func:`quantize_lowrank_rows`): ``lr`` ``[BM, BR]`` fp32 (``x · L2ᵀ``) times the per-rank scales
+    (``HAS_LRS``), divided by ``a' = (a > 0 ? a : 1)``; ranks ``32j + c`` to column ``64j + c``,
+    zeros to ``64j + 32 + c``; ``a'`` to ``ag_ptr``. Built on first use (Triton imported then)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store_k_tiles(lr, a, rr, rm_c, m_ok, lr_ptr, ag_ptr, lrs_ptr, R, RT: tl.constexpr, HAS_LRS: tl.constexpr):
+        if HAS_LRS:
+            lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+        ag = tl.where(a > 0, a, 1.0)
+        val = tl.where((rr < R)[None, :], tl.math.div_rn(lr, ag[:, None]), 0.0).to(tl.bfloat16)
+        col = (rr // 32) * 64 + rr % 32
+        mask = m_ok[:, None] & (rr < RT)[None, :]
+        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + col[None, :], val, mask=mask)
+        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + 32 + col[None, :], tl.zeros_like(val), mask=mask)
+        tl.store(ag_ptr + rm_c, ag, mask=m_ok)
+
+    return store_k_tiles
+
+
+@functools.lru_cache(maxsize=None)
 def _kernel() -> Any:
     import triton
     import triton.language as tl
+
+    global store_k_tiles
+    store_k_tiles = k_tiles_store()
 
     @triton.jit
     def lowrank_tiles_kernel(plr_ptr, lr_ptr, a_ptr, ag_ptr, lrs_ptr, M, R, NSPLIT, HAS_LRS: tl.constexpr,
@@ -104,16 +137,8 @@ def _kernel() -> Any:
         lr = tl.zeros([BM, BR], dtype=tl.float32)
         for t in range(0, NSPLIT):
             lr += tl.load(plr_ptr + (t * M + rm_c[:, None]) * PBR + rr[None, :], mask=(rr < PBR)[None, :], other=0.0)
-        if HAS_LRS:
-            lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
         a = tl.load(a_ptr + rm_c, mask=m_ok, other=1.0)
-        ag = tl.where(a > 0, a, 1.0)
-        val = tl.where((rr < R)[None, :], tl.math.div_rn(lr, ag[:, None]), 0.0).to(tl.bfloat16)
-        col = (rr // 32) * 64 + rr % 32
-        mask = m_ok[:, None] & (rr < RT)[None, :]
-        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + col[None, :], val, mask=mask)
-        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + 32 + col[None, :], tl.zeros_like(val), mask=mask)
-        tl.store(ag_ptr + rm_c, ag, mask=m_ok)
+        store_k_tiles(lr, a, rr, rm_c, m_ok, lr_ptr, ag_ptr, lrs_ptr, R, RT, HAS_LRS)
 
     return lowrank_tiles_kernel
 
@@ -237,6 +262,9 @@ def _rows_kernel() -> Any:
     import triton
     import triton.language as tl
 
+    global store_k_tiles
+    store_k_tiles = k_tiles_store()
+
     @triton.jit
     def quantize_rows_kernel(
         x_ptr, rs_ptr, l2_ptr, q_ptr, a_ptr, lr_ptr, ag_ptr, lrs_ptr, M, K, R, BPS, NSPLIT, shift,
@@ -277,15 +305,7 @@ def _rows_kernel() -> Any:
             q = tl.where(ok[:, None], q, 0.0)
             tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None] & k_ok[None, :])
         tl.store(a_ptr + rm, a, mask=m_ok)
-        if HAS_LRS:
-            lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
-        ag = tl.where(a > 0, a, 1.0)
-        val = tl.where((rr < R)[None, :], tl.math.div_rn(lr, ag[:, None]), 0.0).to(tl.bfloat16)
-        col = (rr // 32) * 64 + rr % 32
-        mask = m_ok[:, None] & (rr < RT)[None, :]
-        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + col[None, :], val, mask=mask)
-        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + 32 + col[None, :], tl.zeros_like(val), mask=mask)
-        tl.store(ag_ptr + rm, ag, mask=m_ok)
+        store_k_tiles(lr, a, rr, rm_c, m_ok, lr_ptr, ag_ptr, lrs_ptr, R, RT, HAS_LRS)
 
     return quantize_rows_kernel
 

@@ -39,6 +39,11 @@ SPLIT_K_MAX_M = 64
 #: (``benchmarks/gemm_datapaths.py --no-small-m-splits``).
 SMALL_M_SPLITS = True
 
+#: The k-tile store helper (:func:`svdq_kernels.lowrank_tiles.k_tiles_store`) that ``codes_tiles`` calls,
+#: bound here when the kernels are first built: Triton's interpreter resolves a kernel's callees among
+#: its module's globals.
+store_k_tiles: Any = None
+
 
 def small_m_splits() -> bool:
     """Whether small-M calls (≤ :data:`SPLIT_K_MAX_M` tokens) cut K finer: split-K GEMMs
@@ -76,6 +81,11 @@ def kernels() -> dict[str, Any]:
     """The prologue kernels, built on first use (Triton imported then)."""
     import triton
     import triton.language as tl
+
+    from .lowrank_tiles import k_tiles_store
+
+    global store_k_tiles
+    store_k_tiles = k_tiles_store()
 
     @triton.jit
     def prologue_stats_kernel(
@@ -244,15 +254,7 @@ def kernels() -> dict[str, Any]:
             for t in range(0, NSPLIT):
                 lr += tl.load(plr_ptr + (t * M + rm_c[:, None]) * PBR + rr[None, :], mask=(rr < PBR)[None, :],
                               other=0.0)
-            if HAS_LRS:
-                lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
-            ag = tl.where(a > 0, a, 1.0)
-            val = tl.where((rr < R)[None, :], tl.math.div_rn(lr, ag[:, None]), 0.0).to(tl.bfloat16)
-            col = (rr // 32) * 64 + rr % 32
-            mask = m_ok[:, None] & (rr < RT)[None, :]
-            tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + col[None, :], val, mask=mask)
-            tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + 32 + col[None, :], tl.zeros_like(val), mask=mask)
-            tl.store(ag_ptr + rm, ag, mask=m_ok)
+            store_k_tiles(lr, a, rr, rm_c, m_ok, lr_ptr, ag_ptr, lrs_ptr, R, RT, HAS_LRS)
 
     @triton.jit
     def prologue_exact_kernel(
