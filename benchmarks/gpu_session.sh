@@ -36,6 +36,27 @@ build_g64() {  # $1: parallel nvcc jobs; $2: which kernels — all: GROUP64_CONF
                # SS_LOWRANK_CANDIDATES; else GROUP64_CONFIGS
   python3 -c "import sys; from dataclasses import replace; from svdq_format.cli import main; from svdq_kernels.configs import GROUP64_CONFIGS as G, GROUP64_CANDIDATES as C, AUTO_GROUP64_CONFIGS as A, AUTO_GROUP64_W4A16_CONFIGS as W, AUTO_GROUP64_LR_CONFIGS as R, PRODUCER_CONVERT_CONFIGS as PC, PRODUCER_CONVERT_CANDIDATES as PX, PRODUCER_CONVERT_PROBES as PP, SS_LOWRANK_CONFIGS as S, SS_LOWRANK_CANDIDATES as SC, SS_TUNED_CONFIGS as ST, PROMOTED_GROUP64_CONFIGS as PR; P = tuple(replace(c, lut=False) for c in A); cs = {'all': G + C, 'lut': A + P, 'w4a16': W, 'n1': G + P + W, 'lr': A + R, 'p23': R[:2] + PC + PX + PP, 'ss': R + S, 'step': ST + R + PR, 'ssc': SC}.get(sys.argv[2], G); sys.exit(main(['kernels', 'build', '--jobs', sys.argv[1]] + [a for c in cs for a in ('--config', c.name)]))" "$1" "${2:-}"
 }
+step_vs_fp8() {  # $1: name, $2: time limit (s), then extra flags: one FLUX.1-dev step of SVDQuant's defaults
+                # compiled (reduce-overhead, fused q|k|v) beside the FP8 peer and bf16 eager, GPU time by kind
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+    --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile "$@" \
+    --out "$OUT/flux_step_$name.json" > "$OUT/flux_step_$name.log" 2>&1
+  echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_$name.log" | cut -c1-300
+}
+rank0_tests() {  # $1: time limit (s): the rank-0 GPU tests (low-rank kernels with a zero k-tile, compiled)
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
+    -k "rank0" > "$OUT/pytest_rank0.log" 2>&1
+  echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300
+}
+fp8_accumulation() {  # $1: time limit (s): fp8_accumulation.py (post-GELU shifted / unshifted / signed operands)
+  timeout "$1" python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation_unshifted.json" > "$OUT/fp8_acc.log" 2>&1
+  echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_acc.log" | tail -14 | cut -c1-250
+}
+shift_bias_tests() {  # $1: time limit (s): the GELU-shift-in-the-bias GPU tests, their errors printed
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/test_fp8_shift_bias_gpu.py -s > "$OUT/pytest_shift_bias.log" 2>&1
+  echo "shift-bias tests rc=$?"; grep -E "passed|failed|rel|Error|assert" "$OUT/pytest_shift_bias.log" | tail -14 | cut -c1-250
+}
 python3 -c "import torch,triton;print(torch.__version__,triton.__version__,torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
 for step in $STEPS; do
   case $step in
@@ -236,10 +257,7 @@ for step in $STEPS; do
     p24)  # issue 23, one call (~7 min): the FLUX.1-dev step (fused q|k|v, reduce-overhead) of the FP8 W8A8 peer
           # and SVDQuant's defaults, GPU time by kernel kind with the "other" kernels' full names, then
           # SVDQuant compiled without CUDA graphs by op and input shapes (what launches "other")
-      timeout 470 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
-        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --profile-shapes \
-        --out "$OUT/flux_step_p24.json" > "$OUT/flux_step_p24.log" 2>&1
-      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p24.log" | cut -c1-400
+      step_vs_fp8 p24 470 --profile-shapes
       grep -A40 "by op and input shapes" "$OUT/flux_step_p24.log" | cut -c1-260 | head -45 ;;
     p25)  # issue 23 (~7 min): rank-0 layers on the low-rank kernels (one zero k-tile) and quantized in the
           # compiled graph (x never written): their GPU tests, then the step beside the FP8 peer (as p24, no
@@ -247,66 +265,37 @@ for step in $STEPS; do
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
         -k "rank0 or reduce_overhead" > "$OUT/pytest_rank0.log" 2>&1
       echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300
-      timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
-        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
-        --out "$OUT/flux_step_p25.json" > "$OUT/flux_step_p25.log" 2>&1
-      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p25.log" | cut -c1-300 ;;
+      step_vs_fp8 p25 420 ;;
     p26)  # issue 23, one call (~8 min): the rank-0 GPU tests, the step beside the FP8 peer (rank-0 layers on
           # the low-rank kernels and quantized in the graph; shifted layers quantized unshifted, still
           # promoted), then fp8_accumulation.py's post_gelu_unshifted case (decides PROMOTE_SHIFTED) and
           # the shift-bias GPU tests
-      timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
-        -k "rank0" > "$OUT/pytest_rank0.log" 2>&1
-      echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300
-      timeout 330 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
-        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
-        --out "$OUT/flux_step_p26.json" > "$OUT/flux_step_p26.log" 2>&1
-      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8" "$OUT/flux_step_p26.log" | cut -c1-300
-      timeout 90 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation_unshifted.json" > "$OUT/fp8_acc.log" 2>&1
-      echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_acc.log" | tail -14 | cut -c1-250
-      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_shift_bias_gpu.py -s > "$OUT/pytest_shift_bias.log" 2>&1
-      echo "shift-bias tests rc=$?"; grep -E "passed|failed|rel|Error|assert" "$OUT/pytest_shift_bias.log" | tail -14 | cut -c1-250 ;;
+      rank0_tests 100
+      step_vs_fp8 p26 330
+      fp8_accumulation 90
+      shift_bias_tests 120 ;;
     p27)  # issue 23, the short form of p26 (~5.5 min): the step beside the FP8 peer first, then the rank-0 GPU tests
-      timeout 320 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
-        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
-        --out "$OUT/flux_step_p27.json" > "$OUT/flux_step_p27.log" 2>&1
-      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p27.log" | cut -c1-300
-      timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
-        -k "rank0" > "$OUT/pytest_rank0.log" 2>&1
-      echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300 ;;
+      step_vs_fp8 p27 320
+      rank0_tests 100 ;;
     p29)  # p27 on a machine without a carried cache for all of it (~9.5 min): the step's kernels built here
           # on 16 cores (those in .kcache/kcache.tgz are found), the step beside FP8, then the post-GELU
           # unshifted accumulation (fp8_accumulation.py: whether PROMOTE_SHIFTED can go off)
       build_g64 16 step > "$OUT/build.log" 2>&1; echo "build rc=$? ($(grep -c compiling "$OUT/build.log") compiled)"
-      timeout 330 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
-        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
-        --out "$OUT/flux_step_p29.json" > "$OUT/flux_step_p29.log" 2>&1
-      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p29.log" | cut -c1-300
-      timeout 60 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation_unshifted.json" > "$OUT/fp8_acc.log" 2>&1
-      echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_acc.log" | tail -14 | cut -c1-250 ;;
+      step_vs_fp8 p29 330
+      fp8_accumulation 60 ;;
     p30)  # the step alone, beside FP8 (~9 min: bf16 eager and FP8 ~2.5 min, quantizing 64 s, SVDQuant's eager
           # call, compile and profile the rest; p29's 330 s were too short): all kernels from .kcache/kcache.tgz
-      timeout 565 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
-        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
-        --out "$OUT/flux_step_p30.json" > "$OUT/flux_step_p30.log" 2>&1
-      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p30.log" | cut -c1-300 ;;
+      step_vs_fp8 p30 565 ;;
     p31)  # after p30 (~9.5 min): the SS candidate tilings (ssc), then the post-GELU unshifted accumulation
           # (decides PROMOTE_SHIFTED), the rank-0 GPU tests and the shift-bias GPU tests
       bash "$0" ssc
-      timeout 80 python3 benchmarks/fp8_accumulation.py --out "$OUT/fp8_accumulation_unshifted.json" > "$OUT/fp8_acc.log" 2>&1
-      echo "fp8 accumulation rc=$?"; grep -v Warn "$OUT/fp8_acc.log" | tail -14 | cut -c1-250
-      timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
-        -k "rank0" > "$OUT/pytest_rank0.log" 2>&1
-      echo "rank0 tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_rank0.log" | tail -8 | cut -c1-300
-      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_shift_bias_gpu.py -s > "$OUT/pytest_shift_bias.log" 2>&1
-      echo "shift-bias tests rc=$?"; grep -E "passed|failed|rel|Error|assert" "$OUT/pytest_shift_bias.log" | tail -14 | cut -c1-250 ;;
+      fp8_accumulation 80
+      rank0_tests 100
+      shift_bias_tests 90 ;;
     p32)  # after p31 (~9.5 min): the step with the tuned pre-converted tilings (SS_TUNED_CONFIGS) and
           # PROMOTE_SHIFTED off, beside FP8 (all 24 kernels in .kcache/kcache.tgz), then the GPU tests of
           # what changed: the tuned tilings (the candidates' test), the rank-0 and the shift-bias tests
-      timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
-        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile \
-        --out "$OUT/flux_step_p32.json" > "$OUT/flux_step_p32.log" 2>&1
-      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p32.log" | cut -c1-300
+      step_vs_fp8 p32 420
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
         tests/test_fp8_shift_bias_gpu.py -k "candidate or rank0 or gelu_shifted" > "$OUT/pytest_p32.log" 2>&1
       echo "tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_p32.log" | tail -8 | cut -c1-300 ;;
@@ -329,10 +318,7 @@ for step in $STEPS; do
         --fuse-qkv --fp8-peer --no-svdq-eager --profile --out "$OUT/flux_step_p34.json" > "$OUT/flux_step_p34.log" 2>&1
       echo "step rc=$?"; grep -E "ms/step|by kind|vs FP8|rel err" "$OUT/flux_step_p34.log" | cut -c1-300 ;;
     p28)  # p27 with the rank-0 graph quantizer timed on and off in one run (~7 min): what each rank-0 fix gives
-      timeout 420 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
-        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --profile --rank0-graph both \
-        --out "$OUT/flux_step_p28.json" > "$OUT/flux_step_p28.log" 2>&1
-      echo "step rc=$?"; grep -E "ms/step|by kind|: other |vs FP8|rel err" "$OUT/flux_step_p28.log" | cut -c1-300 ;;
+      step_vs_fp8 p28 420 --rank0-graph both ;;
     q25)  # issue 25 (~5 min, 7 at most): GPTQ's compiled Triton column loop against the torch loop
           # (tests/test_gptq_gpu.py), then the FLUX.1-dev-shaped quantize (random weights built on the
           # GPU from the config: nothing downloads), the recipe before issue 25 (uniform rank 32, no
