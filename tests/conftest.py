@@ -74,3 +74,20 @@ def one_torch_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def kernels_run(monkeypatch):
+    """The kernel configurations ``svdq_kernels.cutlass_fast8`` loads, in order (the real kernels run;
+    GPU tests)."""
+    from svdq_kernels import cutlass_fast8
+
+    seen: list = []
+    real = cutlass_fast8.load_kernel
+
+    def spy(config, *, also_build=()):
+        seen.append(config)
+        return real(config, also_build=also_build)
+
+    monkeypatch.setattr(cutlass_fast8, "load_kernel", spy)
+    return seen

@@ -81,20 +81,6 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm()).item()
 
 
-@pytest.fixture
-def kernels_run(monkeypatch):
-    """The kernel configurations ``cutlass_fast8`` loads, in order (the real kernels run)."""
-    seen: list = []
-    real = cutlass_fast8.load_kernel
-
-    def spy(config, *, also_build=()):
-        seen.append(config)
-        return real(config, also_build=also_build)
-
-    monkeypatch.setattr(cutlass_fast8, "load_kernel", spy)
-    return seen
-
-
 @pytest.mark.parametrize("prologue", ["fused", "inductor"])
 @pytest.mark.parametrize("m", [16, 300, 4608])
 def test_gelu_shifted_layer_runs_the_fast_kernels(monkeypatch, kernels_run, prologue, m):

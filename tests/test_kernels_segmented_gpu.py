@@ -101,19 +101,11 @@ def _selected(layer: sf.SVDQLinear, x: torch.Tensor) -> str:
 
 
 @pytest.mark.parametrize("m", [1, 16, 300, 4608])
-def test_auto_mode_runs_fast8_per_segment(m, monkeypatch):
+def test_auto_mode_runs_fast8_per_segment(m, kernels_run):
     """Both halves on the fast kernels (the MLP half quantized unshifted, its shift in the bias: no
     promoted kernel), within the fast8 bound of the reference."""
     from svdq_kernels import cutlass_fast8
 
-    loaded: list = []
-    real = cutlass_fast8.load_kernel
-
-    def spy(config, *, also_build=()):
-        loaded.append(config)
-        return real(config, also_build=also_build)
-
-    monkeypatch.setattr(cutlass_fast8, "load_kernel", spy)
     layer = flux_proj_out("int4")
     x = flux_proj_out_input(m)
     assert layer.mode == "auto" and layer.act == "fp8w"
@@ -122,7 +114,8 @@ def test_auto_mode_runs_fast8_per_segment(m, monkeypatch):
         warnings.simplefilter("error")  # no fallback warning
         out = layer(x)
     assert out.dtype == torch.bfloat16 and out.shape == (m, 3072)
-    assert len(loaded) == 2 and (cutlass_fast8.PROMOTE_SHIFTED or not any(getattr(c, "promote", 0) for c in loaded))
+    assert len(kernels_run) == 2 and (cutlass_fast8.PROMOTE_SHIFTED
+                                      or not any(getattr(c, "promote", 0) for c in kernels_run))
     err = _rel(out, _reference(layer, x, "fp8w"))
     assert err < 5e-3, err
 
