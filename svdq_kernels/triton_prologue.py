@@ -43,6 +43,8 @@ SMALL_M_SPLITS = True
 #: bound here when the kernels are first built: Triton's interpreter resolves a kernel's callees among
 #: its module's globals.
 store_k_tiles: Any = None
+#: The codes helper (:func:`svdq_kernels.lowrank_tiles.codes_writer`) that ``codes_tiles`` calls, bound likewise.
+write_codes: Any = None
 
 
 def small_m_splits() -> bool:
@@ -82,10 +84,10 @@ def kernels() -> dict[str, Any]:
     import triton
     import triton.language as tl
 
-    from .lowrank_tiles import k_tiles_store
+    from .lowrank_tiles import codes_writer, k_tiles_store
 
-    global store_k_tiles
-    store_k_tiles = k_tiles_store()
+    global store_k_tiles, write_codes
+    store_k_tiles, write_codes = k_tiles_store(), codes_writer()
 
     @triton.jit
     def prologue_stats_kernel(
@@ -233,20 +235,8 @@ def kernels() -> dict[str, Any]:
         amax = tl.zeros([BM], dtype=tl.float32)
         for t in range(0, NSPLIT):
             amax = tl.maximum(amax, tl.load(pamax_ptr + t * M + rm_c))
-        a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
-        ok = (a > 0) & (a < float("inf"))
-        ra = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.where(ok, a, 1.0))
         k0 = split * BPS * 64
-        k1 = tl.minimum(k0 + BPS * 64, K)
-        for c0 in range(k0, k1, BK):
-            rk = c0 + tl.arange(0, BK)
-            k_ok = rk < k1
-            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :], mask=k_ok[None, :], other=0.0)
-            rs = tl.load(rs_ptr + rk, mask=k_ok, other=0.0)
-            q = ((x.to(tl.float32) + shift) * rs[None, :]) * ra[:, None]
-            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-            q = tl.where(ok[:, None], q, 0.0)
-            tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None] & k_ok[None, :])
+        a = write_codes(x_ptr, rs_ptr, q_ptr, rm_c, m_ok, amax, K, k0, tl.minimum(k0 + BPS * 64, K), shift, BM, BK)
         if split == 0:
             tl.store(a_ptr + rm, a, mask=m_ok)
             rr = tl.arange(0, BR)
