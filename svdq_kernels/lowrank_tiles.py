@@ -36,8 +36,8 @@ from svdq_format.ops import smooth_reciprocal
 from .tensor_cache import TensorCache
 
 __all__ = ["LR_K", "LowrankStats", "lowrank_k_tiles", "lowrank_tiles", "quantize_lowrank", "quantize_lowrank_stats",
-           "quantize_lowrank_codes", "quantize_lowrank_rows", "ROWS_MIN_M", "k_tiles_store", "codes_writer",
-           "padded_up", "padded_up64", "sentinel_scale_rows"]
+           "quantize_lowrank_codes", "quantize_lowrank_rows", "ROWS_MIN_M", "padded_up", "padded_up64",
+           "sentinel_scale_rows"]
 
 #: Ranks per low-rank k-tile (the mainloop's ``LrK``).
 LR_K = 32
@@ -46,10 +46,9 @@ SENTINEL_BITS = 0x7E5B
 
 _UPS: TensorCache[torch.Tensor] = TensorCache()
 
-#: The k-tile store helper (:func:`svdq_kernels.lowrank_tiles.k_tiles_store`), bound here when the
-#: kernels are first built: Triton's interpreter resolves a kernel's callees among its module's globals.
+#: The shared Triton helpers (:mod:`svdq_kernels.prologue_helpers`), bound here when the kernels are
+#: first built: Triton's interpreter resolves a kernel's callees among its module's globals.
 store_k_tiles: Any = None
-#: The codes helper (:func:`codes_writer`), bound likewise.
 write_codes: Any = None
 _UPS64: TensorCache[torch.Tensor] = TensorCache()
 
@@ -93,67 +92,14 @@ def padded_up64(lora_up: torch.Tensor, rowinv: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def k_tiles_store() -> Any:
-    """The Triton helper (``@triton.jit``, called from inside a kernel) that writes the low-rank
-    k-tiles and ``a'`` of a block of rows, in the layout of the module docstring, for the three
-    kernels that make them (:func:`lowrank_tiles`, :func:`quantize_lowrank`'s second kernel,
-    :func:`quantize_lowrank_rows`): ``lr`` ``[BM, BR]`` fp32 (``x · L2ᵀ``) times the per-rank scales
-    (``HAS_LRS``), divided by ``a' = (a > 0 ? a : 1)``; ranks ``32j + c`` to column ``64j + c``,
-    zeros to ``64j + 32 + c``; ``a'`` to ``ag_ptr``. Built on first use (Triton imported then)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def store_k_tiles(lr, a, rr, rm_c, m_ok, lr_ptr, ag_ptr, lrs_ptr, R, RT: tl.constexpr, HAS_LRS: tl.constexpr):
-        if HAS_LRS:
-            lr = lr * tl.load(lrs_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
-        ag = tl.where(a > 0, a, 1.0)
-        val = tl.where((rr < R)[None, :], tl.math.div_rn(lr, ag[:, None]), 0.0).to(tl.bfloat16)
-        col = (rr // 32) * 64 + rr % 32
-        mask = m_ok[:, None] & (rr < RT)[None, :]
-        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + col[None, :], val, mask=mask)
-        tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + 32 + col[None, :], tl.zeros_like(val), mask=mask)
-        tl.store(ag_ptr + rm_c, ag, mask=m_ok)
-
-    return store_k_tiles
-
-
-@functools.lru_cache(maxsize=None)
-def codes_writer() -> Any:
-    """The Triton helper (``@triton.jit``) that writes a block of rows' ``fast8`` codes over columns
-    ``[k0, k1)``, ``bk`` at a time, for the prologues that also make the k-tiles (:func:`quantize_lowrank`'s
-    second kernel, :func:`quantize_lowrank_rows`): the token scales ``a = absmax / 448`` from the rows'
-    absmax, then ``e4m3(((x + shift) · (1/s)) · (1/a))`` saturating at ±448, zeros in a row whose
-    ``a`` is 0 or not finite. Returns ``a``. Built on first use (Triton imported then)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def write_codes(x_ptr, rs_ptr, q_ptr, rm_c, m_ok, amax, K, k0, k1, shift, BM: tl.constexpr, BK: tl.constexpr):
-        a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
-        ok = (a > 0) & (a < float("inf"))
-        ra = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.where(ok, a, 1.0))
-        for c0 in range(k0, k1, BK):
-            rk = c0 + tl.arange(0, BK)
-            k_ok = rk < k1
-            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :], mask=k_ok[None, :], other=0.0)
-            rs = tl.load(rs_ptr + rk, mask=k_ok, other=0.0)
-            q = ((x.to(tl.float32) + shift) * rs[None, :]) * ra[:, None]
-            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-            q = tl.where(ok[:, None], q, 0.0)
-            tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None] & k_ok[None, :])
-        return a
-
-    return write_codes
-
-
-@functools.lru_cache(maxsize=None)
 def _kernel() -> Any:
     import triton
     import triton.language as tl
 
+    from . import prologue_helpers
+
     global store_k_tiles
-    store_k_tiles = k_tiles_store()
+    store_k_tiles = prologue_helpers.store_k_tiles
 
     @triton.jit
     def lowrank_tiles_kernel(plr_ptr, lr_ptr, a_ptr, ag_ptr, lrs_ptr, M, R, NSPLIT, HAS_LRS: tl.constexpr,
@@ -293,8 +239,10 @@ def _rows_kernel() -> Any:
     import triton
     import triton.language as tl
 
+    from . import prologue_helpers
+
     global store_k_tiles, write_codes
-    store_k_tiles, write_codes = k_tiles_store(), codes_writer()
+    store_k_tiles, write_codes = prologue_helpers.store_k_tiles, prologue_helpers.write_codes
 
     @triton.jit
     def quantize_rows_kernel(

@@ -39,11 +39,11 @@ SPLIT_K_MAX_M = 64
 #: (``benchmarks/gemm_datapaths.py --no-small-m-splits``).
 SMALL_M_SPLITS = True
 
-#: The k-tile store helper (:func:`svdq_kernels.lowrank_tiles.k_tiles_store`) that ``codes_tiles`` calls,
+#: The k-tile store helper (:func:`svdq_kernels.prologue_helpers.store_k_tiles`) that ``codes_tiles`` calls,
 #: bound here when the kernels are first built: Triton's interpreter resolves a kernel's callees among
 #: its module's globals.
 store_k_tiles: Any = None
-#: The codes helper (:func:`svdq_kernels.lowrank_tiles.codes_writer`) that ``codes_tiles`` calls, bound likewise.
+#: The codes helper (:func:`svdq_kernels.prologue_helpers.write_codes`) that ``codes_tiles`` calls, bound likewise.
 write_codes: Any = None
 
 
@@ -84,10 +84,10 @@ def kernels() -> dict[str, Any]:
     import triton
     import triton.language as tl
 
-    from .lowrank_tiles import codes_writer, k_tiles_store
+    from . import prologue_helpers
 
     global store_k_tiles, write_codes
-    store_k_tiles, write_codes = k_tiles_store(), codes_writer()
+    store_k_tiles, write_codes = prologue_helpers.store_k_tiles, prologue_helpers.write_codes
 
     @triton.jit
     def prologue_stats_kernel(
