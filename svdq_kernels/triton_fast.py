@@ -24,6 +24,7 @@ import torch
 
 from svdq_format import ops
 
+from . import triton_gemv
 from ._device import device_guard
 from .triton_gemm import gemm, gemm_exact, gemm_nvfp4
 from .triton_prologue import prologue, prologue_exact, prologue_nvfp4
@@ -137,13 +138,17 @@ def w4a16_linear(
     act_unsigned: bool = False,
 ) -> torch.Tensor:
     """int4 weight-only layers (``act="none"``): ``x̂`` in fp16 (per-token power-of-two scale) ×
-    int4 weights, on the ``f16s`` GEMM (``f16t`` when the scales cannot be folded exactly).
+    int4 weights, on the ``f16s`` GEMM (``f16t`` when the scales cannot be folded exactly), or at
+    up to :data:`~svdq_kernels.triton_gemv.GEMV_MAX_M` tokens on the GEMV (:func:`~svdq_kernels.triton_gemv.gemv`).
     Differs from the reference only by the rounding of ``x̂`` to fp16 (~1e-4 relative)."""
     x2, smooth, down, up, bias, lora_scales = layer_inputs(x, smooth, lora_down, lora_up, bias, lora_scales)
     with device_guard(x2.device):
         q, a, lr = prologue(x2, smooth, down, act_shift=act_shift, w16=True)
-        y = gemm(q, a, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,
-                 out_dtype=x.dtype, datapath="f16s")
+        if 0 < x2.shape[0] <= triton_gemv.GEMV_MAX_M:  # a few tokens (AdaLN at batch 1): bandwidth-bound
+            y = triton_gemv.gemv(q, a, qweight, wscales, lr, up, bias, lora_scales, out_dtype=x.dtype)
+        else:
+            y = gemm(q, a, qweight.contiguous(), wscales.contiguous(), lr, up, bias, lora_scales,
+                     out_dtype=x.dtype, datapath="f16s")
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["e4m3_weights", "PassBlocking", "DEFAULT_BLOCKING", "PASS_CANDIDATES"]
+__all__ = ["e4m3_weights", "PassBlocking", "TUNED_BLOCKINGS", "PASS_CANDIDATES", "default_blocking"]
 
 @dataclasses.dataclass(frozen=True)
 class PassBlocking:
@@ -41,9 +41,28 @@ class PassBlocking:
             raise ValueError(f"e4m3_weights blocking {self}: block_k is not a multiple of 64 x groups_per_step")
 
 
-#: The default blocking: 64 rows × 256 codes per program, one 64-group per step, 4 warps — what every
-#: H100 number so far used (1.8–2.3 TB/s, docs/benchmarks.md).
-DEFAULT_BLOCKING = PassBlocking()
+#: The blockings :func:`e4m3_weights` takes unless told, widest first: the first whose ``block_k``
+#: divides K. Timed on an H100 (``fast8_preconverted.py --pass-sweep``,
+#: ``benchmarks/results/fast8_pass_blockings_h100.json``) on the five FLUX.1 weight shapes:
+#: 16 rows × 1024 codes, 16 groups a step, is 1.18–1.23× the first blocking (64 × 256, one group a step:
+#: 1.8–2.0 TB/s → 2.2–2.3 TB/s); 32 × 512 (1.18–1.23×) and 64 × 256 with 4 groups (1.16–1.20×) take
+#: the K that 1024 does not divide.
+TUNED_BLOCKINGS: tuple[PassBlocking, ...] = (
+    PassBlocking(16, 1024, 16), PassBlocking(32, 512, 8), PassBlocking(64, 256, 4),
+)
+
+
+def default_blocking(k: int) -> PassBlocking:
+    """The widest of :data:`TUNED_BLOCKINGS` whose ``block_k`` divides ``k``.
+
+    Raises:
+        ValueError: When 256 does not divide ``k`` (no blocking fits).
+    """
+    for b in TUNED_BLOCKINGS:
+        if k % b.block_k == 0:
+            return b
+    raise ValueError(f"e4m3_weights: K = {k} is not a multiple of 256")
+
 
 #: The blockings ``benchmarks/fast8_preconverted.py --pass-sweep`` times beside the default (the pass
 #: runs at 55–70 % of HBM3's bandwidth with it): wider contiguous rows per load and store, more rows.
@@ -94,7 +113,7 @@ def e4m3_weights(qweight: torch.Tensor, scales16: torch.Tensor, *, blocking: Opt
         qweight: Packed int4 codes ``[N, K/2]`` uint8, as stored (docs/format.md §3).
         scales16: The ``fast8`` group scales ``[K/64, N]`` float16
             (:func:`svdq_kernels.cutlass_fast8.fast8_weights`), contiguous.
-        blocking: How the kernel cuts the work (:data:`DEFAULT_BLOCKING` unless given; every
+        blocking: How the kernel cuts the work (:func:`default_blocking` of K unless given; every
             blocking writes the same bytes).
 
     Returns:
@@ -103,12 +122,12 @@ def e4m3_weights(qweight: torch.Tensor, scales16: torch.Tensor, *, blocking: Opt
     Raises:
         ValueError: On a dtype or shape that does not fit the packing.
     """
-    b = blocking or DEFAULT_BLOCKING
-    b.check()
     if qweight.dtype != torch.uint8 or scales16.dtype != torch.float16:
         raise ValueError(f"e4m3_weights wants uint8 codes and float16 scales, got {qweight.dtype} and {scales16.dtype}")
     n, half_k = qweight.shape
     k = 2 * half_k
+    b = blocking or default_blocking(k)
+    b.check()
     if k % b.block_k or tuple(scales16.shape) != (k // 64, n):
         raise ValueError(f"e4m3_weights: codes {tuple(qweight.shape)} and scales {tuple(scales16.shape)} do not "
                          f"make [N, K] weights with K a multiple of {b.block_k} and [K/64, N] scales")

@@ -30,10 +30,11 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from svdq_kernels import lowrank_tiles, triton_gemm, triton_prologue, weights_e4m3
+from svdq_kernels import lowrank_tiles, triton_gemm, triton_gemv, triton_prologue, weights_e4m3
 
 kernels = {**triton_prologue.kernels(), **triton_gemm.kernels(), "lowrank_tiles": lowrank_tiles._kernel(),
-           "quantize_rows": lowrank_tiles._rows_kernel(), "e4m3_weights": weights_e4m3._kernel()}
+           "quantize_rows": lowrank_tiles._rows_kernel(), "e4m3_weights": weights_e4m3._kernel(),
+           "gemv": triton_gemv._kernel()}
 LR = dict(HAS_LR=True, BM=32, BR=32)
 GEMM_T = dict(F16=False, SCALED=False, EXACT=False, NVFP4=False, HAS_A=True, HAS_LR=True,
               HAS_LRS=True, HAS_BIAS=True, SPLIT_K=1, BR=32, BM=128, BN=128, GROUP_N=8)
@@ -76,8 +77,13 @@ CASES = [
      dict(x_ptr="*bf16", l2_ptr="*bf16", q_ptr="*fp8e4nv", lr_ptr="*bf16", lrs_ptr="*bf16")),
     ("quantize_rows", dict(HAS_LRS=False, BM=32, BR=128, RT=128, BK=256),
      dict(x_ptr="*bf16", l2_ptr="*bf16", q_ptr="*fp8e4nv", lr_ptr="*bf16")),
-    ("e4m3_weights", dict(BN=64, BK=256, GS=1), dict(codes_ptr="*u8", scales_ptr="*fp16", out_ptr="*u8")),  # default
+    ("e4m3_weights", dict(BN=64, BK=256, GS=1), dict(codes_ptr="*u8", scales_ptr="*fp16", out_ptr="*u8")),  # first
+    ("e4m3_weights", dict(BN=16, BK=1024, GS=16), dict(codes_ptr="*u8", scales_ptr="*fp16", out_ptr="*u8")),  # default
     ("e4m3_weights", dict(BN=64, BK=1024, GS=8), dict(codes_ptr="*u8", scales_ptr="*fp16", out_ptr="*u8")),
+    ("gemv", dict(MB=1, BN=16, BK=512, BR=32, HAS_LR=True, HAS_LRS=True, HAS_BIAS=True),  # W4A16 at batch 1
+     dict(q_ptr="*fp16", w_ptr="*u8", s_ptr="*bf16", up_ptr="*bf16", lrs_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")),
+    ("gemv", dict(MB=4, BN=16, BK=128, BR=16, HAS_LR=False, HAS_LRS=False, HAS_BIAS=False),
+     dict(q_ptr="*fp16", w_ptr="*u8", s_ptr="*bf16", y_ptr="*bf16")),
 ]
 shard, shards = (int(v) for v in sys.argv[1].split("/"))  # this child's share of the cases
 mine = CASES[shard::shards]
@@ -122,4 +128,4 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path: Path) -> None:
     outs = [log.read_text() for log in logs]
     assert codes == [0, 0], "\n".join(out[-3000:] for out in outs)
     compiled = [int(line.split()[1]) for out in outs for line in out.splitlines() if line.startswith("compiled ")]
-    assert sum(compiled) == 27 and all(f"of {n} of 27" in out for out, n in zip(outs, (14, 13))), outs
+    assert sum(compiled) == 30 and all(f"of {n} of 30" in out for out, n in zip(outs, (15, 15))), outs

@@ -237,6 +237,35 @@ def test_w4a16_matches_the_reference(m, nk) -> None:
     assert out.dtype == x.dtype and _rel(out, ref.to(out.dtype)) <= 1e-3
 
 
+@needs_hopper
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("nk", [(18432, 3072), (9216, 3072), (6144, 3072), (3000, 1088)])
+def test_w4a16_gemv_matches_float64_and_the_gemm(m, nk, monkeypatch) -> None:
+    """The W4A16 GEMV (``triton_gemv``, the layer's kernel at M <= GEMV_MAX_M) on the hardware: within
+    fp32 rounding of a float64 evaluation of its inputs (rank 32 with per-rank strengths, bias; a
+    partial row block and a K that its step does not divide in the last shape), the f16s GEMM's
+    output within 1e-5, and the layer calls it."""
+    from svdq_kernels import triton_gemv
+
+    n, k = nk
+    qweight, wscales, smooth, down, up, b = _weights(n, k, 32, bias=True, seed=m + n)
+    x = _x(m, k, seed=m + 40)
+    lrs = torch.linspace(0.0, 2.0, 32, device="cuda")
+    q, a, lr = triton_prologue.prologue(x, smooth, down, w16=True)
+    y = triton_gemv.gemv(q, a, qweight, wscales, lr, up, b, lrs, out_dtype=torch.float32)
+    nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
+    w = ((nib ^ 8) - 8).double() * wscales.double().repeat_interleave(64, dim=1)
+    ref = (q.double() @ w.t()) * a.double()[:, None] + (lr.double() * lrs.double()) @ up.double().t() + b.double()
+    assert _rel(y, ref) <= 1e-6
+    want = triton_gemm.gemm(q, a, qweight, wscales, lr, up, b, lrs, out_dtype=torch.float32, datapath="f16s")
+    assert _rel(y, want) <= 1e-5
+    calls = []
+    real = triton_gemv.gemv
+    monkeypatch.setattr(triton_gemv, "gemv", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    out = triton_fast.w4a16_linear(x, qweight, wscales, None, smooth, down, up, b, lrs, "int4", "none")
+    assert calls == [1] and out.dtype == x.dtype and _rel(out, y.to(x.dtype)) <= 1e-6
+
+
 def _nvfp4_weights(n: int, k: int, seed: int):
     g = torch.Generator(device="cuda").manual_seed(seed)
     qweight = torch.randint(0, 256, (n, k // 2), generator=g, device="cuda", dtype=torch.uint8)

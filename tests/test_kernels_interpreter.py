@@ -441,7 +441,7 @@ def test_e4m3_weights_unpack_scale_and_interleave_like_the_reference(blocking) -
     exact = torch.exp2(torch.randint(-6, 5, (k // 64, n), generator=g).float()).half()
     exact[:, ::3] *= -1
     ref = packing.fp8_weight_values(codes, exact.t())
-    if blocking is None:  # the default blocking
+    if blocking is None:  # the default blocking for K = 512: 32 rows x 512 codes, 8 groups a step
         out = e4m3_weights(qweight, exact)
         assert out.dtype == torch.float8_e4m3fn and out.shape == (n, k)
         assert torch.equal(out.float(), ref)
@@ -454,6 +454,17 @@ def test_e4m3_weights_unpack_scale_and_interleave_like_the_reference(blocking) -
     for b in PASS_CANDIDATES:
         out = e4m3_weights(qweight, exact, blocking=b)
         assert torch.equal(out.float(), ref), b
+
+
+def test_e4m3_weights_default_blocking_is_the_widest_that_divides_k() -> None:
+    from svdq_kernels.weights_e4m3 import PassBlocking, default_blocking
+
+    assert default_blocking(3072) == PassBlocking(16, 1024, 16)  # FLUX's K
+    assert default_blocking(15360) == PassBlocking(16, 1024, 16)
+    assert default_blocking(2560) == PassBlocking(32, 512, 8)
+    assert default_blocking(768) == PassBlocking(64, 256, 4)
+    with pytest.raises(ValueError, match="K = 192 is not a multiple of 256"):
+        default_blocking(192)
 
 
 def test_e4m3_weights_refuses_mismatched_scales() -> None:
@@ -470,3 +481,68 @@ def test_e4m3_weights_refuses_mismatched_scales() -> None:
         e4m3_weights(qweight, torch.ones(4, 128, dtype=torch.float16), blocking=PassBlocking(48, 256))
     with pytest.raises(ValueError, match="multiple of 64 x groups_per_step"):
         e4m3_weights(qweight, torch.ones(4, 128, dtype=torch.float16), blocking=PassBlocking(64, 256, 8))
+
+
+def _gemv_inputs(m: int, k: int, n: int, r: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(m, k, generator=g) * 1000).half()
+    a = torch.exp2(torch.randint(-20, -10, (m,), generator=g).float())
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    wscales = (torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3).bfloat16()
+    lr = torch.randn(m, r, generator=g) if r else None
+    up = (torch.randn(n, r, generator=g) * 0.05).half() if r else None
+    lrs = torch.linspace(0.0, 2.0, r) if r else None
+    bias = torch.randn(n, generator=g).half()
+    return q, a, qweight, wscales, lr, up, lrs, bias
+
+
+def _gemv_float64(q, a, qweight, wscales, lr, up, lrs, bias):
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
+    w = ((nib ^ 8) - 8).double() * wscales.double().repeat_interleave(64, dim=1)
+    y = (q.double() @ w.t()) * a.double()[:, None] + bias.double()
+    if lr is not None:
+        y = y + (lr.double() * (lrs.double() if lrs is not None else 1.0)) @ up.double().t()
+    return y
+
+
+@pytest.mark.parametrize("m, k, n, r, blocking", [
+    (1, 64 * 6, 70, 0, None), (1, 64 * 16, 64, 20, None), (2, 64 * 5, 33, 8, None), (3, 64 * 9, 40, 0, None),
+    (4, 64 * 12, 48, 40, None), (1, 64 * 20, 72, 16, (8, 1024, 4)), (2, 64 * 8, 64, 0, (32, 256, 4))])
+def test_gemv_equals_the_float64_product(m, k, n, r, blocking) -> None:
+    """The W4A16 GEMV (``triton_gemv.gemv``) against a float64 evaluation of the same codes, scales,
+    tokens, low-rank branch (with per-rank strengths) and bias: nibble order, each row's group scales,
+    partial row blocks and K steps (masked tails), 1–4 tokens; fp32 rounding apart."""
+    from svdq_kernels.triton_gemv import GemvBlocking, gemv
+
+    q, a, qweight, wscales, lr, up, lrs, bias = _gemv_inputs(m, k, n, r, seed=m * 100 + k + r)
+    b = GemvBlocking(*blocking) if blocking else None
+    y = gemv(q, a, qweight, wscales, lr, up, bias, lrs, out_dtype=torch.float32, blocking=b)
+    ref = _gemv_float64(q, a, qweight, wscales, lr, up, lrs, bias)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_gemv_matches_the_transposed_gemm_and_keeps_nan_rows(kernels) -> None:
+    """The GEMV gives the ``f16s`` GEMM's output (what W4A16 layers ran before, at any M) within fp32
+    rounding; a token row with a NaN gives a NaN output row and leaves the other token alone."""
+    from svdq_kernels.triton_gemv import gemv
+
+    q, a, qweight, wscales, lr, up, _, bias = _gemv_inputs(2, 64 * 6, 64, 16, seed=5)
+    q[1, 7] = float("nan")
+    y = gemv(q, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.float32)
+    want = kernels.gemm(q, a, qweight, wscales, lr, up, bias, None, out_dtype=torch.float32, datapath="f16s")
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
+    assert ((y[0] - want[0]).norm() / want[0].norm()).item() < 1e-6
+
+
+def test_gemv_refuses_shapes_that_do_not_fit() -> None:
+    from svdq_kernels.triton_gemv import GemvBlocking, gemv
+
+    q, a, qweight, wscales, *_ = _gemv_inputs(1, 128, 32, 0, seed=1)
+    with pytest.raises(ValueError, match=r"scales \(32, 1\) are not \[N, K/64\] = \[32, 2\]"):
+        gemv(q, a, qweight, wscales[:, :1], None, None, None, None, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="does not pack K = 128"):
+        gemv(q, a, qweight[:, :10], wscales, None, None, None, None, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="powers of two"):
+        gemv(q, a, qweight, wscales, None, None, None, None, out_dtype=torch.float32, blocking=GemvBlocking(12))
