@@ -316,7 +316,7 @@ for step in $STEPS; do
           # tests and its timing against the f16s GEMM at M 1/2 (AdaLN shapes), where the fused prologue's
           # time goes (its two kernels, one-read floors, the one-read prologue rows_bm16/32, the tuned pass
           # and SS GEMM), then the segmented GPU test with PROMOTE_SHIFTED off
-      timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "w4a16" \
+      SVDQ_GEMV_MAX_M=4 timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "w4a16" \
         > "$OUT/pytest_w4a16_gpu.log" 2>&1; echo "w4a16 tests rc=$?"; grep -E "passed|failed|assert" "$OUT/pytest_w4a16_gpu.log" | tail -6 | cut -c1-300
       timeout 100 python3 benchmarks/w4a16_gemv.py --out "$OUT/w4a16_gemv.json" > "$OUT/w4a16_gemv.log" 2>&1
       echo "gemv bench rc=$?"; grep -v Warn "$OUT/w4a16_gemv.log" | tail -48 | cut -c1-200

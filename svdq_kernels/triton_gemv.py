@@ -29,9 +29,9 @@ import torch
 
 __all__ = ["GEMV_MAX_M", "GemvBlocking", "GEMV_CANDIDATES", "default_gemv_blocking", "gemv"]
 
-#: Up to this many tokens a W4A16 layer takes :func:`gemv` (``triton_fast.w4a16_linear``);
-#: ``SVDQ_GEMV_MAX_M=0`` turns it off (the transposed GEMM at every M).
-GEMV_MAX_M = int(os.environ.get("SVDQ_GEMV_MAX_M", "4"))
+#: Up to this many tokens a W4A16 layer takes :func:`gemv` (``triton_fast.w4a16_linear``); 0: the
+#: transposed GEMM at every M (the default until its H100 test and timing; ``SVDQ_GEMV_MAX_M=4`` turns it on).
+GEMV_MAX_M = int(os.environ.get("SVDQ_GEMV_MAX_M", "0"))
 
 
 @dataclasses.dataclass(frozen=True)
