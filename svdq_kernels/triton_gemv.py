@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -31,7 +32,17 @@ __all__ = ["GEMV_MAX_M", "GemvBlocking", "GEMV_CANDIDATES", "default_gemv_blocki
 
 #: Up to this many tokens a W4A16 layer takes :func:`gemv` (``triton_fast.w4a16_linear``); 0: the
 #: transposed GEMM at every M (the default until its H100 test and timing; ``SVDQ_GEMV_MAX_M=4`` turns it on).
-GEMV_MAX_M = int(os.environ.get("SVDQ_GEMV_MAX_M", "0"))
+def _max_m_setting(default: int) -> int:
+    raw = os.environ.get("SVDQ_GEMV_MAX_M", "").strip()
+    if not raw:
+        return default
+    if raw.isdigit():
+        return int(raw)
+    warnings.warn(f"SVDQ_GEMV_MAX_M={raw!r} is not a token count; using {default}", stacklevel=2)
+    return default
+
+
+GEMV_MAX_M = _max_m_setting(0)
 
 
 @dataclasses.dataclass(frozen=True)
