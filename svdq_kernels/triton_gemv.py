@@ -48,11 +48,14 @@ GEMV_MAX_M = _max_m_setting(0)
 @dataclasses.dataclass(frozen=True)
 class GemvBlocking:
     """How :func:`gemv` cuts the work: ``block_n`` weight rows per program, ``block_k`` codes
-    (``block_k / 2`` bytes of each row) per step, ``num_warps``."""
+    (``block_k / 2`` bytes of each row) per step, ``num_warps``, and where the K sum happens."""
 
     block_n: int = 16
     block_k: int = 512
     num_warps: int = 4
+    #: Sum along K once at the end (an fp32 ``[block_n, tokens, block_k]`` accumulator of products)
+    #: rather than at every step (a ``[block_n, tokens]`` one, a cross-thread reduction per step).
+    tile_accumulator: bool = True
 
     def check(self) -> None:
         """Raise ValueError unless the blocking is one the kernel takes."""
@@ -63,8 +66,9 @@ class GemvBlocking:
 
 #: The blockings ``benchmarks/w4a16_gemv.py`` times beside the transposed GEMM.
 GEMV_CANDIDATES: tuple[GemvBlocking, ...] = (
-    GemvBlocking(16, 512, 4), GemvBlocking(32, 512, 4), GemvBlocking(8, 1024, 4), GemvBlocking(16, 1024, 8),
-    GemvBlocking(32, 256, 4), GemvBlocking(64, 256, 8), GemvBlocking(8, 512, 2),
+    GemvBlocking(16, 512, 4), GemvBlocking(16, 512, 8), GemvBlocking(32, 512, 8), GemvBlocking(8, 1024, 8),
+    GemvBlocking(32, 256, 4), GemvBlocking(8, 512, 2), GemvBlocking(16, 512, 4, False), GemvBlocking(32, 512, 4, False),
+    GemvBlocking(8, 1024, 4, False), GemvBlocking(64, 256, 8, False),
 )
 
 
@@ -86,7 +90,7 @@ def _kernel() -> Any:
 
     @triton.jit
     def gemv_kernel(q_ptr, a_ptr, w_ptr, s_ptr, lr_ptr, lrs_ptr, up_ptr, b_ptr, y_ptr, M, N, K, R,
-                    MB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                    MB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, TILE_ACC: tl.constexpr,
                     HAS_LR: tl.constexpr, HAS_LRS: tl.constexpr, HAS_BIAS: tl.constexpr):
         # w: [N, K/2] bytes (byte j: code 2j low nibble, 2j+1 high, two's complement); s: [N, K/64]
         # group scales; q: [M, K] fp16; a: [M] fp32; lr: [M, R] fp32; up: [N, R]; y: [M, N]
@@ -99,6 +103,7 @@ def _kernel() -> Any:
         rg = tl.arange(0, BK // 64)
         rk = tl.arange(0, BK)
         acc = tl.zeros([BN, MB], dtype=tl.float32)
+        acc3 = tl.zeros([BN, MB, BK if TILE_ACC else 1], dtype=tl.float32)
         for k0 in range(0, K, BK):
             byte = tl.load(w_ptr + rn64[:, None] * (K // 2) + (k0 // 2 + rb)[None, :],
                            mask=n_ok[:, None] & (k0 // 2 + rb < K // 2)[None, :], other=0)
@@ -110,7 +115,12 @@ def _kernel() -> Any:
             w = (code.reshape(BN, BK // 64, 64) * sc[:, :, None]).reshape(BN, BK)
             x = tl.load(q_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_ok[:, None] & (k0 + rk < K)[None, :],
                         other=0.0).to(tl.float32)
-            acc += tl.sum(w[:, None, :] * x[None, :, :], axis=2)
+            if TILE_ACC:
+                acc3 += w[:, None, :] * x[None, :, :]
+            else:
+                acc += tl.sum(w[:, None, :] * x[None, :, :], axis=2)
+        if TILE_ACC:
+            acc = tl.sum(acc3, axis=2)
         acc = acc * tl.load(a_ptr + rm, mask=m_ok, other=0.0)[None, :]
         if HAS_LR:
             for r0 in range(0, R, BR):
@@ -173,7 +183,7 @@ def gemv(
         q.contiguous(), a.contiguous(), weight.contiguous(), wscales.contiguous(), lr_t,
         lora_scales if (r and lora_scales is not None) else unused, up_t, bias if bias is not None else unused,
         y, m, n, kk, r,
-        MB=_pow2(m), BN=b.block_n, BK=b.block_k, BR=min(32, _pow2(max(r, 1))) if r else 16,
+        MB=_pow2(m), BN=b.block_n, BK=b.block_k, BR=min(32, _pow2(max(r, 1))) if r else 16, TILE_ACC=b.tile_accumulator,
         HAS_LR=bool(r), HAS_LRS=bool(r) and lora_scales is not None, HAS_BIAS=bias is not None,
         num_warps=b.num_warps,
     )

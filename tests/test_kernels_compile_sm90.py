@@ -80,9 +80,9 @@ CASES = [
     ("e4m3_weights", dict(BN=64, BK=256, GS=1), dict(codes_ptr="*u8", scales_ptr="*fp16", out_ptr="*u8")),  # first
     ("e4m3_weights", dict(BN=16, BK=1024, GS=16), dict(codes_ptr="*u8", scales_ptr="*fp16", out_ptr="*u8")),  # default
     ("e4m3_weights", dict(BN=64, BK=1024, GS=8), dict(codes_ptr="*u8", scales_ptr="*fp16", out_ptr="*u8")),
-    ("gemv", dict(MB=1, BN=16, BK=512, BR=32, HAS_LR=True, HAS_LRS=True, HAS_BIAS=True),  # W4A16 at batch 1
+    ("gemv", dict(MB=1, BN=16, BK=512, BR=32, TILE_ACC=True, HAS_LR=True, HAS_LRS=True, HAS_BIAS=True),  # batch 1
      dict(q_ptr="*fp16", w_ptr="*u8", s_ptr="*bf16", up_ptr="*bf16", lrs_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")),
-    ("gemv", dict(MB=4, BN=16, BK=128, BR=16, HAS_LR=False, HAS_LRS=False, HAS_BIAS=False),
+    ("gemv", dict(MB=4, BN=16, BK=128, BR=16, TILE_ACC=False, HAS_LR=False, HAS_LRS=False, HAS_BIAS=False),
      dict(q_ptr="*fp16", w_ptr="*u8", s_ptr="*bf16", y_ptr="*bf16")),
 ]
 shard, shards = (int(v) for v in sys.argv[1].split("/"))  # this child's share of the cases

@@ -508,11 +508,13 @@ def _gemv_float64(q, a, qweight, wscales, lr, up, lrs, bias):
 
 @pytest.mark.parametrize("m, k, n, r, blocking", [
     (1, 64 * 6, 70, 0, None), (1, 64 * 16, 64, 20, None), (2, 64 * 5, 33, 8, None), (3, 64 * 9, 40, 0, None),
-    (4, 64 * 12, 48, 40, None), (1, 64 * 20, 72, 16, (8, 1024, 4)), (2, 64 * 8, 64, 0, (32, 256, 4))])
+    (4, 64 * 12, 48, 40, None), (1, 64 * 20, 72, 16, (8, 1024, 4)), (2, 64 * 8, 64, 0, (32, 256, 4)),
+    (1, 64 * 20, 72, 16, (16, 512, 4, False)), (3, 64 * 5, 40, 8, (16, 128, 4, False))])
 def test_gemv_equals_the_float64_product(m, k, n, r, blocking) -> None:
     """The W4A16 GEMV (``triton_gemv.gemv``) against a float64 evaluation of the same codes, scales,
     tokens, low-rank branch (with per-rank strengths) and bias: nibble order, each row's group scales,
-    partial row blocks and K steps (masked tails), 1–4 tokens; fp32 rounding apart."""
+    partial row blocks and K steps (masked tails), 1–4 tokens, the K sum per tile or per step; fp32
+    rounding apart."""
     from svdq_kernels.triton_gemv import GemvBlocking, gemv
 
     q, a, qweight, wscales, lr, up, lrs, bias = _gemv_inputs(m, k, n, r, seed=m * 100 + k + r)
