@@ -50,9 +50,9 @@ class GemvBlocking:
     """How :func:`gemv` cuts the work: ``block_n`` weight rows per program, ``block_k`` codes
     (``block_k / 2`` bytes of each row) per step, ``num_warps``, and where the K sum happens."""
 
-    block_n: int = 16
-    block_k: int = 512
-    num_warps: int = 4
+    block_n: int = 8
+    block_k: int = 1024
+    num_warps: int = 8
     #: Sum along K once at the end (an fp32 ``[block_n, tokens, block_k]`` accumulator of products)
     #: rather than at every step (a ``[block_n, tokens]`` one, a cross-thread reduction per step).
     tile_accumulator: bool = True
@@ -64,19 +64,20 @@ class GemvBlocking:
             raise ValueError(f"gemv blocking {self}: powers of two, block_n >= 4, block_k >= 64")
 
 
-#: The blockings ``benchmarks/w4a16_gemv.py`` times beside the transposed GEMM.
+#: The blockings ``benchmarks/w4a16_gemv.py`` times beside the transposed GEMM: 16–64 weight codes a
+#: thread a step (the default's ``8 × 1024`` over 8 warps: 32, 80 registers for sm_90 at one token;
+#: ``16 × 512`` over 4 warps, 64 a thread, needs 219 and leaves two programs an SM).
 GEMV_CANDIDATES: tuple[GemvBlocking, ...] = (
-    GemvBlocking(16, 512, 4), GemvBlocking(16, 512, 8), GemvBlocking(32, 512, 8), GemvBlocking(8, 1024, 8),
-    GemvBlocking(32, 256, 4), GemvBlocking(8, 512, 2), GemvBlocking(16, 512, 4, False), GemvBlocking(32, 512, 4, False),
-    GemvBlocking(8, 1024, 4, False), GemvBlocking(64, 256, 8, False),
+    GemvBlocking(8, 1024, 8), GemvBlocking(16, 512, 8), GemvBlocking(8, 512, 4), GemvBlocking(4, 1024, 4),
+    GemvBlocking(16, 256, 4), GemvBlocking(8, 512, 8), GemvBlocking(32, 512, 8), GemvBlocking(16, 512, 4),
+    GemvBlocking(8, 1024, 8, False), GemvBlocking(16, 512, 8, False), GemvBlocking(8, 512, 4, False),
 )
 
 
 def default_gemv_blocking(m: int) -> GemvBlocking:
-    """The blocking :func:`gemv` takes for ``m`` tokens: the registers of a step hold
-    ``block_n × m_pow2 × block_k`` products, so ``block_k`` shrinks as the tokens grow."""
-    mb = _pow2(m)
-    return GemvBlocking(16, max(128, 512 // mb), 4)
+    """The blocking :func:`gemv` takes for ``m`` tokens: 8 weight rows and ``1024 / m_pow2`` codes a step
+    over 8 warps (the K sum per tile holds ``8 × m_pow2 × block_k`` fp32 products: 32 a thread)."""
+    return GemvBlocking(8, max(128, 1024 // _pow2(m)), 8)
 
 
 def _pow2(m: int) -> int:
