@@ -310,19 +310,19 @@ for step in $STEPS; do
         > "$OUT/pytest_rows.log" 2>&1; echo "one-read prologue tests rc=$?"; grep -E "passed|failed|assert" "$OUT/pytest_rows.log" | tail -4
       timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
       echo "segmented gpu tests rc=$?"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5
-      timeout 190 python3 benchmarks/fast8_prologue.py --producers x --peers x --out "$OUT/fast8_prologue_parts.json" \
+      timeout 130 python3 benchmarks/fast8_prologue.py --producers x --peers x --shapes 3 --out "$OUT/fast8_prologue_parts.json" \
         > "$OUT/fast8_prologue_parts.log" 2>&1; echo "prologue parts rc=$?"; grep -v Warn "$OUT/fast8_prologue_parts.log" | tail -9 | cut -c1-300 ;;
     p35)  # fifth session (~9 min; the e4m3 pass sweep ran alone first, Triton only): the W4A16 GEMV's GPU
           # tests and its timing against the f16s GEMM at M 1/2 (AdaLN shapes), where the fused prologue's
           # time goes (its two kernels, one-read floors, the one-read prologue rows_bm16/32, the tuned pass
           # and SS GEMM), then the segmented GPU test with PROMOTE_SHIFTED off
-      SVDQ_GEMV_MAX_M=4 timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "w4a16" \
+      SVDQ_GEMV_MAX_M=4 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "w4a16" \
         > "$OUT/pytest_w4a16_gpu.log" 2>&1; echo "w4a16 tests rc=$?"; grep -E "passed|failed|assert" "$OUT/pytest_w4a16_gpu.log" | tail -6 | cut -c1-300
-      timeout 100 python3 benchmarks/w4a16_gemv.py --out "$OUT/w4a16_gemv.json" > "$OUT/w4a16_gemv.log" 2>&1
+      timeout 90 python3 benchmarks/w4a16_gemv.py --out "$OUT/w4a16_gemv.json" > "$OUT/w4a16_gemv.log" 2>&1
       echo "gemv bench rc=$?"; grep -v Warn "$OUT/w4a16_gemv.log" | tail -48 | cut -c1-200
-      timeout 190 python3 benchmarks/fast8_prologue.py --producers x --peers x --out "$OUT/fast8_prologue_parts.json" \
+      timeout 130 python3 benchmarks/fast8_prologue.py --producers x --peers x --shapes 3 --out "$OUT/fast8_prologue_parts.json" \
         > "$OUT/fast8_prologue_parts.log" 2>&1; echo "prologue parts rc=$?"; grep -v Warn "$OUT/fast8_prologue_parts.log" | tail -9 | cut -c1-300
-      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
+      timeout 140 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
       echo "segmented gpu tests rc=$?"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5 ;;
     p34)  # the full step table in one run (~10 min): bf16 eager and compiled (reduce-overhead), FP8,
           # SVDQuant's default, GPU time by kind for each
