@@ -30,8 +30,10 @@ import torch
 
 __all__ = ["GEMV_MAX_M", "GemvBlocking", "GEMV_CANDIDATES", "default_gemv_blocking", "gemv"]
 
-#: Up to this many tokens a W4A16 layer takes :func:`gemv` (``triton_fast.w4a16_linear``); 0: the
-#: transposed GEMM at every M (the default until its H100 test and timing; ``SVDQ_GEMV_MAX_M=4`` turns it on).
+#: Up to this many tokens a W4A16 layer takes :func:`gemv` (``triton_fast.w4a16_linear``): one, the case
+#: timed on an H100 (1.28–1.32× the ``f16s`` GEMM on the AdaLN shapes; :func:`default_gemv_blocking`);
+#: ``SVDQ_GEMV_MAX_M`` sets it (0: the transposed GEMM at every M; the kernel takes up to any M, its
+#: GPU test runs 1–4 tokens).
 def _max_m_setting(default: int) -> int:
     raw = os.environ.get("SVDQ_GEMV_MAX_M", "").strip()
     if not raw:
@@ -42,7 +44,7 @@ def _max_m_setting(default: int) -> int:
     return default
 
 
-GEMV_MAX_M = _max_m_setting(0)
+GEMV_MAX_M = _max_m_setting(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +52,9 @@ class GemvBlocking:
     """How :func:`gemv` cuts the work: ``block_n`` weight rows per program, ``block_k`` codes
     (``block_k / 2`` bytes of each row) per step, ``num_warps``, and where the K sum happens."""
 
-    block_n: int = 8
-    block_k: int = 1024
-    num_warps: int = 8
+    block_n: int = 16
+    block_k: int = 256
+    num_warps: int = 4
     #: Sum along K once at the end (an fp32 ``[block_n, tokens, block_k]`` accumulator of products)
     #: rather than at every step (a ``[block_n, tokens]`` one, a cross-thread reduction per step).
     tile_accumulator: bool = True
@@ -65,8 +67,7 @@ class GemvBlocking:
 
 
 #: The blockings ``benchmarks/w4a16_gemv.py`` times beside the transposed GEMM: 16–64 weight codes a
-#: thread a step (the default's ``8 × 1024`` over 8 warps: 32, 80 registers for sm_90 at one token;
-#: ``16 × 512`` over 4 warps, 64 a thread, needs 219 and leaves two programs an SM).
+#: thread a step, the K sum per tile or per step.
 GEMV_CANDIDATES: tuple[GemvBlocking, ...] = (
     GemvBlocking(8, 1024, 8), GemvBlocking(16, 512, 8), GemvBlocking(8, 512, 4), GemvBlocking(4, 1024, 4),
     GemvBlocking(16, 256, 4), GemvBlocking(8, 512, 8), GemvBlocking(32, 512, 8), GemvBlocking(16, 512, 4),
@@ -75,9 +76,12 @@ GEMV_CANDIDATES: tuple[GemvBlocking, ...] = (
 
 
 def default_gemv_blocking(m: int) -> GemvBlocking:
-    """The blocking :func:`gemv` takes for ``m`` tokens: 8 weight rows and ``1024 / m_pow2`` codes a step
-    over 8 warps (the K sum per tile holds ``8 × m_pow2 × block_k`` fp32 products: 32 a thread)."""
-    return GemvBlocking(8, max(128, 1024 // _pow2(m)), 8)
+    """The blocking :func:`gemv` takes for ``m`` tokens: 16 weight rows and ``256 / m_pow2`` codes a step
+    over 4 warps, the K sum per tile (``16 × m_pow2 × block_k`` fp32 products: 32 a thread). At one token
+    on an H100 (``benchmarks/results/w4a16_gemv_h100.json``) 16 × 256 was the fastest of the
+    candidates: 33.8 µs against the ``f16s`` GEMM's 44.7 at 3072 → 18432 (1.32×), 19.1 against 24.5
+    at 3072 → 9216 (1.28×); 8 × 1024 over 8 warps, the first pick, was 0.88–0.90×."""
+    return GemvBlocking(16, max(64, 256 // _pow2(m)), 4)
 
 
 def _pow2(m: int) -> int:
