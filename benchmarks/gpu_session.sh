@@ -324,6 +324,9 @@ for step in $STEPS; do
         > "$OUT/fast8_prologue_parts.log" 2>&1; echo "prologue parts rc=$?"; grep -v Warn "$OUT/fast8_prologue_parts.log" | tail -9 | cut -c1-300
       timeout 140 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
       echo "segmented gpu tests rc=$?"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5 ;;
+    p36)  # fifth session's step (~7.5 min): the default with the pass's tuned blocking and the W4A16 GEMV,
+          # beside FP8 and bf16 eager (the device time left did not hold p34's bf16 compile)
+      step_vs_fp8 p36 450 ;;
     p34)  # the issue's full step table in one run (~10 min): bf16 eager and compiled (reduce-overhead), FP8,
           # SVDQuant's default, GPU time by kind for each
       timeout 590 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
