@@ -327,6 +327,11 @@ for step in $STEPS; do
     p36)  # fifth session's step (~7.5 min): the default with the pass's tuned blocking and the W4A16 GEMV,
           # beside FP8 and bf16 eager (the device time left did not hold p34's bf16 compile)
       step_vs_fp8 p36 450 ;;
+    p37)  # p36 without the profile (~5.5 min, the least device time a same-run step against FP8 takes)
+      timeout 340 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
+        --fuse-qkv --fp8-peer --no-bf16-compile --no-svdq-eager --steps 6 --warmup 2 --out "$OUT/flux_step_p37.json" \
+        > "$OUT/flux_step_p37.log" 2>&1
+      echo "step rc=$?"; grep -E "ms/step|vs FP8|rel err" "$OUT/flux_step_p37.log" | cut -c1-300 ;;
     p34)  # the issue's full step table in one run (~10 min): bf16 eager and compiled (reduce-overhead), FP8,
           # SVDQuant's default, GPU time by kind for each
       timeout 590 python3 benchmarks/flux_step.py --fast --mode auto --compile --compile-mode reduce-overhead \
