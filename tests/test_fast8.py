@@ -561,6 +561,18 @@ def test_fast8_layer_with_lowrank_k_tiles_hands_the_kernel_its_inputs(monkeypatc
     assert torch.equal(calls[1][2].view(torch.uint8), q.view(torch.uint8)) and torch.equal(calls[1][3], a)
 
 
+def _lowrank_layer(m: int, k: int, n: int, r: int, *, seed: int):
+    """``(x, qweight, wscales, smooth, L2, L1)`` of a random bf16 low-rank layer."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    ws = (torch.rand(n, k // 64, generator=g) * 0.004 + 0.001).to(torch.bfloat16)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
+    down = torch.randn(r, k, generator=g).to(torch.bfloat16)
+    up = torch.randn(n, r, generator=g).to(torch.bfloat16)
+    return x, qw, ws, smooth, down, up
+
+
 def test_fused_prologue_hands_the_kernel_the_quantize_lowrank_outputs(monkeypatch):
     """``SVDQ_FAST8_PROLOGUE=fused``: the eager ``fast8`` layer (and so the compiled graph's
     ``svdquant::linear``) takes ``q``, ``a'`` and the k-tiles from one ``quantize_lowrank`` call
@@ -568,14 +580,8 @@ def test_fused_prologue_hands_the_kernel_the_quantize_lowrank_outputs(monkeypatc
     the prologue and ``lowrank_tiles``."""
     from svdq_kernels import cutlass_fast8
 
-    g = torch.Generator().manual_seed(9)
     m, k, n, r = 6, 256, 128, 16
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    ws = (torch.rand(n, k // 64, generator=g) * 0.004 + 0.001).to(torch.bfloat16)
-    smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
-    down = torch.randn(r, k, generator=g).to(torch.bfloat16)
-    up = torch.randn(n, r, generator=g).to(torch.bfloat16)
+    x, qw, ws, smooth, down, up = _lowrank_layer(m, k, n, r, seed=9)
     ls = torch.linspace(0.5, 1.5, r).to(torch.bfloat16)
     outs = (torch.ones(m, k, dtype=torch.float8_e4m3fn), torch.full((m,), 0.25),
             torch.ones(m, 64, dtype=torch.bfloat16), torch.full((m,), 0.5))
@@ -614,14 +620,8 @@ def test_one_read_prologue_takes_layers_from_rows_min_m(monkeypatch, m, want):
     kernels (``quantize_lowrank``); both get the same arguments."""
     from svdq_kernels import cutlass_fast8
 
-    g = torch.Generator().manual_seed(10)
     k, n, r = 256, 128, 16
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    ws = (torch.rand(n, k // 64, generator=g) * 0.004 + 0.001).to(torch.bfloat16)
-    smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
-    down = torch.randn(r, k, generator=g).to(torch.bfloat16)
-    up = torch.randn(n, r, generator=g).to(torch.bfloat16)
+    x, qw, ws, smooth, down, up = _lowrank_layer(m, k, n, r, seed=10)
     outs = (torch.ones(m, k, dtype=torch.float8_e4m3fn), torch.full((m,), 0.25),
             torch.ones(m, 64, dtype=torch.bfloat16), torch.full((m,), 0.5))
     called = []
