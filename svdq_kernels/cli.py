@@ -89,6 +89,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .triton_prologue import SPLIT_K_MAX_M, small_m_splits
 
     info["small_m_splits"] = f"on at M <= {SPLIT_K_MAX_M}" if small_m_splits() else "off"
+    from .triton_gemv import GEMV_MAX_M
+
+    info["w4a16_gemv"] = f"at M <= {GEMV_MAX_M} (SVDQ_GEMV_MAX_M)" if GEMV_MAX_M else "off (SVDQ_GEMV_MAX_M=0)"
     from svdq_format import ops
 
     from . import cutlass_fast8

@@ -173,6 +173,12 @@ def test_cli_build_list_and_info(capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(triton_prologue, "SMALL_M_SPLITS", False)
     assert main(["kernels", "info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["small_m_splits"].startswith("off")
+    from svdq_kernels import triton_gemv
+
+    assert info["w4a16_gemv"] == "at M <= 1 (SVDQ_GEMV_MAX_M)"  # the W4A16 GEMV at one token
+    monkeypatch.setattr(triton_gemv, "GEMV_MAX_M", 0)
+    assert main(["kernels", "info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["w4a16_gemv"].startswith("off")
     assert main(["kernels", "build", "--config", "nope"]) == 1
     assert "unknown kernel configuration" in capsys.readouterr().err
 
@@ -286,3 +292,18 @@ def test_a_kernel_that_fails_to_build_falls_back_and_is_refused_afterwards(hoppe
     monkeypatch.setitem(registry.PATHS, ("int4", "fp8w"), broken_fp8)
     with pytest.warns(RuntimeWarning, match="unavailable"):
         assert torch.equal(registry._linear_fp8(x, q, a, *args[1:]), ops.reference_linear(*args))
+
+
+def test_gemv_max_m_setting_reads_the_environment(monkeypatch) -> None:
+    """``SVDQ_GEMV_MAX_M``: a token count, empty for the default, anything else warns and keeps it."""
+    from svdq_kernels import triton_gemv
+
+    monkeypatch.delenv("SVDQ_GEMV_MAX_M", raising=False)
+    assert triton_gemv._max_m_setting(1) == 1
+    monkeypatch.setenv("SVDQ_GEMV_MAX_M", " 4 ")
+    assert triton_gemv._max_m_setting(1) == 4
+    monkeypatch.setenv("SVDQ_GEMV_MAX_M", "0")
+    assert triton_gemv._max_m_setting(1) == 0
+    monkeypatch.setenv("SVDQ_GEMV_MAX_M", "-2")
+    with pytest.warns(UserWarning, match="SVDQ_GEMV_MAX_M='-2' is not a token count; using 1"):
+        assert triton_gemv._max_m_setting(1) == 1
