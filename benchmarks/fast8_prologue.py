@@ -18,9 +18,9 @@ columns per step of its codes kernel: ``quantize_lowrank_bk128``, ``_bk256``), `
 (the default eager path's prologue + ``lowrank_tiles``), ``gemm`` (the low-rank-k-tile GEMM given its
 inputs), ``stats_kernel`` and ``codes_kernel`` (``quantize_lowrank``'s two kernels alone), and the
 floors of a prologue that reads x once: ``floor_read_x`` (a compiled row absmax of x: one read) and
-``floor_cast_x`` (x cast to e4m3: one read, the codes' bytes written), and ``rows_bm16`` / ``rows_bm32``:
-the experimental one-read prologue (``quantize_lowrank_rows``, 16 / 32 rows per program; its bits
-against ``quantize_lowrank``'s in ``rows_bit_equal``); at M ≥ 2048 also ``e4m3_pass`` and ``ss_gemm`` (what the
+``floor_cast_x`` (x cast to e4m3: one read, the codes' bytes written; a one-read kernel with whole rows
+per program, timed here in the fifth session, was 2.6× slower than ``quantize_lowrank`` and was removed:
+docs/kernels.md, "The fused prologue"); at M ≥ 2048 also ``e4m3_pass`` and ``ss_gemm`` (what the
 fused layer runs after its prologue: the pass and the tuned pre-converted kernel) and
 ``gemm_share_of_fused_layer`` (``ss_gemm`` / the whole compiled layer: one minus it is the share of the
 quantization, the low-rank down projection and the pass; issue 23 asks ≤ 10 %). Before timing, the fused path's
@@ -115,15 +115,6 @@ def measure_shape(m: int, k: int, n: int, rank: int, producers: tuple[str, ...],
     torch._dynamo.reset()
     read_x = torch.compile(lambda x: x.float().abs().amax(dim=1), dynamic=False)
     t["floor_read_x"] = bench(lambda: read_x(L.x))
-    # the experimental one-read prologue (lowrank_tiles.quantize_lowrank_rows), two tilings
-    rows_bits = {}
-    for bm, warps in ((16, 4), (32, 8)):
-        got = lowrank_tiles.quantize_lowrank_rows(L.x, L.smooth, L.down, block_m=bm, num_warps=warps)
-        rows_bits[f"rows_bm{bm}"] = {"codes_scales": bool(torch.equal(got[0].view(torch.uint8), q1.view(torch.uint8))
-                                                          and torch.equal(got[1], a1)),
-                                     "tiles": bool(torch.equal(got[2].view(torch.int16), lr1.view(torch.int16)))}
-        t[f"rows_bm{bm}"] = bench(lambda: lowrank_tiles.quantize_lowrank_rows(L.x, L.smooth, L.down, block_m=bm,
-                                                                               num_warps=warps))
     t["floor_cast_x"] = bench(lambda: L.x.to(torch.float8_e4m3fn))
     t["prologue_plus_tiles"] = bench(lambda: lowrank_tiles.lowrank_tiles(
         L.x, L.down, triton_prologue.prologue(L.x, L.smooth, None)[1]))  # the eager default's two steps
@@ -143,7 +134,7 @@ def measure_shape(m: int, k: int, n: int, rank: int, producers: tuple[str, ...],
         share = {kind: t["ss_gemm"] / t[f"fused_{kind}"] for kind in producers}
     diffs = {kind: ((outs[f"fused_{kind}"].float() - outs[f"default_{kind}"].float()).norm()
                     / outs[f"default_{kind}"].float().norm()).item() for kind in producers}
-    return {"m": m, "k": k, "n": n, "rank": rank, "ms": t, "inputs_bit_equal": bits, "rows_bit_equal": rows_bits,
+    return {"m": m, "k": k, "n": n, "rank": rank, "ms": t, "inputs_bit_equal": bits,
             "fused_vs_default_rel_diff": diffs, "gemm_share_of_fused_layer": share,
             "fused_speedup": {kind: t[f"default_{kind}"] / t[f"fused_{kind}"] for kind in producers},
             "vs_fp8": {f"{p}_{kind}": t[f"fp8_{kind}"] / t[f"{p}_{kind}"] for p in ("default", "fused")
@@ -177,7 +168,7 @@ def main(argv=None) -> int:
     head = "".join(f" {'dflt ' + p:>9} {'fused ' + p:>9} {'fp8 ' + p:>8} {'speedup':>7}" for p in producers)
     nan = float("nan")
     print(f"{'M x K x N':<18}{head} {'quant':>6} {'lr_tiles':>8} {'q+lr':>6} {'bk256':>6} {'eager0':>6} {'gemm':>6} "
-          f"{'stats':>6} {'codes':>6} {'read':>6} {'cast':>6} {'rows16':>6} {'rows32':>6} {'pass':>6} {'ss':>6} "
+          f"{'stats':>6} {'codes':>6} {'read':>6} {'cast':>6} {'pass':>6} {'ss':>6} "
           f"{'share':>5}  "
           "(us; speedup = default / fused; read / cast: one-read floors)")
     for r in rows:
@@ -188,7 +179,7 @@ def main(argv=None) -> int:
               f"{t['quantize_lowrank'] * 1e3:6.1f} {t['quantize_lowrank_bk256'] * 1e3:6.1f} "
               f"{t['prologue_plus_tiles'] * 1e3:6.1f} {t['gemm'] * 1e3:6.1f} {t['stats_kernel'] * 1e3:6.1f} "
               f"{t['codes_kernel'] * 1e3:6.1f} {t['floor_read_x'] * 1e3:6.1f} {t['floor_cast_x'] * 1e3:6.1f} "
-              f"{t['rows_bm16'] * 1e3:6.1f} {t['rows_bm32'] * 1e3:6.1f} {t.get('e4m3_pass', nan) * 1e3:6.1f} "
+              f"{t.get('e4m3_pass', nan) * 1e3:6.1f} "
               f"{t.get('ss_gemm', nan) * 1e3:6.1f} {r['gemm_share_of_fused_layer'].get(producers[0], nan):5.2f}")
     print(f"wrote {args.out}")
     return 0

@@ -129,8 +129,7 @@ def swap_block_linears(model: torch.nn.Module, make) -> list[tuple[torch.nn.Modu
 KINDS = (
     ("Inductor fused kernels (norms, quantizer, elementwise)", ("triton_",)),  # names may mention sdpa
     ("svdq gemm (CUTLASS group-64)", ("Svdq",)),
-    ("svdq prologue / low-rank down (Triton)", ("prologue_", "lowrank_sum", "lowrank_tiles", "codes_tiles",
-                                                 "quantize_rows")),
+    ("svdq prologue / low-rank down (Triton)", ("prologue_", "lowrank_sum", "lowrank_tiles", "codes_tiles")),
     ("svdq e4m3 weight pass (Triton)", ("e4m3_weights",)),
     ("FP8 GEMM (torch._scaled_mm)", ("f8f8bf16", "e4m3", "Float8", "fp8")),
     ("svdq gemm (Triton)", ("gemm_kernel", "gemm_t_kernel", "splitk_reduce", "gemv_kernel")),

@@ -11,9 +11,11 @@
 #   default since. `p24` (third session) named the "other" GPU time (rank-0 layers) and `cg` passed.
 #   Fourth session: `p30` (the step with the rank-0 fixes, 123.6 ms), `p31` (SS candidates, post-GELU
 #   accumulation, rank-0 and shift-bias GPU tests), `p32` (the step with the tuned tilings and
-#   PROMOTE_SHIFTED off: 114.0 ms against FP8 97.6; 31 GPU tests). Next: `seg` (the segmented GPU test
-#   with PROMOTE_SHIFTED off, ~3 min), the e4m3 pass's blockings and the prologue's parts: `p33`; the full table with bf16 compiled: `p34`. A fresh machine needs the
-#   kernels in .kcache/kcache.tgz: `svdq kernels build --torch-dir` on the CPU (docs/kernels.md), or p29's build.
+#   PROMOTE_SHIFTED off: 114.0 ms against FP8 97.6; 31 GPU tests). Fifth session: the e4m3 pass's
+#   blockings (`fast8_preconverted.py --pass-sweep`), `p35` (the W4A16 GEMV, the prologue's parts, the
+#   segmented GPU test). Next: the step with this session's defaults, `p37` (beside FP8, ~5.5 min) or `p34`
+#   (the full table with bf16 compiled, ~10 min). A fresh machine needs the kernels in .kcache/kcache.tgz:
+#   `svdq kernels build --torch-dir` on the CPU (docs/kernels.md, ~30 min for the 17 defaults), or p29's build.
 # `next`: what was written after the last GPU run (small-M split-K and prologue splits): their
 # GPU tests, then timings with and without them. (The f16h/fp8h datapaths it also timed were
 # removed untimed.)
@@ -299,23 +301,10 @@ for step in $STEPS; do
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_ss_gpu.py tests/test_kernels_fast8_gpu.py \
         tests/test_fp8_shift_bias_gpu.py -k "candidate or rank0 or gelu_shifted" > "$OUT/pytest_p32.log" 2>&1
       echo "tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/pytest_p32.log" | tail -8 | cut -c1-300 ;;
-    p33)  # next (~9 min): the e4m3 pass's blockings (weights_e4m3.PASS_CANDIDATES: the pass runs at
-          # 55-70 % of HBM3's bandwidth), the segmented GPU test with PROMOTE_SHIFTED off, then
-          # where the fused prologue's time goes: its two kernels alone against one read of x
-          # (fast8_prologue.py's stats_kernel / codes_kernel / floor_read_x / floor_cast_x) and the
-          # experimental one-read prologue (quantize_lowrank_rows: its GPU test first, then rows_bm16/32)
-      timeout 100 python3 benchmarks/fast8_preconverted.py --pass-sweep --out "$OUT/fast8_pass_blockings.json" \
-        > "$OUT/fast8_pass_blockings.log" 2>&1; echo "pass sweep rc=$?"; grep -v Warn "$OUT/fast8_pass_blockings.log" | tail -46
-      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fused_prologue_gpu.py -k rows \
-        > "$OUT/pytest_rows.log" 2>&1; echo "one-read prologue tests rc=$?"; grep -E "passed|failed|assert" "$OUT/pytest_rows.log" | tail -4
-      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_segmented_gpu.py > "$OUT/pytest_segmented_gpu.log" 2>&1
-      echo "segmented gpu tests rc=$?"; grep -E "passed|failed" "$OUT/pytest_segmented_gpu.log" | tail -5
-      timeout 130 python3 benchmarks/fast8_prologue.py --producers x --peers x --shapes 3 --out "$OUT/fast8_prologue_parts.json" \
-        > "$OUT/fast8_prologue_parts.log" 2>&1; echo "prologue parts rc=$?"; grep -v Warn "$OUT/fast8_prologue_parts.log" | tail -9 | cut -c1-300 ;;
     p35)  # fifth session (~9 min; the e4m3 pass sweep ran alone first, Triton only): the W4A16 GEMV's GPU
-          # tests and its timing against the f16s GEMM at M 1/2 (AdaLN shapes), where the fused prologue's
-          # time goes (its two kernels, one-read floors, the one-read prologue rows_bm16/32, the tuned pass
-          # and SS GEMM), then the segmented GPU test with PROMOTE_SHIFTED off
+          # tests and its timing against the f16s GEMM at one token (AdaLN shapes), where the fused prologue's
+          # time goes (its two kernels, one-read floors, the one-read prologue — 2.6x slower, removed since —,
+          # the tuned pass and SS GEMM), then the segmented GPU test with PROMOTE_SHIFTED off
       SVDQ_GEMV_MAX_M=4 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k "w4a16" \
         > "$OUT/pytest_w4a16_gpu.log" 2>&1; echo "w4a16 tests rc=$?"; grep -E "passed|failed|assert" "$OUT/pytest_w4a16_gpu.log" | tail -6 | cut -c1-300
       timeout 90 python3 benchmarks/w4a16_gemv.py --ms 1 --out "$OUT/w4a16_gemv.json" > "$OUT/w4a16_gemv.log" 2>&1

@@ -84,13 +84,11 @@ from .configs import (
 )
 from .lowrank_tiles import (
     LR_K,
-    ROWS_MIN_M,
     lowrank_k_tiles,
     lowrank_tiles,
     padded_up,
     padded_up64,
     quantize_lowrank,
-    quantize_lowrank_rows,
     sentinel_scale_rows,
 )
 from .tensor_cache import TensorCache
@@ -98,19 +96,13 @@ from .triton_fast import layer_inputs
 from .triton_prologue import lowrank_down, prologue
 from .weights_e4m3 import e4m3_weights
 
-__all__ = ["LOWRANK_IN_GEMM", "ONE_READ_PROLOGUE", "CONVERT", "PROMOTE_SHIFTED", "WEIGHTS", "WEIGHTS_CHOICES",
+__all__ = ["LOWRANK_IN_GEMM", "CONVERT", "PROMOTE_SHIFTED", "WEIGHTS", "WEIGHTS_CHOICES",
            "DEFAULT_WEIGHTS", "SS_MIN_M", "fast8_weights", "fast8_lowrank_weights", "fast8_linear", "fast8_linear_fp8",
            "lowrank_source", "group64_gemm", "group64_gemm_lowrank", "ss_gemm_lowrank", "group64_layer"]
 
 #: Run the low-rank up projection inside the GEMM (``Group64GemmConfig.lowrank`` kernels) rather
 #: than as a cuBLAS GEMM whose bf16 output the GEMM's epilogue reads back.
 LOWRANK_IN_GEMM = True
-
-#: With the fused prologue (``SVDQ_FAST8_PROLOGUE=fused``), layers of M ≥ :data:`~svdq_kernels.lowrank_tiles.
-#: ROWS_MIN_M` tokens take the one-read prologue (:func:`~svdq_kernels.lowrank_tiles.quantize_lowrank_rows`:
-#: each program owns whole rows, x read from memory once) instead of the two split kernels
-#: (:func:`~svdq_kernels.lowrank_tiles.quantize_lowrank`). Same codes and scales bit for bit.
-ONE_READ_PROLOGUE = False
 
 #: Where the low-rank kernels at M ≥ 2048 convert the int4 weights to e4m3: ``"consumer"`` (the
 #: MMA warps, into registers: the default) or ``"producer"`` (the producer warpgroup's idle warps,
@@ -399,9 +391,7 @@ def fast8_linear(
             q, a, _ = prologue(x2, smooth, None)
             return q, a
 
-        one_read = ONE_READ_PROLOGUE and x2.shape[0] >= ROWS_MIN_M
-        fused = (functools.partial(quantize_lowrank_rows if one_read else quantize_lowrank, x2, smooth, down,
-                                   lora_scales=lora_scales)
+        fused = (functools.partial(quantize_lowrank, x2, smooth, down, lora_scales=lora_scales)
                  if ops.FAST8_PROLOGUE == "fused" and down is not None else None)  # (rank 0: nothing to fuse)
         return _fast8_lowrank_layer(x, x2, qweight, wscales, down, up, bias, lora_scales, quantized, fused)
     return group64_layer(x, x2, qweight, *fast8_weights(qweight, wscales), up, bias, lambda: prologue(

@@ -36,7 +36,7 @@ from svdq_format.ops import smooth_reciprocal
 from .tensor_cache import TensorCache
 
 __all__ = ["LR_K", "LowrankStats", "lowrank_k_tiles", "lowrank_tiles", "quantize_lowrank", "quantize_lowrank_stats",
-           "quantize_lowrank_codes", "quantize_lowrank_rows", "ROWS_MIN_M", "padded_up", "padded_up64",
+           "quantize_lowrank_codes", "padded_up", "padded_up64",
            "sentinel_scale_rows"]
 
 #: Ranks per low-rank k-tile (the mainloop's ``LrK``).
@@ -49,7 +49,6 @@ _UPS: TensorCache[torch.Tensor] = TensorCache()
 #: The shared Triton helpers (:mod:`svdq_kernels.prologue_helpers`), bound here when the kernels are
 #: first built: Triton's interpreter resolves a kernel's callees among its module's globals.
 store_k_tiles: Any = None
-write_codes: Any = None
 _UPS64: TensorCache[torch.Tensor] = TensorCache()
 
 
@@ -226,95 +225,4 @@ def quantize_lowrank_codes(
         x, stats.rcp, stats.pamax, stats.plr, q, a, lr, ag, lora_scales if lora_scales is not None else a, m, kk,
         stats.rank, stats.groups_per_split, nsplit, stats.act_shift, HAS_LRS=lora_scales is not None, BM=32, PBR=br,
         BR=max(br, LR_K), RT=rt, BK=codes_block, num_warps=4, num_stages=3)
-    return q, a, lr, ag
-
-
-#: :func:`quantize_lowrank_rows` keeps whole rows in one program, without K splits: below this many
-#: tokens too few programs would run (the split kernels fill the GPU there).
-ROWS_MIN_M = 2048
-
-
-@functools.lru_cache(maxsize=None)
-def _rows_kernel() -> Any:
-    import triton
-    import triton.language as tl
-
-    from . import prologue_helpers
-
-    global store_k_tiles, write_codes
-    store_k_tiles, write_codes = prologue_helpers.store_k_tiles, prologue_helpers.write_codes
-
-    @triton.jit
-    def quantize_rows_kernel(
-        x_ptr, rs_ptr, l2_ptr, q_ptr, a_ptr, lr_ptr, ag_ptr, lrs_ptr, M, K, R, BPS, NSPLIT, shift,
-        HAS_LRS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, RT: tl.constexpr, BK: tl.constexpr,
-    ):
-        # BM whole rows: pass 1 reads them from memory for the absmax and x · L2ᵀ (the stats kernel's
-        # split structure: a fresh fp32 partial per split of BPS 64-groups, the partials summed in
-        # split order); pass 2 reads the same rows again — just read by this program, so from the
-        # caches, not HBM — for the e4m3 codes (codes_tiles' arithmetic); then a, a' and the k-tiles
-        pid_m = tl.program_id(0)
-        rm = pid_m * BM + tl.arange(0, BM)
-        m_ok = rm < M
-        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
-        rr = tl.arange(0, BR)
-        amax = tl.zeros([BM], dtype=tl.float32)
-        lr = tl.zeros([BM, BR], dtype=tl.float32)
-        for split in range(0, NSPLIT):
-            acc = tl.zeros([BM, BR], dtype=tl.float32)
-            kb1 = tl.minimum(split * BPS + BPS, K // 64)
-            for kb in range(split * BPS, kb1):
-                rk = kb * 64 + tl.arange(0, 64)
-                x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :])
-                xs = (x.to(tl.float32) + shift) * tl.load(rs_ptr + rk)[None, :]
-                amax = tl.maximum(amax, tl.max(tl.where(xs == xs, tl.abs(xs), float("inf")), axis=1))
-                l2 = tl.load(l2_ptr + rr[:, None] * K + rk[None, :], mask=(rr < R)[:, None], other=0.0)
-                acc += tl.dot(x, tl.trans(l2))
-            lr += acc
-        a = write_codes(x_ptr, rs_ptr, q_ptr, rm_c, m_ok, amax, K, 0, K, shift, BM, BK)
-        tl.store(a_ptr + rm, a, mask=m_ok)
-        store_k_tiles(lr, a, rr, rm_c, m_ok, lr_ptr, ag_ptr, lrs_ptr, R, RT, HAS_LRS)
-
-    return quantize_rows_kernel
-
-
-def quantize_lowrank_rows(
-    x: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, *, act_shift: float = 0.0,
-    lora_scales: Optional[torch.Tensor] = None, block_m: int = 16, num_warps: int = 4, codes_block: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`quantize_lowrank`'s outputs from one kernel that reads ``x`` from memory once (issue 23:
-    "fuse the low-rank down projection into the activation-quantization prologue, so x is read
-    once"): each program owns ``block_m`` whole rows, computes their absmax and ``x · L2ᵀ``, then
-    writes the codes from the rows it just read (a 16 × 3072 bf16 block is 96 KB: its second read
-    comes from the SM's caches, not HBM). No K splits, so it is meant for M ≥ :data:`ROWS_MIN_M`.
-
-    Experimental: ``benchmarks/fast8_prologue.py`` times it beside :func:`quantize_lowrank`; no layer
-    runs it yet. ``q``, ``a`` and ``a'`` are :func:`quantize_lowrank`'s bit for bit; the low-rank
-    partials are summed over the same K splits in the same order, with tiles of ``block_m`` rows
-    instead of 64 (the tensor cores' summation inside a tile may round differently).
-
-    Args:
-        x, smooth, lora_down, act_shift, lora_scales: As :func:`quantize_lowrank`.
-        block_m: Rows per program (a power of two ≥ 16).
-        num_warps: Triton warps per program.
-        codes_block: Columns per step of the codes pass (a power of two ≥ 64).
-
-    Returns:
-        ``(q [M, K] float8_e4m3fn, a [M] float32, lr [M, 64·t] bf16, a' [M] float32)``.
-    """
-    from .triton_prologue import cdiv, k_splits, rank_tile
-
-    m, kk = x.shape
-    r = lora_down.shape[0]
-    br = rank_tile(r)
-    rt = LR_K * lowrank_k_tiles(r)
-    nsplit, bps = k_splits(kk, m)
-    q = torch.empty(m, kk, device=x.device, dtype=torch.float8_e4m3fn)
-    a = torch.empty(m, device=x.device, dtype=torch.float32)
-    ag = torch.empty(m, device=x.device, dtype=torch.float32)
-    lr = torch.empty(m, 2 * rt, device=x.device, dtype=torch.bfloat16)
-    _rows_kernel()[(cdiv(m, block_m),)](
-        x, smooth_reciprocal(smooth), lora_down, q, a, lr, ag, lora_scales if lora_scales is not None else a, m, kk,
-        r, bps, nsplit, float(act_shift), HAS_LRS=lora_scales is not None, BM=block_m, BR=max(br, LR_K), RT=rt,
-        BK=codes_block, num_warps=num_warps, num_stages=3)
     return q, a, lr, ag

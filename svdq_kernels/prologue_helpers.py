@@ -19,9 +19,9 @@ __all__ = ["store_k_tiles", "write_codes"]
 @triton.jit
 def store_k_tiles(lr, a, rr, rm_c, m_ok, lr_ptr, ag_ptr, lrs_ptr, R, RT: tl.constexpr, HAS_LRS: tl.constexpr):
     """Write the low-rank k-tiles and ``a'`` of a block of rows, in the layout of
-    :mod:`svdq_kernels.lowrank_tiles`, for the three kernels that make them
+    :mod:`svdq_kernels.lowrank_tiles`, for the two kernels that make them
     (:func:`~svdq_kernels.lowrank_tiles.lowrank_tiles`, :func:`~svdq_kernels.lowrank_tiles.quantize_lowrank`'s
-    second kernel, :func:`~svdq_kernels.lowrank_tiles.quantize_lowrank_rows`): ``lr`` ``[BM, BR]`` fp32
+    second kernel): ``lr`` ``[BM, BR]`` fp32
     (``x · L2ᵀ``) times the per-rank scales (``HAS_LRS``), divided by ``a' = (a > 0 ? a : 1)``; ranks
     ``32j + c`` to column ``64j + c``, zeros to ``64j + 32 + c``; ``a'`` to ``ag_ptr``."""
     if HAS_LRS:
@@ -38,8 +38,8 @@ def store_k_tiles(lr, a, rr, rm_c, m_ok, lr_ptr, ag_ptr, lrs_ptr, R, RT: tl.cons
 @triton.jit
 def write_codes(x_ptr, rs_ptr, q_ptr, rm_c, m_ok, amax, K, k0, k1, shift, BM: tl.constexpr, BK: tl.constexpr):
     """Write a block of rows' ``fast8`` codes over columns ``[k0, k1)``, ``BK`` at a time, for the
-    prologues that also make the k-tiles (:func:`~svdq_kernels.lowrank_tiles.quantize_lowrank`'s
-    second kernel, :func:`~svdq_kernels.lowrank_tiles.quantize_lowrank_rows`): the token scales
+    prologue that also makes the k-tiles (:func:`~svdq_kernels.lowrank_tiles.quantize_lowrank`'s
+    second kernel; the one-read prologue measured slower on an H100 shared it too): the token scales
     ``a = absmax / 448`` from the rows' absmax, then ``e4m3(((x + shift) · (1/s)) · (1/a))``
     saturating at ±448, zeros in a row whose ``a`` is 0 or not finite. Returns ``a``."""
     a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))

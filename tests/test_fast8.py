@@ -611,34 +611,3 @@ def test_fused_prologue_hands_the_kernel_the_quantize_lowrank_outputs(monkeypatc
     assert q is outs[0] and a is outs[3] and lr is outs[2]  # a' (not a) is the GEMM's token scale
     want = ops.fp8_bias(qw, ws, None, smooth, None, "int4", "fp8w", 0.5, dtype=torch.bfloat16)
     assert want is not None and b is not None and torch.equal(b, want)  # the shift, as a bias
-
-
-@pytest.mark.parametrize("m, want", [(6, "quantize_lowrank_rows"), (3, "quantize_lowrank")])
-def test_one_read_prologue_takes_layers_from_rows_min_m(monkeypatch, m, want):
-    """``cutlass_fast8.ONE_READ_PROLOGUE``: with the fused prologue, a layer of at least ``ROWS_MIN_M``
-    tokens quantizes with ``quantize_lowrank_rows`` (x read once), a shorter one with the split
-    kernels (``quantize_lowrank``); both get the same arguments."""
-    from svdq_kernels import cutlass_fast8
-
-    k, n, r = 256, 128, 16
-    x, qw, ws, smooth, down, up = _lowrank_layer(m, k, n, r, seed=10)
-    outs = (torch.ones(m, k, dtype=torch.float8_e4m3fn), torch.full((m,), 0.25),
-            torch.ones(m, 64, dtype=torch.bfloat16), torch.full((m,), 0.5))
-    called = []
-
-    def fake(name):
-        def quantize(x2, smooth_, down_, *, act_shift=0.0, lora_scales=None):
-            assert torch.equal(x2, x) and smooth_ is smooth and torch.equal(down_, down)
-            called.append(name)
-            return outs
-        return quantize
-
-    monkeypatch.setattr(ops, "FAST8_PROLOGUE", "fused")
-    monkeypatch.setattr(cutlass_fast8, "ONE_READ_PROLOGUE", True)
-    monkeypatch.setattr(cutlass_fast8, "ROWS_MIN_M", 5)
-    for name in ("quantize_lowrank", "quantize_lowrank_rows"):
-        monkeypatch.setattr(cutlass_fast8, name, fake(name))
-    monkeypatch.setattr(cutlass_fast8, "group64_gemm_lowrank", lambda qweight, *a, **kw: torch.zeros(
-        m, qweight.shape[0], dtype=torch.bfloat16))
-    y = cutlass_fast8.fast8_linear(x, qw, ws, None, smooth, down, up, None, None, "int4", "fp8w")
-    assert y.shape == (m, n) and called == [want]

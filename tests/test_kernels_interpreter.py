@@ -344,27 +344,6 @@ def test_quantize_lowrank_equals_the_prologue_and_the_lowrank_tiles(kernels, m, 
     assert (a[z] == 0) == (shift == 0) and ag[z] == (1.0 if shift == 0 else a[z])
 
 
-@pytest.mark.parametrize("m, blocks, r, shift", [(37, 9, 16, 0.0), (70, 40, 48, 0.25), (20, 20, 32, 0.0)])
-def test_quantize_lowrank_rows_gives_the_split_prologues_outputs(kernels, m, blocks, r, shift) -> None:
-    """The one-read prologue (``quantize_lowrank_rows``: whole rows per program, the codes from the
-    rows just read): ``quantize_lowrank``'s codes, token scales and ``a'`` bit for bit, its low-rank
-    k-tiles to the bf16 rounding (the same K splits summed in the same order; tiles of 16 rows
-    instead of 64) — with NaN and zero rows, a shift, per-rank scales, partial row blocks."""
-    from svdq_kernels import lowrank_tiles
-
-    k = 64 * blocks
-    x, _, _, smooth, _, down, _ = _layer(m, k, 64, r, seed=200 + r)
-    for ls in (None, torch.linspace(0.25, 2.0, r)):
-        q, a, lr, ag = lowrank_tiles.quantize_lowrank_rows(x, smooth, down, act_shift=shift, lora_scales=ls)
-        q0, a0, lr0, ag0 = lowrank_tiles.quantize_lowrank(x, smooth, down, act_shift=shift, lora_scales=ls)
-        assert q.dtype == torch.float8_e4m3fn and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
-        assert torch.equal(a.view(torch.int32), a0.view(torch.int32)) and torch.equal(ag, ag0)
-        assert lr.shape == lr0.shape and lr.dtype == torch.bfloat16
-        assert torch.equal(lr.isnan(), lr0.isnan())
-        fin = ~lr0.isnan()
-        assert ((lr[fin].float() - lr0[fin].float()).abs() <= lr0[fin].float().abs() * 2.0**-8 + 1e-30).all()
-
-
 def test_lowrank_k_tiles_compute_the_fast8_layer(kernels) -> None:
     """The ``lowrank`` GEMM's inputs, evaluated in float64 as the kernel computes them —
     ``(Σ q · w8 + lr · l1ᵀ) · rowinv · a' + bias`` — are the ``fast8`` reference layer: the
