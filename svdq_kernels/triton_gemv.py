@@ -30,11 +30,9 @@ import torch
 
 __all__ = ["GEMV_MAX_M", "GemvBlocking", "GEMV_CANDIDATES", "default_gemv_blocking", "gemv"]
 
-#: Up to this many tokens a W4A16 layer takes :func:`gemv` (``triton_fast.w4a16_linear``): one, the case
-#: timed on an H100 (1.28–1.32× the ``f16s`` GEMM on the AdaLN shapes; :func:`default_gemv_blocking`);
-#: ``SVDQ_GEMV_MAX_M`` sets it (0: the transposed GEMM at every M; the kernel takes up to any M, its
-#: GPU test runs 1–4 tokens).
 def _max_m_setting(default: int) -> int:
+    """``SVDQ_GEMV_MAX_M`` as a token count; ``default`` when unset or empty, and (with a warning) when
+    it is not a count: a typo must not stop a model from running."""
     raw = os.environ.get("SVDQ_GEMV_MAX_M", "").strip()
     if not raw:
         return default
@@ -44,6 +42,10 @@ def _max_m_setting(default: int) -> int:
     return default
 
 
+#: Up to this many tokens a W4A16 layer takes :func:`gemv` (``triton_fast.w4a16_linear``): one, the case
+#: timed on an H100 (1.28–1.32× the ``f16s`` GEMM on the AdaLN shapes; :func:`default_gemv_blocking`);
+#: ``SVDQ_GEMV_MAX_M`` sets it (0: the transposed GEMM at every M; the kernel takes any M, its GPU test
+#: runs 1–4 tokens).
 GEMV_MAX_M = _max_m_setting(1)
 
 
