@@ -1,6 +1,6 @@
 """The Triton helpers (``@triton.jit`` functions called from inside kernels) that the ``fast8``
-prologues' kernels share: the low-rank k-tile store and the e4m3 codes writer
-(:mod:`svdq_kernels.lowrank_tiles`, :mod:`svdq_kernels.triton_prologue`).
+prologues' kernels share: the low-rank k-tile store (:mod:`svdq_kernels.lowrank_tiles`,
+:mod:`svdq_kernels.triton_prologue`).
 
 This module imports Triton: the kernel builders import it when they first build their kernels
 (so importing the package stays free of Triton, and Triton's interpreter mode can still be chosen
@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["store_k_tiles", "write_codes"]
+__all__ = ["store_k_tiles"]
 
 
 @triton.jit
@@ -33,25 +33,3 @@ def store_k_tiles(lr, a, rr, rm_c, m_ok, lr_ptr, ag_ptr, lrs_ptr, R, RT: tl.cons
     tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + col[None, :], val, mask=mask)
     tl.store(lr_ptr + rm_c[:, None] * (2 * RT) + 32 + col[None, :], tl.zeros_like(val), mask=mask)
     tl.store(ag_ptr + rm_c, ag, mask=m_ok)
-
-
-@triton.jit
-def write_codes(x_ptr, rs_ptr, q_ptr, rm_c, m_ok, amax, K, k0, k1, shift, BM: tl.constexpr, BK: tl.constexpr):
-    """Write a block of rows' ``fast8`` codes over columns ``[k0, k1)``, ``BK`` at a time, for the
-    prologue that also makes the k-tiles (:func:`~svdq_kernels.lowrank_tiles.quantize_lowrank`'s
-    second kernel; the one-read prologue measured slower on an H100 shared it too): the token scales
-    ``a = absmax / 448`` from the rows' absmax, then ``e4m3(((x + shift) · (1/s)) · (1/a))``
-    saturating at ±448, zeros in a row whose ``a`` is 0 or not finite. Returns ``a``."""
-    a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
-    ok = (a > 0) & (a < float("inf"))
-    ra = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.where(ok, a, 1.0))
-    for c0 in range(k0, k1, BK):
-        rk = c0 + tl.arange(0, BK)
-        k_ok = rk < k1
-        x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :], mask=k_ok[None, :], other=0.0)
-        rs = tl.load(rs_ptr + rk, mask=k_ok, other=0.0)
-        q = ((x.to(tl.float32) + shift) * rs[None, :]) * ra[:, None]
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        q = tl.where(ok[:, None], q, 0.0)
-        tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None] & k_ok[None, :])
-    return a

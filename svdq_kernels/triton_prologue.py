@@ -43,8 +43,6 @@ SMALL_M_SPLITS = True
 #: bound here when the kernels are first built: Triton's interpreter resolves a kernel's callees among
 #: its module's globals.
 store_k_tiles: Any = None
-#: The codes helper (:func:`svdq_kernels.prologue_helpers.write_codes`) that ``codes_tiles`` calls, bound likewise.
-write_codes: Any = None
 
 
 def small_m_splits() -> bool:
@@ -86,8 +84,8 @@ def kernels() -> dict[str, Any]:
 
     from . import prologue_helpers
 
-    global store_k_tiles, write_codes
-    store_k_tiles, write_codes = prologue_helpers.store_k_tiles, prologue_helpers.write_codes
+    global store_k_tiles
+    store_k_tiles = prologue_helpers.store_k_tiles
 
     @triton.jit
     def prologue_stats_kernel(
@@ -236,7 +234,19 @@ def kernels() -> dict[str, Any]:
         for t in range(0, NSPLIT):
             amax = tl.maximum(amax, tl.load(pamax_ptr + t * M + rm_c))
         k0 = split * BPS * 64
-        a = write_codes(x_ptr, rs_ptr, q_ptr, rm_c, m_ok, amax, K, k0, tl.minimum(k0 + BPS * 64, K), shift, BM, BK)
+        a = tl.math.div_rn(amax, tl.full([BM], 448.0, tl.float32))
+        ok = (a > 0) & (a < float("inf"))
+        ra = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.where(ok, a, 1.0))
+        k1 = tl.minimum(k0 + BPS * 64, K)
+        for c0 in range(k0, k1, BK):
+            rk = c0 + tl.arange(0, BK)
+            k_ok = rk < k1
+            x = tl.load(x_ptr + rm_c[:, None] * K + rk[None, :], mask=k_ok[None, :], other=0.0)
+            rs = tl.load(rs_ptr + rk, mask=k_ok, other=0.0)
+            q = ((x.to(tl.float32) + shift) * rs[None, :]) * ra[:, None]
+            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+            q = tl.where(ok[:, None], q, 0.0)
+            tl.store(q_ptr + rm_c[:, None] * K + rk[None, :], q.to(tl.float8e4nv), mask=m_ok[:, None] & k_ok[None, :])
         if split == 0:
             tl.store(a_ptr + rm, a, mask=m_ok)
             rr = tl.arange(0, BR)

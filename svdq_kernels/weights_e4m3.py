@@ -64,8 +64,9 @@ def default_blocking(k: int) -> PassBlocking:
     raise ValueError(f"e4m3_weights: K = {k} is not a multiple of 256")
 
 
-#: The blockings ``benchmarks/fast8_preconverted.py --pass-sweep`` times beside the default (the pass
-#: runs at 55–70 % of HBM3's bandwidth with it): wider contiguous rows per load and store, more rows.
+#: The blockings ``benchmarks/fast8_preconverted.py --pass-sweep`` times beside the first one
+#: (``PassBlocking()``: 64 × 256, one group a step, 55–60 % of HBM3's bandwidth): wider contiguous rows
+#: per load and store, more rows; :data:`TUNED_BLOCKINGS` are three of them.
 PASS_CANDIDATES: tuple[PassBlocking, ...] = (
     PassBlocking(64, 256, 4), PassBlocking(32, 512, 8), PassBlocking(64, 512, 8), PassBlocking(64, 512, 4),
     PassBlocking(128, 256, 4, 8), PassBlocking(32, 1024, 8), PassBlocking(64, 1024, 8, 8), PassBlocking(16, 1024, 16),

@@ -1,4 +1,4 @@
-"""Every Triton kernel variant the Hopper backend can launch (and the experimental one-read prologue)
+"""Every Triton kernel variant the Hopper backend can launch (and the W4A16 GEMV's per-step K sum)
 compiles for sm_90 — on a machine without a GPU (Triton's compiler and its bundled ptxas need none).
 
 The interpreter tests (``test_kernels_interpreter.py``) check the kernels' arithmetic; this checks

@@ -253,8 +253,7 @@ def test_w4a16_gemv_matches_float64_and_the_gemm(m, nk, monkeypatch) -> None:
     lrs = torch.linspace(0.0, 2.0, 32, device="cuda")
     q, a, lr = triton_prologue.prologue(x, smooth, down, w16=True)
     y = triton_gemv.gemv(q, a, qweight, wscales, lr, up, b, lrs, out_dtype=torch.float32)
-    nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
-    w = ((nib ^ 8) - 8).double() * wscales.double().repeat_interleave(64, dim=1)
+    w = sf.packing.dequantize_int4(sf.packing.unpack_nibbles(qweight), wscales).double()  # exact: code × bf16 scale
     ref = (q.double() @ w.t()) * a.double()[:, None] + (lr.double() * lrs.double()) @ up.double().t() + b.double()
     assert _rel(y, ref) <= 1e-6
     want = triton_gemm.gemm(q, a, qweight, wscales, lr, up, b, lrs, out_dtype=torch.float32, datapath="f16s")

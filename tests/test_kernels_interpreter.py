@@ -96,8 +96,7 @@ def test_scaled_fp16_datapath_equals_the_per_group_one(kernels) -> None:
     q = torch.randint(-448, 449, (m, k), generator=g).float().half()  # fp16 code values
     a = torch.rand(m, generator=g) * 0.01
     bias = torch.randn(n, generator=g).half()
-    nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
-    w = ((nib ^ 8) - 8).double() * wscales.double().repeat_interleave(64, dim=1)
+    w = packing.dequantize_int4(packing.unpack_nibbles(qweight), wscales).double()  # exact: code × bf16 scale
     ref = (q.double() @ w.t()) * a.double()[:, None] + bias.double()
     for dp in ("f16t", "f16s"):
         y = kernels.gemm(q, a, qweight, wscales, None, None, bias, None, out_dtype=torch.float32, datapath=dp)
@@ -476,9 +475,7 @@ def _gemv_inputs(m: int, k: int, n: int, r: int, seed: int):
 
 
 def _gemv_float64(q, a, qweight, wscales, lr, up, lrs, bias):
-    n, k = qweight.shape[0], 2 * qweight.shape[1]
-    nib = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, k).to(torch.int16)
-    w = ((nib ^ 8) - 8).double() * wscales.double().repeat_interleave(64, dim=1)
+    w = packing.dequantize_int4(packing.unpack_nibbles(qweight), wscales).double()  # exact: code × bf16 scale
     y = (q.double() @ w.t()) * a.double()[:, None] + bias.double()
     if lr is not None:
         y = y + (lr.double() * (lrs.double() if lrs is not None else 1.0)) @ up.double().t()
